@@ -1,0 +1,103 @@
+// The FIT wire format, version 1: what crosses the network between lego nodes.
+//
+// Every message is one frame: a 32-byte FrameHeader followed by `length` payload bytes.
+// All fields are little-endian (lego runs on x86-64 and checks this at compile time).
+// A receiver checks magic, version, kind and that `length` matches the bytes received and
+// does not exceed its max_message_bytes before looking at the payload; decode_frame() does
+// all of that and is the only way libfit reads a frame.
+//
+// Connection set-up (both ends must hold the cluster key, see fit.h):
+//   client -> server  kHello      HelloPayload (client node id, client nonce, [shm name])
+//   server -> client  kChallenge  ChallengePayload (server nonce, server's proof)
+//   client -> server  kProof      ProofPayload (client's proof)
+//   server -> client  kWelcome    (empty) — or kError with status EACCES, then close
+// Then: kRequest frames (opcode, request_id) each answered by one kReply or kError frame
+// with the same request_id. kError's payload is a UTF-8 message; status is an errno.
+//
+// Compatibility: a peer that sees another version answers kError(EPROTONOSUPPORT) if it
+// can and closes; version 1 peers never guess at other versions' layouts.
+#pragma once
+
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "lego/status.h"
+
+namespace lego::fit::wire {
+
+static_assert(std::endian::native == std::endian::little, "FIT frames are little-endian");
+
+inline constexpr uint32_t kMagic = 0x5449464c;  // "LFIT"
+inline constexpr uint8_t kVersion = 1;
+
+enum class Kind : uint8_t {
+  kRequest = 1,
+  kReply = 2,
+  kError = 3,
+  kHello = 4,
+  kChallenge = 5,
+  kProof = 6,
+  kWelcome = 7,
+};
+
+struct FrameHeader {
+  uint32_t magic;
+  uint8_t version;
+  uint8_t kind;          // Kind
+  uint16_t opcode;       // kRequest/kReply/kError: the RPC opcode
+  uint32_t length;       // payload bytes after the header
+  int32_t status;        // kError: errno value; otherwise 0
+  uint64_t request_id;   // kRequest: chosen by the caller; echoed by kReply/kError
+  uint32_t source_node;  // sender's node id
+  uint32_t reserved;     // 0
+};
+static_assert(sizeof(FrameHeader) == 32);
+
+inline constexpr size_t kNonceBytes = 32;
+inline constexpr size_t kProofBytes = 32;  // HMAC-SHA-256
+inline constexpr size_t kMaxShmName = 128;
+
+struct HelloPayload {
+  uint32_t client_node;
+  uint32_t window;  // requests the client may have outstanding on this connection
+  uint8_t client_nonce[kNonceBytes];
+  uint32_t name_length;  // shm: length of the client's endpoint name; else 0
+  uint8_t name[kMaxShmName];
+  uint32_t pid;  // shm: the client's pid, so the server can tell when it is gone; else 0
+};
+static_assert(sizeof(HelloPayload) == 176);
+
+struct ChallengePayload {
+  uint32_t server_node;
+  uint32_t pid;  // shm: the server's pid; else 0
+  uint8_t server_nonce[kNonceBytes];
+  uint8_t server_proof[kProofBytes];
+};
+static_assert(sizeof(ChallengePayload) == 72);
+
+struct ProofPayload {
+  uint8_t client_proof[kProofBytes];
+};
+static_assert(sizeof(ProofPayload) == 32);
+
+// A decoded frame: a view into the received bytes.
+struct FrameView {
+  FrameHeader header;
+  std::span<const std::byte> payload;
+};
+
+// Checks and decodes one received frame of `bytes` (exactly the bytes received).
+// Errors (EPROTO unless noted): shorter than a header, bad magic, unknown kind, length
+// not matching the bytes received; EPROTONOSUPPORT for another version; EMSGSIZE when the
+// payload exceeds max_payload. Never reads outside `bytes`.
+Result<FrameView> decode_frame(std::span<const std::byte> bytes, size_t max_payload);
+
+// Writes a header for `payload_length` bytes into out (>= sizeof(FrameHeader)).
+void encode_header(std::span<std::byte> out, Kind kind, uint16_t opcode, uint32_t payload_length,
+                   int32_t status, uint64_t request_id, uint32_t source_node);
+
+const char* kind_name(uint8_t kind);
+
+}  // namespace lego::fit::wire

@@ -1,0 +1,74 @@
+// Frame encoding and checking (see include/lego/fit_wire.h). decode_frame() is the only
+// reader of untrusted bytes in libfit and is fuzzed (libfit/fuzz_frame.cc).
+#include <cstring>
+#include <string>
+
+#include "lego/fit_wire.h"
+
+namespace lego::fit::wire {
+
+const char* kind_name(uint8_t kind) {
+  switch (static_cast<Kind>(kind)) {
+    case Kind::kRequest:
+      return "request";
+    case Kind::kReply:
+      return "reply";
+    case Kind::kError:
+      return "error";
+    case Kind::kHello:
+      return "hello";
+    case Kind::kChallenge:
+      return "challenge";
+    case Kind::kProof:
+      return "proof";
+    case Kind::kWelcome:
+      return "welcome";
+  }
+  return "unknown";
+}
+
+Result<FrameView> decode_frame(std::span<const std::byte> bytes, size_t max_payload) {
+  FrameView view{};
+  if (bytes.size() < sizeof(FrameHeader)) {
+    return Status(EPROTO, "truncated frame: " + std::to_string(bytes.size()) +
+                              " bytes, a header needs " + std::to_string(sizeof(FrameHeader)));
+  }
+  std::memcpy(&view.header, bytes.data(), sizeof(FrameHeader));
+  const FrameHeader& h = view.header;
+  if (h.magic != kMagic) return Status(EPROTO, "not a FIT frame (bad magic)");
+  if (h.version != kVersion) {
+    return Status(EPROTONOSUPPORT, "FIT frame version " + std::to_string(h.version) +
+                                       ", this node speaks version " + std::to_string(kVersion));
+  }
+  if (h.kind < static_cast<uint8_t>(Kind::kRequest) ||
+      h.kind > static_cast<uint8_t>(Kind::kWelcome)) {
+    return Status(EPROTO, "unknown FIT frame kind " + std::to_string(h.kind));
+  }
+  size_t payload = bytes.size() - sizeof(FrameHeader);
+  if (h.length > max_payload) {
+    return Status(EMSGSIZE, "FIT frame payload of " + std::to_string(h.length) +
+                                " bytes exceeds the limit of " + std::to_string(max_payload));
+  }
+  if (h.length != payload) {
+    return Status(EPROTO, "FIT frame says " + std::to_string(h.length) + " payload bytes but " +
+                              std::to_string(payload) + " arrived");
+  }
+  view.payload = bytes.subspan(sizeof(FrameHeader), payload);
+  return view;
+}
+
+void encode_header(std::span<std::byte> out, Kind kind, uint16_t opcode, uint32_t payload_length,
+                   int32_t status, uint64_t request_id, uint32_t source_node) {
+  FrameHeader h{};
+  h.magic = kMagic;
+  h.version = kVersion;
+  h.kind = static_cast<uint8_t>(kind);
+  h.opcode = opcode;
+  h.length = payload_length;
+  h.status = status;
+  h.request_id = request_id;
+  h.source_node = source_node;
+  std::memcpy(out.data(), &h, sizeof(h));
+}
+
+}  // namespace lego::fit::wire

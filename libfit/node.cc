@@ -1,0 +1,1419 @@
+// libfit's Node: connections, the RPC protocol and one-sided RMA over libfabric.
+//
+// Structure:
+//   - ClientChannel: one outgoing connection (msg endpoint, or an rdm endpoint with the
+//     peer in its address vector) with its own completion queue. The calling thread
+//     polls that queue itself, so a reply never needs a cross-thread wake-up.
+//     channels_per_peer channels per peer; a thread sticks to one (thread-local hint).
+//   - Server: a passive endpoint (msg) or one rdm endpoint, served by server_threads
+//     threads, each polling its own completion queue. Handlers run inline.
+//   - Buffers: every endpoint owns 2*kWindow slots of (header + max payload) bytes,
+//     registered once: slot i sends, slot kWindow+i receives. A server pairs receive slot
+//     i with send slot i and reposts the receive only when that reply's send completed,
+//     which bounds a client to kWindow outstanding requests per connection.
+//
+// Lock order: ClientChannel::mu before Impl::peers_mu. Server state is owned by its
+// thread; cross-thread hand-offs go through ServerThread::mu.
+#include <poll.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "lego/fit.h"
+#include "lego/fit_wire.h"
+#include "libfit/auth.h"
+#include "libfit/ofi.h"
+
+namespace lego::fit {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using wire::FrameHeader;
+using wire::Kind;
+
+constexpr int kWindow = Node::max_outstanding();
+constexpr size_t kHeader = sizeof(FrameHeader);
+// How long a blocking-mode wait sleeps before re-checking deadlines and peer liveness.
+constexpr int kBlockingSliceMs = 5;
+
+enum class OpType : uint8_t { kSend, kRecv, kRma };
+
+// Completion context: libfabric hands it back with each completion.
+struct OpCtx {
+  fi_context2 fi;  // must be first: libfabric owns it while the op is in flight
+  void* owner = nullptr;
+  OpType type = OpType::kSend;
+  uint16_t index = 0;
+};
+
+// 2*kWindow message slots plus an RMA bounce area, in one mmap'd, registered block.
+struct SlotBuffers {
+  size_t slot_bytes = 0;
+  size_t rma_bytes = 0;
+  std::byte* base = nullptr;
+  size_t total = 0;
+  std::unique_ptr<ofi::Registration> reg;
+
+  SlotBuffers() = default;
+  SlotBuffers(const SlotBuffers&) = delete;
+  ~SlotBuffers() {
+    reg.reset();
+    if (base != nullptr) munmap(base, total);
+  }
+  Status init(ofi::Domain& d, size_t max_payload, size_t rma, int slots) {
+    slot_bytes = (kHeader + max_payload + 63) & ~size_t{63};
+    rma_bytes = rma;
+    total = slot_bytes * slots + rma_bytes;
+    void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return Status::from_errno(errno, "mmap of FIT buffers");
+    base = static_cast<std::byte*>(p);
+    auto r = ofi::register_buffer(d, base, total, FI_SEND | FI_RECV | FI_READ | FI_WRITE);
+    if (!r) return r.status();
+    reg = std::move(r.value());
+    return Status();
+  }
+  std::byte* slot(int i) const { return base + slot_bytes * i; }
+  std::byte* rma() const { return base + total - rma_bytes; }
+  void* desc() const { return reg->desc; }
+};
+
+bool pid_gone(pid_t pid) {
+  return pid > 0 && kill(pid, 0) != 0 && errno == ESRCH;
+}
+
+// Reads completions; returns count (>0), 0 when none, or a negative fi error. In blocking
+// mode waits up to `wait_ms` for the first one.
+ssize_t read_cq(fid_cq* cq, fi_cq_msg_entry* entries, size_t n, bool blocking, int wait_ms,
+                fi_addr_t* src = nullptr) {
+  ssize_t ret;
+  if (blocking && wait_ms > 0) {
+    ret = src ? fi_cq_sreadfrom(cq, entries, n, src, nullptr, wait_ms)
+              : fi_cq_sread(cq, entries, n, nullptr, wait_ms);
+  } else {
+    ret = src ? fi_cq_readfrom(cq, entries, n, src) : fi_cq_read(cq, entries, n);
+  }
+  if (ret == -FI_EAGAIN) return 0;
+  return ret;
+}
+
+Status open_cq(ofi::Domain& d, bool blocking, size_t size, ofi::Fid<fid_cq>& cq, bool* waitable) {
+  fi_cq_attr attr{};
+  attr.size = size;
+  attr.format = FI_CQ_FORMAT_MSG;
+  // shm's "wait" spins in sched_yield and ignores the timeout (libfabric 1.17), so for it
+  // blocking mode naps between non-blocking polls instead.
+  bool use_wait = blocking && strcmp(d.info->fabric_attr->prov_name, "shm") != 0;
+  attr.wait_obj = use_wait ? FI_WAIT_UNSPEC : FI_WAIT_NONE;
+  int ret = fi_cq_open(d.domain.get(), &attr, cq.out(), nullptr);
+  if (ret != 0 && use_wait) {
+    // A provider without wait objects: blocking mode naps between polls.
+    attr.wait_obj = FI_WAIT_NONE;
+    ret = fi_cq_open(d.domain.get(), &attr, cq.out(), nullptr);
+    *waitable = false;
+  } else {
+    *waitable = use_wait;
+  }
+  if (ret != 0) return ofi::error(ret, "fi_cq_open");
+  return Status();
+}
+
+void nap_if_needed(bool blocking, bool waitable) {
+  if (blocking && !waitable) usleep(50);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// MemoryRegion
+
+struct MemoryRegion::Impl {
+  std::unique_ptr<ofi::Registration> reg;
+};
+MemoryRegion::MemoryRegion(MemoryRegion&&) noexcept = default;
+MemoryRegion& MemoryRegion::operator=(MemoryRegion&&) noexcept = default;
+MemoryRegion::~MemoryRegion() = default;
+
+// ---------------------------------------------------------------------------------------
+// Client side
+
+struct ClientChannel {
+  struct Slot {
+    bool in_use = false;        // a call owns it (or abandoned it while its send is pending)
+    bool send_pending = false;  // the provider still owns the send buffer
+    bool done = false;
+    bool abandoned = false;
+    uint64_t id = 0;
+    std::span<std::byte> reply;
+    size_t reply_len = 0;
+    Status status;
+    Clock::time_point deadline;
+    uint16_t opcode = 0;
+  };
+
+  NodeId peer = 0;
+  int index = 0;
+  std::mutex mu;  // held by the thread posting to or polling this channel
+  ofi::Domain* domain = nullptr;
+  std::unique_ptr<ofi::Domain> own_domain;  // msg: one per channel (the peer's fabric)
+  ofi::Fid<fid_eq> eq;
+  ofi::Fid<fid_av> av;
+  ofi::Fid<fid_cq> cq;
+  ofi::Fid<fid_ep> ep;
+  bool waitable = false;
+  fi_addr_t dest = FI_ADDR_UNSPEC;
+  SlotBuffers bufs;
+  OpCtx send_ctx[kWindow];
+  OpCtx recv_ctx[kWindow];
+  OpCtx rma_ctx;
+  bool rma_done = false;
+  Status rma_status;
+  Slot slots[kWindow];
+  bool connected = false;
+  Status broken;  // set when the connection failed; calls then fail with it
+  pid_t peer_pid = 0;
+  uint64_t next_id = 1;
+  uint64_t polls = 0;
+  // Handshake: the last control frame received while connecting.
+  bool have_control = false;
+  FrameHeader control_header{};
+  std::vector<std::byte> control_payload;
+};
+
+struct Node::Impl {
+  ClusterConfig config;
+  NodeConfig self;
+  bool msg = true;
+  bool blocking = false;
+  std::map<uint16_t, Handler> handlers;
+
+  // Server.
+  std::unique_ptr<ofi::Domain> server_domain;
+  struct ServerThread;
+  std::vector<std::unique_ptr<ServerThread>> server_threads;
+  std::atomic<bool> stopping{false};
+  bool started = false;
+
+  // Client.
+  std::mutex peers_mu;
+  std::unordered_map<NodeId, std::vector<std::unique_ptr<ClientChannel>>> peers;
+
+  // Counters: relaxed atomics; read by stats().
+  struct Counters {
+    std::atomic<uint64_t> calls_sent{0}, calls_failed{0}, calls_timed_out{0}, requests_served{0},
+        requests_rejected{0}, auth_failures{0}, bytes_sent{0}, bytes_received{0}, rma_reads{0},
+        rma_writes{0};
+  } counters;
+
+  std::string who() const { return "node " + std::to_string(self.id); }
+
+  // --- client
+  Result<ClientChannel*> channel_for(NodeId peer, std::unique_lock<std::mutex>& lock);
+  Status connect(ClientChannel& ch);
+  Status connect_msg(ClientChannel& ch, const NodeConfig& peer);
+  Status connect_rdm(ClientChannel& ch, const NodeConfig& peer);
+  Status post_recv(ClientChannel& ch, int i);
+  Status post_frame(ClientChannel& ch, int slot, Kind kind, uint16_t opcode,
+                    std::span<const std::byte> payload, uint64_t id);
+  Status progress(ClientChannel& ch, int wait_ms);
+  void on_client_recv(ClientChannel& ch, int i, size_t len);
+  Status wait_control(ClientChannel& ch, Kind want, Clock::time_point deadline);
+  void fail_channel(ClientChannel& ch, Status why);
+  Result<int> start_call(ClientChannel& ch, uint16_t opcode, std::span<const std::byte> request,
+                         std::span<std::byte> reply, Clock::time_point deadline);
+  Result<size_t> finish_call(ClientChannel& ch, int slot, Clock::time_point deadline);
+  Status rma(const RemoteRegion& region, uint64_t offset, std::byte* local, size_t len, bool write);
+
+  // --- server
+  Status listen();
+};
+
+// ---------------------------------------------------------------------------------------
+// Server
+
+namespace {
+
+// One accepted connection (msg) or one rdm peer's state.
+struct ServerConn {
+  fid_ep* ep = nullptr;  // msg: owned (closed by the server thread); rdm: shared endpoint
+  ofi::Fid<fid_ep> owned_ep;
+  fi_addr_t addr = FI_ADDR_UNSPEC;  // rdm: the client's address
+  SlotBuffers* bufs = nullptr;      // msg: own_bufs; rdm: the shared endpoint's
+  std::unique_ptr<SlotBuffers> own_bufs;
+  OpCtx send_ctx[kWindow];
+  OpCtx recv_ctx[kWindow];
+  bool authenticated = false;
+  bool challenged = false;
+  bool close_after_send = false;  // refused: close once the error reply is out
+  std::atomic<bool> dead{false};  // set by the EQ thread, read by the owning thread
+  NodeId client = 0;
+  pid_t pid = 0;
+  uint8_t client_nonce[wire::kNonceBytes] = {};
+  uint8_t server_nonce[wire::kNonceBytes] = {};
+};
+
+}  // namespace
+
+struct Node::Impl::ServerThread {
+  Node::Impl* node = nullptr;
+  int index = 0;
+  ofi::Fid<fid_cq> cq;
+  bool waitable = false;
+  std::thread thread;
+  // msg: connections whose CQ is this thread's. Guarded by mu (the EQ thread adds).
+  std::mutex mu;
+  std::vector<std::unique_ptr<ServerConn>> conns;
+  std::vector<ServerConn*> closing;  // shut down by the peer; closed by this thread
+  // msg, thread 0 only.
+  ofi::Fid<fid_eq> eq;
+  ofi::Fid<fid_pep> pep;
+  // rdm: the single endpoint and its peers, owned by thread 0.
+  ofi::Fid<fid_av> av;
+  ofi::Fid<fid_ep> rdm_ep;
+  std::unique_ptr<SlotBuffers> rdm_bufs;
+  // rdm slots are shared by all peers: which peer each receive slot's request came from.
+  std::unordered_map<fi_addr_t, std::unique_ptr<ServerConn>> rdm_peers;
+  ServerConn rdm_any;  // owner of the shared endpoint's contexts
+
+  // Accepted endpoints are bound to thread 0's event queue and to our completion queue:
+  // close them before either (members would go in the opposite order).
+  ~ServerThread() {
+    conns.clear();
+    rdm_peers.clear();
+  }
+
+  void run();
+  void handle_eq();
+  void handle_completion(const fi_cq_msg_entry& e, fi_addr_t src);
+  void serve(ServerConn& conn, int slot, size_t len, fi_addr_t src);
+  void post_recv(ServerConn& conn, int slot);
+  void send(ServerConn& conn, int slot, fi_addr_t to, Kind kind, uint16_t opcode, uint32_t length,
+            int32_t status, uint64_t id);
+  void send_error(ServerConn& conn, int slot, fi_addr_t to, uint16_t opcode, uint64_t id,
+                  const Status& st);
+  void reap_closed();
+  void reap_dead_rdm_peers();
+};
+
+void Node::Impl::ServerThread::post_recv(ServerConn& conn, int slot) {
+  OpCtx& c = conn.recv_ctx[slot];
+  std::byte* buf = conn.bufs->slot(kWindow + slot);
+  for (;;) {
+    ssize_t r =
+        fi_recv(conn.ep, buf, conn.bufs->slot_bytes, conn.bufs->desc(), FI_ADDR_UNSPEC, &c.fi);
+    if (r != -FI_EAGAIN) {
+      if (r != 0) {
+        fprintf(stderr, "lego-fit: %s: posting a receive failed: %s\n", node->who().c_str(),
+                fi_strerror(static_cast<int>(-r)));
+        conn.dead = true;
+      }
+      return;
+    }
+    fi_cq_msg_entry e[8];
+    ssize_t n = read_cq(cq.get(), e, 8, false, 0);
+    for (ssize_t k = 0; k < n; k++) handle_completion(e[k], FI_ADDR_NOTAVAIL);
+  }
+}
+
+void Node::Impl::ServerThread::send(ServerConn& conn, int slot, fi_addr_t to, Kind kind,
+                                    uint16_t opcode, uint32_t length, int32_t status, uint64_t id) {
+  std::byte* buf = conn.bufs->slot(slot);
+  wire::encode_header({buf, kHeader}, kind, opcode, length, status, id, node->self.id);
+  OpCtx& c = conn.send_ctx[slot];
+  for (;;) {
+    ssize_t r = fi_send(conn.ep, buf, kHeader + length, conn.bufs->desc(), to, &c.fi);
+    if (r == 0) {
+      node->counters.bytes_sent.fetch_add(length, std::memory_order_relaxed);
+      return;
+    }
+    if (r != -FI_EAGAIN) {
+      // The connection is going away; the receive slot is reposted by nobody, which is
+      // right for a dead connection.
+      conn.dead = true;
+      return;
+    }
+    fi_cq_msg_entry e[8];
+    ssize_t n = read_cq(cq.get(), e, 8, false, 0);
+    for (ssize_t k = 0; k < n; k++) handle_completion(e[k], FI_ADDR_NOTAVAIL);
+  }
+}
+
+void Node::Impl::ServerThread::send_error(ServerConn& conn, int slot, fi_addr_t to, uint16_t opcode,
+                                          uint64_t id, const Status& st) {
+  std::byte* payload = conn.bufs->slot(slot) + kHeader;
+  size_t n = std::min(st.message().size(), conn.bufs->slot_bytes - kHeader);
+  memcpy(payload, st.message().data(), n);
+  send(conn, slot, to, Kind::kError, opcode, static_cast<uint32_t>(n), st.code(), id);
+}
+
+void Node::Impl::ServerThread::serve(ServerConn& conn, int slot, size_t len, fi_addr_t src) {
+  std::byte* in = conn.bufs->slot(kWindow + slot);
+  size_t max_payload = node->config.max_message_bytes;
+  auto frame = wire::decode_frame({in, len}, max_payload);
+  fi_addr_t to = node->msg ? FI_ADDR_UNSPEC : src;
+
+  ServerConn* peer = &conn;
+  if (!node->msg) {
+    // rdm: find the peer's state by source address; a hello may come from an address we
+    // have not inserted yet (FI_ADDR_NOTAVAIL).
+    auto it = rdm_peers.find(src);
+    peer = it == rdm_peers.end() ? nullptr : it->second.get();
+  }
+  if (!frame) {
+    node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
+    if (peer != nullptr && to != FI_ADDR_NOTAVAIL) {
+      send_error(conn, slot, to, 0, 0, frame.status().with_context(node->who()));
+    } else {
+      post_recv(conn, slot);
+    }
+    return;
+  }
+  const FrameHeader& h = frame->header;
+  node->counters.bytes_received.fetch_add(h.length, std::memory_order_relaxed);
+  auto payload = frame->payload;
+
+  if (h.kind == static_cast<uint8_t>(Kind::kHello)) {
+    if (payload.size() != sizeof(wire::HelloPayload)) {
+      node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
+      if (node->msg)
+        send_error(conn, slot, to, 0, h.request_id, Status(EPROTO, "bad hello"));
+      else
+        post_recv(conn, slot);
+      return;
+    }
+    wire::HelloPayload hello;
+    memcpy(&hello, payload.data(), sizeof(hello));
+    if (!node->msg) {
+      if (hello.name_length == 0 || hello.name_length > wire::kMaxShmName) {
+        node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
+        post_recv(conn, slot);
+        return;
+      }
+      fi_addr_t addr = FI_ADDR_NOTAVAIL;
+      int r = fi_av_insert(av.get(), hello.name, 1, &addr, 0, nullptr);
+      if (r != 1) {
+        post_recv(conn, slot);
+        return;
+      }
+      auto& p = rdm_peers[addr];
+      p = std::make_unique<ServerConn>();  // a reconnecting client starts over
+      p->ep = rdm_ep.get();
+      p->addr = addr;
+      p->bufs = rdm_bufs.get();
+      peer = p.get();
+      to = addr;
+    }
+    peer->client = hello.client_node;
+    peer->pid = static_cast<pid_t>(hello.pid);
+    memcpy(peer->client_nonce, hello.client_nonce, wire::kNonceBytes);
+    auth::make_nonce(peer->server_nonce);
+    peer->challenged = true;
+    peer->authenticated = false;
+    wire::ChallengePayload ch{};
+    ch.server_node = node->self.id;
+    ch.pid = static_cast<uint32_t>(getpid());
+    memcpy(ch.server_nonce, peer->server_nonce, wire::kNonceBytes);
+    auth::prove(node->config.key, auth::Direction::kServerToClient, peer->client_nonce,
+                peer->server_nonce, peer->client, node->self.id, ch.server_proof);
+    memcpy(conn.bufs->slot(slot) + kHeader, &ch, sizeof(ch));
+    send(conn, slot, to, Kind::kChallenge, 0, sizeof(ch), 0, h.request_id);
+    return;
+  }
+
+  if (peer == nullptr) {
+    // rdm sender that never said hello: we cannot even address a reply.
+    node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
+    post_recv(conn, slot);
+    return;
+  }
+
+  if (h.kind == static_cast<uint8_t>(Kind::kProof)) {
+    wire::ProofPayload proof{};
+    bool ok = peer->challenged && payload.size() == sizeof(proof);
+    if (ok) {
+      memcpy(&proof, payload.data(), sizeof(proof));
+      ok = auth::verify(node->config.key, auth::Direction::kClientToServer, peer->client_nonce,
+                        peer->server_nonce, peer->client, node->self.id, proof.client_proof);
+    }
+    peer->challenged = false;
+    if (!ok) {
+      node->counters.auth_failures.fetch_add(1, std::memory_order_relaxed);
+      fprintf(stderr, "lego-fit: %s: refused node %u: it does not hold the cluster key\n",
+              node->who().c_str(), peer->client);
+      send_error(conn, slot, to, 0, h.request_id,
+                 Status(EACCES, node->who() + " refused the connection: wrong cluster key"));
+      if (node->msg)
+        peer->close_after_send = true;
+      else
+        peer->dead = true;
+      return;
+    }
+    peer->authenticated = true;
+    send(conn, slot, to, Kind::kWelcome, 0, 0, 0, h.request_id);
+    return;
+  }
+
+  if (h.kind != static_cast<uint8_t>(Kind::kRequest)) {
+    node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
+    send_error(
+        conn, slot, to, h.opcode, h.request_id,
+        Status(EPROTO, node->who() + " got an unexpected " + wire::kind_name(h.kind) + " frame"));
+    return;
+  }
+  if (!peer->authenticated) {
+    node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
+    send_error(conn, slot, to, h.opcode, h.request_id,
+               Status(EACCES, node->who() + " serves only peers that proved the cluster key"));
+    if (node->msg)
+      peer->close_after_send = true;
+    else
+      peer->dead = true;
+    return;
+  }
+  auto handler = node->handlers.find(h.opcode);
+  if (handler == node->handlers.end()) {
+    node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
+    send_error(
+        conn, slot, to, h.opcode, h.request_id,
+        Status(EOPNOTSUPP, node->who() + " has no handler for opcode " + std::to_string(h.opcode)));
+    return;
+  }
+  std::span<std::byte> reply{conn.bufs->slot(slot) + kHeader, max_payload};
+  RpcContext ctx{peer->client, h.opcode};
+  Result<size_t> r = handler->second(ctx, payload, reply);
+  node->counters.requests_served.fetch_add(1, std::memory_order_relaxed);
+  if (!r) {
+    send_error(conn, slot, to, h.opcode, h.request_id, r.status());
+  } else if (r.value() > max_payload) {
+    send_error(conn, slot, to, h.opcode, h.request_id,
+               Status(EMSGSIZE, "handler for opcode " + std::to_string(h.opcode) +
+                                    " returned more than max_message_bytes"));
+  } else {
+    send(conn, slot, to, Kind::kReply, h.opcode, static_cast<uint32_t>(r.value()), 0, h.request_id);
+  }
+}
+
+void Node::Impl::ServerThread::handle_completion(const fi_cq_msg_entry& e, fi_addr_t src) {
+  auto* c = static_cast<OpCtx*>(e.op_context);
+  auto* conn = static_cast<ServerConn*>(c->owner);
+  if (conn->dead && node->msg) return;  // reaped soon; nothing to do for it
+  if (c->type == OpType::kRecv) {
+    serve(*conn, c->index, e.len, src);
+  } else if (c->type == OpType::kSend) {
+    if (conn->close_after_send) {
+      conn->dead = true;
+      return;
+    }
+    post_recv(*conn, c->index);  // the pair's send buffer is free again
+  }
+}
+
+void Node::Impl::ServerThread::handle_eq() {
+  fi_eq_cm_entry entry{};
+  uint32_t event = 0;
+  ssize_t r = fi_eq_read(eq.get(), &event, &entry, sizeof(entry), 0);
+  if (r == -FI_EAGAIN) return;
+  if (r == -FI_EAVAIL) {
+    fi_eq_err_entry err{};
+    fi_eq_readerr(eq.get(), &err, 0);
+    return;  // a connection attempt that failed; nothing was set up for it
+  }
+  if (r < 0) return;
+  if (event == FI_CONNREQ) {
+    ofi::InfoPtr info(entry.info);
+    auto conn = std::make_unique<ServerConn>();
+    // Spread connections over the server threads.
+    static std::atomic<unsigned> next{0};
+    ServerThread& owner = *node->server_threads[next++ % node->server_threads.size()];
+    ofi::Domain& d = *node->server_domain;
+    int ret = fi_endpoint(d.domain.get(), info.get(), conn->owned_ep.out(), nullptr);
+    if (ret == 0) ret = fi_ep_bind(conn->owned_ep.get(), &eq.get()->fid, 0);
+    if (ret == 0) {
+      ret = fi_ep_bind(conn->owned_ep.get(), &owner.cq.get()->fid, FI_TRANSMIT | FI_RECV);
+    }
+    if (ret == 0) ret = fi_enable(conn->owned_ep.get());
+    conn->ep = conn->owned_ep.get();
+    conn->own_bufs = std::make_unique<SlotBuffers>();
+    Status st = ret == 0 ? conn->own_bufs->init(d, node->config.max_message_bytes, 0, 2 * kWindow)
+                         : ofi::error(ret, "setting up an accepted endpoint");
+    if (!st) {
+      fprintf(stderr, "lego-fit: %s: %s\n", node->who().c_str(), st.message().c_str());
+      fi_reject(pep.get(), info->handle, nullptr, 0);
+      return;
+    }
+    conn->bufs = conn->own_bufs.get();
+    for (int i = 0; i < kWindow; i++) {
+      conn->send_ctx[i] = OpCtx{{}, conn.get(), OpType::kSend, static_cast<uint16_t>(i)};
+      conn->recv_ctx[i] = OpCtx{{}, conn.get(), OpType::kRecv, static_cast<uint16_t>(i)};
+    }
+    ServerConn* raw = conn.get();
+    {
+      std::lock_guard<std::mutex> g(owner.mu);
+      owner.conns.push_back(std::move(conn));
+    }
+    // Receives go up before accept so the client's hello always finds one. Posting from
+    // this thread is safe: the endpoint is FI_THREAD_SAFE and nothing else uses it yet.
+    for (int i = 0; i < kWindow; i++) {
+      ssize_t pr = fi_recv(raw->ep, raw->bufs->slot(kWindow + i), raw->bufs->slot_bytes,
+                           raw->bufs->desc(), FI_ADDR_UNSPEC, &raw->recv_ctx[i].fi);
+      if (pr != 0) raw->dead = true;
+    }
+    if (fi_accept(raw->ep, nullptr, 0) != 0) raw->dead = true;
+    if (raw->dead) {
+      std::lock_guard<std::mutex> g(owner.mu);
+      owner.closing.push_back(raw);
+    }
+  } else if (event == FI_SHUTDOWN) {
+    for (auto& t : node->server_threads) {
+      std::lock_guard<std::mutex> g(t->mu);
+      for (auto& c : t->conns) {
+        if (!c->dead && c->ep != nullptr && &c->ep->fid == entry.fid) {
+          c->dead = true;
+          t->closing.push_back(c.get());
+        }
+      }
+    }
+  }
+}
+
+void Node::Impl::ServerThread::reap_closed() {
+  std::vector<ServerConn*> doomed;
+  {
+    std::lock_guard<std::mutex> g(mu);
+    for (auto& c : conns) {
+      if (c->dead && std::find(closing.begin(), closing.end(), c.get()) == closing.end()) {
+        closing.push_back(c.get());  // refused or failed by this thread
+      }
+    }
+    doomed.swap(closing);
+  }
+  if (doomed.empty()) return;
+  for (ServerConn* c : doomed) {
+    c->dead = true;
+    c->owned_ep.reset();
+  }
+  // Completions already queued may still name the closed connections: serve the queue
+  // dry (handle_completion skips dead connections) before freeing them.
+  fi_cq_msg_entry e[16];
+  for (;;) {
+    ssize_t n = read_cq(cq.get(), e, 16, false, 0);
+    if (n == -FI_EAVAIL) {
+      fi_cq_err_entry err{};
+      fi_cq_readerr(cq.get(), &err, 0);
+      continue;
+    }
+    if (n <= 0) break;
+    for (ssize_t k = 0; k < n; k++) handle_completion(e[k], FI_ADDR_UNSPEC);
+  }
+  std::lock_guard<std::mutex> g(mu);
+  conns.erase(std::remove_if(conns.begin(), conns.end(),
+                             [&](const std::unique_ptr<ServerConn>& c) {
+                               return std::find(doomed.begin(), doomed.end(), c.get()) !=
+                                      doomed.end();
+                             }),
+              conns.end());
+}
+
+void Node::Impl::ServerThread::reap_dead_rdm_peers() {
+  for (auto it = rdm_peers.begin(); it != rdm_peers.end();) {
+    if (it->second->dead || pid_gone(it->second->pid)) {
+      fi_addr_t a = it->first;
+      fi_av_remove(av.get(), &a, 1, 0);
+      it = rdm_peers.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void Node::Impl::ServerThread::run() {
+  fi_cq_msg_entry e[16];
+  fi_addr_t src[16];
+  auto last_housekeeping = Clock::now();
+  uint64_t spins = 0;
+  while (!node->stopping.load(std::memory_order_relaxed)) {
+    bool rdm = !node->msg;
+    ssize_t n =
+        read_cq(cq.get(), e, 16, node->blocking && waitable, kBlockingSliceMs, rdm ? src : nullptr);
+    if (n == -FI_EAVAIL) {
+      fi_cq_err_entry err{};
+      fi_cq_readerr(cq.get(), &err, 0);
+      // A failed op belongs to a connection that is going away (msg), or to a client
+      // that vanished (rdm); mark it so its slot is not reused blindly.
+      if (err.op_context != nullptr) {
+        auto* c = static_cast<OpCtx*>(err.op_context);
+        auto* conn = static_cast<ServerConn*>(c->owner);
+        if (node->msg) {
+          conn->dead = true;
+        } else if (c->type == OpType::kSend) {
+          post_recv(*conn, c->index);
+        } else {
+          post_recv(*conn, c->index);
+        }
+      }
+    } else if (n > 0) {
+      for (ssize_t k = 0; k < n; k++) handle_completion(e[k], rdm ? src[k] : FI_ADDR_UNSPEC);
+      continue;
+    } else {
+      nap_if_needed(node->blocking, waitable);
+    }
+    if (node->blocking || (++spins & 255) == 0) {
+      if (index == 0 && node->msg) handle_eq();
+      if (node->msg) reap_closed();
+      auto now = Clock::now();
+      if (rdm && now - last_housekeeping > std::chrono::milliseconds(500)) {
+        reap_dead_rdm_peers();
+        last_housekeeping = now;
+      }
+    }
+  }
+}
+
+Status Node::Impl::listen() {
+  std::string service = self.port ? std::to_string(self.port) : "";
+  std::string nodename = self.address;
+  if (!msg && service.empty()) service = "0";
+  auto info = ofi::get_info(self.provider, nodename, service, true);
+  if (!info) return info.status().with_context(who() + ": listen");
+  auto dom = ofi::Domain::open(std::move(info.value()));
+  if (!dom) return dom.status().with_context(who() + ": listen");
+  server_domain = std::move(dom.value());
+  ofi::Domain& d = *server_domain;
+  int threads = msg ? std::max(1, self.server_threads) : 1;
+  for (int i = 0; i < threads; i++) {
+    auto t = std::make_unique<ServerThread>();
+    t->node = this;
+    t->index = i;
+    LEGO_RETURN_IF_ERROR(open_cq(d, blocking, 4 * kWindow * 64, t->cq, &t->waitable));
+    server_threads.push_back(std::move(t));
+  }
+  ServerThread& t0 = *server_threads[0];
+  int ret;
+  if (msg) {
+    fi_eq_attr eq_attr{};
+    eq_attr.wait_obj = FI_WAIT_NONE;
+    ret = fi_eq_open(d.fabric.get(), &eq_attr, t0.eq.out(), nullptr);
+    if (ret != 0) return ofi::error(ret, who() + ": fi_eq_open");
+    ret = fi_passive_ep(d.fabric.get(), d.info.get(), t0.pep.out(), nullptr);
+    if (ret != 0) return ofi::error(ret, who() + ": fi_passive_ep");
+    ret = fi_pep_bind(t0.pep.get(), &t0.eq.get()->fid, 0);
+    if (ret != 0) return ofi::error(ret, who() + ": fi_pep_bind");
+    ret = fi_listen(t0.pep.get());
+    if (ret != 0) {
+      return ofi::error(ret, who() + ": listen on " + self.address + ":" + service);
+    }
+  } else {
+    fi_av_attr av_attr{};
+    av_attr.type = FI_AV_MAP;
+    ret = fi_av_open(d.domain.get(), &av_attr, t0.av.out(), nullptr);
+    if (ret != 0) return ofi::error(ret, who() + ": fi_av_open");
+    ret = fi_endpoint(d.domain.get(), d.info.get(), t0.rdm_ep.out(), nullptr);
+    if (ret == 0) ret = fi_ep_bind(t0.rdm_ep.get(), &t0.av.get()->fid, 0);
+    if (ret == 0) ret = fi_ep_bind(t0.rdm_ep.get(), &t0.cq.get()->fid, FI_TRANSMIT | FI_RECV);
+    if (ret == 0) ret = fi_enable(t0.rdm_ep.get());
+    if (ret != 0) return ofi::error(ret, who() + ": opening the shm endpoint");
+    t0.rdm_bufs = std::make_unique<SlotBuffers>();
+    LEGO_RETURN_IF_ERROR(t0.rdm_bufs->init(d, config.max_message_bytes, 0, 2 * kWindow));
+    ServerConn& any = t0.rdm_any;
+    any.ep = t0.rdm_ep.get();
+    any.bufs = t0.rdm_bufs.get();
+    for (int i = 0; i < kWindow; i++) {
+      any.send_ctx[i] = OpCtx{{}, &any, OpType::kSend, static_cast<uint16_t>(i)};
+      any.recv_ctx[i] = OpCtx{{}, &any, OpType::kRecv, static_cast<uint16_t>(i)};
+      t0.post_recv(any, i);
+    }
+  }
+  for (auto& t : server_threads) {
+    t->thread = std::thread([tp = t.get()] { tp->run(); });
+  }
+  return Status();
+}
+
+// ---------------------------------------------------------------------------------------
+// Client implementation
+
+Result<ClientChannel*> Node::Impl::channel_for(NodeId peer, std::unique_lock<std::mutex>& lock) {
+  std::vector<std::unique_ptr<ClientChannel>>* chans;
+  {
+    std::lock_guard<std::mutex> g(peers_mu);
+    auto it = peers.find(peer);
+    if (it == peers.end()) {
+      if (config.find(peer) == nullptr) {
+        return Status(EHOSTUNREACH, who() + ": node " + std::to_string(peer) +
+                                        " is not in the cluster file " + config.origin);
+      }
+      auto& v = peers[peer];
+      for (int i = 0; i < config.channels_per_peer; i++) {
+        auto ch = std::make_unique<ClientChannel>();
+        ch->peer = peer;
+        ch->index = i;
+        v.push_back(std::move(ch));
+      }
+      it = peers.find(peer);
+    }
+    chans = &it->second;
+  }
+  // A thread keeps to one channel; if another thread holds it, take any free one.
+  static std::atomic<unsigned> next_hint{0};
+  thread_local unsigned hint = next_hint++;
+  size_t n = chans->size();
+  for (size_t k = 0; k < n; k++) {
+    ClientChannel* ch = (*chans)[(hint + k) % n].get();
+    std::unique_lock<std::mutex> l(ch->mu, std::try_to_lock);
+    if (l.owns_lock()) {
+      lock = std::move(l);
+      return ch;
+    }
+  }
+  ClientChannel* ch = (*chans)[hint % n].get();
+  lock = std::unique_lock<std::mutex>(ch->mu);
+  return ch;
+}
+
+void Node::Impl::fail_channel(ClientChannel& ch, Status why) {
+  if (ch.broken.is_ok()) ch.broken = why;
+  for (auto& s : ch.slots) {
+    if (s.in_use && !s.done) {
+      s.done = true;
+      s.status = why;
+    }
+  }
+}
+
+Status Node::Impl::post_recv(ClientChannel& ch, int i) {
+  for (;;) {
+    ssize_t r = fi_recv(ch.ep.get(), ch.bufs.slot(kWindow + i), ch.bufs.slot_bytes, ch.bufs.desc(),
+                        ch.dest, &ch.recv_ctx[i].fi);
+    if (r == 0) return Status();
+    if (r != -FI_EAGAIN) return ofi::error(r, who() + ": posting a receive");
+    LEGO_RETURN_IF_ERROR(progress(ch, 0));
+  }
+}
+
+Status Node::Impl::post_frame(ClientChannel& ch, int slot, Kind kind, uint16_t opcode,
+                              std::span<const std::byte> payload, uint64_t id) {
+  std::byte* buf = ch.bufs.slot(slot);
+  wire::encode_header({buf, kHeader}, kind, opcode, static_cast<uint32_t>(payload.size()), 0, id,
+                      self.id);
+  if (!payload.empty()) memcpy(buf + kHeader, payload.data(), payload.size());
+  ch.slots[slot].send_pending = true;
+  for (;;) {
+    ssize_t r = fi_send(ch.ep.get(), buf, kHeader + payload.size(), ch.bufs.desc(), ch.dest,
+                        &ch.send_ctx[slot].fi);
+    if (r == 0) break;
+    if (r != -FI_EAGAIN) {
+      ch.slots[slot].send_pending = false;
+      Status st = ofi::error(r, who() + ": sending to node " + std::to_string(ch.peer));
+      if (r == -FI_ENOTCONN || r == -FI_ECONNRESET || r == -EPIPE) {
+        st = Status(ECONNRESET,
+                    who() + ": node " + std::to_string(ch.peer) + " closed the connection");
+      }
+      fail_channel(ch, st);
+      return st;
+    }
+    LEGO_RETURN_IF_ERROR(progress(ch, 0));
+  }
+  counters.bytes_sent.fetch_add(payload.size(), std::memory_order_relaxed);
+  return Status();
+}
+
+void Node::Impl::on_client_recv(ClientChannel& ch, int i, size_t len) {
+  std::byte* buf = ch.bufs.slot(kWindow + i);
+  auto frame = wire::decode_frame({buf, len}, config.max_message_bytes);
+  if (!frame) {
+    fail_channel(
+        ch, frame.status().with_context(who() + ": reply from node " + std::to_string(ch.peer)));
+  } else {
+    const FrameHeader& h = frame->header;
+    counters.bytes_received.fetch_add(h.length, std::memory_order_relaxed);
+    auto kind = static_cast<Kind>(h.kind);
+    if (!ch.connected) {
+      ch.have_control = true;
+      ch.control_header = h;
+      ch.control_payload.assign(frame->payload.begin(), frame->payload.end());
+    } else if (kind == Kind::kReply || kind == Kind::kError) {
+      for (auto& s : ch.slots) {
+        if (!s.in_use || s.done || s.id != h.request_id) continue;
+        if (kind == Kind::kError) {
+          std::string msg(reinterpret_cast<const char*>(frame->payload.data()),
+                          frame->payload.size());
+          int code = h.status > 0 ? h.status : EPROTO;
+          s.status = Status(code, "node " + std::to_string(ch.peer) + ": " + msg);
+        } else if (frame->payload.size() > s.reply.size()) {
+          s.status = Status(EMSGSIZE, "reply of " + std::to_string(frame->payload.size()) +
+                                          " bytes from node " + std::to_string(ch.peer) +
+                                          " does not fit the " + std::to_string(s.reply.size()) +
+                                          "-byte reply buffer");
+        } else {
+          memcpy(s.reply.data(), frame->payload.data(), frame->payload.size());
+          s.reply_len = frame->payload.size();
+        }
+        s.done = true;
+        break;
+      }
+      // No slot: the reply of a call that timed out and was abandoned. Dropped.
+    } else if (kind == Kind::kError) {
+      // An error outside any call (e.g. our key was refused after welcome): fatal.
+      fail_channel(ch, Status(h.status > 0 ? h.status : EPROTO,
+                              "node " + std::to_string(ch.peer) + " closed the connection"));
+    }
+  }
+  Status st = post_recv(ch, i);
+  if (!st) fail_channel(ch, st);
+}
+
+Status Node::Impl::progress(ClientChannel& ch, int wait_ms) {
+  if (!ch.broken.is_ok()) return ch.broken;
+  fi_cq_msg_entry e[8];
+  ssize_t n = read_cq(ch.cq.get(), e, 8, blocking && ch.waitable, wait_ms);
+  if (n > 0) {
+    for (ssize_t k = 0; k < n; k++) {
+      auto* c = static_cast<OpCtx*>(e[k].op_context);
+      if (c->type == OpType::kRecv) {
+        on_client_recv(ch, c->index, e[k].len);
+      } else if (c->type == OpType::kSend) {
+        auto& s = ch.slots[c->index];
+        s.send_pending = false;
+        if (s.abandoned) s.in_use = s.abandoned = false;
+      } else {
+        ch.rma_done = true;
+      }
+    }
+    return ch.broken;
+  }
+  if (n == -FI_EAVAIL) {
+    fi_cq_err_entry err{};
+    fi_cq_readerr(ch.cq.get(), &err, 0);
+    if (err.op_context == &ch.rma_ctx.fi) {
+      ch.rma_done = true;
+      ch.rma_status = Status(err.err == FI_EACCES || err.err == EACCES ? EACCES : EIO,
+                             who() + ": one-sided access to node " + std::to_string(ch.peer) +
+                                 " failed: " + fi_strerror(err.err));
+      return Status();
+    }
+    Status st(ECONNRESET, who() + ": connection to node " + std::to_string(ch.peer) +
+                              " failed: " + fi_strerror(err.err));
+    fail_channel(ch, st);
+    return st;
+  }
+  if (n < 0) {
+    Status st = ofi::error(n, who() + ": polling node " + std::to_string(ch.peer));
+    fail_channel(ch, st);
+    return st;
+  }
+  nap_if_needed(blocking, ch.waitable);
+  // Nothing arrived: now and then, check whether the peer is still there.
+  if (blocking || (++ch.polls & 1023) == 0) {
+    if (msg && ch.eq.get() != nullptr) {
+      fi_eq_cm_entry entry{};
+      uint32_t event = 0;
+      ssize_t r = fi_eq_read(ch.eq.get(), &event, &entry, sizeof(entry), 0);
+      if ((r >= 0 && event == FI_SHUTDOWN) || r == -FI_EAVAIL) {
+        if (r == -FI_EAVAIL) {
+          fi_eq_err_entry err{};
+          fi_eq_readerr(ch.eq.get(), &err, 0);
+        }
+        Status st(ECONNRESET,
+                  who() + ": node " + std::to_string(ch.peer) + " went away (connection closed)");
+        fail_channel(ch, st);
+        return st;
+      }
+    } else if (pid_gone(ch.peer_pid)) {
+      Status st(ECONNRESET, who() + ": node " + std::to_string(ch.peer) + " (pid " +
+                                std::to_string(ch.peer_pid) + ") went away");
+      fail_channel(ch, st);
+      return st;
+    }
+  }
+  return Status();
+}
+
+Status Node::Impl::wait_control(ClientChannel& ch, Kind want, Clock::time_point deadline) {
+  while (!ch.have_control) {
+    if (Clock::now() > deadline) {
+      return Status(ETIMEDOUT, who() + ": node " + std::to_string(ch.peer) +
+                                   " did not answer the connection handshake");
+    }
+    LEGO_RETURN_IF_ERROR(progress(ch, kBlockingSliceMs));
+  }
+  ch.have_control = false;
+  auto kind = static_cast<Kind>(ch.control_header.kind);
+  if (kind == Kind::kError) {
+    std::string msg(reinterpret_cast<const char*>(ch.control_payload.data()),
+                    ch.control_payload.size());
+    int code = ch.control_header.status > 0 ? ch.control_header.status : EPROTO;
+    return Status(code, "node " + std::to_string(ch.peer) + ": " + msg);
+  }
+  if (kind != want) {
+    return Status(EPROTO, who() + ": node " + std::to_string(ch.peer) + " sent a " +
+                              wire::kind_name(ch.control_header.kind) + " frame during set-up");
+  }
+  return Status();
+}
+
+Status Node::Impl::connect_msg(ClientChannel& ch, const NodeConfig& peer) {
+  auto info = ofi::get_info(peer.provider, peer.address, std::to_string(peer.port), false);
+  if (!info) return info.status();
+  fi_info* fi = info->get();
+  auto dom = ofi::Domain::open(ofi::InfoPtr(fi_dupinfo(fi)));
+  if (!dom) return dom.status();
+  ch.own_domain = std::move(dom.value());
+  ch.domain = ch.own_domain.get();
+  fi_eq_attr eq_attr{};
+  eq_attr.wait_obj = FI_WAIT_UNSPEC;
+  int ret = fi_eq_open(ch.domain->fabric.get(), &eq_attr, ch.eq.out(), nullptr);
+  if (ret != 0) return ofi::error(ret, "fi_eq_open");
+  LEGO_RETURN_IF_ERROR(open_cq(*ch.domain, blocking, 4 * kWindow, ch.cq, &ch.waitable));
+  ret = fi_endpoint(ch.domain->domain.get(), fi, ch.ep.out(), nullptr);
+  if (ret == 0) ret = fi_ep_bind(ch.ep.get(), &ch.eq.get()->fid, 0);
+  if (ret == 0) ret = fi_ep_bind(ch.ep.get(), &ch.cq.get()->fid, FI_TRANSMIT | FI_RECV);
+  if (ret == 0) ret = fi_enable(ch.ep.get());
+  if (ret != 0) return ofi::error(ret, "opening an endpoint");
+  LEGO_RETURN_IF_ERROR(
+      ch.bufs.init(*ch.domain, config.max_message_bytes, config.max_message_bytes, 2 * kWindow));
+  for (int i = 0; i < kWindow; i++) LEGO_RETURN_IF_ERROR(post_recv(ch, i));
+  ret = fi_connect(ch.ep.get(), fi->dest_addr, nullptr, 0);
+  if (ret != 0) return ofi::error(ret, "fi_connect");
+  fi_eq_cm_entry entry{};
+  uint32_t event = 0;
+  ssize_t r = fi_eq_sread(ch.eq.get(), &event, &entry, sizeof(entry),
+                          static_cast<int>(config.timeout.count()), 0);
+  if (r == -FI_EAVAIL) {
+    fi_eq_err_entry err{};
+    fi_eq_readerr(ch.eq.get(), &err, 0);
+    int code = err.err == FI_ECONNREFUSED || err.err == ECONNREFUSED ? ECONNREFUSED
+                                                                     : (err.err ? err.err : EIO);
+    return Status(code, std::string("connection refused or failed: ") + fi_strerror(err.err));
+  }
+  if (r == -FI_EAGAIN || r == -FI_ETIMEDOUT) return Status(ETIMEDOUT, "no answer to connect");
+  if (r < 0) return ofi::error(r, "waiting for the connection");
+  if (event != FI_CONNECTED) return Status(ECONNREFUSED, "connection not established");
+  return Status();
+}
+
+Status Node::Impl::connect_rdm(ClientChannel& ch, const NodeConfig& peer) {
+  if (!server_domain) {
+    // A client-only node still needs a domain of its provider for its endpoints.
+    auto info = ofi::get_info(self.provider, "", "", false);
+    if (!info) return info.status();
+    auto dom = ofi::Domain::open(std::move(info.value()));
+    if (!dom) return dom.status();
+    ch.own_domain = std::move(dom.value());
+    ch.domain = ch.own_domain.get();
+  } else {
+    ch.domain = server_domain.get();
+  }
+  std::string service = peer.port ? std::to_string(peer.port) : "0";
+  auto info = ofi::get_info(peer.provider, peer.address, service, false);
+  if (!info) return info.status();
+  fi_av_attr av_attr{};
+  av_attr.type = FI_AV_MAP;
+  int ret = fi_av_open(ch.domain->domain.get(), &av_attr, ch.av.out(), nullptr);
+  if (ret != 0) return ofi::error(ret, "fi_av_open");
+  LEGO_RETURN_IF_ERROR(open_cq(*ch.domain, blocking, 4 * kWindow, ch.cq, &ch.waitable));
+  ret = fi_endpoint(ch.domain->domain.get(), ch.domain->info.get(), ch.ep.out(), nullptr);
+  if (ret == 0) ret = fi_ep_bind(ch.ep.get(), &ch.av.get()->fid, 0);
+  if (ret == 0) ret = fi_ep_bind(ch.ep.get(), &ch.cq.get()->fid, FI_TRANSMIT | FI_RECV);
+  if (ret == 0) ret = fi_enable(ch.ep.get());
+  if (ret != 0) return ofi::error(ret, "opening an shm endpoint");
+  if (fi_av_insert(ch.av.get(), info.value()->dest_addr, 1, &ch.dest, 0, nullptr) != 1) {
+    return Status(EHOSTUNREACH,
+                  "cannot resolve the shm address of node " + std::to_string(peer.id));
+  }
+  LEGO_RETURN_IF_ERROR(
+      ch.bufs.init(*ch.domain, config.max_message_bytes, config.max_message_bytes, 2 * kWindow));
+  for (int i = 0; i < kWindow; i++) LEGO_RETURN_IF_ERROR(post_recv(ch, i));
+  return Status();
+}
+
+Status Node::Impl::connect(ClientChannel& ch) {
+  const NodeConfig* peer = config.find(ch.peer);
+  // Start from nothing: a broken channel's old endpoint and buffers go away.
+  ch.ep.reset();
+  ch.cq.reset();
+  ch.av.reset();
+  ch.eq.reset();
+  ch.bufs.~SlotBuffers();
+  new (&ch.bufs) SlotBuffers();
+  ch.own_domain.reset();
+  ch.broken = Status();
+  ch.connected = false;
+  ch.have_control = false;
+  ch.peer_pid = 0;
+  for (auto& s : ch.slots) s = ClientChannel::Slot();
+  for (int i = 0; i < kWindow; i++) {
+    ch.send_ctx[i] = OpCtx{{}, &ch, OpType::kSend, static_cast<uint16_t>(i)};
+    ch.recv_ctx[i] = OpCtx{{}, &ch, OpType::kRecv, static_cast<uint16_t>(i)};
+  }
+  ch.rma_ctx = OpCtx{{}, &ch, OpType::kRma, 0};
+
+  std::string where = who() + ": connecting to node " + std::to_string(peer->id) + " at " +
+                      peer->address + ":" + std::to_string(peer->port) + " (" + peer->provider +
+                      ")";
+  Status st = msg ? connect_msg(ch, *peer) : connect_rdm(ch, *peer);
+  if (!st) return st.with_context(where);
+
+  // Handshake: hello -> challenge (server proves the key) -> proof -> welcome.
+  auto deadline = Clock::now() + config.timeout;
+  wire::HelloPayload hello{};
+  hello.client_node = self.id;
+  hello.window = kWindow;
+  auth::make_nonce(hello.client_nonce);
+  if (!msg) {
+    size_t len = sizeof(hello.name);
+    int ret = fi_getname(&ch.ep.get()->fid, hello.name, &len);
+    if (ret != 0) return ofi::error(ret, where + ": fi_getname");
+    hello.name_length = static_cast<uint32_t>(len);
+    hello.pid = static_cast<uint32_t>(getpid());
+  }
+  auto bytes = [](const auto& v) {
+    return std::span<const std::byte>(reinterpret_cast<const std::byte*>(&v), sizeof(v));
+  };
+  st = post_frame(ch, 0, Kind::kHello, 0, bytes(hello), 0);
+  if (st) st = wait_control(ch, Kind::kChallenge, deadline);
+  if (!st) return st.with_context(where);
+  wire::ChallengePayload challenge{};
+  if (ch.control_payload.size() != sizeof(challenge)) {
+    return Status(EPROTO, where + ": malformed challenge");
+  }
+  memcpy(&challenge, ch.control_payload.data(), sizeof(challenge));
+  if (challenge.server_node != peer->id ||
+      !auth::verify(config.key, auth::Direction::kServerToClient, hello.client_nonce,
+                    challenge.server_nonce, self.id, peer->id, challenge.server_proof)) {
+    counters.auth_failures.fetch_add(1, std::memory_order_relaxed);
+    return Status(EACCES, where + ": the peer could not prove it holds the cluster key");
+  }
+  if (!msg) ch.peer_pid = static_cast<pid_t>(challenge.pid);
+  wire::ProofPayload proof{};
+  auth::prove(config.key, auth::Direction::kClientToServer, hello.client_nonce,
+              challenge.server_nonce, self.id, peer->id, proof.client_proof);
+  // Slot 0's hello send may still be pending; use slot 1 for the proof.
+  st = post_frame(ch, 1, Kind::kProof, 0, bytes(proof), 0);
+  if (st) st = wait_control(ch, Kind::kWelcome, deadline);
+  if (!st) {
+    if (st.code() == EACCES) counters.auth_failures.fetch_add(1, std::memory_order_relaxed);
+    return st.with_context(where);
+  }
+  ch.connected = true;
+  return Status();
+}
+
+Result<int> Node::Impl::start_call(ClientChannel& ch, uint16_t opcode,
+                                   std::span<const std::byte> request, std::span<std::byte> reply,
+                                   Clock::time_point deadline) {
+  if (request.size() > config.max_message_bytes) {
+    return Status(EMSGSIZE, who() + ": request of " + std::to_string(request.size()) +
+                                " bytes for opcode " + std::to_string(opcode) +
+                                " exceeds max_message_bytes " +
+                                std::to_string(config.max_message_bytes));
+  }
+  if (!ch.connected || !ch.broken.is_ok()) {
+    // Drain what a previous connection still owns before reusing the channel.
+    LEGO_RETURN_IF_ERROR(connect(ch));
+  }
+  for (;;) {
+    for (int i = 0; i < kWindow; i++) {
+      auto& s = ch.slots[i];
+      if (s.in_use || s.send_pending) continue;
+      s = ClientChannel::Slot();
+      s.in_use = true;
+      s.id = ch.next_id++;
+      s.reply = reply;
+      s.deadline = deadline;
+      s.opcode = opcode;
+      Status st = post_frame(ch, i, Kind::kRequest, opcode, request, s.id);
+      if (!st) {
+        s.in_use = false;
+        return st;
+      }
+      counters.calls_sent.fetch_add(1, std::memory_order_relaxed);
+      return i;
+    }
+    if (Clock::now() > deadline) {
+      return Status(ETIMEDOUT, who() + ": all " + std::to_string(kWindow) +
+                                   " request slots to node " + std::to_string(ch.peer) +
+                                   " stayed busy");
+    }
+    LEGO_RETURN_IF_ERROR(progress(ch, kBlockingSliceMs));
+  }
+}
+
+Result<size_t> Node::Impl::finish_call(ClientChannel& ch, int slot, Clock::time_point deadline) {
+  auto& s = ch.slots[slot];
+  while (!s.done) {
+    if (Clock::now() > deadline) {
+      s.abandoned = s.send_pending;
+      s.in_use = s.send_pending;
+      counters.calls_timed_out.fetch_add(1, std::memory_order_relaxed);
+      counters.calls_failed.fetch_add(1, std::memory_order_relaxed);
+      return Status(ETIMEDOUT, who() + ": node " + std::to_string(ch.peer) +
+                                   " did not answer opcode " + std::to_string(s.opcode) +
+                                   " in time");
+    }
+    Status st = progress(ch, kBlockingSliceMs);
+    if (!st && !s.done) {
+      s.done = true;
+      s.status = st;
+    }
+  }
+  Result<size_t> r = s.status.is_ok() ? Result<size_t>(s.reply_len) : Result<size_t>(s.status);
+  if (!s.status.is_ok()) counters.calls_failed.fetch_add(1, std::memory_order_relaxed);
+  s.in_use = s.send_pending;
+  s.abandoned = s.send_pending;
+  return r;
+}
+
+Status Node::Impl::rma(const RemoteRegion& region, uint64_t offset, std::byte* local, size_t len,
+                       bool write) {
+  if (offset > region.length || len > region.length - offset) {
+    return Status(EINVAL, who() + ": one-sided " + (write ? "write" : "read") + " of " +
+                              std::to_string(len) + " bytes at offset " + std::to_string(offset) +
+                              " is outside node " + std::to_string(region.node) + "'s " +
+                              std::to_string(region.length) + "-byte region");
+  }
+  std::unique_lock<std::mutex> lock;
+  auto chr = channel_for(region.node, lock);
+  if (!chr) return chr.status();
+  ClientChannel& ch = *chr.value();
+  if (!ch.connected || !ch.broken.is_ok()) LEGO_RETURN_IF_ERROR(connect(ch));
+  auto deadline = Clock::now() + config.timeout;
+  size_t done = 0;
+  while (done < len) {
+    size_t n = std::min(len - done, ch.bufs.rma_bytes);
+    if (write) memcpy(ch.bufs.rma(), local + done, n);
+    ch.rma_done = false;
+    ch.rma_status = Status();
+    uint64_t addr = region.base + offset + done;
+    ssize_t r;
+    do {
+      r = write ? fi_write(ch.ep.get(), ch.bufs.rma(), n, ch.bufs.desc(), ch.dest, addr, region.key,
+                           &ch.rma_ctx.fi)
+                : fi_read(ch.ep.get(), ch.bufs.rma(), n, ch.bufs.desc(), ch.dest, addr, region.key,
+                          &ch.rma_ctx.fi);
+      if (r == -FI_EAGAIN) LEGO_RETURN_IF_ERROR(progress(ch, 0));
+    } while (r == -FI_EAGAIN);
+    if (r != 0)
+      return ofi::error(r,
+                        who() + ": posting a one-sided op to node " + std::to_string(region.node));
+    while (!ch.rma_done) {
+      if (Clock::now() > deadline) {
+        // The op still owns the bounce buffer: the channel cannot be reused safely.
+        Status st(ETIMEDOUT, who() + ": one-sided op to node " + std::to_string(region.node) +
+                                 " did not complete");
+        fail_channel(ch, st);
+        return st;
+      }
+      LEGO_RETURN_IF_ERROR(progress(ch, kBlockingSliceMs));
+    }
+    LEGO_RETURN_IF_ERROR(ch.rma_status);
+    if (!write) memcpy(local + done, ch.bufs.rma(), n);
+    done += n;
+  }
+  (write ? counters.rma_writes : counters.rma_reads).fetch_add(1, std::memory_order_relaxed);
+  return Status();
+}
+
+// ---------------------------------------------------------------------------------------
+// Node
+
+Node::Node(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Node::~Node() {
+  stop();
+}
+
+Result<std::unique_ptr<Node>> Node::create(const ClusterConfig& config, NodeId self) {
+  const NodeConfig* me = config.find(self);
+  if (me == nullptr) {
+    return Status(EINVAL,
+                  "node " + std::to_string(self) + " is not in the cluster file " + config.origin);
+  }
+  if (config.key.size() != 32) return Status(EINVAL, "the cluster key must be 32 bytes");
+  auto impl = std::make_unique<Impl>();
+  impl->config = config;
+  impl->self = *me;
+  impl->msg = ofi::uses_msg_endpoints(me->provider);
+  impl->blocking = me->progress == Progress::kBlocking;
+  return std::unique_ptr<Node>(new Node(std::move(impl)));
+}
+
+void Node::handle(uint16_t opcode, Handler handler) {
+  impl_->handlers[opcode] = std::move(handler);
+}
+
+Status Node::start() {
+  if (impl_->started) return Status(EALREADY, impl_->who() + " is already serving");
+  Status st = impl_->listen();
+  if (!st) {
+    impl_->stopping = true;
+    for (auto& t : impl_->server_threads) {
+      if (t->thread.joinable()) t->thread.join();
+    }
+    impl_->server_threads.clear();
+    impl_->stopping = false;
+    return st;
+  }
+  impl_->started = true;
+  return Status();
+}
+
+void Node::stop() {
+  if (!impl_) return;
+  impl_->stopping = true;
+  for (auto& t : impl_->server_threads) {
+    if (t->thread.joinable()) t->thread.join();
+  }
+  // Last first: thread 0 owns the event queue the others' endpoints are bound to.
+  while (!impl_->server_threads.empty()) impl_->server_threads.pop_back();
+  {
+    std::lock_guard<std::mutex> g(impl_->peers_mu);
+    impl_->peers.clear();
+  }
+  impl_->server_domain.reset();
+  impl_->started = false;
+}
+
+Result<size_t> Node::send_reply(NodeId peer, uint16_t opcode, std::span<const std::byte> request,
+                                std::span<std::byte> reply, std::chrono::milliseconds timeout) {
+  auto deadline = Clock::now() + (timeout.count() > 0 ? timeout : impl_->config.timeout);
+  std::unique_lock<std::mutex> lock;
+  auto ch = impl_->channel_for(peer, lock);
+  if (!ch) return ch.status();
+  auto slot = impl_->start_call(*ch.value(), opcode, request, reply, deadline);
+  if (!slot) {
+    impl_->counters.calls_failed.fetch_add(1, std::memory_order_relaxed);
+    return slot.status();
+  }
+  return impl_->finish_call(*ch.value(), slot.value(), deadline);
+}
+
+struct RpcFuture::State {
+  Node::Impl* node = nullptr;
+  ClientChannel* ch = nullptr;
+  int slot = -1;
+  uint64_t id = 0;
+  Clock::time_point deadline;
+  bool finished = false;
+  std::optional<Result<size_t>> result;
+};
+
+RpcFuture Node::send_reply_async(NodeId peer, uint16_t opcode, std::span<const std::byte> request,
+                                 std::span<std::byte> reply, std::chrono::milliseconds timeout) {
+  RpcFuture f;
+  f.state_ = std::make_unique<RpcFuture::State>();
+  auto& s = *f.state_;
+  s.node = impl_.get();
+  s.deadline = Clock::now() + (timeout.count() > 0 ? timeout : impl_->config.timeout);
+  std::unique_lock<std::mutex> lock;
+  auto ch = impl_->channel_for(peer, lock);
+  if (!ch) {
+    s.result = Result<size_t>(ch.status());
+    return f;
+  }
+  auto slot = impl_->start_call(*ch.value(), opcode, request, reply, s.deadline);
+  if (!slot) {
+    impl_->counters.calls_failed.fetch_add(1, std::memory_order_relaxed);
+    s.result = Result<size_t>(slot.status());
+    return f;
+  }
+  s.ch = ch.value();
+  s.slot = slot.value();
+  s.id = s.ch->slots[s.slot].id;
+  return f;
+}
+
+RpcFuture::RpcFuture(RpcFuture&&) noexcept = default;
+RpcFuture& RpcFuture::operator=(RpcFuture&&) noexcept = default;
+
+RpcFuture::~RpcFuture() {
+  if (!state_ || state_->result || state_->ch == nullptr) return;
+  // Abandon: free the slot once its send completes; a late reply is dropped.
+  std::lock_guard<std::mutex> g(state_->ch->mu);
+  auto& s = state_->ch->slots[state_->slot];
+  if (s.in_use && s.id == state_->id) {
+    s.abandoned = s.send_pending;
+    s.in_use = s.send_pending;
+  }
+}
+
+bool RpcFuture::ready() {
+  if (!state_) return true;
+  if (state_->result) return true;
+  std::lock_guard<std::mutex> g(state_->ch->mu);
+  auto& s = state_->ch->slots[state_->slot];
+  if (!s.done && s.id == state_->id) (void)state_->node->progress(*state_->ch, 0);
+  return s.done || s.id != state_->id || Clock::now() > state_->deadline;
+}
+
+Result<size_t> RpcFuture::wait() {
+  if (!state_) return Status(EINVAL, "wait() on an empty RpcFuture");
+  if (state_->result) return *state_->result;
+  std::lock_guard<std::mutex> g(state_->ch->mu);
+  auto& s = state_->ch->slots[state_->slot];
+  if (s.id != state_->id || !s.in_use) {
+    state_->result = Result<size_t>(Status(ECONNRESET, "the connection was reset"));
+  } else {
+    state_->result = state_->node->finish_call(*state_->ch, state_->slot, state_->deadline);
+  }
+  return *state_->result;
+}
+
+Result<MemoryRegion> Node::register_memory(void* data, size_t size, bool remote_write) {
+  if (!impl_->server_domain) {
+    return Status(EINVAL, impl_->who() + ": start() the node before registering memory");
+  }
+  uint64_t access = FI_REMOTE_READ | FI_READ | FI_WRITE | (remote_write ? FI_REMOTE_WRITE : 0);
+  auto reg = ofi::register_buffer(*impl_->server_domain, data, size, access);
+  if (!reg) return reg.status().with_context(impl_->who());
+  MemoryRegion mr;
+  mr.impl_ = std::make_unique<MemoryRegion::Impl>();
+  mr.impl_->reg = std::move(reg.value());
+  mr.data_ = data;
+  mr.size_ = size;
+  mr.remote_.node = impl_->self.id;
+  mr.remote_.key = mr.impl_->reg->key;
+  mr.remote_.base = impl_->server_domain->virt_addr ? reinterpret_cast<uint64_t>(data) : 0;
+  mr.remote_.length = size;
+  return mr;
+}
+
+Status Node::rma_read(const RemoteRegion& region, uint64_t offset, std::span<std::byte> dst) {
+  return impl_->rma(region, offset, dst.data(), dst.size(), false);
+}
+
+Status Node::rma_write(const RemoteRegion& region, uint64_t offset,
+                       std::span<const std::byte> src) {
+  return impl_->rma(region, offset, const_cast<std::byte*>(src.data()), src.size(), true);
+}
+
+NodeId Node::id() const {
+  return impl_->self.id;
+}
+const ClusterConfig& Node::config() const {
+  return impl_->config;
+}
+
+FitStats Node::stats() const {
+  auto& c = impl_->counters;
+  FitStats s;
+  s.calls_sent = c.calls_sent.load();
+  s.calls_failed = c.calls_failed.load();
+  s.calls_timed_out = c.calls_timed_out.load();
+  s.requests_served = c.requests_served.load();
+  s.requests_rejected = c.requests_rejected.load();
+  s.auth_failures = c.auth_failures.load();
+  s.bytes_sent = c.bytes_sent.load();
+  s.bytes_received = c.bytes_received.load();
+  s.rma_reads = c.rma_reads.load();
+  s.rma_writes = c.rma_writes.load();
+  return s;
+}
+
+}  // namespace lego::fit

@@ -1,0 +1,72 @@
+#include "libfit/ofi.h"
+
+#include <cstring>
+
+#include "libfit/auth.h"
+
+namespace lego::fit::ofi {
+
+Status error(long ret, const std::string& what) {
+  int code = static_cast<int>(ret < 0 ? -ret : ret);
+  // libfabric's own codes (FI_ETRUNC, FI_EAVAIL, ...) sit above the errno range.
+  int errno_code = code < FI_ERRNO_OFFSET ? code : EIO;
+  return Status(errno_code, what + ": " + fi_strerror(code));
+}
+
+bool uses_msg_endpoints(const std::string& provider) {
+  return provider != "shm";
+}
+
+Result<InfoPtr> get_info(const std::string& provider, const std::string& node,
+                         const std::string& service, bool server) {
+  InfoPtr hints(fi_allocinfo());
+  if (!hints) return Status(ENOMEM, "fi_allocinfo");
+  bool msg = uses_msg_endpoints(provider);
+  hints->ep_attr->type = msg ? FI_EP_MSG : FI_EP_RDM;
+  hints->caps = FI_MSG | FI_RMA | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE;
+  if (!msg) hints->caps |= FI_SOURCE;
+  hints->mode = FI_CONTEXT | FI_CONTEXT2;
+  hints->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY;
+  hints->domain_attr->threading = FI_THREAD_SAFE;
+  hints->addr_format = FI_FORMAT_UNSPEC;
+  hints->fabric_attr->prov_name = strdup(provider.c_str());
+  fi_info* info = nullptr;
+  const char* n = node.empty() ? nullptr : node.c_str();
+  const char* s = service.empty() ? nullptr : service.c_str();
+  int ret = fi_getinfo(kApiVersion, n, s, server ? FI_SOURCE : 0, hints.get(), &info);
+  if (ret != 0) {
+    return error(ret, "fi_getinfo(provider " + provider + ", " + (server ? "listen on " : "peer ") +
+                          node + ":" + service + ")");
+  }
+  return InfoPtr(info);
+}
+
+Result<std::unique_ptr<Domain>> Domain::open(InfoPtr info) {
+  auto d = std::make_unique<Domain>();
+  d->info = std::move(info);
+  int ret = fi_fabric(d->info->fabric_attr, d->fabric.out(), nullptr);
+  if (ret != 0) return error(ret, "fi_fabric");
+  ret = fi_domain(d->fabric.get(), d->info.get(), d->domain.out(), nullptr);
+  if (ret != 0) return error(ret, "fi_domain");
+  uint64_t mode = d->info->domain_attr->mr_mode;
+  d->local_mr = (mode & FI_MR_LOCAL) != 0;
+  d->virt_addr = (mode & FI_MR_VIRT_ADDR) != 0;
+  d->prov_key = (mode & FI_MR_PROV_KEY) != 0;
+  return d;
+}
+
+Result<std::unique_ptr<Registration>> register_buffer(Domain& d, void* addr, size_t len,
+                                                      uint64_t access) {
+  auto r = std::make_unique<Registration>();
+  uint64_t requested = d.prov_key ? 0 : auth::random_u64();
+  // Some providers limit key size; keep requested keys within what the domain supports.
+  size_t key_size = d.info->domain_attr->mr_key_size;
+  if (!d.prov_key && key_size > 0 && key_size < 8) requested &= (1ull << (8 * key_size)) - 1;
+  int ret = fi_mr_reg(d.domain.get(), addr, len, access, 0, requested, 0, r->mr.out(), nullptr);
+  if (ret != 0) return error(ret, "fi_mr_reg(" + std::to_string(len) + " bytes)");
+  r->desc = fi_mr_desc(r->mr.get());
+  r->key = fi_mr_key(r->mr.get());
+  return r;
+}
+
+}  // namespace lego::fit::ofi

@@ -1,0 +1,56 @@
+// Builds small clusters for libfit tests: a fresh random key and ports that parallel test
+// runs do not share.
+#pragma once
+
+#include <unistd.h>
+
+#include <atomic>
+#include <random>
+#include <string>
+
+#include "lego/fit.h"
+
+namespace lego::testing {
+
+// A port base unlikely to collide with other tests running at the same time.
+inline uint16_t test_port_base() {
+  static std::atomic<int> next{0};
+  std::random_device rd;
+  static const int base = 20000 + static_cast<int>((getpid() * 37 + rd()) % 30000);
+  return static_cast<uint16_t>(base + (next += 8) % 2000);
+}
+
+inline std::vector<uint8_t> random_key() {
+  std::vector<uint8_t> key(32);
+  std::random_device rd;
+  for (auto& b : key) b = static_cast<uint8_t>(rd());
+  return key;
+}
+
+// Nodes 1..n, all on `address`, consecutive ports; node 1 a processor, the rest memory.
+inline fit::ClusterConfig make_cluster(int n, const std::string& provider,
+                                       fit::Progress progress = fit::Progress::kPolling,
+                                       const std::string& address = "127.0.0.1") {
+  fit::ClusterConfig c;
+  c.key = random_key();
+  c.origin = "test cluster";
+  c.timeout = std::chrono::milliseconds(3000);
+  uint16_t port = test_port_base();
+  for (int i = 1; i <= n; i++) {
+    fit::NodeConfig nc;
+    nc.id = static_cast<fit::NodeId>(i);
+    nc.role = i == 1 ? fit::Role::kProcessor : fit::Role::kMemory;
+    nc.address = provider == "shm" ? "lego-test-" + std::to_string(getpid()) : address;
+    nc.port = static_cast<uint16_t>(port + i);
+    nc.provider = provider;
+    nc.progress = progress;
+    c.nodes.push_back(nc);
+  }
+  return c;
+}
+
+inline std::span<const std::byte> as_bytes(const std::string& s) {
+  return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
+}
+
+}  // namespace lego::testing

@@ -1,0 +1,231 @@
+// RPC and RMA between two Nodes in one process, for each provider and progress mode:
+// round trips, async calls, errors (unknown opcode, handler errors, oversize messages,
+// timeouts, wrong key) and one-sided reads and writes.
+#include <catch2/catch.hpp>
+
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "lego/fit.h"
+#include "tests/libfit/cluster_fixture.h"
+
+using namespace lego;
+using namespace lego::fit;
+using lego::testing::as_bytes;
+using lego::testing::make_cluster;
+
+namespace {
+
+constexpr uint16_t kEcho = 1;
+constexpr uint16_t kFail = 2;
+constexpr uint16_t kSlow = 3;
+
+void install_handlers(Node& n) {
+  n.handle(kEcho,
+           [](const RpcContext&, std::span<const std::byte> req,
+              std::span<std::byte> rep) -> Result<size_t> {
+             if (req.size() > rep.size()) return Status(EMSGSIZE, "too big");
+             memcpy(rep.data(), req.data(), req.size());
+             return req.size();
+           });
+  n.handle(
+      kFail,
+      [](const RpcContext&, std::span<const std::byte>, std::span<std::byte>) -> Result<size_t> {
+        return Status(ENOSPC, "memory node is full");
+      });
+  n.handle(
+      kSlow,
+      [](const RpcContext&, std::span<const std::byte>, std::span<std::byte>) -> Result<size_t> {
+        std::this_thread::sleep_for(std::chrono::milliseconds(400));
+        return size_t{0};
+      });
+}
+
+struct Pair {
+  std::unique_ptr<Node> client, server;
+};
+
+Pair make_pair(const ClusterConfig& c) {
+  auto server = Node::create(c, 2);
+  REQUIRE(server.is_ok());
+  install_handlers(*server.value());
+  Status st = server.value()->start();
+  INFO(st.message());
+  REQUIRE(st.is_ok());
+  auto client = Node::create(c, 1);
+  REQUIRE(client.is_ok());
+  return {std::move(client.value()), std::move(server.value())};
+}
+
+struct Mode {
+  const char* provider;
+  Progress progress;
+};
+const Mode kModes[] = {{"tcp", Progress::kPolling},
+                       {"tcp", Progress::kBlocking},
+                       {"shm", Progress::kPolling},
+                       {"shm", Progress::kBlocking}};
+
+}  // namespace
+
+TEST_CASE("send_reply round trips carry the payload both ways", "[rpc]") {
+  for (const Mode& m : kModes) {
+    SECTION(std::string(m.provider) + "/" + progress_name(m.progress)) {
+      auto p = make_pair(make_cluster(2, m.provider, m.progress));
+      for (size_t size : {size_t{0}, size_t{1}, size_t{64}, size_t{4096}, size_t{100000}}) {
+        std::string msg(size, 'x');
+        for (size_t i = 0; i < size; i++) msg[i] = static_cast<char>('a' + i % 26);
+        std::vector<std::byte> reply(size + 10);
+        auto r = p.client->send_reply(2, kEcho, as_bytes(msg), reply);
+        INFO(r.status().message());
+        REQUIRE(r.is_ok());
+        REQUIRE(r.value() == size);
+        REQUIRE(memcmp(reply.data(), msg.data(), size) == 0);
+      }
+      auto stats = p.server->stats();
+      CHECK(stats.requests_served == 5);
+    }
+  }
+}
+
+TEST_CASE("errors reach the caller with their errno", "[rpc]") {
+  auto p = make_pair(make_cluster(2, "tcp"));
+  std::vector<std::byte> reply(64);
+  SECTION("unknown opcode") {
+    auto r = p.client->send_reply(2, 999, as_bytes("x"), reply);
+    REQUIRE(r.status().code() == EOPNOTSUPP);
+    CHECK_THAT(r.status().message(), Catch::Contains("999"));
+  }
+  SECTION("the handler's own error") {
+    auto r = p.client->send_reply(2, kFail, as_bytes("x"), reply);
+    REQUIRE(r.status().code() == ENOSPC);
+    CHECK_THAT(r.status().message(), Catch::Contains("memory node is full"));
+  }
+  SECTION("a request larger than max_message_bytes") {
+    std::string big(p.client->config().max_message_bytes + 1, 'b');
+    auto r = p.client->send_reply(2, kEcho, as_bytes(big), reply);
+    REQUIRE(r.status().code() == EMSGSIZE);
+  }
+  SECTION("a reply larger than the reply buffer") {
+    std::string msg(1000, 'm');
+    auto r = p.client->send_reply(2, kEcho, as_bytes(msg), std::span(reply).first(10));
+    REQUIRE(r.status().code() == EMSGSIZE);
+    // The channel stays usable.
+    auto ok = p.client->send_reply(2, kEcho, as_bytes("again"), reply);
+    REQUIRE(ok.is_ok());
+  }
+  SECTION("a timeout, after which the channel still works") {
+    auto r = p.client->send_reply(2, kSlow, as_bytes(""), reply, std::chrono::milliseconds(50));
+    REQUIRE(r.status().code() == ETIMEDOUT);
+    auto ok = p.client->send_reply(2, kEcho, as_bytes("after"), reply);
+    REQUIRE(ok.is_ok());
+    REQUIRE(ok.value() == 5);
+  }
+  SECTION("a node that is not in the cluster") {
+    auto r = p.client->send_reply(42, kEcho, as_bytes("x"), reply);
+    REQUIRE(r.status().code() == EHOSTUNREACH);
+  }
+}
+
+TEST_CASE("nothing listening gives ECONNREFUSED and no hang", "[rpc]") {
+  auto c = make_cluster(2, "tcp");
+  auto client = Node::create(c, 1);
+  REQUIRE(client.is_ok());
+  std::vector<std::byte> reply(16);
+  auto r = client.value()->send_reply(2, kEcho, as_bytes("x"), reply);
+  REQUIRE_FALSE(r.is_ok());
+  CHECK(r.status().code() == ECONNREFUSED);
+}
+
+TEST_CASE("a node without the cluster key is refused", "[rpc][auth]") {
+  for (const char* provider : {"tcp", "shm"}) {
+    SECTION(provider) {
+      auto c = make_cluster(2, provider);
+      auto server = Node::create(c, 2);
+      REQUIRE(server.is_ok());
+      install_handlers(*server.value());
+      REQUIRE(server.value()->start().is_ok());
+      auto wrong = c;
+      wrong.key[0] ^= 1;
+      auto client = Node::create(wrong, 1);
+      REQUIRE(client.is_ok());
+      std::vector<std::byte> reply(16);
+      auto r = client.value()->send_reply(2, kEcho, as_bytes("x"), reply);
+      REQUIRE(r.status().code() == EACCES);
+      CHECK(server.value()->stats().requests_served == 0);
+    }
+  }
+}
+
+TEST_CASE("async calls complete out of order and in parallel", "[rpc]") {
+  for (const char* provider : {"tcp", "shm"}) {
+    SECTION(provider) {
+      auto p = make_pair(make_cluster(2, provider));
+      std::vector<std::string> msgs;
+      std::vector<std::vector<std::byte>> replies(Node::max_outstanding(),
+                                                  std::vector<std::byte>(64));
+      std::vector<RpcFuture> futures;
+      for (int i = 0; i < Node::max_outstanding(); i++) msgs.push_back("msg-" + std::to_string(i));
+      for (int i = 0; i < Node::max_outstanding(); i++) {
+        futures.push_back(p.client->send_reply_async(2, kEcho, as_bytes(msgs[i]), replies[i]));
+      }
+      for (int i = Node::max_outstanding() - 1; i >= 0; i--) {
+        auto r = futures[i].wait();
+        INFO(r.status().message());
+        REQUIRE(r.is_ok());
+        REQUIRE(std::string(reinterpret_cast<char*>(replies[i].data()), r.value()) == msgs[i]);
+      }
+    }
+  }
+}
+
+TEST_CASE("many threads share a peer's channels", "[rpc]") {
+  auto p = make_pair(make_cluster(2, "tcp", Progress::kBlocking));
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < 6; t++) {
+    threads.emplace_back([&, t] {
+      std::vector<std::byte> reply(64);
+      for (int i = 0; i < 200; i++) {
+        std::string msg = std::to_string(t) + ":" + std::to_string(i);
+        auto r = p.client->send_reply(2, kEcho, as_bytes(msg), reply);
+        if (!r.is_ok() || std::string(reinterpret_cast<char*>(reply.data()), r.value()) != msg) {
+          failures++;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  REQUIRE(failures == 0);
+}
+
+TEST_CASE("one-sided reads and writes reach registered memory", "[rma]") {
+  for (const char* provider : {"tcp", "shm"}) {
+    SECTION(provider) {
+      auto p = make_pair(make_cluster(2, provider));
+      std::vector<std::byte> exposed(1 << 20);
+      for (size_t i = 0; i < exposed.size(); i++) exposed[i] = std::byte(i * 7);
+      auto mr = p.server->register_memory(exposed.data(), exposed.size(), true);
+      INFO(mr.status().message());
+      REQUIRE(mr.is_ok());
+      RemoteRegion region = mr->remote();
+
+      std::vector<std::byte> got(300000);
+      Status st = p.client->rma_read(region, 1000, got);
+      INFO(st.message());
+      REQUIRE(st.is_ok());
+      for (size_t i = 0; i < got.size(); i++) REQUIRE(got[i] == std::byte((i + 1000) * 7));
+
+      std::vector<std::byte> put(5000, std::byte{0x5a});
+      REQUIRE(p.client->rma_write(region, 4096, put).is_ok());
+      // A round trip after the write: ordered on the same connection.
+      std::vector<std::byte> reply(8);
+      REQUIRE(p.client->send_reply(2, kEcho, as_bytes("sync"), reply).is_ok());
+      for (size_t i = 0; i < put.size(); i++) REQUIRE(exposed[4096 + i] == std::byte{0x5a});
+
+      std::vector<std::byte> outside(16);
+      CHECK(p.client->rma_read(region, exposed.size() - 8, outside).code() == EINVAL);
+    }
+  }
+}
