@@ -1,5 +1,7 @@
 #include "libfit/ofi.h"
 
+#include <infiniband/verbs.h>
+
 #include <cstring>
 
 #include "libfit/auth.h"
@@ -35,8 +37,18 @@ Result<InfoPtr> get_info(const std::string& provider, const std::string& node,
   const char* s = service.empty() ? nullptr : service.c_str();
   int ret = fi_getinfo(kApiVersion, n, s, server ? FI_SOURCE : 0, hints.get(), &info);
   if (ret != 0) {
-    return error(ret, "fi_getinfo(provider " + provider + ", " + (server ? "listen on " : "peer ") +
-                          node + ":" + service + ")");
+    Status st = error(ret, "fi_getinfo(provider " + provider + ", " +
+                               (server ? "listen on " : "peer ") + node + ":" + service + ")");
+    if (provider == "verbs") {
+      // Say why verbs found nothing: usually there is no RDMA device at all.
+      int devices = 0;
+      ibv_device** list = ibv_get_device_list(&devices);
+      if (list != nullptr) ibv_free_device_list(list);
+      st = st.with_context(std::to_string(devices) +
+                           " RDMA devices found (ibv_get_device_list); the verbs provider needs "
+                           "an RDMA NIC or soft-RoCE (rdma link add ... type rxe)");
+    }
+    return st;
   }
   return InfoPtr(info);
 }

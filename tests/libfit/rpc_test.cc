@@ -229,3 +229,15 @@ TEST_CASE("one-sided reads and writes reach registered memory", "[rma]") {
     }
   }
 }
+
+TEST_CASE("verbs is selectable and says clearly when there is no RDMA device", "[verbs]") {
+  auto c = make_cluster(2, "verbs");
+  auto server = Node::create(c, 2);
+  REQUIRE(server.is_ok());
+  Status st = server.value()->start();
+  // This machine has no RDMA NIC; a machine with one (or soft-RoCE) gets a listening node.
+  if (!st.is_ok()) {
+    CHECK_THAT(st.message(), Catch::Contains("RDMA devices found"));
+    CHECK_THAT(st.message(), Catch::Contains("verbs"));
+  }
+}

@@ -1,0 +1,69 @@
+// decode_frame() refuses every malformed frame with the right errno and accepts exactly
+// the well-formed ones.
+#include <catch2/catch.hpp>
+
+#include <cstring>
+#include <vector>
+
+#include "lego/fit_wire.h"
+
+using namespace lego::fit::wire;
+
+namespace {
+std::vector<std::byte> frame(Kind kind, size_t payload, uint32_t declared) {
+  std::vector<std::byte> b(sizeof(FrameHeader) + payload, std::byte{0x42});
+  encode_header(b, kind, 7, declared, 0, 99, 3);
+  return b;
+}
+}  // namespace
+
+TEST_CASE("a well-formed frame decodes to its header and payload") {
+  auto b = frame(Kind::kRequest, 10, 10);
+  auto f = decode_frame(b, 1024);
+  REQUIRE(f.is_ok());
+  CHECK(f->header.opcode == 7);
+  CHECK(f->header.request_id == 99);
+  CHECK(f->header.source_node == 3);
+  CHECK(f->payload.size() == 10);
+  CHECK(f->payload.data() == b.data() + sizeof(FrameHeader));
+}
+
+TEST_CASE("malformed frames are refused with the right errno") {
+  SECTION("shorter than a header") {
+    auto b = frame(Kind::kRequest, 0, 0);
+    CHECK(decode_frame(std::span(b).first(31), 1024).status().code() == EPROTO);
+    CHECK(decode_frame({}, 1024).status().code() == EPROTO);
+  }
+  SECTION("bad magic") {
+    auto b = frame(Kind::kRequest, 0, 0);
+    b[0] = std::byte{0};
+    CHECK(decode_frame(b, 1024).status().code() == EPROTO);
+  }
+  SECTION("another version") {
+    auto b = frame(Kind::kRequest, 0, 0);
+    b[4] = std::byte{2};
+    auto f = decode_frame(b, 1024);
+    CHECK(f.status().code() == EPROTONOSUPPORT);
+    CHECK_THAT(f.status().message(), Catch::Contains("version 2"));
+  }
+  SECTION("unknown kind") {
+    auto b = frame(Kind::kRequest, 0, 0);
+    b[5] = std::byte{0};
+    CHECK(decode_frame(b, 1024).status().code() == EPROTO);
+    b[5] = std::byte{200};
+    CHECK(decode_frame(b, 1024).status().code() == EPROTO);
+  }
+  SECTION("length says more than arrived (truncated)") {
+    auto b = frame(Kind::kReply, 10, 20);
+    CHECK(decode_frame(b, 1024).status().code() == EPROTO);
+  }
+  SECTION("length says less than arrived") {
+    auto b = frame(Kind::kReply, 10, 5);
+    CHECK(decode_frame(b, 1024).status().code() == EPROTO);
+  }
+  SECTION("payload above the limit") {
+    auto b = frame(Kind::kReply, 100, 100);
+    CHECK(decode_frame(b, 99).status().code() == EMSGSIZE);
+    CHECK(decode_frame(b, 100).is_ok());
+  }
+}
