@@ -137,6 +137,7 @@ void nap_if_needed(bool blocking, bool waitable) {
 struct MemoryRegion::Impl {
   std::unique_ptr<ofi::Registration> reg;
 };
+MemoryRegion::MemoryRegion() = default;
 MemoryRegion::MemoryRegion(MemoryRegion&&) noexcept = default;
 MemoryRegion& MemoryRegion::operator=(MemoryRegion&&) noexcept = default;
 MemoryRegion::~MemoryRegion() = default;
@@ -1280,6 +1281,23 @@ void Node::stop() {
   impl_->started = false;
 }
 
+Status Node::connect(NodeId peer) {
+  std::unique_lock<std::mutex> lock;
+  auto first = impl_->channel_for(peer, lock);
+  if (!first) return first.status();
+  lock.unlock();
+  std::vector<ClientChannel*> chans;
+  {
+    std::lock_guard<std::mutex> g(impl_->peers_mu);
+    for (auto& ch : impl_->peers[peer]) chans.push_back(ch.get());
+  }
+  for (ClientChannel* ch : chans) {
+    std::lock_guard<std::mutex> g(ch->mu);
+    if (!ch->connected || !ch->broken.is_ok()) LEGO_RETURN_IF_ERROR(impl_->connect(*ch));
+  }
+  return Status();
+}
+
 Result<size_t> Node::send_reply(NodeId peer, uint16_t opcode, std::span<const std::byte> request,
                                 std::span<std::byte> reply, std::chrono::milliseconds timeout) {
   auto deadline = Clock::now() + (timeout.count() > 0 ? timeout : impl_->config.timeout);
@@ -1329,6 +1347,7 @@ RpcFuture Node::send_reply_async(NodeId peer, uint16_t opcode, std::span<const s
   return f;
 }
 
+RpcFuture::RpcFuture() = default;
 RpcFuture::RpcFuture(RpcFuture&&) noexcept = default;
 RpcFuture& RpcFuture::operator=(RpcFuture&&) noexcept = default;
 

@@ -112,7 +112,7 @@ class Node;
 // the memory must outlive it. Move-only.
 class MemoryRegion {
  public:
-  MemoryRegion() = default;
+  MemoryRegion();
   MemoryRegion(MemoryRegion&&) noexcept;
   MemoryRegion& operator=(MemoryRegion&&) noexcept;
   ~MemoryRegion();
@@ -176,6 +176,10 @@ class Node {
   // Stops serving and closes every connection. Idempotent; the destructor calls it.
   void stop();
 
+  // Opens (and authenticates) every channel to `peer` now rather than on first use, so
+  // that later calls allocate nothing. Errors as send_reply.
+  Status connect(NodeId peer);
+
   // Sends `request` to `peer`'s handler for `opcode` and waits for its reply, copied into
   // `reply`. Returns the reply's length. Connects (and authenticates) on first use.
   // timeout 0 means the cluster's default.
@@ -214,7 +218,7 @@ class Node {
 // the call (its reply is discarded when it arrives).
 class RpcFuture {
  public:
-  RpcFuture() = default;
+  RpcFuture();
   RpcFuture(RpcFuture&&) noexcept;
   RpcFuture& operator=(RpcFuture&&) noexcept;
   ~RpcFuture();

@@ -241,3 +241,11 @@ TEST_CASE("verbs is selectable and says clearly when there is no RDMA device", "
     CHECK_THAT(st.message(), Catch::Contains("verbs"));
   }
 }
+
+TEST_CASE("connect opens every channel up front", "[rpc]") {
+  auto p = make_pair(make_cluster(2, "tcp"));
+  REQUIRE(p.client->connect(2).is_ok());
+  std::vector<std::byte> reply(8);
+  REQUIRE(p.client->send_reply(2, kEcho, as_bytes("ok"), reply).is_ok());
+  CHECK(p.client->connect(99).code() == EHOSTUNREACH);
+}

@@ -1,0 +1,208 @@
+#include "libfit/bench/floors.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+namespace lego::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+bool enter_ns(const std::string& ns) {
+  if (ns.empty()) return true;
+  std::string path = "/var/run/netns/" + ns;
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  bool ok = setns(fd, CLONE_NEWNET) == 0;
+  close(fd);
+  return ok;
+}
+
+// Sends or receives exactly n bytes, spinning on EAGAIN (the point of the floor).
+bool spin_io(int fd, char* buf, size_t n, bool send_side) {
+  size_t done = 0;
+  while (done < n) {
+    ssize_t r = send_side ? send(fd, buf + done, n - done, MSG_DONTWAIT | MSG_NOSIGNAL)
+                          : recv(fd, buf + done, n - done, MSG_DONTWAIT);
+    if (r > 0) {
+      done += static_cast<size_t>(r);
+    } else if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Reaps the child when it goes out of scope, killing it if it still runs.
+struct Child {
+  pid_t pid = -1;
+  ~Child() {
+    if (pid > 0) {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+  }
+};
+
+}  // namespace
+
+Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::string& server_addr,
+                                   uint16_t port, size_t message_bytes, int iterations) {
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  if (inet_pton(AF_INET, server_addr.c_str(), &addr.sin_addr) != 1) {
+    return Status(EINVAL, "tcp floor: '" + server_addr + "' is not an IPv4 address");
+  }
+  int ready[2];
+  if (pipe2(ready, O_CLOEXEC) != 0) return Status::from_errno(errno, "pipe");
+  Child child;
+  child.pid = fork();
+  if (child.pid < 0) return Status::from_errno(errno, "fork");
+  if (child.pid == 0) {
+    // The echo server: one connection, echo until it closes.
+    close(ready[0]);
+    if (!enter_ns(server_ns)) _exit(10);
+    int ls = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(ls, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(ls, 1) != 0) {
+      _exit(11);
+    }
+    (void)!write(ready[1], "r", 1);
+    int s = accept(ls, nullptr, nullptr);
+    if (s < 0) _exit(12);
+    setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    std::vector<char> buf(message_bytes);
+    while (spin_io(s, buf.data(), message_bytes, false) &&
+           spin_io(s, buf.data(), message_bytes, true)) {
+    }
+    _exit(0);
+  }
+  close(ready[1]);
+  char c;
+  ssize_t got = read(ready[0], &c, 1);
+  close(ready[0]);
+  if (got != 1) {
+    return Status(EIO, "tcp floor: the echo server could not listen on " + server_addr + ":" +
+                           std::to_string(port) + (server_ns.empty() ? "" : " in " + server_ns));
+  }
+  int s = socket(AF_INET, SOCK_STREAM, 0);
+  if (connect(s, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    int e = errno;
+    close(s);
+    return Status::from_errno(e,
+                              "tcp floor: connect to " + server_addr + ":" + std::to_string(port));
+  }
+  int one = 1;
+  setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  std::vector<char> buf(message_bytes, 'x');
+  auto round_trip = [&] {
+    return spin_io(s, buf.data(), message_bytes, true) &&
+           spin_io(s, buf.data(), message_bytes, false);
+  };
+  for (int i = 0; i < std::max(100, iterations / 10); i++) {
+    if (!round_trip()) {
+      close(s);
+      return Status(ECONNRESET, "tcp floor: the echo server went away");
+    }
+  }
+  std::vector<double> batches;
+  int per_batch = std::max(10, iterations / 20);
+  for (int done = 0; done < iterations; done += per_batch) {
+    auto t0 = Clock::now();
+    for (int i = 0; i < per_batch; i++) {
+      if (!round_trip()) {
+        close(s);
+        return Status(ECONNRESET, "tcp floor: the echo server went away");
+      }
+    }
+    batches.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count() /
+                      per_batch);
+  }
+  close(s);
+  std::sort(batches.begin(), batches.end());
+  return batches[batches.size() / 2];
+}
+
+Result<double> fi_pingpong_rtt_us(const std::string& provider, const std::string& endpoint,
+                                  size_t message_bytes, int iterations,
+                                  const std::string& server_ns, const std::string& server_addr,
+                                  uint16_t control_port) {
+  const char* binary = "/usr/bin/fi_pingpong";
+  std::string size = std::to_string(message_bytes), iters = std::to_string(iterations);
+  std::string port = std::to_string(control_port);
+  Child server;
+  server.pid = fork();
+  if (server.pid < 0) return Status::from_errno(errno, "fork");
+  if (server.pid == 0) {
+    int devnull = open("/dev/null", O_WRONLY);
+    dup2(devnull, 1);
+    dup2(devnull, 2);
+    if (!enter_ns(server_ns)) _exit(10);
+    execl(binary, "fi_pingpong", "-p", provider.c_str(), "-e", endpoint.c_str(), "-S", size.c_str(),
+          "-I", iters.c_str(), "-B", port.c_str(), nullptr);
+    _exit(127);
+  }
+  auto deadline = Clock::now() + std::chrono::seconds(120);
+  std::string last_output;
+  // The server needs a moment to listen on its control port: retry the client.
+  for (int attempt = 0; attempt < 50 && Clock::now() < deadline; attempt++) {
+    int out[2];
+    if (pipe2(out, O_CLOEXEC) != 0) return Status::from_errno(errno, "pipe");
+    Child client;
+    client.pid = fork();
+    if (client.pid < 0) return Status::from_errno(errno, "fork");
+    if (client.pid == 0) {
+      dup2(out[1], 1);
+      dup2(out[1], 2);
+      execl(binary, "fi_pingpong", "-p", provider.c_str(), "-e", endpoint.c_str(), "-S",
+            size.c_str(), "-I", iters.c_str(), "-P", port.c_str(), server_addr.c_str(), nullptr);
+      _exit(127);
+    }
+    close(out[1]);
+    std::string text;
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(out[0], buf, sizeof(buf))) > 0) text.append(buf, static_cast<size_t>(n));
+    close(out[0]);
+    int status = 0;
+    waitpid(client.pid, &status, 0);
+    client.pid = -1;
+    last_output = text;
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+      // The table's last line: bytes #sent #ack total time MB/sec usec/xfer Mxfers/sec
+      std::istringstream lines(text);
+      std::string line, result;
+      while (std::getline(lines, line)) {
+        if (!line.empty() && isdigit(static_cast<unsigned char>(line[0]))) result = line;
+      }
+      std::istringstream fields(result);
+      std::vector<std::string> f;
+      std::string w;
+      while (fields >> w) f.push_back(w);
+      if (f.size() < 8) break;
+      return 2.0 * strtod(f[6].c_str(), nullptr);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  while (!last_output.empty() && last_output.back() == '\n') last_output.pop_back();
+  return Status(EIO, "fi_pingpong -p " + provider + " -e " + endpoint + " to " + server_addr +
+                         " failed: " + last_output);
+}
+
+}  // namespace lego::bench
