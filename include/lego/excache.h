@@ -1,0 +1,231 @@
+// ExCache: the processor node's cache of remote memory (LegoOS's "pcache"), on stock Linux.
+//
+// An ExCache reserves a large virtual range, "the disaggregated region", whose contents live
+// in a LineBackend (the memory node; in tests an in-process store). At most
+// `capacity_bytes / 4096` lines of 4 KiB are resident locally at any time. Program threads
+// load and store into the region with ordinary instructions; a touch of a non-resident line
+// is a miss that userfaultfd delivers to us: we pick a frame (evicting a batch of lines when
+// the cache is full: dirty ones are written back, clean ones dropped), fetch the line (or
+// zero-fill it locally when the backend never received it) and map it in place.
+//
+// Two deliveries (ExCacheOptions::Delivery):
+//   kSigbus         the faulting thread serves its own miss inside a SIGBUS handler: fastest
+//                   (~5 µs per miss on our VMs, no cross-CPU wake-up). Limitation: a fault
+//                   taken in kernel mode (a syscall such as read(fd, buf, n) whose buf is a
+//                   non-resident or write-protected line) is NOT served: the syscall fails
+//                   with EFAULT. Callers that pass region memory to the kernel must
+//                   ExCache::prefault() it first and retry on EFAULT (the LD_PRELOAD
+//                   interposer does this).
+//   kHandlerThread  one thread per ExCache polls the userfaultfd and serves misses while the
+//                   faulting thread sleeps in the kernel: slower (a cross-CPU hand-off per
+//                   miss) but kernel-mode faults work when the process may register them
+//                   (root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1; see
+//                   ExCache::serves_kernel_faults()).
+//
+// Thread-safety: an ExCache is safe to use from any number of threads; region memory may be
+// accessed by all threads concurrently. create() and the destructor must not race with
+// accesses to the region (destroy only after every thread has stopped touching it).
+// Hot paths (the miss, the eviction) allocate nothing and take no lock that program code
+// could hold: see the lock order at the top of runtime/fault.cc.
+//
+// Errors: create() and discard() return a lego::Status/Result with an errno code
+// (EINVAL bad options or range, ENOSYS/EPERM userfaultfd unavailable or forbidden,
+// EOPNOTSUPP a needed userfaultfd feature missing, ENOMEM, EBUSY too many ExCaches).
+// A backend error on the miss path cannot be returned to a load or store: after retrying
+// transient errors (EAGAIN, EINTR, ETIMEDOUT, ECONNRESET) a few times the process is
+// aborted with a message naming the address, as the kernel kills a process whose swap
+// device fails.
+//
+// Unsupported: fork() (the region is MADV_DONTFORK: a child that touches it gets SIGSEGV);
+// munmap/mremap/madvise of region memory other than through discard() (the interposer
+// routes them here); hugepages (the region is MADV_NOHUGEPAGE: lines are 4 KiB).
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+
+#include "lego/status.h"
+
+namespace lego {
+
+inline constexpr size_t kExCacheLineBytes = 4096;
+
+// The backend writers' API: where lines live when they are not resident.
+//
+// Calling context (read before implementing): every method may be called concurrently from
+// several threads, and with Delivery::kSigbus from inside a SIGBUS handler on whatever
+// program thread missed. That thread may have been interrupted while holding any lock of
+// the program or of libc (malloc's arena lock, stdio's lock, ...). Hence implementations
+// must not call malloc/free/new/delete, stdio, or take any lock that program code can hold;
+// spin on their own atomics instead, and use preallocated buffers. Only async-signal-safe
+// syscalls (read, write, sendmsg, recvmsg, poll, clock_gettime, ...) are allowed. Stack use
+// should stay below a few KiB: the handler runs on the faulting thread's stack.
+// An ok Status allocates nothing; an error Status may allocate (its message), which is
+// acceptable only because the miss path treats it as fatal after retries.
+class LineBackend {
+ public:
+  // One dirty line to store: `data` points at kExCacheLineBytes bytes, valid only for the
+  // duration of the write_back call (it is the line itself, write-protected meanwhile).
+  struct WriteBack {
+    uint64_t addr;
+    const std::byte* data;
+  };
+
+  virtual ~LineBackend() = default;
+
+  // Copies the line at `line_addr` (4 KiB aligned, inside the region) into `out`. A line
+  // never written back (or released since) reads as zeros; ExCache avoids asking for
+  // those, but a backend must answer them correctly anyway.
+  virtual Status fetch(uint64_t line_addr, std::span<std::byte, kExCacheLineBytes> out) = 0;
+
+  // Stores every line in `lines` (1..batch lines, distinct addresses, sorted ascending).
+  // All-or-nothing is not required, but an error means ExCache assumes none were stored.
+  virtual Status write_back(std::span<const WriteBack> lines) = 0;
+
+  // The range [addr, addr + length) (4 KiB aligned) was freed by the program: the backend
+  // may drop it; later fetches of it must return zeros or are not made at all. Called from
+  // ExCache::discard (program context, not a signal handler).
+  virtual Status release(uint64_t addr, uint64_t length) {
+    (void)addr;
+    (void)length;
+    return Status::ok();
+  }
+};
+
+struct ExCacheOptions {
+  enum class Delivery : uint8_t {
+    kSigbus,         // faulting thread serves itself in a SIGBUS handler (fast; no EFAULT-free
+                     // kernel-mode faults, see the header comment)
+    kHandlerThread,  // a per-cache thread serves faults (slower; kernel-mode faults work)
+  };
+  enum class Policy : uint8_t {
+    kFifo,   // evict in fill order: no per-access signal needed, predictable
+    kClock,  // second chance for lines that faulted again after their fill (a write to a
+             // clean line, or a second thread waiting on the fill). Without a kernel module
+             // the accessed bit is invisible to us, so this is only an LRU approximation
+             // for write-after-read and shared lines; see runtime/evict_clock.cc.
+  };
+
+  // Local memory: at most this many bytes (rounded down to 4 KiB, at least 16 lines) of the
+  // region are resident. Default 64 MiB. Trade-off: more local memory, fewer misses.
+  size_t capacity_bytes = size_t{64} << 20;
+  // Default kSigbus: ~3x cheaper per miss than a handler thread on our VMs (NOTES.md).
+  Delivery delivery = Delivery::kSigbus;
+  // Default kFifo: cheapest bookkeeping; kClock helps workloads that re-write hot lines.
+  Policy policy = Policy::kFifo;
+  // Size of the reserved virtual range (rounded up to 4 KiB). Default 16 GiB. Costs no
+  // memory up front; per-line metadata is 8 bytes, reserved (not committed) with it.
+  size_t region_bytes = size_t{16} << 30;
+  // Lines evicted together: they share one write_back call and one TLB-flushing
+  // madvise. Default 32; clamped to [1, capacity/8]. Larger batches amortise more but
+  // evict more lines than one miss needs.
+  size_t evict_batch_lines = 32;
+  // kHandlerThread only: how long the handler busy-polls the userfaultfd after the last
+  // event before sleeping in poll(). Default 50 µs (busy-polling halves miss latency but
+  // burns a CPU while it spins); 0 = always sleep.
+  uint32_t handler_spin_us = 50;
+  // Dirty prediction. Learning that a line is dirty costs a write-protect fault (~5 µs) on
+  // its first store after a load miss: in a read-modify-write workload that doubles the
+  // cost of every miss. With prediction on, a load miss of a line that was stored to in an
+  // earlier residency is mapped writable and counted dirty at once (no write fault); every
+  // 4th such miss maps it clean again to re-learn. Default true. Trade-off: a line that
+  // stops being written is written back needlessly up to 3 more times; turn off for
+  // read-mostly data where clean drops matter more than write faults.
+  bool predict_dirty = true;
+  // Called first thing on every thread the ExCache starts (the kHandlerThread handler), so
+  // an embedder can set it up (lego-run pins it to a local jemalloc arena). Default none.
+  void (*on_thread_start)() = nullptr;
+  // Called with a one-line message when a miss cannot be served (the backend failed after
+  // retries, or the kernel refused an operation), just before the process aborts. Must be
+  // async-signal-safe. lego-run reports a lost memory node through it. Default none.
+  void (*on_fatal)(const char* message) = nullptr;
+};
+
+// Counters since create(). Each counts events, not states, except the gauges marked so.
+struct ExCacheStats {
+  static constexpr size_t kLatencyBuckets = 40;
+
+  uint64_t misses = 0;             // faults on a non-resident line that we served (fetch + zero)
+  uint64_t fetches = 0;            // misses served by LineBackend::fetch
+  uint64_t zero_fills = 0;         // misses served locally: line never written back (no RTT)
+  uint64_t write_faults = 0;       // first write to a clean resident line (it becomes dirty)
+  uint64_t dirty_predictions = 0;  // load misses mapped writable+dirty on the line's history
+                                   // (each saves a write fault or costs a needless write-back)
+  uint64_t waits = 0;              // faults that found the line busy (being filled, evicted or
+                                   // un-protected by another thread) and waited for it
+  uint64_t spurious = 0;           // faults that found the line already served (raced a fill)
+  uint64_t evictions = 0;          // lines evicted (write_backs + clean_drops)
+  uint64_t eviction_batches = 0;   // eviction rounds (each one TLB-flushing madvise)
+  uint64_t write_backs = 0;        // dirty lines written back to the backend
+  uint64_t clean_drops = 0;        // clean lines dropped without a backend call
+  uint64_t discarded_lines = 0;    // resident lines dropped by discard()
+  uint64_t bytes_fetched = 0;      // bytes received from LineBackend::fetch
+  uint64_t bytes_written = 0;      // bytes passed to LineBackend::write_back
+  uint64_t resident_lines = 0;     // gauge: lines resident or being filled now
+  uint64_t capacity_lines = 0;     // gauge: the cap on resident_lines
+  // Miss service time (fault entry to line mapped, including any eviction the miss ran),
+  // log2 histogram: bucket i counts misses taking [2^i, 2^(i+1)) ns (bucket 0: < 2 ns).
+  std::array<uint64_t, kLatencyBuckets> miss_latency_log2_ns{};
+  // Upper bounds of the buckets holding the 50th / 99th percentile miss (0 if no misses).
+  uint64_t miss_p50_ns = 0;
+  uint64_t miss_p99_ns = 0;
+};
+
+class ExCache {
+ public:
+  // Reserves the region, opens and registers a userfaultfd, preallocates every structure
+  // the miss path needs and, for kSigbus, installs the process-wide SIGBUS handler (once;
+  // it chains to the previous handler for faults outside every region). `backend` is
+  // borrowed: it must outlive the ExCache. Costs a few syscalls and ~capacity/256 bytes.
+  static Result<std::unique_ptr<ExCache>> create(const ExCacheOptions& options,
+                                                 LineBackend* backend);
+
+  // Stops the handler thread, unregisters and unmaps the region. Resident dirty lines are
+  // NOT written back: the region's contents die with it (as with munmap).
+  ~ExCache();
+  ExCache(const ExCache&) = delete;
+  ExCache& operator=(const ExCache&) = delete;
+
+  void* region_base() const;
+  size_t region_size() const;
+  size_t capacity_lines() const;
+  const ExCacheOptions& options() const;
+
+  // False when kernel-mode faults in the region fail with EFAULT: always for kSigbus; for
+  // kHandlerThread when the process may only register user-mode faults.
+  bool serves_kernel_faults() const;
+
+  // Like madvise(MADV_DONTNEED): the range [addr, addr + len) (addr 4 KiB aligned, len
+  // rounded up, inside the region) reads as zeros afterwards; resident lines are dropped
+  // without write-back and the backend is told to release the range. Must not race with
+  // accesses to the same range (as with munmap). Returns EINVAL for a bad range, or the
+  // backend's release error (the range is discarded locally even then).
+  Status discard(void* addr, size_t len);
+
+  // Snapshot of the counters (sums per-thread stripes; cheap, lock-free, not atomic across
+  // counters).
+  ExCacheStats stats() const;
+
+  // The ExCache whose region contains `addr`, or nullptr. Async-signal-safe: for a SIGBUS
+  // dispatcher that is not ours (e.g. a runtime that owns SIGBUS and forwards to us).
+  static ExCache* from_fault_address(const void* addr);
+
+  // Makes [addr, addr + len) resident (and writable when `for_write`) by touching each line
+  // from user mode, so that a syscall about to read (for_write = false) or fill
+  // (for_write = true) that buffer does not take a kernel-mode fault. Works on any memory;
+  // a no-op cost of one access per 4 KiB outside regions. Best effort: a line can be
+  // evicted again before the syscall runs, so callers retry on EFAULT. for_write touches
+  // with an atomic add of zero: it never changes the data, even under concurrent writers.
+  static void prefault(void* addr, size_t len, bool for_write);
+
+  struct Impl;  // runtime/excache_impl.h
+
+ private:
+  explicit ExCache(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lego

@@ -1,0 +1,313 @@
+// ExCache internals shared by region.cc, fault.cc, evict*.cc and stats.cc. Not a public
+// header: users include lego/excache.h.
+//
+// Data structures (all allocated in ExCache::create, none on the miss path):
+//   lines[]   one atomic 64-bit word per 4 KiB line of the region, indexed by
+//             (addr - base) / 4096: the line's state (LineKind), whether the backend holds a
+//             copy (kBackedBit) and, while resident, its frame number. The array is
+//             reserved MAP_NORESERVE: untouched parts cost nothing.
+//   frames[]  one atomic word per frame (capacity_lines of them): the resident line's index
+//             + 1 (0 = free or not yet published) and the policy's reference bit. Frames are
+//             slots that bound residency; the kernel owns the physical pages.
+//   free      a stack of free frame numbers under frame_lock.
+//   staging   a pool of 4 KiB buffers a miss fetches into before UFFDIO_COPY.
+#pragma once
+
+#include <linux/userfaultfd.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/uio.h>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "lego/excache.h"
+
+// Debian 12 ships 6.1 uapi headers; newer feature bits are checked at run time.
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1ULL << 14)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1ULL << 15)
+#endif
+#ifndef UFFD_FEATURE_MOVE
+#define UFFD_FEATURE_MOVE (1ULL << 16)
+#endif
+
+namespace lego::excache_internal {
+
+inline constexpr size_t kLine = kExCacheLineBytes;
+inline constexpr int kLineShift = 12;
+static_assert(size_t{1} << kLineShift == kLine);
+
+// A line's state. Transitions (owner = the thread that CASed the word into a busy kind):
+//   kAbsent  --miss--------> kFilling      --copied--> kClean (read miss) / kDirty (write)
+//   kClean   --1st write---> kUnprotecting --ioctl---> kDirty
+//   kClean/kDirty --victim or discard--> kEvicting --written back, zapped--> kAbsent
+//   kAbsent  --discard-----> kEvicting     --------> kAbsent (backed bit cleared)
+// Invariants: kClean => the PTE is present and uffd-write-protected; kDirty => present and
+// writable; kAbsent => no PTE. Only the owner leaves a busy kind (kFilling, kUnprotecting,
+// kEvicting); others wait for it.
+enum LineKind : uint64_t {
+  kAbsent = 0,
+  kFilling = 1,
+  kClean = 2,
+  kDirty = 3,
+  kEvicting = 4,
+  kUnprotecting = 5,
+};
+inline constexpr uint64_t kKindMask = 7;
+// The backend holds this line (written back at least once since the last discard): a miss
+// must fetch it. Without it a miss zero-fills locally.
+inline constexpr uint64_t kBackedBit = 8;
+// Dirty prediction (ExCacheOptions::predict_dirty): the line was stored to in a residency we
+// observed (a store miss or a write fault) ...
+inline constexpr uint64_t kWrittenHintBit = 16;
+// ... and this many later load misses have since mapped it dirty on that hint alone.
+inline constexpr int kPredictShift = 5;
+inline constexpr uint64_t kPredictMask = uint64_t{3} << kPredictShift;
+// After this many predictions a load miss maps the line clean again to re-learn: a line
+// that stopped being written costs at most this many needless write-backs.
+inline constexpr uint64_t kMaxPredictions = 3;
+// What survives a line's eviction (and is cleared by discard).
+inline constexpr uint64_t kPersistMask = kBackedBit | kWrittenHintBit | kPredictMask;
+inline constexpr int kFrameShift = 32;
+// Frame field of a line discard() owns that had no frame (it was kAbsent).
+inline constexpr uint32_t kNoFrame = 0xffffffff;
+
+inline LineKind kind_of(uint64_t s) {
+  return static_cast<LineKind>(s & kKindMask);
+}
+inline uint32_t frame_of(uint64_t s) {
+  return static_cast<uint32_t>(s >> kFrameShift);
+}
+inline uint64_t with_kind(uint64_t s, LineKind k) {
+  return (s & ~kKindMask) | k;
+}
+inline uint64_t make_state(LineKind k, bool backed, uint32_t frame) {
+  return k | (backed ? kBackedBit : 0) | (uint64_t{frame} << kFrameShift);
+}
+
+// Frame word: line index + 1 in the low bits, the policy's reference bit on top.
+inline constexpr uint64_t kFrameRefBit = uint64_t{1} << 63;
+inline constexpr uint64_t kFrameLineMask = kFrameRefBit - 1;
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+#endif
+}
+
+// Spins politely: pause first, then yield the CPU, since the owner we wait for may be
+// preempted (2 vCPUs, more threads). Async-signal-safe.
+class Backoff {
+ public:
+  void pause() {
+    if (++spins_ < 64) {
+      cpu_relax();
+    } else {
+      sched_yield();
+    }
+  }
+
+ private:
+  uint32_t spins_ = 0;
+};
+
+// A test-and-test-and-set lock. Used instead of std::mutex because it is taken inside the
+// SIGBUS handler; see the lock order in fault.cc for why that cannot deadlock.
+class SpinLock {
+ public:
+  void lock() {
+    Backoff backoff;
+    while (held_.exchange(true, std::memory_order_acquire)) {
+      while (held_.load(std::memory_order_relaxed)) backoff.pause();
+    }
+  }
+  bool try_lock() {
+    return !held_.load(std::memory_order_relaxed) &&
+           !held_.exchange(true, std::memory_order_acquire);
+  }
+  void unlock() { held_.store(false, std::memory_order_release); }
+
+ private:
+  std::atomic<bool> held_{false};
+};
+
+// An eviction policy: how the clock hand treats a frame. Chosen once in evict.cc
+// (policy_ops); implementations in evict_fifo.cc and evict_clock.cc.
+struct PolicyOps {
+  const char* name;
+  // A line was just mapped into `frame`.
+  void (*on_fill)(std::atomic<uint64_t>& frame);
+  // The resident line in `frame` faulted again (write to a clean line, or a thread waited
+  // for it): the only access signal user space gets.
+  void (*on_refault)(std::atomic<uint64_t>& frame);
+  // The hand reached `frame`: true to spare it this round (and age it), false to evict.
+  bool (*spare)(std::atomic<uint64_t>& frame);
+};
+extern const PolicyOps kFifoPolicyOps;
+extern const PolicyOps kClockPolicyOps;
+const PolicyOps* policy_ops(ExCacheOptions::Policy policy);
+
+// Counters, one set per stripe; a thread picks its stripe from its stack address (no TLS:
+// dynamic TLS is not async-signal-safe), so threads rarely share a cache line.
+enum Counter : size_t {
+  kMisses,
+  kFetches,
+  kZeroFills,
+  kWriteFaults,
+  kWaits,
+  kSpurious,
+  kEvictions,
+  kEvictionBatches,
+  kWriteBacks,
+  kCleanDrops,
+  kDiscardedLines,
+  kBytesFetched,
+  kBytesWritten,
+  kDirtyPredictions,
+  kNumCounters,
+};
+
+class Stats {
+ public:
+  void add(Counter c, uint64_t n = 1);
+  void record_miss_ns(uint64_t ns);
+  // Fills every field except the gauges.
+  void snapshot(ExCacheStats* out) const;
+
+ private:
+  static constexpr size_t kStripes = 16;
+  struct alignas(64) Stripe {
+    std::atomic<uint64_t> counters[kNumCounters];
+    std::atomic<uint64_t> latency[ExCacheStats::kLatencyBuckets];
+  };
+  Stripe& mine();
+  Stripe stripes_[kStripes] = {};
+};
+
+uint64_t now_ns();
+
+// Writes "lego excache[pid]: <what> (errno N) at 0x<addr>" to stderr and aborts.
+// Async-signal-safe.
+[[noreturn]] void fatal(const char* what, int err, uint64_t addr);
+// ExCacheOptions::on_fatal of the most recently created cache.
+extern std::atomic<void (*)(const char*)> fatal_hook;
+
+// Returns true for backend errors worth retrying on the miss path.
+bool transient(int code);
+
+}  // namespace lego::excache_internal
+
+namespace lego {
+namespace excache_internal {
+// fault.cc: the process-wide table of regions the SIGBUS handler serves. register_region
+// installs the handler on first use; EBUSY when the table is full.
+Status register_region(ExCache::Impl* impl);
+void unregister_region(ExCache::Impl* impl);
+}  // namespace excache_internal
+
+}  // namespace lego
+
+namespace lego {
+
+struct ExCache::Impl {
+  using Frames = std::atomic<uint64_t>;
+
+  ExCacheOptions options;
+  LineBackend* backend = nullptr;
+  ExCache* owner = nullptr;
+
+  // region.cc
+  int uffd = -1;
+  int pidfd = -1;  // for process_madvise batches; -1 falls back to madvise per run
+  bool kernel_faults = false;
+  std::byte* base = nullptr;
+  size_t size = 0;
+  size_t nlines = 0;
+  std::atomic<uint64_t>* lines = nullptr;  // mmap'd, nlines words
+  size_t lines_bytes = 0;
+
+  // evict.cc
+  size_t capacity = 0;  // frames
+  size_t batch = 0;
+  const excache_internal::PolicyOps* policy = nullptr;
+  std::unique_ptr<Frames[]> frames;
+  excache_internal::SpinLock evict_lock;  // one evictor at a time; guards hand
+  size_t hand = 0;                        // EXCLUSIVE: evict_lock
+  excache_internal::SpinLock frame_lock;  // guards free_stack, free_top
+  std::unique_ptr<uint32_t[]> free_stack;
+  size_t free_top = 0;
+  std::atomic<uint64_t> resident{0};  // frames not on the free stack (gauge)
+  // Eviction scratch, `batch` entries each, EXCLUSIVE: evict_lock. Preallocated so that an
+  // eviction inside a SIGBUS handler uses no program stack for them.
+  struct Victim {
+    uint64_t index;
+    uint32_t frame;
+    bool dirty;
+  };
+  static constexpr size_t kMaxBatch = 256;
+  std::unique_ptr<Victim[]> victims;
+  std::unique_ptr<LineBackend::WriteBack[]> write_backs;
+  std::unique_ptr<iovec[]> zap_iov;
+
+  // fault.cc
+  static constexpr size_t kStagingBuffers = 64;
+  std::byte* staging = nullptr;  // kStagingBuffers * kLine, mmap'd
+  std::atomic<uint64_t> staging_busy{0};
+  pthread_t handler{};
+  bool handler_running = false;
+  std::atomic<bool> stopping{false};
+  int stop_fd = -1;  // eventfd that wakes the handler thread out of poll() to stop
+
+  excache_internal::Stats stats;
+
+  ~Impl();
+
+  uint64_t line_index(uint64_t addr) const {
+    return (addr - reinterpret_cast<uint64_t>(base)) >> excache_internal::kLineShift;
+  }
+  uint64_t line_addr(uint64_t index) const {
+    return reinterpret_cast<uint64_t>(base) + (index << excache_internal::kLineShift);
+  }
+  bool contains(uint64_t addr) const { return addr - reinterpret_cast<uint64_t>(base) < size; }
+
+  // region.cc
+  Status init_region();
+  // Write-protects (wp = true) or un-protects [addr, addr + len); returns 0 or errno.
+  int write_protect(uint64_t addr, uint64_t len, bool wp);
+
+  // fault.cc. Serves one fault at line address `addr`; `write`: the access was a store.
+  // Returns true when it mapped or un-protected the line (which wakes kernel waiters), false
+  // when the fault was already served by someone else (kHandlerThread must then
+  // UFFDIO_WAKE the faulting thread).
+  bool serve_fault(uint64_t addr, bool write);
+  Status start_handler_thread();
+  void handler_loop();
+
+  // evict.cc. A free frame, evicting a batch first if none is free. Never fails (fatal on
+  // backend errors).
+  uint32_t acquire_frame();
+  void free_frame(uint32_t frame);
+  Status discard(uint64_t addr, uint64_t len);
+
+ private:
+  // Evicts up to `batch` lines; keeps one freed frame for the caller in *out and frees the
+  // rest. False if no victim could be taken (all frames busy filling).
+  bool evict_batch_locked(uint32_t* out);
+  void handle_event(const uffd_msg& msg);
+  void fill(uint64_t index, uint64_t state, bool write, uint64_t start_ns);
+  size_t staging_acquire();
+  void staging_release(size_t buffer);
+  // MADV_DONTNEED of victims[0..n) (sorted): one process_madvise, so one TLB flush, when
+  // the kernel allows it. EXCLUSIVE: evict_lock.
+  void zap_victims(size_t n);
+  bool pop_free(uint32_t* frame);
+};
+
+}  // namespace lego

@@ -1,0 +1,439 @@
+// runtime/fault.cc: the miss path, for both deliveries (SIGBUS in the faulting thread, or
+// the handler thread reading the userfaultfd).
+//
+// Concurrency argument (read before changing this file or evict.cc)
+// ------------------------------------------------------------------
+// What can be held, in the only order it may be acquired:
+//   1. line ownership: a line word in a busy kind (kFilling, kUnprotecting, kEvicting) is
+//      owned by the thread whose CAS put it there; everyone else waits for the owner.
+//   2. evict_lock: one evictor at a time. The miss path only try-locks it.
+//   3. frame_lock: leaf, a few instructions around the free-frame stack.
+// Why nothing deadlocks:
+//   - A miss owns at most one line (kFilling or kUnprotecting) and, while owning it, waits
+//     only for a frame. Frames come back from the evictor or from fills completing.
+//   - The evictor never waits for a line: it takes victims by CAS from kClean/kDirty only
+//     and skips busy lines. Its own victims (kEvicting) complete without waiting on anyone
+//     (ioctl, LineBackend::write_back, madvise). So waits on kEvicting always end.
+//   - Fills in flight each hold one frame and finish without waiting on a line, so a miss
+//     waiting for a frame eventually gets one even when every frame is busy.
+//   - discard() owns many lines (ascending addresses) but, before waiting for a busy line,
+//     completes and releases all it owns; so it never waits while owning.
+// Why the SIGBUS handler cannot deadlock on a lock its own thread holds:
+//   - The handler runs with every signal blocked (sa_mask full), so no other handler runs
+//     on top of it; the handler thread blocks all signals; discard() blocks signals
+//     while it owns lines.
+//   - While holding any of the above, our code touches region memory only through lines it
+//     knows are present (write_back reads write-protected victims), so it cannot fault
+//     into the region again. We take no lock program code can hold (no malloc, no stdio,
+//     no std::mutex).
+//   - A program thread interrupted in its own code holds none of our locks.
+// Memory ordering: line words are published with release stores after the UFFDIO_COPY /
+// ioctl that established the invariant for the new kind, and read with acquire loads.
+//
+// Stack: the handler runs on the faulting thread's stack (or its sigaltstack if it has one:
+// SA_ONSTACK); we cannot give program threads an alternate stack of our own without hooking
+// pthread_create, so the path is kept shallow: ~300 bytes of our frames plus the backend's
+// (the 4 KiB fetch buffer comes from a preallocated pool, not the stack). Thread stacks must
+// never live in the region (the interposer keeps MAP_STACK / MAP_GROWSDOWN out).
+#include <poll.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+
+#include "runtime/excache_impl.h"
+
+namespace lego {
+
+using namespace excache_internal;
+
+namespace {
+
+// Source for zero-filled misses: UFFDIO_ZEROPAGE cannot map write-protected (it maps the
+// shared zero page and a later store COWs it without telling us, losing the dirty bit),
+// so we UFFDIO_COPY from these zeros instead.
+alignas(kLine) const std::byte kZeroLine[kLine] = {};
+
+// Backend calls on the miss path retry transient errors this many times, then abort.
+constexpr int kBackendAttempts = 8;
+
+// Regions the SIGBUS handler serves. Slots are written in create()/destructor (program
+// context, under g_install_mutex) and read lock-free by the handler.
+constexpr size_t kMaxRegions = 16;
+std::atomic<ExCache::Impl*> g_regions[kMaxRegions];
+std::mutex g_install_mutex;   // never taken in a signal handler
+bool g_installed = false;     // EXCLUSIVE: g_install_mutex
+struct sigaction g_previous;  // written once, before the handler is installed
+
+ExCache::Impl* find_region(uint64_t addr) {
+  for (auto& slot : g_regions) {
+    ExCache::Impl* impl = slot.load(std::memory_order_acquire);
+    if (impl != nullptr && impl->contains(addr)) return impl;
+  }
+  return nullptr;
+}
+
+// A SIGBUS that is not a miss in one of our regions: hand it to whoever had SIGBUS before.
+void chain(int sig, siginfo_t* info, void* context) {
+  if (g_previous.sa_flags & SA_SIGINFO) {
+    if (g_previous.sa_sigaction != nullptr) g_previous.sa_sigaction(sig, info, context);
+    return;
+  }
+  if (g_previous.sa_handler == SIG_IGN && info->si_code <= 0) return;  // kill -BUS ignored
+  if (g_previous.sa_handler == SIG_DFL || g_previous.sa_handler == SIG_IGN) {
+    // Reinstate the default action. A fault then recurs on return and kills the process
+    // with the right address and core; a signal sent by kill() is re-raised (it stays
+    // pending until we return, as SIGBUS is blocked in here).
+    struct sigaction dfl = {};
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(SIGBUS, &dfl, nullptr);
+    if (info->si_code <= 0) raise(SIGBUS);
+    return;
+  }
+  g_previous.sa_handler(sig);
+}
+
+void on_sigbus(int sig, siginfo_t* info, void* context) {
+  const int saved_errno = errno;
+  const uint64_t addr = reinterpret_cast<uint64_t>(info->si_addr);
+  // UFFD_FEATURE_SIGBUS raises BUS_ADRERR with the faulting address. Anything else
+  // (kill(), hardware poison, a truncated file mapping) is not ours.
+  ExCache::Impl* impl = info->si_code == BUS_ADRERR ? find_region(addr) : nullptr;
+  if (impl != nullptr) {
+    bool write = true;  // unknown: assume a store (maps the line dirty; costs a write-back)
+#if defined(__x86_64__)
+    // The x86 page-fault error code (bit 1: the access was a write) reaches the handler in
+    // the signal frame. Knowing it maps a write miss writable at once, saving the second
+    // (write-protect) fault a store would otherwise take.
+    const auto* uc = static_cast<const ucontext_t*>(context);
+    write = (uc->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+#endif
+    impl->serve_fault(addr & ~uint64_t{kLine - 1}, write);
+  } else {
+    chain(sig, info, context);
+  }
+  errno = saved_errno;
+}
+
+}  // namespace
+
+void excache_internal::fatal(const char* what, int err, uint64_t addr) {
+  // Formatted by hand: snprintf is not async-signal-safe.
+  char buf[256];
+  size_t n = 0;
+  auto put = [&](const char* s) {
+    while (*s != '\0' && n < sizeof buf - 1) buf[n++] = *s++;
+  };
+  auto put_num = [&](uint64_t v, unsigned radix) {
+    char digits[24];
+    size_t d = 0;
+    do {
+      digits[d++] = "0123456789abcdef"[v % radix];
+      v /= radix;
+    } while (v != 0);
+    while (d > 0 && n < sizeof buf - 1) buf[n++] = digits[--d];
+  };
+  put("lego excache[");
+  put_num(static_cast<uint64_t>(getpid()), 10);
+  put("]: ");
+  put(what);
+  put(" (errno ");
+  put_num(static_cast<uint64_t>(err), 10);
+  put(") at 0x");
+  put_num(addr, 16);
+  put("\n");
+  (void)!write(STDERR_FILENO, buf, n);
+  if (auto hook = fatal_hook.load(std::memory_order_relaxed); hook != nullptr) {
+    buf[n > 0 ? n - 1 : 0] = '\0';  // without the newline
+    hook(buf);
+  }
+  abort();
+}
+
+std::atomic<void (*)(const char*)> excache_internal::fatal_hook{nullptr};
+
+bool excache_internal::transient(int code) {
+  return code == EAGAIN || code == EINTR || code == ETIMEDOUT || code == ECONNRESET;
+}
+
+Status excache_internal::register_region(ExCache::Impl* impl) {
+  std::lock_guard<std::mutex> guard(g_install_mutex);
+  if (!g_installed) {
+    struct sigaction sa = {};
+    sa.sa_sigaction = on_sigbus;
+    // SA_ONSTACK: use the thread's alternate stack when it has one (runtimes and sanitizers
+    // install them); otherwise we run on the faulting thread's stack. SA_RESTART: a miss
+    // must not make the program's interrupted syscalls fail with EINTR. sa_mask full: no
+    // other handler may run on top of ours while we hold a line or lock.
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+    sigfillset(&sa.sa_mask);
+    if (sigaction(SIGBUS, &sa, &g_previous) != 0) {
+      return Status::from_errno(errno, "sigaction(SIGBUS)");
+    }
+    g_installed = true;
+  }
+  for (auto& slot : g_regions) {
+    if (slot.load(std::memory_order_relaxed) == nullptr) {
+      slot.store(impl, std::memory_order_release);
+      return Status::ok();
+    }
+  }
+  return Status(EBUSY, "more than " + std::to_string(kMaxRegions) + " ExCaches with kSigbus");
+}
+
+void excache_internal::unregister_region(ExCache::Impl* impl) {
+  std::lock_guard<std::mutex> guard(g_install_mutex);
+  for (auto& slot : g_regions) {
+    if (slot.load(std::memory_order_relaxed) == impl)
+      slot.store(nullptr, std::memory_order_release);
+  }
+  // The handler stays installed: uninstalling would race with other threads' faults and
+  // with whoever installed a handler after us. It chains for addresses outside regions.
+}
+
+ExCache* ExCache::from_fault_address(const void* addr) {
+  Impl* impl = find_region(reinterpret_cast<uint64_t>(addr));
+  return impl != nullptr ? impl->owner : nullptr;
+}
+
+void ExCache::prefault(void* addr, size_t len, bool for_write) {
+  if (len == 0) return;
+  auto* p = static_cast<char*>(addr);
+  char* const end = p + len;
+  while (p < end) {
+    // Touch a byte inside the caller's buffer (not the line's first byte, which may belong
+    // to someone else and be poisoned under ASan).
+    if (for_write) {
+      __atomic_fetch_add(p, 0, __ATOMIC_RELAXED);  // a store fault, data unchanged
+    } else {
+      (void)*static_cast<volatile char*>(p);
+    }
+    p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) | (kLine - 1)) + 1);
+  }
+}
+
+size_t ExCache::Impl::staging_acquire() {
+  Backoff backoff;
+  for (;;) {
+    uint64_t busy = staging_busy.load(std::memory_order_relaxed);
+    if (~busy != 0) {
+      const int bit = __builtin_ctzll(~busy);
+      if (staging_busy.compare_exchange_weak(busy, busy | (uint64_t{1} << bit),
+                                             std::memory_order_acquire)) {
+        return static_cast<size_t>(bit);
+      }
+      continue;
+    }
+    backoff.pause();  // more than 64 misses in flight: wait for one to finish
+  }
+}
+
+void ExCache::Impl::staging_release(size_t buffer) {
+  staging_busy.fetch_and(~(uint64_t{1} << buffer), std::memory_order_release);
+}
+static_assert(ExCache::Impl::kStagingBuffers == 64, "staging_busy is a 64-bit mask");
+
+bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
+  const uint64_t start = now_ns();
+  const uint64_t index = line_index(addr);
+  std::atomic<uint64_t>& word = lines[index];
+  bool waited = false;
+  Backoff backoff;
+  for (;;) {
+    uint64_t s = word.load(std::memory_order_acquire);
+    switch (kind_of(s)) {
+      case kAbsent:
+        if (word.compare_exchange_weak(s, with_kind(s, kFilling), std::memory_order_acquire)) {
+          fill(index, s, write, start);
+          return true;
+        }
+        continue;
+      case kClean:
+        // Resident: filled by another thread since our fault (a read: nothing to do), or the
+        // first store to a clean line: un-protect it and remember it is dirty. The busy kind
+        // keeps the evictor off the line between the ioctl and the new state, so no store
+        // can slip in after an eviction copied the line out.
+        if (!write) break;
+        if (word.compare_exchange_weak(s, with_kind(s, kUnprotecting), std::memory_order_acquire)) {
+          if (int err = write_protect(addr, kLine, false); err != 0) {
+            fatal("UFFDIO_WRITEPROTECT (un-protect) failed", err, addr);
+          }
+          // An observed store: remember it for dirty prediction (see fill) and restart
+          // the prediction count.
+          word.store((with_kind(s, kDirty) & ~kPredictMask) | kWrittenHintBit,
+                     std::memory_order_release);
+          policy->on_refault(frames[frame_of(s)]);
+          stats.add(kWriteFaults);
+          return true;
+        }
+        continue;
+      case kDirty:
+        break;  // served by someone else since our fault
+      case kFilling:
+      case kEvicting:
+      case kUnprotecting:
+        // Another thread owns the line: wait for it. For kEvicting this is the rule that
+        // keeps writes safe: we re-fetch after the write-back completes.
+        if (!waited) {
+          waited = true;
+          stats.add(kWaits);
+        }
+        backoff.pause();
+        continue;
+      default:
+        fatal("corrupt line state", EPROTO, addr);
+    }
+    stats.add(kSpurious);
+    return false;
+  }
+}
+
+void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t start_ns) {
+  const uint64_t addr = line_addr(index);
+  const bool backed = (state & kBackedBit) != 0;
+  const uint32_t frame = acquire_frame();
+
+  const std::byte* src = kZeroLine;
+  size_t buffer = kStagingBuffers;
+  if (backed) {
+    buffer = staging_acquire();
+    std::span<std::byte, kLine> out(staging + buffer * kLine, kLine);
+    Status st;
+    for (int attempt = 1;; ++attempt) {
+      st = backend->fetch(addr, out);
+      if (st.is_ok() || !transient(st.code()) || attempt == kBackendAttempts) break;
+    }
+    if (!st.is_ok()) fatal("LineBackend::fetch failed", st.code(), addr);
+    src = out.data();
+    stats.add(kFetches);
+    stats.add(kBytesFetched, kLine);
+  } else {
+    stats.add(kZeroFills);  // the backend never saw this line: no round trip
+  }
+
+  // A store miss maps the line writable and dirty at once; a load miss maps it clean and
+  // write-protected so that its first store tells us (serve_fault's kClean case), unless
+  // the line's history predicts a store (ExCacheOptions::predict_dirty).
+  uint64_t persist = state & (kWrittenHintBit | kPredictMask);
+  bool dirty = write;
+  if (write) {
+    persist = kWrittenHintBit;  // observed store: restart the prediction count
+  } else if (persist & kWrittenHintBit) {
+    const uint64_t predictions = (persist & kPredictMask) >> kPredictShift;
+    if (options.predict_dirty && predictions < kMaxPredictions) {
+      dirty = true;
+      persist = kWrittenHintBit | ((predictions + 1) << kPredictShift);
+      stats.add(kDirtyPredictions);
+    } else {
+      persist = 0;  // map clean: a store now sets the hint again, else it is forgotten
+    }
+  }
+  uffdio_copy copy = {};
+  copy.dst = addr;
+  copy.src = reinterpret_cast<uint64_t>(src);
+  copy.len = kLine;
+  copy.mode = dirty ? 0 : UFFDIO_COPY_MODE_WP;
+  for (;;) {
+    copy.copy = 0;
+    if (ioctl(uffd, UFFDIO_COPY, &copy) == 0) break;
+    if (errno == EAGAIN || errno == EINTR) continue;  // the mm is changing: retry
+    if (errno == EEXIST) {
+      // Someone mapped the line behind our back (our states say no one can; a program
+      // that writes region memory through another path). Keep the invariant of the kind
+      // we publish: clean => write-protected, dirty => writable.
+      if (int err = write_protect(addr, kLine, !dirty); err != 0) {
+        fatal("UFFDIO_WRITEPROTECT after EEXIST failed", err, addr);
+      }
+      stats.add(kSpurious);
+      break;
+    }
+    fatal("UFFDIO_COPY failed", errno, addr);
+  }
+  if (buffer != kStagingBuffers) staging_release(buffer);
+
+  lines[index].store(make_state(dirty ? kDirty : kClean, backed, frame) | persist,
+                     std::memory_order_release);
+  frames[frame].store(index + 1, std::memory_order_release);
+  policy->on_fill(frames[frame]);
+  stats.add(kMisses);
+  stats.record_miss_ns(now_ns() - start_ns);
+}
+
+// --- Delivery::kHandlerThread ---------------------------------------------------------
+
+void ExCache::Impl::handle_event(const uffd_msg& msg) {
+  switch (msg.event) {
+    case UFFD_EVENT_PAGEFAULT: {
+      const uint64_t addr = msg.arg.pagefault.address & ~uint64_t{kLine - 1};
+      const uint64_t flags = msg.arg.pagefault.flags;
+      const bool write = (flags & (UFFD_PAGEFAULT_FLAG_WRITE | UFFD_PAGEFAULT_FLAG_WP)) != 0;
+      if (!serve_fault(addr, write)) {
+        // Already served by someone else: that UFFDIO_COPY or WRITEPROTECT may have run
+        // before this thread went to sleep, so wake it explicitly.
+        uffdio_range range = {.start = addr, .len = kLine};
+        if (ioctl(uffd, UFFDIO_WAKE, &range) != 0) fatal("UFFDIO_WAKE failed", errno, addr);
+      }
+      return;
+    }
+    default:
+      // We enable no event features; anything else means the kernel and we disagree.
+      fatal("unexpected userfaultfd event", EPROTO, msg.event);
+  }
+}
+
+void ExCache::Impl::handler_loop() {
+  if (options.on_thread_start != nullptr) options.on_thread_start();
+  // Program signals must land on program threads, never here.
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, nullptr);
+
+  const uint64_t spin_ns = uint64_t{options.handler_spin_us} * 1000;
+  uffd_msg msgs[16];
+  uint64_t last_event = now_ns();
+  while (!stopping.load(std::memory_order_acquire)) {
+    const ssize_t n = read(uffd, msgs, sizeof msgs);
+    if (n > 0) {
+      for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); ++i) handle_event(msgs[i]);
+      last_event = now_ns();
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno != EAGAIN) fatal("read(userfaultfd) failed", errno, 0);
+    // Busy-poll for a while after each event (a miss is ~15 µs instead of ~40 µs when the
+    // handler is awake), then sleep until the next fault or the stop request.
+    if (now_ns() - last_event < spin_ns) {
+      cpu_relax();
+      continue;
+    }
+    pollfd fds[2] = {{.fd = uffd, .events = POLLIN, .revents = 0},
+                     {.fd = stop_fd, .events = POLLIN, .revents = 0}};
+    if (poll(fds, 2, -1) < 0 && errno != EINTR) fatal("poll(userfaultfd) failed", errno, 0);
+    last_event = now_ns();  // woken by a fault: spin again for the ones that follow
+  }
+}
+
+Status ExCache::Impl::start_handler_thread() {
+  stop_fd = eventfd(0, EFD_CLOEXEC);
+  if (stop_fd < 0) return Status::from_errno(errno, "eventfd for the handler thread");
+  int err = pthread_create(
+      &handler, nullptr,
+      [](void* self) -> void* {
+        static_cast<ExCache::Impl*>(self)->handler_loop();
+        return nullptr;
+      },
+      this);
+  if (err != 0) return Status::from_errno(err, "pthread_create(handler thread)");
+  pthread_setname_np(handler, "lego-excache");
+  handler_running = true;
+  return Status::ok();
+}
+
+}  // namespace lego

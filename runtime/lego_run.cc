@@ -1,0 +1,592 @@
+// lego-run: runs an unmodified program whose anonymous memory lives on a memory node.
+//
+// With --config it joins that cluster as a processor node. Without it, it is a complete
+// single-host system: it starts a private lego-memd for the run (in its own network
+// namespace when run as root and --transport tcp), and stops it afterwards.
+#include <fcntl.h>
+#include <getopt.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <sodium.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "lego/fit.h"
+#include "lego/memory_proto.h"
+#include "lego/units.h"
+
+using namespace lego;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr int kExitLegoError = 125;  // lego-run itself failed (like env(1), docker run)
+constexpr int kExitCannotExec = 126;
+constexpr int kExitNotFound = 127;
+constexpr int kExitMemoryLost = 69;  // EX_UNAVAILABLE: the memory node went away
+
+const char* kUsage = R"(usage: lego-run [options] [--] PROGRAM [ARGS...]
+
+Runs PROGRAM (any dynamically linked Linux program, unchanged) with its anonymous memory
+-- malloc, C++ new, anonymous mmap -- on a memory node. Locally only the ExCache holds it:
+at most --excache bytes, in 4 KiB lines. PROGRAM's exit status is lego-run's.
+
+options:
+  --config FILE        the cluster file (README.md). Without it, lego-run starts a private
+                       memory node on this host for the run and stops it afterwards.
+  --node ID            this processor node's id in the cluster file (default: the first
+                       processor node)
+  --memory-node ID     the memory node to use (default: the first memory node)
+  --excache SIZE       local memory for PROGRAM's anonymous memory (default 64M)
+  --policy P           eviction policy: fifo (default) or clock
+  --delivery D         how faults reach the runtime: handler (default; a runtime thread
+                       serves them, system calls on evicted memory work) or sigbus (the
+                       faulting thread serves itself: faster; system calls that touch
+                       evicted memory may fail with EFAULT)
+  --stats              print the ExCache counters when PROGRAM exits
+  --transport T        without --config: tcp (default; the memory node runs in its own
+                       network namespace when lego-run is root) or shm (same host)
+  --memory-capacity SIZE  without --config: the private memory node's capacity (default 8G)
+  --help               this text
+
+exit status: PROGRAM's; 128+N if it died of signal N; 69 if the memory node was lost
+mid-run; 125 if lego-run itself failed; 126/127 if PROGRAM cannot be run / is not found.
+)";
+
+struct Options {
+  std::string config;
+  long node = -1, memory_node = -1;
+  uint64_t excache = 64ull << 20;
+  std::string policy = "fifo", delivery = "handler", transport = "tcp";
+  uint64_t memory_capacity = 8ull << 30;
+  bool stats = false;
+  std::vector<std::string> argv;
+};
+
+[[noreturn]] void die(const std::string& msg, int code = kExitLegoError) {
+  fprintf(stderr, "lego-run: %s\n", msg.c_str());
+  exit(code);
+}
+
+long number(const char* flag, const char* text) {
+  char* end = nullptr;
+  errno = 0;
+  long v = strtol(text, &end, 10);
+  if (errno != 0 || end == text || *end != '\0' || v < 0 || v > 65535) {
+    die(std::string(flag) + ": '" + text + "' is not a node id (0..65535)", 2);
+  }
+  return v;
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  enum {
+    kConfig = 1,
+    kNode,
+    kMemory,
+    kExcache,
+    kPolicy,
+    kDelivery,
+    kStats,
+    kTransport,
+    kCap,
+    kHelp
+  };
+  static const option longopts[] = {{"config", required_argument, nullptr, kConfig},
+                                    {"node", required_argument, nullptr, kNode},
+                                    {"memory-node", required_argument, nullptr, kMemory},
+                                    {"excache", required_argument, nullptr, kExcache},
+                                    {"policy", required_argument, nullptr, kPolicy},
+                                    {"delivery", required_argument, nullptr, kDelivery},
+                                    {"stats", no_argument, nullptr, kStats},
+                                    {"transport", required_argument, nullptr, kTransport},
+                                    {"memory-capacity", required_argument, nullptr, kCap},
+                                    {"help", no_argument, nullptr, kHelp},
+                                    {nullptr, 0, nullptr, 0}};
+  int c;
+  // "+": stop at the first non-option, so PROGRAM's own flags are left alone.
+  while ((c = getopt_long(argc, argv, "+h", longopts, nullptr)) != -1) {
+    switch (c) {
+      case kConfig:
+        o.config = optarg;
+        break;
+      case kNode:
+        o.node = number("--node", optarg);
+        break;
+      case kMemory:
+        o.memory_node = number("--memory-node", optarg);
+        break;
+      case kExcache: {
+        auto v = parse_size(optarg, "--excache");
+        if (!v) die(v.status().message(), 2);
+        if (v.value() < 16 * 4096) die("--excache must be at least 64K (16 lines)", 2);
+        o.excache = v.value();
+        break;
+      }
+      case kPolicy:
+        o.policy = optarg;
+        if (o.policy != "fifo" && o.policy != "clock") die("--policy: fifo or clock", 2);
+        break;
+      case kDelivery:
+        o.delivery = optarg;
+        if (o.delivery != "handler" && o.delivery != "sigbus") {
+          die("--delivery: handler or sigbus", 2);
+        }
+        break;
+      case kStats:
+        o.stats = true;
+        break;
+      case kTransport:
+        o.transport = optarg;
+        if (o.transport != "tcp" && o.transport != "shm") die("--transport: tcp or shm", 2);
+        break;
+      case kCap: {
+        auto v = parse_size(optarg, "--memory-capacity");
+        if (!v) die(v.status().message(), 2);
+        o.memory_capacity = v.value();
+        break;
+      }
+      case 'h':
+      case kHelp:
+        fputs(kUsage, stdout);
+        exit(0);
+      default:
+        fputs(kUsage, stderr);
+        exit(2);
+    }
+  }
+  for (int i = optind; i < argc; i++) o.argv.push_back(argv[i]);
+  if (o.argv.empty()) die("no PROGRAM given (see --help)", 2);
+  return o;
+}
+
+std::string dirname_of(const std::string& p) {
+  size_t s = p.rfind('/');
+  return s == std::string::npos ? "." : p.substr(0, s);
+}
+
+bool executable(const std::string& p) {
+  return access(p.c_str(), X_OK) == 0;
+}
+bool readable(const std::string& p) {
+  return access(p.c_str(), R_OK) == 0;
+}
+
+// Finds a file shipped with lego: $ENV, Bazel runfiles, beside lego-run, or installed.
+std::string find_part(const char* env, const std::string& workspace_path, const std::string& name) {
+  if (const char* v = getenv(env)) return v;
+  char exe[4096] = {};
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  std::string self = n > 0 ? std::string(exe, static_cast<size_t>(n)) : "";
+  std::string dir = dirname_of(self);
+  std::vector<std::string> candidates = {
+      self + ".runfiles/lego/" + workspace_path,
+      dir + "/" + name,
+      // bazel-bin/runtime/lego-run -> bazel-bin/<workspace_path>
+      dir + "/../" + workspace_path,
+      dir + "/../lib/lego/" + name,
+      "/usr/local/lib/lego/" + name,
+      "/usr/lib/lego/" + name,
+  };
+  for (auto& c : candidates) {
+    if (readable(c)) return c;
+  }
+  return "";
+}
+
+std::string jemalloc_path() {
+  for (const char* p : {"/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2",
+                        "/usr/lib64/libjemalloc.so.2"}) {
+    if (readable(p)) return p;
+  }
+  return "";
+}
+
+// Runs argv (no shell); true when it exits 0.
+bool run_quiet(const std::vector<std::string>& argv) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    int devnull = open("/dev/null", O_WRONLY);
+    dup2(devnull, 1);
+    dup2(devnull, 2);
+    std::vector<char*> a;
+    for (auto& s : argv) a.push_back(const_cast<char*>(s.c_str()));
+    a.push_back(nullptr);
+    execvp(a[0], a.data());
+    _exit(127);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+// The private memory node of a run without --config.
+struct EmbeddedMemoryNode {
+  std::string dir, config_path, netns, veth;
+  pid_t pid = -1;
+  fit::ClusterConfig config;
+
+  ~EmbeddedMemoryNode() { stop(); }
+
+  void stop() {
+    if (pid > 0) {
+      kill(pid, SIGTERM);
+      for (int i = 0; i < 300 && waitpid(pid, nullptr, WNOHANG) == 0; i++) usleep(10000);
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+      pid = -1;
+    }
+    if (!netns.empty()) run_quiet({"ip", "netns", "del", netns});  // takes the veth pair too
+    netns.clear();
+    if (!veth.empty()) run_quiet({"ip", "link", "del", veth});
+    veth.clear();
+    if (!config_path.empty()) unlink(config_path.c_str());
+    if (!dir.empty()) rmdir(dir.c_str());
+    config_path.clear();
+    dir.clear();
+  }
+
+  void start(const Options& o) {
+    pid_t me = getpid();
+    dir = "/tmp/lego-run-" + std::to_string(me);
+    if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+      die("cannot create " + dir + ": " + strerror(errno));
+    }
+    config.key.resize(32);
+    randombytes_buf(config.key.data(), config.key.size());
+    config.origin = dir + "/cluster.toml";
+    std::string proc_addr = "127.0.0.1", mem_addr = "127.0.0.1";
+    bool isolate = o.transport == "tcp" && geteuid() == 0;
+    if (isolate) {
+      // A veth pair from this namespace to the memory node's own: the program keeps its
+      // network, and the memory node is "remote".
+      unsigned net = static_cast<unsigned>(me) % 16000;
+      std::string subnet =
+          "10." + std::to_string(64 + net / 250) + "." + std::to_string(net % 250) + ".";
+      proc_addr = subnet + "1";
+      mem_addr = subnet + "2";
+      netns = "lego-run-" + std::to_string(me);
+      veth = "lgo" + std::to_string(me) + "a";
+      std::string peer = "lgo" + std::to_string(me) + "b";
+      bool ok = run_quiet({"ip", "netns", "add", netns}) &&
+                run_quiet({"ip", "link", "add", veth, "type", "veth", "peer", "name", peer}) &&
+                run_quiet({"ip", "link", "set", peer, "netns", netns}) &&
+                run_quiet({"ip", "addr", "add", proc_addr + "/30", "dev", veth}) &&
+                run_quiet({"ip", "link", "set", veth, "up"}) &&
+                run_quiet({"ip", "-n", netns, "addr", "add", mem_addr + "/30", "dev", peer}) &&
+                run_quiet({"ip", "-n", netns, "link", "set", peer, "up"}) &&
+                run_quiet({"ip", "-n", netns, "link", "set", "lo", "up"});
+      if (!ok) die("cannot set up the memory node's network namespace " + netns + " (ip failed)");
+    }
+    uint16_t port = static_cast<uint16_t>(30000 + me % 20000);
+    for (int id = 1; id <= 2; id++) {
+      fit::NodeConfig n;
+      n.id = static_cast<fit::NodeId>(id);
+      n.role = id == 1 ? fit::Role::kProcessor : fit::Role::kMemory;
+      n.provider = o.transport;
+      n.address = o.transport == "shm" ? "lego-run-" + std::to_string(me)
+                                       : (id == 1 ? proc_addr : mem_addr);
+      n.port = static_cast<uint16_t>(port + id);
+      n.progress = fit::Progress::kPolling;
+      n.server_threads = 1;
+      config.nodes.push_back(n);
+    }
+    config_path = config.origin;
+    {
+      int fd = open(config_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+      if (fd < 0) die("cannot write " + config_path + ": " + strerror(errno));
+      std::string text = config.to_toml();
+      if (write(fd, text.data(), text.size()) != static_cast<ssize_t>(text.size())) {
+        die("cannot write " + config_path);
+      }
+      close(fd);
+    }
+    std::string memd = find_part("LEGO_MEMD", "daemons/memory/lego-memd", "lego-memd");
+    if (memd.empty() || !executable(memd)) {
+      die("cannot find lego-memd (set LEGO_MEMD, or install it beside lego-run)");
+    }
+    int ready[2];
+    if (pipe(ready) != 0) die(std::string("pipe: ") + strerror(errno));
+    std::string capacity = std::to_string(o.memory_capacity);
+    pid = fork();
+    if (pid < 0) die(std::string("fork: ") + strerror(errno));
+    if (pid == 0) {
+      close(ready[0]);
+      if (ready[1] != 3) {
+        dup2(ready[1], 3);
+        close(ready[1]);
+      }
+      if (!netns.empty()) {
+        std::string path = "/var/run/netns/" + netns;
+        int fd = open(path.c_str(), O_RDONLY);
+        if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) _exit(kExitLegoError);
+      }
+      // Its own process group: a ^C at the terminal goes to the program, not to it.
+      setpgid(0, 0);
+      execl(memd.c_str(), "lego-memd", "--config", config_path.c_str(), "--node", "2", "--capacity",
+            capacity.c_str(), "--ready-fd", "3", nullptr);
+      _exit(kExitNotFound);
+    }
+    close(ready[1]);
+    pollfd p{ready[0], POLLIN, 0};
+    char buf[8] = {};
+    bool up =
+        poll(&p, 1, 20000) == 1 && read(ready[0], buf, 6) == 6 && memcmp(buf, "ready\n", 6) == 0;
+    close(ready[0]);
+    if (!up) {
+      stop();
+      die("the private memory node did not start (see lego-memd's message above)");
+    }
+  }
+};
+
+struct Report {
+  struct Space {
+    fit::NodeId node;
+    mem::SpaceHandle handle;
+  };
+  std::vector<Space> spaces;
+  std::vector<std::string> stats;  // one text block per process
+  std::string lost;
+};
+
+Report parse_report(const std::string& text) {
+  Report r;
+  std::istringstream in(text);
+  std::string line;
+  std::string block;
+  bool in_stats = false;
+  while (std::getline(in, line)) {
+    if (in_stats) {
+      if (line == "end") {
+        r.stats.push_back(block);
+        in_stats = false;
+      } else {
+        block += line + "\n";
+      }
+      continue;
+    }
+    if (line.rfind("space ", 0) == 0) {
+      Report::Space s{};
+      unsigned node = 0;
+      unsigned long id = 0;
+      char secret[64] = {};
+      if (sscanf(line.c_str(), "space %u %lu %40s", &node, &id, secret) == 3 &&
+          strlen(secret) == 32) {
+        s.node = node;
+        s.handle.id = id;
+        for (int i = 0; i < 16; i++) {
+          unsigned b = 0;
+          sscanf(secret + 2 * i, "%2x", &b);
+          s.handle.secret[i] = static_cast<uint8_t>(b);
+        }
+        r.spaces.push_back(s);
+      }
+    } else if (line.rfind("stats ", 0) == 0) {
+      in_stats = true;
+      block = line.substr(6) + "\n";
+    } else if (line.rfind("lost ", 0) == 0) {
+      r.lost = line.substr(5);
+    }
+  }
+  return r;
+}
+
+void print_stats(const std::string& block) {
+  std::map<std::string, std::string> kv;
+  std::istringstream in(block);
+  std::string head, line;
+  std::getline(in, head);
+  while (std::getline(in, line)) {
+    size_t sp = line.find(' ');
+    if (sp != std::string::npos) kv[line.substr(0, sp)] = line.substr(sp + 1);
+  }
+  auto num = [&](const char* k) { return kv.count(k) ? std::stoull(kv[k]) : 0ull; };
+  fprintf(stderr, "lego-run: ExCache stats (%s)\n", head.c_str());
+  fprintf(stderr, "  %-16s %s (resident accesses are not trapped without lego_pcache)\n", "hits",
+          "n/a");
+  const char* keys[] = {"misses",        "fetches",       "zero_fills",     "write_faults",
+                        "evictions",     "write_backs",   "clean_drops",    "discarded_lines",
+                        "bytes_fetched", "bytes_written", "resident_lines", "capacity_lines"};
+  for (const char* k : keys) fprintf(stderr, "  %-16s %llu\n", k, num(k));
+  fprintf(stderr, "  %-16s %llu (fetched + written)\n", "bytes_moved",
+          num("bytes_fetched") + num("bytes_written"));
+  fprintf(stderr, "  %-16s p50 < %.1f us, p99 < %.1f us\n", "miss_latency",
+          num("miss_p50_ns") / 1e3, num("miss_p99_ns") / 1e3);
+}
+
+pid_t g_child = -1;
+void forward(int sig) {
+  if (g_child > 0) kill(g_child, sig);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o = parse(argc, argv);
+  if (sodium_init() < 0) die("libsodium failed to initialise");
+  signal(SIGPIPE, SIG_IGN);
+
+  EmbeddedMemoryNode embedded;
+  fit::ClusterConfig config;
+  std::string config_path;
+  if (o.config.empty()) {
+    embedded.start(o);
+    config = embedded.config;
+    config_path = embedded.config_path;
+  } else {
+    auto c = fit::ClusterConfig::parse_file(o.config);
+    if (!c) die(c.status().message(), 2);
+    config = c.value();
+    config_path = o.config;
+  }
+  const fit::NodeConfig* proc = o.node >= 0 ? config.find(static_cast<fit::NodeId>(o.node))
+                                            : config.first_of(fit::Role::kProcessor);
+  if (proc == nullptr)
+    die("no processor node " + (o.node >= 0 ? std::to_string(o.node) : std::string("")) + " in " +
+            config_path,
+        2);
+  const fit::NodeConfig* memory = o.memory_node >= 0
+                                      ? config.find(static_cast<fit::NodeId>(o.memory_node))
+                                      : config.first_of(fit::Role::kMemory);
+  if (memory == nullptr || memory->role != fit::Role::kMemory) {
+    die("no memory node " + (o.memory_node >= 0 ? std::to_string(o.memory_node) : std::string("")) +
+            " in " + config_path,
+        2);
+  }
+  std::string preload =
+      find_part("LEGO_PRELOAD", "runtime/liblego_preload.so", "liblego_preload.so");
+  if (preload.empty()) die("cannot find liblego_preload.so (set LEGO_PRELOAD)");
+  std::string jemalloc = jemalloc_path();
+  if (jemalloc.empty()) die("cannot find libjemalloc.so.2 (Debian package libjemalloc2)");
+  char real[4096];
+  if (realpath(preload.c_str(), real) != nullptr) preload = real;
+
+  int report[2], exec_err[2];
+  if (pipe2(report, O_CLOEXEC) != 0 || pipe2(exec_err, O_CLOEXEC) != 0) {
+    die(std::string("pipe: ") + strerror(errno));
+  }
+  // The shell's job-control signals reach the program directly; lego-run waits.
+  signal(SIGINT, SIG_IGN);
+  signal(SIGQUIT, SIG_IGN);
+  struct sigaction fw {};
+  fw.sa_handler = forward;
+  sigaction(SIGTERM, &fw, nullptr);
+  sigaction(SIGHUP, &fw, nullptr);
+  sigaction(SIGUSR1, &fw, nullptr);
+  sigaction(SIGUSR2, &fw, nullptr);
+
+  g_child = fork();
+  if (g_child < 0) die(std::string("fork: ") + strerror(errno));
+  if (g_child == 0) {
+    signal(SIGINT, SIG_DFL);
+    signal(SIGQUIT, SIG_DFL);
+    signal(SIGPIPE, SIG_DFL);
+    close(report[0]);
+    close(exec_err[0]);
+    int rfd = fcntl(report[1], F_DUPFD, 100);  // out of the program's usual fd range
+    close(report[1]);
+    std::string ld = preload + ":" + jemalloc;
+    if (const char* old = getenv("LD_PRELOAD"); old != nullptr && *old)
+      ld += std::string(":") + old;
+    setenv("LD_PRELOAD", ld.c_str(), 1);
+    setenv("LEGO_CONFIG", config_path.c_str(), 1);
+    setenv("LEGO_NODE", std::to_string(proc->id).c_str(), 1);
+    setenv("LEGO_MEMORY_NODE", std::to_string(memory->id).c_str(), 1);
+    setenv("LEGO_EXCACHE", std::to_string(o.excache).c_str(), 1);
+    setenv("LEGO_POLICY", o.policy.c_str(), 1);
+    setenv("LEGO_DELIVERY", o.delivery.c_str(), 1);
+    setenv("LEGO_REPORT_FD", std::to_string(rfd).c_str(), 1);
+    std::vector<char*> a;
+    for (auto& s : o.argv) a.push_back(const_cast<char*>(s.c_str()));
+    a.push_back(nullptr);
+    execvp(a[0], a.data());
+    int e = errno;
+    (void)!write(exec_err[1], &e, sizeof(e));
+    _exit(e == ENOENT ? kExitNotFound : kExitCannotExec);
+  }
+  close(report[1]);
+  close(exec_err[1]);
+  int e = 0;
+  if (read(exec_err[0], &e, sizeof(e)) == sizeof(e)) {
+    waitpid(g_child, nullptr, 0);
+    die(o.argv[0] + ": " + strerror(e), e == ENOENT ? kExitNotFound : kExitCannotExec);
+  }
+  close(exec_err[0]);
+
+  // Read the runtime's reports until the program (and anything it exec'd) closes the pipe,
+  // while watching the private memory node.
+  std::string text;
+  bool memory_died = false;
+  int status = 0;
+  bool child_done = false;
+  for (;;) {
+    pollfd p{report[0], POLLIN, 0};
+    int pr = poll(&p, 1, 100);
+    if (pr > 0) {
+      char buf[4096];
+      ssize_t n = read(report[0], buf, sizeof(buf));
+      if (n > 0) {
+        text.append(buf, static_cast<size_t>(n));
+        continue;
+      }
+      if (n == 0 && child_done) break;
+    }
+    if (!child_done) {
+      pid_t w = waitpid(g_child, &status, WNOHANG);
+      if (w == g_child) child_done = true;
+    }
+    if (embedded.pid > 0 && !memory_died &&
+        waitpid(embedded.pid, nullptr, WNOHANG) == embedded.pid) {
+      memory_died = true;
+      embedded.pid = -1;
+    }
+    if (child_done && pr == 0) {
+      // Descendants may hold the pipe open; do not wait for them beyond a moment.
+      pollfd q{report[0], POLLIN, 0};
+      if (poll(&q, 1, 200) <= 0) break;
+    }
+  }
+  close(report[0]);
+  Report rep = parse_report(text);
+
+  // Free the program's address spaces now rather than when their leases run out.
+  if (!memory_died && !rep.spaces.empty()) {
+    auto client = fit::Node::create(config, proc->id);
+    if (client) {
+      for (auto& s : rep.spaces) {
+        mem::SpaceRequest req{s.handle};
+        (void)client.value()->send_reply(s.node, mem::kClose,
+                                         {reinterpret_cast<const std::byte*>(&req), sizeof(req)},
+                                         {}, std::chrono::milliseconds(2000));
+      }
+    }
+  }
+  if (o.stats) {
+    for (auto& b : rep.stats) print_stats(b);
+  }
+  embedded.stop();
+
+  bool lost = memory_died || !rep.lost.empty() ||
+              (WIFEXITED(status) && WEXITSTATUS(status) == kExitMemoryLost);
+  if (lost) {
+    fprintf(stderr, "lego-run: memory node %u (%s:%u, %s) was lost while %s ran%s%s\n", memory->id,
+            memory->address.c_str(), memory->port, memory->provider.c_str(), o.argv[0].c_str(),
+            rep.lost.empty() ? "" : ": ", rep.lost.c_str());
+    return kExitMemoryLost;
+  }
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return WEXITSTATUS(status);
+}

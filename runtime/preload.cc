@@ -1,0 +1,409 @@
+// liblego_preload.so: makes an unmodified program's anonymous memory live on a memory node.
+//
+// lego-run starts the program with LD_PRELOAD="liblego_preload.so libjemalloc.so.2" and
+// LEGO_* variables (see lego_run.cc). At load time this library:
+//   1. joins the cluster as a FIT client and opens an address space on the memory node
+//      (RemoteBackend), connecting every channel up front;
+//   2. creates the ExCache: a large userfaultfd-registered region of which at most
+//      --excache bytes are resident;
+//   3. gives jemalloc's arenas extent hooks that carve their memory out of the region, so
+//      malloc/calloc/realloc/free/posix_memalign/aligned_alloc/memalign and C++ new/delete
+//      all land there (jemalloc because its extent-hook API hands us every byte it maps;
+//      see README "Allocator");
+//   4. interposes mmap/munmap/mremap/madvise so anonymous private read-write mappings the
+//      program makes itself come from the region too.
+// Runtime-internal memory stays local: runtime threads allocate from a jemalloc arena of
+// their own with default hooks, and an mmap whose caller is jemalloc, libfabric or this
+// library goes to the kernel (the caller's return address tells).
+//
+// What is not disaggregated: thread stacks, static data (.data/.bss), file mappings, shared
+// mappings, and memory allocated before this library's constructor ran.
+//
+// Reporting: the runtime writes to LEGO_REPORT_FD (lego-run reads it) one line per opened
+// space ("space NODE ID SECRET") so lego-run can free it after the program ends, and at
+// exit its counters ("stats ..." block). When the memory node is lost it writes
+// "lost NODE message" before the process dies.
+#include <dlfcn.h>
+#include <jemalloc/jemalloc.h>
+#include <link.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "lego/excache.h"
+#include "lego/fit.h"
+#include "lego/units.h"
+#include "runtime/region_allocator.h"
+#include "runtime/remote_backend.h"
+
+namespace lego::runtime {
+namespace {
+
+constexpr uintptr_t kPage = 4096;
+
+struct Runtime {
+  std::unique_ptr<fit::Node> node;
+  std::unique_ptr<RemoteBackend> backend;
+  std::unique_ptr<ExCache> cache;
+  RegionAllocator va;
+  unsigned local_arena = 0;
+  int report_fd = -1;
+  std::string program;
+};
+
+Runtime* g_rt = nullptr;
+std::atomic<bool> g_active{false};  // redirecting allocations into the region
+
+// Text ranges of libraries whose mmaps are runtime-internal.
+struct TextRange {
+  uintptr_t start, end;
+};
+TextRange g_internal[32];
+int g_internal_count = 0;
+
+void say(const char* fmt, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(buf, sizeof(buf), fmt, ap);
+  va_end(ap);
+  if (n > 0) (void)!write(2, buf, std::min<size_t>(static_cast<size_t>(n), sizeof(buf) - 1));
+}
+
+void report(const std::string& line) {
+  if (g_rt != nullptr && g_rt->report_fd >= 0) {
+    std::string l = line + "\n";
+    (void)!write(g_rt->report_fd, l.data(), l.size());
+  }
+}
+
+bool internal_caller(const void* ret) {
+  auto a = reinterpret_cast<uintptr_t>(ret);
+  for (int i = 0; i < g_internal_count; i++) {
+    if (a >= g_internal[i].start && a < g_internal[i].end) return true;
+  }
+  return false;
+}
+
+int collect_internal(dl_phdr_info* info, size_t, void*) {
+  const char* name = info->dlpi_name ? info->dlpi_name : "";
+  static const char* kInternal[] = {
+      "jemalloc", "libfabric", "lego_preload", "libsodium", "libibverbs", "librdmacm", "libnl",
+      "libpsm",   "libefa",    "tomlplusplus", "libnuma",   "libucp",     "libuct",    "libucs"};
+  bool internal = false;
+  for (const char* k : kInternal) internal |= strstr(name, k) != nullptr;
+  if (!internal) return 0;
+  for (int i = 0; i < info->dlpi_phnum && g_internal_count < 32; i++) {
+    const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+    if (ph.p_type == PT_LOAD && (ph.p_flags & PF_X)) {
+      uintptr_t start = info->dlpi_addr + ph.p_vaddr;
+      g_internal[g_internal_count++] = {start, start + ph.p_memsz};
+    }
+  }
+  return 0;
+}
+
+void discard(uintptr_t addr, size_t len) {
+  Status st = g_rt->cache->discard(reinterpret_cast<void*>(addr), len);
+  if (!st) say("lego: discarding %zu bytes at %#lx: %s\n", len, addr, st.message().c_str());
+}
+
+// --- jemalloc extent hooks for the program's arenas: memory from the region.
+
+void* region_alloc(extent_hooks_t*, void* new_addr, size_t size, size_t alignment, bool* zero,
+                   bool* commit, unsigned) {
+  if (new_addr != nullptr) return nullptr;  // no growing in place; jemalloc copes
+  uintptr_t a = g_rt->va.allocate(size, alignment);
+  if (a == 0) return nullptr;  // region exhausted: malloc fails with ENOMEM
+  *zero = true;                // fresh or discarded ranges read as zeros
+  *commit = true;
+  return reinterpret_cast<void*>(a);
+}
+// Opting out of dalloc makes jemalloc retain the range for reuse.
+bool region_dalloc(extent_hooks_t*, void*, size_t, bool, unsigned) {
+  return true;
+}
+void region_destroy(extent_hooks_t*, void* addr, size_t size, bool, unsigned) {
+  discard(reinterpret_cast<uintptr_t>(addr), size);
+  g_rt->va.release(reinterpret_cast<uintptr_t>(addr), size);
+}
+bool region_commit(extent_hooks_t*, void*, size_t, size_t, size_t, unsigned) {
+  return false;
+}
+bool region_purge(extent_hooks_t*, void* addr, size_t, size_t offset, size_t length, unsigned) {
+  discard(reinterpret_cast<uintptr_t>(addr) + offset, length);
+  return false;
+}
+bool region_split(extent_hooks_t*, void*, size_t, size_t, size_t, bool, unsigned) {
+  return false;
+}
+bool region_merge(extent_hooks_t*, void*, size_t, void*, size_t, bool, unsigned) {
+  return false;
+}
+
+extent_hooks_t g_region_hooks = {
+    region_alloc, region_dalloc, region_destroy, region_commit, region_purge,
+    region_purge, region_purge,  region_split,   region_merge,
+};
+
+// Runtime threads (the fault handler, heartbeats) allocate from the local arena. They
+// must switch before the program's arenas get region hooks: switching takes jemalloc's
+// control lock, which the main thread holds while an arena it initialises faults on the
+// region, and only the handler thread can serve that fault.
+std::atomic<int> g_runtime_threads_ready{0};
+void use_local_arena() {
+  if (g_rt == nullptr) return;
+  unsigned a = g_rt->local_arena;
+  mallctl("thread.arena", nullptr, nullptr, &a, sizeof(a));
+  g_runtime_threads_ready.fetch_add(1);
+}
+
+// A miss could not be served: tell lego-run which memory node was lost, then die with
+// its exit code. Async-signal-safe (may run in the SIGBUS handler): no stdio, no malloc.
+void on_fatal(const char* message) {
+  if (g_rt != nullptr && g_rt->report_fd >= 0) {
+    (void)!write(g_rt->report_fd, "lost ", 5);
+    (void)!write(g_rt->report_fd, message, strlen(message));
+    (void)!write(g_rt->report_fd, "\n", 1);
+  }
+  _exit(69);
+}
+
+[[noreturn]] void fail(const std::string& what) {
+  say("lego: %s\n", what.c_str());
+  _exit(69);  // EX_UNAVAILABLE: lego-run reports it
+}
+
+std::string env_or(const char* name, const char* fallback) {
+  const char* v = getenv(name);
+  return v != nullptr ? v : fallback;
+}
+
+void write_stats() {
+  ExCacheStats s = g_rt->cache->stats();
+  char buf[2048];
+  snprintf(buf, sizeof(buf),
+           "stats pid %d program %s\n"
+           "hits n/a\n"
+           "misses %lu\nfetches %lu\nzero_fills %lu\nwrite_faults %lu\nevictions %lu\n"
+           "write_backs %lu\nclean_drops %lu\ndiscarded_lines %lu\nbytes_fetched %lu\n"
+           "bytes_written %lu\nresident_lines %lu\ncapacity_lines %lu\n"
+           "miss_p50_ns %lu\nmiss_p99_ns %lu\nend",
+           getpid(), g_rt->program.c_str(), s.misses, s.fetches, s.zero_fills, s.write_faults,
+           s.evictions, s.write_backs, s.clean_drops, s.discarded_lines, s.bytes_fetched,
+           s.bytes_written, s.resident_lines, s.capacity_lines, s.miss_p50_ns, s.miss_p99_ns);
+  report(buf);
+}
+
+__attribute__((constructor(101))) void lego_start() {
+  const char* config_path = getenv("LEGO_CONFIG");
+  if (config_path == nullptr) return;  // not under lego-run: a plain program
+  auto rt = std::make_unique<Runtime>();
+  rt->report_fd = atoi(env_or("LEGO_REPORT_FD", "-1").c_str());
+  {
+    char exe[256] = {};
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    rt->program = n > 0 ? basename(exe) : "?";
+  }
+  auto config = fit::ClusterConfig::parse_file(config_path);
+  if (!config) fail(config.status().message());
+  fit::NodeId self = static_cast<fit::NodeId>(atoi(env_or("LEGO_NODE", "0").c_str()));
+  fit::NodeId memory = static_cast<fit::NodeId>(atoi(env_or("LEGO_MEMORY_NODE", "0").c_str()));
+
+  ExCacheOptions opt;
+  auto cap = parse_size(env_or("LEGO_EXCACHE", "64M"), "LEGO_EXCACHE");
+  if (!cap) fail(cap.status().message());
+  opt.capacity_bytes = cap.value();
+  auto region = parse_size(env_or("LEGO_REGION", "64G"), "LEGO_REGION");
+  if (!region) fail(region.status().message());
+  opt.region_bytes = region.value();
+  std::string policy = env_or("LEGO_POLICY", "fifo");
+  opt.policy = policy == "clock" ? ExCacheOptions::Policy::kClock : ExCacheOptions::Policy::kFifo;
+  std::string delivery = env_or("LEGO_DELIVERY", "handler");
+  opt.delivery = delivery == "sigbus" ? ExCacheOptions::Delivery::kSigbus
+                                      : ExCacheOptions::Delivery::kHandlerThread;
+  opt.on_thread_start = use_local_arena;
+  opt.on_fatal = on_fatal;
+
+  // The runtime's own arena, default hooks: its memory is local.
+  unsigned local = 0;
+  size_t sz = sizeof(local);
+  if (mallctl("arenas.create", &local, &sz, nullptr, 0) != 0) {
+    fail("jemalloc is not the allocator (LD_PRELOAD must name libjemalloc.so.2)");
+  }
+  rt->local_arena = local;
+  g_rt = rt.get();
+
+  auto node = fit::Node::create(config.value(), self);
+  if (!node) fail(node.status().message());
+  rt->node = std::move(node.value());
+  auto backend = RemoteBackend::open(rt->node.get(), memory, rt->program, use_local_arena);
+  if (!backend) fail(backend.status().message());
+  rt->backend = std::move(backend.value());
+  auto cache = ExCache::create(opt, rt->backend.get());
+  if (!cache) fail(cache.status().message());
+  rt->cache = std::move(cache.value());
+  Status st =
+      rt->va.init(reinterpret_cast<uintptr_t>(rt->cache->region_base()), rt->cache->region_size());
+  if (!st) fail(st.message());
+
+  dl_iterate_phdr(collect_internal, nullptr);
+  char line[128];
+  const mem::SpaceHandle& h = rt->backend->handle();
+  std::string secret;
+  for (uint8_t b : h.secret) {
+    char x[3];
+    snprintf(x, sizeof(x), "%02x", b);
+    secret += x;
+  }
+  snprintf(line, sizeof(line), "space %u %lu %s", memory, static_cast<unsigned long>(h.id),
+           secret.c_str());
+  rt.release();
+  report(line);
+
+  int expect = opt.delivery == ExCacheOptions::Delivery::kHandlerThread ? 2 : 1;
+  for (int i = 0; i < 10000 && g_runtime_threads_ready.load() < expect; i++) usleep(1000);
+  if (g_runtime_threads_ready.load() < expect) fail("the runtime's threads did not start");
+
+  // Every automatic arena now takes its memory from the region.
+  unsigned narenas = 0;
+  sz = sizeof(narenas);
+  mallctl("opt.narenas", &narenas, &sz, nullptr, 0);
+  extent_hooks_t* hooks = &g_region_hooks;
+  for (unsigned i = 0; i < narenas; i++) {
+    if (i == local) continue;
+    std::string name = "arena." + std::to_string(i) + ".extent_hooks";
+    mallctl(name.c_str(), nullptr, nullptr, &hooks, sizeof(hooks));
+  }
+  // Later mallocs by this thread go to the program's arenas.
+  g_active = true;
+}
+
+__attribute__((destructor(101))) void lego_stop() {
+  if (g_rt == nullptr) return;
+  // The region stays mapped and the space open: libc still flushes stdio buffers (in the
+  // region) after destructors. lego-run frees the space once the process is gone.
+  write_stats();
+}
+
+// A program's call on region memory (the ExCache's own madvise/munmap go to the kernel).
+bool in_region(const void* p, const void* caller) {
+  return g_active.load(std::memory_order_relaxed) &&
+         g_rt->va.contains(reinterpret_cast<uintptr_t>(p)) && !internal_caller(caller);
+}
+
+}  // namespace
+}  // namespace lego::runtime
+
+using lego::runtime::g_active;
+using lego::runtime::g_rt;
+using lego::runtime::in_region;
+using lego::runtime::internal_caller;
+using lego::runtime::kPage;
+
+extern "C" {
+
+void* mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off) {
+  constexpr int kPlain = MAP_PRIVATE | MAP_ANONYMOUS;
+  constexpr int kAllowed = kPlain | MAP_NORESERVE | MAP_POPULATE;
+  if (g_active.load(std::memory_order_relaxed) && addr == nullptr && fd == -1 &&
+      (flags & kPlain) == kPlain && (flags & ~kAllowed) == 0 && prot == (PROT_READ | PROT_WRITE) &&
+      len > 0 && !internal_caller(__builtin_return_address(0))) {
+    uintptr_t a = g_rt->va.allocate(len, kPage);
+    if (a == 0) {
+      errno = ENOMEM;
+      return MAP_FAILED;
+    }
+    return reinterpret_cast<void*>(a);
+  }
+  return reinterpret_cast<void*>(syscall(SYS_mmap, addr, len, prot, flags, fd, off));
+}
+
+void* mmap64(void* addr, size_t len, int prot, int flags, int fd, off_t off)
+    __attribute__((alias("mmap")));
+
+int munmap(void* addr, size_t len) {
+  if (in_region(addr, __builtin_return_address(0))) {
+    if (reinterpret_cast<uintptr_t>(addr) % kPage != 0 || len == 0) {
+      errno = EINVAL;
+      return -1;
+    }
+    lego::runtime::discard(reinterpret_cast<uintptr_t>(addr), len);
+    g_rt->va.release(reinterpret_cast<uintptr_t>(addr), len);
+    return 0;
+  }
+  return static_cast<int>(syscall(SYS_munmap, addr, len));
+}
+
+void* mremap(void* old, size_t old_len, size_t new_len, int flags, ...) {
+  if (in_region(old, __builtin_return_address(0))) {
+    auto o = reinterpret_cast<uintptr_t>(old);
+    size_t old_r = (old_len + kPage - 1) & ~(kPage - 1);
+    size_t new_r = (new_len + kPage - 1) & ~(kPage - 1);
+    if ((flags & MREMAP_FIXED) || o % kPage != 0 || new_len == 0) {
+      errno = EINVAL;
+      return MAP_FAILED;
+    }
+    if (new_r <= old_r) {
+      if (new_r < old_r) {
+        lego::runtime::discard(o + new_r, old_r - new_r);
+        g_rt->va.release(o + new_r, old_r - new_r);
+      }
+      return old;
+    }
+    if (!(flags & MREMAP_MAYMOVE)) {
+      errno = ENOMEM;
+      return MAP_FAILED;
+    }
+    uintptr_t n = g_rt->va.allocate(new_r, kPage);
+    if (n == 0) {
+      errno = ENOMEM;
+      return MAP_FAILED;
+    }
+    memcpy(reinterpret_cast<void*>(n), old, old_len);
+    lego::runtime::discard(o, old_r);
+    g_rt->va.release(o, old_r);
+    return reinterpret_cast<void*>(n);
+  }
+  va_list ap;
+  va_start(ap, flags);
+  void* new_addr = (flags & MREMAP_FIXED) ? va_arg(ap, void*) : nullptr;
+  va_end(ap);
+  return reinterpret_cast<void*>(syscall(SYS_mremap, old, old_len, new_len, flags, new_addr));
+}
+
+// A forked child would see the region without its ExCache: evicted lines would be gone.
+// Until the memory node can snapshot a space for the child, fork() fails clearly;
+// posix_spawn, vfork and system() (which do not copy the address space) work.
+pid_t fork() {
+  if (g_active.load(std::memory_order_relaxed)) {
+    static const char msg[] =
+        "lego: fork() is not supported for disaggregated processes yet (posix_spawn, vfork and "
+        "system work); failing it with ENOSYS\n";
+    (void)!write(2, msg, sizeof(msg) - 1);
+    errno = ENOSYS;
+    return -1;
+  }
+  return static_cast<pid_t>(syscall(SYS_clone, SIGCHLD, 0, nullptr, nullptr, 0));
+}
+
+int madvise(void* addr, size_t len, int advice) {
+  if (in_region(addr, __builtin_return_address(0))) {
+    if (advice == MADV_DONTNEED || advice == MADV_FREE || advice == MADV_REMOVE) {
+      lego::runtime::discard(reinterpret_cast<uintptr_t>(addr), len);
+    }
+    return 0;  // other advice (hugepages, merging, ...) does not apply to the region
+  }
+  return static_cast<int>(syscall(SYS_madvise, addr, len, advice));
+}
+
+}  // extern "C"

@@ -1,0 +1,156 @@
+#include "runtime/remote_backend.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <vector>
+
+namespace lego::runtime {
+
+Result<std::unique_ptr<RemoteBackend>> RemoteBackend::open(fit::Node* node, fit::NodeId memory,
+                                                           const std::string& program,
+                                                           void (*on_thread_start)()) {
+  std::unique_ptr<RemoteBackend> b(new RemoteBackend());
+  b->node_ = node;
+  b->memory_ = memory;
+  Status st = node->connect(memory);
+  if (!st) return st.with_context("connecting to memory node " + b->describe_memory_node());
+  mem::OpenRequest req{};
+  req.version = mem::kProtoVersion;
+  req.pid = static_cast<uint32_t>(getpid());
+  strncpy(req.program, program.c_str(), sizeof(req.program) - 1);
+  mem::OpenReply rep{};
+  auto r =
+      node->send_reply(memory, mem::kOpen, {reinterpret_cast<const std::byte*>(&req), sizeof(req)},
+                       {reinterpret_cast<std::byte*>(&rep), sizeof(rep)});
+  if (!r) return r.status().with_context("opening an address space");
+  if (r.value() != sizeof(rep) || rep.line_bytes != kExCacheLineBytes) {
+    return Status(EPROTO, "memory node " + b->describe_memory_node() +
+                              " answered open with an unexpected layout");
+  }
+  b->handle_ = rep.handle;
+  b->lease_ms_ = rep.lease_ms;
+  b->buffer_bytes_ =
+      sizeof(mem::WriteBackRequest) + mem::kMaxBatch * (sizeof(uint64_t) + kExCacheLineBytes);
+  if (b->buffer_bytes_ > node->config().max_message_bytes) {
+    return Status(EMSGSIZE, "max_message_bytes " +
+                                std::to_string(node->config().max_message_bytes) +
+                                " cannot carry a batch of " + std::to_string(mem::kMaxBatch) +
+                                " lines; raise it to at least " + std::to_string(b->buffer_bytes_));
+  }
+  void* p = mmap(nullptr, b->buffer_bytes_ * kBuffers, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return Status::from_errno(errno, "mmap of write-back buffers");
+  b->buffers_ = static_cast<std::byte*>(p);
+  // Keeps the lease while the program runs; the thread allocates only at start.
+  RemoteBackend* self = b.get();
+  b->heartbeat_ = std::thread([self, on_thread_start] {
+    if (on_thread_start != nullptr) on_thread_start();
+    auto period = std::chrono::milliseconds(std::max<uint32_t>(self->lease_ms_ / 4, 50));
+    mem::SpaceRequest hb{self->handle_};
+    while (!self->stop_.load()) {
+      auto wake = std::chrono::steady_clock::now() + period;
+      while (!self->stop_.load() && std::chrono::steady_clock::now() < wake) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      if (self->stop_.load()) break;
+      (void)self->node_->send_reply(self->memory_, mem::kHeartbeat,
+                                    {reinterpret_cast<const std::byte*>(&hb), sizeof(hb)}, {});
+    }
+  });
+  return b;
+}
+
+RemoteBackend::~RemoteBackend() {
+  stop_ = true;
+  if (heartbeat_.joinable()) heartbeat_.join();
+  if (buffers_ != nullptr) munmap(buffers_, buffer_bytes_ * kBuffers);
+}
+
+std::string RemoteBackend::describe_memory_node() const {
+  const fit::NodeConfig* n = node_->config().find(memory_);
+  if (n == nullptr) return std::to_string(memory_);
+  return std::to_string(memory_) + " (" + n->address + ":" + std::to_string(n->port) + ", " +
+         n->provider + ")";
+}
+
+std::byte* RemoteBackend::acquire_buffer() {
+  for (;;) {
+    for (int i = 0; i < kBuffers; i++) {
+      bool expected = false;
+      if (!busy_[i].load(std::memory_order_relaxed) &&
+          busy_[i].compare_exchange_strong(expected, true, std::memory_order_acquire)) {
+        return buffers_ + i * buffer_bytes_;
+      }
+    }
+    sched_yield();
+  }
+}
+
+void RemoteBackend::release_buffer(std::byte* b) {
+  busy_[(b - buffers_) / buffer_bytes_].store(false, std::memory_order_release);
+}
+
+Status RemoteBackend::fetch(uint64_t line_addr, std::span<std::byte, kExCacheLineBytes> out) {
+  struct {
+    mem::FetchRequest req;
+    uint64_t addr;
+  } req{{handle_, 1, 0}, line_addr};
+  // The reply: an 8-byte mask, then the line when stored. On the caller's stack: no
+  // allocation on the miss path.
+  alignas(64) std::byte reply[sizeof(mem::FetchReply) + kExCacheLineBytes];
+  auto r = node_->send_reply(memory_, mem::kFetch,
+                             {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, reply);
+  if (!r) return r.status();
+  mem::FetchReply head;
+  memcpy(&head, reply, sizeof(head));
+  if (head.stored_mask & 1) {
+    if (r.value() != sizeof(reply)) return Status(EPROTO, "short fetch reply");
+    memcpy(out.data(), reply + sizeof(head), kExCacheLineBytes);
+  } else {
+    memset(out.data(), 0, kExCacheLineBytes);
+  }
+  return Status();
+}
+
+Status RemoteBackend::write_back(std::span<const WriteBack> lines) {
+  size_t done = 0;
+  while (done < lines.size()) {
+    uint32_t n = static_cast<uint32_t>(std::min<size_t>(lines.size() - done, mem::kMaxBatch));
+    std::byte* buf = acquire_buffer();
+    mem::WriteBackRequest head{handle_, n, 0};
+    memcpy(buf, &head, sizeof(head));
+    std::byte* addrs = buf + sizeof(head);
+    std::byte* data = addrs + n * sizeof(uint64_t);
+    for (uint32_t i = 0; i < n; i++) {
+      memcpy(addrs + i * sizeof(uint64_t), &lines[done + i].addr, sizeof(uint64_t));
+      memcpy(data + size_t{i} * kExCacheLineBytes, lines[done + i].data, kExCacheLineBytes);
+    }
+    size_t len = sizeof(head) + n * (sizeof(uint64_t) + kExCacheLineBytes);
+    auto r = node_->send_reply(memory_, mem::kWriteBack, {buf, len}, {});
+    release_buffer(buf);
+    if (!r) return r.status();
+    done += n;
+  }
+  return Status();
+}
+
+Status RemoteBackend::release(uint64_t addr, uint64_t length) {
+  mem::ReleaseRequest req{handle_, addr, length};
+  auto r = node_->send_reply(memory_, mem::kRelease,
+                             {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, {});
+  return r.status();
+}
+
+Status RemoteBackend::close() {
+  stop_ = true;
+  if (heartbeat_.joinable()) heartbeat_.join();
+  mem::SpaceRequest req{handle_};
+  auto r = node_->send_reply(memory_, mem::kClose,
+                             {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, {});
+  return r.status();
+}
+
+}  // namespace lego::runtime

@@ -1,0 +1,57 @@
+// RemoteBackend: ExCache's LineBackend on a memory node (lego-memd) over FIT.
+// Internal to the runtime; see include/lego/excache.h for the calling context rules:
+// fetch and write_back allocate nothing and use preallocated buffers.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "lego/excache.h"
+#include "lego/fit.h"
+#include "lego/memory_proto.h"
+
+namespace lego::runtime {
+
+class RemoteBackend : public LineBackend {
+ public:
+  // Opens an address space for this process on memory node `memory` through `node`
+  // (which must stay alive), connects every channel, and starts a heartbeat thread
+  // (which first calls on_thread_start, if given).
+  static Result<std::unique_ptr<RemoteBackend>> open(fit::Node* node, fit::NodeId memory,
+                                                     const std::string& program,
+                                                     void (*on_thread_start)() = nullptr);
+  ~RemoteBackend() override;
+
+  Status fetch(uint64_t line_addr, std::span<std::byte, kExCacheLineBytes> out) override;
+  Status write_back(std::span<const WriteBack> lines) override;
+  Status release(uint64_t addr, uint64_t length) override;
+
+  // Frees the address space on the memory node. Later calls fail.
+  Status close();
+  fit::NodeId memory_node() const { return memory_; }
+  const mem::SpaceHandle& handle() const { return handle_; }
+  // "node 2 (10.1.2.3:18602, tcp)", for messages.
+  std::string describe_memory_node() const;
+
+ private:
+  RemoteBackend() = default;
+  // A preallocated write-back request buffer; acquire() spins over kBuffers of them.
+  static constexpr int kBuffers = 8;
+  std::byte* acquire_buffer();
+  void release_buffer(std::byte* b);
+
+  fit::Node* node_ = nullptr;
+  fit::NodeId memory_ = 0;
+  mem::SpaceHandle handle_{};
+  uint32_t lease_ms_ = 0;
+  size_t buffer_bytes_ = 0;
+  std::byte* buffers_ = nullptr;  // kBuffers x buffer_bytes_, mmap'd
+  std::atomic<bool> busy_[kBuffers] = {};
+  std::atomic<bool> stop_{false};
+  std::thread heartbeat_;
+};
+
+}  // namespace lego::runtime

@@ -1,0 +1,203 @@
+// excache_bench: µs per random 4 KiB access over a region `--ratio` times the ExCache,
+// against the in-process MapBackend (no network: this measures the fault, eviction and
+// userfaultfd costs alone), for each delivery, beside the same loop on plain memory.
+//
+//   bazel run //tests/runtime:excache_bench -- [--capacity-mb=64] [--ratio=4]
+//       [--accesses=200000] [--delivery=both|sigbus|thread] [--policy=fifo|clock]
+//       [--op=rmw|read] [--threads=1] [--predict-dirty=1] [--csv]
+//
+// The region is first filled with incompressible data (every line written, so every miss
+// afterwards is a real fetch, not a zero-fill); then each thread does `accesses` accesses to
+// uniformly random lines: rmw = load + store of one word (dirty evictions), read = load only
+// (clean drops). Miss percentiles come from ExCache's log2 histogram (bucket upper bounds).
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "lego/excache.h"
+#include "tests/runtime/map_backend.h"
+
+namespace {
+
+using lego::ExCache;
+using lego::ExCacheOptions;
+using lego::ExCacheStats;
+
+constexpr size_t kLine = lego::kExCacheLineBytes;
+
+struct Flags {
+  size_t capacity_mb = 64;
+  size_t ratio = 4;
+  size_t accesses = 200000;
+  std::string delivery = "both";
+  std::string policy = "fifo";
+  std::string op = "rmw";
+  size_t threads = 1;
+  bool predict_dirty = true;
+  bool csv = false;
+};
+
+bool parse(int argc, char** argv, Flags* f) {
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto val = [&](const char* name) -> const char* {
+      size_t n = strlen(name);
+      return a.compare(0, n, name) == 0 ? a.c_str() + n : nullptr;
+    };
+    if (const char* v = val("--capacity-mb=")) {
+      f->capacity_mb = strtoul(v, nullptr, 10);
+    } else if (const char* v = val("--ratio=")) {
+      f->ratio = strtoul(v, nullptr, 10);
+    } else if (const char* v = val("--accesses=")) {
+      f->accesses = strtoul(v, nullptr, 10);
+    } else if (const char* v = val("--delivery=")) {
+      f->delivery = v;
+    } else if (const char* v = val("--policy=")) {
+      f->policy = v;
+    } else if (const char* v = val("--op=")) {
+      f->op = v;
+    } else if (const char* v = val("--threads=")) {
+      f->threads = strtoul(v, nullptr, 10);
+    } else if (const char* v = val("--predict-dirty=")) {
+      f->predict_dirty = strtoul(v, nullptr, 10) != 0;
+    } else if (a == "--csv") {
+      f->csv = true;
+    } else {
+      fprintf(stderr, "usage: see the comment at the top of excache_bench.cc\n");
+      return false;
+    }
+  }
+  return f->capacity_mb > 0 && f->ratio > 0 && f->threads > 0;
+}
+
+void fill_incompressible(char* base, size_t bytes) {
+  uint64_t x = 0x243f6a8885a308d3ull;
+  auto* w = reinterpret_cast<uint64_t*>(base);
+  for (size_t i = 0; i < bytes / 8; ++i) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    w[i] = x;
+  }
+}
+
+// Returns seconds for `threads` x `accesses` random accesses over [base, base + bytes).
+double run_loop(char* base, size_t bytes, const Flags& f) {
+  const size_t lines = bytes / kLine;
+  const bool rmw = f.op == "rmw";
+  std::vector<std::thread> threads;
+  auto start = std::chrono::steady_clock::now();
+  for (size_t t = 0; t < f.threads; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(42 + t);
+      uint64_t sink = 0;
+      for (size_t i = 0; i < f.accesses; ++i) {
+        const size_t line = rng() % lines;
+        auto* word = reinterpret_cast<volatile uint64_t*>(base + line * kLine) + (i % 512);
+        const uint64_t v = *word;
+        if (rmw) *word = v + 1;
+        sink += v;
+      }
+      if (sink == 42) fprintf(stderr, " ");  // keep the loads
+    });
+  }
+  for (auto& th : threads) th.join();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+uint64_t percentile(const ExCacheStats& a, const ExCacheStats& b, double q) {
+  uint64_t total = 0;
+  for (size_t i = 0; i < ExCacheStats::kLatencyBuckets; ++i) {
+    total += b.miss_latency_log2_ns[i] - a.miss_latency_log2_ns[i];
+  }
+  if (total == 0) return 0;
+  const auto rank = static_cast<uint64_t>(q * static_cast<double>(total) + 0.999);
+  uint64_t seen = 0;
+  for (size_t i = 0; i < ExCacheStats::kLatencyBuckets; ++i) {
+    seen += b.miss_latency_log2_ns[i] - a.miss_latency_log2_ns[i];
+    if (seen >= rank) return uint64_t{2} << i;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Flags f;
+  if (!parse(argc, argv, &f)) return 2;
+  const size_t capacity = f.capacity_mb << 20;
+  const size_t bytes = capacity * f.ratio;
+  const size_t total_accesses = f.accesses * f.threads;
+
+  if (f.csv) {
+    printf(
+        "setup,op,threads,capacity_mb,ratio,us_per_access,misses_per_access,"
+        "miss_p50_us,miss_p99_us,write_backs,clean_drops,ratio_to_native\n");
+  }
+
+  // The floor: the same loop on plain memory that fits.
+  double native_us;
+  {
+    std::unique_ptr<char[]> plain(new char[bytes]);
+    fill_incompressible(plain.get(), bytes);
+    native_us = run_loop(plain.get(), bytes, f) * 1e6 / static_cast<double>(total_accesses);
+    if (f.csv) {
+      printf("native,%s,%zu,%zu,%zu,%.3f,0,0,0,0,0,1\n", f.op.c_str(), f.threads, f.capacity_mb,
+             f.ratio, native_us);
+    } else {
+      printf("%-22s %8.3f us/access\n", "native (no cap)", native_us);
+    }
+  }
+
+  for (const char* name : {"sigbus", "thread"}) {
+    if (f.delivery != "both" && f.delivery != name) continue;
+    lego::testing::MapBackend backend(bytes / kLine + 64);
+    ExCacheOptions options;
+    options.capacity_bytes = capacity;
+    options.region_bytes = bytes;
+    options.delivery = std::string(name) == "sigbus" ? ExCacheOptions::Delivery::kSigbus
+                                                     : ExCacheOptions::Delivery::kHandlerThread;
+    options.predict_dirty = f.predict_dirty;
+    options.policy =
+        f.policy == "clock" ? ExCacheOptions::Policy::kClock : ExCacheOptions::Policy::kFifo;
+    auto created = ExCache::create(options, &backend);
+    if (!created.is_ok()) {
+      fprintf(stderr, "ExCache::create: %s\n", created.status().to_string().c_str());
+      return 1;
+    }
+    std::unique_ptr<ExCache> cache = std::move(created.value());
+    char* base = static_cast<char*>(cache->region_base());
+    fill_incompressible(base, bytes);
+
+    const ExCacheStats before = cache->stats();
+    const double secs = run_loop(base, bytes, f);
+    const ExCacheStats after = cache->stats();
+    const double us = secs * 1e6 / static_cast<double>(total_accesses);
+    const double misses =
+        static_cast<double>(after.misses - before.misses) / static_cast<double>(total_accesses);
+    const double p50 = static_cast<double>(percentile(before, after, 0.50)) / 1000.0;
+    const double p99 = static_cast<double>(percentile(before, after, 0.99)) / 1000.0;
+    const uint64_t wb = after.write_backs - before.write_backs;
+    const uint64_t drops = after.clean_drops - before.clean_drops;
+    if (f.csv) {
+      printf("excache-%s-%s,%s,%zu,%zu,%zu,%.3f,%.3f,%.1f,%.1f,%llu,%llu,%.1f\n", name,
+             f.policy.c_str(), f.op.c_str(), f.threads, f.capacity_mb, f.ratio, us, misses, p50,
+             p99, static_cast<unsigned long long>(wb), static_cast<unsigned long long>(drops),
+             us / native_us);
+    } else {
+      printf(
+          "%-22s %8.3f us/access  %.3f misses/access  miss p50<=%.1f us p99<=%.1f us  "
+          "write_backs=%llu clean_drops=%llu  %.0fx native\n",
+          (std::string("excache ") + name + "/" + f.policy).c_str(), us, misses, p50, p99,
+          static_cast<unsigned long long>(wb), static_cast<unsigned long long>(drops),
+          us / native_us);
+    }
+  }
+  return 0;
+}

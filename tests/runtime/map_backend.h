@@ -1,0 +1,106 @@
+// MapBackend: an in-process LineBackend for tests and benchmarks. Lines live in a
+// std::unordered_map (line address -> slot of a preallocated slab) under a spinlock.
+//
+// Honest about the LineBackend contract: it takes no lock program code could hold (its own
+// spinlock only) and copies into preallocated slab slots, but inserting a new address into
+// the unordered_map allocates a node. That is tolerable in tests only because their
+// SIGBUS handlers interrupt test code at region accesses, never inside malloc; the real
+// memory-node client must not allocate at all.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstring>
+#include <unordered_map>
+#include <vector>
+
+#include "lego/excache.h"
+
+namespace lego::testing {
+
+class MapBackend : public LineBackend {
+ public:
+  // `max_lines`: the most distinct lines ever held (sizes the slab; more is an ENOSPC).
+  explicit MapBackend(size_t max_lines) : slab_(max_lines) {
+    index_.reserve(max_lines);
+    free_.reserve(max_lines);
+    for (size_t i = max_lines; i > 0; --i) free_.push_back(static_cast<uint32_t>(i - 1));
+  }
+
+  Status fetch(uint64_t line_addr, std::span<std::byte, kExCacheLineBytes> out) override {
+    fetch_calls.fetch_add(1, std::memory_order_relaxed);
+    lock();
+    auto it = index_.find(line_addr);
+    if (it == index_.end()) {
+      unlock();
+      fetches_of_unknown.fetch_add(1, std::memory_order_relaxed);
+      std::memset(out.data(), 0, out.size());
+      return Status::ok();
+    }
+    std::memcpy(out.data(), slab_[it->second].data(), kExCacheLineBytes);
+    unlock();
+    return Status::ok();
+  }
+
+  Status write_back(std::span<const WriteBack> lines) override {
+    write_back_calls.fetch_add(1, std::memory_order_relaxed);
+    lines_written.fetch_add(lines.size(), std::memory_order_relaxed);
+    lock();
+    for (const WriteBack& wb : lines) {
+      auto [it, inserted] = index_.try_emplace(wb.addr, 0);
+      if (inserted) {
+        if (free_.empty()) {
+          index_.erase(it);
+          unlock();
+          return Status(ENOSPC, "MapBackend: slab full");
+        }
+        it->second = free_.back();
+        free_.pop_back();
+      }
+      std::memcpy(slab_[it->second].data(), wb.data, kExCacheLineBytes);
+    }
+    unlock();
+    return Status::ok();
+  }
+
+  Status release(uint64_t addr, uint64_t length) override {
+    release_calls.fetch_add(1, std::memory_order_relaxed);
+    lock();
+    for (uint64_t a = addr; a < addr + length; a += kExCacheLineBytes) {
+      auto it = index_.find(a);
+      if (it == index_.end()) continue;
+      free_.push_back(it->second);
+      index_.erase(it);
+    }
+    unlock();
+    return Status::ok();
+  }
+
+  size_t lines_held() {
+    lock();
+    size_t n = index_.size();
+    unlock();
+    return n;
+  }
+
+  std::atomic<uint64_t> fetch_calls{0};
+  std::atomic<uint64_t> fetches_of_unknown{0};  // fetches of lines never written back
+  std::atomic<uint64_t> write_back_calls{0};
+  std::atomic<uint64_t> lines_written{0};
+  std::atomic<uint64_t> release_calls{0};
+
+ private:
+  void lock() {
+    while (locked_.exchange(true, std::memory_order_acquire)) {
+      while (locked_.load(std::memory_order_relaxed)) __builtin_ia32_pause();
+    }
+  }
+  void unlock() { locked_.store(false, std::memory_order_release); }
+
+  std::atomic<bool> locked_{false};
+  std::vector<std::array<std::byte, kExCacheLineBytes>> slab_;
+  std::unordered_map<uint64_t, uint32_t> index_;
+  std::vector<uint32_t> free_;
+};
+
+}  // namespace lego::testing
