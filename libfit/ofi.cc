@@ -2,7 +2,12 @@
 
 #include <infiniband/verbs.h>
 
+#include <dlfcn.h>
+#include <signal.h>
+
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 #include "libfit/auth.h"
 
@@ -19,8 +24,60 @@ bool uses_msg_endpoints(const std::string& provider) {
   return provider != "shm";
 }
 
+namespace {
+
+// libfabric initialises every provider it was built with on first use, and some of them
+// (psm, psm2, ...) install signal handlers that turn SIGTERM into exit(1) -- in every
+// program lego-run starts. Only the providers FIT uses are loaded, unless the user chose
+// with FI_PROVIDER; the program's environment is left as it was.
+// libinfinipath (linked by libfabric for its psm provider) installs handlers for SIGINT,
+// SIGILL, SIGABRT, SIGBUS, SIGSEGV and SIGTERM from its constructor that turn them into
+// exit(1). A lego process must die of its signals as it would without lego, so handlers
+// that live in that library go back to the default.
+void restore_signals_taken_by_psm() {
+  for (int sig : {SIGINT, SIGILL, SIGABRT, SIGBUS, SIGSEGV, SIGTERM, SIGHUP, SIGQUIT}) {
+    struct sigaction sa {};
+    if (sigaction(sig, nullptr, &sa) != 0) continue;
+    void* handler = (sa.sa_flags & SA_SIGINFO) ? reinterpret_cast<void*>(sa.sa_sigaction)
+                                               : reinterpret_cast<void*>(sa.sa_handler);
+    if (handler == reinterpret_cast<void*>(SIG_DFL) ||
+        handler == reinterpret_cast<void*>(SIG_IGN)) {
+      continue;
+    }
+    Dl_info info{};
+    if (dladdr(handler, &info) != 0 && info.dli_fname != nullptr &&
+        (strstr(info.dli_fname, "infinipath") != nullptr ||
+         strstr(info.dli_fname, "psm") != nullptr)) {
+      struct sigaction dfl {};
+      dfl.sa_handler = SIG_DFL;
+      sigaction(sig, &dfl, nullptr);
+    }
+  }
+}
+
+// As early as possible in any process that links libfit (before lego's preload starts).
+__attribute__((constructor(101))) void restore_signals_at_load() {
+  restore_signals_taken_by_psm();
+}
+
+void load_only_fit_providers() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    restore_signals_taken_by_psm();
+    if (getenv("FI_PROVIDER") != nullptr) return;
+    setenv("FI_PROVIDER", "tcp,shm,verbs,ofi_rxm", 0);
+    fi_info* all = nullptr;
+    fi_getinfo(kApiVersion, nullptr, nullptr, 0, nullptr, &all);  // initialises libfabric
+    if (all != nullptr) fi_freeinfo(all);
+    unsetenv("FI_PROVIDER");
+  });
+}
+
+}  // namespace
+
 Result<InfoPtr> get_info(const std::string& provider, const std::string& node,
                          const std::string& service, bool server) {
+  load_only_fit_providers();
   InfoPtr hints(fi_allocinfo());
   if (!hints) return Status(ENOMEM, "fi_allocinfo");
   bool msg = uses_msg_endpoints(provider);

@@ -33,6 +33,7 @@
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <cstdio>
 
 #include <cerrno>
 
@@ -198,7 +199,12 @@ Status ExCache::Impl::discard(uint64_t addr, uint64_t len) {
   len = (len + kLine - 1) & ~uint64_t{kLine - 1};
   if ((addr & (kLine - 1)) != 0 || addr < begin || addr - begin > size || len > size ||
       addr - begin + len > size) {
-    return Status(EINVAL, "ExCache::discard: range outside the region or unaligned");
+    char what[160];
+    snprintf(what, sizeof what,
+             "ExCache::discard: [%#lx, +%#lx) is outside the region [%#lx, +%#lx) or unaligned",
+             static_cast<unsigned long>(addr), static_cast<unsigned long>(len),
+             static_cast<unsigned long>(begin), static_cast<unsigned long>(size));
+    return Status(EINVAL, what);
   }
 
   // We own lines below; a program signal handler touching them on this thread would wait

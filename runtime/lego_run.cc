@@ -9,6 +9,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <sodium.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -234,11 +235,17 @@ bool run_quiet(const std::vector<std::string>& argv) {
 
 // The private memory node of a run without --config.
 struct EmbeddedMemoryNode {
-  std::string dir, config_path, netns, veth;
+  std::string dir, config_path, log_path, netns, veth;
   pid_t pid = -1;
   fit::ClusterConfig config;
 
   ~EmbeddedMemoryNode() { stop(); }
+
+  void show_log() const {
+    std::ifstream in(log_path);
+    std::string line;
+    while (std::getline(in, line)) fprintf(stderr, "lego-run: lego-memd: %s\n", line.c_str());
+  }
 
   void stop() {
     if (pid > 0) {
@@ -253,6 +260,7 @@ struct EmbeddedMemoryNode {
     if (!veth.empty()) run_quiet({"ip", "link", "del", veth});
     veth.clear();
     if (!config_path.empty()) unlink(config_path.c_str());
+    if (!log_path.empty()) unlink(log_path.c_str());
     if (!dir.empty()) rmdir(dir.c_str());
     config_path.clear();
     dir.clear();
@@ -304,6 +312,7 @@ struct EmbeddedMemoryNode {
       config.nodes.push_back(n);
     }
     config_path = config.origin;
+    log_path = dir + "/lego-memd.log";
     {
       int fd = open(config_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
       if (fd < 0) die("cannot write " + config_path + ": " + strerror(errno));
@@ -333,8 +342,15 @@ struct EmbeddedMemoryNode {
         int fd = open(path.c_str(), O_RDONLY);
         if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) _exit(kExitLegoError);
       }
-      // Its own process group: a ^C at the terminal goes to the program, not to it.
+      // Its own process group: a ^C at the terminal goes to the program, not to it. And it
+      // must not outlive lego-run, however lego-run ends.
       setpgid(0, 0);
+      prctl(PR_SET_PDEATHSIG, SIGTERM);
+      // Its messages go to a log lego-run shows only when something went wrong, so the
+      // program's own stderr stays the program's.
+      int log = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+      if (log >= 0) dup2(log, 2);
+      if (getppid() == 1) _exit(kExitLegoError);
       execl(memd.c_str(), "lego-memd", "--config", config_path.c_str(), "--node", "2", "--capacity",
             capacity.c_str(), "--ready-fd", "3", nullptr);
       _exit(kExitNotFound);
@@ -342,12 +358,17 @@ struct EmbeddedMemoryNode {
     close(ready[1]);
     pollfd p{ready[0], POLLIN, 0};
     char buf[8] = {};
-    bool up =
-        poll(&p, 1, 20000) == 1 && read(ready[0], buf, 6) == 6 && memcmp(buf, "ready\n", 6) == 0;
+    int pr;
+    auto deadline = Clock::now() + std::chrono::seconds(20);
+    do {  // a forwarded signal interrupts the wait; keep waiting
+      pr = poll(&p, 1, 200);
+    } while ((pr == 0 || (pr < 0 && errno == EINTR)) && Clock::now() < deadline);
+    bool up = pr == 1 && read(ready[0], buf, 6) == 6 && memcmp(buf, "ready\n", 6) == 0;
     close(ready[0]);
     if (!up) {
+      show_log();
       stop();
-      die("the private memory node did not start (see lego-memd's message above)");
+      die("the private memory node did not start (its log is above)");
     }
   }
 };
@@ -427,9 +448,14 @@ void print_stats(const std::string& block) {
           num("miss_p50_ns") / 1e3, num("miss_p99_ns") / 1e3);
 }
 
-pid_t g_child = -1;
+volatile pid_t g_child = -1;
+volatile sig_atomic_t g_early_signal = 0;  // a signal that came before the program ran
 void forward(int sig) {
-  if (g_child > 0) kill(g_child, sig);
+  if (g_child > 0) {
+    kill(g_child, sig);
+  } else {
+    g_early_signal = sig;
+  }
 }
 
 }  // namespace
@@ -438,6 +464,12 @@ int main(int argc, char** argv) {
   Options o = parse(argc, argv);
   if (sodium_init() < 0) die("libsodium failed to initialise");
   signal(SIGPIPE, SIG_IGN);
+  // From here on a SIGTERM/SIGHUP is forwarded to the program, or, before it runs,
+  // remembered so that set-up is undone before lego-run exits.
+  struct sigaction fw {};
+  fw.sa_handler = forward;
+  sigaction(SIGTERM, &fw, nullptr);
+  sigaction(SIGHUP, &fw, nullptr);
 
   EmbeddedMemoryNode embedded;
   fit::ClusterConfig config;
@@ -481,16 +513,18 @@ int main(int argc, char** argv) {
   // The shell's job-control signals reach the program directly; lego-run waits.
   signal(SIGINT, SIG_IGN);
   signal(SIGQUIT, SIG_IGN);
-  struct sigaction fw {};
-  fw.sa_handler = forward;
-  sigaction(SIGTERM, &fw, nullptr);
-  sigaction(SIGHUP, &fw, nullptr);
   sigaction(SIGUSR1, &fw, nullptr);
   sigaction(SIGUSR2, &fw, nullptr);
 
-  g_child = fork();
-  if (g_child < 0) die(std::string("fork: ") + strerror(errno));
-  if (g_child == 0) {
+  if (g_early_signal != 0) {
+    embedded.stop();
+    return 128 + g_early_signal;
+  }
+  pid_t child = fork();
+  if (child < 0) die(std::string("fork: ") + strerror(errno));
+  if (child > 0) g_child = child;
+  if (child > 0 && g_early_signal != 0) kill(child, g_early_signal);
+  if (child == 0) {
     signal(SIGINT, SIG_DFL);
     signal(SIGQUIT, SIG_DFL);
     signal(SIGPIPE, SIG_DFL);
@@ -509,6 +543,13 @@ int main(int argc, char** argv) {
     setenv("LEGO_POLICY", o.policy.c_str(), 1);
     setenv("LEGO_DELIVERY", o.delivery.c_str(), 1);
     setenv("LEGO_REPORT_FD", std::to_string(rfd).c_str(), 1);
+    // jemalloc would serve allocations above 8 MiB from a "huge" arena created later with
+    // default hooks, i.e. from local memory: keep every size in the hooked arenas.
+    std::string conf = "oversize_threshold:0";
+    if (const char* old = getenv("MALLOC_CONF"); old != nullptr && *old) {
+      conf = std::string(old) + "," + conf;
+    }
+    setenv("MALLOC_CONF", conf.c_str(), 1);
     std::vector<char*> a;
     for (auto& s : o.argv) a.push_back(const_cast<char*>(s.c_str()));
     a.push_back(nullptr);
@@ -521,7 +562,7 @@ int main(int argc, char** argv) {
   close(exec_err[1]);
   int e = 0;
   if (read(exec_err[0], &e, sizeof(e)) == sizeof(e)) {
-    waitpid(g_child, nullptr, 0);
+    waitpid(child, nullptr, 0);
     die(o.argv[0] + ": " + strerror(e), e == ENOENT ? kExitNotFound : kExitCannotExec);
   }
   close(exec_err[0]);
@@ -545,8 +586,8 @@ int main(int argc, char** argv) {
       if (n == 0 && child_done) break;
     }
     if (!child_done) {
-      pid_t w = waitpid(g_child, &status, WNOHANG);
-      if (w == g_child) child_done = true;
+      pid_t w = waitpid(child, &status, WNOHANG);
+      if (w == child) child_done = true;
     }
     if (embedded.pid > 0 && !memory_died &&
         waitpid(embedded.pid, nullptr, WNOHANG) == embedded.pid) {
@@ -577,10 +618,11 @@ int main(int argc, char** argv) {
   if (o.stats) {
     for (auto& b : rep.stats) print_stats(b);
   }
-  embedded.stop();
 
   bool lost = memory_died || !rep.lost.empty() ||
               (WIFEXITED(status) && WEXITSTATUS(status) == kExitMemoryLost);
+  if (lost) embedded.show_log();
+  embedded.stop();
   if (lost) {
     fprintf(stderr, "lego-run: memory node %u (%s:%u, %s) was lost while %s ran%s%s\n", memory->id,
             memory->address.c_str(), memory->port, memory->provider.c_str(), o.argv[0].c_str(),

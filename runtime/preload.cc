@@ -132,7 +132,16 @@ void* region_alloc(extent_hooks_t*, void* new_addr, size_t size, size_t alignmen
 bool region_dalloc(extent_hooks_t*, void*, size_t, bool, unsigned) {
   return true;
 }
+// jemalloc also hands these hooks extents it mapped before they were installed (local
+// memory): those get what jemalloc's default hooks would do.
+bool local_extent(const void* addr) {
+  return !g_rt->va.contains(reinterpret_cast<uintptr_t>(addr));
+}
 void region_destroy(extent_hooks_t*, void* addr, size_t size, bool, unsigned) {
+  if (local_extent(addr)) {
+    syscall(SYS_munmap, addr, size);
+    return;
+  }
   discard(reinterpret_cast<uintptr_t>(addr), size);
   g_rt->va.release(reinterpret_cast<uintptr_t>(addr), size);
 }
@@ -140,6 +149,9 @@ bool region_commit(extent_hooks_t*, void*, size_t, size_t, size_t, unsigned) {
   return false;
 }
 bool region_purge(extent_hooks_t*, void* addr, size_t, size_t offset, size_t length, unsigned) {
+  if (local_extent(addr)) {
+    return syscall(SYS_madvise, static_cast<char*>(addr) + offset, length, MADV_DONTNEED) != 0;
+  }
   discard(reinterpret_cast<uintptr_t>(addr) + offset, length);
   return false;
 }
@@ -204,7 +216,7 @@ void write_stats() {
   report(buf);
 }
 
-__attribute__((constructor(101))) void lego_start() {
+__attribute__((constructor(102))) void lego_start() {
   const char* config_path = getenv("LEGO_CONFIG");
   if (config_path == nullptr) return;  // not under lego-run: a plain program
   auto rt = std::make_unique<Runtime>();
@@ -274,10 +286,11 @@ __attribute__((constructor(101))) void lego_start() {
   for (int i = 0; i < 10000 && g_runtime_threads_ready.load() < expect; i++) usleep(1000);
   if (g_runtime_threads_ready.load() < expect) fail("the runtime's threads did not start");
 
-  // Every automatic arena now takes its memory from the region.
+  // Every arena but ours now takes its memory from the region: the automatic ones and
+  // any huge arena (lego-run sets oversize_threshold:0 so there is none).
   unsigned narenas = 0;
   sz = sizeof(narenas);
-  mallctl("opt.narenas", &narenas, &sz, nullptr, 0);
+  mallctl("arenas.narenas", &narenas, &sz, nullptr, 0);
   extent_hooks_t* hooks = &g_region_hooks;
   for (unsigned i = 0; i < narenas; i++) {
     if (i == local) continue;
@@ -398,6 +411,10 @@ pid_t fork() {
 
 int madvise(void* addr, size_t len, int advice) {
   if (in_region(addr, __builtin_return_address(0))) {
+    if (reinterpret_cast<uintptr_t>(addr) % kPage != 0) {
+      errno = EINVAL;  // as the kernel says
+      return -1;
+    }
     if (advice == MADV_DONTNEED || advice == MADV_FREE || advice == MADV_REMOVE) {
       lego::runtime::discard(reinterpret_cast<uintptr_t>(addr), len);
     }

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# End to end: real programs under lego-run, the memory node in its own network namespace
+# over tcp (lego-run's embedded default as root), a tiny ExCache.
+# Guards: data integrity with racing threads over a heap 8x the ExCache; Debian's python3
+# and sqlite3 with checked results; the resident size of the disaggregated region stays
+# within the ExCache (read from /proc/PID/smaps); exit status, stdin/stdout and signals
+# pass through; a memory node killed mid-run ends the program with exit status 69 and a
+# message naming the node; a cluster file with lego-memd started by hand works.
+set -uo pipefail
+
+root=${TEST_SRCDIR:-}/lego
+[ -d "$root" ] || root=$(cd "$(dirname "$0")/../.." && pwd)/bazel-bin
+LEGO_RUN=$root/runtime/lego-run
+MEMD=$root/daemons/memory/lego-memd
+INTEGRITY=$root/tests/lego_run/lego_integrity
+HERE=$root/tests/lego_run
+[ -f "$HERE/dict_list.py" ] || HERE=$(cd "$(dirname "$0")" && pwd)
+tmp=${TEST_TMPDIR:-$(mktemp -d)}
+
+passed=0
+failed=0
+check() {  # check NAME CONDITION-COMMAND...
+  local name=$1
+  shift
+  if "$@"; then
+    echo "PASS: $name"
+    passed=$((passed + 1))
+  else
+    echo "FAIL: $name"
+    failed=$((failed + 1))
+  fi
+}
+
+# 1. Integrity: 4 threads over a 64 MiB heap with an 8 MiB ExCache.
+out=$("$LEGO_RUN" --excache 8M --stats -- "$INTEGRITY" 64 4 60000 2>"$tmp/integrity.err")
+rc=$?
+cat "$tmp/integrity.err" | grep -E 'misses|write_backs|evictions' | sed 's/^/  /'
+check "integrity under lego-run (64 MiB heap, 8 MiB ExCache, 4 threads)" \
+  [ "$rc" -eq 0 -a "${out#integrity ok}" != "$out" ]
+check "evictions and write-backs happened" grep -qE 'write_backs +[1-9]' "$tmp/integrity.err"
+
+# 2. The same with the sigbus delivery and the clock policy.
+out=$("$LEGO_RUN" --excache 8M --delivery sigbus --policy clock -- "$INTEGRITY" 48 2 40000 2>&1)
+check "integrity with --delivery sigbus --policy clock" [ "${out#integrity ok}" != "$out" ]
+
+# 3. Resident size of the region never exceeds the ExCache (+ 1 MiB slack), from smaps.
+"$LEGO_RUN" --excache 8M -- "$INTEGRITY" 64 2 150000 >/dev/null 2>&1 &
+runner=$!
+max_kb=0
+samples=0
+for _ in $(seq 1 200); do
+  pid=$(pgrep -f "lego_integrity 64 2 150000" | while read -r p; do
+    [ "$(cat /proc/$p/comm 2>/dev/null)" = "lego_integrity" ] && echo "$p"; done | head -1)
+  if [ -n "$pid" ]; then
+    # The region is the largest mapping (64 GiB); its Rss is the resident part of the heap.
+    kb=$(python3 "$HERE/region_rss.py" "$pid")
+    if [ -n "$kb" ]; then
+      samples=$((samples + 1))
+      [ "$kb" -gt "$max_kb" ] && max_kb=$kb
+    fi
+  fi
+  kill -0 $runner 2>/dev/null || break
+  sleep 0.05
+done
+wait $runner
+echo "  region Rss: max $max_kb KiB over $samples samples (ExCache 8192 KiB)"
+check "region resident size <= ExCache + 1 MiB" [ "$samples" -gt 0 -a "$max_kb" -le $((8192 + 1024)) ]
+
+# 4. python3 building and checking a large dict and list, 16 MiB ExCache.
+out=$("$LEGO_RUN" --excache 16M -- /usr/bin/python3 "$HERE/dict_list.py" 2>&1)
+check "python3 dict and list" [ "$(echo "$out" | tail -1)" = "python ok" ]
+
+# 5. sqlite3 with a large in-memory database, 16 MiB ExCache.
+out=$("$LEGO_RUN" --excache 16M -- sqlite3 :memory: < "$HERE/sqlite.sql" 2>&1)
+expected=$'120000|7200060000|48000000\n1237\nok'
+check "sqlite3 in-memory database" [ "$out" = "$expected" ]
+[ "$out" = "$expected" ] || echo "$out" | head -5
+
+# 6. Exit status, stdin/stdout and signals pass through.
+"$LEGO_RUN" --excache 1M -- sh -c 'exit 7' >/dev/null 2>&1
+check "exit status passes through" [ $? -eq 7 ]
+out=$(echo "hello lego" | "$LEGO_RUN" --excache 1M -- cat)
+check "stdin and stdout pass through" [ "$out" = "hello lego" ]
+"$LEGO_RUN" --excache 1M -- sleep 30 &
+runner=$!
+sleep 1.5
+kill -TERM $runner
+wait $runner
+check "SIGTERM reaches the program (128+15)" [ $? -eq 143 ]
+"$LEGO_RUN" --excache 1M -- /nonexistent/program 2>/dev/null
+check "a missing program gives 127" [ $? -eq 127 ]
+
+# 7. Killing the memory node mid-run: exit status 69 and a message naming the node.
+"$LEGO_RUN" --excache 4M -- "$INTEGRITY" 64 2 5000000 >"$tmp/kill.out" 2>"$tmp/kill.err" &
+runner=$!
+sleep 3
+pkill -KILL -P $runner -x lego-memd
+wait $runner
+rc=$?
+grep -E 'lego|memory' "$tmp/kill.err" | head -3 | sed 's/^/  /'
+check "killed memory node: exit 69" [ "$rc" -eq 69 ]
+check "killed memory node: message names it" grep -q "memory node 2" "$tmp/kill.err"
+
+# 8. A cluster file and a lego-memd started by hand in its own namespace.
+ns=lego-rt-$$
+ip netns add $ns
+ip link add lrt$$a type veth peer name lrt$$b
+ip link set lrt$$b netns $ns
+net=$((100 + $$ % 100))
+ip addr add 10.$net.77.1/30 dev lrt$$a && ip link set lrt$$a up
+ip -n $ns addr add 10.$net.77.2/30 dev lrt$$b && ip -n $ns link set lrt$$b up && ip -n $ns link set lo up
+key=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+cat > "$tmp/cluster.toml" <<TOML
+[cluster]
+key = "$key"
+[[node]]
+id = 1
+role = "processor"
+address = "10.$net.77.1"
+port = 19101
+[[node]]
+id = 7
+role = "memory"
+address = "10.$net.77.2"
+port = 19107
+progress = "blocking"
+TOML
+ip netns exec $ns "$MEMD" --config "$tmp/cluster.toml" --node 7 --capacity 256M 2>"$tmp/memd.err" &
+memd=$!
+sleep 1
+out=$("$LEGO_RUN" --config "$tmp/cluster.toml" --excache 4M -- "$INTEGRITY" 32 2 50000 2>&1)
+check "--config with a hand-started lego-memd" [ "${out#integrity ok}" != "$out" ]
+status=$("$MEMD" --status --config "$tmp/cluster.toml" --node 7 2>&1)
+check "lego-memd --status answers, and the finished process's space was freed" \
+  grep -q '^spaces_open 0' <<<"$status"
+kill $memd
+wait $memd 2>/dev/null
+ip netns del $ns
+ip link del lrt$$a 2>/dev/null
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
