@@ -117,13 +117,37 @@ void discard(uintptr_t addr, size_t len) {
   if (!st) say("lego: discarding %zu bytes at %#lx: %s\n", len, addr, st.message().c_str());
 }
 
+// A range of the region with space promised on the memory node, or 0 (errno ENOMEM)
+// when the memory node is full or the region has no room: the allocation fails.
+uintptr_t take(size_t size, size_t align) {
+  size = (size + kPage - 1) & ~(kPage - 1);
+  if (!g_rt->backend->reserve(static_cast<int64_t>(size))) {
+    errno = ENOMEM;
+    return 0;
+  }
+  uintptr_t a = g_rt->va.allocate(size, align);
+  if (a == 0) {
+    (void)g_rt->backend->reserve(-static_cast<int64_t>(size));
+    errno = ENOMEM;
+  }
+  return a;
+}
+
+// Frees a range taken with take(): its lines, its address space and its promise.
+void give(uintptr_t addr, size_t size) {
+  size = (size + kPage - 1) & ~(kPage - 1);
+  discard(addr, size);
+  g_rt->va.release(addr, size);
+  (void)g_rt->backend->reserve(-static_cast<int64_t>(size));
+}
+
 // --- jemalloc extent hooks for the program's arenas: memory from the region.
 
 void* region_alloc(extent_hooks_t*, void* new_addr, size_t size, size_t alignment, bool* zero,
                    bool* commit, unsigned) {
   if (new_addr != nullptr) return nullptr;  // no growing in place; jemalloc copes
-  uintptr_t a = g_rt->va.allocate(size, alignment);
-  if (a == 0) return nullptr;  // region exhausted: malloc fails with ENOMEM
+  uintptr_t a = take(size, alignment);
+  if (a == 0) return nullptr;  // memory node full or region exhausted: malloc fails
   *zero = true;                // fresh or discarded ranges read as zeros
   *commit = true;
   return reinterpret_cast<void*>(a);
@@ -142,8 +166,7 @@ void region_destroy(extent_hooks_t*, void* addr, size_t size, bool, unsigned) {
     syscall(SYS_munmap, addr, size);
     return;
   }
-  discard(reinterpret_cast<uintptr_t>(addr), size);
-  g_rt->va.release(reinterpret_cast<uintptr_t>(addr), size);
+  give(reinterpret_cast<uintptr_t>(addr), size);
 }
 bool region_commit(extent_hooks_t*, void*, size_t, size_t, size_t, unsigned) {
   return false;
@@ -331,11 +354,8 @@ void* mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off) {
   if (g_active.load(std::memory_order_relaxed) && addr == nullptr && fd == -1 &&
       (flags & kPlain) == kPlain && (flags & ~kAllowed) == 0 && prot == (PROT_READ | PROT_WRITE) &&
       len > 0 && !internal_caller(__builtin_return_address(0))) {
-    uintptr_t a = g_rt->va.allocate(len, kPage);
-    if (a == 0) {
-      errno = ENOMEM;
-      return MAP_FAILED;
-    }
+    uintptr_t a = lego::runtime::take(len, kPage);
+    if (a == 0) return MAP_FAILED;
     return reinterpret_cast<void*>(a);
   }
   return reinterpret_cast<void*>(syscall(SYS_mmap, addr, len, prot, flags, fd, off));
@@ -350,8 +370,7 @@ int munmap(void* addr, size_t len) {
       errno = EINVAL;
       return -1;
     }
-    lego::runtime::discard(reinterpret_cast<uintptr_t>(addr), len);
-    g_rt->va.release(reinterpret_cast<uintptr_t>(addr), len);
+    lego::runtime::give(reinterpret_cast<uintptr_t>(addr), len);
     return 0;
   }
   return static_cast<int>(syscall(SYS_munmap, addr, len));
@@ -367,24 +386,17 @@ void* mremap(void* old, size_t old_len, size_t new_len, int flags, ...) {
       return MAP_FAILED;
     }
     if (new_r <= old_r) {
-      if (new_r < old_r) {
-        lego::runtime::discard(o + new_r, old_r - new_r);
-        g_rt->va.release(o + new_r, old_r - new_r);
-      }
+      if (new_r < old_r) lego::runtime::give(o + new_r, old_r - new_r);
       return old;
     }
     if (!(flags & MREMAP_MAYMOVE)) {
       errno = ENOMEM;
       return MAP_FAILED;
     }
-    uintptr_t n = g_rt->va.allocate(new_r, kPage);
-    if (n == 0) {
-      errno = ENOMEM;
-      return MAP_FAILED;
-    }
+    uintptr_t n = lego::runtime::take(new_r, kPage);
+    if (n == 0) return MAP_FAILED;
     memcpy(reinterpret_cast<void*>(n), old, old_len);
-    lego::runtime::discard(o, old_r);
-    g_rt->va.release(o, old_r);
+    lego::runtime::give(o, old_r);
     return reinterpret_cast<void*>(n);
   }
   va_list ap;

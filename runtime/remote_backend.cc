@@ -144,6 +144,13 @@ Status RemoteBackend::release(uint64_t addr, uint64_t length) {
   return r.status();
 }
 
+Status RemoteBackend::reserve(int64_t delta_bytes) {
+  mem::ReserveRequest req{handle_, delta_bytes};
+  auto r = node_->send_reply(memory_, mem::kReserve,
+                             {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, {});
+  return r.status();
+}
+
 Status RemoteBackend::close() {
   stop_ = true;
   if (heartbeat_.joinable()) heartbeat_.join();

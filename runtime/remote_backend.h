@@ -29,6 +29,10 @@ class RemoteBackend : public LineBackend {
   Status write_back(std::span<const WriteBack> lines) override;
   Status release(uint64_t addr, uint64_t length) override;
 
+  // Asks the memory node to promise (delta > 0) or release (delta < 0) space for this
+  // process. ENOMEM when it cannot. No allocation; callable from jemalloc's hooks.
+  Status reserve(int64_t delta_bytes);
+
   // Frees the address space on the memory node. Later calls fail.
   Status close();
   fit::NodeId memory_node() const { return memory_; }

@@ -46,7 +46,8 @@ struct MemoryNode::Impl {
     std::string program;
     std::unordered_map<uint64_t, uint32_t> lines;  // line address -> pool slot. Guarded by mu.
     std::atomic<int64_t> last_seen_ns{0};
-    bool closed = false;  // guarded by mu
+    uint64_t reserved = 0;  // bytes promised to this space; guarded by mu
+    bool closed = false;    // guarded by mu
   };
 
   MemoryNodeOptions options;
@@ -59,6 +60,7 @@ struct MemoryNode::Impl {
   uint32_t pool_lines = 0;
   std::mutex pool_mu;
   std::vector<uint32_t> free_slots;  // guarded by pool_mu
+  uint64_t reserved_total = 0;       // sum of the spaces' reservations; guarded by pool_mu
   uint32_t never_used = 0;           // slots [never_used, pool_lines) untouched; pool_mu
 
   struct Counters {
@@ -91,6 +93,8 @@ struct MemoryNode::Impl {
 
   void free_lines(Space& sp) {
     std::lock_guard<std::mutex> g(pool_mu);
+    reserved_total -= sp.reserved;
+    sp.reserved = 0;
     for (auto& [addr, s] : sp.lines) free_slot_locked(s);
     c.lines_stored -= sp.lines.size();
     sp.lines.clear();
@@ -299,6 +303,36 @@ struct MemoryNode::Impl {
     return size_t{0};
   }
 
+  Result<size_t> reserve(const fit::RpcContext& ctx, std::span<const std::byte> req) {
+    ReserveRequest r;
+    if (!read_struct(req, &r) || req.size() != sizeof(r)) {
+      c.refused++;
+      return Status(EPROTO, "reserve: malformed request");
+    }
+    auto sp = lookup(r.handle, ctx.from);
+    if (!sp) return sp.status();
+    Space& s = *sp.value();
+    std::lock_guard<std::mutex> g(s.mu);
+    std::lock_guard<std::mutex> pg(pool_mu);
+    if (r.delta_bytes < 0) {
+      uint64_t give = std::min<uint64_t>(s.reserved, static_cast<uint64_t>(-r.delta_bytes));
+      s.reserved -= give;
+      reserved_total -= give;
+      return size_t{0};
+    }
+    uint64_t want = static_cast<uint64_t>(r.delta_bytes);
+    if (want > options.capacity_bytes || reserved_total + want > options.capacity_bytes) {
+      c.refused++;
+      return Status(ENOMEM, "memory node is full: " + std::to_string(reserved_total >> 20) +
+                                " of " + std::to_string(options.capacity_bytes >> 20) +
+                                " MiB promised, " + std::to_string(want >> 10) +
+                                " KiB more asked for by pid " + std::to_string(s.pid));
+    }
+    s.reserved += want;
+    reserved_total += want;
+    return size_t{0};
+  }
+
   Result<size_t> heartbeat(const fit::RpcContext& ctx, std::span<const std::byte> req) {
     SpaceRequest r;
     if (!read_struct(req, &r)) {
@@ -342,6 +376,8 @@ void MemoryNode::serve(fit::Node& node) {
                               std::span<std::byte>) { return m->write_back(ctx, req); });
   node.handle(kRelease, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
                             std::span<std::byte>) { return m->release(ctx, req); });
+  node.handle(kReserve, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
+                            std::span<std::byte>) { return m->reserve(ctx, req); });
   node.handle(kHeartbeat, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
                               std::span<std::byte>) { return m->heartbeat(ctx, req); });
   node.handle(kStatus,
@@ -395,6 +431,10 @@ MemoryNodeStats MemoryNode::stats() const {
   s.spaces_expired = c.spaces_expired;
   s.lines_stored = c.lines_stored;
   s.lines_capacity = impl_->pool_lines;
+  {
+    std::lock_guard<std::mutex> g(impl_->pool_mu);
+    s.bytes_reserved = impl_->reserved_total;
+  }
   s.fetches = c.fetches;
   s.fetch_zero = c.fetch_zero;
   s.write_backs = c.write_backs;
@@ -413,6 +453,7 @@ std::string MemoryNode::status_text() const {
     << "lines_stored " << s.lines_stored << "\n"
     << "lines_capacity " << s.lines_capacity << "\n"
     << "bytes_stored " << s.lines_stored * kLineBytes << "\n"
+    << "bytes_reserved " << s.bytes_reserved << "\n"
     << "fetches " << s.fetches << "\n"
     << "fetch_zero " << s.fetch_zero << "\n"
     << "write_backs " << s.write_backs << "\n"

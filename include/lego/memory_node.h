@@ -33,6 +33,7 @@ struct MemoryNodeStats {
   uint64_t spaces_expired = 0;  // freed because their lease ran out
   uint64_t lines_stored = 0;    // lines held now
   uint64_t lines_capacity = 0;  // lines the pool can hold
+  uint64_t bytes_reserved = 0;  // promised to processes now (kReserve)
   uint64_t fetches = 0;         // lines asked for
   uint64_t fetch_zero = 0;      // ... that were never stored (answered as zeros)
   uint64_t write_backs = 0;     // lines written back

@@ -9,6 +9,12 @@
 // another's memory even from the same processor node. A space is freed by kClose, or when
 // no request (kHeartbeat included) arrived for the lease time (its processor is lost).
 //
+// Capacity: a process reserves bytes (kReserve) before it uses a range (its allocator maps
+// an extent, it mmaps), and releases them when the range is freed. The memory node
+// promises every reserved byte a place, so write-backs never fail for space; when it
+// cannot promise more, kReserve fails with ENOMEM and the allocation fails as malloc
+// failing would.
+//
 // Lines: 4 KiB, addressed by their virtual address in the process. A line never written
 // back reads as zeros and takes no memory-node space; an all-zero write-back frees it.
 #pragma once
@@ -32,6 +38,7 @@ enum Opcode : uint16_t {
   kRelease,       // ReleaseRequest -> (empty): the range was unmapped or discarded
   kHeartbeat,     // SpaceRequest -> (empty): keeps the lease
   kStatus,        // (empty) -> UTF-8 text: the node's state and counters
+  kReserve,       // ReserveRequest -> (empty); ENOMEM when the node cannot promise it
 };
 
 struct SpaceHandle {
@@ -91,5 +98,11 @@ struct ReleaseRequest {
   uint64_t length;  // multiple of 4 KiB
 };
 static_assert(sizeof(ReleaseRequest) == 40);
+
+struct ReserveRequest {
+  SpaceHandle handle;
+  int64_t delta_bytes;  // > 0 reserve, < 0 release (never below zero for the space)
+};
+static_assert(sizeof(ReserveRequest) == 32);
 
 }  // namespace lego::mem

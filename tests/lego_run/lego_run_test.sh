@@ -76,6 +76,18 @@ expected=$'120000|7200060000|48000000\n1237\nok'
 check "sqlite3 in-memory database" [ "$out" = "$expected" ]
 [ "$out" = "$expected" ] || echo "$out" | head -5
 
+# 5b. A full memory node: the allocation fails as malloc failing would (Python's
+# MemoryError), the program goes on, and the memory node stays up.
+out=$("$LEGO_RUN" --excache 8M --memory-capacity 64M -- /usr/bin/python3 -c '
+try:
+    x = bytearray(200 * 1024 * 1024)
+except MemoryError:
+    print("MemoryError")
+y = bytearray(16 * 1024 * 1024)
+y[-1] = 7
+print("alive", y[-1])' 2>&1)
+check "full memory node: MemoryError, and the program goes on" [ "$out" = $'MemoryError\nalive 7' ]
+
 # 6. Exit status, stdin/stdout and signals pass through.
 "$LEGO_RUN" --excache 1M -- sh -c 'exit 7' >/dev/null 2>&1
 check "exit status passes through" [ $? -eq 7 ]

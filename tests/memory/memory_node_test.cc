@@ -235,3 +235,31 @@ TEST_CASE("an idle space expires and a heartbeat keeps it", "[memd][lease]") {
   CHECK(rig.memory->stats().spaces_expired == 1);
   CHECK(rig.memory->stats().lines_stored == 0);
 }
+
+TEST_CASE("reservations are bounded by capacity and freed with the space", "[memd][capacity]") {
+  MemoryNodeOptions o;
+  o.capacity_bytes = 1 << 20;
+  Rig rig(o);
+  SpaceHandle a = rig.open();
+  SpaceHandle b = rig.open();
+  auto reserve = [&](const SpaceHandle& h, int64_t delta) {
+    ReserveRequest r{h, delta};
+    std::vector<std::byte> req(sizeof(r)), rep(8);
+    memcpy(req.data(), &r, sizeof(r));
+    return rig.call(kReserve, req, rep).status();
+  };
+  REQUIRE(reserve(a, 768 << 10).is_ok());
+  Status full = reserve(b, 512 << 10);
+  REQUIRE(full.code() == ENOMEM);
+  CHECK_THAT(full.message(), Catch::Contains("full"));
+  REQUIRE(reserve(b, 256 << 10).is_ok());
+  CHECK(rig.memory->stats().bytes_reserved == 1 << 20);
+  REQUIRE(reserve(a, -(512 << 10)).is_ok());
+  REQUIRE(reserve(b, 512 << 10).is_ok());
+  // Closing a space returns its promise.
+  SpaceRequest close{b};
+  std::vector<std::byte> req(sizeof(close)), rep(8);
+  memcpy(req.data(), &close, sizeof(close));
+  REQUIRE(rig.call(kClose, req, rep).is_ok());
+  CHECK(rig.memory->stats().bytes_reserved == 256 << 10);
+}
