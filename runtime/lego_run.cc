@@ -82,13 +82,9 @@ struct Options {
 }
 
 long number(const char* flag, const char* text) {
-  char* end = nullptr;
-  errno = 0;
-  long v = strtol(text, &end, 10);
-  if (errno != 0 || end == text || *end != '\0' || v < 0 || v > 65535) {
-    die(std::string(flag) + ": '" + text + "' is not a node id (0..65535)", 2);
-  }
-  return v;
+  auto v = parse_int(text, flag, 0, 65535);
+  if (!v) die(v.status().message() + " (a node id)", 2);
+  return v.value();
 }
 
 Options parse(int argc, char** argv) {

@@ -54,15 +54,9 @@ void on_signal(int) {
 }
 
 long number(const char* flag, const char* text, long lo, long hi) {
-  char* end = nullptr;
-  errno = 0;
-  long v = strtol(text, &end, 10);
-  if (errno != 0 || end == text || *end != '\0' || v < lo || v > hi) {
-    die(std::string(flag) + ": '" + text + "' is not a number in " + std::to_string(lo) + ".." +
-            std::to_string(hi),
-        2);
-  }
-  return v;
+  auto v = parse_int(text, flag, lo, hi);
+  if (!v) die(v.status().message(), 2);
+  return v.value();
 }
 
 int status(const fit::ClusterConfig& config, fit::NodeId node, long as) {

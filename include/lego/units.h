@@ -43,6 +43,18 @@ inline Result<uint64_t> parse_size(const std::string& text, const std::string& f
   return static_cast<uint64_t>(v << shift);
 }
 
+// A decimal integer flag within [lo, hi]; EINVAL names the flag, the text and the range.
+inline Result<long> parse_int(const std::string& text, const std::string& flag, long lo, long hi) {
+  char* end = nullptr;
+  errno = 0;
+  long v = strtol(text.c_str(), &end, 10);
+  if (errno != 0 || end == text.c_str() || *end != '\0' || v < lo || v > hi) {
+    return Status(EINVAL, flag + ": '" + text + "' is not a number in " + std::to_string(lo) +
+                              ".." + std::to_string(hi));
+  }
+  return v;
+}
+
 // 67108864 -> "64 MiB"; exact multiples only, otherwise bytes.
 inline std::string format_size(uint64_t bytes) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};

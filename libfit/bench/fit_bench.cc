@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "lego/fit.h"
+#include "lego/units.h"
 #include "libfit/bench/floors.h"
 #include "tests/netns/netns.h"
 
@@ -80,14 +81,9 @@ std::vector<std::string> split(const std::string& s) {
 }
 
 long parse_number(const std::string& s, const char* what, long lo, long hi) {
-  char* end = nullptr;
-  errno = 0;
-  long v = strtol(s.c_str(), &end, 10);
-  if (errno != 0 || end == s.c_str() || *end != '\0' || v < lo || v > hi) {
-    die(std::string(what) + ": '" + s + "' is not a number in " + std::to_string(lo) + ".." +
-        std::to_string(hi));
-  }
-  return v;
+  auto v = parse_int(s, what, lo, hi);
+  if (!v) die(v.status().message());
+  return v.value();
 }
 
 Options parse(int argc, char** argv) {
