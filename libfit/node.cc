@@ -638,6 +638,7 @@ void Node::Impl::ServerThread::run() {
   fi_cq_msg_entry e[16];
   fi_addr_t src[16];
   auto last_housekeeping = Clock::now();
+  auto last_events = last_housekeeping;
   uint64_t spins = 0;
   while (!node->stopping.load(std::memory_order_relaxed)) {
     bool rdm = !node->msg;
@@ -653,22 +654,22 @@ void Node::Impl::ServerThread::run() {
         auto* conn = static_cast<ServerConn*>(c->owner);
         if (node->msg) {
           conn->dead = true;
-        } else if (c->type == OpType::kSend) {
-          post_recv(*conn, c->index);
         } else {
-          post_recv(*conn, c->index);
+          post_recv(*conn, c->index);  // the slot pair is free again
         }
       }
     } else if (n > 0) {
       for (ssize_t k = 0; k < n; k++) handle_completion(e[k], rdm ? src[k] : FI_ADDR_UNSPEC);
-      continue;
     } else {
       nap_if_needed(node->blocking, waitable);
     }
-    if (node->blocking || (++spins & 255) == 0) {
+    // Connection events and reaping every 256 rounds or 5 ms, busy or not: a loaded
+    // server must still accept new clients.
+    auto now = Clock::now();
+    if ((++spins & 255) == 0 || now - last_events > std::chrono::milliseconds(kBlockingSliceMs)) {
+      last_events = now;
       if (index == 0 && node->msg) handle_eq();
       if (node->msg) reap_closed();
-      auto now = Clock::now();
       if (rdm && now - last_housekeeping > std::chrono::milliseconds(500)) {
         reap_dead_rdm_peers();
         last_housekeeping = now;

@@ -142,6 +142,19 @@ memd=$!
 sleep 1
 out=$("$LEGO_RUN" --config "$tmp/cluster.toml" --excache 4M -- "$INTEGRITY" 32 2 50000 2>&1)
 check "--config with a hand-started lego-memd" [ "${out#integrity ok}" != "$out" ]
+# Two programs on one memory node at once, each in its own address space.
+"$LEGO_RUN" --config "$tmp/cluster.toml" --excache 4M -- "$INTEGRITY" 24 2 60000 >"$tmp/a.out" 2>&1 &
+a=$!
+"$LEGO_RUN" --config "$tmp/cluster.toml" --excache 4M -- "$INTEGRITY" 24 2 60000 >"$tmp/b.out" 2>&1 &
+b=$!
+sleep 1
+spaces=$("$MEMD" --status --config "$tmp/cluster.toml" --node 7 2>&1 | grep -c '^space ')
+wait $a
+ra=$?
+wait $b
+rb=$?
+check "two programs at once on one memory node ($spaces spaces seen)" \
+  [ "$ra" -eq 0 -a "$rb" -eq 0 -a "$spaces" -eq 2 ]
 status=$("$MEMD" --status --config "$tmp/cluster.toml" --node 7 2>&1)
 check "lego-memd --status answers, and the finished process's space was freed" \
   grep -q '^spaces_open 0' <<<"$status"

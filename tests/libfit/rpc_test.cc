@@ -249,3 +249,25 @@ TEST_CASE("connect opens every channel up front", "[rpc]") {
   REQUIRE(p.client->send_reply(2, kEcho, as_bytes("ok"), reply).is_ok());
   CHECK(p.client->connect(99).code() == EHOSTUNREACH);
 }
+
+TEST_CASE("a busy server still accepts new clients", "[rpc]") {
+  for (Progress progress : {Progress::kPolling, Progress::kBlocking}) {
+    auto c = make_cluster(3, "tcp", progress);
+    c.nodes[2].role = Role::kProcessor;  // node 3: a second client
+    auto p = make_pair(c);
+    std::atomic<bool> stop{false};
+    std::thread busy([&] {
+      std::vector<std::byte> reply(64);
+      while (!stop) (void)p.client->send_reply(2, kEcho, as_bytes("busy"), reply);
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    auto late = Node::create(c, 3);
+    REQUIRE(late.is_ok());
+    std::vector<std::byte> reply(64);
+    auto r = late.value()->send_reply(2, kEcho, as_bytes("late"), reply);
+    stop = true;
+    busy.join();
+    INFO(r.status().message());
+    REQUIRE(r.is_ok());
+  }
+}
