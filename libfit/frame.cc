@@ -71,4 +71,32 @@ void encode_header(std::span<std::byte> out, Kind kind, uint16_t opcode, uint32_
   std::memcpy(out.data(), &h, sizeof(h));
 }
 
+uint64_t compact_data(Kind kind, uint16_t opcode, uint64_t request_id) {
+  return (request_id << 32) | (uint64_t{opcode} << 16) |
+         (uint64_t{static_cast<uint8_t>(kind)} << 8) | kCompactMarker;
+}
+
+Result<FrameView> decode_compact(uint64_t data, std::span<const std::byte> payload,
+                                 size_t max_payload, uint32_t source_node) {
+  if ((data & 0xff) != kCompactMarker) return Status(EPROTO, "bad compact FIT frame marker");
+  auto kind = static_cast<uint8_t>(data >> 8);
+  if (kind != static_cast<uint8_t>(Kind::kRequest) && kind != static_cast<uint8_t>(Kind::kReply)) {
+    return Status(EPROTO, std::string("compact FIT frame of kind ") + kind_name(kind));
+  }
+  if (payload.size() > max_payload) {
+    return Status(EMSGSIZE, "compact FIT frame of " + std::to_string(payload.size()) +
+                                " bytes exceeds the limit of " + std::to_string(max_payload));
+  }
+  FrameView v{};
+  v.header.magic = kMagic;
+  v.header.version = kVersion;
+  v.header.kind = kind;
+  v.header.opcode = static_cast<uint16_t>(data >> 16);
+  v.header.length = static_cast<uint32_t>(payload.size());
+  v.header.request_id = data >> 32;
+  v.header.source_node = source_node;
+  v.payload = payload;
+  return v;
+}
+
 }  // namespace lego::fit::wire

@@ -1,9 +1,11 @@
-// libFuzzer target for decode_frame(), the only reader of untrusted bytes in libfit.
+// libFuzzer target for decode_frame() and decode_compact(), the only readers of untrusted
+// bytes in libfit.
 // Build: bazel build --config=fuzz //libfit:fuzz_frame ; run: bazel-bin/libfit/fuzz_frame
 // -max_total_time=30. Any crash, sanitizer report or an accepted frame whose payload view
 // leaves the input is a bug.
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <span>
 
 #include "lego/fit_wire.h"
@@ -19,6 +21,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         v.payload.size() != v.header.length || v.payload.size() > limit) {
       abort();
     }
+  }
+  // Compact frames: the first 8 bytes play the CQ data, the rest the payload.
+  if (size >= 8) {
+    uint64_t cq_data;
+    memcpy(&cq_data, data, sizeof(cq_data));
+    auto compact = lego::fit::wire::decode_compact(cq_data, bytes.subspan(8), 4096, 1);
+    if (compact && compact.value().payload.size() > 4096) abort();
   }
   return 0;
 }

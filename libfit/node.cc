@@ -91,7 +91,7 @@ bool pid_gone(pid_t pid) {
 
 // Reads completions; returns count (>0), 0 when none, or a negative fi error. In blocking
 // mode waits up to `wait_ms` for the first one.
-ssize_t read_cq(fid_cq* cq, fi_cq_msg_entry* entries, size_t n, bool blocking, int wait_ms,
+ssize_t read_cq(fid_cq* cq, fi_cq_data_entry* entries, size_t n, bool blocking, int wait_ms,
                 fi_addr_t* src = nullptr) {
   ssize_t ret;
   if (blocking && wait_ms > 0) {
@@ -107,7 +107,7 @@ ssize_t read_cq(fid_cq* cq, fi_cq_msg_entry* entries, size_t n, bool blocking, i
 Status open_cq(ofi::Domain& d, bool blocking, size_t size, ofi::Fid<fid_cq>& cq, bool* waitable) {
   fi_cq_attr attr{};
   attr.size = size;
-  attr.format = FI_CQ_FORMAT_MSG;
+  attr.format = FI_CQ_FORMAT_DATA;
   // shm's "wait" spins in sched_yield and ignores the timeout (libfabric 1.17), so for it
   // blocking mode naps between non-blocking polls instead.
   bool use_wait = blocking && strcmp(d.info->fabric_attr->prov_name, "shm") != 0;
@@ -224,7 +224,7 @@ struct Node::Impl {
   Status post_frame(ClientChannel& ch, int slot, Kind kind, uint16_t opcode,
                     std::span<const std::byte> payload, uint64_t id);
   Status progress(ClientChannel& ch, int wait_ms);
-  void on_client_recv(ClientChannel& ch, int i, size_t len);
+  void on_client_recv(ClientChannel& ch, const fi_cq_data_entry& e, int i);
   Status wait_control(ClientChannel& ch, Kind want, Clock::time_point deadline);
   void fail_channel(ClientChannel& ch, Status why);
   Result<int> start_call(ClientChannel& ch, uint16_t opcode, std::span<const std::byte> request,
@@ -292,8 +292,8 @@ struct Node::Impl::ServerThread {
 
   void run();
   void handle_eq();
-  void handle_completion(const fi_cq_msg_entry& e, fi_addr_t src);
-  void serve(ServerConn& conn, int slot, size_t len, fi_addr_t src);
+  void handle_completion(const fi_cq_data_entry& e, fi_addr_t src);
+  void serve(ServerConn& conn, int slot, const fi_cq_data_entry& e, fi_addr_t src);
   void post_recv(ServerConn& conn, int slot);
   void send(ServerConn& conn, int slot, fi_addr_t to, Kind kind, uint16_t opcode, uint32_t length,
             int32_t status, uint64_t id);
@@ -317,7 +317,7 @@ void Node::Impl::ServerThread::post_recv(ServerConn& conn, int slot) {
       }
       return;
     }
-    fi_cq_msg_entry e[8];
+    fi_cq_data_entry e[8];
     ssize_t n = read_cq(cq.get(), e, 8, false, 0);
     for (ssize_t k = 0; k < n; k++) handle_completion(e[k], FI_ADDR_NOTAVAIL);
   }
@@ -326,10 +326,14 @@ void Node::Impl::ServerThread::post_recv(ServerConn& conn, int slot) {
 void Node::Impl::ServerThread::send(ServerConn& conn, int slot, fi_addr_t to, Kind kind,
                                     uint16_t opcode, uint32_t length, int32_t status, uint64_t id) {
   std::byte* buf = conn.bufs->slot(slot);
-  wire::encode_header({buf, kHeader}, kind, opcode, length, status, id, node->self.id);
+  bool compact = !node->msg && kind == Kind::kReply;
+  if (!compact)
+    wire::encode_header({buf, kHeader}, kind, opcode, length, status, id, node->self.id);
   OpCtx& c = conn.send_ctx[slot];
   for (;;) {
-    ssize_t r = fi_send(conn.ep, buf, kHeader + length, conn.bufs->desc(), to, &c.fi);
+    ssize_t r = compact ? fi_senddata(conn.ep, buf + kHeader, length, conn.bufs->desc(),
+                                      wire::compact_data(kind, opcode, id), to, &c.fi)
+                        : fi_send(conn.ep, buf, kHeader + length, conn.bufs->desc(), to, &c.fi);
     if (r == 0) {
       node->counters.bytes_sent.fetch_add(length, std::memory_order_relaxed);
       return;
@@ -340,7 +344,7 @@ void Node::Impl::ServerThread::send(ServerConn& conn, int slot, fi_addr_t to, Ki
       conn.dead = true;
       return;
     }
-    fi_cq_msg_entry e[8];
+    fi_cq_data_entry e[8];
     ssize_t n = read_cq(cq.get(), e, 8, false, 0);
     for (ssize_t k = 0; k < n; k++) handle_completion(e[k], FI_ADDR_NOTAVAIL);
   }
@@ -354,10 +358,13 @@ void Node::Impl::ServerThread::send_error(ServerConn& conn, int slot, fi_addr_t 
   send(conn, slot, to, Kind::kError, opcode, static_cast<uint32_t>(n), st.code(), id);
 }
 
-void Node::Impl::ServerThread::serve(ServerConn& conn, int slot, size_t len, fi_addr_t src) {
+void Node::Impl::ServerThread::serve(ServerConn& conn, int slot, const fi_cq_data_entry& e,
+                                     fi_addr_t src) {
   std::byte* in = conn.bufs->slot(kWindow + slot);
   size_t max_payload = node->config.max_message_bytes;
-  auto frame = wire::decode_frame({in, len}, max_payload);
+  bool compact = !node->msg && (e.flags & FI_REMOTE_CQ_DATA) != 0;
+  auto frame = compact ? wire::decode_compact(e.data, {in, e.len}, max_payload, 0)
+                       : wire::decode_frame({in, e.len}, max_payload);
   fi_addr_t to = node->msg ? FI_ADDR_UNSPEC : src;
 
   ServerConn* peer = &conn;
@@ -501,12 +508,12 @@ void Node::Impl::ServerThread::serve(ServerConn& conn, int slot, size_t len, fi_
   }
 }
 
-void Node::Impl::ServerThread::handle_completion(const fi_cq_msg_entry& e, fi_addr_t src) {
+void Node::Impl::ServerThread::handle_completion(const fi_cq_data_entry& e, fi_addr_t src) {
   auto* c = static_cast<OpCtx*>(e.op_context);
   auto* conn = static_cast<ServerConn*>(c->owner);
   if (conn->dead && node->msg) return;  // reaped soon; nothing to do for it
   if (c->type == OpType::kRecv) {
-    serve(*conn, c->index, e.len, src);
+    serve(*conn, c->index, e, src);
   } else if (c->type == OpType::kSend) {
     if (conn->close_after_send) {
       conn->dead = true;
@@ -602,7 +609,7 @@ void Node::Impl::ServerThread::reap_closed() {
   }
   // Completions already queued may still name the closed connections: serve the queue
   // dry (handle_completion skips dead connections) before freeing them.
-  fi_cq_msg_entry e[16];
+  fi_cq_data_entry e[16];
   for (;;) {
     ssize_t n = read_cq(cq.get(), e, 16, false, 0);
     if (n == -FI_EAVAIL) {
@@ -635,7 +642,7 @@ void Node::Impl::ServerThread::reap_dead_rdm_peers() {
 }
 
 void Node::Impl::ServerThread::run() {
-  fi_cq_msg_entry e[16];
+  fi_cq_data_entry e[16];
   fi_addr_t src[16];
   auto last_housekeeping = Clock::now();
   auto last_events = last_housekeeping;
@@ -802,13 +809,19 @@ Status Node::Impl::post_recv(ClientChannel& ch, int i) {
 Status Node::Impl::post_frame(ClientChannel& ch, int slot, Kind kind, uint16_t opcode,
                               std::span<const std::byte> payload, uint64_t id) {
   std::byte* buf = ch.bufs.slot(slot);
-  wire::encode_header({buf, kHeader}, kind, opcode, static_cast<uint32_t>(payload.size()), 0, id,
-                      self.id);
+  bool compact = !msg && kind == Kind::kRequest;
+  if (!compact) {
+    wire::encode_header({buf, kHeader}, kind, opcode, static_cast<uint32_t>(payload.size()), 0, id,
+                        self.id);
+  }
   if (!payload.empty()) memcpy(buf + kHeader, payload.data(), payload.size());
   ch.slots[slot].send_pending = true;
   for (;;) {
-    ssize_t r = fi_send(ch.ep.get(), buf, kHeader + payload.size(), ch.bufs.desc(), ch.dest,
-                        &ch.send_ctx[slot].fi);
+    ssize_t r =
+        compact ? fi_senddata(ch.ep.get(), buf + kHeader, payload.size(), ch.bufs.desc(),
+                              wire::compact_data(kind, opcode, id), ch.dest, &ch.send_ctx[slot].fi)
+                : fi_send(ch.ep.get(), buf, kHeader + payload.size(), ch.bufs.desc(), ch.dest,
+                          &ch.send_ctx[slot].fi);
     if (r == 0) break;
     if (r != -FI_EAGAIN) {
       ch.slots[slot].send_pending = false;
@@ -826,9 +839,12 @@ Status Node::Impl::post_frame(ClientChannel& ch, int slot, Kind kind, uint16_t o
   return Status();
 }
 
-void Node::Impl::on_client_recv(ClientChannel& ch, int i, size_t len) {
+void Node::Impl::on_client_recv(ClientChannel& ch, const fi_cq_data_entry& e, int i) {
   std::byte* buf = ch.bufs.slot(kWindow + i);
-  auto frame = wire::decode_frame({buf, len}, config.max_message_bytes);
+  bool compact = !msg && (e.flags & FI_REMOTE_CQ_DATA) != 0;
+  auto frame = compact
+                   ? wire::decode_compact(e.data, {buf, e.len}, config.max_message_bytes, ch.peer)
+                   : wire::decode_frame({buf, e.len}, config.max_message_bytes);
   if (!frame) {
     fail_channel(
         ch, frame.status().with_context(who() + ": reply from node " + std::to_string(ch.peer)));
@@ -842,7 +858,11 @@ void Node::Impl::on_client_recv(ClientChannel& ch, int i, size_t len) {
       ch.control_payload.assign(frame->payload.begin(), frame->payload.end());
     } else if (kind == Kind::kReply || kind == Kind::kError) {
       for (auto& s : ch.slots) {
-        if (!s.in_use || s.done || s.id != h.request_id) continue;
+        // Compact frames carry the low 32 bits of the id; 16 calls in flight never wrap.
+        if (!s.in_use || s.done ||
+            static_cast<uint32_t>(s.id) != static_cast<uint32_t>(h.request_id)) {
+          continue;
+        }
         if (kind == Kind::kError) {
           std::string msg(reinterpret_cast<const char*>(frame->payload.data()),
                           frame->payload.size());
@@ -873,13 +893,13 @@ void Node::Impl::on_client_recv(ClientChannel& ch, int i, size_t len) {
 
 Status Node::Impl::progress(ClientChannel& ch, int wait_ms) {
   if (!ch.broken.is_ok()) return ch.broken;
-  fi_cq_msg_entry e[8];
+  fi_cq_data_entry e[8];
   ssize_t n = read_cq(ch.cq.get(), e, 8, blocking && ch.waitable, wait_ms);
   if (n > 0) {
     for (ssize_t k = 0; k < n; k++) {
       auto* c = static_cast<OpCtx*>(e[k].op_context);
       if (c->type == OpType::kRecv) {
-        on_client_recv(ch, c->index, e[k].len);
+        on_client_recv(ch, e[k], c->index);
       } else if (c->type == OpType::kSend) {
         auto& s = ch.slots[c->index];
         s.send_pending = false;

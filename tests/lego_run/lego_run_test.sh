@@ -43,6 +43,10 @@ check "evictions and write-backs happened" grep -qE 'write_backs +[1-9]' "$tmp/i
 out=$("$LEGO_RUN" --excache 8M --delivery sigbus --policy clock -- "$INTEGRITY" 48 2 40000 2>&1)
 check "integrity with --delivery sigbus --policy clock" [ "${out#integrity ok}" != "$out" ]
 
+# 2b. The memory node over shm on this host.
+out=$("$LEGO_RUN" --excache 8M --transport shm -- "$INTEGRITY" 48 2 40000 2>&1)
+check "integrity with --transport shm" [ "${out#integrity ok}" != "$out" ]
+
 # 3. Resident size of the region never exceeds the ExCache (+ 1 MiB slack), from smaps.
 "$LEGO_RUN" --excache 8M -- "$INTEGRITY" 64 2 150000 >/dev/null 2>&1 &
 runner=$!

@@ -67,3 +67,24 @@ TEST_CASE("malformed frames are refused with the right errno") {
     CHECK(decode_frame(b, 100).is_ok());
   }
 }
+
+TEST_CASE("compact frames carry kind, opcode and the request id's low bits") {
+  std::vector<std::byte> payload(4096, std::byte{7});
+  uint64_t data = compact_data(Kind::kReply, 0x1234, 0xabcdef0012345678ull);
+  auto f = decode_compact(data, payload, 4096, 9);
+  REQUIRE(f.is_ok());
+  CHECK(f->header.kind == static_cast<uint8_t>(Kind::kReply));
+  CHECK(f->header.opcode == 0x1234);
+  CHECK(f->header.request_id == 0x12345678u);
+  CHECK(f->header.source_node == 9);
+  CHECK(f->payload.size() == 4096);
+}
+
+TEST_CASE("malformed compact frames are refused") {
+  std::vector<std::byte> payload(100);
+  CHECK(decode_compact(0, payload, 1024, 0).status().code() == EPROTO);  // no marker
+  CHECK(decode_compact(compact_data(Kind::kHello, 1, 1), payload, 1024, 0).status().code() ==
+        EPROTO);  // only requests and replies travel compact
+  CHECK(decode_compact(compact_data(Kind::kRequest, 1, 1), payload, 99, 0).status().code() ==
+        EMSGSIZE);
+}
