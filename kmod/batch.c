@@ -1,0 +1,169 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * lego_pcache: a batch of lines from the caller. Copy-in and all argument
+ * checks happen before any PTE is touched, so a call that fails with an
+ * argument error has changed nothing.
+ */
+#include <linux/mm.h>
+#include <linux/slab.h>
+#include <linux/string.h>
+#include <linux/uaccess.h>
+
+#include "lego_pcache.h"
+#include "pte_x86.h"
+
+static bool lego_uptr_ok(u64 uptr)
+{
+	/* Arrays of __u64: require natural alignment (0 is checked by callers). */
+	return IS_ALIGNED(uptr, sizeof(u64));
+}
+
+/*
+ * lego_batch_get - copy the caller's line array and prepare result bitmaps.
+ * @b:     batch to fill; lego_batch_free() it whatever this returns.
+ * @ulines: user pointer to __u64[count].
+ * @uout:  @nout user pointers to result bitmaps (0 = not wanted).
+ *
+ * The result bitmaps are zeroed in user memory here, before any lock is
+ * taken: that faults them in and proves them writable, so that results of a
+ * call that took effect are not lost to an EFAULT found afterwards (only a
+ * thread that unmaps them concurrently can still cause that).
+ */
+int lego_batch_get(struct lego_batch *b, u64 ulines, u32 count,
+		   const u64 *uout, int nout)
+{
+	size_t bytes;
+	int ret, i;
+
+	memset(b, 0, sizeof(*b));
+
+	ret = -EINVAL;
+	if (!count)
+		goto out;
+	ret = -E2BIG;
+	if (count > READ_ONCE(lego_max_lines))
+		goto out;
+	ret = -EFAULT;
+	if (!ulines)
+		goto out;
+	ret = -EINVAL;
+	if (!lego_uptr_ok(ulines))
+		goto out;
+	for (i = 0; i < nout; i++)
+		if (!lego_uptr_ok(uout[i]))
+			goto out;
+
+	b->count = count;
+	b->words = DIV_ROUND_UP(count, 64);
+	/* count <= LEGO_PCACHE_MAX_LINES_LIMIT: at most 32 KiB, no overflow. */
+	b->lines = memdup_user(u64_to_user_ptr(ulines), count * sizeof(u64));
+	if (IS_ERR(b->lines)) {
+		ret = PTR_ERR(b->lines);
+		b->lines = NULL;
+		goto out;
+	}
+
+	bytes = b->words * sizeof(u64);
+	for (i = 0; i < nout; i++) {
+		if (!uout[i])
+			continue;
+		b->uout[i] = u64_to_user_ptr(uout[i]);
+		ret = -EFAULT;
+		if (clear_user(b->uout[i], bytes))
+			goto out;
+		ret = -ENOMEM;
+		b->out[i] = kzalloc(bytes, GFP_KERNEL);
+		if (!b->out[i])
+			goto out;
+	}
+	ret = 0;
+out:
+	return ret;
+}
+
+/*
+ * Which VMAs a line may live in: private anonymous memory (no vm_ops, not
+ * shared), with 4 KiB PTEs guaranteed by MADV_NOHUGEPAGE: with VM_NOHUGEPAGE
+ * no fault installs a huge PMD, and khugepaged/MADV_COLLAPSE need the mmap
+ * lock for writing, so a line checked here under the mmap lock stays mapped
+ * by a PTE table until the lock is dropped. Eviction also refuses mlocked
+ * VMAs, as madvise(MADV_DONTNEED) does: locked memory must not vanish.
+ */
+static int lego_vma_ok(struct vm_area_struct *vma, bool for_evict)
+{
+	const unsigned long refused = VM_SHARED | VM_MAYSHARE | VM_PFNMAP |
+				      VM_IO | VM_MIXEDMAP | VM_HUGETLB;
+
+	if (!vma_is_anonymous(vma) || (vma->vm_flags & refused))
+		return -EINVAL;
+	if (!(vma->vm_flags & VM_NOHUGEPAGE))
+		return -EINVAL;
+	if (for_evict && (vma->vm_flags & VM_LOCKED))
+		return -EINVAL;
+	return 0;
+}
+
+/*
+ * lego_batch_check_vmas - check every line against the caller's VMAs.
+ * Caller holds @mm's mmap lock (read or write) and keeps holding it while it
+ * acts on the batch, so the answer stays true.
+ */
+int lego_batch_check_vmas(struct mm_struct *mm, const struct lego_batch *b,
+			  bool for_evict)
+{
+	struct vm_area_struct *vma = NULL;
+	u32 i;
+	int ret;
+
+	for (i = 0; i < b->count; i++) {
+		unsigned long addr = b->lines[i];
+
+		ret = -EINVAL;
+		if (!PAGE_ALIGNED(addr))
+			goto out;
+		/* Kernel and non-canonical addresses are in no VMA of ours. */
+		ret = -ENOMEM;
+		if (addr >= TASK_SIZE)
+			goto out;
+		/* Batches are mostly sorted: reuse the last VMA when it fits. */
+		if (!vma || addr < vma->vm_start || addr >= vma->vm_end) {
+			vma = find_vma(mm, addr);
+			if (!vma || addr < vma->vm_start)
+				goto out;
+			ret = lego_vma_ok(vma, for_evict);
+			if (ret)
+				goto out;
+		}
+		ret = -EINVAL;
+		if (lego_line_is_huge(mm, addr))
+			goto out;
+	}
+	ret = 0;
+out:
+	return ret;
+}
+
+/* lego_batch_put - copy result bitmaps to the caller. No lock may be held. */
+int lego_batch_put(const struct lego_batch *b)
+{
+	size_t bytes = b->words * sizeof(u64);
+	int i;
+
+	for (i = 0; i < LEGO_BATCH_MAX_OUT; i++) {
+		if (b->out[i] && copy_to_user(b->uout[i], b->out[i], bytes)) {
+			lego_stat_inc(result_faults);
+			return -EFAULT;
+		}
+	}
+	return 0;
+}
+
+void lego_batch_free(struct lego_batch *b)
+{
+	int i;
+
+	for (i = 0; i < LEGO_BATCH_MAX_OUT; i++)
+		kfree(b->out[i]);
+	kfree(b->lines);
+	memset(b, 0, sizeof(*b));
+}

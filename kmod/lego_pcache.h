@@ -1,0 +1,92 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * lego_pcache: internal declarations shared by the module's files.
+ *
+ * One file per mechanism:
+ *   main.c    module parameters, the misc device, ioctl dispatch, INFO.
+ *   batch.c   copying a batch in, validating it against the caller's VMAs,
+ *             copying result bitmaps out.
+ *   ad.c      LEGO_PCACHE_IOC_AD: test-and-clear of accessed/dirty bits.
+ *   evict.c   LEGO_PCACHE_IOC_EVICT: eviction that cannot lose a racing store.
+ *   stats.c   per-CPU counters, summed on read, shown in sysfs.
+ *   pte_x86.h the architecture seam: PTE bit operations and the TLB flush.
+ *
+ * Lock order (outermost first): the caller's mmap lock (read for AD, write
+ * for EVICT), then one PTE lock at a time (taken by follow_pte). Nothing here
+ * takes a lock of its own. No user memory is touched while the mmap lock is
+ * held: a fault on it would need the same mmap lock.
+ */
+#ifndef LEGO_PCACHE_INTERNAL_H
+#define LEGO_PCACHE_INTERNAL_H
+
+#include <linux/mm_types.h>
+#include <linux/percpu.h>
+#include <linux/types.h>
+
+#include "lego/pcache_abi.h"
+
+/* Module parameter max_lines, clamped to [1, LEGO_PCACHE_MAX_LINES_LIMIT]. */
+extern unsigned int lego_max_lines;
+
+/*
+ * A batch of lines copied from the caller, with kernel-side result bitmaps.
+ * Built by lego_batch_get() before the mmap lock is taken, because copying
+ * from user memory may fault.
+ */
+#define LEGO_BATCH_MAX_OUT 3
+struct lego_batch {
+	u64 *lines;                            /* count addresses, kernel copy */
+	u32 count;
+	u32 words;                             /* u64 words per bitmap */
+	u64 *out[LEGO_BATCH_MAX_OUT];          /* kernel bitmaps, or NULL */
+	u64 __user *uout[LEGO_BATCH_MAX_OUT];  /* caller's bitmaps, or NULL */
+};
+
+int lego_batch_get(struct lego_batch *b, u64 ulines, u32 count,
+		   const u64 *uout, int nout);
+int lego_batch_check_vmas(struct mm_struct *mm, const struct lego_batch *b,
+			  bool for_evict);
+int lego_batch_put(const struct lego_batch *b);
+void lego_batch_free(struct lego_batch *b);
+
+static inline void lego_bitmap_set(u64 *map, u32 i)
+{
+	if (map)
+		map[i / 64] |= 1ull << (i % 64);
+}
+
+long lego_ioctl_ad(struct lego_pcache_ad __user *uarg);
+long lego_ioctl_evict(struct lego_pcache_evict __user *uarg);
+
+/*
+ * Counters. Each counts events since the module was loaded; each is kept per
+ * CPU (incremented with preemption-safe this_cpu ops) and summed on read.
+ * The sysfs file names are the field names.
+ */
+struct lego_pcache_stats {
+	u64 ad_calls;              /* AD calls that succeeded */
+	u64 ad_lines;              /* lines examined by AD */
+	u64 ad_accessed;           /* lines AD found accessed */
+	u64 ad_dirty;              /* lines AD found dirty */
+	u64 evict_calls;           /* EVICT calls that succeeded */
+	u64 evict_lines;           /* lines examined by EVICT */
+	u64 evict_zapped;          /* resident lines EVICT unmapped */
+	u64 evict_absent;          /* lines EVICT found not resident */
+	u64 evict_dirty_kept;      /* dirty lines EVICT cleaned and kept */
+	u64 evict_dirty_discarded; /* dirty lines dropped (DISCARD_DIRTY) */
+	u64 evict_swapped_kept;    /* swap/migration entries kept as dirty */
+	u64 zap_calls;             /* zap_page_range calls (one per run) */
+	u64 tlb_flushes;           /* all-CPU TLB flushes issued */
+	u64 errors;                /* ioctls that failed with an errno */
+	u64 result_faults;         /* calls whose results could not be written
+				    * after they took effect (EFAULT) */
+};
+
+DECLARE_PER_CPU(struct lego_pcache_stats, lego_pcache_stats);
+
+#define lego_stat_add(field, n) this_cpu_add(lego_pcache_stats.field, (n))
+#define lego_stat_inc(field) this_cpu_inc(lego_pcache_stats.field)
+
+extern const struct attribute_group *lego_pcache_groups[];
+
+#endif /* LEGO_PCACHE_INTERNAL_H */

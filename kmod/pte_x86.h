@@ -1,0 +1,165 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * lego_pcache: the architecture and kernel-version seam. Everything that
+ * touches PTE bits or flushes TLBs directly is here, so that a port (another
+ * architecture, a kernel where follow_pte or zap_page_range changed) edits
+ * this file and the two call sites of follow_pte/zap_page_range only.
+ *
+ * Written against Debian 12's 6.1 kernel. What it may call is bounded by what
+ * 6.1 exports to modules: ptep_test_and_clear_young, flush_tlb_mm_range and
+ * vm_normal_page are NOT exported, so their few lines are redone here.
+ */
+#ifndef LEGO_PCACHE_PTE_X86_H
+#define LEGO_PCACHE_PTE_X86_H
+
+#include <linux/mm.h>
+#include <linux/pgtable.h>
+#include <linux/smp.h>
+#include <linux/version.h>
+#include <asm/tlbflush.h>
+
+#if !defined(CONFIG_X86_64)
+#error "lego_pcache: only x86_64 PTEs are supported (see pte_x86.h)"
+#endif
+
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 1, 0) || \
+	LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+/*
+ * 6.3 replaced zap_page_range with zap_page_range_single/zap_vma_pages and
+ * later kernels change follow_pte's signature: review this file before
+ * widening the range.
+ */
+#error "lego_pcache: written for Linux 6.1/6.2 (see pte_x86.h)"
+#endif
+
+/*
+ * Atomically test and clear one PTE bit. The CPU sets A and D with locked
+ * read-modify-writes, so a locked bit operation cannot lose a bit the
+ * hardware sets concurrently; this is what x86's own (unexported)
+ * ptep_test_and_clear_young does. Caller holds the PTE lock, which excludes
+ * every software writer of the PTE.
+ */
+static inline bool lego_pte_test_and_clear(pte_t *ptep, int bit)
+{
+	return test_and_clear_bit(bit, (unsigned long *)&ptep->pte);
+}
+
+static inline bool lego_pte_test_and_clear_young(pte_t *ptep)
+{
+	return lego_pte_test_and_clear(ptep, _PAGE_BIT_ACCESSED);
+}
+
+static inline bool lego_pte_test_and_clear_dirty(pte_t *ptep)
+{
+	return lego_pte_test_and_clear(ptep, _PAGE_BIT_DIRTY);
+}
+
+/*
+ * The page behind a present PTE of a private anonymous VMA, or NULL for the
+ * shared zero page (mapped read-only by read faults; never dirty, never to be
+ * marked dirty). Such a VMA has no VM_PFNMAP/VM_MIXEDMAP (checked by
+ * lego_batch_check_vmas), so every other present PTE maps a normal page:
+ * this is vm_normal_page() reduced to the cases that can occur here.
+ */
+static inline struct page *lego_pte_page(pte_t pte)
+{
+	unsigned long pfn = pte_pfn(pte);
+
+	if (is_zero_pfn(pfn) || !pfn_valid(pfn))
+		return NULL;
+	return pfn_to_page(pfn);
+}
+
+static inline void lego_flush_tlb_local(void *unused)
+{
+	__flush_tlb_all();
+}
+
+/*
+ * Flush the TLB of every CPU, including translations cached under PCIDs that
+ * are not loaded right now.
+ *
+ * Why not something cheaper: flush_tlb_mm_range (which IPIs only the CPUs in
+ * mm_cpumask and bumps the mm's tlb_gen so that CPUs that switch back to the
+ * mm later flush too) is not exported. An IPI to mm_cpumask(mm) running a
+ * local flush would miss CPUs that ran this mm recently and kept its
+ * translations under an inactive PCID: they would reuse them on return
+ * because tlb_gen did not move. __flush_tlb_all() (exported) flushes all
+ * PCIDs of the CPU it runs on, so running it on every CPU is correct for any
+ * mm. Cost: one IPI broadcast per batch (not per line); on the 2-CPU nodes we
+ * run on that is close to flush_tlb_mm_range's cost anyway.
+ */
+static inline void lego_flush_tlb_all_cpus(void)
+{
+	on_each_cpu(lego_flush_tlb_local, NULL, 1);
+}
+
+/*
+ * Whether the PTE slot of @addr holds anything (present page, swap or
+ * migration entry). follow_pte() answers only for present PTEs; eviction
+ * must tell "nothing mapped" from "mapped but not present" (see evict.c).
+ * Caller holds the mmap lock for writing, which keeps page tables from being
+ * freed and none entries from being filled (both need the mmap lock).
+ */
+static inline bool lego_pte_slot_used(struct mm_struct *mm, unsigned long addr)
+{
+	pgd_t *pgd;
+	p4d_t *p4d;
+	pud_t *pud;
+	pmd_t *pmd, pmdval;
+	pte_t *ptep;
+	spinlock_t *ptl;
+	bool used;
+
+	pgd = pgd_offset(mm, addr);
+	if (pgd_none(*pgd) || unlikely(pgd_bad(*pgd)))
+		return false;
+	p4d = p4d_offset(pgd, addr);
+	if (p4d_none(*p4d) || unlikely(p4d_bad(*p4d)))
+		return false;
+	pud = pud_offset(p4d, addr);
+	if (pud_none(*pud) || unlikely(pud_bad(*pud)))
+		return false;
+	pmd = pmd_offset(pud, addr);
+	pmdval = READ_ONCE(*pmd);
+	if (pmd_none(pmdval))
+		return false;
+	/* A huge or migrating-huge PMD: something is there, not ours to parse. */
+	if (unlikely(pmd_bad(pmdval)) || !pmd_present(pmdval))
+		return true;
+	ptep = pte_offset_map_lock(mm, pmd, addr, &ptl);
+	used = !pte_none(ptep_get(ptep));
+	pte_unmap_unlock(ptep, ptl);
+	return used;
+}
+
+/*
+ * Whether @addr is mapped by a huge PMD or PUD, which follow_pte() refuses
+ * (and which our 4 KiB lines cannot describe). Caller holds the mmap lock.
+ */
+static inline bool lego_line_is_huge(struct mm_struct *mm, unsigned long addr)
+{
+	pgd_t *pgd;
+	p4d_t *p4d;
+	pud_t *pud;
+	pmd_t pmdval;
+
+	pgd = pgd_offset(mm, addr);
+	if (pgd_none(*pgd) || unlikely(pgd_bad(*pgd)))
+		return false;
+	p4d = p4d_offset(pgd, addr);
+	if (p4d_none(*p4d) || unlikely(p4d_bad(*p4d)))
+		return false;
+	pud = pud_offset(p4d, addr);
+	if (pud_none(*pud))
+		return false;
+	if (pud_trans_huge(*pud) || pud_devmap(*pud))
+		return true;
+	if (unlikely(pud_bad(*pud)))
+		return false;
+	pmdval = READ_ONCE(*pmd_offset(pud, addr));
+	return pmd_trans_huge(pmdval) || pmd_devmap(pmdval) ||
+	       (!pmd_none(pmdval) && !pmd_present(pmdval));
+}
+
+#endif /* LEGO_PCACHE_PTE_X86_H */
