@@ -97,8 +97,7 @@
 /* Major 1, minor 0. */
 #define LEGO_PCACHE_ABI_MAJOR 1
 #define LEGO_PCACHE_ABI_MINOR 0
-#define LEGO_PCACHE_ABI_VERSION \
-	((LEGO_PCACHE_ABI_MAJOR << 16) | LEGO_PCACHE_ABI_MINOR)
+#define LEGO_PCACHE_ABI_VERSION ((LEGO_PCACHE_ABI_MAJOR << 16) | LEGO_PCACHE_ABI_MINOR)
 
 /* The only line size: one base page. */
 #define LEGO_PCACHE_LINE_SIZE 4096u
@@ -111,21 +110,21 @@
 #define LEGO_PCACHE_FEAT_SYSFS_STATS (1ull << 2) /* counters in sysfs */
 
 struct lego_pcache_info {
-	__u32 abi_version; /* out: LEGO_PCACHE_ABI_VERSION of the module */
-	__u32 line_size;   /* out: LEGO_PCACHE_LINE_SIZE */
-	__u32 max_lines;   /* out: largest count accepted by AD and EVICT */
-	__u32 reserved0;   /* out: zero */
-	__u64 features;    /* out: LEGO_PCACHE_FEAT_* */
-	__u64 reserved1;   /* out: zero */
+  __u32 abi_version; /* out: LEGO_PCACHE_ABI_VERSION of the module */
+  __u32 line_size;   /* out: LEGO_PCACHE_LINE_SIZE */
+  __u32 max_lines;   /* out: largest count accepted by AD and EVICT */
+  __u32 reserved0;   /* out: zero */
+  __u64 features;    /* out: LEGO_PCACHE_FEAT_* */
+  __u64 reserved1;   /* out: zero */
 };
 LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_info) == 32);
 
 /* Flags of LEGO_PCACHE_IOC_AD. */
 #define LEGO_PCACHE_AD_CLEAR_ACCESSED (1u << 0) /* clear A after reading it */
-#define LEGO_PCACHE_AD_CLEAR_DIRTY (1u << 1)    /* clear D (page stays dirty
-						 * for the kernel's reclaim) */
-#define LEGO_PCACHE_AD_FLAGS \
-	(LEGO_PCACHE_AD_CLEAR_ACCESSED | LEGO_PCACHE_AD_CLEAR_DIRTY)
+#define LEGO_PCACHE_AD_CLEAR_DIRTY       \
+  (1u << 1) /* clear D (page stays dirty \
+             * for the kernel's reclaim) */
+#define LEGO_PCACHE_AD_FLAGS (LEGO_PCACHE_AD_CLEAR_ACCESSED | LEGO_PCACHE_AD_CLEAR_DIRTY)
 
 /*
  * LEGO_PCACHE_IOC_AD: for each line, reports whether it is resident (mapped by
@@ -137,22 +136,23 @@ LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_info) == 32);
  * per line and, if anything was cleared, one TLB-flush IPI to every CPU.
  */
 struct lego_pcache_ad {
-	__u64 lines;       /* in: user pointer to __u64[count] line addresses */
-	__u64 accessed;    /* in: user pointer to the accessed bitmap, or 0 */
-	__u64 dirty;       /* in: user pointer to the dirty bitmap, or 0 */
-	__u64 present;     /* in: user pointer to the resident bitmap, or 0 */
-	__u32 count;       /* in: 1..max_lines */
-	__u32 flags;       /* in: LEGO_PCACHE_AD_* */
-	__u32 nr_accessed; /* out: lines whose A bit was set */
-	__u32 nr_dirty;    /* out: lines whose D bit was set */
-	__u32 nr_present;  /* out: resident lines */
-	__u32 reserved[3]; /* in: zero */
+  __u64 lines;       /* in: user pointer to __u64[count] line addresses */
+  __u64 accessed;    /* in: user pointer to the accessed bitmap, or 0 */
+  __u64 dirty;       /* in: user pointer to the dirty bitmap, or 0 */
+  __u64 present;     /* in: user pointer to the resident bitmap, or 0 */
+  __u32 count;       /* in: 1..max_lines */
+  __u32 flags;       /* in: LEGO_PCACHE_AD_* */
+  __u32 nr_accessed; /* out: lines whose A bit was set */
+  __u32 nr_dirty;    /* out: lines whose D bit was set */
+  __u32 nr_present;  /* out: resident lines */
+  __u32 reserved[3]; /* in: zero */
 };
 LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_ad) == 64);
 
 /* Flags of LEGO_PCACHE_IOC_EVICT. */
-#define LEGO_PCACHE_EVICT_DISCARD_DIRTY (1u << 0) /* evict dirty lines too,
-						   * dropping their data */
+#define LEGO_PCACHE_EVICT_DISCARD_DIRTY \
+  (1u << 0) /* evict dirty lines too,   \
+             * dropping their data */
 #define LEGO_PCACHE_EVICT_FLAGS LEGO_PCACHE_EVICT_DISCARD_DIRTY
 
 /*
@@ -173,16 +173,16 @@ LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_ad) == 64);
  * evictable lines (the batch is sorted, so neighbours are adjacent).
  */
 struct lego_pcache_evict {
-	__u64 lines;       /* in: user pointer to __u64[count] line addresses,
-			    * strictly ascending (else EINVAL) */
-	__u64 evicted;     /* in: user pointer to the evicted bitmap, or 0 */
-	__u64 dirty;       /* in: user pointer to the dirty bitmap, or 0 */
-	__u64 reserved0;   /* in: zero */
-	__u32 count;       /* in: 1..max_lines */
-	__u32 flags;       /* in: LEGO_PCACHE_EVICT_* */
-	__u32 nr_evicted;  /* out: lines not resident after the call */
-	__u32 nr_dirty;    /* out: lines that were dirty */
-	__u32 reserved[4]; /* in: zero */
+  __u64 lines;       /* in: user pointer to __u64[count] line addresses,
+                      * strictly ascending (else EINVAL) */
+  __u64 evicted;     /* in: user pointer to the evicted bitmap, or 0 */
+  __u64 dirty;       /* in: user pointer to the dirty bitmap, or 0 */
+  __u64 reserved0;   /* in: zero */
+  __u32 count;       /* in: 1..max_lines */
+  __u32 flags;       /* in: LEGO_PCACHE_EVICT_* */
+  __u32 nr_evicted;  /* out: lines not resident after the call */
+  __u32 nr_dirty;    /* out: lines that were dirty */
+  __u32 reserved[4]; /* in: zero */
 };
 LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_evict) == 64);
 
@@ -192,11 +192,8 @@ LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_evict) == 64);
  * alone, so a clash could only confuse tracing tools, never a driver.
  */
 #define LEGO_PCACHE_IOC_MAGIC 'L'
-#define LEGO_PCACHE_IOC_INFO \
-	_IOR(LEGO_PCACHE_IOC_MAGIC, 0x40, struct lego_pcache_info)
-#define LEGO_PCACHE_IOC_AD \
-	_IOWR(LEGO_PCACHE_IOC_MAGIC, 0x41, struct lego_pcache_ad)
-#define LEGO_PCACHE_IOC_EVICT \
-	_IOWR(LEGO_PCACHE_IOC_MAGIC, 0x42, struct lego_pcache_evict)
+#define LEGO_PCACHE_IOC_INFO _IOR(LEGO_PCACHE_IOC_MAGIC, 0x40, struct lego_pcache_info)
+#define LEGO_PCACHE_IOC_AD _IOWR(LEGO_PCACHE_IOC_MAGIC, 0x41, struct lego_pcache_ad)
+#define LEGO_PCACHE_IOC_EVICT _IOWR(LEGO_PCACHE_IOC_MAGIC, 0x42, struct lego_pcache_evict)
 
 #endif /* LEGO_PCACHE_ABI_H */
