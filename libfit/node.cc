@@ -15,6 +15,7 @@
 // Lock order: ClientChannel::mu before Impl::peers_mu. Server state is owned by its
 // thread; cross-thread hand-offs go through ServerThread::mu.
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -125,8 +126,16 @@ Status open_cq(ofi::Domain& d, bool blocking, size_t size, ofi::Fid<fid_cq>& cq,
   return Status();
 }
 
-void nap_if_needed(bool blocking, bool waitable) {
-  if (blocking && !waitable) usleep(50);
+// Called after each poll that found nothing. Blocking mode without a wait object naps.
+// Polling mode yields the CPU every 64 empty polls: lego runs several pollers (program
+// threads, the memory node's server) and with more pollers than cores a spinner that
+// never yields holds the core its peer needs to answer for a whole time slice.
+void nap_if_needed(bool blocking, bool waitable, uint32_t& empty_polls) {
+  if (blocking && !waitable) {
+    usleep(50);
+  } else if (!blocking && (++empty_polls & 63) == 0) {
+    sched_yield();
+  }
 }
 
 }  // namespace
@@ -182,6 +191,7 @@ struct ClientChannel {
   pid_t peer_pid = 0;
   uint64_t next_id = 1;
   uint64_t polls = 0;
+  uint32_t empty_polls = 0;
   // Handshake: the last control frame received while connecting.
   bool have_control = false;
   FrameHeader control_header{};
@@ -647,6 +657,7 @@ void Node::Impl::ServerThread::run() {
   auto last_housekeeping = Clock::now();
   auto last_events = last_housekeeping;
   uint64_t spins = 0;
+  uint32_t empty_polls = 0;
   while (!node->stopping.load(std::memory_order_relaxed)) {
     bool rdm = !node->msg;
     ssize_t n =
@@ -668,7 +679,7 @@ void Node::Impl::ServerThread::run() {
     } else if (n > 0) {
       for (ssize_t k = 0; k < n; k++) handle_completion(e[k], rdm ? src[k] : FI_ADDR_UNSPEC);
     } else {
-      nap_if_needed(node->blocking, waitable);
+      nap_if_needed(node->blocking, waitable, empty_polls);
     }
     // Connection events and reaping every 256 rounds or 5 ms, busy or not: a loaded
     // server must still accept new clients.
@@ -930,7 +941,7 @@ Status Node::Impl::progress(ClientChannel& ch, int wait_ms) {
     fail_channel(ch, st);
     return st;
   }
-  nap_if_needed(blocking, ch.waitable);
+  nap_if_needed(blocking, ch.waitable, ch.empty_polls);
   // Nothing arrived: now and then, check whether the peer is still there.
   if (blocking || (++ch.polls & 1023) == 0) {
     if (msg && ch.eq.get() != nullptr) {
