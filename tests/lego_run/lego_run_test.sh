@@ -151,8 +151,13 @@ check "--config with a hand-started lego-memd" [ "${out#integrity ok}" != "$out"
 a=$!
 "$LEGO_RUN" --config "$tmp/cluster.toml" --excache 4M -- "$INTEGRITY" 24 2 60000 >"$tmp/b.out" 2>&1 &
 b=$!
-sleep 1
-spaces=$("$MEMD" --status --config "$tmp/cluster.toml" --node 7 2>&1 | grep -c '^space ')
+spaces=0
+for _ in $(seq 1 40); do  # until both have opened their spaces (or one of them ended)
+  spaces=$("$MEMD" --status --config "$tmp/cluster.toml" --node 7 2>&1 | grep -c '^space ')
+  [ "$spaces" -ge 2 ] && break
+  kill -0 $a 2>/dev/null && kill -0 $b 2>/dev/null || break
+  sleep 0.25
+done
 wait $a
 ra=$?
 wait $b
