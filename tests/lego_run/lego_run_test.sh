@@ -172,5 +172,22 @@ wait $memd 2>/dev/null
 ip netns del $ns
 ip link del lrt$$a 2>/dev/null
 
+# 9. Bad flags get a clear message and exit status 2; --help exits 0.
+bad_flag() {  # bad_flag EXPECTED-TEXT COMMAND...
+  local want=$1
+  shift
+  local out
+  out=$("$@" 2>&1)
+  [ $? -eq 2 ] && grep -q -- "$want" <<<"$out"
+}
+check "lego-run --excache abc" bad_flag "not a size" "$LEGO_RUN" --excache abc -- true
+check "lego-run with no program" bad_flag "no PROGRAM" "$LEGO_RUN" --excache 1M
+check "lego-run --policy lru" bad_flag "fifo or clock" "$LEGO_RUN" --policy lru -- true
+check "lego-run --config missing.toml" bad_flag "missing.toml" "$LEGO_RUN" --config "$tmp/missing.toml" -- true
+check "lego-memd --capacity 1" bad_flag "at least one 4 KiB line" "$MEMD" --config x --node 1 --capacity 1
+check "lego-memd without --node" bad_flag "required" "$MEMD" --config x
+check "lego-run --help" "$LEGO_RUN" --help >/dev/null
+check "lego-memd --help" "$MEMD" --help >/dev/null
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
