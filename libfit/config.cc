@@ -297,7 +297,7 @@ Status read_cluster(const TableReader& cluster, const std::filesystem::path& bas
 }
 
 bool needs_port(const std::string& provider) {
-  return provider == "tcp" || provider == "verbs";
+  return provider == "tcp" || provider == "ofi_tcp" || provider == "verbs";
 }
 
 Status read_node(const TableReader& table, NodeConfig& node) {
@@ -319,8 +319,10 @@ Status read_node(const TableReader& table, NodeConfig& node) {
 
   node.provider = "tcp";
   LEGO_RETURN_IF_ERROR(table.read_string("provider", node.provider));
-  if (node.provider != "tcp" && node.provider != "shm" && node.provider != "verbs") {
-    return table.error("provider", in_quotes(node.provider) + " is not one of tcp | shm | verbs");
+  if (node.provider != "tcp" && node.provider != "ofi_tcp" && node.provider != "shm" &&
+      node.provider != "verbs") {
+    return table.error("provider",
+                       in_quotes(node.provider) + " is not one of tcp | ofi_tcp | shm | verbs");
   }
 
   // shm endpoints are named by address alone, so a port is optional (and unused) there.

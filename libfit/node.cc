@@ -14,10 +14,16 @@
 //
 // Lock order: ClientChannel::mu before Impl::peers_mu. Server state is owned by its
 // thread; cross-thread hand-offs go through ServerThread::mu.
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -81,9 +87,19 @@ struct SlotBuffers {
     reg = std::move(r.value());
     return Status();
   }
+  // For the socket transport: the same layout, not registered with any domain.
+  Status init_plain(size_t max_payload, size_t rma, int slots) {
+    slot_bytes = (kHeader + max_payload + 63) & ~size_t{63};
+    rma_bytes = rma;
+    total = slot_bytes * slots + rma_bytes;
+    void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return Status::from_errno(errno, "mmap of FIT buffers");
+    base = static_cast<std::byte*>(p);
+    return Status();
+  }
   std::byte* slot(int i) const { return base + slot_bytes * i; }
   std::byte* rma() const { return base + total - rma_bytes; }
-  void* desc() const { return reg->desc; }
+  void* desc() const { return reg ? reg->desc : nullptr; }
 };
 
 bool pid_gone(pid_t pid) {
@@ -127,16 +143,82 @@ Status open_cq(ofi::Domain& d, bool blocking, size_t size, ofi::Fid<fid_cq>& cq,
 }
 
 // Called after each poll that found nothing. Blocking mode without a wait object naps.
-// Polling mode yields the CPU every 64 empty polls: lego runs several pollers (program
+// Polling mode yields the CPU every 1024 empty polls (~10-20 us of spinning, well above
+// an shm round trip, far below a time slice): lego runs several pollers (program
 // threads, the memory node's server) and with more pollers than cores a spinner that
 // never yields holds the core its peer needs to answer for a whole time slice.
 void nap_if_needed(bool blocking, bool waitable, uint32_t& empty_polls) {
   if (blocking && !waitable) {
     usleep(50);
-  } else if (!blocking && (++empty_polls & 63) == 0) {
+  } else if (!blocking && (++empty_polls & 1023) == 0) {
     sched_yield();
   }
 }
+
+// The socket transport's stream: bytes received but not yet framed.
+struct StreamBuffer {
+  std::vector<std::byte> data;
+  size_t len = 0;
+};
+
+// Writes all of [buf, buf+len) to a non-blocking socket, waiting for room up to
+// timeout_ms. Returns 0 or an errno.
+int send_all(int fd, const std::byte* buf, size_t len, int timeout_ms) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = send(fd, buf + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n > 0) {
+      done += static_cast<size_t>(n);
+    } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      pollfd p{fd, POLLOUT, 0};
+      if (poll(&p, 1, timeout_ms) == 0) return ETIMEDOUT;
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      return n == 0 ? ECONNRESET : errno;
+    }
+  }
+  return 0;
+}
+
+// Reads what is available. Returns bytes read (> 0), 0 when nothing is available, or -errno
+// (-ECONNRESET when the peer closed the connection).
+ssize_t recv_some(int fd, StreamBuffer& in) {
+  if (in.len == in.data.size()) return 0;  // full: frame what we have first
+  ssize_t n = recv(fd, in.data.data() + in.len, in.data.size() - in.len, MSG_DONTWAIT);
+  if (n > 0) {
+    in.len += static_cast<size_t>(n);
+    return n;
+  }
+  if (n == 0) return -ECONNRESET;
+  if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return 0;
+  return -errno;
+}
+
+// The length of the complete frame at the front of `in`, 0 if it is not all there yet, or
+// -EPROTO when the stream cannot be a FIT stream (a length no frame may have).
+ssize_t next_frame(const StreamBuffer& in, size_t max_payload) {
+  if (in.len < kHeader) return 0;
+  uint32_t length;
+  memcpy(&length, in.data.data() + offsetof(FrameHeader, length), sizeof(length));
+  if (length > max_payload) return -EPROTO;
+  size_t total = kHeader + length;
+  return in.len >= total ? static_cast<ssize_t>(total) : 0;
+}
+
+void consume(StreamBuffer& in, size_t n) {
+  memmove(in.data.data(), in.data.data() + n, in.len - n);
+  in.len -= n;
+}
+
+// Internal opcodes of the socket transport's one-sided ops, served by libfit itself.
+constexpr uint16_t kSockRmaRead = 0xfffe;
+constexpr uint16_t kSockRmaWrite = 0xfffd;
+struct SockRmaRequest {
+  uint64_t key;
+  uint64_t addr;
+  uint64_t length;
+};
 
 }  // namespace
 
@@ -145,6 +227,10 @@ void nap_if_needed(bool blocking, bool waitable, uint32_t& empty_polls) {
 
 struct MemoryRegion::Impl {
   std::unique_ptr<ofi::Registration> reg;
+  std::function<void()> release;  // the socket transport's registry entry
+  ~Impl() {
+    if (release) release();
+  }
 };
 MemoryRegion::MemoryRegion() = default;
 MemoryRegion::MemoryRegion(MemoryRegion&&) noexcept = default;
@@ -187,6 +273,8 @@ struct ClientChannel {
   Status rma_status;
   Slot slots[kWindow];
   bool connected = false;
+  int fd = -1;  // socket transport
+  StreamBuffer in;
   Status broken;  // set when the connection failed; calls then fail with it
   pid_t peer_pid = 0;
   uint64_t next_id = 1;
@@ -196,12 +284,17 @@ struct ClientChannel {
   bool have_control = false;
   FrameHeader control_header{};
   std::vector<std::byte> control_payload;
+
+  ~ClientChannel() {
+    if (fd >= 0) close(fd);
+  }
 };
 
 struct Node::Impl {
   ClusterConfig config;
   NodeConfig self;
   bool msg = true;
+  bool sock = false;  // "tcp": libfit's own socket transport (msg is true too)
   bool blocking = false;
   std::map<uint16_t, Handler> handlers;
 
@@ -230,6 +323,19 @@ struct Node::Impl {
   Status connect(ClientChannel& ch);
   Status connect_msg(ClientChannel& ch, const NodeConfig& peer);
   Status connect_rdm(ClientChannel& ch, const NodeConfig& peer);
+  Status connect_sock(ClientChannel& ch, const NodeConfig& peer);
+  Status progress_sock(ClientChannel& ch, int wait_ms);
+
+  // Socket transport: regions peers may read and write, by key.
+  struct SockRegion {
+    std::byte* data;
+    size_t size;
+    bool writable;
+  };
+  std::mutex regions_mu;
+  std::unordered_map<uint64_t, SockRegion> sock_regions;  // guarded by regions_mu
+  Result<size_t> serve_sock_rma(uint16_t opcode, std::span<const std::byte> req,
+                                std::span<std::byte> reply);
   Status post_recv(ClientChannel& ch, int i);
   Status post_frame(ClientChannel& ch, int slot, Kind kind, uint16_t opcode,
                     std::span<const std::byte> payload, uint64_t id);
@@ -241,6 +347,9 @@ struct Node::Impl {
                          std::span<std::byte> reply, Clock::time_point deadline);
   Result<size_t> finish_call(ClientChannel& ch, int slot, Clock::time_point deadline);
   Status rma(const RemoteRegion& region, uint64_t offset, std::byte* local, size_t len, bool write);
+  // send_reply's body with the cluster's timeout, for use inside Impl.
+  Result<size_t> node_send_reply(NodeId peer, uint16_t opcode, std::span<const std::byte> request,
+                                 std::span<std::byte> reply);
 
   // --- server
   Status listen();
@@ -256,7 +365,9 @@ struct ServerConn {
   fid_ep* ep = nullptr;  // msg: owned (closed by the server thread); rdm: shared endpoint
   ofi::Fid<fid_ep> owned_ep;
   fi_addr_t addr = FI_ADDR_UNSPEC;  // rdm: the client's address
-  SlotBuffers* bufs = nullptr;      // msg: own_bufs; rdm: the shared endpoint's
+  int fd = -1;                      // socket transport
+  StreamBuffer in;
+  SlotBuffers* bufs = nullptr;  // msg: own_bufs; rdm: the shared endpoint's
   std::unique_ptr<SlotBuffers> own_bufs;
   OpCtx send_ctx[kWindow];
   OpCtx recv_ctx[kWindow];
@@ -268,6 +379,10 @@ struct ServerConn {
   pid_t pid = 0;
   uint8_t client_nonce[wire::kNonceBytes] = {};
   uint8_t server_nonce[wire::kNonceBytes] = {};
+
+  ~ServerConn() {
+    if (fd >= 0) close(fd);
+  }
 };
 
 }  // namespace
@@ -292,13 +407,21 @@ struct Node::Impl::ServerThread {
   // rdm slots are shared by all peers: which peer each receive slot's request came from.
   std::unordered_map<fi_addr_t, std::unique_ptr<ServerConn>> rdm_peers;
   ServerConn rdm_any;  // owner of the shared endpoint's contexts
+  // Socket transport: this thread's epoll set; thread 0 also owns the listening socket.
+  int epfd = -1;
+  int listen_fd = -1;
 
   // Accepted endpoints are bound to thread 0's event queue and to our completion queue:
   // close them before either (members would go in the opposite order).
   ~ServerThread() {
     conns.clear();
     rdm_peers.clear();
+    if (listen_fd >= 0) close(listen_fd);
+    if (epfd >= 0) close(epfd);
   }
+  void run_sock();
+  void accept_sock();
+  void read_sock(ServerConn& conn);
 
   void run();
   void handle_eq();
@@ -314,6 +437,7 @@ struct Node::Impl::ServerThread {
 };
 
 void Node::Impl::ServerThread::post_recv(ServerConn& conn, int slot) {
+  if (node->sock) return;  // the socket transport frames its stream instead
   OpCtx& c = conn.recv_ctx[slot];
   std::byte* buf = conn.bufs->slot(kWindow + slot);
   for (;;) {
@@ -339,6 +463,16 @@ void Node::Impl::ServerThread::send(ServerConn& conn, int slot, fi_addr_t to, Ki
   bool compact = !node->msg && kind == Kind::kReply;
   if (!compact)
     wire::encode_header({buf, kHeader}, kind, opcode, length, status, id, node->self.id);
+  if (node->sock) {
+    if (send_all(conn.fd, buf, kHeader + length, static_cast<int>(node->config.timeout.count())) !=
+        0) {
+      conn.dead = true;
+      return;
+    }
+    node->counters.bytes_sent.fetch_add(length, std::memory_order_relaxed);
+    if (conn.close_after_send) conn.dead = true;
+    return;
+  }
   OpCtx& c = conn.send_ctx[slot];
   for (;;) {
     ssize_t r = compact ? fi_senddata(conn.ep, buf + kHeader, length, conn.bufs->desc(),
@@ -493,6 +627,17 @@ void Node::Impl::ServerThread::serve(ServerConn& conn, int slot, const fi_cq_dat
       peer->close_after_send = true;
     else
       peer->dead = true;
+    return;
+  }
+  if (node->sock && (h.opcode == kSockRmaRead || h.opcode == kSockRmaWrite)) {
+    std::span<std::byte> reply{conn.bufs->slot(slot) + kHeader, max_payload};
+    Result<size_t> r = node->serve_sock_rma(h.opcode, payload, reply);
+    if (!r) {
+      send_error(conn, slot, to, h.opcode, h.request_id, r.status());
+    } else {
+      send(conn, slot, to, Kind::kReply, h.opcode, static_cast<uint32_t>(r.value()), 0,
+           h.request_id);
+    }
     return;
   }
   auto handler = node->handlers.find(h.opcode);
@@ -652,6 +797,10 @@ void Node::Impl::ServerThread::reap_dead_rdm_peers() {
 }
 
 void Node::Impl::ServerThread::run() {
+  if (node->sock) {
+    run_sock();
+    return;
+  }
   fi_cq_data_entry e[16];
   fi_addr_t src[16];
   auto last_housekeeping = Clock::now();
@@ -696,7 +845,159 @@ void Node::Impl::ServerThread::run() {
   }
 }
 
+void Node::Impl::ServerThread::accept_sock() {
+  for (;;) {
+    int fd = accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) return;  // EAGAIN: all accepted
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    auto conn = std::make_unique<ServerConn>();
+    conn->fd = fd;
+    conn->own_bufs = std::make_unique<SlotBuffers>();
+    if (!conn->own_bufs->init_plain(node->config.max_message_bytes, 0, 2 * kWindow)) continue;
+    conn->bufs = conn->own_bufs.get();
+    conn->in.data.resize(2 * conn->bufs->slot_bytes);
+    // Spread connections over the server threads.
+    static std::atomic<unsigned> next{0};
+    ServerThread& owner = *node->server_threads[next++ % node->server_threads.size()];
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.ptr = conn.get();
+    std::lock_guard<std::mutex> g(owner.mu);
+    epoll_ctl(owner.epfd, EPOLL_CTL_ADD, fd, &ev);
+    owner.conns.push_back(std::move(conn));
+  }
+}
+
+void Node::Impl::ServerThread::read_sock(ServerConn& conn) {
+  for (;;) {
+    ssize_t n = recv_some(conn.fd, conn.in);
+    if (n < 0) {
+      conn.dead = true;
+      return;
+    }
+    for (;;) {
+      ssize_t total = next_frame(conn.in, node->config.max_message_bytes);
+      if (total < 0) {
+        // Not a FIT stream (or a frame over the limit): there is no way to resync.
+        node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
+        conn.dead = true;
+        return;
+      }
+      if (total == 0) break;
+      memcpy(conn.bufs->slot(kWindow), conn.in.data.data(), static_cast<size_t>(total));
+      consume(conn.in, static_cast<size_t>(total));
+      fi_cq_data_entry e{};
+      e.len = static_cast<size_t>(total);
+      serve(conn, 0, e, FI_ADDR_UNSPEC);
+      if (conn.dead) return;
+    }
+    if (n == 0) return;
+  }
+}
+
+void Node::Impl::ServerThread::run_sock() {
+  epoll_event evs[16];
+  uint32_t empty_polls = 0;
+  while (!node->stopping.load(std::memory_order_relaxed)) {
+    int n = epoll_wait(epfd, evs, 16, node->blocking ? kBlockingSliceMs : 0);
+    if (n <= 0) {
+      nap_if_needed(node->blocking, true, empty_polls);
+      continue;
+    }
+    bool any_dead = false;
+    for (int i = 0; i < n; i++) {
+      if (evs[i].data.ptr == nullptr) {
+        accept_sock();
+        continue;
+      }
+      auto* conn = static_cast<ServerConn*>(evs[i].data.ptr);
+      read_sock(*conn);
+      any_dead |= conn->dead.load();
+    }
+    if (any_dead) {
+      std::lock_guard<std::mutex> g(mu);
+      for (auto& c : conns) {
+        if (c->dead) epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, nullptr);
+      }
+      conns.erase(
+          std::remove_if(conns.begin(), conns.end(),
+                         [](const std::unique_ptr<ServerConn>& c) { return c->dead.load(); }),
+          conns.end());
+    }
+  }
+}
+
+Result<size_t> Node::Impl::serve_sock_rma(uint16_t opcode, std::span<const std::byte> req,
+                                          std::span<std::byte> reply) {
+  SockRmaRequest r;
+  if (req.size() < sizeof(r)) return Status(EPROTO, who() + ": short one-sided request");
+  memcpy(&r, req.data(), sizeof(r));
+  bool write = opcode == kSockRmaWrite;
+  if ((write && req.size() != sizeof(r) + r.length) || (!write && r.length > reply.size())) {
+    return Status(EPROTO, who() + ": malformed one-sided request");
+  }
+  std::lock_guard<std::mutex> g(regions_mu);
+  auto it = sock_regions.find(r.key);
+  auto base = it == sock_regions.end() ? 0 : reinterpret_cast<uint64_t>(it->second.data);
+  if (it == sock_regions.end() || r.addr < base || r.length > it->second.size ||
+      r.addr - base > it->second.size - r.length) {
+    return Status(EACCES, who() + ": no registered region holds that key and range");
+  }
+  if (write && !it->second.writable) return Status(EACCES, who() + ": the region is read-only");
+  std::byte* at = reinterpret_cast<std::byte*>(r.addr);
+  if (write) {
+    memcpy(at, req.data() + sizeof(r), r.length);
+    return size_t{0};
+  }
+  memcpy(reply.data(), at, r.length);
+  return static_cast<size_t>(r.length);
+}
+
 Status Node::Impl::listen() {
+  if (sock) {
+    addrinfo hints{};
+    hints.ai_family = AF_INET;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE;
+    addrinfo* ai = nullptr;
+    std::string port = std::to_string(self.port);
+    int gr = getaddrinfo(self.address.c_str(), port.c_str(), &hints, &ai);
+    if (gr != 0) {
+      return Status(EADDRNOTAVAIL,
+                    who() + ": cannot resolve " + self.address + ": " + gai_strerror(gr));
+    }
+    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    int br = fd < 0 ? -1 : bind(fd, ai->ai_addr, ai->ai_addrlen);
+    freeaddrinfo(ai);
+    if (br != 0 || ::listen(fd, 128) != 0) {
+      int e = errno;
+      if (fd >= 0) close(fd);
+      return Status::from_errno(e, who() + ": listen on " + self.address + ":" + port);
+    }
+    int threads = std::max(1, self.server_threads);
+    for (int i = 0; i < threads; i++) {
+      auto t = std::make_unique<ServerThread>();
+      t->node = this;
+      t->index = i;
+      t->epfd = epoll_create1(EPOLL_CLOEXEC);
+      if (t->epfd < 0) {
+        close(fd);
+        return Status::from_errno(errno, who() + ": epoll_create1");
+      }
+      server_threads.push_back(std::move(t));
+    }
+    ServerThread& t0 = *server_threads[0];
+    t0.listen_fd = fd;
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.ptr = nullptr;  // the listening socket
+    epoll_ctl(t0.epfd, EPOLL_CTL_ADD, fd, &ev);
+    for (auto& t : server_threads) t->thread = std::thread([tp = t.get()] { tp->run(); });
+    return Status();
+  }
   std::string service = self.port ? std::to_string(self.port) : "";
   std::string nodename = self.address;
   if (!msg && service.empty()) service = "0";
@@ -808,6 +1109,7 @@ void Node::Impl::fail_channel(ClientChannel& ch, Status why) {
 }
 
 Status Node::Impl::post_recv(ClientChannel& ch, int i) {
+  if (sock) return Status();  // the socket transport frames its stream instead
   for (;;) {
     ssize_t r = fi_recv(ch.ep.get(), ch.bufs.slot(kWindow + i), ch.bufs.slot_bytes, ch.bufs.desc(),
                         ch.dest, &ch.recv_ctx[i].fi);
@@ -826,6 +1128,18 @@ Status Node::Impl::post_frame(ClientChannel& ch, int slot, Kind kind, uint16_t o
                         self.id);
   }
   if (!payload.empty()) memcpy(buf + kHeader, payload.data(), payload.size());
+  if (sock) {
+    int e =
+        send_all(ch.fd, buf, kHeader + payload.size(), static_cast<int>(config.timeout.count()));
+    if (e != 0) {
+      Status st(e == ETIMEDOUT ? ETIMEDOUT : ECONNRESET,
+                who() + ": sending to node " + std::to_string(ch.peer) + ": " + strerror(e));
+      fail_channel(ch, st);
+      return st;
+    }
+    counters.bytes_sent.fetch_add(payload.size(), std::memory_order_relaxed);
+    return Status();
+  }
   ch.slots[slot].send_pending = true;
   for (;;) {
     ssize_t r =
@@ -885,7 +1199,9 @@ void Node::Impl::on_client_recv(ClientChannel& ch, const fi_cq_data_entry& e, in
                                           " does not fit the " + std::to_string(s.reply.size()) +
                                           "-byte reply buffer");
         } else {
-          memcpy(s.reply.data(), frame->payload.data(), frame->payload.size());
+          if (!frame->payload.empty()) {
+            memcpy(s.reply.data(), frame->payload.data(), frame->payload.size());
+          }
           s.reply_len = frame->payload.size();
         }
         s.done = true;
@@ -902,8 +1218,41 @@ void Node::Impl::on_client_recv(ClientChannel& ch, const fi_cq_data_entry& e, in
   if (!st) fail_channel(ch, st);
 }
 
+Status Node::Impl::progress_sock(ClientChannel& ch, int wait_ms) {
+  if (blocking && wait_ms > 0) {
+    pollfd p{ch.fd, POLLIN, 0};
+    poll(&p, 1, wait_ms);
+  }
+  ssize_t n = recv_some(ch.fd, ch.in);
+  if (n < 0) {
+    Status st(ECONNRESET, who() + ": node " + std::to_string(ch.peer) + " went away (" +
+                              strerror(static_cast<int>(-n)) + ")");
+    fail_channel(ch, st);
+    return st;
+  }
+  for (;;) {
+    ssize_t total = next_frame(ch.in, config.max_message_bytes);
+    if (total < 0) {
+      Status st(EPROTO, who() + ": node " + std::to_string(ch.peer) +
+                            " sent a frame longer than max_message_bytes");
+      fail_channel(ch, st);
+      return st;
+    }
+    if (total == 0) break;
+    memcpy(ch.bufs.slot(kWindow), ch.in.data.data(), static_cast<size_t>(total));
+    consume(ch.in, static_cast<size_t>(total));
+    fi_cq_data_entry e{};
+    e.len = static_cast<size_t>(total);
+    on_client_recv(ch, e, 0);
+    if (!ch.broken.is_ok()) return ch.broken;
+  }
+  if (n == 0) nap_if_needed(blocking, true, ch.empty_polls);
+  return Status();
+}
+
 Status Node::Impl::progress(ClientChannel& ch, int wait_ms) {
   if (!ch.broken.is_ok()) return ch.broken;
+  if (sock) return progress_sock(ch, wait_ms);
   fi_cq_data_entry e[8];
   ssize_t n = read_cq(ch.cq.get(), e, 8, blocking && ch.waitable, wait_ms);
   if (n > 0) {
@@ -1066,6 +1415,48 @@ Status Node::Impl::connect_rdm(ClientChannel& ch, const NodeConfig& peer) {
   return Status();
 }
 
+Status Node::Impl::connect_sock(ClientChannel& ch, const NodeConfig& peer) {
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* ai = nullptr;
+  std::string port = std::to_string(peer.port);
+  int gr = getaddrinfo(peer.address.c_str(), port.c_str(), &hints, &ai);
+  if (gr != 0) return Status(EHOSTUNREACH, std::string("cannot resolve: ") + gai_strerror(gr));
+  int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    freeaddrinfo(ai);
+    return Status::from_errno(errno, "socket");
+  }
+  int r = ::connect(fd, ai->ai_addr, ai->ai_addrlen);
+  freeaddrinfo(ai);
+  if (r != 0 && errno != EINPROGRESS) {
+    int e = errno;
+    close(fd);
+    return Status::from_errno(e, "connect");
+  }
+  pollfd p{fd, POLLOUT, 0};
+  if (r != 0 && poll(&p, 1, static_cast<int>(config.timeout.count())) != 1) {
+    close(fd);
+    return Status(ETIMEDOUT, "no answer to connect");
+  }
+  int err = 0;
+  socklen_t len = sizeof(err);
+  getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+  if (err != 0) {
+    close(fd);
+    return Status::from_errno(err, "connect");
+  }
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  ch.fd = fd;
+  LEGO_RETURN_IF_ERROR(
+      ch.bufs.init_plain(config.max_message_bytes, config.max_message_bytes, 2 * kWindow));
+  ch.in.data.resize(2 * ch.bufs.slot_bytes);
+  ch.in.len = 0;
+  return Status();
+}
+
 Status Node::Impl::connect(ClientChannel& ch) {
   const NodeConfig* peer = config.find(ch.peer);
   // Start from nothing: a broken channel's old endpoint and buffers go away.
@@ -1076,6 +1467,9 @@ Status Node::Impl::connect(ClientChannel& ch) {
   ch.bufs.~SlotBuffers();
   new (&ch.bufs) SlotBuffers();
   ch.own_domain.reset();
+  if (ch.fd >= 0) close(ch.fd);
+  ch.fd = -1;
+  ch.in.len = 0;
   ch.broken = Status();
   ch.connected = false;
   ch.have_control = false;
@@ -1090,7 +1484,9 @@ Status Node::Impl::connect(ClientChannel& ch) {
   std::string where = who() + ": connecting to node " + std::to_string(peer->id) + " at " +
                       peer->address + ":" + std::to_string(peer->port) + " (" + peer->provider +
                       ")";
-  Status st = msg ? connect_msg(ch, *peer) : connect_rdm(ch, *peer);
+  Status st = sock  ? connect_sock(ch, *peer)
+              : msg ? connect_msg(ch, *peer)
+                    : connect_rdm(ch, *peer);
   if (!st) return st.with_context(where);
 
   // Handshake: hello -> challenge (server proves the key) -> proof -> welcome.
@@ -1211,6 +1607,25 @@ Status Node::Impl::rma(const RemoteRegion& region, uint64_t offset, std::byte* l
                               " is outside node " + std::to_string(region.node) + "'s " +
                               std::to_string(region.length) + "-byte region");
   }
+  if (sock) {
+    // One-sided ops over sockets: served by the owner's libfit server thread.
+    size_t chunk = config.max_message_bytes - sizeof(SockRmaRequest);
+    std::vector<std::byte> req(sizeof(SockRmaRequest) + (write ? std::min(len, chunk) : 0));
+    for (size_t done = 0; done < len;) {
+      size_t n = std::min(len - done, chunk);
+      SockRmaRequest r{region.key, region.base + offset + done, n};
+      memcpy(req.data(), &r, sizeof(r));
+      if (write) memcpy(req.data() + sizeof(r), local + done, n);
+      auto res = node_send_reply(region.node, write ? kSockRmaWrite : kSockRmaRead,
+                                 {req.data(), sizeof(r) + (write ? n : 0)},
+                                 {write ? nullptr : local + done, write ? 0 : n});
+      if (!res) return res.status();
+      if (!write && res.value() != n) return Status(EPROTO, who() + ": short one-sided read");
+      done += n;
+    }
+    (write ? counters.rma_writes : counters.rma_reads).fetch_add(1, std::memory_order_relaxed);
+    return Status();
+  }
   std::unique_lock<std::mutex> lock;
   auto chr = channel_for(region.node, lock);
   if (!chr) return chr.status();
@@ -1273,6 +1688,7 @@ Result<std::unique_ptr<Node>> Node::create(const ClusterConfig& config, NodeId s
   impl->config = config;
   impl->self = *me;
   impl->msg = ofi::uses_msg_endpoints(me->provider);
+  impl->sock = me->provider == "tcp";
   impl->blocking = me->progress == Progress::kBlocking;
   return std::unique_ptr<Node>(new Node(std::move(impl)));
 }
@@ -1328,6 +1744,21 @@ Status Node::connect(NodeId peer) {
     if (!ch->connected || !ch->broken.is_ok()) LEGO_RETURN_IF_ERROR(impl_->connect(*ch));
   }
   return Status();
+}
+
+Result<size_t> Node::Impl::node_send_reply(NodeId peer, uint16_t opcode,
+                                           std::span<const std::byte> request,
+                                           std::span<std::byte> reply) {
+  auto deadline = Clock::now() + config.timeout;
+  std::unique_lock<std::mutex> lock;
+  auto ch = channel_for(peer, lock);
+  if (!ch) return ch.status();
+  auto slot = start_call(*ch.value(), opcode, request, reply, deadline);
+  if (!slot) {
+    counters.calls_failed.fetch_add(1, std::memory_order_relaxed);
+    return slot.status();
+  }
+  return finish_call(*ch.value(), slot.value(), deadline);
 }
 
 Result<size_t> Node::send_reply(NodeId peer, uint16_t opcode, std::span<const std::byte> request,
@@ -1417,6 +1848,27 @@ Result<size_t> RpcFuture::wait() {
 }
 
 Result<MemoryRegion> Node::register_memory(void* data, size_t size, bool remote_write) {
+  if (impl_->sock) {
+    if (!impl_->started) {
+      return Status(EINVAL, impl_->who() + ": start() the node before registering memory");
+    }
+    MemoryRegion mr;
+    mr.impl_ = std::make_unique<MemoryRegion::Impl>();
+    uint64_t key = auth::random_u64();
+    {
+      std::lock_guard<std::mutex> g(impl_->regions_mu);
+      impl_->sock_regions[key] = {static_cast<std::byte*>(data), size, remote_write};
+    }
+    Impl* impl = impl_.get();
+    mr.impl_->release = [impl, key] {
+      std::lock_guard<std::mutex> g(impl->regions_mu);
+      impl->sock_regions.erase(key);
+    };
+    mr.data_ = data;
+    mr.size_ = size;
+    mr.remote_ = {impl_->self.id, key, reinterpret_cast<uint64_t>(data), size};
+    return mr;
+  }
   if (!impl_->server_domain) {
     return Status(EINVAL, impl_->who() + ": start() the node before registering memory");
   }

@@ -88,7 +88,8 @@ Result<InfoPtr> get_info(const std::string& provider, const std::string& node,
   hints->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY;
   hints->domain_attr->threading = FI_THREAD_SAFE;
   hints->addr_format = FI_FORMAT_UNSPEC;
-  hints->fabric_attr->prov_name = strdup(provider.c_str());
+  // "ofi_tcp" is libfabric's tcp provider; plain "tcp" is libfit's own socket transport.
+  hints->fabric_attr->prov_name = strdup(provider == "ofi_tcp" ? "tcp" : provider.c_str());
   fi_info* info = nullptr;
   const char* n = node.empty() ? nullptr : node.c_str();
   const char* s = service.empty() ? nullptr : service.c_str();

@@ -340,7 +340,7 @@ TEST_CASE("enum fields accept only their names") {
         "cluster.toml:5: node.role: \"procesor\" is not one of processor | memory | storage | "
         "monitor");
   CHECK(error_of(with_node("provider = \"udp\"\n")) ==
-        "cluster.toml:8: node.provider: \"udp\" is not one of tcp | shm | verbs");
+        "cluster.toml:8: node.provider: \"udp\" is not one of tcp | ofi_tcp | shm | verbs");
   CHECK(error_of(with_node("progress = \"spin\"\n")) ==
         "cluster.toml:8: node.progress: \"spin\" is not one of polling | blocking");
 }

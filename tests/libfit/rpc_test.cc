@@ -62,10 +62,9 @@ struct Mode {
   const char* provider;
   Progress progress;
 };
-const Mode kModes[] = {{"tcp", Progress::kPolling},
-                       {"tcp", Progress::kBlocking},
-                       {"shm", Progress::kPolling},
-                       {"shm", Progress::kBlocking}};
+const Mode kModes[] = {{"tcp", Progress::kPolling},     {"tcp", Progress::kBlocking},
+                       {"ofi_tcp", Progress::kPolling}, {"ofi_tcp", Progress::kBlocking},
+                       {"shm", Progress::kPolling},     {"shm", Progress::kBlocking}};
 
 }  // namespace
 
@@ -139,7 +138,7 @@ TEST_CASE("nothing listening gives ECONNREFUSED and no hang", "[rpc]") {
 }
 
 TEST_CASE("a node without the cluster key is refused", "[rpc][auth]") {
-  for (const char* provider : {"tcp", "shm"}) {
+  for (const char* provider : {"tcp", "ofi_tcp", "shm"}) {
     SECTION(provider) {
       auto c = make_cluster(2, provider);
       auto server = Node::create(c, 2);
@@ -159,7 +158,7 @@ TEST_CASE("a node without the cluster key is refused", "[rpc][auth]") {
 }
 
 TEST_CASE("async calls complete out of order and in parallel", "[rpc]") {
-  for (const char* provider : {"tcp", "shm"}) {
+  for (const char* provider : {"tcp", "ofi_tcp", "shm"}) {
     SECTION(provider) {
       auto p = make_pair(make_cluster(2, provider));
       std::vector<std::string> msgs;
@@ -201,7 +200,7 @@ TEST_CASE("many threads share a peer's channels", "[rpc]") {
 }
 
 TEST_CASE("one-sided reads and writes reach registered memory", "[rma]") {
-  for (const char* provider : {"tcp", "shm"}) {
+  for (const char* provider : {"tcp", "ofi_tcp", "shm"}) {
     SECTION(provider) {
       auto p = make_pair(make_cluster(2, provider));
       std::vector<std::byte> exposed(1 << 20);
