@@ -10,7 +10,8 @@
 // here, ~1.45x faster than libfabric's tcp provider), "ofi_tcp" (libfabric's tcp provider,
 // msg endpoints), "shm" (libfabric rdm endpoints, same host), "verbs" (libfabric msg
 // endpoints on an RDMA NIC). One-sided ops on "tcp" are served by libfit's server thread,
-// as libfabric's tcp provider serves them in software too: the owner's handlers never run. Each node polls
+// as libfabric's tcp provider serves them in software too: the owner's handlers never run. Each
+// node polls
 // ("polling": lowest latency, burns a core while waiting) or blocks ("blocking").
 //
 // Security: before a connection carries any request, both ends prove they hold the
