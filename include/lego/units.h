@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "lego/status.h"
 
@@ -53,6 +54,19 @@ inline Result<long> parse_int(const std::string& text, const std::string& flag, 
                               ".." + std::to_string(hi));
   }
   return v;
+}
+
+// "a,b,,c" -> {"a", "b", "c"}: a comma-separated flag value, empty items dropped.
+inline std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t end = text.find(',', start);
+    if (end == std::string::npos) end = text.size();
+    if (end > start) out.push_back(text.substr(start, end - start));
+    start = end + 1;
+  }
+  return out;
 }
 
 // 67108864 -> "64 MiB"; exact multiples only, otherwise bytes.

@@ -69,18 +69,6 @@ struct Options {
   exit(2);
 }
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  size_t start = 0;
-  while (start <= s.size()) {
-    size_t end = s.find(',', start);
-    if (end == std::string::npos) end = s.size();
-    if (end > start) out.push_back(s.substr(start, end - start));
-    start = end + 1;
-  }
-  return out;
-}
-
 long parse_number(const std::string& s, const char* what, long lo, long hi) {
   auto v = parse_int(s, what, lo, hi);
   if (!v) die(v.status().message());
@@ -104,7 +92,7 @@ Options parse(int argc, char** argv) {
   while ((c = getopt_long(argc, argv, "h", longopts, nullptr)) != -1) {
     switch (c) {
       case kProviders:
-        o.providers = split(optarg);
+        o.providers = lego::split_list(optarg);
         for (auto& p : o.providers) {
           if (p != "tcp" && p != "ofi_tcp" && p != "shm" && p != "verbs") {
             die("unknown provider '" + p + "'");
@@ -113,7 +101,7 @@ Options parse(int argc, char** argv) {
         break;
       case kSizes:
         o.sizes.clear();
-        for (auto& s : split(optarg)) {
+        for (auto& s : lego::split_list(optarg)) {
           o.sizes.push_back(static_cast<size_t>(parse_number(s, "--sizes", 1, 128 * 1024)));
         }
         break;

@@ -60,18 +60,6 @@ program (bazel-bin/runtime/lego-run) or through $LEGO_RUN.
   exit(2);
 }
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  size_t a = 0;
-  while (a <= s.size()) {
-    size_t b = s.find(',', a);
-    if (b == std::string::npos) b = s.size();
-    if (b > a) out.push_back(s.substr(a, b - a));
-    a = b + 1;
-  }
-  return out;
-}
-
 // ---------------------------------------------------------------- the worker
 
 // Zipf(s) over n items by inverting a precomputed CDF (n is at most a few 100k pages).
@@ -283,17 +271,17 @@ int main(int argc, char** argv) {
       }
       case kFrac:
         fractions.clear();
-        for (auto& f : split(optarg)) {
+        for (auto& f : lego::split_list(optarg)) {
           double v = strtod(f.c_str(), nullptr);
           if (!(v > 0 && v <= 1)) die("--fractions: '" + f + "' is not in (0, 1]");
           fractions.push_back(v);
         }
         break;
       case kWork:
-        workloads = split(optarg);
+        workloads = lego::split_list(optarg);
         break;
       case kSys:
-        systems = split(optarg);
+        systems = lego::split_list(optarg);
         break;
       case kAcc:
         accesses = atol(optarg);

@@ -119,6 +119,23 @@ std::string text(std::span<std::byte> b, size_t n) {
   return std::string(reinterpret_cast<const char*>(b.data()), n);
 }
 
+// Calls the peer's kSleep (15 s) and kills the peer 300 ms in. Returns the call's result;
+// `took` is how long the call lasted (a dead peer must be noticed, not timed out).
+Result<size_t> sleep_call_while_killed(Node& client, Peer& peer, std::span<std::byte> reply,
+                                       Clock::duration* took) {
+  std::thread killer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    peer.kill_now();
+  });
+  uint32_t ms = 15000;
+  auto t0 = Clock::now();
+  auto r = client.send_reply(2, testing::kSleep,
+                             {reinterpret_cast<const std::byte*>(&ms), sizeof(ms)}, reply);
+  killer.join();
+  *took = Clock::now() - t0;
+  return r;
+}
+
 }  // namespace
 
 TEST_CASE("tcp: three nodes in three namespaces call each other", "[e2e][netns]") {
@@ -181,18 +198,11 @@ TEST_CASE("tcp: a peer killed mid-call gives ECONNRESET, then ECONNREFUSED", "[e
   REQUIRE(call_until_up(*client.value(), 2, reply).is_ok());
 
   SECTION("killed by a signal while serving") {
-    std::thread killer([&] {
-      std::this_thread::sleep_for(std::chrono::milliseconds(300));
-      p2.kill_now();
-    });
-    uint32_t ms = 15000;
-    auto t0 = Clock::now();
-    auto r = client.value()->send_reply(
-        2, testing::kSleep, {reinterpret_cast<const std::byte*>(&ms), sizeof(ms)}, reply);
-    killer.join();
+    Clock::duration took;
+    auto r = sleep_call_while_killed(*client.value(), p2, reply, &took);
     INFO(r.status().message());
     CHECK(r.status().code() == ECONNRESET);
-    CHECK(Clock::now() - t0 < std::chrono::seconds(10));  // noticed, not timed out
+    CHECK(took < std::chrono::seconds(10));  // noticed, not timed out
   }
   SECTION("exits inside the handler") {
     auto r = client.value()->send_reply(2, testing::kExit, as_bytes(""), reply);
@@ -270,17 +280,10 @@ TEST_CASE("shm: processes on one host call each other and notice a dead peer", "
   REQUIRE(r.is_ok());
   CHECK(text(reply, r.value()) == "2:ping");
 
-  std::thread killer([&] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));
-    p2.kill_now();
-  });
-  uint32_t ms = 15000;
-  auto t0 = Clock::now();
-  auto dead = client.value()->send_reply(
-      2, testing::kSleep, {reinterpret_cast<const std::byte*>(&ms), sizeof(ms)}, reply);
-  killer.join();
+  Clock::duration took;
+  auto dead = sleep_call_while_killed(*client.value(), p2, reply, &took);
   INFO(dead.status().message());
   CHECK(dead.status().code() == ECONNRESET);
-  CHECK(Clock::now() - t0 < std::chrono::seconds(10));
+  CHECK(took < std::chrono::seconds(10));
   unlink(path.c_str());
 }
