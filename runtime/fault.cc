@@ -262,6 +262,10 @@ bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
         // can slip in after an eviction copied the line out.
         if (!write) break;
         if (word.compare_exchange_weak(s, with_kind(s, kUnprotecting), std::memory_order_acquire)) {
+          // Counted (and the policy told) before the ioctl wakes the faulting thread, so
+          // that a thread reading the stats right after its own fault sees it.
+          stats.add(kWriteFaults);
+          policy->on_refault(frames[frame_of(s)]);
           if (int err = write_protect(addr, kLine, false); err != 0) {
             fatal("UFFDIO_WRITEPROTECT (un-protect) failed", err, addr);
           }
@@ -269,8 +273,6 @@ bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
           // the prediction count.
           word.store((with_kind(s, kDirty) & ~kPredictMask) | kWrittenHintBit,
                      std::memory_order_release);
-          policy->on_refault(frames[frame_of(s)]);
-          stats.add(kWriteFaults);
           return true;
         }
         continue;
@@ -335,6 +337,8 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
       persist = 0;  // map clean: a store now sets the hint again, else it is forgotten
     }
   }
+  // Counted before UFFDIO_COPY wakes the faulting thread (see kWriteFaults above).
+  stats.add(kMisses);
   uffdio_copy copy = {};
   copy.dst = addr;
   copy.src = reinterpret_cast<uint64_t>(src);
@@ -362,7 +366,6 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
                      std::memory_order_release);
   frames[frame].store(index + 1, std::memory_order_release);
   policy->on_fill(frames[frame]);
-  stats.add(kMisses);
   stats.record_miss_ns(now_ns() - start_ns);
 }
 
