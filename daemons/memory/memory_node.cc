@@ -333,6 +333,70 @@ struct MemoryNode::Impl {
     return size_t{0};
   }
 
+  // A copy of a space for a forked child. Lines are copied, not shared: simple, and a
+  // child that execs soon (the common case) frees its copy when it is gone.
+  Result<size_t> fork(const fit::RpcContext& ctx, std::span<const std::byte> req,
+                      std::span<std::byte> rep) {
+    SpaceRequest r;
+    if (!read_struct(req, &r) || req.size() != sizeof(r)) {
+      c.refused++;
+      return Status(EPROTO, "fork: malformed request");
+    }
+    auto sp = lookup(r.handle, ctx.from);
+    if (!sp) return sp.status();
+    Space& parent = *sp.value();
+    auto child = std::make_shared<Space>();
+    randombytes_buf(child->secret, sizeof(child->secret));
+    child->owner = ctx.from;
+    child->last_seen_ns = now_ns();
+    {
+      std::lock_guard<std::mutex> g(parent.mu);
+      child->pid = parent.pid;
+      child->program = parent.program + " (fork)";
+      std::lock_guard<std::mutex> pg(pool_mu);
+      // The copy needs the parent's promise (every line it may ever write back) again.
+      const uint64_t want = std::max<uint64_t>(parent.reserved, parent.lines.size() * kLineBytes);
+      const uint64_t free_slots_now = free_slots.size() + (pool_lines - never_used);
+      if (reserved_total + want > options.capacity_bytes || free_slots_now < parent.lines.size()) {
+        c.refused++;
+        return Status(ENOMEM, "memory node is full: cannot copy address space " +
+                                  std::to_string(parent.id) + " (" + std::to_string(want >> 20) +
+                                  " MiB) for a forked child");
+      }
+      child->reserved = want;
+      reserved_total += want;
+      child->lines.reserve(parent.lines.size());
+      for (auto& [addr, s] : parent.lines) {
+        uint32_t copy;
+        if (!free_slots.empty()) {
+          copy = free_slots.back();
+          free_slots.pop_back();
+        } else {
+          copy = never_used++;
+        }
+        memcpy(slot(copy), slot(s), kLineBytes);
+        child->lines.emplace(addr, copy);
+      }
+      c.lines_stored += child->lines.size();
+    }
+    OpenReply out{};
+    {
+      std::lock_guard<std::mutex> g(spaces_mu);
+      child->id = next_id++;
+      spaces[child->id] = child;
+    }
+    c.spaces_opened++;
+    out.version = kProtoVersion;
+    out.line_bytes = kLineBytes;
+    out.handle.id = child->id;
+    memcpy(out.handle.secret, child->secret, sizeof(out.handle.secret));
+    out.capacity_bytes = options.capacity_bytes;
+    out.lease_ms = static_cast<uint32_t>(options.lease.count());
+    if (rep.size() < sizeof(out)) return Status(EMSGSIZE, "fork: reply buffer too small");
+    memcpy(rep.data(), &out, sizeof(out));
+    return sizeof(out);
+  }
+
   Result<size_t> heartbeat(const fit::RpcContext& ctx, std::span<const std::byte> req) {
     SpaceRequest r;
     if (!read_struct(req, &r)) {
@@ -378,6 +442,8 @@ void MemoryNode::serve(fit::Node& node) {
                             std::span<std::byte>) { return m->release(ctx, req); });
   node.handle(kReserve, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
                             std::span<std::byte>) { return m->reserve(ctx, req); });
+  node.handle(kFork, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
+                         std::span<std::byte> rep) { return m->fork(ctx, req, rep); });
   node.handle(kHeartbeat, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
                               std::span<std::byte>) { return m->heartbeat(ctx, req); });
   node.handle(kStatus,

@@ -39,6 +39,9 @@ enum Opcode : uint16_t {
   kHeartbeat,     // SpaceRequest -> (empty): keeps the lease
   kStatus,        // (empty) -> UTF-8 text: the node's state and counters
   kReserve,       // ReserveRequest -> (empty); ENOMEM when the node cannot promise it
+  kFork,          // SpaceRequest -> OpenReply: a new space holding a copy of the named one
+                  // (its lines and its reservation), for a forked child; ENOMEM when the
+                  // node cannot promise the copy. The copy has its own handle and lease.
 };
 
 struct SpaceHandle {

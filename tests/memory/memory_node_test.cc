@@ -263,3 +263,53 @@ TEST_CASE("reservations are bounded by capacity and freed with the space", "[mem
   REQUIRE(rig.call(kClose, req, rep).is_ok());
   CHECK(rig.memory->stats().bytes_reserved == 256 << 10);
 }
+
+TEST_CASE("fork copies a space; the copy and the original then diverge", "[memd][fork]") {
+  MemoryNodeOptions opt;
+  opt.capacity_bytes = 64 * kLineBytes;
+  Rig rig(opt);
+  SpaceHandle parent = rig.open();
+  REQUIRE(rig.write(parent, {0x1000, 0x2000}, {pattern(1), pattern(2)}).is_ok());
+
+  auto fork = [&](const SpaceHandle& h) -> Result<SpaceHandle> {
+    std::vector<std::byte> req(sizeof(SpaceRequest)), rep(sizeof(OpenReply));
+    SpaceRequest r{h};
+    memcpy(req.data(), &r, sizeof(r));
+    auto res = rig.call(kFork, req, rep);
+    if (!res) return res.status();
+    OpenReply out;
+    memcpy(&out, rep.data(), sizeof(out));
+    return out.handle;
+  };
+  auto child = fork(parent);
+  REQUIRE(child.is_ok());
+  CHECK(child.value().id != parent.id);
+  CHECK(rig.memory->stats().lines_stored == 4);
+
+  // Each side's writes stay its own.
+  REQUIRE(rig.write(parent, {0x1000}, {pattern(9)}).is_ok());
+  REQUIRE(rig.write(child.value(), {0x2000, 0x3000}, {pattern(8), pattern(7)}).is_ok());
+  auto p = rig.fetch(parent, {0x1000, 0x2000, 0x3000});
+  auto c = rig.fetch(child.value(), {0x1000, 0x2000, 0x3000});
+  REQUIRE(p.is_ok());
+  REQUIRE(c.is_ok());
+  CHECK(p.value()[0] == pattern(9));
+  CHECK(p.value()[1] == pattern(2));
+  CHECK(p.value()[2] == std::vector<std::byte>(kLineBytes));
+  CHECK(c.value()[0] == pattern(1));
+  CHECK(c.value()[1] == pattern(8));
+  CHECK(c.value()[2] == pattern(7));
+
+  // A forged handle cannot fork someone's space.
+  SpaceHandle forged = parent;
+  forged.secret[0] ^= 1;
+  CHECK(fork(forged).status().code() == EACCES);
+
+  // The copy needs the parent's promise again: a node that cannot give it says ENOMEM.
+  ReserveRequest rr{parent, int64_t{40} * kLineBytes};
+  std::vector<std::byte> req(sizeof(rr)), rep(8);
+  memcpy(req.data(), &rr, sizeof(rr));
+  REQUIRE(rig.call(kReserve, req, rep).is_ok());
+  CHECK(fork(parent).status().code() == ENOMEM);
+  CHECK(rig.memory->stats().spaces_open == 2);
+}
