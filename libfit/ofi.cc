@@ -24,6 +24,9 @@ bool uses_msg_endpoints(const std::string& provider) {
   return provider != "shm";
 }
 
+// Called by fabric_loader.cc right after it loads libfabric.
+void restore_signals_taken_by_psm();
+
 namespace {
 
 // libfabric initialises every provider it was built with on first use, and some of them
@@ -34,6 +37,8 @@ namespace {
 // SIGILL, SIGABRT, SIGBUS, SIGSEGV and SIGTERM from its constructor that turn them into
 // exit(1). A lego process must die of its signals as it would without lego, so handlers
 // that live in that library go back to the default.
+}  // namespace
+
 void restore_signals_taken_by_psm() {
   for (int sig : {SIGINT, SIGILL, SIGABRT, SIGBUS, SIGSEGV, SIGTERM, SIGHUP, SIGQUIT}) {
     struct sigaction sa {};
@@ -54,6 +59,8 @@ void restore_signals_taken_by_psm() {
     }
   }
 }
+
+namespace {
 
 // As early as possible in any process that links libfit (before lego's preload starts).
 __attribute__((constructor(101))) void restore_signals_at_load() {
