@@ -166,6 +166,11 @@ bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
       if (st.is_ok() || !transient(st.code()) || attempt == 8) break;
     }
     if (!st.is_ok()) fatal("LineBackend::write_back failed", st.code(), write_backs[0].addr);
+    // A fork under way: the child may find these lines absent and read the snapshot
+    // (fork.cc). An error only means the child is gone already.
+    if (const int64_t snap = fork_snapshot.load(std::memory_order_acquire); snap >= 0) {
+      (void)backend->write_back_snapshot(static_cast<uint32_t>(snap), batch_span);
+    }
     stats.add(kWriteBacks, dirty);
     stats.add(kBytesWritten, dirty * kLine);
   }
@@ -219,6 +224,7 @@ Status ExCache::Impl::discard(uint64_t addr, uint64_t len) {
   constexpr uint64_t kChunk = 512;  // lines owned at once: 2 MiB per madvise/release
   while (i < end) {
     const uint64_t first = i;
+    const uint64_t generation = fork_generation.load(std::memory_order_seq_cst);
     bool any_resident = false, any_backed = false;
     Backoff backoff;
     while (i < end && i - first < kChunk) {
@@ -252,6 +258,14 @@ Status ExCache::Impl::discard(uint64_t addr, uint64_t len) {
     // backend fails: we clear their backed bit regardless.
     if (any_backed) {
       if (Status st = backend->release(chunk_addr, chunk_len); !st && result) result = st;
+      // A fork under way, or one that happened since this chunk began: the child may find
+      // these lines absent and read the snapshot, where they must be gone too (fork.cc).
+      int64_t snap = fork_snapshot.load(std::memory_order_seq_cst);
+      if (snap < 0 && fork_generation.load(std::memory_order_seq_cst) != generation) {
+        snap = last_fork_snapshot.load(std::memory_order_relaxed);
+      }
+      if (snap >= 0)
+        (void)backend->release_snapshot(static_cast<uint32_t>(snap), chunk_addr, chunk_len);
     }
     uint64_t dropped = 0;
     for (uint64_t j = first; j < i; ++j) {

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <linux/userfaultfd.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <sys/uio.h>
@@ -264,6 +265,34 @@ struct ExCache::Impl {
   bool handler_running = false;
   std::atomic<bool> stopping{false};
   int stop_fd = -1;  // eventfd that wakes the handler thread out of poll() to stop
+
+  // fork.cc: fork() support (UFFD_FEATURE_EVENT_FORK). While a fork is under way
+  // (prepare_fork until the handler thread reads the fork event) evictions and discards
+  // also write into / release in the snapshot the child will be served from.
+  bool fork_events = false;                  // EVENT_FORK enabled on uffd
+  std::atomic<int64_t> fork_snapshot{-1};    // snapshot id while a fork is under way
+  std::atomic<uint64_t> fork_generation{0};  // bumped by each prepare_fork
+  std::atomic<int64_t> last_fork_snapshot{-1};
+  std::atomic<uint64_t> fork_events_seen{0};  // fork events read from uffd
+  std::atomic<int> last_child_slot{-1};       // slot of the newest child of this process
+  // A forked process whose region the handler thread serves from a snapshot.
+  struct Child {
+    int uffd = -1;  // -1: slot free
+    std::atomic<int> pidfd{-1};
+    uint32_t snapshot = 0;
+  };
+  static constexpr size_t kMaxChildren = 64;
+  Child children[kMaxChildren];      // EXCLUSIVE: the handler thread (pidfd: finish_fork)
+  std::atomic<size_t> nchildren{0};  // gauge
+  uint64_t last_reclaim_ns = 0;      // EXCLUSIVE: the handler thread
+  void handle_fork_event(int child_uffd, int parent_slot);
+  // On EAGAIN from an ioctl on `fd` (ours, or child `slot`'s): reads its fork event.
+  void drain_events(int fd, int slot);
+  void serve_child(size_t slot, const uffd_msg& msg);
+  void poll_children();  // reads every child's uffd once
+  void reclaim_children(bool force);
+  void release_child(size_t slot);
+  int child_fds(pollfd* out, size_t max);
 
   excache_internal::Stats stats;
 

@@ -347,7 +347,11 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
   for (;;) {
     copy.copy = 0;
     if (ioctl(uffd, UFFDIO_COPY, &copy) == 0) break;
-    if (errno == EAGAIN || errno == EINTR) continue;  // the mm is changing: retry
+    if (errno == EAGAIN) {
+      drain_events(uffd, -1);  // the mm is changing (a fork waits for its event): read it, retry
+      continue;
+    }
+    if (errno == EINTR) continue;
     if (errno == EEXIST) {
       // Someone mapped the line behind our back (our states say no one can; a program
       // that writes region memory through another path). Keep the invariant of the kind
@@ -385,8 +389,11 @@ void ExCache::Impl::handle_event(const uffd_msg& msg) {
       }
       return;
     }
+    case UFFD_EVENT_FORK:
+      handle_fork_event(static_cast<int>(msg.arg.fork.ufd), -1);
+      return;
     default:
-      // We enable no event features; anything else means the kernel and we disagree.
+      // We enable no other event features; anything else means the kernel and we disagree.
       fatal("unexpected userfaultfd event", EPROTO, msg.event);
   }
 }
@@ -410,15 +417,24 @@ void ExCache::Impl::handler_loop() {
     }
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && errno != EAGAIN) fatal("read(userfaultfd) failed", errno, 0);
+    if (nchildren.load(std::memory_order_relaxed) > 0) {
+      // Forked children's faults (fork.cc), then whether any of them is gone.
+      poll_children();
+      reclaim_children(false);
+    }
     // Busy-poll for a while after each event (a miss is ~15 µs instead of ~40 µs when the
     // handler is awake), then sleep until the next fault or the stop request.
     if (now_ns() - last_event < spin_ns) {
       cpu_relax();
       continue;
     }
-    pollfd fds[2] = {{.fd = uffd, .events = POLLIN, .revents = 0},
-                     {.fd = stop_fd, .events = POLLIN, .revents = 0}};
-    if (poll(fds, 2, -1) < 0 && errno != EINTR) fatal("poll(userfaultfd) failed", errno, 0);
+    pollfd fds[2 + kMaxChildren] = {{.fd = uffd, .events = POLLIN, .revents = 0},
+                                    {.fd = stop_fd, .events = POLLIN, .revents = 0}};
+    const int nfds = 2 + child_fds(fds + 2, kMaxChildren);
+    // With children, wake up now and then to notice the ones that are gone.
+    if (poll(fds, nfds, nfds > 2 ? 100 : -1) < 0 && errno != EINTR) {
+      fatal("poll(userfaultfd) failed", errno, 0);
+    }
     last_event = now_ns();  // woken by a fault: spin again for the ones that follow
   }
 }

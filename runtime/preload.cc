@@ -37,6 +37,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "lego/excache.h"
@@ -62,6 +63,10 @@ struct Runtime {
 
 Runtime* g_rt = nullptr;
 std::atomic<bool> g_active{false};  // redirecting allocations into the region
+// In a forked child: the region is served by the parent's ExCache (runtime/fork.cc), and
+// nothing of the runtime may be used here (its threads are gone; its sockets and
+// userfaultfd belong to the parent). New memory is local; freeing region memory zeroes it.
+std::atomic<bool> g_forked_child{false};
 
 // Text ranges of libraries whose mmaps are runtime-internal.
 struct TextRange {
@@ -113,6 +118,11 @@ int collect_internal(dl_phdr_info* info, size_t, void*) {
 }
 
 void discard(uintptr_t addr, size_t len) {
+  if (g_forked_child.load(std::memory_order_relaxed)) {
+    // Discarded memory reads as zeros; in a child, zero it in place.
+    memset(reinterpret_cast<void*>(addr), 0, len);
+    return;
+  }
   Status st = g_rt->cache->discard(reinterpret_cast<void*>(addr), len);
   if (!st) say("lego: discarding %zu bytes at %#lx: %s\n", len, addr, st.message().c_str());
 }
@@ -121,6 +131,20 @@ void discard(uintptr_t addr, size_t len) {
 // when the memory node is full or the region has no room: the allocation fails.
 uintptr_t take(size_t size, size_t align) {
   size = (size + kPage - 1) & ~(kPage - 1);
+  if (g_forked_child.load(std::memory_order_relaxed)) {
+    // Local memory, aligned by over-mapping and trimming.
+    const size_t over = size + (align > kPage ? align : 0);
+    auto p = static_cast<uintptr_t>(syscall(SYS_mmap, nullptr, over, PROT_READ | PROT_WRITE,
+                                            MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (p > static_cast<uintptr_t>(-4096)) {
+      errno = ENOMEM;
+      return 0;
+    }
+    const uintptr_t a = align > kPage ? (p + align - 1) & ~(align - 1) : p;
+    if (a > p) syscall(SYS_munmap, p, a - p);
+    if (p + over > a + size) syscall(SYS_munmap, a + size, p + over - (a + size));
+    return a;
+  }
   if (!g_rt->backend->reserve(static_cast<int64_t>(size))) {
     errno = ENOMEM;
     return 0;
@@ -136,6 +160,13 @@ uintptr_t take(size_t size, size_t align) {
 // Frees a range taken with take(): its lines, its address space and its promise.
 void give(uintptr_t addr, size_t size) {
   size = (size + kPage - 1) & ~(kPage - 1);
+  if (g_forked_child.load(std::memory_order_relaxed)) {
+    if (!g_rt->va.contains(addr)) {
+      syscall(SYS_munmap, addr, size);  // taken locally in this child
+    }
+    // Region memory stays mapped in a child (only the parent's runtime can drop it).
+    return;
+  }
   discard(addr, size);
   g_rt->va.release(addr, size);
   (void)g_rt->backend->reserve(-static_cast<int64_t>(size));
@@ -172,6 +203,9 @@ bool region_commit(extent_hooks_t*, void*, size_t, size_t, size_t, unsigned) {
   return false;
 }
 bool region_purge(extent_hooks_t*, void* addr, size_t, size_t offset, size_t length, unsigned) {
+  if (g_forked_child.load(std::memory_order_relaxed) && !local_extent(addr)) {
+    return true;  // not purged: jemalloc then keeps treating the pages as dirty, correctly
+  }
   if (local_extent(addr)) {
     return syscall(SYS_madvise, static_cast<char*>(addr) + offset, length, MADV_DONTNEED) != 0;
   }
@@ -325,7 +359,7 @@ __attribute__((constructor(102))) void lego_start() {
 }
 
 __attribute__((destructor(101))) void lego_stop() {
-  if (g_rt == nullptr) return;
+  if (g_rt == nullptr || g_forked_child.load()) return;  // the parent reports
   // The region stays mapped and the space open: libc still flushes stdio buffers (in the
   // region) after destructors. lego-run frees the space once the process is gone.
   write_stats();
@@ -351,9 +385,10 @@ extern "C" {
 void* mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off) {
   constexpr int kPlain = MAP_PRIVATE | MAP_ANONYMOUS;
   constexpr int kAllowed = kPlain | MAP_NORESERVE | MAP_POPULATE;
-  if (g_active.load(std::memory_order_relaxed) && addr == nullptr && fd == -1 &&
-      (flags & kPlain) == kPlain && (flags & ~kAllowed) == 0 && prot == (PROT_READ | PROT_WRITE) &&
-      len > 0 && !internal_caller(__builtin_return_address(0))) {
+  if (g_active.load(std::memory_order_relaxed) && !lego::runtime::g_forked_child.load() &&
+      addr == nullptr && fd == -1 && (flags & kPlain) == kPlain && (flags & ~kAllowed) == 0 &&
+      prot == (PROT_READ | PROT_WRITE) && len > 0 &&
+      !internal_caller(__builtin_return_address(0))) {
     uintptr_t a = lego::runtime::take(len, kPage);
     if (a == 0) return MAP_FAILED;
     return reinterpret_cast<void*>(a);
@@ -406,19 +441,32 @@ void* mremap(void* old, size_t old_len, size_t new_len, int flags, ...) {
   return reinterpret_cast<void*>(syscall(SYS_mremap, old, old_len, new_len, flags, new_addr));
 }
 
-// A forked child would see the region without its ExCache: evicted lines would be gone.
-// Until the memory node can snapshot a space for the child, fork() fails clearly;
-// posix_spawn, vfork and system() (which do not copy the address space) work.
+// fork(): the parent's ExCache snapshots the heap on the memory node and serves the
+// child's region from it (runtime/fork.cc); the child stops using the runtime. Forks are
+// serialized: one snapshot is under way at a time. posix_spawn, vfork and system() do not
+// copy the address space and need none of this.
 pid_t fork() {
-  if (g_active.load(std::memory_order_relaxed)) {
-    static const char msg[] =
-        "lego: fork() is not supported for disaggregated processes yet (posix_spawn, vfork and "
-        "system work); failing it with ENOSYS\n";
-    (void)!write(2, msg, sizeof(msg) - 1);
-    errno = ENOSYS;
+  static pid_t (*real_fork)() = reinterpret_cast<pid_t (*)()>(dlsym(RTLD_NEXT, "fork"));
+  if (!g_active.load(std::memory_order_relaxed) || lego::runtime::g_forked_child.load()) {
+    return real_fork();
+  }
+  static std::mutex fork_mutex;
+  std::lock_guard<std::mutex> guard(fork_mutex);
+  lego::Status st = g_rt->cache->prepare_fork();
+  if (!st) {
+    lego::runtime::say("lego: fork() failed: %s\n", st.message().c_str());
+    errno = st.code() == EOPNOTSUPP ? ENOSYS : st.code();
     return -1;
   }
-  return static_cast<pid_t>(syscall(SYS_clone, SIGCHLD, 0, nullptr, nullptr, 0));
+  const pid_t pid = real_fork();
+  if (pid == 0) {
+    lego::runtime::g_forked_child.store(true);
+    return 0;
+  }
+  const int saved = errno;
+  g_rt->cache->finish_fork(pid);
+  errno = saved;
+  return pid;
 }
 
 int madvise(void* addr, size_t len, int advice) {

@@ -7,9 +7,9 @@
 //   WP       lines mapped clean are uffd-write-protected, so their first store faults and
 //            we learn they are dirty; evict.cc write-protects dirty victims before copying
 //            them out so no racing store is lost.
-// madvise: MADV_NOHUGEPAGE (lines must be 4 KiB; THP may be "always"), MADV_DONTFORK (a
-// forked child would otherwise silently read zeros where lines are not resident: better a
-// clear SIGSEGV).
+// madvise: MADV_NOHUGEPAGE (lines must be 4 KiB; THP may be "always"), and MADV_DONTFORK
+// unless fork events are on (fork.cc): a forked child would otherwise silently read zeros
+// where lines are not resident: better a clear SIGSEGV.
 #include <fcntl.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -80,8 +80,27 @@ Status ExCache::Impl::init_region() {
     return Status(EOPNOTSUPP, "userfaultfd lacks features " + hex(wanted & ~offered) +
                                   " (kernel offers " + hex(offered) + ")");
   }
-  uffdio_api api{.api = UFFD_API, .features = wanted, .ioctls = 0};
-  if (ioctl(uffd, UFFDIO_API, &api) != 0) return Status::from_errno(errno, "UFFDIO_API");
+  // fork() support (fork.cc): the child's region stays registered, with a userfaultfd of
+  // its own that the fork event hands to our handler thread. Only with a handler thread
+  // (the event blocks fork() until it is read) and kernel-mode faults (it needs the same
+  // privilege). If the kernel refuses it, go on without: fork() then fails clearly.
+  if (kernel_faults && (offered & UFFD_FEATURE_EVENT_FORK)) {
+    uffdio_api api{.api = UFFD_API, .features = wanted | UFFD_FEATURE_EVENT_FORK, .ioctls = 0};
+    if (ioctl(uffd, UFFDIO_API, &api) == 0) {
+      fork_events = true;
+    } else {
+      // UFFDIO_API may not be retried on the same fd.
+      close(uffd);
+      uffd = -1;
+      fd = open_uffd(false);
+      if (fd < 0) return Status::from_errno(-fd, "userfaultfd() after EVENT_FORK was refused");
+      uffd = fd;
+    }
+  }
+  if (!fork_events) {
+    uffdio_api api{.api = UFFD_API, .features = wanted, .ioctls = 0};
+    if (ioctl(uffd, UFFDIO_API, &api) != 0) return Status::from_errno(errno, "UFFDIO_API");
+  }
 
   void* region = map_anon(size);
   if (region == nullptr) return Status::from_errno(errno, "mmap region of " + hex(size));
@@ -89,7 +108,7 @@ Status ExCache::Impl::init_region() {
   if (madvise(base, size, MADV_NOHUGEPAGE) != 0) {
     return Status::from_errno(errno, "madvise(MADV_NOHUGEPAGE) region");
   }
-  if (madvise(base, size, MADV_DONTFORK) != 0) {
+  if (!fork_events && madvise(base, size, MADV_DONTFORK) != 0) {
     return Status::from_errno(errno, "madvise(MADV_DONTFORK) region");
   }
 
@@ -137,7 +156,8 @@ int ExCache::Impl::write_protect(uint64_t addr, uint64_t len, bool wp) {
   w.mode = wp ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
   for (;;) {
     if (ioctl(uffd, UFFDIO_WRITEPROTECT, &w) == 0) return 0;
-    if (errno != EAGAIN && errno != EINTR) return errno;  // EAGAIN: mm changing, retry
+    if (errno != EAGAIN && errno != EINTR) return errno;
+    if (errno == EAGAIN) drain_events(uffd, -1);  // the mm is changing: see drain_events
   }
 }
 
@@ -148,6 +168,10 @@ ExCache::Impl::~Impl() {
     uint64_t one = 1;
     if (write(stop_fd, &one, sizeof one) != sizeof one) fatal("stopping handler thread", errno, 0);
     pthread_join(handler, nullptr);
+  }
+  for (Child& c : children) {
+    if (c.uffd >= 0) close(c.uffd);
+    if (int pidfd = c.pidfd.load(); pidfd >= 0) close(pidfd);
   }
   if (stop_fd >= 0) close(stop_fd);
   if (pidfd >= 0) close(pidfd);

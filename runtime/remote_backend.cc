@@ -58,6 +58,13 @@ Result<std::unique_ptr<RemoteBackend>> RemoteBackend::open(fit::Node* node, fit:
       if (self->stop_.load()) break;
       (void)self->node_->send_reply(self->memory_, mem::kHeartbeat,
                                     {reinterpret_cast<const std::byte*>(&hb), sizeof(hb)}, {});
+      for (uint32_t i = 0; i < kMaxSnapshots; i++) {
+        const mem::SpaceHandle* h = self->snapshot_handle(i);
+        if (h == nullptr) continue;
+        mem::SpaceRequest shb{*h};
+        (void)self->node_->send_reply(self->memory_, mem::kHeartbeat,
+                                      {reinterpret_cast<const std::byte*>(&shb), sizeof(shb)}, {});
+      }
     }
   });
   return b;
@@ -94,10 +101,15 @@ void RemoteBackend::release_buffer(std::byte* b) {
 }
 
 Status RemoteBackend::fetch(uint64_t line_addr, std::span<std::byte, kExCacheLineBytes> out) {
+  return fetch_in(handle_, line_addr, out);
+}
+
+Status RemoteBackend::fetch_in(const mem::SpaceHandle& h, uint64_t line_addr,
+                               std::span<std::byte, kExCacheLineBytes> out) {
   struct {
     mem::FetchRequest req;
     uint64_t addr;
-  } req{{handle_, 1, 0}, line_addr};
+  } req{{h, 1, 0}, line_addr};
   // The reply: an 8-byte mask, then the line when stored. On the caller's stack: no
   // allocation on the miss path.
   alignas(64) std::byte reply[sizeof(mem::FetchReply) + kExCacheLineBytes];
@@ -116,11 +128,15 @@ Status RemoteBackend::fetch(uint64_t line_addr, std::span<std::byte, kExCacheLin
 }
 
 Status RemoteBackend::write_back(std::span<const WriteBack> lines) {
+  return write_back_in(handle_, lines);
+}
+
+Status RemoteBackend::write_back_in(const mem::SpaceHandle& h, std::span<const WriteBack> lines) {
   size_t done = 0;
   while (done < lines.size()) {
     uint32_t n = static_cast<uint32_t>(std::min<size_t>(lines.size() - done, mem::kMaxBatch));
     std::byte* buf = acquire_buffer();
-    mem::WriteBackRequest head{handle_, n, 0};
+    mem::WriteBackRequest head{h, n, 0};
     memcpy(buf, &head, sizeof(head));
     std::byte* addrs = buf + sizeof(head);
     std::byte* data = addrs + n * sizeof(uint64_t);
@@ -138,7 +154,11 @@ Status RemoteBackend::write_back(std::span<const WriteBack> lines) {
 }
 
 Status RemoteBackend::release(uint64_t addr, uint64_t length) {
-  mem::ReleaseRequest req{handle_, addr, length};
+  return release_in(handle_, addr, length);
+}
+
+Status RemoteBackend::release_in(const mem::SpaceHandle& h, uint64_t addr, uint64_t length) {
+  mem::ReleaseRequest req{h, addr, length};
   auto r = node_->send_reply(memory_, mem::kRelease,
                              {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, {});
   return r.status();
@@ -149,6 +169,71 @@ Status RemoteBackend::reserve(int64_t delta_bytes) {
   auto r = node_->send_reply(memory_, mem::kReserve,
                              {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, {});
   return r.status();
+}
+
+Result<uint32_t> RemoteBackend::snapshot() {
+  uint32_t id = kMaxSnapshots;
+  for (uint32_t i = 0; i < kMaxSnapshots; i++) {
+    int expected = 0;
+    if (snapshot_state_[i].compare_exchange_strong(expected, 1)) {
+      id = i;
+      break;
+    }
+  }
+  if (id == kMaxSnapshots) {
+    return Status(EAGAIN,
+                  "more than " + std::to_string(kMaxSnapshots) + " forked children alive at once");
+  }
+  mem::SpaceRequest req{handle_};
+  mem::OpenReply rep{};
+  auto r = node_->send_reply(memory_, mem::kFork,
+                             {reinterpret_cast<const std::byte*>(&req), sizeof(req)},
+                             {reinterpret_cast<std::byte*>(&rep), sizeof(rep)});
+  if (!r || r.value() != sizeof(rep)) {
+    snapshot_state_[id].store(0);
+    if (!r) return r.status().with_context("memory node " + describe_memory_node());
+    return Status(EPROTO, "memory node " + describe_memory_node() +
+                              " answered fork with an unexpected layout");
+  }
+  snapshots_[id] = rep.handle;
+  snapshot_state_[id].store(2, std::memory_order_release);
+  return id;
+}
+
+const mem::SpaceHandle* RemoteBackend::snapshot_handle(uint32_t id) const {
+  if (id >= kMaxSnapshots || snapshot_state_[id].load(std::memory_order_acquire) != 2) {
+    return nullptr;
+  }
+  return &snapshots_[id];
+}
+
+Status RemoteBackend::fetch_snapshot(uint32_t id, uint64_t line_addr,
+                                     std::span<std::byte, kExCacheLineBytes> out) {
+  const mem::SpaceHandle* h = snapshot_handle(id);
+  if (h == nullptr) return Status(ENOENT, "no snapshot " + std::to_string(id));
+  return fetch_in(*h, line_addr, out);
+}
+
+Status RemoteBackend::write_back_snapshot(uint32_t id, std::span<const WriteBack> lines) {
+  const mem::SpaceHandle* h = snapshot_handle(id);
+  if (h == nullptr) return Status(ENOENT, "no snapshot " + std::to_string(id));
+  return write_back_in(*h, lines);
+}
+
+Status RemoteBackend::release_snapshot(uint32_t id, uint64_t addr, uint64_t length) {
+  const mem::SpaceHandle* h = snapshot_handle(id);
+  if (h == nullptr) return Status(ENOENT, "no snapshot " + std::to_string(id));
+  return release_in(*h, addr, length);
+}
+
+void RemoteBackend::drop_snapshot(uint32_t id) {
+  const mem::SpaceHandle* h = snapshot_handle(id);
+  if (h == nullptr) return;
+  mem::SpaceRequest req{*h};
+  snapshot_state_[id].store(1);  // no new users; the slot is reused after the close
+  (void)node_->send_reply(memory_, mem::kClose,
+                          {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, {});
+  snapshot_state_[id].store(0, std::memory_order_release);
 }
 
 Status RemoteBackend::close() {

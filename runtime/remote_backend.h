@@ -29,6 +29,16 @@ class RemoteBackend : public LineBackend {
   Status write_back(std::span<const WriteBack> lines) override;
   Status release(uint64_t addr, uint64_t length) override;
 
+  // Snapshots are copies of the space on the memory node (mem::kFork), at most
+  // kMaxSnapshots alive; the heartbeat thread keeps their leases too.
+  Result<uint32_t> snapshot() override;
+  Status fetch_snapshot(uint32_t id, uint64_t line_addr,
+                        std::span<std::byte, kExCacheLineBytes> out) override;
+  Status write_back_snapshot(uint32_t id, std::span<const WriteBack> lines) override;
+  Status release_snapshot(uint32_t id, uint64_t addr, uint64_t length) override;
+  void drop_snapshot(uint32_t id) override;
+  static constexpr uint32_t kMaxSnapshots = 64;
+
   // Asks the memory node to promise (delta > 0) or release (delta < 0) space for this
   // process. ENOMEM when it cannot. No allocation; callable from jemalloc's hooks.
   Status reserve(int64_t delta_bytes);
@@ -46,6 +56,12 @@ class RemoteBackend : public LineBackend {
   static constexpr int kBuffers = 8;
   std::byte* acquire_buffer();
   void release_buffer(std::byte* b);
+  Status fetch_in(const mem::SpaceHandle& h, uint64_t line_addr,
+                  std::span<std::byte, kExCacheLineBytes> out);
+  Status write_back_in(const mem::SpaceHandle& h, std::span<const WriteBack> lines);
+  Status release_in(const mem::SpaceHandle& h, uint64_t addr, uint64_t length);
+  // The snapshot's handle, or nullptr for an id not alive.
+  const mem::SpaceHandle* snapshot_handle(uint32_t id) const;
 
   fit::Node* node_ = nullptr;
   fit::NodeId memory_ = 0;
@@ -54,6 +70,9 @@ class RemoteBackend : public LineBackend {
   size_t buffer_bytes_ = 0;
   std::byte* buffers_ = nullptr;  // kBuffers x buffer_bytes_, mmap'd
   std::atomic<bool> busy_[kBuffers] = {};
+  // Snapshot slots: state 0 free, 1 being filled, 2 alive (handle valid).
+  std::atomic<int> snapshot_state_[kMaxSnapshots] = {};
+  mem::SpaceHandle snapshots_[kMaxSnapshots] = {};
   std::atomic<bool> stop_{false};
   std::thread heartbeat_;
 };

@@ -36,7 +36,14 @@
 // aborted with a message naming the address, as the kernel kills a process whose swap
 // device fails.
 //
-// Unsupported: fork() (the region is MADV_DONTFORK: a child that touches it gets SIGSEGV);
+// fork(): supported with kHandlerThread when the process may register kernel-mode faults
+// (then UFFD_FEATURE_EVENT_FORK is on) and the backend has snapshots: call prepare_fork()
+// just before fork() and finish_fork() in the parent after it (lego-run's interposer does).
+// The child's region is then served by the PARENT's handler thread from a snapshot taken at
+// the fork: lines it touches become local to it and are never evicted (a child that execs
+// soon, the common case, touches few). The child must not call this ExCache. Otherwise the
+// region is MADV_DONTFORK: a forked child that touches it gets SIGSEGV.
+// Unsupported:
 // munmap/mremap/madvise of region memory other than through discard() (the interposer
 // routes them here); hugepages (the region is MADV_NOHUGEPAGE: lines are 4 KiB).
 #pragma once
@@ -46,6 +53,8 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+
+#include <sys/types.h>
 
 #include "lego/status.h"
 
@@ -93,6 +102,35 @@ class LineBackend {
     (void)length;
     return Status::ok();
   }
+
+  // Snapshots, for fork() (ExCache::prepare_fork). A snapshot is a copy of everything the
+  // backend holds now, named by a small id; a forked child's misses are served from it.
+  // Called from program context (never a signal handler) while no write_back or release
+  // is in flight. EOPNOTSUPP (the default) makes fork() fail with ENOSYS.
+  virtual Result<uint32_t> snapshot() { return Status(EOPNOTSUPP, "backend has no snapshots"); }
+  // fetch() from snapshot `id`. Same calling context as fetch (the handler thread).
+  virtual Status fetch_snapshot(uint32_t id, uint64_t line_addr,
+                                std::span<std::byte, kExCacheLineBytes> out) {
+    (void)id;
+    (void)line_addr;
+    (void)out;
+    return Status(EOPNOTSUPP, "backend has no snapshots");
+  }
+  // write_back() into snapshot `id` as well: lines evicted while a fork is under way.
+  virtual Status write_back_snapshot(uint32_t id, std::span<const WriteBack> lines) {
+    (void)id;
+    (void)lines;
+    return Status(EOPNOTSUPP, "backend has no snapshots");
+  }
+  // release() in snapshot `id` as well: a range discarded while a fork is under way.
+  virtual Status release_snapshot(uint32_t id, uint64_t addr, uint64_t length) {
+    (void)id;
+    (void)addr;
+    (void)length;
+    return Status(EOPNOTSUPP, "backend has no snapshots");
+  }
+  // The snapshot is no longer needed (its children are gone). Program or handler context.
+  virtual void drop_snapshot(uint32_t id) { (void)id; }
 };
 
 struct ExCacheOptions {
@@ -208,6 +246,18 @@ class ExCache {
   // Snapshot of the counters (sums per-thread stripes; cheap, lock-free, not atomic across
   // counters).
   ExCacheStats stats() const;
+  // True when fork() can be supported (see the header comment).
+  bool supports_fork() const;
+  // Call right before fork(): stops discards and takes a backend snapshot that the child
+  // will be served from; evictions until the fork also write into it. ENOSYS when
+  // !supports_fork(), or the backend's error (ENOMEM: no room for the copy). On success
+  // finish_fork() must follow, in the parent, whatever fork() returned.
+  Status prepare_fork();
+  // In the parent after fork(): `child` is fork()'s result (-1 if it failed). Returns once
+  // the handler thread has taken the child's userfaultfd; resumes discards.
+  void finish_fork(pid_t child);
+  // Children whose regions this cache still serves (gauge, for tests and stats).
+  size_t forked_children() const;
 
   // The ExCache whose region contains `addr`, or nullptr. Async-signal-safe: for a SIGBUS
   // dispatcher that is not ours (e.g. a runtime that owns SIGBUS and forwards to us).

@@ -5,7 +5,9 @@
 # and sqlite3 with checked results; the resident size of the disaggregated region stays
 # within the ExCache (read from /proc/PID/smaps); exit status, stdin/stdout and signals
 # pass through; a memory node killed mid-run ends the program with exit status 69 and a
-# message naming the node; a cluster file with lego-memd started by hand works.
+# message naming the node; a cluster file with lego-memd started by hand works; fork()
+# gives children (and grandchildren) the heap as it was at the fork, and shell pipelines and
+# python's os.fork work.
 set -uo pipefail
 
 root=${TEST_SRCDIR:-}/lego
@@ -13,6 +15,7 @@ root=${TEST_SRCDIR:-}/lego
 LEGO_RUN=$root/runtime/lego-run
 MEMD=$root/daemons/memory/lego-memd
 INTEGRITY=$root/tests/lego_run/lego_integrity
+FORK_INTEGRITY=$root/tests/lego_run/lego_fork_integrity
 HERE=$root/tests/lego_run
 [ -f "$HERE/dict_list.py" ] || HERE=$(cd "$(dirname "$0")" && pwd)
 tmp=${TEST_TMPDIR:-$(mktemp -d)}
@@ -46,6 +49,30 @@ check "integrity with --delivery sigbus --policy clock" [ "${out#integrity ok}" 
 # 2b. The memory node over shm on this host.
 out=$("$LEGO_RUN" --excache 8M --transport shm -- "$INTEGRITY" 48 2 40000 2>&1)
 check "integrity with --transport shm" [ "${out#integrity ok}" != "$out" ]
+
+# 2c. fork(): children and grandchildren see the heap as it was at the fork while the
+# parent's writer threads keep evicting; a 32 MiB heap over a 4 MiB ExCache.
+out=$("$LEGO_RUN" --excache 4M -- "$FORK_INTEGRITY" 32 4 2>&1)
+check "fork integrity (children and grandchildren, racing evictions)" \
+  [ "${out%fork integrity ok}" != "$out" ]
+[ "${out%fork integrity ok}" != "$out" ] || echo "$out" | tail -5 | sed 's/^/  /'
+out=$("$LEGO_RUN" --excache 1M -- bash -c \
+  'n=$(seq 1 50000 | sort -n | tail -1); for i in 1 2; do echo $i | cat; done; echo "$n $(echo sub)"' 2>&1)
+check "bash pipelines, command substitution and subshells" [ "$out" = $'1\n2\n50000 sub' ]
+out=$("$LEGO_RUN" --excache 2M -- python3 -c '
+import os
+big = [str(i) * 10 for i in range(200000)]
+pid = os.fork()
+if pid == 0:
+    ok = all(big[i] == str(i) * 10 for i in range(len(big)))
+    big[5] = "child"
+    os._exit(0 if ok else 1)
+big[5] = "parent"
+_, status = os.waitpid(pid, 0)
+print("fork", os.waitstatus_to_exitcode(status), big[5])' 2>&1)
+check "python3 os.fork" [ "$out" = "fork 0 parent" ]
+out=$("$LEGO_RUN" --excache 1M --delivery sigbus -- bash -c 'echo $(echo x)' 2>&1)
+check "fork with --delivery sigbus fails clearly" grep -q "fork() failed: .*handler-thread" <<<"$out"
 
 # 3. Resident size of the region never exceeds the ExCache (+ 1 MiB slack), from smaps.
 "$LEGO_RUN" --excache 8M -- "$INTEGRITY" 64 2 150000 >/dev/null 2>&1 &
