@@ -147,14 +147,22 @@ long lego_ioctl_evict(struct lego_pcache_evict __user *uarg)
 	if (ret)
 		goto out_unlock;
 
-	/* Pass 1: write-protect every resident line. */
+	/*
+	 * Pass 1: write-protect every resident line. Not with DISCARD_DIRTY:
+	 * every resident line is zapped whatever its D bit says, and the zap
+	 * clears the PTE and flushes before the page is freed, so there is no
+	 * verdict to protect and no need for our own broadcast flush (the
+	 * costly part: an IPI to every CPU). D is then reported as the zap
+	 * found it.
+	 */
 	for (i = 0; i < b.count; i++) {
 		unsigned long addr = b.lines[i];
 		spinlock_t *ptl;
 		pte_t *ptep;
 
 		if (!follow_pte(mm, addr, &ptep, &ptl)) {
-			ptep_set_wrprotect(mm, addr, ptep);
+			if (!discard)
+				ptep_set_wrprotect(mm, addr, ptep);
 			pte_unmap_unlock(ptep, ptl);
 			state[i] = EV_PRESENT;
 			nr_present++;
@@ -168,7 +176,7 @@ long lego_ioctl_evict(struct lego_pcache_evict __user *uarg)
 	}
 
 	/* Pass 2: no writable translation of the batch survives this. */
-	if (nr_present) {
+	if (nr_present && !discard) {
 		lego_flush_tlb_all_cpus();
 		lego_stat_inc(tlb_flushes);
 	}

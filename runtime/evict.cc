@@ -37,7 +37,10 @@
 
 #include <cerrno>
 
+#include <algorithm>
+
 #include "runtime/excache_impl.h"
+#include "runtime/pcache_dev.h"
 
 namespace lego {
 
@@ -108,7 +111,185 @@ void ExCache::Impl::zap_victims(size_t n) {
   }
 }
 
+void ExCache::Impl::write_back_batch(size_t n) {
+  std::span<const LineBackend::WriteBack> batch_span(write_backs.get(), n);
+  Status st;
+  for (int attempt = 1;; ++attempt) {
+    st = backend->write_back(batch_span);
+    if (st.is_ok() || !transient(st.code()) || attempt == 8) break;
+  }
+  if (!st.is_ok()) fatal("LineBackend::write_back failed", st.code(), write_backs[0].addr);
+  // A fork under way: the child may find these lines absent and read the snapshot
+  // (fork.cc). An error only means the child is gone already.
+  if (const int64_t snap = fork_snapshot.load(std::memory_order_acquire); snap >= 0) {
+    (void)backend->write_back_snapshot(static_cast<uint32_t>(snap), batch_span);
+  }
+  stats.add(kWriteBacks, n);
+  stats.add(kBytesWritten, n * kLine);
+}
+
+// Steps 2-4 without the module.
+void ExCache::Impl::evict_with_userfaultfd(size_t n) {
+  // 2. Write-protect dirty victims, one ioctl per run of adjacent dirty lines.
+  size_t dirty = 0;
+  for (size_t i = 0; i < n;) {
+    if (!victims[i].dirty) {
+      ++i;
+      continue;
+    }
+    size_t j = i + 1;
+    while (j < n && victims[j].dirty && victims[j].index == victims[j - 1].index + 1) ++j;
+    const uint64_t addr = line_addr(victims[i].index);
+    if (int err = write_protect(addr, (j - i) * kLine, true); err != 0) {
+      fatal("UFFDIO_WRITEPROTECT of victims failed", err, addr);
+    }
+    for (size_t k = i; k < j; ++k) {
+      write_backs[dirty++] = LineBackend::WriteBack{line_addr(victims[k].index),
+                                                    base + (victims[k].index << kLineShift)};
+    }
+    i = j;
+  }
+
+  // 3. Write back, straight from the write-protected lines.
+  if (dirty > 0) {
+    write_back_batch(dirty);
+  }
+
+  // 4. Zap the whole batch.
+  zap_victims(n);
+}
+
+// --- With lego_pcache.ko ---------------------------------------------------------------
+//
+// The module replaces steps 2-4 (see kmod/evict.c for why a store cannot be lost):
+//   a. EVICT the dirty victims: the module zaps those whose PTE is clean and leaves the
+//      others mapped, read-only and clean (not uffd-write-protected: a racing store is
+//      handled by the kernel, which makes the line writable and dirty again).
+//   b. write those back, straight from the lines; EVICT them again. A line stored to
+//      meanwhile is reported dirty again: repeat (rarely needed). After kMaxRounds the
+//      rest are fenced the userfaultfd way (write-protected: a store now waits for us),
+//      written back a last time and evicted with DISCARD_DIRTY.
+//   c. EVICT the clean victims with DISCARD_DIRTY: they are uffd-write-protected (kClean
+//      invariant), so nothing was stored since their fill; their PTE's D bit only says
+//      UFFDIO_COPY set it.
+// Three ioctls per batch, each one mmap-locked pass with one TLB flush, instead of one
+// write-protect ioctl per run of dirty victims and (before Linux 6.13, where
+// process_madvise cannot zap) one madvise per run of victims.
+bool ExCache::Impl::evict_with_module(size_t n) {
+  constexpr int kMaxRounds = 3;
+  uint64_t* const evicted = pc_bits.get();
+  uint64_t* const dirty_bits = pc_bits.get() + kSweep / 64;
+
+  size_t nd = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (victims[i].dirty) {
+      pc_lines[nd] = line_addr(victims[i].index);
+      pc_pending[nd++] = static_cast<uint32_t>(i);
+    }
+  }
+  bool first_call = true;
+  for (int round = 0; nd > 0; ++round) {
+    const bool last = round == kMaxRounds;
+    if (last) {
+      // Fence: from here a store faults into userfaultfd and waits (the line is kEvicting).
+      for (size_t k = 0; k < nd; ++k) {
+        if (int err = write_protect(pc_lines[k], kLine, true); err != 0) {
+          fatal("UFFDIO_WRITEPROTECT of a re-dirtied victim failed", err, pc_lines[k]);
+        }
+      }
+      for (size_t k = 0; k < nd; ++k) {
+        write_backs[k] = LineBackend::WriteBack{
+            pc_lines[k], base + (victims[pc_pending[k]].index << kLineShift)};
+      }
+      write_back_batch(nd);
+    }
+    const uint32_t flags = last ? LEGO_PCACHE_EVICT_DISCARD_DIRTY : 0;
+    const int err = PcacheDevice::evict(pcache_fd, pc_lines.get(), static_cast<uint32_t>(nd), flags,
+                                        evicted, dirty_bits);
+    stats.add(kModuleCalls);
+    if (err != 0) {
+      // Refused before it changed anything (a VMA we cannot evict from: the program
+      // mprotect()ed or mlock()ed part of the region): the userfaultfd path can.
+      if (first_call && (err == EINVAL || err == ENOMEM || err == E2BIG)) return false;
+      fatal("LEGO_PCACHE_IOC_EVICT failed", err, pc_lines[0]);
+    }
+    first_call = false;
+    if (last) break;
+    // Keep the lines the module kept (dirty); the first round's clean ones were never
+    // written: they are dropped like clean victims.
+    size_t m = 0;
+    for (size_t k = 0; k < nd; ++k) {
+      const bool kept = PcacheDevice::bit(dirty_bits, k) && !PcacheDevice::bit(evicted, k);
+      if (kept) {
+        pc_lines[m] = pc_lines[k];
+        pc_pending[m++] = pc_pending[k];
+      } else if (round == 0) {
+        victims[pc_pending[k]].dirty = false;
+      }
+    }
+    nd = m;
+    if (nd == 0) break;
+    if (round > 0) stats.add(kRedirtied, nd);
+    for (size_t k = 0; k < nd; ++k) {
+      write_backs[k] =
+          LineBackend::WriteBack{pc_lines[k], base + (victims[pc_pending[k]].index << kLineShift)};
+    }
+    write_back_batch(nd);
+  }
+
+  // c. The clean victims (and dirty ones the module found clean: already gone, a no-op).
+  size_t nc = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (!victims[i].dirty) pc_lines[nc++] = line_addr(victims[i].index);
+  }
+  if (nc == 0) return true;
+  const int err = PcacheDevice::evict(pcache_fd, pc_lines.get(), static_cast<uint32_t>(nc),
+                                      LEGO_PCACHE_EVICT_DISCARD_DIRTY, evicted, dirty_bits);
+  stats.add(kModuleCalls);
+  if (err != 0) {
+    if (first_call && (err == EINVAL || err == ENOMEM || err == E2BIG)) return false;
+    fatal("LEGO_PCACHE_IOC_EVICT (clean victims) failed", err, pc_lines[0]);
+  }
+  return true;
+}
+
+void ExCache::Impl::sweep_accessed_bits() {
+  const size_t want = std::min({kSweep, size_t{pcache_max_lines}, capacity});
+  uint64_t* const accessed = pc_bits.get();
+  uint64_t* const swept = pc_bits.get() + kSweep / 64;
+  size_t m = 0;
+  size_t f = hand;
+  for (size_t k = 0; k < want; ++k) {
+    const uint64_t word = frames[f].load(std::memory_order_acquire);
+    const uint64_t id = word & kFrameLineMask;
+    if (id != 0) {
+      if (m % 64 == 0) swept[m / 64] = 0;
+      if (word & kFrameSweptBit) swept[m / 64] |= uint64_t{1} << (m % 64);
+      pc_lines[m] = line_addr(id - 1);
+      pc_frames[m++] = static_cast<uint32_t>(f);
+    }
+    f = f + 1 == capacity ? 0 : f + 1;
+  }
+  if (m == 0) return;
+  const int err = PcacheDevice::ad(pcache_fd, pc_lines.get(), static_cast<uint32_t>(m),
+                                   LEGO_PCACHE_AD_CLEAR_ACCESSED, accessed, nullptr);
+  stats.add(kModuleCalls);
+  if (err != 0) return;  // no signal this round: the hand treats the frames as FIFO would
+  uint64_t used = 0;
+  for (size_t k = 0; k < m; ++k) {
+    // (A frame refilled since we read it gets a wrong hint at worst: one lap more or less.)
+    if (!PcacheDevice::bit(swept, k)) {
+      frames[pc_frames[k]].fetch_or(kFrameSweptBit, std::memory_order_relaxed);
+    } else if (PcacheDevice::bit(accessed, k)) {
+      frames[pc_frames[k]].fetch_or(kFrameRefBit, std::memory_order_relaxed);
+      ++used;
+    }
+  }
+  stats.add(kAccessedSpared, used);
+}
+
 bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
+  if (pcache_fd >= 0 && policy == &kClockPolicyOps) sweep_accessed_bits();
   // 1. Take victims. Two laps at most: CLOCK may have to clear every reference bit first.
   size_t n = 0;
   const size_t max_scan = 2 * capacity + batch;
@@ -137,50 +318,13 @@ bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
     }
   }
 
-  // 2. Write-protect dirty victims, one ioctl per run of adjacent dirty lines.
+  if (pcache_fd < 0 || !evict_with_module(n)) evict_with_userfaultfd(n);
+
+  // 5. Publish kAbsent (victims written back are now backed) and free the frames; keep one.
   size_t dirty = 0;
-  for (size_t i = 0; i < n;) {
-    if (!victims[i].dirty) {
-      ++i;
-      continue;
-    }
-    size_t j = i + 1;
-    while (j < n && victims[j].dirty && victims[j].index == victims[j - 1].index + 1) ++j;
-    const uint64_t addr = line_addr(victims[i].index);
-    if (int err = write_protect(addr, (j - i) * kLine, true); err != 0) {
-      fatal("UFFDIO_WRITEPROTECT of victims failed", err, addr);
-    }
-    for (size_t k = i; k < j; ++k) {
-      write_backs[dirty++] = LineBackend::WriteBack{line_addr(victims[k].index),
-                                                    base + (victims[k].index << kLineShift)};
-    }
-    i = j;
-  }
-
-  // 3. Write back, straight from the write-protected lines.
-  if (dirty > 0) {
-    std::span<const LineBackend::WriteBack> batch_span(write_backs.get(), dirty);
-    Status st;
-    for (int attempt = 1;; ++attempt) {
-      st = backend->write_back(batch_span);
-      if (st.is_ok() || !transient(st.code()) || attempt == 8) break;
-    }
-    if (!st.is_ok()) fatal("LineBackend::write_back failed", st.code(), write_backs[0].addr);
-    // A fork under way: the child may find these lines absent and read the snapshot
-    // (fork.cc). An error only means the child is gone already.
-    if (const int64_t snap = fork_snapshot.load(std::memory_order_acquire); snap >= 0) {
-      (void)backend->write_back_snapshot(static_cast<uint32_t>(snap), batch_span);
-    }
-    stats.add(kWriteBacks, dirty);
-    stats.add(kBytesWritten, dirty * kLine);
-  }
-
-  // 4. Zap the whole batch.
-  zap_victims(n);
-
-  // 5. Publish kAbsent (dirty victims now backed) and free the frames; keep one.
   for (size_t i = 0; i < n; ++i) {
     const Victim& v = victims[i];
+    dirty += v.dirty;
     frames[v.frame].store(0, std::memory_order_relaxed);
     std::atomic<uint64_t>& word = lines[v.index];
     const uint64_t s = word.load(std::memory_order_relaxed);

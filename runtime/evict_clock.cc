@@ -16,8 +16,10 @@
 // that would just delay every line by one lap and degenerate into FIFO.
 // Net effect: lines written after being read, and lines shared between threads, survive one
 // more lap than FIFO would give them. Read-only hot lines are evicted as in FIFO.
-// With the kernel module (kmod/), the accessed bit becomes available and this policy is
-// where it plugs in (spare() would test-and-clear it).
+// With the kernel module (kmod/) the accessed bit is available: evict.cc's
+// sweep_accessed_bits() reads and clears it for the frames ahead of the hand once per
+// eviction and sets the reference bit of those used since the previous sweep, so spare()
+// below then implements true second-chance CLOCK.
 #include "runtime/excache_impl.h"
 
 namespace lego::excache_internal {

@@ -93,7 +93,11 @@ inline uint64_t make_state(LineKind k, bool backed, uint32_t frame) {
 
 // Frame word: line index + 1 in the low bits, the policy's reference bit on top.
 inline constexpr uint64_t kFrameRefBit = uint64_t{1} << 63;
-inline constexpr uint64_t kFrameLineMask = kFrameRefBit - 1;
+// kClock with the module: the accessed-bit sweep has seen this line once. The CPU sets the
+// accessed bit on the access that filled the line; only an access after the first sweep
+// is a re-reference (else every fresh line would look hot and CLOCK would become FIFO).
+inline constexpr uint64_t kFrameSweptBit = uint64_t{1} << 62;
+inline constexpr uint64_t kFrameLineMask = kFrameSweptBit - 1;
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -172,6 +176,9 @@ enum Counter : size_t {
   kBytesFetched,
   kBytesWritten,
   kDirtyPredictions,
+  kModuleCalls,
+  kAccessedSpared,
+  kRedirtied,
   kNumCounters,
 };
 
@@ -256,6 +263,15 @@ struct ExCache::Impl {
   std::unique_ptr<Victim[]> victims;
   std::unique_ptr<LineBackend::WriteBack[]> write_backs;
   std::unique_ptr<iovec[]> zap_iov;
+  // lego_pcache.ko (pcache_dev.h), or -1. Its scratch: line addresses and result bitmaps
+  // for one batch, and for kClock's accessed-bit sweep (kSweep lines). EXCLUSIVE: evict_lock.
+  int pcache_fd = -1;
+  uint32_t pcache_max_lines = 0;
+  static constexpr size_t kSweep = 2 * kMaxBatch;
+  std::unique_ptr<uint64_t[]> pc_lines;    // kSweep entries
+  std::unique_ptr<uint32_t[]> pc_frames;   // kSweep entries: the frame of each swept line
+  std::unique_ptr<uint64_t[]> pc_bits;     // 2 bitmaps of kSweep bits
+  std::unique_ptr<uint32_t[]> pc_pending;  // victims still to write back and evict
 
   // fault.cc
   static constexpr size_t kStagingBuffers = 64;
@@ -308,6 +324,8 @@ struct ExCache::Impl {
 
   // region.cc
   Status init_region();
+  // Opens /dev/lego_pcache per ExCacheOptions::kernel_module.
+  Status open_kernel_module();
   // Write-protects (wp = true) or un-protects [addr, addr + len); returns 0 or errno.
   int write_protect(uint64_t addr, uint64_t len, bool wp);
 
@@ -328,7 +346,18 @@ struct ExCache::Impl {
  private:
   // Evicts up to `batch` lines; keeps one freed frame for the caller in *out and frees the
   // rest. False if no victim could be taken (all frames busy filling).
+  // victims[i].dirty on return from steps 2-4: the line was written back.
   bool evict_batch_locked(uint32_t* out);
+  // Steps 2-4 of evicting victims[0..n): through lego_pcache (false if the module refused
+  // the batch before changing anything), or the userfaultfd way.
+  bool evict_with_module(size_t n);
+  void evict_with_userfaultfd(size_t n);
+  // kClock with the module: sets the reference bit of frames ahead of the hand whose line
+  // the CPU accessed since the last sweep (one AD ioctl).
+  void sweep_accessed_bits();
+  // Writes back write_backs[0..n), retrying transient errors; fatal otherwise. Also into the
+  // snapshot of a fork under way.
+  void write_back_batch(size_t n);
   void handle_event(const uffd_msg& msg);
   void fill(uint64_t index, uint64_t state, bool write, uint64_t start_ns);
   size_t staging_acquire();

@@ -281,7 +281,8 @@ void ExCache::Impl::poll_children() {
 int ExCache::Impl::child_fds(pollfd* out, size_t max) {
   int n = 0;
   for (size_t i = 0; i < kMaxChildren && static_cast<size_t>(n) < max; ++i) {
-    if (children[i].uffd >= 0) out[n++] = pollfd{.fd = children[i].uffd, .events = POLLIN};
+    if (children[i].uffd >= 0)
+      out[n++] = pollfd{.fd = children[i].uffd, .events = POLLIN, .revents = 0};
   }
   return n;
 }

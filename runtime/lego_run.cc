@@ -56,6 +56,9 @@ options:
                        serves them, system calls on evicted memory work) or sigbus (the
                        faulting thread serves itself: faster; system calls that touch
                        evicted memory may fail with EFAULT)
+  --pcache M           lego_pcache.ko (kmod/): auto (default; use it when /dev/lego_pcache
+                       exists), on (fail without it) or off. It batches evictions and gives
+                       --policy clock the CPU's accessed bits.
   --stats              print the ExCache counters when PROGRAM exits
   --transport T        without --config: tcp (default; the memory node runs in its own
                        network namespace when lego-run is root) or shm (same host)
@@ -70,7 +73,7 @@ struct Options {
   std::string config;
   long node = -1, memory_node = -1;
   uint64_t excache = 64ull << 20;
-  std::string policy = "fifo", delivery = "handler", transport = "tcp";
+  std::string policy = "fifo", delivery = "handler", transport = "tcp", pcache = "auto";
   uint64_t memory_capacity = 8ull << 30;
   bool stats = false;
   std::vector<std::string> argv;
@@ -96,6 +99,7 @@ Options parse(int argc, char** argv) {
     kExcache,
     kPolicy,
     kDelivery,
+    kPcache,
     kStats,
     kTransport,
     kCap,
@@ -107,6 +111,7 @@ Options parse(int argc, char** argv) {
                                     {"excache", required_argument, nullptr, kExcache},
                                     {"policy", required_argument, nullptr, kPolicy},
                                     {"delivery", required_argument, nullptr, kDelivery},
+                                    {"pcache", required_argument, nullptr, kPcache},
                                     {"stats", no_argument, nullptr, kStats},
                                     {"transport", required_argument, nullptr, kTransport},
                                     {"memory-capacity", required_argument, nullptr, kCap},
@@ -140,6 +145,12 @@ Options parse(int argc, char** argv) {
         o.delivery = optarg;
         if (o.delivery != "handler" && o.delivery != "sigbus") {
           die("--delivery: handler or sigbus", 2);
+        }
+        break;
+      case kPcache:
+        o.pcache = optarg;
+        if (o.pcache != "auto" && o.pcache != "on" && o.pcache != "off") {
+          die("--pcache: auto, on or off", 2);
         }
         break;
       case kStats:
@@ -432,11 +443,13 @@ void print_stats(const std::string& block) {
   }
   auto num = [&](const char* k) { return kv.count(k) ? std::stoull(kv[k]) : 0ull; };
   fprintf(stderr, "lego-run: ExCache stats (%s)\n", head.c_str());
-  fprintf(stderr, "  %-16s %s (resident accesses are not trapped without lego_pcache)\n", "hits",
-          "n/a");
-  const char* keys[] = {"misses",        "fetches",       "zero_fills",     "write_faults",
-                        "evictions",     "write_backs",   "clean_drops",    "discarded_lines",
-                        "bytes_fetched", "bytes_written", "resident_lines", "capacity_lines"};
+  fprintf(stderr, "  %-16s %s (resident accesses never trap)\n", "hits", "n/a");
+  fprintf(stderr, "  %-16s %s\n", "kernel_module",
+          num("kernel_module") ? "lego_pcache (batched evictions, accessed bits)" : "not used");
+  const char* keys[] = {"misses",        "fetches",         "zero_fills",     "write_faults",
+                        "evictions",     "write_backs",     "clean_drops",    "discarded_lines",
+                        "bytes_fetched", "bytes_written",   "resident_lines", "capacity_lines",
+                        "module_calls",  "accessed_spared", "redirtied"};
   for (const char* k : keys) fprintf(stderr, "  %-16s %llu\n", k, num(k));
   fprintf(stderr, "  %-16s %llu (fetched + written)\n", "bytes_moved",
           num("bytes_fetched") + num("bytes_written"));
@@ -538,6 +551,7 @@ int main(int argc, char** argv) {
     setenv("LEGO_EXCACHE", std::to_string(o.excache).c_str(), 1);
     setenv("LEGO_POLICY", o.policy.c_str(), 1);
     setenv("LEGO_DELIVERY", o.delivery.c_str(), 1);
+    setenv("LEGO_PCACHE", o.pcache.c_str(), 1);
     setenv("LEGO_REPORT_FD", std::to_string(rfd).c_str(), 1);
     // jemalloc would serve allocations above 8 MiB from a "huge" arena created later with
     // default hooks, i.e. from local memory: keep every size in the hooked arenas.

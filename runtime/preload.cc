@@ -266,10 +266,13 @@ void write_stats() {
            "misses %lu\nfetches %lu\nzero_fills %lu\nwrite_faults %lu\nevictions %lu\n"
            "write_backs %lu\nclean_drops %lu\ndiscarded_lines %lu\nbytes_fetched %lu\n"
            "bytes_written %lu\nresident_lines %lu\ncapacity_lines %lu\n"
-           "miss_p50_ns %lu\nmiss_p99_ns %lu\nend",
+           "miss_p50_ns %lu\nmiss_p99_ns %lu\nkernel_module %d\nmodule_calls %lu\n"
+           "accessed_spared %lu\nredirtied %lu\nend",
            getpid(), g_rt->program.c_str(), s.misses, s.fetches, s.zero_fills, s.write_faults,
            s.evictions, s.write_backs, s.clean_drops, s.discarded_lines, s.bytes_fetched,
-           s.bytes_written, s.resident_lines, s.capacity_lines, s.miss_p50_ns, s.miss_p99_ns);
+           s.bytes_written, s.resident_lines, s.capacity_lines, s.miss_p50_ns, s.miss_p99_ns,
+           g_rt->cache->uses_kernel_module() ? 1 : 0, s.module_calls, s.accessed_spared,
+           s.redirtied);
   report(buf);
 }
 
@@ -300,6 +303,10 @@ __attribute__((constructor(102))) void lego_start() {
   std::string delivery = env_or("LEGO_DELIVERY", "handler");
   opt.delivery = delivery == "sigbus" ? ExCacheOptions::Delivery::kSigbus
                                       : ExCacheOptions::Delivery::kHandlerThread;
+  std::string module = env_or("LEGO_PCACHE", "auto");
+  opt.kernel_module = module == "on"    ? ExCacheOptions::KernelModule::kRequire
+                      : module == "off" ? ExCacheOptions::KernelModule::kOff
+                                        : ExCacheOptions::KernelModule::kAuto;
   opt.on_thread_start = use_local_arena;
   opt.on_fatal = on_fatal;
 

@@ -23,6 +23,7 @@
 #include <string>
 
 #include "runtime/excache_impl.h"
+#include "runtime/pcache_dev.h"
 
 namespace lego {
 
@@ -149,6 +150,25 @@ Status ExCache::Impl::init_region() {
   return Status::ok();
 }
 
+Status ExCache::Impl::open_kernel_module() {
+  if (options.kernel_module == ExCacheOptions::KernelModule::kOff) return Status::ok();
+  uint32_t max_lines = 0;
+  Result<int> fd = PcacheDevice::open_checked(&max_lines);
+  if (!fd) {
+    if (options.kernel_module == ExCacheOptions::KernelModule::kAuto) return Status::ok();
+    return fd.status().with_context("lego_pcache required (modprobe lego_pcache)");
+  }
+  pcache_fd = fd.value();
+  // A batch is evicted with one ioctl: it must fit the module's limit.
+  pcache_max_lines = max_lines;
+  batch = std::min<size_t>(batch, max_lines);
+  pc_lines = std::make_unique<uint64_t[]>(kSweep);
+  pc_frames = std::make_unique<uint32_t[]>(kSweep);
+  pc_bits = std::make_unique<uint64_t[]>(2 * kSweep / 64);
+  pc_pending = std::make_unique<uint32_t[]>(kSweep);
+  return Status::ok();
+}
+
 int ExCache::Impl::write_protect(uint64_t addr, uint64_t len, bool wp) {
   uffdio_writeprotect w{};
   w.range.start = addr;
@@ -175,6 +195,7 @@ ExCache::Impl::~Impl() {
   }
   if (stop_fd >= 0) close(stop_fd);
   if (pidfd >= 0) close(pidfd);
+  if (pcache_fd >= 0) close(pcache_fd);
   if (uffd >= 0) close(uffd);
   if (base != nullptr) munmap(base, size);
   if (lines != nullptr) munmap(lines, lines_bytes);
@@ -217,6 +238,7 @@ Result<std::unique_ptr<ExCache>> ExCache::create(const ExCacheOptions& options,
   impl->free_top = impl->capacity;
 
   if (Status st = impl->init_region(); !st) return st.with_context("ExCache::create");
+  if (Status st = impl->open_kernel_module(); !st) return st.with_context("ExCache::create");
 
   Impl* raw = impl.get();
   if (options.on_fatal != nullptr) excache_internal::fatal_hook.store(options.on_fatal);
@@ -247,6 +269,9 @@ const ExCacheOptions& ExCache::options() const {
 }
 bool ExCache::serves_kernel_faults() const {
   return impl_->kernel_faults;
+}
+bool ExCache::uses_kernel_module() const {
+  return impl_->pcache_fd >= 0;
 }
 
 Status ExCache::discard(void* addr, size_t len) {

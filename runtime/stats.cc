@@ -58,6 +58,9 @@ void Stats::snapshot(ExCacheStats* out) const {
   out->bytes_fetched = sum[kBytesFetched];
   out->bytes_written = sum[kBytesWritten];
   out->dirty_predictions = sum[kDirtyPredictions];
+  out->module_calls = sum[kModuleCalls];
+  out->accessed_spared = sum[kAccessedSpared];
+  out->redirtied = sum[kRedirtied];
 
   uint64_t total = 0;
   for (uint64_t n : out->miss_latency_log2_ns) total += n;

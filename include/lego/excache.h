@@ -173,6 +173,13 @@ struct ExCacheOptions {
   // stops being written is written back needlessly up to 3 more times; turn off for
   // read-mostly data where clean drops matter more than write faults.
   bool predict_dirty = true;
+  // The kernel module lego_pcache.ko (kmod/), used when /dev/lego_pcache exists:
+  // evictions become batched ioctls (one mmap-locked pass and one TLB flush for many lines,
+  // instead of a write-protect ioctl per dirty run plus a madvise per run on kernels before
+  // 6.13), and kClock reads the hardware accessed bits instead of guessing from faults.
+  // kAuto (default): use it if loaded; kOff: never; kRequire: create() fails without it.
+  enum class KernelModule : uint8_t { kAuto, kOff, kRequire };
+  KernelModule kernel_module = KernelModule::kAuto;
   // Called first thing on every thread the ExCache starts (the kHandlerThread handler), so
   // an embedder can set it up (lego-run pins it to a local jemalloc arena). Default none.
   void (*on_thread_start)() = nullptr;
@@ -200,6 +207,9 @@ struct ExCacheStats {
   uint64_t write_backs = 0;        // dirty lines written back to the backend
   uint64_t clean_drops = 0;        // clean lines dropped without a backend call
   uint64_t discarded_lines = 0;    // resident lines dropped by discard()
+  uint64_t module_calls = 0;       // lego_pcache ioctls (evict and accessed-bit sweeps)
+  uint64_t accessed_spared = 0;    // kClock + module: victims spared for their accessed bit
+  uint64_t redirtied = 0;          // module: lines stored to while being written back (again)
   uint64_t bytes_fetched = 0;      // bytes received from LineBackend::fetch
   uint64_t bytes_written = 0;      // bytes passed to LineBackend::write_back
   uint64_t resident_lines = 0;     // gauge: lines resident or being filled now
@@ -235,6 +245,9 @@ class ExCache {
   // False when kernel-mode faults in the region fail with EFAULT: always for kSigbus; for
   // kHandlerThread when the process may only register user-mode faults.
   bool serves_kernel_faults() const;
+
+  // True when evictions and kClock use lego_pcache.ko (ExCacheOptions::kernel_module).
+  bool uses_kernel_module() const;
 
   // Like madvise(MADV_DONTNEED): the range [addr, addr + len) (addr 4 KiB aligned, len
   // rounded up, inside the region) reads as zeros afterwards; resident lines are dropped

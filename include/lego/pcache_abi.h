@@ -170,7 +170,10 @@ LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_ad) == 64);
  * cleared by AD or EVICT. Cost: one mmap_write_lock (page faults of the
  * process wait for the call), two PTE-lock passes, one TLB-flush IPI to every
  * CPU, and one zap_page_range (with its own flush) per run of contiguous
- * evictable lines (the batch is sorted, so neighbours are adjacent).
+ * evictable lines (the batch is sorted, so neighbours are adjacent). With
+ * DISCARD_DIRTY there is no verdict to protect, so no write-protect pass and
+ * no broadcast flush: only the zaps (the dirty bitmap then reports D as the
+ * call found it, which a concurrent store may change).
  */
 struct lego_pcache_evict {
   __u64 lines;       /* in: user pointer to __u64[count] line addresses,

@@ -4,13 +4,21 @@
 //
 //   bazel run //tests/runtime:excache_bench -- [--capacity-mb=64] [--ratio=4]
 //       [--accesses=200000] [--delivery=both|sigbus|thread] [--policy=fifo|clock]
-//       [--op=rmw|read] [--threads=1] [--predict-dirty=1] [--csv]
+//       [--op=rmw|read] [--write-pct=N] [--pattern=uniform|zipf] [--threads=1]
+//       [--predict-dirty=1] [--pcache=auto|on|off|both] [--csv]
+//
+// --write-pct: percent of accesses that store (overrides --op: rmw = 100, read = 0).
+// --pattern=zipf: Zipf(0.99) over the lines, hot lines scattered across the region.
+// --pcache: whether the ExCache uses lego_pcache.ko (kmod/); "both" runs each setup without
+// and with it and prints the ratio (the module must be loaded: run it in the qemu guest).
 //
 // The region is first filled with incompressible data (every line written, so every miss
 // afterwards is a real fetch, not a zero-fill); then each thread does `accesses` accesses to
 // uniformly random lines: rmw = load + store of one word (dirty evictions), read = load only
 // (clean drops). Miss percentiles come from ExCache's log2 histogram (bucket upper bounds).
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -40,6 +48,9 @@ struct Flags {
   std::string op = "rmw";
   size_t threads = 1;
   bool predict_dirty = true;
+  int write_pct = -1;  // -1: from op
+  std::string pattern = "uniform";
+  std::string pcache = "auto";
   bool csv = false;
 };
 
@@ -66,6 +77,12 @@ bool parse(int argc, char** argv, Flags* f) {
       f->threads = strtoul(v, nullptr, 10);
     } else if (const char* v = val("--predict-dirty=")) {
       f->predict_dirty = strtoul(v, nullptr, 10) != 0;
+    } else if (const char* v = val("--write-pct=")) {
+      f->write_pct = atoi(v);
+    } else if (const char* v = val("--pattern=")) {
+      f->pattern = v;
+    } else if (const char* v = val("--pcache=")) {
+      f->pcache = v;
     } else if (a == "--csv") {
       f->csv = true;
     } else {
@@ -73,8 +90,39 @@ bool parse(int argc, char** argv, Flags* f) {
       return false;
     }
   }
+  if (f->write_pct < 0) f->write_pct = f->op == "read" ? 0 : 100;
+  if (f->write_pct > 100 || (f->pattern != "uniform" && f->pattern != "zipf") ||
+      (f->pcache != "auto" && f->pcache != "on" && f->pcache != "off" && f->pcache != "both")) {
+    fprintf(stderr, "excache_bench: bad --write-pct, --pattern or --pcache\n");
+    return false;
+  }
   return f->capacity_mb > 0 && f->ratio > 0 && f->threads > 0;
 }
+
+// Line indexes drawn from Zipf(0.99) by inverse CDF; rank r maps to a scattered line.
+class ZipfLines {
+ public:
+  explicit ZipfLines(size_t lines) : cdf_(lines) {
+    double sum = 0;
+    for (size_t r = 0; r < lines; ++r) sum += 1.0 / std::pow(static_cast<double>(r + 1), 0.99);
+    double acc = 0;
+    for (size_t r = 0; r < lines; ++r) {
+      acc += 1.0 / std::pow(static_cast<double>(r + 1), 0.99) / sum;
+      cdf_[r] = acc;
+    }
+  }
+  size_t operator()(std::mt19937_64& rng) const {
+    const double u = std::uniform_real_distribution<double>(0, 1)(rng);
+    const size_t rank =
+        static_cast<size_t>(std::lower_bound(cdf_.begin(), cdf_.end(), u) - cdf_.begin());
+    // An odd multiplier permutes [0, 2^k); lines is a power of two times 256 in practice,
+    // otherwise fold with a modulo (still scattered, slightly non-uniform).
+    return (std::min(rank, cdf_.size() - 1) * 0x9E3779B97F4A7C15ull) % cdf_.size();
+  }
+
+ private:
+  std::vector<double> cdf_;
+};
 
 void fill_incompressible(char* base, size_t bytes) {
   uint64_t x = 0x243f6a8885a308d3ull;
@@ -90,7 +138,8 @@ void fill_incompressible(char* base, size_t bytes) {
 // Returns seconds for `threads` x `accesses` random accesses over [base, base + bytes).
 double run_loop(char* base, size_t bytes, const Flags& f) {
   const size_t lines = bytes / kLine;
-  const bool rmw = f.op == "rmw";
+  std::unique_ptr<ZipfLines> zipf;
+  if (f.pattern == "zipf") zipf = std::make_unique<ZipfLines>(lines);
   std::vector<std::thread> threads;
   auto start = std::chrono::steady_clock::now();
   for (size_t t = 0; t < f.threads; ++t) {
@@ -98,10 +147,10 @@ double run_loop(char* base, size_t bytes, const Flags& f) {
       std::mt19937_64 rng(42 + t);
       uint64_t sink = 0;
       for (size_t i = 0; i < f.accesses; ++i) {
-        const size_t line = rng() % lines;
+        const size_t line = zipf ? (*zipf)(rng) : rng() % lines;
         auto* word = reinterpret_cast<volatile uint64_t*>(base + line * kLine) + (i % 512);
         const uint64_t v = *word;
-        if (rmw) *word = v + 1;
+        if (static_cast<int>(rng() % 100) < f.write_pct) *word = v + 1;
         sink += v;
       }
       if (sink == 42) fprintf(stderr, " ");  // keep the loads
@@ -155,8 +204,8 @@ int main(int argc, char** argv) {
     }
   }
 
-  for (const char* name : {"sigbus", "thread"}) {
-    if (f.delivery != "both" && f.delivery != name) continue;
+  // One run of the workload under an ExCache; returns µs per access, or < 0 on error.
+  auto run_excache = [&](const char* name, const std::string& pcache) -> double {
     lego::testing::MapBackend backend(bytes / kLine + 64);
     ExCacheOptions options;
     options.capacity_bytes = capacity;
@@ -166,10 +215,13 @@ int main(int argc, char** argv) {
     options.predict_dirty = f.predict_dirty;
     options.policy =
         f.policy == "clock" ? ExCacheOptions::Policy::kClock : ExCacheOptions::Policy::kFifo;
+    options.kernel_module = pcache == "on"    ? ExCacheOptions::KernelModule::kRequire
+                            : pcache == "off" ? ExCacheOptions::KernelModule::kOff
+                                              : ExCacheOptions::KernelModule::kAuto;
     auto created = ExCache::create(options, &backend);
     if (!created.is_ok()) {
       fprintf(stderr, "ExCache::create: %s\n", created.status().to_string().c_str());
-      return 1;
+      return -1;
     }
     std::unique_ptr<ExCache> cache = std::move(created.value());
     char* base = static_cast<char*>(cache->region_base());
@@ -185,19 +237,37 @@ int main(int argc, char** argv) {
     const double p99 = static_cast<double>(percentile(before, after, 0.99)) / 1000.0;
     const uint64_t wb = after.write_backs - before.write_backs;
     const uint64_t drops = after.clean_drops - before.clean_drops;
+    const std::string setup = std::string("excache-") + name + "-" + f.policy +
+                              (cache->uses_kernel_module() ? "-pcache" : "");
     if (f.csv) {
-      printf("excache-%s-%s,%s,%zu,%zu,%zu,%.3f,%.3f,%.1f,%.1f,%llu,%llu,%.1f\n", name,
-             f.policy.c_str(), f.op.c_str(), f.threads, f.capacity_mb, f.ratio, us, misses, p50,
-             p99, static_cast<unsigned long long>(wb), static_cast<unsigned long long>(drops),
+      printf("%s,%s,%zu,%zu,%zu,%.3f,%.3f,%.1f,%.1f,%llu,%llu,%.1f\n", setup.c_str(), f.op.c_str(),
+             f.threads, f.capacity_mb, f.ratio, us, misses, p50, p99,
+             static_cast<unsigned long long>(wb), static_cast<unsigned long long>(drops),
              us / native_us);
     } else {
       printf(
-          "%-22s %8.3f us/access  %.3f misses/access  miss p50<=%.1f us p99<=%.1f us  "
-          "write_backs=%llu clean_drops=%llu  %.0fx native\n",
-          (std::string("excache ") + name + "/" + f.policy).c_str(), us, misses, p50, p99,
-          static_cast<unsigned long long>(wb), static_cast<unsigned long long>(drops),
+          "%-28s %8.3f us/access  %.3f misses/access  miss p50<=%.1f us p99<=%.1f us  "
+          "write_backs=%llu clean_drops=%llu module_calls=%llu  %.0fx native\n",
+          setup.c_str(), us, misses, p50, p99, static_cast<unsigned long long>(wb),
+          static_cast<unsigned long long>(drops),
+          static_cast<unsigned long long>(after.module_calls - before.module_calls),
           us / native_us);
     }
+    fflush(stdout);
+    return us;
+  };
+
+  for (const char* name : {"sigbus", "thread"}) {
+    if (f.delivery != "both" && f.delivery != name) continue;
+    if (f.pcache != "both") {
+      if (run_excache(name, f.pcache) < 0) return 1;
+      continue;
+    }
+    const double without = run_excache(name, "off");
+    const double with = run_excache(name, "on");
+    if (without < 0 || with < 0) return 1;
+    printf("pcache ratio %s/%s: without %.3f us, with %.3f us per access: %.2fx\n", name,
+           f.policy.c_str(), without, with, without / with);
   }
   return 0;
 }
