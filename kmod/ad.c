@@ -117,7 +117,7 @@ long lego_ioctl_ad(struct lego_pcache_ad __user *uarg)
 	 * dirty as soon as we return.
 	 */
 	if (cleared) {
-		lego_flush_tlb_all_cpus();
+		lego_flush_tlb_mm(mm);
 		lego_stat_inc(tlb_flushes);
 	}
 	mmap_read_unlock(mm);

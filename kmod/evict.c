@@ -15,7 +15,8 @@
  *  1. For each resident line, under its PTE lock, clear the writable bit
  *     (ptep_set_wrprotect: a locked bit operation, so it cannot lose an A/D
  *     bit the CPU sets concurrently).
- *  2. Flush the TLB of every CPU. Now no CPU holds a writable translation of
+ *  2. Flush the mm's TLB entries on every CPU (pte_x86.h: lego_flush_tlb_mm).
+ *     Now no CPU holds a writable translation of
  *     any line of the batch, and the PTEs are read-only, so no store can
  *     reach these pages without a page fault. (x86 re-checks the PTE when it
  *     sets D through a cached clean translation, which would make this flush
@@ -152,7 +153,7 @@ long lego_ioctl_evict(struct lego_pcache_evict __user *uarg)
 	 * every resident line is zapped whatever its D bit says, and the zap
 	 * clears the PTE and flushes before the page is freed, so there is no
 	 * verdict to protect and no need for our own broadcast flush (the
-	 * costly part: an IPI to every CPU). D is then reported as the zap
+	 * costly part: an IPI to the CPUs running the process). D is then reported as the zap
 	 * found it.
 	 */
 	for (i = 0; i < b.count; i++) {
@@ -177,7 +178,7 @@ long lego_ioctl_evict(struct lego_pcache_evict __user *uarg)
 
 	/* Pass 2: no writable translation of the batch survives this. */
 	if (nr_present && !discard) {
-		lego_flush_tlb_all_cpus();
+		lego_flush_tlb_mm(mm);
 		lego_stat_inc(tlb_flushes);
 	}
 

@@ -20,7 +20,7 @@ MODULE_PARM_DESC(max_lines,
 static ushort dev_mode = 0600;
 module_param(dev_mode, ushort, 0444);
 MODULE_PARM_DESC(dev_mode,
-		 "Permissions of /dev/lego_pcache (default 0600: root only). Every ioctl acts only on the caller's own memory, so 0666 is safe for the data; the cost is that any user may then trigger all-CPU TLB-flush IPIs.");
+		 "Permissions of /dev/lego_pcache (default 0600: root only). Every ioctl acts only on the caller's own memory, so 0666 is safe for the data; the cost is that any user may then trigger TLB-flush IPIs to the CPUs running its own process.");
 
 static long lego_ioctl_info(struct lego_pcache_info __user *uarg)
 {

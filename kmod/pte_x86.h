@@ -7,7 +7,8 @@
  *
  * Written against Debian 12's 6.1 kernel. What it may call is bounded by what
  * 6.1 exports to modules: ptep_test_and_clear_young, flush_tlb_mm_range and
- * vm_normal_page are NOT exported, so their few lines are redone here.
+ * vm_normal_page are NOT exported, so their few lines are redone here
+ * (and flush_tlb_mm_range's protocol in lego_flush_tlb_mm).
  */
 #ifndef LEGO_PCACHE_PTE_X86_H
 #define LEGO_PCACHE_PTE_X86_H
@@ -76,22 +77,29 @@ static inline void lego_flush_tlb_local(void *unused)
 }
 
 /*
- * Flush the TLB of every CPU, including translations cached under PCIDs that
- * are not loaded right now.
+ * Flush every TLB entry of @mm, wherever it may be cached, including
+ * translations kept under PCIDs that are not loaded right now.
  *
- * Why not something cheaper: flush_tlb_mm_range (which IPIs only the CPUs in
- * mm_cpumask and bumps the mm's tlb_gen so that CPUs that switch back to the
- * mm later flush too) is not exported. An IPI to mm_cpumask(mm) running a
- * local flush would miss CPUs that ran this mm recently and kept its
- * translations under an inactive PCID: they would reuse them on return
- * because tlb_gen did not move. __flush_tlb_all() (exported) flushes all
- * PCIDs of the CPU it runs on, so running it on every CPU is correct for any
- * mm. Cost: one IPI broadcast per batch (not per line); on the 2-CPU nodes we
- * run on that is close to flush_tlb_mm_range's cost anyway.
+ * flush_tlb_mm_range does this but is not exported, so we follow the protocol
+ * it and the kernel's deferred reclaim flush (arch_tlbbatch_add_mm +
+ * arch_tlbbatch_flush) use, with exported and inline pieces only:
+ *  1. bump mm->context.tlb_gen (inc_mm_tlb_gen): a CPU that switches to @mm from now on (or returns to
+ *     it from lazy TLB mode) finds its copy of the generation stale and
+ *     flushes the mm's PCID in switch_mm_irqs_off. It is a full barrier, so
+ *     our PTE changes are visible before we read mm_cpumask.
+ *  2. CPUs in mm_cpumask(@mm) (running it, or holding it lazily) flush now;
+ *     __flush_tlb_all() drops every PCID of the CPU, more than needed but
+ *     exported. switch_mm sets a CPU's bit before it loads the mm, so a CPU
+ *     not in the mask has not loaded it since step 1.
+ * Cost: an IPI only to CPUs that run @mm, as flush_tlb_mm_range. (An earlier
+ * version IPIed every online CPU: under qemu TCG, and on idle real CPUs, the
+ * wake-up of a CPU that never ran the process dominated eviction.)
  */
-static inline void lego_flush_tlb_all_cpus(void)
+static inline void lego_flush_tlb_mm(struct mm_struct *mm)
 {
-	on_each_cpu(lego_flush_tlb_local, NULL, 1);
+	/* inc_mm_tlb_gen(), which asm/tlbflush.h hides from modules. */
+	atomic64_inc_return(&mm->context.tlb_gen);
+	on_each_cpu_mask(mm_cpumask(mm), lego_flush_tlb_local, NULL, 1);
 }
 
 /*

@@ -130,10 +130,10 @@ LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_info) == 32);
  * LEGO_PCACHE_IOC_AD: for each line, reports whether it is resident (mapped by
  * a present PTE), accessed and dirty, and clears the bits the flags name. A
  * line that is not resident reports 0 in every bitmap. When a bit was cleared
- * the call flushes the TLB of every CPU before it returns, so a store made
+ * the call flushes the TLB of every CPU (that may hold the mm) before it returns, so a store made
  * after the call returns sets D again: a caller that clears D and then copies
  * the line cannot miss a later store. Cost: one mmap_read_lock, one PTE lock
- * per line and, if anything was cleared, one TLB-flush IPI to every CPU.
+ * per line and, if anything was cleared, one TLB-flush IPI to the CPUs running the mm.
  */
 struct lego_pcache_ad {
   __u64 lines;       /* in: user pointer to __u64[count] line addresses */
@@ -168,8 +168,8 @@ LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_ad) == 64);
  *   ... with DISCARD_DIRTY evicted=1 dirty=1: unmapped, data dropped.
  * "Dirty" means: stored to since the line was mapped, or since D was last
  * cleared by AD or EVICT. Cost: one mmap_write_lock (page faults of the
- * process wait for the call), two PTE-lock passes, one TLB-flush IPI to every
- * CPU, and one zap_page_range (with its own flush) per run of contiguous
+ * process wait for the call), two PTE-lock passes, one TLB-flush IPI to each
+ * CPU running the process, and one zap_page_range (with its own flush) per run of contiguous
  * evictable lines (the batch is sorted, so neighbours are adjacent). With
  * DISCARD_DIRTY there is no verdict to protect, so no write-protect pass and
  * no broadcast flush: only the zaps (the dirty bitmap then reports D as the
