@@ -244,6 +244,15 @@ Status StorageClient::close(uint64_t handle) {
   return r ? Status() : r.status();
 }
 
+Result<Attr> StorageClient::fstat(uint64_t handle) {
+  Attr a{};
+  auto r = impl_->handle_call(kFstat, "fstat", handle, 0, 0, 0,
+                              {reinterpret_cast<std::byte*>(&a), sizeof(a)});
+  if (!r) return r.status();
+  if (r.value() != sizeof(a)) return Status(EIO, impl_->who() + ": fstat: short reply");
+  return a;
+}
+
 Result<size_t> StorageClient::read(uint64_t handle, uint64_t offset, std::span<std::byte> dst) {
   size_t done = 0;
   while (done < dst.size()) {

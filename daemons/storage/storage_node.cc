@@ -660,6 +660,13 @@ struct StorageNode::Impl {
         out.written = static_cast<uint32_t>(done);
         return put(rep, out);
       }
+      case kFstat: {
+        if (rep.size() < sizeof(Attr)) return Status(EMSGSIZE, "fstat: reply too small");
+        struct stat st;
+        if (fstat(fd, &st) != 0) return Status::from_errno(errno, "fstat");
+        c.metadata_ops++;
+        return put(rep, to_attr(st));
+      }
       case kFtruncate:
         if (ftruncate(fd, off) != 0) return Status::from_errno(errno, "ftruncate");
         c.metadata_ops++;
@@ -744,7 +751,7 @@ void StorageNode::serve(fit::Node& node) {
   node.handle(kOpen, [im](const fit::RpcContext& ctx, auto req, auto rep) {
     return im->open(ctx, req, rep);
   });
-  for (uint16_t op : {kClose, kRead, kWrite, kFtruncate, kFsync}) {
+  for (uint16_t op : {kClose, kRead, kWrite, kFtruncate, kFsync, kFstat}) {
     node.handle(op, [im, op](const fit::RpcContext& ctx, auto req, auto rep) {
       return im->handle_op(ctx, req, rep, op);
     });

@@ -67,6 +67,8 @@ class StorageClient {
   // open(2): returns a handle for read/write/close and the file's attributes.
   Result<OpenReply> open(const std::string& path, int flags, uint32_t mode = 0644);
   Status close(uint64_t handle);
+  // fstat(2) of an open file (works after the file was unlinked).
+  Result<Attr> fstat(uint64_t handle);
   // pread(2)/pwrite(2) at 64-bit offsets; any size (split into max_io() requests). read
   // returns fewer bytes only at end of file.
   Result<size_t> read(uint64_t handle, uint64_t offset, std::span<std::byte> dst);

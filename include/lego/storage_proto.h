@@ -53,6 +53,7 @@ enum Opcode : uint16_t {
   kStatfs,         // SessionRequest -> StatfsReply
   kStatus,         // (empty) -> UTF-8 text: the node's state and counters
   kLink,           // PathRequest(path = existing, path2 = new name) -> (empty)
+  kFstat,          // HandleRequest -> Attr (also for a file unlinked while open)
 };
 
 struct SessionHandle {
