@@ -95,6 +95,7 @@ struct Rig {
     client.reset();
     client_node.reset();
     server.reset();
+    umount2((exp + "/small").c_str(), MNT_DETACH);  // the ENOSPC test's tmpfs, if it failed
     std::string cmd = "rm -rf '" + root + "'";
     (void)!system(cmd.c_str());
   }
