@@ -1,7 +1,8 @@
 // lego-fs: FUSE operations mapped onto StorageClient calls (see lego_fs.h).
 //
-// Open files are storage handles kept in fuse_file_info::fh; nullpath_ok lets FUSE call
-// read/write/getattr of an unlinked open file with no path, which the handle serves.
+// Open files are storage handles kept in fuse_file_info::fh: read/write/getattr/truncate
+// of a file unlinked while open come with no path, and the handle serves them. (Not
+// nullpath_ok: with it libfuse drops the path of every fchmod/futimens too.)
 #define FUSE_USE_VERSION 35
 #include "fs/lego_fs.h"
 
@@ -54,7 +55,6 @@ std::string p(const char* path) {
 
 void* op_init(fuse_conn_info* conn, fuse_config* cfg) {
   cfg->use_ino = 1;
-  cfg->nullpath_ok = 1;
   cfg->hard_remove = 1;  // unlink for real: the storage node keeps open files alive
   cfg->entry_timeout = 1.0;
   cfg->attr_timeout = 1.0;

@@ -2,6 +2,7 @@
 // running on processor nodes (see include/lego/storage_node.h and storage_proto.h).
 #include <getopt.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -151,6 +152,12 @@ int main(int argc, char** argv) {
   if (options.export_dir.empty()) die("--export DIR is required (see --help)", 2);
   // Modes arrive already masked by the client's umask; do not mask them twice.
   umask(0);
+  // Every open file of every client is an fd here: take all the fds we may.
+  struct rlimit nofile;
+  if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+    nofile.rlim_cur = nofile.rlim_max;
+    (void)setrlimit(RLIMIT_NOFILE, &nofile);
+  }
   auto storage_or = stor::StorageNode::create(options);
   if (!storage_or) die(storage_or.status().message(), 2);
   stor::StorageNode& storage = *storage_or.value();

@@ -246,6 +246,11 @@ struct StorageNode::Impl {
     s->last_seen_ns = now_ns();
     {
       std::lock_guard<std::mutex> g(sessions_mu);
+      if (sessions.size() >= kMaxSessions) {
+        c.refused++;
+        return Status(EAGAIN, "hello: the storage node holds " + std::to_string(kMaxSessions) +
+                                  " sessions already; try again when leases run out");
+      }
       s->id = next_id++;
       sessions[s->id] = s;
     }

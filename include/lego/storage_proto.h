@@ -28,7 +28,8 @@ inline constexpr uint32_t kMaxPath = 4096;  // bytes of one path, without NUL
 // Largest read or write payload per request: 128 KiB fits FIT's default 136 KiB
 // max_message_bytes with headers. Clients split larger I/O.
 inline constexpr uint32_t kMaxIo = 128 * 1024;
-inline constexpr uint32_t kMaxHandles = 4096;  // open files per session
+inline constexpr uint32_t kMaxHandles = 4096;    // open files per session
+inline constexpr uint32_t kMaxSessions = 16384;  // sessions per storage node (EAGAIN beyond)
 
 enum Opcode : uint16_t {
   kHello = 0x200,  // HelloRequest -> HelloReply

@@ -312,6 +312,20 @@ TEST_CASE("system calls through the mount: errno, offsets past 4 GiB", "[fs][e2e
   CHECK(errno == EEXIST);
   CHECK(rename(s.m("d/f").c_str(), s.m("d/g").c_str()) == 0);
 
+  // Attributes changed through an open file (fchmod, futimens, ftruncate).
+  fd = open(s.m("d/g").c_str(), O_RDWR);
+  REQUIRE(fd >= 0);
+  CHECK(fchmod(fd, 0604) == 0);
+  CHECK(ftruncate(fd, 12345) == 0);
+  timespec times[2] = {{1000000, 5}, {2000000, 7}};  // after ftruncate, which sets mtime
+  CHECK(futimens(fd, times) == 0);
+  close(fd);
+  struct stat gs;
+  REQUIRE(::stat(s.e("d/g").c_str(), &gs) == 0);
+  CHECK((gs.st_mode & 07777) == 0604);
+  CHECK(gs.st_mtim.tv_sec == 2000000);
+  CHECK(gs.st_size == 12345);
+
   fd = open(s.m("sparse").c_str(), O_CREAT | O_RDWR, 0644);
   REQUIRE(fd >= 0);
   const off_t far = (5LL << 30) + 77;
