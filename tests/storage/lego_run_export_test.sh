@@ -113,6 +113,12 @@ sleep 0.5
 out=$("$LEGO_RUN" --config "$tmp/cluster.toml" --mount "$mnt" -- cat "$mnt/d/new.txt" 2>&1)
 check "lego-run --config mounts the cluster's storage node" [ "$out" = "new" ]
 [ "$out" = "new" ] || { echo "$out" | sed 's/^/  /'; cat "$tmp/stord.log"; }
+out=$("$LEGO_RUN" --config "$tmp/cluster.toml" --mount "$mnt" -- df -P "$mnt" 2>&1)
+check "statfs through the mount (df)" bash -c "echo '$out' | grep -q '^lego '"
+out=$("$STORD" --status --config "$tmp/cluster.toml" --node 3 2>&1)
+check "lego-stord --status prints its counters" \
+  bash -c "echo '$out' | grep -q '^sessions_opened [1-9]' && echo '$out' | grep -q '^escapes 0'"
+[ "${out#*sessions_opened}" != "$out" ] || echo "$out" | sed 's/^/  /'
 kill "$memd" "$stord"
 wait "$memd" "$stord" 2>/dev/null
 
