@@ -3,12 +3,19 @@
 // With --config it joins that cluster as a processor node. Without it, it is a complete
 // single-host system: it starts a private lego-memd for the run (in its own network
 // namespace when run as root and --transport tcp), and stops it afterwards.
+//
+// Files: when the cluster has a storage node (or --export DIR gives the private cluster
+// one, lego-stord serving DIR), lego-run moves itself into a mount namespace of its own
+// and mounts the storage node's export there with lego-fs (at --mount, default /lego):
+// PROGRAM, which inherits the namespace, reads and writes those files on the storage
+// node; nothing else on the host sees the mount, and it vanishes with the run.
 #include <fcntl.h>
 #include <getopt.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <sodium.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -63,6 +70,13 @@ options:
   --transport T        without --config: tcp (default; the memory node runs in its own
                        network namespace when lego-run is root) or shm (same host)
   --memory-capacity SIZE  without --config: the private memory node's capacity (default 8G)
+  --export DIR         without --config: also start a private storage node (lego-stord)
+                       serving DIR, mounted for PROGRAM at --mount
+  --storage-node ID    with --config: the storage node to mount (default: the first
+                       storage node in the cluster file; none there, no mount)
+  --mount DIR          where PROGRAM sees the storage node's files (default /lego; created
+                       if missing, and removed again afterwards). The mount lives in a
+                       mount namespace private to the run (needs root).
   --help               this text
 
 exit status: PROGRAM's; 128+N if it died of signal N; 69 if the memory node was lost
@@ -76,6 +90,8 @@ struct Options {
   std::string policy = "fifo", delivery = "handler", transport = "tcp", pcache = "auto";
   uint64_t memory_capacity = 8ull << 30;
   bool stats = false;
+  std::string export_dir, mountpoint = "/lego";
+  long storage_node = -1;
   std::vector<std::string> argv;
 };
 
@@ -103,6 +119,9 @@ Options parse(int argc, char** argv) {
     kStats,
     kTransport,
     kCap,
+    kExport,
+    kStorageNode,
+    kMount,
     kHelp
   };
   static const option longopts[] = {{"config", required_argument, nullptr, kConfig},
@@ -115,6 +134,9 @@ Options parse(int argc, char** argv) {
                                     {"stats", no_argument, nullptr, kStats},
                                     {"transport", required_argument, nullptr, kTransport},
                                     {"memory-capacity", required_argument, nullptr, kCap},
+                                    {"export", required_argument, nullptr, kExport},
+                                    {"storage-node", required_argument, nullptr, kStorageNode},
+                                    {"mount", required_argument, nullptr, kMount},
                                     {"help", no_argument, nullptr, kHelp},
                                     {nullptr, 0, nullptr, 0}};
   int c;
@@ -166,6 +188,18 @@ Options parse(int argc, char** argv) {
         o.memory_capacity = v.value();
         break;
       }
+      case kExport:
+        o.export_dir = optarg;
+        break;
+      case kStorageNode:
+        o.storage_node = number("--storage-node", optarg);
+        break;
+      case kMount:
+        o.mountpoint = optarg;
+        if (o.mountpoint.empty() || o.mountpoint[0] != '/') {
+          die("--mount: an absolute path, like /lego", 2);
+        }
+        break;
       case 'h':
       case kHelp:
         fputs(kUsage, stdout);
@@ -177,6 +211,19 @@ Options parse(int argc, char** argv) {
   }
   for (int i = optind; i < argc; i++) o.argv.push_back(argv[i]);
   if (o.argv.empty()) die("no PROGRAM given (see --help)", 2);
+  if (!o.export_dir.empty() && !o.config.empty()) {
+    die("--export starts a private storage node: it does not go with --config (whose "
+        "storage node serves its own export)",
+        2);
+  }
+  if (!o.export_dir.empty()) {
+    struct stat st;
+    if (stat(o.export_dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+      die("--export " + o.export_dir + ": not a directory", 2);
+    }
+    char real[4096];
+    if (realpath(o.export_dir.c_str(), real) != nullptr) o.export_dir = real;
+  }
   return o;
 }
 
@@ -241,20 +288,89 @@ bool run_quiet(const std::vector<std::string>& argv) {
 }
 
 // The private memory node of a run without --config.
+// Starts a daemon of the private cluster (in netns when set) with --ready-fd 3 appended,
+// its stderr to log_path, and waits until it is ready. Returns its pid, or -1.
+pid_t start_daemon(const std::string& path, std::vector<std::string> args,
+                   const std::string& log_path, const std::string& netns) {
+  int ready[2];
+  if (pipe(ready) != 0) die(std::string("pipe: ") + strerror(errno));
+  args.push_back("--ready-fd");
+  args.push_back("3");
+  pid_t pid = fork();
+  if (pid < 0) die(std::string("fork: ") + strerror(errno));
+  if (pid == 0) {
+    close(ready[0]);
+    if (ready[1] != 3) {
+      dup2(ready[1], 3);
+      close(ready[1]);
+    }
+    if (!netns.empty()) {
+      std::string ns = "/var/run/netns/" + netns;
+      int fd = open(ns.c_str(), O_RDONLY);
+      if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) _exit(kExitLegoError);
+    }
+    // Its own process group: a ^C at the terminal goes to the program, not to it. And it
+    // must not outlive lego-run, however lego-run ends.
+    setpgid(0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    // Its messages go to a log lego-run shows only when something went wrong, so the
+    // program's own stderr stays the program's.
+    int log = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (log >= 0) dup2(log, 2);
+    if (getppid() == 1) _exit(kExitLegoError);
+    std::vector<char*> a;
+    for (auto& s : args) a.push_back(const_cast<char*>(s.c_str()));
+    a.push_back(nullptr);
+    execv(path.c_str(), a.data());
+    _exit(kExitNotFound);
+  }
+  close(ready[1]);
+  pollfd p{ready[0], POLLIN, 0};
+  char buf[8] = {};
+  int pr;
+  auto deadline = Clock::now() + std::chrono::seconds(20);
+  do {  // a forwarded signal interrupts the wait; keep waiting
+    pr = poll(&p, 1, 200);
+  } while ((pr == 0 || (pr < 0 && errno == EINTR)) && Clock::now() < deadline);
+  bool up = pr == 1 && read(ready[0], buf, 6) == 6 && memcmp(buf, "ready\n", 6) == 0;
+  close(ready[0]);
+  if (!up) {
+    kill(pid, SIGKILL);
+    waitpid(pid, nullptr, 0);
+    return -1;
+  }
+  return pid;
+}
+
+void show_log(const std::string& path, const char* who) {
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) fprintf(stderr, "lego-run: %s: %s\n", who, line.c_str());
+}
+
 struct EmbeddedMemoryNode {
-  std::string dir, config_path, log_path, netns, veth;
+  std::string dir, config_path, log_path, netns, veth, stord_log;
   pid_t pid = -1;
+  pid_t stord = -1;  // the private storage node, with --export
   fit::ClusterConfig config;
 
   ~EmbeddedMemoryNode() { stop(); }
 
   void show_log() const {
-    std::ifstream in(log_path);
-    std::string line;
-    while (std::getline(in, line)) fprintf(stderr, "lego-run: lego-memd: %s\n", line.c_str());
+    ::show_log(log_path, "lego-memd");
+    if (!stord_log.empty()) ::show_log(stord_log, "lego-stord");
   }
 
   void stop() {
+    if (stord > 0) {
+      kill(stord, SIGTERM);
+      for (int i = 0; i < 300 && waitpid(stord, nullptr, WNOHANG) == 0; i++) usleep(10000);
+      kill(stord, SIGKILL);
+      waitpid(stord, nullptr, 0);
+      stord = -1;
+    }
+    if (!stord_log.empty()) unlink(stord_log.c_str());
+    stord_log.clear();
     if (pid > 0) {
       kill(pid, SIGTERM);
       for (int i = 0; i < 300 && waitpid(pid, nullptr, WNOHANG) == 0; i++) usleep(10000);
@@ -306,10 +422,12 @@ struct EmbeddedMemoryNode {
       if (!ok) die("cannot set up the memory node's network namespace " + netns + " (ip failed)");
     }
     uint16_t port = static_cast<uint16_t>(30000 + me % 20000);
-    for (int id = 1; id <= 2; id++) {
+    // Node 3, with --export: the storage node, beside the memory node.
+    int nodes = o.export_dir.empty() ? 2 : 3;
+    for (int id = 1; id <= nodes; id++) {
       fit::NodeConfig n;
       n.id = static_cast<fit::NodeId>(id);
-      n.role = id == 1 ? fit::Role::kProcessor : fit::Role::kMemory;
+      n.role = id == 1 ? fit::Role::kProcessor : id == 2 ? fit::Role::kMemory : fit::Role::kStorage;
       n.provider = o.transport;
       n.address = o.transport == "shm" ? "lego-run-" + std::to_string(me)
                                        : (id == 1 ? proc_addr : mem_addr);
@@ -333,50 +451,95 @@ struct EmbeddedMemoryNode {
     if (memd.empty() || !executable(memd)) {
       die("cannot find lego-memd (set LEGO_MEMD, or install it beside lego-run)");
     }
-    int ready[2];
-    if (pipe(ready) != 0) die(std::string("pipe: ") + strerror(errno));
     std::string capacity = std::to_string(o.memory_capacity);
-    pid = fork();
-    if (pid < 0) die(std::string("fork: ") + strerror(errno));
-    if (pid == 0) {
-      close(ready[0]);
-      if (ready[1] != 3) {
-        dup2(ready[1], 3);
-        close(ready[1]);
-      }
-      if (!netns.empty()) {
-        std::string path = "/var/run/netns/" + netns;
-        int fd = open(path.c_str(), O_RDONLY);
-        if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) _exit(kExitLegoError);
-      }
-      // Its own process group: a ^C at the terminal goes to the program, not to it. And it
-      // must not outlive lego-run, however lego-run ends.
-      setpgid(0, 0);
-      prctl(PR_SET_PDEATHSIG, SIGTERM);
-      // Its messages go to a log lego-run shows only when something went wrong, so the
-      // program's own stderr stays the program's.
-      int log = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-      if (log >= 0) dup2(log, 2);
-      if (getppid() == 1) _exit(kExitLegoError);
-      execl(memd.c_str(), "lego-memd", "--config", config_path.c_str(), "--node", "2", "--capacity",
-            capacity.c_str(), "--ready-fd", "3", nullptr);
-      _exit(kExitNotFound);
-    }
-    close(ready[1]);
-    pollfd p{ready[0], POLLIN, 0};
-    char buf[8] = {};
-    int pr;
-    auto deadline = Clock::now() + std::chrono::seconds(20);
-    do {  // a forwarded signal interrupts the wait; keep waiting
-      pr = poll(&p, 1, 200);
-    } while ((pr == 0 || (pr < 0 && errno == EINTR)) && Clock::now() < deadline);
-    bool up = pr == 1 && read(ready[0], buf, 6) == 6 && memcmp(buf, "ready\n", 6) == 0;
-    close(ready[0]);
-    if (!up) {
+    pid = start_daemon(
+        memd, {"lego-memd", "--config", config_path, "--node", "2", "--capacity", capacity},
+        log_path, netns);
+    if (pid < 0) {
       show_log();
       stop();
       die("the private memory node did not start (its log is above)");
     }
+    if (nodes == 3) {
+      std::string stord_path = find_part("LEGO_STORD", "daemons/storage/lego-stord", "lego-stord");
+      if (stord_path.empty() || !executable(stord_path)) {
+        stop();
+        die("cannot find lego-stord (set LEGO_STORD, or install it beside lego-run)");
+      }
+      stord_log = dir + "/lego-stord.log";
+      stord = start_daemon(
+          stord_path,
+          {"lego-stord", "--config", config_path, "--node", "3", "--export", o.export_dir},
+          stord_log, netns);
+      if (stord < 0) {
+        show_log();
+        stop();
+        die("the private storage node did not start (its log is above)");
+      }
+    }
+  }
+};
+
+// lego-fs serving the storage node's export at the mount point, in lego-run's own mount
+// namespace (which PROGRAM inherits).
+struct StorageMount {
+  pid_t pid = -1;
+  std::string mountpoint, log;
+  bool created = false;  // lego-run made the mount point, and removes it afterwards
+
+  // Returns "" or what went wrong.
+  std::string start(const Options& o, const std::string& config_path, fit::NodeId self,
+                    fit::NodeId storage) {
+    if (geteuid() != 0) {
+      return "mounting the storage node's files needs root (a private mount namespace and FUSE)";
+    }
+    std::string fs = find_part("LEGO_FS", "fs/lego-fs", "lego-fs");
+    if (fs.empty() || !executable(fs)) {
+      return "cannot find lego-fs (set LEGO_FS, or install it beside lego-run)";
+    }
+    // A mount namespace of our own: the mount is the run's, invisible to the host.
+    if (unshare(CLONE_NEWNS) != 0) return std::string("unshare(CLONE_NEWNS): ") + strerror(errno);
+    if (mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
+      return std::string("making / private in the run's mount namespace: ") + strerror(errno);
+    }
+    struct stat st;
+    if (stat(o.mountpoint.c_str(), &st) != 0) {
+      if (mkdir(o.mountpoint.c_str(), 0755) != 0) {
+        return "cannot create the mount point " + o.mountpoint + ": " + strerror(errno);
+      }
+      created = true;
+    } else if (!S_ISDIR(st.st_mode)) {
+      return "--mount " + o.mountpoint + ": not a directory";
+    }
+    mountpoint = o.mountpoint;
+    log = "/tmp/lego-run-" + std::to_string(getpid()) + "-lego-fs.log";
+    pid = start_daemon(fs,
+                       {"lego-fs", "--config", config_path, "--node", std::to_string(self),
+                        "--storage", std::to_string(storage), mountpoint},
+                       log, "");
+    if (pid < 0) {
+      show_log(log, "lego-fs");
+      stop();
+      return "cannot mount storage node " + std::to_string(storage) + " at " + o.mountpoint +
+             " (lego-fs's messages are above)";
+    }
+    return "";
+  }
+
+  void stop() {
+    if (pid > 0) {
+      kill(pid, SIGTERM);  // lego-fs unmounts and exits
+      for (int i = 0; i < 300 && waitpid(pid, nullptr, WNOHANG) == 0; i++) usleep(10000);
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+      pid = -1;
+    }
+    if (!mountpoint.empty()) umount2(mountpoint.c_str(), MNT_DETACH);
+    if (created) rmdir(mountpoint.c_str());
+    created = false;
+    mountpoint.clear();
+    if (!log.empty()) unlink(log.c_str());
+    log.clear();
   }
 };
 
@@ -507,6 +670,25 @@ int main(int argc, char** argv) {
             " in " + config_path,
         2);
   }
+  // The storage node whose export PROGRAM sees at --mount, if any.
+  const fit::NodeConfig* storage = o.storage_node >= 0
+                                       ? config.find(static_cast<fit::NodeId>(o.storage_node))
+                                       : config.first_of(fit::Role::kStorage);
+  if (o.storage_node >= 0 && (storage == nullptr || storage->role != fit::Role::kStorage)) {
+    die("no storage node " + std::to_string(o.storage_node) + " in " + config_path, 2);
+  }
+  StorageMount files;
+  if (storage != nullptr) {
+    if (g_early_signal != 0) {
+      embedded.stop();
+      return 128 + g_early_signal;
+    }
+    std::string err = files.start(o, config_path, proc->id, storage->id);
+    if (!err.empty()) {
+      embedded.stop();
+      die(err);
+    }
+  }
   std::string preload =
       find_part("LEGO_PRELOAD", "runtime/liblego_preload.so", "liblego_preload.so");
   if (preload.empty()) die("cannot find liblego_preload.so (set LEGO_PRELOAD)");
@@ -526,6 +708,7 @@ int main(int argc, char** argv) {
   sigaction(SIGUSR2, &fw, nullptr);
 
   if (g_early_signal != 0) {
+    files.stop();
     embedded.stop();
     return 128 + g_early_signal;
   }
@@ -573,6 +756,8 @@ int main(int argc, char** argv) {
   int e = 0;
   if (read(exec_err[0], &e, sizeof(e)) == sizeof(e)) {
     waitpid(child, nullptr, 0);
+    files.stop();
+    embedded.stop();
     die(o.argv[0] + ": " + strerror(e), e == ENOENT ? kExitNotFound : kExitCannotExec);
   }
   close(exec_err[0]);
@@ -631,6 +816,7 @@ int main(int argc, char** argv) {
 
   bool lost = memory_died || !rep.lost.empty() ||
               (WIFEXITED(status) && WEXITSTATUS(status) == kExitMemoryLost);
+  files.stop();
   if (lost) embedded.show_log();
   embedded.stop();
   if (lost) {
