@@ -493,7 +493,7 @@ struct StorageMount {
     if (geteuid() != 0) {
       return "mounting the storage node's files needs root (a private mount namespace and FUSE)";
     }
-    std::string fs = find_part("LEGO_FS", "fs/lego-fs", "lego-fs");
+    std::string fs = find_part("LEGO_FS", "runtime/fs/lego-fs", "lego-fs");
     if (fs.empty() || !executable(fs)) {
       return "cannot find lego-fs (set LEGO_FS, or install it beside lego-run)";
     }

@@ -145,7 +145,7 @@ struct Stack {
   void start_fs() {
     int p[2];
     REQUIRE(pipe(p) == 0);
-    auto pid = topo->spawn(0, {runfile("fs/lego-fs"), "--config", config, "--node", "1",
+    auto pid = topo->spawn(0, {runfile("runtime/fs/lego-fs"), "--config", config, "--node", "1",
                                "--ready-fd", std::to_string(p[1]), mnt});
     close(p[1]);
     INFO(pid.status().message());

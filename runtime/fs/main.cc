@@ -6,10 +6,10 @@
 #include <cstdio>
 #include <string>
 
-#include "fs/lego_fs.h"
 #include "lego/fit.h"
 #include "lego/storage_client.h"
 #include "lego/units.h"
+#include "runtime/fs/lego_fs.h"
 
 using namespace lego;
 

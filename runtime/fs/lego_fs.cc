@@ -4,7 +4,7 @@
 // of a file unlinked while open come with no path, and the handle serves them. (Not
 // nullpath_ok: with it libfuse drops the path of every fchmod/futimens too.)
 #define FUSE_USE_VERSION 35
-#include "fs/lego_fs.h"
+#include "runtime/fs/lego_fs.h"
 
 #include <fcntl.h>
 #include <fuse.h>
