@@ -75,7 +75,7 @@ options:
   --storage-node ID    with --config: the storage node to mount (default: the first
                        storage node in the cluster file; none there, no mount)
   --mount DIR          where PROGRAM sees the storage node's files (default /lego; created
-                       if missing, and removed again afterwards). The mount lives in a
+                       if missing, and left in place, empty). The mount lives in a
                        mount namespace private to the run (needs root).
   --help               this text
 
@@ -485,7 +485,7 @@ struct EmbeddedMemoryNode {
 struct StorageMount {
   pid_t pid = -1;
   std::string mountpoint, log;
-  bool created = false;  // lego-run made the mount point, and removes it afterwards
+  bool created = false;  // lego-run made the mount point (it is left in place: see stop())
 
   // Returns "" or what went wrong.
   std::string start(const Options& o, const std::string& config_path, fit::NodeId self,
@@ -535,7 +535,9 @@ struct StorageMount {
       pid = -1;
     }
     if (!mountpoint.empty()) umount2(mountpoint.c_str(), MNT_DETACH);
-    if (created) rmdir(mountpoint.c_str());
+    // A mount point we created stays (empty, like /mnt): another lego-run may have mounted
+    // on it in its own namespace, and rmdir of a directory that is a mount point only in
+    // another namespace succeeds and detaches that run's mount.
     created = false;
     mountpoint.clear();
     if (!log.empty()) unlink(log.c_str());

@@ -240,6 +240,11 @@ struct StorageNode::Impl {
     if (rep.size() < sizeof(HelloReply)) return Status(EMSGSIZE, "hello: reply buffer too small");
     auto s = std::make_shared<Session>();
     randombytes_buf(s->secret, sizeof(s->secret));
+    // Handles start at a random number per session, so a handle a client kept from an
+    // earlier session (the node restarted, or the lease ran out) names no file of its new
+    // session: EBADF, never another file.
+    randombytes_buf(&s->next_handle, sizeof(s->next_handle));
+    s->next_handle = (s->next_handle >> 2) | 1;
     s->owner = ctx.from;
     s->pid = r.pid;
     s->name.assign(r.name, strnlen(r.name, sizeof(r.name)));
@@ -636,7 +641,8 @@ struct StorageNode::Impl {
           ssize_t n = pread(fd, rep.data() + got, want - got, off + static_cast<off_t>(got));
           if (n < 0 && errno == EINTR) continue;
           if (n < 0) {
-            if (got > 0) break;
+            // Even after a partial read: FUSE takes a short read for end of file and
+            // would cache zeros for the rest.
             return Status::from_errno(errno, "read handle " + std::to_string(r.handle));
           }
           if (n == 0) break;
@@ -657,6 +663,7 @@ struct StorageNode::Impl {
             if (done > 0) break;  // a short write: the caller learns how much landed
             return Status::from_errno(errno, "write handle " + std::to_string(r.handle));
           }
+          if (n == 0) break;
           done += static_cast<size_t>(n);
         }
         c.writes++;

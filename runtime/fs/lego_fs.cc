@@ -221,6 +221,18 @@ int op_opendir(const char* path, fuse_file_info* fi) {
   return 0;
 }
 
+// fsync(2) of a directory: makes creates, renames and unlinks in it durable on the storage
+// node (the "write tmp, fsync, rename, fsync dir" idiom). Without this operation FUSE
+// answers every later directory fsync with success and does nothing.
+int op_fsyncdir(const char*, int datasync, fuse_file_info* fi) {
+  const std::string& path = *reinterpret_cast<std::string*>(fi->fh);
+  auto dir = client().open(path, O_RDONLY | O_DIRECTORY);
+  if (!dir) return err(dir);
+  Status synced = client().fsync(dir->handle, datasync != 0);
+  Status closed = client().close(dir->handle);
+  return err(!synced ? synced : closed);
+}
+
 int op_releasedir(const char*, fuse_file_info* fi) {
   delete reinterpret_cast<std::string*>(fi->fh);
   return 0;
@@ -272,6 +284,7 @@ fuse_operations make_ops() {
   ops.fsync = op_fsync;
   ops.opendir = op_opendir;
   ops.releasedir = op_releasedir;
+  ops.fsyncdir = op_fsyncdir;
   ops.readdir = op_readdir;
   return ops;
 }

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -16,6 +17,9 @@ namespace lego::stor {
 namespace {
 
 // Transport failures reach programs as EIO; the storage node's own errno passes through.
+// For calls that may legitimately take long on the storage node (fsync).
+constexpr std::chrono::milliseconds kSlowCallTimeout{10 * 60 * 1000};
+
 Status map_error(const Status& st) {
   switch (st.code()) {
     case ETIMEDOUT:
@@ -59,6 +63,7 @@ struct StorageClient::Impl {
   uint32_t max_io = kMaxIo;
   std::chrono::milliseconds lease{20000};
 
+  std::mutex hello_mu;  // one re-hello at a time (taken before mu)
   std::mutex mu;
   SessionHandle session{};  // guarded by mu
   uint64_t generation = 0;  // sessions opened; guarded by mu
@@ -104,24 +109,20 @@ struct StorageClient::Impl {
   // node forgot the session: path requests reopen it and are retried once; handle
   // requests fail with EIO, their files being gone.
   Result<size_t> call(uint16_t op, std::vector<std::byte>& req, std::span<std::byte> rep,
-                      bool retry_stale, const std::string& what) {
+                      bool retry_stale, const std::string& what,
+                      std::chrono::milliseconds timeout = std::chrono::milliseconds(0)) {
     for (int attempt = 0;; attempt++) {
       uint64_t gen;
       SessionHandle s = current(&gen);
       memcpy(req.data(), &s, sizeof(s));
-      auto r = node->send_reply(storage, op, req, rep);
+      auto r = node->send_reply(storage, op, req, rep, timeout);
       if (r) return r;
       if (r.status().code() == ESTALE) {
         if (!retry_stale || attempt > 0) {
           return Status(EIO, who() + ": " + what + ": the storage node lost this file (" +
                                  r.status().message() + ")");
         }
-        bool reopen;
-        {
-          std::lock_guard<std::mutex> g(mu);
-          reopen = generation == gen;
-        }
-        if (reopen) LEGO_RETURN_IF_ERROR(hello());
+        LEGO_RETURN_IF_ERROR(reopen_session(gen));
         continue;
       }
       return map_error(r.status()).with_context(who() + ": " + what);
@@ -157,7 +158,8 @@ struct StorageClient::Impl {
 
   Result<size_t> handle_call(uint16_t op, const std::string& what, uint64_t handle, uint64_t offset,
                              uint32_t length, uint32_t flags, std::span<std::byte> rep,
-                             std::span<const std::byte> data = {}) {
+                             std::span<const std::byte> data = {},
+                             std::chrono::milliseconds timeout = std::chrono::milliseconds(0)) {
     HandleRequest r{};
     r.handle = handle;
     r.offset = offset;
@@ -167,7 +169,19 @@ struct StorageClient::Impl {
     req.reserve(sizeof(r) + data.size());
     append(req, r);
     req.insert(req.end(), data.begin(), data.end());
-    return call(op, req, rep, false, what + " of handle " + std::to_string(handle));
+    return call(op, req, rep, false, what + " of handle " + std::to_string(handle), timeout);
+  }
+
+  // The storage node forgot session generation `seen` (ESTALE): open a new one, unless
+  // another thread already did. Serialized: two threads re-helloing at once would open two
+  // sessions, and a file one of them opened in the first would be unknown in the second.
+  Status reopen_session(uint64_t seen) {
+    std::lock_guard<std::mutex> h(hello_mu);
+    {
+      std::lock_guard<std::mutex> g(mu);
+      if (generation != seen) return Status::ok();
+    }
+    return hello();
   }
 
   void heartbeat_loop() {
@@ -258,10 +272,9 @@ Result<size_t> StorageClient::read(uint64_t handle, uint64_t offset, std::span<s
   while (done < dst.size()) {
     uint32_t n = static_cast<uint32_t>(std::min<size_t>(dst.size() - done, impl_->max_io));
     auto r = impl_->handle_call(kRead, "read", handle, offset + done, n, 0, dst.subspan(done, n));
-    if (!r) {
-      if (done > 0) break;
-      return r.status();
-    }
+    // An error after some chunks is still an error: a short read means end of file to
+    // FUSE, which would then cache zeros in place of the missing data.
+    if (!r) return r.status();
     done += r.value();
     if (r.value() < n) break;  // end of file
   }
@@ -292,7 +305,11 @@ Result<size_t> StorageClient::write(uint64_t handle, uint64_t offset,
 
 Status StorageClient::fsync(uint64_t handle, bool data_only) {
   std::byte none[8];
-  auto r = impl_->handle_call(kFsync, "fsync", handle, 0, 0, data_only ? 1 : 0, none);
+  // fsync may have gigabytes to write on the storage node: the cluster's RPC timeout
+  // (seconds) would report EIO for a sync that goes on and succeeds. A dead node is still
+  // noticed at once (its connection breaks).
+  auto r = impl_->handle_call(kFsync, "fsync", handle, 0, 0, data_only ? 1 : 0, none, {},
+                              kSlowCallTimeout);
   return r ? Status() : r.status();
 }
 

@@ -12,11 +12,13 @@
 
 namespace lego::testing {
 
-// A port base unlikely to collide with other tests running at the same time.
+// A port base unlikely to collide with other tests running at the same time. Below
+// Linux's ephemeral range (32768-60999): a port there may be taken at any moment by the
+// local end of some other test's connection, and bind() would fail with EADDRINUSE.
 inline uint16_t test_port_base() {
   static std::atomic<int> next{0};
   std::random_device rd;
-  static const int base = 20000 + static_cast<int>((getpid() * 37 + rd()) % 30000);
+  static const int base = 20000 + static_cast<int>((getpid() * 37 + rd()) % 10000);
   return static_cast<uint16_t>(base + (next += 8) % 2000);
 }
 

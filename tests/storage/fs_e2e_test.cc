@@ -375,7 +375,9 @@ TEST_CASE("fsync'ed data survives a killed and restarted lego-stord; a kill mid-
   }
   REQUIRE(fd >= 0);
   std::string back(data.size(), '\0');
-  REQUIRE(pread(fd, back.data(), back.size(), 0) == static_cast<ssize_t>(back.size()));
+  const ssize_t got = pread(fd, back.data(), back.size(), 0);
+  INFO("pread: " << (got < 0 ? strerror(errno) : "ok"));
+  REQUIRE(got == static_cast<ssize_t>(back.size()));
   CHECK(back == data);
   close(fd);
 

@@ -81,7 +81,9 @@ struct Rig {
     REQUIRE(sn.is_ok());
     server = std::move(sn.value());
     storage->serve(*server);
-    REQUIRE(server->start().is_ok());
+    Status started = server->start();
+    INFO(started.to_string());
+    REQUIRE(started.is_ok());
     auto cn = fit::Node::create(cluster, 1);
     REQUIRE(cn.is_ok());
     client_node = std::move(cn.value());
@@ -580,6 +582,13 @@ TEST_CASE("a vanished client's session and files are freed when its lease runs o
   CHECK(code(c.read(handles[0], 0, buf)) == EIO);
   CHECK(c.stat("f1").is_ok());
   CHECK(rig.storage->stats().sessions_open == 1);
+  // A file opened in the new session never answers to a handle of the old one (handles
+  // are random per session): writing through a stale handle fails and leaves it alone.
+  auto fresh = c.open("fresh", O_CREAT | O_RDWR, 0644);
+  REQUIRE(fresh.is_ok());
+  for (uint64_t h : handles) CHECK_FALSE(c.write(h, 0, bytes("stale")).is_ok());
+  CHECK(c.fstat(fresh->handle)->size == 0);
+  CHECK(c.close(fresh->handle).is_ok());
 
   SECTION("a heartbeating client keeps its files") {
     ClientOptions live;
