@@ -138,7 +138,13 @@ struct MemoryNode::Impl {
     sp->pid = r.pid;
     sp->program.assign(r.program, strnlen(r.program, sizeof(r.program)));
     sp->last_seen_ns = now_ns();
+    return publish(sp, rep);
+  }
+
+  // Registers `sp` (opened, or forked) under a fresh id and answers with its handle.
+  Result<size_t> publish(const std::shared_ptr<Space>& sp, std::span<std::byte> rep) {
     OpenReply out{};
+    if (rep.size() < sizeof(out)) return Status(EMSGSIZE, "reply buffer too small for a handle");
     {
       std::lock_guard<std::mutex> g(spaces_mu);
       sp->id = next_id++;
@@ -342,6 +348,8 @@ struct MemoryNode::Impl {
       c.refused++;
       return Status(EPROTO, "fork: malformed request");
     }
+    // Checked before the copy is charged: publish() failing afterwards would leak it.
+    if (rep.size() < sizeof(OpenReply)) return Status(EMSGSIZE, "fork: reply buffer too small");
     auto sp = lookup(r.handle, ctx.from);
     if (!sp) return sp.status();
     Space& parent = *sp.value();
@@ -379,22 +387,7 @@ struct MemoryNode::Impl {
       }
       c.lines_stored += child->lines.size();
     }
-    OpenReply out{};
-    {
-      std::lock_guard<std::mutex> g(spaces_mu);
-      child->id = next_id++;
-      spaces[child->id] = child;
-    }
-    c.spaces_opened++;
-    out.version = kProtoVersion;
-    out.line_bytes = kLineBytes;
-    out.handle.id = child->id;
-    memcpy(out.handle.secret, child->secret, sizeof(out.handle.secret));
-    out.capacity_bytes = options.capacity_bytes;
-    out.lease_ms = static_cast<uint32_t>(options.lease.count());
-    if (rep.size() < sizeof(out)) return Status(EMSGSIZE, "fork: reply buffer too small");
-    memcpy(rep.data(), &out, sizeof(out));
-    return sizeof(out);
+    return publish(child, rep);
   }
 
   Result<size_t> heartbeat(const fit::RpcContext& ctx, std::span<const std::byte> req) {
