@@ -17,8 +17,12 @@
 #include <cstdio>
 #include <mutex>
 
+#include "libfit/ofi.h"
+
 namespace lego::fit::ofi {
-void restore_signals_taken_by_psm();  // ofi.cc
+struct PsmSignals;
+void save_psm_signals(PsmSignals* out);                       // ofi.cc
+void restore_signals_taken_by_psm(const PsmSignals* before);  // ofi.cc
 }  // namespace lego::fit::ofi
 
 namespace {
@@ -33,11 +37,14 @@ Library g_verbs{"libibverbs.so.1", {}, nullptr};
 
 void* symbol(Library& lib, const char* name, const char* version) {
   std::call_once(lib.once, [&lib] {
+    // Its constructors may take over signals the process (the ExCache: SIGBUS) set up.
+    lego::fit::ofi::PsmSignals before{};
+    lego::fit::ofi::save_psm_signals(&before);
     lib.handle = dlopen(lib.soname, RTLD_NOW | RTLD_LOCAL);
     if (lib.handle == nullptr) {
       fprintf(stderr, "libfit: cannot load %s: %s\n", lib.soname, dlerror());
     }
-    lego::fit::ofi::restore_signals_taken_by_psm();
+    lego::fit::ofi::restore_signals_taken_by_psm(&before);
   });
   if (lib.handle == nullptr) return nullptr;
   void* f = dlvsym(lib.handle, name, version);

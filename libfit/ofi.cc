@@ -25,7 +25,8 @@ bool uses_msg_endpoints(const std::string& provider) {
 }
 
 // Called by fabric_loader.cc right after it loads libfabric.
-void restore_signals_taken_by_psm();
+void save_psm_signals(PsmSignals* out);
+void restore_signals_taken_by_psm(const PsmSignals* before);
 
 namespace {
 
@@ -39,8 +40,27 @@ namespace {
 // that live in that library go back to the default.
 }  // namespace
 
-void restore_signals_taken_by_psm() {
-  for (int sig : {SIGINT, SIGILL, SIGABRT, SIGBUS, SIGSEGV, SIGTERM, SIGHUP, SIGQUIT}) {
+namespace {
+constexpr int kPsmSignals[] = {SIGINT, SIGILL, SIGABRT, SIGBUS, SIGSEGV, SIGTERM, SIGHUP, SIGQUIT};
+static_assert(std::size(kPsmSignals) == std::size(PsmSignals{}.actions));
+}  // namespace
+
+void save_psm_signals(PsmSignals* out) {
+  for (size_t i = 0; i < std::size(kPsmSignals); i++) {
+    if (sigaction(kPsmSignals[i], nullptr, &out->actions[i]) != 0) {
+      out->actions[i] = {};
+      out->actions[i].sa_handler = SIG_DFL;
+    }
+  }
+}
+
+// Handlers that live in libinfinipath/psm go back to what they were before it was loaded
+// (`before`), or to the default. Restoring rather than resetting matters: libfabric is
+// loaded lazily, maybe after the ExCache installed its SIGBUS handler, which psm's
+// constructor replaced.
+void restore_signals_taken_by_psm(const PsmSignals* before) {
+  for (size_t i = 0; i < std::size(kPsmSignals); i++) {
+    const int sig = kPsmSignals[i];
     struct sigaction sa {};
     if (sigaction(sig, nullptr, &sa) != 0) continue;
     void* handler = (sa.sa_flags & SA_SIGINFO) ? reinterpret_cast<void*>(sa.sa_sigaction)
@@ -55,7 +75,7 @@ void restore_signals_taken_by_psm() {
          strstr(info.dli_fname, "psm") != nullptr)) {
       struct sigaction dfl {};
       dfl.sa_handler = SIG_DFL;
-      sigaction(sig, &dfl, nullptr);
+      sigaction(sig, before != nullptr ? &before->actions[i] : &dfl, nullptr);
     }
   }
 }
@@ -64,19 +84,22 @@ namespace {
 
 // As early as possible in any process that links libfit (before lego's preload starts).
 __attribute__((constructor(101))) void restore_signals_at_load() {
-  restore_signals_taken_by_psm();
+  restore_signals_taken_by_psm(nullptr);
 }
 
 void load_only_fit_providers() {
   static std::once_flag once;
   std::call_once(once, [] {
-    restore_signals_taken_by_psm();
-    if (getenv("FI_PROVIDER") != nullptr) return;
-    setenv("FI_PROVIDER", "tcp,shm,verbs,ofi_rxm", 0);
-    fi_info* all = nullptr;
-    fi_getinfo(kApiVersion, nullptr, nullptr, 0, nullptr, &all);  // initialises libfabric
-    if (all != nullptr) fi_freeinfo(all);
-    unsetenv("FI_PROVIDER");
+    PsmSignals before;
+    save_psm_signals(&before);
+    if (getenv("FI_PROVIDER") == nullptr) {
+      setenv("FI_PROVIDER", "tcp,shm,verbs,ofi_rxm", 0);
+      fi_info* all = nullptr;
+      fi_getinfo(kApiVersion, nullptr, nullptr, 0, nullptr, &all);  // initialises libfabric
+      if (all != nullptr) fi_freeinfo(all);
+      unsetenv("FI_PROVIDER");
+    }
+    restore_signals_taken_by_psm(&before);
   });
 }
 

@@ -2,6 +2,8 @@
 // Internal to libfit.
 #pragma once
 
+#include <signal.h>
+
 #include <rdma/fabric.h>
 #include <rdma/fi_cm.h>
 #include <rdma/fi_domain.h>
@@ -15,6 +17,12 @@
 #include "lego/fit.h"
 
 namespace lego::fit::ofi {
+
+// Dispositions of the signals libinfinipath (libfabric's psm provider) takes over when it
+// is loaded; saved before libfabric is loaded and restored after (ofi.cc).
+struct PsmSignals {
+  struct sigaction actions[8];
+};
 
 inline constexpr uint32_t kApiVersion = FI_VERSION(1, 17);
 
