@@ -60,8 +60,21 @@ struct Child {
 
 }  // namespace
 
-Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::string& server_addr,
-                                   uint16_t port, size_t message_bytes, int iterations) {
+namespace {
+
+// A connected, busy-pollable TCP pair: `serve(socket)` runs in a forked child (in
+// server_ns when not empty) on the accepted connection; the caller gets the client end.
+struct TcpPair {
+  Child child;
+  int fd = -1;
+  ~TcpPair() {
+    if (fd >= 0) close(fd);
+  }
+};
+
+template <typename Serve>
+Status connect_pair(TcpPair& pair, const std::string& server_ns, const std::string& server_addr,
+                    uint16_t port, Serve serve) {
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(port);
@@ -70,11 +83,9 @@ Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::stri
   }
   int ready[2];
   if (pipe2(ready, O_CLOEXEC) != 0) return Status::from_errno(errno, "pipe");
-  Child child;
-  child.pid = fork();
-  if (child.pid < 0) return Status::from_errno(errno, "fork");
-  if (child.pid == 0) {
-    // The echo server: one connection, echo until it closes.
+  pair.child.pid = fork();
+  if (pair.child.pid < 0) return Status::from_errno(errno, "fork");
+  if (pair.child.pid == 0) {
     close(ready[0]);
     if (!enter_ns(server_ns)) _exit(10);
     int ls = socket(AF_INET, SOCK_STREAM, 0);
@@ -87,10 +98,7 @@ Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::stri
     int s = accept(ls, nullptr, nullptr);
     if (s < 0) _exit(12);
     setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    std::vector<char> buf(message_bytes);
-    while (spin_io(s, buf.data(), message_bytes, false) &&
-           spin_io(s, buf.data(), message_bytes, true)) {
-    }
+    serve(s);
     _exit(0);
   }
   close(ready[1]);
@@ -98,45 +106,90 @@ Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::stri
   ssize_t got = read(ready[0], &c, 1);
   close(ready[0]);
   if (got != 1) {
-    return Status(EIO, "tcp floor: the echo server could not listen on " + server_addr + ":" +
+    return Status(EIO, "tcp floor: the server could not listen on " + server_addr + ":" +
                            std::to_string(port) + (server_ns.empty() ? "" : " in " + server_ns));
   }
-  int s = socket(AF_INET, SOCK_STREAM, 0);
-  if (connect(s, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    int e = errno;
-    close(s);
-    return Status::from_errno(e,
+  pair.fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (connect(pair.fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return Status::from_errno(errno,
                               "tcp floor: connect to " + server_addr + ":" + std::to_string(port));
   }
   int one = 1;
-  setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  setsockopt(pair.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  return Status();
+}
+
+}  // namespace
+
+Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::string& server_addr,
+                                   uint16_t port, size_t message_bytes, int iterations) {
+  TcpPair pair;
+  // The echo server: one connection, echo until it closes.
+  Status st = connect_pair(pair, server_ns, server_addr, port, [message_bytes](int s) {
+    std::vector<char> buf(message_bytes);
+    while (spin_io(s, buf.data(), message_bytes, false) &&
+           spin_io(s, buf.data(), message_bytes, true)) {
+    }
+  });
+  if (!st) return st;
+  int s = pair.fd;
   std::vector<char> buf(message_bytes, 'x');
   auto round_trip = [&] {
     return spin_io(s, buf.data(), message_bytes, true) &&
            spin_io(s, buf.data(), message_bytes, false);
   };
   for (int i = 0; i < std::max(100, iterations / 10); i++) {
-    if (!round_trip()) {
-      close(s);
-      return Status(ECONNRESET, "tcp floor: the echo server went away");
-    }
+    if (!round_trip()) return Status(ECONNRESET, "tcp floor: the echo server went away");
   }
   std::vector<double> batches;
   int per_batch = std::max(10, iterations / 20);
   for (int done = 0; done < iterations; done += per_batch) {
     auto t0 = Clock::now();
     for (int i = 0; i < per_batch; i++) {
-      if (!round_trip()) {
-        close(s);
-        return Status(ECONNRESET, "tcp floor: the echo server went away");
-      }
+      if (!round_trip()) return Status(ECONNRESET, "tcp floor: the echo server went away");
     }
     batches.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count() /
                       per_batch);
   }
-  close(s);
   std::sort(batches.begin(), batches.end());
   return batches[batches.size() / 2];
+}
+
+Result<double> tcp_busypoll_stream_mb_s(const std::string& server_ns,
+                                        const std::string& server_addr, uint16_t port,
+                                        uint64_t total_bytes, size_t chunk_bytes,
+                                        bool server_sends) {
+  if (chunk_bytes == 0 || total_bytes == 0) return Status(EINVAL, "tcp floor: nothing to send");
+  // Sender streams total_bytes in chunk_bytes sends; the receiver answers one byte when it
+  // has them all, so the client's clock covers every byte arriving.
+  auto pump = [total_bytes, chunk_bytes](int s, bool sending) {
+    std::vector<char> buf(chunk_bytes, 'x');
+    for (uint64_t done = 0; done < total_bytes;) {
+      size_t n = static_cast<size_t>(std::min<uint64_t>(chunk_bytes, total_bytes - done));
+      if (!spin_io(s, buf.data(), n, sending)) return false;
+      done += n;
+    }
+    return true;
+  };
+  TcpPair pair;
+  Status st = connect_pair(pair, server_ns, server_addr, port, [&](int s) {
+    char go = 0;
+    if (server_sends) {
+      if (spin_io(s, &go, 1, false)) pump(s, true);
+      spin_io(s, &go, 1, false);  // the client's "all here"
+    } else if (pump(s, false)) {
+      spin_io(s, &go, 1, true);
+    }
+  });
+  if (!st) return st;
+  char go = 'g';
+  auto t0 = Clock::now();
+  bool ok = server_sends ? spin_io(pair.fd, &go, 1, true) && pump(pair.fd, false)
+                         : pump(pair.fd, true) && spin_io(pair.fd, &go, 1, false);
+  double s = std::chrono::duration<double>(Clock::now() - t0).count();
+  if (server_sends && ok) spin_io(pair.fd, &go, 1, true);
+  if (!ok) return Status(ECONNRESET, "tcp floor: the other end went away mid-stream");
+  return static_cast<double>(total_bytes) / 1e6 / s;
 }
 
 Result<double> fi_pingpong_rtt_us(const std::string& provider, const std::string& endpoint,

@@ -1,7 +1,8 @@
 // Transport floors for fit-bench: what libfit's round trips are compared against.
 //   - fi_pingpong: libfabric's own ping-pong for a provider and endpoint type.
-//   - a raw TCP socket ping-pong with both sides busy-polling (MSG_DONTWAIT loops).
-// Each returns a round-trip time in microseconds. The server side runs in a child
+//   - a raw TCP socket ping-pong with both sides busy-polling (MSG_DONTWAIT loops), and a
+//     one-way busy-polled TCP stream (lego-bench's floor for file throughput).
+// The ping-pongs return a round-trip time in microseconds. The server side runs in a child
 // process, in network namespace `server_ns` when that is not empty; the caller's side runs
 // in the calling thread's namespace. Children are always reaped, on every path.
 #pragma once
@@ -17,6 +18,13 @@ namespace lego::bench {
 // Median over 20 batches of mean round trips (robust to a noisy shared VM).
 Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::string& server_addr,
                                    uint16_t port, size_t message_bytes, int iterations);
+
+// One-way throughput in MB/s (10^6 bytes/s) of a busy-polled TCP stream of total_bytes,
+// sent in chunk_bytes pieces: client -> server, or server -> client when server_sends.
+Result<double> tcp_busypoll_stream_mb_s(const std::string& server_ns,
+                                        const std::string& server_addr, uint16_t port,
+                                        uint64_t total_bytes, size_t chunk_bytes,
+                                        bool server_sends);
 
 // Runs /usr/bin/fi_pingpong as server (in server_ns) and client. fi_pingpong reports
 // "usec/xfer" per one-way transfer (its byte total counts both directions), so the round

@@ -9,8 +9,20 @@
 // Heaps are filled with incompressible data (zeros flatter zram). A run the kernel
 // OOM-kills is reported as such, never averaged in. Prints µs per access and ratios to
 // local and to zram_swap; --csv writes workload,local_fraction,threads,system,us_per_access.
+//
+// File workloads (sequential write, sequential read, random 4 KiB reads of one large
+// file) run under:
+//   local      a temp directory on this host's file system (fsync after writes, page
+//              cache dropped before reads);
+//   lego       lego-run --export: a private lego-stord in its own network namespace over
+//              tcp, mounted at /lego by lego-fs; this program itself, in its --file-worker
+//              mode, does the I/O there, the same code as for local;
+//   tcp_floor  the transport alone: a busy-polled TCP stream of the same bytes between
+//              two network namespaces (MB/s), and a 4 KiB request/response round trip.
+// --csv appends rows file_workload,system,mb_per_s_or_us.
 #include <fcntl.h>
 #include <getopt.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -25,11 +37,14 @@
 #include <fstream>
 #include <map>
 #include <random>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "lego/units.h"
+#include "libfit/bench/floors.h"
+#include "tests/netns/netns.h"
 
 using Clock = std::chrono::steady_clock;
 
@@ -39,17 +54,40 @@ constexpr size_t kPage = 4096;
 
 const char* kUsage = R"(usage: lego-bench [options]
 
-Runs each workload under all-local memory, Linux swap on zram capped to the ExCache size,
-and lego-run over tcp and shm, in one run; prints µs per access and ratios.
+Memory workloads: each runs under all-local memory, Linux swap on zram capped to the
+ExCache size, and lego-run over tcp and shm; µs per access and ratios.
+File workloads: each runs on local disk, through the lego mount, and as the bare TCP
+transport floor; MB/s or µs per read, and the ratios lego/local and lego/floor.
 
 options:
+  --only KIND          memory or files: run only that kind (default: both)
   --cap SIZE           local memory: ExCache size and cgroup cap (default 64M)
   --fractions LIST     local fraction(s) of the heap (default 0.25,0.5: heap 4x and 2x cap)
-  --workloads LIST     random,sequential,zipf,random_mt (default: all)
-  --systems LIST       local,zram_swap,lego_tcp,lego_shm (default: all)
-  --accesses N         accesses per run (default 200000)
-  --csv FILE           rows: workload,local_fraction,threads,system,us_per_access
+  --workloads LIST     memory workloads: random,sequential,zipf,random_mt (default: all)
+  --systems LIST       for memory: local,zram_swap,lego_tcp,lego_shm (default: all)
+  --accesses N         accesses per memory run (default 200000)
+  --file-workloads LIST  seq_write,seq_read,rand_read_4k (default: all)
+  --file-systems LIST  local,lego,tcp_floor (default: all)
+  --file-size SIZE     the file's size (default 1G; e.g. 256M)
+  --rand-reads N       4 KiB reads at random aligned offsets (default 20000)
+  --file-dir DIR       where the temp directories for local and for the storage node's
+                       export are made (default /var/tmp: this host's disk)
+  --csv FILE           rows: workload,local_fraction,threads,system,us_per_access; then
+                       file_workload,system,mb_per_s_or_us
   --help               this text
+
+What the file workloads measure. One file of --file-size, written and read in 1 MiB
+write()/read() calls from a static buffer; rand_read_4k is pread() of 4 KiB at random
+aligned offsets with POSIX_FADV_RANDOM (µs per read). seq_write's time includes the
+final fsync (data on the disk). Before each read workload the page cache is dropped
+(sync; echo 3 > /proc/sys/vm/drop_caches: all of this host's clean cache, the lego
+mount's and the storage node's included), so reads come from the disk in both cases.
+local: a temp directory under --file-dir. lego: lego-run --export (a private lego-stord
+in its own network namespace over tcp, serving another temp directory under --file-dir
+on the same disk) runs `lego-bench --file-worker` on /lego: the same code as local.
+tcp_floor: a busy-polled TCP stream of --file-size bytes between two network namespaces
+(1 MiB sends; client->server for seq_write, server->client for seq_read), and a 4 KiB
+request/response round trip (both sides busy-polling) for rand_read_4k: no disk, no FUSE.
 
 Needs root (zram, cgroups, network namespaces). lego-run is looked up beside this
 program (bazel-bin/runtime/lego-run) or through $LEGO_RUN.
@@ -126,6 +164,137 @@ int worker(const std::string& workload, size_t heap_bytes, long accesses) {
   return sink == 1 ? 1 : 0;
 }
 
+// ---------------------------------------------------------------- the file worker
+
+constexpr size_t kFileChunk = 1 << 20;
+// Static, not heap: under lego-run the heap lives on the memory node, and the file
+// workloads should measure the files alone.
+alignas(4096) char file_buf[kFileChunk];
+
+// sync, then drop this host's clean page cache (the lego mount's and the storage node's
+// included), so reads come from the disk.
+bool drop_caches() {
+  sync();
+  int fd = open("/proc/sys/vm/drop_caches", O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  bool ok = write(fd, "3", 1) == 1;
+  close(fd);
+  return ok;
+}
+
+// Writes `size` bytes of incompressible data to path in 1 MiB writes, then fsyncs.
+// Returns MB/s, or a negative number after printing what failed.
+double write_file_data(const std::string& path, uint64_t size) {
+  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    fprintf(stderr, "file-worker: open %s: %s\n", path.c_str(), strerror(errno));
+    return -1;
+  }
+  std::mt19937_64 fill(42);
+  auto* words = reinterpret_cast<uint64_t*>(file_buf);
+  for (size_t i = 0; i < kFileChunk / 8; i++) words[i] = fill();
+  auto t0 = Clock::now();
+  for (uint64_t done = 0; done < size;) {
+    words[0] = done;  // every chunk differs
+    size_t n = static_cast<size_t>(std::min<uint64_t>(kFileChunk, size - done));
+    ssize_t w = write(fd, file_buf, n);
+    if (w <= 0) {
+      fprintf(stderr, "file-worker: write %s: %s\n", path.c_str(), strerror(errno));
+      close(fd);
+      return -1;
+    }
+    done += static_cast<uint64_t>(w);
+  }
+  if (fsync(fd) != 0) {
+    fprintf(stderr, "file-worker: fsync %s: %s\n", path.c_str(), strerror(errno));
+    close(fd);
+    return -1;
+  }
+  double s = std::chrono::duration<double>(Clock::now() - t0).count();
+  close(fd);
+  return static_cast<double>(size) / 1e6 / s;
+}
+
+// Runs the file workloads in order on DIR/lego-bench.dat and prints "<workload> <figure>"
+// per workload: MB/s for seq_*, µs per read for rand_read_4k. The same code runs on local
+// disk and, under lego-run, on /lego.
+int file_worker(const std::string& dir, uint64_t size, long rand_reads,
+                const std::vector<std::string>& workloads) {
+  std::string path = dir + "/lego-bench.dat";
+  bool written = false;
+  for (auto& w : workloads) {
+    double figure = 0;
+    if (w == "seq_write") {
+      figure = write_file_data(path, size);
+      if (figure < 0) return 3;
+      written = true;
+    } else if (w == "seq_read" || w == "rand_read_4k") {
+      struct stat st;
+      if (!written && (stat(path.c_str(), &st) != 0 || static_cast<uint64_t>(st.st_size) != size)) {
+        if (write_file_data(path, size) < 0) return 3;  // untimed: the file to read
+        written = true;
+      }
+      if (!drop_caches()) {
+        fprintf(stderr, "file-worker: cannot drop the page cache (root?): %s\n", strerror(errno));
+        return 3;
+      }
+      int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) {
+        fprintf(stderr, "file-worker: open %s: %s\n", path.c_str(), strerror(errno));
+        return 3;
+      }
+      uint64_t sum = 0;
+      auto t0 = Clock::now();
+      if (w == "seq_read") {
+        posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+        uint64_t done = 0;
+        for (ssize_t r; (r = read(fd, file_buf, kFileChunk)) != 0;
+             done += static_cast<uint64_t>(r)) {
+          if (r < 0) {
+            fprintf(stderr, "file-worker: read %s: %s\n", path.c_str(), strerror(errno));
+            close(fd);
+            return 3;
+          }
+          sum += static_cast<unsigned char>(file_buf[0]);
+        }
+        double s = std::chrono::duration<double>(Clock::now() - t0).count();
+        if (done != size) {
+          fprintf(stderr, "file-worker: read %llu of %llu bytes\n",
+                  static_cast<unsigned long long>(done), static_cast<unsigned long long>(size));
+          close(fd);
+          return 3;
+        }
+        figure = static_cast<double>(size) / 1e6 / s;
+      } else {
+        posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
+        std::mt19937_64 rng(11);
+        uint64_t pages = std::max<uint64_t>(1, size / kPage);
+        for (long i = 0; i < rand_reads; i++) {
+          off_t off = static_cast<off_t>(rng() % pages * kPage);
+          if (pread(fd, file_buf, kPage, off) != static_cast<ssize_t>(kPage)) {
+            fprintf(stderr, "file-worker: pread %s at %lld failed\n", path.c_str(),
+                    static_cast<long long>(off));
+            close(fd);
+            return 3;
+          }
+          sum += static_cast<unsigned char>(file_buf[0]);
+        }
+        figure = std::chrono::duration<double, std::micro>(Clock::now() - t0).count() /
+                 static_cast<double>(std::max(1L, rand_reads));
+      }
+      close(fd);
+      if (sum == 1) fprintf(stderr, " ");  // keep the reads
+    } else {
+      fprintf(stderr, "file-worker: unknown file workload '%s'\n", w.c_str());
+      return 2;
+    }
+    printf("%s %.4f\n", w.c_str(), figure);
+    fflush(stdout);
+  }
+  unlink(path.c_str());
+  return 0;
+}
+
 // ---------------------------------------------------------------- the driver
 
 struct Outcome {
@@ -133,6 +302,7 @@ struct Outcome {
   bool oom = false;
   double us = 0;
   std::string error;
+  std::string text;  // the program's stdout
 };
 
 std::string self_path() {
@@ -154,10 +324,12 @@ std::string read_file(const std::string& path) {
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
-// Runs argv, optionally first joining a memory cgroup; parses "us_per_access".
-Outcome run(const std::vector<std::string>& argv, const std::string& cgroup_tasks) {
+// Runs argv, optionally first joining a memory cgroup; parses "us_per_access" unless
+// `key` is null (then the caller parses o.text).
+Outcome run(const std::vector<std::string>& argv, const std::string& cgroup_tasks,
+            const char* key = "us_per_access ") {
   int out[2];
-  if (pipe2(out, O_CLOEXEC) != 0) return {false, false, 0, "pipe"};
+  if (pipe2(out, O_CLOEXEC) != 0) return {false, false, 0, "pipe", ""};
   pid_t pid = fork();
   if (pid == 0) {
     dup2(out[1], 1);
@@ -185,14 +357,15 @@ Outcome run(const std::vector<std::string>& argv, const std::string& cgroup_task
     o.error = "killed (OOM)";
     return o;
   }
-  size_t at = text.find("us_per_access ");
+  o.text = text;
+  size_t at = key ? text.find(key) : 0;
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || at == std::string::npos) {
     o.error = "exit status " +
               std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
     return o;
   }
   o.ok = true;
-  o.us = strtod(text.c_str() + at + 14, nullptr);
+  if (key) o.us = strtod(text.c_str() + at + strlen(key), nullptr);
   return o;
 }
 
@@ -238,6 +411,151 @@ class ZramSwap {
   std::string cg_;
 };
 
+// ---------------------------------------------------------------- file workloads
+
+struct FileOptions {
+  std::vector<std::string> workloads{"seq_write", "seq_read", "rand_read_4k"};
+  std::vector<std::string> systems{"local", "lego", "tcp_floor"};
+  uint64_t size = 1ull << 30;
+  long rand_reads = 20000;
+  std::string dir = "/var/tmp";
+};
+
+struct FileRow {
+  std::string workload, system;
+  bool ok = false;
+  double figure = 0;  // MB/s for seq_*, µs per read for rand_read_4k
+  std::string error;
+};
+
+bool is_throughput(const std::string& workload) {
+  return workload.rfind("seq_", 0) == 0;
+}
+
+std::string join(const std::vector<std::string>& v) {
+  std::string out;
+  for (auto& s : v) out += (out.empty() ? "" : ",") + s;
+  return out;
+}
+
+// The worker's "<workload> <figure>" lines, as rows of `system`.
+void add_worker_rows(const FileOptions& fo, const std::string& system, const Outcome& o,
+                     std::vector<FileRow>& rows) {
+  std::map<std::string, double> got;
+  std::istringstream in(o.text);
+  std::string name;
+  double v;
+  while (in >> name >> v) got[name] = v;
+  for (auto& w : fo.workloads) {
+    FileRow r{w, system, false, 0, ""};
+    if (got.count(w)) {
+      r.ok = true;
+      r.figure = got[w];
+    } else {
+      r.error = o.ok ? "no figure" : o.error;
+    }
+    rows.push_back(r);
+  }
+}
+
+void run_file_worker(const FileOptions& fo, const std::string& system,
+                     const std::vector<std::string>& prefix, const std::string& io_dir,
+                     std::vector<FileRow>& rows) {
+  std::vector<std::string> a = prefix;
+  for (const std::string& x : {std::string("--file-worker"), io_dir, std::to_string(fo.size),
+                               std::to_string(fo.rand_reads), join(fo.workloads)}) {
+    a.push_back(x);
+  }
+  add_worker_rows(fo, system, run(a, "", nullptr), rows);
+}
+
+// The transport alone, between two network namespaces (host 0 plays the processor).
+void run_tcp_floor(const FileOptions& fo, std::vector<FileRow>& rows) {
+  auto topo = lego::testing::Topology::create(2, "lgbf");
+  if (!topo) {
+    for (auto& w : fo.workloads)
+      rows.push_back({w, "tcp_floor", false, 0, topo.status().message()});
+    return;
+  }
+  auto& t = *topo.value();
+  uint16_t port = static_cast<uint16_t>(20000 + getpid() % 10000);
+  std::thread th([&] {  // setns affects this thread only
+    lego::Status st = t.enter(0);
+    for (auto& w : fo.workloads) {
+      FileRow r{w, "tcp_floor", false, 0, ""};
+      lego::Result<double> v = st;
+      if (!st) {
+      } else if (w == "seq_write" || w == "seq_read") {
+        v = lego::bench::tcp_busypoll_stream_mb_s(t.name(1), t.address(1), port++, fo.size,
+                                                  kFileChunk, w == "seq_read");
+      } else {
+        v = lego::bench::tcp_busypoll_rtt_us(t.name(1), t.address(1), port++, kPage,
+                                             static_cast<int>(fo.rand_reads));
+      }
+      if (v) {
+        r.ok = true;
+        r.figure = v.value();
+      } else {
+        r.error = v.status().message();
+      }
+      rows.push_back(r);
+    }
+  });
+  th.join();
+}
+
+std::vector<FileRow> run_files(const FileOptions& fo, const std::string& self,
+                               const std::string& lego_run) {
+  std::vector<FileRow> rows;
+  for (auto& s : fo.systems) {
+    fprintf(stderr, "lego-bench: files (%s), %s...\n", join(fo.workloads).c_str(), s.c_str());
+    if (s == "local" || s == "lego") {
+      std::string tmpl = fo.dir + "/lego-bench-" + s + ".XXXXXX";
+      if (mkdtemp(tmpl.data()) == nullptr) die("cannot create a directory under " + fo.dir);
+      if (s == "local") {
+        run_file_worker(fo, s, {self}, tmpl, rows);
+      } else {
+        run_file_worker(fo, s, {lego_run, "--export", tmpl, "--mount", "/lego", "--", self},
+                        "/lego", rows);
+      }
+      unlink((tmpl + "/lego-bench.dat").c_str());
+      rmdir(tmpl.c_str());
+    } else if (s == "tcp_floor") {
+      run_tcp_floor(fo, rows);
+    } else {
+      die("unknown file system '" + s + "' (local, lego, tcp_floor)");
+    }
+  }
+  return rows;
+}
+
+void print_files(const FileOptions& fo, const std::vector<FileRow>& rows) {
+  printf(
+      "\nlego-bench: files, %s file, %ld random 4 KiB reads (seq_*: MB/s, higher is "
+      "better; rand_read_4k: µs per read, lower is better)\n",
+      lego::format_size(fo.size).c_str(), fo.rand_reads);
+  printf("%-13s %-10s %12s %-5s %11s %11s\n", "file_workload", "system", "figure", "unit",
+         "lego/local", "lego/floor");
+  for (auto& r : rows) {
+    if (!r.ok) {
+      printf("%-13s %-10s %12s  (%s)\n", r.workload.c_str(), r.system.c_str(), "failed",
+             r.error.c_str());
+      continue;
+    }
+    double local = 0, floor = 0;
+    for (auto& q : rows) {
+      if (q.workload != r.workload || !q.ok) continue;
+      if (q.system == "local") local = q.figure;
+      if (q.system == "tcp_floor") floor = q.figure;
+    }
+    char vl[32] = "", vf[32] = "";
+    if (r.system == "lego" && local > 0) snprintf(vl, sizeof vl, "%.2fx", r.figure / local);
+    if (r.system == "lego" && floor > 0) snprintf(vf, sizeof vf, "%.2fx", r.figure / floor);
+    printf("%-13s %-10s %12.1f %-5s %11s %11s\n", r.workload.c_str(), r.system.c_str(), r.figure,
+           is_throughput(r.workload) ? "MB/s" : "us", vl, vf);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -245,19 +563,45 @@ int main(int argc, char** argv) {
     if (argc != 5) die("--worker WORKLOAD HEAP_BYTES ACCESSES");
     return worker(argv[2], strtoull(argv[3], nullptr, 10), atol(argv[4]));
   }
+  if (argc >= 2 && strcmp(argv[1], "--file-worker") == 0) {
+    if (argc != 6) die("--file-worker DIR SIZE_BYTES RAND_READS WORKLOADS");
+    return file_worker(argv[2], strtoull(argv[3], nullptr, 10), atol(argv[4]),
+                       lego::split_list(argv[5]));
+  }
   uint64_t cap = 64ull << 20;
   std::vector<double> fractions{0.25, 0.5};
   std::vector<std::string> workloads{"random", "sequential", "zipf", "random_mt"};
   std::vector<std::string> systems{"local", "zram_swap", "lego_tcp", "lego_shm"};
   long accesses = 200000;
-  std::string csv;
-  enum { kCap = 1, kFrac, kWork, kSys, kAcc, kCsv, kHelp };
+  std::string csv, only;
+  FileOptions fo;
+  enum {
+    kCap = 1,
+    kFrac,
+    kWork,
+    kSys,
+    kAcc,
+    kCsv,
+    kOnly,
+    kFileWork,
+    kFileSys,
+    kFileSize,
+    kRandReads,
+    kFileDir,
+    kHelp
+  };
   static const option opts[] = {{"cap", required_argument, nullptr, kCap},
                                 {"fractions", required_argument, nullptr, kFrac},
                                 {"workloads", required_argument, nullptr, kWork},
                                 {"systems", required_argument, nullptr, kSys},
                                 {"accesses", required_argument, nullptr, kAcc},
                                 {"csv", required_argument, nullptr, kCsv},
+                                {"only", required_argument, nullptr, kOnly},
+                                {"file-workloads", required_argument, nullptr, kFileWork},
+                                {"file-systems", required_argument, nullptr, kFileSys},
+                                {"file-size", required_argument, nullptr, kFileSize},
+                                {"rand-reads", required_argument, nullptr, kRandReads},
+                                {"file-dir", required_argument, nullptr, kFileDir},
                                 {"help", no_argument, nullptr, kHelp},
                                 {nullptr, 0, nullptr, 0}};
   int c;
@@ -289,6 +633,42 @@ int main(int argc, char** argv) {
       case kCsv:
         csv = optarg;
         break;
+      case kOnly:
+        only = optarg;
+        if (only != "memory" && only != "files") die("--only: memory or files");
+        break;
+      case kFileWork:
+        fo.workloads = lego::split_list(optarg);
+        for (auto& w : fo.workloads) {
+          if (w != "seq_write" && w != "seq_read" && w != "rand_read_4k") {
+            die("--file-workloads: unknown '" + w + "' (seq_write, seq_read, rand_read_4k)");
+          }
+        }
+        break;
+      case kFileSys:
+        fo.systems = lego::split_list(optarg);
+        for (auto& w : fo.systems) {
+          if (w != "local" && w != "lego" && w != "tcp_floor") {
+            die("--file-systems: unknown '" + w + "' (local, lego, tcp_floor)");
+          }
+        }
+        break;
+      case kFileSize: {
+        auto v = lego::parse_size(optarg, "--file-size");
+        if (!v) die(v.status().message());
+        if (v.value() < kPage) die("--file-size: at least 4K");
+        fo.size = v.value() & ~uint64_t{kPage - 1};
+        break;
+      }
+      case kRandReads: {
+        auto v = lego::parse_int(optarg, "--rand-reads", 1, 100000000);
+        if (!v) die(v.status().message());
+        fo.rand_reads = v.value();
+        break;
+      }
+      case kFileDir:
+        fo.dir = optarg;
+        break;
       case 'h':
       case kHelp:
         fputs(kUsage, stdout);
@@ -312,6 +692,7 @@ int main(int argc, char** argv) {
     Outcome o;
   };
   std::vector<Row> rows;
+  if (only == "files") fractions.clear();
   for (double f : fractions) {
     uint64_t heap = static_cast<uint64_t>(cap / f) & ~uint64_t{kPage - 1};
     for (auto& w : workloads) {
@@ -350,32 +731,37 @@ int main(int argc, char** argv) {
       }
     }
   }
-  printf("\nlego-bench: µs per access, cap %s (ExCache = cgroup limit), %ld accesses per run\n",
-         lego::format_size(cap).c_str(), accesses);
-  printf("%-11s %6s %-10s %12s %10s %10s\n", "workload", "local", "system", "us/access", "vs local",
-         "vs zram");
-  for (auto& r : rows) {
-    double local = 0, zram = 0;
-    for (auto& q : rows) {
-      if (q.workload != r.workload || q.fraction != r.fraction || !q.o.ok) continue;
-      if (q.system == "local") local = q.o.us;
-      if (q.system == "zram_swap") zram = q.o.us;
+  std::vector<FileRow> file_rows;
+  if (only != "memory") file_rows = run_files(fo, self, lego_run);
+  if (only != "files") {
+    printf("\nlego-bench: µs per access, cap %s (ExCache = cgroup limit), %ld accesses per run\n",
+           lego::format_size(cap).c_str(), accesses);
+    printf("%-11s %6s %-10s %12s %10s %10s\n", "workload", "local", "system", "us/access",
+           "vs local", "vs zram");
+    for (auto& r : rows) {
+      double local = 0, zram = 0;
+      for (auto& q : rows) {
+        if (q.workload != r.workload || q.fraction != r.fraction || !q.o.ok) continue;
+        if (q.system == "local") local = q.o.us;
+        if (q.system == "zram_swap") zram = q.o.us;
+      }
+      if (!r.o.ok) {
+        printf("%-11s %5.0f%% %-10s %12s  (%s)\n", r.workload.c_str(), r.fraction * 100,
+               r.system.c_str(), r.o.oom ? "OOM-killed" : "failed", r.o.error.c_str());
+        continue;
+      }
+      char vl[32] = "-", vz[32] = "-";
+      if (local > 0) snprintf(vl, sizeof vl, "%.1fx", r.o.us / local);
+      if (zram > 0) snprintf(vz, sizeof vz, "%.2fx", r.o.us / zram);
+      printf("%-11s %5.0f%% %-10s %12.3f %10s %10s\n", r.workload.c_str(), r.fraction * 100,
+             r.system.c_str(), r.o.us, vl, vz);
     }
-    if (!r.o.ok) {
-      printf("%-11s %5.0f%% %-10s %12s  (%s)\n", r.workload.c_str(), r.fraction * 100,
-             r.system.c_str(), r.o.oom ? "OOM-killed" : "failed", r.o.error.c_str());
-      continue;
-    }
-    char vl[32] = "-", vz[32] = "-";
-    if (local > 0) snprintf(vl, sizeof vl, "%.1fx", r.o.us / local);
-    if (zram > 0) snprintf(vz, sizeof vz, "%.2fx", r.o.us / zram);
-    printf("%-11s %5.0f%% %-10s %12.3f %10s %10s\n", r.workload.c_str(), r.fraction * 100,
-           r.system.c_str(), r.o.us, vl, vz);
   }
+  if (only != "memory") print_files(fo, file_rows);
   if (!csv.empty()) {
     FILE* f = fopen(csv.c_str(), "w");
     if (f == nullptr) die("cannot write " + csv);
-    fprintf(f, "workload,local_fraction,threads,system,us_per_access\n");
+    if (only != "files") fprintf(f, "workload,local_fraction,threads,system,us_per_access\n");
     for (auto& r : rows) {
       if (r.o.ok) {
         fprintf(f, "%s,%.2f,%d,%s,%.4f\n", r.workload.c_str(), r.fraction, r.threads,
@@ -383,6 +769,17 @@ int main(int argc, char** argv) {
       } else {
         fprintf(f, "%s,%.2f,%d,%s,%s\n", r.workload.c_str(), r.fraction, r.threads,
                 r.system.c_str(), r.o.oom ? "oom" : "failed");
+      }
+    }
+    if (only != "memory") {
+      if (only != "files") fprintf(f, "\n");  // a second table follows
+      fprintf(f, "file_workload,system,mb_per_s_or_us\n");
+      for (auto& r : file_rows) {
+        if (r.ok) {
+          fprintf(f, "%s,%s,%.4f\n", r.workload.c_str(), r.system.c_str(), r.figure);
+        } else {
+          fprintf(f, "%s,%s,failed\n", r.workload.c_str(), r.system.c_str());
+        }
       }
     }
     fclose(f);

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 
 namespace lego::stor {
 namespace {
@@ -118,15 +119,21 @@ struct StorageClient::Impl {
       auto r = node->send_reply(storage, op, req, rep, timeout);
       if (r) return r;
       if (r.status().code() == ESTALE) {
-        if (!retry_stale || attempt > 0) {
-          return Status(EIO, who() + ": " + what + ": the storage node lost this file (" +
-                                 r.status().message() + ")");
-        }
+        if (!retry_stale || attempt > 0) return failed(r.status(), what);
         LEGO_RETURN_IF_ERROR(reopen_session(gen));
         continue;
       }
-      return map_error(r.status()).with_context(who() + ": " + what);
+      return failed(r.status(), what);
     }
+  }
+
+  // A failed request's error for the caller: a forgotten session (ESTALE) loses its files.
+  Status failed(const Status& st, const std::string& what) const {
+    if (st.code() == ESTALE) {
+      return Status(
+          EIO, who() + ": " + what + ": the storage node lost this file (" + st.message() + ")");
+    }
+    return map_error(st).with_context(who() + ": " + what);
   }
 
   std::vector<std::byte> path_req(const std::string& path, const std::string& path2, uint32_t flags,
@@ -182,6 +189,78 @@ struct StorageClient::Impl {
       if (generation != seen) return Status::ok();
     }
     return hello();
+  }
+
+  static constexpr size_t kPipeline = 8;
+
+  // One read (dst_of gives each chunk's destination) or write (src) of `total` bytes in
+  // max_io chunks, up to kPipeline in flight. See StorageClient::read.
+  template <typename DstOf>
+  Result<size_t> pipelined(uint16_t op, const char* what, uint64_t handle, uint64_t offset,
+                           size_t total, DstOf dst_of, std::span<const std::byte> src) {
+    const bool writing = op == kWrite;
+    const size_t chunk = max_io;
+    const size_t chunks = std::max<size_t>(1, (total + chunk - 1) / chunk);
+    struct Slot {
+      std::vector<std::byte> req;
+      WriteReply w{};
+      uint32_t n = 0;
+      fit::RpcFuture f;
+    };
+    std::vector<Slot> slots(std::min(chunks, kPipeline));
+    SessionHandle s = current();
+    size_t sent = 0, done = 0;
+    Status first_error;
+    bool stop = false;  // a short or failed chunk: the rest no longer counts
+    auto issue = [&](size_t i) {
+      Slot& sl = slots[i % slots.size()];
+      size_t at = i * chunk;
+      sl.n = static_cast<uint32_t>(std::min(chunk, total - at));
+      HandleRequest r{};
+      r.session = s;
+      r.handle = handle;
+      r.offset = offset + at;
+      r.length = sl.n;
+      sl.req.clear();
+      append(sl.req, r);
+      if (writing) sl.req.insert(sl.req.end(), src.begin() + at, src.begin() + at + sl.n);
+      std::span<std::byte> rep;
+      if constexpr (std::is_same_v<DstOf, std::nullptr_t>) {
+        rep = {reinterpret_cast<std::byte*>(&sl.w), sizeof(sl.w)};
+      } else {
+        rep = dst_of(at, sl.n);
+      }
+      sl.f = node->send_reply_async(storage, op, sl.req, rep);
+    };
+    if (total == 0) return size_t{0};
+    for (; sent < slots.size(); sent++) issue(sent);
+    for (size_t i = 0; i < sent; i++) {  // `sent` grows as chunks complete
+      Slot& sl = slots[i % slots.size()];
+      auto r = sl.f.wait();
+      if (!stop) {
+        if (!r) {
+          stop = true;
+          // A read that failed part way is an error all the same: a short read means end
+          // of file to FUSE, which would cache zeros in place of the missing data.
+          if (done == 0 || !writing) {
+            first_error =
+                failed(r.status(), std::string(what) + " of handle " + std::to_string(handle));
+          }
+        } else if (writing) {
+          if (r.value() != sizeof(sl.w) || sl.w.written > sl.n) {
+            return Status(EIO, who() + ": write: bad reply");
+          }
+          done += sl.w.written;
+          if (sl.w.written < sl.n) stop = true;
+        } else {
+          done += r.value();
+          if (r.value() < sl.n) stop = true;  // end of file
+        }
+      }
+      if (!stop && sent < chunks) issue(sent++);
+    }
+    if (!first_error.is_ok()) return first_error;  // set only when nothing counts as done
+    return done;
   }
 
   void heartbeat_loop() {
@@ -267,40 +346,19 @@ Result<Attr> StorageClient::fstat(uint64_t handle) {
   return a;
 }
 
+// Reads and writes larger than one request (a FUSE request is up to 1 MiB, a request at
+// most max_io) keep up to kPipeline requests in flight instead of one round trip at a
+// time. What is reported done is the leading run of whole chunks: the first short or
+// failed chunk ends it (a write's later chunks may have landed too, as after a failed
+// write(2) part way). A read with a failed chunk fails.
 Result<size_t> StorageClient::read(uint64_t handle, uint64_t offset, std::span<std::byte> dst) {
-  size_t done = 0;
-  while (done < dst.size()) {
-    uint32_t n = static_cast<uint32_t>(std::min<size_t>(dst.size() - done, impl_->max_io));
-    auto r = impl_->handle_call(kRead, "read", handle, offset + done, n, 0, dst.subspan(done, n));
-    // An error after some chunks is still an error: a short read means end of file to
-    // FUSE, which would then cache zeros in place of the missing data.
-    if (!r) return r.status();
-    done += r.value();
-    if (r.value() < n) break;  // end of file
-  }
-  return done;
+  return impl_->pipelined(kRead, "read", handle, offset, dst.size(),
+                          [&](size_t at, uint32_t n) { return dst.subspan(at, n); }, {});
 }
 
 Result<size_t> StorageClient::write(uint64_t handle, uint64_t offset,
                                     std::span<const std::byte> src) {
-  size_t done = 0;
-  while (done < src.size()) {
-    uint32_t n = static_cast<uint32_t>(std::min<size_t>(src.size() - done, impl_->max_io));
-    WriteReply w{};
-    auto r =
-        impl_->handle_call(kWrite, "write", handle, offset + done, n, 0,
-                           {reinterpret_cast<std::byte*>(&w), sizeof(w)}, src.subspan(done, n));
-    if (!r) {
-      if (done > 0) break;
-      return r.status();
-    }
-    if (r.value() != sizeof(w) || w.written > n) {
-      return Status(EIO, impl_->who() + ": write: bad reply");
-    }
-    done += w.written;
-    if (w.written < n) break;
-  }
-  return done;
+  return impl_->pipelined(kWrite, "write", handle, offset, src.size(), nullptr, src);
 }
 
 Status StorageClient::fsync(uint64_t handle, bool data_only) {
