@@ -118,6 +118,13 @@ struct StorageClient::Impl {
       memcpy(req.data(), &s, sizeof(s));
       auto r = node->send_reply(storage, op, req, rep, timeout);
       if (r) return r;
+      if (attempt == 0 && r.status().code() == ECONNRESET) {
+        // The calling thread's connection was left from a storage node that has since
+        // restarted (libfit learns it is dead by using it, and reconnects on the next
+        // call). Sent to a dead process, the request was not carried out: send it again.
+        // A node that is really gone fails the retry at once (ECONNREFUSED).
+        continue;
+      }
       if (r.status().code() == ESTALE) {
         if (!retry_stale || attempt > 0) return failed(r.status(), what);
         LEGO_RETURN_IF_ERROR(reopen_session(gen));
@@ -198,6 +205,19 @@ struct StorageClient::Impl {
   template <typename DstOf>
   Result<size_t> pipelined(uint16_t op, const char* what, uint64_t handle, uint64_t offset,
                            size_t total, DstOf dst_of, std::span<const std::byte> src) {
+    // As in call(): a connection left from a restarted storage node fails the first
+    // request sent on it; nothing was done, so do it again once.
+    bool reset = false;
+    auto r = pipelined_once(op, what, handle, offset, total, dst_of, src, &reset);
+    if (!r && reset) r = pipelined_once(op, what, handle, offset, total, dst_of, src, &reset);
+    return r;
+  }
+
+  template <typename DstOf>
+  Result<size_t> pipelined_once(uint16_t op, const char* what, uint64_t handle, uint64_t offset,
+                                size_t total, DstOf dst_of, std::span<const std::byte> src,
+                                bool* reset) {
+    *reset = false;
     const bool writing = op == kWrite;
     const size_t chunk = max_io;
     const size_t chunks = std::max<size_t>(1, (total + chunk - 1) / chunk);
@@ -243,6 +263,7 @@ struct StorageClient::Impl {
           // A read that failed part way is an error all the same: a short read means end
           // of file to FUSE, which would cache zeros in place of the missing data.
           if (done == 0 || !writing) {
+            *reset = done == 0 && r.status().code() == ECONNRESET;
             first_error =
                 failed(r.status(), std::string(what) + " of handle " + std::to_string(handle));
           }
