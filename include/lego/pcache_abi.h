@@ -74,8 +74,8 @@
  * by DMA are written without touching the PTE and their dirtiness cannot be
  * seen by either ioctl.
  *
- * This header compiles as kernel C, user-space C (C11) and C++. A C++ wrapper
- * for the runtime is in kmod/README.md.
+ * This header compiles as kernel C, user-space C (C11) and C++. The runtime's
+ * client is runtime/pcache_dev.h.
  */
 #ifndef LEGO_PCACHE_ABI_H
 #define LEGO_PCACHE_ABI_H
