@@ -485,7 +485,6 @@ struct EmbeddedMemoryNode {
 struct StorageMount {
   pid_t pid = -1;
   std::string mountpoint, log;
-  bool created = false;  // lego-run made the mount point (it is left in place: see stop())
 
   // Returns "" or what went wrong.
   std::string start(const Options& o, const std::string& config_path, fit::NodeId self,
@@ -507,7 +506,6 @@ struct StorageMount {
       if (mkdir(o.mountpoint.c_str(), 0755) != 0) {
         return "cannot create the mount point " + o.mountpoint + ": " + strerror(errno);
       }
-      created = true;
     } else if (!S_ISDIR(st.st_mode)) {
       return "--mount " + o.mountpoint + ": not a directory";
     }
@@ -538,7 +536,6 @@ struct StorageMount {
     // A mount point we created stays (empty, like /mnt): another lego-run may have mounted
     // on it in its own namespace, and rmdir of a directory that is a mount point only in
     // another namespace succeeds and detaches that run's mount.
-    created = false;
     mountpoint.clear();
     if (!log.empty()) unlink(log.c_str());
     log.clear();
