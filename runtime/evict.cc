@@ -87,6 +87,14 @@ uint32_t ExCache::Impl::acquire_frame() {
   }
 }
 
+bool ExCache::Impl::try_acquire_frame(uint32_t* frame) {
+  if (pop_free(frame)) return true;
+  if (!evict_lock.try_lock()) return false;
+  const bool got = pop_free(frame) || evict_batch_locked(frame);
+  evict_lock.unlock();
+  return got;
+}
+
 void ExCache::Impl::zap_victims(size_t n) {
   size_t runs = 0;
   for (size_t i = 0; i < n; ++i) {

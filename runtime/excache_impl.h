@@ -179,6 +179,8 @@ enum Counter : size_t {
   kModuleCalls,
   kAccessedSpared,
   kRedirtied,
+  kPrefetches,
+  kPrefetchedLines,
   kNumCounters,
 };
 
@@ -282,6 +284,37 @@ struct ExCache::Impl {
   std::atomic<bool> stopping{false};
   int stop_fd = -1;  // eventfd that wakes the handler thread out of poll() to stop
 
+  // fault.cc: prefetch (ExCacheOptions::prefetch_lines). Stream detectors are hints,
+  // updated racily by design: a torn or stale read only makes a worse guess, because the
+  // lines a prefetch maps are claimed by CAS like any miss's.
+  struct Stream {
+    std::atomic<uint64_t> last{kNoLine};  // the newest miss (or prefetched line) seen
+    std::atomic<int64_t> stride{0};       // lines between misses; 0: not a stream yet
+    std::atomic<uint64_t> next{kNoLine};  // where its next miss is expected
+    std::atomic<uint32_t> window{0};      // lines its last prefetch asked for
+  };
+  static constexpr uint64_t kNoLine = ~uint64_t{0};
+  static constexpr size_t kStreams = 8;
+  Stream streams[kStreams];
+  std::atomic<uint32_t> stream_clock{0};  // the slot a miss outside every stream takes
+  size_t prefetch_max = 0;                // lines ahead per miss (options, clamped)
+  // A prefetch's scratch: the lines it claimed and, after kFetchHeadroom bytes, room for
+  // the missed line and kMaxPrefetch more. kPrefetchBuffers misses prefetch at once; a
+  // miss finding none free just fetches its own line.
+  static constexpr size_t kMaxPrefetch = LineBackend::kMaxFetchBatch - 1;
+  static constexpr size_t kPrefetchBuffers = 4;
+  struct PrefetchBuffer {
+    uint64_t index[kMaxPrefetch + 1];
+    uint64_t state[kMaxPrefetch + 1];
+    uint32_t frame[kMaxPrefetch + 1];
+    uint64_t fetch_addrs[kMaxPrefetch + 1];
+    uint32_t fetch_slot[kMaxPrefetch + 1];
+    alignas(64) std::byte headroom[LineBackend::kFetchHeadroom];
+    alignas(4096) std::byte data[(kMaxPrefetch + 1) * excache_internal::kLine];
+  };
+  PrefetchBuffer* prefetch_buffers = nullptr;  // kPrefetchBuffers of them, mmap'd
+  std::atomic<uint32_t> prefetch_busy{0};
+
   // fork.cc: fork() support (UFFD_FEATURE_EVENT_FORK). While a fork is under way
   // (prepare_fork until the handler thread reads the fork event) evictions and discards
   // also write into / release in the snapshot the child will be served from.
@@ -360,6 +393,19 @@ struct ExCache::Impl {
   void write_back_batch(size_t n);
   void handle_event(const uffd_msg& msg);
   void fill(uint64_t index, uint64_t state, bool write, uint64_t start_ns);
+  // Prefetch: how many lines ahead of a miss at `index` to fetch, and on which stride
+  // (0: none); updates the stream detectors.
+  size_t plan_prefetch(uint64_t index, int64_t* stride);
+  // fill() with a prefetch window: claims what it can of `want` lines on `stride` after
+  // the missed line, fetches them with it in one call and maps them. False (nothing done)
+  // when no prefetch buffer or no line ahead could be had: the caller fills alone.
+  bool fill_with_prefetch(uint64_t index, uint64_t state, bool write, uint32_t frame,
+                          size_t want, int64_t stride, uint64_t start_ns);
+  // A free frame without waiting: pops one, or evicts a batch if no one else is evicting.
+  bool try_acquire_frame(uint32_t* frame);
+  // Maps `count` lines from `src` at line `index` on (UFFDIO_COPY; write-protected unless
+  // `dirty`), coping with partial copies and lines someone mapped behind our back.
+  void map_lines(uint64_t index, const std::byte* src, size_t count, bool dirty);
   size_t staging_acquire();
   void staging_release(size_t buffer);
   // MADV_DONTNEED of victims[0..n) (sorted): one process_madvise, so one TLB flush, when

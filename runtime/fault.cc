@@ -42,8 +42,10 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 
@@ -297,10 +299,72 @@ bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
   }
 }
 
+namespace {
+
+// Dirty prediction for a load miss (ExCacheOptions::predict_dirty): whether to map the line
+// writable and dirty at once, and the history bits to keep. A store miss maps it dirty.
+struct DirtyChoice {
+  bool dirty;
+  uint64_t persist;
+};
+DirtyChoice choose_dirty(uint64_t state, bool write, bool predict, Stats& stats) {
+  if (write) return {true, kWrittenHintBit};  // observed store: restart the prediction count
+  uint64_t persist = state & (kWrittenHintBit | kPredictMask);
+  if ((persist & kWrittenHintBit) == 0) return {false, persist};
+  const uint64_t predictions = (persist & kPredictMask) >> kPredictShift;
+  if (predict && predictions < kMaxPredictions) {
+    stats.add(kDirtyPredictions);
+    return {true, kWrittenHintBit | ((predictions + 1) << kPredictShift)};
+  }
+  return {false, 0};  // map clean: a store now sets the hint again, else it is forgotten
+}
+
+}  // namespace
+
+void ExCache::Impl::map_lines(uint64_t index, const std::byte* src, size_t count, bool dirty) {
+  uint64_t done = 0;  // bytes mapped
+  const uint64_t len = count * kLine;
+  while (done < len) {
+    uffdio_copy copy = {};
+    copy.dst = line_addr(index) + done;
+    copy.src = reinterpret_cast<uint64_t>(src) + done;
+    copy.len = len - done;
+    copy.mode = dirty ? 0 : UFFDIO_COPY_MODE_WP;
+    if (ioctl(uffd, UFFDIO_COPY, &copy) == 0) break;
+    const int err = errno;
+    // A multi-line copy may have mapped a prefix before it stopped.
+    if (copy.copy > 0) done += static_cast<uint64_t>(copy.copy);
+    if (err == EAGAIN) {
+      drain_events(uffd, -1);  // the mm is changing (a fork waits for its event): read it, retry
+      continue;
+    }
+    if (err == EINTR) continue;
+    if (err == EEXIST) {
+      // Someone mapped the line behind our back (our states say no one can; a program
+      // that writes region memory through another path). Keep the invariant of the kind
+      // we publish: clean => write-protected, dirty => writable. Then go on after it.
+      const uint64_t addr = line_addr(index) + (done & ~uint64_t{kLine - 1});
+      if (int e = write_protect(addr, kLine, !dirty); e != 0) {
+        fatal("UFFDIO_WRITEPROTECT after EEXIST failed", e, addr);
+      }
+      stats.add(kSpurious);
+      done = (done & ~uint64_t{kLine - 1}) + kLine;
+      continue;
+    }
+    fatal("UFFDIO_COPY failed", err, line_addr(index) + done);
+  }
+}
+
 void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t start_ns) {
   const uint64_t addr = line_addr(index);
   const bool backed = (state & kBackedBit) != 0;
   const uint32_t frame = acquire_frame();
+
+  if (prefetch_max > 0) {
+    int64_t stride = 0;
+    const size_t want = plan_prefetch(index, &stride);
+    if (want > 0 && fill_with_prefetch(index, state, write, frame, want, stride, start_ns)) return;
+  }
 
   const std::byte* src = kZeroLine;
   size_t buffer = kStagingBuffers;
@@ -323,54 +387,186 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
   // A store miss maps the line writable and dirty at once; a load miss maps it clean and
   // write-protected so that its first store tells us (serve_fault's kClean case), unless
   // the line's history predicts a store (ExCacheOptions::predict_dirty).
-  uint64_t persist = state & (kWrittenHintBit | kPredictMask);
-  bool dirty = write;
-  if (write) {
-    persist = kWrittenHintBit;  // observed store: restart the prediction count
-  } else if (persist & kWrittenHintBit) {
-    const uint64_t predictions = (persist & kPredictMask) >> kPredictShift;
-    if (options.predict_dirty && predictions < kMaxPredictions) {
-      dirty = true;
-      persist = kWrittenHintBit | ((predictions + 1) << kPredictShift);
-      stats.add(kDirtyPredictions);
-    } else {
-      persist = 0;  // map clean: a store now sets the hint again, else it is forgotten
-    }
-  }
+  const DirtyChoice choice = choose_dirty(state, write, options.predict_dirty, stats);
   // Counted before UFFDIO_COPY wakes the faulting thread (see kWriteFaults above).
   stats.add(kMisses);
-  uffdio_copy copy = {};
-  copy.dst = addr;
-  copy.src = reinterpret_cast<uint64_t>(src);
-  copy.len = kLine;
-  copy.mode = dirty ? 0 : UFFDIO_COPY_MODE_WP;
-  for (;;) {
-    copy.copy = 0;
-    if (ioctl(uffd, UFFDIO_COPY, &copy) == 0) break;
-    if (errno == EAGAIN) {
-      drain_events(uffd, -1);  // the mm is changing (a fork waits for its event): read it, retry
-      continue;
-    }
-    if (errno == EINTR) continue;
-    if (errno == EEXIST) {
-      // Someone mapped the line behind our back (our states say no one can; a program
-      // that writes region memory through another path). Keep the invariant of the kind
-      // we publish: clean => write-protected, dirty => writable.
-      if (int err = write_protect(addr, kLine, !dirty); err != 0) {
-        fatal("UFFDIO_WRITEPROTECT after EEXIST failed", err, addr);
-      }
-      stats.add(kSpurious);
-      break;
-    }
-    fatal("UFFDIO_COPY failed", errno, addr);
-  }
+  map_lines(index, src, 1, choice.dirty);
   if (buffer != kStagingBuffers) staging_release(buffer);
 
-  lines[index].store(make_state(dirty ? kDirty : kClean, backed, frame) | persist,
+  lines[index].store(make_state(choice.dirty ? kDirty : kClean, backed, frame) | choice.persist,
                      std::memory_order_release);
   frames[frame].store(index + 1, std::memory_order_release);
   policy->on_fill(frames[frame]);
   stats.record_miss_ns(now_ns() - start_ns);
+}
+
+// --- Prefetch ---------------------------------------------------------------------------
+//
+// A stream is a run of misses at a steady stride (LegoOS and Leap detect the same trend
+// in the fault history). The third miss on a stride starts prefetching: the miss fetches
+// `window` lines ahead on the stride together with its own (one backend call; for stride
+// +1 one UFFDIO_COPY maps them all), and the stream expects its next miss just past them.
+// A miss there, or a little further (lines in between were resident), doubles the window.
+// Lines ahead are claimed by CAS kAbsent -> kFilling like any miss's and take frames only
+// without waiting (try_acquire_frame): a prefetch stops short rather than wait while it
+// owns lines, so the deadlock argument at the top of this file is unchanged (the extra
+// lines it owns complete without waiting for anything but the backend).
+
+size_t ExCache::Impl::plan_prefetch(uint64_t index, int64_t* stride_out) {
+  constexpr int64_t kMaxStride = 16;
+  constexpr uint32_t kFirstWindow = 4;
+  for (Stream& s : streams) {
+    const int64_t stride = s.stride.load(std::memory_order_relaxed);
+    const uint64_t next = s.next.load(std::memory_order_relaxed);
+    if (stride == 0 || next == kNoLine) continue;
+    const int64_t d = static_cast<int64_t>(index - next);
+    const uint32_t window = s.window.load(std::memory_order_relaxed);
+    if (d % stride != 0 || d / stride < 0 || d / stride > int64_t{window} + 1) continue;
+    // The stream goes on: prefetch, with a window twice the last one.
+    const size_t grown =
+        std::min<size_t>(window == 0 ? kFirstWindow : size_t{window} * 2, prefetch_max);
+    s.window.store(static_cast<uint32_t>(grown), std::memory_order_relaxed);
+    s.last.store(index, std::memory_order_relaxed);
+    s.next.store(index + static_cast<uint64_t>(stride), std::memory_order_relaxed);
+    *stride_out = stride;
+    return grown;
+  }
+  for (Stream& s : streams) {
+    // A second miss near an earlier one: a stream candidate, confirmed by a third miss one
+    // stride on (above). Two misses alone prefetch nothing: random misses rarely land one
+    // stride apart twice in a row.
+    const uint64_t last = s.last.load(std::memory_order_relaxed);
+    if (last == kNoLine) continue;
+    const int64_t d = static_cast<int64_t>(index - last);
+    if (d == 0 || d < -kMaxStride || d > kMaxStride) continue;
+    s.stride.store(d, std::memory_order_relaxed);
+    s.window.store(0, std::memory_order_relaxed);
+    s.last.store(index, std::memory_order_relaxed);
+    s.next.store(index + static_cast<uint64_t>(d), std::memory_order_relaxed);
+    return 0;
+  }
+  Stream& s = streams[stream_clock.fetch_add(1, std::memory_order_relaxed) % kStreams];
+  s.stride.store(0, std::memory_order_relaxed);
+  s.next.store(kNoLine, std::memory_order_relaxed);
+  s.window.store(0, std::memory_order_relaxed);
+  s.last.store(index, std::memory_order_relaxed);
+  return 0;
+}
+
+bool ExCache::Impl::fill_with_prefetch(uint64_t index, uint64_t state, bool write, uint32_t frame,
+                                       size_t want, int64_t stride, uint64_t start_ns) {
+  // A prefetch buffer, or none: then this miss fills alone.
+  uint32_t busy = prefetch_busy.load(std::memory_order_relaxed);
+  uint32_t slot;
+  do {
+    const uint32_t free = ~busy & ((1u << kPrefetchBuffers) - 1);
+    if (free == 0) return false;
+    slot = static_cast<uint32_t>(__builtin_ctz(free));
+  } while (!prefetch_busy.compare_exchange_weak(busy, busy | (1u << slot),
+                                                std::memory_order_acquire));
+  PrefetchBuffer& pb = prefetch_buffers[slot];
+
+  // Claim lines ahead: each absent, each with a frame we need not wait for.
+  pb.index[0] = index;
+  pb.state[0] = state;
+  pb.frame[0] = frame;
+  size_t n = 1;
+  for (size_t k = 1; k <= want; ++k) {
+    const uint64_t j = index + static_cast<uint64_t>(stride * static_cast<int64_t>(k));
+    if (j >= nlines) break;  // past either end of the region (unsigned wrap included)
+    uint64_t s = lines[j].load(std::memory_order_acquire);
+    if (kind_of(s) != kAbsent ||
+        !lines[j].compare_exchange_strong(s, with_kind(s, kFilling), std::memory_order_acquire)) {
+      break;
+    }
+    uint32_t f;
+    if (!try_acquire_frame(&f)) {
+      lines[j].store(s, std::memory_order_release);  // we owned it: give it back untouched
+      break;
+    }
+    pb.index[n] = j;
+    pb.state[n] = s;
+    pb.frame[n] = f;
+    ++n;
+  }
+  if (n == 1) {
+    prefetch_busy.fetch_and(~(1u << slot), std::memory_order_release);
+    return false;
+  }
+  // The stream's next miss is expected just past what we map.
+  for (Stream& st : streams) {
+    if (st.last.load(std::memory_order_relaxed) == index) {
+      st.last.store(pb.index[n - 1], std::memory_order_relaxed);
+      st.next.store(pb.index[n - 1] + static_cast<uint64_t>(stride), std::memory_order_relaxed);
+      break;
+    }
+  }
+
+  // Fetch the backed ones in one call, into the tail of the buffer, then spread them to
+  // their slots (ascending: a slot is never after its source) and zero the others.
+  size_t m = 0;
+  for (size_t k = 0; k < n; ++k) {
+    if (pb.state[k] & kBackedBit) {
+      pb.fetch_addrs[m] = line_addr(pb.index[k]);
+      pb.fetch_slot[m++] = static_cast<uint32_t>(k);
+    }
+  }
+  if (m > 0) {
+    std::byte* const out = pb.data + (n - m) * kLine;
+    Status st;
+    for (int attempt = 1;; ++attempt) {
+      st = backend->fetch_batch(std::span<const uint64_t>(pb.fetch_addrs, m), out);
+      if (st.is_ok() || !transient(st.code()) || attempt == kBackendAttempts) break;
+    }
+    if (!st.is_ok()) fatal("LineBackend::fetch_batch failed", st.code(), pb.fetch_addrs[0]);
+    stats.add(kFetches, m);
+    stats.add(kBytesFetched, m * kLine);
+  }
+  for (size_t k = 0, t = 0; k < n; ++k) {
+    std::byte* const slot_data = pb.data + k * kLine;
+    if (t < m && pb.fetch_slot[t] == k) {
+      const std::byte* from = pb.data + (n - m + t) * kLine;
+      if (from != slot_data) memmove(slot_data, from, kLine);
+      ++t;
+    } else {
+      memset(slot_data, 0, kLine);
+    }
+  }
+  stats.add(kZeroFills, n - m);
+
+  // Map. The missed line's mode is its own; a line ahead is mapped dirty when this miss
+  // was a store (a write stream) or its own history predicts a store. Stride +1 maps runs
+  // of one mode with one UFFDIO_COPY.
+  DirtyChoice choice[kMaxPrefetch + 1];
+  for (size_t k = 0; k < n; ++k) {
+    if (write && k > 0) {
+      choice[k] = {true, pb.state[k] & (kWrittenHintBit | kPredictMask)};
+    } else {
+      choice[k] = choose_dirty(pb.state[k], write, options.predict_dirty, stats);
+    }
+  }
+  stats.add(kMisses);
+  stats.add(kPrefetches);
+  stats.add(kPrefetchedLines, n - 1);
+  for (size_t k = 0; k < n;) {
+    size_t run = 1;
+    if (stride == 1) {
+      while (k + run < n && choice[k + run].dirty == choice[k].dirty) ++run;
+    }
+    map_lines(pb.index[k], pb.data + k * kLine, run, choice[k].dirty);
+    k += run;
+  }
+  for (size_t k = 0; k < n; ++k) {
+    const bool backed = (pb.state[k] & kBackedBit) != 0;
+    lines[pb.index[k]].store(
+        make_state(choice[k].dirty ? kDirty : kClean, backed, pb.frame[k]) | choice[k].persist,
+        std::memory_order_release);
+    frames[pb.frame[k]].store(pb.index[k] + 1, std::memory_order_release);
+    policy->on_fill(frames[pb.frame[k]]);
+  }
+  prefetch_busy.fetch_and(~(1u << slot), std::memory_order_release);
+  stats.record_miss_ns(now_ns() - start_ns);
+  return true;
 }
 
 // --- Delivery::kHandlerThread ---------------------------------------------------------

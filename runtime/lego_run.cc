@@ -611,7 +611,8 @@ void print_stats(const std::string& block) {
   const char* keys[] = {"misses",        "fetches",         "zero_fills",     "write_faults",
                         "evictions",     "write_backs",     "clean_drops",    "discarded_lines",
                         "bytes_fetched", "bytes_written",   "resident_lines", "capacity_lines",
-                        "module_calls",  "accessed_spared", "redirtied"};
+                        "module_calls",  "accessed_spared", "redirtied",      "prefetches",
+                        "prefetched_lines", "dirty_predictions"};
   for (const char* k : keys) fprintf(stderr, "  %-16s %llu\n", k, num(k));
   fprintf(stderr, "  %-16s %llu (fetched + written)\n", "bytes_moved",
           num("bytes_fetched") + num("bytes_written"));

@@ -136,6 +136,13 @@ Status ExCache::Impl::init_region() {
   if (s == nullptr) return Status::from_errno(errno, "mmap staging buffers");
   staging = static_cast<std::byte*>(s);
 
+  prefetch_max = std::min<size_t>({options.prefetch_lines, kMaxPrefetch, capacity / 8});
+  if (prefetch_max > 0) {
+    void* pb = map_anon(kPrefetchBuffers * sizeof(PrefetchBuffer));
+    if (pb == nullptr) return Status::from_errno(errno, "mmap prefetch buffers");
+    prefetch_buffers = static_cast<PrefetchBuffer*>(pb);
+  }
+
   // process_madvise(MADV_DONTNEED) on ourselves (Linux >= 6.13) zaps a whole eviction batch
   // with one TLB flush (measured 0.6 µs per line vs 1.6 µs for one madvise per line). Probe
   // it on a line that is not mapped (a no-op); fall back to madvise per run if refused.
@@ -200,6 +207,9 @@ ExCache::Impl::~Impl() {
   if (base != nullptr) munmap(base, size);
   if (lines != nullptr) munmap(lines, lines_bytes);
   if (staging != nullptr) munmap(staging, kStagingBuffers * kLine);
+  if (prefetch_buffers != nullptr) {
+    munmap(prefetch_buffers, kPrefetchBuffers * sizeof(PrefetchBuffer));
+  }
 }
 
 Result<std::unique_ptr<ExCache>> ExCache::create(const ExCacheOptions& options,

@@ -127,6 +127,47 @@ Status RemoteBackend::fetch_in(const mem::SpaceHandle& h, uint64_t line_addr,
   return Status();
 }
 
+Status RemoteBackend::fetch_batch(std::span<const uint64_t> line_addrs, std::byte* out) {
+  static_assert(kMaxFetchBatch <= mem::kMaxBatch && kMaxFetchBatch <= 64);
+  static_assert(sizeof(mem::FetchReply) <= kFetchHeadroom);
+  const size_t n = line_addrs.size();
+  if (n == 0) return Status();
+  if (n > kMaxFetchBatch) return Status(EINVAL, "fetch_batch of more than 32 lines");
+  struct {
+    mem::FetchRequest req;
+    uint64_t addrs[kMaxFetchBatch];
+  } req{{handle_, static_cast<uint32_t>(n), 0}, {}};
+  memcpy(req.addrs, line_addrs.data(), n * sizeof(uint64_t));
+  std::byte* const reply = out - sizeof(mem::FetchReply);
+  const size_t reply_bytes = sizeof(mem::FetchReply) + n * kExCacheLineBytes;
+  auto r = node_->send_reply(
+      memory_, mem::kFetch,
+      {reinterpret_cast<const std::byte*>(&req), sizeof(req.req) + n * sizeof(uint64_t)},
+      {reply, reply_bytes});
+  if (!r) return r.status();
+  mem::FetchReply head;
+  memcpy(&head, reply, sizeof(head));
+  const size_t stored = static_cast<size_t>(__builtin_popcountll(head.stored_mask));
+  if (r.value() != sizeof(head) + stored * kExCacheLineBytes ||
+      (n < 64 && (head.stored_mask >> n) != 0)) {
+    return Status(EPROTO, "malformed fetch reply from memory node " + describe_memory_node());
+  }
+  if (stored == n) return Status();
+  // Lines never stored were left out of the reply: spread the stored ones to their slots,
+  // last first (a line only moves towards the end), and zero the rest.
+  size_t from = stored;
+  for (size_t i = n; i-- > 0;) {
+    std::byte* slot = out + i * kExCacheLineBytes;
+    if (head.stored_mask & (uint64_t{1} << i)) {
+      --from;
+      if (from != i) memmove(slot, out + from * kExCacheLineBytes, kExCacheLineBytes);
+    } else {
+      memset(slot, 0, kExCacheLineBytes);
+    }
+  }
+  return Status();
+}
+
 Status RemoteBackend::write_back(std::span<const WriteBack> lines) {
   return write_back_in(handle_, lines);
 }

@@ -26,6 +26,9 @@ class RemoteBackend : public LineBackend {
   ~RemoteBackend() override;
 
   Status fetch(uint64_t line_addr, std::span<std::byte, kExCacheLineBytes> out) override;
+  // One kFetch request for every line; the reply lands in place (its 8-byte header in
+  // the headroom before `out`), so a reply whose lines were all stored needs no copy.
+  Status fetch_batch(std::span<const uint64_t> line_addrs, std::byte* out) override;
   Status write_back(std::span<const WriteBack> lines) override;
   Status release(uint64_t addr, uint64_t length) override;
 

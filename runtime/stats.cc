@@ -61,6 +61,8 @@ void Stats::snapshot(ExCacheStats* out) const {
   out->module_calls = sum[kModuleCalls];
   out->accessed_spared = sum[kAccessedSpared];
   out->redirtied = sum[kRedirtied];
+  out->prefetches = sum[kPrefetches];
+  out->prefetched_lines = sum[kPrefetchedLines];
 
   uint64_t total = 0;
   for (uint64_t n : out->miss_latency_log2_ns) total += n;
