@@ -399,8 +399,8 @@ struct ExCache::Impl {
   // fill() with a prefetch window: claims what it can of `want` lines on `stride` after
   // the missed line, fetches them with it in one call and maps them. False (nothing done)
   // when no prefetch buffer or no line ahead could be had: the caller fills alone.
-  bool fill_with_prefetch(uint64_t index, uint64_t state, bool write, uint32_t frame,
-                          size_t want, int64_t stride, uint64_t start_ns);
+  bool fill_with_prefetch(uint64_t index, uint64_t state, bool write, uint32_t frame, size_t want,
+                          int64_t stride, uint64_t start_ns);
   // A free frame without waiting: pops one, or evicts a batch if no one else is evicting.
   bool try_acquire_frame(uint32_t* frame);
   // Maps `count` lines from `src` at line `index` on (UFFDIO_COPY; write-protected unless

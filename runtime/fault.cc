@@ -462,8 +462,8 @@ bool ExCache::Impl::fill_with_prefetch(uint64_t index, uint64_t state, bool writ
     const uint32_t free = ~busy & ((1u << kPrefetchBuffers) - 1);
     if (free == 0) return false;
     slot = static_cast<uint32_t>(__builtin_ctz(free));
-  } while (!prefetch_busy.compare_exchange_weak(busy, busy | (1u << slot),
-                                                std::memory_order_acquire));
+  } while (
+      !prefetch_busy.compare_exchange_weak(busy, busy | (1u << slot), std::memory_order_acquire));
   PrefetchBuffer& pb = prefetch_buffers[slot];
 
   // Claim lines ahead: each absent, each with a frame we need not wait for.

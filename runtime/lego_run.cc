@@ -66,6 +66,8 @@ options:
   --pcache M           lego_pcache.ko (kmod/): auto (default; use it when /dev/lego_pcache
                        exists), on (fail without it) or off. It batches evictions and gives
                        --policy clock the CPU's accessed bits.
+  --prefetch N         lines fetched ahead of a miss that continues a sequential or
+                       strided stream, in the same request (default 31, at most 31; 0: off)
   --stats              print the ExCache counters when PROGRAM exits
   --transport T        without --config: tcp (default; the memory node runs in its own
                        network namespace when lego-run is root) or shm (same host)
@@ -89,6 +91,7 @@ struct Options {
   uint64_t excache = 64ull << 20;
   std::string policy = "fifo", delivery = "handler", transport = "tcp", pcache = "auto";
   uint64_t memory_capacity = 8ull << 30;
+  long prefetch = 31;
   bool stats = false;
   std::string export_dir, mountpoint = "/lego";
   long storage_node = -1;
@@ -122,6 +125,7 @@ Options parse(int argc, char** argv) {
     kExport,
     kStorageNode,
     kMount,
+    kPrefetch,
     kHelp
   };
   static const option longopts[] = {{"config", required_argument, nullptr, kConfig},
@@ -137,6 +141,7 @@ Options parse(int argc, char** argv) {
                                     {"export", required_argument, nullptr, kExport},
                                     {"storage-node", required_argument, nullptr, kStorageNode},
                                     {"mount", required_argument, nullptr, kMount},
+                                    {"prefetch", required_argument, nullptr, kPrefetch},
                                     {"help", no_argument, nullptr, kHelp},
                                     {nullptr, 0, nullptr, 0}};
   int c;
@@ -159,6 +164,10 @@ Options parse(int argc, char** argv) {
         o.excache = v.value();
         break;
       }
+      case kPrefetch:
+        o.prefetch = number("--prefetch", optarg);
+        if (o.prefetch < 0 || o.prefetch > 31) die("--prefetch: 0 to 31 lines", 2);
+        break;
       case kPolicy:
         o.policy = optarg;
         if (o.policy != "fifo" && o.policy != "clock") die("--policy: fifo or clock", 2);
@@ -608,10 +617,10 @@ void print_stats(const std::string& block) {
   fprintf(stderr, "  %-16s %s (resident accesses never trap)\n", "hits", "n/a");
   fprintf(stderr, "  %-16s %s\n", "kernel_module",
           num("kernel_module") ? "lego_pcache (batched evictions, accessed bits)" : "not used");
-  const char* keys[] = {"misses",        "fetches",         "zero_fills",     "write_faults",
-                        "evictions",     "write_backs",     "clean_drops",    "discarded_lines",
-                        "bytes_fetched", "bytes_written",   "resident_lines", "capacity_lines",
-                        "module_calls",  "accessed_spared", "redirtied",      "prefetches",
+  const char* keys[] = {"misses",           "fetches",          "zero_fills",     "write_faults",
+                        "evictions",        "write_backs",      "clean_drops",    "discarded_lines",
+                        "bytes_fetched",    "bytes_written",    "resident_lines", "capacity_lines",
+                        "module_calls",     "accessed_spared",  "redirtied",      "prefetches",
                         "prefetched_lines", "dirty_predictions"};
   for (const char* k : keys) fprintf(stderr, "  %-16s %llu\n", k, num(k));
   fprintf(stderr, "  %-16s %llu (fetched + written)\n", "bytes_moved",
@@ -733,6 +742,7 @@ int main(int argc, char** argv) {
     setenv("LEGO_MEMORY_NODE", std::to_string(memory->id).c_str(), 1);
     setenv("LEGO_EXCACHE", std::to_string(o.excache).c_str(), 1);
     setenv("LEGO_POLICY", o.policy.c_str(), 1);
+    setenv("LEGO_PREFETCH", std::to_string(o.prefetch).c_str(), 1);
     setenv("LEGO_DELIVERY", o.delivery.c_str(), 1);
     setenv("LEGO_PCACHE", o.pcache.c_str(), 1);
     setenv("LEGO_REPORT_FD", std::to_string(rfd).c_str(), 1);

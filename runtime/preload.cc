@@ -301,6 +301,8 @@ __attribute__((constructor(102))) void lego_start() {
   opt.region_bytes = region.value();
   std::string policy = env_or("LEGO_POLICY", "fifo");
   opt.policy = policy == "clock" ? ExCacheOptions::Policy::kClock : ExCacheOptions::Policy::kFifo;
+  opt.prefetch_lines =
+      static_cast<uint32_t>(strtoul(env_or("LEGO_PREFETCH", "31").c_str(), nullptr, 10));
   std::string delivery = env_or("LEGO_DELIVERY", "handler");
   opt.delivery = delivery == "sigbus" ? ExCacheOptions::Delivery::kSigbus
                                       : ExCacheOptions::Delivery::kHandlerThread;

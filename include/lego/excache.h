@@ -103,9 +103,8 @@ class LineBackend {
   static constexpr size_t kFetchHeadroom = 64;
   virtual Status fetch_batch(std::span<const uint64_t> line_addrs, std::byte* out) {
     for (size_t i = 0; i < line_addrs.size(); ++i) {
-      Status st = fetch(line_addrs[i],
-                        std::span<std::byte, kExCacheLineBytes>(out + i * kExCacheLineBytes,
-                                                                kExCacheLineBytes));
+      Status st = fetch(line_addrs[i], std::span<std::byte, kExCacheLineBytes>(
+                                           out + i * kExCacheLineBytes, kExCacheLineBytes));
       if (!st) return st;
     }
     return Status::ok();
