@@ -1869,6 +1869,35 @@ Result<size_t> Node::send_reply(NodeId peer, uint16_t opcode, std::span<const st
   return impl_->finish_call(*ch.value(), slot.value(), deadline);
 }
 
+Status Node::start_call(PendingCall* call, NodeId peer, uint16_t opcode,
+                        std::span<const std::byte> request, std::span<std::byte> reply,
+                        std::chrono::milliseconds timeout) {
+  call->channel = nullptr;
+  call->deadline = Clock::now() + (timeout.count() > 0 ? timeout : impl_->config.timeout);
+  std::unique_lock<std::mutex> lock;
+  auto ch = impl_->channel_for(peer, lock);
+  if (!ch) return ch.status();
+  auto slot = impl_->start_call(*ch.value(), opcode, request, reply, call->deadline);
+  if (!slot) {
+    impl_->counters.calls_failed.fetch_add(1, std::memory_order_relaxed);
+    return slot.status();
+  }
+  call->channel = ch.value();
+  call->slot = slot.value();
+  call->id = ch.value()->slots[slot.value()].id;
+  return Status();
+}
+
+Result<size_t> Node::finish_call(PendingCall* call) {
+  auto* ch = static_cast<ClientChannel*>(call->channel);
+  if (ch == nullptr) return Status(EINVAL, "finish_call of a call that was not started");
+  call->channel = nullptr;
+  std::lock_guard<std::mutex> g(ch->mu);
+  auto& s = ch->slots[call->slot];
+  if (s.id != call->id || !s.in_use) return Status(ECONNRESET, "the connection was reset");
+  return impl_->finish_call(*ch, call->slot, call->deadline);
+}
+
 struct RpcFuture::State {
   Node::Impl* node = nullptr;
   ClientChannel* ch = nullptr;

@@ -385,7 +385,12 @@ Status ExCache::Impl::discard(uint64_t addr, uint64_t len) {
       const LineKind kind = kind_of(s);
       if (kind != kAbsent && kind != kClean && kind != kDirty) {
         if (i > first) break;  // finish what we own before waiting (never wait owning)
-        backoff.pause();
+        // A background prefetch holds it: complete that (maps the line), else wait.
+        if (kind != kPrefetching ||
+            !complete_prefetch(static_cast<uint32_t>((s & kPrefetchSlotMask) >> kPrefetchSlotShift),
+                               /*go_on=*/false)) {
+          backoff.pause();
+        }
         continue;
       }
       // A resident line keeps its frame number; an absent one is marked frameless.

@@ -58,6 +58,11 @@ enum LineKind : uint64_t {
   kDirty = 3,
   kEvicting = 4,
   kUnprotecting = 5,
+  // Claimed by a background prefetch (fault.cc) whose fetch is in flight: owned by its
+  // prefetch buffer (kPrefetchSlotShift), not by a thread. Whoever needs the line first
+  // completes that prefetch (waits for the reply, maps its lines), so no one waits for a
+  // thread that may never come back.
+  kPrefetching = 6,
 };
 inline constexpr uint64_t kKindMask = 7;
 // The backend holds this line (written back at least once since the last discard): a miss
@@ -72,6 +77,9 @@ inline constexpr uint64_t kPredictMask = uint64_t{3} << kPredictShift;
 // After this many predictions a load miss maps the line clean again to re-learn: a line
 // that stopped being written costs at most this many needless write-backs.
 inline constexpr uint64_t kMaxPredictions = 3;
+// kPrefetching: which prefetch buffer owns the line.
+inline constexpr int kPrefetchSlotShift = 8;
+inline constexpr uint64_t kPrefetchSlotMask = uint64_t{15} << kPrefetchSlotShift;
 // What survives a line's eviction (and is cleared by discard).
 inline constexpr uint64_t kPersistMask = kBackedBit | kWrittenHintBit | kPredictMask;
 inline constexpr int kFrameShift = 32;
@@ -304,6 +312,16 @@ struct ExCache::Impl {
   static constexpr size_t kMaxPrefetch = LineBackend::kMaxFetchBatch - 1;
   static constexpr size_t kPrefetchBuffers = 4;
   struct PrefetchBuffer {
+    // kIdle, or in use: a miss's own batch (kSync), a background fetch in flight (kAsync),
+    // or one being completed (kCompleting). Only kAsync may be completed by anyone.
+    enum Phase : uint32_t { kIdle, kSync, kAsync, kCompleting };
+    std::atomic<uint32_t> phase;
+    size_t n;        // lines claimed
+    size_t m;        // of them fetched from the backend (the others are zero-filled)
+    int64_t stride;  // the stream's
+    bool write;      // a write stream: map its lines dirty
+    bool started;    // kAsync: the backend fetch was started (else fetch at completion)
+    LineBackend::FetchTicket ticket;
     uint64_t index[kMaxPrefetch + 1];
     uint64_t state[kMaxPrefetch + 1];
     uint32_t frame[kMaxPrefetch + 1];
@@ -401,6 +419,29 @@ struct ExCache::Impl {
   // when no prefetch buffer or no line ahead could be had: the caller fills alone.
   bool fill_with_prefetch(uint64_t index, uint64_t state, bool write, uint32_t frame, size_t want,
                           int64_t stride, uint64_t start_ns);
+  // Prefetch buffers: a free one (phase kSync), or none.
+  PrefetchBuffer* acquire_prefetch_buffer();  // completes a stale background one if need be
+  PrefetchBuffer* try_acquire_prefetch_buffer();
+  void release_prefetch_buffer(PrefetchBuffer& pb);
+  // Claims up to `want` absent lines on the stride after line `from` into pb (from pb.n
+  // on), as `kind` (kFilling or kPrefetching), each with a frame had without waiting.
+  void claim_ahead(PrefetchBuffer& pb, uint64_t from, size_t want, excache_internal::LineKind kind);
+  // Fetches pb's backed lines (into the tail of pb.data) and spreads them to their slots.
+  void fetch_claimed(PrefetchBuffer& pb);
+  // Maps pb's lines and publishes them; releases pb.
+  void map_claimed(PrefetchBuffer& pb, uint64_t start_ns);
+  // Claims the window after line `from` and starts fetching it in the background.
+  void start_background_prefetch(uint64_t from, int64_t stride, size_t want, bool write);
+
+ public:
+  // Completes the background prefetch in buffer `slot` if it is still in flight (waits for
+  // its reply and maps its lines); with `go_on`, starts the stream's next window. Any
+  // thread may call it; false if the buffer held no background prefetch.
+  bool complete_prefetch(uint32_t slot, bool go_on);
+  // Completes every background prefetch (discard, fork, destruction).
+  void complete_all_prefetches();
+
+ private:
   // A free frame without waiting: pops one, or evicts a batch if no one else is evicting.
   bool try_acquire_frame(uint32_t* frame);
   // Maps `count` lines from `src` at line `index` on (UFFDIO_COPY; write-protected unless

@@ -247,6 +247,7 @@ bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
   const uint64_t index = line_index(addr);
   std::atomic<uint64_t>& word = lines[index];
   bool waited = false;
+  bool helped = false;  // completed a background prefetch
   Backoff backoff;
   for (;;) {
     uint64_t s = word.load(std::memory_order_acquire);
@@ -280,6 +281,15 @@ bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
         continue;
       case kDirty:
         break;  // served by someone else since our fault
+      case kPrefetching:
+        // A background prefetch holds the line: complete it (this is usually the stream
+        // reaching its next window, so it starts the one after), then look again.
+        if (complete_prefetch(static_cast<uint32_t>((s & kPrefetchSlotMask) >> kPrefetchSlotShift),
+                              /*go_on=*/true)) {
+          helped = true;
+          continue;
+        }
+        [[fallthrough]];  // someone else is completing it: wait like for a fill
       case kFilling:
       case kEvicting:
       case kUnprotecting:
@@ -294,7 +304,9 @@ bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
       default:
         fatal("corrupt line state", EPROTO, addr);
     }
-    stats.add(kSpurious);
+    // (After helping a prefetch our line is mapped, but maybe by an earlier completion
+    // than ours: report it served by someone else, so kHandlerThread wakes the thread.)
+    if (!helped) stats.add(kSpurious);
     return false;
   }
 }
@@ -453,26 +465,41 @@ size_t ExCache::Impl::plan_prefetch(uint64_t index, int64_t* stride_out) {
   return 0;
 }
 
-bool ExCache::Impl::fill_with_prefetch(uint64_t index, uint64_t state, bool write, uint32_t frame,
-                                       size_t want, int64_t stride, uint64_t start_ns) {
-  // A prefetch buffer, or none: then this miss fills alone.
-  uint32_t busy = prefetch_busy.load(std::memory_order_relaxed);
-  uint32_t slot;
-  do {
-    const uint32_t free = ~busy & ((1u << kPrefetchBuffers) - 1);
-    if (free == 0) return false;
-    slot = static_cast<uint32_t>(__builtin_ctz(free));
-  } while (
-      !prefetch_busy.compare_exchange_weak(busy, busy | (1u << slot), std::memory_order_acquire));
-  PrefetchBuffer& pb = prefetch_buffers[slot];
+ExCache::Impl::PrefetchBuffer* ExCache::Impl::acquire_prefetch_buffer() {
+  for (int round = 0; round < 2; ++round) {
+    if (PrefetchBuffer* pb = try_acquire_prefetch_buffer(); pb != nullptr) return pb;
+    // Every buffer busy: background windows nobody came for (a stream that stopped, or
+    // jumped). Complete one -- it maps lines the program may still want -- and retry.
+    for (uint32_t b = 0; b < kPrefetchBuffers; ++b) {
+      if (complete_prefetch(b, /*go_on=*/false)) break;
+    }
+  }
+  return nullptr;
+}
 
-  // Claim lines ahead: each absent, each with a frame we need not wait for.
-  pb.index[0] = index;
-  pb.state[0] = state;
-  pb.frame[0] = frame;
-  size_t n = 1;
-  for (size_t k = 1; k <= want; ++k) {
-    const uint64_t j = index + static_cast<uint64_t>(stride * static_cast<int64_t>(k));
+ExCache::Impl::PrefetchBuffer* ExCache::Impl::try_acquire_prefetch_buffer() {
+  for (uint32_t b = 0; b < kPrefetchBuffers; ++b) {
+    uint32_t idle = PrefetchBuffer::kIdle;
+    if (prefetch_buffers[b].phase.compare_exchange_strong(idle, PrefetchBuffer::kSync,
+                                                          std::memory_order_acquire)) {
+      PrefetchBuffer& pb = prefetch_buffers[b];
+      pb.n = 0;
+      pb.m = 0;
+      pb.started = false;
+      return &pb;
+    }
+  }
+  return nullptr;
+}
+
+void ExCache::Impl::release_prefetch_buffer(PrefetchBuffer& pb) {
+  pb.phase.store(PrefetchBuffer::kIdle, std::memory_order_release);
+}
+
+void ExCache::Impl::claim_ahead(PrefetchBuffer& pb, uint64_t from, size_t want, LineKind kind) {
+  const uint64_t slot_bits = static_cast<uint64_t>(&pb - prefetch_buffers) << kPrefetchSlotShift;
+  for (size_t k = 1; k <= want && pb.n <= kMaxPrefetch; ++k) {
+    const uint64_t j = from + static_cast<uint64_t>(pb.stride * static_cast<int64_t>(k));
     if (j >= nlines) break;  // past either end of the region (unsigned wrap included)
     uint64_t s = lines[j].load(std::memory_order_acquire);
     if (kind_of(s) != kAbsent ||
@@ -484,44 +511,53 @@ bool ExCache::Impl::fill_with_prefetch(uint64_t index, uint64_t state, bool writ
       lines[j].store(s, std::memory_order_release);  // we owned it: give it back untouched
       break;
     }
-    pb.index[n] = j;
-    pb.state[n] = s;
-    pb.frame[n] = f;
-    ++n;
-  }
-  if (n == 1) {
-    prefetch_busy.fetch_and(~(1u << slot), std::memory_order_release);
-    return false;
-  }
-  // The stream's next miss is expected just past what we map.
-  for (Stream& st : streams) {
-    if (st.last.load(std::memory_order_relaxed) == index) {
-      st.last.store(pb.index[n - 1], std::memory_order_relaxed);
-      st.next.store(pb.index[n - 1] + static_cast<uint64_t>(stride), std::memory_order_relaxed);
-      break;
+    if (kind == kPrefetching) {
+      // Published with its owner and frame: from here anyone may complete the prefetch.
+      lines[j].store((with_kind(s, kPrefetching) & ~kPrefetchSlotMask) | slot_bits,
+                     std::memory_order_release);
     }
+    pb.index[pb.n] = j;
+    pb.state[pb.n] = s;
+    pb.frame[pb.n] = f;
+    ++pb.n;
   }
+}
 
-  // Fetch the backed ones in one call, into the tail of the buffer, then spread them to
-  // their slots (ascending: a slot is never after its source) and zero the others.
-  size_t m = 0;
-  for (size_t k = 0; k < n; ++k) {
-    if (pb.state[k] & kBackedBit) {
-      pb.fetch_addrs[m] = line_addr(pb.index[k]);
-      pb.fetch_slot[m++] = static_cast<uint32_t>(k);
+void ExCache::Impl::fetch_claimed(PrefetchBuffer& pb) {
+  // Backed lines come from the backend, into the tail of the buffer: pb.m of them.
+  if (!pb.started) {
+    pb.m = 0;
+    for (size_t k = 0; k < pb.n; ++k) {
+      if (pb.state[k] & kBackedBit) {
+        pb.fetch_addrs[pb.m] = line_addr(pb.index[k]);
+        pb.fetch_slot[pb.m++] = static_cast<uint32_t>(k);
+      }
     }
   }
+  const size_t n = pb.n, m = pb.m;
   if (m > 0) {
-    std::byte* const out = pb.data + (n - m) * kLine;
-    Status st;
-    for (int attempt = 1;; ++attempt) {
-      st = backend->fetch_batch(std::span<const uint64_t>(pb.fetch_addrs, m), out);
-      if (st.is_ok() || !transient(st.code()) || attempt == kBackendAttempts) break;
+    bool fetched = false;
+    if (pb.started) {
+      pb.started = false;
+      Status st = backend->finish_fetch_batch(&pb.ticket);
+      if (!st.is_ok() && !transient(st.code())) {
+        fatal("LineBackend::finish_fetch_batch failed", st.code(), pb.fetch_addrs[0]);
+      }
+      fetched = st.is_ok();
     }
-    if (!st.is_ok()) fatal("LineBackend::fetch_batch failed", st.code(), pb.fetch_addrs[0]);
+    // Not started in the background, or that failed transiently: fetch now.
+    std::byte* const out = pb.data + (n - m) * kLine;
+    for (int attempt = 1; !fetched; ++attempt) {
+      Status st = backend->fetch_batch(std::span<const uint64_t>(pb.fetch_addrs, m), out);
+      fetched = st.is_ok();
+      if (!fetched && (!transient(st.code()) || attempt == kBackendAttempts)) {
+        fatal("LineBackend::fetch_batch failed", st.code(), pb.fetch_addrs[0]);
+      }
+    }
     stats.add(kFetches, m);
     stats.add(kBytesFetched, m * kLine);
   }
+  // Spread to their slots (ascending: a slot is never after its source); zero the others.
   for (size_t k = 0, t = 0; k < n; ++k) {
     std::byte* const slot_data = pb.data + k * kLine;
     if (t < m && pb.fetch_slot[t] == k) {
@@ -533,24 +569,23 @@ bool ExCache::Impl::fill_with_prefetch(uint64_t index, uint64_t state, bool writ
     }
   }
   stats.add(kZeroFills, n - m);
+}
 
-  // Map. The missed line's mode is its own; a line ahead is mapped dirty when this miss
-  // was a store (a write stream) or its own history predicts a store. Stride +1 maps runs
-  // of one mode with one UFFDIO_COPY.
+void ExCache::Impl::map_claimed(PrefetchBuffer& pb, uint64_t start_ns) {
+  // A line's mode: dirty in a write stream (pb.write: the missed line was stored to);
+  // otherwise its own (a load miss, or history that predicts a store).
   DirtyChoice choice[kMaxPrefetch + 1];
+  const size_t n = pb.n;
   for (size_t k = 0; k < n; ++k) {
-    if (write && k > 0) {
+    if (pb.write && (k > 0 || pb.phase.load(std::memory_order_relaxed) != PrefetchBuffer::kSync)) {
       choice[k] = {true, pb.state[k] & (kWrittenHintBit | kPredictMask)};
     } else {
-      choice[k] = choose_dirty(pb.state[k], write, options.predict_dirty, stats);
+      choice[k] = choose_dirty(pb.state[k], pb.write, options.predict_dirty, stats);
     }
   }
-  stats.add(kMisses);
-  stats.add(kPrefetches);
-  stats.add(kPrefetchedLines, n - 1);
   for (size_t k = 0; k < n;) {
     size_t run = 1;
-    if (stride == 1) {
+    if (pb.stride == 1) {
       while (k + run < n && choice[k + run].dirty == choice[k].dirty) ++run;
     }
     map_lines(pb.index[k], pb.data + k * kLine, run, choice[k].dirty);
@@ -564,9 +599,111 @@ bool ExCache::Impl::fill_with_prefetch(uint64_t index, uint64_t state, bool writ
     frames[pb.frame[k]].store(pb.index[k] + 1, std::memory_order_release);
     policy->on_fill(frames[pb.frame[k]]);
   }
-  prefetch_busy.fetch_and(~(1u << slot), std::memory_order_release);
-  stats.record_miss_ns(now_ns() - start_ns);
+  if (start_ns != 0) stats.record_miss_ns(now_ns() - start_ns);
+  release_prefetch_buffer(pb);
+}
+
+bool ExCache::Impl::fill_with_prefetch(uint64_t index, uint64_t state, bool write, uint32_t frame,
+                                       size_t want, int64_t stride, uint64_t start_ns) {
+  PrefetchBuffer* pbp = acquire_prefetch_buffer();
+  if (pbp == nullptr) return false;
+  PrefetchBuffer& pb = *pbp;
+  pb.stride = stride;
+  pb.write = write;
+  pb.index[0] = index;
+  pb.state[0] = state;
+  pb.frame[0] = frame;
+  pb.n = 1;
+  claim_ahead(pb, index, want, kFilling);
+  if (pb.n == 1) {
+    release_prefetch_buffer(pb);
+    return false;
+  }
+  const uint64_t last = pb.index[pb.n - 1];
+  const size_t got = pb.n - 1;
+  stats.add(kMisses);
+  stats.add(kPrefetches);
+  stats.add(kPrefetchedLines, got);
+  fetch_claimed(pb);
+  // The next window is fetched in the background while the program works through this one.
+  start_background_prefetch(last, stride, want, write);
+  map_claimed(pb, start_ns);
+  // The stream's next miss is expected past both windows.
+  for (Stream& st : streams) {
+    if (st.last.load(std::memory_order_relaxed) == index) {
+      st.last.store(last, std::memory_order_relaxed);
+      st.next.store(last + static_cast<uint64_t>(stride), std::memory_order_relaxed);
+      break;
+    }
+  }
   return true;
+}
+
+void ExCache::Impl::start_background_prefetch(uint64_t from, int64_t stride, size_t want,
+                                              bool write) {
+  PrefetchBuffer* pbp = acquire_prefetch_buffer();
+  if (pbp == nullptr) return;
+  PrefetchBuffer& pb = *pbp;
+  pb.stride = stride;
+  pb.write = write;
+  claim_ahead(pb, from, want, kPrefetching);
+  if (pb.n == 0) {
+    release_prefetch_buffer(pb);
+    return;
+  }
+  for (size_t k = 0; k < pb.n; ++k) {
+    if (pb.state[k] & kBackedBit) {
+      pb.fetch_addrs[pb.m] = line_addr(pb.index[k]);
+      pb.fetch_slot[pb.m++] = static_cast<uint32_t>(k);
+    }
+  }
+  if (pb.m > 0) {
+    // A failure to start is not fatal: completion fetches synchronously then.
+    pb.started = backend
+                     ->start_fetch_batch(std::span<const uint64_t>(pb.fetch_addrs, pb.m),
+                                         pb.data + (pb.n - pb.m) * kLine, &pb.ticket)
+                     .is_ok();
+  }
+  stats.add(kPrefetches);
+  stats.add(kPrefetchedLines, pb.n);
+  pb.phase.store(PrefetchBuffer::kAsync, std::memory_order_release);
+}
+
+bool ExCache::Impl::complete_prefetch(uint32_t slot, bool go_on) {
+  PrefetchBuffer& pb = prefetch_buffers[slot];
+  uint32_t async = PrefetchBuffer::kAsync;
+  if (!pb.phase.compare_exchange_strong(async, PrefetchBuffer::kCompleting,
+                                        std::memory_order_acquire)) {
+    return false;
+  }
+  // The lines stay kPrefetching (owned by the buffer, now by us) until map_claimed
+  // publishes them: claim_ahead took them from kAbsent, so a fill that has to wait for
+  // them waits like for kFilling.
+  fetch_claimed(pb);
+  const uint64_t last = pb.index[pb.n - 1];
+  const int64_t stride = pb.stride;
+  const size_t want = pb.n;
+  const bool write = pb.write;
+  if (go_on) {
+    // The program reached this window: fetch the next one while it works through it.
+    const size_t grown = std::min<size_t>(std::max<size_t>(want * 2, 4), prefetch_max);
+    start_background_prefetch(last, stride, grown, write);
+  }
+  map_claimed(pb, 0);
+  return true;
+}
+
+void ExCache::Impl::complete_all_prefetches() {
+  if (prefetch_buffers == nullptr) return;
+  for (uint32_t b = 0; b < kPrefetchBuffers; ++b) {
+    Backoff backoff;
+    // One being completed by someone else: wait for it to finish.
+    while (!complete_prefetch(b, false) &&
+           prefetch_buffers[b].phase.load(std::memory_order_acquire) ==
+               PrefetchBuffer::kCompleting) {
+      backoff.pause();
+    }
+  }
 }
 
 // --- Delivery::kHandlerThread ---------------------------------------------------------

@@ -189,6 +189,8 @@ int ExCache::Impl::write_protect(uint64_t addr, uint64_t len, bool wp) {
 }
 
 ExCache::Impl::~Impl() {
+  // Background fetches in flight must be collected (their replies land in our buffers).
+  complete_all_prefetches();
   unregister_region(this);
   if (handler_running) {
     stopping.store(true, std::memory_order_release);

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <new>
 #include <vector>
 
 namespace lego::runtime {
@@ -127,28 +128,26 @@ Status RemoteBackend::fetch_in(const mem::SpaceHandle& h, uint64_t line_addr,
   return Status();
 }
 
-Status RemoteBackend::fetch_batch(std::span<const uint64_t> line_addrs, std::byte* out) {
-  static_assert(kMaxFetchBatch <= mem::kMaxBatch && kMaxFetchBatch <= 64);
-  static_assert(sizeof(mem::FetchReply) <= kFetchHeadroom);
-  const size_t n = line_addrs.size();
-  if (n == 0) return Status();
-  if (n > kMaxFetchBatch) return Status(EINVAL, "fetch_batch of more than 32 lines");
-  struct {
-    mem::FetchRequest req;
-    uint64_t addrs[kMaxFetchBatch];
-  } req{{handle_, static_cast<uint32_t>(n), 0}, {}};
-  memcpy(req.addrs, line_addrs.data(), n * sizeof(uint64_t));
-  std::byte* const reply = out - sizeof(mem::FetchReply);
-  const size_t reply_bytes = sizeof(mem::FetchReply) + n * kExCacheLineBytes;
-  auto r = node_->send_reply(
-      memory_, mem::kFetch,
-      {reinterpret_cast<const std::byte*>(&req), sizeof(req.req) + n * sizeof(uint64_t)},
-      {reply, reply_bytes});
-  if (!r) return r.status();
+namespace {
+struct FetchBatchRequest {
+  mem::FetchRequest req;
+  uint64_t addrs[LineBackend::kMaxFetchBatch];
+};
+}  // namespace
+
+size_t RemoteBackend::fetch_request(std::span<const uint64_t> line_addrs, std::byte* buf) const {
+  FetchBatchRequest r{{handle_, static_cast<uint32_t>(line_addrs.size()), 0}, {}};
+  memcpy(r.addrs, line_addrs.data(), line_addrs.size() * sizeof(uint64_t));
+  const size_t len = sizeof(r.req) + line_addrs.size() * sizeof(uint64_t);
+  memcpy(buf, &r, len);
+  return len;
+}
+
+Status RemoteBackend::unpack_fetch_reply(size_t len, size_t n, std::byte* out) const {
   mem::FetchReply head;
-  memcpy(&head, reply, sizeof(head));
+  memcpy(&head, out - sizeof(head), sizeof(head));
   const size_t stored = static_cast<size_t>(__builtin_popcountll(head.stored_mask));
-  if (r.value() != sizeof(head) + stored * kExCacheLineBytes ||
+  if (len != sizeof(head) + stored * kExCacheLineBytes ||
       (n < 64 && (head.stored_mask >> n) != 0)) {
     return Status(EPROTO, "malformed fetch reply from memory node " + describe_memory_node());
   }
@@ -166,6 +165,45 @@ Status RemoteBackend::fetch_batch(std::span<const uint64_t> line_addrs, std::byt
     }
   }
   return Status();
+}
+
+Status RemoteBackend::fetch_batch(std::span<const uint64_t> line_addrs, std::byte* out) {
+  static_assert(kMaxFetchBatch <= mem::kMaxBatch && kMaxFetchBatch <= 64);
+  static_assert(sizeof(mem::FetchReply) <= kFetchHeadroom);
+  const size_t n = line_addrs.size();
+  if (n == 0) return Status();
+  if (n > kMaxFetchBatch) return Status(EINVAL, "fetch_batch of more than 32 lines");
+  alignas(8) std::byte req[sizeof(FetchBatchRequest)];
+  const size_t req_len = fetch_request(line_addrs, req);
+  // The reply lands in place: its 8-byte header in the headroom before `out`.
+  auto r = node_->send_reply(
+      memory_, mem::kFetch, {req, req_len},
+      {out - sizeof(mem::FetchReply), sizeof(mem::FetchReply) + n * kExCacheLineBytes});
+  if (!r) return r.status();
+  return unpack_fetch_reply(r.value(), n, out);
+}
+
+Status RemoteBackend::start_fetch_batch(std::span<const uint64_t> line_addrs, std::byte* out,
+                                        FetchTicket* ticket) {
+  static_assert(sizeof(fit::Node::PendingCall) <= sizeof(ticket->opaque));
+  const size_t n = line_addrs.size();
+  if (n == 0 || n > kMaxFetchBatch) return Status(EINVAL, "start_fetch_batch: 1 to 32 lines");
+  ticket->count = n;
+  ticket->out = out;
+  auto* call = new (ticket->opaque) fit::Node::PendingCall();
+  alignas(8) std::byte req[sizeof(FetchBatchRequest)];
+  const size_t req_len = fetch_request(line_addrs, req);
+  return node_->start_call(
+      call, memory_, mem::kFetch, {req, req_len},
+      {out - sizeof(mem::FetchReply), sizeof(mem::FetchReply) + n * kExCacheLineBytes});
+}
+
+Status RemoteBackend::finish_fetch_batch(FetchTicket* ticket) {
+  auto* call = std::launder(reinterpret_cast<fit::Node::PendingCall*>(ticket->opaque));
+  if (call->channel == nullptr) return Status(EINVAL, "finish_fetch_batch: not started");
+  auto r = node_->finish_call(call);
+  if (!r) return r.status();
+  return unpack_fetch_reply(r.value(), ticket->count, ticket->out);
 }
 
 Status RemoteBackend::write_back(std::span<const WriteBack> lines) {

@@ -29,6 +29,9 @@ class RemoteBackend : public LineBackend {
   // One kFetch request for every line; the reply lands in place (its 8-byte header in
   // the headroom before `out`), so a reply whose lines were all stored needs no copy.
   Status fetch_batch(std::span<const uint64_t> line_addrs, std::byte* out) override;
+  Status start_fetch_batch(std::span<const uint64_t> line_addrs, std::byte* out,
+                           FetchTicket* ticket) override;
+  Status finish_fetch_batch(FetchTicket* ticket) override;
   Status write_back(std::span<const WriteBack> lines) override;
   Status release(uint64_t addr, uint64_t length) override;
 
@@ -65,6 +68,10 @@ class RemoteBackend : public LineBackend {
   Status release_in(const mem::SpaceHandle& h, uint64_t addr, uint64_t length);
   // The snapshot's handle, or nullptr for an id not alive.
   const mem::SpaceHandle* snapshot_handle(uint32_t id) const;
+  // The fetch request for fetch_batch's lines; returns its size.
+  size_t fetch_request(std::span<const uint64_t> line_addrs, std::byte* buf) const;
+  // Checks a fetch reply of `len` bytes for `n` lines at out - 8 and spreads its lines.
+  Status unpack_fetch_reply(size_t len, size_t n, std::byte* out) const;
 
   fit::Node* node_ = nullptr;
   fit::NodeId memory_ = 0;

@@ -109,6 +109,26 @@ class LineBackend {
     }
     return Status::ok();
   }
+  // fetch_batch in two halves, so that the fetch runs while the program works: start sends
+  // the request and returns, finish waits for the reply and leaves `out` as fetch_batch
+  // would. `ticket` is the caller's storage for the fetch in between. Every started fetch
+  // must be finished, from any thread; same calling context as fetch(). The default
+  // fetches everything in start.
+  struct FetchTicket {
+    alignas(16) unsigned char opaque[64];
+    size_t count;
+    std::byte* out;
+  };
+  virtual Status start_fetch_batch(std::span<const uint64_t> line_addrs, std::byte* out,
+                                   FetchTicket* ticket) {
+    ticket->count = line_addrs.size();
+    ticket->out = out;
+    return fetch_batch(line_addrs, out);
+  }
+  virtual Status finish_fetch_batch(FetchTicket* ticket) {
+    (void)ticket;
+    return Status::ok();
+  }
   // The range [addr, addr + length) (4 KiB aligned) was freed by the program: the backend
   // may drop it; later fetches of it must return zeros or are not made at all. Called from
   // ExCache::discard (program context, not a signal handler).

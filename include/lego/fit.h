@@ -198,6 +198,21 @@ class Node {
                              std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
   static constexpr int max_outstanding() { return 16; }
 
+  // The same as send_reply_async, in storage the caller owns: no allocation, so usable
+  // where an RpcFuture is not (a signal handler). start_call posts the request and returns;
+  // finish_call waits for the reply (or the timeout) and returns its length. Every started
+  // call must be finished, from any thread; `reply` must stay valid until then.
+  struct PendingCall {
+    void* channel = nullptr;  // libfit's; null when not started
+    int slot = -1;
+    uint64_t id = 0;
+    std::chrono::steady_clock::time_point deadline{};
+  };
+  Status start_call(PendingCall* call, NodeId peer, uint16_t opcode,
+                    std::span<const std::byte> request, std::span<std::byte> reply,
+                    std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
+  Result<size_t> finish_call(PendingCall* call);
+
   // Registers [data, data+size) for one-sided access by peers (remote_write: peers may
   // write too). Cost: pins the pages; a few µs per MiB.
   Result<MemoryRegion> register_memory(void* data, size_t size, bool remote_write);
