@@ -746,6 +746,12 @@ void ExCache::Impl::handler_loop() {
     if (n > 0) {
       for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); ++i) handle_event(msgs[i]);
       last_event = now_ns();
+      // Forked children are served between batches too: a parent whose threads fault
+      // without pause must not starve them.
+      if (nchildren.load(std::memory_order_relaxed) > 0) {
+        poll_children();
+        reclaim_children(false);  // at most every 100 ms
+      }
       continue;
     }
     if (n < 0 && errno == EINTR) continue;

@@ -30,6 +30,8 @@ check() {  # check NAME CONDITION-COMMAND...
     passed=$((passed + 1))
   else
     echo "FAIL: $name"
+    # What the program said (most checks capture it in $out), to tell a bug from a stall.
+    [ -n "${out:-}" ] && printf '%s\n' "$out" | tail -5 | sed 's/^/    | /'
     failed=$((failed + 1))
   fi
 }
