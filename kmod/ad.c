@@ -66,7 +66,7 @@ long lego_ioctl_ad(struct lego_pcache_ad __user *uarg)
 	ret = -EINTR;
 	if (mmap_read_lock_killable(mm))
 		goto out;
-	ret = lego_batch_check_vmas(mm, &b, false);
+	ret = lego_batch_check_vmas(mm, &b, LEGO_VMA_AD);
 	if (ret)
 		goto out_unlock;
 

@@ -8,6 +8,7 @@
 #include <linux/slab.h>
 #include <linux/string.h>
 #include <linux/uaccess.h>
+#include <linux/userfaultfd_k.h>
 
 #include "lego_pcache.h"
 #include "pte_x86.h"
@@ -88,8 +89,12 @@ out:
  * lock for writing, so a line checked here under the mmap lock stays mapped
  * by a PTE table until the lock is dropped. Eviction also refuses mlocked
  * VMAs, as madvise(MADV_DONTNEED) does: locked memory must not vanish.
+ * MKCLEAN makes PTEs writable, so it wants VMAs the process may write
+ * (VM_WRITE: never more than mprotect allows) that userfaultfd
+ * write-protects (VM_UFFD_WP: where the uffd-wp bit it clears means
+ * something).
  */
-static int lego_vma_ok(struct vm_area_struct *vma, bool for_evict)
+static int lego_vma_ok(struct vm_area_struct *vma, enum lego_vma_use use)
 {
 	const unsigned long refused = VM_SHARED | VM_MAYSHARE | VM_PFNMAP |
 				      VM_IO | VM_MIXEDMAP | VM_HUGETLB;
@@ -98,7 +103,10 @@ static int lego_vma_ok(struct vm_area_struct *vma, bool for_evict)
 		return -EINVAL;
 	if (!(vma->vm_flags & VM_NOHUGEPAGE))
 		return -EINVAL;
-	if (for_evict && (vma->vm_flags & VM_LOCKED))
+	if (use == LEGO_VMA_EVICT && (vma->vm_flags & VM_LOCKED))
+		return -EINVAL;
+	if (use == LEGO_VMA_MKCLEAN &&
+	    (!(vma->vm_flags & VM_WRITE) || !userfaultfd_wp(vma)))
 		return -EINVAL;
 	return 0;
 }
@@ -109,7 +117,7 @@ static int lego_vma_ok(struct vm_area_struct *vma, bool for_evict)
  * acts on the batch, so the answer stays true.
  */
 int lego_batch_check_vmas(struct mm_struct *mm, const struct lego_batch *b,
-			  bool for_evict)
+			  enum lego_vma_use use)
 {
 	struct vm_area_struct *vma = NULL;
 	u32 i;
@@ -130,7 +138,7 @@ int lego_batch_check_vmas(struct mm_struct *mm, const struct lego_batch *b,
 			vma = find_vma(mm, addr);
 			if (!vma || addr < vma->vm_start)
 				goto out;
-			ret = lego_vma_ok(vma, for_evict);
+			ret = lego_vma_ok(vma, use);
 			if (ret)
 				goto out;
 		}

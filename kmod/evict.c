@@ -144,7 +144,7 @@ long lego_ioctl_evict(struct lego_pcache_evict __user *uarg)
 	ret = -EINTR;
 	if (mmap_write_lock_killable(mm))
 		goto out;
-	ret = lego_batch_check_vmas(mm, &b, true);
+	ret = lego_batch_check_vmas(mm, &b, LEGO_VMA_EVICT);
 	if (ret)
 		goto out_unlock;
 

@@ -56,6 +56,33 @@ static inline bool lego_pte_test_and_clear_dirty(pte_t *ptep)
 }
 
 /*
+ * MKCLEAN's PTE update: clear uffd-wp and D and set RW, as one locked
+ * compare-and-exchange, from @expect (the value the caller checked under the
+ * PTE lock). The lock excludes every software writer; the CPU may still set A
+ * concurrently (and nothing else: the PTE is read-only, so no store can set
+ * D), so a failed exchange is retried as long as only A/D differ. Returns
+ * false, changing nothing, if anything else changed (it cannot, under the
+ * lock; checked anyway). x86 page tables are written directly here, as the
+ * kernel's own ptep_set_wrprotect and ptep_test_and_clear_young do (no
+ * paravirt hook: Xen PV guests are out of scope, see pcache_abi.h).
+ */
+static inline bool lego_pte_mkclean_writable(pte_t *ptep, pte_t expect)
+{
+	const pteval_t ad = _PAGE_ACCESSED | _PAGE_DIRTY;
+	pteval_t old = pte_val(expect), new, cur;
+
+	for (;;) {
+		new = (old & ~(_PAGE_UFFD_WP | _PAGE_DIRTY)) | _PAGE_RW;
+		cur = cmpxchg(&ptep->pte, old, new);
+		if (cur == old)
+			return true;
+		if ((cur ^ old) & ~ad)
+			return false;
+		old = cur;
+	}
+}
+
+/*
  * The page behind a present PTE of a private anonymous VMA, or NULL for the
  * shared zero page (mapped read-only by read faults; never dirty, never to be
  * marked dirty). Such a VMA has no VM_PFNMAP/VM_MIXEDMAP (checked by
