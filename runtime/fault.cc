@@ -48,6 +48,7 @@
 #include <string>
 
 #include "runtime/excache_impl.h"
+#include "runtime/pcache_dev.h"
 
 namespace lego {
 
@@ -260,6 +261,10 @@ bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
         // first store to a clean line: un-protect it and remember it is dirty. The busy kind
         // keeps the evictor off the line between the ioctl and the new state, so no store
         // can slip in after an eviction copied the line out.
+        // With MKCLEAN (pcache_mkclean) the line may be writable already: this store
+        // faulted on the uffd-wp PTE before fill's MKCLEAN ran. The un-protect is then a
+        // no-op that keeps the PTE's dirty bit, the store is retried and sets it, and
+        // kDirty is true; either way EVICT reports the line dirty.
         if (!write) break;
         if (word.compare_exchange_weak(s, with_kind(s, kUnprotecting), std::memory_order_acquire)) {
           // Counted (and the policy told) before the ioctl wakes the faulting thread, so
@@ -322,14 +327,16 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
 
   // A store miss maps the line writable and dirty at once; a load miss maps it clean and
   // write-protected so that its first store tells us (serve_fault's kClean case), unless
-  // the line's history predicts a store (ExCacheOptions::predict_dirty).
+  // the line's history predicts a store (ExCacheOptions::predict_dirty). With the module's
+  // MKCLEAN a load miss is then made writable and clean: a store costs no fault and sets
+  // the PTE's dirty bit, which eviction reads; predicting would only add write-backs.
   uint64_t persist = state & (kWrittenHintBit | kPredictMask);
   bool dirty = write;
   if (write) {
     persist = kWrittenHintBit;  // observed store: restart the prediction count
   } else if (persist & kWrittenHintBit) {
     const uint64_t predictions = (persist & kPredictMask) >> kPredictShift;
-    if (options.predict_dirty && predictions < kMaxPredictions) {
+    if (options.predict_dirty && !pcache_mkclean && predictions < kMaxPredictions) {
       dirty = true;
       persist = kWrittenHintBit | ((predictions + 1) << kPredictShift);
       stats.add(kDirtyPredictions);
@@ -344,6 +351,13 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
   copy.src = reinterpret_cast<uint64_t>(src);
   copy.len = kLine;
   copy.mode = dirty ? 0 : UFFDIO_COPY_MODE_WP;
+  // MKCLEAN below must run before the faulting thread resumes, or its first store (a
+  // read-modify-write: the common case) races it and takes the write-protect fault MKCLEAN
+  // is there to save. The faulting thread sleeps in the kernel only with the handler
+  // thread (with SIGBUS it is us): keep it asleep until MKCLEAN is done, then wake it.
+  const bool mkclean = !dirty && pcache_mkclean;
+  const bool wake_after = mkclean && options.delivery != ExCacheOptions::Delivery::kSigbus;
+  if (wake_after) copy.mode |= UFFDIO_COPY_MODE_DONTWAKE;
   for (;;) {
     copy.copy = 0;
     if (ioctl(uffd, UFFDIO_COPY, &copy) == 0) break;
@@ -365,6 +379,21 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
     fatal("UFFDIO_COPY failed", errno, addr);
   }
   if (buffer != kStagingBuffers) staging_release(buffer);
+
+  // Before publishing kClean: while the line is kFilling no evictor can take it, and an
+  // EVICT that kept it (write-protected by the module, not uffd-wp) must never be followed
+  // by our making it writable again. A failure (e.g. the program mprotect()ed the range)
+  // or a refused line leaves it uffd-write-protected with the dirty bit UFFDIO_COPY set:
+  // still correct under the kClean invariant, it just costs a write-back.
+  if (mkclean) {
+    const uint64_t line = addr;
+    (void)PcacheDevice::mkclean(pcache_fd, &line, 1, nullptr);
+    stats.add(kModuleCalls);
+  }
+  if (wake_after) {
+    uffdio_range range = {.start = addr, .len = kLine};
+    if (ioctl(uffd, UFFDIO_WAKE, &range) != 0) fatal("UFFDIO_WAKE after MKCLEAN failed", errno, addr);
+  }
 
   lines[index].store(make_state(dirty ? kDirty : kClean, backed, frame) | persist,
                      std::memory_order_release);
