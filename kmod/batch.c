@@ -33,10 +33,17 @@ static bool lego_uptr_ok(u64 uptr)
 int lego_batch_get(struct lego_batch *b, u64 ulines, u32 count,
 		   const u64 *uout, int nout)
 {
-	size_t bytes;
+	size_t bytes, off;
 	int ret, i;
 
-	memset(b, 0, sizeof(*b));
+	b->lines = NULL;
+	b->count = 0;
+	b->block = NULL;
+	b->scratch = NULL;
+	for (i = 0; i < LEGO_BATCH_MAX_OUT; i++) {
+		b->out[i] = NULL;
+		b->uout[i] = NULL;
+	}
 
 	ret = -EINVAL;
 	if (!count)
@@ -56,25 +63,49 @@ int lego_batch_get(struct lego_batch *b, u64 ulines, u32 count,
 
 	b->count = count;
 	b->words = DIV_ROUND_UP(count, 64);
-	/* count <= LEGO_PCACHE_MAX_LINES_LIMIT: at most 32 KiB, no overflow. */
-	b->lines = memdup_user(u64_to_user_ptr(ulines), count * sizeof(u64));
-	if (IS_ERR(b->lines)) {
-		ret = PTR_ERR(b->lines);
-		b->lines = NULL;
-		goto out;
-	}
-
 	bytes = b->words * sizeof(u64);
+	if (count <= LEGO_BATCH_INLINE) {
+		b->lines = b->inline_lines;
+		b->scratch = b->inline_scratch;
+		memset(b->inline_scratch, 0, sizeof(b->inline_scratch));
+		for (i = 0; i < nout; i++)
+			if (uout[i])
+				b->out[i] = &b->inline_out[i];
+	} else {
+		/*
+		 * One block: lines, then the wanted bitmaps, then the scratch
+		 * bytes. count <= LEGO_PCACHE_MAX_LINES_LIMIT: under 64 KiB.
+		 */
+		ret = -ENOMEM;
+		b->block = kmalloc(count * sizeof(u64) + nout * bytes + count,
+				   GFP_KERNEL);
+		if (!b->block)
+			goto out;
+		b->lines = b->block;
+		off = count * sizeof(u64);
+		for (i = 0; i < nout; i++) {
+			if (!uout[i])
+				continue;
+			b->out[i] = (u64 *)((char *)b->block + off);
+			off += bytes;
+		}
+		b->scratch = (u8 *)b->block + off;
+		memset((char *)b->block + count * sizeof(u64), 0,
+		       off - count * sizeof(u64) + count);
+	}
+	ret = -EFAULT;
+	if (copy_from_user(b->lines, u64_to_user_ptr(ulines),
+			   count * sizeof(u64)))
+		goto out;
+
 	for (i = 0; i < nout; i++) {
 		if (!uout[i])
 			continue;
 		b->uout[i] = u64_to_user_ptr(uout[i]);
+		if (b->out[i] == &b->inline_out[i])
+			b->inline_out[i] = 0;
 		ret = -EFAULT;
 		if (clear_user(b->uout[i], bytes))
-			goto out;
-		ret = -ENOMEM;
-		b->out[i] = kzalloc(bytes, GFP_KERNEL);
-		if (!b->out[i])
 			goto out;
 	}
 	ret = 0;
@@ -168,10 +199,7 @@ int lego_batch_put(const struct lego_batch *b)
 
 void lego_batch_free(struct lego_batch *b)
 {
-	int i;
-
-	for (i = 0; i < LEGO_BATCH_MAX_OUT; i++)
-		kfree(b->out[i]);
-	kfree(b->lines);
-	memset(b, 0, sizeof(*b));
+	kfree(b->block);
+	b->block = NULL;
+	b->lines = NULL;
 }

@@ -136,10 +136,7 @@ long lego_ioctl_evict(struct lego_pcache_evict __user *uarg)
 	for (i = 1; i < b.count; i++)
 		if (b.lines[i] <= b.lines[i - 1])
 			goto out;
-	ret = -ENOMEM;
-	state = kcalloc(b.count, sizeof(*state), GFP_KERNEL);
-	if (!state)
-		goto out;
+	state = b.scratch;
 
 	ret = -EINTR;
 	if (mmap_write_lock_killable(mm))
@@ -262,7 +259,6 @@ long lego_ioctl_evict(struct lego_pcache_evict __user *uarg)
 out_unlock:
 	mmap_write_unlock(mm);
 out:
-	kfree(state);
 	lego_batch_free(&b);
 	if (ret)
 		lego_stat_inc(errors);

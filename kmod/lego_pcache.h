@@ -31,17 +31,27 @@
 extern unsigned int lego_max_lines;
 
 /*
- * A batch of lines copied from the caller, with kernel-side result bitmaps.
- * Built by lego_batch_get() before the mmap lock is taken, because copying
- * from user memory may fault.
+ * A batch of lines copied from the caller, with kernel-side result bitmaps
+ * and a byte of scratch per line. Built by lego_batch_get() before the mmap
+ * lock is taken, because copying from user memory may fault.
+ *
+ * Memory: a batch of up to LEGO_BATCH_INLINE lines lives in the struct (on
+ * the ioctl's stack) and costs no allocation, which matters for MKCLEAN, called
+ * once per miss with one line; a larger one takes one kmalloc for everything.
  */
 #define LEGO_BATCH_MAX_OUT 3
+#define LEGO_BATCH_INLINE 16
 struct lego_batch {
 	u64 *lines;                            /* count addresses, kernel copy */
 	u32 count;
 	u32 words;                             /* u64 words per bitmap */
 	u64 *out[LEGO_BATCH_MAX_OUT];          /* kernel bitmaps, or NULL */
 	u64 __user *uout[LEGO_BATCH_MAX_OUT];  /* caller's bitmaps, or NULL */
+	u8 *scratch;                           /* count bytes, zeroed */
+	void *block;                           /* the allocation, or NULL */
+	u64 inline_lines[LEGO_BATCH_INLINE];
+	u64 inline_out[LEGO_BATCH_MAX_OUT];    /* one word each */
+	u8 inline_scratch[LEGO_BATCH_INLINE];
 };
 
 /* What a batch's lines are checked for (each VMA kind has its own rules). */

@@ -32,8 +32,13 @@
 # binaries), LEGO_QEMU_PIN (default 1: stages b-d on one vCPU; 0: on both, ~5x
 # slower, see below), LEGO_QEMU_EXCACHE_TEST (excache_test's arguments),
 # LEGO_QEMU_INTEGRITY (lego_integrity's HEAP_MIB THREADS OPS),
-# LEGO_QEMU_BENCH (excache_bench's flags; defaults below), TEST_TMPDIR
-# (scratch; default a mktemp dir).
+# LEGO_QEMU_BENCH (excache_bench's flags; defaults below),
+# LEGO_QEMU_BENCH_MORE (more flag sets for stage d, separated by ';', each
+# printed as its own "guest: bench: ..." line, e.g. "--write-pct=0;
+# --pattern=zipf"; each is appended to LEGO_QEMU_BENCH's flags, the later
+# flag winning), LEGO_QEMU_STAGES (default abcd: the runtime stages to run, e.g.
+# "ad" to measure quickly; stage a always runs), TEST_TMPDIR (scratch; default
+# a mktemp dir).
 # Needs: qemu-system-x86 linux-image-amd64 linux-headers-amd64 busybox-static
 # cpio build-essential (all in .ci/bootstrap).
 set -euo pipefail
@@ -64,6 +69,8 @@ if [[ "$RUNTIME" != 0 ]] && grep -qa -- '--write-pct=' "$BIN/tests/runtime/excac
   bench_writes=--write-pct=5
 fi
 BENCH_ARGS="${LEGO_QEMU_BENCH:---capacity-mb=2 --ratio=4 --accesses=20000 $bench_writes --delivery=sigbus}"
+BENCH_MORE="${LEGO_QEMU_BENCH_MORE:-}"
+STAGES="${LEGO_QEMU_STAGES:-abcd}"
 # lego_integrity: HEAP_MIB THREADS OPS_PER_THREAD; its heap plus its version
 # array (half the heap's size) is 3x the 2 MiB ExCache.
 INTEGRITY_ARGS="${LEGO_QEMU_INTEGRITY:-4 2 2000}"
@@ -247,6 +254,8 @@ q() { local a out=""; for a in "$@"; do out+=" '${a//\'/}'"; done; echo "${out# 
   echo "TEST_ARGS=\"$(q "$@")\""
   echo "RUNTIME=$(q "$RUNTIME")"
   echo "BENCH_ARGS=$(q "$BENCH_ARGS")"
+  echo "BENCH_MORE=$(q "$BENCH_MORE")"
+  echo "STAGES=$(q "$STAGES")"
   echo "INTEGRITY_ARGS=$(q "$INTEGRITY_ARGS")"
   echo "EXCACHE=$(q "$EXCACHE")"
   if [[ "$PIN" != 0 ]]; then echo "PIN='taskset 1'"; else echo "PIN="; fi
@@ -324,16 +333,18 @@ runtime_tests() {
   end "$1-integrity" $rc
 }
 
-# bench LABEL: excache_bench once; the first ExCache row's us/access on stdout
-# (the column found by its name in the CSV header).
+# bench LABEL [EXTRA FLAGS]: excache_bench once; the first ExCache row's
+# us/access on stdout (the column found by its name in the CSV header).
 bench() {
-  $PIN timeout $T excache_bench $BENCH_ARGS --csv >/tmp/bench.$1.csv 2>&1
+  label=$1
+  shift
+  $PIN timeout $T excache_bench $BENCH_ARGS "$@" --csv >/tmp/bench.$label.csv 2>&1
   rc=$?
-  sed "s/^/guest: bench $1: /" /tmp/bench.$1.csv >&2
+  sed "s/^/guest: bench $label: /" /tmp/bench.$label.csv >&2
   [ "$rc" = 0 ] || return 1
   awk -F, '/^setup,/ { for (i = 1; i <= NF; i++) if ($i == "us_per_access") col = i }
            /^excache-/ && col { print $col; found = 1; exit }
-           END { exit !found }' /tmp/bench.$1.csv
+           END { exit !found }' /tmp/bench.$label.csv
 }
 
 if [ "$RUNTIME" != 0 ]; then
@@ -353,25 +364,43 @@ if [ "$RUNTIME" != 0 ]; then
 
   # b. Without the module: the userfaultfd-only path.
   if [ -e /dev/lego_pcache ]; then echo "guest: lego_pcache is still loaded"; failed="$failed b"; fi
-  runtime_tests b unloaded
+  case "$STAGES" in *b*) runtime_tests b unloaded ;; esac
 
   # c. With it: the runtime detects /dev/lego_pcache itself.
   begin c-insmod "insmod lego_pcache"
   kmod_load
   end c-insmod $?
-  runtime_tests c loaded
-  [ -e /dev/lego_pcache ] && kmod_stats
+  case "$STAGES" in *c*) runtime_tests c loaded; [ -e /dev/lego_pcache ] && kmod_stats ;; esac
 
-  # d. The benchmark without and with the module.
-  begin d-bench "excache_bench $BENCH_ARGS, module unloaded then loaded"
-  rc=1
-  if kmod_unload && without=$(bench no-module) && kmod_load && with=$(bench module); then
+  # d. The benchmark without and with the module, for BENCH_ARGS and then
+  # each set of BENCH_MORE.
+  # bench_pair LABEL [EXTRA FLAGS]: "guest: bench: ... ratio Z" (without/with).
+  bench_pair() {
+    bl=$1
+    shift
+    if kmod_unload && without=$(bench no-module$bl "$@") && kmod_load && with=$(bench module$bl "$@"); then
+      kmod_stats
+      echo "guest: bench$bl: no-module $without us/access, module $with us/access, ratio $(awk -v a="$without" -v b="$with" 'BEGIN { printf "%.2f", a / b }')"
+      return 0
+    fi
+    return 1
+  }
+  if echo "$STAGES" | grep -q d; then
+    begin d-bench "excache_bench $BENCH_ARGS, module unloaded then loaded"
     rc=0
-    kmod_stats
-    echo "guest: bench: no-module $without us/access, module $with us/access, ratio $(awk -v a="$without" -v b="$with" 'BEGIN { printf "%.2f", a / b }')"
+    [ -e /dev/lego_pcache ] || kmod_load || rc=1
+    bench_pair "" || rc=1
+    k=0
+    echo "$BENCH_MORE" | tr ';' '\n' | while read -r more; do
+      [ -n "$more" ] || continue
+      k=$((k + 1))
+      echo "guest: bench$k: excache_bench $BENCH_ARGS $more"
+      # word splitting of $more is wanted: it is a list of flags.
+      bench_pair "$k" $more || echo "guest: bench$k failed"
+    done
+    [ -e /dev/lego_pcache ] && { kmod_unload || rc=1; }
+    end d-bench $rc
   fi
-  [ -e /dev/lego_pcache ] && { kmod_unload || rc=1; }
-  end d-bench $rc
 
   kill "$memd"
   wait "$memd"
