@@ -367,10 +367,15 @@ static int test_evict_races_store(void)
  */
 static int uffd = -1;
 static _Atomic unsigned long uffd_wp_faults, uffd_missing_faults;
+/* Set by mkclean_races_store: a missing line is fetched from its "backend"
+ * (its first word is race_backend), as the runtime fetches from the memory
+ * node, instead of read as zeros. */
+static _Atomic int uffd_fetch_backend;
 
 static void uffd_sigbus(int sig, siginfo_t *info, void *ctx)
 {
 	static char zeros[LINE] __attribute__((aligned(4096)));
+	static char fetched[LINE] __attribute__((aligned(4096)));
 	uintptr_t page = (uintptr_t)info->si_addr & ~(LINE - 1);
 	struct uffdio_copy copy = { .dst = page, .src = (uintptr_t)zeros,
 				    .len = LINE };
@@ -379,6 +384,10 @@ static void uffd_sigbus(int sig, siginfo_t *info, void *ctx)
 
 	(void)sig;
 	(void)ctx;
+	if (atomic_load(&uffd_fetch_backend)) {
+		*(uint64_t *)fetched = atomic_load(&race_backend);
+		copy.src = (uintptr_t)fetched;
+	}
 	if (ioctl(uffd, UFFDIO_COPY, &copy) == 0) {
 		atomic_fetch_add(&uffd_missing_faults, 1);
 		return;
@@ -608,6 +617,75 @@ static int test_mkclean_shared_after_fork(void)
 	close(go[1]);
 	close(res[0]);
 	close(res[1]);
+	munmap(p, LINE);
+	return 0;
+}
+
+/*
+ * The race the runtime lives with: a writer stores increasing numbers into a
+ * line while the main thread refills it as a load miss (UFFDIO_COPY_MODE_WP
+ * from the "backend", then MKCLEAN) and runs the eviction protocol on it
+ * (EVICT; if dirty, copy it to the backend; EVICT again next round). The
+ * writer's stores race the fill (write-protect faults, un-protected by the
+ * SIGBUS handler, which also fetches the line from the backend when the
+ * writer misses it), MKCLEAN and EVICT. Every value the writer reads must be
+ * the last it stored: a store lost by an eviction would bring back an older
+ * backend value (race_writer checks this).
+ */
+static int test_mkclean_races_store(void)
+{
+	static char src[LINE] __attribute__((aligned(4096)));
+	char *p = uffd_area(1);
+	unsigned int i, nr_dirty = 0, nr_clean = 0, nr_done = 0, nr_fills = 0;
+	unsigned int idx[1] = { 0 };
+	uint64_t ev[1], dirty[1], done[1];
+	struct uffdio_copy copy;
+	pthread_t t;
+
+	CHECK(p);
+	atomic_store(&race_backend, 0);
+	atomic_store(&race_stop, 0);
+	atomic_store(&race_refills, 0);
+	atomic_store(&race_bad, 0);
+	atomic_store(&uffd_fetch_backend, 1);
+	race_line = (volatile uint64_t *)p;
+	CHECK(pthread_create(&t, NULL, race_writer, NULL) == 0);
+	for (i = 0; i < 2000 && !atomic_load(&race_bad); i++) {
+		/* A load miss, fetched from the backend and write-protected
+		 * (EEXIST: the writer's own miss filled it first, or EVICT
+		 * kept it last round). */
+		*(uint64_t *)src = atomic_load(&race_backend);
+		memset(&copy, 0, sizeof(copy));
+		copy.dst = (uintptr_t)p;
+		copy.src = (uintptr_t)src;
+		copy.len = LINE;
+		copy.mode = UFFDIO_COPY_MODE_WP;
+		if (ioctl(uffd, UFFDIO_COPY, &copy) == 0)
+			nr_fills++;
+		else
+			CHECK(errno == EEXIST);
+		CHECK(mkclean(p, idx, 1, done, NULL) == 0);
+		nr_done += done[0] & 1;
+		for (volatile unsigned long k = (i * 7919) % 20000; k; k--)
+			;
+		CHECK(evict(p, 0, 1, 0, ev, dirty, NULL) == 0);
+		if (dirty[0]) {
+			/* Kept, clean and read-only: copy it out. */
+			atomic_store(&race_backend, *race_line);
+			nr_dirty++;
+		} else {
+			nr_clean++;
+		}
+	}
+	atomic_store(&race_stop, 1);
+	pthread_join(t, NULL);
+	atomic_store(&uffd_fetch_backend, 0);
+	printf("  %u rounds: %u fills, %u MKCLEANed, %u dirty, %u clean, %lu wp faults\n",
+	       i, nr_fills, nr_done, nr_dirty, nr_clean,
+	       atomic_load(&uffd_wp_faults));
+	CHECK(!atomic_load(&race_bad));
+	CHECK(atomic_load(&race_refills) == 0);
+	CHECK(nr_done > 0 && nr_dirty > 0 && nr_clean > 0);
 	munmap(p, LINE);
 	return 0;
 }
@@ -1021,6 +1099,8 @@ static const struct {
 	  test_mkclean_after_wp_fault },
 	{ "mkclean_shared_after_fork", "MKCLEAN leaves COW-shared pages uffd-wp",
 	  test_mkclean_shared_after_fork },
+	{ "mkclean_races_store", "a store racing fill, MKCLEAN and EVICT is never lost",
+	  test_mkclean_races_store },
 	{ "mkclean_hostile", "MKCLEAN's bad arguments fail with the documented errno",
 	  test_mkclean_hostile },
 	{ "sysfs", "counters and parameters are readable (runs last)",
