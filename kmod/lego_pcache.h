@@ -95,6 +95,8 @@ struct lego_pcache_stats {
 	u64 evict_dirty_kept;      /* dirty lines EVICT cleaned and kept */
 	u64 evict_dirty_discarded; /* dirty lines dropped (DISCARD_DIRTY) */
 	u64 evict_swapped_kept;    /* swap/migration entries kept as dirty */
+	u64 evict_page_dirty;      /* lines with D clear reported dirty because
+				    * their page was written around the PTE */
 	u64 mkclean_calls;         /* MKCLEAN calls that succeeded */
 	u64 mkclean_lines;         /* lines examined by MKCLEAN */
 	u64 mkclean_done;          /* lines MKCLEAN made writable and clean */

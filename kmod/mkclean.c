@@ -34,12 +34,17 @@
  *    (or is zeros the node can reproduce): it is clean with respect to the
  *    caller's backing store.
  *  - Reclaim: for an anonymous page not in the swap cache PG_dirty carries no
- *    information (add_to_swap dirties the folio before the first swap-out).
- *    For one in the swap cache, D would tell reclaim the swap copy is stale.
- *    We move D to PG_dirty as AD and EVICT do (set_page_dirty, one atomic
- *    bit), so the kernel's view of the page never loses a dirty bit; the
- *    cost is at most a needless swap write, and lego's region is not meant
- *    to be swapped.
+ *    information for the kernel (add_to_swap dirties the folio before the
+ *    first swap-out). For one in the swap cache, D would tell reclaim the
+ *    swap copy is stale, so D moves to PG_dirty as AD and EVICT do
+ *    (pte_x86.h: lego_page_move_dirty); lego's region is not meant to be
+ *    swapped anyway.
+ *  - Writes that bypass the PTE (get_user_pages with FOLL_WRITE:
+ *    process_vm_writev, ptrace, O_DIRECT reads) used to fault on the uffd-wp
+ *    PTE and so reach the runtime; after MKCLEAN they do not, and set no D.
+ *    They mark the page dirty instead (at pin and at unpin), and EVICT
+ *    reports a line whose page is dirty (pte_x86.h: lego_page_test_dirty).
+ *    Pages pinned for DMA across an eviction stay unsupported, as before.
  *  - fork(): only a page this process maps exclusively (PageAnonExclusive)
  *    may become writable; a page shared with a child after fork() must stay
  *    read-only so that the next store copies it (COW). A shared page is left
@@ -102,7 +107,7 @@ static enum lego_mk_result lego_mkclean_line(struct vm_area_struct *vma,
 	if (!lego_pte_mkclean_writable(ptep, pte))
 		goto out;
 	if (pte_dirty(pte))
-		set_page_dirty(page);
+		lego_page_move_dirty(page);
 	res = MK_DONE;
 out:
 	pte_unmap_unlock(ptep, ptl);

@@ -14,6 +14,7 @@
 #define LEGO_PCACHE_PTE_X86_H
 
 #include <linux/mm.h>
+#include <linux/pagemap.h>
 #include <linux/pgtable.h>
 #include <linux/smp.h>
 #include <linux/version.h>
@@ -96,6 +97,52 @@ static inline struct page *lego_pte_page(pte_t pte)
 	if (is_zero_pfn(pfn) || !pfn_valid(pfn))
 		return NULL;
 	return pfn_to_page(pfn);
+}
+
+/*
+ * The page's dirty flag (PG_dirty), next to the PTE's D bit.
+ *
+ * Writers that bypass the page tables leave D clear: get_user_pages with
+ * FOLL_WRITE (process_vm_writev, ptrace, O_DIRECT reads, io_uring fixed
+ * buffers) marks the page dirty instead, at pin and again at unpin. EVICT
+ * must count that as dirty, or it would drop such a write.
+ *
+ * For an anonymous page outside the swap cache the kernel never reads
+ * PG_dirty (add_to_swap dirties the folio before its first swap-out), so we
+ * keep it meaning "written around the PTE since EVICT last kept the line":
+ * clearing D does not move it there, and EVICT clears it when it keeps the
+ * line (under the page lock, which add_to_swap holds, so that a page going
+ * into the swap cache meanwhile keeps its flag). For a swap-cache page D is
+ * moved to PG_dirty as zap_pte_range does (reclaim must write it again), and
+ * never cleared by us: such a line is simply always reported dirty.
+ */
+static inline bool lego_page_flag_is_ours(struct page *page)
+{
+	return PageAnon(page) && !PageSwapCache(page);
+}
+
+/* D was just cleared under the PTE lock: tell reclaim if it needs to know. */
+static inline void lego_page_move_dirty(struct page *page)
+{
+	if (!lego_page_flag_is_ours(page))
+		set_page_dirty(page);
+}
+
+/*
+ * Whether a writer marked @page dirty; with @clear, clear the flag when it is
+ * ours and the page lock is free (otherwise it stays set: the line is
+ * reported dirty once more, never lost). Caller holds the PTE lock.
+ */
+static inline bool lego_page_test_dirty(struct page *page, bool clear)
+{
+	if (!PageDirty(page))
+		return false;
+	if (clear && trylock_page(page)) {
+		if (lego_page_flag_is_ours(page))
+			ClearPageDirty(page);
+		unlock_page(page);
+	}
+	return true;
 }
 
 static inline void lego_flush_tlb_local(void *unused)

@@ -75,9 +75,10 @@
  *
  * Limitations (stated once, here): x86_64 only; 4 KiB PTEs only (huge pages are
  * refused, hence MADV_NOHUGEPAGE); secondary MMUs (KVM, IOMMU SVA) are not
- * notified, so lines must not be mapped into a guest or a device; pages pinned
- * by DMA are written without touching the PTE and their dirtiness cannot be
- * seen by either ioctl.
+ * notified, so lines must not be mapped into a guest or a device; a page
+ * pinned for DMA across an eviction may be written after EVICT looked at it,
+ * which no ioctl can see (writes that finish before, and unpin, are seen:
+ * see "Dirty" below).
  *
  * This header compiles as kernel C, user-space C (C11) and C++. The runtime's
  * client is runtime/pcache_dev.h.
@@ -173,7 +174,11 @@ LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_ad) == 64);
  *                          EVICT reports it dirty instead of dropping it.
  *   ... with DISCARD_DIRTY evicted=1 dirty=1: unmapped, data dropped.
  * "Dirty" means: stored to since the line was mapped, or since D was last
- * cleared by AD or EVICT. Cost: one mmap_write_lock (page faults of the
+ * cleared by AD, EVICT or MKCLEAN; or (minor >= 1) written around the PTE by
+ * the kernel for another process or a device (get_user_pages with
+ * FOLL_WRITE: process_vm_writev, ptrace, O_DIRECT reads), which leaves D
+ * clear but marks the page dirty; EVICT clears that mark when it keeps the
+ * line. Cost: one mmap_write_lock (page faults of the
  * process wait for the call), two PTE-lock passes, one TLB-flush IPI to each
  * CPU running the process, and one zap_page_range (with its own flush) per run of contiguous
  * evictable lines (the batch is sorted, so neighbours are adjacent). With

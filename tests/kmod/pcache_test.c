@@ -10,7 +10,8 @@
  * evicted lines being gone (anonymous memory reads back zeros); a store
  * racing with eviction never being lost; DISCARD_DIRTY; MKCLEAN turning
  * userfaultfd-write-protected fills into writable clean lines whose later
- * stores EVICT reports (and its refusals: shared pages after fork(), lines
+ * stores EVICT reports, writes through get_user_pages too (and its refusals:
+ * shared pages after fork(), lines
  * that are not uffd-wp, hostile arguments); hostile arguments
  * each failing with the errno include/lego/pcache_abi.h promises; counters
  * in sysfs and module parameters.
@@ -32,6 +33,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -576,6 +578,44 @@ static int test_mkclean_after_wp_fault(void)
 }
 
 /*
+ * Writes that bypass the page tables (get_user_pages: process_vm_writev,
+ * ptrace, O_DIRECT reads) leave D clear; they mark the page dirty instead.
+ * After MKCLEAN such a write must still make EVICT report the line dirty,
+ * or the runtime would drop it. Before MKCLEAN the uffd-wp PTE made them
+ * fault; now the page's dirty flag is what EVICT has to see.
+ */
+static int test_mkclean_gup_write(void)
+{
+	unsigned int idx[2] = { 0, 1 };
+	uint64_t done[1], ev[1], dirty[1], acc[1], ad_dirty[1];
+	char *p = uffd_area(2), buf[16] = "written by gup";
+	struct iovec local = { .iov_base = buf, .iov_len = sizeof(buf) };
+	struct iovec remote;
+
+	CHECK(p);
+	CHECK(uffd_fill(p, 0, 4, 1) == 0);
+	CHECK(uffd_fill(p, 1, 5, 1) == 0);
+	CHECK(mkclean(p, idx, 2, done, NULL) == 0);
+	CHECK(done[0] == 3);
+	remote.iov_base = p + 100;
+	remote.iov_len = sizeof(buf);
+	CHECK(process_vm_writev(getpid(), &local, 1, &remote, 1, 0) ==
+	      (ssize_t)sizeof(buf));
+	/* AD sees only the PTE: D is clear, as for line 1. */
+	CHECK(ad(p, 2, 0, acc, ad_dirty, NULL, NULL) == 0);
+	CHECK(ad_dirty[0] == 0);
+	/* EVICT keeps line 0 (the page is dirty), drops line 1. */
+	CHECK(evict(p, 0, 2, 0, ev, dirty, NULL) == 0);
+	CHECK(dirty[0] == 1 && ev[0] == 2);
+	CHECK(memcmp(p + 100, buf, sizeof(buf)) == 0 && p[0] == 4);
+	/* Written back now: the next EVICT drops it. */
+	CHECK(evict(p, 0, 1, 0, ev, dirty, NULL) == 0);
+	CHECK(dirty[0] == 0 && ev[0] == 1);
+	munmap(p, 2 * LINE);
+	return 0;
+}
+
+/*
  * After fork() the parent's pages are shared copy-on-write with the child:
  * MKCLEAN must not make them writable (the child would see the parent's
  * stores). It leaves them uffd-wp and counts them in mkclean_shared.
@@ -1071,6 +1111,8 @@ static int test_sysfs(void)
 		CHECK(read_long(path) > 0);
 		snprintf(path, sizeof(path), "%smkclean_shared", d);
 		CHECK(read_long(path) > 0);
+		snprintf(path, sizeof(path), "%sevict_page_dirty", d);
+		CHECK(read_long(path) > 0);
 	}
 	CHECK(read_long("/sys/module/lego_pcache/parameters/max_lines") ==
 	      512);
@@ -1097,6 +1139,8 @@ static const struct {
 	  test_mkclean_fill },
 	{ "mkclean_after_wp_fault", "MKCLEAN after a racing wp fault keeps D",
 	  test_mkclean_after_wp_fault },
+	{ "mkclean_gup_write", "a write through get_user_pages after MKCLEAN is reported dirty",
+	  test_mkclean_gup_write },
 	{ "mkclean_shared_after_fork", "MKCLEAN leaves COW-shared pages uffd-wp",
 	  test_mkclean_shared_after_fork },
 	{ "mkclean_races_store", "a store racing fill, MKCLEAN and EVICT is never lost",
