@@ -10,11 +10,11 @@
  * evicted lines being gone (anonymous memory reads back zeros); a store
  * racing with eviction never being lost; DISCARD_DIRTY; MKCLEAN turning
  * userfaultfd-write-protected fills into writable clean lines whose later
- * stores EVICT reports, writes through get_user_pages too (and its refusals:
- * shared pages after fork(), lines
- * that are not uffd-wp, hostile arguments); hostile arguments
- * each failing with the errno include/lego/pcache_abi.h promises; counters
- * in sysfs and module parameters.
+ * stores, and writes through get_user_pages, EVICT reports, also racing
+ * with fills and evictions (and its refusals: shared pages after fork(),
+ * lines that are not uffd-wp); hostile arguments each failing with the
+ * errno include/lego/pcache_abi.h promises; counters in sysfs and module
+ * parameters.
  *
  * Every test area is MADV_NOHUGEPAGE: the guest's THP mode is "always" and
  * the module refuses lines mapped by huge pages.
