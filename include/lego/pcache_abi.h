@@ -212,8 +212,10 @@ LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_evict) == 64);
  * on every fill (Linux 6.1), so D says nothing about stores until it is
  * cleared. Afterwards a store needs no page fault and sets D, and EVICT
  * reports the line dirty; a line never stored to is reported clean and
- * dropped. The data of the line is unchanged; the PTE's dirtiness moves to
- * the page's dirty flag for reclaim (as AD and EVICT do). No TLB flush is
+ * dropped. The data of the line is unchanged (for a page in the swap cache
+ * the cleared D moves to the page's dirty flag, for reclaim, as AD and EVICT
+ * do). A write that bypasses the PTE (see "Dirty" above) marks the page
+ * dirty instead of setting D; EVICT reports that too. No TLB flush is
  * needed (every cached translation of such a PTE is read-only; a store
  * through one faults and finds the PTE writable), so the cost is one
  * mmap_read_lock and one PTE lock per line.
