@@ -8,11 +8,13 @@
  * under the PTE lock (see pte_x86.h), the same discipline as the kernel's own
  * ptep_test_and_clear_young.
  *
- * Why set_page_dirty when clearing D: the kernel's reclaim learns that an
- * anonymous page in the swap cache must be written again from the PTE's D
- * bit or the page's PG_dirty. Clearing D without moving it to PG_dirty would
- * let reclaim drop a page whose swap copy is stale. (zap_pte_range and
- * try_to_unmap move D to the page the same way.)
+ * Why D moves to PG_dirty for swap-cache pages when cleared: the kernel's
+ * reclaim learns that an anonymous page in the swap cache must be written
+ * again from the PTE's D bit or the page's PG_dirty. Clearing D without
+ * moving it would let reclaim drop a page whose swap copy is stale.
+ * (zap_pte_range and try_to_unmap move D to the page the same way.) For other
+ * anonymous pages PG_dirty is left to writers that bypass the PTE, which
+ * EVICT reports (pte_x86.h: lego_page_move_dirty). AD reports D only.
  *
  * Why the TLB flush: a CPU that cached this translation with D set writes
  * through it without setting D in the PTE again. Until every such entry is
@@ -66,7 +68,7 @@ long lego_ioctl_ad(struct lego_pcache_ad __user *uarg)
 	ret = -EINTR;
 	if (mmap_read_lock_killable(mm))
 		goto out;
-	ret = lego_batch_check_vmas(mm, &b, false);
+	ret = lego_batch_check_vmas(mm, &b, LEGO_VMA_AD);
 	if (ret)
 		goto out_unlock;
 
@@ -89,7 +91,7 @@ long lego_ioctl_ad(struct lego_pcache_ad __user *uarg)
 				struct page *page = lego_pte_page(ptep_get(ptep));
 
 				if (page)
-					set_page_dirty(page);
+					lego_page_move_dirty(page);
 			}
 		} else {
 			dirty = pte_dirty(ptep_get(ptep));

@@ -8,6 +8,7 @@
 #include <linux/slab.h>
 #include <linux/string.h>
 #include <linux/uaccess.h>
+#include <linux/userfaultfd_k.h>
 
 #include "lego_pcache.h"
 #include "pte_x86.h"
@@ -32,10 +33,17 @@ static bool lego_uptr_ok(u64 uptr)
 int lego_batch_get(struct lego_batch *b, u64 ulines, u32 count,
 		   const u64 *uout, int nout)
 {
-	size_t bytes;
+	size_t bytes, off;
 	int ret, i;
 
-	memset(b, 0, sizeof(*b));
+	b->lines = NULL;
+	b->count = 0;
+	b->block = NULL;
+	b->scratch = NULL;
+	for (i = 0; i < LEGO_BATCH_MAX_OUT; i++) {
+		b->out[i] = NULL;
+		b->uout[i] = NULL;
+	}
 
 	ret = -EINVAL;
 	if (!count)
@@ -55,25 +63,49 @@ int lego_batch_get(struct lego_batch *b, u64 ulines, u32 count,
 
 	b->count = count;
 	b->words = DIV_ROUND_UP(count, 64);
-	/* count <= LEGO_PCACHE_MAX_LINES_LIMIT: at most 32 KiB, no overflow. */
-	b->lines = memdup_user(u64_to_user_ptr(ulines), count * sizeof(u64));
-	if (IS_ERR(b->lines)) {
-		ret = PTR_ERR(b->lines);
-		b->lines = NULL;
-		goto out;
-	}
-
 	bytes = b->words * sizeof(u64);
+	if (count <= LEGO_BATCH_INLINE) {
+		b->lines = b->inline_lines;
+		b->scratch = b->inline_scratch;
+		memset(b->inline_scratch, 0, sizeof(b->inline_scratch));
+		for (i = 0; i < nout; i++)
+			if (uout[i])
+				b->out[i] = &b->inline_out[i];
+	} else {
+		/*
+		 * One block: lines, then the wanted bitmaps, then the scratch
+		 * bytes. count <= LEGO_PCACHE_MAX_LINES_LIMIT: under 64 KiB.
+		 */
+		ret = -ENOMEM;
+		b->block = kmalloc(count * sizeof(u64) + nout * bytes + count,
+				   GFP_KERNEL);
+		if (!b->block)
+			goto out;
+		b->lines = b->block;
+		off = count * sizeof(u64);
+		for (i = 0; i < nout; i++) {
+			if (!uout[i])
+				continue;
+			b->out[i] = (u64 *)((char *)b->block + off);
+			off += bytes;
+		}
+		b->scratch = (u8 *)b->block + off;
+		memset((char *)b->block + count * sizeof(u64), 0,
+		       off - count * sizeof(u64) + count);
+	}
+	ret = -EFAULT;
+	if (copy_from_user(b->lines, u64_to_user_ptr(ulines),
+			   count * sizeof(u64)))
+		goto out;
+
 	for (i = 0; i < nout; i++) {
 		if (!uout[i])
 			continue;
 		b->uout[i] = u64_to_user_ptr(uout[i]);
+		if (b->out[i] == &b->inline_out[i])
+			b->inline_out[i] = 0;
 		ret = -EFAULT;
 		if (clear_user(b->uout[i], bytes))
-			goto out;
-		ret = -ENOMEM;
-		b->out[i] = kzalloc(bytes, GFP_KERNEL);
-		if (!b->out[i])
 			goto out;
 	}
 	ret = 0;
@@ -88,8 +120,12 @@ out:
  * lock for writing, so a line checked here under the mmap lock stays mapped
  * by a PTE table until the lock is dropped. Eviction also refuses mlocked
  * VMAs, as madvise(MADV_DONTNEED) does: locked memory must not vanish.
+ * MKCLEAN makes PTEs writable, so it wants VMAs the process may write
+ * (VM_WRITE: never more than mprotect allows) that userfaultfd
+ * write-protects (VM_UFFD_WP: where the uffd-wp bit it clears means
+ * something).
  */
-static int lego_vma_ok(struct vm_area_struct *vma, bool for_evict)
+static int lego_vma_ok(struct vm_area_struct *vma, enum lego_vma_use use)
 {
 	const unsigned long refused = VM_SHARED | VM_MAYSHARE | VM_PFNMAP |
 				      VM_IO | VM_MIXEDMAP | VM_HUGETLB;
@@ -98,7 +134,10 @@ static int lego_vma_ok(struct vm_area_struct *vma, bool for_evict)
 		return -EINVAL;
 	if (!(vma->vm_flags & VM_NOHUGEPAGE))
 		return -EINVAL;
-	if (for_evict && (vma->vm_flags & VM_LOCKED))
+	if (use == LEGO_VMA_EVICT && (vma->vm_flags & VM_LOCKED))
+		return -EINVAL;
+	if (use == LEGO_VMA_MKCLEAN &&
+	    (!(vma->vm_flags & VM_WRITE) || !userfaultfd_wp(vma)))
 		return -EINVAL;
 	return 0;
 }
@@ -109,7 +148,7 @@ static int lego_vma_ok(struct vm_area_struct *vma, bool for_evict)
  * acts on the batch, so the answer stays true.
  */
 int lego_batch_check_vmas(struct mm_struct *mm, const struct lego_batch *b,
-			  bool for_evict)
+			  enum lego_vma_use use)
 {
 	struct vm_area_struct *vma = NULL;
 	u32 i;
@@ -130,7 +169,7 @@ int lego_batch_check_vmas(struct mm_struct *mm, const struct lego_batch *b,
 			vma = find_vma(mm, addr);
 			if (!vma || addr < vma->vm_start)
 				goto out;
-			ret = lego_vma_ok(vma, for_evict);
+			ret = lego_vma_ok(vma, use);
 			if (ret)
 				goto out;
 		}
@@ -160,10 +199,7 @@ int lego_batch_put(const struct lego_batch *b)
 
 void lego_batch_free(struct lego_batch *b)
 {
-	int i;
-
-	for (i = 0; i < LEGO_BATCH_MAX_OUT; i++)
-		kfree(b->out[i]);
-	kfree(b->lines);
-	memset(b, 0, sizeof(*b));
+	kfree(b->block);
+	b->block = NULL;
+	b->lines = NULL;
 }

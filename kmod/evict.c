@@ -27,8 +27,11 @@
  *     and nothing can store to it until we drop the lock. Likewise no
  *     userfaultfd ioctl (UFFDIO_COPY takes the mmap read lock) can map a new
  *     page into a line we found empty.
- *     - dirty lines (default): clear D (moving it to PG_dirty for reclaim, as
- *       AD does) and leave them mapped read-only. The caller writes them back
+ *     - dirty lines (default): clear D (moving it to PG_dirty for reclaim
+ *       when the page is in the swap cache, as AD does) and leave them mapped
+ *       read-only. A page marked dirty by a writer that bypassed the PTE
+ *       (get_user_pages) counts as dirty too, and its mark is cleared when
+ *       the line is kept (pte_x86.h: lego_page_test_dirty). The caller writes them back
  *       and evicts them again; a store made in between faults once (after we
  *       drop the lock), and do_wp_page makes the PTE writable and dirty, so
  *       the next EVICT reports it dirty: the store is not lost, the caller
@@ -101,6 +104,7 @@ long lego_ioctl_evict(struct lego_pcache_evict __user *uarg)
 	struct lego_batch b;
 	u32 i, nr_evicted = 0, nr_dirty = 0, nr_present = 0;
 	u32 nr_zap = 0, nr_absent = 0, nr_kept = 0, nr_swapped = 0;
+	u32 nr_page_dirty = 0;
 	bool discard;
 	u8 *state = NULL;
 	u64 uout[2];
@@ -136,15 +140,12 @@ long lego_ioctl_evict(struct lego_pcache_evict __user *uarg)
 	for (i = 1; i < b.count; i++)
 		if (b.lines[i] <= b.lines[i - 1])
 			goto out;
-	ret = -ENOMEM;
-	state = kcalloc(b.count, sizeof(*state), GFP_KERNEL);
-	if (!state)
-		goto out;
+	state = b.scratch;
 
 	ret = -EINTR;
 	if (mmap_write_lock_killable(mm))
 		goto out;
-	ret = lego_batch_check_vmas(mm, &b, true);
+	ret = lego_batch_check_vmas(mm, &b, LEGO_VMA_EVICT);
 	if (ret)
 		goto out_unlock;
 
@@ -187,6 +188,7 @@ long lego_ioctl_evict(struct lego_pcache_evict __user *uarg)
 		unsigned long addr = b.lines[i];
 		spinlock_t *ptl;
 		pte_t *ptep;
+		struct page *page;
 		bool dirty;
 
 		if (state[i] == EV_ABSENT) {
@@ -209,11 +211,18 @@ long lego_ioctl_evict(struct lego_pcache_evict __user *uarg)
 			continue;
 		}
 		dirty = lego_pte_test_and_clear_dirty(ptep);
-		if (dirty) {
-			struct page *page = lego_pte_page(ptep_get(ptep));
-
-			if (page)
-				set_page_dirty(page);
+		page = lego_pte_page(ptep_get(ptep));
+		if (page) {
+			if (dirty)
+				lego_page_move_dirty(page);
+			/*
+			 * Written around the PTE (get_user_pages): dirty too.
+			 * A kept line's mark is cleared (pte_x86.h).
+			 */
+			if (lego_page_test_dirty(page, !discard) && !dirty) {
+				dirty = true;
+				nr_page_dirty++;
+			}
 		}
 		pte_unmap_unlock(ptep, ptl);
 
@@ -243,6 +252,7 @@ long lego_ioctl_evict(struct lego_pcache_evict __user *uarg)
 	lego_stat_add(evict_absent, nr_absent);
 	lego_stat_add(evict_dirty_kept, nr_kept);
 	lego_stat_add(evict_swapped_kept, nr_swapped);
+	lego_stat_add(evict_page_dirty, nr_page_dirty);
 	if (discard)
 		lego_stat_add(evict_dirty_discarded, nr_dirty - nr_swapped);
 
@@ -262,7 +272,6 @@ long lego_ioctl_evict(struct lego_pcache_evict __user *uarg)
 out_unlock:
 	mmap_write_unlock(mm);
 out:
-	kfree(state);
 	lego_batch_free(&b);
 	if (ret)
 		lego_stat_inc(errors);

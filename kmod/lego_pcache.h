@@ -8,11 +8,13 @@
  *             copying result bitmaps out.
  *   ad.c      LEGO_PCACHE_IOC_AD: test-and-clear of accessed/dirty bits.
  *   evict.c   LEGO_PCACHE_IOC_EVICT: eviction that cannot lose a racing store.
+ *   mkclean.c LEGO_PCACHE_IOC_MKCLEAN: uffd-write-protected lines become
+ *             writable and clean (dirty tracking by the D bit).
  *   stats.c   per-CPU counters, summed on read, shown in sysfs.
  *   pte_x86.h the architecture seam: PTE bit operations and the TLB flush.
  *
- * Lock order (outermost first): the caller's mmap lock (read for AD, write
- * for EVICT), then one PTE lock at a time (taken by follow_pte). Nothing here
+ * Lock order (outermost first): the caller's mmap lock (read for AD and
+ * MKCLEAN, write for EVICT), then one PTE lock at a time (taken by follow_pte). Nothing here
  * takes a lock of its own. No user memory is touched while the mmap lock is
  * held: a fault on it would need the same mmap lock.
  */
@@ -29,23 +31,40 @@
 extern unsigned int lego_max_lines;
 
 /*
- * A batch of lines copied from the caller, with kernel-side result bitmaps.
- * Built by lego_batch_get() before the mmap lock is taken, because copying
- * from user memory may fault.
+ * A batch of lines copied from the caller, with kernel-side result bitmaps
+ * and a byte of scratch per line. Built by lego_batch_get() before the mmap
+ * lock is taken, because copying from user memory may fault.
+ *
+ * Memory: a batch of up to LEGO_BATCH_INLINE lines lives in the struct (on
+ * the ioctl's stack) and costs no allocation, which matters for MKCLEAN, called
+ * once per miss with one line; a larger one takes one kmalloc for everything.
  */
 #define LEGO_BATCH_MAX_OUT 3
+#define LEGO_BATCH_INLINE 16
 struct lego_batch {
 	u64 *lines;                            /* count addresses, kernel copy */
 	u32 count;
 	u32 words;                             /* u64 words per bitmap */
 	u64 *out[LEGO_BATCH_MAX_OUT];          /* kernel bitmaps, or NULL */
 	u64 __user *uout[LEGO_BATCH_MAX_OUT];  /* caller's bitmaps, or NULL */
+	u8 *scratch;                           /* count bytes, zeroed */
+	void *block;                           /* the allocation, or NULL */
+	u64 inline_lines[LEGO_BATCH_INLINE];
+	u64 inline_out[LEGO_BATCH_MAX_OUT];    /* one word each */
+	u8 inline_scratch[LEGO_BATCH_INLINE];
+};
+
+/* What a batch's lines are checked for (each VMA kind has its own rules). */
+enum lego_vma_use {
+	LEGO_VMA_AD,      /* private anonymous, MADV_NOHUGEPAGE */
+	LEGO_VMA_EVICT,   /* ... and not mlocked */
+	LEGO_VMA_MKCLEAN, /* ... and VM_WRITE, registered for uffd-wp */
 };
 
 int lego_batch_get(struct lego_batch *b, u64 ulines, u32 count,
 		   const u64 *uout, int nout);
 int lego_batch_check_vmas(struct mm_struct *mm, const struct lego_batch *b,
-			  bool for_evict);
+			  enum lego_vma_use use);
 int lego_batch_put(const struct lego_batch *b);
 void lego_batch_free(struct lego_batch *b);
 
@@ -57,6 +76,7 @@ static inline void lego_bitmap_set(u64 *map, u32 i)
 
 long lego_ioctl_ad(struct lego_pcache_ad __user *uarg);
 long lego_ioctl_evict(struct lego_pcache_evict __user *uarg);
+long lego_ioctl_mkclean(struct lego_pcache_mkclean __user *uarg);
 
 /*
  * Counters. Each counts events since the module was loaded; each is kept per
@@ -75,6 +95,13 @@ struct lego_pcache_stats {
 	u64 evict_dirty_kept;      /* dirty lines EVICT cleaned and kept */
 	u64 evict_dirty_discarded; /* dirty lines dropped (DISCARD_DIRTY) */
 	u64 evict_swapped_kept;    /* swap/migration entries kept as dirty */
+	u64 evict_page_dirty;      /* lines with D clear reported dirty because
+				    * their page was written around the PTE */
+	u64 mkclean_calls;         /* MKCLEAN calls that succeeded */
+	u64 mkclean_lines;         /* lines examined by MKCLEAN */
+	u64 mkclean_done;          /* lines MKCLEAN made writable and clean */
+	u64 mkclean_shared;        /* uffd-wp lines refused: page not exclusive
+				    * (shared with a fork child) or not anon */
 	u64 zap_calls;             /* zap_page_range calls (one per run) */
 	u64 tlb_flushes;           /* all-CPU TLB flushes issued */
 	u64 errors;                /* ioctls that failed with an errno */

@@ -2,7 +2,7 @@
 /*
  * lego_pcache: module entry, parameters, the /dev/lego_pcache misc device and
  * ioctl dispatch. The ABI is include/lego/pcache_abi.h; each ioctl's
- * mechanism lives in its own file (ad.c, evict.c).
+ * mechanism lives in its own file (ad.c, evict.c, mkclean.c).
  */
 #include <linux/fs.h>
 #include <linux/miscdevice.h>
@@ -29,7 +29,8 @@ static long lego_ioctl_info(struct lego_pcache_info __user *uarg)
 		.line_size = LEGO_PCACHE_LINE_SIZE,
 		.max_lines = lego_max_lines,
 		.features = LEGO_PCACHE_FEAT_AD | LEGO_PCACHE_FEAT_EVICT |
-			    LEGO_PCACHE_FEAT_SYSFS_STATS,
+			    LEGO_PCACHE_FEAT_SYSFS_STATS |
+			    LEGO_PCACHE_FEAT_MKCLEAN,
 	};
 
 	if (copy_to_user(uarg, &info, sizeof(info)))
@@ -49,6 +50,8 @@ static long lego_pcache_ioctl(struct file *file, unsigned int cmd,
 		return lego_ioctl_ad(uarg);
 	case LEGO_PCACHE_IOC_EVICT:
 		return lego_ioctl_evict(uarg);
+	case LEGO_PCACHE_IOC_MKCLEAN:
+		return lego_ioctl_mkclean(uarg);
 	default:
 		/* Also a known number with another struct size: an ABI mismatch. */
 		return -ENOTTY;
@@ -78,6 +81,7 @@ static int __init lego_pcache_init(void)
 	BUILD_BUG_ON(sizeof(struct lego_pcache_info) != 32);
 	BUILD_BUG_ON(sizeof(struct lego_pcache_ad) != 64);
 	BUILD_BUG_ON(sizeof(struct lego_pcache_evict) != 64);
+	BUILD_BUG_ON(sizeof(struct lego_pcache_mkclean) != 48);
 	BUILD_BUG_ON(LEGO_PCACHE_LINE_SIZE != PAGE_SIZE);
 
 	lego_max_lines = clamp(lego_max_lines, 1u, LEGO_PCACHE_MAX_LINES_LIMIT);
@@ -104,5 +108,5 @@ module_exit(lego_pcache_exit);
 
 MODULE_LICENSE("GPL");
 MODULE_AUTHOR("lego authors");
-MODULE_DESCRIPTION("lego processor-node cache helper: batched accessed/dirty test-and-clear and race-free eviction of the caller's 4 KiB lines");
-MODULE_VERSION("1.0");
+MODULE_DESCRIPTION("lego processor-node cache helper: batched accessed/dirty test-and-clear, race-free eviction and clean writable fills of the caller's 4 KiB lines");
+MODULE_VERSION("1.1");

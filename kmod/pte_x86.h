@@ -14,6 +14,7 @@
 #define LEGO_PCACHE_PTE_X86_H
 
 #include <linux/mm.h>
+#include <linux/pagemap.h>
 #include <linux/pgtable.h>
 #include <linux/smp.h>
 #include <linux/version.h>
@@ -56,6 +57,33 @@ static inline bool lego_pte_test_and_clear_dirty(pte_t *ptep)
 }
 
 /*
+ * MKCLEAN's PTE update: clear uffd-wp and D and set RW, as one locked
+ * compare-and-exchange, from @expect (the value the caller checked under the
+ * PTE lock). The lock excludes every software writer; the CPU may still set A
+ * concurrently (and nothing else: the PTE is read-only, so no store can set
+ * D), so a failed exchange is retried as long as only A/D differ. Returns
+ * false, changing nothing, if anything else changed (it cannot, under the
+ * lock; checked anyway). x86 page tables are written directly here, as the
+ * kernel's own ptep_set_wrprotect and ptep_test_and_clear_young do (no
+ * paravirt hook: Xen PV guests are out of scope, see pcache_abi.h).
+ */
+static inline bool lego_pte_mkclean_writable(pte_t *ptep, pte_t expect)
+{
+	const pteval_t ad = _PAGE_ACCESSED | _PAGE_DIRTY;
+	pteval_t old = pte_val(expect), new, cur;
+
+	for (;;) {
+		new = (old & ~(_PAGE_UFFD_WP | _PAGE_DIRTY)) | _PAGE_RW;
+		cur = cmpxchg(&ptep->pte, old, new);
+		if (cur == old)
+			return true;
+		if ((cur ^ old) & ~ad)
+			return false;
+		old = cur;
+	}
+}
+
+/*
  * The page behind a present PTE of a private anonymous VMA, or NULL for the
  * shared zero page (mapped read-only by read faults; never dirty, never to be
  * marked dirty). Such a VMA has no VM_PFNMAP/VM_MIXEDMAP (checked by
@@ -69,6 +97,52 @@ static inline struct page *lego_pte_page(pte_t pte)
 	if (is_zero_pfn(pfn) || !pfn_valid(pfn))
 		return NULL;
 	return pfn_to_page(pfn);
+}
+
+/*
+ * The page's dirty flag (PG_dirty), next to the PTE's D bit.
+ *
+ * Writers that bypass the page tables leave D clear: get_user_pages with
+ * FOLL_WRITE (process_vm_writev, ptrace, O_DIRECT reads, io_uring fixed
+ * buffers) marks the page dirty instead, at pin and again at unpin. EVICT
+ * must count that as dirty, or it would drop such a write.
+ *
+ * For an anonymous page outside the swap cache the kernel never reads
+ * PG_dirty (add_to_swap dirties the folio before its first swap-out), so we
+ * keep it meaning "written around the PTE since EVICT last kept the line":
+ * clearing D does not move it there, and EVICT clears it when it keeps the
+ * line (under the page lock, which add_to_swap holds, so that a page going
+ * into the swap cache meanwhile keeps its flag). For a swap-cache page D is
+ * moved to PG_dirty as zap_pte_range does (reclaim must write it again), and
+ * never cleared by us: such a line is simply always reported dirty.
+ */
+static inline bool lego_page_flag_is_ours(struct page *page)
+{
+	return PageAnon(page) && !PageSwapCache(page);
+}
+
+/* D was just cleared under the PTE lock: tell reclaim if it needs to know. */
+static inline void lego_page_move_dirty(struct page *page)
+{
+	if (!lego_page_flag_is_ours(page))
+		set_page_dirty(page);
+}
+
+/*
+ * Whether a writer marked @page dirty; with @clear, clear the flag when it is
+ * ours and the page lock is free (otherwise it stays set: the line is
+ * reported dirty once more, never lost). Caller holds the PTE lock.
+ */
+static inline bool lego_page_test_dirty(struct page *page, bool clear)
+{
+	if (!PageDirty(page))
+		return false;
+	if (clear && trylock_page(page)) {
+		if (lego_page_flag_is_ours(page))
+			ClearPageDirty(page);
+		unlock_page(page);
+	}
+	return true;
 }
 
 static inline void lego_flush_tlb_local(void *unused)

@@ -46,6 +46,11 @@ LEGO_STAT_ATTR(evict_absent);
 LEGO_STAT_ATTR(evict_dirty_kept);
 LEGO_STAT_ATTR(evict_dirty_discarded);
 LEGO_STAT_ATTR(evict_swapped_kept);
+LEGO_STAT_ATTR(evict_page_dirty);
+LEGO_STAT_ATTR(mkclean_calls);
+LEGO_STAT_ATTR(mkclean_lines);
+LEGO_STAT_ATTR(mkclean_done);
+LEGO_STAT_ATTR(mkclean_shared);
 LEGO_STAT_ATTR(zap_calls);
 LEGO_STAT_ATTR(tlb_flushes);
 LEGO_STAT_ATTR(errors);
@@ -63,6 +68,11 @@ static struct attribute *lego_stats_attrs[] = {
 	&dev_attr_evict_dirty_kept.attr,
 	&dev_attr_evict_dirty_discarded.attr,
 	&dev_attr_evict_swapped_kept.attr,
+	&dev_attr_evict_page_dirty.attr,
+	&dev_attr_mkclean_calls.attr,
+	&dev_attr_mkclean_lines.attr,
+	&dev_attr_mkclean_done.attr,
+	&dev_attr_mkclean_shared.attr,
 	&dev_attr_zap_calls.attr,
 	&dev_attr_tlb_flushes.attr,
 	&dev_attr_errors.attr,

@@ -13,6 +13,9 @@
 //      returns the TLBs are flushed: no store can reach the line any more; a racing store
 //      faults and waits (step 1). Clean victims are write-protected already (kClean
 //      invariant), so they need nothing. Stores that landed before are in the line.
+//      (With the module's MKCLEAN a kClean line may be writable and stored to: the module
+//      path below asks its dirty bit; if the module refuses the batch, this path treats
+//      every victim as dirty.)
 //   3. write back the dirty victims, straight from the (now read-only) lines: one
 //      LineBackend::write_back call for the batch, no copy.
 //   4. mark them backed (a later miss fetches them) and zap every victim with one
@@ -138,6 +141,12 @@ void ExCache::Impl::write_back_batch(size_t n) {
 
 // Steps 2-4 without the module.
 void ExCache::Impl::evict_with_userfaultfd(size_t n) {
+  // MKCLEAN made load misses writable: a kClean victim may hold stores that only its PTE's
+  // dirty bit knows of, which this path cannot read. Write every victim back (reached only
+  // when the module refused the batch, e.g. after the program mprotect()ed the region).
+  if (pcache_mkclean) {
+    for (size_t i = 0; i < n; ++i) victims[i].dirty = true;
+  }
   // 2. Write-protect dirty victims, one ioctl per run of adjacent dirty lines.
   size_t dirty = 0;
   for (size_t i = 0; i < n;) {
@@ -170,16 +179,17 @@ void ExCache::Impl::evict_with_userfaultfd(size_t n) {
 // --- With lego_pcache.ko ---------------------------------------------------------------
 //
 // The module replaces steps 2-4 (see kmod/evict.c for why a store cannot be lost):
-//   a. EVICT the dirty victims: the module zaps those whose PTE is clean and leaves the
-//      others mapped, read-only and clean (not uffd-write-protected: a racing store is
-//      handled by the kernel, which makes the line writable and dirty again).
+//   a. EVICT the dirty victims (with MKCLEAN: every victim, since a kClean line may have
+//      been stored to without a fault): the module zaps those whose PTE is clean and
+//      leaves the others mapped, read-only and clean (not uffd-write-protected: a racing
+//      store is handled by the kernel, which makes the line writable and dirty again).
 //   b. write those back, straight from the lines; EVICT them again. A line stored to
 //      meanwhile is reported dirty again: repeat (rarely needed). After kMaxRounds the
 //      rest are fenced the userfaultfd way (write-protected: a store now waits for us),
 //      written back a last time and evicted with DISCARD_DIRTY.
-//   c. EVICT the clean victims with DISCARD_DIRTY: they are uffd-write-protected (kClean
-//      invariant), so nothing was stored since their fill; their PTE's D bit only says
-//      UFFDIO_COPY set it.
+//   c. Without MKCLEAN: EVICT the clean victims with DISCARD_DIRTY: they are
+//      uffd-write-protected (kClean invariant), so nothing was stored since their fill;
+//      their PTE's D bit only says UFFDIO_COPY set it. With MKCLEAN step a took them all.
 // Three ioctls per batch, each one mmap-locked pass with one TLB flush, instead of one
 // write-protect ioctl per run of dirty victims and (before Linux 6.13, where
 // process_madvise cannot zap) one madvise per run of victims.
@@ -190,7 +200,7 @@ bool ExCache::Impl::evict_with_module(size_t n) {
 
   size_t nd = 0;
   for (size_t i = 0; i < n; ++i) {
-    if (victims[i].dirty) {
+    if (victims[i].dirty || pcache_mkclean) {
       pc_lines[nd] = line_addr(victims[i].index);
       pc_pending[nd++] = static_cast<uint32_t>(i);
     }
@@ -229,6 +239,8 @@ bool ExCache::Impl::evict_with_module(size_t n) {
     for (size_t k = 0; k < nd; ++k) {
       const bool kept = PcacheDevice::bit(dirty_bits, k) && !PcacheDevice::bit(evicted, k);
       if (kept) {
+        // (A kClean victim the module found stored to is written back as dirty.)
+        victims[pc_pending[k]].dirty = true;
         pc_lines[m] = pc_lines[k];
         pc_pending[m++] = pc_pending[k];
       } else if (round == 0) {
@@ -246,6 +258,7 @@ bool ExCache::Impl::evict_with_module(size_t n) {
   }
 
   // c. The clean victims (and dirty ones the module found clean: already gone, a no-op).
+  if (pcache_mkclean) return true;  // step a took every victim
   size_t nc = 0;
   for (size_t i = 0; i < n; ++i) {
     if (!victims[i].dirty) pc_lines[nc++] = line_addr(victims[i].index);

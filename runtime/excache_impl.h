@@ -48,9 +48,16 @@ static_assert(size_t{1} << kLineShift == kLine);
 //   kClean   --1st write---> kUnprotecting --ioctl---> kDirty
 //   kClean/kDirty --victim or discard--> kEvicting --written back, zapped--> kAbsent
 //   kAbsent  --discard-----> kEvicting     --------> kAbsent (backed bit cleared)
-// Invariants: kClean => the PTE is present and uffd-write-protected; kDirty => present and
-// writable; kAbsent => no PTE. Only the owner leaves a busy kind (kFilling, kUnprotecting,
-// kEvicting); others wait for it.
+// Invariants: kDirty => the PTE is present and writable; kAbsent => no PTE.
+// kClean => present, and
+//   - without the module's MKCLEAN (pcache_mkclean false): uffd-write-protected, so never
+//     stored to since its fill: it may be dropped without a write-back;
+//   - with it: maybe writable; the PTE's dirty bit says whether it was stored to (MKCLEAN
+//     cleared it after the fill; a line MKCLEAN refused is still uffd-write-protected with
+//     the dirty bit UFFDIO_COPY set, which only costs a needless write-back). So every
+//     kClean victim goes through the module's dirty-reporting EVICT, or, in the userfaultfd
+//     fallback, is write-protected and written back like a kDirty one.
+// Only the owner leaves a busy kind (kFilling, kUnprotecting, kEvicting); others wait for it.
 enum LineKind : uint64_t {
   kAbsent = 0,
   kFilling = 1,
@@ -277,6 +284,9 @@ struct ExCache::Impl {
   // for one batch, and for kClock's accessed-bit sweep (kSweep lines). EXCLUSIVE: evict_lock.
   int pcache_fd = -1;
   uint32_t pcache_max_lines = 0;
+  // The module has MKCLEAN: load misses are mapped writable and clean (fill), and the
+  // kClean invariant is the second one above. Set once in open_kernel_module.
+  bool pcache_mkclean = false;
   static constexpr size_t kSweep = 2 * kMaxBatch;
   std::unique_ptr<uint64_t[]> pc_lines;    // kSweep entries
   std::unique_ptr<uint32_t[]> pc_frames;   // kSweep entries: the frame of each swept line
@@ -446,7 +456,9 @@ struct ExCache::Impl {
   bool try_acquire_frame(uint32_t* frame);
   // Maps `count` lines from `src` at line `index` on (UFFDIO_COPY; write-protected unless
   // `dirty`), coping with partial copies and lines someone mapped behind our back.
-  void map_lines(uint64_t index, const std::byte* src, size_t count, bool dirty);
+  // `dontwake`: leave the faulting thread asleep (kHandlerThread; the caller wakes it).
+  void map_lines(uint64_t index, const std::byte* src, size_t count, bool dirty,
+                 bool dontwake = false);
   size_t staging_acquire();
   void staging_release(size_t buffer);
   // MADV_DONTNEED of victims[0..n) (sorted): one process_madvise, so one TLB flush, when

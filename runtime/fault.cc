@@ -50,6 +50,7 @@
 #include <string>
 
 #include "runtime/excache_impl.h"
+#include "runtime/pcache_dev.h"
 
 namespace lego {
 
@@ -263,6 +264,10 @@ bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
         // first store to a clean line: un-protect it and remember it is dirty. The busy kind
         // keeps the evictor off the line between the ioctl and the new state, so no store
         // can slip in after an eviction copied the line out.
+        // With MKCLEAN (pcache_mkclean) the line may be writable already: this store
+        // faulted on the uffd-wp PTE before fill's MKCLEAN ran. The un-protect is then a
+        // no-op that keeps the PTE's dirty bit, the store is retried and sets it, and
+        // kDirty is true; either way EVICT reports the line dirty.
         if (!write) break;
         if (word.compare_exchange_weak(s, with_kind(s, kUnprotecting), std::memory_order_acquire)) {
           // Counted (and the policy told) before the ioctl wakes the faulting thread, so
@@ -333,7 +338,8 @@ DirtyChoice choose_dirty(uint64_t state, bool write, bool predict, Stats& stats)
 
 }  // namespace
 
-void ExCache::Impl::map_lines(uint64_t index, const std::byte* src, size_t count, bool dirty) {
+void ExCache::Impl::map_lines(uint64_t index, const std::byte* src, size_t count, bool dirty,
+                              bool dontwake) {
   uint64_t done = 0;  // bytes mapped
   const uint64_t len = count * kLine;
   while (done < len) {
@@ -341,7 +347,7 @@ void ExCache::Impl::map_lines(uint64_t index, const std::byte* src, size_t count
     copy.dst = line_addr(index) + done;
     copy.src = reinterpret_cast<uint64_t>(src) + done;
     copy.len = len - done;
-    copy.mode = dirty ? 0 : UFFDIO_COPY_MODE_WP;
+    copy.mode = (dirty ? 0 : UFFDIO_COPY_MODE_WP) | (dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0);
     if (ioctl(uffd, UFFDIO_COPY, &copy) == 0) break;
     const int err = errno;
     // A multi-line copy may have mapped a prefix before it stopped.
@@ -398,12 +404,37 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
 
   // A store miss maps the line writable and dirty at once; a load miss maps it clean and
   // write-protected so that its first store tells us (serve_fault's kClean case), unless
-  // the line's history predicts a store (ExCacheOptions::predict_dirty).
-  const DirtyChoice choice = choose_dirty(state, write, options.predict_dirty, stats);
+  // the line's history predicts a store (ExCacheOptions::predict_dirty). With the module's
+  // MKCLEAN a load miss is then made writable and clean: a store costs no fault and sets
+  // the PTE's dirty bit, which eviction reads; predicting would only add write-backs.
+  const DirtyChoice choice =
+      choose_dirty(state, write, options.predict_dirty && !pcache_mkclean, stats);
+  // MKCLEAN below must run before the faulting thread resumes, or its first store (a
+  // read-modify-write: the common case) races it and takes the write-protect fault MKCLEAN
+  // is there to save. The faulting thread sleeps in the kernel only with the handler
+  // thread (with SIGBUS it is us): keep it asleep until MKCLEAN is done, then wake it.
+  const bool mkclean = !choice.dirty && pcache_mkclean;
+  const bool wake_after = mkclean && options.delivery != ExCacheOptions::Delivery::kSigbus;
   // Counted before UFFDIO_COPY wakes the faulting thread (see kWriteFaults above).
   stats.add(kMisses);
-  map_lines(index, src, 1, choice.dirty);
+  map_lines(index, src, 1, choice.dirty, /*dontwake=*/wake_after);
   if (buffer != kStagingBuffers) staging_release(buffer);
+
+  // Before publishing kClean: while the line is kFilling no evictor can take it, and an
+  // EVICT that kept it (write-protected by the module, not uffd-wp) must never be followed
+  // by our making it writable again. A failure (e.g. the program mprotect()ed the range)
+  // or a refused line leaves it uffd-write-protected with the dirty bit UFFDIO_COPY set:
+  // still correct under the kClean invariant, it just costs a write-back.
+  if (mkclean) {
+    const uint64_t line = addr;
+    (void)PcacheDevice::mkclean(pcache_fd, &line, 1, nullptr);
+    stats.add(kModuleCalls);
+  }
+  if (wake_after) {
+    uffdio_range range = {.start = addr, .len = kLine};
+    if (ioctl(uffd, UFFDIO_WAKE, &range) != 0)
+      fatal("UFFDIO_WAKE after MKCLEAN failed", errno, addr);
+  }
 
   lines[index].store(make_state(choice.dirty ? kDirty : kClean, backed, frame) | choice.persist,
                      std::memory_order_release);
@@ -580,7 +611,8 @@ void ExCache::Impl::map_claimed(PrefetchBuffer& pb, uint64_t start_ns) {
     if (pb.write && (k > 0 || pb.phase.load(std::memory_order_relaxed) != PrefetchBuffer::kSync)) {
       choice[k] = {true, pb.state[k] & (kWrittenHintBit | kPredictMask)};
     } else {
-      choice[k] = choose_dirty(pb.state[k], pb.write, options.predict_dirty, stats);
+      choice[k] =
+          choose_dirty(pb.state[k], pb.write, options.predict_dirty && !pcache_mkclean, stats);
     }
   }
   for (size_t k = 0; k < n;) {
@@ -590,6 +622,18 @@ void ExCache::Impl::map_claimed(PrefetchBuffer& pb, uint64_t start_ns) {
     }
     map_lines(pb.index[k], pb.data + k * kLine, run, choice[k].dirty);
     k += run;
+  }
+  if (pcache_mkclean) {
+    // The clean ones become writable and clean in one MKCLEAN (see fill), before they are
+    // published; fetch_addrs is free to reuse now.
+    uint32_t nc = 0;
+    for (size_t k = 0; k < n; ++k) {
+      if (!choice[k].dirty) pb.fetch_addrs[nc++] = line_addr(pb.index[k]);
+    }
+    if (nc > 0) {
+      (void)PcacheDevice::mkclean(pcache_fd, pb.fetch_addrs, nc, nullptr);
+      stats.add(kModuleCalls);
+    }
   }
   for (size_t k = 0; k < n; ++k) {
     const bool backed = (pb.state[k] & kBackedBit) != 0;

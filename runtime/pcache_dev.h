@@ -1,5 +1,5 @@
 // runtime/pcache_dev.h: the ExCache's client of lego_pcache.ko (/dev/lego_pcache, kmod/).
-// The ABI is include/lego/pcache_abi.h; this wraps its three ioctls. Every call is one
+// The ABI is include/lego/pcache_abi.h; this wraps its ioctls. Every call is one
 // ioctl on preallocated memory: async-signal-safe, so the evictor may run it inside the
 // SIGBUS handler.
 #pragma once
@@ -20,8 +20,9 @@ namespace lego::excache_internal {
 class PcacheDevice {
  public:
   // Opens the device and checks its ABI: ENOENT when the module is not loaded, EPROTO when
-  // its major version differs, EOPNOTSUPP when it lacks AD or EVICT.
-  static Result<int> open_checked(uint32_t* max_lines) {
+  // its major version differs, EOPNOTSUPP when it lacks AD or EVICT. *features: what it
+  // offers (LEGO_PCACHE_FEAT_*; MKCLEAN from ABI 1.1 on).
+  static Result<int> open_checked(uint32_t* max_lines, uint64_t* features) {
     int fd = ::open(LEGO_PCACHE_DEVICE, O_RDWR | O_CLOEXEC);
     if (fd < 0) return Status::from_errno(errno, "open " LEGO_PCACHE_DEVICE);
     lego_pcache_info info{};
@@ -45,6 +46,7 @@ class PcacheDevice {
       return Status(EOPNOTSUPP, "lego_pcache lacks AD/EVICT or has another line size");
     }
     *max_lines = info.max_lines;
+    *features = info.features;
     return fd;
   }
 
@@ -74,6 +76,18 @@ class PcacheDevice {
     e.dirty = reinterpret_cast<uintptr_t>(dirty);
     for (;;) {
       if (ioctl(fd, LEGO_PCACHE_IOC_EVICT, &e) == 0) return 0;
+      if (errno != EINTR) return errno;
+    }
+  }
+
+  // LEGO_PCACHE_IOC_MKCLEAN; returns 0 or errno. `done` may be null.
+  static int mkclean(int fd, const uint64_t* lines, uint32_t count, uint64_t* done) {
+    lego_pcache_mkclean m{};
+    m.lines = reinterpret_cast<uintptr_t>(lines);
+    m.count = count;
+    m.done = reinterpret_cast<uintptr_t>(done);
+    for (;;) {
+      if (ioctl(fd, LEGO_PCACHE_IOC_MKCLEAN, &m) == 0) return 0;
       if (errno != EINTR) return errno;
     }
   }

@@ -160,12 +160,16 @@ Status ExCache::Impl::init_region() {
 Status ExCache::Impl::open_kernel_module() {
   if (options.kernel_module == ExCacheOptions::KernelModule::kOff) return Status::ok();
   uint32_t max_lines = 0;
-  Result<int> fd = PcacheDevice::open_checked(&max_lines);
+  uint64_t features = 0;
+  Result<int> fd = PcacheDevice::open_checked(&max_lines, &features);
   if (!fd) {
     if (options.kernel_module == ExCacheOptions::KernelModule::kAuto) return Status::ok();
     return fd.status().with_context("lego_pcache required (modprobe lego_pcache)");
   }
   pcache_fd = fd.value();
+  // Load misses become writable and clean after their fill (fault.cc), so stores are
+  // tracked by the PTE's dirty bit, not by write-protect faults (an older module lacks it).
+  pcache_mkclean = (features & LEGO_PCACHE_FEAT_MKCLEAN) != 0;
   // A batch is evicted with one ioctl: it must fit the module's limit.
   pcache_max_lines = max_lines;
   batch = std::min<size_t>(batch, max_lines);

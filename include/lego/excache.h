@@ -206,7 +206,8 @@ struct ExCacheOptions {
   // earlier residency is mapped writable and counted dirty at once (no write fault); every
   // 4th such miss maps it clean again to re-learn. Default true. Trade-off: a line that
   // stops being written is written back needlessly up to 3 more times; turn off for
-  // read-mostly data where clean drops matter more than write faults.
+  // read-mostly data where clean drops matter more than write faults. Ignored when the
+  // kernel module tracks dirtiness (below): stores then take no fault to save.
   bool predict_dirty = true;
   // Prefetch. A miss that continues a stream -- the third or later miss at a steady stride
   // (+1 line for a sequential scan, up to +-16 lines) -- also fetches lines ahead of it on
@@ -219,7 +220,9 @@ struct ExCacheOptions {
   // The kernel module lego_pcache.ko (kmod/), used when /dev/lego_pcache exists:
   // evictions become batched ioctls (one mmap-locked pass and one TLB flush for many lines,
   // instead of a write-protect ioctl per dirty run plus a madvise per run on kernels before
-  // 6.13), and kClock reads the hardware accessed bits instead of guessing from faults.
+  // 6.13), kClock reads the hardware accessed bits instead of guessing from faults, and
+  // (module ABI 1.1, MKCLEAN) load misses are mapped writable and clean: the first store to
+  // a line takes no write-protect fault, and eviction asks the PTE's dirty bit instead.
   // kAuto (default): use it if loaded; kOff: never; kRequire: create() fails without it.
   enum class KernelModule : uint8_t { kAuto, kOff, kRequire };
   KernelModule kernel_module = KernelModule::kAuto;
@@ -291,7 +294,9 @@ class ExCache {
   // kHandlerThread when the process may only register user-mode faults.
   bool serves_kernel_faults() const;
 
-  // True when evictions and kClock use lego_pcache.ko (ExCacheOptions::kernel_module).
+  // True when evictions and kClock use lego_pcache.ko (ExCacheOptions::kernel_module), and
+  // with it dirty tracking: load misses are mapped writable and clean, so stores take no
+  // write fault and dirty prediction is off (kmod/README.md).
   bool uses_kernel_module() const;
 
   // Like madvise(MADV_DONTNEED): the range [addr, addr + len) (addr 4 KiB aligned, len

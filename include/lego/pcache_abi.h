@@ -18,6 +18,11 @@
  *                          write them back and evict them again. A store that
  *                          races with the eviction is never lost: see the
  *                          argument at the top of kmod/evict.c.
+ *   LEGO_PCACHE_IOC_MKCLEAN (minor 1) turn up to max_lines freshly filled
+ *                          lines from "userfaultfd-write-protected" into
+ *                          "writable and clean": dirty tracking moves from
+ *                          write-protect faults to the PTE's dirty bit, which
+ *                          EVICT reports. See kmod/mkclean.c.
  *
  * Device: /dev/lego_pcache (a misc device, mode set by the module parameter
  * dev_mode, default 0600). Counters: /sys/class/misc/lego_pcache/stats/.
@@ -70,9 +75,10 @@
  *
  * Limitations (stated once, here): x86_64 only; 4 KiB PTEs only (huge pages are
  * refused, hence MADV_NOHUGEPAGE); secondary MMUs (KVM, IOMMU SVA) are not
- * notified, so lines must not be mapped into a guest or a device; pages pinned
- * by DMA are written without touching the PTE and their dirtiness cannot be
- * seen by either ioctl.
+ * notified, so lines must not be mapped into a guest or a device; a page
+ * pinned for DMA across an eviction may be written after EVICT looked at it,
+ * which no ioctl can see (writes that finish before, and unpin, are seen:
+ * see "Dirty" below).
  *
  * This header compiles as kernel C, user-space C (C11) and C++. The runtime's
  * client is runtime/pcache_dev.h.
@@ -94,9 +100,9 @@
 
 #define LEGO_PCACHE_DEVICE "/dev/lego_pcache"
 
-/* Major 1, minor 0. */
+/* Major 1, minor 1 (1: LEGO_PCACHE_IOC_MKCLEAN). */
 #define LEGO_PCACHE_ABI_MAJOR 1
-#define LEGO_PCACHE_ABI_MINOR 0
+#define LEGO_PCACHE_ABI_MINOR 1
 #define LEGO_PCACHE_ABI_VERSION ((LEGO_PCACHE_ABI_MAJOR << 16) | LEGO_PCACHE_ABI_MINOR)
 
 /* The only line size: one base page. */
@@ -108,6 +114,7 @@
 #define LEGO_PCACHE_FEAT_AD (1ull << 0)          /* LEGO_PCACHE_IOC_AD */
 #define LEGO_PCACHE_FEAT_EVICT (1ull << 1)       /* LEGO_PCACHE_IOC_EVICT */
 #define LEGO_PCACHE_FEAT_SYSFS_STATS (1ull << 2) /* counters in sysfs */
+#define LEGO_PCACHE_FEAT_MKCLEAN (1ull << 3)     /* LEGO_PCACHE_IOC_MKCLEAN (minor >= 1) */
 
 struct lego_pcache_info {
   __u32 abi_version; /* out: LEGO_PCACHE_ABI_VERSION of the module */
@@ -167,7 +174,11 @@ LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_ad) == 64);
  *                          EVICT reports it dirty instead of dropping it.
  *   ... with DISCARD_DIRTY evicted=1 dirty=1: unmapped, data dropped.
  * "Dirty" means: stored to since the line was mapped, or since D was last
- * cleared by AD or EVICT. Cost: one mmap_write_lock (page faults of the
+ * cleared by AD, EVICT or MKCLEAN; or (minor >= 1) written around the PTE by
+ * the kernel for another process or a device (get_user_pages with
+ * FOLL_WRITE: process_vm_writev, ptrace, O_DIRECT reads), which leaves D
+ * clear but marks the page dirty; EVICT clears that mark when it keeps the
+ * line. Cost: one mmap_write_lock (page faults of the
  * process wait for the call), two PTE-lock passes, one TLB-flush IPI to each
  * CPU running the process, and one zap_page_range (with its own flush) per run of contiguous
  * evictable lines (the batch is sorted, so neighbours are adjacent). With
@@ -190,6 +201,45 @@ struct lego_pcache_evict {
 LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_evict) == 64);
 
 /*
+ * LEGO_PCACHE_IOC_MKCLEAN: for each line whose PTE is present, userfaultfd-
+ * write-protected (uffd-wp) and read-only, in a writable VMA registered for
+ * userfaultfd write-protection, and whose page is an anonymous page this
+ * process alone maps (not shared with a fork() child by copy-on-write):
+ * clear the uffd-wp bit and the dirty bit and make the PTE writable, in one
+ * atomic update under the PTE lock. done=1 for those lines.
+ *
+ * Meant for a line just filled with UFFDIO_COPY_MODE_WP: UFFDIO_COPY sets D
+ * on every fill (Linux 6.1), so D says nothing about stores until it is
+ * cleared. Afterwards a store needs no page fault and sets D, and EVICT
+ * reports the line dirty; a line never stored to is reported clean and
+ * dropped. The data of the line is unchanged (for a page in the swap cache
+ * the cleared D moves to the page's dirty flag, for reclaim, as AD and EVICT
+ * do). A write that bypasses the PTE (see "Dirty" above) marks the page
+ * dirty instead of setting D; EVICT reports that too. No TLB flush is
+ * needed (every cached translation of such a PTE is read-only; a store
+ * through one faults and finds the PTE writable), so the cost is one
+ * mmap_read_lock and one PTE lock per line.
+ *
+ * Every other line (not resident, already writable, not uffd-wp, a shared
+ * page, the zero page, a NUMA-hinting PTE, soft-dirty tracking waiting for
+ * its fault) is left exactly as it was with done=0: a caller keeps tracking
+ * it with write-protect faults. Lines may come in any order, duplicates
+ * included. Besides the common errors: EINVAL also for a line in a VMA
+ * without VM_WRITE (PROT_WRITE) or not registered with
+ * UFFDIO_REGISTER_MODE_WP.
+ */
+struct lego_pcache_mkclean {
+  __u64 lines;       /* in: user pointer to __u64[count] line addresses */
+  __u64 done;        /* in: user pointer to the done bitmap, or 0 */
+  __u64 reserved0;   /* in: zero */
+  __u32 count;       /* in: 1..max_lines */
+  __u32 flags;       /* in: zero (no flags yet) */
+  __u32 nr_done;     /* out: lines made writable and clean */
+  __u32 reserved[3]; /* in: zero */
+};
+LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_mkclean) == 48);
+
+/*
  * 'L' 0x40-0x4f: unassigned in Documentation/userspace-api/ioctl/
  * ioctl-number.rst ('L' 00-2F and E0-FF are taken). The device node is ours
  * alone, so a clash could only confuse tracing tools, never a driver.
@@ -198,5 +248,6 @@ LEGO_PCACHE_STATIC_ASSERT(sizeof(struct lego_pcache_evict) == 64);
 #define LEGO_PCACHE_IOC_INFO _IOR(LEGO_PCACHE_IOC_MAGIC, 0x40, struct lego_pcache_info)
 #define LEGO_PCACHE_IOC_AD _IOWR(LEGO_PCACHE_IOC_MAGIC, 0x41, struct lego_pcache_ad)
 #define LEGO_PCACHE_IOC_EVICT _IOWR(LEGO_PCACHE_IOC_MAGIC, 0x42, struct lego_pcache_evict)
+#define LEGO_PCACHE_IOC_MKCLEAN _IOWR(LEGO_PCACHE_IOC_MAGIC, 0x43, struct lego_pcache_mkclean)
 
 #endif /* LEGO_PCACHE_ABI_H */

@@ -32,8 +32,14 @@
 # binaries), LEGO_QEMU_PIN (default 1: stages b-d on one vCPU; 0: on both, ~5x
 # slower, see below), LEGO_QEMU_EXCACHE_TEST (excache_test's arguments),
 # LEGO_QEMU_INTEGRITY (lego_integrity's HEAP_MIB THREADS OPS),
-# LEGO_QEMU_BENCH (excache_bench's flags; defaults below), TEST_TMPDIR
-# (scratch; default a mktemp dir).
+# LEGO_QEMU_BENCH (excache_bench's flags; defaults below),
+# LEGO_QEMU_BENCH_REPS (default 3: alternating runs per side in stage d, the
+# best of each compared), LEGO_QEMU_BENCH_MORE (more flag sets for stage d, separated by ';', each
+# printed as its own "guest: bench: ..." line, e.g. "--write-pct=0;
+# --pattern=zipf"; each is appended to LEGO_QEMU_BENCH's flags, the later
+# flag winning), LEGO_QEMU_STAGES (default abcd: the runtime stages to run, e.g.
+# "ad" to measure quickly; stage a always runs), TEST_TMPDIR (scratch; default
+# a mktemp dir).
 # Needs: qemu-system-x86 linux-image-amd64 linux-headers-amd64 busybox-static
 # cpio build-essential (all in .ci/bootstrap).
 set -euo pipefail
@@ -64,6 +70,9 @@ if [[ "$RUNTIME" != 0 ]] && grep -qa -- '--write-pct=' "$BIN/tests/runtime/excac
   bench_writes=--write-pct=5
 fi
 BENCH_ARGS="${LEGO_QEMU_BENCH:---capacity-mb=2 --ratio=4 --accesses=20000 $bench_writes --delivery=sigbus}"
+BENCH_MORE="${LEGO_QEMU_BENCH_MORE:-}"
+STAGES="${LEGO_QEMU_STAGES:-abcd}"
+REPS="${LEGO_QEMU_BENCH_REPS:-3}"
 # lego_integrity: HEAP_MIB THREADS OPS_PER_THREAD; its heap plus its version
 # array (half the heap's size) is 3x the 2 MiB ExCache.
 INTEGRITY_ARGS="${LEGO_QEMU_INTEGRITY:-4 2 2000}"
@@ -247,6 +256,9 @@ q() { local a out=""; for a in "$@"; do out+=" '${a//\'/}'"; done; echo "${out# 
   echo "TEST_ARGS=\"$(q "$@")\""
   echo "RUNTIME=$(q "$RUNTIME")"
   echo "BENCH_ARGS=$(q "$BENCH_ARGS")"
+  echo "BENCH_MORE=$(q "$BENCH_MORE")"
+  echo "STAGES=$(q "$STAGES")"
+  echo "REPS=$(q "$REPS")"
   echo "INTEGRITY_ARGS=$(q "$INTEGRITY_ARGS")"
   echo "EXCACHE=$(q "$EXCACHE")"
   if [[ "$PIN" != 0 ]]; then echo "PIN='taskset 1'"; else echo "PIN="; fi
@@ -324,16 +336,21 @@ runtime_tests() {
   end "$1-integrity" $rc
 }
 
-# bench LABEL: excache_bench once; the first ExCache row's us/access on stdout
-# (the column found by its name in the CSV header).
+# bench LABEL [EXTRA FLAGS]: excache_bench once; the first ExCache row's
+# us/access on stdout (the column found by its name in the CSV header).
 bench() {
-  $PIN timeout $T excache_bench $BENCH_ARGS --csv >/tmp/bench.$1.csv 2>&1
+  label=$1
+  shift
+  # For the host's CPU-time meter (below): to stderr, which is the console.
+  echo "guest: mark begin $label" >&2
+  $PIN timeout $T excache_bench $BENCH_ARGS "$@" --csv >/tmp/bench.$label.csv 2>&1
   rc=$?
-  sed "s/^/guest: bench $1: /" /tmp/bench.$1.csv >&2
+  echo "guest: mark end $label" >&2
+  sed "s/^/guest: bench $label: /" /tmp/bench.$label.csv >&2
   [ "$rc" = 0 ] || return 1
   awk -F, '/^setup,/ { for (i = 1; i <= NF; i++) if ($i == "us_per_access") col = i }
            /^excache-/ && col { print $col; found = 1; exit }
-           END { exit !found }' /tmp/bench.$1.csv
+           END { exit !found }' /tmp/bench.$label.csv
 }
 
 if [ "$RUNTIME" != 0 ]; then
@@ -353,25 +370,53 @@ if [ "$RUNTIME" != 0 ]; then
 
   # b. Without the module: the userfaultfd-only path.
   if [ -e /dev/lego_pcache ]; then echo "guest: lego_pcache is still loaded"; failed="$failed b"; fi
-  runtime_tests b unloaded
+  case "$STAGES" in *b*) runtime_tests b unloaded ;; esac
 
   # c. With it: the runtime detects /dev/lego_pcache itself.
   begin c-insmod "insmod lego_pcache"
   kmod_load
   end c-insmod $?
-  runtime_tests c loaded
-  [ -e /dev/lego_pcache ] && kmod_stats
+  case "$STAGES" in *c*) runtime_tests c loaded; [ -e /dev/lego_pcache ] && kmod_stats ;; esac
 
-  # d. The benchmark without and with the module.
-  begin d-bench "excache_bench $BENCH_ARGS, module unloaded then loaded"
-  rc=1
-  if kmod_unload && without=$(bench no-module) && kmod_load && with=$(bench module); then
-    rc=0
+  # d. The benchmark without and with the module, for BENCH_ARGS and then
+  # each set of BENCH_MORE.
+  # bench_pair LABEL [EXTRA FLAGS]: "guest: bench: ... ratio Z" (without/with).
+  # REPS alternating runs each way; each side's best (lowest) time counts: the
+  # vCPU's wall time only grows when the host is busy (other jobs share its 2
+  # cores), so the minimum is the least disturbed run.
+  bench_pair() {
+    bl=$1
+    shift
+    all_without="" all_with=""
+    for r in $(seq 1 "$REPS"); do
+      if kmod_unload && without=$(bench no-module$bl.$r "$@") && kmod_load && with=$(bench module$bl.$r "$@"); then
+        all_without="$all_without $without"
+        all_with="$all_with $with"
+      else
+        return 1
+      fi
+    done
     kmod_stats
-    echo "guest: bench: no-module $without us/access, module $with us/access, ratio $(awk -v a="$without" -v b="$with" 'BEGIN { printf "%.2f", a / b }')"
+    without=$(echo $all_without | tr ' ' '\n' | sort -n | head -n 1)
+    with=$(echo $all_with | tr ' ' '\n' | sort -n | head -n 1)
+    echo "guest: bench$bl: no-module $without us/access, module $with us/access, ratio $(awk -v a="$without" -v b="$with" 'BEGIN { printf "%.2f", a / b }') (best of $REPS; all: no-module$all_without; module$all_with)"
+  }
+  if echo "$STAGES" | grep -q d; then
+    begin d-bench "excache_bench $BENCH_ARGS, module unloaded then loaded"
+    rc=0
+    [ -e /dev/lego_pcache ] || kmod_load || rc=1
+    bench_pair "" || rc=1
+    k=0
+    echo "$BENCH_MORE" | tr ';' '\n' | while read -r more; do
+      [ -n "$more" ] || continue
+      k=$((k + 1))
+      echo "guest: bench$k: excache_bench $BENCH_ARGS $more"
+      # word splitting of $more is wanted: it is a list of flags.
+      bench_pair "$k" $more || echo "guest: bench$k failed"
+    done
+    [ -e /dev/lego_pcache ] && { kmod_unload || rc=1; }
+    end d-bench $rc
   fi
-  [ -e /dev/lego_pcache ] && { kmod_unload || rc=1; }
-  end d-bench $rc
 
   kill "$memd"
   wait "$memd"
@@ -399,6 +444,35 @@ APPEND+=" slub_debug=FZPU page_poison=1 init_on_free=1"
 LOGF="$WORK/serial.log"
 log "booting $KERNEL (log: $LOGF)"
 start=$SECONDS
+: >"$LOGF"
+# The host's CPU-time meter for stage d. The guest's clock is the host's wall
+# clock, so a bench run's us/access grows whenever other jobs take the host's
+# CPUs; the CPU time qemu spends between a run's "guest: mark begin/end" lines
+# does not (it is the emulation work: the run's instructions, its TLB misses
+# and so on). The meter follows the serial log and samples qemu's utime+stime
+# at each mark; the ratios are printed after the guest is done. Whole
+# excache_bench processes are metered, warm-up included.
+MARKS="$WORK/marks"
+: >"$MARKS"
+(
+  qpid=""
+  for _ in $(seq 1 100); do
+    qpid="$(pgrep -f "^qemu-system-x86_64 .*$WORK/initrd.cpio.gz" | head -n 1)" && [[ -n "$qpid" ]] && break
+    sleep 0.1
+  done
+  [[ -n "$qpid" ]] || exit 0
+  # (No filter between tail and read: tr or sed would buffer the lines.)
+  tail -n +1 -F --pid="$qpid" "$LOGF" 2>/dev/null | while read -r line; do
+    line="${line%$'\r'}"
+    case "$line" in
+      "guest: mark "*)
+        ticks="$(awk '{ print $14 + $15 }' "/proc/$qpid/stat" 2>/dev/null)" || continue
+        echo "${line#guest: mark } $ticks" >>"$MARKS"
+        ;;
+    esac
+  done
+) &
+meter=$!
 set +e
 if [[ "$PIN" != 0 ]]; then QEMU_TIMEOUT="${LEGO_QEMU_TIMEOUT:-600}"; else QEMU_TIMEOUT="${LEGO_QEMU_TIMEOUT:-2400}"; fi
 timeout --foreground -k 5 "$QEMU_TIMEOUT" \
@@ -406,8 +480,27 @@ timeout --foreground -k 5 "$QEMU_TIMEOUT" \
   -kernel "$KERNEL" -initrd "$WORK/initrd.cpio.gz" \
   -append "$APPEND" -nographic -no-reboot </dev/null >"$LOGF" 2>&1
 qrc=$?
+wait "$meter" 2>/dev/null
 set -e
 log "qemu exited $qrc after $((SECONDS - start)) s"
+# host_cpu_ratios: per bench flag set, qemu's CPU seconds for the best
+# no-module and module runs and their ratio (no-module/module).
+host_cpu_ratios() {
+  awk -v hz="$(getconf CLK_TCK)" '
+    $1 == "begin" { b[$2] = $3 }
+    $1 == "end" && ($2 in b) {
+      t = ($3 - b[$2]) / hz; label = $2
+      side = label ~ /^no-module/ ? "no-module" : "module"
+      set = label; sub(/^(no-module|module)/, "", set); sub(/\.[0-9]+$/, "", set)
+      if (!((set, side) in best) || t < best[set, side]) best[set, side] = t
+      all[set, side] = all[set, side] " " sprintf("%.2f", t); sets[set] = 1
+    }
+    END {
+      for (s in sets) if (((s, "no-module") in best) && ((s, "module") in best))
+        printf "run_in_qemu: bench%s host CPU: no-module %.2f s, module %.2f s, ratio %.2f (best; all: no-module%s; module%s)\n",
+          s, best[s, "no-module"], best[s, "module"], best[s, "no-module"] / best[s, "module"], all[s, "no-module"], all[s, "module"]
+    }' "$MARKS" | sort
+}
 [[ -n "${TEST_UNDECLARED_OUTPUTS_DIR:-}" ]] && cp "$LOGF" "$TEST_UNDECLARED_OUTPUTS_DIR/" || true
 
 # 5. Verdict.
@@ -441,4 +534,5 @@ if ! grep -qx 'LEGO_KMOD_PASS' "$LOGF.txt"; then
   die "the guest did not finish (no LEGO_KMOD_PASS or LEGO_KMOD_FAIL in the serial log)"
 fi
 summary
+host_cpu_ratios >&2
 log "PASS: $(grep -x 'LEGO_KMOD_PASS' "$LOGF.txt")"
