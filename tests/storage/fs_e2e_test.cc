@@ -12,6 +12,7 @@
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -408,4 +409,16 @@ TEST_CASE("fsync'ed data survives a killed and restarted lego-stord; a kill mid-
   CHECK(failed_at - killed_at < std::chrono::seconds(10));
   close(fd);
   s.start_stord();
+}
+
+// Guards sequential read speed: lego-fs sets its mount's readahead to 1 MiB (the kernel
+// gives FUSE 128 KiB, which cut every 1 MiB read() into eight one-at-a-time requests).
+TEST_CASE("the mount's readahead is 1 MiB", "[fs][e2e]") {
+  Stack s;
+  struct stat st;
+  REQUIRE(::stat(s.mnt.c_str(), &st) == 0);
+  std::string knob = "/sys/class/bdi/" + std::to_string(major(st.st_dev)) + ":" +
+                     std::to_string(minor(st.st_dev)) + "/read_ahead_kb";
+  INFO(knob);
+  CHECK(slurp(knob) == "1024\n");
 }
