@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <string>
 
 #include "lego/fit.h"
@@ -28,6 +29,11 @@ options:
   --node ID          this processor node's id (default: the first processor node)
   --storage ID       the storage node's id (default: the first storage node)
   --allow-other      let other users use the mount (kernel permission checks apply)
+  --progress P       how this mount waits for the storage node's replies: blocking
+                     (default: sleeps in the kernel; a FUSE request already costs two
+                     kernel crossings and a thread wake-up, and spinning threads take
+                     the CPU that the program and the storage node need) or polling
+                     (spin, as the cluster file may say for this node's memory traffic)
   --ready-fd FD      write "ready\n" to FD once mounted (for supervisors and tests)
   --debug            trace every FUSE request on stderr
   --help             this text
@@ -47,17 +53,19 @@ long number(const char* flag, const char* text, long lo, long hi) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  enum { kConfig = 1, kNode, kStorage, kAllowOther, kReadyFd, kDebug, kHelp };
+  enum { kConfig = 1, kNode, kStorage, kAllowOther, kProgress, kReadyFd, kDebug, kHelp };
   static const option longopts[] = {{"config", required_argument, nullptr, kConfig},
                                     {"node", required_argument, nullptr, kNode},
                                     {"storage", required_argument, nullptr, kStorage},
                                     {"allow-other", no_argument, nullptr, kAllowOther},
+                                    {"progress", required_argument, nullptr, kProgress},
                                     {"ready-fd", required_argument, nullptr, kReadyFd},
                                     {"debug", no_argument, nullptr, kDebug},
                                     {"help", no_argument, nullptr, kHelp},
                                     {nullptr, 0, nullptr, 0}};
   std::string config_path;
   long node = -1, storage = -1;
+  fit::Progress progress = fit::Progress::kBlocking;
   fs::MountOptions options;
   int c;
   while ((c = getopt_long(argc, argv, "h", longopts, nullptr)) != -1) {
@@ -73,6 +81,15 @@ int main(int argc, char** argv) {
         break;
       case kAllowOther:
         options.allow_other = true;
+        break;
+      case kProgress:
+        if (strcmp(optarg, "blocking") == 0) {
+          progress = fit::Progress::kBlocking;
+        } else if (strcmp(optarg, "polling") == 0) {
+          progress = fit::Progress::kPolling;
+        } else {
+          die("--progress: blocking or polling", 2);
+        }
         break;
       case kReadyFd:
         options.ready_fd = static_cast<int>(number("--ready-fd", optarg, 0, 65535));
@@ -114,6 +131,11 @@ int main(int argc, char** argv) {
     die("node " + std::to_string(storage) + " is a " + fit::role_name(sn->role) + " node in " +
             config_path + ", not a storage node",
         2);
+  }
+  // The cluster file's progress for this node is for its memory traffic (lego-run's
+  // runtime); the mount's own waiting is --progress.
+  for (auto& n : config.value().nodes) {
+    if (n.id == static_cast<fit::NodeId>(node)) n.progress = progress;
   }
   signal(SIGPIPE, SIG_IGN);
   auto fit_node = fit::Node::create(config.value(), static_cast<fit::NodeId>(node));
