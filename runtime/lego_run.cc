@@ -434,6 +434,15 @@ struct EmbeddedMemoryNode {
       n.port = static_cast<uint16_t>(port + id);
       n.progress = fit::Progress::kPolling;
       n.server_threads = 1;
+      if (n.role == fit::Role::kStorage) {
+        // File requests wait for system calls and the disk, and a FUSE request already
+        // costs kernel crossings and wake-ups: a spinning server saves little and takes
+        // a core the program and lego-fs need (sequential throughput through the mount
+        // doubled on a loaded 2-vCPU host when it stopped spinning). Two threads: one
+        // can serve a request while the other waits for the disk.
+        n.progress = fit::Progress::kBlocking;
+        n.server_threads = 2;
+      }
       config.nodes.push_back(n);
     }
     config_path = config.origin;
