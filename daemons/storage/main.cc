@@ -35,6 +35,10 @@ options:
   --export DIR       the directory to serve (must exist)
   --lease-ms MS      close a client's files when nothing was heard from it for this
                      long: its processor node is lost (default 20000)
+  --max-files N      open files one client (a mount: all programs of a processor node)
+                     may hold (default 65536); beyond it, and when this process runs out
+                     of descriptors (its RLIMIT_NOFILE, raised to the hard limit at
+                     start), programs' open() gets ENFILE
   --ready-fd FD      write "ready\n" to FD once serving (for supervisors and tests)
   --status           ask the running storage node --node for its state and counters
   --as ID            with --status: the node id to speak as (default: the first
@@ -82,11 +86,12 @@ int status(const fit::ClusterConfig& config, fit::NodeId node, long as) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  enum { kConfig = 1, kNode, kExport, kLease, kReadyFd, kStatus, kAs, kHelp };
+  enum { kConfig = 1, kNode, kExport, kLease, kMaxFiles, kReadyFd, kStatus, kAs, kHelp };
   static const option longopts[] = {{"config", required_argument, nullptr, kConfig},
                                     {"node", required_argument, nullptr, kNode},
                                     {"export", required_argument, nullptr, kExport},
                                     {"lease-ms", required_argument, nullptr, kLease},
+                                    {"max-files", required_argument, nullptr, kMaxFiles},
                                     {"ready-fd", required_argument, nullptr, kReadyFd},
                                     {"status", no_argument, nullptr, kStatus},
                                     {"as", required_argument, nullptr, kAs},
@@ -111,6 +116,9 @@ int main(int argc, char** argv) {
         break;
       case kLease:
         options.lease = std::chrono::milliseconds(number("--lease-ms", optarg, 100, 86400000));
+        break;
+      case kMaxFiles:
+        options.max_files = static_cast<uint32_t>(number("--max-files", optarg, 1, 1 << 24));
         break;
       case kReadyFd:
         ready_fd = static_cast<int>(number("--ready-fd", optarg, 0, 65535));
@@ -153,11 +161,12 @@ int main(int argc, char** argv) {
   // Modes arrive already masked by the client's umask; do not mask them twice.
   umask(0);
   // Every open file of every client is an fd here: take all the fds we may.
-  struct rlimit nofile;
+  struct rlimit nofile {};
   if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
     nofile.rlim_cur = nofile.rlim_max;
     (void)setrlimit(RLIMIT_NOFILE, &nofile);
   }
+  (void)getrlimit(RLIMIT_NOFILE, &nofile);
   auto storage_or = stor::StorageNode::create(options);
   if (!storage_or) die(storage_or.status().message(), 2);
   stor::StorageNode& storage = *storage_or.value();
@@ -166,9 +175,12 @@ int main(int argc, char** argv) {
   storage.serve(*fit_node.value());
   Status st = fit_node.value()->start();
   if (!st) die(st.message());
-  fprintf(stderr, "lego-stord: node %ld serving %s at %s:%u (%s, %s), lease %lld ms\n", node,
-          options.export_dir.c_str(), me->address.c_str(), me->port, me->provider.c_str(),
-          fit::progress_name(me->progress), static_cast<long long>(options.lease.count()));
+  fprintf(stderr,
+          "lego-stord: node %ld serving %s at %s:%u (%s, %s), lease %lld ms, %u files per "
+          "session, %llu descriptors\n",
+          node, options.export_dir.c_str(), me->address.c_str(), me->port, me->provider.c_str(),
+          fit::progress_name(me->progress), static_cast<long long>(options.lease.count()),
+          options.max_files, static_cast<unsigned long long>(nofile.rlim_cur));
   if (ready_fd >= 0) {
     (void)!write(ready_fd, "ready\n", 6);
     close(ready_fd);
