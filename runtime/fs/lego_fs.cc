@@ -18,6 +18,8 @@
 #include <thread>
 #include <vector>
 
+#include "lego/daemon.h"
+
 namespace lego::fs {
 namespace {
 
@@ -50,10 +52,7 @@ void when_mounted(const std::string& mountpoint, int ready_fd) {
     }
     if (fd >= 0) close(fd);
   }
-  if (ready_fd >= 0) {
-    (void)!write(ready_fd, "ready\n", 6);
-    close(ready_fd);
-  }
+  daemon::signal_ready(ready_fd);
 }
 
 stor::StorageClient& client() {
