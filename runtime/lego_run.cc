@@ -75,10 +75,14 @@ options:
   --export DIR         without --config: also start a private storage node (lego-stord)
                        serving DIR, mounted for PROGRAM at --mount
   --storage-node ID    with --config: the storage node to mount (default: the first
-                       storage node in the cluster file; none there, no mount)
+                       storage node in the cluster file; none there, no mount); `none`:
+                       do not mount one
   --mount DIR          where PROGRAM sees the storage node's files (default /lego; created
                        if missing, and left in place, empty). The mount lives in a
-                       mount namespace private to the run (needs root).
+                       mount namespace private to the run: root's, or without root a
+                       user namespace's, where PROGRAM keeps its own uid (files owned by
+                       root on the storage node look like its own; DIR must exist or
+                       be creatable by the user)
   --help               this text
 
 exit status: PROGRAM's; 128+N if it died of signal N; 69 if the memory node was lost
@@ -95,6 +99,7 @@ struct Options {
   bool stats = false;
   std::string export_dir, mountpoint = "/lego";
   long storage_node = -1;
+  bool no_storage = false;  // --storage-node none
   std::vector<std::string> argv;
 };
 
@@ -201,7 +206,11 @@ Options parse(int argc, char** argv) {
         o.export_dir = optarg;
         break;
       case kStorageNode:
-        o.storage_node = number("--storage-node", optarg);
+        if (strcmp(optarg, "none") == 0) {
+          o.no_storage = true;
+        } else {
+          o.storage_node = number("--storage-node", optarg);
+        }
         break;
       case kMount:
         o.mountpoint = optarg;
@@ -357,6 +366,59 @@ void show_log(const std::string& path, const char* who) {
   while (std::getline(in, line)) fprintf(stderr, "lego-run: %s: %s\n", who, line.c_str());
 }
 
+// Without root, lego-run mounts in a user namespace of its own: it becomes root there
+// (uid 0 mapped to the user, so the mount namespace and the FUSE mount are its own) and
+// PROGRAM, in a namespace nested in that one, is the user again (its uid and gid mapped
+// back, no capabilities). Programs see the export's files owned by root on the storage
+// node as their own, and other owners as nobody (read-only: the kernel refuses writes to
+// a file whose owner it cannot map); supplementary groups read as nogroup. With
+// --export, the private storage node runs in that namespace too, so the user's files
+// are root's to it.
+struct UserNamespace {
+  bool entered = false;
+  uid_t uid = 0;  // the user's, outside
+  gid_t gid = 0;
+} g_userns;
+
+bool write_proc(const char* path, const std::string& text) {
+  int fd = open(path, O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  bool ok = write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+  close(fd);
+  return ok;
+}
+
+// Maps `inside` to the caller's ids in the namespace above (after unshare(CLONE_NEWUSER)).
+bool map_ids(uid_t uid_inside, uid_t uid_outside, gid_t gid_inside, gid_t gid_outside) {
+  // setgroups must be denied before an unprivileged gid_map (it is inherited when nested).
+  (void)write_proc("/proc/self/setgroups", "deny");
+  return write_proc("/proc/self/uid_map",
+                    std::to_string(uid_inside) + " " + std::to_string(uid_outside) + " 1\n") &&
+         write_proc("/proc/self/gid_map",
+                    std::to_string(gid_inside) + " " + std::to_string(gid_outside) + " 1\n");
+}
+
+// Returns "" or what failed. Call before any thread is started.
+std::string enter_user_namespace() {
+  uid_t uid = geteuid();
+  gid_t gid = getegid();
+  if (unshare(CLONE_NEWUSER) != 0) return std::string("unshare(CLONE_NEWUSER): ") + strerror(errno);
+  if (!map_ids(0, uid, 0, gid)) return std::string("writing uid_map/gid_map: ") + strerror(errno);
+  g_userns = {true, uid, gid};
+  return "";
+}
+
+std::string needs_root(const std::string& why) {
+  return "mounting the storage node's files needs root, or unprivileged user namespaces (" + why +
+         "); run as root, or give --storage-node none to run without the files";
+}
+
+// In PROGRAM's child before exec: the user again, in a namespace nested in lego-run's.
+bool leave_user_namespace() {
+  if (!g_userns.entered) return true;
+  return unshare(CLONE_NEWUSER) == 0 && map_ids(g_userns.uid, 0, g_userns.gid, 0);
+}
+
 struct EmbeddedMemoryNode {
   std::string dir, config_path, log_path, netns, veth, stord_log;
   pid_t pid = -1;
@@ -408,7 +470,7 @@ struct EmbeddedMemoryNode {
     randombytes_buf(config.key.data(), config.key.size());
     config.origin = dir + "/cluster.toml";
     std::string proc_addr = "127.0.0.1", mem_addr = "127.0.0.1";
-    bool isolate = o.transport == "tcp" && geteuid() == 0;
+    bool isolate = o.transport == "tcp" && geteuid() == 0 && !g_userns.entered;
     if (isolate) {
       // A veth pair from this namespace to the memory node's own: the program keeps its
       // network, and the memory node is "remote".
@@ -443,6 +505,15 @@ struct EmbeddedMemoryNode {
       n.port = static_cast<uint16_t>(port + id);
       n.progress = fit::Progress::kPolling;
       n.server_threads = 1;
+      if (n.role == fit::Role::kStorage) {
+        // File requests wait for system calls and the disk, and a FUSE request already
+        // costs kernel crossings and wake-ups: a spinning server saves little and takes
+        // a core the program and lego-fs need (sequential throughput through the mount
+        // doubled on a loaded 2-vCPU host when it stopped spinning). Two threads: one
+        // can serve a request while the other waits for the disk.
+        n.progress = fit::Progress::kBlocking;
+        n.server_threads = 2;
+      }
       config.nodes.push_back(n);
     }
     config_path = config.origin;
@@ -498,12 +569,13 @@ struct StorageMount {
   // Returns "" or what went wrong.
   std::string start(const Options& o, const std::string& config_path, fit::NodeId self,
                     fit::NodeId storage) {
-    if (geteuid() != 0) {
-      return "mounting the storage node's files needs root (a private mount namespace and FUSE)";
-    }
     std::string fs = find_part("LEGO_FS", "runtime/fs/lego-fs", "lego-fs");
     if (fs.empty() || !executable(fs)) {
       return "cannot find lego-fs (set LEGO_FS, or install it beside lego-run)";
+    }
+    if (geteuid() != 0) {
+      std::string err = enter_user_namespace();
+      if (!err.empty()) return needs_root(err);
     }
     // A mount namespace of our own: the mount is the run's, invisible to the host.
     if (unshare(CLONE_NEWNS) != 0) return std::string("unshare(CLONE_NEWNS): ") + strerror(errno);
@@ -513,7 +585,9 @@ struct StorageMount {
     struct stat st;
     if (stat(o.mountpoint.c_str(), &st) != 0) {
       if (mkdir(o.mountpoint.c_str(), 0755) != 0) {
-        return "cannot create the mount point " + o.mountpoint + ": " + strerror(errno);
+        std::string err = "cannot create the mount point " + o.mountpoint + ": " + strerror(errno);
+        if (g_userns.entered) err += " (as a user: mkdir it once as root, or give --mount DIR)";
+        return err;
       }
     } else if (!S_ISDIR(st.st_mode)) {
       return "--mount " + o.mountpoint + ": not a directory";
@@ -656,6 +730,13 @@ int main(int argc, char** argv) {
   fit::ClusterConfig config;
   std::string config_path;
   if (o.config.empty()) {
+    if (!o.export_dir.empty() && geteuid() != 0) {
+      // The private lego-stord runs in the run's user namespace too, as its root: the
+      // user's files are then root's there, as FUSE needs to map their owner (a file
+      // whose owner the kernel cannot map is read-only).
+      std::string err = enter_user_namespace();
+      if (!err.empty()) die(needs_root(err));
+    }
     embedded.start(o);
     config = embedded.config;
     config_path = embedded.config_path;
@@ -680,7 +761,8 @@ int main(int argc, char** argv) {
         2);
   }
   // The storage node whose export PROGRAM sees at --mount, if any.
-  const fit::NodeConfig* storage = o.storage_node >= 0
+  const fit::NodeConfig* storage = o.no_storage ? nullptr
+                                   : o.storage_node >= 0
                                        ? config.find(static_cast<fit::NodeId>(o.storage_node))
                                        : config.first_of(fit::Role::kStorage);
   if (o.storage_node >= 0 && (storage == nullptr || storage->role != fit::Role::kStorage)) {
@@ -753,6 +835,10 @@ int main(int argc, char** argv) {
       conf = std::string(old) + "," + conf;
     }
     setenv("MALLOC_CONF", conf.c_str(), 1);
+    if (!leave_user_namespace()) {
+      fprintf(stderr, "lego-run: cannot give PROGRAM back its own user id: %s\n", strerror(errno));
+      _exit(kExitLegoError);
+    }
     std::vector<char*> a;
     for (auto& s : o.argv) a.push_back(const_cast<char*>(s.c_str()));
     a.push_back(nullptr);

@@ -1,17 +1,11 @@
 // lego-memd: the memory node daemon. Serves the memory of lego processes running on
 // processor nodes (see include/lego/memory_node.h and memory_proto.h).
-#include <getopt.h>
-#include <signal.h>
-#include <unistd.h>
-
-#include <atomic>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "lego/daemon.h"
 #include "lego/fit.h"
 #include "lego/memory_node.h"
 #include "lego/units.h"
@@ -42,134 +36,54 @@ options:
 Stops cleanly on SIGTERM or SIGINT.
 )";
 
-std::atomic<bool> g_stop{false};
-
-void on_signal(int) {
-  g_stop = true;
-}
-
-[[noreturn]] void die(const std::string& msg, int code = 1) {
-  fprintf(stderr, "lego-memd: %s\n", msg.c_str());
-  exit(code);
-}
-
-long number(const char* flag, const char* text, long lo, long hi) {
-  auto v = parse_int(text, flag, lo, hi);
-  if (!v) die(v.status().message(), 2);
-  return v.value();
-}
-
-int status(const fit::ClusterConfig& config, fit::NodeId node, long as) {
-  fit::NodeId me;
-  if (as >= 0) {
-    me = static_cast<fit::NodeId>(as);
-  } else {
-    const fit::NodeConfig* p = config.first_of(fit::Role::kProcessor);
-    if (p == nullptr) die("--status needs --as ID: the cluster file has no processor node", 2);
-    me = p->id;
-  }
-  auto client = fit::Node::create(config, me);
-  if (!client) die(client.status().message());
-  std::vector<std::byte> reply(config.max_message_bytes);
-  auto r = client.value()->send_reply(node, mem::kStatus, {}, reply);
-  if (!r) die("memory node " + std::to_string(node) + ": " + r.status().message());
-  fwrite(reply.data(), 1, r.value(), stdout);
-  return 0;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  enum { kConfig = 1, kNode, kCapacity, kLease, kReadyFd, kStatus, kAs, kHelp };
-  static const option longopts[] = {{"config", required_argument, nullptr, kConfig},
-                                    {"node", required_argument, nullptr, kNode},
-                                    {"capacity", required_argument, nullptr, kCapacity},
-                                    {"lease-ms", required_argument, nullptr, kLease},
-                                    {"ready-fd", required_argument, nullptr, kReadyFd},
-                                    {"status", no_argument, nullptr, kStatus},
-                                    {"as", required_argument, nullptr, kAs},
-                                    {"help", no_argument, nullptr, kHelp},
-                                    {nullptr, 0, nullptr, 0}};
-  std::string config_path;
-  long node = -1, as = -1;
-  int ready_fd = -1;
-  bool want_status = false;
+  daemon::NodeFlags f;
   mem::MemoryNodeOptions options;
-  int c;
-  while ((c = getopt_long(argc, argv, "h", longopts, nullptr)) != -1) {
-    switch (c) {
-      case kConfig:
-        config_path = optarg;
-        break;
-      case kNode:
-        node = number("--node", optarg, 0, 65535);
-        break;
-      case kCapacity: {
-        auto v = parse_size(optarg, "--capacity");
-        if (!v) die(v.status().message(), 2);
-        if (v.value() < mem::kLineBytes) die("--capacity must hold at least one 4 KiB line", 2);
-        options.capacity_bytes = v.value();
-        break;
-      }
-      case kLease:
-        options.lease = std::chrono::milliseconds(number("--lease-ms", optarg, 100, 86400000));
-        break;
-      case kReadyFd:
-        ready_fd = static_cast<int>(number("--ready-fd", optarg, 0, 65535));
-        break;
-      case kStatus:
-        want_status = true;
-        break;
-      case kAs:
-        as = number("--as", optarg, 0, 65535);
-        break;
-      case 'h':
-      case kHelp:
-        fputs(kUsage, stdout);
-        return 0;
-      default:
-        fputs(kUsage, stderr);
-        return 2;
-    }
+  std::vector<daemon::Flag> flags = daemon::node_flags(f, true);
+  flags.push_back({"capacity", true, [&](const char* a) {
+                     uint64_t v = daemon::size("--capacity", a);
+                     if (v < mem::kLineBytes) {
+                       daemon::die("--capacity must hold at least one 4 KiB line",
+                                   daemon::kExitUsage);
+                     }
+                     options.capacity_bytes = v;
+                   }});
+  flags.push_back({"lease-ms", true, [&](const char* a) {
+                     options.lease =
+                         std::chrono::milliseconds(daemon::number("--lease-ms", a, 100, 86400000));
+                   }});
+  int first = daemon::parse_flags(argc, argv, "lego-memd", kUsage, flags);
+  if (first < argc) {
+    daemon::die(std::string("unexpected argument '") + argv[first] + "' (see --help)",
+                daemon::kExitUsage);
   }
-  if (optind < argc) die(std::string("unexpected argument '") + argv[optind] + "' (see --help)", 2);
-  if (config_path.empty() || node < 0) die("--config and --node are required (see --help)", 2);
-  auto config = fit::ClusterConfig::parse_file(config_path);
-  if (!config) die(config.status().message(), 2);
-  const fit::NodeConfig* me = config->find(static_cast<fit::NodeId>(node));
-  if (me == nullptr) die("node " + std::to_string(node) + " is not in " + config_path, 2);
-  if (want_status) return status(config.value(), static_cast<fit::NodeId>(node), as);
-  if (me->role != fit::Role::kMemory) {
-    die("node " + std::to_string(node) + " is a " + fit::role_name(me->role) + " node in " +
-            config_path + ", not a memory node",
-        2);
+  if (f.config.empty() || f.node < 0) {
+    daemon::die("--config and --node are required (see --help)", daemon::kExitUsage);
   }
+  fit::ClusterConfig config = daemon::load_config(f.config);
+  const auto id = static_cast<fit::NodeId>(f.node);
+  if (config.find(id) == nullptr) {
+    daemon::die("node " + std::to_string(f.node) + " is not in " + f.config, daemon::kExitUsage);
+  }
+  if (f.status) return daemon::print_status(config, id, f.as, mem::kStatus, "memory node");
+  const fit::NodeConfig& me = daemon::node_of_role(config, f.config, f.node, fit::Role::kMemory);
 
-  signal(SIGPIPE, SIG_IGN);
-  struct sigaction sa {};
-  sa.sa_handler = on_signal;
-  sigaction(SIGTERM, &sa, nullptr);
-  sigaction(SIGINT, &sa, nullptr);
-
+  daemon::install_stop_handlers();
   mem::MemoryNode memory(options);
-  auto fit_node = fit::Node::create(config.value(), static_cast<fit::NodeId>(node));
-  if (!fit_node) die(fit_node.status().message());
+  auto fit_node = fit::Node::create(config, id);
+  if (!fit_node) daemon::die(fit_node.status().message());
   memory.serve(*fit_node.value());
   Status st = fit_node.value()->start();
-  if (!st) die(st.message());
+  if (!st) daemon::die(st.message());
   fprintf(stderr, "lego-memd: node %ld serving at %s:%u (%s, %s), capacity %s, lease %lld ms\n",
-          node, me->address.c_str(), me->port, me->provider.c_str(),
-          fit::progress_name(me->progress), format_size(options.capacity_bytes).c_str(),
+          f.node, me.address.c_str(), me.port, me.provider.c_str(), fit::progress_name(me.progress),
+          format_size(options.capacity_bytes).c_str(),
           static_cast<long long>(options.lease.count()));
-  if (ready_fd >= 0) {
-    (void)!write(ready_fd, "ready\n", 6);
-    close(ready_fd);
-  }
-  while (!g_stop) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
-    memory.expire_idle();
-  }
-  fprintf(stderr, "lego-memd: node %ld stopping\n", node);
+  daemon::signal_ready(f.ready_fd);
+  daemon::run_until_stopped(std::chrono::milliseconds(200), [&] { memory.expire_idle(); });
+  fprintf(stderr, "lego-memd: node %ld stopping\n", f.node);
   fit_node.value()->stop();
   return 0;
 }

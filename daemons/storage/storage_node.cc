@@ -139,7 +139,7 @@ struct StorageNode::Impl {
   struct Counters {
     std::atomic<uint64_t> sessions_opened{0}, sessions_expired{0}, handles_open{0}, reads{0},
         writes{0}, bytes_read{0}, bytes_written{0}, fsyncs{0}, metadata_ops{0}, escapes{0},
-        refused{0};
+        refused{0}, files_refused{0};
   } c;
 
   Status refuse(int code, const std::string& msg) {
@@ -168,6 +168,14 @@ struct StorageNode::Impl {
       if (e == EXDEV) {
         c.escapes++;
         return Status(EACCES, std::string(op) + " '" + p + "': leads outside the export");
+      }
+      if (e == EMFILE || e == ENFILE) {
+        // This process's descriptors, shared by every session, ran out: not the calling
+        // program's limit (EMFILE) but the storage node's table.
+        c.files_refused++;
+        return Status(ENFILE, std::string(op) + " '" + p +
+                                  "': lego-stord has no file descriptor left (" + strerror(e) +
+                                  "; raise its RLIMIT_NOFILE)");
       }
       return Status::from_errno(e, std::string(op) + " '" + p + "'");
     }
@@ -370,9 +378,12 @@ struct StorageNode::Impl {
     {
       std::lock_guard<std::mutex> g(s.mu);
       if (s.closed) return Status(ESTALE, "open: session closed");
-      if (s.files.size() >= kMaxHandles) {
-        return Status(EMFILE,
-                      "open: session holds " + std::to_string(kMaxHandles) + " files already");
+      if (s.files.size() >= options.max_files) {
+        c.files_refused++;
+        return Status(ENFILE, "open '" + std::string(p->path) + "': the session of node " +
+                                  std::to_string(s.owner) + " holds " +
+                                  std::to_string(options.max_files) +
+                                  " files already (lego-stord --max-files)");
       }
       out.handle = s.next_handle++;
       auto f = std::make_shared<File>();
@@ -730,6 +741,7 @@ struct StorageNode::Impl {
     s.metadata_ops = c.metadata_ops;
     s.escapes = c.escapes;
     s.refused = c.refused;
+    s.files_refused = c.files_refused;
     return s;
   }
 };
@@ -811,7 +823,8 @@ std::string StorageNode::status_text() const {
   StorageNodeStats s = stats();
   std::ostringstream o;
   o << "storage node: export " << impl_->options.export_dir << ", lease "
-    << impl_->options.lease.count() << " ms\n";
+    << impl_->options.lease.count() << " ms, max " << impl_->options.max_files
+    << " files per session\n";
   {
     std::lock_guard<std::mutex> g(impl_->sessions_mu);
     for (auto& [id, sess] : impl_->sessions) {
@@ -824,7 +837,8 @@ std::string StorageNode::status_text() const {
     << "\nsessions_expired " << s.sessions_expired << "\nhandles_open " << s.handles_open
     << "\nreads " << s.reads << "\nwrites " << s.writes << "\nbytes_read " << s.bytes_read
     << "\nbytes_written " << s.bytes_written << "\nfsyncs " << s.fsyncs << "\nmetadata_ops "
-    << s.metadata_ops << "\nescapes " << s.escapes << "\nrefused " << s.refused << "\n";
+    << s.metadata_ops << "\nescapes " << s.escapes << "\nrefused " << s.refused
+    << "\nfiles_refused " << s.files_refused << "\n";
   return o.str();
 }
 

@@ -28,6 +28,10 @@ struct StorageNodeOptions {
   // A session with no request for this long is freed with its open files: its client is
   // lost. Clients heartbeat every lease/4. Default 20 s.
   std::chrono::milliseconds lease{20000};
+  // Open files one session (one mount: all programs of a processor node) may hold; each is
+  // a file descriptor of this process, which lego-stord's RLIMIT_NOFILE also bounds.
+  // Beyond it open gets ENFILE. Default kMaxHandles (65536).
+  uint32_t max_files = kMaxHandles;
 };
 
 struct StorageNodeStats {
@@ -43,6 +47,7 @@ struct StorageNodeStats {
   uint64_t metadata_ops = 0;      // stat, open, readdir, mkdir, rename, ... served
   uint64_t escapes = 0;           // paths refused because they would leave the export
   uint64_t refused = 0;           // malformed requests, unknown sessions or handles
+  uint64_t files_refused = 0;     // opens refused with ENFILE: --max-files or no fd left
 };
 
 class StorageNode {

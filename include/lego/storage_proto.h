@@ -9,7 +9,11 @@
 // secret gets ESTALE (the storage node restarted or expired the session: say kHello
 // again). Open files are handles of one session: a session is freed, with every file it
 // holds open, by kGoodbye or when no request (kHeartbeat included) arrived for the lease
-// time, so a vanished client leaks nothing. A session holds at most kMaxHandles files.
+// time, so a vanished client leaks nothing. A session holds at most the storage node's
+// max_files (lego-stord --max-files, default kMaxHandles) open files; kOpen beyond that,
+// or when the storage node itself has no file descriptor left, gets ENFILE: the table
+// that is full is the whole mount's (every program on the processor node shares one
+// session), not the calling process's, whose limit EMFILE would name.
 //
 // Paths: relative to the export, '/'-separated, without a leading '/', at most kMaxPath
 // bytes, no NUL; "" names the export's root. The storage node resolves them beneath its
@@ -28,7 +32,7 @@ inline constexpr uint32_t kMaxPath = 4096;  // bytes of one path, without NUL
 // Largest read or write payload per request: 128 KiB fits FIT's default 136 KiB
 // max_message_bytes with headers. Clients split larger I/O.
 inline constexpr uint32_t kMaxIo = 128 * 1024;
-inline constexpr uint32_t kMaxHandles = 4096;    // open files per session
+inline constexpr uint32_t kMaxHandles = 65536;   // default open files per session
 inline constexpr uint32_t kMaxSessions = 16384;  // sessions per storage node (EAGAIN beyond)
 
 enum Opcode : uint16_t {

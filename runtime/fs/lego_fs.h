@@ -22,7 +22,7 @@ struct MountOptions {
   std::string mountpoint;
   bool allow_other = false;  // let other users in (kernel permission checks apply)
   bool debug = false;        // libfuse's request trace on stderr
-  int ready_fd = -1;         // written "ready\n" once mounted, then closed
+  int ready_fd = -1;         // written "ready\n" once the mount serves, then closed
 };
 
 // Mounts at options.mountpoint and serves until unmounted or SIGTERM/SIGINT/SIGHUP; then

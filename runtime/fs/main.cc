@@ -1,11 +1,10 @@
 // lego-fs: mounts a storage node's export at a directory of this processor node (FUSE).
-#include <getopt.h>
-#include <signal.h>
-#include <unistd.h>
-
 #include <cstdio>
+#include <cstring>
 #include <string>
+#include <vector>
 
+#include "lego/daemon.h"
 #include "lego/fit.h"
 #include "lego/storage_client.h"
 #include "lego/units.h"
@@ -28,100 +27,83 @@ options:
   --node ID          this processor node's id (default: the first processor node)
   --storage ID       the storage node's id (default: the first storage node)
   --allow-other      let other users use the mount (kernel permission checks apply)
+  --progress P       how this mount waits for the storage node's replies: blocking
+                     (default: sleeps in the kernel; a FUSE request already costs two
+                     kernel crossings and a thread wake-up, and spinning threads take
+                     the CPU that the program and the storage node need) or polling
+                     (spin, as the cluster file may say for this node's memory traffic)
   --ready-fd FD      write "ready\n" to FD once mounted (for supervisors and tests)
   --debug            trace every FUSE request on stderr
   --help             this text
 )";
 
-[[noreturn]] void die(const std::string& msg, int code = 1) {
-  fprintf(stderr, "lego-fs: %s\n", msg.c_str());
-  exit(code);
-}
-
-long number(const char* flag, const char* text, long lo, long hi) {
-  auto v = parse_int(text, flag, lo, hi);
-  if (!v) die(v.status().message(), 2);
-  return v.value();
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  enum { kConfig = 1, kNode, kStorage, kAllowOther, kReadyFd, kDebug, kHelp };
-  static const option longopts[] = {{"config", required_argument, nullptr, kConfig},
-                                    {"node", required_argument, nullptr, kNode},
-                                    {"storage", required_argument, nullptr, kStorage},
-                                    {"allow-other", no_argument, nullptr, kAllowOther},
-                                    {"ready-fd", required_argument, nullptr, kReadyFd},
-                                    {"debug", no_argument, nullptr, kDebug},
-                                    {"help", no_argument, nullptr, kHelp},
-                                    {nullptr, 0, nullptr, 0}};
   std::string config_path;
   long node = -1, storage = -1;
+  fit::Progress progress = fit::Progress::kBlocking;
   fs::MountOptions options;
-  int c;
-  while ((c = getopt_long(argc, argv, "h", longopts, nullptr)) != -1) {
-    switch (c) {
-      case kConfig:
-        config_path = optarg;
-        break;
-      case kNode:
-        node = number("--node", optarg, 0, 65535);
-        break;
-      case kStorage:
-        storage = number("--storage", optarg, 0, 65535);
-        break;
-      case kAllowOther:
-        options.allow_other = true;
-        break;
-      case kReadyFd:
-        options.ready_fd = static_cast<int>(number("--ready-fd", optarg, 0, 65535));
-        break;
-      case kDebug:
-        options.debug = true;
-        break;
-      case 'h':
-      case kHelp:
-        fputs(kUsage, stdout);
-        return 0;
-      default:
-        fputs(kUsage, stderr);
-        return 2;
-    }
-  }
-  if (optind + 1 != argc) die("exactly one MOUNTPOINT is required (see --help)", 2);
-  options.mountpoint = argv[optind];
-  if (config_path.empty()) die("--config is required (see --help)", 2);
-  auto config = fit::ClusterConfig::parse_file(config_path);
-  if (!config) die(config.status().message(), 2);
+  auto id = [](const char* flag, const char* a) { return daemon::number(flag, a, 0, 65535); };
+  std::vector<daemon::Flag> flags = {
+      {"config", true, [&](const char* a) { config_path = a; }},
+      {"node", true, [&](const char* a) { node = id("--node", a); }},
+      {"storage", true, [&](const char* a) { storage = id("--storage", a); }},
+      {"allow-other", false, [&](const char*) { options.allow_other = true; }},
+      {"progress", true,
+       [&](const char* a) {
+         if (strcmp(a, "blocking") == 0) {
+           progress = fit::Progress::kBlocking;
+         } else if (strcmp(a, "polling") == 0) {
+           progress = fit::Progress::kPolling;
+         } else {
+           daemon::die("--progress: blocking or polling", daemon::kExitUsage);
+         }
+       }},
+      {"ready-fd", true,
+       [&](const char* a) { options.ready_fd = static_cast<int>(id("--ready-fd", a)); }},
+      {"debug", false, [&](const char*) { options.debug = true; }},
+  };
+  int first = daemon::parse_flags(argc, argv, "lego-fs", kUsage, flags);
+  if (first + 1 != argc)
+    daemon::die("exactly one MOUNTPOINT is required (see --help)", daemon::kExitUsage);
+  options.mountpoint = argv[first];
+  if (config_path.empty()) daemon::die("--config is required (see --help)", daemon::kExitUsage);
+  fit::ClusterConfig config = daemon::load_config(config_path);
   if (node < 0) {
-    const fit::NodeConfig* p = config->first_of(fit::Role::kProcessor);
-    if (p == nullptr) die("--node ID is needed: " + config_path + " has no processor node", 2);
+    const fit::NodeConfig* p = config.first_of(fit::Role::kProcessor);
+    if (p == nullptr)
+      daemon::die("--node ID is needed: " + config_path + " has no processor node",
+                  daemon::kExitUsage);
     node = p->id;
   }
   if (storage < 0) {
-    const fit::NodeConfig* s = config->first_of(fit::Role::kStorage);
-    if (s == nullptr) die("--storage ID is needed: " + config_path + " has no storage node", 2);
+    const fit::NodeConfig* s = config.first_of(fit::Role::kStorage);
+    if (s == nullptr)
+      daemon::die("--storage ID is needed: " + config_path + " has no storage node",
+                  daemon::kExitUsage);
     storage = s->id;
   }
-  if (config->find(static_cast<fit::NodeId>(node)) == nullptr) {
-    die("node " + std::to_string(node) + " is not in " + config_path, 2);
+  if (config.find(static_cast<fit::NodeId>(node)) == nullptr) {
+    daemon::die("node " + std::to_string(node) + " is not in " + config_path, daemon::kExitUsage);
   }
-  const fit::NodeConfig* sn = config->find(static_cast<fit::NodeId>(storage));
-  if (sn == nullptr)
-    die("storage node " + std::to_string(storage) + " is not in " + config_path, 2);
-  if (sn->role != fit::Role::kStorage) {
-    die("node " + std::to_string(storage) + " is a " + fit::role_name(sn->role) + " node in " +
-            config_path + ", not a storage node",
-        2);
+  if (config.find(static_cast<fit::NodeId>(storage)) == nullptr) {
+    daemon::die("storage node " + std::to_string(storage) + " is not in " + config_path,
+                daemon::kExitUsage);
   }
-  signal(SIGPIPE, SIG_IGN);
-  auto fit_node = fit::Node::create(config.value(), static_cast<fit::NodeId>(node));
-  if (!fit_node) die(fit_node.status().message());
+  (void)daemon::node_of_role(config, config_path, storage, fit::Role::kStorage);
+  // The cluster file's progress for this node is for its memory traffic (lego-run's
+  // runtime); the mount's own waiting is --progress.
+  for (auto& n : config.nodes) {
+    if (n.id == static_cast<fit::NodeId>(node)) n.progress = progress;
+  }
+  daemon::ignore_sigpipe();
+  auto fit_node = fit::Node::create(config, static_cast<fit::NodeId>(node));
+  if (!fit_node) daemon::die(fit_node.status().message());
   auto client = stor::StorageClient::connect(*fit_node.value(), static_cast<fit::NodeId>(storage));
-  if (!client) die(client.status().message());
+  if (!client) daemon::die(client.status().message());
   Status st = fs::serve(*client.value(), options);
   client.value().reset();
-  if (!st) die(st.message());
+  if (!st) daemon::die(st.message());
   return 0;
 }

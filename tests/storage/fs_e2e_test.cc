@@ -7,11 +7,13 @@
 // 4 GiB; the right errno for common failures; fsync'ed data surviving a killed and
 // restarted lego-stord; a lego-stord killed mid-write giving EIO promptly, not a hang.
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -20,6 +22,7 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <sstream>
 #include <thread>
@@ -89,7 +92,9 @@ struct Stack {
   std::string dir, config, exp, mnt;
   pid_t stord = -1, fs = -1;
 
-  Stack() {
+  std::vector<std::string> fs_flags;  // extra lego-fs flags
+
+  explicit Stack(std::vector<std::string> flags = {}) : fs_flags(std::move(flags)) {
     private_mounts();
     auto t = testing::Topology::create(2, "stor");
     INFO(t.status().message());
@@ -145,8 +150,12 @@ struct Stack {
   void start_fs() {
     int p[2];
     REQUIRE(pipe(p) == 0);
-    auto pid = topo->spawn(0, {runfile("runtime/fs/lego-fs"), "--config", config, "--node", "1",
-                               "--ready-fd", std::to_string(p[1]), mnt});
+    std::vector<std::string> argv = {
+        runfile("runtime/fs/lego-fs"), "--config", config, "--node", "1", "--ready-fd",
+        std::to_string(p[1])};
+    argv.insert(argv.end(), fs_flags.begin(), fs_flags.end());
+    argv.push_back(mnt);
+    auto pid = topo->spawn(0, argv);
     close(p[1]);
     INFO(pid.status().message());
     REQUIRE(pid.is_ok());
@@ -408,4 +417,79 @@ TEST_CASE("fsync'ed data survives a killed and restarted lego-stord; a kill mid-
   CHECK(failed_at - killed_at < std::chrono::seconds(10));
   close(fd);
   s.start_stord();
+}
+
+// Guards sequential read speed: lego-fs sets its mount's readahead to 1 MiB (the kernel
+// gives FUSE 128 KiB, which cut every 1 MiB read() into eight one-at-a-time requests).
+TEST_CASE("the mount's readahead is 1 MiB", "[fs][e2e]") {
+  Stack s;
+  struct stat st;
+  REQUIRE(::stat(s.mnt.c_str(), &st) == 0);
+  std::string knob = "/sys/class/bdi/" + std::to_string(major(st.st_dev)) + ":" +
+                     std::to_string(minor(st.st_dev)) + "/read_ahead_kb";
+  INFO(knob);
+  CHECK(slurp(knob) == "1024\n");
+}
+
+// Runs fn as user nobody in a child (fn gets an O_PATH fd of the mount's root: the test's
+// temp directory is not searchable by nobody); returns fn's result, or -1.
+int as_nobody(const Stack& s, const std::function<int(int)>& fn) {
+  int root = open(s.mnt.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (root < 0) return -1;
+  pid_t pid = fork();
+  if (pid == 0) {
+    if (setgroups(0, nullptr) != 0 || setresgid(65534, 65534, 65534) != 0 ||
+        setresuid(65534, 65534, 65534) != 0) {
+      _exit(100);
+    }
+    _exit(fn(root));
+  }
+  close(root);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// Guards POSIX's rule that writing or truncating a file as a user without CAP_FSETID
+// clears its setuid and setgid bits (a setuid binary must not stay setuid once someone
+// else changed it), and truncate(2) by path of a file nobody holds open.
+TEST_CASE("a non-owner's write or truncate clears setuid/setgid; truncate by path", "[fs][e2e]") {
+  Stack s({"--allow-other"});  // other users in, with the kernel's permission checks
+  int fd = open(s.m("suid").c_str(), O_CREAT | O_WRONLY, 0644);
+  REQUIRE(fd >= 0);
+  REQUIRE(write(fd, "root", 4) == 4);
+  REQUIRE(close(fd) == 0);
+  REQUIRE(chown(s.m("suid").c_str(), 0, 100) == 0);  // chown clears the bits: chmod after
+  auto mode_in_export = [&] {
+    struct stat st;
+    REQUIRE(::stat(s.e("suid").c_str(), &st) == 0);
+    return st.st_mode & 07777;
+  };
+
+  REQUIRE(chmod(s.m("suid").c_str(), 06777) == 0);
+  REQUIRE(mode_in_export() == 06777);
+  CHECK(as_nobody(s, [](int root) {
+          int f = openat(root, "suid", O_WRONLY | O_APPEND);
+          return f >= 0 && write(f, "user", 4) == 4 && close(f) == 0 ? 0 : 1;
+        }) == 0);
+  CHECK(mode_in_export() == 0777);
+
+  REQUIRE(chmod(s.m("suid").c_str(), 06777) == 0);
+  CHECK(as_nobody(s, [](int root) {
+          std::string path = "/proc/self/fd/" + std::to_string(root) + "/suid";
+          return truncate(path.c_str(), 2) == 0 ? 0 : 1;
+        }) == 0);
+  CHECK(mode_in_export() == 0777);
+
+  // Size by path, the file not open anywhere: grows with zeros, then shrinks.
+  REQUIRE(truncate(s.m("suid").c_str(), 100000) == 0);
+  std::string data = slurp(s.e("suid"));
+  CHECK(data.size() == 100000);
+  CHECK(data.substr(0, 2) == "ro");
+  CHECK(data.find_first_not_of('\0', 2) == std::string::npos);
+  REQUIRE(truncate(s.m("suid").c_str(), 3) == 0);
+  CHECK(slurp(s.e("suid")) == std::string("ro\0", 3));
+  struct stat st;
+  REQUIRE(::stat(s.m("suid").c_str(), &st) == 0);
+  CHECK(st.st_size == 3);
 }

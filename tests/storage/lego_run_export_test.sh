@@ -6,7 +6,9 @@
 # and rename files that land in DIR; sqlite3 and python3 work on them; the mount is
 # invisible outside the run and gone after it (a mount point lego-run created is left
 # empty); bad --export/--mount give exit status 2 with a message; a cluster file with
-# lego-memd and lego-stord started by hand works.
+# lego-memd and lego-stord started by hand works, as root and as a user (a user
+# namespace of the run's own), and --storage-node none runs without the mount; --export
+# works without root.
 set -uo pipefail
 
 root=${TEST_SRCDIR:-}/lego
@@ -117,6 +119,45 @@ check "lego-run --config mounts the cluster's storage node" [ "$out" = "new" ]
 [ "$out" = "new" ] || { echo "$out" | sed 's/^/  /'; cat "$tmp/stord.log"; }
 out=$("$LEGO_RUN" --config "$tmp/cluster.toml" --mount "$mnt" -- df -P "$mnt" 2>&1)
 check "statfs through the mount (df)" bash -c "echo '$out' | grep -q '^lego '"
+# Without root: lego-run mounts in a user namespace of its own; the program keeps its uid.
+# (The binaries and the cluster file where user nobody can reach them.)
+user_dir=$(mktemp -d /tmp/lego-run-user-test.XXXXXX)
+cp -L "$LEGO_RUN" "$root/runtime/liblego_preload.so" "$root/runtime/fs/lego-fs" "$user_dir/"
+cp "$tmp/cluster.toml" "$user_dir/"
+mkdir "$user_dir/mnt"
+chmod -R a+rX "$user_dir"
+out=$(setpriv --reuid 65534 --regid 65534 --clear-groups "$user_dir/lego-run" \
+  --config "$user_dir/cluster.toml" --mount "$user_dir/mnt" -- \
+  sh -c "id -u; cat $user_dir/mnt/d/new.txt; echo by-user > $user_dir/mnt/user.txt" 2>&1)
+check "lego-run --config without root mounts the storage node; the program keeps its uid" \
+  [ "$out" = "$(printf '65534\nnew')" ]
+[ "$out" = "$(printf '65534\nnew')" ] || echo "$out" | sed 's/^/  /'
+check "... and its files land in the export" [ "$(cat "$exp/user.txt" 2>/dev/null)" = "by-user" ]
+out=$(setpriv --reuid 65534 --regid 65534 --clear-groups "$user_dir/lego-run" \
+  --config "$user_dir/cluster.toml" --mount /nonexistent-lego-$$/mnt -- true 2>&1)
+check "... a mount point the user cannot create: exit 125 and what to do" \
+  bash -c "[ $? -eq 125 ] && grep -q 'give --mount DIR' <<< '$out'"
+out=$(setpriv --reuid 65534 --regid 65534 --clear-groups "$user_dir/lego-run" \
+  --config "$user_dir/cluster.toml" --storage-node none -- sh -c "id -u; ls $user_dir/mnt" 2>&1)
+check "--storage-node none: no mount" [ "$out" = "65534" ]
+# --export without root: the private lego-stord runs in the run's user namespace too.
+# (A forking shell cannot run here: fork() under lego-run needs root; python3 does not.)
+mkdir "$user_dir/export"
+chown nobody:nogroup "$user_dir/export"
+cp "$root/daemons/memory/lego-memd" "$root/daemons/storage/lego-stord" "$user_dir/"
+chmod -R a+rX "$user_dir"
+out=$(setpriv --reuid 65534 --regid 65534 --clear-groups "$user_dir/lego-run" \
+  --export "$user_dir/export" --mount "$user_dir/mnt" -- python3 -c "
+import os
+with open('$user_dir/mnt/f', 'w') as f: f.write('mine')
+print(os.getuid(), os.stat('$user_dir/mnt/f').st_uid, open('$user_dir/mnt/f').read())" 2>&1)
+check "lego-run --export without root: the user's files, written and read as the user" \
+  [ "$out" = "65534 65534 mine" ]
+[ "$out" = "65534 65534 mine" ] || echo "$out" | sed 's/^/  /'
+check "... and they are the user's in the export" \
+  [ "$(stat -c %u "$user_dir/export/f" 2>/dev/null)" = 65534 ]
+rm -rf "$user_dir"
+
 out=$("$STORD" --status --config "$tmp/cluster.toml" --node 3 2>&1)
 check "lego-stord --status prints its counters" \
   bash -c "echo '$out' | grep -q '^sessions_opened [1-9]' && echo '$out' | grep -q '^escapes 0'"

@@ -6,6 +6,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -620,18 +621,61 @@ TEST_CASE("a vanished client's session and files are freed when its lease runs o
   }
 }
 
-TEST_CASE("a session holds a bounded number of files", "[storage][lease]") {
+// Guards the open-file bounds: a session (a whole mount) past max_files, and a storage
+// node out of descriptors, give ENFILE (the mount's table is full), not EMFILE (which
+// names the calling process's own limit), with a message saying which bound.
+TEST_CASE("a session holds a bounded number of files: ENFILE beyond", "[storage][lease]") {
+  StorageNodeOptions options;
+  options.max_files = 64;
+  Rig rig("tcp", options);
+  auto& c = rig.c();
+  write_file(rig.exp + "/f", "f");
+  int enfile = 0;
+  for (uint32_t i = 0; i < options.max_files + 5; i++) {
+    auto f = c.open("f", O_RDONLY);
+    if (!f) {
+      INFO(f.status().message());
+      REQUIRE(f.status().code() == ENFILE);
+      CHECK(f.status().message().find("--max-files") != std::string::npos);
+      enfile++;
+    }
+  }
+  CHECK(enfile == 5);
+  CHECK(rig.storage->stats().handles_open == options.max_files);
+  CHECK(rig.storage->stats().files_refused == 5);
+  CHECK(kMaxHandles == 65536);  // the default
+}
+
+TEST_CASE("a storage node out of file descriptors answers open with ENFILE", "[storage][lease]") {
   Rig rig("tcp");
   auto& c = rig.c();
   write_file(rig.exp + "/f", "f");
-  int emfile = 0;
-  for (uint32_t i = 0; i < kMaxHandles + 5; i++) {
+  // This test process is the storage node: lower its descriptor limit to what it uses
+  // now plus a few.
+  struct rlimit old;
+  REQUIRE(getrlimit(RLIMIT_NOFILE, &old) == 0);
+  int highest = 0;
+  for (int fd = 0; fd < 4096; fd++) {
+    if (fcntl(fd, F_GETFD) >= 0) highest = fd;
+  }
+  struct rlimit low = old;
+  low.rlim_cur = static_cast<rlim_t>(highest + 8);
+  REQUIRE(setrlimit(RLIMIT_NOFILE, &low) == 0);
+  int enfile = 0, other = 0;
+  std::string message;
+  for (int i = 0; i < 32; i++) {
     auto f = c.open("f", O_RDONLY);
-    if (!f) {
-      REQUIRE(f.status().code() == EMFILE);
-      emfile++;
+    if (!f && f.status().code() == ENFILE) {
+      enfile++;
+      message = f.status().message();
+    } else if (!f) {
+      other++;
+      message = f.status().message();
     }
   }
-  CHECK(emfile == 5);
-  CHECK(rig.storage->stats().handles_open == kMaxHandles);
+  REQUIRE(setrlimit(RLIMIT_NOFILE, &old) == 0);
+  INFO(message);
+  CHECK(enfile > 0);
+  CHECK(other == 0);
+  CHECK(message.find("RLIMIT_NOFILE") != std::string::npos);
 }

@@ -1,0 +1,156 @@
+// The daemons' shared plumbing (include/lego/daemon.h).
+#include "lego/daemon.h"
+
+#include <getopt.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <thread>
+
+#include "lego/units.h"
+
+namespace lego::daemon {
+namespace {
+
+const char* g_program = "lego";
+std::atomic<bool> g_stop{false};
+
+void on_stop_signal(int) {
+  g_stop = true;
+}
+
+}  // namespace
+
+void set_program(const char* name) {
+  g_program = name;
+}
+
+void die(const std::string& msg, int code) {
+  fprintf(stderr, "%s: %s\n", g_program, msg.c_str());
+  exit(code);
+}
+
+long number(const char* flag, const char* text, long lo, long hi) {
+  auto v = parse_int(text, flag, lo, hi);
+  if (!v) die(v.status().message(), kExitUsage);
+  return v.value();
+}
+
+uint64_t size(const char* flag, const char* text) {
+  auto v = parse_size(text, flag);
+  if (!v) die(v.status().message(), kExitUsage);
+  return v.value();
+}
+
+int parse_flags(int argc, char** argv, const char* program, const char* usage,
+                const std::vector<Flag>& flags) {
+  set_program(program);
+  enum { kHelp = 1 };  // getopt_long's val for --help; flags[i] is kHelp + 1 + i
+  std::vector<option> longopts;
+  for (size_t i = 0; i < flags.size(); i++) {
+    longopts.push_back({flags[i].name, flags[i].takes_arg ? required_argument : no_argument,
+                        nullptr, static_cast<int>(kHelp + 1 + i)});
+  }
+  longopts.push_back({"help", no_argument, nullptr, kHelp});
+  longopts.push_back({nullptr, 0, nullptr, 0});
+  int c;
+  while ((c = getopt_long(argc, argv, "h", longopts.data(), nullptr)) != -1) {
+    if (c == 'h' || c == kHelp) {
+      fputs(usage, stdout);
+      exit(0);
+    }
+    if (c > kHelp && static_cast<size_t>(c - kHelp - 1) < flags.size()) {
+      flags[static_cast<size_t>(c - kHelp - 1)].set(optarg);
+      continue;
+    }
+    fputs(usage, stderr);
+    exit(kExitUsage);
+  }
+  return optind;
+}
+
+std::vector<Flag> node_flags(NodeFlags& f, bool with_status) {
+  std::vector<Flag> flags = {
+      {"config", true, [&f](const char* a) { f.config = a; }},
+      {"node", true, [&f](const char* a) { f.node = number("--node", a, 0, 65535); }},
+      {"ready-fd", true,
+       [&f](const char* a) { f.ready_fd = static_cast<int>(number("--ready-fd", a, 0, 65535)); }},
+  };
+  if (with_status) {
+    flags.push_back({"status", false, [&f](const char*) { f.status = true; }});
+    flags.push_back({"as", true, [&f](const char* a) { f.as = number("--as", a, 0, 65535); }});
+  }
+  return flags;
+}
+
+fit::ClusterConfig load_config(const std::string& path) {
+  auto config = fit::ClusterConfig::parse_file(path);
+  if (!config) die(config.status().message(), kExitUsage);
+  return std::move(config.value());
+}
+
+const fit::NodeConfig& node_of_role(const fit::ClusterConfig& config, const std::string& path,
+                                    long id, fit::Role role) {
+  const fit::NodeConfig* n = config.find(static_cast<fit::NodeId>(id));
+  if (n == nullptr) die("node " + std::to_string(id) + " is not in " + path, kExitUsage);
+  if (n->role != role) {
+    die("node " + std::to_string(id) + " is a " + fit::role_name(n->role) + " node in " + path +
+            ", not a " + fit::role_name(role) + " node",
+        kExitUsage);
+  }
+  return *n;
+}
+
+int print_status(const fit::ClusterConfig& config, fit::NodeId node, long as, uint16_t opcode,
+                 const char* what) {
+  fit::NodeId me;
+  if (as >= 0) {
+    me = static_cast<fit::NodeId>(as);
+  } else {
+    const fit::NodeConfig* p = config.first_of(fit::Role::kProcessor);
+    if (p == nullptr) {
+      die("--status needs --as ID: the cluster file has no processor node", kExitUsage);
+    }
+    me = p->id;
+  }
+  auto client = fit::Node::create(config, me);
+  if (!client) die(client.status().message());
+  std::vector<std::byte> reply(config.max_message_bytes);
+  auto r = client.value()->send_reply(node, opcode, {}, reply);
+  if (!r) die(std::string(what) + " " + std::to_string(node) + ": " + r.status().message());
+  fwrite(reply.data(), 1, r.value(), stdout);
+  return 0;
+}
+
+void ignore_sigpipe() {
+  signal(SIGPIPE, SIG_IGN);
+}
+
+void install_stop_handlers() {
+  ignore_sigpipe();
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+}
+
+bool stop_requested() {
+  return g_stop.load();
+}
+
+void run_until_stopped(std::chrono::milliseconds period, const std::function<void()>& tick) {
+  while (!stop_requested()) {
+    std::this_thread::sleep_for(period);
+    tick();
+  }
+}
+
+void signal_ready(int fd) {
+  if (fd < 0) return;
+  (void)!write(fd, "ready\n", 6);
+  close(fd);
+}
+
+}  // namespace lego::daemon

@@ -1,0 +1,89 @@
+// The plumbing lego's daemons share: lego-memd, lego-stord and lego-fs parse their flags,
+// load the cluster file, find their node in it, answer --status, stop on a signal and
+// report readiness the same way, through these helpers.
+//
+// Errors: these are for a daemon's main(). A helper that cannot go on prints
+// "PROGRAM: what went wrong" on stderr and exits: status kExitUsage (2) for a bad
+// command line or cluster file, kExitFailure (1) for anything else. Nothing here
+// returns an error to handle.
+//
+// Thread-safety: call from the main thread, before starting others (set_program,
+// parse_flags, install_stop_handlers); stop_requested() may be read from any thread.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "lego/fit.h"
+
+namespace lego::daemon {
+
+inline constexpr int kExitFailure = 1;
+inline constexpr int kExitUsage = 2;
+
+// The name messages start with ("lego-stord"); parse_flags sets it too.
+void set_program(const char* name);
+// "PROGRAM: msg" on stderr, then exit(code).
+[[noreturn]] void die(const std::string& msg, int code = kExitFailure);
+
+// A number in [lo, hi] or a size ("64M") given to `flag`; dies with kExitUsage if not.
+long number(const char* flag, const char* text, long lo, long hi);
+uint64_t size(const char* flag, const char* text);
+
+// One long option: "--name" (with an argument when takes_arg), handed to `set`
+// (nullptr without an argument).
+struct Flag {
+  const char* name;
+  bool takes_arg;
+  std::function<void(const char* arg)> set;
+};
+
+// Parses argv's options with getopt_long: `flags`, and -h/--help, which prints `usage`
+// on stdout and exits 0. An unknown option or a missing argument prints `usage` on
+// stderr and exits kExitUsage. Returns the index of the first non-option argument
+// (options may follow operands, as getopt_long permutes).
+int parse_flags(int argc, char** argv, const char* program, const char* usage,
+                const std::vector<Flag>& flags);
+
+// The flags every node daemon has, and the flags that fill them.
+struct NodeFlags {
+  std::string config;   // --config FILE
+  long node = -1;       // --node ID
+  int ready_fd = -1;    // --ready-fd FD
+  bool status = false;  // --status
+  long as = -1;         // --as ID (with --status)
+};
+// --config, --node, --ready-fd, and with `with_status` --status and --as.
+std::vector<Flag> node_flags(NodeFlags& f, bool with_status);
+
+// The cluster file at `path`; dies with kExitUsage when it cannot be read or parsed.
+fit::ClusterConfig load_config(const std::string& path);
+// Node `id` of `config` (read from `path`), which must have `role`; dies with
+// kExitUsage naming what is wrong ("node 3 is a memory node in c.toml, not a storage
+// node").
+const fit::NodeConfig& node_of_role(const fit::ClusterConfig& config, const std::string& path,
+                                    long id, fit::Role role);
+
+// --status: asks node `node` (a `what`, "storage node") for its status text with
+// `opcode`, speaking as node `as` (or, when as < 0, the first processor node), and
+// prints the text on stdout. Returns main()'s exit status; dies when the node does not
+// answer.
+int print_status(const fit::ClusterConfig& config, fit::NodeId node, long as, uint16_t opcode,
+                 const char* what);
+
+// Ignores SIGPIPE: a vanished peer is an error on its socket, not a death.
+void ignore_sigpipe();
+// ignore_sigpipe(), and SIGTERM and SIGINT set stop_requested().
+void install_stop_handlers();
+bool stop_requested();
+// Calls `tick` every `period` until stop_requested().
+void run_until_stopped(std::chrono::milliseconds period, const std::function<void()>& tick);
+
+// Writes "ready\n" to fd and closes it (--ready-fd, for supervisors and tests); nothing
+// when fd < 0.
+void signal_ready(int fd);
+
+}  // namespace lego::daemon
