@@ -903,7 +903,7 @@ void Node::Impl::ServerThread::run() {
       for (ssize_t k = 0; k < n; k++) handle_completion(e[k], rdm ? src[k] : FI_ADDR_UNSPEC);
       idle.busy();
     } else {
-      nap_if_needed(node->blocking, waitable, idle, kSpinNs);
+      nap_if_needed(node->blocking, waitable, idle, kServerSpinNs);
     }
     // Connection events and reaping every 256 rounds or 5 ms, busy or not: a loaded
     // server must still accept new clients.
