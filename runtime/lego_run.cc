@@ -9,6 +9,7 @@
 // and mounts the storage node's export there with lego-fs (at --mount, default /lego):
 // PROGRAM, which inherits the namespace, reads and writes those files on the storage
 // node; nothing else on the host sees the mount, and it vanishes with the run.
+#include <dirent.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <poll.h>
@@ -460,6 +461,23 @@ struct EmbeddedMemoryNode {
     dir.clear();
   }
 
+  // Namespaces (and with them their veth pairs) of earlier lego-runs that were killed
+  // (SIGKILL leaves no chance to clean up): removed when their lego-run is gone.
+  static void sweep_stale_namespaces() {
+    DIR* d = opendir("/var/run/netns");
+    if (d == nullptr) return;
+    while (dirent* e = readdir(d)) {
+      const char* name = e->d_name;
+      if (strncmp(name, "lego-run-", 9) != 0) continue;
+      char* end = nullptr;
+      const long pid = strtol(name + 9, &end, 10);
+      if (end == name + 9 || *end != '\0' || pid <= 0) continue;
+      if (kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+      run_quiet({"ip", "netns", "del", name});
+    }
+    closedir(d);
+  }
+
   void start(const Options& o) {
     pid_t me = getpid();
     dir = "/tmp/lego-run-" + std::to_string(me);
@@ -472,6 +490,7 @@ struct EmbeddedMemoryNode {
     std::string proc_addr = "127.0.0.1", mem_addr = "127.0.0.1";
     bool isolate = o.transport == "tcp" && geteuid() == 0 && !g_userns.entered;
     if (isolate) {
+      sweep_stale_namespaces();
       // A veth pair from this namespace to the memory node's own: the program keeps its
       // network, and the memory node is "remote".
       unsigned net = static_cast<unsigned>(me) % 16000;

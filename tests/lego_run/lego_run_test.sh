@@ -201,7 +201,21 @@ wait $memd 2>/dev/null
 ip netns del $ns
 ip link del lrt$$a 2>/dev/null
 
-# 9. Bad flags get a clear message and exit status 2; --help exits 0.
+# 9. The namespace of a lego-run that was SIGKILLed (no chance to clean up) is removed by
+#    the next lego-run; a live one's is kept.
+sh -c 'exit 0' &
+dead=$!
+wait $dead
+out=""
+ip netns add "lego-run-$dead"
+ip netns add "lego-run-$$"
+"$LEGO_RUN" --excache 1M -- true >/dev/null 2>&1
+check "a killed lego-run's namespace is swept" [ ! -e "/var/run/netns/lego-run-$dead" ]
+check "a live lego-run's namespace is kept" [ -e "/var/run/netns/lego-run-$$" ]
+ip netns del "lego-run-$dead" 2>/dev/null
+ip netns del "lego-run-$$" 2>/dev/null
+
+# 10. Bad flags get a clear message and exit status 2; --help exits 0.
 bad_flag() {  # bad_flag EXPECTED-TEXT COMMAND...
   local want=$1
   shift
