@@ -198,28 +198,9 @@ struct StreamBuffer {
   size_t len = 0;
 };
 
-// Writes all of [buf, buf+len) to a non-blocking socket, waiting for room up to
-// timeout_ms. Returns 0 or an errno.
-int send_all(int fd, const std::byte* buf, size_t len, int timeout_ms) {
-  size_t done = 0;
-  while (done < len) {
-    ssize_t n = send(fd, buf + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (n > 0) {
-      done += static_cast<size_t>(n);
-    } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      pollfd p{fd, POLLOUT, 0};
-      if (poll(&p, 1, timeout_ms) == 0) return ETIMEDOUT;
-    } else if (n < 0 && errno == EINTR) {
-      continue;
-    } else {
-      return n == 0 ? ECONNRESET : errno;
-    }
-  }
-  return 0;
-}
-
-// send_all for a frame whose header and payload are in different buffers (one sendmsg,
-// no copy of the payload into a send slot).
+// Writes all of [head, head+head_len) and then [payload, payload+payload_len) to a
+// non-blocking socket with sendmsg (a frame's header and payload need not be copied into
+// one buffer), waiting for room up to timeout_ms. Returns 0 or an errno.
 int send_all2(int fd, const std::byte* head, size_t head_len, const std::byte* payload,
               size_t payload_len, int timeout_ms) {
   size_t done = 0;
@@ -249,6 +230,11 @@ int send_all2(int fd, const std::byte* head, size_t head_len, const std::byte* p
     }
   }
   return 0;
+}
+
+// send_all2 of one buffer.
+int send_all(int fd, const std::byte* buf, size_t len, int timeout_ms) {
+  return send_all2(fd, buf, len, nullptr, 0, timeout_ms);
 }
 
 // Reads what is available. Returns bytes read (> 0), 0 when nothing is available, or -errno

@@ -91,6 +91,20 @@ fit::ClusterConfig load_config(const std::string& path) {
   return std::move(config.value());
 }
 
+fit::ClusterConfig load_node_config(int argc, char** argv, int first, const NodeFlags& f) {
+  if (first < argc) {
+    die(std::string("unexpected argument '") + argv[first] + "' (see --help)", kExitUsage);
+  }
+  if (f.config.empty() || f.node < 0) {
+    die("--config and --node are required (see --help)", kExitUsage);
+  }
+  fit::ClusterConfig config = load_config(f.config);
+  if (config.find(static_cast<fit::NodeId>(f.node)) == nullptr) {
+    die("node " + std::to_string(f.node) + " is not in " + f.config, kExitUsage);
+  }
+  return config;
+}
+
 const fit::NodeConfig& node_of_role(const fit::ClusterConfig& config, const std::string& path,
                                     long id, fit::Role role) {
   const fit::NodeConfig* n = config.find(static_cast<fit::NodeId>(id));

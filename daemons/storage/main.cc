@@ -58,19 +58,9 @@ int main(int argc, char** argv) {
                      options.max_files =
                          static_cast<uint32_t>(daemon::number("--max-files", a, 1, 1 << 24));
                    }});
-  int first = daemon::parse_flags(argc, argv, "lego-stord", kUsage, flags);
-  if (first < argc) {
-    daemon::die(std::string("unexpected argument '") + argv[first] + "' (see --help)",
-                daemon::kExitUsage);
-  }
-  if (f.config.empty() || f.node < 0) {
-    daemon::die("--config and --node are required (see --help)", daemon::kExitUsage);
-  }
-  fit::ClusterConfig config = daemon::load_config(f.config);
+  const int first = daemon::parse_flags(argc, argv, "lego-stord", kUsage, flags);
+  fit::ClusterConfig config = daemon::load_node_config(argc, argv, first, f);
   const auto id = static_cast<fit::NodeId>(f.node);
-  if (config.find(id) == nullptr) {
-    daemon::die("node " + std::to_string(f.node) + " is not in " + f.config, daemon::kExitUsage);
-  }
   if (f.status) return daemon::print_status(config, id, f.as, stor::kStatus, "storage node");
   const fit::NodeConfig& me = daemon::node_of_role(config, f.config, f.node, fit::Role::kStorage);
 

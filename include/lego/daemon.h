@@ -61,6 +61,10 @@ std::vector<Flag> node_flags(NodeFlags& f, bool with_status);
 
 // The cluster file at `path`; dies with kExitUsage when it cannot be read or parsed.
 fit::ClusterConfig load_config(const std::string& path);
+// A node daemon's start after parse_flags returned `first`: dies with kExitUsage on a
+// stray operand, without --config and --node, or when the node is not in the file.
+// Returns the cluster file.
+fit::ClusterConfig load_node_config(int argc, char** argv, int first, const NodeFlags& f);
 // Node `id` of `config` (read from `path`), which must have `role`; dies with
 // kExitUsage naming what is wrong ("node 3 is a memory node in c.toml, not a storage
 // node").
