@@ -341,7 +341,6 @@ struct ExCache::Impl {
     alignas(4096) std::byte data[(kMaxPrefetch + 1) * excache_internal::kLine];
   };
   PrefetchBuffer* prefetch_buffers = nullptr;  // kPrefetchBuffers of them, mmap'd
-  std::atomic<uint32_t> prefetch_busy{0};
 
   // fork.cc: fork() support (UFFD_FEATURE_EVENT_FORK). While a fork is under way
   // (prepare_fork until the handler thread reads the fork event) evictions and discards
@@ -436,7 +435,9 @@ struct ExCache::Impl {
   // Claims up to `want` absent lines on the stride after line `from` into pb (from pb.n
   // on), as `kind` (kFilling or kPrefetching), each with a frame had without waiting.
   void claim_ahead(PrefetchBuffer& pb, uint64_t from, size_t want, excache_internal::LineKind kind);
-  // Fetches pb's backed lines (into the tail of pb.data) and spreads them to their slots.
+  // Lists pb's backed lines in pb.fetch_addrs / fetch_slot (pb.m of them): the ones to fetch.
+  void list_backed(PrefetchBuffer& pb);
+  // Fetches pb's listed lines (into the tail of pb.data) and spreads them to their slots.
   void fetch_claimed(PrefetchBuffer& pb);
   // Maps pb's lines and publishes them; releases pb.
   void map_claimed(PrefetchBuffer& pb, uint64_t start_ns);

@@ -554,17 +554,18 @@ void ExCache::Impl::claim_ahead(PrefetchBuffer& pb, uint64_t from, size_t want, 
   }
 }
 
-void ExCache::Impl::fetch_claimed(PrefetchBuffer& pb) {
-  // Backed lines come from the backend, into the tail of the buffer: pb.m of them.
-  if (!pb.started) {
-    pb.m = 0;
-    for (size_t k = 0; k < pb.n; ++k) {
-      if (pb.state[k] & kBackedBit) {
-        pb.fetch_addrs[pb.m] = line_addr(pb.index[k]);
-        pb.fetch_slot[pb.m++] = static_cast<uint32_t>(k);
-      }
+void ExCache::Impl::list_backed(PrefetchBuffer& pb) {
+  pb.m = 0;
+  for (size_t k = 0; k < pb.n; ++k) {
+    if (pb.state[k] & kBackedBit) {
+      pb.fetch_addrs[pb.m] = line_addr(pb.index[k]);
+      pb.fetch_slot[pb.m++] = static_cast<uint32_t>(k);
     }
   }
+}
+
+void ExCache::Impl::fetch_claimed(PrefetchBuffer& pb) {
+  // Backed lines (list_backed) come from the backend, into the tail of the buffer.
   const size_t n = pb.n, m = pb.m;
   if (m > 0) {
     bool fetched = false;
@@ -668,6 +669,7 @@ bool ExCache::Impl::fill_with_prefetch(uint64_t index, uint64_t state, bool writ
   stats.add(kMisses);
   stats.add(kPrefetches);
   stats.add(kPrefetchedLines, got);
+  list_backed(pb);
   fetch_claimed(pb);
   // The next window is fetched in the background while the program works through this one.
   start_background_prefetch(last, stride, want, write);
@@ -695,12 +697,7 @@ void ExCache::Impl::start_background_prefetch(uint64_t from, int64_t stride, siz
     release_prefetch_buffer(pb);
     return;
   }
-  for (size_t k = 0; k < pb.n; ++k) {
-    if (pb.state[k] & kBackedBit) {
-      pb.fetch_addrs[pb.m] = line_addr(pb.index[k]);
-      pb.fetch_slot[pb.m++] = static_cast<uint32_t>(k);
-    }
-  }
+  list_backed(pb);
   if (pb.m > 0) {
     // A failure to start is not fatal: completion fetches synchronously then.
     pb.started = backend

@@ -59,10 +59,7 @@ class PcacheDevice {
     a.flags = flags;
     a.accessed = reinterpret_cast<uintptr_t>(accessed);
     a.dirty = reinterpret_cast<uintptr_t>(dirty);
-    for (;;) {
-      if (ioctl(fd, LEGO_PCACHE_IOC_AD, &a) == 0) return 0;
-      if (errno != EINTR) return errno;
-    }
+    return call(fd, LEGO_PCACHE_IOC_AD, &a);
   }
 
   // LEGO_PCACHE_IOC_EVICT of strictly ascending `lines`; returns 0 or errno.
@@ -74,10 +71,7 @@ class PcacheDevice {
     e.flags = flags;
     e.evicted = reinterpret_cast<uintptr_t>(evicted);
     e.dirty = reinterpret_cast<uintptr_t>(dirty);
-    for (;;) {
-      if (ioctl(fd, LEGO_PCACHE_IOC_EVICT, &e) == 0) return 0;
-      if (errno != EINTR) return errno;
-    }
+    return call(fd, LEGO_PCACHE_IOC_EVICT, &e);
   }
 
   // LEGO_PCACHE_IOC_MKCLEAN; returns 0 or errno. `done` may be null.
@@ -86,13 +80,19 @@ class PcacheDevice {
     m.lines = reinterpret_cast<uintptr_t>(lines);
     m.count = count;
     m.done = reinterpret_cast<uintptr_t>(done);
-    for (;;) {
-      if (ioctl(fd, LEGO_PCACHE_IOC_MKCLEAN, &m) == 0) return 0;
-      if (errno != EINTR) return errno;
-    }
+    return call(fd, LEGO_PCACHE_IOC_MKCLEAN, &m);
   }
 
   static bool bit(const uint64_t* bitmap, size_t i) { return (bitmap[i / 64] >> (i % 64)) & 1; }
+
+ private:
+  // ioctl(fd, request, arg), retried on EINTR; returns 0 or errno.
+  static int call(int fd, unsigned long request, void* arg) {
+    for (;;) {
+      if (ioctl(fd, request, arg) == 0) return 0;
+      if (errno != EINTR) return errno;
+    }
+  }
 };
 
 }  // namespace lego::excache_internal
