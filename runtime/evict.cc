@@ -17,17 +17,22 @@
 //      path below asks its dirty bit; if the module refuses the batch, this path treats
 //      every victim as dirty.)
 //   3. write back the dirty victims, straight from the (now read-only) lines: one
-//      LineBackend::write_back call for the batch, no copy.
+//      LineBackend::start_write_back call for the batch, which takes the data and returns
+//      without waiting for the backend's answer (with the module, or while a fork is under
+//      way: write_back, which waits).
 //   4. mark them backed (a later miss fetches them) and zap every victim with one
 //      MADV_DONTNEED batch (process_madvise: one TLB flush for the batch).
-//   5. publish kAbsent and free the frames (one goes to the caller).
-// A faulting thread that waited on a victim re-fetches after step 5 and reads what step 3
-// stored. Cost per batch of b lines, d dirty: d write-protect ioctls (each flushes the TLB;
-// ~0.9 µs single-threaded), one write_back, one zap (~0.6 µs per line).
-// Known cost: the d write-protect flushes are per line (victims are scattered, and
-// UFFDIO_WRITEPROTECT takes one range). With one thread they are local (~0.9 µs); with
-// program threads running on other CPUs each becomes a TLB-shootdown IPI, which is the
-// likely reason 2 threads on 2 vCPUs cost ~2x more per access than 1 (excache_bench
+//   5. publish kAbsent and free the frames (one goes to the caller). Dirty victims whose
+//      write-back is still in flight stay kEvicting without a frame until it is reaped:
+//      by the next eviction (by then the answer has usually come), or by a thread that
+//      finds one of them kEvicting (serve_fault, discard), or at fork and destruction.
+// A faulting thread that waited on a victim re-fetches after step 5 (or the reap) and reads
+// what step 3 stored. Cost per batch of b lines, d dirty: d write-protect ioctls (each flushes the
+// TLB; ~0.9 µs single-threaded), one write_back, one zap (~0.6 µs per line). Known cost: the d
+// write-protect flushes are per line (victims are scattered, and UFFDIO_WRITEPROTECT takes one
+// range). With one thread they are local (~0.9 µs); with program threads running on other CPUs each
+// becomes a TLB-shootdown IPI, which is the likely reason 2 threads on 2 vCPUs cost ~2x more per
+// access than 1 (excache_bench
 // --threads=2). Dirty prediction keeps d high on purpose. Ways out: the kernel module
 // (kmod/: clear PTE dirty bits under one flush), or UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN
 // (dirty bits without write faults; but async WP no longer blocks racing stores, so
@@ -139,8 +144,31 @@ void ExCache::Impl::write_back_batch(size_t n) {
   stats.add(kBytesWritten, n * kLine);
 }
 
-// Steps 2-4 without the module.
-void ExCache::Impl::evict_with_userfaultfd(size_t n) {
+void ExCache::Impl::reap_write_back_locked() {
+  if (!wb_pending.load(std::memory_order_relaxed)) return;
+  if (Status st = backend->finish_write_back(&wb_ticket); !st.is_ok()) {
+    fatal("LineBackend::finish_write_back failed", st.code(), line_addr(wb_lines[0]));
+  }
+  for (size_t i = 0; i < wb_count; ++i) {
+    std::atomic<uint64_t>& word = lines[wb_lines[i]];
+    const uint64_t s = word.load(std::memory_order_relaxed);
+    word.store(make_state(kAbsent, true, 0) | (s & kPersistMask), std::memory_order_release);
+  }
+  wb_count = 0;
+  wb_pending.store(false, std::memory_order_release);
+}
+
+bool ExCache::Impl::try_reap_write_back() {
+  if (!wb_pending.load(std::memory_order_acquire) || !evict_lock.try_lock()) return false;
+  const bool reaped = wb_pending.load(std::memory_order_relaxed);
+  reap_write_back_locked();
+  evict_lock.unlock();
+  return reaped;
+}
+
+// Steps 2-4 without the module. True if the write-back was only started (step 5 leaves the
+// dirty victims to reap_write_back_locked).
+bool ExCache::Impl::evict_with_userfaultfd(size_t n) {
   // MKCLEAN made load misses writable: a kClean victim may hold stores that only its PTE's
   // dirty bit knows of, which this path cannot read. Write every victim back (reached only
   // when the module refused the batch, e.g. after the program mprotect()ed the region).
@@ -167,13 +195,28 @@ void ExCache::Impl::evict_with_userfaultfd(size_t n) {
     i = j;
   }
 
-  // 3. Write back, straight from the write-protected lines.
+  // 3. Write back, straight from the write-protected lines: started only, unless a fork is
+  // under way (its snapshot must get the lines too: write_back_batch). The backend took
+  // the data when start returns, so the zap may follow at once; the reply is collected by
+  // the next eviction (or by a thread waiting for one of these lines), by when it has
+  // usually come: the miss that evicts no longer waits a round trip, and the memory node
+  // stores the batch while the program runs on.
+  bool started = false;
   if (dirty > 0) {
-    write_back_batch(dirty);
+    std::span<const LineBackend::WriteBack> batch_span(write_backs.get(), dirty);
+    if (fork_snapshot.load(std::memory_order_acquire) < 0 &&
+        backend->start_write_back(batch_span, &wb_ticket).is_ok()) {
+      started = true;
+      stats.add(kWriteBacks, dirty);
+      stats.add(kBytesWritten, dirty * kLine);
+    } else {
+      write_back_batch(dirty);  // (a failed start left nothing in flight: retry here)
+    }
   }
 
   // 4. Zap the whole batch.
   zap_victims(n);
+  return started;
 }
 
 // --- With lego_pcache.ko ---------------------------------------------------------------
@@ -310,6 +353,7 @@ void ExCache::Impl::sweep_accessed_bits() {
 }
 
 bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
+  reap_write_back_locked();  // one write-back in flight at most; the last one is done by now
   if (pcache_fd >= 0 && policy == &kClockPolicyOps) sweep_accessed_bits();
   // 1. Take victims. Two laps at most: CLOCK may have to clear every reference bit first.
   size_t n = 0;
@@ -339,9 +383,10 @@ bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
     }
   }
 
-  if (pcache_fd < 0 || !evict_with_module(n)) evict_with_userfaultfd(n);
+  const bool in_flight = (pcache_fd < 0 || !evict_with_module(n)) && evict_with_userfaultfd(n);
 
   // 5. Publish kAbsent (victims written back are now backed) and free the frames; keep one.
+  // Victims whose write-back is in flight stay kEvicting, frameless, until it is reaped.
   size_t dirty = 0;
   for (size_t i = 0; i < n; ++i) {
     const Victim& v = victims[i];
@@ -349,14 +394,21 @@ bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
     frames[v.frame].store(0, std::memory_order_relaxed);
     std::atomic<uint64_t>& word = lines[v.index];
     const uint64_t s = word.load(std::memory_order_relaxed);
-    const bool backed = v.dirty || (s & kBackedBit) != 0;
-    word.store(make_state(kAbsent, backed, 0) | (s & kPersistMask), std::memory_order_release);
+    if (in_flight && v.dirty) {
+      wb_lines[wb_count++] = v.index;
+      word.store(make_state(kEvicting, true, kNoFrame) | (s & kPersistMask),
+                 std::memory_order_relaxed);
+    } else {
+      const bool backed = v.dirty || (s & kBackedBit) != 0;
+      word.store(make_state(kAbsent, backed, 0) | (s & kPersistMask), std::memory_order_release);
+    }
     if (i == 0) {
       *out = v.frame;
     } else {
       free_frame(v.frame);
     }
   }
+  if (wb_count > 0) wb_pending.store(true, std::memory_order_release);
   stats.add(kEvictions, n);
   stats.add(kCleanDrops, n - dirty);
   stats.add(kEvictionBatches);
@@ -399,9 +451,13 @@ Status ExCache::Impl::discard(uint64_t addr, uint64_t len) {
       if (kind != kAbsent && kind != kClean && kind != kDirty) {
         if (i > first) break;  // finish what we own before waiting (never wait owning)
         // A background prefetch holds it: complete that (maps the line), else wait.
-        if (kind != kPrefetching ||
-            !complete_prefetch(static_cast<uint32_t>((s & kPrefetchSlotMask) >> kPrefetchSlotShift),
-                               /*go_on=*/false)) {
+        // A write-back in flight holds it: reap that.
+        if (kind == kEvicting
+                ? !try_reap_write_back()
+                : kind != kPrefetching ||
+                      !complete_prefetch(
+                          static_cast<uint32_t>((s & kPrefetchSlotMask) >> kPrefetchSlotShift),
+                          /*go_on=*/false)) {
           backoff.pause();
         }
         continue;

@@ -280,6 +280,14 @@ struct ExCache::Impl {
   std::unique_ptr<Victim[]> victims;
   std::unique_ptr<LineBackend::WriteBack[]> write_backs;
   std::unique_ptr<iovec[]> zap_iov;
+  // The last batch's write-back, in flight (LineBackend::start_write_back): its lines stay
+  // kEvicting with no frame until reap_write_back_locked finishes it and publishes them
+  // kAbsent, so none is fetched before it is stored. At most one is in flight. EXCLUSIVE:
+  // evict_lock; wb_pending may be read without it, as a hint for threads waiting on a line.
+  LineBackend::WriteBackTicket wb_ticket;
+  std::unique_ptr<uint64_t[]> wb_lines;  // kMaxBatch line indices
+  size_t wb_count = 0;
+  std::atomic<bool> wb_pending{false};
   // lego_pcache.ko (pcache_dev.h), or -1. Its scratch: line addresses and result bitmaps
   // for one batch, and for kClock's accessed-bit sweep (kSweep lines). EXCLUSIVE: evict_lock.
   int pcache_fd = -1;
@@ -400,6 +408,11 @@ struct ExCache::Impl {
   // evict.cc. A free frame, evicting a batch first if none is free. Never fails (fatal on
   // backend errors).
   uint32_t acquire_frame();
+  // Finishes the write-back in flight, if any, and publishes its lines kAbsent.
+  void reap_write_back_locked();  // holding evict_lock
+  // For a thread waiting on a kEvicting line: reaps if a write-back is in flight and
+  // evict_lock is free (else its holder reaps). True if it reaped.
+  bool try_reap_write_back();
   void free_frame(uint32_t frame);
   Status discard(uint64_t addr, uint64_t len);
 
@@ -411,7 +424,7 @@ struct ExCache::Impl {
   // Steps 2-4 of evicting victims[0..n): through lego_pcache (false if the module refused
   // the batch before changing anything), or the userfaultfd way.
   bool evict_with_module(size_t n);
-  void evict_with_userfaultfd(size_t n);
+  bool evict_with_userfaultfd(size_t n);
   // kClock with the module: sets the reference bit of frames ahead of the hand whose line
   // the CPU accessed since the last sweep (one AD ioctl).
   void sweep_accessed_bits();

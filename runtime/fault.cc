@@ -13,7 +13,10 @@
 //     only for a frame. Frames come back from the evictor or from fills completing.
 //   - The evictor never waits for a line: it takes victims by CAS from kClean/kDirty only
 //     and skips busy lines. Its own victims (kEvicting) complete without waiting on anyone
-//     (ioctl, LineBackend::write_back, madvise). So waits on kEvicting always end.
+//     (ioctl, LineBackend::start_write_back, madvise). Victims left kEvicting while their
+//     write-back is in flight are completed by whoever next holds evict_lock (an evictor
+//     reaps first thing; a waiter try-locks it to reap), and finishing a write-back waits
+//     only for the backend. So waits on kEvicting always end.
 //   - Fills in flight each hold one frame and finish without waiting on a line, so a miss
 //     waiting for a frame eventually gets one even when every frame is busy.
 //   - discard() owns many lines (ascending addresses) but, before waiting for a busy line,
@@ -299,7 +302,9 @@ bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
       case kEvicting:
       case kUnprotecting:
         // Another thread owns the line: wait for it. For kEvicting this is the rule that
-        // keeps writes safe: we re-fetch after the write-back completes.
+        // keeps writes safe: we re-fetch after the write-back completes. Its write-back
+        // may be in flight with nobody evicting to reap it: then we reap it.
+        if (kind_of(s) == kEvicting && try_reap_write_back()) continue;
         if (!waited) {
           waited = true;
           stats.add(kWaits);

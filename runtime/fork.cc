@@ -55,6 +55,7 @@ Status ExCache::prepare_fork() {
                   "privilege to register kernel-mode faults (root or CAP_SYS_PTRACE)");
   }
   m.evict_lock.lock();
+  m.reap_write_back_locked();  // the snapshot must hold the lines in flight
   auto snap = m.backend->snapshot();
   if (snap.is_ok()) {
     m.last_fork_snapshot.store(snap.value(), std::memory_order_relaxed);
@@ -100,6 +101,7 @@ void ExCache::Impl::handle_fork_event(int child_uffd, int parent_slot) {
       // A fork nobody announced (a raw clone() or _Fork(): no prepare_fork). Snapshot now;
       // exact when the forking thread is the only one (it is blocked in fork()).
       evict_lock.lock();
+      reap_write_back_locked();
       auto s = backend->snapshot();
       evict_lock.unlock();
       if (!s.is_ok()) {

@@ -502,7 +502,10 @@ struct EmbeddedMemoryNode {
       veth = "lgo" + std::to_string(me) + "a";
       std::string peer = "lgo" + std::to_string(me) + "b";
       bool ok = run_quiet({"ip", "netns", "add", netns}) &&
-                run_quiet({"ip", "link", "add", veth, "type", "veth", "peer", "name", peer}) &&
+                // 64 KiB frames, as on loopback: a 4 KiB line crosses as one packet, not
+                // three (misses over tcp ~4% cheaper).
+                run_quiet({"ip", "link", "add", veth, "mtu", "65535", "type", "veth", "peer",
+                           "name", peer, "mtu", "65535"}) &&
                 run_quiet({"ip", "link", "set", peer, "netns", netns}) &&
                 run_quiet({"ip", "addr", "add", proc_addr + "/30", "dev", veth}) &&
                 run_quiet({"ip", "link", "set", veth, "up"}) &&
@@ -720,6 +723,29 @@ void print_stats(const std::string& block) {
           num("bytes_fetched") + num("bytes_written"));
   fprintf(stderr, "  %-16s p50 < %.1f us, p99 < %.1f us\n", "miss_latency",
           num("miss_p50_ns") / 1e3, num("miss_p99_ns") / 1e3);
+  // The histogram, with each bucket's share of misses and (estimated at the bucket's
+  // middle) of the time spent in misses: a rare slow kind of miss shows up here.
+  std::vector<std::pair<unsigned, unsigned long long>> hist;
+  unsigned long long total = 0;
+  double total_ns = 0;
+  std::istringstream hs(kv.count("miss_histogram") ? kv["miss_histogram"] : "");
+  for (std::string item; std::getline(hs, item, ',');) {
+    unsigned b = 0;
+    unsigned long long n = 0;
+    if (sscanf(item.c_str(), "%u:%llu", &b, &n) != 2 || b > 63) continue;
+    hist.emplace_back(b, n);
+    total += n;
+    total_ns += n * 1.5 * static_cast<double>(1ull << b);
+  }
+  if (total == 0) return;
+  fprintf(stderr, "  %-22s %10s %10s\n", "miss latency (us)", "% misses", "% time");
+  for (auto [b, n] : hist) {
+    const double lo = static_cast<double>(1ull << b) / 1e3;
+    char range[32];
+    snprintf(range, sizeof range, "%.1f-%.1f", lo, 2 * lo);
+    fprintf(stderr, "    %-20s %9.1f%% %9.1f%%\n", range, 100.0 * n / total,
+            100.0 * n * 1.5 * static_cast<double>(1ull << b) / total_ns);
+  }
 }
 
 volatile pid_t g_child = -1;

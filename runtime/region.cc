@@ -195,6 +195,9 @@ int ExCache::Impl::write_protect(uint64_t addr, uint64_t len, bool wp) {
 ExCache::Impl::~Impl() {
   // Background fetches in flight must be collected (their replies land in our buffers).
   complete_all_prefetches();
+  evict_lock.lock();
+  reap_write_back_locked();
+  evict_lock.unlock();
   unregister_region(this);
   if (handler_running) {
     stopping.store(true, std::memory_order_release);
@@ -242,6 +245,7 @@ Result<std::unique_ptr<ExCache>> ExCache::create(const ExCacheOptions& options,
   impl->victims = std::make_unique<Impl::Victim[]>(impl->batch);
   impl->write_backs = std::make_unique<LineBackend::WriteBack[]>(impl->batch);
   impl->zap_iov = std::make_unique<iovec[]>(impl->batch);
+  impl->wb_lines = std::make_unique<uint64_t[]>(impl->batch);
   impl->policy = policy_ops(options.policy);
   if (impl->policy == nullptr) return Status(EINVAL, "ExCache::create: unknown policy");
 

@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <new>
@@ -210,26 +211,68 @@ Status RemoteBackend::write_back(std::span<const WriteBack> lines) {
   return write_back_in(handle_, lines);
 }
 
+// Encodes a write-back request of lines (at most mem::kMaxBatch) into buf; returns its length.
+static size_t encode_write_back(const mem::SpaceHandle& h,
+                                std::span<const LineBackend::WriteBack> lines, std::byte* buf) {
+  const uint32_t n = static_cast<uint32_t>(lines.size());
+  mem::WriteBackRequest head{h, n, 0};
+  memcpy(buf, &head, sizeof(head));
+  std::byte* addrs = buf + sizeof(head);
+  std::byte* data = addrs + n * sizeof(uint64_t);
+  for (uint32_t i = 0; i < n; i++) {
+    memcpy(addrs + i * sizeof(uint64_t), &lines[i].addr, sizeof(uint64_t));
+    memcpy(data + size_t{i} * kExCacheLineBytes, lines[i].data, kExCacheLineBytes);
+  }
+  return sizeof(head) + n * (sizeof(uint64_t) + kExCacheLineBytes);
+}
+
 Status RemoteBackend::write_back_in(const mem::SpaceHandle& h, std::span<const WriteBack> lines) {
   size_t done = 0;
   while (done < lines.size()) {
-    uint32_t n = static_cast<uint32_t>(std::min<size_t>(lines.size() - done, mem::kMaxBatch));
+    const size_t n = std::min<size_t>(lines.size() - done, mem::kMaxBatch);
     std::byte* buf = acquire_buffer();
-    mem::WriteBackRequest head{h, n, 0};
-    memcpy(buf, &head, sizeof(head));
-    std::byte* addrs = buf + sizeof(head);
-    std::byte* data = addrs + n * sizeof(uint64_t);
-    for (uint32_t i = 0; i < n; i++) {
-      memcpy(addrs + i * sizeof(uint64_t), &lines[done + i].addr, sizeof(uint64_t));
-      memcpy(data + size_t{i} * kExCacheLineBytes, lines[done + i].data, kExCacheLineBytes);
-    }
-    size_t len = sizeof(head) + n * (sizeof(uint64_t) + kExCacheLineBytes);
+    const size_t len = encode_write_back(h, lines.subspan(done, n), buf);
     auto r = node_->send_reply(memory_, mem::kWriteBack, {buf, len}, {});
     release_buffer(buf);
     if (!r) return r.status();
     done += n;
   }
   return Status();
+}
+
+// The request buffer is kept until finish: a write-back is idempotent, so one that failed
+// on the way (a timeout, a reconnection) is sent again from it, as write_back's callers
+// retry with the lines themselves.
+Status RemoteBackend::start_write_back(std::span<const WriteBack> lines, WriteBackTicket* ticket) {
+  static_assert(sizeof(fit::Node::PendingCall) <= sizeof(ticket->opaque));
+  ticket->buffer = nullptr;
+  if (lines.empty() || lines.size() > mem::kMaxBatch) return write_back(lines);
+  std::byte* buf = acquire_buffer();
+  const size_t len = encode_write_back(handle_, lines, buf);
+  auto* call = new (ticket->opaque) fit::Node::PendingCall();
+  Status st = node_->start_call(call, memory_, mem::kWriteBack, {buf, len}, {});
+  if (!st) {
+    release_buffer(buf);
+    return st;
+  }
+  ticket->buffer = buf;
+  ticket->length = len;
+  return Status();
+}
+
+Status RemoteBackend::finish_write_back(WriteBackTicket* ticket) {
+  auto* buf = static_cast<std::byte*>(ticket->buffer);
+  if (buf == nullptr) return Status();  // stored in start
+  ticket->buffer = nullptr;
+  auto* call = std::launder(reinterpret_cast<fit::Node::PendingCall*>(ticket->opaque));
+  auto r = node_->finish_call(call);
+  // (Worth resending after: a timeout or a lost connection, which libfit re-opens.)
+  auto resend = [](int code) { return code == ETIMEDOUT || code == ECONNRESET || code == EAGAIN; };
+  for (int attempt = 1; !r && resend(r.status().code()) && attempt < 8; ++attempt) {
+    r = node_->send_reply(memory_, mem::kWriteBack, {buf, ticket->length}, {});
+  }
+  release_buffer(buf);
+  return r.status();
 }
 
 Status RemoteBackend::release(uint64_t addr, uint64_t length) {

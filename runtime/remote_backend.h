@@ -33,6 +33,8 @@ class RemoteBackend : public LineBackend {
                            FetchTicket* ticket) override;
   Status finish_fetch_batch(FetchTicket* ticket) override;
   Status write_back(std::span<const WriteBack> lines) override;
+  Status start_write_back(std::span<const WriteBack> lines, WriteBackTicket* ticket) override;
+  Status finish_write_back(WriteBackTicket* ticket) override;
   Status release(uint64_t addr, uint64_t length) override;
 
   // Snapshots are copies of the space on the memory node (mem::kFork), at most

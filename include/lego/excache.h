@@ -129,6 +129,27 @@ class LineBackend {
     (void)ticket;
     return Status::ok();
   }
+  // write_back in two halves, so that an eviction need not wait for the backend's answer:
+  // start takes the lines (when it returns their memory may change or be unmapped: it was
+  // sent or copied) and returns; finish waits until they are stored, and is where an error
+  // is reported (after retrying, if the backend can: it keeps what it sent). ExCache
+  // finishes a write-back before any of its lines can be fetched again, so a backend need
+  // not order one against later fetches. `ticket` is the caller's storage in between; every
+  // started write-back must be finished, from any thread; an error from start means nothing
+  // is in flight. Same calling context as write_back(). The default stores in start.
+  struct WriteBackTicket {
+    alignas(16) unsigned char opaque[64];
+    void* buffer = nullptr;  // the backend's
+    size_t length = 0;
+  };
+  virtual Status start_write_back(std::span<const WriteBack> lines, WriteBackTicket* ticket) {
+    ticket->buffer = nullptr;
+    return write_back(lines);
+  }
+  virtual Status finish_write_back(WriteBackTicket* ticket) {
+    (void)ticket;
+    return Status::ok();
+  }
   // The range [addr, addr + length) (4 KiB aligned) was freed by the program: the backend
   // may drop it; later fetches of it must return zeros or are not made at all. Called from
   // ExCache::discard (program context, not a signal handler).

@@ -30,6 +30,7 @@ class MapBackend : public LineBackend {
   Status fetch(uint64_t line_addr, std::span<std::byte, kExCacheLineBytes> out) override {
     fetch_calls.fetch_add(1, std::memory_order_relaxed);
     lock();
+    if (in_flight_.count(line_addr) != 0) fetches_in_flight.fetch_add(1, std::memory_order_relaxed);
     auto it = index_.find(line_addr);
     if (it == index_.end()) {
       unlock();
@@ -63,6 +64,46 @@ class MapBackend : public LineBackend {
     return Status::ok();
   }
 
+  // Deferred mode (set defer_write_backs before the cache starts): start_write_back only
+  // copies the lines aside and finish_write_back stores them, like a memory node that
+  // answers late. A fetch of a line whose write-back was started and not yet finished gets
+  // the stale copy and is counted in fetches_in_flight: ExCache must never make one.
+  bool defer_write_backs = false;
+
+  Status start_write_back(std::span<const WriteBack> lines, WriteBackTicket* ticket) override {
+    if (!defer_write_backs) {
+      ticket->buffer = nullptr;
+      return write_back(lines);
+    }
+    auto* pending = new std::vector<Line>(lines.size());
+    for (size_t i = 0; i < lines.size(); ++i) {
+      (*pending)[i].addr = lines[i].addr;
+      std::memcpy((*pending)[i].data.data(), lines[i].data, kExCacheLineBytes);
+    }
+    lock();
+    for (const WriteBack& wb : lines) ++in_flight_[wb.addr];
+    unlock();
+    ticket->buffer = pending;
+    write_backs_started.fetch_add(1, std::memory_order_relaxed);
+    return Status::ok();
+  }
+
+  Status finish_write_back(WriteBackTicket* ticket) override {
+    auto* pending = static_cast<std::vector<Line>*>(ticket->buffer);
+    if (pending == nullptr) return Status::ok();
+    ticket->buffer = nullptr;
+    std::vector<WriteBack> batch;
+    for (const Line& l : *pending) batch.push_back(WriteBack{l.addr, l.data.data()});
+    Status st = write_back(batch);
+    lock();
+    for (const Line& l : *pending) {
+      if (--in_flight_[l.addr] == 0) in_flight_.erase(l.addr);
+    }
+    unlock();
+    delete pending;
+    return st;
+  }
+
   Status release(uint64_t addr, uint64_t length) override {
     release_calls.fetch_add(1, std::memory_order_relaxed);
     lock();
@@ -88,6 +129,8 @@ class MapBackend : public LineBackend {
   std::atomic<uint64_t> write_back_calls{0};
   std::atomic<uint64_t> lines_written{0};
   std::atomic<uint64_t> release_calls{0};
+  std::atomic<uint64_t> write_backs_started{0};  // deferred mode
+  std::atomic<uint64_t> fetches_in_flight{0};    // deferred mode: must stay 0
 
  private:
   void lock() {
@@ -100,6 +143,11 @@ class MapBackend : public LineBackend {
   std::atomic<bool> locked_{false};
   std::vector<std::array<std::byte, kExCacheLineBytes>> slab_;
   std::unordered_map<uint64_t, uint32_t> index_;
+  struct Line {
+    uint64_t addr = 0;
+    std::array<std::byte, kExCacheLineBytes> data;
+  };
+  std::unordered_map<uint64_t, int> in_flight_;  // line -> write-backs started, not finished
   std::vector<uint32_t> free_;
 };
 
