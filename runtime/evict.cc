@@ -13,9 +13,9 @@
 //      returns the TLBs are flushed: no store can reach the line any more; a racing store
 //      faults and waits (step 1). Clean victims are write-protected already (kClean
 //      invariant), so they need nothing. Stores that landed before are in the line.
-//      (With the module's MKCLEAN a kClean line may be writable and stored to: the module
-//      path below asks its dirty bit; if the module refuses the batch, this path treats
-//      every victim as dirty.)
+//      (A kClean line MKCLEAN made writable may have been stored to: the module path below
+//      asks its dirty bit; if the module refuses the batch, this path treats such a
+//      victim as dirty.)
 //   3. write back the dirty victims, straight from the (now read-only) lines: one
 //      LineBackend::start_write_back call for the batch, which takes the data and returns
 //      without waiting for the backend's answer (with the module, or while a fork is under
@@ -169,12 +169,11 @@ bool ExCache::Impl::try_reap_write_back() {
 // Steps 2-4 without the module. True if the write-back was only started (step 5 leaves the
 // dirty victims to reap_write_back_locked).
 bool ExCache::Impl::evict_with_userfaultfd(size_t n) {
-  // MKCLEAN made load misses writable: a kClean victim may hold stores that only its PTE's
-  // dirty bit knows of, which this path cannot read. Write every victim back (reached only
-  // when the module refused the batch, e.g. after the program mprotect()ed the region).
-  if (pcache_mkclean) {
-    for (size_t i = 0; i < n; ++i) victims[i].dirty = true;
-  }
+  // MKCLEAN made some load misses writable: such a kClean victim may hold stores that only
+  // its PTE's dirty bit knows of, which this path cannot read. Write those back too (reached
+  // with the module only when it refused the batch, e.g. after the program mprotect()ed the
+  // region).
+  for (size_t i = 0; i < n; ++i) victims[i].dirty |= victims[i].mkcleaned;
   // 2. Write-protect dirty victims, one ioctl per run of adjacent dirty lines.
   size_t dirty = 0;
   for (size_t i = 0; i < n;) {
@@ -222,17 +221,17 @@ bool ExCache::Impl::evict_with_userfaultfd(size_t n) {
 // --- With lego_pcache.ko ---------------------------------------------------------------
 //
 // The module replaces steps 2-4 (see kmod/evict.c for why a store cannot be lost):
-//   a. EVICT the dirty victims (with MKCLEAN: every victim, since a kClean line may have
-//      been stored to without a fault): the module zaps those whose PTE is clean and
+//   a. EVICT the dirty victims and the MKCLEANed clean ones (which may have been stored
+//      to without a fault): the module zaps those whose PTE is clean and
 //      leaves the others mapped, read-only and clean (not uffd-write-protected: a racing
 //      store is handled by the kernel, which makes the line writable and dirty again).
 //   b. write those back, straight from the lines; EVICT them again. A line stored to
 //      meanwhile is reported dirty again: repeat (rarely needed). After kMaxRounds the
 //      rest are fenced the userfaultfd way (write-protected: a store now waits for us),
 //      written back a last time and evicted with DISCARD_DIRTY.
-//   c. Without MKCLEAN: EVICT the clean victims with DISCARD_DIRTY: they are
-//      uffd-write-protected (kClean invariant), so nothing was stored since their fill;
-//      their PTE's D bit only says UFFDIO_COPY set it. With MKCLEAN step a took them all.
+//   c. EVICT the other clean victims with DISCARD_DIRTY: they are uffd-write-protected
+//      (kClean invariant), so nothing was stored since their fill; their PTE's D bit only
+//      says UFFDIO_COPY set it.
 // Three ioctls per batch, each one mmap-locked pass with one TLB flush, instead of one
 // write-protect ioctl per run of dirty victims and (before Linux 6.13, where
 // process_madvise cannot zap) one madvise per run of victims.
@@ -243,7 +242,7 @@ bool ExCache::Impl::evict_with_module(size_t n) {
 
   size_t nd = 0;
   for (size_t i = 0; i < n; ++i) {
-    if (victims[i].dirty || pcache_mkclean) {
+    if (victims[i].dirty || victims[i].mkcleaned) {
       pc_lines[nd] = line_addr(victims[i].index);
       pc_pending[nd++] = static_cast<uint32_t>(i);
     }
@@ -300,11 +299,11 @@ bool ExCache::Impl::evict_with_module(size_t n) {
     write_back_batch(nd);
   }
 
-  // c. The clean victims (and dirty ones the module found clean: already gone, a no-op).
-  if (pcache_mkclean) return true;  // step a took every victim
+  // c. The clean victims that step a did not take (and dirty ones the module found clean:
+  // already gone, a no-op).
   size_t nc = 0;
   for (size_t i = 0; i < n; ++i) {
-    if (!victims[i].dirty) pc_lines[nc++] = line_addr(victims[i].index);
+    if (!victims[i].dirty && !victims[i].mkcleaned) pc_lines[nc++] = line_addr(victims[i].index);
   }
   if (nc == 0) return true;
   const int err = PcacheDevice::evict(pcache_fd, pc_lines.get(), static_cast<uint32_t>(nc),
@@ -319,6 +318,12 @@ bool ExCache::Impl::evict_with_module(size_t n) {
 
 void ExCache::Impl::sweep_accessed_bits() {
   const size_t want = std::min({kSweep, size_t{pcache_max_lines}, capacity});
+  // The CPU's accessed bits add up between sweeps, so sweeping the window ahead of the hand
+  // once per quarter window of travel loses nothing the hand will look at (a frame is still
+  // swept about four times before the hand reaches it), at a quarter of the cost of a sweep
+  // per batch (under emulation an AD call over 512 lines costs as much as a few misses).
+  if (swept_at_travel != 0 && hand_travel - swept_at_travel < want / 4) return;
+  swept_at_travel = hand_travel == 0 ? 1 : hand_travel;
   uint64_t* const accessed = pc_bits.get();
   uint64_t* const swept = pc_bits.get() + kSweep / 64;
   size_t m = 0;
@@ -361,6 +366,7 @@ bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
   for (size_t scanned = 0; n < batch && scanned < max_scan; ++scanned) {
     const uint32_t f = static_cast<uint32_t>(hand);
     hand = hand + 1 == capacity ? 0 : hand + 1;
+    ++hand_travel;
     const uint64_t id = frames[f].load(std::memory_order_acquire) & kFrameLineMask;
     if (id == 0) continue;  // free, or its fill has not published yet
     if (policy->spare(frames[f])) continue;
@@ -371,7 +377,7 @@ bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
     if (!word.compare_exchange_strong(s, with_kind(s, kEvicting), std::memory_order_acquire)) {
       continue;  // became busy (a first store is un-protecting it): leave it
     }
-    victims[n++] = Victim{id - 1, f, kind == kDirty};
+    victims[n++] = Victim{id - 1, f, kind == kDirty, kind == kClean && (s & kMkcleanBit) != 0};
   }
   if (n == 0) return false;
 
@@ -394,13 +400,18 @@ bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
     frames[v.frame].store(0, std::memory_order_relaxed);
     std::atomic<uint64_t>& word = lines[v.index];
     const uint64_t s = word.load(std::memory_order_relaxed);
+    uint64_t persist = s & kPersistMask;
+    if (v.mkcleaned) {
+      // Its stores were seen only now, by the module: they are the store history that
+      // decides whether its next fill gets MKCLEAN.
+      persist = v.dirty ? persist | kWrittenHintBit : persist & ~kWrittenHintBit;
+    }
     if (in_flight && v.dirty) {
       wb_lines[wb_count++] = v.index;
-      word.store(make_state(kEvicting, true, kNoFrame) | (s & kPersistMask),
-                 std::memory_order_relaxed);
+      word.store(make_state(kEvicting, true, kNoFrame) | persist, std::memory_order_relaxed);
     } else {
       const bool backed = v.dirty || (s & kBackedBit) != 0;
-      word.store(make_state(kAbsent, backed, 0) | (s & kPersistMask), std::memory_order_release);
+      word.store(make_state(kAbsent, backed, 0) | persist, std::memory_order_release);
     }
     if (i == 0) {
       *out = v.frame;

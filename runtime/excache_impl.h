@@ -50,13 +50,16 @@ static_assert(size_t{1} << kLineShift == kLine);
 //   kAbsent  --discard-----> kEvicting     --------> kAbsent (backed bit cleared)
 // Invariants: kDirty => the PTE is present and writable; kAbsent => no PTE.
 // kClean => present, and
-//   - without the module's MKCLEAN (pcache_mkclean false): uffd-write-protected, so never
-//     stored to since its fill: it may be dropped without a write-back;
-//   - with it: maybe writable; the PTE's dirty bit says whether it was stored to (MKCLEAN
-//     cleared it after the fill; a line MKCLEAN refused is still uffd-write-protected with
-//     the dirty bit UFFDIO_COPY set, which only costs a needless write-back). So every
-//     kClean victim goes through the module's dirty-reporting EVICT, or, in the userfaultfd
-//     fallback, is write-protected and written back like a kDirty one.
+//   - without kMkcleanBit: uffd-write-protected, so never stored to since its fill: it may
+//     be dropped without a write-back;
+//   - with kMkcleanBit (the module's MKCLEAN ran after the fill): maybe writable; the PTE's
+//     dirty bit says whether it was stored to (MKCLEAN cleared it after the fill; a line
+//     MKCLEAN refused is still uffd-write-protected with the dirty bit UFFDIO_COPY set,
+//     which only costs a needless write-back). So such a victim goes through the module's
+//     dirty-reporting EVICT, or, in the userfaultfd fallback, is write-protected and
+//     written back like a kDirty one.
+// MKCLEAN saves the write-protect fault of a line's first store but costs an ioctl per
+// fill, so fills use it only for lines with a store history (kWrittenHintBit).
 // Only the owner leaves a busy kind (kFilling, kUnprotecting, kEvicting); others wait for it.
 enum LineKind : uint64_t {
   kAbsent = 0,
@@ -84,6 +87,8 @@ inline constexpr uint64_t kPredictMask = uint64_t{3} << kPredictShift;
 // After this many predictions a load miss maps the line clean again to re-learn: a line
 // that stopped being written costs at most this many needless write-backs.
 inline constexpr uint64_t kMaxPredictions = 3;
+// kClean only: made writable and clean by MKCLEAN (see the kClean invariant above).
+inline constexpr uint64_t kMkcleanBit = 128;
 // kPrefetching: which prefetch buffer owns the line.
 inline constexpr int kPrefetchSlotShift = 8;
 inline constexpr uint64_t kPrefetchSlotMask = uint64_t{15} << kPrefetchSlotShift;
@@ -265,6 +270,8 @@ struct ExCache::Impl {
   std::unique_ptr<Frames[]> frames;
   excache_internal::SpinLock evict_lock;  // one evictor at a time; guards hand
   size_t hand = 0;                        // EXCLUSIVE: evict_lock
+  uint64_t hand_travel = 0;               // frames the hand has passed; EXCLUSIVE: evict_lock
+  uint64_t swept_at_travel = 0;           // hand_travel at the last sweep; EXCLUSIVE: evict_lock
   excache_internal::SpinLock frame_lock;  // guards free_stack, free_top
   std::unique_ptr<uint32_t[]> free_stack;
   size_t free_top = 0;
@@ -275,6 +282,7 @@ struct ExCache::Impl {
     uint64_t index;
     uint32_t frame;
     bool dirty;
+    bool mkcleaned;  // kClean with kMkcleanBit: stores show only in the PTE's dirty bit
   };
   static constexpr size_t kMaxBatch = 256;
   std::unique_ptr<Victim[]> victims;

@@ -418,7 +418,7 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
   // read-modify-write: the common case) races it and takes the write-protect fault MKCLEAN
   // is there to save. The faulting thread sleeps in the kernel only with the handler
   // thread (with SIGBUS it is us): keep it asleep until MKCLEAN is done, then wake it.
-  const bool mkclean = !choice.dirty && pcache_mkclean;
+  const bool mkclean = !choice.dirty && pcache_mkclean && (state & kWrittenHintBit) != 0;
   const bool wake_after = mkclean && options.delivery != ExCacheOptions::Delivery::kSigbus;
   // Counted before UFFDIO_COPY wakes the faulting thread (see kWriteFaults above).
   stats.add(kMisses);
@@ -441,7 +441,8 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
       fatal("UFFDIO_WAKE after MKCLEAN failed", errno, addr);
   }
 
-  lines[index].store(make_state(choice.dirty ? kDirty : kClean, backed, frame) | choice.persist,
+  lines[index].store(make_state(choice.dirty ? kDirty : kClean, backed, frame) | choice.persist |
+                         (mkclean ? kMkcleanBit : 0),
                      std::memory_order_release);
   frames[frame].store(index + 1, std::memory_order_release);
   policy->on_fill(frames[frame]);
@@ -629,12 +630,16 @@ void ExCache::Impl::map_claimed(PrefetchBuffer& pb, uint64_t start_ns) {
     map_lines(pb.index[k], pb.data + k * kLine, run, choice[k].dirty);
     k += run;
   }
+  // The clean ones with a store history become writable and clean in one MKCLEAN (see
+  // fill), before they are published; fetch_addrs is free to reuse now.
+  bool mkclean[kMaxPrefetch + 1];
+  for (size_t k = 0; k < n; ++k) {
+    mkclean[k] = !choice[k].dirty && pcache_mkclean && (pb.state[k] & kWrittenHintBit) != 0;
+  }
   if (pcache_mkclean) {
-    // The clean ones become writable and clean in one MKCLEAN (see fill), before they are
-    // published; fetch_addrs is free to reuse now.
     uint32_t nc = 0;
     for (size_t k = 0; k < n; ++k) {
-      if (!choice[k].dirty) pb.fetch_addrs[nc++] = line_addr(pb.index[k]);
+      if (mkclean[k]) pb.fetch_addrs[nc++] = line_addr(pb.index[k]);
     }
     if (nc > 0) {
       (void)PcacheDevice::mkclean(pcache_fd, pb.fetch_addrs, nc, nullptr);
@@ -643,9 +648,9 @@ void ExCache::Impl::map_claimed(PrefetchBuffer& pb, uint64_t start_ns) {
   }
   for (size_t k = 0; k < n; ++k) {
     const bool backed = (pb.state[k] & kBackedBit) != 0;
-    lines[pb.index[k]].store(
-        make_state(choice[k].dirty ? kDirty : kClean, backed, pb.frame[k]) | choice[k].persist,
-        std::memory_order_release);
+    lines[pb.index[k]].store(make_state(choice[k].dirty ? kDirty : kClean, backed, pb.frame[k]) |
+                                 choice[k].persist | (mkclean[k] ? kMkcleanBit : 0),
+                             std::memory_order_release);
     frames[pb.frame[k]].store(pb.index[k] + 1, std::memory_order_release);
     policy->on_fill(frames[pb.frame[k]]);
   }

@@ -16,6 +16,7 @@
 #      eviction-heavy, write-light) with the module unloaded, then loaded,
 #      and the ratio:
 #      "guest: bench: no-module X us/access, module Y us/access, ratio Z"
+#      then the same for a hot-set workload under CLOCK ("guest: bench1: ...")
 # Passes only if the guest prints LEGO_KMOD_PASS (every stage ok) and its
 # serial log shows no BUG, WARNING, Oops or general protection fault (as
 # liburing's test/runtests.sh scans /dev/kmsg).
@@ -37,7 +38,7 @@
 # best of each compared), LEGO_QEMU_BENCH_MORE (more flag sets for stage d, separated by ';', each
 # printed as its own "guest: bench: ..." line, e.g. "--write-pct=0;
 # --pattern=zipf"; each is appended to LEGO_QEMU_BENCH's flags, the later
-# flag winning), LEGO_QEMU_STAGES (default abcd: the runtime stages to run, e.g.
+# flag winning; default "--pattern=hotset --policy=clock"; empty for none), LEGO_QEMU_STAGES (default abcd: the runtime stages to run, e.g.
 # "ad" to measure quickly; stage a always runs), TEST_TMPDIR (scratch; default
 # a mktemp dir).
 # Needs: qemu-system-x86 linux-image-amd64 linux-headers-amd64 busybox-static
@@ -70,7 +71,10 @@ if [[ "$RUNTIME" != 0 ]] && grep -qa -- '--write-pct=' "$BIN/tests/runtime/excac
   bench_writes=--write-pct=5
 fi
 BENCH_ARGS="${LEGO_QEMU_BENCH:---capacity-mb=2 --ratio=4 --accesses=20000 $bench_writes --delivery=sigbus}"
-BENCH_MORE="${LEGO_QEMU_BENCH_MORE:-}"
+# And by default a second workload: 90% of accesses to a hot set of half the ExCache, the
+# rest anywhere, 5% stores, CLOCK on both sides: what the module's accessed bits are for
+# (without them CLOCK knows only of stores, and evicts hot lines it cannot tell are hot).
+BENCH_MORE="${LEGO_QEMU_BENCH_MORE---pattern=hotset --policy=clock}"
 STAGES="${LEGO_QEMU_STAGES:-abcd}"
 REPS="${LEGO_QEMU_BENCH_REPS:-3}"
 # lego_integrity: HEAP_MIB THREADS OPS_PER_THREAD; its heap plus its version

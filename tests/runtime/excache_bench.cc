@@ -4,11 +4,15 @@
 //
 //   bazel run //tests/runtime:excache_bench -- [--capacity-mb=64] [--ratio=4]
 //       [--accesses=200000] [--delivery=both|sigbus|thread] [--policy=fifo|clock]
-//       [--op=rmw|read] [--write-pct=N] [--pattern=uniform|zipf] [--threads=1]
+//       [--op=rmw|read] [--write-pct=N] [--pattern=uniform|zipf|hotset] [--threads=1]
 //       [--predict-dirty=1] [--pcache=auto|on|off|both] [--csv]
 //
 // --write-pct: percent of accesses that store (overrides --op: rmw = 100, read = 0).
 // --pattern=zipf: Zipf(0.99) over the lines, hot lines scattered across the region.
+// --pattern=hotset: 90% of accesses to a hot set of half the ExCache's lines (scattered),
+// 10% to any line: a working set that fits, under a stream of cold misses that evict. What
+// stays resident depends on the policy knowing which lines were used: FIFO evicts hot
+// lines as readily as cold ones; CLOCK with lego_pcache's accessed bits keeps them.
 // --pcache: whether the ExCache uses lego_pcache.ko (kmod/); "both" runs each setup without
 // and with it and prints the ratio (the module must be loaded: run it in the qemu guest).
 //
@@ -91,7 +95,8 @@ bool parse(int argc, char** argv, Flags* f) {
     }
   }
   if (f->write_pct < 0) f->write_pct = f->op == "read" ? 0 : 100;
-  if (f->write_pct > 100 || (f->pattern != "uniform" && f->pattern != "zipf") ||
+  if (f->write_pct > 100 ||
+      (f->pattern != "uniform" && f->pattern != "zipf" && f->pattern != "hotset") ||
       (f->pcache != "auto" && f->pcache != "on" && f->pcache != "off" && f->pcache != "both")) {
     fprintf(stderr, "excache_bench: bad --write-pct, --pattern or --pcache\n");
     return false;
@@ -115,10 +120,11 @@ class ZipfLines {
     const double u = std::uniform_real_distribution<double>(0, 1)(rng);
     const size_t rank =
         static_cast<size_t>(std::lower_bound(cdf_.begin(), cdf_.end(), u) - cdf_.begin());
-    // An odd multiplier permutes [0, 2^k); lines is a power of two times 256 in practice,
-    // otherwise fold with a modulo (still scattered, slightly non-uniform).
-    return (std::min(rank, cdf_.size() - 1) * 0x9E3779B97F4A7C15ull) % cdf_.size();
+    return scatter(std::min(rank, cdf_.size() - 1), cdf_.size());
   }
+  // An odd multiplier permutes [0, 2^k); lines is a power of two times 256 in practice,
+  // otherwise fold with a modulo (still scattered, slightly non-uniform).
+  static size_t scatter(size_t k, size_t lines) { return (k * 0x9E3779B97F4A7C15ull) % lines; }
 
  private:
   std::vector<double> cdf_;
@@ -140,6 +146,8 @@ double run_loop(char* base, size_t bytes, const Flags& f) {
   const size_t lines = bytes / kLine;
   std::unique_ptr<ZipfLines> zipf;
   if (f.pattern == "zipf") zipf = std::make_unique<ZipfLines>(lines);
+  const size_t hot_lines =
+      f.pattern == "hotset" ? std::max<size_t>(1, (f.capacity_mb << 20) / kLine / 2) : 0;
   std::vector<std::thread> threads;
   auto start = std::chrono::steady_clock::now();
   for (size_t t = 0; t < f.threads; ++t) {
@@ -147,7 +155,14 @@ double run_loop(char* base, size_t bytes, const Flags& f) {
       std::mt19937_64 rng(42 + t);
       uint64_t sink = 0;
       for (size_t i = 0; i < f.accesses; ++i) {
-        const size_t line = zipf ? (*zipf)(rng) : rng() % lines;
+        size_t line;
+        if (zipf) {
+          line = (*zipf)(rng);
+        } else if (hot_lines > 0 && rng() % 10 != 0) {
+          line = ZipfLines::scatter(rng() % hot_lines, lines);
+        } else {
+          line = rng() % lines;
+        }
         auto* word = reinterpret_cast<volatile uint64_t*>(base + line * kLine) + (i % 512);
         const uint64_t v = *word;
         if (static_cast<int>(rng() % 100) < f.write_pct) *word = v + 1;
