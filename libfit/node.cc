@@ -934,6 +934,7 @@ void Node::Impl::ServerThread::accept_sock() {
 
 void Node::Impl::ServerThread::read_sock(ServerConn& conn) {
   for (;;) {
+    const size_t room = conn.in.data.size() - conn.in.len;
     ssize_t n = recv_some(conn.fd, conn.in);
     if (n < 0) {
       conn.dead = true;
@@ -956,7 +957,10 @@ void Node::Impl::ServerThread::read_sock(ServerConn& conn) {
       consume(conn.in, static_cast<size_t>(total));
       if (conn.dead) return;
     }
-    if (n == 0) return;
+    // A read that did not fill the buffer emptied the socket: asking again would only
+    // return EAGAIN (a system call per request; epoll is level-triggered and reports bytes
+    // that came since).
+    if (n == 0 || static_cast<size_t>(n) < room) return;
   }
 }
 
