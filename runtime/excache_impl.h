@@ -311,7 +311,13 @@ struct ExCache::Impl {
 
   // fault.cc
   static constexpr size_t kStagingBuffers = 64;
-  std::byte* staging = nullptr;  // kStagingBuffers * kLine, mmap'd
+  // Each buffer is a line with LineBackend::kFetchHeadroom before it (fetch_batch's reply
+  // header lands there: the line arrives in place).
+  static constexpr size_t kStagingStride = kExCacheLineBytes + LineBackend::kFetchHeadroom;
+  std::byte* staging = nullptr;  // kStagingBuffers * kStagingStride, mmap'd
+  std::byte* staging_line(size_t buffer) const {
+    return staging + buffer * kStagingStride + LineBackend::kFetchHeadroom;
+  }
   std::atomic<uint64_t> staging_busy{0};
   pthread_t handler{};
   bool handler_running = false;

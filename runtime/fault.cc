@@ -381,31 +381,45 @@ void ExCache::Impl::map_lines(uint64_t index, const std::byte* src, size_t count
 void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t start_ns) {
   const uint64_t addr = line_addr(index);
   const bool backed = (state & kBackedBit) != 0;
-  const uint32_t frame = acquire_frame();
-
+  uint32_t frame = kNoFrame;
   if (prefetch_max > 0) {
     int64_t stride = 0;
     const size_t want = plan_prefetch(index, &stride);
-    if (want > 0 && fill_with_prefetch(index, state, write, frame, want, stride, start_ns)) return;
+    if (want > 0) {
+      frame = acquire_frame();
+      if (fill_with_prefetch(index, state, write, frame, want, stride, start_ns)) return;
+    }
   }
 
   const std::byte* src = kZeroLine;
   size_t buffer = kStagingBuffers;
   if (backed) {
     buffer = staging_acquire();
-    std::span<std::byte, kLine> out(staging + buffer * kLine, kLine);
-    Status st;
-    for (int attempt = 1;; ++attempt) {
-      st = backend->fetch(addr, out);
-      if (st.is_ok() || !transient(st.code()) || attempt == kBackendAttempts) break;
+    std::byte* out = staging_line(buffer);
+    const uint64_t one[1] = {addr};
+    // A miss that must evict first sends its fetch, so that the memory node answers it
+    // while we evict (the round trip overlaps the batch's write-protects and zap).
+    LineBackend::FetchTicket ticket;
+    bool started = false;
+    if (frame == kNoFrame && !pop_free(&frame)) {
+      started = backend->start_fetch_batch(one, out, &ticket).is_ok();
+      frame = acquire_frame();
     }
-    if (!st.is_ok()) fatal("LineBackend::fetch failed", st.code(), addr);
-    src = out.data();
+    Status st = started ? backend->finish_fetch_batch(&ticket) : Status(EAGAIN, "not sent");
+    for (int attempt = 1; !st.is_ok(); ++attempt) {
+      if ((started && !transient(st.code())) || attempt > kBackendAttempts) {
+        fatal("LineBackend::fetch_batch failed", st.code(), addr);
+      }
+      started = true;  // (from here, st is fetch_batch's own)
+      st = backend->fetch_batch(one, out);
+    }
+    src = out;
     stats.add(kFetches);
     stats.add(kBytesFetched, kLine);
   } else {
     stats.add(kZeroFills);  // the backend never saw this line: no round trip
   }
+  if (frame == kNoFrame) frame = acquire_frame();
 
   // A store miss maps the line writable and dirty at once; a load miss maps it clean and
   // write-protected so that its first store tells us (serve_fault's kClean case), unless

@@ -220,7 +220,7 @@ void ExCache::Impl::serve_child(size_t slot, const uffd_msg& msg) {
     }
   } else {
     const size_t buffer = staging_acquire();
-    std::span<std::byte, kLine> out(staging + buffer * kLine, kLine);
+    std::span<std::byte, kLine> out(staging_line(buffer), kLine);
     Status st;
     for (int attempt = 1;; ++attempt) {
       st = backend->fetch_snapshot(c.snapshot, addr, out);
@@ -307,7 +307,7 @@ void ExCache::Impl::reclaim_children(bool force) {
       // below any mapping a program has (mmap_min_addr is 64 KiB): otherwise ENOENT.
       uffdio_copy probe{};
       probe.dst = 0x10000;
-      probe.src = reinterpret_cast<uint64_t>(staging);
+      probe.src = reinterpret_cast<uint64_t>(staging_line(0));
       probe.len = kLine;
       probe.mode = 0;
       gone = ioctl(children[i].uffd, UFFDIO_COPY, &probe) != 0 && errno == ESRCH;

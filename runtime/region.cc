@@ -132,7 +132,7 @@ Status ExCache::Impl::init_region() {
   if (l == nullptr) return Status::from_errno(errno, "mmap line states");
   lines = static_cast<std::atomic<uint64_t>*>(l);
 
-  void* s = map_anon(kStagingBuffers * kLine);
+  void* s = map_anon(kStagingBuffers * kStagingStride);
   if (s == nullptr) return Status::from_errno(errno, "mmap staging buffers");
   staging = static_cast<std::byte*>(s);
 
@@ -215,7 +215,7 @@ ExCache::Impl::~Impl() {
   if (uffd >= 0) close(uffd);
   if (base != nullptr) munmap(base, size);
   if (lines != nullptr) munmap(lines, lines_bytes);
-  if (staging != nullptr) munmap(staging, kStagingBuffers * kLine);
+  if (staging != nullptr) munmap(staging, kStagingBuffers * kStagingStride);
   if (prefetch_buffers != nullptr) {
     munmap(prefetch_buffers, kPrefetchBuffers * sizeof(PrefetchBuffer));
   }
