@@ -489,9 +489,10 @@ struct ExCache::Impl {
                  bool dontwake = false);
   size_t staging_acquire();
   void staging_release(size_t buffer);
-  // MADV_DONTNEED of victims[0..n) (sorted): one process_madvise, so one TLB flush, when
-  // the kernel allows it. EXCLUSIVE: evict_lock.
-  void zap_victims(size_t n);
+  // MADV_DONTNEED of victims[0..n) (sorted; clean_only: of those neither dirty nor
+  // MKCLEANed): one process_madvise, so one TLB flush, when the kernel allows it.
+  // EXCLUSIVE: evict_lock.
+  void zap_victims(size_t n, bool clean_only = false);
   bool pop_free(uint32_t* frame);
 };
 
