@@ -23,6 +23,7 @@
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -1470,6 +1471,25 @@ Status Node::Impl::connect_msg(ClientChannel& ch, const NodeConfig& peer) {
   return Status();
 }
 
+// "lego-<pid>-<random>": the same for every endpoint of this process image (shm appends
+// ":<uid>:<endpoint number>"), different after an exec() or in a forked child.
+std::string shm_source_name() {
+  static std::mutex mu;
+  static pid_t pid = 0;
+  static std::string name;
+  std::lock_guard<std::mutex> g(mu);
+  if (pid != getpid()) {
+    pid = getpid();
+    uint32_t nonce = 0;
+    if (getrandom(&nonce, sizeof nonce, GRND_NONBLOCK) != sizeof nonce)
+      nonce = static_cast<uint32_t>(Clock::now().time_since_epoch().count());
+    char buf[48];
+    snprintf(buf, sizeof buf, "lego-%d-%08x", static_cast<int>(pid), nonce);
+    name = buf;
+  }
+  return name;
+}
+
 Status Node::Impl::connect_rdm(ClientChannel& ch, const NodeConfig& peer) {
   if (!server_domain) {
     // A client-only node still needs a domain of its provider for its endpoints.
@@ -1490,7 +1510,23 @@ Status Node::Impl::connect_rdm(ClientChannel& ch, const NodeConfig& peer) {
   int ret = fi_av_open(ch.domain->domain.get(), &av_attr, ch.av.out(), nullptr);
   if (ret != 0) return ofi::error(ret, "fi_av_open");
   LEGO_RETURN_IF_ERROR(open_cq(*ch.domain, blocking, 4 * kWindow, ch.cq, &ch.waitable));
-  ret = fi_endpoint(ch.domain->domain.get(), ch.domain->info.get(), ch.ep.out(), nullptr);
+  // shm names an endpoint's region in /dev/shm after its source address, by default
+  // "<pid>:<uid>:<n>": an image that exec() replaced never closed its endpoints, so the new
+  // image's names would collide with the old ones (EBUSY), or, were those removed, be
+  // confused with them by the peers that mapped them. A source address unique to this
+  // image makes names that never repeat.
+  ofi::InfoPtr ep_info;
+  if (peer.provider == "shm") {
+    ep_info.reset(fi_dupinfo(ch.domain->info.get()));
+    if (!ep_info) return Status(ENOMEM, "fi_dupinfo");
+    std::string name = "fi_shm://" + shm_source_name();
+    free(ep_info->src_addr);
+    ep_info->src_addr = strdup(name.c_str());
+    ep_info->src_addrlen = name.size() + 1;
+    ep_info->addr_format = FI_ADDR_STR;
+  }
+  ret = fi_endpoint(ch.domain->domain.get(), ep_info ? ep_info.get() : ch.domain->info.get(),
+                    ch.ep.out(), nullptr);
   if (ret == 0) ret = fi_ep_bind(ch.ep.get(), &ch.av.get()->fid, 0);
   if (ret == 0) ret = fi_ep_bind(ch.ep.get(), &ch.cq.get()->fid, FI_TRANSMIT | FI_RECV);
   if (ret == 0) ret = fi_enable(ch.ep.get());

@@ -654,8 +654,31 @@ struct Report {
   };
   std::vector<Space> spaces;
   std::vector<std::string> stats;  // one text block per process
+  std::vector<pid_t> pids;         // the processes that reported
   std::string lost;
 };
+
+// libfit names the shm endpoints of a process "lego-<pid>-<nonce>:<uid>:<n>" in /dev/shm
+// (libfit/node.cc: shm_source_name), and libfabric unlinks them when an endpoint is closed.
+// The runtime never closes its node (a program's exit just ends the process), so such
+// regions of processes that are gone are removed here, after the program: its own, its
+// children's, and any that earlier runs killed before they could clean up left behind.
+void remove_shm_regions() {
+  DIR* d = opendir("/dev/shm");
+  if (d == nullptr) return;
+  while (dirent* e = readdir(d)) {
+    unsigned long pid = 0, uid = 0, ep = 0;
+    char nonce[16] = {};
+    int used = 0;
+    if (sscanf(e->d_name, "lego-%lu-%8[0-9a-f]:%lu:%lu%n", &pid, nonce, &uid, &ep, &used) != 4 ||
+        e->d_name[used] != '\0' || pid == 0) {
+      continue;
+    }
+    if (kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // still running
+    unlinkat(dirfd(d), e->d_name, 0);
+  }
+  closedir(d);
+}
 
 Report parse_report(const std::string& text) {
   Report r;
@@ -938,6 +961,7 @@ int main(int argc, char** argv) {
   }
   close(report[0]);
   Report rep = parse_report(text);
+  remove_shm_regions();
 
   // Free the program's address spaces now rather than when their leases run out.
   if (!memory_died && !rep.spaces.empty()) {

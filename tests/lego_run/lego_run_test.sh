@@ -51,6 +51,19 @@ check "integrity with --delivery sigbus --policy clock" [ "${out#integrity ok}" 
 # 2b. The memory node over shm on this host.
 out=$("$LEGO_RUN" --excache 8M --transport shm -- "$INTEGRITY" 48 2 40000 2>&1)
 check "integrity with --transport shm" [ "${out#integrity ok}" != "$out" ]
+# A program that execs keeps its pid (env execs bash here; bash forks and execs): each
+# image opens shm endpoints of its own, and none is left in /dev/shm after the run.
+out=$("$LEGO_RUN" --excache 8M --transport shm -- env bash -c 'exec sh -c "echo \$((6*7))"; echo not reached' 2>&1)
+check "exec'ing programs over shm (env, bash, exec sh)" [ "$out" = "42" ]
+shm_leaked() {  # a region of a lego process that is gone (other tests' may be live)
+  for f in /dev/shm/lego-[0-9]*-*:*; do
+    [ -e "$f" ] || continue
+    pid=${f#/dev/shm/lego-}
+    [ -d "/proc/${pid%%-*}" ] || return 0
+  done
+  return 1
+}
+check "no shm regions left by the run's processes" eval '! shm_leaked'
 
 # 2c. fork(): children and grandchildren see the heap as it was at the fork while the
 # parent's writer threads keep evicting; a 32 MiB heap over a 4 MiB ExCache.
