@@ -932,8 +932,9 @@ int main(int argc, char** argv) {
   bool memory_died = false;
   int status = 0;
   bool child_done = false;
+  bool report_open = true;  // until every writer closed it (a closed pipe polls ready forever)
   for (;;) {
-    pollfd p{report[0], POLLIN, 0};
+    pollfd p{report_open ? report[0] : -1, POLLIN, 0};
     int pr = poll(&p, 1, 100);
     if (pr > 0) {
       char buf[4096];
@@ -942,8 +943,10 @@ int main(int argc, char** argv) {
         text.append(buf, static_cast<size_t>(n));
         continue;
       }
+      if (n == 0) report_open = false;
       if (n == 0 && child_done) break;
     }
+    if (child_done && !report_open) break;
     if (!child_done) {
       pid_t w = waitpid(child, &status, WNOHANG);
       if (w == child) child_done = true;

@@ -64,6 +64,15 @@ shm_leaked() {  # a region of a lego process that is gone (other tests' may be l
   return 1
 }
 check "no shm regions left by the run's processes" eval '! shm_leaked'
+# A program that closes the runtime's report pipe early (a daemon closing its fds): lego-run
+# waits for it without spinning on the closed pipe.
+"$LEGO_RUN" -- bash -c 'eval "exec $LEGO_REPORT_FD>&-"; sleep 2' &
+runner=$!
+sleep 1.5
+ticks=$(awk '{print $14 + $15}' "/proc/$runner/stat" 2>/dev/null || echo 0)
+wait $runner
+check "lego-run idles while the program runs with the report pipe closed ($ticks ticks)" \
+  [ "$ticks" -lt 50 ]
 
 # 2c. fork(): children and grandchildren see the heap as it was at the fork while the
 # parent's writer threads keep evicting; a 32 MiB heap over a 4 MiB ExCache.
