@@ -306,7 +306,7 @@ struct Outcome {
   bool oom = false;
   double us = 0;
   std::string error;
-  std::string text;  // the program's stdout
+  std::string text;   // the program's stdout
   int oom_kills = 0;  // the zram peer's runs the kernel OOM-killed (all of them if oom)
 };
 

@@ -2,9 +2,14 @@
 // runs do not share.
 #pragma once
 
+#include <dirent.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <random>
 #include <string>
 
@@ -29,6 +34,28 @@ inline std::vector<uint8_t> random_key() {
   return key;
 }
 
+// shm nodes are named "lego-test-<this pid>:<port>" (make_cluster), and libfabric unlinks a
+// node's region in /dev/shm when the node closes. A node a test kills (SIGKILL, in a forked
+// child) cannot: what is left under this process's name goes when this process exits.
+inline void remove_test_shm_regions_at_exit() {
+  static std::once_flag once;
+  static pid_t owner = 0;
+  std::call_once(once, [] {
+    owner = getpid();
+    atexit([] {
+      if (getpid() != owner) return;  // a forked child: the names are its parent's
+      char prefix[48];
+      snprintf(prefix, sizeof prefix, "lego-test-%d:", static_cast<int>(owner));
+      DIR* d = opendir("/dev/shm");
+      if (d == nullptr) return;
+      while (dirent* e = readdir(d)) {
+        if (strncmp(e->d_name, prefix, strlen(prefix)) == 0) unlinkat(dirfd(d), e->d_name, 0);
+      }
+      closedir(d);
+    });
+  });
+}
+
 // Nodes 1..n, all on `address`, consecutive ports; node 1 a processor, the rest memory.
 inline fit::ClusterConfig make_cluster(int n, const std::string& provider,
                                        fit::Progress progress = fit::Progress::kPolling,
@@ -38,6 +65,7 @@ inline fit::ClusterConfig make_cluster(int n, const std::string& provider,
   c.origin = "test cluster";
   c.timeout = std::chrono::milliseconds(3000);
   uint16_t port = test_port_base();
+  if (provider == "shm") remove_test_shm_regions_at_exit();
   for (int i = 1; i <= n; i++) {
     fit::NodeConfig nc;
     nc.id = static_cast<fit::NodeId>(i);
