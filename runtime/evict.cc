@@ -27,12 +27,12 @@
 //      by the next eviction (by then the answer has usually come), or by a thread that
 //      finds one of them kEvicting (serve_fault, discard), or at fork and destruction.
 // A faulting thread that waited on a victim re-fetches after step 5 (or the reap) and reads
-// what step 3 stored. Cost per batch of b lines, d dirty: d write-protect ioctls (each flushes the
-// TLB; ~0.9 µs single-threaded), one write_back, one zap (~0.6 µs per line). Known cost: the d
-// write-protect flushes are per line (victims are scattered, and UFFDIO_WRITEPROTECT takes one
-// range). With one thread they are local (~0.9 µs); with program threads running on other CPUs each
-// becomes a TLB-shootdown IPI, which is the likely reason 2 threads on 2 vCPUs cost ~2x more per
-// access than 1 (excache_bench
+// what step 3 stored. Cost per batch of b lines, d dirty: d write-protect ioctls (each
+// flushes the TLB; ~0.9 µs single-threaded), one write_back, one zap (~0.6 µs per line).
+// Known cost: the d write-protect flushes are per line (victims are scattered, and
+// UFFDIO_WRITEPROTECT takes one range). With one thread they are local (~0.9 µs); with
+// program threads running on other CPUs each becomes a TLB-shootdown IPI, which is the
+// likely reason 2 threads on 2 vCPUs cost ~2x more per access than 1 (excache_bench
 // --threads=2). Dirty prediction keeps d high on purpose. Ways out: the kernel module
 // (kmod/: clear PTE dirty bits under one flush), or UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN
 // (dirty bits without write faults; but async WP no longer blocks racing stores, so

@@ -303,6 +303,11 @@ struct ExCache::Impl {
   // The module has MKCLEAN: load misses are mapped writable and clean (fill), and the
   // kClean invariant is the second one above. Set once in open_kernel_module.
   bool pcache_mkclean = false;
+  // Whether a fill maps the line clean and then MKCLEANs it: with the module's MKCLEAN, for
+  // a clean fill of a line with a store history (see the kClean invariant).
+  bool wants_mkclean(uint64_t state, bool dirty) const {
+    return !dirty && pcache_mkclean && (state & excache_internal::kWrittenHintBit) != 0;
+  }
   static constexpr size_t kSweep = 2 * kMaxBatch;
   std::unique_ptr<uint64_t[]> pc_lines;    // kSweep entries
   std::unique_ptr<uint32_t[]> pc_frames;   // kSweep entries: the frame of each swept line

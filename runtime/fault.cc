@@ -432,7 +432,7 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
   // read-modify-write: the common case) races it and takes the write-protect fault MKCLEAN
   // is there to save. The faulting thread sleeps in the kernel only with the handler
   // thread (with SIGBUS it is us): keep it asleep until MKCLEAN is done, then wake it.
-  const bool mkclean = !choice.dirty && pcache_mkclean && (state & kWrittenHintBit) != 0;
+  const bool mkclean = wants_mkclean(state, choice.dirty);
   const bool wake_after = mkclean && options.delivery != ExCacheOptions::Delivery::kSigbus;
   // Counted before UFFDIO_COPY wakes the faulting thread (see kWriteFaults above).
   stats.add(kMisses);
@@ -648,7 +648,7 @@ void ExCache::Impl::map_claimed(PrefetchBuffer& pb, uint64_t start_ns) {
   // fill), before they are published; fetch_addrs is free to reuse now.
   bool mkclean[kMaxPrefetch + 1];
   for (size_t k = 0; k < n; ++k) {
-    mkclean[k] = !choice[k].dirty && pcache_mkclean && (pb.state[k] & kWrittenHintBit) != 0;
+    mkclean[k] = wants_mkclean(pb.state[k], choice[k].dirty);
   }
   if (pcache_mkclean) {
     uint32_t nc = 0;
