@@ -112,21 +112,11 @@ Status RemoteBackend::fetch_in(const mem::SpaceHandle& h, uint64_t line_addr,
     mem::FetchRequest req;
     uint64_t addr;
   } req{{h, 1, 0}, line_addr};
-  // The reply: an 8-byte mask, then the line when stored. On the caller's stack: no
-  // allocation on the miss path.
-  alignas(64) std::byte reply[sizeof(mem::FetchReply) + kExCacheLineBytes];
+  // The reply (memory_proto.h): the line, or nothing when it was never stored.
   auto r = node_->send_reply(memory_, mem::kFetch,
-                             {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, reply);
+                             {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, out);
   if (!r) return r.status();
-  mem::FetchReply head;
-  memcpy(&head, reply, sizeof(head));
-  if (head.stored_mask & 1) {
-    if (r.value() != sizeof(reply)) return Status(EPROTO, "short fetch reply");
-    memcpy(out.data(), reply + sizeof(head), kExCacheLineBytes);
-  } else {
-    memset(out.data(), 0, kExCacheLineBytes);
-  }
-  return Status();
+  return unpack_fetch_reply(r.value(), 1, out.data());
 }
 
 namespace {
@@ -144,7 +134,24 @@ size_t RemoteBackend::fetch_request(std::span<const uint64_t> line_addrs, std::b
   return len;
 }
 
+// Where a fetch reply for n lines lands: in place, its header (none for one line) in the
+// headroom before `out`.
+static std::span<std::byte> fetch_reply_span(size_t n, std::byte* out) {
+  const size_t head = n == 1 ? 0 : sizeof(mem::FetchReply);
+  return {out - head, head + n * kExCacheLineBytes};
+}
+
 Status RemoteBackend::unpack_fetch_reply(size_t len, size_t n, std::byte* out) const {
+  if (n == 1) {
+    // No header (memory_proto.h): the line, or nothing for a line never stored.
+    if (len == 0) {
+      memset(out, 0, kExCacheLineBytes);
+    } else if (len != kExCacheLineBytes) {
+      return Status(EPROTO, "fetch reply of " + std::to_string(len) +
+                                " bytes for one line from memory node " + describe_memory_node());
+    }
+    return Status();
+  }
   mem::FetchReply head;
   memcpy(&head, out - sizeof(head), sizeof(head));
   const size_t stored = static_cast<size_t>(__builtin_popcountll(head.stored_mask));
@@ -176,10 +183,7 @@ Status RemoteBackend::fetch_batch(std::span<const uint64_t> line_addrs, std::byt
   if (n > kMaxFetchBatch) return Status(EINVAL, "fetch_batch of more than 32 lines");
   alignas(8) std::byte req[sizeof(FetchBatchRequest)];
   const size_t req_len = fetch_request(line_addrs, req);
-  // The reply lands in place: its 8-byte header in the headroom before `out`.
-  auto r = node_->send_reply(
-      memory_, mem::kFetch, {req, req_len},
-      {out - sizeof(mem::FetchReply), sizeof(mem::FetchReply) + n * kExCacheLineBytes});
+  auto r = node_->send_reply(memory_, mem::kFetch, {req, req_len}, fetch_reply_span(n, out));
   if (!r) return r.status();
   return unpack_fetch_reply(r.value(), n, out);
 }
@@ -194,9 +198,7 @@ Status RemoteBackend::start_fetch_batch(std::span<const uint64_t> line_addrs, st
   auto* call = new (ticket->opaque) fit::Node::PendingCall();
   alignas(8) std::byte req[sizeof(FetchBatchRequest)];
   const size_t req_len = fetch_request(line_addrs, req);
-  return node_->start_call(
-      call, memory_, mem::kFetch, {req, req_len},
-      {out - sizeof(mem::FetchReply), sizeof(mem::FetchReply) + n * kExCacheLineBytes});
+  return node_->start_call(call, memory_, mem::kFetch, {req, req_len}, fetch_reply_span(n, out));
 }
 
 Status RemoteBackend::finish_fetch_batch(FetchTicket* ticket) {

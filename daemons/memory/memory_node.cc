@@ -187,7 +187,9 @@ struct MemoryNode::Impl {
       c.refused++;
       return Status(EPROTO, "fetch: malformed request of " + std::to_string(req.size()) + " bytes");
     }
-    if (rep.size() < sizeof(FetchReply) + size_t{r.count} * kLineBytes) {
+    // One line: no header (memory_proto.h); more: a FetchReply, then the stored lines.
+    const size_t head = r.count == 1 ? 0 : sizeof(FetchReply);
+    if (rep.size() < head + size_t{r.count} * kLineBytes) {
       return Status(EMSGSIZE, "fetch: " + std::to_string(r.count) +
                                   " lines do not fit FIT's max_message_bytes");
     }
@@ -195,7 +197,7 @@ struct MemoryNode::Impl {
     if (!sp) return sp.status();
     const std::byte* addrs = req.data() + sizeof(r);
     FetchReply out{};
-    size_t used = sizeof(out);
+    size_t used = head;
     std::lock_guard<std::mutex> g(sp.value()->mu);
     for (uint32_t i = 0; i < r.count; i++) {
       uint64_t a;
@@ -214,7 +216,7 @@ struct MemoryNode::Impl {
       memcpy(rep.data() + used, slot(it->second), kLineBytes);
       used += kLineBytes;
     }
-    memcpy(rep.data(), &out, sizeof(out));
+    if (head != 0) memcpy(rep.data(), &out, sizeof(out));
     return used;
   }
 

@@ -80,6 +80,13 @@ struct Rig {
     std::vector<std::byte> rep(sizeof(FetchReply) + addrs.size() * kLineBytes);
     auto res = call(kFetch, req, rep);
     if (!res) return res.status();
+    if (addrs.size() == 1) {
+      // One line: no header; the line, or nothing when never stored.
+      REQUIRE((res.value() == 0 || res.value() == kLineBytes));
+      std::vector<std::byte> line(kLineBytes);
+      if (res.value() == kLineBytes) memcpy(line.data(), rep.data(), kLineBytes);
+      return std::vector<std::vector<std::byte>>{line};
+    }
     FetchReply out;
     memcpy(&out, rep.data(), sizeof(out));
     std::vector<std::vector<std::byte>> lines;
