@@ -9,7 +9,8 @@
 //   1. take victims: the clock hand walks the frames; the policy (ops table, chosen in
 //      policy_ops below) may spare a frame; a line is taken by CAS kClean/kDirty ->
 //      kEvicting. From here on, any fault on it waits until it is kAbsent again.
-//   2. write-protect the dirty victims (adjacent lines share one ioctl). After the ioctl
+//   2. write-protect the dirty victims (adjacent lines share one ioctl; skipped when no
+//      other thread can store: "Evicting without a fence" below). After the ioctl
 //      returns the TLBs are flushed: no store can reach the line any more; a racing store
 //      faults and waits (step 1). Clean victims are write-protected already (kClean
 //      invariant), so they need nothing. Stores that landed before are in the line.
@@ -170,6 +171,80 @@ bool ExCache::Impl::try_reap_write_back() {
   return reaped;
 }
 
+// --- Evicting without a fence -----------------------------------------------------------
+//
+// Step 2's write-protect (~1.2 µs per scattered line: an ioctl and a TLB flush each, a third
+// of a 32-line batch's cost) is there to stop other threads' stores between step 3's copy
+// and step 4's zap. With SIGBUS delivery the evicting thread is a program thread inside its
+// fault handler, with signals blocked: if the process has no other thread but the runtime's
+// own (which never store to region memory), nothing can store to a victim until the zap,
+// and the fence is skipped. The check lists /proc/self/task (one getdents64, ~2 µs) under
+// evict_lock, at each batch: a program thread created after the listing can only have been
+// created by a thread in it. Not covered, as without the check: writes that bypass threads
+// (DMA into pinned pages), and another process writing through ptrace or process_vm_writev
+// while the program is inside the handler (with the fence that write would fail; without it
+// a write landing between copy and zap is lost), or sharing the memory through
+// clone(CLONE_VM) without CLONE_THREAD while running concurrently (a vfork child is caught:
+// the parent waits, and the child's pid differs from owner_pid).
+
+namespace {
+
+constexpr int kMaxServiceThreads = 16;
+std::atomic<pid_t> g_service_threads[kMaxServiceThreads];
+
+bool is_service_thread(pid_t tid) {
+  for (const auto& slot : g_service_threads) {
+    if (slot.load(std::memory_order_acquire) == tid) return true;
+  }
+  return false;
+}
+
+struct LinuxDirent64 {
+  uint64_t d_ino;
+  int64_t d_off;
+  unsigned short d_reclen;
+  unsigned char d_type;
+  char d_name[1];
+};
+
+}  // namespace
+
+void excache_service_thread_begin() {
+  const pid_t me = gettid();
+  for (auto& slot : g_service_threads) {
+    pid_t free_slot = 0;
+    if (slot.compare_exchange_strong(free_slot, me, std::memory_order_acq_rel)) return;
+  }
+}
+
+void excache_service_thread_end() {
+  const pid_t me = gettid();
+  for (auto& slot : g_service_threads) {
+    pid_t mine = me;
+    if (slot.compare_exchange_strong(mine, 0, std::memory_order_acq_rel)) return;
+  }
+}
+
+bool ExCache::Impl::alone_in_process() {
+  if (task_dir < 0 || getpid() != owner_pid) return false;
+  if (lseek(task_dir, 0, SEEK_SET) != 0) return false;
+  const pid_t me = gettid();
+  alignas(8) char buf[1024];
+  for (;;) {
+    const long n = syscall(SYS_getdents64, task_dir, buf, sizeof buf);
+    if (n <= 0) return n == 0;
+    for (long off = 0; off < n;) {
+      const auto* d = reinterpret_cast<const LinuxDirent64*>(buf + off);
+      off += d->d_reclen;
+      pid_t tid = 0;
+      const char* c = d->d_name;
+      for (; *c >= '0' && *c <= '9'; ++c) tid = tid * 10 + (*c - '0');
+      if (*c != '\0' || tid == 0) continue;  // "." and ".."
+      if (tid != me && !is_service_thread(tid)) return false;
+    }
+  }
+}
+
 // Steps 2-4 without the module. True if the write-back was only started (step 5 leaves the
 // dirty victims to reap_write_back_locked).
 bool ExCache::Impl::evict_with_userfaultfd(size_t n) {
@@ -178,8 +253,14 @@ bool ExCache::Impl::evict_with_userfaultfd(size_t n) {
   // with the module only when it refused the batch, e.g. after the program mprotect()ed the
   // region).
   for (size_t i = 0; i < n; ++i) victims[i].dirty |= victims[i].mkcleaned;
-  // 2. Write-protect dirty victims, one ioctl per run of adjacent dirty lines.
+  // 2. Write-protect dirty victims, one ioctl per run of adjacent dirty lines: unless no
+  // other thread can store to them (see alone_in_process), when they go straight to step 3.
   size_t dirty = 0;
+  bool any_dirty = false;
+  for (size_t i = 0; i < n; ++i) any_dirty |= victims[i].dirty;
+  const bool fence =
+      !(any_dirty && options.delivery == ExCacheOptions::Delivery::kSigbus && alone_in_process());
+  if (!fence) stats.add(kUnfencedBatches);
   for (size_t i = 0; i < n;) {
     if (!victims[i].dirty) {
       ++i;
@@ -188,7 +269,7 @@ bool ExCache::Impl::evict_with_userfaultfd(size_t n) {
     size_t j = i + 1;
     while (j < n && victims[j].dirty && victims[j].index == victims[j - 1].index + 1) ++j;
     const uint64_t addr = line_addr(victims[i].index);
-    if (int err = write_protect(addr, (j - i) * kLine, true); err != 0) {
+    if (int err = fence ? write_protect(addr, (j - i) * kLine, true) : 0; err != 0) {
       fatal("UFFDIO_WRITEPROTECT of victims failed", err, addr);
     }
     for (size_t k = i; k < j; ++k) {

@@ -191,6 +191,7 @@ enum Counter : size_t {
   kEvictions,
   kEvictionBatches,
   kWriteBacks,
+  kUnfencedBatches,
   kCleanDrops,
   kDiscardedLines,
   kBytesFetched,
@@ -256,6 +257,10 @@ struct ExCache::Impl {
   // region.cc
   int uffd = -1;
   int pidfd = -1;  // for process_madvise batches; -1 falls back to madvise per run
+  // /proc/self/task of the process that created the cache (owner_pid), to list its threads
+  // (alone_in_process); -1 if it could not be opened: evictions then always fence.
+  int task_dir = -1;
+  pid_t owner_pid = 0;
   bool kernel_faults = false;
   std::byte* base = nullptr;
   size_t size = 0;
@@ -444,6 +449,10 @@ struct ExCache::Impl {
   // the batch before changing anything), or the userfaultfd way.
   bool evict_with_module(size_t n);
   bool evict_with_userfaultfd(size_t n);
+  // True if the calling thread is the only one in the process besides registered service
+  // threads (excache_service_thread_begin), and the process is the one that created the
+  // cache (not a vfork child sharing its memory). Evicting threads only (uses task_dir).
+  bool alone_in_process();
   // kClock with the module: sets the reference bit of frames ahead of the hand whose line
   // the CPU accessed since the last sweep (one AD ioctl).
   void sweep_accessed_bits();

@@ -849,7 +849,9 @@ Status ExCache::Impl::start_handler_thread() {
   int err = pthread_create(
       &handler, nullptr,
       [](void* self) -> void* {
+        excache_service_thread_begin();
         static_cast<ExCache::Impl*>(self)->handler_loop();
+        excache_service_thread_end();
         return nullptr;
       },
       this);

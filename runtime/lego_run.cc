@@ -736,11 +736,11 @@ void print_stats(const std::string& block) {
   fprintf(stderr, "  %-16s %s (resident accesses never trap)\n", "hits", "n/a");
   fprintf(stderr, "  %-16s %s\n", "kernel_module",
           num("kernel_module") ? "lego_pcache (batched evictions, accessed bits)" : "not used");
-  const char* keys[] = {"misses",           "fetches",          "zero_fills",     "write_faults",
-                        "evictions",        "write_backs",      "clean_drops",    "discarded_lines",
-                        "bytes_fetched",    "bytes_written",    "resident_lines", "capacity_lines",
-                        "module_calls",     "accessed_spared",  "redirtied",      "prefetches",
-                        "prefetched_lines", "dirty_predictions"};
+  const char* keys[] = {
+      "misses",         "fetches",          "zero_fills",        "write_faults",    "evictions",
+      "write_backs",    "clean_drops",      "discarded_lines",   "bytes_fetched",   "bytes_written",
+      "resident_lines", "capacity_lines",   "module_calls",      "accessed_spared", "redirtied",
+      "prefetches",     "prefetched_lines", "dirty_predictions", "unfenced_batches"};
   for (const char* k : keys) fprintf(stderr, "  %-16s %llu\n", k, num(k));
   fprintf(stderr, "  %-16s %llu (fetched + written)\n", "bytes_moved",
           num("bytes_fetched") + num("bytes_written"));

@@ -279,12 +279,13 @@ void write_stats() {
            "bytes_written %lu\nresident_lines %lu\ncapacity_lines %lu\n"
            "miss_p50_ns %lu\nmiss_p99_ns %lu\nkernel_module %d\nmodule_calls %lu\n"
            "accessed_spared %lu\nredirtied %lu\nprefetches %lu\nprefetched_lines %lu\n"
-           "dirty_predictions %lu\nmiss_histogram %s\nend",
+           "dirty_predictions %lu\nunfenced_batches %lu\nmiss_histogram %s\nend",
            getpid(), g_rt->program.c_str(), s.misses, s.fetches, s.zero_fills, s.write_faults,
            s.evictions, s.write_backs, s.clean_drops, s.discarded_lines, s.bytes_fetched,
            s.bytes_written, s.resident_lines, s.capacity_lines, s.miss_p50_ns, s.miss_p99_ns,
            g_rt->cache->uses_kernel_module() ? 1 : 0, s.module_calls, s.accessed_spared,
-           s.redirtied, s.prefetches, s.prefetched_lines, s.dirty_predictions, hist);
+           s.redirtied, s.prefetches, s.prefetched_lines, s.dirty_predictions, s.unfenced_batches,
+           hist);
   report(buf);
 }
 

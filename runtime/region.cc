@@ -154,6 +154,8 @@ Status ExCache::Impl::init_region() {
       pidfd = -1;
     }
   }
+  owner_pid = getpid();
+  task_dir = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   return Status::ok();
 }
 
@@ -211,6 +213,7 @@ ExCache::Impl::~Impl() {
   }
   if (stop_fd >= 0) close(stop_fd);
   if (pidfd >= 0) close(pidfd);
+  if (task_dir >= 0) close(task_dir);
   if (pcache_fd >= 0) close(pcache_fd);
   if (uffd >= 0) close(uffd);
   if (base != nullptr) munmap(base, size);

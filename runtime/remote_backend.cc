@@ -49,6 +49,7 @@ Result<std::unique_ptr<RemoteBackend>> RemoteBackend::open(fit::Node* node, fit:
   // Keeps the lease while the program runs; the thread allocates only at start.
   RemoteBackend* self = b.get();
   b->heartbeat_ = std::thread([self, on_thread_start] {
+    excache_service_thread_begin();
     if (on_thread_start != nullptr) on_thread_start();
     auto period = std::chrono::milliseconds(std::max<uint32_t>(self->lease_ms_ / 4, 50));
     mem::SpaceRequest hb{self->handle_};
@@ -68,6 +69,7 @@ Result<std::unique_ptr<RemoteBackend>> RemoteBackend::open(fit::Node* node, fit:
                                       {reinterpret_cast<const std::byte*>(&shb), sizeof(shb)}, {});
       }
     }
+    excache_service_thread_end();
   });
   return b;
 }

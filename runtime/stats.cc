@@ -53,6 +53,7 @@ void Stats::snapshot(ExCacheStats* out) const {
   out->evictions = sum[kEvictions];
   out->eviction_batches = sum[kEvictionBatches];
   out->write_backs = sum[kWriteBacks];
+  out->unfenced_batches = sum[kUnfencedBatches];
   out->clean_drops = sum[kCleanDrops];
   out->discarded_lines = sum[kDiscardedLines];
   out->bytes_fetched = sum[kBytesFetched];

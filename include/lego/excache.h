@@ -272,6 +272,8 @@ struct ExCacheStats {
   uint64_t evictions = 0;          // lines evicted (write_backs + clean_drops)
   uint64_t eviction_batches = 0;   // eviction rounds (each one TLB-flushing madvise)
   uint64_t write_backs = 0;        // dirty lines written back to the backend
+  uint64_t unfenced_batches = 0;   // eviction rounds that wrote dirty lines back without
+                                   // write-protecting them first: no other thread could store
   uint64_t clean_drops = 0;        // clean lines dropped without a backend call
   uint64_t discarded_lines = 0;    // resident lines dropped by discard()
   uint64_t module_calls = 0;       // lego_pcache ioctls (evict and accessed-bit sweeps)
@@ -361,5 +363,13 @@ class ExCache {
   explicit ExCache(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// The runtime's own threads in a program's process (the backend's heartbeat, the fault
+// handler thread) call these from the thread itself, first thing and last thing. Such
+// threads never store to region memory, so an eviction that finds no thread in the process
+// but itself and these may skip fencing stores (runtime/evict.cc). A runtime thread that
+// does not register only costs that saving. At most 16 at once; more are not recorded.
+void excache_service_thread_begin();
+void excache_service_thread_end();
 
 }  // namespace lego

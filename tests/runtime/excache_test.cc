@@ -125,9 +125,9 @@ std::string stats_text(const ExCacheStats& s) {
   o << "misses=" << s.misses << " fetches=" << s.fetches << " zero_fills=" << s.zero_fills
     << " write_faults=" << s.write_faults << " waits=" << s.waits << " spurious=" << s.spurious
     << " evictions=" << s.evictions << " batches=" << s.eviction_batches
-    << " write_backs=" << s.write_backs << " clean_drops=" << s.clean_drops
-    << " resident=" << s.resident_lines << "/" << s.capacity_lines << " p50=" << s.miss_p50_ns
-    << "ns p99=" << s.miss_p99_ns << "ns";
+    << " write_backs=" << s.write_backs << " unfenced_batches=" << s.unfenced_batches
+    << " clean_drops=" << s.clean_drops << " resident=" << s.resident_lines << "/"
+    << s.capacity_lines << " p50=" << s.miss_p50_ns << "ns p99=" << s.miss_p99_ns << "ns";
   return o.str();
 }
 
@@ -293,6 +293,52 @@ TEST_CASE("write-backs answered late: no line is fetched before it is stored", "
   REQUIRE(f.cache->discard(f.base, f.lines * kLine).is_ok());
   f.cache.reset();
   CHECK(f.backend.fetches_in_flight.load() == 0);
+}
+
+TEST_CASE("evictions skip the store fence only while no other thread can store", "[excache]") {
+  // With SIGBUS delivery, a process with no thread but the faulting one (and the runtime's
+  // registered service threads) needs no write-protect before a dirty victim is copied
+  // out. Any other thread, even an idle one, must bring the fence back.
+  const Mode& mode = GENERATE(from_range(test_modes()));
+  INFO(mode.name);
+  Fixture f(mode, 64, 8, /*predict_dirty=*/true, /*prefetch=*/false);
+  auto write_round = [&](uint64_t round) {
+    for (size_t i = 0; i < f.lines; ++i) reinterpret_cast<uint64_t*>(f.line(i))[7] = round + i;
+    size_t bad = 0;
+    for (size_t i = 0; i < f.lines; ++i)
+      bad += reinterpret_cast<uint64_t*>(f.line(i))[7] != round + i;
+    return bad;
+  };
+  // Fenced or not, what the module path does instead (it fences through its own EVICT).
+  const bool userfaultfd_path = !f.cache->uses_kernel_module();
+  const bool may_skip = mode.delivery == Delivery::kSigbus && userfaultfd_path;
+
+  CHECK(write_round(1) == 0);
+  const ExCacheStats alone = f.cache->stats();
+  INFO("alone: " << stats_text(alone));
+  CHECK(alone.write_backs > 0);
+  if (may_skip) {
+    CHECK(alone.unfenced_batches > 0);
+  } else {
+    CHECK(alone.unfenced_batches == 0);
+  }
+
+  // Another thread, parked: it could store at any time, so every batch is fenced.
+  std::atomic<bool> release{false};
+  std::thread parked([&] {
+    while (!release.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  });
+  CHECK(write_round(2) == 0);
+  const ExCacheStats shared = f.cache->stats();
+  INFO("with a second thread: " << stats_text(shared));
+  CHECK(shared.eviction_batches > alone.eviction_batches);
+  CHECK(shared.unfenced_batches == alone.unfenced_batches);
+  release = true;
+  parked.join();
+
+  CHECK(write_round(3) == 0);
+  const ExCacheStats after = f.cache->stats();
+  if (may_skip) CHECK(after.unfenced_batches > shared.unfenced_batches);
 }
 
 TEST_CASE("resident set never exceeds the capacity", "[excache]") {
