@@ -149,16 +149,18 @@ int worker(const std::string& workload, size_t heap_bytes, long accesses) {
     }
     sink += acc;
   } else {
+    auto run = [&](int t) {
+      std::mt19937_64 rng(7 + t);
+      for (long n = 0; n < accesses / threads; n++) {
+        size_t page = zipf ? (*zipf)(rng) : rng() % pages;
+        heap[page * words_per_page + (n & 7)] += 1;  // read-modify-write
+      }
+    };
+    // One thread is the process's own: a single-threaded workload is a single-threaded
+    // process, as a real one would be (and as the ExCache sees it: see runtime/evict.cc).
     std::vector<std::thread> pool;
-    for (int t = 0; t < threads; t++) {
-      pool.emplace_back([&, t] {
-        std::mt19937_64 rng(7 + t);
-        for (long n = 0; n < accesses / threads; n++) {
-          size_t page = zipf ? (*zipf)(rng) : rng() % pages;
-          heap[page * words_per_page + (n & 7)] += 1;  // read-modify-write
-        }
-      });
-    }
+    for (int t = 1; t < threads; t++) pool.emplace_back(run, t);
+    run(0);
     for (auto& th : pool) th.join();
     done = accesses / threads * threads;
   }
