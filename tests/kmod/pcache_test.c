@@ -100,17 +100,14 @@ static int ad(char *base, unsigned int n, uint32_t flags, uint64_t *acc,
 	return ret;
 }
 
-static int evict(char *base, unsigned int first, unsigned int n,
-		 uint32_t flags, uint64_t *evicted, uint64_t *dirty,
-		 struct lego_pcache_evict *out)
+/* EVICT of n line addresses; the ioctl's arguments as it left them in *out. */
+static int evict_lines(const uint64_t *lines, unsigned int n, uint32_t flags,
+		       uint64_t *evicted, uint64_t *dirty,
+		       struct lego_pcache_evict *out)
 {
-	uint64_t lines[NLINES];
 	struct lego_pcache_evict e;
-	unsigned int i;
 	int ret;
 
-	for (i = 0; i < n; i++)
-		lines[i] = (uint64_t)(uintptr_t)(base + (first + i) * LINE);
 	memset(&e, 0, sizeof(e));
 	e.lines = (uintptr_t)lines;
 	e.count = n;
@@ -121,6 +118,18 @@ static int evict(char *base, unsigned int first, unsigned int n,
 	if (out)
 		*out = e;
 	return ret;
+}
+
+static int evict(char *base, unsigned int first, unsigned int n,
+		 uint32_t flags, uint64_t *evicted, uint64_t *dirty,
+		 struct lego_pcache_evict *out)
+{
+	uint64_t lines[NLINES];
+	unsigned int i;
+
+	for (i = 0; i < n; i++)
+		lines[i] = (uint64_t)(uintptr_t)(base + (first + i) * LINE);
+	return evict_lines(lines, n, flags, evicted, dirty, out);
 }
 
 static void fill(char *base, unsigned int first, unsigned int n, char tag)
@@ -1140,7 +1149,6 @@ static int bench_drop(void)
 	char *base = map_area(BATCH * STRIDE, 1);
 	uint64_t lines[BATCH], evicted[1], dirty[1];
 	double t_evict = 0, t_madvise = 0, t0;
-	struct lego_pcache_evict e;
 	unsigned int r, i;
 
 	if (!base)
@@ -1150,14 +1158,9 @@ static int bench_drop(void)
 	for (r = 0; r < REPS; r++) {
 		for (i = 0; i < BATCH; i++)
 			base[(size_t)i * STRIDE * LINE] = 1;
-		memset(&e, 0, sizeof(e));
-		e.lines = (uintptr_t)lines;
-		e.count = BATCH;
-		e.flags = LEGO_PCACHE_EVICT_DISCARD_DIRTY;
-		e.evicted = (uintptr_t)evicted;
-		e.dirty = (uintptr_t)dirty;
 		t0 = now_us();
-		if (xioctl(LEGO_PCACHE_IOC_EVICT, &e))
+		if (evict_lines(lines, BATCH, LEGO_PCACHE_EVICT_DISCARD_DIRTY,
+				evicted, dirty, NULL))
 			return 1;
 		t_evict += now_us() - t0;
 		for (i = 0; i < BATCH; i++)
