@@ -229,10 +229,13 @@ bool ExCache::Impl::alone_in_process() {
   if (task_dir < 0 || getpid() != owner_pid) return false;
   if (lseek(task_dir, 0, SEEK_SET) != 0) return false;
   const pid_t me = gettid();
+  // The listing must show us: if the program closed task_dir and the number now names
+  // another directory, it does not, and we fence.
+  bool saw_me = false;
   alignas(8) char buf[1024];
   for (;;) {
     const long n = syscall(SYS_getdents64, task_dir, buf, sizeof buf);
-    if (n <= 0) return n == 0;
+    if (n <= 0) return n == 0 && saw_me;
     for (long off = 0; off < n;) {
       const auto* d = reinterpret_cast<const LinuxDirent64*>(buf + off);
       off += d->d_reclen;
@@ -240,7 +243,11 @@ bool ExCache::Impl::alone_in_process() {
       const char* c = d->d_name;
       for (; *c >= '0' && *c <= '9'; ++c) tid = tid * 10 + (*c - '0');
       if (*c != '\0' || tid == 0) continue;  // "." and ".."
-      if (tid != me && !is_service_thread(tid)) return false;
+      if (tid == me) {
+        saw_me = true;
+      } else if (!is_service_thread(tid)) {
+        return false;
+      }
     }
   }
 }

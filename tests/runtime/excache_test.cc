@@ -339,6 +339,28 @@ TEST_CASE("evictions skip the store fence only while no other thread can store",
   CHECK(write_round(3) == 0);
   const ExCacheStats after = f.cache->stats();
   if (may_skip) CHECK(after.unfenced_batches > shared.unfenced_batches);
+
+  // A program that closes every descriptor it did not open and reuses the numbers: the
+  // cache's /proc/self/task descriptor now names another directory, and it must notice.
+  int task_fd = -1;
+  for (int fd = 3; fd < 1024 && task_fd < 0; ++fd) {
+    char link[64], target[256];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    const ssize_t len = readlink(link, target, sizeof target - 1);
+    if (len <= 0) continue;
+    target[len] = '\0';
+    const std::string t(target);
+    if (t.size() > 5 && t.compare(t.size() - 5, 5, "/task") == 0) task_fd = fd;
+  }
+  if (may_skip) REQUIRE(task_fd >= 0);
+  if (task_fd >= 0) {
+    const int other = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    REQUIRE(other >= 0);
+    REQUIRE(dup2(other, task_fd) == task_fd);
+    close(other);
+    CHECK(write_round(4) == 0);
+    CHECK(f.cache->stats().unfenced_batches == after.unfenced_batches);
+  }
 }
 
 TEST_CASE("resident set never exceeds the capacity", "[excache]") {
