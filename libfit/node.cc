@@ -394,8 +394,10 @@ struct Node::Impl {
   Result<size_t> serve_sock_rma(uint16_t opcode, std::span<const std::byte> req,
                                 std::span<std::byte> reply);
   Status post_recv(ClientChannel& ch, int i);
+  // `caller_keeps`: the payload stays valid and unchanged until the send completes, so it
+  // may be sent from where it is (PendingCall::zero_copy).
   Status post_frame(ClientChannel& ch, int slot, Kind kind, uint16_t opcode,
-                    std::span<const std::byte> payload, uint64_t id);
+                    std::span<const std::byte> payload, uint64_t id, bool caller_keeps = false);
   Status progress(ClientChannel& ch, int wait_ms);
   // `frame`: the received frame; null for receive slot i's buffer.
   void on_client_recv(ClientChannel& ch, const fi_cq_data_entry& e, int i,
@@ -403,7 +405,8 @@ struct Node::Impl {
   Status wait_control(ClientChannel& ch, Kind want, Clock::time_point deadline);
   void fail_channel(ClientChannel& ch, Status why);
   Result<int> start_call(ClientChannel& ch, uint16_t opcode, std::span<const std::byte> request,
-                         std::span<std::byte> reply, Clock::time_point deadline);
+                         std::span<std::byte> reply, Clock::time_point deadline,
+                         bool caller_keeps = false);
   Result<size_t> finish_call(ClientChannel& ch, int slot, Clock::time_point deadline);
   Status rma(const RemoteRegion& region, uint64_t offset, std::byte* local, size_t len, bool write);
   // send_reply's body with the cluster's timeout, for use inside Impl.
@@ -1192,7 +1195,7 @@ Status Node::Impl::post_recv(ClientChannel& ch, int i) {
 }
 
 Status Node::Impl::post_frame(ClientChannel& ch, int slot, Kind kind, uint16_t opcode,
-                              std::span<const std::byte> payload, uint64_t id) {
+                              std::span<const std::byte> payload, uint64_t id, bool caller_keeps) {
   std::byte* buf = ch.bufs.slot(slot);
   bool compact = !msg && kind == Kind::kRequest;
   if (!compact) {
@@ -1200,9 +1203,11 @@ Status Node::Impl::post_frame(ClientChannel& ch, int slot, Kind kind, uint16_t o
                         self.id);
   }
   // A compact frame no larger than the provider's inject size is copied by the provider
-  // when posted, so it can go straight from the caller's buffer (one 4 KiB copy less).
-  const bool from_caller = compact && !ch.domain->local_mr && !payload.empty() &&
-                           payload.size() <= ch.domain->info->tx_attr->inject_size;
+  // when posted, so it can go straight from the caller's buffer (one 4 KiB copy less); so
+  // can a larger one whose caller keeps it until the send completes (PendingCall::zero_copy).
+  const bool from_caller =
+      compact && !ch.domain->local_mr && !payload.empty() &&
+      (caller_keeps || payload.size() <= ch.domain->info->tx_attr->inject_size);
   if (sock) {
     // The payload goes from the caller's buffer: send_reply does not return before it is
     // in the socket.
@@ -1662,7 +1667,7 @@ Status Node::Impl::connect(ClientChannel& ch) {
 
 Result<int> Node::Impl::start_call(ClientChannel& ch, uint16_t opcode,
                                    std::span<const std::byte> request, std::span<std::byte> reply,
-                                   Clock::time_point deadline) {
+                                   Clock::time_point deadline, bool caller_keeps) {
   if (request.size() > config.max_message_bytes) {
     return Status(EMSGSIZE, who() + ": request of " + std::to_string(request.size()) +
                                 " bytes for opcode " + std::to_string(opcode) +
@@ -1683,7 +1688,7 @@ Result<int> Node::Impl::start_call(ClientChannel& ch, uint16_t opcode,
       s.reply = reply;
       s.deadline = deadline;
       s.opcode = opcode;
-      Status st = post_frame(ch, i, Kind::kRequest, opcode, request, s.id);
+      Status st = post_frame(ch, i, Kind::kRequest, opcode, request, s.id, caller_keeps);
       if (!st) {
         s.in_use = false;
         return st;
@@ -1906,11 +1911,13 @@ Status Node::start_call(PendingCall* call, NodeId peer, uint16_t opcode,
                         std::span<const std::byte> request, std::span<std::byte> reply,
                         std::chrono::milliseconds timeout) {
   call->channel = nullptr;
+  call->request_busy = false;
   call->deadline = Clock::now() + (timeout.count() > 0 ? timeout : impl_->config.timeout);
   std::unique_lock<std::mutex> lock;
   auto ch = impl_->channel_for(peer, lock);
   if (!ch) return ch.status();
-  auto slot = impl_->start_call(*ch.value(), opcode, request, reply, call->deadline);
+  auto slot =
+      impl_->start_call(*ch.value(), opcode, request, reply, call->deadline, call->zero_copy);
   if (!slot) {
     impl_->counters.calls_failed.fetch_add(1, std::memory_order_relaxed);
     return slot.status();
@@ -1927,8 +1934,16 @@ Result<size_t> Node::finish_call(PendingCall* call) {
   call->channel = nullptr;
   std::lock_guard<std::mutex> g(ch->mu);
   auto& s = ch->slots[call->slot];
-  if (s.id != call->id || !s.in_use) return Status(ECONNRESET, "the connection was reset");
-  return impl_->finish_call(*ch, call->slot, call->deadline);
+  if (s.id != call->id || !s.in_use) {
+    // Reset under us: whether the provider is done with the request is unknown.
+    call->request_busy = call->zero_copy;
+    return Status(ECONNRESET, "the connection was reset");
+  }
+  Result<size_t> r = impl_->finish_call(*ch, call->slot, call->deadline);
+  // A reply means the peer has read the whole request; without one (a timeout, a lost
+  // connection) a send still pending may read it later.
+  call->request_busy = call->zero_copy && !r.is_ok() && s.send_pending;
+  return r;
 }
 
 struct RpcFuture::State {

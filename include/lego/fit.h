@@ -203,11 +203,19 @@ class Node {
   // where an RpcFuture is not (a signal handler). start_call posts the request and returns;
   // finish_call waits for the reply (or the timeout) and returns its length. Every started
   // call must be finished, from any thread; `reply` must stay valid until then.
+  //
+  // zero_copy (set before start_call): the caller keeps `request` valid and unchanged until
+  // finish_call returns and, if finish_call then sets request_busy, for good (the provider
+  // may still read it: reuse nothing of it). In return a request larger than the provider's
+  // inject size is sent straight from it instead of being copied into libfit's buffer
+  // first (rdm transports: shm).
   struct PendingCall {
     void* channel = nullptr;  // libfit's; null when not started
     int slot = -1;
     uint64_t id = 0;
     std::chrono::steady_clock::time_point deadline{};
+    bool zero_copy = false;     // in: see above
+    bool request_busy = false;  // out of finish_call: the request may still be read
   };
   Status start_call(PendingCall* call, NodeId peer, uint16_t opcode,
                     std::span<const std::byte> request, std::span<std::byte> reply,
