@@ -1,5 +1,8 @@
 #include "runtime/remote_backend.h"
 
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -46,6 +49,12 @@ Result<std::unique_ptr<RemoteBackend>> RemoteBackend::open(fit::Node* node, fit:
                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) return Status::from_errno(errno, "mmap of write-back buffers");
   b->buffers_ = static_cast<std::byte*>(p);
+  // Over shm the memory node's CPU reads write-back buffers straight from this process
+  // (libfit's zero-copy send): they are filled with non-temporal stores (copy_line_streaming).
+  // Over sockets this CPU copies them into the kernel: ordinary stores keep them cached.
+  const fit::NodeConfig* mn = node->config().find(memory);
+  b->streaming_copies_ = mn != nullptr && mn->provider == "shm";
+  for (int i = 0; i < kBuffers; i++) b->buffer_[i] = b->buffers_ + i * b->buffer_bytes_;
   // Keeps the lease while the program runs; the thread allocates only at start.
   RemoteBackend* self = b.get();
   b->heartbeat_ = std::thread([self, on_thread_start] {
@@ -77,7 +86,15 @@ Result<std::unique_ptr<RemoteBackend>> RemoteBackend::open(fit::Node* node, fit:
 RemoteBackend::~RemoteBackend() {
   stop_ = true;
   if (heartbeat_.joinable()) heartbeat_.join();
-  if (buffers_ != nullptr) munmap(buffers_, buffer_bytes_ * kBuffers);
+  if (buffers_ != nullptr) {
+    for (int i = 0; i < kBuffers; i++) {
+      std::byte* b = buffer_[i].load();
+      if (b != nullptr && (b < buffers_ || b >= buffers_ + buffer_bytes_ * kBuffers)) {
+        munmap(b, buffer_bytes_);  // a replacement (retire_buffer)
+      }
+    }
+    munmap(buffers_, buffer_bytes_ * kBuffers);
+  }
 }
 
 std::string RemoteBackend::describe_memory_node() const {
@@ -93,7 +110,7 @@ std::byte* RemoteBackend::acquire_buffer() {
       bool expected = false;
       if (!busy_[i].load(std::memory_order_relaxed) &&
           busy_[i].compare_exchange_strong(expected, true, std::memory_order_acquire)) {
-        return buffers_ + i * buffer_bytes_;
+        return buffer_[i].load(std::memory_order_relaxed);
       }
     }
     sched_yield();
@@ -101,7 +118,27 @@ std::byte* RemoteBackend::acquire_buffer() {
 }
 
 void RemoteBackend::release_buffer(std::byte* b) {
-  busy_[(b - buffers_) / buffer_bytes_].store(false, std::memory_order_release);
+  for (int i = 0; i < kBuffers; i++) {
+    if (buffer_[i].load(std::memory_order_relaxed) == b) {
+      busy_[i].store(false, std::memory_order_release);
+      return;
+    }
+  }
+}
+
+void RemoteBackend::retire_buffer(std::byte* b) {
+  for (int i = 0; i < kBuffers; i++) {
+    if (buffer_[i].load(std::memory_order_relaxed) != b) continue;
+    // The old buffer is leaked on purpose: the memory node may still read it. (mmap is
+    // async-signal-safe: this runs on the eviction path.) Without a replacement the slot
+    // stays busy and the pool one buffer smaller.
+    void* p =
+        mmap(nullptr, buffer_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return;
+    buffer_[i].store(static_cast<std::byte*>(p), std::memory_order_relaxed);
+    busy_[i].store(false, std::memory_order_release);
+    return;
+  }
 }
 
 Status RemoteBackend::fetch(uint64_t line_addr, std::span<std::byte, kExCacheLineBytes> out) {
@@ -215,9 +252,41 @@ Status RemoteBackend::write_back(std::span<const WriteBack> lines) {
   return write_back_in(handle_, lines);
 }
 
+// Copies a 4 KiB line with non-temporal stores: the memory node's CPU reads the buffer
+// (shm: straight from it), so its cache lines sit in that CPU's cache; ordinary stores would
+// first have to take each line back from it. `dst` is 8-byte aligned (the request layout:
+// 16-byte aligned for an even number of lines).
+static void copy_line_streaming(std::byte* dst, const std::byte* src) {
+#if defined(__x86_64__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 15) != 0) {
+    auto* d = reinterpret_cast<long long*>(dst);
+    for (size_t i = 0; i < kExCacheLineBytes / sizeof(long long); i++) {
+      long long v;
+      memcpy(&v, src + i * sizeof v, sizeof v);
+      _mm_stream_si64(d + i, v);
+    }
+    return;
+  }
+  auto* d = reinterpret_cast<__m128i*>(dst);
+  const auto* s = reinterpret_cast<const __m128i*>(src);
+  for (size_t i = 0; i < kExCacheLineBytes / sizeof(__m128i); i += 4) {
+    const __m128i a = _mm_loadu_si128(s + i), b = _mm_loadu_si128(s + i + 1),
+                  c = _mm_loadu_si128(s + i + 2), e = _mm_loadu_si128(s + i + 3);
+    _mm_stream_si128(d + i, a);
+    _mm_stream_si128(d + i + 1, b);
+    _mm_stream_si128(d + i + 2, c);
+    _mm_stream_si128(d + i + 3, e);
+  }
+#else
+  memcpy(dst, src, kExCacheLineBytes);
+#endif
+}
+
 // Encodes a write-back request of lines (at most mem::kMaxBatch) into buf; returns its length.
+// `streaming`: copy the lines with non-temporal stores (copy_line_streaming).
 static size_t encode_write_back(const mem::SpaceHandle& h,
-                                std::span<const LineBackend::WriteBack> lines, std::byte* buf) {
+                                std::span<const LineBackend::WriteBack> lines, std::byte* buf,
+                                bool streaming) {
   const uint32_t n = static_cast<uint32_t>(lines.size());
   mem::WriteBackRequest head{h, n, 0};
   memcpy(buf, &head, sizeof(head));
@@ -225,8 +294,16 @@ static size_t encode_write_back(const mem::SpaceHandle& h,
   std::byte* data = addrs + n * sizeof(uint64_t);
   for (uint32_t i = 0; i < n; i++) {
     memcpy(addrs + i * sizeof(uint64_t), &lines[i].addr, sizeof(uint64_t));
-    memcpy(data + size_t{i} * kExCacheLineBytes, lines[i].data, kExCacheLineBytes);
+    std::byte* to = data + size_t{i} * kExCacheLineBytes;
+    if (streaming) {
+      copy_line_streaming(to, lines[i].data);
+    } else {
+      memcpy(to, lines[i].data, kExCacheLineBytes);
+    }
   }
+#if defined(__x86_64__)
+  if (streaming) _mm_sfence();  // the streamed stores are visible before the send
+#endif
   return sizeof(head) + n * (sizeof(uint64_t) + kExCacheLineBytes);
 }
 
@@ -235,7 +312,7 @@ Status RemoteBackend::write_back_in(const mem::SpaceHandle& h, std::span<const W
   while (done < lines.size()) {
     const size_t n = std::min<size_t>(lines.size() - done, mem::kMaxBatch);
     std::byte* buf = acquire_buffer();
-    const size_t len = encode_write_back(h, lines.subspan(done, n), buf);
+    const size_t len = encode_write_back(h, lines.subspan(done, n), buf, streaming_copies_);
     auto r = node_->send_reply(memory_, mem::kWriteBack, {buf, len}, {});
     release_buffer(buf);
     if (!r) return r.status();
@@ -252,8 +329,10 @@ Status RemoteBackend::start_write_back(std::span<const WriteBack> lines, WriteBa
   ticket->buffer = nullptr;
   if (lines.empty() || lines.size() > mem::kMaxBatch) return write_back(lines);
   std::byte* buf = acquire_buffer();
-  const size_t len = encode_write_back(handle_, lines, buf);
+  const size_t len = encode_write_back(handle_, lines, buf, streaming_copies_);
   auto* call = new (ticket->opaque) fit::Node::PendingCall();
+  // The buffer is kept until finish anyway (for a resend): the transport may send from it.
+  call->zero_copy = true;
   Status st = node_->start_call(call, memory_, mem::kWriteBack, {buf, len}, {});
   if (!st) {
     release_buffer(buf);
@@ -270,12 +349,18 @@ Status RemoteBackend::finish_write_back(WriteBackTicket* ticket) {
   ticket->buffer = nullptr;
   auto* call = std::launder(reinterpret_cast<fit::Node::PendingCall*>(ticket->opaque));
   auto r = node_->finish_call(call);
-  // (Worth resending after: a timeout or a lost connection, which libfit re-opens.)
+  const bool busy = call->request_busy;
+  // (Worth resending after: a timeout or a lost connection, which libfit re-opens. The
+  // resend copies the buffer, which a send still pending may read too: it does not change.)
   auto resend = [](int code) { return code == ETIMEDOUT || code == ECONNRESET || code == EAGAIN; };
   for (int attempt = 1; !r && resend(r.status().code()) && attempt < 8; ++attempt) {
     r = node_->send_reply(memory_, mem::kWriteBack, {buf, ticket->length}, {});
   }
-  release_buffer(buf);
+  if (busy) {
+    retire_buffer(buf);
+  } else {
+    release_buffer(buf);
+  }
   return r.status();
 }
 

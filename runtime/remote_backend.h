@@ -64,6 +64,9 @@ class RemoteBackend : public LineBackend {
   static constexpr int kBuffers = 8;
   std::byte* acquire_buffer();
   void release_buffer(std::byte* b);
+  // For a buffer a zero-copy send may still read (fit::Node::PendingCall::request_busy):
+  // leaves it to the transport for good and puts a fresh one in its place.
+  void retire_buffer(std::byte* b);
   Status fetch_in(const mem::SpaceHandle& h, uint64_t line_addr,
                   std::span<std::byte, kExCacheLineBytes> out);
   Status write_back_in(const mem::SpaceHandle& h, std::span<const WriteBack> lines);
@@ -81,7 +84,10 @@ class RemoteBackend : public LineBackend {
   uint32_t lease_ms_ = 0;
   size_t buffer_bytes_ = 0;
   std::byte* buffers_ = nullptr;  // kBuffers x buffer_bytes_, mmap'd
+  // buffer_[i]: buffers_ + i * buffer_bytes_, or its replacement after retire_buffer.
+  std::atomic<std::byte*> buffer_[kBuffers] = {};
   std::atomic<bool> busy_[kBuffers] = {};
+  bool streaming_copies_ = false;  // encode write-backs with non-temporal stores (open())
   // Snapshot slots: state 0 free, 1 being filled, 2 alive (handle valid).
   std::atomic<int> snapshot_state_[kMaxSnapshots] = {};
   mem::SpaceHandle snapshots_[kMaxSnapshots] = {};
