@@ -49,9 +49,10 @@ Result<std::unique_ptr<RemoteBackend>> RemoteBackend::open(fit::Node* node, fit:
                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) return Status::from_errno(errno, "mmap of write-back buffers");
   b->buffers_ = static_cast<std::byte*>(p);
-  // Over shm the memory node's CPU reads write-back buffers straight from this process
-  // (libfit's zero-copy send): they are filled with non-temporal stores (copy_line_streaming).
-  // Over sockets this CPU copies them into the kernel: ordinary stores keep them cached.
+  // Over shm the memory node's CPU reads start_write_back's buffers straight from this
+  // process (libfit's zero-copy send): they are filled with non-temporal stores
+  // (copy_line_streaming). Over sockets this CPU copies them into the kernel: ordinary
+  // stores keep them cached.
   const fit::NodeConfig* mn = node->config().find(memory);
   b->streaming_copies_ = mn != nullptr && mn->provider == "shm";
   for (int i = 0; i < kBuffers; i++) b->buffer_[i] = b->buffers_ + i * b->buffer_bytes_;
@@ -312,7 +313,8 @@ Status RemoteBackend::write_back_in(const mem::SpaceHandle& h, std::span<const W
   while (done < lines.size()) {
     const size_t n = std::min<size_t>(lines.size() - done, mem::kMaxBatch);
     std::byte* buf = acquire_buffer();
-    const size_t len = encode_write_back(h, lines.subspan(done, n), buf, streaming_copies_);
+    // (Sent by copy: streamed stores would only make that copy read from memory.)
+    const size_t len = encode_write_back(h, lines.subspan(done, n), buf, /*streaming=*/false);
     auto r = node_->send_reply(memory_, mem::kWriteBack, {buf, len}, {});
     release_buffer(buf);
     if (!r) return r.status();
