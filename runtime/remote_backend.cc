@@ -177,7 +177,7 @@ size_t RemoteBackend::fetch_request(std::span<const uint64_t> line_addrs, std::b
 // Where a fetch reply for n lines lands: in place, its header (none for one line) in the
 // headroom before `out`.
 static std::span<std::byte> fetch_reply_span(size_t n, std::byte* out) {
-  const size_t head = n == 1 ? 0 : sizeof(mem::FetchReply);
+  const size_t head = mem::fetch_reply_head_bytes(static_cast<uint32_t>(n));
   return {out - head, head + n * kExCacheLineBytes};
 }
 

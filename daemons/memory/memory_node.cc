@@ -189,7 +189,7 @@ struct MemoryNode::Impl {
       return Status(EPROTO, "fetch: malformed request of " + std::to_string(req.size()) + " bytes");
     }
     // One line: no header (memory_proto.h); more: a FetchReply, then the stored lines.
-    const size_t head = r.count == 1 ? 0 : sizeof(FetchReply);
+    const size_t head = fetch_reply_head_bytes(r.count);
     if (rep.size() < head + size_t{r.count} * kLineBytes) {
       return Status(EMSGSIZE, "fetch: " + std::to_string(r.count) +
                                   " lines do not fit FIT's max_message_bytes");

@@ -94,6 +94,11 @@ struct FetchReply {
 };
 static_assert(sizeof(FetchReply) == 8);
 
+// Bytes of FetchReply header before the lines in the reply to a fetch of `count` lines.
+inline constexpr size_t fetch_reply_head_bytes(uint32_t count) {
+  return count == 1 ? 0 : sizeof(FetchReply);
+}
+
 // Followed by count uint64_t addresses, then count x 4 KiB contents.
 struct WriteBackRequest {
   SpaceHandle handle;
