@@ -123,30 +123,37 @@ Status connect_pair(TcpPair& pair, const std::string& server_ns, const std::stri
 
 Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::string& server_addr,
                                    uint16_t port, size_t message_bytes, int iterations) {
+  return tcp_busypoll_rtt_us(server_ns, server_addr, port, message_bytes, message_bytes,
+                             iterations);
+}
+
+Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::string& server_addr,
+                                   uint16_t port, size_t request_bytes, size_t reply_bytes,
+                                   int iterations) {
   TcpPair pair;
-  // The echo server: one connection, echo until it closes.
-  Status st = connect_pair(pair, server_ns, server_addr, port, [message_bytes](int s) {
-    std::vector<char> buf(message_bytes);
-    while (spin_io(s, buf.data(), message_bytes, false) &&
-           spin_io(s, buf.data(), message_bytes, true)) {
+  // The server: one connection, answer each request until it closes.
+  Status st = connect_pair(pair, server_ns, server_addr, port, [=](int s) {
+    std::vector<char> buf(std::max(request_bytes, reply_bytes));
+    while (spin_io(s, buf.data(), request_bytes, false) &&
+           spin_io(s, buf.data(), reply_bytes, true)) {
     }
   });
   if (!st) return st;
   int s = pair.fd;
-  std::vector<char> buf(message_bytes, 'x');
+  std::vector<char> buf(std::max(request_bytes, reply_bytes), 'x');
   auto round_trip = [&] {
-    return spin_io(s, buf.data(), message_bytes, true) &&
-           spin_io(s, buf.data(), message_bytes, false);
+    return spin_io(s, buf.data(), request_bytes, true) &&
+           spin_io(s, buf.data(), reply_bytes, false);
   };
   for (int i = 0; i < std::max(100, iterations / 10); i++) {
-    if (!round_trip()) return Status(ECONNRESET, "tcp floor: the echo server went away");
+    if (!round_trip()) return Status(ECONNRESET, "tcp floor: the server went away");
   }
   std::vector<double> batches;
   int per_batch = std::max(10, iterations / 20);
   for (int done = 0; done < iterations; done += per_batch) {
     auto t0 = Clock::now();
     for (int i = 0; i < per_batch; i++) {
-      if (!round_trip()) return Status(ECONNRESET, "tcp floor: the echo server went away");
+      if (!round_trip()) return Status(ECONNRESET, "tcp floor: the server went away");
     }
     batches.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count() /
                       per_batch);

@@ -18,6 +18,11 @@ namespace lego::bench {
 // Median over 20 batches of mean round trips (robust to a noisy shared VM).
 Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::string& server_addr,
                                    uint16_t port, size_t message_bytes, int iterations);
+// The same with a request of request_bytes answered by reply_bytes (a miss: a small request
+// for a 4 KiB line).
+Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::string& server_addr,
+                                   uint16_t port, size_t request_bytes, size_t reply_bytes,
+                                   int iterations);
 
 // One-way throughput in MB/s (10^6 bytes/s) of a busy-polled TCP stream of total_bytes,
 // sent in chunk_bytes pieces: client -> server, or server -> client when server_sends.

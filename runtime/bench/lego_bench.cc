@@ -46,6 +46,7 @@
 
 #include "lego/units.h"
 #include "libfit/bench/floors.h"
+#include "runtime/bench/fault_floor.h"
 #include "tests/netns/netns.h"
 
 using Clock = std::chrono::steady_clock;
@@ -70,6 +71,7 @@ options:
   --accesses N         accesses per memory run (default 200000)
   --oom-retries N      run the zram peer again, up to N times, when the kernel OOM-kills
                        it (default 2); the table says how many of its runs were killed
+  --no-floors          skip the miss floors printed after the memory table
   --file-workloads LIST  seq_write,seq_read,rand_read_4k (default: all)
   --file-systems LIST  local,lego,tcp_floor (default: all)
   --file-size SIZE     the file's size (default 1G; e.g. 256M)
@@ -92,6 +94,16 @@ on the same disk) runs `lego-bench --file-worker` on /lego: the same code as loc
 tcp_floor: a busy-polled TCP stream of --file-size bytes between two network namespaces
 (1 MiB sends; client->server for seq_write, server->client for seq_read), and a 4 KiB
 request/response round trip (both sides busy-polling) for rand_read_4k: no disk, no FUSE.
+
+Miss floors. When the random workload runs under lego, the table is followed by what a
+uniformly random miss cannot cost less than on this host, measured in the same run:
+one userfaultfd store miss with no memory node (fault, SIGBUS, a handler mapping 4 KiB
+with UFFDIO_COPY, sigreturn), a line's share of a 32-line MADV_DONTNEED zap, and one
+transport round trip: for tcp a busy-polled socket exchanging a fetch's 72-byte request
+and 4128-byte reply over a veth pair into another namespace (as lego-run's link), for
+shm libfabric's fi_pingpong -p shm with 4096 bytes each way. A uniformly random access
+misses with probability 1 - local fraction, so the floor per access is that times the
+sum; "vs zram" is the floor's ratio to swap on zram, "lego/floor" lego's to the floor.
 
 Needs root (zram, cgroups, network namespaces). lego-run is looked up beside this
 program (bazel-bin/runtime/lego-run) or through $LEGO_RUN.
@@ -563,6 +575,147 @@ void print_files(const FileOptions& fo, const std::vector<FileRow>& rows) {
   }
 }
 
+// ---------------------------------------------------------------- miss floors
+
+// A fetch on the wire (libfit frame header + FetchRequest + one address; frame header +
+// the bare line), for the tcp floor's exchange.
+constexpr size_t kFetchRequestBytes = 72;
+constexpr size_t kFetchReplyBytes = 32 + kPage;
+
+// A network namespace joined to this one by a veth pair with 64 KiB frames: the link
+// lego-run gives its memory node. Removed on destruction.
+class DirectLink {
+ public:
+  ~DirectLink() {
+    if (!ns_.empty()) (void)lego::testing::run_command({"ip", "netns", "del", ns_});
+  }
+  lego::Status setup() {
+    const unsigned me = static_cast<unsigned>(getpid());
+    const std::string name = "lego-bench-floor-" + std::to_string(me);
+    const std::string subnet = "10.63." + std::to_string(me % 250) + ".";
+    const std::string a = "lgbf" + std::to_string(me) + "a", b = "lgbf" + std::to_string(me) + "b";
+    local_ = subnet + "1";
+    remote_ = subnet + "2";
+    std::vector<std::vector<std::string>> steps = {
+        {"ip", "netns", "add", name},
+        {"ip", "link", "add", a, "mtu", "65535", "type", "veth", "peer", "name", b, "mtu", "65535"},
+        {"ip", "link", "set", b, "netns", name},
+        {"ip", "addr", "add", local_ + "/30", "dev", a},
+        {"ip", "link", "set", a, "up"},
+        {"ip", "-n", name, "addr", "add", remote_ + "/30", "dev", b},
+        {"ip", "-n", name, "link", "set", b, "up"},
+        {"ip", "-n", name, "link", "set", "lo", "up"}};
+    for (size_t i = 0; i < steps.size(); i++) {
+      auto r = lego::testing::run_command(steps[i]);
+      if (i == 0 && r) ns_ = name;  // deleting the namespace takes the veth pair with it
+      if (!r) {
+        if (ns_.empty()) return r.status();
+        // The pair, if made and not moved yet, is not in the namespace: remove it too.
+        (void)lego::testing::run_command({"ip", "link", "del", a});
+        return r.status();
+      }
+    }
+    return lego::Status::ok();
+  }
+  const std::string& ns() const { return ns_; }
+  const std::string& remote() const { return remote_; }
+
+ private:
+  std::string ns_, local_, remote_;
+};
+
+struct MissFloors {
+  lego::Result<lego::bench::FaultFloor> fault = lego::Status(ENODATA, "not measured");
+  lego::Result<double> tcp_rtt = lego::Status(ENODATA, "not measured");
+  lego::Result<double> shm_rtt = lego::Status(ENODATA, "not measured");
+};
+
+MissFloors measure_miss_floors(uint64_t cap, bool tcp, bool shm) {
+  MissFloors f;
+  fprintf(stderr, "lego-bench: miss floors: userfaultfd fault...\n");
+  f.fault = lego::bench::measure_fault_floor(cap / kPage, 5);
+  const uint16_t port = static_cast<uint16_t>(20000 + getpid() % 10000);
+  if (tcp) {
+    fprintf(stderr, "lego-bench: miss floors: tcp round trip...\n");
+    DirectLink link;
+    lego::Status st = link.setup();
+    if (st) {
+      f.tcp_rtt = lego::bench::tcp_busypoll_rtt_us(link.ns(), link.remote(), port,
+                                                   kFetchRequestBytes, kFetchReplyBytes, 20000);
+    } else {
+      f.tcp_rtt = st;
+    }
+  }
+  if (shm) {
+    fprintf(stderr, "lego-bench: miss floors: shm round trip...\n");
+    f.shm_rtt = lego::bench::fi_pingpong_rtt_us("shm", "rdm", kPage, 20000, "", "127.0.0.1",
+                                                static_cast<uint16_t>(port + 1));
+  }
+  return f;
+}
+
+// One memory workload under one system.
+struct MemoryRow {
+  std::string workload, system;
+  double fraction;
+  int threads;
+  Outcome o;
+};
+
+// For each random row lego ran: the floor per access beside lego's figure and zram's.
+void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
+  bool tcp = false, shm = false;
+  for (auto& r : rows) {
+    if (r.workload != "random" || !r.o.ok) continue;
+    tcp |= r.system == "lego_tcp";
+    shm |= r.system == "lego_shm";
+  }
+  if (!tcp && !shm) return;
+  const MissFloors f = measure_miss_floors(cap, tcp, shm);
+  printf("\nMiss floors on this host (a uniformly random miss; see --help):\n");
+  auto line = [](const char* what, const lego::Result<double>& v) {
+    if (v) {
+      printf("  %-58s %7.2f us\n", what, v.value());
+    } else {
+      printf("  %-58s %s\n", what, v.status().message().c_str());
+    }
+  };
+  lego::Result<double> fault = lego::Status(ENODATA, "");
+  lego::Result<double> zap = fault;
+  if (f.fault) {
+    fault = f.fault->fault_us;
+    zap = f.fault->zap_us;
+  } else {
+    fault = zap = f.fault.status();
+  }
+  line("userfaultfd store miss (fault, SIGBUS, UFFDIO_COPY, return)", fault);
+  line("a line's share of a 32-line MADV_DONTNEED zap", zap);
+  if (tcp) line("tcp round trip, 72 B / 4128 B, busy-polled, veth", f.tcp_rtt);
+  if (shm) line("shm round trip, fi_pingpong -p shm, 4096 B each way", f.shm_rtt);
+  if (!fault || !zap) return;
+  printf("%-11s %6s %-10s %16s %10s %11s\n", "workload", "local", "system", "floor us/access",
+         "vs zram", "lego/floor");
+  for (auto& r : rows) {
+    if (r.workload != "random" || !r.o.ok) continue;
+    const bool is_tcp = r.system == "lego_tcp";
+    if (!is_tcp && r.system != "lego_shm") continue;
+    const lego::Result<double>& rtt = is_tcp ? f.tcp_rtt : f.shm_rtt;
+    if (!rtt) continue;
+    const double floor = (1 - r.fraction) * (fault.value() + zap.value() + rtt.value());
+    double zram = 0;
+    for (auto& q : rows) {
+      if (q.workload == r.workload && q.fraction == r.fraction && q.system == "zram_swap" &&
+          q.o.ok) {
+        zram = q.o.us;
+      }
+    }
+    char vz[32] = "-";
+    if (zram > 0) snprintf(vz, sizeof vz, "%.2fx", floor / zram);
+    printf("%-11s %5.0f%% %-10s %16.3f %10s %10.2fx\n", r.workload.c_str(), r.fraction * 100,
+           r.system.c_str(), floor, vz, r.o.us / floor);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -581,6 +734,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> systems{"local", "zram_swap", "lego_tcp", "lego_shm"};
   long accesses = 200000;
   int oom_retries = 2;
+  bool floors = true;
   std::string csv, only;
   FileOptions fo;
   enum {
@@ -597,6 +751,7 @@ int main(int argc, char** argv) {
     kRandReads,
     kFileDir,
     kOomRetries,
+    kNoFloors,
     kHelp
   };
   static const option opts[] = {{"cap", required_argument, nullptr, kCap},
@@ -612,6 +767,7 @@ int main(int argc, char** argv) {
                                 {"rand-reads", required_argument, nullptr, kRandReads},
                                 {"file-dir", required_argument, nullptr, kFileDir},
                                 {"oom-retries", required_argument, nullptr, kOomRetries},
+                                {"no-floors", no_argument, nullptr, kNoFloors},
                                 {"help", no_argument, nullptr, kHelp},
                                 {nullptr, 0, nullptr, 0}};
   int c;
@@ -652,6 +808,9 @@ int main(int argc, char** argv) {
         oom_retries = static_cast<int>(v);
         break;
       }
+      case kNoFloors:
+        floors = false;
+        break;
       case kOnly:
         only = optarg;
         if (only != "memory" && only != "files") die("--only: memory or files");
@@ -704,13 +863,7 @@ int main(int argc, char** argv) {
   if (access(lego_run.c_str(), X_OK) != 0)
     die("cannot find lego-run at " + lego_run + " (set LEGO_RUN)");
 
-  struct Row {
-    std::string workload, system;
-    double fraction;
-    int threads;
-    Outcome o;
-  };
-  std::vector<Row> rows;
+  std::vector<MemoryRow> rows;
   if (only == "files") fractions.clear();
   for (double f : fractions) {
     uint64_t heap = static_cast<uint64_t>(cap / f) & ~uint64_t{kPage - 1};
@@ -793,6 +946,7 @@ int main(int argc, char** argv) {
       printf("\n");
     }
   }
+  if (only != "files" && floors) report_miss_floors(rows, cap);
   if (only != "memory") print_files(fo, file_rows);
   if (!csv.empty()) {
     FILE* f = fopen(csv.c_str(), "w");

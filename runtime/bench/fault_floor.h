@@ -1,0 +1,31 @@
+// The floor of lego's miss path on this host, with no memory node: what one userfaultfd
+// miss costs before any transport is involved. lego-bench prints it beside the workloads,
+// so that a ratio to swap on zram can be read against what the mechanism allows.
+//
+// Measured in a forked child (it installs a SIGBUS handler and a userfaultfd), on a region
+// registered as lego registers its ExCache (missing + write-protect, SIGBUS delivery):
+//   fault_us  a store to a missing line: the page fault, SIGBUS delivery, a handler that
+//             maps the line with UFFDIO_COPY from a resident 4 KiB buffer, sigreturn, and
+//             the store retried. Lines are touched in random order, as a uniform random
+//             workload does.
+//   zap_us    a resident line's share of dropping 32 scattered lines with one
+//             process_madvise(MADV_DONTNEED), as an eviction batch does.
+// Each figure is the median over rounds of the mean per line.
+#pragma once
+
+#include <cstddef>
+
+#include "lego/status.h"
+
+namespace lego::bench {
+
+struct FaultFloor {
+  double fault_us = 0;
+  double zap_us = 0;
+};
+
+// lines: the region's size in 4 KiB lines (at least 64); rounds: at least 1. The child
+// checks every line's content after its fault and fails the measurement if one is wrong.
+Result<FaultFloor> measure_fault_floor(size_t lines, int rounds);
+
+}  // namespace lego::bench
