@@ -680,19 +680,17 @@ void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
       printf("  %-58s %s\n", what, v.status().message().c_str());
     }
   };
-  lego::Result<double> fault = lego::Status(ENODATA, "");
-  lego::Result<double> zap = fault;
-  if (f.fault) {
-    fault = f.fault->fault_us;
-    zap = f.fault->zap_us;
-  } else {
-    fault = zap = f.fault.status();
-  }
-  line("userfaultfd store miss (fault, SIGBUS, UFFDIO_COPY, return)", fault);
-  line("a line's share of a 32-line MADV_DONTNEED zap", zap);
+  auto part = [&f](double lego::bench::FaultFloor::*field) -> lego::Result<double> {
+    if (!f.fault) return f.fault.status();
+    return f.fault.value().*field;
+  };
+  line("userfaultfd store miss (fault, SIGBUS, UFFDIO_COPY, return)",
+       part(&lego::bench::FaultFloor::fault_us));
+  line("a line's share of a 32-line MADV_DONTNEED zap", part(&lego::bench::FaultFloor::zap_us));
   if (tcp) line("tcp round trip, 72 B / 4128 B, busy-polled, veth", f.tcp_rtt);
   if (shm) line("shm round trip, fi_pingpong -p shm, 4096 B each way", f.shm_rtt);
-  if (!fault || !zap) return;
+  if (!f.fault) return;
+  const double uffd_us = f.fault->fault_us + f.fault->zap_us;
   printf("%-11s %6s %-10s %16s %10s %11s\n", "workload", "local", "system", "floor us/access",
          "vs zram", "lego/floor");
   for (auto& r : rows) {
@@ -701,7 +699,7 @@ void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
     if (!is_tcp && r.system != "lego_shm") continue;
     const lego::Result<double>& rtt = is_tcp ? f.tcp_rtt : f.shm_rtt;
     if (!rtt) continue;
-    const double floor = (1 - r.fraction) * (fault.value() + zap.value() + rtt.value());
+    const double floor = (1 - r.fraction) * (uffd_us + rtt.value());
     double zram = 0;
     for (auto& q : rows) {
       if (q.workload == r.workload && q.fraction == r.fraction && q.system == "zram_swap" &&
