@@ -68,19 +68,22 @@ const char* describe(int code) {
   }
 }
 
-// The child's state: globals because the SIGBUS handler reads them.
-alignas(kLine) uint64_t g_source[kWords];
+// The child's state: globals because the SIGBUS handler reads them. Every line of the
+// source holds the same words (so any line's content can be checked against line 0).
+alignas(kLine) uint64_t g_source[kZapBatch * kWords];
 int g_uffd = -1;
 uintptr_t g_base = 0;
 size_t g_bytes = 0;
+size_t g_window = 1;  // lines one fault maps: 1, or kZapBatch (a prefetch window)
 
 void on_sigbus(int, siginfo_t* info, void*) {
   const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
   if (info->si_code != BUS_ADRERR || addr < g_base || addr >= g_base + g_bytes) _exit(kStrayFault);
+  const uintptr_t window = g_window * kLine;
   uffdio_copy copy{};
-  copy.dst = addr & ~uintptr_t{kLine - 1};
+  copy.dst = g_base + (addr - g_base) / window * window;
   copy.src = reinterpret_cast<uintptr_t>(g_source);
-  copy.len = kLine;
+  copy.len = window;
   copy.mode = 0;  // writable: the fault was a store, as lego maps a store miss
   if (ioctl(g_uffd, UFFDIO_COPY, &copy) != 0) _exit(kCopy);
 }
@@ -107,9 +110,16 @@ bool zap(int pidfd, const std::vector<size_t>& order, size_t from, size_t n) {
   return true;
 }
 
+// Whether line i holds the source's words, with word 0 stored to once (+1).
+bool line_ok(const uint64_t* heap, size_t i) {
+  const uint64_t* line = &heap[i * kWords];
+  return line[0] == g_source[0] + 1 && memcmp(line + 1, g_source + 1, kLine - 8) == 0;
+}
+
 [[noreturn]] void child(int out, size_t lines, int rounds, std::vector<size_t>& order) {
   std::mt19937_64 rng(1234);
-  for (auto& w : g_source) w = rng();
+  for (size_t i = 0; i < kWords; i++) g_source[i] = rng();
+  for (size_t l = 1; l < kZapBatch; l++) memcpy(g_source + l * kWords, g_source, kLine);
   g_uffd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | UFFD_USER_MODE_ONLY));
   if (g_uffd < 0) _exit(kNoUffd);
   uffdio_api api{.api = UFFD_API,
@@ -152,16 +162,39 @@ bool zap(int pidfd, const std::vector<size_t>& order, size_t from, size_t n) {
     auto t2 = Clock::now();
     zap_us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count() / lines);
     fault_us.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count() / lines);
-    // Each line was just mapped from the source and stored to once: word 0 is source + 1.
+    // Each line was just mapped from the source and stored to once.
     for (size_t i = 0; i < lines; i++) {
-      const uint64_t* line = &heap[i * kWords];
-      if (line[0] != g_source[0] + 1 || memcmp(line + 1, g_source + 1, kLine - 8) != 0) {
-        _exit(kWrongContent);
-      }
+      if (!line_ok(heap, i)) _exit(kWrongContent);
     }
   }
-  char text[64];
-  int n = snprintf(text, sizeof text, "%.4f %.4f\n", median(fault_us), median(zap_us));
+
+  // Windows: each fault maps kZapBatch lines with one UFFDIO_COPY, as a prefetch does, and
+  // a scan stores to every line in order; eviction drops whole windows with one madvise.
+  g_window = kZapBatch;
+  const size_t windowed = lines / kZapBatch * kZapBatch;
+  std::vector<double> window_fault_us, window_zap_us;
+  for (int r = 0; r < rounds; r++) {
+    auto t0 = Clock::now();
+    for (size_t i = 0; i < lines; i += kZapBatch) {
+      const size_t n = std::min(kZapBatch, lines - i);
+      if (madvise(reinterpret_cast<void*>(g_base + i * kLine), n * kLine, MADV_DONTNEED) != 0) {
+        _exit(kZap);
+      }
+    }
+    auto t1 = Clock::now();
+    for (size_t i = 0; i < windowed; i++)
+      __atomic_fetch_add(&heap[i * kWords], 1, __ATOMIC_RELAXED);
+    auto t2 = Clock::now();
+    window_zap_us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count() / lines);
+    window_fault_us.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count() /
+                              windowed);
+    for (size_t i = 0; i < windowed; i++) {
+      if (!line_ok(heap, i)) _exit(kWrongContent);
+    }
+  }
+  char text[128];
+  int n = snprintf(text, sizeof text, "%.4f %.4f %.4f %.4f\n", median(fault_us), median(zap_us),
+                   median(window_fault_us), median(window_zap_us));
   _exit(write(out, text, static_cast<size_t>(n)) == n ? kOk : kPipe);
 }
 
@@ -207,7 +240,8 @@ Result<FaultFloor> measure_fault_floor(size_t lines, int rounds) {
     return Status(EIO, std::string("fault floor: ") + describe(WEXITSTATUS(status)));
   }
   FaultFloor f;
-  if (sscanf(text.c_str(), "%lf %lf", &f.fault_us, &f.zap_us) != 2) {
+  if (sscanf(text.c_str(), "%lf %lf %lf %lf", &f.fault_us, &f.zap_us, &f.window_fault_us,
+             &f.window_zap_us) != 4) {
     return Status(EIO, "fault floor: unreadable report '" + text + "'");
   }
   return f;

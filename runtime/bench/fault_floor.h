@@ -10,6 +10,10 @@
 //             workload does.
 //   zap_us    a resident line's share of dropping 32 scattered lines with one
 //             process_madvise(MADV_DONTNEED), as an eviction batch does.
+// and, for a sequential scan (lines stored to in address order):
+//   window_fault_us  a line's share of a store fault whose handler maps the 32 lines
+//                    around it with one UFFDIO_COPY, as a prefetch window is mapped;
+//   window_zap_us    a line's share of dropping 32 contiguous lines with one madvise.
 // Each figure is the median over rounds of the mean per line.
 #pragma once
 
@@ -22,6 +26,8 @@ namespace lego::bench {
 struct FaultFloor {
   double fault_us = 0;
   double zap_us = 0;
+  double window_fault_us = 0;
+  double window_zap_us = 0;
 };
 
 // lines: the region's size in 4 KiB lines (at least 64); rounds: at least 1. The child

@@ -11,6 +11,8 @@
 // --oom-retries times, and its row says how many of its runs were killed. Prints µs per
 // access and ratios to
 // local and to zram_swap; --csv writes workload,local_fraction,threads,system,us_per_access.
+// Then the miss floors: what random and sequential misses cannot cost less than here with
+// userfaultfd and the transport alone (fault_floor.h, libfit/bench/floors.h; --help).
 //
 // File workloads (sequential write, sequential read, random 4 KiB reads of one large
 // file) run under:
@@ -71,7 +73,7 @@ options:
   --accesses N         accesses per memory run (default 200000)
   --oom-retries N      run the zram peer again, up to N times, when the kernel OOM-kills
                        it (default 2); the table says how many of its runs were killed
-  --no-floors          skip the miss floors printed after the memory table
+  --no-floors          skip the miss floors printed after the memory table (below)
   --file-workloads LIST  seq_write,seq_read,rand_read_4k (default: all)
   --file-systems LIST  local,lego,tcp_floor (default: all)
   --file-size SIZE     the file's size (default 1G; e.g. 256M)
@@ -95,15 +97,20 @@ tcp_floor: a busy-polled TCP stream of --file-size bytes between two network nam
 (1 MiB sends; client->server for seq_write, server->client for seq_read), and a 4 KiB
 request/response round trip (both sides busy-polling) for rand_read_4k: no disk, no FUSE.
 
-Miss floors. When the random workload runs under lego, the table is followed by what a
-uniformly random miss cannot cost less than on this host, measured in the same run:
-one userfaultfd store miss with no memory node (fault, SIGBUS, a handler mapping 4 KiB
-with UFFDIO_COPY, sigreturn), a line's share of a 32-line MADV_DONTNEED zap, and one
-transport round trip: for tcp a busy-polled socket exchanging a fetch's 72-byte request
-and 4128-byte reply over a veth pair into another namespace (as lego-run's link), for
-shm libfabric's fi_pingpong -p shm with 4096 bytes each way. A uniformly random access
-misses with probability 1 - local fraction, so the floor per access is that times the
-sum; "vs zram" is the floor's ratio to swap on zram, "lego/floor" lego's to the floor.
+Miss floors. When the random or sequential workload runs under lego, the table is
+followed by what its misses cannot cost less than on this host with userfaultfd,
+measured in the same run (no memory node work, no copies of lego's own):
+  random: one store miss (fault, SIGBUS, a handler mapping 4 KiB with UFFDIO_COPY,
+  sigreturn), a line's share of a 32-line process_madvise(MADV_DONTNEED) zap, and one
+  round trip: for tcp a busy-polled socket exchanging a fetch's 72-byte request and
+  4128-byte reply over a veth pair into another namespace (as lego-run's link), for shm
+  libfabric's fi_pingpong -p shm with 4096 bytes each way. An access misses with
+  probability 1 - local fraction: the floor per access is that times the sum.
+  sequential: every access misses; per line, its share of a fault whose handler maps a
+  32-line window with one UFFDIO_COPY, of one madvise zapping a window, and 1.5 times
+  its share of moving a window (in for both passes, out for the written half): tcp a
+  32-line fetch's round trip, shm half of fi_pingpong's 128 KiB round trip.
+"vs zram" is the floor's ratio to swap on zram, "lego/floor" lego's to the floor.
 
 Needs root (zram, cgroups, network namespaces). lego-run is looked up beside this
 program (bazel-bin/runtime/lego-run) or through $LEGO_RUN.
@@ -578,9 +585,13 @@ void print_files(const FileOptions& fo, const std::vector<FileRow>& rows) {
 // ---------------------------------------------------------------- miss floors
 
 // A fetch on the wire (libfit frame header + FetchRequest + one address; frame header +
-// the bare line), for the tcp floor's exchange.
+// the bare line), for the tcp floor's exchange; and a prefetch window's (32 addresses;
+// frame header + FetchReply + 32 lines).
 constexpr size_t kFetchRequestBytes = 72;
 constexpr size_t kFetchReplyBytes = 32 + kPage;
+constexpr size_t kWindowLines = 32;
+constexpr size_t kWindowRequestBytes = 32 + 32 + 8 * kWindowLines;
+constexpr size_t kWindowReplyBytes = 32 + 8 + kWindowLines * kPage;
 
 // A network namespace joined to this one by a veth pair with 64 KiB frames: the link
 // lego-run gives its memory node. Removed on destruction.
@@ -628,7 +639,15 @@ struct MissFloors {
   lego::Result<lego::bench::FaultFloor> fault = lego::Status(ENODATA, "not measured");
   lego::Result<double> tcp_rtt = lego::Status(ENODATA, "not measured");
   lego::Result<double> shm_rtt = lego::Status(ENODATA, "not measured");
+  // A line's share of moving a 32-line window (round trip of a window fetch / 32).
+  lego::Result<double> tcp_window_line = lego::Status(ENODATA, "not measured");
+  lego::Result<double> shm_window_line = lego::Status(ENODATA, "not measured");
 };
+
+lego::Result<double> per_window_line(lego::Result<double> rtt) {
+  if (!rtt) return rtt;
+  return rtt.value() / kWindowLines;
+}
 
 MissFloors measure_miss_floors(uint64_t cap, bool tcp, bool shm) {
   MissFloors f;
@@ -642,14 +661,21 @@ MissFloors measure_miss_floors(uint64_t cap, bool tcp, bool shm) {
     if (st) {
       f.tcp_rtt = lego::bench::tcp_busypoll_rtt_us(link.ns(), link.remote(), port,
                                                    kFetchRequestBytes, kFetchReplyBytes, 20000);
+      f.tcp_window_line = per_window_line(lego::bench::tcp_busypoll_rtt_us(
+          link.ns(), link.remote(), static_cast<uint16_t>(port + 2), kWindowRequestBytes,
+          kWindowReplyBytes, 2000));
     } else {
-      f.tcp_rtt = st;
+      f.tcp_rtt = f.tcp_window_line = st;
     }
   }
   if (shm) {
     fprintf(stderr, "lego-bench: miss floors: shm round trip...\n");
     f.shm_rtt = lego::bench::fi_pingpong_rtt_us("shm", "rdm", kPage, 20000, "", "127.0.0.1",
                                                 static_cast<uint16_t>(port + 1));
+    // fi_pingpong sends the same size both ways: half its round trip is one window's way.
+    auto window = lego::bench::fi_pingpong_rtt_us("shm", "rdm", kWindowLines * kPage, 2000, "",
+                                                  "127.0.0.1", static_cast<uint16_t>(port + 3));
+    f.shm_window_line = window ? lego::Result<double>(window.value() / 2 / kWindowLines) : window;
   }
   return f;
 }
@@ -662,44 +688,72 @@ struct MemoryRow {
   Outcome o;
 };
 
-// For each random row lego ran: the floor per access beside lego's figure and zram's.
+// A row's floor per access, from the parts it needs:
+//   random: an access misses with probability 1 - local fraction; a miss costs a fault,
+//     its zap share and a round trip;
+//   sequential: every access misses (the scan is larger than the cache); a line costs its
+//     share of a window's fault and zap and of fetching the window, and half a window
+//     line's transfer again to write it back (the write pass dirties every line).
+lego::Result<double> floor_per_access(const MemoryRow& r, const MissFloors& f) {
+  if (!f.fault) return f.fault.status();
+  const bool tcp = r.system == "lego_tcp";
+  if (r.workload == "random") {
+    const lego::Result<double>& rtt = tcp ? f.tcp_rtt : f.shm_rtt;
+    if (!rtt) return rtt;
+    return (1 - r.fraction) * (f.fault->fault_us + f.fault->zap_us + rtt.value());
+  }
+  const lego::Result<double>& moved = tcp ? f.tcp_window_line : f.shm_window_line;
+  if (!moved) return moved;
+  return f.fault->window_fault_us + f.fault->window_zap_us + 1.5 * moved.value();
+}
+
+bool has_floor(const MemoryRow& r) {
+  return (r.workload == "random" || r.workload == "sequential") && r.o.ok &&
+         (r.system == "lego_tcp" || r.system == "lego_shm");
+}
+
+// For each random or sequential row lego ran: the floor per access beside lego's figure
+// and zram's.
 void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
   bool tcp = false, shm = false;
   for (auto& r : rows) {
-    if (r.workload != "random" || !r.o.ok) continue;
+    if (!has_floor(r)) continue;
     tcp |= r.system == "lego_tcp";
     shm |= r.system == "lego_shm";
   }
   if (!tcp && !shm) return;
   const MissFloors f = measure_miss_floors(cap, tcp, shm);
-  printf("\nMiss floors on this host (a uniformly random miss; see --help):\n");
+  printf("\nMiss floors on this host (see --help):\n");
   auto line = [](const char* what, const lego::Result<double>& v) {
     if (v) {
-      printf("  %-58s %7.2f us\n", what, v.value());
+      printf("  %-62s %7.2f us\n", what, v.value());
     } else {
-      printf("  %-58s %s\n", what, v.status().message().c_str());
+      printf("  %-62s %s\n", what, v.status().message().c_str());
     }
   };
   auto part = [&f](double lego::bench::FaultFloor::*field) -> lego::Result<double> {
     if (!f.fault) return f.fault.status();
     return f.fault.value().*field;
   };
-  line("userfaultfd store miss (fault, SIGBUS, UFFDIO_COPY, return)",
-       part(&lego::bench::FaultFloor::fault_us));
-  line("a line's share of a 32-line MADV_DONTNEED zap", part(&lego::bench::FaultFloor::zap_us));
-  if (tcp) line("tcp round trip, 72 B / 4128 B, busy-polled, veth", f.tcp_rtt);
-  if (shm) line("shm round trip, fi_pingpong -p shm, 4096 B each way", f.shm_rtt);
-  if (!f.fault) return;
-  const double uffd_us = f.fault->fault_us + f.fault->zap_us;
+  using lego::bench::FaultFloor;
+  line("userfaultfd store miss (fault, SIGBUS, UFFDIO_COPY, return)", part(&FaultFloor::fault_us));
+  line("a line's share of a 32-line MADV_DONTNEED zap", part(&FaultFloor::zap_us));
+  line("a line's share of a fault mapping a 32-line window", part(&FaultFloor::window_fault_us));
+  line("a line's share of one madvise zapping a 32-line window", part(&FaultFloor::window_zap_us));
+  if (tcp) {
+    line("tcp round trip, 72 B / 4128 B, busy-polled, veth", f.tcp_rtt);
+    line("tcp, a line's share of a 32-line window's round trip", f.tcp_window_line);
+  }
+  if (shm) {
+    line("shm round trip, fi_pingpong -p shm, 4096 B each way", f.shm_rtt);
+    line("shm, a line's share of fi_pingpong's 128 KiB one way", f.shm_window_line);
+  }
   printf("%-11s %6s %-10s %16s %10s %11s\n", "workload", "local", "system", "floor us/access",
          "vs zram", "lego/floor");
   for (auto& r : rows) {
-    if (r.workload != "random" || !r.o.ok) continue;
-    const bool is_tcp = r.system == "lego_tcp";
-    if (!is_tcp && r.system != "lego_shm") continue;
-    const lego::Result<double>& rtt = is_tcp ? f.tcp_rtt : f.shm_rtt;
-    if (!rtt) continue;
-    const double floor = (1 - r.fraction) * (uffd_us + rtt.value());
+    if (!has_floor(r)) continue;
+    const lego::Result<double> floor = floor_per_access(r, f);
+    if (!floor) continue;
     double zram = 0;
     for (auto& q : rows) {
       if (q.workload == r.workload && q.fraction == r.fraction && q.system == "zram_swap" &&
@@ -708,9 +762,9 @@ void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
       }
     }
     char vz[32] = "-";
-    if (zram > 0) snprintf(vz, sizeof vz, "%.2fx", floor / zram);
+    if (zram > 0) snprintf(vz, sizeof vz, "%.2fx", floor.value() / zram);
     printf("%-11s %5.0f%% %-10s %16.3f %10s %10.2fx\n", r.workload.c_str(), r.fraction * 100,
-           r.system.c_str(), floor, vz, r.o.us / floor);
+           r.system.c_str(), floor.value(), vz, r.o.us / floor.value());
   }
 }
 

@@ -9,6 +9,8 @@ TEST_CASE("the fault floor maps every line with the right content and reports it
   REQUIRE(floor.is_ok());
   CHECK(floor.value().fault_us > 0);
   CHECK(floor.value().zap_us > 0);
+  CHECK(floor.value().window_fault_us > 0);
+  CHECK(floor.value().window_zap_us > 0);
 }
 
 TEST_CASE("the fault floor refuses sizes it cannot batch") {
