@@ -220,6 +220,37 @@ check "lego-memd --status answers, and the finished process's space was freed" \
   grep -q '^spaces_open 0' <<<"$status"
 kill $memd
 wait $memd 2>/dev/null
+
+# A memory node that stalls (SIGSTOP) mid-run. Shorter than the retries (8 of timeout_ms):
+# misses time out, are sent again and the program finishes with its data intact. Longer:
+# the program ends with exit status 69 and a message naming the node, not a hang.
+sed 's/^\[cluster\]$/[cluster]\ntimeout_ms = 500/' "$tmp/cluster.toml" >"$tmp/stall.toml"
+stall_run() {  # stall_run SECONDS: prints the program's exit status
+  ip netns exec $ns "$MEMD" --config "$tmp/stall.toml" --node 7 --capacity 256M \
+    2>>"$tmp/memd.err" &
+  local m=$! r rc
+  sleep 1
+  "$LEGO_RUN" --config "$tmp/stall.toml" --excache 4M -- "$INTEGRITY" 32 2 100000 \
+    >"$tmp/stall.out" 2>"$tmp/stall.err" &
+  r=$!
+  sleep 1.5
+  kill -STOP $m
+  sleep "$1"
+  kill -CONT $m
+  wait $r
+  rc=$?
+  kill $m
+  wait $m 2>/dev/null
+  echo $rc
+}
+rc=$(stall_run 1.2)
+out=$(cat "$tmp/stall.out" "$tmp/stall.err")
+check "a memory node stalled 1.2 s (timeout_ms 500): the program finishes intact" \
+  [ "$rc" -eq 0 -a "${out#integrity ok}" != "$out" ]
+rc=$(stall_run 6)
+out=$(cat "$tmp/stall.err")
+check "a memory node stalled 6 s: exit 69 naming the node" \
+  [ "$rc" -eq 69 -a "${out#*memory node 7}" != "$out" ]
 ip netns del $ns
 ip link del lrt$$a 2>/dev/null
 
