@@ -88,6 +88,11 @@ void on_sigbus(int, siginfo_t* info, void*) {
   if (ioctl(g_uffd, UFFDIO_COPY, &copy) != 0) _exit(kCopy);
 }
 
+// Mean µs per item of `n` items done between t0 and t1.
+double us_each(Clock::time_point t0, Clock::time_point t1, size_t n) {
+  return std::chrono::duration<double, std::micro>(t1 - t0).count() / static_cast<double>(n);
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -160,8 +165,8 @@ bool line_ok(const uint64_t* heap, size_t i) {
     std::shuffle(order.begin(), order.end(), rng);
     touch_all();
     auto t2 = Clock::now();
-    zap_us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count() / lines);
-    fault_us.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count() / lines);
+    zap_us.push_back(us_each(t0, t1, lines));
+    fault_us.push_back(us_each(t1, t2, lines));
     // Each line was just mapped from the source and stored to once.
     for (size_t i = 0; i < lines; i++) {
       if (!line_ok(heap, i)) _exit(kWrongContent);
@@ -185,9 +190,8 @@ bool line_ok(const uint64_t* heap, size_t i) {
     for (size_t i = 0; i < windowed; i++)
       __atomic_fetch_add(&heap[i * kWords], 1, __ATOMIC_RELAXED);
     auto t2 = Clock::now();
-    window_zap_us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count() / lines);
-    window_fault_us.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count() /
-                              windowed);
+    window_zap_us.push_back(us_each(t0, t1, lines));
+    window_fault_us.push_back(us_each(t1, t2, windowed));
     for (size_t i = 0; i < windowed; i++) {
       if (!line_ok(heap, i)) _exit(kWrongContent);
     }
@@ -204,7 +208,9 @@ Result<FaultFloor> measure_fault_floor(size_t lines, int rounds) {
   if (lines < 2 * kZapBatch || rounds < 1) {
     return Status(EINVAL, "fault floor: needs at least 64 lines and 1 round");
   }
-  std::vector<size_t> order(lines);  // allocated before fork: the child does not malloc
+  // (The callers, lego-bench and its test, fork this from one thread: the child may
+  // allocate.)
+  std::vector<size_t> order(lines);
   std::iota(order.begin(), order.end(), size_t{0});
   int pipefd[2];
   if (pipe2(pipefd, O_CLOEXEC) != 0) return Status::from_errno(errno, "fault floor: pipe");

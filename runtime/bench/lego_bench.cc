@@ -605,13 +605,13 @@ class DirectLink {
     const std::string name = "lego-bench-floor-" + std::to_string(me);
     const std::string subnet = "10.63." + std::to_string(me % 250) + ".";
     const std::string a = "lgbf" + std::to_string(me) + "a", b = "lgbf" + std::to_string(me) + "b";
-    local_ = subnet + "1";
+    const std::string local = subnet + "1";
     remote_ = subnet + "2";
     std::vector<std::vector<std::string>> steps = {
         {"ip", "netns", "add", name},
         {"ip", "link", "add", a, "mtu", "65535", "type", "veth", "peer", "name", b, "mtu", "65535"},
         {"ip", "link", "set", b, "netns", name},
-        {"ip", "addr", "add", local_ + "/30", "dev", a},
+        {"ip", "addr", "add", local + "/30", "dev", a},
         {"ip", "link", "set", a, "up"},
         {"ip", "-n", name, "addr", "add", remote_ + "/30", "dev", b},
         {"ip", "-n", name, "link", "set", b, "up"},
@@ -632,7 +632,7 @@ class DirectLink {
   const std::string& remote() const { return remote_; }
 
  private:
-  std::string ns_, local_, remote_;
+  std::string ns_, remote_;
 };
 
 struct MissFloors {
@@ -687,6 +687,16 @@ struct MemoryRow {
   int threads;
   Outcome o;
 };
+
+// µs per access of `system` on r's workload and fraction, or 0 when it did not run or failed.
+double peer_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const char* system) {
+  for (auto& q : rows) {
+    if (q.workload == r.workload && q.fraction == r.fraction && q.system == system && q.o.ok) {
+      return q.o.us;
+    }
+  }
+  return 0;
+}
 
 // A row's floor per access, from the parts it needs:
 //   random: an access misses with probability 1 - local fraction; a miss costs a fault,
@@ -754,13 +764,7 @@ void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
     if (!has_floor(r)) continue;
     const lego::Result<double> floor = floor_per_access(r, f);
     if (!floor) continue;
-    double zram = 0;
-    for (auto& q : rows) {
-      if (q.workload == r.workload && q.fraction == r.fraction && q.system == "zram_swap" &&
-          q.o.ok) {
-        zram = q.o.us;
-      }
-    }
+    const double zram = peer_us(rows, r, "zram_swap");
     char vz[32] = "-";
     if (zram > 0) snprintf(vz, sizeof vz, "%.2fx", floor.value() / zram);
     printf("%-11s %5.0f%% %-10s %16.3f %10s %10.2fx\n", r.workload.c_str(), r.fraction * 100,
@@ -974,12 +978,7 @@ int main(int argc, char** argv) {
     printf("%-11s %6s %-10s %12s %10s %10s\n", "workload", "local", "system", "us/access",
            "vs local", "vs zram");
     for (auto& r : rows) {
-      double local = 0, zram = 0;
-      for (auto& q : rows) {
-        if (q.workload != r.workload || q.fraction != r.fraction || !q.o.ok) continue;
-        if (q.system == "local") local = q.o.us;
-        if (q.system == "zram_swap") zram = q.o.us;
-      }
+      const double local = peer_us(rows, r, "local"), zram = peer_us(rows, r, "zram_swap");
       if (!r.o.ok) {
         printf("%-11s %5.0f%% %-10s %12s  (%s", r.workload.c_str(), r.fraction * 100,
                r.system.c_str(), r.o.oom ? "OOM-killed" : "failed", r.o.error.c_str());
