@@ -1054,12 +1054,23 @@ void Node::Impl::ServerThread::enforce_ofi_caps(uint32_t source) {
       owner = oldest_owner;
     }
     if (victim == nullptr) return;
-    count_close(CloseWhy::kCap);
-    victim->dead = true;
     if (node->msg) {
+      // Its owner may have closed and freed it since we looked: only a connection still
+      // in its list may be touched. (No other thread creates connections, so a pointer
+      // found there is the one we chose.)
       std::lock_guard<std::mutex> g(owner->mu);
+      auto& list = owner->conns;
+      if (std::none_of(list.begin(), list.end(), [victim](const std::unique_ptr<ServerConn>& c) {
+            return c.get() == victim;
+          })) {
+        continue;
+      }
+      victim->dead = true;
       owner->closing.push_back(victim);
+    } else {
+      victim->dead = true;  // rdm peers are this thread's alone
     }
+    count_close(CloseWhy::kCap);
   }
 }
 
