@@ -33,6 +33,8 @@
 //   EMSGSIZE      request or reply larger than max_message_bytes / the reply buffer
 //   EOPNOTSUPP    the peer has no handler for the opcode
 //   EPROTO        a corrupt, truncated or wrong-version frame
+//   EAGAIN        the server closed our connection while it awaited the handshake: too
+//                 many did (ours was the oldest); retrying connects again
 //   (a handler's own error code)  passed through from the peer's handler
 //
 // Thread-safety: a Node is safe to use from any number of threads after start(). Each
@@ -83,7 +85,9 @@ struct NodeConfig {
 //   [cluster]
 //   key = "64 hex digits"        # or key_file = "/etc/lego/cluster.key" (hex inside)
 //   channels_per_peer = 4        # default 4: independent channels per node pair
-//   timeout_ms = 5000            # default 5000: send_reply's default timeout
+//   timeout_ms = 5000            # default 5000: send_reply's default timeout; a server
+//                                # cuts off a peer that leaves a reply unread this long
+//                                # and one not authenticated in min(this, 3 s)
 //   max_message_bytes = 139264   # default 136 KiB: largest request or reply payload
 //   [[node]]
 //   id = 1                       # unique, 0..65535
