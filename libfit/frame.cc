@@ -27,14 +27,7 @@ const char* kind_name(uint8_t kind) {
   return "unknown";
 }
 
-Result<FrameView> decode_frame(std::span<const std::byte> bytes, size_t max_payload) {
-  FrameView view{};
-  if (bytes.size() < sizeof(FrameHeader)) {
-    return Status(EPROTO, "truncated frame: " + std::to_string(bytes.size()) +
-                              " bytes, a header needs " + std::to_string(sizeof(FrameHeader)));
-  }
-  std::memcpy(&view.header, bytes.data(), sizeof(FrameHeader));
-  const FrameHeader& h = view.header;
+Status check_header(const FrameHeader& h, size_t max_payload) {
   if (h.magic != kMagic) return Status(EPROTO, "not a FIT frame (bad magic)");
   if (h.version != kVersion) {
     return Status(EPROTONOSUPPORT, "FIT frame version " + std::to_string(h.version) +
@@ -44,11 +37,24 @@ Result<FrameView> decode_frame(std::span<const std::byte> bytes, size_t max_payl
       h.kind > static_cast<uint8_t>(Kind::kWelcome)) {
     return Status(EPROTO, "unknown FIT frame kind " + std::to_string(h.kind));
   }
-  size_t payload = bytes.size() - sizeof(FrameHeader);
   if (h.length > max_payload) {
     return Status(EMSGSIZE, "FIT frame payload of " + std::to_string(h.length) +
                                 " bytes exceeds the limit of " + std::to_string(max_payload));
   }
+  return Status();
+}
+
+Result<FrameView> decode_frame(std::span<const std::byte> bytes, size_t max_payload) {
+  FrameView view{};
+  if (bytes.size() < sizeof(FrameHeader)) {
+    return Status(EPROTO, "truncated frame: " + std::to_string(bytes.size()) +
+                              " bytes, a header needs " + std::to_string(sizeof(FrameHeader)));
+  }
+  std::memcpy(&view.header, bytes.data(), sizeof(FrameHeader));
+  const FrameHeader& h = view.header;
+  Status st = check_header(h, max_payload);
+  if (!st.is_ok()) return st;
+  size_t payload = bytes.size() - sizeof(FrameHeader);
   if (h.length != payload) {
     return Status(EPROTO, "FIT frame says " + std::to_string(h.length) + " payload bytes but " +
                               std::to_string(payload) + " arrived");

@@ -11,9 +11,18 @@
 //     registered once: slot i sends, slot kWindow+i receives. A server pairs receive slot
 //     i with send slot i and reposts the receive only when that reply's send completed,
 //     which bounds a client to kWindow outstanding requests per connection.
+//   - The socket transport ("tcp") frames a byte stream instead. Its server never waits
+//     for a peer: thread 0 accepts and runs every handshake in one page of buffers per
+//     connection; a welcomed connection gets a stream buffer and one send slot (mmap'd)
+//     and moves to its serving thread. A reply the socket cannot take stays in the send
+//     slot and the connection reads nothing more until it is out (flow control); one left
+//     unread for timeout_ms is cut off. fit_wire.h lists what closes a connection.
+//   - Leases: each server thread records the pauses of its loop (ThreadPace), which
+//     Node::server_stalled() sums for LeaseClock.
 //
-// Lock order: ClientChannel::mu before Impl::peers_mu. Server state is owned by its
-// thread; cross-thread hand-offs go through ServerThread::mu.
+// Lock order: ClientChannel::mu before Impl::peers_mu. A ServerThread::mu is never held
+// with another lock. Server state is owned by its thread; cross-thread hand-offs go
+// through ServerThread::mu.
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -30,6 +39,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -193,15 +203,58 @@ void nap_if_needed(bool blocking, bool waitable, IdlePoll& idle, uint64_t budget
   }
 }
 
-// The socket transport's stream: bytes received but not yet framed.
+// Bytes in an anonymous mapping, returned to the kernel (munmap) when destroyed. The
+// socket transport's per-connection buffers use it rather than malloc: glibc keeps large
+// freed blocks in its heap once its dynamic mmap threshold has risen (it does after the
+// first such block is freed), so a daemon that served thousands of connections would
+// stay at its peak size. The pages are touched, and so resident, only as used.
+struct MappedBytes {
+  std::byte* data = nullptr;
+  size_t size = 0;
+
+  MappedBytes() = default;
+  MappedBytes(const MappedBytes&) = delete;
+  MappedBytes& operator=(const MappedBytes&) = delete;
+  ~MappedBytes() { reset(); }
+  void reset() {
+    if (data != nullptr) munmap(data, size);
+    data = nullptr;
+    size = 0;
+  }
+  Status map(size_t bytes) {
+    reset();
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return Status::from_errno(errno, "mmap of a FIT stream buffer");
+    data = static_cast<std::byte*>(p);
+    size = bytes;
+    return Status();
+  }
+};
+
+// The socket transport's stream: bytes received but not yet framed, in [head, len) of
+// storage owned elsewhere. Frames are served where they lie and consumed by moving head;
+// the unframed rest moves to the front only before the next read (once per read, not
+// once per frame: a peer sending many small frames must not cost a copy of the buffer
+// each).
 struct StreamBuffer {
-  std::vector<std::byte> data;
+  std::byte* data = nullptr;
+  size_t cap = 0;
+  size_t head = 0;
   size_t len = 0;
+
+  size_t buffered() const { return len - head; }
+  const std::byte* front() const { return data + head; }
+  void reset(std::byte* storage, size_t capacity) {
+    data = storage;
+    cap = capacity;
+    head = len = 0;
+  }
 };
 
 // Writes all of [head, head+head_len) and then [payload, payload+payload_len) to a
 // non-blocking socket with sendmsg (a frame's header and payload need not be copied into
-// one buffer), waiting for room up to timeout_ms. Returns 0 or an errno.
+// one buffer), waiting for room up to timeout_ms. Returns 0 or an errno. Clients only: a
+// server never waits for a peer (ServerThread::flush_sock).
 int send_all2(int fd, const std::byte* head, size_t head_len, const std::byte* payload,
               size_t payload_len, int timeout_ms) {
   size_t done = 0;
@@ -233,16 +286,17 @@ int send_all2(int fd, const std::byte* head, size_t head_len, const std::byte* p
   return 0;
 }
 
-// send_all2 of one buffer.
-int send_all(int fd, const std::byte* buf, size_t len, int timeout_ms) {
-  return send_all2(fd, buf, len, nullptr, 0, timeout_ms);
-}
-
-// Reads what is available. Returns bytes read (> 0), 0 when nothing is available, or -errno
-// (-ECONNRESET when the peer closed the connection).
+// Reads what is available, first moving the unframed rest to the front. Returns bytes
+// read (> 0), 0 when nothing is available or there is no room, or -errno (-ECONNRESET
+// when the peer closed the connection).
 ssize_t recv_some(int fd, StreamBuffer& in) {
-  if (in.len == in.data.size()) return 0;  // full: frame what we have first
-  ssize_t n = recv(fd, in.data.data() + in.len, in.data.size() - in.len, MSG_DONTWAIT);
+  if (in.head > 0) {
+    memmove(in.data, in.data + in.head, in.len - in.head);
+    in.len -= in.head;
+    in.head = 0;
+  }
+  if (in.len == in.cap) return 0;  // full: frame what we have first
+  ssize_t n = recv(fd, in.data + in.len, in.cap - in.len, MSG_DONTWAIT);
   if (n > 0) {
     in.len += static_cast<size_t>(n);
     return n;
@@ -255,18 +309,87 @@ ssize_t recv_some(int fd, StreamBuffer& in) {
 // The length of the complete frame at the front of `in`, 0 if it is not all there yet, or
 // -EPROTO when the stream cannot be a FIT stream (a length no frame may have).
 ssize_t next_frame(const StreamBuffer& in, size_t max_payload) {
-  if (in.len < kHeader) return 0;
+  if (in.buffered() < kHeader) return 0;
   uint32_t length;
-  memcpy(&length, in.data.data() + offsetof(FrameHeader, length), sizeof(length));
+  memcpy(&length, in.front() + offsetof(FrameHeader, length), sizeof(length));
   if (length > max_payload) return -EPROTO;
   size_t total = kHeader + length;
-  return in.len >= total ? static_cast<ssize_t>(total) : 0;
+  return in.buffered() >= total ? static_cast<ssize_t>(total) : 0;
 }
 
-void consume(StreamBuffer& in, size_t n) {
-  memmove(in.data.data(), in.data.data() + n, in.len - n);
-  in.len -= n;
+// --- Hostile and slow peers (the rules are listed in fit_wire.h) ---
+//
+// The handshake deadline: min(timeout_ms, 3 s) from accept. An honest handshake is two
+// round trips, well under a millisecond on a LAN and far below timeout_ms (after which
+// the client gives up anyway); 3 s bounds how long a connection that never authenticates
+// holds a descriptor and a handshake slot, yet leaves a slow link room for a retransmit.
+constexpr int64_t kHandshakeDeadlineNs = 3'000'000'000;
+// Connections awaiting the handshake, per node and per source address. Each costs a
+// descriptor and a page; honest ones finish within a round trip, so 256 slots take 256
+// clients connecting in the same instant. When a cap is passed, the *oldest* such
+// connection is closed, not the newcomer: a peer that holds slots cannot lock honest
+// clients out, because their handshakes finish long before they become the oldest.
+constexpr size_t kMaxPendingHandshakes = 256;
+constexpr size_t kMaxPendingPerSource = 32;
+// Frames served from one connection per turn of a server loop, and connections accepted
+// per turn: a flooding peer cannot monopolise the thread (epoll is level-triggered, so
+// what is left is reported again next turn).
+constexpr int kFramesPerTurn = 16;
+constexpr int kAcceptsPerTurn = 64;
+// After accept() fails for want of descriptors or memory, the listener is not polled for
+// this long: retrying at once would spin the thread (measured ~80% of a vCPU).
+constexpr int64_t kAcceptPauseNs = 100'000'000;
+// The socket transport's buffers before authentication: the largest handshake frame
+// (hello, or an error message the server sends) in each direction.
+constexpr size_t kHandshakeSlotPayload = 448;
+static_assert(kHandshakeSlotPayload >= wire::kMaxHandshakePayload);
+
+int64_t handshake_deadline_ns(const ClusterConfig& c) {
+  const int64_t timeout_ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(c.timeout).count();
+  return std::min(timeout_ns, kHandshakeDeadlineNs);
 }
+
+// One server thread's pace, for Node::server_stalled(): when its loop last turned and the
+// pauses beyond the threshold it has had. Written by its thread only, read by any: the
+// rare update of both fields is bracketed by an odd sequence number (a seqlock), the
+// common one (no stall) writes turned_ns alone, which is consistent either way.
+struct ThreadPace {
+  static constexpr int64_t kThresholdNs =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(Node::kStallThreshold).count();
+  std::atomic<uint64_t> seq{0};
+  std::atomic<int64_t> turned_ns{0};
+  std::atomic<int64_t> stalled_ns{0};
+
+  void start(int64_t now) { turned_ns.store(now, std::memory_order_relaxed); }
+  // At each turn of the loop. True when the pause since the last turn was a stall.
+  bool turn(int64_t now) {
+    const int64_t gap = now - turned_ns.load(std::memory_order_relaxed);
+    if (gap <= kThresholdNs) {
+      turned_ns.store(now, std::memory_order_relaxed);
+      return false;
+    }
+    seq.fetch_add(1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release);
+    stalled_ns.store(stalled_ns.load(std::memory_order_relaxed) + gap - kThresholdNs,
+                     std::memory_order_relaxed);
+    turned_ns.store(now, std::memory_order_relaxed);
+    seq.fetch_add(1, std::memory_order_release);
+    return true;
+  }
+  // Stall time up to `now`, a pause still going on included.
+  int64_t stalled(int64_t now) const {
+    for (;;) {
+      const uint64_t s0 = seq.load(std::memory_order_acquire);
+      const int64_t t = turned_ns.load(std::memory_order_relaxed);
+      const int64_t st = stalled_ns.load(std::memory_order_relaxed);
+      std::atomic_thread_fence(std::memory_order_acquire);
+      if ((s0 & 1) == 0 && seq.load(std::memory_order_relaxed) == s0) {
+        return st + std::max<int64_t>(0, now - t - kThresholdNs);
+      }
+    }
+  }
+};
 
 // Internal opcodes of the socket transport's one-sided ops, served by libfit itself.
 constexpr uint16_t kSockRmaRead = 0xfffe;
@@ -331,6 +454,7 @@ struct ClientChannel {
   Slot slots[kWindow];
   bool connected = false;
   int fd = -1;  // socket transport
+  MappedBytes in_storage;
   StreamBuffer in;
   Status broken;  // set when the connection failed; calls then fail with it
   pid_t peer_pid = 0;
@@ -366,12 +490,21 @@ struct Node::Impl {
   std::mutex peers_mu;
   std::unordered_map<NodeId, std::vector<std::unique_ptr<ClientChannel>>> peers;
 
-  // Counters: relaxed atomics; read by stats().
+  // Counters: relaxed atomics; read by stats(). FitStats says what each counts.
   struct Counters {
     std::atomic<uint64_t> calls_sent{0}, calls_failed{0}, calls_timed_out{0}, requests_served{0},
         requests_rejected{0}, auth_failures{0}, bytes_sent{0}, bytes_received{0}, rma_reads{0},
-        rma_writes{0};
+        rma_writes{0}, connections_accepted{0}, connections_authenticated{0}, connections_open{0},
+        handshakes_pending{0}, closed_handshake_timeout{0}, closed_handshake_cap{0},
+        closed_rejected{0}, closed_stalled_reader{0}, accept_errors{0}, server_stalls{0};
   } counters;
+
+  // The server threads' paces (Node::server_stalled). Allocated once, for as many threads
+  // as the node may start, and never freed before the node: server_stalled() may read
+  // them from any thread while the node starts or stops.
+  std::unique_ptr<ThreadPace[]> paces;
+  std::atomic<int> pace_count{0};
+  std::atomic<int64_t> retired_stall_ns{0};  // stalls of threads a stop() ended
 
   std::string who() const { return "node " + std::to_string(self.id); }
 
@@ -415,6 +548,8 @@ struct Node::Impl {
 
   // --- server
   Status listen();
+  void start_server_threads();
+  int64_t stalled_ns() const;  // Node::server_stalled
 };
 
 // ---------------------------------------------------------------------------------------
@@ -427,13 +562,13 @@ struct ServerConn {
   fid_ep* ep = nullptr;  // msg: owned (closed by the server thread); rdm: shared endpoint
   ofi::Fid<fid_ep> owned_ep;
   fi_addr_t addr = FI_ADDR_UNSPEC;  // rdm: the client's address
-  int fd = -1;                      // socket transport
-  StreamBuffer in;
-  SlotBuffers* bufs = nullptr;  // msg: own_bufs; rdm: the shared endpoint's
+  SlotBuffers* bufs = nullptr;      // msg: own_bufs; rdm: the shared endpoint's
   std::unique_ptr<SlotBuffers> own_bufs;
   OpCtx send_ctx[kWindow];
   OpCtx recv_ctx[kWindow];
-  bool authenticated = false;
+  // Written by the owning thread; read by thread 0 too (the libfabric transports' caps).
+  std::atomic<bool> authenticated{false};
+  bool said_hello = false;
   bool challenged = false;
   bool close_after_send = false;  // refused: close once the error reply is out
   std::atomic<bool> dead{false};  // set by the EQ thread, read by the owning thread
@@ -441,21 +576,66 @@ struct ServerConn {
   pid_t pid = 0;
   uint8_t client_nonce[wire::kNonceBytes] = {};
   uint8_t server_nonce[wire::kNonceBytes] = {};
+  // Hostile peers (fit_wire.h).
+  int64_t accepted_ns = 0;       // when it connected: the handshake deadline, oldest-first caps
+  uint32_t source = 0;           // the peer's IPv4 address (network order); 0 when unknown
+  int64_t close_by_ns = 0;       // msg: refused; closed by then even if the error is not out
+  bool pending_counted = false;  // counted in handshakes_pending
+  std::atomic<uint64_t>* open_gauge = nullptr;     // connections_open, while this lives
+  std::atomic<uint64_t>* pending_gauge = nullptr;  // handshakes_pending, while counted
+
+  // Socket transport. Before authentication own_bufs is handshake-sized (one page);
+  // after, its send slot 0 holds a full reply and its "rma" area is the stream buffer.
+  int fd = -1;
+  StreamBuffer in;
+  bool in_pending_list = false;     // thread 0's list of connections awaiting the handshake
+  bool just_authenticated = false;  // welcomed this turn: buffers to grow, thread to pick
+  bool want_write = false;          // epoll waits for room to write instead of for input
+  // A reply the socket has not taken all of: [out + out_done, out + out_len). While one is
+  // pending the connection reads no further frame (its send slot is busy).
+  const std::byte* out = nullptr;
+  size_t out_len = 0;
+  size_t out_done = 0;
+  int64_t out_since_ns = 0;  // when the socket last took some of it
 
   ~ServerConn() {
     if (fd >= 0) close(fd);
+    if (open_gauge != nullptr) open_gauge->fetch_sub(1, std::memory_order_relaxed);
+    if (pending_counted) pending_gauge->fetch_sub(1, std::memory_order_relaxed);
   }
 };
+
+// Whether `peer`, in its handshake state, may send a frame of kind `kind` (the rules of
+// fit_wire.h). The header itself was checked by wire::check_header.
+Status admit(const ServerConn& peer, uint8_t kind, const std::string& who) {
+  const auto k = static_cast<Kind>(kind);
+  if (peer.authenticated.load(std::memory_order_relaxed)) {
+    if (k == Kind::kRequest) return Status();
+    return Status(EPROTO, who + " got an unexpected " + wire::kind_name(kind) + " frame");
+  }
+  if (k == Kind::kHello) {
+    return peer.said_hello ? Status(EPROTO, who + " got a second hello") : Status();
+  }
+  if (k == Kind::kProof && peer.challenged) return Status();
+  return Status(EACCES, who + " serves only peers that proved the cluster key (got a " +
+                            wire::kind_name(kind) + " frame before the handshake ended)");
+}
+
+enum class CloseWhy : uint8_t { kPeer, kRejected, kHandshakeTimeout, kCap, kStalledReader };
 
 }  // namespace
 
 struct Node::Impl::ServerThread {
   Node::Impl* node = nullptr;
   int index = 0;
+  ThreadPace* pace = nullptr;
+  int64_t now_ns = 0;  // this turn's clock
   ofi::Fid<fid_cq> cq;
   bool waitable = false;
   std::thread thread;
   // msg: connections whose CQ is this thread's. Guarded by mu (the EQ thread adds).
+  // Socket transport: this thread's connections; mu guards adding and removing (thread 0
+  // hands authenticated connections to the others), the owning thread alone uses them.
   std::mutex mu;
   std::vector<std::unique_ptr<ServerConn>> conns;
   std::vector<ServerConn*> closing;  // shut down by the peer; closed by this thread
@@ -469,9 +649,17 @@ struct Node::Impl::ServerThread {
   // rdm slots are shared by all peers: which peer each receive slot's request came from.
   std::unordered_map<fi_addr_t, std::unique_ptr<ServerConn>> rdm_peers;
   ServerConn rdm_any;  // owner of the shared endpoint's contexts
-  // Socket transport: this thread's epoll set; thread 0 also owns the listening socket.
+  // Socket transport: this thread's epoll set; thread 0 also owns the listening socket
+  // and every connection until it authenticates.
   int epfd = -1;
   int listen_fd = -1;
+  int64_t listen_paused_until = 0;       // 0: the listener is polled
+  std::vector<ServerConn*> backlog;      // frames left after their turn's budget
+  std::vector<ServerConn*> backlog_now;  // last turn's backlog, being served
+  std::deque<ServerConn*> pending;       // thread 0: awaiting the handshake, oldest first
+  std::unordered_map<uint32_t, uint32_t> pending_by_source;  // thread 0: their sources
+  bool any_closed = false;    // a connection was closed this turn: reap
+  int64_t next_sweep_ns = 0;  // next look for replies nobody reads
 
   // Accepted endpoints are bound to thread 0's event queue and to our completion queue:
   // close them before either (members would go in the opposite order).
@@ -481,11 +669,22 @@ struct Node::Impl::ServerThread {
     if (listen_fd >= 0) close(listen_fd);
     if (epfd >= 0) close(epfd);
   }
+  // Socket transport.
   void run_sock();
   void accept_sock();
   void read_sock(ServerConn& conn);
+  bool flush_sock(ServerConn& conn);
+  void close_sock(ServerConn& conn, CloseWhy why);
+  void refuse_sock(ServerConn& conn, const Status& st, uint16_t opcode, uint64_t id, CloseWhy why);
+  bool upgrade_sock(ServerConn& conn);
+  void drop_pending(ServerConn& conn);
+  void enforce_pending_caps(uint32_t source);
+  void sweep_sock();
+  void reap_sock();
+  void set_events(ServerConn& conn, uint32_t events);
 
   void run();
+  void turn();
   void handle_eq();
   void handle_completion(const fi_cq_data_entry& e, fi_addr_t src);
   // `frame`: the received frame; null for the receive slot's buffer.
@@ -496,9 +695,62 @@ struct Node::Impl::ServerThread {
             int32_t status, uint64_t id);
   void send_error(ServerConn& conn, int slot, fi_addr_t to, uint16_t opcode, uint64_t id,
                   const Status& st);
+  // Answers kError(st) and closes the connection (forgets an rdm peer): fit_wire.h's rules.
+  // `peer` null: an rdm sender we cannot address; its frame is dropped.
+  void reject(ServerConn& conn, ServerConn* peer, int slot, fi_addr_t to, uint16_t opcode,
+              uint64_t id, const Status& st);
+  void count_new_connection(ServerConn& conn);
+  void mark_authenticated(ServerConn& peer);
+  void count_close(CloseWhy why);
+  void enforce_ofi_caps(uint32_t source);
   void reap_closed();
   void reap_dead_rdm_peers();
 };
+
+void Node::Impl::ServerThread::turn() {
+  now_ns = static_cast<int64_t>(monotonic_ns());
+  if (pace->turn(now_ns)) node->counters.server_stalls.fetch_add(1, std::memory_order_relaxed);
+}
+
+void Node::Impl::ServerThread::count_new_connection(ServerConn& conn) {
+  auto& c = node->counters;
+  c.connections_accepted.fetch_add(1, std::memory_order_relaxed);
+  c.connections_open.fetch_add(1, std::memory_order_relaxed);
+  c.handshakes_pending.fetch_add(1, std::memory_order_relaxed);
+  conn.open_gauge = &c.connections_open;
+  conn.pending_gauge = &c.handshakes_pending;
+  conn.pending_counted = true;
+  conn.accepted_ns = now_ns;
+}
+
+void Node::Impl::ServerThread::mark_authenticated(ServerConn& peer) {
+  peer.authenticated = true;
+  node->counters.connections_authenticated.fetch_add(1, std::memory_order_relaxed);
+  if (peer.pending_counted) {
+    peer.pending_counted = false;
+    peer.pending_gauge->fetch_sub(1, std::memory_order_relaxed);
+  }
+}
+
+void Node::Impl::ServerThread::count_close(CloseWhy why) {
+  auto& c = node->counters;
+  switch (why) {
+    case CloseWhy::kPeer:
+      return;
+    case CloseWhy::kRejected:
+      c.closed_rejected.fetch_add(1, std::memory_order_relaxed);
+      return;
+    case CloseWhy::kHandshakeTimeout:
+      c.closed_handshake_timeout.fetch_add(1, std::memory_order_relaxed);
+      return;
+    case CloseWhy::kCap:
+      c.closed_handshake_cap.fetch_add(1, std::memory_order_relaxed);
+      return;
+    case CloseWhy::kStalledReader:
+      c.closed_stalled_reader.fetch_add(1, std::memory_order_relaxed);
+      return;
+  }
+}
 
 void Node::Impl::ServerThread::post_recv(ServerConn& conn, int slot) {
   if (node->sock) return;  // the socket transport frames its stream instead
@@ -528,13 +780,14 @@ void Node::Impl::ServerThread::send(ServerConn& conn, int slot, fi_addr_t to, Ki
   if (!compact)
     wire::encode_header({buf, kHeader}, kind, opcode, length, status, id, node->self.id);
   if (node->sock) {
-    if (send_all(conn.fd, buf, kHeader + length, static_cast<int>(node->config.timeout.count())) !=
-        0) {
-      conn.dead = true;
-      return;
-    }
+    // Written from the send slot where it lies; what the socket does not take now waits
+    // there (flush_sock), and the connection reads nothing more until it is out.
     node->counters.bytes_sent.fetch_add(length, std::memory_order_relaxed);
-    if (conn.close_after_send) conn.dead = true;
+    conn.out = buf;
+    conn.out_len = kHeader + length;
+    conn.out_done = 0;
+    conn.out_since_ns = now_ns;
+    flush_sock(conn);
     return;
   }
   OpCtx& c = conn.send_ctx[slot];
@@ -566,6 +819,31 @@ void Node::Impl::ServerThread::send_error(ServerConn& conn, int slot, fi_addr_t 
   send(conn, slot, to, Kind::kError, opcode, static_cast<uint32_t>(n), st.code(), id);
 }
 
+void Node::Impl::ServerThread::reject(ServerConn& conn, ServerConn* peer, int slot, fi_addr_t to,
+                                      uint16_t opcode, uint64_t id, const Status& st) {
+  node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
+  // (FI_ADDR_NOTAVAIL is FI_ADDR_UNSPEC, which is what msg connections send to.)
+  if (peer == nullptr || (!node->msg && to == FI_ADDR_NOTAVAIL)) {
+    post_recv(conn, slot);  // rdm: a sender that never said hello cannot even be answered
+    return;
+  }
+  if (node->sock) {
+    refuse_sock(conn, st, opcode, id, CloseWhy::kRejected);
+    return;
+  }
+  count_close(CloseWhy::kRejected);
+  if (node->msg) {
+    // Closed when the error's send completes (handle_completion), or after a second if a
+    // peer that does not read keeps it from completing (reap_closed).
+    peer->close_after_send = true;
+    peer->close_by_ns = now_ns + 1'000'000'000;
+    send_error(conn, slot, to, opcode, id, st);
+  } else {
+    send_error(conn, slot, to, opcode, id, st);
+    peer->dead = true;  // forgotten by reap_dead_rdm_peers
+  }
+}
+
 void Node::Impl::ServerThread::serve(ServerConn& conn, int slot, const fi_cq_data_entry& e,
                                      fi_addr_t src, std::byte* frame_at) {
   std::byte* in = frame_at != nullptr ? frame_at : conn.bufs->slot(kWindow + slot);
@@ -581,57 +859,72 @@ void Node::Impl::ServerThread::serve(ServerConn& conn, int slot, const fi_cq_dat
     // have not inserted yet (FI_ADDR_NOTAVAIL).
     auto it = rdm_peers.find(src);
     peer = it == rdm_peers.end() ? nullptr : it->second.get();
+    if (peer != nullptr && peer->dead) {
+      post_recv(conn, slot);  // refused or evicted: forgotten at the next reap
+      return;
+    }
   }
   if (!frame) {
-    node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
-    if (peer != nullptr && to != FI_ADDR_NOTAVAIL) {
-      send_error(conn, slot, to, 0, 0, frame.status().with_context(node->who()));
-    } else {
-      post_recv(conn, slot);
-    }
+    reject(conn, peer, slot, to, 0, 0, frame.status().with_context(node->who()));
     return;
   }
   const FrameHeader& h = frame->header;
   node->counters.bytes_received.fetch_add(h.length, std::memory_order_relaxed);
   auto payload = frame->payload;
+  const bool is_hello = h.kind == static_cast<uint8_t>(Kind::kHello);
 
-  if (h.kind == static_cast<uint8_t>(Kind::kHello)) {
-    if (payload.size() != sizeof(wire::HelloPayload)) {
-      node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
-      if (node->msg)
-        send_error(conn, slot, to, 0, h.request_id, Status(EPROTO, "bad hello"));
-      else
-        post_recv(conn, slot);
+  wire::HelloPayload hello{};
+  if (is_hello && payload.size() == sizeof(hello)) memcpy(&hello, payload.data(), sizeof(hello));
+  if (is_hello && !node->msg) {
+    // rdm: a hello (re)starts the state kept for its sender's address: a client that
+    // reconnects starts over.
+    if (payload.size() != sizeof(hello) || hello.name_length == 0 ||
+        hello.name_length > wire::kMaxShmName) {
+      reject(conn, peer, slot, to, 0, h.request_id, Status(EPROTO, node->who() + ": bad hello"));
       return;
     }
-    wire::HelloPayload hello;
-    memcpy(&hello, payload.data(), sizeof(hello));
-    if (!node->msg) {
-      if (hello.name_length == 0 || hello.name_length > wire::kMaxShmName) {
-        node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
-        post_recv(conn, slot);
-        return;
-      }
-      fi_addr_t addr = FI_ADDR_NOTAVAIL;
-      int r = fi_av_insert(av.get(), hello.name, 1, &addr, 0, nullptr);
-      if (r != 1) {
-        post_recv(conn, slot);
-        return;
-      }
-      auto& p = rdm_peers[addr];
-      p = std::make_unique<ServerConn>();  // a reconnecting client starts over
-      p->ep = rdm_ep.get();
-      p->addr = addr;
-      p->bufs = rdm_bufs.get();
-      peer = p.get();
-      to = addr;
+    fi_addr_t addr = FI_ADDR_NOTAVAIL;
+    int r = fi_av_insert(av.get(), hello.name, 1, &addr, 0, nullptr);
+    if (r != 1) {
+      post_recv(conn, slot);
+      return;
     }
+    auto& p = rdm_peers[addr];
+    p = std::make_unique<ServerConn>();
+    p->ep = rdm_ep.get();
+    p->addr = addr;
+    p->bufs = rdm_bufs.get();
+    count_new_connection(*p);
+    peer = p.get();
+    to = addr;
+    enforce_ofi_caps(0);
+  }
+  if (peer == nullptr) {
+    // rdm sender that never said hello: we cannot even address a reply.
+    reject(conn, nullptr, slot, to, 0, 0, Status(EACCES, "no hello"));
+    return;
+  }
+  Status admitted = admit(*peer, h.kind, node->who());
+  if (!admitted) {
+    if (!peer->authenticated) {
+      fprintf(stderr, "lego-fit: %s: closed a connection that broke the handshake: %s\n",
+              node->who().c_str(), admitted.message().c_str());
+    }
+    reject(conn, peer, slot, to, h.opcode, h.request_id, admitted);
+    return;
+  }
+
+  if (is_hello) {
+    if (payload.size() != sizeof(wire::HelloPayload)) {
+      reject(conn, peer, slot, to, 0, h.request_id, Status(EPROTO, node->who() + ": bad hello"));
+      return;
+    }
+    peer->said_hello = true;
     peer->client = hello.client_node;
     peer->pid = static_cast<pid_t>(hello.pid);
     memcpy(peer->client_nonce, hello.client_nonce, wire::kNonceBytes);
     auth::make_nonce(peer->server_nonce);
     peer->challenged = true;
-    peer->authenticated = false;
     wire::ChallengePayload ch{};
     ch.server_node = node->self.id;
     ch.pid = static_cast<uint32_t>(getpid());
@@ -643,16 +936,9 @@ void Node::Impl::ServerThread::serve(ServerConn& conn, int slot, const fi_cq_dat
     return;
   }
 
-  if (peer == nullptr) {
-    // rdm sender that never said hello: we cannot even address a reply.
-    node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
-    post_recv(conn, slot);
-    return;
-  }
-
   if (h.kind == static_cast<uint8_t>(Kind::kProof)) {
     wire::ProofPayload proof{};
-    bool ok = peer->challenged && payload.size() == sizeof(proof);
+    bool ok = payload.size() == sizeof(proof);
     if (ok) {
       memcpy(&proof, payload.data(), sizeof(proof));
       ok = auth::verify(node->config.key, auth::Direction::kClientToServer, peer->client_nonce,
@@ -663,36 +949,17 @@ void Node::Impl::ServerThread::serve(ServerConn& conn, int slot, const fi_cq_dat
       node->counters.auth_failures.fetch_add(1, std::memory_order_relaxed);
       fprintf(stderr, "lego-fit: %s: refused node %u: it does not hold the cluster key\n",
               node->who().c_str(), peer->client);
-      send_error(conn, slot, to, 0, h.request_id,
-                 Status(EACCES, node->who() + " refused the connection: wrong cluster key"));
-      if (node->msg)
-        peer->close_after_send = true;
-      else
-        peer->dead = true;
+      reject(conn, peer, slot, to, 0, h.request_id,
+             Status(EACCES, node->who() + " refused the connection: wrong cluster key"));
       return;
     }
-    peer->authenticated = true;
+    mark_authenticated(*peer);
+    peer->just_authenticated = node->sock;
     send(conn, slot, to, Kind::kWelcome, 0, 0, 0, h.request_id);
     return;
   }
 
-  if (h.kind != static_cast<uint8_t>(Kind::kRequest)) {
-    node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
-    send_error(
-        conn, slot, to, h.opcode, h.request_id,
-        Status(EPROTO, node->who() + " got an unexpected " + wire::kind_name(h.kind) + " frame"));
-    return;
-  }
-  if (!peer->authenticated) {
-    node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
-    send_error(conn, slot, to, h.opcode, h.request_id,
-               Status(EACCES, node->who() + " serves only peers that proved the cluster key"));
-    if (node->msg)
-      peer->close_after_send = true;
-    else
-      peer->dead = true;
-    return;
-  }
+  // A request from an authenticated peer (admit() let nothing else through).
   if (node->sock && (h.opcode == kSockRmaRead || h.opcode == kSockRmaWrite)) {
     std::span<std::byte> reply{conn.bufs->slot(slot) + kHeader, max_payload};
     Result<size_t> r = node->serve_sock_rma(h.opcode, payload, reply);
@@ -742,6 +1009,71 @@ void Node::Impl::ServerThread::handle_completion(const fi_cq_data_entry& e, fi_a
   }
 }
 
+// The libfabric transports' caps on connections (rdm: peers) awaiting the handshake: over
+// one, the oldest such is closed (marked dead; its owner thread closes it). `source`: the
+// newcomer's IPv4 address, 0 when unknown. Connections are spread over the threads when
+// they connect, so this looks at every thread's (under each one's mu); rdm peers all
+// belong to thread 0. No error frame: the owner's send slots are not ours to use.
+void Node::Impl::ServerThread::enforce_ofi_caps(uint32_t source) {
+  for (;;) {
+    ServerConn* oldest = nullptr;
+    ServerConn* oldest_same = nullptr;
+    ServerThread* oldest_owner = nullptr;
+    ServerThread* oldest_same_owner = nullptr;
+    size_t total = 0, same = 0;
+    auto consider = [&](ServerThread& t, ServerConn& c) {
+      if (c.dead || c.authenticated.load(std::memory_order_relaxed)) return;
+      total++;
+      if (oldest == nullptr || c.accepted_ns < oldest->accepted_ns) {
+        oldest = &c;
+        oldest_owner = &t;
+      }
+      if (source != 0 && c.source == source) {
+        same++;
+        if (oldest_same == nullptr || c.accepted_ns < oldest_same->accepted_ns) {
+          oldest_same = &c;
+          oldest_same_owner = &t;
+        }
+      }
+    };
+    if (node->msg) {
+      for (auto& t : node->server_threads) {
+        std::lock_guard<std::mutex> g(t->mu);
+        for (auto& c : t->conns) consider(*t, *c);
+      }
+    } else {
+      for (auto& [a, c] : rdm_peers) consider(*this, *c);
+    }
+    ServerConn* victim = nullptr;
+    ServerThread* owner = nullptr;
+    if (same > kMaxPendingPerSource) {
+      victim = oldest_same;
+      owner = oldest_same_owner;
+    } else if (total > kMaxPendingHandshakes) {
+      victim = oldest;
+      owner = oldest_owner;
+    }
+    if (victim == nullptr) return;
+    if (node->msg) {
+      // Its owner may have closed and freed it since we looked: only a connection still
+      // in its list may be touched. (No other thread creates connections, so a pointer
+      // found there is the one we chose.)
+      std::lock_guard<std::mutex> g(owner->mu);
+      auto& list = owner->conns;
+      if (std::none_of(list.begin(), list.end(), [victim](const std::unique_ptr<ServerConn>& c) {
+            return c.get() == victim;
+          })) {
+        continue;
+      }
+      victim->dead = true;
+      owner->closing.push_back(victim);
+    } else {
+      victim->dead = true;  // rdm peers are this thread's alone
+    }
+    count_close(CloseWhy::kCap);
+  }
+}
+
 void Node::Impl::ServerThread::handle_eq() {
   fi_eq_cm_entry entry{};
   uint32_t event = 0;
@@ -767,12 +1099,17 @@ void Node::Impl::ServerThread::handle_eq() {
     }
     if (ret == 0) ret = fi_enable(conn->owned_ep.get());
     conn->ep = conn->owned_ep.get();
+    // Full-size receive buffers before the handshake: receives must be posted before
+    // fi_accept, and replacing posted buffers afterwards would mean cancelling receives
+    // in flight. The caps bound what unauthenticated connections hold (256 x 4.4 MiB of
+    // address space; resident only as touched, except where the provider pins: verbs).
     conn->own_bufs = std::make_unique<SlotBuffers>();
     Status st = ret == 0 ? conn->own_bufs->init(d, node->config.max_message_bytes, 0, 2 * kWindow)
                          : ofi::error(ret, "setting up an accepted endpoint");
     if (!st) {
       fprintf(stderr, "lego-fit: %s: %s\n", node->who().c_str(), st.message().c_str());
       fi_reject(pep.get(), info->handle, nullptr, 0);
+      node->counters.accept_errors.fetch_add(1, std::memory_order_relaxed);
       return;
     }
     conn->bufs = conn->own_bufs.get();
@@ -780,7 +1117,12 @@ void Node::Impl::ServerThread::handle_eq() {
       conn->send_ctx[i] = OpCtx{{}, conn.get(), OpType::kSend, static_cast<uint16_t>(i)};
       conn->recv_ctx[i] = OpCtx{{}, conn.get(), OpType::kRecv, static_cast<uint16_t>(i)};
     }
+    if (info->dest_addr != nullptr && info->addr_format == FI_SOCKADDR_IN) {
+      conn->source = static_cast<const sockaddr_in*>(info->dest_addr)->sin_addr.s_addr;
+    }
+    count_new_connection(*conn);
     ServerConn* raw = conn.get();
+    const uint32_t source = conn->source;
     {
       std::lock_guard<std::mutex> g(owner.mu);
       owner.conns.push_back(std::move(conn));
@@ -797,6 +1139,7 @@ void Node::Impl::ServerThread::handle_eq() {
       std::lock_guard<std::mutex> g(owner.mu);
       owner.closing.push_back(raw);
     }
+    enforce_ofi_caps(source);
   } else if (event == FI_SHUTDOWN) {
     for (auto& t : node->server_threads) {
       std::lock_guard<std::mutex> g(t->mu);
@@ -812,9 +1155,16 @@ void Node::Impl::ServerThread::handle_eq() {
 
 void Node::Impl::ServerThread::reap_closed() {
   std::vector<ServerConn*> doomed;
+  const int64_t deadline = handshake_deadline_ns(node->config);
   {
     std::lock_guard<std::mutex> g(mu);
     for (auto& c : conns) {
+      if (!c->dead && !c->authenticated.load(std::memory_order_relaxed) &&
+          now_ns - c->accepted_ns > deadline) {
+        count_close(CloseWhy::kHandshakeTimeout);
+        c->dead = true;
+      }
+      if (!c->dead && c->close_after_send && now_ns > c->close_by_ns) c->dead = true;
       if (c->dead && std::find(closing.begin(), closing.end(), c.get()) == closing.end()) {
         closing.push_back(c.get());  // refused or failed by this thread
       }
@@ -849,8 +1199,15 @@ void Node::Impl::ServerThread::reap_closed() {
 }
 
 void Node::Impl::ServerThread::reap_dead_rdm_peers() {
+  const int64_t deadline = handshake_deadline_ns(node->config);
   for (auto it = rdm_peers.begin(); it != rdm_peers.end();) {
-    if (it->second->dead || pid_gone(it->second->pid)) {
+    ServerConn& p = *it->second;
+    if (!p.dead && !p.authenticated.load(std::memory_order_relaxed) &&
+        now_ns - p.accepted_ns > deadline) {
+      count_close(CloseWhy::kHandshakeTimeout);
+      p.dead = true;
+    }
+    if (p.dead || pid_gone(p.pid)) {
       fi_addr_t a = it->first;
       fi_av_remove(av.get(), &a, 1, 0);
       it = rdm_peers.erase(it);
@@ -861,6 +1218,7 @@ void Node::Impl::ServerThread::reap_dead_rdm_peers() {
 }
 
 void Node::Impl::ServerThread::run() {
+  pace->start(static_cast<int64_t>(monotonic_ns()));
   if (node->sock) {
     run_sock();
     return;
@@ -898,7 +1256,10 @@ void Node::Impl::ServerThread::run() {
     // Connection events and reaping every 256 rounds or 5 ms, busy or not: a loaded
     // server must still accept new clients.
     // The clock is read every 16 rounds (as costly as a poll): a busy loop needs no more.
-    if ((++spins & 15) != 0 && n <= 0) continue;
+    // A blocking round may have waited kBlockingSliceMs: read it every round then, so the
+    // pace (server_stalled) sees the loop turn.
+    if ((++spins & 15) != 0 && n <= 0 && !node->blocking) continue;
+    turn();
     auto now = Clock::now();
     if ((spins & 255) == 0 || now - last_events > std::chrono::milliseconds(kBlockingSliceMs)) {
       last_events = now;
@@ -912,94 +1273,362 @@ void Node::Impl::ServerThread::run() {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// The socket transport's server. Thread 0 accepts and runs every handshake; an
+// authenticated connection gets full-size buffers and moves to its serving thread (round
+// robin). No call here waits for a peer: sockets are non-blocking, a reply the socket
+// cannot take waits in its send slot (want_write), and each turn serves at most
+// kFramesPerTurn frames of a connection and kAcceptsPerTurn new connections.
+
+void Node::Impl::ServerThread::set_events(ServerConn& conn, uint32_t events) {
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.ptr = &conn;
+  epoll_ctl(epfd, EPOLL_CTL_MOD, conn.fd, &ev);
+}
+
+// Writes what the socket takes of the pending reply. True when all of it is out; false
+// while some waits (epoll then reports room) or when the connection failed (closed).
+bool Node::Impl::ServerThread::flush_sock(ServerConn& conn) {
+  while (conn.out_done < conn.out_len) {
+    ssize_t n = ::send(conn.fd, conn.out + conn.out_done, conn.out_len - conn.out_done,
+                       MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n > 0) {
+      conn.out_done += static_cast<size_t>(n);
+      conn.out_since_ns = now_ns;
+    } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (!conn.want_write) {
+        conn.want_write = true;
+        set_events(conn, EPOLLOUT);
+      }
+      return false;
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      close_sock(conn, CloseWhy::kPeer);
+      return false;
+    }
+  }
+  conn.out = nullptr;
+  conn.out_len = conn.out_done = 0;
+  if (conn.want_write) {
+    conn.want_write = false;
+    set_events(conn, EPOLLIN);
+  }
+  return true;
+}
+
+void Node::Impl::ServerThread::drop_pending(ServerConn& conn) {
+  if (!conn.in_pending_list) return;
+  conn.in_pending_list = false;
+  auto it = std::find(pending.begin(), pending.end(), &conn);
+  if (it != pending.end()) pending.erase(it);
+  if (conn.source != 0) {
+    auto s = pending_by_source.find(conn.source);
+    if (s != pending_by_source.end() && --s->second == 0) pending_by_source.erase(s);
+  }
+}
+
+void Node::Impl::ServerThread::close_sock(ServerConn& conn, CloseWhy why) {
+  if (conn.dead) return;
+  conn.dead = true;
+  any_closed = true;
+  count_close(why);
+  epoll_ctl(epfd, EPOLL_CTL_DEL, conn.fd, nullptr);
+  drop_pending(conn);
+  if (why != CloseWhy::kPeer && why != CloseWhy::kStalledReader) {
+    // Read (and drop) what the peer sent that we will never look at: closing a socket with
+    // unread bytes sends a reset, which can destroy the error frame just sent before the
+    // peer reads it. Bounded: a peer that keeps sending gets its reset.
+    std::byte sink[4096];
+    for (int i = 0; i < 16 && recv(conn.fd, sink, sizeof sink, MSG_DONTWAIT) > 0; i++) {
+    }
+  }
+  // The descriptor and buffers go when reap_sock frees the connection, this turn.
+}
+
+void Node::Impl::ServerThread::refuse_sock(ServerConn& conn, const Status& st, uint16_t opcode,
+                                           uint64_t id, CloseWhy why) {
+  if (conn.dead) return;
+  if (conn.out == nullptr) {
+    // One try, without waiting: a peer that does not read will not read this either.
+    std::byte* buf = conn.bufs->slot(0);
+    size_t n = std::min(st.message().size(), conn.bufs->slot_bytes - kHeader);
+    memcpy(buf + kHeader, st.message().data(), n);
+    wire::encode_header({buf, kHeader}, Kind::kError, opcode, static_cast<uint32_t>(n), st.code(),
+                        id, node->self.id);
+    (void)!::send(conn.fd, buf, kHeader + n, MSG_NOSIGNAL | MSG_DONTWAIT);
+  }
+  close_sock(conn, why);
+}
+
+// Over a cap on connections awaiting the handshake, the oldest goes (fit_wire.h).
+void Node::Impl::ServerThread::enforce_pending_caps(uint32_t source) {
+  auto same = pending_by_source.find(source);
+  while (source != 0 && same != pending_by_source.end() && same->second > kMaxPendingPerSource) {
+    auto it = std::find_if(pending.begin(), pending.end(),
+                           [source](ServerConn* c) { return c->source == source; });
+    refuse_sock(**it,
+                Status(EAGAIN, node->who() + ": too many connections from one address "
+                                             "awaiting the handshake; this, the oldest, is closed"),
+                0, 0, CloseWhy::kCap);
+    same = pending_by_source.find(source);
+  }
+  while (pending.size() > kMaxPendingHandshakes) {
+    refuse_sock(*pending.front(),
+                Status(EAGAIN, node->who() + ": too many connections awaiting the handshake; "
+                                             "this, the oldest, is closed"),
+                0, 0, CloseWhy::kCap);
+  }
+}
+
 void Node::Impl::ServerThread::accept_sock() {
-  for (;;) {
-    int fd = accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) return;  // EAGAIN: all accepted
+  for (int k = 0; k < kAcceptsPerTurn; k++) {
+    sockaddr_in from{};
+    socklen_t from_len = sizeof(from);
+    int fd = accept4(listen_fd, reinterpret_cast<sockaddr*>(&from), &from_len,
+                     SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return;    // all accepted
+      if (errno == EINTR || errno == ECONNABORTED) continue;  // that one gave up
+      const int err = errno;
+      node->counters.accept_errors.fetch_add(1, std::memory_order_relaxed);
+      // Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), or worse: give
+      // back the oldest handshake's descriptor, and stop polling the listener for a while
+      // (the connection waiting in the backlog would report it ready again at once).
+      if (!pending.empty()) {
+        refuse_sock(*pending.front(),
+                    Status(EAGAIN, node->who() + ": out of descriptors; the oldest connection "
+                                                 "awaiting the handshake is closed"),
+                    0, 0, CloseWhy::kCap);
+      }
+      epoll_event ev{};
+      ev.events = 0;
+      ev.data.ptr = nullptr;
+      epoll_ctl(epfd, EPOLL_CTL_MOD, listen_fd, &ev);
+      listen_paused_until = now_ns + kAcceptPauseNs;
+      static std::atomic<int64_t> last_said{0};
+      if (now_ns - last_said.load() > 10'000'000'000) {  // at most every 10 s
+        last_said = now_ns;
+        fprintf(stderr, "lego-fit: %s: accepting a connection failed: %s (%llu open)\n",
+                node->who().c_str(), strerror(err),
+                static_cast<unsigned long long>(node->counters.connections_open.load()));
+      }
+      return;
+    }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     auto conn = std::make_unique<ServerConn>();
     conn->fd = fd;
     conn->own_bufs = std::make_unique<SlotBuffers>();
-    if (!conn->own_bufs->init_plain(node->config.max_message_bytes, 0, 2 * kWindow)) continue;
+    const size_t hs_slot = (kHeader + kHandshakeSlotPayload + 63) & ~size_t{63};
+    if (!conn->own_bufs->init_plain(kHandshakeSlotPayload, 2 * hs_slot, 1)) {
+      node->counters.accept_errors.fetch_add(1, std::memory_order_relaxed);
+      continue;  // out of memory: the connection closes with `conn`
+    }
     conn->bufs = conn->own_bufs.get();
-    conn->in.data.resize(2 * conn->bufs->slot_bytes);
-    // Spread connections over the server threads.
-    static std::atomic<unsigned> next{0};
-    ServerThread& owner = *node->server_threads[next++ % node->server_threads.size()];
+    conn->in.reset(conn->bufs->rma(), conn->bufs->rma_bytes);
+    const uint32_t source = from.sin_family == AF_INET ? from.sin_addr.s_addr : 0;
+    conn->source = source;
+    count_new_connection(*conn);
+    conn->in_pending_list = true;
+    pending.push_back(conn.get());
+    if (conn->source != 0) pending_by_source[conn->source]++;
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.ptr = conn.get();
-    std::lock_guard<std::mutex> g(owner.mu);
-    epoll_ctl(owner.epfd, EPOLL_CTL_ADD, fd, &ev);
-    owner.conns.push_back(std::move(conn));
+    {
+      std::lock_guard<std::mutex> g(mu);
+      epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
+      conns.push_back(std::move(conn));
+    }
+    enforce_pending_caps(source);
   }
 }
 
+// A connection just welcomed: full-size buffers, and its serving thread. False when it
+// was closed or now belongs to another thread (the caller must not touch it then).
+bool Node::Impl::ServerThread::upgrade_sock(ServerConn& conn) {
+  conn.just_authenticated = false;
+  drop_pending(conn);
+  if (conn.in.buffered() > 0) {
+    refuse_sock(conn, Status(EPROTO, node->who() + ": the client sent data before it was welcomed"),
+                0, 0, CloseWhy::kRejected);
+    return false;
+  }
+  const size_t max = node->config.max_message_bytes;
+  const size_t slot = (kHeader + max + 63) & ~size_t{63};
+  auto big = std::make_unique<SlotBuffers>();
+  if (!big->init_plain(max, 2 * slot, 1)) {
+    fprintf(stderr, "lego-fit: %s: out of memory for node %u's connection buffers\n",
+            node->who().c_str(), conn.client);
+    close_sock(conn, CloseWhy::kPeer);
+    return false;
+  }
+  if (conn.out != nullptr) {  // the welcome, not all written yet
+    const size_t left = conn.out_len - conn.out_done;
+    memcpy(big->slot(0), conn.out + conn.out_done, left);
+    conn.out = big->slot(0);
+    conn.out_len = left;
+    conn.out_done = 0;
+  }
+  conn.own_bufs = std::move(big);  // the handshake page goes back
+  conn.bufs = conn.own_bufs.get();
+  conn.in.reset(conn.bufs->rma(), conn.bufs->rma_bytes);
+
+  static std::atomic<unsigned> next{0};
+  ServerThread& owner = *node->server_threads[next++ % node->server_threads.size()];
+  if (&owner == this) return true;
+  epoll_ctl(epfd, EPOLL_CTL_DEL, conn.fd, nullptr);
+  std::unique_ptr<ServerConn> moving;
+  {
+    std::lock_guard<std::mutex> g(mu);
+    auto it = std::find_if(conns.begin(), conns.end(),
+                           [&](const std::unique_ptr<ServerConn>& c) { return c.get() == &conn; });
+    moving = std::move(*it);
+    conns.erase(it);
+  }
+  backlog.erase(std::remove(backlog.begin(), backlog.end(), &conn), backlog.end());
+  std::replace(backlog_now.begin(), backlog_now.end(), &conn, static_cast<ServerConn*>(nullptr));
+  epoll_event ev{};
+  ev.events = conn.want_write ? EPOLLOUT : EPOLLIN;
+  ev.data.ptr = &conn;
+  std::lock_guard<std::mutex> g(owner.mu);
+  epoll_ctl(owner.epfd, EPOLL_CTL_ADD, conn.fd, &ev);
+  owner.conns.push_back(std::move(moving));
+  return false;
+}
+
+// Serves what the connection sent, at most kFramesPerTurn frames. Every header is judged
+// as soon as it is in (wire::check_header and admit), before its payload is waited for.
 void Node::Impl::ServerThread::read_sock(ServerConn& conn) {
+  int served = 0;
+  bool drained = false;  // the last read emptied the socket
   for (;;) {
-    const size_t room = conn.in.data.size() - conn.in.len;
-    ssize_t n = recv_some(conn.fd, conn.in);
-    if (n < 0) {
-      conn.dead = true;
-      return;
-    }
-    for (;;) {
-      ssize_t total = next_frame(conn.in, node->config.max_message_bytes);
-      if (total < 0) {
-        // Not a FIT stream (or a frame over the limit): there is no way to resync.
+    while (!conn.dead && conn.out == nullptr && conn.in.buffered() >= kHeader) {
+      FrameHeader h;
+      memcpy(&h, conn.in.front(), kHeader);
+      const bool authed = conn.authenticated.load(std::memory_order_relaxed);
+      Status st = wire::check_header(
+          h, authed ? node->config.max_message_bytes : wire::kMaxHandshakePayload);
+      if (st) st = admit(conn, h.kind, node->who());
+      if (!st) {
+        if (!authed) {
+          fprintf(stderr, "lego-fit: %s: closed a connection that broke the handshake: %s\n",
+                  node->who().c_str(), st.message().c_str());
+        }
         node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
-        conn.dead = true;
+        refuse_sock(conn, st.with_context(node->who()), h.opcode, h.request_id,
+                    CloseWhy::kRejected);
         return;
       }
-      if (total == 0) break;
-      // Served straight from the stream buffer (no copy into a receive slot): the reply
-      // goes to send slot 0, and the frame is consumed only after it was answered.
+      const size_t total = kHeader + h.length;
+      if (conn.in.buffered() < total) break;  // the rest is yet to come
+      if (served == kFramesPerTurn) {
+        backlog.push_back(&conn);  // more next turn, whether or not the socket has more
+        return;
+      }
+      // Served where it lies in the stream buffer (no copy); the reply goes to send slot 0.
       fi_cq_data_entry e{};
-      e.len = static_cast<size_t>(total);
-      serve(conn, 0, e, FI_ADDR_UNSPEC, conn.in.data.data());
-      consume(conn.in, static_cast<size_t>(total));
-      if (conn.dead) return;
+      e.len = total;
+      serve(conn, 0, e, FI_ADDR_UNSPEC, conn.in.data + conn.in.head);
+      conn.in.head += total;
+      served++;
+      if (conn.just_authenticated && !upgrade_sock(conn)) return;
     }
     // A read that did not fill the buffer emptied the socket: asking again would only
-    // return EAGAIN (a system call per request; epoll is level-triggered and reports bytes
-    // that came since).
-    if (n == 0 || static_cast<size_t>(n) < room) return;
+    // return EAGAIN (a system call per request; epoll is level-triggered and reports
+    // bytes that came since).
+    if (conn.dead || conn.out != nullptr || drained) return;
+    const size_t room = conn.in.cap - conn.in.buffered();
+    ssize_t n = recv_some(conn.fd, conn.in);
+    if (n < 0) {
+      close_sock(conn, CloseWhy::kPeer);
+      return;
+    }
+    if (n == 0) return;
+    drained = static_cast<size_t>(n) < room;
   }
+}
+
+void Node::Impl::ServerThread::sweep_sock() {
+  // A reply its peer does not read for timeout_ms (an honest client reads its replies:
+  // it has at most max_outstanding() requests out, and waits for them).
+  const int64_t limit =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(node->config.timeout).count();
+  std::lock_guard<std::mutex> g(mu);
+  for (auto& c : conns) {
+    if (!c->dead && c->out != nullptr && now_ns - c->out_since_ns > limit) {
+      close_sock(*c, CloseWhy::kStalledReader);
+    }
+  }
+}
+
+void Node::Impl::ServerThread::reap_sock() {
+  any_closed = false;
+  backlog.erase(
+      std::remove_if(backlog.begin(), backlog.end(), [](ServerConn* c) { return c->dead.load(); }),
+      backlog.end());
+  std::vector<std::unique_ptr<ServerConn>> doomed;  // freed outside the lock
+  std::lock_guard<std::mutex> g(mu);
+  for (auto& c : conns) {
+    if (c->dead) doomed.push_back(std::move(c));
+  }
+  conns.erase(std::remove(conns.begin(), conns.end(), nullptr), conns.end());
 }
 
 void Node::Impl::ServerThread::run_sock() {
   epoll_event evs[16];
   IdlePoll idle;
   bool sleep = false;
+  const int64_t deadline = handshake_deadline_ns(node->config);
   while (!node->stopping.load(std::memory_order_relaxed)) {
-    int n = epoll_wait(epfd, evs, 16, node->blocking || sleep ? kBlockingSliceMs : 0);
-    if (n <= 0) {
+    const int wait = !backlog.empty() ? 0 : node->blocking || sleep ? kBlockingSliceMs : 0;
+    int n = epoll_wait(epfd, evs, 16, wait);
+    turn();
+    if (n <= 0 && backlog.empty()) {
       sleep = !node->blocking && idle.should_sleep(kServerSpinNs);
-      continue;
+    } else {
+      idle.busy();
+      sleep = false;
     }
-    idle.busy();
-    sleep = false;
-    bool any_dead = false;
     for (int i = 0; i < n; i++) {
       if (evs[i].data.ptr == nullptr) {
         accept_sock();
         continue;
       }
       auto* conn = static_cast<ServerConn*>(evs[i].data.ptr);
+      if (conn->dead) continue;
+      if (conn->out != nullptr && !flush_sock(*conn)) continue;
       read_sock(*conn);
-      any_dead |= conn->dead.load();
     }
-    if (any_dead) {
-      std::lock_guard<std::mutex> g(mu);
-      for (auto& c : conns) {
-        if (c->dead) epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, nullptr);
+    backlog_now.swap(backlog);
+    for (size_t i = 0; i < backlog_now.size(); i++) {  // read_sock may null entries
+      ServerConn* conn = backlog_now[i];
+      if (conn != nullptr && !conn->dead && conn->out == nullptr) read_sock(*conn);
+    }
+    backlog_now.clear();
+    if (index == 0) {
+      while (!pending.empty() && now_ns - pending.front()->accepted_ns > deadline) {
+        refuse_sock(
+            *pending.front(),
+            Status(ETIMEDOUT, node->who() + ": the connection handshake did not end within " +
+                                  std::to_string(deadline / 1000000) + " ms"),
+            0, 0, CloseWhy::kHandshakeTimeout);
       }
-      conns.erase(
-          std::remove_if(conns.begin(), conns.end(),
-                         [](const std::unique_ptr<ServerConn>& c) { return c->dead.load(); }),
-          conns.end());
+      if (listen_paused_until != 0 && now_ns >= listen_paused_until) {
+        listen_paused_until = 0;
+        epoll_event ev{};
+        ev.events = EPOLLIN;
+        ev.data.ptr = nullptr;
+        epoll_ctl(epfd, EPOLL_CTL_MOD, listen_fd, &ev);
+      }
     }
+    if (now_ns >= next_sweep_ns) {
+      sweep_sock();
+      next_sweep_ns = now_ns + 100'000'000;
+    }
+    if (any_closed) reap_sock();
   }
 }
 
@@ -1047,7 +1676,9 @@ Status Node::Impl::listen() {
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
     int br = fd < 0 ? -1 : bind(fd, ai->ai_addr, ai->ai_addrlen);
     freeaddrinfo(ai);
-    if (br != 0 || ::listen(fd, 128) != 0) {
+    // A deep accept queue: under a burst of connections (or a peer opening thousands) the
+    // kernel drops SYNs once it is full, and a dropped client retries only after 1 s.
+    if (br != 0 || ::listen(fd, SOMAXCONN) != 0) {
       int e = errno;
       if (fd >= 0) close(fd);
       return Status::from_errno(e, who() + ": listen on " + self.address + ":" + port);
@@ -1057,6 +1688,7 @@ Status Node::Impl::listen() {
       auto t = std::make_unique<ServerThread>();
       t->node = this;
       t->index = i;
+      t->pace = &paces[i];
       t->epfd = epoll_create1(EPOLL_CLOEXEC);
       if (t->epfd < 0) {
         close(fd);
@@ -1070,7 +1702,7 @@ Status Node::Impl::listen() {
     ev.events = EPOLLIN;
     ev.data.ptr = nullptr;  // the listening socket
     epoll_ctl(t0.epfd, EPOLL_CTL_ADD, fd, &ev);
-    for (auto& t : server_threads) t->thread = std::thread([tp = t.get()] { tp->run(); });
+    start_server_threads();
     return Status();
   }
   std::string service = self.port ? std::to_string(self.port) : "";
@@ -1087,6 +1719,7 @@ Status Node::Impl::listen() {
     auto t = std::make_unique<ServerThread>();
     t->node = this;
     t->index = i;
+    t->pace = &paces[i];
     LEGO_RETURN_IF_ERROR(open_cq(d, blocking, 4 * kWindow * 64, t->cq, &t->waitable));
     server_threads.push_back(std::move(t));
   }
@@ -1126,10 +1759,23 @@ Status Node::Impl::listen() {
       t0.post_recv(any, i);
     }
   }
-  for (auto& t : server_threads) {
-    t->thread = std::thread([tp = t.get()] { tp->run(); });
-  }
+  start_server_threads();
   return Status();
+}
+
+void Node::Impl::start_server_threads() {
+  const int64_t now = static_cast<int64_t>(monotonic_ns());
+  for (auto& t : server_threads) t->pace->start(now);
+  pace_count.store(static_cast<int>(server_threads.size()), std::memory_order_release);
+  for (auto& t : server_threads) t->thread = std::thread([tp = t.get()] { tp->run(); });
+}
+
+int64_t Node::Impl::stalled_ns() const {
+  const int64_t now = static_cast<int64_t>(monotonic_ns());
+  int64_t sum = retired_stall_ns.load(std::memory_order_acquire);
+  const int n = pace_count.load(std::memory_order_acquire);
+  for (int i = 0; i < n; i++) sum += paces[i].stalled(now);
+  return sum;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1329,8 +1975,8 @@ Status Node::Impl::progress_sock(ClientChannel& ch, int wait_ms) {
     // buffer), then consumed.
     fi_cq_data_entry e{};
     e.len = static_cast<size_t>(total);
-    on_client_recv(ch, e, 0, ch.in.data.data());
-    consume(ch.in, static_cast<size_t>(total));
+    on_client_recv(ch, e, 0, ch.in.data + ch.in.head);
+    ch.in.head += static_cast<size_t>(total);
     if (!ch.broken.is_ok()) return ch.broken;
   }
   if (n > 0) {
@@ -1583,8 +2229,8 @@ Status Node::Impl::connect_sock(ClientChannel& ch, const NodeConfig& peer) {
   ch.fd = fd;
   LEGO_RETURN_IF_ERROR(
       ch.bufs.init_plain(config.max_message_bytes, config.max_message_bytes, 2 * kWindow));
-  ch.in.data.resize(2 * ch.bufs.slot_bytes);
-  ch.in.len = 0;
+  LEGO_RETURN_IF_ERROR(ch.in_storage.map(2 * ch.bufs.slot_bytes));
+  ch.in.reset(ch.in_storage.data, ch.in_storage.size);
   return Status();
 }
 
@@ -1600,7 +2246,7 @@ Status Node::Impl::connect(ClientChannel& ch) {
   ch.own_domain.reset();
   if (ch.fd >= 0) close(ch.fd);
   ch.fd = -1;
-  ch.in.len = 0;
+  ch.in.head = ch.in.len = 0;
   ch.broken = Status();
   ch.connected = false;
   ch.have_control = false;
@@ -1822,6 +2468,8 @@ Result<std::unique_ptr<Node>> Node::create(const ClusterConfig& config, NodeId s
   impl->msg = ofi::uses_msg_endpoints(me->provider);
   impl->sock = me->provider == "tcp";
   impl->blocking = me->progress == Progress::kBlocking;
+  impl->paces =
+      std::make_unique<ThreadPace[]>(static_cast<size_t>(std::max(1, me->server_threads)));
   return std::unique_ptr<Node>(new Node(std::move(impl)));
 }
 
@@ -1850,6 +2498,12 @@ void Node::stop() {
   impl_->stopping = true;
   for (auto& t : impl_->server_threads) {
     if (t->thread.joinable()) t->thread.join();
+  }
+  // The threads' stalls stay counted (server_stalled never decreases); a stopped node
+  // has no thread to stall.
+  if (impl_->pace_count.load() > 0) {
+    impl_->retired_stall_ns.store(impl_->stalled_ns());
+    impl_->pace_count.store(0);
   }
   // Last first: thread 0 owns the event queue the others' endpoints are bound to.
   while (!impl_->server_threads.empty()) impl_->server_threads.pop_back();
@@ -2087,7 +2741,85 @@ FitStats Node::stats() const {
   s.bytes_received = c.bytes_received.load();
   s.rma_reads = c.rma_reads.load();
   s.rma_writes = c.rma_writes.load();
+  s.connections_accepted = c.connections_accepted.load();
+  s.connections_authenticated = c.connections_authenticated.load();
+  s.connections_open = c.connections_open.load();
+  s.handshakes_pending = c.handshakes_pending.load();
+  s.closed_handshake_timeout = c.closed_handshake_timeout.load();
+  s.closed_handshake_cap = c.closed_handshake_cap.load();
+  s.closed_rejected = c.closed_rejected.load();
+  s.closed_stalled_reader = c.closed_stalled_reader.load();
+  s.accept_errors = c.accept_errors.load();
+  s.server_stalls = c.server_stalls.load();
   return s;
+}
+
+std::chrono::nanoseconds Node::server_stalled() const {
+  return std::chrono::nanoseconds(impl_->stalled_ns());
+}
+
+std::string stats_text(const FitStats& s) {
+  const std::pair<const char*, uint64_t> rows[] = {
+      {"calls_sent", s.calls_sent},
+      {"calls_failed", s.calls_failed},
+      {"calls_timed_out", s.calls_timed_out},
+      {"requests_served", s.requests_served},
+      {"requests_rejected", s.requests_rejected},
+      {"auth_failures", s.auth_failures},
+      {"bytes_sent", s.bytes_sent},
+      {"bytes_received", s.bytes_received},
+      {"rma_reads", s.rma_reads},
+      {"rma_writes", s.rma_writes},
+      {"connections_accepted", s.connections_accepted},
+      {"connections_authenticated", s.connections_authenticated},
+      {"connections_open", s.connections_open},
+      {"handshakes_pending", s.handshakes_pending},
+      {"closed_handshake_timeout", s.closed_handshake_timeout},
+      {"closed_handshake_cap", s.closed_handshake_cap},
+      {"closed_rejected", s.closed_rejected},
+      {"closed_stalled_reader", s.closed_stalled_reader},
+      {"accept_errors", s.accept_errors},
+      {"server_stalls", s.server_stalls},
+  };
+  std::string out;
+  for (const auto& [name, value] : rows) {
+    out += name;
+    out += ' ';
+    out += std::to_string(value);
+    out += '\n';
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// LeaseClock
+
+LeaseClock::LeaseClock() {
+  steady_at_last_ = static_cast<Nanos>(monotonic_ns());
+  offset_.store(steady_at_last_, std::memory_order_relaxed);  // lease time starts at 0
+}
+
+void LeaseClock::follow(const Node* node) {
+  std::lock_guard<std::mutex> g(mu_);
+  node_ = node;
+  stalled_at_last_ = node != nullptr ? node->server_stalled().count() : 0;
+}
+
+LeaseClock::Nanos LeaseClock::now() const {
+  return static_cast<Nanos>(monotonic_ns()) - offset_.load(std::memory_order_acquire);
+}
+
+LeaseClock::Nanos LeaseClock::advance() {
+  std::lock_guard<std::mutex> g(mu_);
+  const Nanos steady = static_cast<Nanos>(monotonic_ns());
+  const Nanos stalled = node_ != nullptr ? node_->server_stalled().count() : 0;
+  const Nanos elapsed = steady - steady_at_last_;
+  const Nanos lost = std::clamp<Nanos>(stalled - stalled_at_last_, 0, elapsed);
+  lease_at_last_ += elapsed - lost;
+  steady_at_last_ = steady;
+  stalled_at_last_ = stalled;
+  offset_.store(steady - lease_at_last_, std::memory_order_release);
+  return lease_at_last_;
 }
 
 }  // namespace lego::fit

@@ -3,6 +3,7 @@
 
 #include <getopt.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -136,6 +137,16 @@ int print_status(const fit::ClusterConfig& config, fit::NodeId node, long as, ui
   if (!r) die(std::string(what) + " " + std::to_string(node) + ": " + r.status().message());
   fwrite(reply.data(), 1, r.value(), stdout);
   return 0;
+}
+
+uint64_t raise_fd_limit() {
+  struct rlimit nofile {};
+  if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+    nofile.rlim_cur = nofile.rlim_max;
+    (void)setrlimit(RLIMIT_NOFILE, &nofile);
+  }
+  (void)getrlimit(RLIMIT_NOFILE, &nofile);
+  return nofile.rlim_cur;
 }
 
 void ignore_sigpipe() {

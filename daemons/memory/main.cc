@@ -26,9 +26,12 @@ options:
   --capacity SIZE    most memory to hold for all processes (default 1G); a process
                      whose write-back does not fit gets ENOMEM, the daemon stays up
   --lease-ms MS      free a process's memory when nothing was heard from it for this
-                     long: its processor node is lost (default 20000)
+                     long while this node was serving: its processor node is lost
+                     (default 20000); time in which the node could not serve (stopped,
+                     stuck) does not count
   --ready-fd FD      write "ready\n" to FD once serving (for supervisors and tests)
-  --status           ask the running memory node --node for its state and counters
+  --status           ask the running memory node --node for its state and counters,
+                     FIT's included (connections, handshakes, peers cut off)
   --as ID            with --status: the node id to speak as (default: the first
                      processor node in the cluster file)
   --help             this text
@@ -61,16 +64,21 @@ int main(int argc, char** argv) {
   const fit::NodeConfig& me = daemon::node_of_role(config, f.config, f.node, fit::Role::kMemory);
 
   daemon::install_stop_handlers();
+  // Every connection is a descriptor: take all we may, so that clients are not refused
+  // while peers hold connections open (at most 256 unauthenticated ones, see fit.h).
+  const uint64_t fd_limit = daemon::raise_fd_limit();
   mem::MemoryNode memory(options);
   auto fit_node = fit::Node::create(config, id);
   if (!fit_node) daemon::die(fit_node.status().message());
   memory.serve(*fit_node.value());
   Status st = fit_node.value()->start();
   if (!st) daemon::die(st.message());
-  fprintf(stderr, "lego-memd: node %ld serving at %s:%u (%s, %s), capacity %s, lease %lld ms\n",
+  fprintf(stderr,
+          "lego-memd: node %ld serving at %s:%u (%s, %s), capacity %s, lease %lld ms, %llu "
+          "descriptors\n",
           f.node, me.address.c_str(), me.port, me.provider.c_str(), fit::progress_name(me.progress),
           format_size(options.capacity_bytes).c_str(),
-          static_cast<long long>(options.lease.count()));
+          static_cast<long long>(options.lease.count()), static_cast<unsigned long long>(fd_limit));
   daemon::signal_ready(f.ready_fd);
   daemon::run_until_stopped(std::chrono::milliseconds(200), [&] { memory.expire_idle(); });
   fprintf(stderr, "lego-memd: node %ld stopping\n", f.node);

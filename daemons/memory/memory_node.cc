@@ -19,8 +19,6 @@
 namespace lego::mem {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
 bool all_zero(const std::byte* p) {
   const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
   uint64_t acc = 0;
@@ -46,12 +44,16 @@ struct MemoryNode::Impl {
     uint32_t pid = 0;
     std::string program;
     std::unordered_map<uint64_t, uint32_t> lines;  // line address -> pool slot. Guarded by mu.
-    std::atomic<int64_t> last_seen_ns{0};
-    uint64_t reserved = 0;  // bytes promised to this space; guarded by mu
-    bool closed = false;    // guarded by mu
+    std::atomic<int64_t> last_seen_ns{0};          // lease time (lease_clock) of its last request
+    uint64_t reserved = 0;                         // bytes promised to this space; guarded by mu
+    bool closed = false;                           // guarded by mu
   };
 
   MemoryNodeOptions options;
+  // Leases run on the FIT node's serving time: a space never expires for time in which
+  // the server could not hear its process (see fit::LeaseClock).
+  fit::LeaseClock lease_clock;
+  const fit::Node* node = nullptr;  // set by serve(): its counters go into status_text()
   mutable std::mutex spaces_mu;
   std::unordered_map<uint64_t, std::shared_ptr<Space>> spaces;  // guarded by spaces_mu
   uint64_t next_id = 1;                                         // guarded by spaces_mu
@@ -69,10 +71,7 @@ struct MemoryNode::Impl {
         fetch_zero{0}, write_backs{0}, zero_drops{0}, released{0}, refused{0};
   } c;
 
-  static int64_t now_ns() {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
-        .count();
-  }
+  int64_t now_ns() const { return lease_clock.now(); }
 
   std::byte* slot(uint32_t s) const { return pool + size_t{s} * kLineBytes; }
 
@@ -431,6 +430,8 @@ MemoryNode::~MemoryNode() {
 
 void MemoryNode::serve(fit::Node& node) {
   Impl* m = impl_.get();
+  m->node = &node;
+  m->lease_clock.follow(&node);
   node.handle(kOpen, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
                          std::span<std::byte> rep) { return m->open(ctx, req, rep); });
   node.handle(kClose, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
@@ -459,7 +460,7 @@ void MemoryNode::serve(fit::Node& node) {
 
 size_t MemoryNode::expire_idle() {
   int64_t cutoff =
-      Impl::now_ns() -
+      impl_->lease_clock.advance() -
       std::chrono::duration_cast<std::chrono::nanoseconds>(impl_->options.lease).count();
   std::vector<std::shared_ptr<Impl::Space>> expired;
   {
@@ -480,7 +481,7 @@ size_t MemoryNode::expire_idle() {
     impl_->c.spaces_expired++;
     fprintf(stderr,
             "lego-memd: freed address space %lu of %s (pid %u on node %u): no request for %lld "
-            "ms, its processor node is gone\n",
+            "ms while this memory node was serving, its processor node is gone\n",
             static_cast<unsigned long>(sp->id), sp->program.c_str(), sp->pid, sp->owner,
             static_cast<long long>(impl_->options.lease.count()));
   }
@@ -527,6 +528,7 @@ std::string MemoryNode::status_text() const {
     << "zero_drops " << s.zero_drops << "\n"
     << "released " << s.released << "\n"
     << "refused " << s.refused << "\n";
+  if (impl_->node != nullptr) o << fit::stats_text(impl_->node->stats());
   std::lock_guard<std::mutex> g(impl_->spaces_mu);
   for (auto& [id, sp] : impl_->spaces) {
     std::lock_guard<std::mutex> sg(sp->mu);

@@ -1,6 +1,5 @@
 // lego-stord: the storage node daemon. Serves the files of one directory to programs
 // running on processor nodes (see include/lego/storage_node.h and storage_proto.h).
-#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <chrono>
@@ -29,13 +28,16 @@ options:
   --node ID          this storage node's id in the cluster file (role "storage")
   --export DIR       the directory to serve (must exist)
   --lease-ms MS      close a client's files when nothing was heard from it for this
-                     long: its processor node is lost (default 20000)
+                     long while this node was serving: its processor node is lost
+                     (default 20000); time in which the node could not serve (stopped,
+                     stuck) does not count
   --max-files N      open files one client (a mount: all programs of a processor node)
                      may hold (default 65536); beyond it, and when this process runs out
                      of descriptors (its RLIMIT_NOFILE, raised to the hard limit at
                      start), programs' open() gets ENFILE
   --ready-fd FD      write "ready\n" to FD once serving (for supervisors and tests)
-  --status           ask the running storage node --node for its state and counters
+  --status           ask the running storage node --node for its state and counters,
+                     FIT's included (connections, handshakes, peers cut off)
   --as ID            with --status: the node id to speak as (default: the first
                      processor node in the cluster file)
   --help             this text
@@ -71,12 +73,7 @@ int main(int argc, char** argv) {
   // Modes arrive already masked by the client's umask; do not mask them twice.
   umask(0);
   // Every open file of every client is an fd here: take all the fds we may.
-  struct rlimit nofile {};
-  if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
-    nofile.rlim_cur = nofile.rlim_max;
-    (void)setrlimit(RLIMIT_NOFILE, &nofile);
-  }
-  (void)getrlimit(RLIMIT_NOFILE, &nofile);
+  const uint64_t fd_limit = daemon::raise_fd_limit();
   auto storage_or = stor::StorageNode::create(options);
   if (!storage_or) daemon::die(storage_or.status().message(), daemon::kExitUsage);
   stor::StorageNode& storage = *storage_or.value();
@@ -90,7 +87,7 @@ int main(int argc, char** argv) {
           "session, %llu descriptors\n",
           f.node, options.export_dir.c_str(), me.address.c_str(), me.port, me.provider.c_str(),
           fit::progress_name(me.progress), static_cast<long long>(options.lease.count()),
-          options.max_files, static_cast<unsigned long long>(nofile.rlim_cur));
+          options.max_files, static_cast<unsigned long long>(fd_limit));
   daemon::signal_ready(f.ready_fd);
   daemon::run_until_stopped(std::chrono::milliseconds(200), [&] { storage.expire_idle(); });
   fprintf(stderr, "lego-stord: node %ld stopping\n", f.node);

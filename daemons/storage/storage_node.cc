@@ -31,13 +31,6 @@
 namespace lego::stor {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
-      .count();
-}
-
 template <typename T>
 bool read_struct(std::span<const std::byte> in, T* out) {
   if (in.size() < sizeof(T)) return false;
@@ -127,11 +120,15 @@ struct StorageNode::Impl {
     std::unordered_map<uint64_t, std::shared_ptr<File>> files;  // guarded by mu
     uint64_t next_handle = 1;                                   // guarded by mu
     bool closed = false;                                        // guarded by mu
-    std::atomic<int64_t> last_seen_ns{0};
+    std::atomic<int64_t> last_seen_ns{0};  // lease time (lease_clock) of its last request
   };
 
   StorageNodeOptions options;
-  Fd root;  // the export, O_PATH | O_DIRECTORY
+  // Leases run on the FIT node's serving time: a session never expires for time in which
+  // the server could not hear its client (see fit::LeaseClock).
+  fit::LeaseClock lease_clock;
+  const fit::Node* node = nullptr;  // set by serve(): its counters go into status_text()
+  Fd root;                          // the export, O_PATH | O_DIRECTORY
   mutable std::mutex sessions_mu;
   std::unordered_map<uint64_t, std::shared_ptr<Session>> sessions;  // guarded by sessions_mu
   uint64_t next_id = 1;                                             // guarded by sessions_mu
@@ -211,7 +208,7 @@ struct StorageNode::Impl {
       return refuse(ESTALE, "storage session " + std::to_string(h.id) + " of node " +
                                 std::to_string(from) + " is unknown (expired or restarted)");
     }
-    s->last_seen_ns.store(now_ns(), std::memory_order_relaxed);
+    s->last_seen_ns.store(lease_clock.now(), std::memory_order_relaxed);
     return s;
   }
 
@@ -256,7 +253,7 @@ struct StorageNode::Impl {
     s->owner = ctx.from;
     s->pid = r.pid;
     s->name.assign(r.name, strnlen(r.name, sizeof(r.name)));
-    s->last_seen_ns = now_ns();
+    s->last_seen_ns = lease_clock.now();
     {
       std::lock_guard<std::mutex> g(sessions_mu);
       if (sessions.size() >= kMaxSessions) {
@@ -706,7 +703,7 @@ struct StorageNode::Impl {
   }
 
   size_t expire_idle() {
-    int64_t limit = now_ns() - std::chrono::nanoseconds(options.lease).count();
+    int64_t limit = lease_clock.advance() - std::chrono::nanoseconds(options.lease).count();
     std::vector<std::shared_ptr<Session>> dead;
     {
       std::lock_guard<std::mutex> g(sessions_mu);
@@ -762,6 +759,8 @@ Result<std::unique_ptr<StorageNode>> StorageNode::create(StorageNodeOptions opti
 
 void StorageNode::serve(fit::Node& node) {
   Impl* im = impl_.get();
+  im->node = &node;
+  im->lease_clock.follow(&node);
   node.handle(kHello, [im](const fit::RpcContext& ctx, auto req, auto rep) {
     return im->hello(ctx, req, rep);
   });
@@ -839,6 +838,7 @@ std::string StorageNode::status_text() const {
     << "\nbytes_written " << s.bytes_written << "\nfsyncs " << s.fsyncs << "\nmetadata_ops "
     << s.metadata_ops << "\nescapes " << s.escapes << "\nrefused " << s.refused
     << "\nfiles_refused " << s.files_refused << "\n";
+  if (impl_->node != nullptr) o << fit::stats_text(impl_->node->stats());
   return o.str();
 }
 

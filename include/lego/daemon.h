@@ -78,6 +78,11 @@ const fit::NodeConfig& node_of_role(const fit::ClusterConfig& config, const std:
 int print_status(const fit::ClusterConfig& config, fit::NodeId node, long as, uint16_t opcode,
                  const char* what);
 
+// Raises this process's RLIMIT_NOFILE soft limit to its hard limit (every connection,
+// and for lego-stord every open file of every client, is a descriptor) and returns the
+// limit now in force.
+uint64_t raise_fd_limit();
+
 // Ignores SIGPIPE: a vanished peer is an error on its socket, not a death.
 void ignore_sigpipe();
 // ignore_sigpipe(), and SIGTERM and SIGINT set stop_requested().

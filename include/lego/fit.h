@@ -18,6 +18,14 @@
 // cluster's shared key (HMAC challenge-response, libsodium). Remote memory keys are
 // random and only ever sent over authenticated connections.
 //
+// Hostile or slow peers (fit_wire.h lists every rule): a server thread never waits for
+// one peer. A peer that breaks the protocol gets an error frame and is closed; one that
+// has not authenticated within min(timeout_ms, 3 s) is closed; at most 256 connections
+// (32 per source address) may await the handshake, the oldest going first; a tcp peer
+// that leaves its replies unread for timeout_ms is cut off. Buffers for full-size
+// messages exist only for authenticated connections and go back to the kernel when they
+// close. FitStats counts each case.
+//
 // Errors: every call returns a Status/Result whose code is an errno value:
 //   ETIMEDOUT     no reply within the timeout (the peer may still be alive)
 //   ECONNREFUSED  nothing listens at the peer's address, or it refused our key (EACCES)
@@ -25,6 +33,8 @@
 //   EMSGSIZE      request or reply larger than max_message_bytes / the reply buffer
 //   EOPNOTSUPP    the peer has no handler for the opcode
 //   EPROTO        a corrupt, truncated or wrong-version frame
+//   EAGAIN        the server closed our connection while it awaited the handshake: too
+//                 many did (ours was the oldest); retrying connects again
 //   (a handler's own error code)  passed through from the peer's handler
 //
 // Thread-safety: a Node is safe to use from any number of threads after start(). Each
@@ -32,11 +42,13 @@
 // one and polls its completions itself, so threads do not hand work to each other.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -73,7 +85,9 @@ struct NodeConfig {
 //   [cluster]
 //   key = "64 hex digits"        # or key_file = "/etc/lego/cluster.key" (hex inside)
 //   channels_per_peer = 4        # default 4: independent channels per node pair
-//   timeout_ms = 5000            # default 5000: send_reply's default timeout
+//   timeout_ms = 5000            # default 5000: send_reply's default timeout; a server
+//                                # cuts off a peer that leaves a reply unread this long
+//                                # and one not authenticated in min(this, 3 s)
 //   max_message_bytes = 139264   # default 136 KiB: largest request or reply payload
 //   [[node]]
 //   id = 1                       # unique, 0..65535
@@ -159,7 +173,26 @@ struct FitStats {
   uint64_t bytes_received = 0;     // payload bytes received
   uint64_t rma_reads = 0;
   uint64_t rma_writes = 0;
+  // Connections this node served (tcp, ofi_tcp, verbs; for shm, peers that said hello).
+  uint64_t connections_accepted = 0;       // accepted (shm: first hellos)
+  uint64_t connections_authenticated = 0;  // ... that proved the key (welcomed)
+  uint64_t connections_open = 0;           // open now, authenticated or not
+  uint64_t handshakes_pending = 0;         // open now and not authenticated yet
+  uint64_t closed_handshake_timeout = 0;   // closed: no proof within the handshake deadline
+  uint64_t closed_handshake_cap = 0;       // closed: the oldest awaiting the handshake when
+                                           // a cap (per node, per source) was exceeded
+  uint64_t closed_rejected = 0;            // closed after a rejection: wrong key, a frame
+                                           // before the handshake, a malformed frame
+  uint64_t closed_stalled_reader = 0;      // closed: left its replies unread for timeout_ms
+  uint64_t accept_errors = 0;              // accept() failures (EMFILE, ENFILE, ENOBUFS...);
+                                           // the listener pauses briefly after each
+  uint64_t server_stalls = 0;              // times a server thread's loop did not turn for
+                                           // longer than kStallThreshold (see server_stalled)
 };
+
+// FitStats as "name value" lines, one per field, in the order above: what the daemons'
+// --status prints after their own counters.
+std::string stats_text(const FitStats& stats);
 
 class RpcFuture;
 
@@ -235,6 +268,18 @@ class Node {
   const ClusterConfig& config() const;
   FitStats stats() const;
 
+  // Time this node's server threads could not serve, summed over the threads: for each,
+  // every pause between two turns of its loop beyond kStallThreshold, including a pause
+  // still going on. Turning the loop is what serving takes (a thread idle in epoll turns
+  // it every few ms); a thread inside a slow handler, descheduled for long, or in a
+  // stopped process (SIGSTOP) does not. Never decreases while the node serves; 0 before
+  // start(). Lock-free, from any thread; costs a few atomic loads per server thread.
+  // LeaseClock uses it so that no client is blamed for time the server could not hear it.
+  std::chrono::nanoseconds server_stalled() const;
+  // Pauses up to this long count as serving: a loop round that serves a burst of
+  // requests, or a scheduler delay on a busy host, is not a stall.
+  static constexpr std::chrono::milliseconds kStallThreshold{100};
+
  private:
   friend class RpcFuture;
   struct Impl;
@@ -260,6 +305,46 @@ class RpcFuture {
   friend class Node;
   struct State;
   std::unique_ptr<State> state_;
+};
+
+// Time for leases: steady time less the time a Node's server threads could not serve
+// (Node::server_stalled). A server that holds state for clients that must keep talking
+// to it (lego-memd's address spaces, lego-stord's sessions) stamps each request with
+// now() and frees what has not been heard from for a lease of this clock, so a client
+// is never blamed for time in which the server was stuck in a handler, descheduled or
+// stopped: its requests were waiting for the server, not missing.
+//
+// How it advances: advance() (called by the daemons' expiry tick) adds the steady time
+// since the last advance less the stall time the node accumulated since then (at most
+// all of it). Stalls of several server threads add up even when they overlap, so the
+// clock errs towards keeping leases, never towards freeing them.
+//
+// Thread-safety: now() is lock-free and may be called from handlers on any thread;
+// follow() and advance() may be called from any thread (they serialize on a mutex).
+class LeaseClock {
+ public:
+  using Nanos = int64_t;
+
+  LeaseClock();
+  // From now on, discount `node`'s server stalls (nullptr: plain steady time). The node
+  // must outlive this clock's advance() calls.
+  void follow(const Node* node);
+  // Lease time now: the value of the last advance() plus steady time since. It may run
+  // ahead of what the next advance() settles on (by the stall found then), so a stamp
+  // taken from it errs towards keeping a lease. Starts near 0.
+  Nanos now() const;
+  // Brings the clock up to date and returns its value. Call periodically (every few
+  // hundred ms) and before deciding what expired.
+  Nanos advance();
+
+ private:
+  std::mutex mu_;
+  const Node* node_ = nullptr;  // guarded by mu_
+  Nanos steady_at_last_ = 0;    // guarded by mu_: steady time at the last advance
+  Nanos stalled_at_last_ = 0;   // guarded by mu_: node's server_stalled() then
+  Nanos lease_at_last_ = 0;     // guarded by mu_: the lease time then
+  // steady time - lease time, as of the last advance(): now() is steady time less this.
+  std::atomic<Nanos> offset_{0};
 };
 
 }  // namespace lego::fit

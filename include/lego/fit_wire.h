@@ -13,6 +13,34 @@
 //   server -> client  kWelcome    (empty) — or kError with status EACCES, then close
 // Then: kRequest frames (opcode, request_id) each answered by one kReply or kError frame
 // with the same request_id. kError's payload is a UTF-8 message; status is an errno.
+// A client sends nothing after kProof until it has read kWelcome.
+//
+// What a server does with a peer that breaks these rules. "Closes" means: sends the
+// kError frame named (request_id and opcode echo the offending frame's), without waiting
+// for a peer that does not read, then closes the connection (tcp, ofi_tcp, verbs) or
+// forgets the peer's address and state (shm, whose endpoint is shared).
+//   - bad magic, or an unknown kind                        kError(EPROTO), closes
+//   - another version                                      kError(EPROTONOSUPPORT), closes
+//   - a length over the limit: max_message_bytes once      kError(EMSGSIZE), closes
+//     authenticated, kMaxHandshakePayload before
+//   - before kWelcome, any frame but kHello (first) and    kError(EACCES), closes
+//     kProof (after kChallenge): a request, a reply, ...
+//   - a kHello or kProof of the wrong size, a 2nd kHello   kError(EPROTO), closes
+//   - a wrong proof (the peer lacks the key)               kError(EACCES), closes
+//   - after kWelcome, any frame but kRequest               kError(EPROTO), closes
+//   - bytes after kProof, before kWelcome was sent         kError(EPROTO), closes
+//   - not authenticated within the handshake deadline     kError(ETIMEDOUT), closes
+//     (min(timeout_ms, 3 s) after the connection opened)
+//   - over a cap on connections awaiting the handshake     kError(EAGAIN) to the oldest
+//     (256 per node, 32 per source address): the oldest     such connection, closes it
+//     such connection goes, never the newest
+//   - tcp: a reply the peer does not read (the socket      closes, no frame (it would
+//     takes none of it for timeout_ms)                     not be read either)
+// A header that arrives alone is judged at once (the socket transport checks magic,
+// version, kind, length and the handshake state before waiting for the payload); a
+// header whose payload never comes costs nothing but, before authentication, the
+// handshake deadline. An unknown opcode (EOPNOTSUPP) or a handler's error is an answer,
+// not a rejection: the connection stays open.
 //
 // Compact frames (shm only, after the handshake): a kRequest or kReply may travel as its
 // bare payload, with kind, opcode and the low 32 bits of request_id in the message's
@@ -93,6 +121,15 @@ struct FrameView {
   FrameHeader header;
   std::span<const std::byte> payload;
 };
+
+// The largest payload a server accepts before a peer is authenticated: a HelloPayload.
+// (A ProofPayload is smaller; requests are refused until kWelcome.)
+inline constexpr size_t kMaxHandshakePayload = sizeof(HelloPayload);
+
+// Checks a header alone: magic and kind (EPROTO), version (EPROTONOSUPPORT), length at
+// most max_payload (EMSGSIZE). What decode_frame checks first; the socket transport calls
+// it as soon as a header is in, so a bad frame is refused before its payload arrives.
+Status check_header(const FrameHeader& h, size_t max_payload);
 
 // Checks and decodes one received frame of `bytes` (exactly the bytes received).
 // Errors (EPROTO unless noted): shorter than a header, bad magic, unknown kind, length

@@ -23,7 +23,9 @@ namespace lego::mem {
 struct MemoryNodeOptions {
   size_t capacity_bytes = size_t{1} << 30;  // default 1 GiB of lines
   // A space with no request for this long is freed: its processor node is lost. The
-  // runtime heartbeats every lease/4. Default 20 s.
+  // runtime heartbeats every lease/4. Default 20 s. Counted in the FIT node's serving
+  // time (fit::LeaseClock): time in which its server threads could not serve (a slow
+  // handler, the daemon stopped) does not count against any space.
   std::chrono::milliseconds lease{20000};
 };
 
@@ -47,9 +49,12 @@ class MemoryNode {
   explicit MemoryNode(MemoryNodeOptions options);
   ~MemoryNode();
 
-  // Registers the memory-node opcodes on `node` (before node.start()).
+  // Registers the memory-node opcodes on `node` (before node.start()); leases then follow
+  // its serving time and status_text() shows its FIT counters. `node` must outlive every
+  // later call of expire_idle() and status_text().
   void serve(fit::Node& node);
-  // Frees spaces whose lease ran out; returns how many. lego-memd calls it periodically.
+  // Frees spaces whose lease ran out; returns how many. lego-memd calls it periodically
+  // (every 200 ms): each call also advances the lease clock.
   size_t expire_idle();
   MemoryNodeStats stats() const;
   // Multi-line human-readable state: what kStatus returns and `lego-memd --status` prints.

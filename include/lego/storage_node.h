@@ -26,7 +26,9 @@ namespace lego::stor {
 struct StorageNodeOptions {
   std::string export_dir;  // the directory served; must exist
   // A session with no request for this long is freed with its open files: its client is
-  // lost. Clients heartbeat every lease/4. Default 20 s.
+  // lost. Clients heartbeat every lease/4. Default 20 s. Counted in the FIT node's serving
+  // time (fit::LeaseClock): time in which its server threads could not serve (a slow
+  // disk under a handler, the daemon stopped) does not count against any session.
   std::chrono::milliseconds lease{20000};
   // Open files one session (one mount: all programs of a processor node) may hold; each is
   // a file descriptor of this process, which lego-stord's RLIMIT_NOFILE also bounds.
@@ -56,10 +58,13 @@ class StorageNode {
   static Result<std::unique_ptr<StorageNode>> create(StorageNodeOptions options);
   ~StorageNode();
 
-  // Registers the storage-node opcodes on `node` (before node.start()).
+  // Registers the storage-node opcodes on `node` (before node.start()); leases then follow
+  // its serving time and status_text() shows its FIT counters. `node` must outlive every
+  // later call of expire_idle() and status_text().
   void serve(fit::Node& node);
   // Frees sessions whose lease ran out (closing their files); returns how many.
-  // lego-stord calls it periodically.
+  // lego-stord calls it periodically (every 200 ms): each call also advances the lease
+  // clock.
   size_t expire_idle();
   StorageNodeStats stats() const;
   // Multi-line human-readable state: what kStatus returns and `lego-stord --status` prints.

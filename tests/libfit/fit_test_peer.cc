@@ -1,8 +1,10 @@
 // A FIT node for end-to-end tests: serves echo, a slow opcode (sleeps the requested
-// milliseconds before answering) and one that exits without answering, so tests can
-// watch a peer die mid-call. Prints "ready" once serving; serves until killed.
+// milliseconds before answering), one that exits without answering, so tests can
+// watch a peer die mid-call, and its own FIT counters. Prints "ready" once serving;
+// serves until killed.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -55,6 +57,15 @@ int main(int argc, char** argv) {
   node.value()->handle(testing::kExit,
                        [](const fit::RpcContext&, std::span<const std::byte>,
                           std::span<std::byte>) -> Result<size_t> { _exit(3); });
+  fit::Node* self_node = node.value().get();
+  node.value()->handle(testing::kStats,
+                       [self_node](const fit::RpcContext&, std::span<const std::byte>,
+                                   std::span<std::byte> rep) -> Result<size_t> {
+                         std::string text = fit::stats_text(self_node->stats());
+                         size_t n = std::min(text.size(), rep.size());
+                         memcpy(rep.data(), text.data(), n);
+                         return n;
+                       });
   Status st = node.value()->start();
   if (!st) {
     fprintf(stderr, "fit_test_peer: %s\n", st.message().c_str());

@@ -88,3 +88,23 @@ TEST_CASE("malformed compact frames are refused") {
   CHECK(decode_compact(compact_data(Kind::kRequest, 1, 1), payload, 99, 0).status().code() ==
         EMSGSIZE);
 }
+
+// The socket server judges a header before its payload arrives (fit_wire.h).
+TEST_CASE("check_header judges a header alone, as decode_frame would") {
+  auto b = frame(Kind::kHello, 0, 100000);  // declares a payload that has not come
+  FrameHeader h;
+  memcpy(&h, b.data(), sizeof(h));
+  CHECK(check_header(h, 200000).is_ok());
+  CHECK(check_header(h, kMaxHandshakePayload).code() == EMSGSIZE);
+  FrameHeader bad = h;
+  bad.magic = 0;
+  CHECK(check_header(bad, 200000).code() == EPROTO);
+  bad = h;
+  bad.version = 2;
+  CHECK(check_header(bad, 200000).code() == EPROTONOSUPPORT);
+  bad = h;
+  bad.kind = 0;
+  CHECK(check_header(bad, 200000).code() == EPROTO);
+  bad.kind = static_cast<uint8_t>(Kind::kWelcome) + 1;
+  CHECK(check_header(bad, 200000).code() == EPROTO);
+}

@@ -621,6 +621,59 @@ TEST_CASE("a vanished client's session and files are freed when its lease runs o
   }
 }
 
+// Guards leases in the storage node's serving time (issue 17): its only server thread
+// stuck in a handler for three leases (a slow disk, a hostile peer) must not close the
+// files of a client that kept heartbeating, since none of its requests could be served.
+TEST_CASE("a client's session survives a stalled storage node", "[storage][lease]") {
+  std::string root = make_temp_dir("stall");
+  StorageNodeOptions options;
+  options.export_dir = root;
+  options.lease = std::chrono::milliseconds(500);
+  auto storage = StorageNode::create(options);
+  REQUIRE(storage.is_ok());
+  fit::ClusterConfig c = testing::make_cluster(3, "tcp");
+  c.nodes[1].role = fit::Role::kStorage;
+  c.nodes[2].role = fit::Role::kProcessor;  // node 3: whoever stalls the server
+  auto server = fit::Node::create(c, 2);
+  REQUIRE(server.is_ok());
+  storage.value()->serve(*server.value());
+  constexpr uint16_t kBlock = 0x7ff0;
+  server.value()->handle(kBlock,
+                         [](const fit::RpcContext&, std::span<const std::byte>,
+                            std::span<std::byte>) -> Result<size_t> {
+                           std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+                           return size_t{0};
+                         });
+  REQUIRE(server.value()->start().is_ok());
+  auto client_node = fit::Node::create(c, 1);
+  auto staller = fit::Node::create(c, 3);
+  REQUIRE(client_node.is_ok());
+  REQUIRE(staller.is_ok());
+  auto client = StorageClient::connect(*client_node.value(), 2);  // heartbeats every lease/4
+  REQUIRE(client.is_ok());
+  auto f = client.value()->open("kept", O_CREAT | O_RDWR, 0644);
+  REQUIRE(f.is_ok());
+
+  std::atomic<bool> stop{false};
+  std::thread tick([&] {  // lego-stord's expiry tick, faster
+    while (!stop) {
+      storage.value()->expire_idle();
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
+  std::vector<std::byte> reply(8);
+  CHECK(staller.value()->send_reply(2, kBlock, {}, reply).is_ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  stop = true;
+  tick.join();
+  CHECK(storage.value()->stats().sessions_expired == 0);
+  auto w = client.value()->write(f->handle, 0, bytes("still open"));
+  INFO(w.status().message());
+  CHECK(w.is_ok());
+  client.value().reset();
+  (void)!system(("rm -rf '" + root + "'").c_str());
+}
+
 // Guards the open-file bounds: a session (a whole mount) past max_files, and a storage
 // node out of descriptors, give ENFILE (the mount's table is full), not EMFILE (which
 // names the calling process's own limit), with a message saying which bound.
