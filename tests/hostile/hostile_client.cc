@@ -83,6 +83,8 @@ attacks (--attack):
                  error frame, then closed.
   early-request  a request (--opcode) before the handshake: an EACCES error frame, then
                  closed.
+An EAGAIN error frame instead of the one named, then close, passes too: a daemon over its
+cap on connections awaiting the handshake closes the oldest of them that way.
 The single-frame attacks (bad-*, wrong-proof, early-request) open N connections at once
 (default 16) and repeat such rounds until --seconds have passed.
 
@@ -495,6 +497,14 @@ Expect expectation(Attack a) {
 
 // The frames that fit the expectation? Sets `why` when not.
 bool frames_ok(const Conn& c, const Expect& e, std::string* why) {
+  if (c.garbage) {
+    *why = "bytes that are not FIT frames";
+    return false;
+  }
+  // A daemon over its cap on connections awaiting the handshake closes the oldest with
+  // EAGAIN, whatever that one sent: an answer that defends the daemon too.
+  auto evicted = [](const Seen& f) { return f.kind == k(Kind::kError) && f.status == EAGAIN; };
+  if (c.frames.size() == 1 && evicted(c.frames[0])) return true;
   size_t first = 0;
   if (e.challenge_first) {
     if (c.frames.empty() || c.frames[0].kind != k(Kind::kChallenge)) {
@@ -504,16 +514,13 @@ bool frames_ok(const Conn& c, const Expect& e, std::string* why) {
     first = 1;
   }
   size_t answers = c.frames.size() - first;
-  if (c.garbage) {
-    *why = "bytes that are not FIT frames";
-    return false;
-  }
   if (answers == 0) {
     if (e.required) *why = std::string("no ") + errno_name(e.error) + " error frame";
     return !e.required;
   }
   const Seen& f = c.frames[first];
-  if (answers > 1 || f.kind != k(Kind::kError) || (!e.any_status && f.status != e.error)) {
+  if (answers > 1 || f.kind != k(Kind::kError) ||
+      (!e.any_status && f.status != e.error && !evicted(f))) {
     *why = std::string("expected ") +
            (e.any_status ? "at most an error frame" : "an error frame ") +
            (e.any_status ? "" : errno_name(e.error));
@@ -846,6 +853,8 @@ int run_flood(const Options& o) {
             c->writing = true;
             c->ready_ms = now_ms();  // the flood starts now
             poller.mod(c, kFloodEvents);
+          } else if (h.kind == k(Kind::kError) && h.status != EACCES) {
+            mark_closed(*c, false);  // e.g. EAGAIN: over a cap on handshakes; try again
           } else {
             // The key is wrong, or this is not a FIT daemon: nothing to attack with.
             die(kExitSetup, "%s:%d answered the handshake with %s %s: %.*s", o.address.c_str(),

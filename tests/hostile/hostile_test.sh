@@ -198,6 +198,7 @@ status_ms() {  # status_ms DAEMON: prints "MS RC" of one --status
   rc=$?
   # An answer must be the daemon's counters, not just any output.
   [ $rc -eq 0 ] && ! grep -qE '^(spaces|sessions)_open ' "$tmp/status.out" && rc=99
+  [ $rc -eq 0 ] || sed "s/^/exit $rc: /" "$tmp/status.out" >>"$tmp/status.errors"
   echo "$(($(now_ms) - t0)) $rc"
 }
 
@@ -263,7 +264,7 @@ figures=()
 run_attack() {  # run_attack DAEMON ATTACK
   local daemon=$1 attack=$2 pid port label="$1 $2"
   echo "=== $label"
-  rm -f "$tmp/rss.peak" "$tmp/status.samples" "$tmp/attack.out" "$tmp/attack2.out" "$tmp"/run.*
+  rm -f "$tmp/rss.peak" "$tmp/status.samples" "$tmp/status.errors" "$tmp/attack.out" "$tmp/attack2.out" "$tmp"/run.*
   : >"$tmp/memd.log"
   : >"$tmp/stord.log"
   out=""
@@ -376,7 +377,7 @@ run_attack() {  # run_attack DAEMON ATTACK
   done)
   check "$label: (a) every program run exits 0 with correct data ($runs runs, $bad_runs failed)" \
     [ "$runs" -ge 1 -a "$bad_runs" -eq 0 ]
-  out=$(cat "$tmp/status.samples")
+  out=$(cat "$tmp/status.samples" "$tmp/status.errors" 2>/dev/null)
   check "$label: (b) --status answers within $STATUS_MS ms throughout (max $max_status ms over $n_status samples)" \
     [ "$n_status" -ge 1 -a "$failed_status" -eq 0 ]
   out=""
@@ -400,7 +401,7 @@ run_attack() {  # run_attack DAEMON ATTACK
   # Everything this attack left, for a closer look (undeclared outputs, kept by Bazel).
   local keep=${TEST_UNDECLARED_OUTPUTS_DIR:-$tmp}/$daemon-$attack
   mkdir -p "$keep"
-  cp "$tmp"/run.* "$tmp/runs" "$tmp/status.samples" "$tmp/attack.out" "$tmp/memd.log" \
+  cp "$tmp"/run.* "$tmp/runs" "$tmp/status.samples" "$tmp/status.errors" "$tmp/attack.out" "$tmp/memd.log" \
     "$tmp/stord.log" "$keep/" 2>/dev/null
   [ -n "$a2" ] && cp "$tmp/attack2.out" "$keep/"
 }
