@@ -48,7 +48,11 @@ CUTOFF_SLACK_MS=3000
 # and lego-fs send heartbeats every quarter of it). Short enough that a daemon stalled for
 # the length of an attack loses the programs' state, as issue 17 saw with the default 20 s.
 LEASE_MS=6000
-ATTACK_S=7       # each attack's length (idle and half: until their connections are closed)
+# How long an attack lasts: floods longer than the cut-off they must meet, so that a late
+# cut-off shows; single frames a few seconds (tens of thousands of connections once they
+# are closed at once); idle and half until their connections are closed (10 s at most).
+FLOOD_S=7
+SINGLE_S=4
 WARMUP_S=1.5     # the program runs this long before the attack starts
 STATUS_MS=1000   # (b)
 RSS_PEAK_MB=64   # (c) during the attack: at most this far above the RSS before it
@@ -247,13 +251,13 @@ attacker() {  # attacker ATTACK PORT DAEMON
   local opcode=memory-status
   [ "$3" = stord ] && opcode=storage-status
   case $1 in
-    none) echo sleep $ATTACK_S ;;
+    none) echo sleep $FLOOD_S ;;
     flood | auth-flood)
-      echo "$HOSTILE" --attack "$1" --address "$d_addr" --port "$2" --seconds $ATTACK_S \
+      echo "$HOSTILE" --attack "$1" --address "$d_addr" --port "$2" --seconds $FLOOD_S \
         --cutoff-ms $((TIMEOUT_MS + CUTOFF_SLACK_MS)) --key-file "$tmp/cluster.key" \
         --opcode $opcode ;;
     *)
-      echo "$HOSTILE" --attack "$1" --address "$d_addr" --port "$2" --seconds $ATTACK_S \
+      echo "$HOSTILE" --attack "$1" --address "$d_addr" --port "$2" --seconds $SINGLE_S \
         --opcode $opcode ;;
   esac
 }
