@@ -13,6 +13,7 @@
 #include <initializer_list>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -341,26 +342,42 @@ Status read_node(const TableReader& table, NodeConfig& node) {
   return Status::ok();
 }
 
+// What check_against_earlier needs to know of the nodes read so far, indexed so that each
+// new node is checked in O(1) (a pairwise check took 3.4 s for 8,000 nodes).
+struct EarlierNodes {
+  std::unordered_map<NodeId, size_t> by_id;              // index into config.nodes
+  std::unordered_map<std::string, size_t> by_listen_on;  // "address\nport" (needs_port)
+};
+
+std::string listen_key(const NodeConfig& node) {
+  return node.address + "\n" + std::to_string(node.port);
+}
+
+std::string node_name(const NodeConfig& node) {
+  return "node " + std::to_string(node.id) + " (line " + std::to_string(node.line) + ")";
+}
+
 // Checks `node` against the nodes before it; errors name both nodes and their lines.
 Status check_against_earlier(const TableReader& table, const NodeConfig& node,
-                             const std::vector<NodeConfig>& earlier) {
-  for (const NodeConfig& other : earlier) {
-    std::string other_name =
-        "node " + std::to_string(other.id) + " (line " + std::to_string(other.line) + ")";
-    if (other.id == node.id) {
-      return table.error("id", std::to_string(node.id) + " is already used by " + other_name);
-    }
-    // One provider for the whole cluster: nodes on different providers cannot reach
-    // each other.
-    if (other.provider != node.provider) {
-      return table.error("provider", "node " + std::to_string(node.id) + " uses " +
-                                         in_quotes(node.provider) + " but " + other_name +
-                                         " uses " + in_quotes(other.provider) +
-                                         "; all nodes must use the same provider");
-    }
-    if (needs_port(node.provider) && other.address == node.address && other.port == node.port) {
-      return table.error("port", "node " + std::to_string(node.id) + " and " + other_name +
-                                     " both listen on " + in_quotes(node.address) + " port " +
+                             const std::vector<NodeConfig>& earlier, const EarlierNodes& index) {
+  if (auto it = index.by_id.find(node.id); it != index.by_id.end()) {
+    return table.error(
+        "id", std::to_string(node.id) + " is already used by " + node_name(earlier[it->second]));
+  }
+  // One provider for the whole cluster: nodes on different providers cannot reach each
+  // other. Every earlier node uses the first one's.
+  if (!earlier.empty() && earlier.front().provider != node.provider) {
+    const NodeConfig& first = earlier.front();
+    return table.error("provider", "node " + std::to_string(node.id) + " uses " +
+                                       in_quotes(node.provider) + " but " + node_name(first) +
+                                       " uses " + in_quotes(first.provider) +
+                                       "; all nodes must use the same provider");
+  }
+  if (needs_port(node.provider)) {
+    if (auto it = index.by_listen_on.find(listen_key(node)); it != index.by_listen_on.end()) {
+      return table.error("port", "node " + std::to_string(node.id) + " and " +
+                                     node_name(earlier[it->second]) + " both listen on " +
+                                     in_quotes(node.address) + " port " +
                                      std::to_string(node.port));
     }
   }
@@ -378,6 +395,7 @@ Status read_nodes(const std::string& origin, const toml::node* nodes, ClusterCon
   if (array->empty()) {
     return invalid(origin, source_line(*nodes), "node", "no nodes; at least one is required");
   }
+  EarlierNodes index;
   for (const toml::node& element : *array) {
     if (!element.is_table()) {
       return invalid(origin, source_line(element), "node",
@@ -386,7 +404,10 @@ Status read_nodes(const std::string& origin, const toml::node* nodes, ClusterCon
     TableReader table(origin, "node", *element.as_table());
     NodeConfig node;
     LEGO_RETURN_IF_ERROR(read_node(table, node));
-    LEGO_RETURN_IF_ERROR(check_against_earlier(table, node, config.nodes));
+    LEGO_RETURN_IF_ERROR(check_against_earlier(table, node, config.nodes, index));
+    index.by_id.emplace(node.id, config.nodes.size());
+    if (needs_port(node.provider))
+      index.by_listen_on.emplace(listen_key(node), config.nodes.size());
     config.nodes.push_back(std::move(node));
   }
   return Status::ok();

@@ -9,7 +9,18 @@
 // and mounts the storage node's export there with lego-fs (at --mount, default /lego):
 // PROGRAM, which inherits the namespace, reads and writes those files on the storage
 // node; nothing else on the host sees the mount, and it vanishes with the run.
+//
+// The run: lego-run and the runtime it preloads into every process of the run agree on
+// runtime/launch_contract.h (environment, run directory, reports, exit statuses). Each
+// process registers its memory-node space in the run directory; lego-run frees the space
+// of every process that is gone while the run goes on, and the rest at the end.
+//
+// A killed lego-run (kill -9) cleans up what it can: PROGRAM gets SIGKILL with it
+// (PR_SET_PDEATHSIG), its private daemons SIGTERM, and the next lego-run to start removes
+// what is left (sweep_stale_runs): the run directory, the private cluster's network
+// namespace and veth, shm regions, and, with --config, the dead processes' spaces.
 #include <dirent.h>
+#include <elf.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <poll.h>
@@ -20,6 +31,7 @@
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -27,6 +39,8 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <memory>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -34,17 +48,19 @@
 
 #include "lego/fit.h"
 #include "lego/memory_proto.h"
+#include "lego/pcache_abi.h"
 #include "lego/units.h"
+#include "runtime/launch_contract.h"
 
 using namespace lego;
 using Clock = std::chrono::steady_clock;
 
 namespace {
 
-constexpr int kExitLegoError = 125;  // lego-run itself failed (like env(1), docker run)
-constexpr int kExitCannotExec = 126;
-constexpr int kExitNotFound = 127;
-constexpr int kExitMemoryLost = 69;  // EX_UNAVAILABLE: the memory node went away
+using launch::kExitCannotExec;
+using launch::kExitLegoError;
+using launch::kExitMemoryLost;
+using launch::kExitNotFound;
 
 const char* kUsage = R"(usage: lego-run [options] [--] PROGRAM [ARGS...]
 
@@ -55,21 +71,28 @@ at most --excache bytes, in 4 KiB lines. PROGRAM's exit status is lego-run's.
 options:
   --config FILE        the cluster file (README.md). Without it, lego-run starts a private
                        memory node on this host for the run and stops it afterwards.
+                       lego-run first connects to the memory node with the file's key:
+                       a wrong key or an unreachable node is reported before PROGRAM runs
   --node ID            this processor node's id in the cluster file (default: the first
-                       processor node)
+                       processor node); it must be a processor node
   --memory-node ID     the memory node to use (default: the first memory node)
-  --excache SIZE       local memory for PROGRAM's anonymous memory (default 64M)
+  --excache SIZE       local memory for PROGRAM's anonymous memory (default 64M; at least
+                       64K, at most this host's memory and 64G)
   --policy P           eviction policy: fifo (default) or clock
   --delivery D         how faults reach the runtime: handler (default; a runtime thread
                        serves them, system calls on evicted memory work) or sigbus (the
                        faulting thread serves itself: faster; system calls that touch
                        evicted memory may fail with EFAULT)
   --pcache M           lego_pcache.ko (kmod/): auto (default; use it when /dev/lego_pcache
-                       exists), on (fail without it) or off. It batches evictions and gives
-                       --policy clock the CPU's accessed bits.
+                       exists), on (refuse to run without it) or off. It batches evictions
+                       and gives --policy clock the CPU's accessed bits.
   --prefetch N         lines fetched ahead of a miss that continues a sequential or
-                       strided stream, in the same request (default 31, at most 31; 0: off)
-  --stats              print the ExCache counters when PROGRAM exits
+                       strided stream, in the same request (0..31, default 31; 0: off)
+  --stats              print the ExCache counters when PROGRAM exits (and say so when no
+                       process of the run had its memory on the memory node)
+  --allow-local        run PROGRAM even when the runtime cannot be preloaded into it (a
+                       statically linked, 32-bit or set-user-ID program): its memory is
+                       then all local, and lego-run warns. Without it lego-run refuses
   --transport T        without --config: tcp (default; the memory node runs in its own
                        network namespace when lego-run is root) or shm (same host)
   --memory-capacity SIZE  without --config: the private memory node's capacity (default 8G)
@@ -86,33 +109,50 @@ options:
                        be creatable by the user)
   --help               this text
 
-exit status: PROGRAM's; 128+N if it died of signal N; 69 if the memory node was lost
-mid-run; 125 if lego-run itself failed; 126/127 if PROGRAM cannot be run / is not found.
+Each process's memory-node space is freed when the process ends (python's subprocess
+children included). If lego-run is killed (kill -9), PROGRAM is killed with it; the next
+lego-run removes what was left (run directory, network namespace, spaces).
+
+exit status: PROGRAM's (69 included); 128+N if it died of signal N; 69 if the memory
+node was lost mid-run (with a message naming it); 125 if lego-run or the runtime failed
+(bad flags or cluster file, memory node unreachable or refusing the key, ...); 126/127
+if PROGRAM cannot be run / is not found.
 )";
 
 struct Options {
   std::string config;
   long node = -1, memory_node = -1;
-  uint64_t excache = 64ull << 20;
-  std::string policy = "fifo", delivery = "handler", transport = "tcp", pcache = "auto";
+  uint64_t excache = launch::kDefaultExcacheBytes;
+  std::string policy = launch::kDefaultPolicy, delivery = launch::kDefaultDelivery,
+              transport = "tcp", pcache = launch::kDefaultPcache;
   uint64_t memory_capacity = 8ull << 30;
-  long prefetch = 31;
+  long prefetch = launch::kDefaultPrefetchLines;
   bool stats = false;
+  bool allow_local = false;
   std::string export_dir, mountpoint = "/lego";
   long storage_node = -1;
   bool no_storage = false;  // --storage-node none
   std::vector<std::string> argv;
 };
 
+// What die() undoes before lego-run exits, whichever step failed (set by main).
+void undo_setup();
+
 [[noreturn]] void die(const std::string& msg, int code = kExitLegoError) {
   fprintf(stderr, "lego-run: %s\n", msg.c_str());
+  undo_setup();
   exit(code);
 }
 
-long number(const char* flag, const char* text) {
-  auto v = parse_int(text, flag, 0, 65535);
-  if (!v) die(v.status().message() + " (a node id)", 2);
+long number(const char* flag, const char* text, long lo, long hi) {
+  auto v = parse_int(text, flag, lo, hi);
+  if (!v) die(v.status().message());
   return v.value();
+}
+
+// Node ids are 0..65535 in the cluster file.
+long node_id(const char* flag, const char* text) {
+  return number(flag, text, 0, 65535);
 }
 
 Options parse(int argc, char** argv) {
@@ -126,6 +166,7 @@ Options parse(int argc, char** argv) {
     kDelivery,
     kPcache,
     kStats,
+    kAllowLocal,
     kTransport,
     kCap,
     kExport,
@@ -142,6 +183,7 @@ Options parse(int argc, char** argv) {
                                     {"delivery", required_argument, nullptr, kDelivery},
                                     {"pcache", required_argument, nullptr, kPcache},
                                     {"stats", no_argument, nullptr, kStats},
+                                    {"allow-local", no_argument, nullptr, kAllowLocal},
                                     {"transport", required_argument, nullptr, kTransport},
                                     {"memory-capacity", required_argument, nullptr, kCap},
                                     {"export", required_argument, nullptr, kExport},
@@ -158,48 +200,56 @@ Options parse(int argc, char** argv) {
         o.config = optarg;
         break;
       case kNode:
-        o.node = number("--node", optarg);
+        o.node = node_id("--node", optarg);
         break;
       case kMemory:
-        o.memory_node = number("--memory-node", optarg);
+        o.memory_node = node_id("--memory-node", optarg);
         break;
       case kExcache: {
         auto v = parse_size(optarg, "--excache");
-        if (!v) die(v.status().message(), 2);
-        if (v.value() < 16 * 4096) die("--excache must be at least 64K (16 lines)", 2);
+        if (!v) die(v.status().message());
+        if (v.value() < launch::kMinExcacheBytes) {
+          die("--excache: " + std::string(optarg) + " is less than 64K (16 lines)");
+        }
         o.excache = v.value();
         break;
       }
       case kPrefetch:
-        o.prefetch = number("--prefetch", optarg);
-        if (o.prefetch < 0 || o.prefetch > 31) die("--prefetch: 0 to 31 lines", 2);
+        o.prefetch = number("--prefetch", optarg, 0, launch::kMaxPrefetchLines);
         break;
       case kPolicy:
         o.policy = optarg;
-        if (o.policy != "fifo" && o.policy != "clock") die("--policy: fifo or clock", 2);
+        if (o.policy != "fifo" && o.policy != "clock") {
+          die("--policy: '" + o.policy + "' is not fifo or clock");
+        }
         break;
       case kDelivery:
         o.delivery = optarg;
         if (o.delivery != "handler" && o.delivery != "sigbus") {
-          die("--delivery: handler or sigbus", 2);
+          die("--delivery: '" + o.delivery + "' is not handler or sigbus");
         }
         break;
       case kPcache:
         o.pcache = optarg;
         if (o.pcache != "auto" && o.pcache != "on" && o.pcache != "off") {
-          die("--pcache: auto, on or off", 2);
+          die("--pcache: '" + o.pcache + "' is not auto, on or off");
         }
         break;
       case kStats:
         o.stats = true;
         break;
+      case kAllowLocal:
+        o.allow_local = true;
+        break;
       case kTransport:
         o.transport = optarg;
-        if (o.transport != "tcp" && o.transport != "shm") die("--transport: tcp or shm", 2);
+        if (o.transport != "tcp" && o.transport != "shm") {
+          die("--transport: '" + o.transport + "' is not tcp or shm");
+        }
         break;
       case kCap: {
         auto v = parse_size(optarg, "--memory-capacity");
-        if (!v) die(v.status().message(), 2);
+        if (!v) die(v.status().message());
         o.memory_capacity = v.value();
         break;
       }
@@ -210,40 +260,172 @@ Options parse(int argc, char** argv) {
         if (strcmp(optarg, "none") == 0) {
           o.no_storage = true;
         } else {
-          o.storage_node = number("--storage-node", optarg);
+          o.storage_node = node_id("--storage-node", optarg);
         }
         break;
       case kMount:
         o.mountpoint = optarg;
         if (o.mountpoint.empty() || o.mountpoint[0] != '/') {
-          die("--mount: an absolute path, like /lego", 2);
+          die("--mount: an absolute path, like /lego");
         }
         break;
       case 'h':
       case kHelp:
         fputs(kUsage, stdout);
         exit(0);
-      default:
+      default:  // getopt named the flag
         fputs(kUsage, stderr);
-        exit(2);
+        exit(kExitLegoError);
     }
   }
   for (int i = optind; i < argc; i++) o.argv.push_back(argv[i]);
-  if (o.argv.empty()) die("no PROGRAM given (see --help)", 2);
+  if (o.argv.empty()) die("no PROGRAM given (see --help)");
   if (!o.export_dir.empty() && !o.config.empty()) {
     die("--export starts a private storage node: it does not go with --config (whose "
-        "storage node serves its own export)",
-        2);
+        "storage node serves its own export)");
   }
   if (!o.export_dir.empty()) {
     struct stat st;
     if (stat(o.export_dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
-      die("--export " + o.export_dir + ": not a directory", 2);
+      die("--export " + o.export_dir + ": not a directory");
     }
     char real[4096];
     if (realpath(o.export_dir.c_str(), real) != nullptr) o.export_dir = real;
   }
+  if (!o.config.empty()) {
+    // Absolute: every process of the run reads it, also after a cd.
+    char real[4096];
+    if (realpath(o.config.c_str(), real) == nullptr) {
+      die("--config " + o.config + ": cannot open cluster file: " + strerror(errno));
+    }
+    o.config = real;
+  }
   return o;
+}
+
+// "23.4 GiB": for messages about sizes that are not round.
+std::string human_size(uint64_t bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+  double v = static_cast<double>(bytes);
+  int u = 0;
+  while (v >= 1024 && u < 6) {
+    v /= 1024;
+    u++;
+  }
+  char buf[32];
+  snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
+  return buf;
+}
+
+// What lego-run can check before anything starts: a value the runtime would refuse in
+// every process fails here, once, with the flag's name.
+void check_options(const Options& o) {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  const uint64_t phys = pages > 0 && page > 0 ? uint64_t(pages) * uint64_t(page) : 0;
+  if (phys > 0 && o.excache > phys) {
+    die("--excache " + human_size(o.excache) + ": more than this host's memory (" +
+        human_size(phys) + "); the ExCache is local memory");
+  }
+  if (o.excache > launch::kDefaultRegionBytes) {
+    die("--excache " + human_size(o.excache) + ": at most " +
+        human_size(launch::kDefaultRegionBytes) + " (the ExCache's virtual region)");
+  }
+
+  if (o.pcache == "on" && access(LEGO_PCACHE_DEVICE, R_OK | W_OK) != 0) {
+    die(std::string("--pcache on: ") + LEGO_PCACHE_DEVICE + ": " + strerror(errno) +
+        " (load the module: modprobe lego_pcache, see kmod/README.md; or --pcache auto)");
+  }
+}
+
+// Where execvp will find `name`: itself when it holds a '/', else the first executable
+// regular file of that name along PATH (glibc's default when PATH is unset). "" when
+// there is none: exec then says what is wrong.
+std::string resolve_program(const std::string& name) {
+  if (name.find('/') != std::string::npos) return name;
+  const char* env = getenv("PATH");
+  const std::string path = env != nullptr ? env : "/bin:/usr/bin";
+  size_t start = 0;
+  for (;;) {
+    const size_t end = path.find(':', start);
+    std::string dir = path.substr(start, end == std::string::npos ? end : end - start);
+    if (dir.empty()) dir = ".";
+    const std::string candidate = dir + "/" + name;
+    struct stat st;
+    if (stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode) &&
+        access(candidate.c_str(), X_OK) == 0) {
+      return candidate;
+    }
+    if (end == std::string::npos) return "";
+    start = end + 1;
+  }
+}
+
+// Why the runtime could not be preloaded into `path` (its memory would all be local), or
+// "" when it can: LD_PRELOAD reaches only dynamically linked programs of lego's ELF class,
+// and the loader ignores it in secure-execution mode (set-user-ID or set-group-ID to
+// another user or group, file capabilities). A "#!" script is judged by its interpreter.
+std::string local_only_reason(const std::string& path, int depth = 0) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return "";
+  unsigned char head[256] = {};
+  const ssize_t n = pread(fd, head, sizeof head - 1, 0);
+  std::string why;
+  if (n >= 2 && head[0] == '#' && head[1] == '!') {
+    // "#! /path/interp arg": the kernel runs the interpreter (nested up to 4 times).
+    const char* p = reinterpret_cast<const char*>(head) + 2;
+    while (*p == ' ' || *p == '\t') p++;
+    const char* e = p;
+    while (*e != '\0' && *e != ' ' && *e != '\t' && *e != '\n') e++;
+    const std::string interp(p, e);
+    if (!interp.empty() && depth < 4) {
+      const std::string inner = local_only_reason(interp, depth + 1);
+      if (!inner.empty()) why = "runs on " + interp + ", which " + inner;
+    }
+  } else if (n >= static_cast<ssize_t>(sizeof(Elf64_Ehdr)) && memcmp(head, ELFMAG, SELFMAG) == 0) {
+    if (head[EI_CLASS] == ELFCLASS32) {
+      why = "is a 32-bit program (lego's runtime is 64-bit)";
+    } else if (head[EI_CLASS] == ELFCLASS64) {
+      Elf64_Ehdr eh;
+      memcpy(&eh, head, sizeof eh);
+      bool interp = false;
+      for (unsigned i = 0; i < eh.e_phnum && eh.e_phentsize >= sizeof(Elf64_Phdr); i++) {
+        Elf64_Phdr ph;
+        if (pread(fd, &ph, sizeof ph, static_cast<off_t>(eh.e_phoff + i * eh.e_phentsize)) !=
+            sizeof ph) {
+          break;
+        }
+        interp |= ph.p_type == PT_INTERP;
+      }
+      struct stat st;
+      const bool have_stat = fstat(fd, &st) == 0;
+      if (eh.e_type != ET_EXEC && eh.e_type != ET_DYN) {
+        // Not a program: exec says so.
+      } else if (!interp) {
+        why = "is statically linked";
+      } else if (have_stat && (st.st_mode & S_ISUID) && st.st_uid != geteuid()) {
+        why = "is set-user-ID (the loader ignores LD_PRELOAD for it)";
+      } else if (have_stat && (st.st_mode & S_ISGID) && st.st_gid != getegid()) {
+        why = "is set-group-ID (the loader ignores LD_PRELOAD for it)";
+      } else if (geteuid() != 0 && fgetxattr(fd, "security.capability", nullptr, 0) > 0) {
+        why = "has file capabilities (the loader ignores LD_PRELOAD for it)";
+      }
+    }
+  }
+  close(fd);
+  return why;
+}
+
+// Refuses a PROGRAM the runtime cannot reach, unless --allow-local (then warns once).
+void check_program(const Options& o) {
+  const std::string path = resolve_program(o.argv[0]);
+  if (path.empty()) return;
+  const std::string why = local_only_reason(path);
+  if (why.empty()) return;
+  const std::string what = o.argv[0] + (path == o.argv[0] ? "" : " (" + path + ")") + " " + why +
+                           ": lego's runtime cannot be loaded into it, so its memory would all "
+                           "be local, none on the memory node";
+  if (!o.allow_local) die(what + "; give --allow-local to run it anyway");
+  fprintf(stderr, "lego-run: warning: %s (--allow-local)\n", what.c_str());
 }
 
 std::string dirname_of(const std::string& p) {
@@ -454,43 +636,20 @@ struct EmbeddedMemoryNode {
     netns.clear();
     if (!veth.empty()) run_quiet({"ip", "link", "del", veth});
     veth.clear();
-    if (!config_path.empty()) unlink(config_path.c_str());
-    if (!log_path.empty()) unlink(log_path.c_str());
-    if (!dir.empty()) rmdir(dir.c_str());
+    // The cluster file (with its key) and the log go with the run directory.
     config_path.clear();
-    dir.clear();
   }
 
-  // Namespaces (and with them their veth pairs) of earlier lego-runs that were killed
-  // (SIGKILL leaves no chance to clean up): removed when their lego-run is gone.
-  static void sweep_stale_namespaces() {
-    DIR* d = opendir("/var/run/netns");
-    if (d == nullptr) return;
-    while (dirent* e = readdir(d)) {
-      const char* name = e->d_name;
-      if (strncmp(name, "lego-run-", 9) != 0) continue;
-      char* end = nullptr;
-      const long pid = strtol(name + 9, &end, 10);
-      if (end == name + 9 || *end != '\0' || pid <= 0) continue;
-      if (kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
-      run_quiet({"ip", "netns", "del", name});
-    }
-    closedir(d);
-  }
-
-  void start(const Options& o) {
+  // Starts the private cluster, its files in the run directory `run_dir`.
+  void start(const Options& o, const std::string& run_dir) {
     pid_t me = getpid();
-    dir = "/tmp/lego-run-" + std::to_string(me);
-    if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
-      die("cannot create " + dir + ": " + strerror(errno));
-    }
+    dir = run_dir;
     config.key.resize(32);
     randombytes_buf(config.key.data(), config.key.size());
     config.origin = dir + "/cluster.toml";
     std::string proc_addr = "127.0.0.1", mem_addr = "127.0.0.1";
     bool isolate = o.transport == "tcp" && geteuid() == 0 && !g_userns.entered;
     if (isolate) {
-      sweep_stale_namespaces();
       // A veth pair from this namespace to the memory node's own: the program keeps its
       // network, and the memory node is "remote".
       unsigned net = static_cast<unsigned>(me) % 16000;
@@ -590,7 +749,7 @@ struct StorageMount {
 
   // Returns "" or what went wrong.
   std::string start(const Options& o, const std::string& config_path, fit::NodeId self,
-                    fit::NodeId storage) {
+                    fit::NodeId storage, const std::string& run_dir) {
     std::string fs = find_part("LEGO_FS", "runtime/fs/lego-fs", "lego-fs");
     if (fs.empty() || !executable(fs)) {
       return "cannot find lego-fs (set LEGO_FS, or install it beside lego-run)";
@@ -615,7 +774,7 @@ struct StorageMount {
       return "--mount " + o.mountpoint + ": not a directory";
     }
     mountpoint = o.mountpoint;
-    log = "/tmp/lego-run-" + std::to_string(getpid()) + "-lego-fs.log";
+    log = run_dir + "/lego-fs.log";
     pid = start_daemon(fs,
                        {"lego-fs", "--config", config_path, "--node", std::to_string(self),
                         "--storage", std::to_string(storage), mountpoint},
@@ -647,17 +806,6 @@ struct StorageMount {
   }
 };
 
-struct Report {
-  struct Space {
-    fit::NodeId node;
-    mem::SpaceHandle handle;
-  };
-  std::vector<Space> spaces;
-  std::vector<std::string> stats;  // one text block per process
-  std::vector<pid_t> pids;         // the processes that reported
-  std::string lost;
-};
-
 // libfit names the shm endpoints of a process "lego-<pid>-<nonce>:<uid>:<n>" in /dev/shm
 // (libfit/node.cc: shm_source_name), and libfabric unlinks them when an endpoint is closed.
 // The runtime never closes its node (a program's exit just ends the process), so such
@@ -680,46 +828,338 @@ void remove_shm_regions() {
   closedir(d);
 }
 
-Report parse_report(const std::string& text) {
-  Report r;
-  std::istringstream in(text);
-  std::string line;
-  std::string block;
-  bool in_stats = false;
-  while (std::getline(in, line)) {
-    if (in_stats) {
-      if (line == "end") {
-        r.stats.push_back(block);
-        in_stats = false;
-      } else {
-        block += line + "\n";
+// Removes the files in `dir` (the run directory has no subdirectories), then `dir`.
+void remove_tree(const std::string& dir) {
+  if (DIR* d = opendir(dir.c_str())) {
+    while (dirent* e = readdir(d)) {
+      if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0) {
+        unlinkat(dirfd(d), e->d_name, 0);
       }
-      continue;
     }
-    if (line.rfind("space ", 0) == 0) {
-      Report::Space s{};
-      unsigned node = 0;
-      unsigned long id = 0;
-      char secret[64] = {};
-      if (sscanf(line.c_str(), "space %u %lu %40s", &node, &id, secret) == 3 &&
-          strlen(secret) == 32) {
-        s.node = node;
-        s.handle.id = id;
-        for (int i = 0; i < 16; i++) {
-          unsigned b = 0;
-          sscanf(secret + 2 * i, "%2x", &b);
-          s.handle.secret[i] = static_cast<uint8_t>(b);
-        }
-        r.spaces.push_back(s);
+    closedir(d);
+  }
+  rmdir(dir.c_str());
+}
+
+std::string read_small_file(const std::string& path) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) return "";
+  char buf[8192];
+  const ssize_t n = read(fd, buf, sizeof buf);
+  close(fd);
+  return n > 0 ? std::string(buf, static_cast<size_t>(n)) : "";
+}
+
+// Whether a kClose failure means the memory node could not be asked (try again later)
+// rather than that it answered (the space is gone: freed by its lease, or never ours).
+bool transport_error(int code) {
+  return code == ETIMEDOUT || code == ECONNREFUSED || code == ECONNRESET || code == EAGAIN ||
+         code == EHOSTUNREACH || code == ENETUNREACH || code == EPIPE || code == EPROTO;
+}
+
+// The spaces registered in a run directory (launch_contract.h: space.PID.START.ID),
+// closed on the memory node (mem::kClose) once their process is gone.
+class SpaceRegistry {
+ public:
+  SpaceRegistry(std::string dir, fit::Node* node) : dir_(std::move(dir)), node_(node) {}
+
+  // Closes the spaces of processes that are gone, or (all) every space, and removes
+  // their files. A file is claimed by renaming it first, so that two lego-runs sweeping
+  // one dead run never close a space twice. Without a node (none could be made, or the
+  // private memory node died with the spaces) the files are only removed. After the
+  // memory node could not be reached, leaves the rest for `backoff`.
+  void reap(bool all, std::chrono::milliseconds backoff = std::chrono::milliseconds(5000)) {
+    if (!all && Clock::now() < retry_after_) return;
+    DIR* d = opendir(dir_.c_str());
+    if (d == nullptr) return;
+    live_ = 0;
+    std::vector<std::string> gone;
+    while (dirent* e = readdir(d)) {
+      pid_t pid = 0;
+      uint64_t start = 0, id = 0;
+      if (!launch::parse_space_file_name(e->d_name, &pid, &start, &id)) continue;
+      registered_.insert(e->d_name);
+      if (!all && !launch::process_gone(pid, start)) {
+        live_++;
+        continue;
       }
-    } else if (line.rfind("stats ", 0) == 0) {
-      in_stats = true;
-      block = line.substr(6) + "\n";
-    } else if (line.rfind("lost ", 0) == 0) {
-      r.lost = line.substr(5);
+      gone.push_back(e->d_name);
+    }
+    closedir(d);
+    for (const std::string& name : gone) {
+      const std::string path = dir_ + "/" + name;
+      const std::string claimed = dir_ + "/.closing-" + std::to_string(getpid()) + "-" + name;
+      if (rename(path.c_str(), claimed.c_str()) != 0) continue;  // another sweeper has it
+      uint32_t node = 0;
+      mem::SpaceHandle h{};
+      if (node_ != nullptr && launch::parse_space_line(read_small_file(claimed), &node, &h)) {
+        mem::SpaceRequest req{h};
+        auto r = node_->send_reply(node, mem::kClose,
+                                   {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, {},
+                                   std::chrono::milliseconds(2000));
+        if (r) closed_++;
+        if (!r && transport_error(r.status().code())) {
+          // Unreachable: keep the file (a later pass, or the lease, frees the space) and
+          // do not spend a timeout on each of the others now.
+          rename(claimed.c_str(), path.c_str());
+          retry_after_ = Clock::now() + backoff;
+          if (all) node_ = nullptr;
+          if (!all) break;
+          continue;
+        }
+      }
+      unlink(claimed.c_str());
     }
   }
-  return r;
+
+  // Registered processes found alive by the last reap(false).
+  int live() const { return live_; }
+  // Spaces ever seen registered (--stats says when there were none).
+  size_t registered() const { return registered_.size(); }
+  // Spaces this registry closed.
+  int closed() const { return closed_; }
+
+ private:
+  std::string dir_;
+  fit::Node* node_;
+  std::set<std::string> registered_;
+  int live_ = 0, closed_ = 0;
+  Clock::time_point retry_after_{};
+};
+
+// The run directory (launch_contract.h). Created before anything else of the run, so
+// that everything the run leaves in /tmp is in it, and removed last.
+struct RunDir {
+  std::string path;
+  int report_fd = -1;  // the report FIFO, read end (opened read-write: never EOF)
+
+  void create() {
+    path = launch::run_dir_for(getpid());
+    if (mkdir(path.c_str(), 0700) != 0) {
+      if (errno != EEXIST) die("cannot create " + path + ": " + strerror(errno));
+      // Left by an earlier process with this pid (the sweep removes dead runs' directories,
+      // but it runs beside us): ours to remove when it is this user's directory, never
+      // when someone else made it (it would hold the private cluster's key).
+      struct stat st;
+      if (lstat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != geteuid()) {
+        std::string p = path;
+        path.clear();
+        die(p + " exists and is not this user's directory: remove it");
+      }
+      remove_tree(path);
+      if (mkdir(path.c_str(), 0700) != 0) die("cannot create " + path + ": " + strerror(errno));
+    }
+    const std::string fifo = path + "/" + launch::kReportFifo;
+    if (mkfifo(fifo.c_str(), 0600) != 0) die("cannot create " + fifo + ": " + strerror(errno));
+    report_fd = open(fifo.c_str(), O_RDWR | O_NONBLOCK | O_CLOEXEC);
+    if (report_fd < 0) die("cannot open " + fifo + ": " + strerror(errno));
+  }
+
+  void write_info(const launch::RunInfo& info) {
+    const std::string tmp = path + "/." + launch::kRunFile, text = launch::format_run_info(info);
+    int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    const bool ok =
+        fd >= 0 && write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+    if (fd >= 0) close(fd);
+    if (!ok || rename(tmp.c_str(), (path + "/" + launch::kRunFile).c_str()) != 0) {
+      die("cannot write " + path + "/" + launch::kRunFile + ": " + strerror(errno));
+    }
+  }
+
+  void remove() {
+    if (report_fd >= 0) close(report_fd);
+    report_fd = -1;
+    if (!path.empty()) remove_tree(path);
+    path.clear();
+  }
+};
+
+bool pid_alive(long pid) {
+  return kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH;
+}
+
+// "PREFIX<pid>SUFFIX" -> pid, or -1.
+long pid_in_name(const char* name, const char* prefix, const char* suffix) {
+  const size_t p = strlen(prefix), s = strlen(suffix), n = strlen(name);
+  if (n <= p + s || strncmp(name, prefix, p) != 0 || strcmp(name + n - s, suffix) != 0) return -1;
+  long pid = 0;
+  for (size_t i = p; i < n - s; i++) {
+    if (name[i] < '0' || name[i] > '9' || pid > (1l << 31)) return -1;
+    pid = pid * 10 + (name[i] - '0');
+  }
+  return pid > 0 ? pid : -1;
+}
+
+// A dead run's directory: with --config, the spaces of its processes that are gone are
+// closed (its cluster file and node are in its run file); a private memory node died
+// with its lego-run, and its spaces with it. Removed unless some process of the run
+// still runs (an orphaned grandchild, say: its space is in use); a later sweep then
+// comes back for it.
+void sweep_run_dir(const std::string& dir) {
+  launch::RunInfo info;
+  const bool have_info =
+      launch::parse_run_info(read_small_file(dir + "/" + launch::kRunFile), &info);
+  if (have_info ? !launch::process_gone(info.pid, info.start)
+                : pid_alive(pid_in_name(dir.c_str(), launch::kRunDirPrefix, ""))) {
+    return;  // alive (or its pid is someone else's now, and its own start time unknown)
+  }
+  std::unique_ptr<fit::Node> node;
+  if (have_info && !info.private_memory) {
+    auto config = fit::ClusterConfig::parse_file(info.config);
+    if (config) {
+      auto n = fit::Node::create(config.value(), info.node);
+      if (n) node = std::move(n.value());
+    }
+  }
+  SpaceRegistry spaces(dir, node.get());
+  spaces.reap(have_info && info.private_memory);
+  if (spaces.live() == 0) remove_tree(dir);
+}
+
+// Leftovers of lego-runs that were killed (kill -9 leaves no chance to clean up), found
+// by the dead lego-run's pid in their names: run directories (sweep_run_dir; this user's
+// only), and as root the private memory node's network namespace and the host's end of
+// its veth pair (the pair goes with the namespace, but an end whose namespace was never
+// made, or was removed apart, stays), lego-fs logs of older versions, and shm regions of
+// dead processes. Anything of a live lego-run is left alone. Runs in a child process
+// (sweeper()): closing spaces joins another cluster, and libfabric's state must not
+// stay in lego-run.
+
+void sweep_stale_runs() {
+  if (DIR* d = opendir("/tmp")) {
+    while (dirent* e = readdir(d)) {
+      struct stat st;
+      const std::string path = std::string("/tmp/") + e->d_name;
+      const long run_pid = pid_in_name(e->d_name, "lego-run-", "");
+      const long log_pid = pid_in_name(e->d_name, "lego-run-", "-lego-fs.log");
+      if ((run_pid < 0 && log_pid < 0) || lstat(path.c_str(), &st) != 0 || st.st_uid != geteuid()) {
+        continue;
+      }
+      if (run_pid > 0 && S_ISDIR(st.st_mode)) sweep_run_dir(path);
+      if (log_pid > 0 && S_ISREG(st.st_mode) && !pid_alive(log_pid)) unlink(path.c_str());
+    }
+    closedir(d);
+  }
+  if (geteuid() == 0) {
+    if (DIR* d = opendir("/var/run/netns")) {
+      while (dirent* e = readdir(d)) {
+        const long pid = pid_in_name(e->d_name, "lego-run-", "");
+        if (pid > 0 && !pid_alive(pid)) run_quiet({"ip", "netns", "del", e->d_name});
+      }
+      closedir(d);
+    }
+    if (DIR* d = opendir("/sys/class/net")) {
+      while (dirent* e = readdir(d)) {
+        const long pid = pid_in_name(e->d_name, "lgo", "a");
+        if (pid > 0 && !pid_alive(pid)) run_quiet({"ip", "link", "del", e->d_name});
+      }
+      closedir(d);
+    }
+  }
+  remove_shm_regions();
+}
+
+// Starts sweep_stale_runs in a child process; lego-run waits for it before it exits.
+pid_t sweeper() {
+  pid_t pid = fork();
+  if (pid == 0) {
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGHUP, SIG_DFL);
+    int devnull = open("/dev/null", O_WRONLY);
+    if (devnull >= 0) dup2(devnull, 2);  // libfit's messages about a dead run's cluster
+    sweep_stale_runs();
+    _exit(0);
+  }
+  return pid;
+}
+
+// What the run's processes reported through the run directory's FIFO.
+struct Reports {
+  std::string partial;  // text after the last complete line
+  bool in_stats = false;
+  std::string block;
+  std::vector<std::string> stats;  // one block per process
+  std::string lost;                // the first "lost" message
+  bool program_error = false;      // the runtime could not start in PROGRAM itself
+
+  void feed(const char* data, size_t len, pid_t program) {
+    partial.append(data, len);
+    size_t start = 0;
+    for (size_t nl; (nl = partial.find('\n', start)) != std::string::npos; start = nl + 1) {
+      line(partial.substr(start, nl - start), program);
+    }
+    partial.erase(0, start);
+  }
+
+  void line(const std::string& l, pid_t program) {
+    if (in_stats) {
+      if (l == "end") {
+        stats.push_back(block);
+        in_stats = false;
+      } else {
+        block += l + "\n";
+      }
+    } else if (l.rfind("stats ", 0) == 0) {
+      in_stats = true;
+      block = l.substr(6) + "\n";
+    } else if (l.rfind("lost ", 0) == 0) {
+      if (lost.empty()) lost = l.substr(5);
+    } else if (l.rfind("error ", 0) == 0) {
+      // "error PID MESSAGE": said at once, as the process that failed would have.
+      char* end = nullptr;
+      const long pid = strtol(l.c_str() + 6, &end, 10);
+      const std::string message = *end == ' ' ? end + 1 : l.substr(6);
+      fprintf(stderr, "lego-run: %s (pid %ld)\n", message.c_str(), pid);
+      program_error |= pid == program;
+    }
+  }
+};
+
+// lego-run's own place in the cluster, as the processor node: it closes the run's spaces.
+// With --config it first connects to the memory node (authenticating with the file's
+// key), so that a wrong key or an unreachable node is said before PROGRAM starts,
+// naming the node and its address, rather than by every process of the run.
+std::unique_ptr<fit::Node> join_cluster(const fit::ClusterConfig& config,
+                                        const fit::NodeConfig& proc, const fit::NodeConfig& memory,
+                                        const std::string& file, bool probe) {
+  auto node = fit::Node::create(config, proc.id);
+  if (!node) {
+    die("cannot join " + file + " as processor node " + std::to_string(proc.id) + ": " +
+        node.status().message());
+  }
+  if (probe) {
+    Status st = node.value()->connect(memory.id);
+    if (!st) {
+      const std::string who = "memory node " + std::to_string(memory.id) + " (" + memory.address +
+                              ":" + std::to_string(memory.port) + ", " + memory.provider + ")";
+      if (st.code() == EACCES) {
+        die(who + " refused processor node " + std::to_string(proc.id) + ": the cluster key in " +
+            file + " is not the memory node's (" + st.message() + ")");
+      }
+      die("cannot reach " + who + " from processor node " + std::to_string(proc.id) + ": " +
+          strerror(st.code()) + " (" + st.message() + ")");
+    }
+  }
+  return std::move(node.value());
+}
+
+// The node `id` of `role` (or, with id -1, the first of that role) in the cluster file.
+const fit::NodeConfig* pick_node(const fit::ClusterConfig& config, long id, fit::Role role,
+                                 const char* flag, const std::string& file) {
+  const std::string want = fit::role_name(role);
+  if (id < 0) {
+    const fit::NodeConfig* n = config.first_of(role);
+    if (n == nullptr) die("no " + want + " node in " + file);
+    return n;
+  }
+  const fit::NodeConfig* n = config.find(static_cast<fit::NodeId>(id));
+  const std::string what = std::string(flag) + " " + std::to_string(id) + ": ";
+  if (n == nullptr) die(what + "no node " + std::to_string(id) + " in " + file);
+  if (n->role != role) {
+    die(what + "node " + std::to_string(id) + " is a " + fit::role_name(n->role) + " node in " +
+        file + ", not a " + want + " node");
+  }
+  return n;
 }
 
 void print_stats(const std::string& block) {
@@ -780,6 +1220,20 @@ void forward(int sig) {
     g_early_signal = sig;
   }
 }
+void child_exited(int) {}  // only interrupts ppoll
+
+StorageMount* g_files = nullptr;
+EmbeddedMemoryNode* g_embedded = nullptr;
+RunDir* g_run = nullptr;
+
+void undo_setup() {
+  static bool done = false;
+  if (done) return;
+  done = true;
+  if (g_files != nullptr) g_files->stop();
+  if (g_embedded != nullptr) g_embedded->stop();
+  if (g_run != nullptr) g_run->remove();
+}
 
 }  // namespace
 
@@ -794,9 +1248,21 @@ int main(int argc, char** argv) {
   sigaction(SIGTERM, &fw, nullptr);
   sigaction(SIGHUP, &fw, nullptr);
 
+  // Before any namespace or thread: the sweeper must see the host as the user does.
+  const pid_t sweep = sweeper();
+  check_options(o);
+  check_program(o);
+
+  RunDir run;
   EmbeddedMemoryNode embedded;
+  StorageMount files;
+  g_run = &run;
+  g_embedded = &embedded;
+  g_files = &files;
+  run.create();
+
   fit::ClusterConfig config;
-  std::string config_path;
+  std::string config_path, cluster_name;
   if (o.config.empty()) {
     if (!o.export_dir.empty() && geteuid() != 0) {
       // The private lego-stord runs in the run's user namespace too, as its root: the
@@ -805,49 +1271,47 @@ int main(int argc, char** argv) {
       std::string err = enter_user_namespace();
       if (!err.empty()) die(needs_root(err));
     }
-    embedded.start(o);
+    embedded.start(o, run.path);
     config = embedded.config;
     config_path = embedded.config_path;
+    cluster_name = "the private cluster";
   } else {
     auto c = fit::ClusterConfig::parse_file(o.config);
-    if (!c) die(c.status().message(), 2);
+    if (!c) die(c.status().message());
     config = c.value();
     config_path = o.config;
+    cluster_name = config_path;
   }
-  const fit::NodeConfig* proc = o.node >= 0 ? config.find(static_cast<fit::NodeId>(o.node))
-                                            : config.first_of(fit::Role::kProcessor);
-  if (proc == nullptr)
-    die("no processor node " + (o.node >= 0 ? std::to_string(o.node) : std::string("")) + " in " +
-            config_path,
-        2);
-  const fit::NodeConfig* memory = o.memory_node >= 0
-                                      ? config.find(static_cast<fit::NodeId>(o.memory_node))
-                                      : config.first_of(fit::Role::kMemory);
-  if (memory == nullptr || memory->role != fit::Role::kMemory) {
-    die("no memory node " + (o.memory_node >= 0 ? std::to_string(o.memory_node) : std::string("")) +
-            " in " + config_path,
-        2);
-  }
+  const fit::NodeConfig* proc =
+      pick_node(config, o.node, fit::Role::kProcessor, "--node", cluster_name);
+  const fit::NodeConfig* memory =
+      pick_node(config, o.memory_node, fit::Role::kMemory, "--memory-node", cluster_name);
   // The storage node whose export PROGRAM sees at --mount, if any.
-  const fit::NodeConfig* storage = o.no_storage ? nullptr
-                                   : o.storage_node >= 0
-                                       ? config.find(static_cast<fit::NodeId>(o.storage_node))
-                                       : config.first_of(fit::Role::kStorage);
-  if (o.storage_node >= 0 && (storage == nullptr || storage->role != fit::Role::kStorage)) {
-    die("no storage node " + std::to_string(o.storage_node) + " in " + config_path, 2);
-  }
-  StorageMount files;
+  const fit::NodeConfig* storage =
+      o.no_storage ? nullptr
+      : o.storage_node >= 0
+          ? pick_node(config, o.storage_node, fit::Role::kStorage, "--storage-node", cluster_name)
+          : config.first_of(fit::Role::kStorage);
+  launch::RunInfo info;
+  info.pid = getpid();
+  info.start = launch::process_info(info.pid).start;
+  info.config = config_path;
+  info.node = proc->id;
+  info.memory_node = memory->id;
+  info.private_memory = o.config.empty();
+  run.write_info(info);
   if (storage != nullptr) {
     if (g_early_signal != 0) {
-      embedded.stop();
+      undo_setup();
       return 128 + g_early_signal;
     }
-    std::string err = files.start(o, config_path, proc->id, storage->id);
-    if (!err.empty()) {
-      embedded.stop();
-      die(err);
-    }
+    std::string err = files.start(o, config_path, proc->id, storage->id, run.path);
+    if (!err.empty()) die(err);
   }
+  // After the namespaces: a Node may start threads, and unshare(CLONE_NEWUSER) refuses a
+  // process that has more than one.
+  std::unique_ptr<fit::Node> self =
+      join_cluster(config, *proc, *memory, config_path, /*probe=*/!o.config.empty());
   std::string preload =
       find_part("LEGO_PRELOAD", "runtime/liblego_preload.so", "liblego_preload.so");
   if (preload.empty()) die("cannot find liblego_preload.so (set LEGO_PRELOAD)");
@@ -856,10 +1320,8 @@ int main(int argc, char** argv) {
   char real[4096];
   if (realpath(preload.c_str(), real) != nullptr) preload = real;
 
-  int report[2], exec_err[2];
-  if (pipe2(report, O_CLOEXEC) != 0 || pipe2(exec_err, O_CLOEXEC) != 0) {
-    die(std::string("pipe: ") + strerror(errno));
-  }
+  int exec_err[2];
+  if (pipe2(exec_err, O_CLOEXEC) != 0) die(std::string("pipe: ") + strerror(errno));
   // The shell's job-control signals reach the program directly; lego-run waits.
   signal(SIGINT, SIG_IGN);
   signal(SIGQUIT, SIG_IGN);
@@ -867,10 +1329,10 @@ int main(int argc, char** argv) {
   sigaction(SIGUSR2, &fw, nullptr);
 
   if (g_early_signal != 0) {
-    files.stop();
-    embedded.stop();
+    undo_setup();
     return 128 + g_early_signal;
   }
+  const pid_t lego_run = getpid();
   pid_t child = fork();
   if (child < 0) die(std::string("fork: ") + strerror(errno));
   if (child > 0) g_child = child;
@@ -879,23 +1341,20 @@ int main(int argc, char** argv) {
     signal(SIGINT, SIG_DFL);
     signal(SIGQUIT, SIG_DFL);
     signal(SIGPIPE, SIG_DFL);
-    close(report[0]);
     close(exec_err[0]);
-    int rfd = fcntl(report[1], F_DUPFD, 100);  // out of the program's usual fd range
-    close(report[1]);
     std::string ld = preload + ":" + jemalloc;
     if (const char* old = getenv("LD_PRELOAD"); old != nullptr && *old)
       ld += std::string(":") + old;
     setenv("LD_PRELOAD", ld.c_str(), 1);
-    setenv("LEGO_CONFIG", config_path.c_str(), 1);
-    setenv("LEGO_NODE", std::to_string(proc->id).c_str(), 1);
-    setenv("LEGO_MEMORY_NODE", std::to_string(memory->id).c_str(), 1);
-    setenv("LEGO_EXCACHE", std::to_string(o.excache).c_str(), 1);
-    setenv("LEGO_POLICY", o.policy.c_str(), 1);
-    setenv("LEGO_PREFETCH", std::to_string(o.prefetch).c_str(), 1);
-    setenv("LEGO_DELIVERY", o.delivery.c_str(), 1);
-    setenv("LEGO_PCACHE", o.pcache.c_str(), 1);
-    setenv("LEGO_REPORT_FD", std::to_string(rfd).c_str(), 1);
+    setenv(launch::kEnvConfig, config_path.c_str(), 1);
+    setenv(launch::kEnvNode, std::to_string(proc->id).c_str(), 1);
+    setenv(launch::kEnvMemoryNode, std::to_string(memory->id).c_str(), 1);
+    setenv(launch::kEnvExcache, std::to_string(o.excache).c_str(), 1);
+    setenv(launch::kEnvPolicy, o.policy.c_str(), 1);
+    setenv(launch::kEnvPrefetch, std::to_string(o.prefetch).c_str(), 1);
+    setenv(launch::kEnvDelivery, o.delivery.c_str(), 1);
+    setenv(launch::kEnvPcache, o.pcache.c_str(), 1);
+    setenv(launch::kEnvRunDir, run.path.c_str(), 1);
     // jemalloc would serve allocations above 8 MiB from a "huge" arena created later with
     // default hooks, i.e. from local memory: keep every size in the hooked arenas.
     std::string conf = "oversize_threshold:0";
@@ -907,6 +1366,11 @@ int main(int argc, char** argv) {
       fprintf(stderr, "lego-run: cannot give PROGRAM back its own user id: %s\n", strerror(errno));
       _exit(kExitLegoError);
     }
+    // PROGRAM must not outlive lego-run (a kill -9 of lego-run would leave it running, its
+    // space waiting for the lease). Set last: changing credentials clears it. The check
+    // closes the race with a lego-run that died before the prctl.
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != lego_run) _exit(kExitLegoError);
     std::vector<char*> a;
     for (auto& s : o.argv) a.push_back(const_cast<char*>(s.c_str()));
     a.push_back(nullptr);
@@ -915,78 +1379,93 @@ int main(int argc, char** argv) {
     (void)!write(exec_err[1], &e, sizeof(e));
     _exit(e == ENOENT ? kExitNotFound : kExitCannotExec);
   }
-  close(report[1]);
   close(exec_err[1]);
   int e = 0;
   if (read(exec_err[0], &e, sizeof(e)) == sizeof(e)) {
     waitpid(child, nullptr, 0);
-    files.stop();
-    embedded.stop();
     die(o.argv[0] + ": " + strerror(e), e == ENOENT ? kExitNotFound : kExitCannotExec);
   }
   close(exec_err[0]);
 
-  // Read the runtime's reports until the program (and anything it exec'd) closes the pipe,
-  // while watching the private memory node.
-  std::string text;
+  // While the program runs: read the reports, free the spaces of processes that ended,
+  // watch the private memory node. SIGCHLD (blocked but while waiting in ppoll) ends a
+  // wait at once when the program exits.
+  struct sigaction chld {};
+  chld.sa_handler = child_exited;
+  chld.sa_flags = SA_NOCLDSTOP;
+  sigaction(SIGCHLD, &chld, nullptr);
+  sigset_t block, before, wait_mask;
+  sigemptyset(&block);
+  sigaddset(&block, SIGCHLD);
+  sigprocmask(SIG_BLOCK, &block, &before);
+  wait_mask = before;
+  sigdelset(&wait_mask, SIGCHLD);
+
+  SpaceRegistry spaces(run.path, self.get());
+  Reports rep;
   bool memory_died = false;
   int status = 0;
   bool child_done = false;
-  bool report_open = true;  // until every writer closed it (a closed pipe polls ready forever)
+  Clock::time_point next_reap = Clock::now(), done_at{};
   for (;;) {
-    pollfd p{report_open ? report[0] : -1, POLLIN, 0};
-    int pr = poll(&p, 1, 100);
-    if (pr > 0) {
-      char buf[4096];
-      ssize_t n = read(report[0], buf, sizeof(buf));
-      if (n > 0) {
-        text.append(buf, static_cast<size_t>(n));
-        continue;
-      }
-      if (n == 0) report_open = false;
-      if (n == 0 && child_done) break;
+    pollfd p{run.report_fd, POLLIN, 0};
+    const timespec tick{0, 100 * 1000 * 1000};
+    ppoll(&p, 1, &tick, &wait_mask);
+    char buf[4096];
+    for (ssize_t n; (n = read(run.report_fd, buf, sizeof buf)) > 0;) {
+      rep.feed(buf, static_cast<size_t>(n), child);
     }
-    if (child_done && !report_open) break;
-    if (!child_done) {
-      pid_t w = waitpid(child, &status, WNOHANG);
-      if (w == child) child_done = true;
+    if (!child_done && waitpid(child, &status, WNOHANG) == child) {
+      child_done = true;
+      done_at = Clock::now();
+      next_reap = done_at;
     }
     if (embedded.pid > 0 && !memory_died &&
         waitpid(embedded.pid, nullptr, WNOHANG) == embedded.pid) {
       memory_died = true;
       embedded.pid = -1;
     }
-    if (child_done && pr == 0) {
-      // Descendants may hold the pipe open; do not wait for them beyond a moment.
-      pollfd q{report[0], POLLIN, 0};
-      if (poll(&q, 1, 200) <= 0) break;
-    }
-  }
-  close(report[0]);
-  Report rep = parse_report(text);
-  remove_shm_regions();
-
-  // Free the program's address spaces now rather than when their leases run out.
-  if (!memory_died && !rep.spaces.empty()) {
-    auto client = fit::Node::create(config, proc->id);
-    if (client) {
-      for (auto& s : rep.spaces) {
-        mem::SpaceRequest req{s.handle};
-        (void)client.value()->send_reply(s.node, mem::kClose,
-                                         {reinterpret_cast<const std::byte*>(&req), sizeof(req)},
-                                         {}, std::chrono::milliseconds(2000));
+    if (Clock::now() >= next_reap) {
+      // A process's reports precede its end: read what a process found gone wrote.
+      if (!memory_died) spaces.reap(false);
+      for (ssize_t n; (n = read(run.report_fd, buf, sizeof buf)) > 0;) {
+        rep.feed(buf, static_cast<size_t>(n), child);
+      }
+      next_reap = Clock::now() + std::chrono::milliseconds(100);
+      // Done when no process of the run is left to report; descendants that outlive the
+      // program get a moment (they lose their memory-node space with the run).
+      if (child_done &&
+          (spaces.live() == 0 || Clock::now() - done_at > std::chrono::milliseconds(200))) {
+        break;
       }
     }
   }
+  sigprocmask(SIG_SETMASK, &before, nullptr);
+  remove_shm_regions();
+
+  // Free what is left now rather than when the leases run out.
+  if (!memory_died) spaces.reap(true);
+  self.reset();
   if (o.stats) {
     for (auto& b : rep.stats) print_stats(b);
+    if (spaces.registered() == 0) {
+      fprintf(stderr,
+              "lego-run: no process of this run had its memory on the memory node: %s's "
+              "memory was all local (a static program, or one that cleared LD_PRELOAD?)\n",
+              o.argv[0].c_str());
+    }
   }
 
-  bool lost = memory_died || !rep.lost.empty() ||
-              (WIFEXITED(status) && WEXITSTATUS(status) == kExitMemoryLost);
+  bool lost = memory_died || !rep.lost.empty();
   files.stop();
   if (lost) embedded.show_log();
   embedded.stop();
+  run.remove();
+  // The sweep is done long before in all but odd cases (a dead run's memory node that
+  // does not answer); it is not worth keeping the user waiting more than a moment for.
+  for (int i = 0; sweep > 0 && i < 300 && waitpid(sweep, nullptr, WNOHANG) == 0; i++) {
+    usleep(10000);
+  }
   if (lost) {
     fprintf(stderr, "lego-run: memory node %u (%s:%u, %s) was lost while %s ran%s%s\n", memory->id,
             memory->address.c_str(), memory->port, memory->provider.c_str(), o.argv[0].c_str(),

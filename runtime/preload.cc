@@ -19,15 +19,19 @@
 // What is not disaggregated: thread stacks, static data (.data/.bss), file mappings, shared
 // mappings, and memory allocated before this library's constructor ran.
 //
-// Reporting: the runtime writes to LEGO_REPORT_FD (lego-run reads it) one line per opened
-// space ("space NODE ID SECRET") so lego-run can free it after the program ends, and at
-// exit its counters ("stats ..." block). When the memory node is lost it writes
-// "lost NODE message" before the process dies.
+// Talking to lego-run (runtime/launch_contract.h, the one description of it): each
+// opened space is registered as a file in the run directory (LEGO_RUN_DIR), so lego-run
+// frees it as soon as the process is gone, even a process that closed every inherited
+// descriptor; counters at exit ("stats"), a lost memory node ("lost") and a runtime that
+// cannot start ("error", exit 125) go to the run directory's report FIFO.
+#include <dirent.h>
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <jemalloc/jemalloc.h>
 #include <link.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -43,6 +47,7 @@
 #include "lego/excache.h"
 #include "lego/fit.h"
 #include "lego/units.h"
+#include "runtime/launch_contract.h"
 #include "runtime/region_allocator.h"
 #include "runtime/remote_backend.h"
 
@@ -57,7 +62,6 @@ struct Runtime {
   std::unique_ptr<ExCache> cache;
   RegionAllocator va;
   unsigned local_arena = 0;
-  int report_fd = -1;
   std::string program;
 };
 
@@ -84,11 +88,31 @@ void say(const char* fmt, ...) {
   if (n > 0) (void)!write(2, buf, std::min<size_t>(static_cast<size_t>(n), sizeof(buf) - 1));
 }
 
-void report(const std::string& line) {
-  if (g_rt != nullptr && g_rt->report_fd >= 0) {
-    std::string l = line + "\n";
-    (void)!write(g_rt->report_fd, l.data(), l.size());
-  }
+// The run directory's report FIFO and this process's name, set before anything can fail:
+// fixed buffers, so that on_fatal (maybe in a SIGBUS handler) needs no allocation.
+char g_report_path[4096];
+char g_program[64] = "?";
+
+// Appends `text` to buf[*used..cap) (truncating): async-signal-safe string building.
+void append(char* buf, size_t cap, size_t* used, const char* text) {
+  size_t n = strlen(text);
+  if (*used + n >= cap) n = cap - 1 - *used;
+  memcpy(buf + *used, text, n);
+  *used += n;
+  buf[*used] = '\0';
+}
+
+// Writes one report (whole lines, at most PIPE_BUF bytes: one write, never interleaved
+// with another process's) to lego-run. Opened by name each time: a process that closed
+// its inherited descriptors still reports. False when lego-run is not there to read it.
+// Async-signal-safe.
+bool report(const char* text, size_t len) {
+  if (g_report_path[0] == '\0') return false;
+  int fd = open(g_report_path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) return false;
+  bool ok = write(fd, text, len) == static_cast<ssize_t>(len);
+  close(fd);
+  return ok;
 }
 
 bool internal_caller(const void* ret) {
@@ -236,20 +260,38 @@ void use_local_arena() {
   g_runtime_threads_ready.fetch_add(1);
 }
 
-// A miss could not be served: tell lego-run which memory node was lost, then die with
-// its exit code. Async-signal-safe (may run in the SIGBUS handler): no stdio, no malloc.
+// A miss could not be served: tell lego-run which memory node was lost (or, without
+// lego-run to read it, stderr), then die with its exit code. Async-signal-safe (may run
+// in the SIGBUS handler): no stdio, no malloc.
 void on_fatal(const char* message) {
-  if (g_rt != nullptr && g_rt->report_fd >= 0) {
-    (void)!write(g_rt->report_fd, "lost ", 5);
-    (void)!write(g_rt->report_fd, message, strlen(message));
-    (void)!write(g_rt->report_fd, "\n", 1);
+  char line[1024];
+  size_t used = 0;
+  append(line, sizeof line - 1, &used, "lost ");
+  append(line, sizeof line - 1, &used, message);
+  append(line, sizeof line, &used, "\n");
+  if (!report(line, used)) {
+    used = 0;
+    append(line, sizeof line - 1, &used, "lego: ");
+    append(line, sizeof line - 1, &used, g_program);
+    append(line, sizeof line - 1, &used, ": memory node lost: ");
+    append(line, sizeof line - 1, &used, message);
+    append(line, sizeof line, &used, "\n");
+    (void)!write(2, line, used);
   }
-  _exit(69);
+  _exit(launch::kExitMemoryLost);
 }
 
+// The runtime cannot start in this process: lego-run prints why and exits 125 (when this
+// is PROGRAM itself); without lego-run to read it, stderr says it.
 [[noreturn]] void fail(const std::string& what) {
-  say("lego: %s\n", what.c_str());
-  _exit(69);  // EX_UNAVAILABLE: lego-run reports it
+  char line[1024];
+  size_t used = 0;
+  append(line, sizeof line - 1, &used,
+         ("error " + std::to_string(getpid()) + " " + g_program + ": ").c_str());
+  append(line, sizeof line - 1, &used, what.c_str());
+  append(line, sizeof line, &used, "\n");
+  if (!report(line, used)) say("lego: %s: %s\n", g_program, what.c_str());
+  _exit(launch::kExitLegoError);
 }
 
 std::string env_or(const char* name, const char* fallback) {
@@ -270,7 +312,7 @@ void write_stats() {
     used += static_cast<size_t>(n);
   }
   if (used == 0) snprintf(hist, sizeof(hist), "-");
-  char buf[2560];
+  char buf[3072];  // within PIPE_BUF: one write
   snprintf(buf, sizeof(buf),
            "stats pid %d program %s\n"
            "hits n/a\n"
@@ -279,46 +321,129 @@ void write_stats() {
            "bytes_written %lu\nresident_lines %lu\ncapacity_lines %lu\n"
            "miss_p50_ns %lu\nmiss_p99_ns %lu\nkernel_module %d\nmodule_calls %lu\n"
            "accessed_spared %lu\nredirtied %lu\nprefetches %lu\nprefetched_lines %lu\n"
-           "dirty_predictions %lu\nunfenced_batches %lu\nmiss_histogram %s\nend",
+           "dirty_predictions %lu\nunfenced_batches %lu\nmiss_histogram %s\nend\n",
            getpid(), g_rt->program.c_str(), s.misses, s.fetches, s.zero_fills, s.write_faults,
            s.evictions, s.write_backs, s.clean_drops, s.discarded_lines, s.bytes_fetched,
            s.bytes_written, s.resident_lines, s.capacity_lines, s.miss_p50_ns, s.miss_p99_ns,
            g_rt->cache->uses_kernel_module() ? 1 : 0, s.module_calls, s.accessed_spared,
            s.redirtied, s.prefetches, s.prefetched_lines, s.dirty_predictions, s.unfenced_batches,
            hist);
-  report(buf);
+  report(buf, strlen(buf));
+}
+
+// The run directory (LEGO_RUN_DIR; empty: none) and this process's name in it: its pid
+// and start time (launch::process_info), which together no other process has. Set once
+// at start; read where nothing may be allocated.
+char g_run_dir[4096];
+pid_t g_pid = 0;
+uint64_t g_start_time = 0;
+fit::NodeId g_memory_node = 0;
+
+// "<run dir>/<prefix>space.PID.START.ID" into buf; false when it does not fit.
+bool space_path(char* buf, size_t cap, const char* prefix, uint64_t id) {
+  char name[128];
+  if (launch::format_space_file_name(name, sizeof name, g_pid, g_start_time, id) < 0) return false;
+  const int n = snprintf(buf, cap, "%s/%s%s", g_run_dir, prefix, name);
+  return n > 0 && static_cast<size_t>(n) < cap;
+}
+
+// Registers or unregisters a space of this process in the run directory, so that lego-run
+// frees it once the process is gone (launch_contract.h). The file appears whole (written
+// under a '.' name, then renamed). Allocates nothing (RemoteBackend::SpaceObserver).
+void registry_observer(const mem::SpaceHandle& h, bool opened) {
+  if (g_run_dir[0] == '\0') return;
+  char path[4200], tmp[4200];
+  if (!space_path(path, sizeof path, "", h.id)) return;
+  if (!opened) {
+    unlink(path);
+    return;
+  }
+  char line[128];
+  const int len = launch::format_space_line(line, sizeof line, g_memory_node, h);
+  if (len < 0 || !space_path(tmp, sizeof tmp, ".", h.id)) return;
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  bool ok = fd >= 0 && write(fd, line, static_cast<size_t>(len)) == len;
+  const int err = errno;
+  if (fd >= 0) close(fd);
+  ok = ok && rename(tmp, path) == 0;
+  if (!ok) {
+    unlink(tmp);
+    say("lego: %s: cannot register its memory-node space in %s (%s): it is freed only when "
+        "its lease runs out\n",
+        g_program, g_run_dir, strerror(err));
+  }
+}
+
+// Frees the spaces an earlier image of this process registered (same pid and start time:
+// it exec'd, and nothing can use them any more), except `keep`.
+void close_earlier_images(fit::Node* node, uint64_t keep) {
+  DIR* d = opendir(g_run_dir);
+  if (d == nullptr) return;
+  while (dirent* e = readdir(d)) {
+    pid_t p = 0;
+    uint64_t start = 0, id = 0;
+    if (!launch::parse_space_file_name(e->d_name, &p, &start, &id) || p != g_pid ||
+        start != g_start_time || id == keep) {
+      continue;
+    }
+    const std::string path = std::string(g_run_dir) + "/" + e->d_name;
+    char text[128] = {};
+    int f = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (f < 0) continue;
+    const ssize_t n = read(f, text, sizeof text - 1);
+    close(f);
+    uint32_t old_node = 0;
+    mem::SpaceHandle old{};
+    if (n > 0 && launch::parse_space_line(text, &old_node, &old)) {
+      mem::SpaceRequest req{old};
+      (void)node->send_reply(old_node, mem::kClose,
+                             {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, {});
+    }
+    unlink(path.c_str());
+  }
+  closedir(d);
 }
 
 __attribute__((constructor(102))) void lego_start() {
-  const char* config_path = getenv("LEGO_CONFIG");
+  const char* config_path = getenv(launch::kEnvConfig);
   if (config_path == nullptr) return;  // not under lego-run: a plain program
+  if (const char* dir = getenv(launch::kEnvRunDir); dir != nullptr && *dir != '\0') {
+    snprintf(g_run_dir, sizeof g_run_dir, "%s", dir);
+    snprintf(g_report_path, sizeof g_report_path, "%s/%s", dir, launch::kReportFifo);
+  }
   auto rt = std::make_unique<Runtime>();
-  rt->report_fd = atoi(env_or("LEGO_REPORT_FD", "-1").c_str());
   {
     char exe[256] = {};
     ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
     rt->program = n > 0 ? basename(exe) : "?";
+    snprintf(g_program, sizeof g_program, "%s", rt->program.c_str());
   }
+  g_pid = getpid();
+  g_start_time = launch::process_info(g_pid).start;
   auto config = fit::ClusterConfig::parse_file(config_path);
   if (!config) fail(config.status().message());
-  fit::NodeId self = static_cast<fit::NodeId>(atoi(env_or("LEGO_NODE", "0").c_str()));
-  fit::NodeId memory = static_cast<fit::NodeId>(atoi(env_or("LEGO_MEMORY_NODE", "0").c_str()));
+  fit::NodeId self = static_cast<fit::NodeId>(atoi(env_or(launch::kEnvNode, "0").c_str()));
+  fit::NodeId memory = static_cast<fit::NodeId>(atoi(env_or(launch::kEnvMemoryNode, "0").c_str()));
+  g_memory_node = memory;
 
   ExCacheOptions opt;
-  auto cap = parse_size(env_or("LEGO_EXCACHE", "64M"), "LEGO_EXCACHE");
+  const std::string default_excache = std::to_string(launch::kDefaultExcacheBytes);
+  auto cap = parse_size(env_or(launch::kEnvExcache, default_excache.c_str()), launch::kEnvExcache);
   if (!cap) fail(cap.status().message());
   opt.capacity_bytes = cap.value();
-  auto region = parse_size(env_or("LEGO_REGION", "64G"), "LEGO_REGION");
+  const std::string default_region = std::to_string(launch::kDefaultRegionBytes);
+  auto region = parse_size(env_or(launch::kEnvRegion, default_region.c_str()), launch::kEnvRegion);
   if (!region) fail(region.status().message());
   opt.region_bytes = region.value();
-  std::string policy = env_or("LEGO_POLICY", "fifo");
+  std::string policy = env_or(launch::kEnvPolicy, launch::kDefaultPolicy);
   opt.policy = policy == "clock" ? ExCacheOptions::Policy::kClock : ExCacheOptions::Policy::kFifo;
-  opt.prefetch_lines =
-      static_cast<uint32_t>(strtoul(env_or("LEGO_PREFETCH", "31").c_str(), nullptr, 10));
-  std::string delivery = env_or("LEGO_DELIVERY", "handler");
+  const std::string default_prefetch = std::to_string(launch::kDefaultPrefetchLines);
+  opt.prefetch_lines = static_cast<uint32_t>(
+      strtoul(env_or(launch::kEnvPrefetch, default_prefetch.c_str()).c_str(), nullptr, 10));
+  std::string delivery = env_or(launch::kEnvDelivery, launch::kDefaultDelivery);
   opt.delivery = delivery == "sigbus" ? ExCacheOptions::Delivery::kSigbus
                                       : ExCacheOptions::Delivery::kHandlerThread;
-  std::string module = env_or("LEGO_PCACHE", "auto");
+  std::string module = env_or(launch::kEnvPcache, launch::kDefaultPcache);
   opt.kernel_module = module == "on"    ? ExCacheOptions::KernelModule::kRequire
                       : module == "off" ? ExCacheOptions::KernelModule::kOff
                                         : ExCacheOptions::KernelModule::kAuto;
@@ -340,6 +465,11 @@ __attribute__((constructor(102))) void lego_start() {
   auto backend = RemoteBackend::open(rt->node.get(), memory, rt->program, use_local_arena);
   if (!backend) fail(backend.status().message());
   rt->backend = std::move(backend.value());
+  // Registered before anything else can fail: a process that exits from here on has its
+  // space freed by lego-run at once.
+  registry_observer(rt->backend->handle(), true);
+  rt->backend->set_space_observer(registry_observer);
+  close_earlier_images(rt->node.get(), rt->backend->handle().id);
   auto cache = ExCache::create(opt, rt->backend.get());
   if (!cache) fail(cache.status().message());
   rt->cache = std::move(cache.value());
@@ -348,18 +478,7 @@ __attribute__((constructor(102))) void lego_start() {
   if (!st) fail(st.message());
 
   dl_iterate_phdr(collect_internal, nullptr);
-  char line[128];
-  const mem::SpaceHandle& h = rt->backend->handle();
-  std::string secret;
-  for (uint8_t b : h.secret) {
-    char x[3];
-    snprintf(x, sizeof(x), "%02x", b);
-    secret += x;
-  }
-  snprintf(line, sizeof(line), "space %u %lu %s", memory, static_cast<unsigned long>(h.id),
-           secret.c_str());
   rt.release();
-  report(line);
 
   int expect = opt.delivery == ExCacheOptions::Delivery::kHandlerThread ? 2 : 1;
   for (int i = 0; i < 10000 && g_runtime_threads_ready.load() < expect; i++) usleep(1000);

@@ -239,9 +239,15 @@ Result<std::unique_ptr<ExCache>> ExCache::create(const ExCacheOptions& options,
                               std::to_string(options.capacity_bytes) +
                               " is not in [64 KiB, 8 TiB]");
   }
-  if (impl->size < options.capacity_bytes || impl->nlines >= (uint64_t{1} << 47)) {
+  if (impl->size < options.capacity_bytes) {
+    return Status(EINVAL, "ExCache::create: capacity_bytes " +
+                              std::to_string(options.capacity_bytes) +
+                              " is larger than the region (region_bytes " +
+                              std::to_string(options.region_bytes) + ")");
+  }
+  if (impl->nlines >= (uint64_t{1} << 47)) {
     return Status(EINVAL, "ExCache::create: region_bytes " + std::to_string(options.region_bytes) +
-                              " smaller than capacity or above 2^59");
+                              " is 2^59 or more");
   }
   impl->batch = std::clamp<size_t>(std::min(options.evict_batch_lines, Impl::kMaxBatch), 1,
                                    impl->capacity / 8);

@@ -410,6 +410,7 @@ Result<uint32_t> RemoteBackend::snapshot() {
   }
   snapshots_[id] = rep.handle;
   snapshot_state_[id].store(2, std::memory_order_release);
+  if (observer_ != nullptr) observer_(rep.handle, true);
   return id;
 }
 
@@ -446,6 +447,7 @@ void RemoteBackend::drop_snapshot(uint32_t id) {
   snapshot_state_[id].store(1);  // no new users; the slot is reused after the close
   (void)node_->send_reply(memory_, mem::kClose,
                           {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, {});
+  if (observer_ != nullptr) observer_(req.handle, false);
   snapshot_state_[id].store(0, std::memory_order_release);
 }
 
@@ -455,6 +457,7 @@ Status RemoteBackend::close() {
   mem::SpaceRequest req{handle_};
   auto r = node_->send_reply(memory_, mem::kClose,
                              {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, {});
+  if (r && observer_ != nullptr) observer_(handle_, false);
   return r.status();
 }
 

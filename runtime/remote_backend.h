@@ -53,6 +53,15 @@ class RemoteBackend : public LineBackend {
 
   // Frees the address space on the memory node. Later calls fail.
   Status close();
+
+  // Told of every space this backend opens or closes after it is set: each snapshot
+  // (snapshot(), then drop_snapshot()) and the process's own space (close()). lego-run's
+  // runtime keeps its registry of spaces with it (runtime/launch_contract.h), so that a
+  // snapshot left by a process that exited or exec'd is freed too. Runs on the calling
+  // thread (the handler thread for drop_snapshot): must allocate nothing and not call
+  // back into the backend.
+  using SpaceObserver = void (*)(const mem::SpaceHandle& space, bool opened);
+  void set_space_observer(SpaceObserver observer) { observer_ = observer; }
   fit::NodeId memory_node() const { return memory_; }
   const mem::SpaceHandle& handle() const { return handle_; }
   // "node 2 (10.1.2.3:18602, tcp)", for messages.
@@ -93,6 +102,7 @@ class RemoteBackend : public LineBackend {
   mem::SpaceHandle snapshots_[kMaxSnapshots] = {};
   std::atomic<bool> stop_{false};
   std::thread heartbeat_;
+  SpaceObserver observer_ = nullptr;
 };
 
 }  // namespace lego::runtime

@@ -7,7 +7,11 @@
 # pass through; a memory node killed mid-run ends the program with exit status 69 and a
 # message naming the node; a cluster file with lego-memd started by hand works; fork()
 # gives children (and grandchildren) the heap as it was at the fork, and shell pipelines and
-# python's os.fork work.
+# python's os.fork work. Defects an adversarial probe found (section 11): subprocess children's
+# spaces freed as they exit; a relative --config after a cd; static programs refused; exit
+# 69 only for a lost memory node, 125 for lego-run's own failures with a message of their
+# own; flags and node roles checked; a kill -9 of lego-run kills the program and the next
+# lego-run removes what it left.
 set -uo pipefail
 
 root=${TEST_SRCDIR:-}/lego
@@ -16,6 +20,8 @@ LEGO_RUN=$root/runtime/lego-run
 MEMD=$root/daemons/memory/lego-memd
 INTEGRITY=$root/tests/lego_run/lego_integrity
 FORK_INTEGRITY=$root/tests/lego_run/lego_fork_integrity
+STATIC_HELLO=$root/tests/lego_run/static_hello
+PYTHON=/usr/bin/python3  # Debian's, whatever PATH holds
 HERE=$root/tests/lego_run
 [ -f "$HERE/dict_list.py" ] || HERE=$(cd "$(dirname "$0")" && pwd)
 tmp=${TEST_TMPDIR:-$(mktemp -d)}
@@ -64,14 +70,15 @@ shm_leaked() {  # a region of a lego process that is gone (other tests' may be l
   return 1
 }
 check "no shm regions left by the run's processes" eval '! shm_leaked'
-# A program that closes the runtime's report pipe early (a daemon closing its fds): lego-run
-# waits for it without spinning on the closed pipe.
-"$LEGO_RUN" -- bash -c 'eval "exec $LEGO_REPORT_FD>&-"; sleep 2' &
+# A program that closes every inherited descriptor (a daemon): lego-run waits for it without
+# spinning.
+"$LEGO_RUN" -- bash -c 'for fd in /proc/$$/fd/*; do fd=${fd##*/}
+  [ "$fd" -gt 2 ] && eval "exec $fd>&-"; done; sleep 2' &
 runner=$!
 sleep 1.5
 ticks=$(awk '{print $14 + $15}' "/proc/$runner/stat" 2>/dev/null || echo 0)
 wait $runner
-check "lego-run idles while the program runs with the report pipe closed ($ticks ticks)" \
+check "lego-run idles while the program runs with its descriptors closed ($ticks ticks)" \
   [ "$ticks" -lt 50 ]
 
 # 2c. fork(): children and grandchildren see the heap as it was at the fork while the
@@ -268,22 +275,186 @@ check "a live lego-run's namespace is kept" [ -e "/var/run/netns/lego-run-$$" ]
 ip netns del "lego-run-$dead" 2>/dev/null
 ip netns del "lego-run-$$" 2>/dev/null
 
-# 10. Bad flags get a clear message and exit status 2; --help exits 0.
-bad_flag() {  # bad_flag EXPECTED-TEXT COMMAND...
-  local want=$1
-  shift
+# 10. Bad flags get a clear message and exit status 125 (lego-run: its own failures, as
+#     documented) or 2 (lego-memd); --help exits 0.
+bad_flag() {  # bad_flag STATUS EXPECTED-TEXT COMMAND...
+  local want_rc=$1 want=$2
+  shift 2
   local out
   out=$("$@" 2>&1)
-  [ $? -eq 2 ] && grep -q -- "$want" <<<"$out"
+  [ $? -eq "$want_rc" ] && grep -q -- "$want" <<<"$out"
 }
-check "lego-run --excache abc" bad_flag "not a size" "$LEGO_RUN" --excache abc -- true
-check "lego-run with no program" bad_flag "no PROGRAM" "$LEGO_RUN" --excache 1M
-check "lego-run --policy lru" bad_flag "fifo or clock" "$LEGO_RUN" --policy lru -- true
-check "lego-run --config missing.toml" bad_flag "missing.toml" "$LEGO_RUN" --config "$tmp/missing.toml" -- true
-check "lego-memd --capacity 1" bad_flag "at least one 4 KiB line" "$MEMD" --config x --node 1 --capacity 1
-check "lego-memd without --node" bad_flag "required" "$MEMD" --config x
+check "lego-run --excache abc" bad_flag 125 "not a size" "$LEGO_RUN" --excache abc -- true
+check "lego-run with no program" bad_flag 125 "no PROGRAM" "$LEGO_RUN" --excache 1M
+check "lego-run --policy lru" bad_flag 125 "fifo or clock" "$LEGO_RUN" --policy lru -- true
+check "lego-run --config missing.toml" bad_flag 125 "missing.toml" "$LEGO_RUN" --config "$tmp/missing.toml" -- true
+check "lego-run --no-such-flag" bad_flag 125 "no-such-flag" "$LEGO_RUN" --no-such-flag -- true
+check "lego-run --prefetch -1 names the flag and its range" \
+  bad_flag 125 "^lego-run: --prefetch: '-1' is not a number in 0..31$" "$LEGO_RUN" --prefetch -1 -- true
+check "lego-memd --capacity 1" bad_flag 2 "at least one 4 KiB line" "$MEMD" --config x --node 1 --capacity 1
+check "lego-memd without --node" bad_flag 2 "required" "$MEMD" --config x
 check "lego-run --help" "$LEGO_RUN" --help >/dev/null
 check "lego-memd --help" "$MEMD" --help >/dev/null
+
+# 11. Defects found by an adversarial probe, each checked by symptom. A lego-memd on
+#     loopback (ports from $$), with a lease long enough that only lego-run frees spaces.
+port=$((10000 + $$ % 10000 * 2))
+key=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+mkdir -p "$tmp/probe"
+cat >"$tmp/probe/cluster.toml" <<TOML
+[cluster]
+key = "$key"
+[[node]]
+id = 1
+role = "processor"
+address = "127.0.0.1"
+port = $port
+[[node]]
+id = 7
+role = "memory"
+address = "127.0.0.1"
+port = $((port + 1))
+progress = "blocking"
+TOML
+"$MEMD" --config "$tmp/probe/cluster.toml" --node 7 --capacity 512M --lease-ms 600000 \
+  2>"$tmp/probe/memd.err" &
+memd=$!
+sleep 1
+memd_status() {  # memd_status FIELD: its value on the probe's memory node
+  "$MEMD" --status --config "$tmp/probe/cluster.toml" --node 7 2>&1 | awk -v f="$1" '$1 == f {print $2}'
+}
+
+# 11.3 python's subprocess closes every inherited descriptor in its children: their spaces
+# are still freed as each child exits (the program asks the memory node itself, without
+# lego's library, after 20 children), and nothing is left after the run.
+out=$("$LEGO_RUN" --config "$tmp/probe/cluster.toml" --excache 4M -- "$PYTHON" -c '
+import os, subprocess, sys, time
+for _ in range(20):
+    subprocess.run(["/bin/true"], check=True)
+time.sleep(0.5)
+env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+st = subprocess.run([sys.argv[1], "--status", "--config", sys.argv[2], "--node", "7"], env=env,
+                    capture_output=True, text=True).stdout
+print("during", [l.split()[1] for l in st.splitlines() if l.startswith("spaces_open ")][0])
+' "$MEMD" "$tmp/probe/cluster.toml" 2>&1)
+rc=$?
+check "subprocess children's spaces are freed as they exit (python3 alone holds one: $out)" \
+  [ "$rc" -eq 0 -a "$out" = "during 1" ]
+open_after=$(memd_status spaces_open)
+reserved_after=$(memd_status bytes_reserved)
+check "after the run: spaces_open 0 and bytes_reserved 0 ($open_after, $reserved_after)" \
+  [ "$open_after" = 0 -a "$reserved_after" = 0 ]
+
+# 11.4 A relative --config keeps working in children that run after a cd.
+out=$(cd "$tmp/probe" && "$LEGO_RUN" --config cluster.toml -- sh -c 'cd / && /bin/true && echo ok' 2>&1)
+check "a relative --config works after the program's cd" [ "$out" = "ok" ]
+
+# 11.5 A static program (or a script run by one) would run all in local memory: refused,
+# or with --allow-local run with a warning, and --stats says that nothing was remote.
+out=$("$LEGO_RUN" -- "$STATIC_HELLO" 2>&1)
+rc=$?
+check "a static program is refused (125) saying why" \
+  [ "$rc" -eq 125 -a "${out#*statically linked}" != "$out" -a "${out#*--allow-local}" != "$out" ]
+printf '#!%s\n' "$STATIC_HELLO" >"$tmp/probe/static.sh"
+chmod +x "$tmp/probe/static.sh"
+out=$("$LEGO_RUN" -- "$tmp/probe/static.sh" 2>&1)
+check "a script whose interpreter is static is refused" \
+  [ $? -eq 125 -a "${out#*statically linked}" != "$out" ]
+out=$("$LEGO_RUN" --allow-local --stats -- "$STATIC_HELLO" 2>"$tmp/probe/static.err")
+check "--allow-local runs it, warns once, and --stats says its memory was all local" \
+  [ "$out" = "static hello 7" -a "$(grep -c 'warning: .*statically linked' "$tmp/probe/static.err")" = 1 ] &&
+  grep -q "memory was all local" "$tmp/probe/static.err"
+
+# 11.6 Exit 69 and "memory node N was lost" only for a lost memory node; lego-run's own
+# failures exit 125 with a message of their own.
+out=$("$LEGO_RUN" --config "$tmp/probe/cluster.toml" -- sh -c 'exit 69' 2>&1)
+check "a program's own exit 69 passes through silently" [ $? -eq 69 -a -z "$out" ]
+out=$("$LEGO_RUN" --excache 1T -- true 2>&1)
+check "--excache 1T: 125, more than this host's memory" \
+  [ $? -eq 125 -a "${out#*--excache 1.0 TiB: more than this host}" != "$out" -a "${out#*lost}" = "$out" ]
+if [ ! -e /dev/lego_pcache ]; then
+  out=$("$LEGO_RUN" --pcache on -- true 2>&1)
+  check "--pcache on without the module: 125 naming /dev/lego_pcache" \
+    [ $? -eq 125 -a "${out#*--pcache on: /dev/lego_pcache}" != "$out" -a "${out#*lost}" = "$out" ]
+fi
+other=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+sed "s/^key = .*/key = \"$other\"/" "$tmp/probe/cluster.toml" >"$tmp/probe/wrong-key.toml"
+out=$("$LEGO_RUN" --config "$tmp/probe/wrong-key.toml" -- true 2>&1)
+check "a wrong cluster key: 125 naming the memory node and the key" \
+  [ $? -eq 125 -a "${out#*memory node 7 (127.0.0.1:$((port + 1)), tcp) refused}" != "$out" \
+    -a "${out#*cluster key}" != "$out" -a "${out#*lost}" = "$out" ]
+sed "s/^port = $((port + 1))$/port = $((port + 2))/" "$tmp/probe/cluster.toml" >"$tmp/probe/nobody.toml"
+out=$("$LEGO_RUN" --config "$tmp/probe/nobody.toml" -- true 2>&1)
+check "a memory node nobody serves: 125, cannot reach it, its address and errno" \
+  [ $? -eq 125 -a "${out#*cannot reach memory node 7 (127.0.0.1:$((port + 2))}" != "$out" \
+    -a "${out#*Connection refused}" != "$out" -a "${out#*lost}" = "$out" ]
+# The runtime failing to start in a process (here: its cluster file vanished) is said by
+# lego-run, with the status 125 and no word of a lost node.
+out=$("$LEGO_RUN" --config "$tmp/probe/cluster.toml" -- \
+  sh -c "LEGO_CONFIG=$tmp/probe/gone.toml exec /bin/true" 2>&1)
+check "the runtime failing to start: 125 and its reason" \
+  [ $? -eq 125 -a "${out#*cannot open cluster file $tmp/probe/gone.toml}" != "$out" -a "${out#*lost}" = "$out" ]
+
+# 11.7 Node ids must have the role their flag names.
+check "--node 7 (a memory node) is refused" bad_flag 125 \
+  "--node 7: node 7 is a memory node in $tmp/probe/cluster.toml, not a processor node" \
+  "$LEGO_RUN" --config "$tmp/probe/cluster.toml" --node 7 -- true
+check "--memory-node 1 (a processor node) is refused" bad_flag 125 \
+  "node 1 is a processor node in .*, not a memory node" \
+  "$LEGO_RUN" --config "$tmp/probe/cluster.toml" --memory-node 1 -- true
+
+# 11.8 kill -9 of lego-run: the program dies with it, and the next lego-run removes what
+# was left. With --config: the dead program's space is closed by that next run's sweep
+# (the lease here is 10 minutes).
+gone_within() {  # gone_within SECONDS COMMAND-LINE: no process runs exactly it within SECONDS
+  local i
+  for i in $(seq 1 $(($1 * 10))); do
+    pgrep -xf "$2" >/dev/null || return 0
+    sleep 0.1
+  done
+  return 1
+}
+"$LEGO_RUN" --config "$tmp/probe/cluster.toml" -- sleep 61.$$ &
+runner=$!
+for _ in $(seq 1 50); do  # until the program runs
+  pgrep -xf "sleep 61.$$" >/dev/null && break
+  sleep 0.1
+done
+sleep 0.5
+open_before=$(memd_status spaces_open)
+kill -KILL $runner
+wait $runner 2>/dev/null
+check "kill -9 of lego-run --config: the program dies with it" gone_within 2 "sleep 61.$$"
+check "... its space is still open until a lego-run sweeps it ($open_before)" \
+  [ "$open_before" = 1 -a "$(memd_status spaces_open)" = 1 -a -d /tmp/lego-run-$runner ]
+"$LEGO_RUN" --excache 1M -- true
+check "... the next lego-run closes it and removes its run directory" \
+  [ "$(memd_status spaces_open)" = 0 -a ! -e /tmp/lego-run-$runner ]
+"$LEGO_RUN" --excache 1M -- sleep 62.$$ &
+runner=$!
+for _ in $(seq 1 50); do  # until the private memory node's network is up and the program runs
+  pgrep -xf "sleep 62.$$" >/dev/null && break
+  sleep 0.1
+done
+kill -KILL $runner
+wait $runner 2>/dev/null
+check "kill -9 of lego-run (private memory node): the program dies with it" \
+  gone_within 2 "sleep 62.$$"
+check "... leaving its run directory (and key), namespace and veth" \
+  [ -d /tmp/lego-run-$runner -a -e /var/run/netns/lego-run-$runner -a -e /sys/class/net/lgo${runner}a ]
+# A lego-run killed between making its veth pair and moving one end into its namespace
+# leaves both ends on the host (the pair goes with the namespace otherwise).
+sh -c 'exit 0' &
+dead=$!
+wait $dead
+ip link add lgo${dead}a type veth peer name lgo${dead}b
+"$LEGO_RUN" --excache 1M -- true
+check "... which the next lego-run removes, and a dead run's veth pair outside a namespace" \
+  [ ! -e /tmp/lego-run-$runner -a ! -e /var/run/netns/lego-run-$runner \
+    -a ! -e /sys/class/net/lgo${runner}a -a ! -e /sys/class/net/lgo${dead}a ]
+ip link del lgo${dead}a 2>/dev/null
+kill $memd
+wait $memd 2>/dev/null
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -144,9 +144,11 @@ TEST_CASE("create rejects bad options", "[excache]") {
     options.capacity_bytes = 15 * kLine;
     CHECK(ExCache::create(options, &backend).status().code() == EINVAL);
   }
-  SECTION("region smaller than capacity") {
+  SECTION("region smaller than capacity: said so (it was \"... or above 2^59\")") {
     options.capacity_bytes = size_t{2} << 30;
-    CHECK(ExCache::create(options, &backend).status().code() == EINVAL);
+    const lego::Status st = ExCache::create(options, &backend).status();
+    CHECK(st.code() == EINVAL);
+    CHECK_THAT(st.message(), Catch::Contains("is larger than the region"));
   }
 }
 

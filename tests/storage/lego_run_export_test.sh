@@ -5,7 +5,7 @@
 # Guards: programs under lego-run (their memory on the memory node) create, read, list
 # and rename files that land in DIR; sqlite3 and python3 work on them; the mount is
 # invisible outside the run and gone after it (a mount point lego-run created is left
-# empty); bad --export/--mount give exit status 2 with a message; a cluster file with
+# empty); bad --export/--mount give exit status 125 with a message; a cluster file with
 # lego-memd and lego-stord started by hand works, as root and as a user (a user
 # namespace of the run's own), and --storage-node none runs without the mount; --export
 # works without root.
@@ -76,13 +76,13 @@ check "python3 under lego-run writes and reads 1 MiB on the storage node" \
   [ "$out" = "['d', 'during', 'hello.txt', 'py', 't.db']" ]
 [ "$out" = "['d', 'during', 'hello.txt', 'py', 't.db']" ] || echo "$out" | tail -5 | sed 's/^/  /'
 
-# 3. Bad flags: exit status 2 and a message.
+# 3. Bad flags: exit status 125 (lego-run's own failures) and a message.
 "$LEGO_RUN" --export "$tmp/missing" -- true 2>"$tmp/err"
 rc=$?
-check "--export of a missing directory: exit 2 with a message" \
-  [ "$rc" -eq 2 ] && grep -q "not a directory" "$tmp/err"
+check "--export of a missing directory: exit 125 with a message" \
+  [ "$rc" -eq 125 ] && grep -q "not a directory" "$tmp/err"
 "$LEGO_RUN" --export "$exp" --mount relative -- true 2>"$tmp/err"
-check "--mount must be absolute" [ $? -eq 2 ]
+check "--mount must be absolute" [ $? -eq 125 ]
 
 # 4. A cluster file: lego-memd and lego-stord started by hand on loopback.
 key=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')

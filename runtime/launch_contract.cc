@@ -1,0 +1,155 @@
+// The launch contract's formats (runtime/launch_contract.h): what lego-run and the
+// preloaded runtime write for each other, parsed by the other side.
+#include "runtime/launch_contract.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <sstream>
+
+namespace lego::launch {
+
+std::string run_dir_for(pid_t lego_run_pid) {
+  return kRunDirPrefix + std::to_string(lego_run_pid);
+}
+
+std::string format_run_info(const RunInfo& info) {
+  return "pid " + std::to_string(info.pid) + "\nstart " + std::to_string(info.start) + "\nconfig " +
+         info.config + "\nnode " + std::to_string(info.node) + "\nmemory_node " +
+         std::to_string(info.memory_node) + "\nprivate_memory " +
+         (info.private_memory ? "1" : "0") + "\n";
+}
+
+bool parse_run_info(const std::string& text, RunInfo* info) {
+  std::istringstream in(text);
+  std::string line;
+  int seen = 0;
+  while (std::getline(in, line)) {
+    const size_t sp = line.find(' ');
+    if (sp == std::string::npos) return false;
+    const std::string key = line.substr(0, sp), value = line.substr(sp + 1);
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long long n = strtoull(value.c_str(), &end, 10);
+    const bool number = errno == 0 && end != value.c_str() && *end == '\0';
+    if (key == "config") {
+      if (value.empty() || value[0] != '/') return false;
+      info->config = value;
+      seen |= 1;
+    } else if (!number) {
+      return false;
+    } else if (key == "pid") {
+      info->pid = static_cast<pid_t>(n);
+      seen |= 2;
+    } else if (key == "start") {
+      info->start = n;
+      seen |= 4;
+    } else if (key == "node") {
+      info->node = static_cast<uint32_t>(n);
+      seen |= 8;
+    } else if (key == "memory_node") {
+      info->memory_node = static_cast<uint32_t>(n);
+      seen |= 16;
+    } else if (key == "private_memory") {
+      info->private_memory = n != 0;
+      seen |= 32;
+    }  // unknown keys: written by a newer lego-run; ignored
+  }
+  return seen == 63 && info->pid > 0;
+}
+
+int format_space_line(char* buf, size_t cap, uint32_t node, const mem::SpaceHandle& handle) {
+  int n = snprintf(buf, cap, "space %" PRIu32 " %" PRIu64 " ", node, handle.id);
+  for (uint8_t b : handle.secret) {
+    if (n < 0 || static_cast<size_t>(n) >= cap) return -1;
+    n += snprintf(buf + n, cap - static_cast<size_t>(n), "%02x", b);
+  }
+  if (n < 0 || static_cast<size_t>(n) + 1 >= cap) return -1;
+  buf[n++] = '\n';
+  buf[n] = '\0';
+  return n;
+}
+
+bool parse_space_line(const std::string& line, uint32_t* node, mem::SpaceHandle* handle) {
+  unsigned n = 0;
+  unsigned long long id = 0;
+  char secret[40] = {};
+  int used = 0;
+  if (sscanf(line.c_str(), "space %u %llu %33s%n", &n, &id, secret, &used) != 3 ||
+      strlen(secret) != 2 * sizeof(handle->secret)) {
+    return false;
+  }
+  for (size_t i = used; i < line.size(); i++) {
+    if (line[i] != '\n') return false;  // trailing text: not a line we wrote
+  }
+  for (size_t i = 0; i < sizeof(handle->secret); i++) {
+    unsigned b = 0;
+    if (sscanf(secret + 2 * i, "%2x", &b) != 1) return false;
+    handle->secret[i] = static_cast<uint8_t>(b);
+  }
+  *node = n;
+  handle->id = id;
+  return true;
+}
+
+int format_space_file_name(char* buf, size_t cap, pid_t pid, uint64_t start, uint64_t id) {
+  const int n = snprintf(buf, cap, "%s%d.%" PRIu64 ".%" PRIu64, kSpaceFilePrefix,
+                         static_cast<int>(pid), start, id);
+  return n < 0 || static_cast<size_t>(n) >= cap ? -1 : n;
+}
+
+bool parse_space_file_name(const char* name, pid_t* pid, uint64_t* start, uint64_t* id) {
+  const size_t prefix = strlen(kSpaceFilePrefix);
+  if (strncmp(name, kSpaceFilePrefix, prefix) != 0) return false;
+  long p = 0;
+  unsigned long long s = 0, i = 0;
+  int used = 0;
+  if (sscanf(name + prefix, "%ld.%llu.%llu%n", &p, &s, &i, &used) != 3 || p <= 0 ||
+      name[prefix + used] != '\0') {
+    return false;
+  }
+  *pid = static_cast<pid_t>(p);
+  *start = s;
+  *id = i;
+  return true;
+}
+
+ProcessInfo process_info(pid_t pid) {
+  ProcessInfo info;
+  char path[32];
+  snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return info;
+  char buf[1024];
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return info;
+  buf[n] = '\0';
+  // "pid (comm) state ppid ...": comm may hold spaces and parentheses, so fields are
+  // counted from its last ')'. After it: state is field 3, num_threads 20, starttime 22.
+  const char* p = strrchr(buf, ')');
+  if (p == nullptr || p[1] != ' ') return info;
+  p += 2;
+  info.state = *p;
+  for (int field = 3; field < 22 && *p != '\0'; field++) {
+    p = strchr(p, ' ');
+    if (p == nullptr) return info;
+    ++p;
+    if (field + 1 == 20) info.threads = strtol(p, nullptr, 10);
+  }
+  info.start = strtoull(p, nullptr, 10);
+  info.exists = true;
+  return info;
+}
+
+bool process_gone(pid_t pid, uint64_t start) {
+  const ProcessInfo p = process_info(pid);
+  if (!p.exists || p.start != start) return true;
+  return (p.state == 'Z' || p.state == 'X') && p.threads <= 1;
+}
+
+}  // namespace lego::launch

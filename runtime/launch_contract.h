@@ -1,0 +1,144 @@
+// The launch contract between lego-run (runtime/lego_run.cc) and the runtime it preloads
+// into every program of a run (runtime/preload.cc): the environment, the run directory,
+// the report lines and the exit statuses. Both sides include this header; nothing else
+// defines these names or defaults.
+//
+// Environment (set by lego-run on PROGRAM; inherited by its descendants, and kept by
+// those that close inherited descriptors, as python's subprocess does):
+//   LEGO_CONFIG        the cluster file, an absolute path (a relative one would break in
+//                      every process that ran after a cd). Unset: not under lego-run, and
+//                      the preloaded library does nothing.
+//   LEGO_NODE          this processor node's id
+//   LEGO_MEMORY_NODE   the memory node holding the process's space
+//   LEGO_EXCACHE       local bytes for the ExCache (a size: "64M")
+//   LEGO_REGION        the ExCache region's virtual size (optional; kDefaultRegionBytes)
+//   LEGO_POLICY        fifo | clock
+//   LEGO_PREFETCH      0..kMaxPrefetchLines
+//   LEGO_DELIVERY      handler | sigbus
+//   LEGO_PCACHE        auto | on | off
+//   LEGO_RUN_DIR       the run directory (below)
+//
+// The run directory, /tmp/lego-run-<lego-run's pid>/, mode 0700, owned by the user that
+// runs lego-run and removed by it at the end (or, after a kill -9, by the next lego-run's
+// sweep). It holds:
+//   run                 written by lego-run before PROGRAM starts (RunInfo below): who
+//                       the run is, so that a later lego-run can tell a dead run from a
+//                       live one and free what it left.
+//   report              a FIFO lego-run reads while the run lasts; a process opens it by
+//                       name for each report, so one that closed its inherited descriptors
+//                       still reports. Lines, each written with one write() of at most
+//                       PIPE_BUF bytes (so writers never interleave):
+//                         "stats pid PID program NAME\n" KEY VALUE lines "end\n"
+//                                    the ExCache counters at exit (lego-run --stats)
+//                         "lost MESSAGE\n"   a miss could not be served: the memory node
+//                                            is lost; the process exits kExitMemoryLost
+//                         "error PID MESSAGE\n"  the runtime could not start in process
+//                                            PID (config unreadable, key refused, memory
+//                                            node unreachable, ExCache invalid, module
+//                                            missing); the process exits kExitLegoError
+//                       With lego-run gone (no reader) lost and error go to stderr.
+//   space.PID.START.ID  one per address space: process PID, whose start time in
+//                       /proc/PID/stat is START (pid reuse cannot fool it), holds space ID
+//                       on the memory node: its own, and each fork() snapshot it keeps for
+//                       a child (removed when the snapshot is dropped). Contents: one space
+//                       line (format_space_line). Written (under a name starting with '.',
+//                       then renamed) right after the space is opened. lego-run closes
+//                       (mem::kClose) the spaces of a process that is gone within ~100 ms
+//                       and removes their files, and closes the rest at the end. A process
+//                       that execs opens a new space under the same PID and START: the new
+//                       image closes the old one's.
+//   cluster.toml, *.log (lego-run's own: the private cluster's file and daemon logs)
+//
+// Thread-safety: the functions below are pure (process_info reads /proc) and callable
+// from any thread.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "lego/memory_proto.h"
+
+namespace lego::launch {
+
+inline constexpr char kEnvConfig[] = "LEGO_CONFIG";
+inline constexpr char kEnvNode[] = "LEGO_NODE";
+inline constexpr char kEnvMemoryNode[] = "LEGO_MEMORY_NODE";
+inline constexpr char kEnvExcache[] = "LEGO_EXCACHE";
+inline constexpr char kEnvRegion[] = "LEGO_REGION";
+inline constexpr char kEnvPolicy[] = "LEGO_POLICY";
+inline constexpr char kEnvPrefetch[] = "LEGO_PREFETCH";
+inline constexpr char kEnvDelivery[] = "LEGO_DELIVERY";
+inline constexpr char kEnvPcache[] = "LEGO_PCACHE";
+inline constexpr char kEnvRunDir[] = "LEGO_RUN_DIR";
+
+// Defaults, for lego-run's flags and for a variable the runtime finds unset.
+inline constexpr uint64_t kDefaultExcacheBytes = uint64_t{64} << 20;
+inline constexpr uint64_t kMinExcacheBytes = 16 * 4096;  // 16 lines
+// Virtual only: costs no memory up front (excache.h, region_bytes). The ExCache cannot be
+// larger than its region.
+inline constexpr uint64_t kDefaultRegionBytes = uint64_t{64} << 30;
+inline constexpr long kDefaultPrefetchLines = 31;
+inline constexpr long kMaxPrefetchLines = 31;
+inline constexpr char kDefaultPolicy[] = "fifo";
+inline constexpr char kDefaultDelivery[] = "handler";
+inline constexpr char kDefaultPcache[] = "auto";
+
+// Exit statuses. lego-run's own are 125..127 (like env(1) and docker run); PROGRAM's
+// status otherwise passes through, 69 included: only a "lost" report (or the private
+// memory node's death) makes lego-run say a memory node was lost.
+inline constexpr int kExitMemoryLost = 69;  // EX_UNAVAILABLE
+inline constexpr int kExitLegoError = 125;  // lego-run, or the runtime, failed itself
+inline constexpr int kExitCannotExec = 126;
+inline constexpr int kExitNotFound = 127;
+
+// The run directory's parts.
+inline constexpr char kRunDirPrefix[] = "/tmp/lego-run-";
+inline constexpr char kRunFile[] = "run";
+inline constexpr char kReportFifo[] = "report";
+inline constexpr char kSpaceFilePrefix[] = "space.";
+
+// "/tmp/lego-run-PID".
+std::string run_dir_for(pid_t lego_run_pid);
+
+// The run file: one "key value" line each.
+struct RunInfo {
+  pid_t pid = 0;       // lego-run's
+  uint64_t start = 0;  // lego-run's start time (process_info)
+  std::string config;  // the cluster file, absolute
+  uint32_t node = 0;   // the processor node the run's processes speak as
+  uint32_t memory_node = 0;
+  bool private_memory = false;  // lego-run's own lego-memd: it dies with lego-run
+};
+std::string format_run_info(const RunInfo& info);
+// False when a field is missing or malformed.
+bool parse_run_info(const std::string& text, RunInfo* info);
+
+// The formatters write into buf (cap bytes) and allocate nothing: the runtime registers
+// spaces where it must not allocate (a fork's snapshot is taken under the eviction lock).
+// They return the length, or -1 when it does not fit.
+
+// "space NODE ID SECRET\n" (SECRET: 32 hex digits).
+int format_space_line(char* buf, size_t cap, uint32_t node, const mem::SpaceHandle& handle);
+bool parse_space_line(const std::string& line, uint32_t* node, mem::SpaceHandle* handle);
+
+// "space.PID.START.ID".
+int format_space_file_name(char* buf, size_t cap, pid_t pid, uint64_t start, uint64_t id);
+bool parse_space_file_name(const char* name, pid_t* pid, uint64_t* start, uint64_t* id);
+
+// A process as /proc/PID/stat shows it.
+struct ProcessInfo {
+  bool exists = false;
+  char state = '?';    // R, S, D, Z, ...
+  long threads = 0;    // num_threads
+  uint64_t start = 0;  // starttime, clock ticks after boot: with the pid, unique
+};
+ProcessInfo process_info(pid_t pid);
+// True when process `pid` that started at `start` has ended: no such pid, another
+// process under it (pid reuse), or a zombie with no thread left (a zombie leader whose
+// other threads still run is alive).
+bool process_gone(pid_t pid, uint64_t start);
+
+}  // namespace lego::launch

@@ -1,0 +1,146 @@
+// Tests of the launch contract's formats (runtime/launch_contract.h): what lego-run and the
+// preloaded runtime write for each other parses back, malformed text is refused, and
+// process_gone tells a process that ended from one that runs (pid reuse, zombies, and a
+// zombie leader whose other threads still run).
+#include "runtime/launch_contract.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <cstring>
+#include <string>
+#include <thread>
+
+namespace {
+
+using namespace lego;
+
+mem::SpaceHandle some_handle() {
+  mem::SpaceHandle h{};
+  h.id = 1234567890123ull;
+  for (int i = 0; i < 16; i++) h.secret[i] = static_cast<uint8_t>(0xf0 + i);
+  return h;
+}
+
+TEST_CASE("a space line parses back; malformed ones are refused") {
+  char line[128];
+  const mem::SpaceHandle h = some_handle();
+  const int n = launch::format_space_line(line, sizeof line, 7, h);
+  REQUIRE(n > 0);
+  CHECK(std::string(line) == "space 7 1234567890123 f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff\n");
+  uint32_t node = 0;
+  mem::SpaceHandle back{};
+  REQUIRE(launch::parse_space_line(line, &node, &back));
+  CHECK(node == 7);
+  CHECK(back.id == h.id);
+  CHECK(memcmp(back.secret, h.secret, sizeof h.secret) == 0);
+  CHECK(launch::format_space_line(line, 40, 7, h) == -1);  // does not fit
+  for (const char* bad :
+       {"", "space 7 1", "space 7 1 f0f1", "space x 1 f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff",
+        "space 7 1 f0f1f2f3f4f5f6f7f8f9fafbfcfdfeffaa",
+        "space 7 1 g0f1f2f3f4f5f6f7f8f9fafbfcfdfeff",
+        "space 7 1 f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff junk"}) {
+    INFO(bad);
+    CHECK_FALSE(launch::parse_space_line(bad, &node, &back));
+  }
+}
+
+TEST_CASE("a space file's name parses back; other names are not space files") {
+  char name[64];
+  REQUIRE(launch::format_space_file_name(name, sizeof name, 4242, 987654, 31) > 0);
+  CHECK(std::string(name) == "space.4242.987654.31");
+  pid_t pid = 0;
+  uint64_t start = 0, id = 0;
+  REQUIRE(launch::parse_space_file_name(name, &pid, &start, &id));
+  CHECK((pid == 4242 && start == 987654 && id == 31));
+  for (const char* bad : {"run", "report", ".space.4242.987654.31", "space.4242.987654",
+                          "space.0.1.2", "space.4242.987654.31.tmp", "space.-1.2.3"}) {
+    INFO(bad);
+    CHECK_FALSE(launch::parse_space_file_name(bad, &pid, &start, &id));
+  }
+}
+
+TEST_CASE("the run file parses back; one with a field missing is refused") {
+  launch::RunInfo info;
+  info.pid = 99;
+  info.start = 12345;
+  info.config = "/etc/lego/cluster.toml";
+  info.node = 1;
+  info.memory_node = 7;
+  info.private_memory = true;
+  const std::string text = launch::format_run_info(info);
+  launch::RunInfo back;
+  REQUIRE(launch::parse_run_info(text, &back));
+  CHECK((back.pid == 99 && back.start == 12345 && back.config == info.config && back.node == 1 &&
+         back.memory_node == 7 && back.private_memory));
+  // A newer lego-run's extra key is ignored.
+  CHECK(launch::parse_run_info(text + "future 1\n", &back));
+  const std::string no_node =
+      text.substr(0, text.find("node ")) + text.substr(text.find('\n', text.find("node ")) + 1);
+  CHECK_FALSE(launch::parse_run_info(no_node, &back));
+  CHECK_FALSE(launch::parse_run_info("pid x\n", &back));
+  info.config = "relative.toml";
+  CHECK_FALSE(launch::parse_run_info(launch::format_run_info(info), &back));
+}
+
+TEST_CASE("process_gone: this process runs, another start time is another process") {
+  const launch::ProcessInfo self = launch::process_info(getpid());
+  REQUIRE(self.exists);
+  CHECK(self.start > 0);
+  CHECK(self.threads >= 1);
+  CHECK_FALSE(launch::process_gone(getpid(), self.start));
+  CHECK(launch::process_gone(getpid(), self.start + 1));  // a pid reused
+}
+
+TEST_CASE("process_gone: an exited child is gone as a zombie and after it was reaped") {
+  pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) _exit(0);
+  const uint64_t start = launch::process_info(child).start;
+  // Until it has exited (a zombie, not reaped yet).
+  bool zombie = false;
+  for (int i = 0; i < 2000 && !zombie; i++) {
+    zombie = launch::process_info(child).state == 'Z';
+    if (!zombie) usleep(1000);
+  }
+  REQUIRE(zombie);
+  CHECK(launch::process_gone(child, start));
+  waitpid(child, nullptr, 0);
+  CHECK(launch::process_gone(child, start));
+}
+
+void* run_briefly(void*) {
+  usleep(500 * 1000);
+  return nullptr;
+}
+
+TEST_CASE("process_gone: a zombie leader whose other thread still runs is alive") {
+  pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    pthread_t t;
+    if (pthread_create(&t, nullptr, run_briefly, nullptr) != 0) _exit(1);
+    // The main thread ends; the process goes on in `t`. (SYS_exit ends the calling thread
+    // alone, with no unwinding through the test framework's frames, as pthread_exit does.)
+    syscall(SYS_exit, 0);
+  }
+  const uint64_t start = launch::process_info(child).start;
+  bool leader_zombie = false;
+  for (int i = 0; i < 400 && !leader_zombie; i++) {
+    const launch::ProcessInfo p = launch::process_info(child);
+    leader_zombie = p.state == 'Z' && p.threads > 1;
+    if (!leader_zombie) usleep(1000);
+  }
+  REQUIRE(leader_zombie);
+  CHECK_FALSE(launch::process_gone(child, start));
+  int status = 0;
+  waitpid(child, &status, 0);  // returns once the last thread ended
+  CHECK(launch::process_gone(child, start));
+}
+
+}  // namespace
