@@ -159,6 +159,29 @@ uint64_t monotonic_ns() {
   return static_cast<uint64_t>(ts.tv_sec) * 1000000000u + static_cast<uint64_t>(ts.tv_nsec);
 }
 
+// A line about a peer's misbehaviour on stderr (the journal, under systemd), at most one a
+// second: a peer opening thousands of bad connections must not flood the log. The next line
+// says how many were held back; the counters in --status count them all.
+void log_peer_trouble(const std::string& line) {
+  static std::mutex mu;
+  static int64_t last_ns = 0;
+  static uint64_t held_back = 0;
+  const int64_t now = static_cast<int64_t>(monotonic_ns());
+  std::lock_guard<std::mutex> g(mu);
+  if (last_ns != 0 && now - last_ns < 1'000'000'000) {
+    held_back++;
+    return;
+  }
+  last_ns = now;
+  if (held_back > 0) {
+    fprintf(stderr, "lego-fit: %s (and %llu more such lines held back)\n", line.c_str(),
+            static_cast<unsigned long long>(held_back));
+  } else {
+    fprintf(stderr, "lego-fit: %s\n", line.c_str());
+  }
+  held_back = 0;
+}
+
 // Polling mode's back-off, per poller. A poller spins while a reply (or, for a server, the
 // next request) may come soon, yielding the CPU every 1024 empty polls. One that has found
 // nothing for kSpinNs sleeps in the kernel until work arrives (poll/epoll on sockets, short
@@ -511,6 +534,7 @@ struct Node::Impl {
   // --- client
   Result<ClientChannel*> channel_for(NodeId peer, std::unique_lock<std::mutex>& lock);
   Status connect(ClientChannel& ch);
+  Status connect_once(ClientChannel& ch);
   Status connect_msg(ClientChannel& ch, const NodeConfig& peer);
   Status connect_rdm(ClientChannel& ch, const NodeConfig& peer);
   Status connect_sock(ClientChannel& ch, const NodeConfig& peer);
@@ -679,6 +703,7 @@ struct Node::Impl::ServerThread {
   bool upgrade_sock(ServerConn& conn);
   void drop_pending(ServerConn& conn);
   void enforce_pending_caps(uint32_t source);
+  ServerConn* cap_victim(uint32_t source);
   void sweep_sock();
   void reap_sock();
   void set_events(ServerConn& conn, uint32_t events);
@@ -907,8 +932,8 @@ void Node::Impl::ServerThread::serve(ServerConn& conn, int slot, const fi_cq_dat
   Status admitted = admit(*peer, h.kind, node->who());
   if (!admitted) {
     if (!peer->authenticated) {
-      fprintf(stderr, "lego-fit: %s: closed a connection that broke the handshake: %s\n",
-              node->who().c_str(), admitted.message().c_str());
+      log_peer_trouble(node->who() +
+                       ": closed a connection that broke the handshake: " + admitted.message());
     }
     reject(conn, peer, slot, to, h.opcode, h.request_id, admitted);
     return;
@@ -947,8 +972,8 @@ void Node::Impl::ServerThread::serve(ServerConn& conn, int slot, const fi_cq_dat
     peer->challenged = false;
     if (!ok) {
       node->counters.auth_failures.fetch_add(1, std::memory_order_relaxed);
-      fprintf(stderr, "lego-fit: %s: refused node %u: it does not hold the cluster key\n",
-              node->who().c_str(), peer->client);
+      log_peer_trouble(node->who() + ": refused node " + std::to_string(peer->client) +
+                       ": it does not hold the cluster key");
       reject(conn, peer, slot, to, 0, h.request_id,
              Status(EACCES, node->who() + " refused the connection: wrong cluster key"));
       return;
@@ -1009,6 +1034,15 @@ void Node::Impl::ServerThread::handle_completion(const fi_cq_data_entry& e, fi_a
   }
 }
 
+namespace {
+// Which of two connections awaiting the handshake a cap closes first: one that has not
+// said hello before one that has (an honest client says hello at once), then the older.
+bool evict_first(const ServerConn& a, const ServerConn& b) {
+  if (a.said_hello != b.said_hello) return !a.said_hello;
+  return a.accepted_ns < b.accepted_ns;
+}
+}  // namespace
+
 // The libfabric transports' caps on connections (rdm: peers) awaiting the handshake: over
 // one, the oldest such is closed (marked dead; its owner thread closes it). `source`: the
 // newcomer's IPv4 address, 0 when unknown. Connections are spread over the threads when
@@ -1024,13 +1058,13 @@ void Node::Impl::ServerThread::enforce_ofi_caps(uint32_t source) {
     auto consider = [&](ServerThread& t, ServerConn& c) {
       if (c.dead || c.authenticated.load(std::memory_order_relaxed)) return;
       total++;
-      if (oldest == nullptr || c.accepted_ns < oldest->accepted_ns) {
+      if (oldest == nullptr || evict_first(c, *oldest)) {
         oldest = &c;
         oldest_owner = &t;
       }
       if (source != 0 && c.source == source) {
         same++;
-        if (oldest_same == nullptr || c.accepted_ns < oldest_same->accepted_ns) {
+        if (oldest_same == nullptr || evict_first(c, *oldest_same)) {
           oldest_same = &c;
           oldest_same_owner = &t;
         }
@@ -1047,7 +1081,7 @@ void Node::Impl::ServerThread::enforce_ofi_caps(uint32_t source) {
     ServerConn* victim = nullptr;
     ServerThread* owner = nullptr;
     if (same > kMaxPendingPerSource) {
-      victim = oldest_same;
+      victim = oldest_same;  // (the first to close: evict_first)
       owner = oldest_same_owner;
     } else if (total > kMaxPendingHandshakes) {
       victim = oldest;
@@ -1362,20 +1396,33 @@ void Node::Impl::ServerThread::refuse_sock(ServerConn& conn, const Status& st, u
   close_sock(conn, why);
 }
 
-// Over a cap on connections awaiting the handshake, the oldest goes (fit_wire.h).
+// Over a cap on connections awaiting the handshake, the oldest goes, silent ones first
+// (fit_wire.h). The pending connection a cap closes: of those from `source` (0: of all), the oldest
+// that has not said hello, else the oldest. An honest client says hello the moment it connects and
+// is done a round trip later, so it is never the oldest silent connection; a peer sharing its
+// address (the same host) that holds slots with silent connections loses those first. pending is
+// oldest first and holds at least one match when called.
+ServerConn* Node::Impl::ServerThread::cap_victim(uint32_t source) {
+  ServerConn* oldest = nullptr;
+  for (ServerConn* c : pending) {
+    if (source != 0 && c->source != source) continue;
+    if (!c->said_hello) return c;
+    if (oldest == nullptr) oldest = c;
+  }
+  return oldest;
+}
+
 void Node::Impl::ServerThread::enforce_pending_caps(uint32_t source) {
   auto same = pending_by_source.find(source);
   while (source != 0 && same != pending_by_source.end() && same->second > kMaxPendingPerSource) {
-    auto it = std::find_if(pending.begin(), pending.end(),
-                           [source](ServerConn* c) { return c->source == source; });
-    refuse_sock(**it,
+    refuse_sock(*cap_victim(source),
                 Status(EAGAIN, node->who() + ": too many connections from one address "
                                              "awaiting the handshake; this, the oldest, is closed"),
                 0, 0, CloseWhy::kCap);
     same = pending_by_source.find(source);
   }
   while (pending.size() > kMaxPendingHandshakes) {
-    refuse_sock(*pending.front(),
+    refuse_sock(*cap_victim(0),
                 Status(EAGAIN, node->who() + ": too many connections awaiting the handshake; "
                                              "this, the oldest, is closed"),
                 0, 0, CloseWhy::kCap);
@@ -1397,7 +1444,7 @@ void Node::Impl::ServerThread::accept_sock() {
       // back the oldest handshake's descriptor, and stop polling the listener for a while
       // (the connection waiting in the backlog would report it ready again at once).
       if (!pending.empty()) {
-        refuse_sock(*pending.front(),
+        refuse_sock(*cap_victim(0),
                     Status(EAGAIN, node->who() + ": out of descriptors; the oldest connection "
                                                  "awaiting the handshake is closed"),
                     0, 0, CloseWhy::kCap);
@@ -1514,8 +1561,8 @@ void Node::Impl::ServerThread::read_sock(ServerConn& conn) {
       if (st) st = admit(conn, h.kind, node->who());
       if (!st) {
         if (!authed) {
-          fprintf(stderr, "lego-fit: %s: closed a connection that broke the handshake: %s\n",
-                  node->who().c_str(), st.message().c_str());
+          log_peer_trouble(node->who() +
+                           ": closed a connection that broke the handshake: " + st.message());
         }
         node->counters.requests_rejected.fetch_add(1, std::memory_order_relaxed);
         refuse_sock(conn, st.with_context(node->who()), h.opcode, h.request_id,
@@ -2234,7 +2281,23 @@ Status Node::Impl::connect_sock(ClientChannel& ch, const NodeConfig& peer) {
   return Status();
 }
 
+// A server over its cap on connections awaiting the handshake closes the oldest with
+// EAGAIN (fit_wire.h), which may be ours when another process of this host holds many
+// (it shares our address): such a handshake is tried again, after a short pause, for up
+// to the timeout. So is one the server reset mid-handshake (it may have just restarted).
 Status Node::Impl::connect(ClientChannel& ch) {
+  const auto deadline = Clock::now() + config.timeout;
+  for (int attempt = 1;; attempt++) {
+    Status st = connect_once(ch);
+    const bool again = st.code() == EAGAIN || st.code() == ECONNRESET;
+    if (st || !again || Clock::now() + std::chrono::milliseconds(10 * attempt) > deadline) {
+      return st;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10 * std::min(attempt, 10)));
+  }
+}
+
+Status Node::Impl::connect_once(ClientChannel& ch) {
   const NodeConfig* peer = config.find(ch.peer);
   // Start from nothing: a broken channel's old endpoint and buffers go away.
   ch.ep.reset();

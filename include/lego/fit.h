@@ -21,7 +21,8 @@
 // Hostile or slow peers (fit_wire.h lists every rule): a server thread never waits for
 // one peer. A peer that breaks the protocol gets an error frame and is closed; one that
 // has not authenticated within min(timeout_ms, 3 s) is closed; at most 256 connections
-// (32 per source address) may await the handshake, the oldest going first; a tcp peer
+// (32 per source address) may await the handshake, the oldest silent one going first
+// (a client whose handshake is closed for it tries again for timeout_ms); a tcp peer
 // that leaves its replies unread for timeout_ms is cut off. Buffers for full-size
 // messages exist only for authenticated connections and go back to the kernel when they
 // close. FitStats counts each case.
@@ -33,8 +34,9 @@
 //   EMSGSIZE      request or reply larger than max_message_bytes / the reply buffer
 //   EOPNOTSUPP    the peer has no handler for the opcode
 //   EPROTO        a corrupt, truncated or wrong-version frame
-//   EAGAIN        the server closed our connection while it awaited the handshake: too
-//                 many did (ours was the oldest); retrying connects again
+//   EAGAIN        the server kept closing our connection while it awaited the handshake
+//                 (too many did, ours the oldest), for all of timeout_ms: libfit
+//                 retried the handshake meanwhile
 //   (a handler's own error code)  passed through from the peer's handler
 //
 // Thread-safety: a Node is safe to use from any number of threads after start(). Each

@@ -31,9 +31,11 @@
 //   - bytes after kProof, before kWelcome was sent         kError(EPROTO), closes
 //   - not authenticated within the handshake deadline     kError(ETIMEDOUT), closes
 //     (min(timeout_ms, 3 s) after the connection opened)
-//   - over a cap on connections awaiting the handshake     kError(EAGAIN) to the oldest
-//     (256 per node, 32 per source address): the oldest     such connection, closes it
-//     such connection goes, never the newest
+//   - over a cap on connections awaiting the handshake     kError(EAGAIN) to the one
+//     (256 per node, 32 per source address): the oldest     chosen, closes it
+//     that has not said hello goes (else the oldest), never  (a client retries the
+//     the newest, never an honest handshake under way        handshake for timeout_ms)
+//     while silent ones hold slots
 //   - tcp: a reply the peer does not read (the socket      closes, no frame (it would
 //     takes none of it for timeout_ms)                     not be read either)
 // A header that arrives alone is judged at once (the socket transport checks magic,

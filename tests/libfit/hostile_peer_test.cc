@@ -130,9 +130,11 @@ void set_nonblocking(int fd) {
 
 // Sends `buf` over and over on non-blocking `fd` until `until` or until the connection
 // fails (the server closed it). Never reads. Returns whether the connection failed.
+// Sends at least once, even past `until`: a connection opened just before it must still
+// break the protocol (a silent one would be closed by the handshake deadline instead).
 bool flood(int fd, const std::vector<std::byte>& buf, Clock::time_point until) {
   size_t off = 0;
-  while (Clock::now() < until) {
+  for (bool first = true; first || Clock::now() < until; first = false) {
     ssize_t n = send(fd, buf.data() + off, buf.size() - off, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (n > 0) {
       off = (off + static_cast<size_t>(n)) % buf.size();
@@ -378,6 +380,34 @@ TEST_CASE("connections awaiting the handshake are capped per source, oldest firs
   // The rest go at the handshake deadline.
   REQUIRE(eventually([&] { return s.node->stats().handshakes_pending == 0; }, milliseconds(4000)));
   CHECK(s.node->stats().closed_handshake_timeout == 31);
+}
+
+// Over a cap, connections that have not said hello go before a handshake under way, even
+// an older one: a host whose other processes hold slots with silent connections (the same
+// source address) cannot get an honest client's handshake closed.
+TEST_CASE("a cap closes silent connections before a handshake under way from the same address",
+          "[hostile]") {
+  Server s(milliseconds(2000));
+  RawPeer honest;
+  REQUIRE(honest.open("127.0.0.1", s.port()));
+  std::vector<RawPeer> silent(40);
+  auto welcome = honest.handshake(s.config.key, 3, 2, milliseconds(5000), [&] {
+    // Challenged, not yet proved: now 40 silent connections from the same address.
+    for (auto& p : silent) REQUIRE(p.open("127.0.0.1", s.port()));
+    // 41 awaiting the handshake, 32 allowed: 9 go, all of them silent ones.
+    REQUIRE(
+        eventually([&] { return s.node->stats().closed_handshake_cap == 9; }, milliseconds(3000)));
+  });
+  REQUIRE(welcome);
+  CHECK(welcome->kind() == Kind::kWelcome);
+  for (int i = 0; i < 9; i++) {
+    auto frames = silent[i].read_until_closed(milliseconds(1000));
+    INFO("silent connection " << i);
+    CHECK(silent[i].closed());
+    REQUIRE(frames.size() == 1);
+    CHECK(frames[0].header.status == EAGAIN);
+  }
+  CHECK(s.node->stats().closed_handshake_cap == 9);
 }
 
 namespace {

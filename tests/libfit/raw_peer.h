@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -127,8 +128,11 @@ class RawPeer {
   // The client's side of the handshake with `key`, as node `self` to node `server`.
   // Returns the server's last frame (kWelcome, or the kError refusing us); nullopt when
   // the connection failed or was not answered.
+  // `before_proof`, when given, runs between the challenge and the proof (a handshake
+  // under way).
   std::optional<RawFrame> handshake(const std::vector<uint8_t>& key, uint32_t self, uint32_t server,
-                                    std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
+                                    std::chrono::milliseconds timeout = std::chrono::seconds(5),
+                                    const std::function<void()>& before_proof = nullptr) {
     fit::wire::HelloPayload hello{};
     hello.client_node = self;
     hello.window = 16;
@@ -142,6 +146,7 @@ class RawPeer {
     fit::wire::ChallengePayload challenge{};
     if (ch->payload.size() != sizeof(challenge)) return std::nullopt;
     memcpy(&challenge, ch->payload.data(), sizeof(challenge));
+    if (before_proof) before_proof();
     fit::wire::ProofPayload proof{};
     fit::auth::prove(key, fit::auth::Direction::kClientToServer, hello.client_nonce,
                      challenge.server_nonce, self, server, proof.client_proof);
