@@ -31,6 +31,10 @@ Status map_error(const Status& st) {
     case EHOSTUNREACH:
     case ENETUNREACH:
     case EPIPE:
+    // A handshake the storage node kept closing (its cap on connections awaiting the
+    // handshake; libfit already retried it for the timeout). Regular-file system calls on
+    // the storage node do not fail with EAGAIN, so it is not the node's own error.
+    case EAGAIN:
       return Status(EIO, st.message());
     default:
       return st;
