@@ -9,11 +9,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -184,4 +186,142 @@ TEST_CASE("SIGTERM ends run_until_stopped; SIGPIPE is ignored; signal_ready", "[
     CHECK(WIFEXITED(status));
     CHECK(WEXITSTATUS(status) == 0);
   }
+}
+
+// A stop signal ends run_until_stopped at once, not at the end of the period it is
+// sleeping through (it slept in 200 ms slices a signal did not cut short, so every daemon
+// took up to 200 ms to stop); the periodic tick goes on meanwhile.
+TEST_CASE("run_until_stopped: a stop signal wakes it at once; ticks keep their period",
+          "[daemon]") {
+  // A 60 s period: the old loop would have slept through the whole test.
+  int ready[2];
+  REQUIRE(pipe(ready) == 0);
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    close(ready[0]);
+    daemon::install_stop_handlers();
+    daemon::signal_ready(ready[1]);
+    daemon::run_until_stopped(std::chrono::seconds(60), [] { _exit(6); });
+    _exit(daemon::stop_requested() ? 0 : 5);
+  }
+  close(ready[1]);
+  char buf[8] = {};
+  REQUIRE(read(ready[0], buf, sizeof(buf)) == 6);
+  close(ready[0]);
+  const auto t0 = std::chrono::steady_clock::now();
+  kill(pid, SIGTERM);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  const auto took = std::chrono::steady_clock::now() - t0;
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  // Generous: a loaded host may be slow to schedule the child, but not 60 s slow.
+  CHECK(took < std::chrono::seconds(10));
+
+  // Ticks: every 20 ms, none lost to the wake-up machinery.
+  Outcome o = in_child([] {
+    daemon::install_stop_handlers();
+    int ticks = 0;
+    std::thread stopper([] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      kill(getpid(), SIGINT);
+    });
+    daemon::run_until_stopped(std::chrono::milliseconds(20), [&] { ticks++; });
+    stopper.join();
+    printf("%d", ticks);
+    return 0;
+  });
+  CHECK(o.status == 0);
+  INFO("ticks in 500 ms: " << o.out);
+  CHECK(std::stoi(o.out) >= 5);   // at most 25; fewer only on a very busy host
+  CHECK(std::stoi(o.out) <= 26);  // never a burst
+}
+
+// run_node: a node daemon's main() around a service. Guards what lego-memd and lego-stord
+// (and the daemons to come) get from it: --status answered by the running node through
+// the service's handler, the role checked, the start line, --ready-fd, the service's tick,
+// and a prompt, clean stop on SIGTERM with exit status 0.
+TEST_CASE("run_node: a service on its node, --status, --ready-fd, ticks, stop", "[daemon]") {
+  static constexpr uint16_t kTestStatus = 0x7e01;
+  fit::ClusterConfig c = testing::make_cluster(2, "tcp");
+  c.nodes[1].role = fit::Role::kStorage;
+  char path[] = "/tmp/daemon-test-XXXXXX";
+  int fd = mkstemp(path);
+  REQUIRE(fd >= 0);
+  close(fd);
+  std::ofstream(path) << c.to_toml();
+
+  // The daemon: its status text counts its ticks; --greeting is its own flag.
+  auto run = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), "test-node");
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    optind = 0;
+    auto greeting = std::make_shared<std::string>("none");
+    daemon::NodeDaemon d{"test-node", kUsage, fit::Role::kStorage, kTestStatus, {}, {}};
+    d.flags.push_back({"greeting", true, [greeting](const char* a) { *greeting = a; }});
+    d.start = [greeting](const fit::NodeConfig&) {
+      auto ticks = std::make_shared<std::atomic<int>>(0);
+      return daemon::Service{
+          [ticks, greeting](fit::Node& node) {
+            node.handle(kTestStatus,
+                        [ticks, greeting](const fit::RpcContext&, std::span<const std::byte>,
+                                          std::span<std::byte> rep) -> Result<size_t> {
+                          std::string t = *greeting + " ticks " + std::to_string(ticks->load());
+                          memcpy(rep.data(), t.data(), t.size());
+                          return t.size();
+                        });
+          },
+          [ticks] { ++*ticks; },
+          "things",
+          ", greeting " + *greeting,
+      };
+    };
+    return daemon::run_node(static_cast<int>(args.size()), argv.data(), d);
+  };
+
+  // A node of another role is refused before anything starts.
+  Outcome o = in_child([&] { return run({"--config", path, "--node", "1"}); });
+  CHECK(o.status == 2);
+  CHECK(o.err.find("node 1 is a processor node") != std::string::npos);
+
+  int ready[2], err[2];
+  REQUIRE(pipe(ready) == 0);
+  REQUIRE(pipe(err) == 0);
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    close(ready[0]);
+    close(err[0]);
+    dup2(err[1], 2);
+    _exit(run({"--config", path, "--node", "2", "--greeting", "hi", "--ready-fd",
+               std::to_string(ready[1])}));
+  }
+  close(ready[1]);
+  close(err[1]);
+  char buf[8] = {};
+  CHECK(read(ready[0], buf, sizeof(buf)) == 6);
+  close(ready[0]);
+  std::this_thread::sleep_for(std::chrono::milliseconds(700));  // a few 200 ms ticks
+  o = in_child([&] { return run({"--config", path, "--node", "2", "--status"}); });
+  CHECK(o.status == 0);
+  INFO("status: " << o.out);
+  CHECK(o.out.rfind("hi ticks ", 0) == 0);
+  CHECK(std::stoi(o.out.substr(9)) >= 1);
+  const auto t0 = std::chrono::steady_clock::now();
+  kill(pid, SIGTERM);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10));
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  std::string log = drain(err[0]);
+  INFO("stderr: " << log);
+  CHECK(log.find("test-node: node 2 serving things at 127.0.0.1:" +
+                 std::to_string(c.nodes[1].port) + " (tcp, ") != std::string::npos);
+  CHECK(log.find("), greeting hi, ") != std::string::npos);
+  CHECK(log.find(" descriptors\ntest-node: node 2 stopping\n") != std::string::npos);
+  unlink(path);
 }
