@@ -155,71 +155,71 @@ TEST_CASE("load_config and node_of_role: messages and exit status 2", "[daemon]"
   unlink(path);
 }
 
-TEST_CASE("SIGTERM ends run_until_stopped; SIGPIPE is ignored; signal_ready", "[daemon]") {
-  for (int sig : {SIGTERM, SIGINT}) {
-    int ready[2];
-    REQUIRE(pipe(ready) == 0);
-    pid_t pid = fork();
-    REQUIRE(pid >= 0);
-    if (pid == 0) {
-      close(ready[0]);
-      daemon::install_stop_handlers();
-      int dead[2];
-      if (pipe(dead) != 0) _exit(3);
-      close(dead[0]);
-      if (write(dead[1], "x", 1) != -1 || errno != EPIPE) _exit(4);  // not killed
-      daemon::signal_ready(ready[1]);
-      int ticks = 0;
-      daemon::run_until_stopped(std::chrono::milliseconds(5), [&] { ticks++; });
-      _exit(daemon::stop_requested() ? 0 : 5);
-    }
-    close(ready[1]);
-    char buf[8] = {};
-    CHECK(read(ready[0], buf, sizeof(buf)) == 6);
-    CHECK(std::string(buf) == "ready\n");
-    close(ready[0]);
-    std::this_thread::sleep_for(std::chrono::milliseconds(30));
-    kill(pid, sig);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    INFO("signal " << sig);
-    CHECK(WIFEXITED(status));
-    CHECK(WEXITSTATUS(status) == 0);
-  }
-}
+namespace {
 
-// A stop signal ends run_until_stopped at once, not at the end of the period it is
-// sleeping through (it slept in 200 ms slices a signal did not cut short, so every daemon
-// took up to 200 ms to stop); the periodic tick goes on meanwhile.
-TEST_CASE("run_until_stopped: a stop signal wakes it at once; ticks keep their period",
-          "[daemon]") {
-  // A 60 s period: the old loop would have slept through the whole test.
+// A child process running fn(ready_fd), which must signal_ready(ready_fd) (or exit);
+// returns once it has, with the child's pid and what it wrote.
+struct ReadyChild {
+  pid_t pid = -1;
+  std::string said;
+};
+ReadyChild start_ready_child(const std::function<int(int ready_fd)>& fn) {
   int ready[2];
   REQUIRE(pipe(ready) == 0);
   pid_t pid = fork();
   REQUIRE(pid >= 0);
   if (pid == 0) {
     close(ready[0]);
-    daemon::install_stop_handlers();
-    daemon::signal_ready(ready[1]);
-    daemon::run_until_stopped(std::chrono::seconds(60), [] { _exit(6); });
-    _exit(daemon::stop_requested() ? 0 : 5);
+    _exit(fn(ready[1]));
   }
   close(ready[1]);
+  ReadyChild c{pid, {}};
   char buf[8] = {};
-  REQUIRE(read(ready[0], buf, sizeof(buf)) == 6);
+  if (read(ready[0], buf, sizeof(buf)) > 0) c.said = buf;
   close(ready[0]);
+  return c;
+}
+
+// Sends `sig` to `pid` and reaps it: its exit status (-1 if killed) and how long it took.
+std::pair<int, std::chrono::steady_clock::duration> stop_child(pid_t pid, int sig) {
   const auto t0 = std::chrono::steady_clock::now();
-  kill(pid, SIGTERM);
+  kill(pid, sig);
   int status = 0;
   waitpid(pid, &status, 0);
-  const auto took = std::chrono::steady_clock::now() - t0;
-  CHECK(WIFEXITED(status));
-  CHECK(WEXITSTATUS(status) == 0);
-  // Generous: a loaded host may be slow to schedule the child, but not 60 s slow.
-  CHECK(took < std::chrono::seconds(10));
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, std::chrono::steady_clock::now() - t0};
+}
 
-  // Ticks: every 20 ms, none lost to the wake-up machinery.
+}  // namespace
+
+// A stop signal ends run_until_stopped at once, not at the end of the period it is
+// sleeping through (it slept in slices a signal did not cut short -- libstdc++'s sleep_for
+// resumes after EINTR -- so every daemon took up to 200 ms to stop).
+TEST_CASE("SIGTERM and SIGINT end run_until_stopped at once; SIGPIPE is ignored; signal_ready",
+          "[daemon]") {
+  for (int sig : {SIGTERM, SIGINT}) {
+    INFO("signal " << sig);
+    ReadyChild c = start_ready_child([](int ready_fd) {
+      daemon::install_stop_handlers();
+      int dead[2];
+      if (pipe(dead) != 0) return 3;
+      close(dead[0]);
+      if (write(dead[1], "x", 1) != -1 || errno != EPIPE) return 4;  // not killed
+      daemon::signal_ready(ready_fd);
+      // A 60 s period: a loop that slept through signals would outlast the test.
+      daemon::run_until_stopped(std::chrono::seconds(60), [] { _exit(6); });
+      return daemon::stop_requested() ? 0 : 5;
+    });
+    CHECK(c.said == "ready\n");
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    auto [status, took] = stop_child(c.pid, sig);
+    CHECK(status == 0);
+    // Generous: a loaded host may be slow to schedule the child, but not 60 s slow.
+    CHECK(took < std::chrono::seconds(10));
+  }
+}
+
+// The wake-up machinery loses no tick and makes no burst of them.
+TEST_CASE("run_until_stopped: ticks keep their period", "[daemon]") {
   Outcome o = in_child([] {
     daemon::install_stop_handlers();
     int ticks = 0;
@@ -287,36 +287,25 @@ TEST_CASE("run_node: a service on its node, --status, --ready-fd, ticks, stop", 
   CHECK(o.status == 2);
   CHECK(o.err.find("node 1 is a processor node") != std::string::npos);
 
-  int ready[2], err[2];
-  REQUIRE(pipe(ready) == 0);
+  int err[2];
   REQUIRE(pipe(err) == 0);
-  pid_t pid = fork();
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    close(ready[0]);
+  ReadyChild d = start_ready_child([&](int ready_fd) {
     close(err[0]);
     dup2(err[1], 2);
-    _exit(run({"--config", path, "--node", "2", "--greeting", "hi", "--ready-fd",
-               std::to_string(ready[1])}));
-  }
-  close(ready[1]);
+    return run({"--config", path, "--node", "2", "--greeting", "hi", "--ready-fd",
+                std::to_string(ready_fd)});
+  });
   close(err[1]);
-  char buf[8] = {};
-  CHECK(read(ready[0], buf, sizeof(buf)) == 6);
-  close(ready[0]);
+  CHECK(d.said == "ready\n");
   std::this_thread::sleep_for(std::chrono::milliseconds(700));  // a few 200 ms ticks
   o = in_child([&] { return run({"--config", path, "--node", "2", "--status"}); });
   CHECK(o.status == 0);
   INFO("status: " << o.out);
   CHECK(o.out.rfind("hi ticks ", 0) == 0);
   CHECK(std::stoi(o.out.substr(9)) >= 1);
-  const auto t0 = std::chrono::steady_clock::now();
-  kill(pid, SIGTERM);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10));
-  CHECK(WIFEXITED(status));
-  CHECK(WEXITSTATUS(status) == 0);
+  auto [status, took] = stop_child(d.pid, SIGTERM);
+  CHECK(status == 0);
+  CHECK(took < std::chrono::seconds(10));
   std::string log = drain(err[0]);
   INFO("stderr: " << log);
   CHECK(log.find("test-node: node 2 serving things at 127.0.0.1:" +
