@@ -81,6 +81,16 @@ int parse(std::vector<std::string> args, daemon::NodeFlags* f = nullptr) {
                              daemon::node_flags(*f, true));
 }
 
+// Writes `c` to a fresh file under /tmp; returns its path (the caller unlinks it).
+std::string write_cluster_file(const fit::ClusterConfig& c) {
+  char path[] = "/tmp/daemon-test-XXXXXX";
+  int fd = mkstemp(path);
+  REQUIRE(fd >= 0);
+  close(fd);
+  std::ofstream(path) << c.to_toml();
+  return path;
+}
+
 }  // namespace
 
 TEST_CASE("parse_flags: --help, unknown flags and bad values exit as the daemons do", "[daemon]") {
@@ -122,11 +132,7 @@ TEST_CASE("parse_flags: every node flag reaches its field; operands are left", "
 TEST_CASE("load_config and node_of_role: messages and exit status 2", "[daemon]") {
   fit::ClusterConfig c = testing::make_cluster(2, "tcp");
   c.nodes[1].role = fit::Role::kStorage;
-  char path[] = "/tmp/daemon-test-XXXXXX";
-  int fd = mkstemp(path);
-  REQUIRE(fd >= 0);
-  close(fd);
-  std::ofstream(path) << c.to_toml();
+  const std::string path = write_cluster_file(c);
   daemon::set_program("test-daemon");
 
   fit::ClusterConfig loaded = daemon::load_config(path);
@@ -152,7 +158,7 @@ TEST_CASE("load_config and node_of_role: messages and exit status 2", "[daemon]"
   });
   CHECK(o.status == 2);
   CHECK(o.err.find("/nonexistent/cluster.toml") != std::string::npos);
-  unlink(path);
+  unlink(path.c_str());
 }
 
 namespace {
@@ -246,11 +252,7 @@ TEST_CASE("run_node: a service on its node, --status, --ready-fd, ticks, stop", 
   static constexpr uint16_t kTestStatus = 0x7e01;
   fit::ClusterConfig c = testing::make_cluster(2, "tcp");
   c.nodes[1].role = fit::Role::kStorage;
-  char path[] = "/tmp/daemon-test-XXXXXX";
-  int fd = mkstemp(path);
-  REQUIRE(fd >= 0);
-  close(fd);
-  std::ofstream(path) << c.to_toml();
+  const std::string path = write_cluster_file(c);
 
   // The daemon: its status text counts its ticks; --greeting is its own flag.
   auto run = [&](std::vector<std::string> args) {
@@ -312,5 +314,5 @@ TEST_CASE("run_node: a service on its node, --status, --ready-fd, ticks, stop", 
                  std::to_string(c.nodes[1].port) + " (tcp, ") != std::string::npos);
   CHECK(log.find("), greeting hi, ") != std::string::npos);
   CHECK(log.find(" descriptors\ntest-node: node 2 stopping\n") != std::string::npos);
-  unlink(path);
+  unlink(path.c_str());
 }
