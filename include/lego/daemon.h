@@ -91,8 +91,8 @@ void ignore_sigpipe();
 // run_until_stopped() at once (the handler writes to a pipe it polls).
 void install_stop_handlers();
 bool stop_requested();
-// Calls `tick` every `period` until stop_requested(); returns within a few microseconds
-// of a stop signal (after install_stop_handlers()), not at the end of the period.
+// Calls `tick` every `period` until stop_requested(); returns as soon as a stop signal
+// arrives (after install_stop_handlers()), not at the end of the period.
 void run_until_stopped(std::chrono::milliseconds period, const std::function<void()>& tick);
 
 // Writes "ready\n" to fd and closes it (--ready-fd, for supervisors and tests); nothing

@@ -116,28 +116,9 @@ ip netns add "$ns_d" && ip netns add "$ns_a" &&
   { echo "hostile_test: cannot set up the network namespaces" >&2; exit 1; }
 
 random_key >"$tmp/cluster.key"
-cat >"$tmp/cluster.toml" <<TOML
-[cluster]
-key_file = "cluster.key"
-timeout_ms = $TIMEOUT_MS
-[[node]]
-id = 1
-role = "processor"
-address = "$p_addr"
-port = $base
-[[node]]
-id = 2
-role = "memory"
-address = "$d_addr"
-port = $((base + 1))
-progress = "blocking"
-[[node]]
-id = 3
-role = "storage"
-address = "$d_addr"
-port = $((base + 2))
-progress = "blocking"
-TOML
+cluster_toml "$tmp/cluster.toml" 'key_file = "cluster.key"' "timeout_ms = $TIMEOUT_MS" -- \
+  "1 processor $p_addr $base" "2 memory $d_addr $((base + 1)) blocking" \
+  "3 storage $d_addr $((base + 2)) blocking"
 memd_port=$((base + 1))
 stord_port=$((base + 2))
 

@@ -276,25 +276,8 @@ if [[ "$RUNTIME" != 0 ]]; then
   # Both sides sleep (blocking) rather than spin while waiting: on one vCPU a
   # spinning caller keeps the daemon it waits for off the CPU until the next
   # tick (measured: polling did not finish lego_integrity in 60 s; blocking, 19 s).
-  key="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-  cat >"$R/etc/lego-cluster.toml" <<TOML
-[cluster]
-key = "$key"
-
-[[node]]
-id = 1
-role = "processor"
-address = "127.0.0.1"
-port = 18601
-progress = "blocking"
-
-[[node]]
-id = 2
-role = "memory"
-address = "127.0.0.1"
-port = 18602
-progress = "blocking"
-TOML
+  cluster_toml "$R/etc/lego-cluster.toml" "key = \"$(random_key)\"" -- \
+    "1 processor 127.0.0.1 18601 blocking" "2 memory 127.0.0.1 18602 blocking"
 fi
 
 # The guest's /init: settings from this script, then the fixed part below

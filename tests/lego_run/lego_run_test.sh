@@ -63,7 +63,7 @@ check "evictions and write-backs happened" \
 sigbus_clock() {
   local out
   out=$("$LEGO_RUN" --excache 8M --delivery sigbus --policy clock -- "$INTEGRITY" 48 2 40000 2>&1)
-  echo "$out"
+  echo "exit status $?: $out"
   integrity_ok "$out"
 }
 check "integrity with --delivery sigbus --policy clock" sigbus_clock
@@ -72,7 +72,7 @@ check "integrity with --delivery sigbus --policy clock" sigbus_clock
 over_shm() {
   local out
   out=$("$LEGO_RUN" --excache 8M --transport shm -- "$INTEGRITY" 48 2 40000 2>&1)
-  echo "$out"
+  echo "exit status $?: $out"
   integrity_ok "$out"
 }
 check "integrity with --transport shm" over_shm
@@ -252,21 +252,8 @@ hand_net() {
   local net=$((100 + $$ % 100))
   ip netns add "$ns" &&
     veth_link "" "lrt$$a" "10.$net.77.1/30" "$ns" "lrt$$b" "10.$net.77.2/30" || return 1
-  cat >"$tmp/cluster.toml" <<TOML
-[cluster]
-key = "$(random_key)"
-[[node]]
-id = 1
-role = "processor"
-address = "10.$net.77.1"
-port = 19101
-[[node]]
-id = 7
-role = "memory"
-address = "10.$net.77.2"
-port = 19107
-progress = "blocking"
-TOML
+  cluster_toml "$tmp/cluster.toml" "key = \"$(random_key)\"" -- \
+    "1 processor 10.$net.77.1 19101" "7 memory 10.$net.77.2 19107 blocking"
 }
 hand_memd() {
   need hand_net || return 1
@@ -391,21 +378,8 @@ check "lego-memd --help" "$MEMD" --help
 port=$((10000 + $$ % 10000 * 2))
 probe_cluster() {
   mkdir -p "$tmp/probe"
-  cat >"$tmp/probe/cluster.toml" <<TOML
-[cluster]
-key = "$(random_key)"
-[[node]]
-id = 1
-role = "processor"
-address = "127.0.0.1"
-port = $port
-[[node]]
-id = 7
-role = "memory"
-address = "127.0.0.1"
-port = $((port + 1))
-progress = "blocking"
-TOML
+  cluster_toml "$tmp/probe/cluster.toml" "key = \"$(random_key)\"" -- \
+    "1 processor 127.0.0.1 $port" "7 memory 127.0.0.1 $((port + 1)) blocking"
 }
 probe_memd() {
   need probe_cluster

@@ -28,7 +28,7 @@
 #
 # POSIX sh (bash, and busybox's sh in the qemu guest). Uses file descriptor 9 for the
 # script's own standard output, and defines names that start with check_, need, note,
-# selected, wait_, bad_flag, random_key and veth_ (and _check_ internally).
+# selected, wait_, bad_flag, random_key, cluster_toml and veth_ (and _check_ internally).
 
 # check_init [NAME-PART...]: selects checks (see above) and sets up the bookkeeping.
 check_init() {
@@ -178,6 +178,26 @@ bad_flag() {
 
 # random_key: a fresh cluster key, 32 random bytes in hex.
 random_key() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+
+# cluster_toml FILE [SETTING...] -- NODE...: writes a cluster file. Each SETTING is a line
+# of its [cluster] table ('key = "..."', 'timeout_ms = 500'); each NODE is
+# "ID ROLE ADDRESS PORT [PROGRESS]".
+cluster_toml() {
+  _check_f=$1
+  shift
+  echo "[cluster]" >"$_check_f"
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do
+    printf '%s\n' "$1" >>"$_check_f"
+    shift
+  done
+  [ $# -gt 0 ] && shift
+  for _check_node in "$@"; do
+    printf '%s\n' "$_check_node" | awk '{
+      printf "[[node]]\nid = %s\nrole = \"%s\"\naddress = \"%s\"\nport = %s\n", $1, $2, $3, $4
+      if ($5 != "") printf "progress = \"%s\"\n", $5
+    }' >>"$_check_f"
+  done
+}
 
 # veth_link NS_A IF_A ADDR_A NS_B IF_B ADDR_B: a veth pair IF_A (in NS_A, "" for this
 # namespace) -- IF_B (in NS_B, which must exist), addresses with their prefix

@@ -3,8 +3,8 @@
 # that name the check, a failure's output tail, the "N passed, N failed" line and the
 # list of failed checks, the exit status; checks selected by a name part (the script's
 # arguments) or LEGO_TEST_FILTER, the others not run at all; need() running a set-up once,
-# only when a selected check needs it; a filter that selects nothing failing the run. Run
-# under bash and under busybox's sh (the qemu guest's shell).
+# only when a selected check needs it; a filter that selects nothing failing the run;
+# cluster_toml's text. Run under bash and under busybox's sh (the qemu guest's shell).
 set -uo pipefail
 lib=$(cd "$(dirname "$0")" && pwd)/check.sh
 tmp=${TEST_TMPDIR:-$(mktemp -d)}
@@ -89,6 +89,25 @@ for shell in bash "/bin/busybox sh"; do
   expect "$s LEGO_TEST_VERBOSE shows the output as it runs" \
     eval 'has x "--- second one" && has x "set up"'
 done
+
+# cluster_toml writes what the cluster file parser reads (libfit's config_test covers
+# the parser; here: the text).
+out=$(bash -c ". '$lib'; cluster_toml '$tmp/c.toml' 'key = \"ab\"' -- '1 processor 127.0.0.1 10' \
+  '2 memory 10.0.0.2 11 blocking'; cat '$tmp/c.toml'")
+expect "cluster_toml: settings under [cluster], one [[node]] table per node" \
+  [ "$out" = '[cluster]
+key = "ab"
+[[node]]
+id = 1
+role = "processor"
+address = "127.0.0.1"
+port = 10
+[[node]]
+id = 2
+role = "memory"
+address = "10.0.0.2"
+port = 11
+progress = "blocking"' ]
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

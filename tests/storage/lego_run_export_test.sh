@@ -105,25 +105,8 @@ check "--mount must be absolute" bad_flag 125 "" "$LEGO_RUN" --export "$exp" --m
 # 4. A cluster file: lego-memd and lego-stord started by hand on loopback.
 cluster() {
   local port=$((20000 + RANDOM % 20000))
-  cat >"$tmp/cluster.toml" <<TOML
-[cluster]
-key = "$(random_key)"
-[[node]]
-id = 1
-role = "processor"
-address = "127.0.0.1"
-port = $port
-[[node]]
-id = 2
-role = "memory"
-address = "127.0.0.1"
-port = $((port + 1))
-[[node]]
-id = 3
-role = "storage"
-address = "127.0.0.1"
-port = $((port + 2))
-TOML
+  cluster_toml "$tmp/cluster.toml" "key = \"$(random_key)\"" -- "1 processor 127.0.0.1 $port" \
+    "2 memory 127.0.0.1 $((port + 1))" "3 storage 127.0.0.1 $((port + 2))"
   mkdir -p "$exp/d"
   echo new >"$exp/d/new.txt"
   "$MEMD" --config "$tmp/cluster.toml" --node 2 --ready-fd 3 3>"$tmp/memd.ready" \

@@ -34,20 +34,8 @@ check "the unit has one ExecStart line" one_exec_start
 # LEGO_STORD_OPTS set, started.
 start_from_unit() {
   local port=$((20000 + $$ % 20000))
-  cat >"$tmp/cluster.toml" <<EOT
-[cluster]
-key = "$(random_key)"
-[[node]]
-id = 1
-role = "processor"
-address = "127.0.0.1"
-port = $port
-[[node]]
-id = 3
-role = "storage"
-address = "127.0.0.1"
-port = $((port + 1))
-EOT
+  cluster_toml "$tmp/cluster.toml" "key = \"$(random_key)\"" -- \
+    "1 processor 127.0.0.1 $port" "3 storage 127.0.0.1 $((port + 1))"
   mkdir -p "$tmp/export"
   echo unit >"$tmp/export/hello"
   local cmd
