@@ -28,7 +28,8 @@
 #
 # POSIX sh (bash, and busybox's sh in the qemu guest). Uses file descriptor 9 for the
 # script's own standard output, and defines names that start with check_, need, note,
-# selected, wait_, bad_flag, random_key, cluster_toml and veth_ (and _check_ internally).
+# selected, wait_, bad_flag, lego_bin_root, random_key, cluster_toml and veth_ (and
+# _check_ internally).
 
 # check_init [NAME-PART...]: selects checks (see above) and sets up the bookkeeping.
 check_init() {
@@ -174,6 +175,16 @@ bad_flag() {
     return 1
   fi
   printf '%s\n' "$_check_out" | grep -q -- "$_check_want"
+}
+
+# lego_bin_root: where lego's built programs are: the test's runfiles under Bazel, else
+# this checkout's bazel-bin (found from the script's own path, tests/PKG/SCRIPT).
+lego_bin_root() {
+  if [ -d "${TEST_SRCDIR:-}/lego" ]; then
+    echo "$TEST_SRCDIR/lego"
+  else
+    echo "$(cd "$(dirname "$0")/../.." && pwd)/bazel-bin"
+  fi
 }
 
 # random_key: a fresh cluster key, 32 random bytes in hex.

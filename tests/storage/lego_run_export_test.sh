@@ -15,8 +15,7 @@ set -uo pipefail
 . "$(dirname "$0")/../lib/check.sh"
 check_init "$@"
 
-root=${TEST_SRCDIR:-}/lego
-[ -d "$root" ] || root=$(cd "$(dirname "$0")/../.." && pwd)/bazel-bin
+root=$(lego_bin_root)
 LEGO_RUN=$root/runtime/lego-run
 MEMD=$root/daemons/memory/lego-memd
 STORD=$root/daemons/storage/lego-stord
