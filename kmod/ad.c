@@ -129,25 +129,14 @@ long lego_ioctl_ad(struct lego_pcache_ad __user *uarg)
 	lego_stat_add(ad_accessed, nr_accessed);
 	lego_stat_add(ad_dirty, nr_dirty);
 
-	ret = lego_batch_put(&b);
-	if (ret)
-		goto out;
 	arg.nr_accessed = nr_accessed;
 	arg.nr_dirty = nr_dirty;
 	arg.nr_present = nr_present;
-	ret = -EFAULT;
-	if (copy_to_user(uarg, &arg, sizeof(arg))) {
-		lego_stat_inc(result_faults);
-		goto out;
-	}
 	ret = 0;
 	goto out;
 
 out_unlock:
 	mmap_read_unlock(mm);
 out:
-	lego_batch_free(&b);
-	if (ret)
-		lego_stat_inc(errors);
-	return ret;
+	return lego_batch_finish(&b, uarg, &arg, sizeof(arg), ret);
 }

@@ -21,7 +21,7 @@ static bool lego_uptr_ok(u64 uptr)
 
 /*
  * lego_batch_get - copy the caller's line array and prepare result bitmaps.
- * @b:     batch to fill; lego_batch_free() it whatever this returns.
+ * @b:     batch to fill; lego_batch_finish() frees it whatever this returns.
  * @ulines: user pointer to __u64[count].
  * @uout:  @nout user pointers to result bitmaps (0 = not wanted).
  *
@@ -183,7 +183,7 @@ out:
 }
 
 /* lego_batch_put - copy result bitmaps to the caller. No lock may be held. */
-int lego_batch_put(const struct lego_batch *b)
+static int lego_batch_put(const struct lego_batch *b)
 {
 	size_t bytes = b->words * sizeof(u64);
 	int i;
@@ -197,9 +197,37 @@ int lego_batch_put(const struct lego_batch *b)
 	return 0;
 }
 
-void lego_batch_free(struct lego_batch *b)
+/*
+ * lego_batch_finish - the end of every batch ioctl, whether it failed or took
+ * effect: copy the results back, free the batch, count a failure.
+ * @b:    the batch (lego_batch_get()), freed here whatever @ret is.
+ * @uarg: the caller's argument struct; @arg, @size: the kernel copy to write
+ *        back over it, its nr_* results filled in.
+ * @ret:  0 if the call took effect, or the -errno it failed with (then
+ *        nothing is copied back).
+ * No lock may be held. Returns the ioctl's result: @ret, or -EFAULT when a
+ * call that took effect could not write its results (counted as
+ * result_faults: lego_batch_get() zeroed the bitmaps to make that rare).
+ */
+long lego_batch_finish(struct lego_batch *b, void __user *uarg,
+		       const void *arg, size_t size, long ret)
 {
+	if (ret)
+		goto out;
+	ret = lego_batch_put(b);
+	if (ret)
+		goto out;
+	ret = -EFAULT;
+	if (copy_to_user(uarg, arg, size)) {
+		lego_stat_inc(result_faults);
+		goto out;
+	}
+	ret = 0;
+out:
 	kfree(b->block);
 	b->block = NULL;
 	b->lines = NULL;
+	if (ret)
+		lego_stat_inc(errors);
+	return ret;
 }

@@ -256,24 +256,13 @@ long lego_ioctl_evict(struct lego_pcache_evict __user *uarg)
 	if (discard)
 		lego_stat_add(evict_dirty_discarded, nr_dirty - nr_swapped);
 
-	ret = lego_batch_put(&b);
-	if (ret)
-		goto out;
 	arg.nr_evicted = nr_evicted;
 	arg.nr_dirty = nr_dirty;
-	ret = -EFAULT;
-	if (copy_to_user(uarg, &arg, sizeof(arg))) {
-		lego_stat_inc(result_faults);
-		goto out;
-	}
 	ret = 0;
 	goto out;
 
 out_unlock:
 	mmap_write_unlock(mm);
 out:
-	lego_batch_free(&b);
-	if (ret)
-		lego_stat_inc(errors);
-	return ret;
+	return lego_batch_finish(&b, uarg, &arg, sizeof(arg), ret);
 }

@@ -5,7 +5,8 @@
  * One file per mechanism:
  *   main.c    module parameters, the misc device, ioctl dispatch, INFO.
  *   batch.c   copying a batch in, validating it against the caller's VMAs,
- *             copying result bitmaps out.
+ *             and every batch ioctl's end (results out, batch freed, errors
+ *             counted).
  *   ad.c      LEGO_PCACHE_IOC_AD: test-and-clear of accessed/dirty bits.
  *   evict.c   LEGO_PCACHE_IOC_EVICT: eviction that cannot lose a racing store.
  *   mkclean.c LEGO_PCACHE_IOC_MKCLEAN: uffd-write-protected lines become
@@ -65,8 +66,8 @@ int lego_batch_get(struct lego_batch *b, u64 ulines, u32 count,
 		   const u64 *uout, int nout);
 int lego_batch_check_vmas(struct mm_struct *mm, const struct lego_batch *b,
 			  enum lego_vma_use use);
-int lego_batch_put(const struct lego_batch *b);
-void lego_batch_free(struct lego_batch *b);
+long lego_batch_finish(struct lego_batch *b, void __user *uarg,
+		       const void *arg, size_t size, long ret);
 
 static inline void lego_bitmap_set(u64 *map, u32 i)
 {

@@ -175,23 +175,12 @@ long lego_ioctl_mkclean(struct lego_pcache_mkclean __user *uarg)
 	lego_stat_add(mkclean_done, nr_done);
 	lego_stat_add(mkclean_shared, nr_shared);
 
-	ret = lego_batch_put(&b);
-	if (ret)
-		goto out;
 	arg.nr_done = nr_done;
-	ret = -EFAULT;
-	if (copy_to_user(uarg, &arg, sizeof(arg))) {
-		lego_stat_inc(result_faults);
-		goto out;
-	}
 	ret = 0;
 	goto out;
 
 out_unlock:
 	mmap_read_unlock(mm);
 out:
-	lego_batch_free(&b);
-	if (ret)
-		lego_stat_inc(errors);
-	return ret;
+	return lego_batch_finish(&b, uarg, &arg, sizeof(arg), ret);
 }

@@ -1,14 +1,17 @@
 // The daemons' shared plumbing (include/lego/daemon.h).
 #include "lego/daemon.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstdio>
-#include <thread>
+#include <cstring>
 
 #include "lego/units.h"
 
@@ -17,9 +20,14 @@ namespace {
 
 const char* g_program = "lego";
 std::atomic<bool> g_stop{false};
+// The self-pipe that wakes run_until_stopped(): the stop handler writes a byte to [1].
+int g_wake[2] = {-1, -1};
 
 void on_stop_signal(int) {
   g_stop = true;
+  const int saved = errno;  // write() may change it under the interrupted code
+  if (g_wake[1] >= 0) (void)!write(g_wake[1], "x", 1);
+  errno = saved;
 }
 
 }  // namespace
@@ -155,6 +163,10 @@ void ignore_sigpipe() {
 
 void install_stop_handlers() {
   ignore_sigpipe();
+  // Non-blocking: a handler never waits on a full pipe (one byte is enough to wake).
+  if (g_wake[0] < 0 && pipe2(g_wake, O_CLOEXEC | O_NONBLOCK) != 0) {
+    die(std::string("cannot make the stop pipe: ") + strerror(errno));
+  }
   struct sigaction sa {};
   sa.sa_handler = on_stop_signal;
   sigaction(SIGTERM, &sa, nullptr);
@@ -166,9 +178,21 @@ bool stop_requested() {
 }
 
 void run_until_stopped(std::chrono::milliseconds period, const std::function<void()>& tick) {
+  using Clock = std::chrono::steady_clock;
+  auto next = Clock::now() + period;
   while (!stop_requested()) {
-    std::this_thread::sleep_for(period);
-    tick();
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(next - Clock::now()).count();
+    if (left > 0) {
+      // Sleeps until the tick is due or a stop signal writes to the pipe (without
+      // install_stop_handlers() there is no pipe: poll with no descriptor just sleeps).
+      pollfd p{g_wake[0], POLLIN, 0};
+      (void)poll(&p, g_wake[0] >= 0 ? 1 : 0, static_cast<int>(left));
+      continue;  // stopped, interrupted or due: the loop's checks decide
+    }
+    if (tick) tick();
+    next += period;
+    // A tick that overran a whole period does not make the next ones come in a burst.
+    if (next < Clock::now()) next = Clock::now() + period;
   }
 }
 
@@ -176,6 +200,40 @@ void signal_ready(int fd) {
   if (fd < 0) return;
   (void)!write(fd, "ready\n", 6);
   close(fd);
+}
+
+int run_node(int argc, char** argv, const NodeDaemon& d) {
+  NodeFlags f;
+  std::vector<Flag> flags = node_flags(f, true);
+  flags.insert(flags.end(), d.flags.begin(), d.flags.end());
+  const int first = parse_flags(argc, argv, d.program, d.usage, flags);
+  fit::ClusterConfig config = load_node_config(argc, argv, first, f);
+  const auto id = static_cast<fit::NodeId>(f.node);
+  const std::string what = std::string(fit::role_name(d.role)) + " node";
+  if (f.status) return print_status(config, id, f.as, d.status_opcode, what.c_str());
+  const fit::NodeConfig& me = node_of_role(config, f.config, f.node, d.role);
+
+  install_stop_handlers();
+  // Every connection is a descriptor (and for lego-stord every open file of every
+  // client): take all we may, so that clients are not refused while peers hold
+  // connections open (at most 256 unauthenticated ones, see fit.h).
+  const uint64_t fd_limit = raise_fd_limit();
+  // Declared before the node: destroyed after it, so no handler outlives its service.
+  Service service = d.start(me);
+  auto node = fit::Node::create(config, id);
+  if (!node) die(node.status().message());
+  if (service.serve) service.serve(*node.value());
+  Status st = node.value()->start();
+  if (!st) die(st.message());
+  fprintf(stderr, "%s: node %ld serving%s%s at %s:%u (%s, %s)%s, %llu descriptors\n", d.program,
+          f.node, service.serving.empty() ? "" : " ", service.serving.c_str(), me.address.c_str(),
+          me.port, me.provider.c_str(), fit::progress_name(me.progress), service.details.c_str(),
+          static_cast<unsigned long long>(fd_limit));
+  signal_ready(f.ready_fd);
+  run_until_stopped(kTickPeriod, service.tick);
+  fprintf(stderr, "%s: node %ld stopping\n", d.program, f.node);
+  node.value()->stop();
+  return 0;
 }
 
 }  // namespace lego::daemon

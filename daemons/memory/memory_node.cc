@@ -1,6 +1,6 @@
 // MemoryNode: address spaces of 4 KiB lines in a bounded pool, served over FIT.
 //
-// Lock order: Impl::spaces_mu, then Space::mu, then Impl::pool_mu. Requests of one space
+// Lock order: the spaces table's mutex, then Space::mu, then Impl::pool_mu. Requests of one space
 // serialize on its mu; different spaces proceed in parallel.
 #include <sodium.h>
 #include <sys/mman.h>
@@ -14,6 +14,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "lego/lease_table.h"
 #include "lego/memory_node.h"
 
 namespace lego::mem {
@@ -38,25 +39,19 @@ bool read_struct(std::span<const std::byte> in, T* out) {
 struct MemoryNode::Impl {
   struct Space {
     std::mutex mu;
-    uint64_t id = 0;
-    uint8_t secret[16] = {};
     fit::NodeId owner = 0;
     uint32_t pid = 0;
     std::string program;
     std::unordered_map<uint64_t, uint32_t> lines;  // line address -> pool slot. Guarded by mu.
-    std::atomic<int64_t> last_seen_ns{0};          // lease time (lease_clock) of its last request
     uint64_t reserved = 0;                         // bytes promised to this space; guarded by mu
     bool closed = false;                           // guarded by mu
   };
 
   MemoryNodeOptions options;
-  // Leases run on the FIT node's serving time: a space never expires for time in which
-  // the server could not hear its process (see fit::LeaseClock).
-  fit::LeaseClock lease_clock;
   const fit::Node* node = nullptr;  // set by serve(): its counters go into status_text()
-  mutable std::mutex spaces_mu;
-  std::unordered_map<uint64_t, std::shared_ptr<Space>> spaces;  // guarded by spaces_mu
-  uint64_t next_id = 1;                                         // guarded by spaces_mu
+  // The spaces by id and secret. Leases run on the FIT node's serving time: a space never
+  // expires for time in which the server could not hear its process.
+  LeaseTable<Space> spaces;
 
   // The pool: capacity_bytes reserved up front, touched (and so resident) only as used.
   std::byte* pool = nullptr;
@@ -70,8 +65,6 @@ struct MemoryNode::Impl {
     std::atomic<uint64_t> spaces_opened{0}, spaces_expired{0}, lines_stored{0}, fetches{0},
         fetch_zero{0}, write_backs{0}, zero_drops{0}, released{0}, refused{0};
   } c;
-
-  int64_t now_ns() const { return lease_clock.now(); }
 
   std::byte* slot(uint32_t s) const { return pool + size_t{s} * kLineBytes; }
 
@@ -100,21 +93,18 @@ struct MemoryNode::Impl {
     sp.lines.clear();
   }
 
-  // The space named by `h`, if its secret matches; refreshes its lease.
+  // What a request naming no space of the asker's gets.
+  Status unknown_space(const SpaceHandle& h, fit::NodeId from) {
+    c.refused++;
+    return Status(EACCES, "address space " + std::to_string(h.id) + " asked for by node " +
+                              std::to_string(from) +
+                              " does not exist or belongs to another process");
+  }
+
+  // The space named by `h`, if its secret matches; renews its lease.
   Result<std::shared_ptr<Space>> lookup(const SpaceHandle& h, fit::NodeId from) {
-    std::shared_ptr<Space> sp;
-    {
-      std::lock_guard<std::mutex> g(spaces_mu);
-      auto it = spaces.find(h.id);
-      if (it != spaces.end()) sp = it->second;
-    }
-    if (!sp || sodium_memcmp(sp->secret, h.secret, sizeof(h.secret)) != 0) {
-      c.refused++;
-      return Status(EACCES, "address space " + std::to_string(h.id) + " asked for by node " +
-                                std::to_string(from) +
-                                " does not exist or belongs to another process");
-    }
-    sp->last_seen_ns.store(now_ns(), std::memory_order_relaxed);
+    std::shared_ptr<Space> sp = spaces.find(h.id, h.secret);
+    if (!sp) return unknown_space(h, from);
     return sp;
   }
 
@@ -133,11 +123,9 @@ struct MemoryNode::Impl {
                                          std::to_string(kProtoVersion));
     }
     auto sp = std::make_shared<Space>();
-    randombytes_buf(sp->secret, sizeof(sp->secret));
     sp->owner = ctx.from;
     sp->pid = r.pid;
     sp->program.assign(r.program, strnlen(r.program, sizeof(r.program)));
-    sp->last_seen_ns = now_ns();
     return publish(sp, rep);
   }
 
@@ -145,16 +133,12 @@ struct MemoryNode::Impl {
   Result<size_t> publish(const std::shared_ptr<Space>& sp, std::span<std::byte> rep) {
     OpenReply out{};
     if (rep.size() < sizeof(out)) return Status(EMSGSIZE, "reply buffer too small for a handle");
-    {
-      std::lock_guard<std::mutex> g(spaces_mu);
-      sp->id = next_id++;
-      spaces[sp->id] = sp;
-    }
+    const auto key = spaces.add(sp);  // no bound: capacity bounds what the spaces hold
     c.spaces_opened++;
     out.version = kProtoVersion;
     out.line_bytes = kLineBytes;
-    out.handle.id = sp->id;
-    memcpy(out.handle.secret, sp->secret, sizeof(out.handle.secret));
+    out.handle.id = key->id;
+    memcpy(out.handle.secret, key->secret, sizeof(out.handle.secret));
     out.capacity_bytes = options.capacity_bytes;
     out.lease_ms = static_cast<uint32_t>(options.lease.count());
     memcpy(rep.data(), &out, sizeof(out));
@@ -167,15 +151,11 @@ struct MemoryNode::Impl {
       c.refused++;
       return Status(EPROTO, "close: short request");
     }
-    auto sp = lookup(r.handle, ctx.from);
-    if (!sp) return sp.status();
-    {
-      std::lock_guard<std::mutex> g(spaces_mu);
-      spaces.erase(r.handle.id);
-    }
-    std::lock_guard<std::mutex> g(sp.value()->mu);
-    sp.value()->closed = true;
-    free_lines(*sp.value());
+    std::shared_ptr<Space> sp = spaces.remove(r.handle.id, r.handle.secret);
+    if (!sp) return unknown_space(r.handle, ctx.from);
+    std::lock_guard<std::mutex> g(sp->mu);
+    sp->closed = true;
+    free_lines(*sp);
     return size_t{0};
   }
 
@@ -356,9 +336,7 @@ struct MemoryNode::Impl {
     if (!sp) return sp.status();
     Space& parent = *sp.value();
     auto child = std::make_shared<Space>();
-    randombytes_buf(child->secret, sizeof(child->secret));
     child->owner = ctx.from;
-    child->last_seen_ns = now_ns();
     {
       std::lock_guard<std::mutex> g(parent.mu);
       child->pid = parent.pid;
@@ -370,7 +348,7 @@ struct MemoryNode::Impl {
       if (reserved_total + want > options.capacity_bytes || free_slots_now < parent.lines.size()) {
         c.refused++;
         return Status(ENOMEM, "memory node is full: cannot copy address space " +
-                                  std::to_string(parent.id) + " (" + std::to_string(want >> 20) +
+                                  std::to_string(r.handle.id) + " (" + std::to_string(want >> 20) +
                                   " MiB) for a forked child");
       }
       child->reserved = want;
@@ -431,7 +409,7 @@ MemoryNode::~MemoryNode() {
 void MemoryNode::serve(fit::Node& node) {
   Impl* m = impl_.get();
   m->node = &node;
-  m->lease_clock.follow(&node);
+  m->spaces.follow(&node);
   node.handle(kOpen, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
                          std::span<std::byte> rep) { return m->open(ctx, req, rep); });
   node.handle(kClose, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
@@ -459,22 +437,8 @@ void MemoryNode::serve(fit::Node& node) {
 }
 
 size_t MemoryNode::expire_idle() {
-  int64_t cutoff =
-      impl_->lease_clock.advance() -
-      std::chrono::duration_cast<std::chrono::nanoseconds>(impl_->options.lease).count();
-  std::vector<std::shared_ptr<Impl::Space>> expired;
-  {
-    std::lock_guard<std::mutex> g(impl_->spaces_mu);
-    for (auto it = impl_->spaces.begin(); it != impl_->spaces.end();) {
-      if (it->second->last_seen_ns.load(std::memory_order_relaxed) < cutoff) {
-        expired.push_back(it->second);
-        it = impl_->spaces.erase(it);
-      } else {
-        ++it;
-      }
-    }
-  }
-  for (auto& sp : expired) {
+  auto expired = impl_->spaces.expire(impl_->options.lease);
+  for (auto& [id, sp] : expired) {
     std::lock_guard<std::mutex> g(sp->mu);
     sp->closed = true;
     impl_->free_lines(*sp);
@@ -482,7 +446,7 @@ size_t MemoryNode::expire_idle() {
     fprintf(stderr,
             "lego-memd: freed address space %lu of %s (pid %u on node %u): no request for %lld "
             "ms while this memory node was serving, its processor node is gone\n",
-            static_cast<unsigned long>(sp->id), sp->program.c_str(), sp->pid, sp->owner,
+            static_cast<unsigned long>(id), sp->program.c_str(), sp->pid, sp->owner,
             static_cast<long long>(impl_->options.lease.count()));
   }
   return expired.size();
@@ -490,10 +454,7 @@ size_t MemoryNode::expire_idle() {
 
 MemoryNodeStats MemoryNode::stats() const {
   MemoryNodeStats s;
-  {
-    std::lock_guard<std::mutex> g(impl_->spaces_mu);
-    s.spaces_open = impl_->spaces.size();
-  }
+  s.spaces_open = impl_->spaces.size();
   auto& c = impl_->c;
   s.spaces_opened = c.spaces_opened;
   s.spaces_expired = c.spaces_expired;
@@ -529,12 +490,11 @@ std::string MemoryNode::status_text() const {
     << "released " << s.released << "\n"
     << "refused " << s.refused << "\n";
   if (impl_->node != nullptr) o << fit::stats_text(impl_->node->stats());
-  std::lock_guard<std::mutex> g(impl_->spaces_mu);
-  for (auto& [id, sp] : impl_->spaces) {
-    std::lock_guard<std::mutex> sg(sp->mu);
-    o << "space " << id << " node " << sp->owner << " pid " << sp->pid << " program "
-      << (sp->program.empty() ? "?" : sp->program) << " lines " << sp->lines.size() << "\n";
-  }
+  impl_->spaces.for_each([&o](uint64_t id, Impl::Space& sp) {
+    std::lock_guard<std::mutex> sg(sp.mu);
+    o << "space " << id << " node " << sp.owner << " pid " << sp.pid << " program "
+      << (sp.program.empty() ? "?" : sp.program) << " lines " << sp.lines.size() << "\n";
+  });
   return o.str();
 }
 

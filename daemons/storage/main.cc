@@ -3,9 +3,8 @@
 #include <sys/stat.h>
 
 #include <chrono>
-#include <cstdio>
+#include <memory>
 #include <string>
-#include <vector>
 
 #include "lego/daemon.h"
 #include "lego/fit.h"
@@ -48,49 +47,33 @@ Stops cleanly on SIGTERM or SIGINT.
 }  // namespace
 
 int main(int argc, char** argv) {
-  daemon::NodeFlags f;
   stor::StorageNodeOptions options;
-  std::vector<daemon::Flag> flags = daemon::node_flags(f, true);
-  flags.push_back({"export", true, [&](const char* a) { options.export_dir = a; }});
-  flags.push_back({"lease-ms", true, [&](const char* a) {
-                     options.lease =
-                         std::chrono::milliseconds(daemon::number("--lease-ms", a, 100, 86400000));
-                   }});
-  flags.push_back({"max-files", true, [&](const char* a) {
-                     options.max_files =
-                         static_cast<uint32_t>(daemon::number("--max-files", a, 1, 1 << 24));
-                   }});
-  const int first = daemon::parse_flags(argc, argv, "lego-stord", kUsage, flags);
-  fit::ClusterConfig config = daemon::load_node_config(argc, argv, first, f);
-  const auto id = static_cast<fit::NodeId>(f.node);
-  if (f.status) return daemon::print_status(config, id, f.as, stor::kStatus, "storage node");
-  const fit::NodeConfig& me = daemon::node_of_role(config, f.config, f.node, fit::Role::kStorage);
-
-  daemon::install_stop_handlers();
-  if (options.export_dir.empty()) {
-    daemon::die("--export DIR is required (see --help)", daemon::kExitUsage);
-  }
-  // Modes arrive already masked by the client's umask; do not mask them twice.
-  umask(0);
-  // Every open file of every client is an fd here: take all the fds we may.
-  const uint64_t fd_limit = daemon::raise_fd_limit();
-  auto storage_or = stor::StorageNode::create(options);
-  if (!storage_or) daemon::die(storage_or.status().message(), daemon::kExitUsage);
-  stor::StorageNode& storage = *storage_or.value();
-  auto fit_node = fit::Node::create(config, id);
-  if (!fit_node) daemon::die(fit_node.status().message());
-  storage.serve(*fit_node.value());
-  Status st = fit_node.value()->start();
-  if (!st) daemon::die(st.message());
-  fprintf(stderr,
-          "lego-stord: node %ld serving %s at %s:%u (%s, %s), lease %lld ms, %u files per "
-          "session, %llu descriptors\n",
-          f.node, options.export_dir.c_str(), me.address.c_str(), me.port, me.provider.c_str(),
-          fit::progress_name(me.progress), static_cast<long long>(options.lease.count()),
-          options.max_files, static_cast<unsigned long long>(fd_limit));
-  daemon::signal_ready(f.ready_fd);
-  daemon::run_until_stopped(std::chrono::milliseconds(200), [&] { storage.expire_idle(); });
-  fprintf(stderr, "lego-stord: node %ld stopping\n", f.node);
-  fit_node.value()->stop();
-  return 0;
+  daemon::NodeDaemon d{"lego-stord", kUsage, fit::Role::kStorage, stor::kStatus, {}, {}};
+  d.flags.push_back({"export", true, [&](const char* a) { options.export_dir = a; }});
+  d.flags.push_back({"lease-ms", true, [&](const char* a) {
+                       options.lease = std::chrono::milliseconds(
+                           daemon::number("--lease-ms", a, 100, 86400000));
+                     }});
+  d.flags.push_back({"max-files", true, [&](const char* a) {
+                       options.max_files =
+                           static_cast<uint32_t>(daemon::number("--max-files", a, 1, 1 << 24));
+                     }});
+  d.start = [&](const fit::NodeConfig&) {
+    if (options.export_dir.empty()) {
+      daemon::die("--export DIR is required (see --help)", daemon::kExitUsage);
+    }
+    // Modes arrive already masked by the client's umask; do not mask them twice.
+    umask(0);
+    auto storage = stor::StorageNode::create(options);
+    if (!storage) daemon::die(storage.status().message(), daemon::kExitUsage);
+    std::shared_ptr<stor::StorageNode> s = std::move(storage.value());
+    return daemon::Service{
+        [s](fit::Node& node) { s->serve(node); },
+        [s] { s->expire_idle(); },
+        options.export_dir,
+        ", lease " + std::to_string(options.lease.count()) + " ms, " +
+            std::to_string(options.max_files) + " files per session",
+    };
+  };
+  return daemon::run_node(argc, argv, d);
 }

@@ -7,7 +7,7 @@
 // kernel checks the whole walk atomically, so a symlink swapped in mid-path cannot lead
 // outside; an escape is answered with EACCES (and counted).
 //
-// Lock order: Impl::sessions_mu, then Session::mu. File I/O runs with no lock held: a
+// Lock order: the sessions table's mutex, then Session::mu. File I/O runs with no lock held: a
 // handle's fd is shared (shared_ptr<File>) and closed when its last user drops it.
 #include <dirent.h>
 #include <fcntl.h>
@@ -26,6 +26,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "lego/lease_table.h"
 #include "lego/storage_node.h"
 
 namespace lego::stor {
@@ -112,26 +113,20 @@ struct StorageNode::Impl {
   };
   struct Session {
     std::mutex mu;
-    uint64_t id = 0;
-    uint8_t secret[16] = {};
     fit::NodeId owner = 0;
     uint32_t pid = 0;
     std::string name;
     std::unordered_map<uint64_t, std::shared_ptr<File>> files;  // guarded by mu
     uint64_t next_handle = 1;                                   // guarded by mu
     bool closed = false;                                        // guarded by mu
-    std::atomic<int64_t> last_seen_ns{0};  // lease time (lease_clock) of its last request
   };
 
   StorageNodeOptions options;
-  // Leases run on the FIT node's serving time: a session never expires for time in which
-  // the server could not hear its client (see fit::LeaseClock).
-  fit::LeaseClock lease_clock;
   const fit::Node* node = nullptr;  // set by serve(): its counters go into status_text()
   Fd root;                          // the export, O_PATH | O_DIRECTORY
-  mutable std::mutex sessions_mu;
-  std::unordered_map<uint64_t, std::shared_ptr<Session>> sessions;  // guarded by sessions_mu
-  uint64_t next_id = 1;                                             // guarded by sessions_mu
+  // The sessions by id and secret. Leases run on the FIT node's serving time: a session
+  // never expires for time in which the server could not hear its client.
+  LeaseTable<Session> sessions;
 
   struct Counters {
     std::atomic<uint64_t> sessions_opened{0}, sessions_expired{0}, handles_open{0}, reads{0},
@@ -197,18 +192,16 @@ struct StorageNode::Impl {
     return resolve(dir, O_PATH | O_DIRECTORY, 0, op);
   }
 
+  // What a request naming no session of the asker's gets.
+  Status unknown_session(const SessionHandle& h, fit::NodeId from) {
+    return refuse(ESTALE, "storage session " + std::to_string(h.id) + " of node " +
+                              std::to_string(from) + " is unknown (expired or restarted)");
+  }
+
+  // The session named by `h`, if its secret matches; renews its lease.
   Result<std::shared_ptr<Session>> lookup(const SessionHandle& h, fit::NodeId from) {
-    std::shared_ptr<Session> s;
-    {
-      std::lock_guard<std::mutex> g(sessions_mu);
-      auto it = sessions.find(h.id);
-      if (it != sessions.end()) s = it->second;
-    }
-    if (!s || sodium_memcmp(s->secret, h.secret, sizeof(h.secret)) != 0) {
-      return refuse(ESTALE, "storage session " + std::to_string(h.id) + " of node " +
-                                std::to_string(from) + " is unknown (expired or restarted)");
-    }
-    s->last_seen_ns.store(lease_clock.now(), std::memory_order_relaxed);
+    std::shared_ptr<Session> s = sessions.find(h.id, h.secret);
+    if (!s) return unknown_session(h, from);
     return s;
   }
 
@@ -244,7 +237,6 @@ struct StorageNode::Impl {
     }
     if (rep.size() < sizeof(HelloReply)) return Status(EMSGSIZE, "hello: reply buffer too small");
     auto s = std::make_shared<Session>();
-    randombytes_buf(s->secret, sizeof(s->secret));
     // Handles start at a random number per session, so a handle a client kept from an
     // earlier session (the node restarted, or the lease ran out) names no file of its new
     // session: EBADF, never another file.
@@ -253,23 +245,18 @@ struct StorageNode::Impl {
     s->owner = ctx.from;
     s->pid = r.pid;
     s->name.assign(r.name, strnlen(r.name, sizeof(r.name)));
-    s->last_seen_ns = lease_clock.now();
-    {
-      std::lock_guard<std::mutex> g(sessions_mu);
-      if (sessions.size() >= kMaxSessions) {
-        c.refused++;
-        return Status(EAGAIN, "hello: the storage node holds " + std::to_string(kMaxSessions) +
-                                  " sessions already; try again when leases run out");
-      }
-      s->id = next_id++;
-      sessions[s->id] = s;
+    const auto key = sessions.add(s, kMaxSessions);
+    if (!key) {
+      c.refused++;
+      return Status(EAGAIN, "hello: the storage node holds " + std::to_string(kMaxSessions) +
+                                " sessions already; try again when leases run out");
     }
     c.sessions_opened++;
     HelloReply out{};
     out.version = kProtoVersion;
     out.max_io = static_cast<uint32_t>(std::min<size_t>(kMaxIo, max_io_for(rep.size())));
-    out.session.id = s->id;
-    memcpy(out.session.secret, s->secret, sizeof(s->secret));
+    out.session.id = key->id;
+    memcpy(out.session.secret, key->secret, sizeof(out.session.secret));
     out.lease_ms = static_cast<uint32_t>(options.lease.count());
     return put(rep, out);
   }
@@ -283,13 +270,9 @@ struct StorageNode::Impl {
     SessionRequest r;
     if (!read_struct(req, &r) || req.size() != sizeof(r))
       return refuse(EPROTO, "goodbye: bad size");
-    auto s = lookup(r.session, ctx.from);
-    if (!s) return s.status();
-    {
-      std::lock_guard<std::mutex> g(sessions_mu);
-      sessions.erase(r.session.id);
-    }
-    close_all(*s.value());
+    std::shared_ptr<Session> s = sessions.remove(r.session.id, r.session.secret);
+    if (!s) return unknown_session(r.session, ctx.from);
+    close_all(*s);
     return size_t{0};
   }
 
@@ -703,30 +686,15 @@ struct StorageNode::Impl {
   }
 
   size_t expire_idle() {
-    int64_t limit = lease_clock.advance() - std::chrono::nanoseconds(options.lease).count();
-    std::vector<std::shared_ptr<Session>> dead;
-    {
-      std::lock_guard<std::mutex> g(sessions_mu);
-      for (auto it = sessions.begin(); it != sessions.end();) {
-        if (it->second->last_seen_ns.load(std::memory_order_relaxed) < limit) {
-          dead.push_back(it->second);
-          it = sessions.erase(it);
-        } else {
-          ++it;
-        }
-      }
-    }
-    for (auto& s : dead) close_all(*s);
+    auto dead = sessions.expire(options.lease);
+    for (auto& [id, s] : dead) close_all(*s);
     c.sessions_expired += dead.size();
     return dead.size();
   }
 
   StorageNodeStats stats() const {
     StorageNodeStats s;
-    {
-      std::lock_guard<std::mutex> g(sessions_mu);
-      s.sessions_open = sessions.size();
-    }
+    s.sessions_open = sessions.size();
     s.sessions_opened = c.sessions_opened;
     s.sessions_expired = c.sessions_expired;
     s.handles_open = c.handles_open;
@@ -760,7 +728,7 @@ Result<std::unique_ptr<StorageNode>> StorageNode::create(StorageNodeOptions opti
 void StorageNode::serve(fit::Node& node) {
   Impl* im = impl_.get();
   im->node = &node;
-  im->lease_clock.follow(&node);
+  im->sessions.follow(&node);
   node.handle(kHello, [im](const fit::RpcContext& ctx, auto req, auto rep) {
     return im->hello(ctx, req, rep);
   });
@@ -824,14 +792,11 @@ std::string StorageNode::status_text() const {
   o << "storage node: export " << impl_->options.export_dir << ", lease "
     << impl_->options.lease.count() << " ms, max " << impl_->options.max_files
     << " files per session\n";
-  {
-    std::lock_guard<std::mutex> g(impl_->sessions_mu);
-    for (auto& [id, sess] : impl_->sessions) {
-      std::lock_guard<std::mutex> g2(sess->mu);
-      o << "  session " << id << ": node " << sess->owner << " pid " << sess->pid << " ("
-        << sess->name << "), " << sess->files.size() << " open files\n";
-    }
-  }
+  impl_->sessions.for_each([&o](uint64_t id, Impl::Session& sess) {
+    std::lock_guard<std::mutex> g(sess.mu);
+    o << "  session " << id << ": node " << sess.owner << " pid " << sess.pid << " (" << sess.name
+      << "), " << sess.files.size() << " open files\n";
+  });
   o << "sessions_open " << s.sessions_open << "\nsessions_opened " << s.sessions_opened
     << "\nsessions_expired " << s.sessions_expired << "\nhandles_open " << s.handles_open
     << "\nreads " << s.reads << "\nwrites " << s.writes << "\nbytes_read " << s.bytes_read

@@ -1,6 +1,7 @@
 // The plumbing lego's daemons share: lego-memd, lego-stord and lego-fs parse their flags,
 // load the cluster file, find their node in it, answer --status, stop on a signal and
-// report readiness the same way, through these helpers.
+// report readiness the same way, through these helpers; run_node() (below) is a node
+// daemon's whole main() around its service.
 //
 // Errors: these are for a daemon's main(). A helper that cannot go on prints
 // "PROGRAM: what went wrong" on stderr and exits: status kExitUsage (2) for a bad
@@ -8,7 +9,8 @@
 // returns an error to handle.
 //
 // Thread-safety: call from the main thread, before starting others (set_program,
-// parse_flags, install_stop_handlers); stop_requested() may be read from any thread.
+// parse_flags, install_stop_handlers, run_node); stop_requested() may be read from any
+// thread.
 #pragma once
 
 #include <chrono>
@@ -85,14 +87,57 @@ uint64_t raise_fd_limit();
 
 // Ignores SIGPIPE: a vanished peer is an error on its socket, not a death.
 void ignore_sigpipe();
-// ignore_sigpipe(), and SIGTERM and SIGINT set stop_requested().
+// ignore_sigpipe(), and SIGTERM and SIGINT set stop_requested() and wake
+// run_until_stopped() at once (the handler writes to a pipe it polls).
 void install_stop_handlers();
 bool stop_requested();
-// Calls `tick` every `period` until stop_requested().
+// Calls `tick` every `period` until stop_requested(); returns as soon as a stop signal
+// arrives (after install_stop_handlers()), not at the end of the period.
 void run_until_stopped(std::chrono::milliseconds period, const std::function<void()>& tick);
 
 // Writes "ready\n" to fd and closes it (--ready-fd, for supervisors and tests); nothing
 // when fd < 0.
 void signal_ready(int fd);
+
+// ---- A node daemon's main(), written once --------------------------------------------
+//
+// lego-memd and lego-stord (and any daemon that is one node of the cluster file) are a
+// service on a fit::Node. run_node() is all of their main() but the service itself:
+//   flags (node_flags() and the daemon's own) -> the cluster file -> --status (asks the
+//   running node, prints its text, returns) -> the node must have the daemon's role ->
+//   stop handlers, RLIMIT_NOFILE raised -> the service started -> fit::Node created,
+//   served, started -> "PROGRAM: node N serving ..." on stderr -> --ready-fd -> the tick
+//   every kTickPeriod until SIGTERM/SIGINT -> "PROGRAM: node N stopping" -> node stopped.
+// Every failure dies as the helpers above do (kExitUsage for flags, the cluster file, a
+// wrong role or what the service's start() says is a usage error).
+
+// How often run_node() calls Service::tick: the daemons' lease expiry.
+inline constexpr std::chrono::milliseconds kTickPeriod{200};
+
+// A daemon's service, as its start() hands it to run_node(). The functions keep the
+// service alive (capture a shared_ptr to it); run_node() destroys them after the FIT
+// node, so no handler outlives what it serves.
+struct Service {
+  std::function<void(fit::Node&)> serve;  // registers its handlers; before the node starts
+  std::function<void()> tick;             // every kTickPeriod on the main thread (or empty)
+  std::string serving;                    // what it serves, for "serving WHAT at ..." (or "")
+  std::string details;  // the start line's tail before the descriptors: ", lease 20000 ms"
+};
+
+struct NodeDaemon {
+  const char* program;      // "lego-memd": messages start with it
+  const char* usage;        // --help text
+  fit::Role role;           // the role its --node must have in the cluster file
+  uint16_t status_opcode;   // what --status sends; the service must answer it
+  std::vector<Flag> flags;  // its own, beside node_flags(..., true)
+  // Starts the service once the flags, the cluster file and the node's role are checked,
+  // stop handlers installed and the descriptor limit raised. Dies (daemon::die) when it
+  // cannot.
+  std::function<Service(const fit::NodeConfig& me)> start;
+};
+
+// The whole main() of a node daemon: returns main()'s exit status (0 after a stop
+// signal, or --status's), or dies.
+int run_node(int argc, char** argv, const NodeDaemon& d);
 
 }  // namespace lego::daemon

@@ -206,7 +206,8 @@ struct ExCacheOptions {
   // Local memory: at most this many bytes (rounded down to 4 KiB, at least 16 lines) of the
   // region are resident. Default 64 MiB. Trade-off: more local memory, fewer misses.
   size_t capacity_bytes = size_t{64} << 20;
-  // Default kSigbus: ~3x cheaper per miss than a handler thread on our VMs (NOTES.md).
+  // Default kSigbus: ~3x cheaper per miss than a handler thread on our VMs
+  // (docs/measurements.md).
   Delivery delivery = Delivery::kSigbus;
   // Default kFifo: cheapest bookkeeping; kClock helps workloads that re-write hot lines.
   Policy policy = Policy::kFifo;

@@ -3,7 +3,8 @@
 // Each workload runs, with the same heap and the same local-memory cap, under:
 //   local      all-local memory, no cap;
 //   zram_swap  Linux swap on a fresh zram device, the workload alone in a memory cgroup
-//              capped at the ExCache size (NOTES.md's recipe; set up and torn down here);
+//              capped at the ExCache size (docs/measurements.md's recipe; set up and torn
+//              down here);
 //   lego_tcp   lego-run, private memory node in another network namespace over tcp;
 //   lego_shm   lego-run, private memory node over shm on this host.
 // Heaps are filled with incompressible data (zeros flatter zram). A run the kernel

@@ -27,11 +27,14 @@
 #
 # usage: hostile_test.sh [memd|stord]... [ATTACK]...   (default: both daemons, all attacks)
 # ATTACK: none (the programs alone, as a control), flood, auth-flood, idle, half,
-# bad-magic, bad-version, bad-kind, wrong-proof, early-request.
+# bad-magic, bad-version, bad-kind, wrong-proof, early-request. LEGO_TEST_FILTER (a regex
+# over the check names, "memd idle: (b)...") runs only the attacks whose checks it selects
+# (tests/lib/check.sh).
 set -uo pipefail
+. "$(dirname "$0")/../lib/check.sh"
+check_init
 
-root=${TEST_SRCDIR:-}/lego
-[ -d "$root" ] || root=$(cd "$(dirname "$0")/../.." && pwd)/bazel-bin
+root=$(lego_bin_root)
 LEGO_RUN=$root/runtime/lego-run
 MEMD=$root/daemons/memory/lego-memd
 STORD=$root/daemons/storage/lego-stord
@@ -61,20 +64,11 @@ RSS_AFTER_MB=16  # (c) after it: at most this far above the RSS before it
 # soft); lego-stord raises its own to the hard limit, as its unit allows 1048576.
 MEMD_NOFILE=1024
 
-passed=0
-failed=0
-check() {  # check NAME CONDITION-COMMAND...
-  local name=$1
-  shift
-  if "$@"; then
-    echo "PASS: $name"
-    passed=$((passed + 1))
-  else
-    echo "FAIL: $name"
-    # What went wrong (most checks leave it in $out).
-    [ -n "${out:-}" ] && printf '%s\n' "$out" | tail -5 | sed 's/^/    | /'
-    failed=$((failed + 1))
-  fi
+# with_out CONDITION...: prints $out (the figures and what went wrong, shown when the
+# check fails), then tests CONDITION.
+with_out() {
+  [ -n "${out:-}" ] && printf '%s\n' "$out"
+  "$@"
 }
 
 all_attacks="none flood auth-flood idle half bad-magic bad-version bad-kind wrong-proof early-request"
@@ -115,40 +109,15 @@ cleanup() {
 mnt=/lego-hostile-$$  # not /lego: parallel runs must not share a mount point name
 trap cleanup EXIT
 ip netns add "$ns_d" && ip netns add "$ns_a" &&
-  ip link add "hsp$$" type veth peer name "hsd$$" && ip link set "hsd$$" netns "$ns_d" &&
-  ip addr add "$p_addr/30" dev "hsp$$" && ip link set "hsp$$" up &&
-  ip -n "$ns_d" addr add "$d_addr/30" dev "hsd$$" && ip -n "$ns_d" link set "hsd$$" up &&
-  ip -n "$ns_d" link set lo up &&
-  ip -n "$ns_a" link add "hsa$$" type veth peer name "hse$$" &&
-  ip -n "$ns_a" link set "hse$$" netns "$ns_d" &&
-  ip -n "$ns_a" addr add "$a_addr/30" dev "hsa$$" && ip -n "$ns_a" link set "hsa$$" up &&
-  ip -n "$ns_a" link set lo up && ip -n "$ns_a" route add default via "10.$net.79.2" &&
-  ip -n "$ns_d" addr add "10.$net.79.2/30" dev "hse$$" && ip -n "$ns_d" link set "hse$$" up ||
+  veth_link "" "hsp$$" "$p_addr/30" "$ns_d" "hsd$$" "$d_addr/30" &&
+  veth_link "$ns_a" "hsa$$" "$a_addr/30" "$ns_d" "hse$$" "10.$net.79.2/30" &&
+  ip -n "$ns_a" link set lo up && ip -n "$ns_a" route add default via "10.$net.79.2" ||
   { echo "hostile_test: cannot set up the network namespaces" >&2; exit 1; }
 
-head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$tmp/cluster.key"
-cat >"$tmp/cluster.toml" <<TOML
-[cluster]
-key_file = "cluster.key"
-timeout_ms = $TIMEOUT_MS
-[[node]]
-id = 1
-role = "processor"
-address = "$p_addr"
-port = $base
-[[node]]
-id = 2
-role = "memory"
-address = "$d_addr"
-port = $((base + 1))
-progress = "blocking"
-[[node]]
-id = 3
-role = "storage"
-address = "$d_addr"
-port = $((base + 2))
-progress = "blocking"
-TOML
+random_key >"$tmp/cluster.key"
+cluster_toml "$tmp/cluster.toml" 'key_file = "cluster.key"' "timeout_ms = $TIMEOUT_MS" -- \
+  "1 processor $p_addr $base" "2 memory $d_addr $((base + 1)) blocking" \
+  "3 storage $d_addr $((base + 2)) blocking"
 memd_port=$((base + 1))
 stord_port=$((base + 2))
 
@@ -157,15 +126,6 @@ at_most() { [ -n "$1" ] && [ -n "$2" ] && [ "$1" -le "$2" ]; }  # at_most VALUE 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null; }
 mb() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
-
-wait_ready() {  # wait_ready FILE PID: until the daemon wrote "ready" (10 s at most)
-  for _ in $(seq 1 100); do
-    grep -q ready "$1" 2>/dev/null && return 0
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
-}
 
 start_memd() {
   rm -f "$tmp/memd.ready"
@@ -274,7 +234,7 @@ run_attack() {  # run_attack DAEMON ATTACK
   out=""
   if ! start_memd; then
     out=$(tail -5 "$tmp/memd.log")
-    check "$label: lego-memd starts" false
+    check "$label: lego-memd starts" with_out false
     stop_daemon "$memd_pid"
     return
   fi
@@ -283,7 +243,7 @@ run_attack() {  # run_attack DAEMON ATTACK
   if [ "$daemon" = stord ]; then
     if ! start_stord; then
       out=$(tail -5 "$tmp/stord.log")
-      check "$label: lego-stord starts" false
+      check "$label: lego-stord starts" with_out false
       stop_daemon "$memd_pid"
       stop_daemon "$stord_pid"
       return
@@ -375,28 +335,30 @@ run_attack() {  # run_attack DAEMON ATTACK
   [ -n "$a2" ] && grep -v '^result ' "$tmp/attack2.out" | head -6 | sed 's/^/  A| /'
 
   # The checks.
-  out=$(for f in "$tmp"/run.*; do
+  # The checks (names as attack_checks gives them; the figures in their output).
+  out="$runs runs, $bad_runs failed"$'\n'$(for f in "$tmp"/run.*; do
     [ -e "$f" ] || continue
     grep -qE '^integrity ok|^files ok' "$f" || { echo "${f##*/}:"; tail -3 "$f"; }
   done)
-  check "$label: (a) every program run exits 0 with correct data ($runs runs, $bad_runs failed)" \
-    [ "$runs" -ge 1 -a "$bad_runs" -eq 0 ]
-  out=$(cat "$tmp/status.samples" "$tmp/status.errors" 2>/dev/null)
-  check "$label: (b) --status answers within $STATUS_MS ms throughout (max $max_status ms over $n_status samples)" \
-    [ "$n_status" -ge 1 -a "$failed_status" -eq 0 ]
-  out=""
-  check "$label: (c) VmRSS during the attack <= before + $RSS_PEAK_MB MB ($(mb "${before:-0}") -> peak $(mb "${peak:-0}") MB)" \
-    at_most "$peak" $((${before:-0} + RSS_PEAK_MB * 1024))
-  check "$label: (c) VmRSS after the attack <= before + $RSS_AFTER_MB MB ($(mb "${before:-0}") -> $(mb "${after:-0}") MB)" \
-    at_most "$after" $((${before:-0} + RSS_AFTER_MB * 1024))
+  check "$label: (a) every program run exits 0 with correct data" \
+    with_out [ "$runs" -ge 1 -a "$bad_runs" -eq 0 ]
+  out="max $max_status ms over $n_status samples"$'\n'$(cat "$tmp/status.samples" "$tmp/status.errors" 2>/dev/null)
+  check "$label: (b) --status answers within $STATUS_MS ms throughout" \
+    with_out [ "$n_status" -ge 1 -a "$failed_status" -eq 0 ]
+  out="$(mb "${before:-0}") -> peak $(mb "${peak:-0}") MB"
+  check "$label: (c) VmRSS during the attack <= before + $RSS_PEAK_MB MB" \
+    with_out at_most "$peak" $((${before:-0} + RSS_PEAK_MB * 1024))
+  out="$(mb "${before:-0}") -> $(mb "${after:-0}") MB"
+  check "$label: (c) VmRSS after the attack <= before + $RSS_AFTER_MB MB" \
+    with_out at_most "$after" $((${before:-0} + RSS_AFTER_MB * 1024))
   if [ "$attack" != none ]; then
-    out=$(grep -v '^result ' "$tmp/attack.out" | tail -5)
-    check "$label: (d) the daemon closed the attacker's connections as intended ($result)" \
-      [ "$rc1" -eq 0 -a "$rc2" -eq 0 ]
+    out="$result"$'\n'$(grep -v '^result ' "$tmp/attack.out" | tail -5)
+    check "$label: (d) the daemon closed the attacker's connections as intended" \
+      with_out [ "$rc1" -eq 0 -a "$rc2" -eq 0 ]
   fi
   out=$(cat "$tmp/status.after")
   check "$label: the daemon is still running and answers --status after the attack" \
-    [ "$alive" -eq 1 -a "$(cut -d' ' -f2 <"$tmp/status.after")" = 0 ]
+    with_out [ "$alive" -eq 1 -a "$(cut -d' ' -f2 <"$tmp/status.after")" = 0 ]
 
   stop_daemon "${stord_pid:-}"
   stop_daemon "$memd_pid"
@@ -410,9 +372,22 @@ run_attack() {  # run_attack DAEMON ATTACK
   [ -n "$a2" ] && cp "$tmp/attack2.out" "$keep/"
 }
 
+# attack_checks LABEL: the names of the checks run_attack makes for LABEL ("memd idle").
+attack_checks() {
+  printf '%s\n' "$1: lego-memd starts" "$1: lego-stord starts" \
+    "$1: (a) every program run exits 0 with correct data" \
+    "$1: (b) --status answers within $STATUS_MS ms throughout" \
+    "$1: (c) VmRSS during the attack <= before + $RSS_PEAK_MB MB" \
+    "$1: (c) VmRSS after the attack <= before + $RSS_AFTER_MB MB" \
+    "$1: (d) the daemon closed the attacker's connections as intended" \
+    "$1: the daemon is still running and answers --status after the attack"
+}
+
 for daemon in $daemons; do
   for attack in $attacks; do
-    run_attack "$daemon" "$attack"
+    # An attack none of whose checks LEGO_TEST_FILTER selects is not made at all.
+    mapfile -t names < <(attack_checks "$daemon $attack")
+    selected "${names[@]}" && run_attack "$daemon" "$attack"
   done
 done
 
@@ -422,5 +397,4 @@ echo "  or failed/samples | program runs, failed (exit statuses), leases expired
 echo "  connections treated as intended/all | the attack's length"
 printf '  %s\n' "${figures[@]}"
 [ -z "${TEST_UNDECLARED_OUTPUTS_DIR:-}" ] && echo "each attack's logs: $tmp/DAEMON-ATTACK/"
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+check_summary

@@ -19,7 +19,10 @@
 #      then the same for a hot-set workload under CLOCK ("guest: bench1: ...")
 # Passes only if the guest prints LEGO_KMOD_PASS (every stage ok) and its
 # serial log shows no BUG, WARNING, Oops or general protection fault (as
-# liburing's test/runtests.sh scans /dev/kmsg).
+# liburing's test/runtests.sh scans /dev/kmsg). Each of these is a check of
+# tests/lib/check.sh, one per guest stage ("guest a: ...", "guest b: ..."):
+# LEGO_TEST_FILTER (a regex over their names) runs only the stages whose checks
+# it selects, e.g. LEGO_TEST_FILTER='guest c' for the runtime with the module.
 #
 # Run: bazel test //tests/kmod:pcache_qemu_test, or directly:
 #   tests/kmod/run_in_qemu.sh [pcache_test args, e.g. -f evict]
@@ -39,15 +42,36 @@
 # printed as its own "guest: bench: ..." line, e.g. "--write-pct=0;
 # --pattern=zipf"; each is appended to LEGO_QEMU_BENCH's flags, the later
 # flag winning; default "--pattern=hotset --policy=clock --accesses=60000"; empty for
-# none), LEGO_QEMU_STAGES (default abcd: the runtime stages to run, e.g.
-# "ad" to measure quickly; stage a always runs), TEST_TMPDIR (scratch; default
+# none), LEGO_QEMU_STAGES (default abcd, or what LEGO_TEST_FILTER selects: the
+# stages to run, e.g. "ad" to measure quickly), TEST_TMPDIR (scratch; default
 # a mktemp dir).
 # Needs: qemu-system-x86 linux-image-amd64 linux-headers-amd64 busybox-static
 # cpio build-essential (all in .ci/bootstrap).
 set -euo pipefail
+LIB="$(dirname "$0")/../lib/check.sh"
+# A failed stage shows this many lines of its output (the lib shows 8 by default).
+LEGO_TEST_TAIL=${LEGO_TEST_TAIL:-60}
+. "$LIB"
+check_init
 
 log() { echo "run_in_qemu: $*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
+
+# The checks, one per guest stage (and lego-memd, which stages b-d share), by the
+# stage's name in the guest's "guest: stage NAME: ok" line.
+declare -A STAGE_CHECKS=(
+  [a]="guest a: pcache_test, the module's ioctl tests, with lego_pcache loaded"
+  [memd]="guest: lego-memd serves on the guest's loopback"
+  [b-excache_test]="guest b: excache_test without the module"
+  [b-races]="guest b: excache_test's racing writers (quick, sigbus) without the module"
+  [b-integrity]="guest b: lego-run --config lego_integrity against lego-memd without the module"
+  [c-insmod]="guest c: insmod lego_pcache"
+  [c-excache_test]="guest c: excache_test with the module"
+  [c-races]="guest c: excache_test's racing writers (quick, sigbus) with the module"
+  [c-integrity]="guest c: lego-run --config lego_integrity against lego-memd with the module"
+  [d-bench]="guest d: excache_bench without and with the module"
+)
+STAGE_ORDER="a memd b-excache_test b-races b-integrity c-insmod c-excache_test c-races c-integrity d-bench"
 
 # Sources and binaries: both in Bazel's runfiles (the sh_test's data), or this
 # checkout and its bazel-bin when run by hand.
@@ -78,7 +102,18 @@ BENCH_ARGS="${LEGO_QEMU_BENCH:---capacity-mb=2 --ratio=4 --accesses=20000 $bench
 # 60000 accesses: it misses ~0.1 times per access, and with 20000 most of its misses were
 # the first refill of a line after the fill phase, which stored to every line.
 BENCH_MORE="${LEGO_QEMU_BENCH_MORE---pattern=hotset --policy=clock --accesses=60000}"
-STAGES="${LEGO_QEMU_STAGES:-abcd}"
+if [[ -n "${LEGO_QEMU_STAGES:-}" ]]; then
+  STAGES=$LEGO_QEMU_STAGES
+else
+  # The stages with a check the filter selects (all of them without a filter).
+  STAGES=""
+  for st in $STAGE_ORDER; do
+    [[ $st == memd ]] && continue
+    selected "${STAGE_CHECKS[$st]}" && [[ $STAGES != *"${st:0:1}"* ]] && STAGES+=${st:0:1}
+  done
+  [[ -n "$STAGES" ]] || { check_summary; exit 1; }  # says that the filter selects nothing
+fi
+[[ "$STAGES" == *[bcd]* ]] || RUNTIME=0
 REPS="${LEGO_QEMU_BENCH_REPS:-3}"
 # lego_integrity: HEAP_MIB THREADS OPS_PER_THREAD; its heap plus its version
 # array (half the heap's size) is 3x the 2 MiB ExCache.
@@ -146,14 +181,20 @@ mkdir -p "$WORK/kmod/include/lego" "$WORK/root"
 cp -L "$ROOT"/kmod/*.c "$ROOT"/kmod/*.h "$ROOT"/kmod/Makefile "$WORK/kmod/"
 cp -L "$ROOT/include/lego/pcache_abi.h" "$WORK/kmod/include/lego/"
 log "building lego_pcache.ko against $KDIR"
-make -s -C "$KDIR" M="$WORK/kmod" W=1 modules >"$WORK/kbuild.log" 2>&1 ||
-  { cat "$WORK/kbuild.log" >&2; die "kbuild failed"; }
-if grep -E 'warning:' "$WORK/kbuild.log" >&2; then die "module build has warnings"; fi
+build_module() {
+  make -s -C "$KDIR" M="$WORK/kmod" W=1 modules >"$WORK/kbuild.log" 2>&1 || return 1
+  cat "$WORK/kbuild.log"
+  ! grep -q 'warning:' "$WORK/kbuild.log"
+}
+# Every later step needs the module and the test program: without them, stop here.
+check "lego_pcache.ko builds with kbuild, W=1, without a warning" build_module ||
+  { check_summary; exit 1; }
 
 # 2. The test program, static so that it runs even if library packing broke.
 log "building pcache_test"
-gcc -static -O2 -g -Wall -Wextra -Werror -pthread -I"$ROOT/include" \
-  -o "$WORK/root/pcache_test" "$ROOT/tests/kmod/pcache_test.c"
+check "pcache_test builds (static, -Wall -Wextra -Werror)" \
+  gcc -static -O2 -g -Wall -Wextra -Werror -pthread -I"$ROOT/include" \
+  -o "$WORK/root/pcache_test" "$ROOT/tests/kmod/pcache_test.c" || { check_summary; exit 1; }
 
 # 3. The initramfs.
 R="$WORK/root"
@@ -164,6 +205,7 @@ ln -s usr/lib "$R/lib"
 ln -s usr/lib64 "$R/lib64"
 cp "$BUSYBOX" "$R/bin/busybox"
 cp "$WORK/kmod/lego_pcache.ko" "$R/"
+cp "$LIB" "$R/check.sh"  # the tests' shell library: POSIX sh, busybox runs it
 
 # copy_lib PATH: a system library goes to the same path in the guest (its
 # loader searches /lib/x86_64-linux-gnu etc. without an ld.so.cache); any other
@@ -234,25 +276,8 @@ if [[ "$RUNTIME" != 0 ]]; then
   # Both sides sleep (blocking) rather than spin while waiting: on one vCPU a
   # spinning caller keeps the daemon it waits for off the CPU until the next
   # tick (measured: polling did not finish lego_integrity in 60 s; blocking, 19 s).
-  key="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-  cat >"$R/etc/lego-cluster.toml" <<TOML
-[cluster]
-key = "$key"
-
-[[node]]
-id = 1
-role = "processor"
-address = "127.0.0.1"
-port = 18601
-progress = "blocking"
-
-[[node]]
-id = 2
-role = "memory"
-address = "127.0.0.1"
-port = 18602
-progress = "blocking"
-TOML
+  cluster_toml "$R/etc/lego-cluster.toml" "key = \"$(random_key)\"" -- \
+    "1 processor 127.0.0.1 18601 blocking" "2 memory 127.0.0.1 18602 blocking"
 fi
 
 # The guest's /init: settings from this script, then the fixed part below
@@ -273,6 +298,7 @@ q() { local a out=""; for a in "$@"; do out+=" '${a//\'/}'"; done; echo "${out# 
   echo "T=$STAGE_TIMEOUT"
   cat <<'INIT'
 /bin/busybox --install -s /bin
+. /check.sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 # Debian's kernel has no CONFIG_DEVTMPFS_MOUNT.
@@ -301,18 +327,20 @@ kmod_stats() {
 }
 
 # a. The module's own tests.
-begin a "insmod lego_pcache, pcache_test $TEST_ARGS, rmmod"
-rc=1
-if kmod_load; then
-  ls -l /dev/lego_pcache
-  eval "timeout 120 /pcache_test $TEST_ARGS"
-  rc=$?
-  kmod_stats
-  kmod_unload || rc=1
-else
-  echo "guest: insmod failed"
-fi
-end a $rc
+case "$STAGES" in *a*)
+  begin a "insmod lego_pcache, pcache_test $TEST_ARGS, rmmod"
+  rc=1
+  if kmod_load; then
+    ls -l /dev/lego_pcache
+    eval "timeout 120 /pcache_test $TEST_ARGS"
+    rc=$?
+    kmod_stats
+    kmod_unload || rc=1
+  else
+    echo "guest: insmod failed"
+  fi
+  end a $rc
+;; esac
 
 # runtime_tests STAGE: the ExCache's unit tests, and a real program under
 # lego-run with its memory on the guest's lego-memd.
@@ -366,12 +394,8 @@ if [ "$RUNTIME" != 0 ]; then
   $PIN lego-memd --config /etc/lego-cluster.toml --node 2 --capacity 512M --ready-fd 3 \
     3>/tmp/lego-memd.ready 2>/tmp/lego-memd.log &
   memd=$!
-  rc=1
-  for i in $(seq 1 100); do
-    if grep -q ready /tmp/lego-memd.ready; then rc=0; break; fi
-    kill -0 "$memd" 2>/dev/null || break
-    sleep 0.2
-  done
+  rc=0
+  wait_ready /tmp/lego-memd.ready "$memd" 20 || rc=1
   [ "$rc" = 0 ] || cat /tmp/lego-memd.log
   end memd $rc
 
@@ -510,36 +534,47 @@ host_cpu_ratios() {
 }
 [[ -n "${TEST_UNDECLARED_OUTPUTS_DIR:-}" ]] && cp "$LOGF" "$TEST_UNDECLARED_OUTPUTS_DIR/" || true
 
-# 5. Verdict.
+# 5. Verdict: a check per guest stage that ran, the guest's end, the kernel log. The
+# checks say what failed: no more exits on a failed command.
+set +e
 tr -d '\r' <"$LOGF" >"$LOGF.txt"
-bad="$(grep -nE 'BUG:|WARNING:|Oops|general protection|Kernel panic|Call Trace:|list_(add|del) corruption|Poison overwritten|Redzone' "$LOGF.txt" || true)"
-if [[ -n "$bad" ]]; then
-  tail -n 80 "$LOGF.txt" >&2
-  die "kernel log shows trouble:
-$bad"
-fi
+# stage_ok STAGE: the guest said "guest: stage STAGE: ok"; else the stage's output.
+stage_ok() {
+  grep -q "^guest: stage $1: ok" "$LOGF.txt" && return 0
+  awk -v s="guest: stage $1: " 'index($0, s "start") == 1 { p = 1 } p { print } index($0, s "FAIL") == 1 { p = 0 }' \
+    "$LOGF.txt" | tail -n 60
+  grep -q "^guest: stage $1: start" "$LOGF.txt" || echo "the guest never started stage $1"
+  return 1
+}
+for st in $STAGE_ORDER; do
+  case $st in
+    a) [[ $STAGES == *a* ]] || continue ;;
+    memd | c-insmod) [[ $RUNTIME != 0 ]] || continue ;;
+    *) [[ $RUNTIME != 0 && $STAGES == *"${st:0:1}"* ]] || continue ;;
+  esac
+  check "${STAGE_CHECKS[$st]}" stage_ok "$st"
+done
+kernel_log_clean() {
+  local bad
+  bad="$(grep -nE 'BUG:|WARNING:|Oops|general protection|Kernel panic|Call Trace:|list_(add|del) corruption|Poison overwritten|Redzone' "$LOGF.txt")"
+  [[ -z "$bad" ]] && return 0
+  tail -n 80 "$LOGF.txt"
+  echo "the kernel log shows trouble:"
+  echo "$bad"
+  return 1
+}
+check "the guest's kernel log shows no BUG, WARNING, Oops or corruption" kernel_log_clean
+guest_finished() {
+  grep -qE '^LEGO_KMOD_(PASS|FAIL)' "$LOGF.txt" && return 0
+  tail -n 80 "$LOGF.txt"
+  [[ $qrc -eq 124 ]] && echo "guest timed out after $QEMU_TIMEOUT s"
+  echo "the guest did not finish (no LEGO_KMOD_PASS or LEGO_KMOD_FAIL in the serial log)"
+  return 1
+}
+check "the guest ran to its end" guest_finished
 summary() {
   grep -E '^(ok|FAIL) |^  [0-9]+ evictions|pcache_test:|^guest: (stage|bench|stats)|lego_pcache|^integrity |^  (kernel_module|misses|evictions|write_backs) |^All tests passed|^test cases' "$LOGF.txt" >&2 || true
 }
-# failed_stages: the whole serial output of each stage the guest says failed.
-failed_stages() {
-  local st
-  for st in $(sed -n 's/^guest: stage \([^:]*\): FAIL.*/\1/p' "$LOGF.txt"); do
-    log "output of guest stage $st:"
-    awk -v s="guest: stage $st: " 'index($0, s "start") == 1 { p = 1 } p { print } index($0, s "FAIL") == 1 { p = 0 }' \
-      "$LOGF.txt" | tail -n 100 >&2
-  done
-}
-if ! grep -qx 'LEGO_KMOD_PASS' "$LOGF.txt"; then
-  if grep -q '^LEGO_KMOD_FAIL' "$LOGF.txt"; then
-    failed_stages
-    summary
-    die "$(grep -E '^LEGO_KMOD_FAIL' "$LOGF.txt")"
-  fi
-  tail -n 80 "$LOGF.txt" >&2
-  [[ $qrc -eq 124 ]] && die "guest timed out after $QEMU_TIMEOUT s"
-  die "the guest did not finish (no LEGO_KMOD_PASS or LEGO_KMOD_FAIL in the serial log)"
-fi
 summary
 host_cpu_ratios >&2
-log "PASS: $(grep -x 'LEGO_KMOD_PASS' "$LOGF.txt")"
+check_summary

@@ -12,10 +12,13 @@
 # 69 only for a lost memory node, 125 for lego-run's own failures with a message of their
 # own; flags and node roles checked; a kill -9 of lego-run kills the program and the next
 # lego-run removes what it left.
+# usage: lego_run_test.sh [NAME-PART...]   (checks whose names contain one, with what they
+# need set up; tests/lib/check.sh, LEGO_TEST_FILTER too)
 set -uo pipefail
+. "$(dirname "$0")/../lib/check.sh"
+check_init "$@"
 
-root=${TEST_SRCDIR:-}/lego
-[ -d "$root" ] || root=$(cd "$(dirname "$0")/../.." && pwd)/bazel-bin
+root=$(lego_bin_root)
 LEGO_RUN=$root/runtime/lego-run
 MEMD=$root/daemons/memory/lego-memd
 INTEGRITY=$root/tests/lego_run/lego_integrity
@@ -26,71 +29,105 @@ HERE=$root/tests/lego_run
 [ -f "$HERE/dict_list.py" ] || HERE=$(cd "$(dirname "$0")" && pwd)
 tmp=${TEST_TMPDIR:-$(mktemp -d)}
 
-passed=0
-failed=0
-check() {  # check NAME CONDITION-COMMAND...
-  local name=$1
-  shift
-  if "$@"; then
-    echo "PASS: $name"
-    passed=$((passed + 1))
-  else
-    echo "FAIL: $name"
-    # What the program said (most checks capture it in $out), to tell a bug from a stall.
-    [ -n "${out:-}" ] && printf '%s\n' "$out" | tail -5 | sed 's/^/    | /'
-    failed=$((failed + 1))
-  fi
+# What set-ups leave running or made, removed at exit whatever was selected.
+ns=lego-rt-$$
+hand_memd=""
+probe_memd=""
+cleanup() {
+  [ -n "$hand_memd" ] && kill "$hand_memd" 2>/dev/null
+  [ -n "$probe_memd" ] && kill "$probe_memd" 2>/dev/null
+  ip netns del "$ns" 2>/dev/null
+  ip link del "lrt$$a" 2>/dev/null
 }
+trap cleanup EXIT
+
+# integrity_ok OUTPUT: whether a program's output starts with "integrity ok".
+integrity_ok() { [ "${1#integrity ok}" != "$1" ]; }
 
 # 1. Integrity: 4 threads over a 64 MiB heap with an 8 MiB ExCache.
-out=$("$LEGO_RUN" --excache 8M --stats -- "$INTEGRITY" 64 4 60000 2>"$tmp/integrity.err")
-rc=$?
-cat "$tmp/integrity.err" | grep -E 'misses|write_backs|evictions' | sed 's/^/  /'
+integrity_run() {
+  integrity_out=$("$LEGO_RUN" --excache 8M --stats -- "$INTEGRITY" 64 4 60000 \
+    2>"$tmp/integrity.err")
+  integrity_rc=$?
+  grep -E 'misses|write_backs|evictions' "$tmp/integrity.err" | while read -r l; do note "$l"; done
+  echo "$integrity_out"
+  tail -5 "$tmp/integrity.err"
+}
 check "integrity under lego-run (64 MiB heap, 8 MiB ExCache, 4 threads)" \
-  [ "$rc" -eq 0 -a "${out#integrity ok}" != "$out" ]
-check "evictions and write-backs happened" grep -qE 'write_backs +[1-9]' "$tmp/integrity.err"
+  eval 'need integrity_run; [ "$integrity_rc" -eq 0 ] && integrity_ok "$integrity_out"'
+check "evictions and write-backs happened" \
+  eval 'need integrity_run; grep -qE "write_backs +[1-9]" "$tmp/integrity.err"'
 
 # 2. The same with the sigbus delivery and the clock policy.
-out=$("$LEGO_RUN" --excache 8M --delivery sigbus --policy clock -- "$INTEGRITY" 48 2 40000 2>&1)
-check "integrity with --delivery sigbus --policy clock" [ "${out#integrity ok}" != "$out" ]
+sigbus_clock() {
+  local out
+  out=$("$LEGO_RUN" --excache 8M --delivery sigbus --policy clock -- "$INTEGRITY" 48 2 40000 2>&1)
+  echo "exit status $?: $out"
+  integrity_ok "$out"
+}
+check "integrity with --delivery sigbus --policy clock" sigbus_clock
 
 # 2b. The memory node over shm on this host.
-out=$("$LEGO_RUN" --excache 8M --transport shm -- "$INTEGRITY" 48 2 40000 2>&1)
-check "integrity with --transport shm" [ "${out#integrity ok}" != "$out" ]
+over_shm() {
+  local out
+  out=$("$LEGO_RUN" --excache 8M --transport shm -- "$INTEGRITY" 48 2 40000 2>&1)
+  echo "exit status $?: $out"
+  integrity_ok "$out"
+}
+check "integrity with --transport shm" over_shm
 # A program that execs keeps its pid (env execs bash here; bash forks and execs): each
 # image opens shm endpoints of its own, and none is left in /dev/shm after the run.
-out=$("$LEGO_RUN" --excache 8M --transport shm -- env bash -c 'exec sh -c "echo \$((6*7))"; echo not reached' 2>&1)
-check "exec'ing programs over shm (env, bash, exec sh)" [ "$out" = "42" ]
+shm_exec_run() {
+  shm_exec_out=$("$LEGO_RUN" --excache 8M --transport shm -- \
+    env bash -c 'exec sh -c "echo \$((6*7))"; echo not reached' 2>&1)
+  echo "$shm_exec_out"
+}
+check "exec'ing programs over shm (env, bash, exec sh)" \
+  eval 'need shm_exec_run; [ "$shm_exec_out" = "42" ]'
 shm_leaked() {  # a region of a lego process that is gone (other tests' may be live)
+  local f pid
   for f in /dev/shm/lego-[0-9]*-*:*; do
     [ -e "$f" ] || continue
     pid=${f#/dev/shm/lego-}
-    [ -d "/proc/${pid%%-*}" ] || return 0
+    [ -d "/proc/${pid%%-*}" ] || { echo "left: $f"; return 0; }
   done
   return 1
 }
-check "no shm regions left by the run's processes" eval '! shm_leaked'
+check "no shm regions left by the run's processes" eval 'need shm_exec_run; ! shm_leaked'
 # A program that closes every inherited descriptor (a daemon): lego-run waits for it without
 # spinning.
-"$LEGO_RUN" -- bash -c 'for fd in /proc/$$/fd/*; do fd=${fd##*/}
-  [ "$fd" -gt 2 ] && eval "exec $fd>&-"; done; sleep 2' &
-runner=$!
-sleep 1.5
-ticks=$(awk '{print $14 + $15}' "/proc/$runner/stat" 2>/dev/null || echo 0)
-wait $runner
-check "lego-run idles while the program runs with its descriptors closed ($ticks ticks)" \
+idles() {
+  "$LEGO_RUN" -- bash -c 'for fd in /proc/$$/fd/*; do fd=${fd##*/}
+    [ "$fd" -gt 2 ] && eval "exec $fd>&-"; done; sleep 2' &
+  local runner=$! ticks
+  sleep 1.5
+  ticks=$(awk '{print $14 + $15}' "/proc/$runner/stat" 2>/dev/null || echo 0)
+  wait $runner
+  echo "lego-run used $ticks ticks of CPU in 1.5 s"
   [ "$ticks" -lt 50 ]
+}
+check "lego-run idles while the program runs with its descriptors closed" idles
 
 # 2c. fork(): children and grandchildren see the heap as it was at the fork while the
 # parent's writer threads keep evicting; a 32 MiB heap over a 4 MiB ExCache.
-out=$("$LEGO_RUN" --excache 4M -- "$FORK_INTEGRITY" 32 4 2>&1)
-check "fork integrity (children and grandchildren, racing evictions)" \
+fork_integrity() {
+  local out
+  out=$("$LEGO_RUN" --excache 4M -- "$FORK_INTEGRITY" 32 4 2>&1)
+  echo "$out"
   [ "${out%fork integrity ok}" != "$out" ]
-[ "${out%fork integrity ok}" != "$out" ] || echo "$out" | tail -5 | sed 's/^/  /'
-out=$("$LEGO_RUN" --excache 1M -- bash -c \
-  'n=$(seq 1 50000 | sort -n | tail -1); for i in 1 2; do echo $i | cat; done; echo "$n $(echo sub)"' 2>&1)
-check "bash pipelines, command substitution and subshells" [ "$out" = $'1\n2\n50000 sub' ]
-out=$("$LEGO_RUN" --excache 2M -- python3 -c '
+}
+check "fork integrity (children and grandchildren, racing evictions)" fork_integrity
+pipelines() {
+  local out
+  out=$("$LEGO_RUN" --excache 1M -- bash -c \
+    'n=$(seq 1 50000 | sort -n | tail -1); for i in 1 2; do echo $i | cat; done; echo "$n $(echo sub)"' 2>&1)
+  echo "$out"
+  [ "$out" = $'1\n2\n50000 sub' ]
+}
+check "bash pipelines, command substitution and subshells" pipelines
+python_fork() {
+  local out
+  out=$("$LEGO_RUN" --excache 2M -- python3 -c '
 import os
 big = [str(i) * 10 for i in range(200000)]
 pid = os.fork()
@@ -101,46 +138,65 @@ if pid == 0:
 big[5] = "parent"
 _, status = os.waitpid(pid, 0)
 print("fork", os.waitstatus_to_exitcode(status), big[5])' 2>&1)
-check "python3 os.fork" [ "$out" = "fork 0 parent" ]
-out=$("$LEGO_RUN" --excache 1M --delivery sigbus -- bash -c 'echo $(echo x)' 2>&1)
-check "fork with --delivery sigbus fails clearly" grep -q "fork() failed: .*handler-thread" <<<"$out"
+  echo "$out"
+  [ "$out" = "fork 0 parent" ]
+}
+check "python3 os.fork" python_fork
+sigbus_fork() {
+  local out
+  out=$("$LEGO_RUN" --excache 1M --delivery sigbus -- bash -c 'echo $(echo x)' 2>&1)
+  echo "$out"
+  grep -q "fork() failed: .*handler-thread" <<<"$out"
+}
+check "fork with --delivery sigbus fails clearly" sigbus_fork
 
 # 3. Resident size of the region never exceeds the ExCache (+ 1 MiB slack), from smaps.
-"$LEGO_RUN" --excache 8M -- "$INTEGRITY" 64 2 150000 >/dev/null 2>&1 &
-runner=$!
-max_kb=0
-samples=0
-for _ in $(seq 1 200); do
-  pid=$(pgrep -f "lego_integrity 64 2 150000" | while read -r p; do
-    [ "$(cat /proc/$p/comm 2>/dev/null)" = "lego_integrity" ] && echo "$p"; done | head -1)
-  if [ -n "$pid" ]; then
-    # The region is the largest mapping (64 GiB); its Rss is the resident part of the heap.
-    kb=$(python3 "$HERE/region_rss.py" "$pid")
-    if [ -n "$kb" ]; then
-      samples=$((samples + 1))
-      [ "$kb" -gt "$max_kb" ] && max_kb=$kb
+resident_size() {
+  "$LEGO_RUN" --excache 8M -- "$INTEGRITY" 64 2 150000 >/dev/null 2>&1 &
+  local runner=$! max_kb=0 samples=0 pid kb
+  for _ in $(seq 1 200); do
+    pid=$(pgrep -f "lego_integrity 64 2 150000" | while read -r p; do
+      [ "$(cat /proc/$p/comm 2>/dev/null)" = "lego_integrity" ] && echo "$p"; done | head -1)
+    if [ -n "$pid" ]; then
+      # The region is the largest mapping (64 GiB); its Rss is the resident part of the heap.
+      kb=$(python3 "$HERE/region_rss.py" "$pid")
+      if [ -n "$kb" ]; then
+        samples=$((samples + 1))
+        [ "$kb" -gt "$max_kb" ] && max_kb=$kb
+      fi
     fi
-  fi
-  kill -0 $runner 2>/dev/null || break
-  sleep 0.05
-done
-wait $runner
-echo "  region Rss: max $max_kb KiB over $samples samples (ExCache 8192 KiB)"
-check "region resident size <= ExCache + 1 MiB" [ "$samples" -gt 0 -a "$max_kb" -le $((8192 + 1024)) ]
+    kill -0 $runner 2>/dev/null || break
+    sleep 0.05
+  done
+  wait $runner
+  note "region Rss: max $max_kb KiB over $samples samples (ExCache 8192 KiB)"
+  [ "$samples" -gt 0 ] && [ "$max_kb" -le $((8192 + 1024)) ]
+}
+check "region resident size <= ExCache + 1 MiB" resident_size
 
 # 4. python3 building and checking a large dict and list, 16 MiB ExCache.
-out=$("$LEGO_RUN" --excache 16M -- /usr/bin/python3 "$HERE/dict_list.py" 2>&1)
-check "python3 dict and list" [ "$(echo "$out" | tail -1)" = "python ok" ]
+python_dict() {
+  local out
+  out=$("$LEGO_RUN" --excache 16M -- /usr/bin/python3 "$HERE/dict_list.py" 2>&1)
+  echo "$out"
+  [ "$(echo "$out" | tail -1)" = "python ok" ]
+}
+check "python3 dict and list" python_dict
 
 # 5. sqlite3 with a large in-memory database, 16 MiB ExCache.
-out=$("$LEGO_RUN" --excache 16M -- sqlite3 :memory: < "$HERE/sqlite.sql" 2>&1)
-expected=$'120000|7200060000|48000000\n1237\nok'
-check "sqlite3 in-memory database" [ "$out" = "$expected" ]
-[ "$out" = "$expected" ] || echo "$out" | head -5
+sqlite_memory() {
+  local out
+  out=$("$LEGO_RUN" --excache 16M -- sqlite3 :memory: <"$HERE/sqlite.sql" 2>&1)
+  echo "$out"
+  [ "$out" = $'120000|7200060000|48000000\n1237\nok' ]
+}
+check "sqlite3 in-memory database" sqlite_memory
 
 # 5b. A full memory node: the allocation fails as malloc failing would (Python's
 # MemoryError), the program goes on, and the memory node stays up.
-out=$("$LEGO_RUN" --excache 8M --memory-capacity 64M -- /usr/bin/python3 -c '
+memory_error() {
+  local out
+  out=$("$LEGO_RUN" --excache 8M --memory-capacity 64M -- /usr/bin/python3 -c '
 try:
     x = bytearray(200 * 1024 * 1024)
 except MemoryError:
@@ -148,95 +204,117 @@ except MemoryError:
 y = bytearray(16 * 1024 * 1024)
 y[-1] = 7
 print("alive", y[-1])' 2>&1)
-check "full memory node: MemoryError, and the program goes on" [ "$out" = $'MemoryError\nalive 7' ]
+  echo "$out"
+  [ "$out" = $'MemoryError\nalive 7' ]
+}
+check "full memory node: MemoryError, and the program goes on" memory_error
 
 # 6. Exit status, stdin/stdout and signals pass through.
-"$LEGO_RUN" --excache 1M -- sh -c 'exit 7' >/dev/null 2>&1
-check "exit status passes through" [ $? -eq 7 ]
-out=$(echo "hello lego" | "$LEGO_RUN" --excache 1M -- cat)
-check "stdin and stdout pass through" [ "$out" = "hello lego" ]
-"$LEGO_RUN" --excache 1M -- sleep 30 &
-runner=$!
-sleep 1.5
-kill -TERM $runner
-wait $runner
-check "SIGTERM reaches the program (128+15)" [ $? -eq 143 ]
-"$LEGO_RUN" --excache 1M -- /nonexistent/program 2>/dev/null
-check "a missing program gives 127" [ $? -eq 127 ]
+exit_status() {
+  "$LEGO_RUN" --excache 1M -- sh -c 'exit 7'
+  [ $? -eq 7 ]
+}
+check "exit status passes through" exit_status
+check "stdin and stdout pass through" \
+  eval '[ "$(echo "hello lego" | "$LEGO_RUN" --excache 1M -- cat)" = "hello lego" ]'
+sigterm() {
+  "$LEGO_RUN" --excache 1M -- sleep 30 &
+  local runner=$!
+  sleep 1.5
+  kill -TERM $runner
+  wait $runner
+  [ $? -eq 143 ]
+}
+check "SIGTERM reaches the program (128+15)" sigterm
+missing_program() {
+  "$LEGO_RUN" --excache 1M -- /nonexistent/program
+  [ $? -eq 127 ]
+}
+check "a missing program gives 127" missing_program
 
 # 7. Killing the memory node mid-run: exit status 69 and a message naming the node.
-"$LEGO_RUN" --excache 4M -- "$INTEGRITY" 64 2 5000000 >"$tmp/kill.out" 2>"$tmp/kill.err" &
-runner=$!
-sleep 3
-pkill -KILL -P $runner -x lego-memd
-wait $runner
-rc=$?
-grep -E 'lego|memory' "$tmp/kill.err" | head -3 | sed 's/^/  /'
-check "killed memory node: exit 69" [ "$rc" -eq 69 ]
-check "killed memory node: message names it" grep -q "memory node 2" "$tmp/kill.err"
+killed_memd_run() {
+  "$LEGO_RUN" --excache 4M -- "$INTEGRITY" 64 2 5000000 >"$tmp/kill.out" 2>"$tmp/kill.err" &
+  local runner=$!
+  sleep 3
+  pkill -KILL -P $runner -x lego-memd
+  wait $runner
+  killed_rc=$?
+  grep -E 'lego|memory' "$tmp/kill.err" | head -3
+}
+check "killed memory node: exit 69" eval 'need killed_memd_run; [ "$killed_rc" -eq 69 ]'
+check "killed memory node: message names it" \
+  eval 'need killed_memd_run; grep -q "memory node 2" "$tmp/kill.err"'
 
 # 8. A cluster file and a lego-memd started by hand in its own namespace.
-ns=lego-rt-$$
-ip netns add $ns
-ip link add lrt$$a type veth peer name lrt$$b
-ip link set lrt$$b netns $ns
-net=$((100 + $$ % 100))
-ip addr add 10.$net.77.1/30 dev lrt$$a && ip link set lrt$$a up
-ip -n $ns addr add 10.$net.77.2/30 dev lrt$$b && ip -n $ns link set lrt$$b up && ip -n $ns link set lo up
-key=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
-cat > "$tmp/cluster.toml" <<TOML
-[cluster]
-key = "$key"
-[[node]]
-id = 1
-role = "processor"
-address = "10.$net.77.1"
-port = 19101
-[[node]]
-id = 7
-role = "memory"
-address = "10.$net.77.2"
-port = 19107
-progress = "blocking"
-TOML
-ip netns exec $ns "$MEMD" --config "$tmp/cluster.toml" --node 7 --capacity 256M 2>"$tmp/memd.err" &
-memd=$!
-sleep 1
-out=$("$LEGO_RUN" --config "$tmp/cluster.toml" --excache 4M -- "$INTEGRITY" 32 2 50000 2>&1)
-check "--config with a hand-started lego-memd" [ "${out#integrity ok}" != "$out" ]
+hand_net() {
+  local net=$((100 + $$ % 100))
+  ip netns add "$ns" &&
+    veth_link "" "lrt$$a" "10.$net.77.1/30" "$ns" "lrt$$b" "10.$net.77.2/30" || return 1
+  cluster_toml "$tmp/cluster.toml" "key = \"$(random_key)\"" -- \
+    "1 processor 10.$net.77.1 19101" "7 memory 10.$net.77.2 19107 blocking"
+}
+hand_memd() {
+  need hand_net || return 1
+  ip netns exec "$ns" "$MEMD" --config "$tmp/cluster.toml" --node 7 --capacity 256M \
+    --ready-fd 3 3>"$tmp/memd.ready" 2>>"$tmp/memd.err" &
+  hand_memd=$!
+  wait_ready "$tmp/memd.ready" "$hand_memd" || { cat "$tmp/memd.err"; return 1; }
+}
+hand_config() {
+  need hand_memd || return 1
+  local out
+  out=$("$LEGO_RUN" --config "$tmp/cluster.toml" --excache 4M -- "$INTEGRITY" 32 2 50000 2>&1)
+  echo "$out"
+  integrity_ok "$out"
+}
+check "--config with a hand-started lego-memd" hand_config
 # Two programs on one memory node at once, each in its own address space.
-"$LEGO_RUN" --config "$tmp/cluster.toml" --excache 4M -- "$INTEGRITY" 24 2 60000 >"$tmp/a.out" 2>&1 &
-a=$!
-"$LEGO_RUN" --config "$tmp/cluster.toml" --excache 4M -- "$INTEGRITY" 24 2 60000 >"$tmp/b.out" 2>&1 &
-b=$!
-spaces=0
-for _ in $(seq 1 40); do  # until both have opened their spaces (or one of them ended)
-  spaces=$("$MEMD" --status --config "$tmp/cluster.toml" --node 7 2>&1 | grep -c '^space ')
-  [ "$spaces" -ge 2 ] && break
-  kill -0 $a 2>/dev/null && kill -0 $b 2>/dev/null || break
-  sleep 0.25
-done
-wait $a
-ra=$?
-wait $b
-rb=$?
-check "two programs at once on one memory node ($spaces spaces seen)" \
-  [ "$ra" -eq 0 -a "$rb" -eq 0 -a "$spaces" -eq 2 ]
-status=$("$MEMD" --status --config "$tmp/cluster.toml" --node 7 2>&1)
-check "lego-memd --status answers, and the finished process's space was freed" \
+two_programs() {
+  need hand_memd || return 1
+  "$LEGO_RUN" --config "$tmp/cluster.toml" --excache 4M -- "$INTEGRITY" 24 2 60000 >"$tmp/a.out" 2>&1 &
+  local a=$! b ra rb spaces=0
+  "$LEGO_RUN" --config "$tmp/cluster.toml" --excache 4M -- "$INTEGRITY" 24 2 60000 >"$tmp/b.out" 2>&1 &
+  b=$!
+  for _ in $(seq 1 40); do  # until both have opened their spaces (or one of them ended)
+    spaces=$("$MEMD" --status --config "$tmp/cluster.toml" --node 7 2>&1 | grep -c '^space ')
+    [ "$spaces" -ge 2 ] && break
+    kill -0 $a 2>/dev/null && kill -0 $b 2>/dev/null || break
+    sleep 0.25
+  done
+  wait $a
+  ra=$?
+  wait $b
+  rb=$?
+  echo "exit statuses $ra $rb, $spaces spaces seen at once"
+  tail -n 3 "$tmp/a.out" "$tmp/b.out"
+  [ "$ra" -eq 0 ] && [ "$rb" -eq 0 ] && [ "$spaces" -eq 2 ]
+}
+check "two programs at once on one memory node" two_programs
+hand_status() {
+  need hand_memd || return 1
+  local status
+  status=$("$MEMD" --status --config "$tmp/cluster.toml" --node 7 2>&1)
+  echo "$status"
   grep -q '^spaces_open 0' <<<"$status"
-kill $memd
-wait $memd 2>/dev/null
+}
+check "lego-memd --status answers, and the finished processes' spaces were freed" hand_status
 
 # A memory node that stalls (SIGSTOP) mid-run. Shorter than the retries (8 of timeout_ms):
 # misses time out, are sent again and the program finishes with its data intact. Longer:
 # the program ends with exit status 69 and a message naming the node, not a hang.
-sed 's/^\[cluster\]$/[cluster]\ntimeout_ms = 500/' "$tmp/cluster.toml" >"$tmp/stall.toml"
-stall_run() {  # stall_run SECONDS: prints the program's exit status
-  ip netns exec $ns "$MEMD" --config "$tmp/stall.toml" --node 7 --capacity 256M \
-    2>>"$tmp/memd.err" &
-  local m=$! r rc
-  sleep 1
+stall_run() {  # stall_run SECONDS: the program's exit status in $stall_rc
+  need hand_net || return 1
+  if [ -n "$hand_memd" ]; then  # the stalled one takes its address
+    kill "$hand_memd"
+    wait "$hand_memd" 2>/dev/null
+    hand_memd=""
+  fi
+  sed 's/^\[cluster\]$/[cluster]\ntimeout_ms = 500/' "$tmp/cluster.toml" >"$tmp/stall.toml"
+  ip netns exec "$ns" "$MEMD" --config "$tmp/stall.toml" --node 7 --capacity 256M \
+    --ready-fd 3 3>"$tmp/stall.ready" 2>>"$tmp/memd.err" &
+  local m=$! r
+  wait_ready "$tmp/stall.ready" "$m" || { cat "$tmp/memd.err"; return 1; }
   "$LEGO_RUN" --config "$tmp/stall.toml" --excache 4M -- "$INTEGRITY" 32 2 100000 \
     >"$tmp/stall.out" 2>"$tmp/stall.err" &
   r=$!
@@ -245,45 +323,43 @@ stall_run() {  # stall_run SECONDS: prints the program's exit status
   sleep "$1"
   kill -CONT $m
   wait $r
-  rc=$?
+  stall_rc=$?
   kill $m
   wait $m 2>/dev/null
-  echo $rc
+  echo "exit status $stall_rc"
+  tail -n 3 "$tmp/stall.out" "$tmp/stall.err"
 }
-rc=$(stall_run 1.2)
-out=$(cat "$tmp/stall.out" "$tmp/stall.err")
-check "a memory node stalled 1.2 s (timeout_ms 500): the program finishes intact" \
-  [ "$rc" -eq 0 -a "${out#integrity ok}" != "$out" ]
-rc=$(stall_run 6)
-out=$(cat "$tmp/stall.err")
-check "a memory node stalled 6 s: exit 69 naming the node" \
-  [ "$rc" -eq 69 -a "${out#*memory node 7}" != "$out" ]
-ip netns del $ns
-ip link del lrt$$a 2>/dev/null
+short_stall() {
+  stall_run 1.2 || return 1
+  [ "$stall_rc" -eq 0 ] && integrity_ok "$(cat "$tmp/stall.out" "$tmp/stall.err")"
+}
+check "a memory node stalled 1.2 s (timeout_ms 500): the program finishes intact" short_stall
+long_stall() {
+  stall_run 6 || return 1
+  [ "$stall_rc" -eq 69 ] && grep -q "memory node 7" "$tmp/stall.err"
+}
+check "a memory node stalled 6 s: exit 69 naming the node" long_stall
 
 # 9. The namespace of a lego-run that was SIGKILLed (no chance to clean up) is removed by
 #    the next lego-run; a live one's is kept.
-sh -c 'exit 0' &
-dead=$!
-wait $dead
-out=""
-ip netns add "lego-run-$dead"
-ip netns add "lego-run-$$"
-"$LEGO_RUN" --excache 1M -- true >/dev/null 2>&1
-check "a killed lego-run's namespace is swept" [ ! -e "/var/run/netns/lego-run-$dead" ]
-check "a live lego-run's namespace is kept" [ -e "/var/run/netns/lego-run-$$" ]
-ip netns del "lego-run-$dead" 2>/dev/null
-ip netns del "lego-run-$$" 2>/dev/null
+sweep_namespaces() {
+  sh -c 'exit 0' &
+  swept_dead=$!
+  wait $swept_dead
+  ip netns add "lego-run-$swept_dead"
+  ip netns add "lego-run-$$"
+  "$LEGO_RUN" --excache 1M -- true
+  [ ! -e "/var/run/netns/lego-run-$swept_dead" ] && swept=yes || swept=no
+  [ -e "/var/run/netns/lego-run-$$" ] && kept=yes || kept=no
+  ip netns del "lego-run-$swept_dead" 2>/dev/null
+  ip netns del "lego-run-$$" 2>/dev/null
+  echo "dead run's namespace swept: $swept; live run's kept: $kept"
+}
+check "a killed lego-run's namespace is swept" eval 'need sweep_namespaces; [ "$swept" = yes ]'
+check "a live lego-run's namespace is kept" eval 'need sweep_namespaces; [ "$kept" = yes ]'
 
 # 10. Bad flags get a clear message and exit status 125 (lego-run: its own failures, as
 #     documented) or 2 (lego-memd); --help exits 0.
-bad_flag() {  # bad_flag STATUS EXPECTED-TEXT COMMAND...
-  local want_rc=$1 want=$2
-  shift 2
-  local out
-  out=$("$@" 2>&1)
-  [ $? -eq "$want_rc" ] && grep -q -- "$want" <<<"$out"
-}
 check "lego-run --excache abc" bad_flag 125 "not a size" "$LEGO_RUN" --excache abc -- true
 check "lego-run with no program" bad_flag 125 "no PROGRAM" "$LEGO_RUN" --excache 1M
 check "lego-run --policy lru" bad_flag 125 "fifo or clock" "$LEGO_RUN" --policy lru -- true
@@ -293,33 +369,24 @@ check "lego-run --prefetch -1 names the flag and its range" \
   bad_flag 125 "^lego-run: --prefetch: '-1' is not a number in 0..31$" "$LEGO_RUN" --prefetch -1 -- true
 check "lego-memd --capacity 1" bad_flag 2 "at least one 4 KiB line" "$MEMD" --config x --node 1 --capacity 1
 check "lego-memd without --node" bad_flag 2 "required" "$MEMD" --config x
-check "lego-run --help" "$LEGO_RUN" --help >/dev/null
-check "lego-memd --help" "$MEMD" --help >/dev/null
+check "lego-run --help" "$LEGO_RUN" --help
+check "lego-memd --help" "$MEMD" --help
 
 # 11. Defects found by an adversarial probe, each checked by symptom. A lego-memd on
 #     loopback (ports from $$), with a lease long enough that only lego-run frees spaces.
 port=$((10000 + $$ % 10000 * 2))
-key=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
-mkdir -p "$tmp/probe"
-cat >"$tmp/probe/cluster.toml" <<TOML
-[cluster]
-key = "$key"
-[[node]]
-id = 1
-role = "processor"
-address = "127.0.0.1"
-port = $port
-[[node]]
-id = 7
-role = "memory"
-address = "127.0.0.1"
-port = $((port + 1))
-progress = "blocking"
-TOML
-"$MEMD" --config "$tmp/probe/cluster.toml" --node 7 --capacity 512M --lease-ms 600000 \
-  2>"$tmp/probe/memd.err" &
-memd=$!
-sleep 1
+probe_cluster() {
+  mkdir -p "$tmp/probe"
+  cluster_toml "$tmp/probe/cluster.toml" "key = \"$(random_key)\"" -- \
+    "1 processor 127.0.0.1 $port" "7 memory 127.0.0.1 $((port + 1)) blocking"
+}
+probe_memd() {
+  need probe_cluster
+  "$MEMD" --config "$tmp/probe/cluster.toml" --node 7 --capacity 512M --lease-ms 600000 \
+    --ready-fd 3 3>"$tmp/probe/memd.ready" 2>"$tmp/probe/memd.err" &
+  probe_memd=$!
+  wait_ready "$tmp/probe/memd.ready" "$probe_memd" || { cat "$tmp/probe/memd.err"; return 1; }
+}
 memd_status() {  # memd_status FIELD: its value on the probe's memory node
   "$MEMD" --status --config "$tmp/probe/cluster.toml" --node 7 2>&1 | awk -v f="$1" '$1 == f {print $2}'
 }
@@ -327,7 +394,9 @@ memd_status() {  # memd_status FIELD: its value on the probe's memory node
 # 11.3 python's subprocess closes every inherited descriptor in its children: their spaces
 # are still freed as each child exits (the program asks the memory node itself, without
 # lego's library, after 20 children), and nothing is left after the run.
-out=$("$LEGO_RUN" --config "$tmp/probe/cluster.toml" --excache 4M -- "$PYTHON" -c '
+subprocess_run() {
+  need probe_memd || return 1
+  subprocess_out=$("$LEGO_RUN" --config "$tmp/probe/cluster.toml" --excache 4M -- "$PYTHON" -c '
 import os, subprocess, sys, time
 for _ in range(20):
     subprocess.run(["/bin/true"], check=True)
@@ -337,71 +406,119 @@ st = subprocess.run([sys.argv[1], "--status", "--config", sys.argv[2], "--node",
                     capture_output=True, text=True).stdout
 print("during", [l.split()[1] for l in st.splitlines() if l.startswith("spaces_open ")][0])
 ' "$MEMD" "$tmp/probe/cluster.toml" 2>&1)
-rc=$?
-check "subprocess children's spaces are freed as they exit (python3 alone holds one: $out)" \
-  [ "$rc" -eq 0 -a "$out" = "during 1" ]
-open_after=$(memd_status spaces_open)
-reserved_after=$(memd_status bytes_reserved)
-check "after the run: spaces_open 0 and bytes_reserved 0 ($open_after, $reserved_after)" \
-  [ "$open_after" = 0 -a "$reserved_after" = 0 ]
+  subprocess_rc=$?
+  echo "$subprocess_out"
+}
+check "subprocess children's spaces are freed as they exit (python3 alone holds one)" \
+  eval 'need subprocess_run && [ "$subprocess_rc" -eq 0 ] && [ "$subprocess_out" = "during 1" ]'
+after_run() {
+  need subprocess_run || return 1
+  local open reserved
+  open=$(memd_status spaces_open)
+  reserved=$(memd_status bytes_reserved)
+  echo "spaces_open $open, bytes_reserved $reserved"
+  [ "$open" = 0 ] && [ "$reserved" = 0 ]
+}
+check "after the run: spaces_open 0 and bytes_reserved 0" after_run
 
 # 11.4 A relative --config keeps working in children that run after a cd.
-out=$(cd "$tmp/probe" && "$LEGO_RUN" --config cluster.toml -- sh -c 'cd / && /bin/true && echo ok' 2>&1)
-check "a relative --config works after the program's cd" [ "$out" = "ok" ]
+relative_config() {
+  need probe_memd || return 1
+  local out
+  out=$(cd "$tmp/probe" && "$LEGO_RUN" --config cluster.toml -- sh -c 'cd / && /bin/true && echo ok' 2>&1)
+  echo "$out"
+  [ "$out" = "ok" ]
+}
+check "a relative --config works after the program's cd" relative_config
 
 # 11.5 A static program (or a script run by one) would run all in local memory: refused,
 # or with --allow-local run with a warning, and --stats says that nothing was remote.
-out=$("$LEGO_RUN" -- "$STATIC_HELLO" 2>&1)
-rc=$?
-check "a static program is refused (125) saying why" \
-  [ "$rc" -eq 125 -a "${out#*statically linked}" != "$out" -a "${out#*--allow-local}" != "$out" ]
-printf '#!%s\n' "$STATIC_HELLO" >"$tmp/probe/static.sh"
-chmod +x "$tmp/probe/static.sh"
-out=$("$LEGO_RUN" -- "$tmp/probe/static.sh" 2>&1)
-check "a script whose interpreter is static is refused" \
-  [ $? -eq 125 -a "${out#*statically linked}" != "$out" ]
-out=$("$LEGO_RUN" --allow-local --stats -- "$STATIC_HELLO" 2>"$tmp/probe/static.err")
-check "--allow-local runs it, warns once, and --stats says its memory was all local" \
-  [ "$out" = "static hello 7" -a "$(grep -c 'warning: .*statically linked' "$tmp/probe/static.err")" = 1 ] &&
-  grep -q "memory was all local" "$tmp/probe/static.err"
+static_refused() {
+  local out rc
+  out=$("$LEGO_RUN" -- "$STATIC_HELLO" 2>&1)
+  rc=$?
+  echo "$out"
+  [ "$rc" -eq 125 ] && [ "${out#*statically linked}" != "$out" ] && [ "${out#*--allow-local}" != "$out" ]
+}
+check "a static program is refused (125) saying why" static_refused
+static_script() {
+  mkdir -p "$tmp/probe"
+  printf '#!%s\n' "$STATIC_HELLO" >"$tmp/probe/static.sh"
+  chmod +x "$tmp/probe/static.sh"
+  bad_flag 125 "statically linked" "$LEGO_RUN" -- "$tmp/probe/static.sh"
+}
+check "a script whose interpreter is static is refused" static_script
+allow_local() {
+  mkdir -p "$tmp/probe"
+  local out
+  out=$("$LEGO_RUN" --allow-local --stats -- "$STATIC_HELLO" 2>"$tmp/probe/static.err")
+  echo "$out"
+  cat "$tmp/probe/static.err"
+  [ "$out" = "static hello 7" ] &&
+    [ "$(grep -c 'warning: .*statically linked' "$tmp/probe/static.err")" = 1 ] &&
+    grep -q "memory was all local" "$tmp/probe/static.err"
+}
+check "--allow-local runs it, warns once, and --stats says its memory was all local" allow_local
 
 # 11.6 Exit 69 and "memory node N was lost" only for a lost memory node; lego-run's own
 # failures exit 125 with a message of their own.
-out=$("$LEGO_RUN" --config "$tmp/probe/cluster.toml" -- sh -c 'exit 69' 2>&1)
-check "a program's own exit 69 passes through silently" [ $? -eq 69 -a -z "$out" ]
-out=$("$LEGO_RUN" --excache 1T -- true 2>&1)
+own_69() {
+  need probe_memd || return 1
+  local out rc
+  out=$("$LEGO_RUN" --config "$tmp/probe/cluster.toml" -- sh -c 'exit 69' 2>&1)
+  rc=$?
+  echo "exit status $rc: $out"
+  [ "$rc" -eq 69 ] && [ -z "$out" ]
+}
+check "a program's own exit 69 passes through silently" own_69
+# own_failure STATUS-TEXT COMMAND...: exit 125, saying TEXT and nothing of a lost node.
+own_failure() {
+  local want=$1 out rc
+  shift
+  out=$("$@" 2>&1)
+  rc=$?
+  echo "exit status $rc: $out"
+  [ "$rc" -eq 125 ] && [ "${out#*"$want"}" != "$out" ] && [ "${out#*lost}" = "$out" ]
+}
 check "--excache 1T: 125, more than this host's memory" \
-  [ $? -eq 125 -a "${out#*--excache 1.0 TiB: more than this host}" != "$out" -a "${out#*lost}" = "$out" ]
+  own_failure "--excache 1.0 TiB: more than this host" "$LEGO_RUN" --excache 1T -- true
 if [ ! -e /dev/lego_pcache ]; then
-  out=$("$LEGO_RUN" --pcache on -- true 2>&1)
   check "--pcache on without the module: 125 naming /dev/lego_pcache" \
-    [ $? -eq 125 -a "${out#*--pcache on: /dev/lego_pcache}" != "$out" -a "${out#*lost}" = "$out" ]
+    own_failure "--pcache on: /dev/lego_pcache" "$LEGO_RUN" --pcache on -- true
 fi
-other=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
-sed "s/^key = .*/key = \"$other\"/" "$tmp/probe/cluster.toml" >"$tmp/probe/wrong-key.toml"
-out=$("$LEGO_RUN" --config "$tmp/probe/wrong-key.toml" -- true 2>&1)
-check "a wrong cluster key: 125 naming the memory node and the key" \
-  [ $? -eq 125 -a "${out#*memory node 7 (127.0.0.1:$((port + 1)), tcp) refused}" != "$out" \
-    -a "${out#*cluster key}" != "$out" -a "${out#*lost}" = "$out" ]
-sed "s/^port = $((port + 1))$/port = $((port + 2))/" "$tmp/probe/cluster.toml" >"$tmp/probe/nobody.toml"
-out=$("$LEGO_RUN" --config "$tmp/probe/nobody.toml" -- true 2>&1)
-check "a memory node nobody serves: 125, cannot reach it, its address and errno" \
-  [ $? -eq 125 -a "${out#*cannot reach memory node 7 (127.0.0.1:$((port + 2))}" != "$out" \
-    -a "${out#*Connection refused}" != "$out" -a "${out#*lost}" = "$out" ]
+wrong_key() {
+  need probe_memd || return 1
+  sed "s/^key = .*/key = \"$(random_key)\"/" "$tmp/probe/cluster.toml" >"$tmp/probe/wrong-key.toml"
+  own_failure "memory node 7 (127.0.0.1:$((port + 1)), tcp) refused" \
+    "$LEGO_RUN" --config "$tmp/probe/wrong-key.toml" -- true &&
+    grep -q "cluster key" <<<"$("$LEGO_RUN" --config "$tmp/probe/wrong-key.toml" -- true 2>&1)"
+}
+check "a wrong cluster key: 125 naming the memory node and the key" wrong_key
+nobody_serves() {
+  need probe_cluster
+  sed "s/^port = $((port + 1))$/port = $((port + 2))/" "$tmp/probe/cluster.toml" >"$tmp/probe/nobody.toml"
+  own_failure "cannot reach memory node 7 (127.0.0.1:$((port + 2))" \
+    "$LEGO_RUN" --config "$tmp/probe/nobody.toml" -- true &&
+    grep -q "Connection refused" <<<"$("$LEGO_RUN" --config "$tmp/probe/nobody.toml" -- true 2>&1)"
+}
+check "a memory node nobody serves: 125, cannot reach it, its address and errno" nobody_serves
 # The runtime failing to start in a process (here: its cluster file vanished) is said by
 # lego-run, with the status 125 and no word of a lost node.
-out=$("$LEGO_RUN" --config "$tmp/probe/cluster.toml" -- \
-  sh -c "LEGO_CONFIG=$tmp/probe/gone.toml exec /bin/true" 2>&1)
-check "the runtime failing to start: 125 and its reason" \
-  [ $? -eq 125 -a "${out#*cannot open cluster file $tmp/probe/gone.toml}" != "$out" -a "${out#*lost}" = "$out" ]
+runtime_fails() {
+  need probe_memd || return 1
+  own_failure "cannot open cluster file $tmp/probe/gone.toml" \
+    "$LEGO_RUN" --config "$tmp/probe/cluster.toml" -- \
+    sh -c "LEGO_CONFIG=$tmp/probe/gone.toml exec /bin/true"
+}
+check "the runtime failing to start: 125 and its reason" runtime_fails
 
 # 11.7 Node ids must have the role their flag names.
-check "--node 7 (a memory node) is refused" bad_flag 125 \
+check "--node 7 (a memory node) is refused" eval 'need probe_cluster; bad_flag 125 \
   "--node 7: node 7 is a memory node in $tmp/probe/cluster.toml, not a processor node" \
-  "$LEGO_RUN" --config "$tmp/probe/cluster.toml" --node 7 -- true
-check "--memory-node 1 (a processor node) is refused" bad_flag 125 \
+  "$LEGO_RUN" --config "$tmp/probe/cluster.toml" --node 7 -- true'
+check "--memory-node 1 (a processor node) is refused" eval 'need probe_cluster; bad_flag 125 \
   "node 1 is a processor node in .*, not a memory node" \
-  "$LEGO_RUN" --config "$tmp/probe/cluster.toml" --memory-node 1 -- true
+  "$LEGO_RUN" --config "$tmp/probe/cluster.toml" --memory-node 1 -- true'
 
 # 11.8 kill -9 of lego-run: the program dies with it, and the next lego-run removes what
 # was left. With --config: the dead program's space is closed by that next run's sweep
@@ -414,47 +531,68 @@ gone_within() {  # gone_within SECONDS COMMAND-LINE: no process runs exactly it 
   done
   return 1
 }
-"$LEGO_RUN" --config "$tmp/probe/cluster.toml" -- sleep 61.$$ &
-runner=$!
-for _ in $(seq 1 50); do  # until the program runs
-  pgrep -xf "sleep 61.$$" >/dev/null && break
-  sleep 0.1
-done
-sleep 0.5
-open_before=$(memd_status spaces_open)
-kill -KILL $runner
-wait $runner 2>/dev/null
-check "kill -9 of lego-run --config: the program dies with it" gone_within 2 "sleep 61.$$"
-check "... its space is still open until a lego-run sweeps it ($open_before)" \
-  [ "$open_before" = 1 -a "$(memd_status spaces_open)" = 1 -a -d /tmp/lego-run-$runner ]
-"$LEGO_RUN" --excache 1M -- true
-check "... the next lego-run closes it and removes its run directory" \
-  [ "$(memd_status spaces_open)" = 0 -a ! -e /tmp/lego-run-$runner ]
-"$LEGO_RUN" --excache 1M -- sleep 62.$$ &
-runner=$!
-for _ in $(seq 1 50); do  # until the private memory node's network is up and the program runs
-  pgrep -xf "sleep 62.$$" >/dev/null && break
-  sleep 0.1
-done
-kill -KILL $runner
-wait $runner 2>/dev/null
+killed_config_run() {
+  need probe_memd || return 1
+  "$LEGO_RUN" --config "$tmp/probe/cluster.toml" -- sleep 61.$$ &
+  killed_config=$!
+  wait_until 5 pgrep -xf "sleep 61.$$" >/dev/null  # until the program runs
+  sleep 0.5
+  killed_config_open=$(memd_status spaces_open)
+  kill -KILL $killed_config
+  wait $killed_config 2>/dev/null
+  echo "spaces open before the kill: $killed_config_open"
+}
+check "kill -9 of lego-run --config: the program dies with it" \
+  eval 'need killed_config_run && gone_within 2 "sleep 61.$$"'
+space_kept() {
+  need killed_config_run || return 1
+  local open
+  open=$(memd_status spaces_open)
+  echo "spaces open: $killed_config_open before the kill, $open after it"
+  [ "$killed_config_open" = 1 ] && [ "$open" = 1 ] && [ -d "/tmp/lego-run-$killed_config" ]
+}
+check "kill -9 of lego-run --config: its space is still open until a lego-run sweeps it" space_kept
+config_swept() {
+  need killed_config_run || return 1
+  "$LEGO_RUN" --excache 1M -- true
+  [ "$(memd_status spaces_open)" = 0 ] && [ ! -e "/tmp/lego-run-$killed_config" ]
+}
+check "kill -9 of lego-run --config: the next lego-run closes its space and removes its run directory" \
+  config_swept
+killed_private_run() {
+  "$LEGO_RUN" --excache 1M -- sleep 62.$$ &
+  killed_private=$!
+  # until the private memory node's network is up and the program runs
+  wait_until 5 pgrep -xf "sleep 62.$$" >/dev/null
+  kill -KILL $killed_private
+  wait $killed_private 2>/dev/null
+}
 check "kill -9 of lego-run (private memory node): the program dies with it" \
-  gone_within 2 "sleep 62.$$"
-check "... leaving its run directory (and key), namespace and veth" \
-  [ -d /tmp/lego-run-$runner -a -e /var/run/netns/lego-run-$runner -a -e /sys/class/net/lgo${runner}a ]
+  eval 'need killed_private_run; gone_within 2 "sleep 62.$$"'
+left_behind() {
+  need killed_private_run
+  local r=$killed_private
+  [ -d "/tmp/lego-run-$r" ] && [ -e "/var/run/netns/lego-run-$r" ] && [ -e "/sys/class/net/lgo${r}a" ]
+}
+check "kill -9 of lego-run (private memory node): its run directory (and key), namespace and veth are left" \
+  left_behind
 # A lego-run killed between making its veth pair and moving one end into its namespace
 # leaves both ends on the host (the pair goes with the namespace otherwise).
-sh -c 'exit 0' &
-dead=$!
-wait $dead
-ip link add lgo${dead}a type veth peer name lgo${dead}b
-"$LEGO_RUN" --excache 1M -- true
-check "... which the next lego-run removes, and a dead run's veth pair outside a namespace" \
-  [ ! -e /tmp/lego-run-$runner -a ! -e /var/run/netns/lego-run-$runner \
-    -a ! -e /sys/class/net/lgo${runner}a -a ! -e /sys/class/net/lgo${dead}a ]
-ip link del lgo${dead}a 2>/dev/null
-kill $memd
-wait $memd 2>/dev/null
+private_swept() {
+  need killed_private_run
+  local r=$killed_private dead
+  sh -c 'exit 0' &
+  dead=$!
+  wait $dead
+  ip link add "lgo${dead}a" type veth peer name "lgo${dead}b"
+  "$LEGO_RUN" --excache 1M -- true
+  [ ! -e "/tmp/lego-run-$r" ] && [ ! -e "/var/run/netns/lego-run-$r" ] &&
+    [ ! -e "/sys/class/net/lgo${r}a" ] && [ ! -e "/sys/class/net/lgo${dead}a" ]
+  local rc=$?
+  ip link del "lgo${dead}a" 2>/dev/null
+  return $rc
+}
+check "the next lego-run removes what a killed one left, and a dead run's veth pair outside a namespace" \
+  private_swept
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+check_summary

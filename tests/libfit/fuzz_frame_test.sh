@@ -7,7 +7,9 @@ src_root=$(dirname "$(readlink -f "$0")")/../..
 [ -f "$src_root/libfit/frame.cc" ] || src_root=${TEST_SRCDIR:-.}/lego
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-clang++ -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+# Warnings are errors here too, as in the Bazel build (.bazelrc).
+clang++ -std=c++20 -O1 -g -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined \
+  -fno-sanitize-recover=all \
   -I"$src_root/include" -I"$src_root" \
   "$src_root/libfit/frame.cc" "$src_root/libfit/fuzz_frame.cc" -o "$work/fuzz_frame"
 mkdir -p "$work/corpus"
