@@ -54,7 +54,7 @@ Result<std::unique_ptr<RemoteBackend>> RemoteBackend::open(fit::Node* node, fit:
   // (copy_line_streaming). Over sockets this CPU copies them into the kernel: ordinary
   // stores keep them cached.
   const fit::NodeConfig* mn = node->config().find(memory);
-  b->streaming_copies_ = mn != nullptr && mn->provider == "shm";
+  b->streaming_copies_ = mn != nullptr && mn->provider == fit::Provider::kShm;
   for (int i = 0; i < kBuffers; i++) b->buffer_[i] = b->buffers_ + i * b->buffer_bytes_;
   // Keeps the lease while the program runs; the thread allocates only at start.
   RemoteBackend* self = b.get();
@@ -102,7 +102,7 @@ std::string RemoteBackend::describe_memory_node() const {
   const fit::NodeConfig* n = node_->config().find(memory_);
   if (n == nullptr) return std::to_string(memory_);
   return std::to_string(memory_) + " (" + n->address + ":" + std::to_string(n->port) + ", " +
-         n->provider + ")";
+         fit::provider_name(n->provider) + ")";
 }
 
 std::byte* RemoteBackend::acquire_buffer() {

@@ -76,8 +76,8 @@ int main(int argc, char** argv) {
   fprintf(stderr,
           "lego-memd: node %ld serving at %s:%u (%s, %s), capacity %s, lease %lld ms, %llu "
           "descriptors\n",
-          f.node, me.address.c_str(), me.port, me.provider.c_str(), fit::progress_name(me.progress),
-          format_size(options.capacity_bytes).c_str(),
+          f.node, me.address.c_str(), me.port, fit::provider_name(me.provider),
+          fit::progress_name(me.progress), format_size(options.capacity_bytes).c_str(),
           static_cast<long long>(options.lease.count()), static_cast<unsigned long long>(fd_limit));
   daemon::signal_ready(f.ready_fd);
   daemon::run_until_stopped(std::chrono::milliseconds(200), [&] { memory.expire_idle(); });

@@ -85,9 +85,10 @@ int main(int argc, char** argv) {
   fprintf(stderr,
           "lego-stord: node %ld serving %s at %s:%u (%s, %s), lease %lld ms, %u files per "
           "session, %llu descriptors\n",
-          f.node, options.export_dir.c_str(), me.address.c_str(), me.port, me.provider.c_str(),
-          fit::progress_name(me.progress), static_cast<long long>(options.lease.count()),
-          options.max_files, static_cast<unsigned long long>(fd_limit));
+          f.node, options.export_dir.c_str(), me.address.c_str(), me.port,
+          fit::provider_name(me.provider), fit::progress_name(me.progress),
+          static_cast<long long>(options.lease.count()), options.max_files,
+          static_cast<unsigned long long>(fd_limit));
   daemon::signal_ready(f.ready_fd);
   daemon::run_until_stopped(std::chrono::milliseconds(200), [&] { storage.expire_idle(); });
   fprintf(stderr, "lego-stord: node %ld stopping\n", f.node);

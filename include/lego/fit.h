@@ -54,9 +54,14 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "lego/status.h"
+
+namespace lego::testing {
+struct FitNodeAccess;  // libfit/fault_injection.h: tests wrap a Node's provider
+}
 
 namespace lego::fit {
 
@@ -69,15 +74,29 @@ enum class Progress : uint8_t {
   kBlocking,  // sleep on the queues' wait objects: no idle CPU, ~30 µs more per wake-up
 };
 
+// The transport a node speaks: the cluster file's `provider`, parsed once (config.cc) and
+// chosen once (Node::create); nothing else in lego compares provider names.
+enum class Provider : uint8_t {
+  kTcp,     // "tcp" (default): libfit's own busy-polled kernel sockets, anywhere
+  kOfiTcp,  // "ofi_tcp": libfabric's tcp provider, msg endpoints
+  kShm,     // "shm": libfabric's shm provider, rdm endpoints between processes of one host
+  kVerbs,   // "verbs": libfabric msg endpoints on an RDMA NIC
+};
+
 const char* role_name(Role role);
 const char* progress_name(Progress progress);
+// The cluster file's spelling of `provider`.
+const char* provider_name(Provider provider);
+// The provider spelled `name` as in the cluster file, or nullopt (for command lines that
+// take one: lego-run --transport, fit-bench --providers).
+std::optional<Provider> parse_provider(std::string_view name);
 
 struct NodeConfig {
   NodeId id = 0;
   Role role = Role::kProcessor;
-  std::string address;   // host name or IP (tcp, verbs); any label for shm
-  uint16_t port = 0;     // tcp/verbs listen port; ignored by shm
-  std::string provider;  // "tcp", "ofi_tcp", "shm" or "verbs"
+  std::string address;  // host name or IP (tcp, verbs); any label for shm
+  uint16_t port = 0;    // tcp/verbs listen port; ignored by shm
+  Provider provider = Provider::kTcp;
   Progress progress = Progress::kPolling;
   int server_threads = 1;  // threads serving incoming requests
   int line = 0;            // where the node was defined in the cluster file
@@ -282,9 +301,11 @@ class Node {
   // requests, or a scheduler delay on a busy host, is not a stall.
   static constexpr std::chrono::milliseconds kStallThreshold{100};
 
+  struct Impl;  // libfit/node_impl.h
+
  private:
   friend class RpcFuture;
-  struct Impl;
+  friend struct ::lego::testing::FitNodeAccess;
   explicit Node(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
