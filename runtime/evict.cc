@@ -48,6 +48,7 @@
 
 #include <algorithm>
 
+#include "lego/retry.h"
 #include "runtime/excache_impl.h"
 #include "runtime/pcache_dev.h"
 
@@ -137,7 +138,7 @@ void ExCache::Impl::write_back_batch(size_t n) {
   Status st;
   for (int attempt = 1;; ++attempt) {
     st = backend->write_back(batch_span);
-    if (st.is_ok() || !transient(st.code()) || attempt == 8) break;
+    if (st.is_ok() || !transient(st.code()) || attempt == kAttempts) break;
   }
   if (!st.is_ok()) fatal("LineBackend::write_back failed", st.code(), write_backs[0].addr);
   // A fork under way: the child may find these lines absent and read the snapshot

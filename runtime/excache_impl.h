@@ -230,7 +230,7 @@ uint64_t now_ns();
 // ExCacheOptions::on_fatal of the most recently created cache.
 extern std::atomic<void (*)(const char*)> fatal_hook;
 
-// Returns true for backend errors worth retrying on the miss path.
+// Returns true for backend errors worth retrying on the miss path: lego/retry.h's kRetry.
 bool transient(int code);
 
 }  // namespace lego::excache_internal

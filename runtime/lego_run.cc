@@ -49,6 +49,7 @@
 #include "lego/fit.h"
 #include "lego/memory_proto.h"
 #include "lego/pcache_abi.h"
+#include "lego/retry.h"
 #include "lego/units.h"
 #include "runtime/launch_contract.h"
 
@@ -856,8 +857,7 @@ std::string read_small_file(const std::string& path) {
 // Whether a kClose failure means the memory node could not be asked (try again later)
 // rather than that it answered (the space is gone: freed by its lease, or never ours).
 bool transport_error(int code) {
-  return code == ETIMEDOUT || code == ECONNREFUSED || code == ECONNRESET || code == EAGAIN ||
-         code == EHOSTUNREACH || code == ENETUNREACH || code == EPIPE || code == EPROTO;
+  return transport_failure(classify(code));
 }
 
 // The spaces registered in a run directory (launch_contract.h: space.PID.START.ID),

@@ -12,6 +12,8 @@
 #include <new>
 #include <vector>
 
+#include "lego/retry.h"
+
 namespace lego::runtime {
 
 Result<std::unique_ptr<RemoteBackend>> RemoteBackend::open(fit::Node* node, fit::NodeId memory,
@@ -352,10 +354,11 @@ Status RemoteBackend::finish_write_back(WriteBackTicket* ticket) {
   auto* call = std::launder(reinterpret_cast<fit::Node::PendingCall*>(ticket->opaque));
   auto r = node_->finish_call(call);
   const bool busy = call->request_busy;
-  // (Worth resending after: a timeout or a lost connection, which libfit re-opens. The
-  // resend copies the buffer, which a send still pending may read too: it does not change.)
-  auto resend = [](int code) { return code == ETIMEDOUT || code == ECONNRESET || code == EAGAIN; };
-  for (int attempt = 1; !r && resend(r.status().code()) && attempt < 8; ++attempt) {
+  // Sent again after what lego/retry.h classifies kRetry (a timeout, a lost connection,
+  // which libfit re-opens), kAttempts tries in all. The resend copies the buffer, which a
+  // send still pending may read too: it does not change.
+  for (int attempt = 1; !r && classify(r.status()) == ErrorClass::kRetry && attempt < kAttempts;
+       ++attempt) {
     r = node_->send_reply(memory_, mem::kWriteBack, {buf, ticket->length}, {});
   }
   if (busy) {
