@@ -402,12 +402,17 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
     // while we evict (the round trip overlaps the batch's write-protects and zap).
     LineBackend::FetchTicket ticket;
     bool started = false;
+    Status st;  // every backend call is a try: a start, failed or not, is the first
     if (frame == kNoFrame && !pop_free(&frame)) {
-      started = backend->start_fetch_batch(one, out, &ticket).is_ok();
+      st = backend->start_fetch_batch(one, out, &ticket);
+      started = st.is_ok();
       frame = acquire_frame();
     }
-    // The fetch started counts as the first try.
-    Status st = started ? backend->finish_fetch_batch(&ticket) : backend->fetch_batch(one, out);
+    if (started) {
+      st = backend->finish_fetch_batch(&ticket);
+    } else if (st.is_ok()) {
+      st = backend->fetch_batch(one, out);
+    }
     for (int attempt = 1; !st.is_ok(); ++attempt) {
       if (!transient(st.code()) || attempt == kBackendAttempts) {
         fatal("LineBackend::fetch_batch failed", st.code(), addr);
