@@ -47,9 +47,10 @@ bool send_again(const Status& st, int attempt, Clock::time_point deadline) {
   return classify(st) == ErrorClass::kRetry && attempt < kAttempts && Clock::now() < deadline;
 }
 
-// What is left of the time until `deadline`, at least 1 ms (0 would mean the default).
+// What is left of the time until `deadline`, rounded up (a call that times out has used
+// all of it: send_again then says no), at least 1 ms (0 would mean the default).
 std::chrono::milliseconds time_left(Clock::time_point deadline) {
-  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+  auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
   return std::max(left, std::chrono::milliseconds(1));
 }
 
