@@ -27,6 +27,18 @@ struct FitNodeAccess {
   static fit::Node::Impl& impl(fit::Node& node) { return *node.impl_; }
 };
 
+FaultRule fault_on(Way way, Kind kind, Fault fault, std::optional<uint16_t> opcode, int count,
+                   int skip) {
+  FaultRule r;
+  r.way = way;
+  r.kind = kind;
+  r.opcode = opcode;
+  r.fault = fault;
+  r.count = count;
+  r.skip = skip;
+  return r;
+}
+
 size_t FaultPlan::add(const FaultRule& rule) {
   const bool receive_only = rule.fault == Fault::kDuplicate || rule.fault == Fault::kReorder ||
                             rule.fault == Fault::kTruncate;

@@ -61,6 +61,11 @@ struct FaultRule {
   size_t keep_bytes = 0;               // kTruncate
 };
 
+// The common rule: frames of `kind` going `way` (and of `opcode`, if given), the `count`
+// after the first `skip`, get `fault`. Set delay or keep_bytes on the result if needed.
+FaultRule fault_on(Way way, fit::wire::Kind kind, Fault fault,
+                   std::optional<uint16_t> opcode = std::nullopt, int count = 1, int skip = 0);
+
 class FaultPlan {
  public:
   // Adds a rule and returns its index (for fired()). Rules are tried in the order added;

@@ -106,17 +106,11 @@ class MsgServer final : public OfiServer {
 };
 
 Result<int> MsgServer::listen(ServerHost* host) {
-  host_ = host;
   const NodeConfig& self = *ctx_.self;
-  std::string service = self.port ? std::to_string(self.port) : "";
-  auto info = ofi::get_info(self.provider, self.address, service, true);
-  if (!info) return info.status().with_context(ctx_.who + ": listen");
-  auto dom = ofi::Domain::open(std::move(info.value()));
-  if (!dom) return dom.status().with_context(ctx_.who + ": listen");
-  server_domain_ = std::move(dom.value());
-  ofi::Domain& d = *server_domain_;
+  const std::string service = self.port ? std::to_string(self.port) : "";
   const int threads = std::max(1, self.server_threads);
-  LEGO_RETURN_IF_ERROR(open_threads(threads, true));
+  LEGO_RETURN_IF_ERROR(open_server(host, service, threads, true));
+  ofi::Domain& d = *server_domain_;
   fi_eq_attr eq_attr{};
   eq_attr.wait_obj = FI_WAIT_NONE;
   int ret = fi_eq_open(d.fabric.get(), &eq_attr, eq_.out(), nullptr);

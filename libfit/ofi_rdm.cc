@@ -166,16 +166,9 @@ Status RdmConnection::open(const NodeConfig& peer, ClientHost* host) {
 }
 
 Result<int> RdmServer::listen(ServerHost* host) {
-  host_ = host;
   const NodeConfig& self = *ctx_.self;
-  std::string service = self.port ? std::to_string(self.port) : "0";
-  auto info = ofi::get_info(self.provider, self.address, service, true);
-  if (!info) return info.status().with_context(ctx_.who + ": listen");
-  auto dom = ofi::Domain::open(std::move(info.value()));
-  if (!dom) return dom.status().with_context(ctx_.who + ": listen");
-  server_domain_ = std::move(dom.value());
+  LEGO_RETURN_IF_ERROR(open_server(host, self.port ? std::to_string(self.port) : "0", 1, false));
   ofi::Domain& d = *server_domain_;
-  LEGO_RETURN_IF_ERROR(open_threads(1, false));
   OfiThread& t0 = *threads_[0];
   fi_av_attr av_attr{};
   av_attr.type = FI_AV_MAP;

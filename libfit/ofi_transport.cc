@@ -206,8 +206,16 @@ void OfiPeer::init_contexts() {
   }
 }
 
-Status OfiServer::open_threads(int count, bool wait_objects) {
-  for (int i = 0; i < count; i++) {
+Status OfiServer::open_server(ServerHost* host, const std::string& service, int threads,
+                              bool wait_objects) {
+  host_ = host;
+  const NodeConfig& self = *ctx_.self;
+  auto info = ofi::get_info(self.provider, self.address, service, true);
+  if (!info) return info.status().with_context(ctx_.who + ": listen");
+  auto dom = ofi::Domain::open(std::move(info.value()));
+  if (!dom) return dom.status().with_context(ctx_.who + ": listen");
+  server_domain_ = std::move(dom.value());
+  for (int i = 0; i < threads; i++) {
     auto t = std::make_unique<OfiThread>();
     t->index = i;
     LEGO_RETURN_IF_ERROR(open_cq(*server_domain_, ctx_.blocking, wait_objects, 4 * kWindow * 64,

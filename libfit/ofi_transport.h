@@ -143,8 +143,10 @@ class OfiServer : public Transport {
  protected:
   void post_recv(OfiThread& t, OfiPeer& conn, int slot);
   void handle_completion(OfiThread& t, const fi_cq_data_entry& e, fi_addr_t src);
-  // Opens the server's domain and each thread's completion queue.
-  Status open_threads(int count, bool wait_objects);
+  // The start of listen(): the server's domain, for the node's address and `service`,
+  // and `threads` threads' completion queues (with wait objects in blocking mode when
+  // `wait_objects`: the provider's wait works).
+  Status open_server(ServerHost* host, const std::string& service, int threads, bool wait_objects);
 
   // Whose state a frame received on `conn` from `src` belongs to (msg: the connection's;
   // rdm: the sender's, by address), or null.

@@ -25,6 +25,7 @@ using lego::fit::Provider;
 using lego::fit::wire::Kind;
 using lego::testing::as_bytes;
 using lego::testing::Fault;
+using lego::testing::fault_on;
 using lego::testing::FaultPlan;
 using lego::testing::FaultRule;
 using lego::testing::Way;
@@ -86,15 +87,6 @@ struct Rig {
   }
 };
 
-FaultRule rule(Way way, Kind kind, Fault fault, int count = 1) {
-  FaultRule r;
-  r.way = way;
-  r.kind = kind;
-  r.fault = fault;
-  r.count = count;
-  return r;
-}
-
 const char* name(Provider p) {
   return fit::provider_name(p);
 }
@@ -109,7 +101,7 @@ TEST_CASE(
     SECTION(name(p)) {
       // The server waits longer than the client: the client gives up first.
       Rig rig(p, milliseconds(1500));
-      size_t drop = rig.plan->add(rule(Way::kReceive, Kind::kChallenge, Fault::kDrop));
+      size_t drop = rig.plan->add(fault_on(Way::kReceive, Kind::kChallenge, Fault::kDrop));
       auto first = rig.echo("hello");
       REQUIRE_FALSE(first.is_ok());
       INFO(first.status().message());
@@ -141,7 +133,7 @@ TEST_CASE(
   for (Provider p : {Provider::kTcp, Provider::kOfiTcp, Provider::kShm}) {
     SECTION(name(p)) {
       Rig rig(p);
-      FaultRule r = rule(Way::kReceive, Kind::kChallenge, Fault::kTruncate);
+      FaultRule r = fault_on(Way::kReceive, Kind::kChallenge, Fault::kTruncate);
       r.keep_bytes = sizeof(fit::wire::FrameHeader) + 8;
       size_t cut = rig.plan->add(r);
       auto first = rig.echo("hello");
@@ -171,7 +163,7 @@ TEST_CASE(
     SECTION(name(p)) {
       Rig rig(p);
       // The proof is never sent: the connection closes instead.
-      size_t reset = rig.plan->add(rule(Way::kSend, Kind::kProof, Fault::kReset));
+      size_t reset = rig.plan->add(fault_on(Way::kSend, Kind::kProof, Fault::kReset));
       auto r = rig.echo("through");
       INFO(r.status().message());
       REQUIRE(r.is_ok());
@@ -194,7 +186,8 @@ TEST_CASE(
   for (Provider p : {Provider::kTcp, Provider::kOfiTcp, Provider::kShm}) {
     SECTION(name(p)) {
       Rig rig(p);
-      size_t reset = rig.plan->add(rule(Way::kReceive, Kind::kChallenge, Fault::kReset, -1));
+      size_t reset =
+          rig.plan->add(fault_on(Way::kReceive, Kind::kChallenge, Fault::kReset, std::nullopt, -1));
       auto t0 = Clock::now();
       auto r = rig.echo("never");
       auto took = Clock::now() - t0;
@@ -216,7 +209,7 @@ TEST_CASE("a lost request or reply times out; the call sent again is answered", 
     SECTION(name(p)) {
       Rig rig(p);
       REQUIRE(rig.echo("warm").is_ok());  // connected: only calls are at stake
-      FaultRule lost_request = rule(Way::kSend, Kind::kRequest, Fault::kDrop);
+      FaultRule lost_request = fault_on(Way::kSend, Kind::kRequest, Fault::kDrop);
       lost_request.opcode = kEcho;
       size_t a = rig.plan->add(lost_request);
       auto r = rig.echo("one", milliseconds(200));
@@ -229,7 +222,7 @@ TEST_CASE("a lost request or reply times out; the call sent again is answered", 
       CHECK(*again == "one");
       CHECK(rig.plan->fired(a) == 1);
 
-      size_t b = rig.plan->add(rule(Way::kReceive, Kind::kReply, Fault::kDrop));
+      size_t b = rig.plan->add(fault_on(Way::kReceive, Kind::kReply, Fault::kDrop));
       r = rig.echo("two", milliseconds(200));
       REQUIRE_FALSE(r.is_ok());
       CHECK(r.status().code() == ETIMEDOUT);
@@ -250,7 +243,7 @@ TEST_CASE("a reply that comes after its call gave up never reaches a later call"
     SECTION(name(p)) {
       Rig rig(p);
       REQUIRE(rig.echo("warm").is_ok());
-      FaultRule late = rule(Way::kReceive, Kind::kReply, Fault::kDelay);
+      FaultRule late = fault_on(Way::kReceive, Kind::kReply, Fault::kDelay);
       late.delay = milliseconds(400);
       size_t d = rig.plan->add(late);
       auto first = rig.echo("first", milliseconds(150));
@@ -291,12 +284,13 @@ TEST_CASE("duplicated and reordered replies each reach their own call, once", "[
                 sent[i]);
         }
       };
-      size_t dup = rig.plan->add(rule(Way::kReceive, Kind::kReply, Fault::kDuplicate, 8));
+      size_t dup =
+          rig.plan->add(fault_on(Way::kReceive, Kind::kReply, Fault::kDuplicate, std::nullopt, 8));
       run_batch(Node::max_outstanding());
       CHECK(rig.plan->fired(dup) == 8);
       rig.plan->clear();
       // A copy that comes while the next call waits, in the slot the first call used.
-      FaultRule copy = rule(Way::kReceive, Kind::kReply, Fault::kDuplicate, 10);
+      FaultRule copy = fault_on(Way::kReceive, Kind::kReply, Fault::kDuplicate, std::nullopt, 10);
       copy.delay = milliseconds(2);
       size_t late_copy = rig.plan->add(copy);
       for (int i = 0; i < 10; i++) {
@@ -309,7 +303,8 @@ TEST_CASE("duplicated and reordered replies each reach their own call, once", "[
       CHECK(rig.plan->fired(late_copy) == 10);
       rig.plan->clear();
       // The first four replies of a batch are held until the fifth was delivered.
-      size_t swap = rig.plan->add(rule(Way::kReceive, Kind::kReply, Fault::kReorder, 4));
+      size_t swap =
+          rig.plan->add(fault_on(Way::kReceive, Kind::kReply, Fault::kReorder, std::nullopt, 4));
       run_batch(8);
       CHECK(rig.plan->fired(swap) == 4);
       for (int i = 0; i < 20; i++) {
@@ -329,7 +324,7 @@ TEST_CASE(
     SECTION(name(p)) {
       Rig rig(p);
       REQUIRE(rig.echo("warm").is_ok());
-      size_t reset = rig.plan->add(rule(Way::kReceive, Kind::kReply, Fault::kReset));
+      size_t reset = rig.plan->add(fault_on(Way::kReceive, Kind::kReply, Fault::kReset));
       std::vector<std::vector<std::byte>> replies(4, std::vector<std::byte>(16));
       std::vector<fit::RpcFuture> futures;
       for (int i = 0; i < 4; i++) {
@@ -364,7 +359,7 @@ TEST_CASE("a truncated reply fails the call with EPROTO; the next call connects 
     SECTION(name(p)) {
       Rig rig(p);
       REQUIRE(rig.echo("warm").is_ok());
-      FaultRule cut = rule(Way::kReceive, Kind::kReply, Fault::kTruncate);
+      FaultRule cut = fault_on(Way::kReceive, Kind::kReply, Fault::kTruncate);
       cut.keep_bytes = 20;  // not even a header
       size_t c = rig.plan->add(cut);
       auto r = rig.echo("cut short");

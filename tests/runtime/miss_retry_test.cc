@@ -5,8 +5,6 @@
 // else) ends the process in ExCacheOptions::on_fatal with a message naming the address,
 // seen from a forked child. Guards issue 15 (the in-process backend could not fail, so the
 // miss path's retries had no unit test; a fetch started ahead got 9 tries, others 8).
-#include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -16,6 +14,7 @@
 
 #include "lego/excache.h"
 #include "lego/retry.h"
+#include "tests/runtime/child_report.h"
 #include "tests/runtime/map_backend.h"
 
 namespace {
@@ -103,81 +102,16 @@ void report_fatal(const char* message) {
   (void)!write(g_report_fd, tail, n);
 }
 
-struct Death {
-  int status = 0;
-  std::string report;
-};
-
-// Runs `body` with a fresh cache in a child (the handler-thread delivery: the parent's
-// test runner is not signal-safe to die in), whose fatal hook reports through a pipe.
+// Runs `body` with a fresh cache in a child (the handler-thread delivery), whose fatal
+// hook reports through the child's report pipe.
 template <typename Body>
-Death die_in_child(Body body) {
-  int fds[2];
-  REQUIRE(pipe(fds) == 0);
-  pid_t pid = fork();
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    close(fds[0]);
-    signal(SIGABRT, SIG_DFL);  // the test runner's handler would report the expected abort
-    g_report_fd = fds[1];
+lego::testing::ChildEnd die_in_child(Body body) {
+  return lego::testing::run_child([&](int report_fd) {
+    g_report_fd = report_fd;
     Cache c(Delivery::kHandlerThread, false, report_fatal);
     g_backend = &c.backend;
     body(c);
-    _exit(0);  // not reached when the body dies
-  }
-  close(fds[1]);
-  Death d;
-  char buf[512];
-  ssize_t n;
-  while ((n = read(fds[0], buf, sizeof buf)) > 0) d.report.append(buf, static_cast<size_t>(n));
-  close(fds[0]);
-  REQUIRE(waitpid(pid, &d.status, 0) == pid);
-  return d;
-}
-
-TEST_CASE("a fetch that fails transiently is tried again and the miss served", "[retry]") {
-  for (const Mode& m : kModes) {
-    SECTION(m.name) {
-      Cache c(m.delivery, m.prefetch);
-      REQUIRE(write_then_check(c, 1) == 0);  // every line written back at least once
-      // Timeouts, then resets, up to one short of the attempts: every miss still served.
-      c.backend.fail(Op::kFetch, ETIMEDOUT, 3);
-      REQUIRE(write_then_check(c, 2) == 0);
-      c.backend.fail(Op::kFetch, ECONNRESET, lego::kAttempts - 1);
-      REQUIRE(write_then_check(c, 3) == 0);
-      CHECK(c.backend.failures_injected.load() == 3 + lego::kAttempts - 1);
-      CHECK(c.backend.fetches_of_unknown.load() == 0);
-    }
-  }
-}
-
-TEST_CASE("a write-back that fails transiently is tried again; no write is lost", "[retry]") {
-  for (const Mode& m : kModes) {
-    SECTION(m.name) {
-      Cache c(m.delivery, m.prefetch);
-      c.backend.fail(Op::kWriteBack, ECONNRESET, 3);
-      REQUIRE(write_then_check(c, 1) == 0);
-      c.backend.fail(Op::kWriteBack, ETIMEDOUT, lego::kAttempts - 1);
-      REQUIRE(write_then_check(c, 2) == 0);
-      CHECK(c.backend.failures_injected.load() == 3 + lego::kAttempts - 1);
-      // Everything evicted since came back right: the lines written back after the
-      // failures are the last round's.
-      REQUIRE(write_then_check(c, 3) == 0);
-    }
-  }
-}
-
-// The child says which line it touches ("line 0x...\n"), then its fatal message follows.
-void say_line(const void* line) {
-  char buf[40];
-  int n = snprintf(buf, sizeof buf, "line 0x%lx\n", reinterpret_cast<unsigned long>(line));
-  (void)!write(g_report_fd, buf, static_cast<size_t>(n));
-}
-
-// The address the child named, as the fatal message would print it.
-std::string named_line(const std::string& report) {
-  if (report.rfind("line ", 0) != 0) return "(no line named)";
-  return report.substr(5, report.find('\n') - 5);
+  });
 }
 
 }  // namespace
@@ -186,33 +120,35 @@ TEST_CASE(
     "a fetch that keeps timing out ends in the fatal hook naming the address, after "
     "kAttempts tries",
     "[retry]") {
-  Death d = die_in_child([&](Cache& c) {
+  lego::testing::ChildEnd d = die_in_child([&](Cache& c) {
     if (write_then_check(c, 1) != 0) _exit(3);
     c.backend.fail(Op::kFetch, ETIMEDOUT, -1);
-    say_line(c.line(7));
+    lego::testing::report_line(g_report_fd, c.line(7));
     volatile uint64_t v = c.line(7)[3];  // evicted long ago: a miss that must fetch
     (void)v;
   });
   INFO(d.report);
   CHECK(WIFSIGNALED(d.status));
   CHECK(WTERMSIG(d.status) == SIGABRT);
-  CHECK_THAT(d.report, Catch::Contains("LineBackend::fetch_batch failed (errno " +
-                                       std::to_string(ETIMEDOUT) + ") at " + named_line(d.report)));
+  CHECK_THAT(d.report,
+             Catch::Contains("LineBackend::fetch_batch failed (errno " + std::to_string(ETIMEDOUT) +
+                             ") at " + lego::testing::reported_line(d.report)));
   CHECK_THAT(d.report, Catch::EndsWith("\ntries " + std::to_string(lego::kAttempts)));
 }
 
 TEST_CASE("a fetch error that is not worth retrying is fatal at once", "[retry]") {
-  Death d = die_in_child([&](Cache& c) {
+  lego::testing::ChildEnd d = die_in_child([&](Cache& c) {
     if (write_then_check(c, 1) != 0) _exit(3);
     c.backend.fail(Op::kFetch, EPROTO, -1);
-    say_line(c.line(5));
+    lego::testing::report_line(g_report_fd, c.line(5));
     volatile uint64_t v = c.line(5)[0];
     (void)v;
   });
   INFO(d.report);
   CHECK(WIFSIGNALED(d.status));
-  CHECK_THAT(d.report, Catch::Contains("LineBackend::fetch_batch failed (errno " +
-                                       std::to_string(EPROTO) + ") at " + named_line(d.report)));
+  CHECK_THAT(d.report,
+             Catch::Contains("LineBackend::fetch_batch failed (errno " + std::to_string(EPROTO) +
+                             ") at " + lego::testing::reported_line(d.report)));
   CHECK_THAT(d.report, Catch::EndsWith("\ntries 1"));
 }
 
@@ -220,15 +156,16 @@ TEST_CASE(
     "a write-back that keeps failing ends in the fatal hook naming a line, after "
     "kAttempts tries",
     "[retry]") {
-  Death d = die_in_child([&](Cache& c) {
+  lego::testing::ChildEnd d = die_in_child([&](Cache& c) {
     c.backend.fail(Op::kWriteBack, ECONNRESET, -1);
-    say_line(c.line(0));  // the first eviction's first line: FIFO evicts line 0 first
+    lego::testing::report_line(
+        g_report_fd, c.line(0));  // the first eviction's first line: FIFO evicts line 0 first
     (void)write_then_check(c, 1);
   });
   INFO(d.report);
   CHECK(WIFSIGNALED(d.status));
   CHECK_THAT(d.report,
              Catch::Contains("LineBackend::write_back failed (errno " + std::to_string(ECONNRESET) +
-                             ") at " + named_line(d.report)));
+                             ") at " + lego::testing::reported_line(d.report)));
   CHECK_THAT(d.report, Catch::EndsWith("\ntries " + std::to_string(lego::kAttempts)));
 }

@@ -5,8 +5,6 @@
 // never answers gives ETIMEDOUT, and under an ExCache ends the process in its fatal hook
 // naming the address (in a forked child). Guards issue 15 (faults were tested only by
 // killing processes).
-#include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -23,6 +21,7 @@
 #include "libfit/fault_injection.h"
 #include "runtime/remote_backend.h"
 #include "tests/libfit/cluster_fixture.h"
+#include "tests/runtime/child_report.h"
 
 namespace {
 
@@ -31,6 +30,7 @@ using lego::ExCacheOptions;
 using lego::LineBackend;
 using lego::fit::wire::Kind;
 using lego::testing::Fault;
+using lego::testing::fault_on;
 using lego::testing::FaultPlan;
 using lego::testing::FaultRule;
 using lego::testing::Way;
@@ -81,17 +81,6 @@ Rig& rig() {
   return *r;
 }
 
-FaultRule rule(Way way, Kind kind, uint16_t opcode, Fault fault, int count = 1, int skip = 0) {
-  FaultRule r;
-  r.way = way;
-  r.kind = kind;
-  r.opcode = opcode;
-  r.fault = fault;
-  r.count = count;
-  r.skip = skip;
-  return r;
-}
-
 // A line's content: `tag` in every word.
 struct Line {
   alignas(64) std::byte data[kLine];
@@ -132,7 +121,7 @@ TEST_CASE("a fetch whose request or reply is lost times out; sent again it retur
   REQUIRE(write_line(*r.backend, kA, a).is_ok());
   REQUIRE(write_line(*r.backend, kB, b).is_ok());
 
-  size_t lost = r.plan->add(rule(Way::kSend, Kind::kRequest, lego::mem::kFetch, Fault::kDrop));
+  size_t lost = r.plan->add(fault_on(Way::kSend, Kind::kRequest, Fault::kDrop, lego::mem::kFetch));
   Line out;
   lego::Status st = r.backend->fetch(kA, std::span<std::byte, kLine>(out.data, kLine));
   CHECK(st.code() == ETIMEDOUT);
@@ -141,7 +130,8 @@ TEST_CASE("a fetch whose request or reply is lost times out; sent again it retur
   CHECK(r.plan->fired(lost) == 1);
 
   SECTION("async: the reply of a fetch started ahead is lost") {
-    size_t gone = r.plan->add(rule(Way::kReceive, Kind::kReply, lego::mem::kFetch, Fault::kDrop));
+    size_t gone =
+        r.plan->add(fault_on(Way::kReceive, Kind::kReply, Fault::kDrop, lego::mem::kFetch));
     alignas(64) std::byte buf[LineBackend::kFetchHeadroom + 2 * kLine];
     std::byte* at = buf + LineBackend::kFetchHeadroom;
     const uint64_t addrs[2] = {kA, kB};
@@ -158,7 +148,7 @@ TEST_CASE("a fetch whose request or reply is lost times out; sent again it retur
     CHECK(r.plan->fired(gone) == 1);
   }
   SECTION("a late reply is not taken for a later fetch's") {
-    FaultRule late = rule(Way::kReceive, Kind::kReply, lego::mem::kFetch, Fault::kDelay);
+    FaultRule late = fault_on(Way::kReceive, Kind::kReply, Fault::kDelay, lego::mem::kFetch);
     late.delay = kTimeout * 2;
     r.plan->add(late);
     st = r.backend->fetch(kA, std::span<std::byte, kLine>(out.data, kLine));
@@ -180,7 +170,7 @@ TEST_CASE(
     INFO((way == Way::kSend ? "request lost" : "reply lost"));
     r.plan->clear();
     const Kind kind = way == Way::kSend ? Kind::kRequest : Kind::kReply;
-    size_t lost = r.plan->add(rule(way, kind, lego::mem::kWriteBack, Fault::kDrop));
+    size_t lost = r.plan->add(fault_on(way, kind, Fault::kDrop, lego::mem::kWriteBack));
     const uint64_t tag = way == Way::kSend ? 2 : 3;
     Line l(tag);
     LineBackend::WriteBack wb{kA, l.data};
@@ -199,7 +189,7 @@ TEST_CASE("a write-back on a connection reset mid-call is sent again on a new on
   Rig& r = rig();
   SECTION("reset as the reply arrives: finish_write_back sends it again") {
     size_t reset =
-        r.plan->add(rule(Way::kReceive, Kind::kReply, lego::mem::kWriteBack, Fault::kReset));
+        r.plan->add(fault_on(Way::kReceive, Kind::kReply, Fault::kReset, lego::mem::kWriteBack));
     Line l(44);
     LineBackend::WriteBack wb{kB, l.data};
     LineBackend::WriteBackTicket ticket;
@@ -214,7 +204,7 @@ TEST_CASE("a write-back on a connection reset mid-call is sent again on a new on
       "reset as the request leaves: start fails with nothing in flight, and the caller "
       "writes back in place") {
     size_t reset =
-        r.plan->add(rule(Way::kSend, Kind::kRequest, lego::mem::kWriteBack, Fault::kReset));
+        r.plan->add(fault_on(Way::kSend, Kind::kRequest, Fault::kReset, lego::mem::kWriteBack));
     Line l(55);
     LineBackend::WriteBack wb{kB, l.data};
     LineBackend::WriteBackTicket ticket;
@@ -227,7 +217,7 @@ TEST_CASE("a write-back on a connection reset mid-call is sent again on a new on
   }
   SECTION("a sync write-back whose reply is lost: ETIMEDOUT, and sent again it is stored") {
     size_t lost =
-        r.plan->add(rule(Way::kReceive, Kind::kReply, lego::mem::kWriteBack, Fault::kDrop));
+        r.plan->add(fault_on(Way::kReceive, Kind::kReply, Fault::kDrop, lego::mem::kWriteBack));
     Line l(66);
     lego::Status st = write_line(*r.backend, kB, l);
     CHECK(st.code() == ETIMEDOUT);
@@ -244,7 +234,7 @@ TEST_CASE(
   Rig& r = rig();
   REQUIRE(write_line(*r.backend, kA, Line(7)).is_ok());
   size_t lost =
-      r.plan->add(rule(Way::kSend, Kind::kRequest, lego::mem::kWriteBack, Fault::kDrop, -1));
+      r.plan->add(fault_on(Way::kSend, Kind::kRequest, Fault::kDrop, lego::mem::kWriteBack, -1));
   Line l(8);
   LineBackend::WriteBack wb{kA, l.data};
   LineBackend::WriteBackTicket ticket;
@@ -311,15 +301,15 @@ TEST_CASE("an ExCache over a memory node that loses, resets and repeats frames l
   const uint16_t fetch = lego::mem::kFetch, wb = lego::mem::kWriteBack;
   size_t rules[] = {
       // A miss's reply lost: it times out and is fetched again.
-      r.plan->add(rule(Way::kReceive, Kind::kReply, fetch, Fault::kDrop, 1, 5)),
+      r.plan->add(fault_on(Way::kReceive, Kind::kReply, Fault::kDrop, fetch, 1, 5)),
       // A write-back's request lost: finish_write_back sends it again.
-      r.plan->add(rule(Way::kSend, Kind::kRequest, wb, Fault::kDrop, 1, 3)),
+      r.plan->add(fault_on(Way::kSend, Kind::kRequest, Fault::kDrop, wb, 1, 3)),
       // A reset as a write-back's reply arrives: sent again on a new connection.
-      r.plan->add(rule(Way::kReceive, Kind::kReply, wb, Fault::kReset, 1, 6)),
+      r.plan->add(fault_on(Way::kReceive, Kind::kReply, Fault::kReset, wb, 1, 6)),
       // A reset as a write-back leaves: start fails, the eviction writes back in place.
-      r.plan->add(rule(Way::kSend, Kind::kRequest, wb, Fault::kReset, 1, 9)),
+      r.plan->add(fault_on(Way::kSend, Kind::kRequest, Fault::kReset, wb, 1, 9)),
   };
-  FaultRule copies = rule(Way::kReceive, Kind::kReply, fetch, Fault::kDuplicate, 3, 12);
+  FaultRule copies = fault_on(Way::kReceive, Kind::kReply, Fault::kDuplicate, fetch, 3, 12);
   copies.delay = milliseconds(1);
   r.plan->add(copies);
   for (uint64_t round = 1; round <= 3; ++round) {
@@ -336,39 +326,21 @@ TEST_CASE(
     "an ExCache over a memory node that never answers a fetch ends in its fatal hook, "
     "naming the address",
     "[faults][memory][excache]") {
-  int fds[2];
-  REQUIRE(pipe(fds) == 0);
-  pid_t pid = fork();
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    close(fds[0]);
-    signal(SIGABRT, SIG_DFL);
-    g_report_fd = fds[1];
+  lego::testing::ChildEnd end = lego::testing::run_child([](int report_fd) {
+    g_report_fd = report_fd;
     Rig child;
     if (!child.open().is_ok()) _exit(3);
     auto cache = make_cache(child.backend.get(), report_fatal);
     if (write_then_check(*cache, 1) != 0) _exit(4);
-    child.plan->add(rule(Way::kReceive, Kind::kReply, lego::mem::kFetch, Fault::kDrop, -1));
-    char line[40];
+    child.plan->add(fault_on(Way::kReceive, Kind::kReply, Fault::kDrop, lego::mem::kFetch, -1));
     auto* target = static_cast<char*>(cache->region_base()) + 3 * kLine;  // evicted long ago
-    int n = snprintf(line, sizeof line, "line 0x%lx\n", reinterpret_cast<unsigned long>(target));
-    (void)!write(fds[1], line, static_cast<size_t>(n));
+    lego::testing::report_line(report_fd, target);
     volatile char c = *target;
     (void)c;
-    _exit(0);
-  }
-  close(fds[1]);
-  std::string report;
-  char buf[512];
-  ssize_t n;
-  while ((n = read(fds[0], buf, sizeof buf)) > 0) report.append(buf, static_cast<size_t>(n));
-  close(fds[0]);
-  int status = 0;
-  REQUIRE(waitpid(pid, &status, 0) == pid);
-  INFO(report);
-  REQUIRE(report.rfind("line ", 0) == 0);
-  const std::string addr = report.substr(5, report.find('\n') - 5);
-  CHECK(WIFSIGNALED(status));
-  CHECK_THAT(report, Catch::Contains("LineBackend::fetch_batch failed (errno " +
-                                     std::to_string(ETIMEDOUT) + ") at " + addr));
+  });
+  INFO(end.report);
+  const std::string addr = lego::testing::reported_line(end.report);
+  CHECK(WIFSIGNALED(end.status));
+  CHECK_THAT(end.report, Catch::Contains("LineBackend::fetch_batch failed (errno " +
+                                         std::to_string(ETIMEDOUT) + ") at " + addr));
 }

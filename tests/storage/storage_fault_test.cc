@@ -11,8 +11,6 @@
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -22,11 +20,13 @@
 #include "lego/storage_node.h"
 #include "libfit/fault_injection.h"
 #include "tests/libfit/cluster_fixture.h"
+#include "tests/storage/test_files.h"
 
 using namespace lego;
 using namespace lego::stor;
 using lego::fit::wire::Kind;
 using lego::testing::Fault;
+using lego::testing::fault_on;
 using lego::testing::FaultPlan;
 using lego::testing::FaultRule;
 using lego::testing::Way;
@@ -37,16 +37,8 @@ namespace {
 
 constexpr milliseconds kTimeout{300};
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-std::span<const std::byte> bytes(const std::string& s) {
-  return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
-}
+using lego::testing::bytes;
+using lego::testing::read_file;
 
 struct Rig {
   std::string exp;  // the export
@@ -56,12 +48,7 @@ struct Rig {
   std::unique_ptr<StorageClient> client;
 
   Rig() {
-    const char* tmp = getenv("TEST_TMPDIR");
-    std::string tmpl = std::string(tmp ? tmp : "/tmp") + "/stor-faults-XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    REQUIRE(mkdtemp(buf.data()) != nullptr);
-    exp = buf.data();
+    exp = lego::testing::make_temp_dir("faults");
     fit::ClusterConfig cluster = lego::testing::make_cluster(2, "tcp");
     cluster.timeout = kTimeout;
     cluster.nodes[1].role = fit::Role::kStorage;
@@ -104,17 +91,6 @@ struct Rig {
   std::string on_disk(const std::string& name) const { return read_file(exp + "/" + name); }
 };
 
-FaultRule rule(Way way, Kind kind, uint16_t opcode, Fault fault, int count = 1, int skip = 0) {
-  FaultRule r;
-  r.way = way;
-  r.kind = kind;
-  r.opcode = opcode;
-  r.fault = fault;
-  r.count = count;
-  r.skip = skip;
-  return r;
-}
-
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
@@ -127,7 +103,7 @@ TEST_CASE(
     "[faults][storage]") {
   Rig rig;
   uint64_t h = rig.create("f", "");
-  size_t lost = rig.plan->add(rule(Way::kReceive, Kind::kReply, kWrite, Fault::kDrop));
+  size_t lost = rig.plan->add(fault_on(Way::kReceive, Kind::kReply, Fault::kDrop, kWrite));
   auto t0 = Clock::now();
   auto r = rig.client->write(h, 0, bytes("hello"));
   REQUIRE_FALSE(r.is_ok());
@@ -144,7 +120,7 @@ TEST_CASE("a write on a connection that breaks is sent again and lands once", "[
   Rig rig;
   uint64_t h = rig.create("f", "0123456789");
   SECTION("broken as the request leaves") {
-    size_t reset = rig.plan->add(rule(Way::kSend, Kind::kRequest, kWrite, Fault::kReset));
+    size_t reset = rig.plan->add(fault_on(Way::kSend, Kind::kRequest, Fault::kReset, kWrite));
     auto r = rig.client->write(h, 2, bytes("ab"));
     INFO(r.status().message());
     REQUIRE(r.is_ok());
@@ -153,7 +129,7 @@ TEST_CASE("a write on a connection that breaks is sent again and lands once", "[
     CHECK(rig.on_disk("f") == "01ab456789");
   }
   SECTION("broken as the reply arrives: it ran, and running it again leaves the same bytes") {
-    size_t reset = rig.plan->add(rule(Way::kReceive, Kind::kReply, kWrite, Fault::kReset));
+    size_t reset = rig.plan->add(fault_on(Way::kReceive, Kind::kReply, Fault::kReset, kWrite));
     auto r = rig.client->write(h, 8, bytes("XYZ"));
     INFO(r.status().message());
     REQUIRE(r.is_ok());
@@ -169,7 +145,7 @@ TEST_CASE(
     "[faults][storage]") {
   Rig rig;
   uint64_t h = rig.create("f", "unchanged");
-  size_t reset = rig.plan->add(rule(Way::kSend, Kind::kRequest, kWrite, Fault::kReset, -1));
+  size_t reset = rig.plan->add(fault_on(Way::kSend, Kind::kRequest, Fault::kReset, kWrite, -1));
   auto r = rig.client->write(h, 0, bytes("CHANGED!!"));
   REQUIRE_FALSE(r.is_ok());
   INFO(r.status().message());
@@ -191,7 +167,7 @@ TEST_CASE(
   std::string data(4 * chunk + 1000, '\0');
   for (size_t i = 0; i < data.size(); i++) data[i] = static_cast<char>('a' + (i * 7) % 26);
   // The second chunk's reply breaks the connection: the chunks after it fail too.
-  size_t reset = rig.plan->add(rule(Way::kReceive, Kind::kReply, kWrite, Fault::kReset, 1, 1));
+  size_t reset = rig.plan->add(fault_on(Way::kReceive, Kind::kReply, Fault::kReset, kWrite, 1, 1));
   size_t done = 0;
   for (int writes = 0; done < data.size() && writes < 10; writes++) {
     auto r = rig.client->write(h, done, bytes(data).subspan(done));
@@ -211,14 +187,14 @@ TEST_CASE(
     "[faults][storage]") {
   Rig rig;
   rig.create("f", "x");
-  size_t reset = rig.plan->add(rule(Way::kSend, Kind::kRequest, kStat, Fault::kReset));
+  size_t reset = rig.plan->add(fault_on(Way::kSend, Kind::kRequest, Fault::kReset, kStat));
   auto st = rig.client->stat("f");
   INFO(st.status().message());
   REQUIRE(st.is_ok());
   CHECK(st->size == 1);
   CHECK(rig.plan->fired(reset) == 1);
 
-  size_t lost = rig.plan->add(rule(Way::kReceive, Kind::kReply, kMkdir, Fault::kDrop));
+  size_t lost = rig.plan->add(fault_on(Way::kReceive, Kind::kReply, Fault::kDrop, kMkdir));
   Status made = rig.client->mkdir("d");
   CHECK(made.code() == EIO);
   CHECK(rig.plan->fired(lost) == 1);
