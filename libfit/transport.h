@@ -52,7 +52,8 @@ inline constexpr size_t kHeader = sizeof(wire::FrameHeader);
 inline constexpr int kBlockingSliceMs = 5;
 
 // The node's counters (FitStats says what each counts): relaxed atomics, summed by
-// Node::stats(). Providers count bytes sent and accept errors; the core the rest.
+// Node::stats(). Providers count what only they see (a server's bytes sent, accept
+// errors); the core the rest.
 struct Counters {
   std::atomic<uint64_t> calls_sent{0}, calls_failed{0}, calls_timed_out{0}, requests_served{0},
       requests_rejected{0}, auth_failures{0}, bytes_sent{0}, bytes_received{0}, rma_reads{0},

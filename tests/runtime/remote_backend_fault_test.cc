@@ -38,7 +38,8 @@ using std::chrono::milliseconds;
 using Clock = std::chrono::steady_clock;
 
 constexpr size_t kLine = lego::kExCacheLineBytes;
-constexpr milliseconds kTimeout{300};
+// The cluster's timeout_ms: generous enough for calls that must succeed on a loaded host.
+constexpr milliseconds kTimeout{1000};
 
 // A memory node and a client node whose frames go through `plan`, and the backend on them.
 struct Rig {
