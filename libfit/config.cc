@@ -27,9 +27,11 @@ namespace {
 
 constexpr size_t kKeyBytes = 32;
 constexpr char kHexDigits[] = "0123456789abcdef";
-// How many names role_name() and progress_name() know: the enums' last value plus one.
+// How many names role_name(), progress_name() and provider_name() know: the enums' last
+// value plus one.
 constexpr int kRoles = static_cast<int>(Role::kMonitor) + 1;
 constexpr int kProgressModes = static_cast<int>(Progress::kBlocking) + 1;
+constexpr int kProviders = static_cast<int>(Provider::kVerbs) + 1;
 // Limits on what we read, so that a wrong path (/dev/zero, a disk image) fails quickly
 // instead of filling memory.
 constexpr size_t kMaxClusterFileBytes = 16 << 20;
@@ -297,8 +299,9 @@ Status read_cluster(const TableReader& cluster, const std::filesystem::path& bas
   return Status::ok();
 }
 
-bool needs_port(const std::string& provider) {
-  return provider == "tcp" || provider == "ofi_tcp" || provider == "verbs";
+// shm endpoints are named by address alone, so a port is optional (and unused) there.
+bool needs_port(Provider provider) {
+  return provider != Provider::kShm;
 }
 
 Status read_node(const TableReader& table, NodeConfig& node) {
@@ -318,17 +321,10 @@ Status read_node(const TableReader& table, NodeConfig& node) {
   LEGO_RETURN_IF_ERROR(table.read_string("address", node.address));
   if (node.address.empty()) return table.error("address", "is empty");
 
-  node.provider = "tcp";
-  LEGO_RETURN_IF_ERROR(table.read_string("provider", node.provider));
-  if (node.provider != "tcp" && node.provider != "ofi_tcp" && node.provider != "shm" &&
-      node.provider != "verbs") {
-    return table.error("provider",
-                       in_quotes(node.provider) + " is not one of tcp | ofi_tcp | shm | verbs");
-  }
-
-  // shm endpoints are named by address alone, so a port is optional (and unused) there.
+  LEGO_RETURN_IF_ERROR(table.read_enum("provider", provider_name, kProviders, node.provider));
   if (needs_port(node.provider)) {
-    LEGO_RETURN_IF_ERROR(table.require("port", "required for provider " + node.provider));
+    LEGO_RETURN_IF_ERROR(table.require(
+        "port", std::string("required for provider ") + provider_name(node.provider)));
   }
   int64_t port = 0;
   LEGO_RETURN_IF_ERROR(table.read_int("port", 1, 65535, port));
@@ -369,8 +365,9 @@ Status check_against_earlier(const TableReader& table, const NodeConfig& node,
   if (!earlier.empty() && earlier.front().provider != node.provider) {
     const NodeConfig& first = earlier.front();
     return table.error("provider", "node " + std::to_string(node.id) + " uses " +
-                                       in_quotes(node.provider) + " but " + node_name(first) +
-                                       " uses " + in_quotes(first.provider) +
+                                       in_quotes(provider_name(node.provider)) + " but " +
+                                       node_name(first) + " uses " +
+                                       in_quotes(provider_name(first.provider)) +
                                        "; all nodes must use the same provider");
   }
   if (needs_port(node.provider)) {
@@ -500,6 +497,27 @@ const char* progress_name(Progress progress) {
   return "unknown";
 }
 
+const char* provider_name(Provider provider) {
+  switch (provider) {
+    case Provider::kTcp:
+      return "tcp";
+    case Provider::kOfiTcp:
+      return "ofi_tcp";
+    case Provider::kShm:
+      return "shm";
+    case Provider::kVerbs:
+      return "verbs";
+  }
+  return "unknown";
+}
+
+std::optional<Provider> parse_provider(std::string_view name) {
+  for (int i = 0; i < kProviders; i++) {
+    if (name == provider_name(static_cast<Provider>(i))) return static_cast<Provider>(i);
+  }
+  return std::nullopt;
+}
+
 Result<ClusterConfig> ClusterConfig::parse_file(const std::string& path) {
   Result<std::string> text = read_whole_file(path, "cluster file", kMaxClusterFileBytes);
   if (!text.is_ok()) return text.status();
@@ -525,7 +543,7 @@ std::string ClusterConfig::to_toml() const {
     out += "address = " + toml_string(node.address) + "\n";
     // shm nodes may have no port; 0 would not parse back (ports are 1..65535).
     if (node.port != 0) out += "port = " + std::to_string(node.port) + "\n";
-    if (!node.provider.empty()) out += "provider = " + toml_string(node.provider) + "\n";
+    out += "provider = " + toml_string(provider_name(node.provider)) + "\n";
     out += "progress = " + toml_string(progress_name(node.progress)) + "\n";
     out += "server_threads = " + std::to_string(node.server_threads) + "\n";
   }

@@ -20,10 +20,6 @@ Status error(long ret, const std::string& what) {
   return Status(errno_code, what + ": " + fi_strerror(code));
 }
 
-bool uses_msg_endpoints(const std::string& provider) {
-  return provider != "shm";
-}
-
 // Called by fabric_loader.cc right after it loads libfabric.
 void save_psm_signals(PsmSignals* out);
 void restore_signals_taken_by_psm(const PsmSignals* before);
@@ -103,14 +99,30 @@ void load_only_fit_providers() {
   });
 }
 
+// libfabric's name for a provider: "ofi_tcp" is libfabric's tcp provider (plain "tcp" is
+// libfit's own socket transport, which never comes here).
+const char* libfabric_name(Provider provider) {
+  switch (provider) {
+    case Provider::kShm:
+      return "shm";
+    case Provider::kVerbs:
+      return "verbs";
+    case Provider::kTcp:
+    case Provider::kOfiTcp:
+      break;
+  }
+  return "tcp";
+}
+
 }  // namespace
 
-Result<InfoPtr> get_info(const std::string& provider, const std::string& node,
-                         const std::string& service, bool server) {
+Result<InfoPtr> get_info(Provider provider, const std::string& node, const std::string& service,
+                         bool server) {
   load_only_fit_providers();
   InfoPtr hints(fi_allocinfo());
   if (!hints) return Status(ENOMEM, "fi_allocinfo");
-  bool msg = uses_msg_endpoints(provider);
+  // shm speaks connectionless rdm endpoints; the others connection-oriented msg ones.
+  bool msg = provider != Provider::kShm;
   hints->ep_attr->type = msg ? FI_EP_MSG : FI_EP_RDM;
   hints->caps = FI_MSG | FI_RMA | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE;
   if (!msg) hints->caps |= FI_SOURCE;
@@ -118,16 +130,15 @@ Result<InfoPtr> get_info(const std::string& provider, const std::string& node,
   hints->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY;
   hints->domain_attr->threading = FI_THREAD_SAFE;
   hints->addr_format = FI_FORMAT_UNSPEC;
-  // "ofi_tcp" is libfabric's tcp provider; plain "tcp" is libfit's own socket transport.
-  hints->fabric_attr->prov_name = strdup(provider == "ofi_tcp" ? "tcp" : provider.c_str());
+  hints->fabric_attr->prov_name = strdup(libfabric_name(provider));
   fi_info* info = nullptr;
   const char* n = node.empty() ? nullptr : node.c_str();
   const char* s = service.empty() ? nullptr : service.c_str();
   int ret = fi_getinfo(kApiVersion, n, s, server ? FI_SOURCE : 0, hints.get(), &info);
   if (ret != 0) {
-    Status st = error(ret, "fi_getinfo(provider " + provider + ", " +
+    Status st = error(ret, std::string("fi_getinfo(provider ") + provider_name(provider) + ", " +
                                (server ? "listen on " : "peer ") + node + ":" + service + ")");
-    if (provider == "verbs") {
+    if (provider == Provider::kVerbs) {
       // Say why verbs found nothing: usually there is no RDMA device at all.
       int devices = 0;
       ibv_device** list = ibv_get_device_list(&devices);

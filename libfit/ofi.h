@@ -15,6 +15,7 @@
 #include <string>
 
 #include "lego/fit.h"
+#include "libfit/transport.h"
 
 namespace lego::fit::ofi {
 
@@ -53,14 +54,11 @@ struct Fid {
   }
 };
 
-// Whether the provider speaks connection-oriented msg endpoints (tcp, verbs) or
-// connectionless rdm ones (shm).
-bool uses_msg_endpoints(const std::string& provider);
-
-// fi_getinfo for `provider` with the capabilities FIT needs. `server` asks for a source
-// address (node/service are ours), otherwise node/service name the peer.
-Result<InfoPtr> get_info(const std::string& provider, const std::string& node,
-                         const std::string& service, bool server);
+// fi_getinfo for `provider` (ofi_tcp, verbs: msg endpoints; shm: rdm endpoints) with the
+// capabilities FIT needs. `server` asks for a source address (node/service are ours),
+// otherwise node/service name the peer.
+Result<InfoPtr> get_info(Provider provider, const std::string& node, const std::string& service,
+                         bool server);
 
 // A fabric + domain opened from one fi_info, and what its memory-registration mode
 // demands of us.
@@ -76,7 +74,7 @@ struct Domain {
 };
 
 // A registered buffer.
-struct Registration {
+struct Registration : transport::Registration {
   Fid<fid_mr> mr;
   void* desc = nullptr;
   uint64_t key = 0;

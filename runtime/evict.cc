@@ -48,6 +48,7 @@
 
 #include <algorithm>
 
+#include "lego/retry.h"
 #include "runtime/excache_impl.h"
 #include "runtime/pcache_dev.h"
 
@@ -132,12 +133,12 @@ void ExCache::Impl::zap_victims(size_t n, bool clean_only) {
   }
 }
 
-void ExCache::Impl::write_back_batch(size_t n) {
+void ExCache::Impl::write_back_batch(size_t n, int tried) {
   std::span<const LineBackend::WriteBack> batch_span(write_backs.get(), n);
   Status st;
-  for (int attempt = 1;; ++attempt) {
+  for (int attempt = tried + 1;; ++attempt) {
     st = backend->write_back(batch_span);
-    if (st.is_ok() || !transient(st.code()) || attempt == 8) break;
+    if (st.is_ok() || !transient(st.code()) || attempt >= kAttempts) break;
   }
   if (!st.is_ok()) fatal("LineBackend::write_back failed", st.code(), write_backs[0].addr);
   // A fork under way: the child may find these lines absent and read the snapshot
@@ -295,13 +296,16 @@ bool ExCache::Impl::evict_with_userfaultfd(size_t n) {
   bool started = false;
   if (dirty > 0) {
     std::span<const LineBackend::WriteBack> batch_span(write_backs.get(), dirty);
-    if (fork_snapshot.load(std::memory_order_acquire) < 0 &&
-        backend->start_write_back(batch_span, &wb_ticket).is_ok()) {
-      started = true;
+    Status st;  // a start that failed is a try (it left nothing in flight: retry here)
+    if (fork_snapshot.load(std::memory_order_acquire) < 0) {
+      st = backend->start_write_back(batch_span, &wb_ticket);
+      started = st.is_ok();
+    }
+    if (started) {
       stats.add(kWriteBacks, dirty);
       stats.add(kBytesWritten, dirty * kLine);
     } else {
-      write_back_batch(dirty);  // (a failed start left nothing in flight: retry here)
+      write_back_batch(dirty, st.is_ok() ? 0 : 1);
     }
   }
 

@@ -230,7 +230,7 @@ uint64_t now_ns();
 // ExCacheOptions::on_fatal of the most recently created cache.
 extern std::atomic<void (*)(const char*)> fatal_hook;
 
-// Returns true for backend errors worth retrying on the miss path.
+// Returns true for backend errors worth retrying on the miss path: lego/retry.h's kRetry.
 bool transient(int code);
 
 }  // namespace lego::excache_internal
@@ -456,9 +456,10 @@ struct ExCache::Impl {
   // kClock with the module: sets the reference bit of frames ahead of the hand whose line
   // the CPU accessed since the last sweep (one AD ioctl).
   void sweep_accessed_bits();
-  // Writes back write_backs[0..n), retrying transient errors; fatal otherwise. Also into the
-  // snapshot of a fork under way.
-  void write_back_batch(size_t n);
+  // Writes back write_backs[0..n), retrying transient errors (kAttempts tries in all,
+  // `tried` of them made already: a start_write_back that failed); fatal otherwise. Also
+  // into the snapshot of a fork under way.
+  void write_back_batch(size_t n, int tried = 0);
   void handle_event(const uffd_msg& msg);
   void fill(uint64_t index, uint64_t state, bool write, uint64_t start_ns);
   // Prefetch: how many lines ahead of a miss at `index` to fetch, and on which stride

@@ -52,6 +52,7 @@
 #include <mutex>
 #include <string>
 
+#include "lego/retry.h"
 #include "runtime/excache_impl.h"
 #include "runtime/pcache_dev.h"
 
@@ -66,8 +67,8 @@ namespace {
 // so we UFFDIO_COPY from these zeros instead.
 alignas(kLine) const std::byte kZeroLine[kLine] = {};
 
-// Backend calls on the miss path retry transient errors this many times, then abort.
-constexpr int kBackendAttempts = 8;
+// Backend calls on the miss path: this many tries in all (lego/retry.h), then abort.
+constexpr int kBackendAttempts = kAttempts;
 
 // Regions the SIGBUS handler serves. Slots are written in create()/destructor (program
 // context, under g_install_mutex) and read lock-free by the handler.
@@ -166,7 +167,7 @@ void excache_internal::fatal(const char* what, int err, uint64_t addr) {
 std::atomic<void (*)(const char*)> excache_internal::fatal_hook{nullptr};
 
 bool excache_internal::transient(int code) {
-  return code == EAGAIN || code == EINTR || code == ETIMEDOUT || code == ECONNRESET;
+  return classify(code) == ErrorClass::kRetry;
 }
 
 Status excache_internal::register_region(ExCache::Impl* impl) {
@@ -401,16 +402,21 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
     // while we evict (the round trip overlaps the batch's write-protects and zap).
     LineBackend::FetchTicket ticket;
     bool started = false;
+    Status st;  // every backend call is a try: a start, failed or not, is the first
     if (frame == kNoFrame && !pop_free(&frame)) {
-      started = backend->start_fetch_batch(one, out, &ticket).is_ok();
+      st = backend->start_fetch_batch(one, out, &ticket);
+      started = st.is_ok();
       frame = acquire_frame();
     }
-    Status st = started ? backend->finish_fetch_batch(&ticket) : Status(EAGAIN, "not sent");
+    if (started) {
+      st = backend->finish_fetch_batch(&ticket);
+    } else if (st.is_ok()) {
+      st = backend->fetch_batch(one, out);
+    }
     for (int attempt = 1; !st.is_ok(); ++attempt) {
-      if ((started && !transient(st.code())) || attempt > kBackendAttempts) {
+      if (!transient(st.code()) || attempt == kBackendAttempts) {
         fatal("LineBackend::fetch_batch failed", st.code(), addr);
       }
-      started = true;  // (from here, st is fetch_batch's own)
       st = backend->fetch_batch(one, out);
     }
     src = out;
@@ -589,7 +595,9 @@ void ExCache::Impl::fetch_claimed(PrefetchBuffer& pb) {
   const size_t n = pb.n, m = pb.m;
   if (m > 0) {
     bool fetched = false;
+    int attempt = 0;  // tries so far: a fetch started in the background is the first
     if (pb.started) {
+      attempt = 1;
       pb.started = false;
       Status st = backend->finish_fetch_batch(&pb.ticket);
       if (!st.is_ok() && !transient(st.code())) {
@@ -599,7 +607,8 @@ void ExCache::Impl::fetch_claimed(PrefetchBuffer& pb) {
     }
     // Not started in the background, or that failed transiently: fetch now.
     std::byte* const out = pb.data + (n - m) * kLine;
-    for (int attempt = 1; !fetched; ++attempt) {
+    while (!fetched) {
+      ++attempt;
       Status st = backend->fetch_batch(std::span<const uint64_t>(pb.fetch_addrs, m), out);
       fetched = st.is_ok();
       if (!fetched && (!transient(st.code()) || attempt == kBackendAttempts)) {

@@ -33,6 +33,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "lego/retry.h"
 #include "runtime/excache_impl.h"
 
 namespace lego {
@@ -224,7 +225,7 @@ void ExCache::Impl::serve_child(size_t slot, const uffd_msg& msg) {
     Status st;
     for (int attempt = 1;; ++attempt) {
       st = backend->fetch_snapshot(c.snapshot, addr, out);
-      if (st.is_ok() || !transient(st.code()) || attempt == 8) break;
+      if (st.is_ok() || !transient(st.code()) || attempt == kAttempts) break;
     }
     if (!st.is_ok()) {
       staging_release(buffer);

@@ -49,6 +49,7 @@
 #include "lego/fit.h"
 #include "lego/memory_proto.h"
 #include "lego/pcache_abi.h"
+#include "lego/retry.h"
 #include "lego/units.h"
 #include "runtime/launch_contract.h"
 
@@ -124,7 +125,8 @@ struct Options {
   long node = -1, memory_node = -1;
   uint64_t excache = launch::kDefaultExcacheBytes;
   std::string policy = launch::kDefaultPolicy, delivery = launch::kDefaultDelivery,
-              transport = "tcp", pcache = launch::kDefaultPcache;
+              pcache = launch::kDefaultPcache;
+  fit::Provider transport = fit::Provider::kTcp;
   uint64_t memory_capacity = 8ull << 30;
   long prefetch = launch::kDefaultPrefetchLines;
   bool stats = false;
@@ -241,12 +243,14 @@ Options parse(int argc, char** argv) {
       case kAllowLocal:
         o.allow_local = true;
         break;
-      case kTransport:
-        o.transport = optarg;
-        if (o.transport != "tcp" && o.transport != "shm") {
-          die("--transport: '" + o.transport + "' is not tcp or shm");
+      case kTransport: {
+        auto provider = fit::parse_provider(optarg);
+        if (!provider || (*provider != fit::Provider::kTcp && *provider != fit::Provider::kShm)) {
+          die(std::string("--transport: '") + optarg + "' is not tcp or shm");
         }
+        o.transport = *provider;
         break;
+      }
       case kCap: {
         auto v = parse_size(optarg, "--memory-capacity");
         if (!v) die(v.status().message());
@@ -648,7 +652,7 @@ struct EmbeddedMemoryNode {
     randombytes_buf(config.key.data(), config.key.size());
     config.origin = dir + "/cluster.toml";
     std::string proc_addr = "127.0.0.1", mem_addr = "127.0.0.1";
-    bool isolate = o.transport == "tcp" && geteuid() == 0 && !g_userns.entered;
+    bool isolate = o.transport == fit::Provider::kTcp && geteuid() == 0 && !g_userns.entered;
     if (isolate) {
       // A veth pair from this namespace to the memory node's own: the program keeps its
       // network, and the memory node is "remote".
@@ -681,8 +685,8 @@ struct EmbeddedMemoryNode {
       n.id = static_cast<fit::NodeId>(id);
       n.role = id == 1 ? fit::Role::kProcessor : id == 2 ? fit::Role::kMemory : fit::Role::kStorage;
       n.provider = o.transport;
-      n.address = o.transport == "shm" ? "lego-run-" + std::to_string(me)
-                                       : (id == 1 ? proc_addr : mem_addr);
+      n.address = o.transport == fit::Provider::kShm ? "lego-run-" + std::to_string(me)
+                                                     : (id == 1 ? proc_addr : mem_addr);
       n.port = static_cast<uint16_t>(port + id);
       n.progress = fit::Progress::kPolling;
       n.server_threads = 1;
@@ -853,8 +857,7 @@ std::string read_small_file(const std::string& path) {
 // Whether a kClose failure means the memory node could not be asked (try again later)
 // rather than that it answered (the space is gone: freed by its lease, or never ours).
 bool transport_error(int code) {
-  return code == ETIMEDOUT || code == ECONNREFUSED || code == ECONNRESET || code == EAGAIN ||
-         code == EHOSTUNREACH || code == ENETUNREACH || code == EPIPE || code == EPROTO;
+  return transport_failure(classify(code));
 }
 
 // The spaces registered in a run directory (launch_contract.h: space.PID.START.ID),
@@ -1131,7 +1134,8 @@ std::unique_ptr<fit::Node> join_cluster(const fit::ClusterConfig& config,
     Status st = node.value()->connect(memory.id);
     if (!st) {
       const std::string who = "memory node " + std::to_string(memory.id) + " (" + memory.address +
-                              ":" + std::to_string(memory.port) + ", " + memory.provider + ")";
+                              ":" + std::to_string(memory.port) + ", " +
+                              fit::provider_name(memory.provider) + ")";
       if (st.code() == EACCES) {
         die(who + " refused processor node " + std::to_string(proc.id) + ": the cluster key in " +
             file + " is not the memory node's (" + st.message() + ")");
@@ -1468,8 +1472,8 @@ int main(int argc, char** argv) {
   }
   if (lost) {
     fprintf(stderr, "lego-run: memory node %u (%s:%u, %s) was lost while %s ran%s%s\n", memory->id,
-            memory->address.c_str(), memory->port, memory->provider.c_str(), o.argv[0].c_str(),
-            rep.lost.empty() ? "" : ": ", rep.lost.c_str());
+            memory->address.c_str(), memory->port, fit::provider_name(memory->provider),
+            o.argv[0].c_str(), rep.lost.empty() ? "" : ": ", rep.lost.c_str());
     return kExitMemoryLost;
   }
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);

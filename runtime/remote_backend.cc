@@ -12,6 +12,8 @@
 #include <new>
 #include <vector>
 
+#include "lego/retry.h"
+
 namespace lego::runtime {
 
 Result<std::unique_ptr<RemoteBackend>> RemoteBackend::open(fit::Node* node, fit::NodeId memory,
@@ -54,7 +56,7 @@ Result<std::unique_ptr<RemoteBackend>> RemoteBackend::open(fit::Node* node, fit:
   // (copy_line_streaming). Over sockets this CPU copies them into the kernel: ordinary
   // stores keep them cached.
   const fit::NodeConfig* mn = node->config().find(memory);
-  b->streaming_copies_ = mn != nullptr && mn->provider == "shm";
+  b->streaming_copies_ = mn != nullptr && mn->provider == fit::Provider::kShm;
   for (int i = 0; i < kBuffers; i++) b->buffer_[i] = b->buffers_ + i * b->buffer_bytes_;
   // Keeps the lease while the program runs; the thread allocates only at start.
   RemoteBackend* self = b.get();
@@ -102,7 +104,7 @@ std::string RemoteBackend::describe_memory_node() const {
   const fit::NodeConfig* n = node_->config().find(memory_);
   if (n == nullptr) return std::to_string(memory_);
   return std::to_string(memory_) + " (" + n->address + ":" + std::to_string(n->port) + ", " +
-         n->provider + ")";
+         fit::provider_name(n->provider) + ")";
 }
 
 std::byte* RemoteBackend::acquire_buffer() {
@@ -352,10 +354,11 @@ Status RemoteBackend::finish_write_back(WriteBackTicket* ticket) {
   auto* call = std::launder(reinterpret_cast<fit::Node::PendingCall*>(ticket->opaque));
   auto r = node_->finish_call(call);
   const bool busy = call->request_busy;
-  // (Worth resending after: a timeout or a lost connection, which libfit re-opens. The
-  // resend copies the buffer, which a send still pending may read too: it does not change.)
-  auto resend = [](int code) { return code == ETIMEDOUT || code == ECONNRESET || code == EAGAIN; };
-  for (int attempt = 1; !r && resend(r.status().code()) && attempt < 8; ++attempt) {
+  // Sent again after what lego/retry.h classifies kRetry (a timeout, a lost connection,
+  // which libfit re-opens), kAttempts tries in all. The resend copies the buffer, which a
+  // send still pending may read too: it does not change.
+  for (int attempt = 1; !r && classify(r.status()) == ErrorClass::kRetry && attempt < kAttempts;
+       ++attempt) {
     r = node_->send_reply(memory_, mem::kWriteBack, {buf, ticket->length}, {});
   }
   if (busy) {

@@ -227,8 +227,8 @@ int run_node(int argc, char** argv, const NodeDaemon& d) {
   if (!st) die(st.message());
   fprintf(stderr, "%s: node %ld serving%s%s at %s:%u (%s, %s)%s, %llu descriptors\n", d.program,
           f.node, service.serving.empty() ? "" : " ", service.serving.c_str(), me.address.c_str(),
-          me.port, me.provider.c_str(), fit::progress_name(me.progress), service.details.c_str(),
-          static_cast<unsigned long long>(fd_limit));
+          me.port, fit::provider_name(me.provider), fit::progress_name(me.progress),
+          service.details.c_str(), static_cast<unsigned long long>(fd_limit));
   signal_ready(f.ready_fd);
   run_until_stopped(kTickPeriod, service.tick);
   fprintf(stderr, "%s: node %ld stopping\n", d.program, f.node);

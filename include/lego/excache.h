@@ -31,10 +31,11 @@
 // Errors: create() and discard() return a lego::Status/Result with an errno code
 // (EINVAL bad options or range, ENOSYS/EPERM userfaultfd unavailable or forbidden,
 // EOPNOTSUPP a needed userfaultfd feature missing, ENOMEM, EBUSY too many ExCaches).
-// A backend error on the miss path cannot be returned to a load or store: after retrying
-// transient errors (EAGAIN, EINTR, ETIMEDOUT, ECONNRESET) a few times the process is
-// aborted with a message naming the address, as the kernel kills a process whose swap
-// device fails.
+// A backend error on the miss path cannot be returned to a load or store: an error that
+// lego/retry.h classifies kRetry (ETIMEDOUT, ECONNRESET, EPIPE, EAGAIN, EINTR) is retried,
+// kAttempts tries in all; then, or at once for any other error, the process is aborted
+// with a message naming the address (ExCacheOptions::on_fatal is told first), as the
+// kernel kills a process whose swap device fails.
 //
 // fork(): supported with kHandlerThread when the process may register kernel-mode faults
 // (then UFFD_FEATURE_EVENT_FORK is on) and the backend has snapshots: call prepare_fork()

@@ -6,13 +6,15 @@
 //     asynchronous (RpcFuture). Servers register one Handler per opcode.
 //   - one-sided RMA: register_memory() exposes a buffer; a peer that holds its
 //     RemoteRegion reads or writes it with rma_read/rma_write, without the owner's CPU.
-// Transports: "tcp" (libfit's own busy-polled kernel sockets, anywhere: the fastest TCP
-// here, ~1.45x faster than libfabric's tcp provider), "ofi_tcp" (libfabric's tcp provider,
-// msg endpoints), "shm" (libfabric rdm endpoints, same host), "verbs" (libfabric msg
-// endpoints on an RDMA NIC). One-sided ops on "tcp" are served by libfit's server thread,
-// as libfabric's tcp provider serves them in software too: the owner's handlers never run. Each
-// node polls
-// ("polling": lowest latency, burns a core while waiting) or blocks ("blocking").
+// Transports (Provider, one per cluster): "tcp" (libfit's own busy-polled kernel sockets,
+// anywhere: the fastest TCP here, ~1.45x faster than libfabric's tcp provider), "ofi_tcp"
+// (libfabric's tcp provider, msg endpoints), "shm" (libfabric rdm endpoints, same host),
+// "verbs" (libfabric msg endpoints on an RDMA NIC). One-sided ops on "tcp" are served by
+// libfit's server thread, as libfabric's tcp provider serves them in software too: the
+// owner's handlers never run. Each node polls ("polling": lowest latency, burns a core
+// while waiting) or blocks ("blocking"). Behind this API each transport is a provider
+// (libfit/transport.h, the backend writers' API): the RPC core, the handshake and the
+// server's rules are the same for all of them.
 //
 // Security: before a connection carries any request, both ends prove they hold the
 // cluster's shared key (HMAC challenge-response, libsodium). Remote memory keys are
@@ -28,9 +30,13 @@
 // close. FitStats counts each case.
 //
 // Errors: every call returns a Status/Result whose code is an errno value:
-//   ETIMEDOUT     no reply within the timeout (the peer may still be alive)
-//   ECONNREFUSED  nothing listens at the peer's address, or it refused our key (EACCES)
-//   ECONNRESET    the peer went away mid-call
+//   ETIMEDOUT     no reply within the timeout (the peer may still be alive), or no answer
+//                 to the handshake within timeout_ms
+//   ECONNREFUSED  nothing listens at the peer's address
+//   EACCES        the peer refused our key, or could not prove it holds the cluster's
+//   EHOSTUNREACH  the peer is not in the cluster file, or its address does not resolve
+//   ECONNRESET    the peer went away mid-call (a connection reset during the handshake is
+//                 connected again, for up to timeout_ms, before the call fails with it)
 //   EMSGSIZE      request or reply larger than max_message_bytes / the reply buffer
 //   EOPNOTSUPP    the peer has no handler for the opcode
 //   EPROTO        a corrupt, truncated or wrong-version frame
@@ -38,6 +44,11 @@
 //                 (too many did, ours the oldest), for all of timeout_ms: libfit
 //                 retried the handshake meanwhile
 //   (a handler's own error code)  passed through from the peer's handler
+// libfit never sends a call again itself: lego/retry.h says which of these a caller may
+// retry (classify) and how many times (kAttempts).
+//
+// Tests inject faults into a Node's transport with libfit/fault_injection.h (testonly);
+// nothing else can.
 //
 // Thread-safety: a Node is safe to use from any number of threads after start(). Each
 // peer gets several independent channels (channels_per_peer); a calling thread sticks to
@@ -54,9 +65,14 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "lego/status.h"
+
+namespace lego::testing {
+struct FitNodeAccess;  // libfit/fault_injection.h: tests wrap a Node's provider
+}
 
 namespace lego::fit {
 
@@ -69,15 +85,29 @@ enum class Progress : uint8_t {
   kBlocking,  // sleep on the queues' wait objects: no idle CPU, ~30 µs more per wake-up
 };
 
+// The transport a node speaks: the cluster file's `provider`, parsed once (config.cc) and
+// chosen once (Node::create); nothing else in lego compares provider names.
+enum class Provider : uint8_t {
+  kTcp,     // "tcp" (default): libfit's own busy-polled kernel sockets, anywhere
+  kOfiTcp,  // "ofi_tcp": libfabric's tcp provider, msg endpoints
+  kShm,     // "shm": libfabric's shm provider, rdm endpoints between processes of one host
+  kVerbs,   // "verbs": libfabric msg endpoints on an RDMA NIC
+};
+
 const char* role_name(Role role);
 const char* progress_name(Progress progress);
+// The cluster file's spelling of `provider`.
+const char* provider_name(Provider provider);
+// The provider spelled `name` as in the cluster file, or nullopt (for command lines that
+// take one: lego-run --transport, fit-bench --providers).
+std::optional<Provider> parse_provider(std::string_view name);
 
 struct NodeConfig {
   NodeId id = 0;
   Role role = Role::kProcessor;
-  std::string address;   // host name or IP (tcp, verbs); any label for shm
-  uint16_t port = 0;     // tcp/verbs listen port; ignored by shm
-  std::string provider;  // "tcp", "ofi_tcp", "shm" or "verbs"
+  std::string address;  // host name or IP (tcp, verbs); any label for shm
+  uint16_t port = 0;    // tcp/verbs listen port; ignored by shm
+  Provider provider = Provider::kTcp;
   Progress progress = Progress::kPolling;
   int server_threads = 1;  // threads serving incoming requests
   int line = 0;            // where the node was defined in the cluster file
@@ -282,9 +312,11 @@ class Node {
   // requests, or a scheduler delay on a busy host, is not a stall.
   static constexpr std::chrono::milliseconds kStallThreshold{100};
 
+  struct Impl;  // libfit/node_impl.h
+
  private:
   friend class RpcFuture;
-  struct Impl;
+  friend struct ::lego::testing::FitNodeAccess;
   explicit Node(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

@@ -12,7 +12,10 @@
 // see: the storage node's own (ENOENT, EACCES, ENOSPC, EEXIST, ENOTEMPTY, ...; EACCES
 // also for a path that would leave the export), or EIO when the storage node cannot be
 // reached, died mid-call or did not answer within the cluster's timeout. Calls never
-// wait longer than that timeout. Messages name the node and the path.
+// wait longer than that timeout. A request whose connection broke (a storage node that
+// restarted) is sent again within it, up to lego/retry.h's kAttempts tries: a request
+// that ran before its answer was lost runs again (writes at an offset and reads come out
+// the same; a mkdir then answers EEXIST). Messages name the node and the path.
 //
 // Thread-safety: all methods may be called from any number of threads at once.
 #pragma once

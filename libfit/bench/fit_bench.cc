@@ -54,7 +54,8 @@ internal:
 )";
 
 struct Options {
-  std::vector<std::string> providers{"tcp", "ofi_tcp", "shm"};
+  std::vector<fit::Provider> providers{fit::Provider::kTcp, fit::Provider::kOfiTcp,
+                                       fit::Provider::kShm};
   std::vector<size_t> sizes{64, 4096};
   int iterations = 20000;
   bool loopback = false;
@@ -92,11 +93,11 @@ Options parse(int argc, char** argv) {
   while ((c = getopt_long(argc, argv, "h", longopts, nullptr)) != -1) {
     switch (c) {
       case kProviders:
-        o.providers = lego::split_list(optarg);
-        for (auto& p : o.providers) {
-          if (p != "tcp" && p != "ofi_tcp" && p != "shm" && p != "verbs") {
-            die("unknown provider '" + p + "'");
-          }
+        o.providers.clear();
+        for (auto& p : lego::split_list(optarg)) {
+          auto provider = fit::parse_provider(p);
+          if (!provider) die("unknown provider '" + p + "'");
+          o.providers.push_back(*provider);
         }
         break;
       case kSizes:
@@ -290,8 +291,9 @@ int main(int argc, char** argv) {
 
   std::unique_ptr<testing::Topology> topo;
   std::string client_addr = "127.0.0.1", server_addr = "127.0.0.1", server_ns;
-  bool need_ns = !o.loopback && std::any_of(o.providers.begin(), o.providers.end(),
-                                            [](const std::string& p) { return p != "shm"; });
+  bool need_ns =
+      !o.loopback && std::any_of(o.providers.begin(), o.providers.end(),
+                                 [](fit::Provider p) { return p != fit::Provider::kShm; });
   if (need_ns) {
     if (geteuid() != 0) die("separate network namespaces need root (or use --loopback)");
     auto t = testing::Topology::create(2, "fitb");
@@ -307,8 +309,9 @@ int main(int argc, char** argv) {
   std::vector<Row> rows;
   std::map<std::string, double> throughput;
   uint16_t port = static_cast<uint16_t>(20000 + getpid() % 20000);
-  for (const std::string& provider : o.providers) {
-    bool shm = provider == "shm";
+  for (const fit::Provider p : o.providers) {
+    const std::string provider = fit::provider_name(p);
+    bool shm = p == fit::Provider::kShm;
     fit::ClusterConfig config;
     config.key.resize(32);
     for (auto& b : config.key) b = static_cast<uint8_t>(rand());
@@ -320,7 +323,7 @@ int main(int argc, char** argv) {
       n.address =
           shm ? "fit-bench-" + std::to_string(getpid()) : (id == 1 ? client_addr : server_addr);
       n.port = static_cast<uint16_t>(port + id);
-      n.provider = provider;
+      n.provider = p;
       n.progress = fit::Progress::kPolling;
       config.nodes.push_back(n);
     }
@@ -352,7 +355,9 @@ int main(int argc, char** argv) {
     for (size_t size : o.sizes) {
       // libfabric's provider for this transport: libfit's own "tcp" is compared with
       // libfabric's tcp too.
-      std::string ofi = provider == "ofi_tcp" ? "tcp" : provider;
+      std::string ofi = p == fit::Provider::kShm     ? "shm"
+                        : p == fit::Provider::kVerbs ? "verbs"
+                                                     : "tcp";
       auto fp = bench::fi_pingpong_rtt_us(ofi, shm ? "rdm" : "msg", size, o.iterations,
                                           shm ? "" : server_ns, shm ? "127.0.0.1" : server_addr,
                                           static_cast<uint16_t>(port + 6));
@@ -374,7 +379,8 @@ int main(int argc, char** argv) {
          topo ? "server in another network namespace" : "loopback", o.iterations);
   printf("%-6s %8s %12s %12s %12s %14s %12s\n", "xport", "bytes", "libfit", "fi_pingpong",
          "tcp_busypoll", "libfit/best", "libfit Mmsg/s");
-  for (const std::string& provider : o.providers) {
+  for (const fit::Provider p : o.providers) {
+    const std::string provider = fit::provider_name(p);
     for (size_t size : o.sizes) {
       double lf = 0, fp = 0, tcp = 0;
       for (auto& r : rows) {

@@ -14,31 +14,44 @@
 #include <thread>
 #include <type_traits>
 
+#include "lego/retry.h"
+
 namespace lego::stor {
 namespace {
 
-// Transport failures reach programs as EIO; the storage node's own errno passes through.
+using Clock = std::chrono::steady_clock;
+
 // For calls that may legitimately take long on the storage node (fsync).
 constexpr std::chrono::milliseconds kSlowCallTimeout{10 * 60 * 1000};
 
+// Transport failures (lego/retry.h's transport_failure: the node could not be asked, or
+// did not answer usably) reach programs as EIO; the storage node's own errno passes
+// through, EACCES included (its "permission denied" for a file; a wrong cluster key is
+// found when the mount starts). EAGAIN is a handshake the storage node kept closing (its
+// cap on connections awaiting the handshake; libfit already retried it for the timeout):
+// regular-file system calls on the storage node do not fail with EAGAIN.
 Status map_error(const Status& st) {
-  switch (st.code()) {
-    case ETIMEDOUT:
-    case ECONNRESET:
-    case ECONNREFUSED:
-    case EPROTO:
-    case EMSGSIZE:
-    case EHOSTUNREACH:
-    case ENETUNREACH:
-    case EPIPE:
-    // A handshake the storage node kept closing (its cap on connections awaiting the
-    // handshake; libfit already retried it for the timeout). Regular-file system calls on
-    // the storage node do not fail with EAGAIN, so it is not the node's own error.
-    case EAGAIN:
-      return Status(EIO, st.message());
-    default:
-      return st;
-  }
+  if (transport_failure(classify(st))) return Status(EIO, st.message());
+  return st;
+}
+
+// Whether a request that failed with `st` on try `attempt` is sent again: what
+// lego/retry.h classifies kRetry, while tries (kAttempts in all) and time are left (until
+// `deadline`: the call's timeout from its first send, all a program waits before EIO). A
+// timeout uses the time up, so what is sent again in practice is a request on a connection
+// that broke: a storage node that restarted (libfit opens a new connection). Requests sent
+// again are carried out again if the first one was: writes at an offset, reads, stats
+// come out the same; a create, unlink or rename answers what its first run left (EEXIST,
+// ENOENT), as a program sees after NFS's retransmissions.
+bool send_again(const Status& st, int attempt, Clock::time_point deadline) {
+  return classify(st) == ErrorClass::kRetry && attempt < kAttempts && Clock::now() < deadline;
+}
+
+// What is left of the time until `deadline`, rounded up (a call that times out has used
+// all of it: send_again then says no), at least 1 ms (0 would mean the default).
+std::chrono::milliseconds time_left(Clock::time_point deadline) {
+  auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
+  return std::max(left, std::chrono::milliseconds(1));
 }
 
 template <typename T>
@@ -110,31 +123,31 @@ struct StorageClient::Impl {
     return session;
   }
 
-  // Sends `req` (whose first bytes are a SessionHandle, filled in here). When the storage
-  // node forgot the session: path requests reopen it and are retried once; handle
-  // requests fail with EIO, their files being gone.
+  // Sends `req` (whose first bytes are a SessionHandle, filled in here), again after a
+  // broken connection (send_again). When the storage node forgot the session: path
+  // requests reopen it and are retried once; handle requests fail with EIO, their files
+  // being gone. A storage node that restarted does both: the calling thread's connection
+  // was left from the old one (libfit learns it is dead by using it, and opens a new one
+  // for the next try), and the new one knows no session. One that is really gone fails
+  // the next try at once (ECONNREFUSED).
   Result<size_t> call(uint16_t op, std::vector<std::byte>& req, std::span<std::byte> rep,
                       bool retry_stale, const std::string& what,
                       std::chrono::milliseconds timeout = std::chrono::milliseconds(0)) {
-    for (int attempt = 0;; attempt++) {
+    const auto deadline = Clock::now() + (timeout.count() > 0 ? timeout : node->config().timeout);
+    bool reopened = false;
+    for (int attempt = 1;; attempt++) {
       uint64_t gen;
       SessionHandle s = current(&gen);
       memcpy(req.data(), &s, sizeof(s));
-      auto r = node->send_reply(storage, op, req, rep, timeout);
+      auto r = node->send_reply(storage, op, req, rep, time_left(deadline));
       if (r) return r;
-      if (attempt == 0 && r.status().code() == ECONNRESET) {
-        // The calling thread's connection was left from a storage node that has since
-        // restarted (libfit learns it is dead by using it, and reconnects on the next
-        // call). Sent to a dead process, the request was not carried out: send it again.
-        // A node that is really gone fails the retry at once (ECONNREFUSED).
-        continue;
-      }
       if (r.status().code() == ESTALE) {
-        if (!retry_stale || attempt > 0) return failed(r.status(), what);
+        if (!retry_stale || reopened) return failed(r.status(), what);
         LEGO_RETURN_IF_ERROR(reopen_session(gen));
+        reopened = true;
         continue;
       }
-      return failed(r.status(), what);
+      if (!send_again(r.status(), attempt, deadline)) return failed(r.status(), what);
     }
   }
 
@@ -209,19 +222,22 @@ struct StorageClient::Impl {
   template <typename DstOf>
   Result<size_t> pipelined(uint16_t op, const char* what, uint64_t handle, uint64_t offset,
                            size_t total, DstOf dst_of, std::span<const std::byte> src) {
-    // As in call(): a connection left from a restarted storage node fails the first
-    // request sent on it; nothing was done, so do it again once.
-    bool reset = false;
-    auto r = pipelined_once(op, what, handle, offset, total, dst_of, src, &reset);
-    if (!r && reset) r = pipelined_once(op, what, handle, offset, total, dst_of, src, &reset);
+    // As in call(): sent again after a broken connection (send_again), when no chunk
+    // counted yet. Reads and writes at an offset are idempotent.
+    const auto deadline = Clock::now() + node->config().timeout;
+    Status why;
+    auto r = pipelined_once(op, what, handle, offset, total, dst_of, src, &why);
+    for (int attempt = 1; !r && !why.is_ok() && send_again(why, attempt, deadline); attempt++) {
+      r = pipelined_once(op, what, handle, offset, total, dst_of, src, &why);
+    }
     return r;
   }
 
   template <typename DstOf>
   Result<size_t> pipelined_once(uint16_t op, const char* what, uint64_t handle, uint64_t offset,
                                 size_t total, DstOf dst_of, std::span<const std::byte> src,
-                                bool* reset) {
-    *reset = false;
+                                Status* why) {
+    *why = Status();  // set to the failure when nothing counts as done
     const bool writing = op == kWrite;
     const size_t chunk = max_io;
     const size_t chunks = std::max<size_t>(1, (total + chunk - 1) / chunk);
@@ -267,7 +283,7 @@ struct StorageClient::Impl {
           // A read that failed part way is an error all the same: a short read means end
           // of file to FUSE, which would cache zeros in place of the missing data.
           if (done == 0 || !writing) {
-            *reset = done == 0 && r.status().code() == ECONNRESET;
+            if (done == 0) *why = r.status();
             first_error =
                 failed(r.status(), std::string(what) + " of handle " + std::to_string(handle));
           }

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <random>
 #include <string>
+#include <string_view>
 
 #include "lego/fit.h"
 
@@ -57,7 +58,7 @@ inline void remove_test_shm_regions_at_exit() {
 }
 
 // Nodes 1..n, all on `address`, consecutive ports; node 1 a processor, the rest memory.
-inline fit::ClusterConfig make_cluster(int n, const std::string& provider,
+inline fit::ClusterConfig make_cluster(int n, fit::Provider provider,
                                        fit::Progress progress = fit::Progress::kPolling,
                                        const std::string& address = "127.0.0.1") {
   fit::ClusterConfig c;
@@ -65,18 +66,32 @@ inline fit::ClusterConfig make_cluster(int n, const std::string& provider,
   c.origin = "test cluster";
   c.timeout = std::chrono::milliseconds(3000);
   uint16_t port = test_port_base();
-  if (provider == "shm") remove_test_shm_regions_at_exit();
+  const bool shm = provider == fit::Provider::kShm;
+  if (shm) remove_test_shm_regions_at_exit();
   for (int i = 1; i <= n; i++) {
     fit::NodeConfig nc;
     nc.id = static_cast<fit::NodeId>(i);
     nc.role = i == 1 ? fit::Role::kProcessor : fit::Role::kMemory;
-    nc.address = provider == "shm" ? "lego-test-" + std::to_string(getpid()) : address;
+    nc.address = shm ? "lego-test-" + std::to_string(getpid()) : address;
     nc.port = static_cast<uint16_t>(port + i);
     nc.provider = provider;
     nc.progress = progress;
     c.nodes.push_back(nc);
   }
   return c;
+}
+
+// The same, the provider named as in a cluster file ("tcp", "shm", ...).
+inline fit::ClusterConfig make_cluster(int n, std::string_view provider,
+                                       fit::Progress progress = fit::Progress::kPolling,
+                                       const std::string& address = "127.0.0.1") {
+  auto p = fit::parse_provider(provider);
+  if (!p) {
+    fprintf(stderr, "make_cluster: unknown provider '%.*s'\n", static_cast<int>(provider.size()),
+            provider.data());
+    abort();
+  }
+  return make_cluster(n, *p, progress, address);
 }
 
 inline std::span<const std::byte> as_bytes(const std::string& s) {

@@ -18,6 +18,7 @@ namespace {
 using lego::fit::ClusterConfig;
 using lego::fit::NodeConfig;
 using lego::fit::Progress;
+using lego::fit::Provider;
 using lego::fit::Role;
 
 constexpr const char* kKeyHex = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
@@ -127,7 +128,7 @@ TEST_CASE("a full cluster file parses field by field") {
   CHECK(p.role == Role::kProcessor);
   CHECK(p.address == "10.77.0.1");
   CHECK(p.port == 18601);
-  CHECK(p.provider == "verbs");
+  CHECK(p.provider == Provider::kVerbs);
   CHECK(p.progress == Progress::kBlocking);
   CHECK(p.server_threads == 2);
   CHECK(p.line == 8);
@@ -169,7 +170,19 @@ address = "lego-shm"
 
   auto tcp = parse(with_node(""));
   REQUIRE(tcp.is_ok());
-  CHECK(tcp->nodes[0].provider == "tcp");
+  CHECK(tcp->nodes[0].provider == Provider::kTcp);
+}
+
+TEST_CASE("provider names parse back to their enum, and nothing else parses") {
+  for (Provider p : {Provider::kTcp, Provider::kOfiTcp, Provider::kShm, Provider::kVerbs}) {
+    auto again = lego::fit::parse_provider(lego::fit::provider_name(p));
+    REQUIRE(again.has_value());
+    CHECK(*again == p);
+  }
+  CHECK(std::string(lego::fit::provider_name(Provider::kOfiTcp)) == "ofi_tcp");
+  CHECK_FALSE(lego::fit::parse_provider("udp").has_value());
+  CHECK_FALSE(lego::fit::parse_provider("TCP").has_value());
+  CHECK_FALSE(lego::fit::parse_provider("").has_value());
 }
 
 TEST_CASE("range limits are inclusive") {
@@ -485,7 +498,7 @@ TEST_CASE("to_toml round-trips through parse_string") {
       node.id = static_cast<lego::fit::NodeId>(i);
       node.role = i == 1 ? Role::kProcessor : Role::kStorage;
       node.address = "odd \"label\" \\ \t";
-      node.provider = "shm";
+      node.provider = Provider::kShm;
       node.progress = Progress::kBlocking;
       built.nodes.push_back(node);
     }

@@ -1,5 +1,7 @@
 // MapBackend: an in-process LineBackend for tests and benchmarks. Lines live in a
-// std::unordered_map (line address -> slot of a preallocated slab) under a spinlock.
+// std::unordered_map (line address -> slot of a preallocated slab) under a spinlock. On a
+// test's demand it fails calls as a memory node would (fail(): timeouts, resets), so that
+// the ExCache's retry and give-up paths can be driven without a network.
 //
 // Honest about the LineBackend contract: it takes no lock program code could hold (its own
 // spinlock only) and copies into preallocated slab slots, but inserting a new address into
@@ -27,8 +29,22 @@ class MapBackend : public LineBackend {
     for (size_t i = max_lines; i > 0; --i) free_.push_back(static_cast<uint32_t>(i - 1));
   }
 
+  // Faults on demand: the next `count` calls of `op` fail with `code` (ETIMEDOUT: the
+  // memory node did not answer; ECONNRESET: its connection broke; or any errno), then
+  // calls succeed again; count -1: every call fails, until fail() is called again (count
+  // 0 stops failing). Each failure is counted in failures_injected. Async-signal-safe:
+  // atomics only, and the error's message fits std::string's inline buffer, so a failure
+  // allocates nothing either.
+  enum class Op : uint8_t { kFetch, kWriteBack, kFinishWriteBack };
+  void fail(Op op, int code, int count) {
+    Injected& f = injected_[static_cast<int>(op)];
+    f.code.store(code, std::memory_order_relaxed);
+    f.left.store(count, std::memory_order_release);
+  }
+
   Status fetch(uint64_t line_addr, std::span<std::byte, kExCacheLineBytes> out) override {
     fetch_calls.fetch_add(1, std::memory_order_relaxed);
+    if (Status st = injected(Op::kFetch); !st.is_ok()) return st;
     lock();
     if (in_flight_.count(line_addr) != 0) fetches_in_flight.fetch_add(1, std::memory_order_relaxed);
     auto it = index_.find(line_addr);
@@ -45,6 +61,7 @@ class MapBackend : public LineBackend {
 
   Status write_back(std::span<const WriteBack> lines) override {
     write_back_calls.fetch_add(1, std::memory_order_relaxed);
+    if (Status st = injected(Op::kWriteBack); !st.is_ok()) return st;
     lines_written.fetch_add(lines.size(), std::memory_order_relaxed);
     lock();
     for (const WriteBack& wb : lines) {
@@ -90,11 +107,12 @@ class MapBackend : public LineBackend {
 
   Status finish_write_back(WriteBackTicket* ticket) override {
     auto* pending = static_cast<std::vector<Line>*>(ticket->buffer);
-    if (pending == nullptr) return Status::ok();
+    Status failed = injected(Op::kFinishWriteBack);
+    if (pending == nullptr) return failed;
     ticket->buffer = nullptr;
     std::vector<WriteBack> batch;
     for (const Line& l : *pending) batch.push_back(WriteBack{l.addr, l.data.data()});
-    Status st = write_back(batch);
+    Status st = failed.is_ok() ? write_back(batch) : failed;  // failed: none stored
     lock();
     for (const Line& l : *pending) {
       if (--in_flight_[l.addr] == 0) in_flight_.erase(l.addr);
@@ -131,8 +149,27 @@ class MapBackend : public LineBackend {
   std::atomic<uint64_t> release_calls{0};
   std::atomic<uint64_t> write_backs_started{0};  // deferred mode
   std::atomic<uint64_t> fetches_in_flight{0};    // deferred mode: must stay 0
+  std::atomic<uint64_t> failures_injected{0};    // calls fail() made fail
 
  private:
+  struct Injected {
+    std::atomic<int> code{0};
+    std::atomic<int> left{0};  // failures still to come; -1: every call
+  };
+  // The injected failure for this call of `op`, if any (ok otherwise).
+  Status injected(Op op) {
+    Injected& f = injected_[static_cast<int>(op)];
+    int left = f.left.load(std::memory_order_acquire);
+    while (left != 0) {
+      if (left < 0 || f.left.compare_exchange_weak(left, left - 1)) {
+        failures_injected.fetch_add(1, std::memory_order_relaxed);
+        return Status(f.code.load(std::memory_order_relaxed), "injected");
+      }
+    }
+    return Status::ok();
+  }
+  Injected injected_[3];
+
   void lock() {
     while (locked_.exchange(true, std::memory_order_acquire)) {
       while (locked_.load(std::memory_order_relaxed)) __builtin_ia32_pause();

@@ -23,35 +23,17 @@
 #include "lego/storage_client.h"
 #include "lego/storage_node.h"
 #include "tests/libfit/cluster_fixture.h"
+#include "tests/storage/test_files.h"
 
 using namespace lego;
 using namespace lego::stor;
 
 namespace {
 
-std::string make_temp_dir(const std::string& tag) {
-  const char* tmp = getenv("TEST_TMPDIR");
-  std::string tmpl = std::string(tmp ? tmp : "/tmp") + "/stor-" + tag + "-XXXXXX";
-  std::vector<char> buf(tmpl.begin(), tmpl.end());
-  buf.push_back('\0');
-  REQUIRE(mkdtemp(buf.data()) != nullptr);
-  return buf.data();
-}
-
-void write_file(const std::string& path, const std::string& text) {
-  std::ofstream(path) << text;
-}
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-std::span<const std::byte> bytes(const std::string& s) {
-  return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
-}
+using lego::testing::bytes;
+using lego::testing::make_temp_dir;
+using lego::testing::read_file;
+using lego::testing::write_file;
 
 struct Rig {
   std::string root;     // holds export/ and outside/

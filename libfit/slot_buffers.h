@@ -1,0 +1,47 @@
+// Message slots for providers: `slots` slots of (header + max payload) bytes plus a
+// scratch area, in one anonymous mapping. A connection sends from slot i and receives into
+// slot kWindow + i; the scratch area is the RMA bounce buffer (tcp: the stream buffer).
+// The libfabric providers register the block with their domain (reg, desc). Internal to
+// libfit.
+#pragma once
+
+#include <sys/mman.h>
+
+#include <cerrno>
+#include <cstddef>
+#include <memory>
+
+#include "libfit/transport.h"
+
+namespace lego::fit::transport {
+
+struct SlotBuffers {
+  size_t slot_bytes = 0;
+  size_t rma_bytes = 0;
+  std::byte* base = nullptr;
+  size_t total = 0;
+  std::unique_ptr<Registration> reg;  // the provider's registration of the block, if any
+  void* desc = nullptr;               // its local descriptor (FI_MR_LOCAL), if any
+
+  SlotBuffers() = default;
+  SlotBuffers(const SlotBuffers&) = delete;
+  SlotBuffers& operator=(const SlotBuffers&) = delete;
+  ~SlotBuffers() {
+    reg.reset();
+    if (base != nullptr) munmap(base, total);
+  }
+  // Maps the block; its pages become resident only as they are touched.
+  Status init(size_t max_payload, size_t rma, int slots) {
+    slot_bytes = (kHeader + max_payload + 63) & ~size_t{63};
+    rma_bytes = rma;
+    total = slot_bytes * slots + rma_bytes;
+    void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return Status::from_errno(errno, "mmap of FIT buffers");
+    base = static_cast<std::byte*>(p);
+    return Status();
+  }
+  std::byte* slot(int i) const { return base + slot_bytes * i; }
+  std::byte* rma() const { return base + total - rma_bytes; }
+};
+
+}  // namespace lego::fit::transport
