@@ -1,5 +1,5 @@
-// The launch contract between lego-run (runtime/lego_run.cc) and the runtime it preloads
-// into every program of a run (runtime/preload.cc): the environment, the run directory,
+// The launch contract between lego-run (runtime/launcher/) and the runtime it preloads
+// into every program of a run (runtime/preload/): the environment, the run directory,
 // the report lines and the exit statuses. Both sides include this header; nothing else
 // defines these names or defaults.
 //

@@ -26,7 +26,7 @@
 // accessed by all threads concurrently. create() and the destructor must not race with
 // accesses to the region (destroy only after every thread has stopped touching it).
 // Hot paths (the miss, the eviction) allocate nothing and take no lock that program code
-// could hold: see the lock order at the top of runtime/fault.cc.
+// could hold: see the lock order at the top of runtime/excache/fault.cc.
 //
 // Errors: create() and discard() return a lego::Status/Result with an errno code
 // (EINVAL bad options or range, ENOSYS/EPERM userfaultfd unavailable or forbidden,
@@ -200,7 +200,7 @@ struct ExCacheOptions {
     kClock,  // second chance for lines that faulted again after their fill (a write to a
              // clean line, or a second thread waiting on the fill). Without a kernel module
              // the accessed bit is invisible to us, so this is only an LRU approximation
-             // for write-after-read and shared lines; see runtime/evict_clock.cc.
+             // for write-after-read and shared lines; see runtime/excache/evict_clock.cc.
   };
 
   // Local memory: at most this many bytes (rounded down to 4 KiB, at least 16 lines) of the
@@ -357,7 +357,7 @@ class ExCache {
   // with an atomic add of zero: it never changes the data, even under concurrent writers.
   static void prefault(void* addr, size_t len, bool for_write);
 
-  struct Impl;  // runtime/excache_impl.h
+  struct Impl;  // runtime/excache/excache_impl.h
 
  private:
   explicit ExCache(std::unique_ptr<Impl> impl);
@@ -367,7 +367,7 @@ class ExCache {
 // The runtime's own threads in a program's process (the backend's heartbeat, the fault
 // handler thread) call these from the thread itself, first thing and last thing. Such
 // threads never store to region memory, so an eviction that finds no thread in the process
-// but itself and these may skip fencing stores (runtime/evict.cc). A runtime thread that
+// but itself and these may skip fencing stores (runtime/excache/evict.cc). A runtime thread that
 // does not register only costs that saving. At most 16 at once; more are not recorded.
 void excache_service_thread_begin();
 void excache_service_thread_end();

@@ -176,7 +176,7 @@ int worker(const std::string& workload, size_t heap_bytes, long accesses) {
       }
     };
     // One thread is the process's own: a single-threaded workload is a single-threaded
-    // process, as a real one would be (and as the ExCache sees it: see runtime/evict.cc).
+    // process, as a real one would be (and as the ExCache sees it: see runtime/excache/evict.cc).
     std::vector<std::thread> pool;
     for (int t = 1; t < threads; t++) pool.emplace_back(run, t);
     run(0);

@@ -1,4 +1,4 @@
-// runtime/fault.cc: the miss path, for both deliveries (SIGBUS in the faulting thread, or
+// runtime/excache/fault.cc: the miss path, for both deliveries (SIGBUS in the faulting thread, or
 // the handler thread reading the userfaultfd).
 //
 // Concurrency argument (read before changing this file or evict.cc)
@@ -52,8 +52,8 @@
 #include <mutex>
 #include <string>
 
-#include "runtime/excache_impl.h"
-#include "runtime/pcache_dev.h"
+#include "runtime/excache/excache_impl.h"
+#include "runtime/excache/pcache_dev.h"
 
 namespace lego {
 

@@ -1,4 +1,4 @@
-// runtime/region.cc: reserving the disaggregated region, registering it with userfaultfd,
+// runtime/excache/region.cc: reserving the disaggregated region, registering it with userfaultfd,
 // and ExCache's lifetime (create, destructor, accessors).
 //
 // The region is one MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE mapping registered with
@@ -22,8 +22,8 @@
 #include <cstdio>
 #include <string>
 
-#include "runtime/excache_impl.h"
-#include "runtime/pcache_dev.h"
+#include "runtime/excache/excache_impl.h"
+#include "runtime/excache/pcache_dev.h"
 
 namespace lego {
 

@@ -1,4 +1,4 @@
-// runtime/evict.cc: frames, victim selection, write-back, and discard().
+// runtime/excache/evict.cc: frames, victim selection, write-back, and discard().
 //
 // Frames bound residency: a miss needs a frame before it maps its line; when none is free
 // the missing thread (try-locking evict_lock) evicts a batch. Other missers meanwhile wait
@@ -48,8 +48,8 @@
 
 #include <algorithm>
 
-#include "runtime/excache_impl.h"
-#include "runtime/pcache_dev.h"
+#include "runtime/excache/excache_impl.h"
+#include "runtime/excache/pcache_dev.h"
 
 namespace lego {
 

@@ -48,8 +48,8 @@
 #include "lego/fit.h"
 #include "lego/units.h"
 #include "runtime/launch_contract.h"
-#include "runtime/region_allocator.h"
-#include "runtime/remote_backend.h"
+#include "runtime/preload/region_allocator.h"
+#include "runtime/preload/remote_backend.h"
 
 namespace lego::runtime {
 namespace {
@@ -67,7 +67,7 @@ struct Runtime {
 
 Runtime* g_rt = nullptr;
 std::atomic<bool> g_active{false};  // redirecting allocations into the region
-// In a forked child: the region is served by the parent's ExCache (runtime/fork.cc), and
+// In a forked child: the region is served by the parent's ExCache (runtime/excache/fork.cc), and
 // nothing of the runtime may be used here (its threads are gone; its sockets and
 // userfaultfd belong to the parent). New memory is local; freeing region memory zeroes it.
 std::atomic<bool> g_forked_child{false};
@@ -583,7 +583,7 @@ void* mremap(void* old, size_t old_len, size_t new_len, int flags, ...) {
 }
 
 // fork(): the parent's ExCache snapshots the heap on the memory node and serves the
-// child's region from it (runtime/fork.cc); the child stops using the runtime. Forks are
+// child's region from it (runtime/excache/fork.cc); the child stops using the runtime. Forks are
 // serialized: one snapshot is under way at a time. posix_spawn, vfork and system() do not
 // copy the address space and need none of this.
 pid_t fork() {

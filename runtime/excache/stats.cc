@@ -1,11 +1,11 @@
-// runtime/stats.cc: ExCache counters. Each thread adds to one of 16 cache-line-aligned
+// runtime/excache/stats.cc: ExCache counters. Each thread adds to one of 16 cache-line-aligned
 // stripes chosen from its stack address (thread_local would be simpler but a dynamic TLS
 // access may allocate, which a SIGBUS handler must not); stats() sums the stripes.
 // The miss-latency histogram is a fixed array of log2(ns) buckets: no allocation, one
 // relaxed increment per miss.
 #include <time.h>
 
-#include "runtime/excache_impl.h"
+#include "runtime/excache/excache_impl.h"
 
 namespace lego {
 
