@@ -1,4 +1,5 @@
-// ExCache internals shared by region.cc, fault.cc, evict*.cc and stats.cc. Not a public
+// ExCache internals shared by region.cc, fault.cc, prefetch.cc, evict*.cc, fork.cc and
+// stats.cc. Not a public
 // header: users include lego/excache.h.
 //
 // Data structures (all allocated in ExCache::create, none on the miss path):
@@ -68,7 +69,7 @@ enum LineKind : uint64_t {
   kDirty = 3,
   kEvicting = 4,
   kUnprotecting = 5,
-  // Claimed by a background prefetch (fault.cc) whose fetch is in flight: owned by its
+  // Claimed by a background prefetch (prefetch.cc) whose fetch is in flight: owned by its
   // prefetch buffer (kPrefetchSlotShift), not by a thread. Whoever needs the line first
   // completes that prefetch (waits for the reply, maps its lines), so no one waits for a
   // thread that may never come back.
@@ -224,6 +225,15 @@ class Stats {
 
 uint64_t now_ns();
 
+// Dirty prediction for a load miss (ExCacheOptions::predict_dirty): whether to map the line
+// writable and dirty at once, and the history bits to keep. A store miss maps it dirty.
+// (fault.cc; prefetch.cc maps its windows by it too.)
+struct DirtyChoice {
+  bool dirty;
+  uint64_t persist;
+};
+DirtyChoice choose_dirty(uint64_t state, bool write, bool predict, Stats& stats);
+
 // Writes "lego excache[pid]: <what> (errno N) at 0x<addr>" to stderr and aborts.
 // Async-signal-safe.
 [[noreturn]] void fatal(const char* what, int err, uint64_t addr);
@@ -334,7 +344,7 @@ struct ExCache::Impl {
   std::atomic<bool> stopping{false};
   int stop_fd = -1;  // eventfd that wakes the handler thread out of poll() to stop
 
-  // fault.cc: prefetch (ExCacheOptions::prefetch_lines). Stream detectors are hints,
+  // prefetch.cc (ExCacheOptions::prefetch_lines). Stream detectors are hints,
   // updated racily by design: a torn or stale read only makes a worse guess, because the
   // lines a prefetch maps are claimed by CAS like any miss's.
   struct Stream {
@@ -461,7 +471,7 @@ struct ExCache::Impl {
   void write_back_batch(size_t n);
   void handle_event(const uffd_msg& msg);
   void fill(uint64_t index, uint64_t state, bool write, uint64_t start_ns);
-  // Prefetch: how many lines ahead of a miss at `index` to fetch, and on which stride
+  // prefetch.cc. How many lines ahead of a miss at `index` to fetch, and on which stride
   // (0: none); updates the stream detectors.
   size_t plan_prefetch(uint64_t index, int64_t* stride);
   // fill() with a prefetch window: claims what it can of `want` lines on `stride` after
@@ -478,7 +488,8 @@ struct ExCache::Impl {
   void claim_ahead(PrefetchBuffer& pb, uint64_t from, size_t want, excache_internal::LineKind kind);
   // Lists pb's backed lines in pb.fetch_addrs / fetch_slot (pb.m of them): the ones to fetch.
   void list_backed(PrefetchBuffer& pb);
-  // Fetches pb's listed lines (into the tail of pb.data) and spreads them to their slots.
+  // fault.cc. Fetches pb's listed lines (into the tail of pb.data) and spreads them to their
+  // slots.
   void fetch_claimed(PrefetchBuffer& pb);
   // Maps pb's lines and publishes them; releases pb.
   void map_claimed(PrefetchBuffer& pb, uint64_t start_ns);
@@ -486,9 +497,9 @@ struct ExCache::Impl {
   void start_background_prefetch(uint64_t from, int64_t stride, size_t want, bool write);
 
  public:
-  // Completes the background prefetch in buffer `slot` if it is still in flight (waits for
-  // its reply and maps its lines); with `go_on`, starts the stream's next window. Any
-  // thread may call it; false if the buffer held no background prefetch.
+  // prefetch.cc. Completes the background prefetch in buffer `slot` if it is still in flight (waits
+  // for its reply and maps its lines); with `go_on`, starts the stream's next window. Any thread
+  // may call it; false if the buffer held no background prefetch.
   bool complete_prefetch(uint32_t slot, bool go_on);
   // Completes every background prefetch (discard, fork, destruction).
   void complete_all_prefetches();
