@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cinttypes>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <sstream>
 
@@ -116,6 +117,56 @@ bool parse_space_file_name(const char* name, pid_t* pid, uint64_t* start, uint64
   *start = s;
   *id = i;
   return true;
+}
+
+int format_stats_report(char* buf, size_t cap, pid_t pid, const char* program,
+                        const ExCacheStats& stats, bool kernel_module) {
+  size_t used = 0;
+  auto put = [&](const char* fmt, auto... args) {
+    if (used >= cap) return;
+    const int n = snprintf(buf + used, cap - used, fmt, args...);
+    used = n < 0 ? cap : used + static_cast<size_t>(n);
+  };
+  put("stats pid %d program %s\nhits n/a\n", static_cast<int>(pid), program);
+  for (const ExCacheStatsField& f : kExCacheStatsFields) {
+    put("%s %" PRIu64 "\n", f.name, stats.*f.field);
+  }
+  put("miss_p50_ns %" PRIu64 "\nmiss_p99_ns %" PRIu64 "\nkernel_module %d\nmiss_histogram ",
+      stats.miss_p50_ns, stats.miss_p99_ns, kernel_module ? 1 : 0);
+  // "bucket:count,..." for the non-empty log2(ns) buckets.
+  bool any = false;
+  for (size_t b = 0; b < stats.miss_latency_log2_ns.size(); ++b) {
+    if (stats.miss_latency_log2_ns[b] == 0) continue;
+    put("%s%zu:%" PRIu64, any ? "," : "", b, stats.miss_latency_log2_ns[b]);
+    any = true;
+  }
+  put("%s\nend\n", any ? "" : "-");
+  return used < cap ? static_cast<int>(used) : -1;
+}
+
+uint64_t StatsReport::number(const std::string& key) const {
+  const std::string v = text(key);
+  char* end = nullptr;
+  const unsigned long long n = strtoull(v.c_str(), &end, 10);
+  return end != v.c_str() && *end == '\0' ? n : 0;
+}
+
+std::string StatsReport::text(const std::string& key) const {
+  for (const auto& [k, v] : values) {
+    if (k == key) return v;
+  }
+  return "";
+}
+
+StatsReport parse_stats_report(const std::string& block) {
+  StatsReport r;
+  std::istringstream in(block);
+  std::getline(in, r.head);
+  for (std::string line; std::getline(in, line);) {
+    const size_t sp = line.find(' ');
+    if (sp != std::string::npos) r.values.emplace_back(line.substr(0, sp), line.substr(sp + 1));
+  }
+  return r;
 }
 
 ProcessInfo process_info(pid_t pid) {

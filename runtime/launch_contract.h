@@ -29,7 +29,10 @@
 //                       still reports. Lines, each written with one write() of at most
 //                       PIPE_BUF bytes (so writers never interleave):
 //                         "stats pid PID program NAME\n" KEY VALUE lines "end\n"
-//                                    the ExCache counters at exit (lego-run --stats)
+//                                    the ExCache counters at exit (lego-run --stats):
+//                                    every one of LEGO_EXCACHE_COUNTERS and _GAUGES,
+//                                    and kernel_module, miss_p50_ns, miss_p99_ns and
+//                                    miss_histogram ("BUCKET:COUNT,..." or "-")
 //                         "lost MESSAGE\n"   a miss could not be served: the memory node
 //                                            is lost; the process exits kExitMemoryLost
 //                         "error PID MESSAGE\n"  the runtime could not start in process
@@ -58,7 +61,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "lego/excache.h"
 #include "lego/memory_proto.h"
 
 namespace lego::launch {
@@ -127,6 +133,23 @@ bool parse_space_line(const std::string& line, uint32_t* node, mem::SpaceHandle*
 // "space.PID.START.ID".
 int format_space_file_name(char* buf, size_t cap, pid_t pid, uint64_t start, uint64_t id);
 bool parse_space_file_name(const char* name, pid_t* pid, uint64_t* start, uint64_t* id);
+
+// The "stats" report: the counters of process `pid` running `program` at exit, whole,
+// within PIPE_BUF (one write) into buf. Returns the length, or -1 when it does not fit.
+int format_stats_report(char* buf, size_t cap, pid_t pid, const char* program,
+                        const ExCacheStats& stats, bool kernel_module);
+// A "stats" report as lego-run reads it: the first line's text after "stats " ("pid 12
+// program python3"), and each KEY VALUE line.
+struct StatsReport {
+  std::string head;
+  std::vector<std::pair<std::string, std::string>> values;
+  // The value of `key` as a number (0 when missing or not a number).
+  uint64_t number(const std::string& key) const;
+  // The value of `key` ("" when missing).
+  std::string text(const std::string& key) const;
+};
+// `block`: the report's lines after "stats " up to, not including, "end".
+StatsReport parse_stats_report(const std::string& block);
 
 // A process as /proc/PID/stat shows it.
 struct ProcessInfo {

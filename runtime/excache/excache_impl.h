@@ -180,31 +180,17 @@ extern const PolicyOps kFifoPolicyOps;
 extern const PolicyOps kClockPolicyOps;
 const PolicyOps* policy_ops(ExCacheOptions::Policy policy);
 
-// Counters, one set per stripe; a thread picks its stripe from its stack address (no TLS:
-// dynamic TLS is not async-signal-safe), so threads rarely share a cache line.
-enum Counter : size_t {
-  kMisses,
-  kFetches,
-  kZeroFills,
-  kWriteFaults,
-  kWaits,
-  kSpurious,
-  kEvictions,
-  kEvictionBatches,
-  kWriteBacks,
-  kUnfencedBatches,
-  kCleanDrops,
-  kDiscardedLines,
-  kBytesFetched,
-  kBytesWritten,
-  kDirtyPredictions,
-  kModuleCalls,
-  kAccessedSpared,
-  kRedirtied,
-  kPrefetches,
-  kPrefetchedLines,
-  kNumCounters,
+// Counters (LEGO_EXCACHE_COUNTERS in lego/excache.h), one set per stripe; a thread picks its
+// stripe from its stack address (no TLS: dynamic TLS is not async-signal-safe), so threads
+// rarely share a cache line.
+enum class Counter : size_t {
+#define LEGO_EXCACHE_ENUM(name, doc) name,
+  LEGO_EXCACHE_COUNTERS(LEGO_EXCACHE_ENUM)
+#undef LEGO_EXCACHE_ENUM
 };
+#define LEGO_EXCACHE_ONE(name, doc) +1
+inline constexpr size_t kNumCounters = 0 LEGO_EXCACHE_COUNTERS(LEGO_EXCACHE_ONE);
+#undef LEGO_EXCACHE_ONE
 
 class Stats {
  public:

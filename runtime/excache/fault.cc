@@ -275,7 +275,7 @@ bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
         if (word.compare_exchange_weak(s, with_kind(s, kUnprotecting), std::memory_order_acquire)) {
           // Counted (and the policy told) before the ioctl wakes the faulting thread, so
           // that a thread reading the stats right after its own fault sees it.
-          stats.add(kWriteFaults);
+          stats.add(Counter::write_faults);
           policy->on_refault(frames[frame_of(s)]);
           if (int err = write_protect(addr, kLine, false); err != 0) {
             fatal("UFFDIO_WRITEPROTECT (un-protect) failed", err, addr);
@@ -307,7 +307,7 @@ bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
         if (kind_of(s) == kEvicting && try_reap_write_back()) continue;
         if (!waited) {
           waited = true;
-          stats.add(kWaits);
+          stats.add(Counter::waits);
         }
         backoff.pause();
         continue;
@@ -316,7 +316,7 @@ bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
     }
     // (After helping a prefetch our line is mapped, but maybe by an earlier completion
     // than ours: report it served by someone else, so kHandlerThread wakes the thread.)
-    if (!helped) stats.add(kSpurious);
+    if (!helped) stats.add(Counter::spurious);
     return false;
   }
 }
@@ -327,7 +327,7 @@ DirtyChoice excache_internal::choose_dirty(uint64_t state, bool write, bool pred
   if ((persist & kWrittenHintBit) == 0) return {false, persist};
   const uint64_t predictions = (persist & kPredictMask) >> kPredictShift;
   if (predict && predictions < kMaxPredictions) {
-    stats.add(kDirtyPredictions);
+    stats.add(Counter::dirty_predictions);
     return {true, kWrittenHintBit | ((predictions + 1) << kPredictShift)};
   }
   return {false, 0};  // map clean: a store now sets the hint again, else it is forgotten
@@ -360,7 +360,7 @@ void ExCache::Impl::map_lines(uint64_t index, const std::byte* src, size_t count
       if (int e = write_protect(addr, kLine, !dirty); e != 0) {
         fatal("UFFDIO_WRITEPROTECT after EEXIST failed", e, addr);
       }
-      stats.add(kSpurious);
+      stats.add(Counter::spurious);
       done = (done & ~uint64_t{kLine - 1}) + kLine;
       continue;
     }
@@ -404,10 +404,10 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
       st = backend->fetch_batch(one, out);
     }
     src = out;
-    stats.add(kFetches);
-    stats.add(kBytesFetched, kLine);
+    stats.add(Counter::fetches);
+    stats.add(Counter::bytes_fetched, kLine);
   } else {
-    stats.add(kZeroFills);  // the backend never saw this line: no round trip
+    stats.add(Counter::zero_fills);  // the backend never saw this line: no round trip
   }
   if (frame == kNoFrame) frame = acquire_frame();
 
@@ -424,8 +424,8 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
   // thread (with SIGBUS it is us): keep it asleep until MKCLEAN is done, then wake it.
   const bool mkclean = wants_mkclean(state, choice.dirty);
   const bool wake_after = mkclean && options.delivery != ExCacheOptions::Delivery::kSigbus;
-  // Counted before UFFDIO_COPY wakes the faulting thread (see kWriteFaults above).
-  stats.add(kMisses);
+  // Counted before UFFDIO_COPY wakes the faulting thread (see Counter::write_faults above).
+  stats.add(Counter::misses);
   map_lines(index, src, 1, choice.dirty, /*dontwake=*/wake_after);
   if (buffer != kStagingBuffers) staging_release(buffer);
 
@@ -437,7 +437,7 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
   if (mkclean) {
     const uint64_t line = addr;
     (void)PcacheDevice::mkclean(pcache_fd, &line, 1, nullptr);
-    stats.add(kModuleCalls);
+    stats.add(Counter::module_calls);
   }
   if (wake_after) {
     uffdio_range range = {.start = addr, .len = kLine};
@@ -480,8 +480,8 @@ void ExCache::Impl::fetch_claimed(PrefetchBuffer& pb) {
         fatal("LineBackend::fetch_batch failed", st.code(), pb.fetch_addrs[0]);
       }
     }
-    stats.add(kFetches, m);
-    stats.add(kBytesFetched, m * kLine);
+    stats.add(Counter::fetches, m);
+    stats.add(Counter::bytes_fetched, m * kLine);
   }
   // Spread to their slots (ascending: a slot is never after its source); zero the others.
   for (size_t k = 0, t = 0; k < n; ++k) {
@@ -494,7 +494,7 @@ void ExCache::Impl::fetch_claimed(PrefetchBuffer& pb) {
       memset(slot_data, 0, kLine);
     }
   }
-  stats.add(kZeroFills, n - m);
+  stats.add(Counter::zero_fills, n - m);
 }
 
 // --- Delivery::kHandlerThread ---------------------------------------------------------

@@ -169,7 +169,7 @@ void ExCache::Impl::map_claimed(PrefetchBuffer& pb, uint64_t start_ns) {
     }
     if (nc > 0) {
       (void)PcacheDevice::mkclean(pcache_fd, pb.fetch_addrs, nc, nullptr);
-      stats.add(kModuleCalls);
+      stats.add(Counter::module_calls);
     }
   }
   for (size_t k = 0; k < n; ++k) {
@@ -202,9 +202,9 @@ bool ExCache::Impl::fill_with_prefetch(uint64_t index, uint64_t state, bool writ
   }
   const uint64_t last = pb.index[pb.n - 1];
   const size_t got = pb.n - 1;
-  stats.add(kMisses);
-  stats.add(kPrefetches);
-  stats.add(kPrefetchedLines, got);
+  stats.add(Counter::misses);
+  stats.add(Counter::prefetches);
+  stats.add(Counter::prefetched_lines, got);
   list_backed(pb);
   fetch_claimed(pb);
   // The next window is fetched in the background while the program works through this one.
@@ -241,8 +241,8 @@ void ExCache::Impl::start_background_prefetch(uint64_t from, int64_t stride, siz
                                          pb.data + (pb.n - pb.m) * kLine, &pb.ticket)
                      .is_ok();
   }
-  stats.add(kPrefetches);
-  stats.add(kPrefetchedLines, pb.n);
+  stats.add(Counter::prefetches);
+  stats.add(Counter::prefetched_lines, pb.n);
   pb.phase.store(PrefetchBuffer::kAsync, std::memory_order_release);
 }
 

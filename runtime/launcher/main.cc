@@ -46,6 +46,7 @@
 #include <thread>
 #include <vector>
 
+#include "lego/excache.h"
 #include "lego/fit.h"
 #include "lego/memory_proto.h"
 #include "lego/pcache_abi.h"
@@ -1163,42 +1164,33 @@ const fit::NodeConfig* pick_node(const fit::ClusterConfig& config, long id, fit:
 }
 
 void print_stats(const std::string& block) {
-  std::map<std::string, std::string> kv;
-  std::istringstream in(block);
-  std::string head, line;
-  std::getline(in, head);
-  while (std::getline(in, line)) {
-    size_t sp = line.find(' ');
-    if (sp != std::string::npos) kv[line.substr(0, sp)] = line.substr(sp + 1);
-  }
-  auto num = [&](const char* k) { return kv.count(k) ? std::stoull(kv[k]) : 0ull; };
-  fprintf(stderr, "lego-run: ExCache stats (%s)\n", head.c_str());
+  const launch::StatsReport r = launch::parse_stats_report(block);
+  fprintf(stderr, "lego-run: ExCache stats (%s)\n", r.head.c_str());
   fprintf(stderr, "  %-16s %s (resident accesses never trap)\n", "hits", "n/a");
-  fprintf(stderr, "  %-16s %s\n", "kernel_module",
-          num("kernel_module") ? "lego_pcache (batched evictions, accessed bits)" : "not used");
-  const char* keys[] = {
-      "misses",         "fetches",          "zero_fills",        "write_faults",    "evictions",
-      "write_backs",    "clean_drops",      "discarded_lines",   "bytes_fetched",   "bytes_written",
-      "resident_lines", "capacity_lines",   "module_calls",      "accessed_spared", "redirtied",
-      "prefetches",     "prefetched_lines", "dirty_predictions", "unfenced_batches"};
-  for (const char* k : keys) fprintf(stderr, "  %-16s %llu\n", k, num(k));
+  fprintf(
+      stderr, "  %-16s %s\n", "kernel_module",
+      r.number("kernel_module") ? "lego_pcache (batched evictions, accessed bits)" : "not used");
+  for (const ExCacheStatsField& f : kExCacheStatsFields) {
+    fprintf(stderr, "  %-16s %llu\n", f.name, static_cast<unsigned long long>(r.number(f.name)));
+  }
   fprintf(stderr, "  %-16s %llu (fetched + written)\n", "bytes_moved",
-          num("bytes_fetched") + num("bytes_written"));
+          static_cast<unsigned long long>(r.number("bytes_fetched") + r.number("bytes_written")));
   fprintf(stderr, "  %-16s p50 < %.1f us, p99 < %.1f us\n", "miss_latency",
-          num("miss_p50_ns") / 1e3, num("miss_p99_ns") / 1e3);
+          static_cast<double>(r.number("miss_p50_ns")) / 1e3,
+          static_cast<double>(r.number("miss_p99_ns")) / 1e3);
   // The histogram, with each bucket's share of misses and (estimated at the bucket's
   // middle) of the time spent in misses: a rare slow kind of miss shows up here.
   std::vector<std::pair<unsigned, unsigned long long>> hist;
   unsigned long long total = 0;
   double total_ns = 0;
-  std::istringstream hs(kv.count("miss_histogram") ? kv["miss_histogram"] : "");
+  std::istringstream hs(r.text("miss_histogram"));
   for (std::string item; std::getline(hs, item, ',');) {
     unsigned b = 0;
     unsigned long long n = 0;
     if (sscanf(item.c_str(), "%u:%llu", &b, &n) != 2 || b > 63) continue;
     hist.emplace_back(b, n);
     total += n;
-    total_ns += n * 1.5 * static_cast<double>(1ull << b);
+    total_ns += static_cast<double>(n) * 1.5 * static_cast<double>(1ull << b);
   }
   if (total == 0) return;
   fprintf(stderr, "  %-22s %10s %10s\n", "miss latency (us)", "% misses", "% time");
@@ -1206,8 +1198,9 @@ void print_stats(const std::string& block) {
     const double lo = static_cast<double>(1ull << b) / 1e3;
     char range[32];
     snprintf(range, sizeof range, "%.1f-%.1f", lo, 2 * lo);
-    fprintf(stderr, "    %-20s %9.1f%% %9.1f%%\n", range, 100.0 * n / total,
-            100.0 * n * 1.5 * static_cast<double>(1ull << b) / total_ns);
+    fprintf(stderr, "    %-20s %9.1f%% %9.1f%%\n", range,
+            100.0 * static_cast<double>(n) / static_cast<double>(total),
+            100.0 * static_cast<double>(n) * 1.5 * static_cast<double>(1ull << b) / total_ns);
   }
 }
 

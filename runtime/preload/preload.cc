@@ -300,35 +300,11 @@ std::string env_or(const char* name, const char* fallback) {
 }
 
 void write_stats() {
-  ExCacheStats s = g_rt->cache->stats();
-  // "bucket:count,..." for the non-empty log2(ns) buckets.
-  char hist[512] = "";
-  size_t used = 0;
-  for (size_t b = 0; b < s.miss_latency_log2_ns.size() && used < sizeof(hist); ++b) {
-    if (s.miss_latency_log2_ns[b] == 0) continue;
-    int n = snprintf(hist + used, sizeof(hist) - used, "%s%zu:%lu", used ? "," : "", b,
-                     s.miss_latency_log2_ns[b]);
-    if (n < 0) break;
-    used += static_cast<size_t>(n);
-  }
-  if (used == 0) snprintf(hist, sizeof(hist), "-");
   char buf[3072];  // within PIPE_BUF: one write
-  snprintf(buf, sizeof(buf),
-           "stats pid %d program %s\n"
-           "hits n/a\n"
-           "misses %lu\nfetches %lu\nzero_fills %lu\nwrite_faults %lu\nevictions %lu\n"
-           "write_backs %lu\nclean_drops %lu\ndiscarded_lines %lu\nbytes_fetched %lu\n"
-           "bytes_written %lu\nresident_lines %lu\ncapacity_lines %lu\n"
-           "miss_p50_ns %lu\nmiss_p99_ns %lu\nkernel_module %d\nmodule_calls %lu\n"
-           "accessed_spared %lu\nredirtied %lu\nprefetches %lu\nprefetched_lines %lu\n"
-           "dirty_predictions %lu\nunfenced_batches %lu\nmiss_histogram %s\nend\n",
-           getpid(), g_rt->program.c_str(), s.misses, s.fetches, s.zero_fills, s.write_faults,
-           s.evictions, s.write_backs, s.clean_drops, s.discarded_lines, s.bytes_fetched,
-           s.bytes_written, s.resident_lines, s.capacity_lines, s.miss_p50_ns, s.miss_p99_ns,
-           g_rt->cache->uses_kernel_module() ? 1 : 0, s.module_calls, s.accessed_spared,
-           s.redirtied, s.prefetches, s.prefetched_lines, s.dirty_predictions, s.unfenced_batches,
-           hist);
-  report(buf, strlen(buf));
+  const int n =
+      launch::format_stats_report(buf, sizeof buf, getpid(), g_rt->program.c_str(),
+                                  g_rt->cache->stats(), g_rt->cache->uses_kernel_module());
+  if (n > 0) report(buf, static_cast<size_t>(n));
 }
 
 // The run directory (LEGO_RUN_DIR; empty: none) and this process's name in it: its pid

@@ -1,7 +1,8 @@
 // Tests of the launch contract's formats (runtime/launch_contract.h): what lego-run and the
 // preloaded runtime write for each other parses back, malformed text is refused, and
 // process_gone tells a process that ended from one that runs (pid reuse, zombies, and a
-// zombie leader whose other threads still run).
+// zombie leader whose other threads still run). The "stats" report carries every counter
+// of the one list (LEGO_EXCACHE_COUNTERS) and fits one pipe write.
 #include "runtime/launch_contract.h"
 
 #include <pthread.h>
@@ -12,6 +13,8 @@
 
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -141,6 +144,40 @@ TEST_CASE("process_gone: a zombie leader whose other thread still runs is alive"
   int status = 0;
   waitpid(child, &status, 0);  // returns once the last thread ended
   CHECK(launch::process_gone(child, start));
+}
+
+TEST_CASE("the stats report carries every counter and gauge, and fits one pipe write") {
+  ExCacheStats s;
+  uint64_t v = 1;
+  for (const ExCacheStatsField& f : kExCacheStatsFields) s.*f.field = v++;
+  // Every histogram bucket in use and large: the longest report there can be.
+  for (auto& b : s.miss_latency_log2_ns) b = ~uint64_t{0};
+  s.miss_p50_ns = 1024;
+  s.miss_p99_ns = 65536;
+  char buf[PIPE_BUF];
+  const int n = launch::format_stats_report(buf, sizeof buf, 4242, "python3", s, true);
+  REQUIRE(n > 0);
+  const std::string text(buf, static_cast<size_t>(n));
+  REQUIRE(text.rfind("stats pid 4242 program python3\n", 0) == 0);
+  REQUIRE(text.size() >= 4);
+  CHECK(text.substr(text.size() - 4) == "end\n");
+  // As lego-run reads it: the block between "stats " and "end".
+  const launch::StatsReport r = launch::parse_stats_report(text.substr(6, text.size() - 6 - 4));
+  CHECK(r.head == "pid 4242 program python3");
+  v = 1;
+  for (const ExCacheStatsField& f : kExCacheStatsFields) {
+    INFO(f.name);
+    CHECK(r.number(f.name) == v++);
+  }
+  CHECK(r.number("kernel_module") == 1);
+  CHECK(r.number("miss_p99_ns") == 65536);
+  CHECK(r.text("miss_histogram").rfind("0:18446744073709551615,1:", 0) == 0);
+  CHECK(r.number("no_such_key") == 0);
+  CHECK(launch::format_stats_report(buf, 100, 4242, "python3", s, true) == -1);
+  // No misses: the histogram is "-".
+  ExCacheStats none;
+  REQUIRE(launch::format_stats_report(buf, sizeof buf, 1, "true", none, false) > 0);
+  CHECK(std::string(buf).find("\nmiss_histogram -\nend\n") != std::string::npos);
 }
 
 }  // namespace
