@@ -12,10 +12,112 @@
 #include <cstring>
 #include <sstream>
 
+#include "lego/units.h"
+
 namespace lego::launch {
 
 std::string run_dir_for(pid_t lego_run_pid) {
   return kRunDirPrefix + std::to_string(lego_run_pid);
+}
+
+namespace {
+
+constexpr char kEnvConfig[] = "LEGO_CONFIG";
+constexpr char kEnvNode[] = "LEGO_NODE";
+constexpr char kEnvMemoryNode[] = "LEGO_MEMORY_NODE";
+constexpr char kEnvExcache[] = "LEGO_EXCACHE";
+constexpr char kEnvRegion[] = "LEGO_REGION";
+constexpr char kEnvPolicy[] = "LEGO_POLICY";
+constexpr char kEnvPrefetch[] = "LEGO_PREFETCH";
+constexpr char kEnvDelivery[] = "LEGO_DELIVERY";
+constexpr char kEnvPcache[] = "LEGO_PCACHE";
+constexpr char kEnvRunDir[] = "LEGO_RUN_DIR";
+
+// Reads variable `name` into *out when set; EINVAL names it when its value is bad.
+Status read_number(const char* name, long lo, long hi, long* out) {
+  const char* v = getenv(name);
+  if (v == nullptr) return Status::ok();
+  auto n = parse_int(v, name, lo, hi);
+  if (!n) return n.status();
+  *out = n.value();
+  return Status::ok();
+}
+
+Status read_size(const char* name, uint64_t* out) {
+  const char* v = getenv(name);
+  if (v == nullptr) return Status::ok();
+  auto n = parse_size(v, name);
+  if (!n) return n.status();
+  *out = n.value();
+  return Status::ok();
+}
+
+template <size_t N>
+Status read_choice(const char* name, const char* const (&choices)[N], std::string* out) {
+  const char* v = getenv(name);
+  if (v == nullptr) return Status::ok();
+  for (const char* c : choices) {
+    if (strcmp(v, c) == 0) {
+      *out = v;
+      return Status::ok();
+    }
+  }
+  return Status(EINVAL, std::string(name) + ": '" + v + "' is not one lego-run gives");
+}
+
+}  // namespace
+
+void export_settings(const Settings& s) {
+  setenv(kEnvConfig, s.config.c_str(), 1);
+  setenv(kEnvNode, std::to_string(s.node).c_str(), 1);
+  setenv(kEnvMemoryNode, std::to_string(s.memory_node).c_str(), 1);
+  setenv(kEnvExcache, std::to_string(s.excache_bytes).c_str(), 1);
+  setenv(kEnvPolicy, s.policy.c_str(), 1);
+  setenv(kEnvPrefetch, std::to_string(s.prefetch_lines).c_str(), 1);
+  setenv(kEnvDelivery, s.delivery.c_str(), 1);
+  setenv(kEnvPcache, s.pcache.c_str(), 1);
+  setenv(kEnvRunDir, s.run_dir.c_str(), 1);
+}
+
+bool under_lego_run() {
+  return getenv(kEnvConfig) != nullptr;
+}
+
+std::string run_dir_from_environment() {
+  const char* v = getenv(kEnvRunDir);
+  return v != nullptr ? v : "";
+}
+
+Result<Settings> settings_from_environment() {
+  Settings s;
+  if (const char* v = getenv(kEnvConfig)) s.config = v;
+  s.run_dir = run_dir_from_environment();
+  long node = 0, memory = 0;
+  LEGO_RETURN_IF_ERROR(read_number(kEnvNode, 0, 65535, &node));
+  LEGO_RETURN_IF_ERROR(read_number(kEnvMemoryNode, 0, 65535, &memory));
+  s.node = static_cast<uint32_t>(node);
+  s.memory_node = static_cast<uint32_t>(memory);
+  LEGO_RETURN_IF_ERROR(read_size(kEnvExcache, &s.excache_bytes));
+  LEGO_RETURN_IF_ERROR(read_size(kEnvRegion, &s.region_bytes));
+  LEGO_RETURN_IF_ERROR(read_number(kEnvPrefetch, 0, kMaxPrefetchLines, &s.prefetch_lines));
+  LEGO_RETURN_IF_ERROR(read_choice(kEnvPolicy, kPolicies, &s.policy));
+  LEGO_RETURN_IF_ERROR(read_choice(kEnvDelivery, kDeliveries, &s.delivery));
+  LEGO_RETURN_IF_ERROR(read_choice(kEnvPcache, kPcacheModes, &s.pcache));
+  return s;
+}
+
+ExCacheOptions excache_options(const Settings& s) {
+  ExCacheOptions o;
+  o.capacity_bytes = s.excache_bytes;
+  o.region_bytes = s.region_bytes;
+  o.policy = s.policy == "clock" ? ExCacheOptions::Policy::kClock : ExCacheOptions::Policy::kFifo;
+  o.prefetch_lines = static_cast<uint32_t>(s.prefetch_lines);
+  o.delivery = s.delivery == "sigbus" ? ExCacheOptions::Delivery::kSigbus
+                                      : ExCacheOptions::Delivery::kHandlerThread;
+  o.kernel_module = s.pcache == "on"    ? ExCacheOptions::KernelModule::kRequire
+                    : s.pcache == "off" ? ExCacheOptions::KernelModule::kOff
+                                        : ExCacheOptions::KernelModule::kAuto;
+  return o;
 }
 
 std::string format_run_info(const RunInfo& info) {

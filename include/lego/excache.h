@@ -61,6 +61,8 @@
 namespace lego {
 
 inline constexpr size_t kExCacheLineBytes = 4096;
+// The smallest ExCache: ExCacheOptions::capacity_bytes of fewer lines is refused.
+inline constexpr size_t kExCacheMinLines = 16;
 
 // The backend writers' API: where lines live when they are not resident.
 //

@@ -234,7 +234,7 @@ Result<std::unique_ptr<ExCache>> ExCache::create(const ExCacheOptions& options,
   impl->nlines = impl->size >> kLineShift;
   impl->capacity = options.capacity_bytes >> kLineShift;
   // Frame numbers live in 32 bits of the line word; line indexes in 63 bits of a frame word.
-  if (impl->capacity < 16 || impl->capacity > (uint64_t{1} << 31)) {
+  if (impl->capacity < kExCacheMinLines || impl->capacity > (uint64_t{1} << 31)) {
     return Status(EINVAL, "ExCache::create: capacity_bytes " +
                               std::to_string(options.capacity_bytes) +
                               " is not in [64 KiB, 8 TiB]");

@@ -1,7 +1,7 @@
 // liblego_preload.so: makes an unmodified program's anonymous memory live on a memory node.
 //
 // lego-run starts the program with LD_PRELOAD="liblego_preload.so libjemalloc.so.2" and
-// LEGO_* variables (see lego_run.cc). At load time this library:
+// LEGO_* variables (runtime/launch_contract.h). At load time this library:
 //   1. joins the cluster as a FIT client and opens an address space on the memory node
 //      (RemoteBackend), connecting every channel up front;
 //   2. creates the ExCache: a large userfaultfd-registered region of which at most
@@ -294,11 +294,7 @@ void on_fatal(const char* message) {
   _exit(launch::kExitLegoError);
 }
 
-std::string env_or(const char* name, const char* fallback) {
-  const char* v = getenv(name);
-  return v != nullptr ? v : fallback;
-}
-
+// The counters at exit, to lego-run (--stats).
 void write_stats() {
   char buf[3072];  // within PIPE_BUF: one write
   const int n =
@@ -381,11 +377,11 @@ void close_earlier_images(fit::Node* node, uint64_t keep) {
 }
 
 __attribute__((constructor(102))) void lego_start() {
-  const char* config_path = getenv(launch::kEnvConfig);
-  if (config_path == nullptr) return;  // not under lego-run: a plain program
-  if (const char* dir = getenv(launch::kEnvRunDir); dir != nullptr && *dir != '\0') {
-    snprintf(g_run_dir, sizeof g_run_dir, "%s", dir);
-    snprintf(g_report_path, sizeof g_report_path, "%s/%s", dir, launch::kReportFifo);
+  if (!launch::under_lego_run()) return;  // a plain program
+  // First: where to report, should anything below fail.
+  if (const std::string dir = launch::run_dir_from_environment(); !dir.empty()) {
+    snprintf(g_run_dir, sizeof g_run_dir, "%s", dir.c_str());
+    snprintf(g_report_path, sizeof g_report_path, "%s/%s", dir.c_str(), launch::kReportFifo);
   }
   auto rt = std::make_unique<Runtime>();
   {
@@ -394,35 +390,18 @@ __attribute__((constructor(102))) void lego_start() {
     rt->program = n > 0 ? basename(exe) : "?";
     snprintf(g_program, sizeof g_program, "%s", rt->program.c_str());
   }
+  auto settings = launch::settings_from_environment();
+  if (!settings) fail(settings.status().message());
+  const launch::Settings& run = settings.value();
   g_pid = getpid();
   g_start_time = launch::process_info(g_pid).start;
-  auto config = fit::ClusterConfig::parse_file(config_path);
+  auto config = fit::ClusterConfig::parse_file(run.config);
   if (!config) fail(config.status().message());
-  fit::NodeId self = static_cast<fit::NodeId>(atoi(env_or(launch::kEnvNode, "0").c_str()));
-  fit::NodeId memory = static_cast<fit::NodeId>(atoi(env_or(launch::kEnvMemoryNode, "0").c_str()));
+  const fit::NodeId self = static_cast<fit::NodeId>(run.node);
+  const fit::NodeId memory = static_cast<fit::NodeId>(run.memory_node);
   g_memory_node = memory;
 
-  ExCacheOptions opt;
-  const std::string default_excache = std::to_string(launch::kDefaultExcacheBytes);
-  auto cap = parse_size(env_or(launch::kEnvExcache, default_excache.c_str()), launch::kEnvExcache);
-  if (!cap) fail(cap.status().message());
-  opt.capacity_bytes = cap.value();
-  const std::string default_region = std::to_string(launch::kDefaultRegionBytes);
-  auto region = parse_size(env_or(launch::kEnvRegion, default_region.c_str()), launch::kEnvRegion);
-  if (!region) fail(region.status().message());
-  opt.region_bytes = region.value();
-  std::string policy = env_or(launch::kEnvPolicy, launch::kDefaultPolicy);
-  opt.policy = policy == "clock" ? ExCacheOptions::Policy::kClock : ExCacheOptions::Policy::kFifo;
-  const std::string default_prefetch = std::to_string(launch::kDefaultPrefetchLines);
-  opt.prefetch_lines = static_cast<uint32_t>(
-      strtoul(env_or(launch::kEnvPrefetch, default_prefetch.c_str()).c_str(), nullptr, 10));
-  std::string delivery = env_or(launch::kEnvDelivery, launch::kDefaultDelivery);
-  opt.delivery = delivery == "sigbus" ? ExCacheOptions::Delivery::kSigbus
-                                      : ExCacheOptions::Delivery::kHandlerThread;
-  std::string module = env_or(launch::kEnvPcache, launch::kDefaultPcache);
-  opt.kernel_module = module == "on"    ? ExCacheOptions::KernelModule::kRequire
-                      : module == "off" ? ExCacheOptions::KernelModule::kOff
-                                        : ExCacheOptions::KernelModule::kAuto;
+  ExCacheOptions opt = launch::excache_options(run);
   opt.on_thread_start = use_local_arena;
   opt.on_fatal = on_fatal;
 
