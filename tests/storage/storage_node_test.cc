@@ -23,6 +23,7 @@
 #include "lego/storage_client.h"
 #include "lego/storage_node.h"
 #include "tests/libfit/cluster_fixture.h"
+#include "tests/support.h"
 
 using namespace lego;
 using namespace lego::stor;
@@ -30,12 +31,7 @@ using namespace lego::stor;
 namespace {
 
 std::string make_temp_dir(const std::string& tag) {
-  const char* tmp = getenv("TEST_TMPDIR");
-  std::string tmpl = std::string(tmp ? tmp : "/tmp") + "/stor-" + tag + "-XXXXXX";
-  std::vector<char> buf(tmpl.begin(), tmpl.end());
-  buf.push_back('\0');
-  REQUIRE(mkdtemp(buf.data()) != nullptr);
-  return buf.data();
+  return testing::temp_dir("stor-" + tag);
 }
 
 void write_file(const std::string& path, const std::string& text) {
