@@ -8,13 +8,116 @@
 #include <cerrno>
 #include <cinttypes>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <sstream>
+
+#include "lego/units.h"
 
 namespace lego::launch {
 
 std::string run_dir_for(pid_t lego_run_pid) {
   return kRunDirPrefix + std::to_string(lego_run_pid);
+}
+
+namespace {
+
+constexpr char kEnvConfig[] = "LEGO_CONFIG";
+constexpr char kEnvNode[] = "LEGO_NODE";
+constexpr char kEnvMemoryNode[] = "LEGO_MEMORY_NODE";
+constexpr char kEnvExcache[] = "LEGO_EXCACHE";
+constexpr char kEnvRegion[] = "LEGO_REGION";
+constexpr char kEnvPolicy[] = "LEGO_POLICY";
+constexpr char kEnvPrefetch[] = "LEGO_PREFETCH";
+constexpr char kEnvDelivery[] = "LEGO_DELIVERY";
+constexpr char kEnvPcache[] = "LEGO_PCACHE";
+constexpr char kEnvRunDir[] = "LEGO_RUN_DIR";
+
+// Reads variable `name` into *out when set; EINVAL names it when its value is bad.
+Status read_number(const char* name, long lo, long hi, long* out) {
+  const char* v = getenv(name);
+  if (v == nullptr) return Status::ok();
+  auto n = parse_int(v, name, lo, hi);
+  if (!n) return n.status();
+  *out = n.value();
+  return Status::ok();
+}
+
+Status read_size(const char* name, uint64_t* out) {
+  const char* v = getenv(name);
+  if (v == nullptr) return Status::ok();
+  auto n = parse_size(v, name);
+  if (!n) return n.status();
+  *out = n.value();
+  return Status::ok();
+}
+
+template <size_t N>
+Status read_choice(const char* name, const char* const (&choices)[N], std::string* out) {
+  const char* v = getenv(name);
+  if (v == nullptr) return Status::ok();
+  for (const char* c : choices) {
+    if (strcmp(v, c) == 0) {
+      *out = v;
+      return Status::ok();
+    }
+  }
+  return Status(EINVAL, std::string(name) + ": '" + v + "' is not one lego-run gives");
+}
+
+}  // namespace
+
+void export_settings(const Settings& s) {
+  setenv(kEnvConfig, s.config.c_str(), 1);
+  setenv(kEnvNode, std::to_string(s.node).c_str(), 1);
+  setenv(kEnvMemoryNode, std::to_string(s.memory_node).c_str(), 1);
+  setenv(kEnvExcache, std::to_string(s.excache_bytes).c_str(), 1);
+  setenv(kEnvPolicy, s.policy.c_str(), 1);
+  setenv(kEnvPrefetch, std::to_string(s.prefetch_lines).c_str(), 1);
+  setenv(kEnvDelivery, s.delivery.c_str(), 1);
+  setenv(kEnvPcache, s.pcache.c_str(), 1);
+  setenv(kEnvRunDir, s.run_dir.c_str(), 1);
+}
+
+bool under_lego_run() {
+  return getenv(kEnvConfig) != nullptr;
+}
+
+std::string run_dir_from_environment() {
+  const char* v = getenv(kEnvRunDir);
+  return v != nullptr ? v : "";
+}
+
+Result<Settings> settings_from_environment() {
+  Settings s;
+  if (const char* v = getenv(kEnvConfig)) s.config = v;
+  s.run_dir = run_dir_from_environment();
+  long node = 0, memory = 0;
+  LEGO_RETURN_IF_ERROR(read_number(kEnvNode, 0, 65535, &node));
+  LEGO_RETURN_IF_ERROR(read_number(kEnvMemoryNode, 0, 65535, &memory));
+  s.node = static_cast<uint32_t>(node);
+  s.memory_node = static_cast<uint32_t>(memory);
+  LEGO_RETURN_IF_ERROR(read_size(kEnvExcache, &s.excache_bytes));
+  LEGO_RETURN_IF_ERROR(read_size(kEnvRegion, &s.region_bytes));
+  LEGO_RETURN_IF_ERROR(read_number(kEnvPrefetch, 0, kMaxPrefetchLines, &s.prefetch_lines));
+  LEGO_RETURN_IF_ERROR(read_choice(kEnvPolicy, kPolicies, &s.policy));
+  LEGO_RETURN_IF_ERROR(read_choice(kEnvDelivery, kDeliveries, &s.delivery));
+  LEGO_RETURN_IF_ERROR(read_choice(kEnvPcache, kPcacheModes, &s.pcache));
+  return s;
+}
+
+ExCacheOptions excache_options(const Settings& s) {
+  ExCacheOptions o;
+  o.capacity_bytes = s.excache_bytes;
+  o.region_bytes = s.region_bytes;
+  o.policy = s.policy == "clock" ? ExCacheOptions::Policy::kClock : ExCacheOptions::Policy::kFifo;
+  o.prefetch_lines = static_cast<uint32_t>(s.prefetch_lines);
+  o.delivery = s.delivery == "sigbus" ? ExCacheOptions::Delivery::kSigbus
+                                      : ExCacheOptions::Delivery::kHandlerThread;
+  o.kernel_module = s.pcache == "on"    ? ExCacheOptions::KernelModule::kRequire
+                    : s.pcache == "off" ? ExCacheOptions::KernelModule::kOff
+                                        : ExCacheOptions::KernelModule::kAuto;
+  return o;
 }
 
 std::string format_run_info(const RunInfo& info) {
@@ -116,6 +219,56 @@ bool parse_space_file_name(const char* name, pid_t* pid, uint64_t* start, uint64
   *start = s;
   *id = i;
   return true;
+}
+
+int format_stats_report(char* buf, size_t cap, pid_t pid, const char* program,
+                        const ExCacheStats& stats, bool kernel_module) {
+  size_t used = 0;
+  auto put = [&](const char* fmt, auto... args) {
+    if (used >= cap) return;
+    const int n = snprintf(buf + used, cap - used, fmt, args...);
+    used = n < 0 ? cap : used + static_cast<size_t>(n);
+  };
+  put("stats pid %d program %s\nhits n/a\n", static_cast<int>(pid), program);
+  for (const ExCacheStatsField& f : kExCacheStatsFields) {
+    put("%s %" PRIu64 "\n", f.name, stats.*f.field);
+  }
+  put("miss_p50_ns %" PRIu64 "\nmiss_p99_ns %" PRIu64 "\nkernel_module %d\nmiss_histogram ",
+      stats.miss_p50_ns, stats.miss_p99_ns, kernel_module ? 1 : 0);
+  // "bucket:count,..." for the non-empty log2(ns) buckets.
+  bool any = false;
+  for (size_t b = 0; b < stats.miss_latency_log2_ns.size(); ++b) {
+    if (stats.miss_latency_log2_ns[b] == 0) continue;
+    put("%s%zu:%" PRIu64, any ? "," : "", b, stats.miss_latency_log2_ns[b]);
+    any = true;
+  }
+  put("%s\nend\n", any ? "" : "-");
+  return used < cap ? static_cast<int>(used) : -1;
+}
+
+uint64_t StatsReport::number(const std::string& key) const {
+  const std::string v = text(key);
+  char* end = nullptr;
+  const unsigned long long n = strtoull(v.c_str(), &end, 10);
+  return end != v.c_str() && *end == '\0' ? n : 0;
+}
+
+std::string StatsReport::text(const std::string& key) const {
+  for (const auto& [k, v] : values) {
+    if (k == key) return v;
+  }
+  return "";
+}
+
+StatsReport parse_stats_report(const std::string& block) {
+  StatsReport r;
+  std::istringstream in(block);
+  std::getline(in, r.head);
+  for (std::string line; std::getline(in, line);) {
+    const size_t sp = line.find(' ');
+    if (sp != std::string::npos) r.values.emplace_back(line.substr(0, sp), line.substr(sp + 1));
+  }
+  return r;
 }
 
 ProcessInfo process_info(pid_t pid) {

@@ -1,7 +1,8 @@
-// The launch contract between lego-run (runtime/lego_run.cc) and the runtime it preloads
-// into every program of a run (runtime/preload.cc): the environment, the run directory,
+// The launch contract between lego-run (runtime/launcher/) and the runtime it preloads
+// into every program of a run (runtime/preload/): the environment, the run directory,
 // the report lines and the exit statuses. Both sides include this header; nothing else
-// defines these names or defaults.
+// defines these names or defaults, and the variables are read and written only by
+// settings_from_environment() and export_settings() below.
 //
 // Environment (set by lego-run on PROGRAM; inherited by its descendants, and kept by
 // those that close inherited descriptors, as python's subprocess does):
@@ -29,7 +30,10 @@
 //                       still reports. Lines, each written with one write() of at most
 //                       PIPE_BUF bytes (so writers never interleave):
 //                         "stats pid PID program NAME\n" KEY VALUE lines "end\n"
-//                                    the ExCache counters at exit (lego-run --stats)
+//                                    the ExCache counters at exit (lego-run --stats):
+//                                    every one of LEGO_EXCACHE_COUNTERS and _GAUGES,
+//                                    and kernel_module, miss_p50_ns, miss_p99_ns and
+//                                    miss_histogram ("BUCKET:COUNT,..." or "-")
 //                         "lost MESSAGE\n"   a miss could not be served: the memory node
 //                                            is lost; the process exits kExitMemoryLost
 //                         "error PID MESSAGE\n"  the runtime could not start in process
@@ -58,33 +62,60 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "lego/excache.h"
 #include "lego/memory_proto.h"
+#include "lego/status.h"
 
 namespace lego::launch {
 
-inline constexpr char kEnvConfig[] = "LEGO_CONFIG";
-inline constexpr char kEnvNode[] = "LEGO_NODE";
-inline constexpr char kEnvMemoryNode[] = "LEGO_MEMORY_NODE";
-inline constexpr char kEnvExcache[] = "LEGO_EXCACHE";
-inline constexpr char kEnvRegion[] = "LEGO_REGION";
-inline constexpr char kEnvPolicy[] = "LEGO_POLICY";
-inline constexpr char kEnvPrefetch[] = "LEGO_PREFETCH";
-inline constexpr char kEnvDelivery[] = "LEGO_DELIVERY";
-inline constexpr char kEnvPcache[] = "LEGO_PCACHE";
-inline constexpr char kEnvRunDir[] = "LEGO_RUN_DIR";
-
-// Defaults, for lego-run's flags and for a variable the runtime finds unset.
-inline constexpr uint64_t kDefaultExcacheBytes = uint64_t{64} << 20;
-inline constexpr uint64_t kMinExcacheBytes = 16 * 4096;  // 16 lines
+// Defaults, for lego-run's flags and for a variable the runtime finds unset: the
+// ExCache's own where it has one.
+inline constexpr uint64_t kDefaultExcacheBytes = ExCacheOptions{}.capacity_bytes;
+inline constexpr uint64_t kMinExcacheBytes = kExCacheMinLines * kExCacheLineBytes;
 // Virtual only: costs no memory up front (excache.h, region_bytes). The ExCache cannot be
-// larger than its region.
+// larger than its region. Larger than the ExCache's own default (16 GiB): a program's heap
+// may grow that far.
 inline constexpr uint64_t kDefaultRegionBytes = uint64_t{64} << 30;
-inline constexpr long kDefaultPrefetchLines = 31;
-inline constexpr long kMaxPrefetchLines = 31;
-inline constexpr char kDefaultPolicy[] = "fifo";
-inline constexpr char kDefaultDelivery[] = "handler";
-inline constexpr char kDefaultPcache[] = "auto";
+inline constexpr long kDefaultPrefetchLines = ExCacheOptions{}.prefetch_lines;
+inline constexpr long kMaxPrefetchLines = LineBackend::kMaxFetchBatch - 1;
+// The values LEGO_POLICY, LEGO_DELIVERY and LEGO_PCACHE take (lego-run's --policy,
+// --delivery, --pcache), the default first. The handler thread by default, unlike a bare
+// ExCache: it serves faults taken inside system calls, which any program may make.
+inline constexpr const char* kPolicies[] = {"fifo", "clock"};
+inline constexpr const char* kDeliveries[] = {"handler", "sigbus"};
+inline constexpr const char* kPcacheModes[] = {"auto", "on", "off"};
+inline constexpr const char* kDefaultPolicy = kPolicies[0];
+inline constexpr const char* kDefaultDelivery = kDeliveries[0];
+inline constexpr const char* kDefaultPcache = kPcacheModes[0];
+
+// What lego-run tells the runtime in every process of the run (the LEGO_* variables).
+struct Settings {
+  std::string config;  // LEGO_CONFIG, absolute
+  uint32_t node = 0;
+  uint32_t memory_node = 0;
+  uint64_t excache_bytes = kDefaultExcacheBytes;
+  uint64_t region_bytes = kDefaultRegionBytes;
+  std::string policy = kDefaultPolicy;
+  long prefetch_lines = kDefaultPrefetchLines;
+  std::string delivery = kDefaultDelivery;
+  std::string pcache = kDefaultPcache;
+  std::string run_dir;  // "" when there is none
+};
+// In PROGRAM's child, before exec: sets the variables (all but LEGO_REGION, which is
+// left as the user's environment has it).
+void export_settings(const Settings& settings);
+// True when LEGO_CONFIG is set: this process runs under lego-run.
+bool under_lego_run();
+// LEGO_RUN_DIR alone ("" when unset): where to report even when another variable is bad.
+std::string run_dir_from_environment();
+// The settings of this process's run; unset variables give the defaults. EINVAL names a
+// variable whose value is not one the contract allows.
+Result<Settings> settings_from_environment();
+// The ExCache options `settings` ask for (on_thread_start and on_fatal left unset).
+ExCacheOptions excache_options(const Settings& settings);
 
 // Exit statuses. lego-run's own are 125..127 (like env(1) and docker run); PROGRAM's
 // status otherwise passes through, 69 included: only a "lost" report (or the private
@@ -127,6 +158,23 @@ bool parse_space_line(const std::string& line, uint32_t* node, mem::SpaceHandle*
 // "space.PID.START.ID".
 int format_space_file_name(char* buf, size_t cap, pid_t pid, uint64_t start, uint64_t id);
 bool parse_space_file_name(const char* name, pid_t* pid, uint64_t* start, uint64_t* id);
+
+// The "stats" report: the counters of process `pid` running `program` at exit, whole,
+// within PIPE_BUF (one write) into buf. Returns the length, or -1 when it does not fit.
+int format_stats_report(char* buf, size_t cap, pid_t pid, const char* program,
+                        const ExCacheStats& stats, bool kernel_module);
+// A "stats" report as lego-run reads it: the first line's text after "stats " ("pid 12
+// program python3"), and each KEY VALUE line.
+struct StatsReport {
+  std::string head;
+  std::vector<std::pair<std::string, std::string>> values;
+  // The value of `key` as a number (0 when missing or not a number).
+  uint64_t number(const std::string& key) const;
+  // The value of `key` ("" when missing).
+  std::string text(const std::string& key) const;
+};
+// `block`: the report's lines after "stats " up to, not including, "end".
+StatsReport parse_stats_report(const std::string& block);
 
 // A process as /proc/PID/stat shows it.
 struct ProcessInfo {

@@ -3,7 +3,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <getopt.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -12,8 +11,6 @@
 #include <atomic>
 #include <cstdio>
 #include <cstring>
-
-#include "lego/units.h"
 
 namespace lego::daemon {
 namespace {
@@ -42,42 +39,17 @@ void die(const std::string& msg, int code) {
 }
 
 long number(const char* flag, const char* text, long lo, long hi) {
-  auto v = parse_int(text, flag, lo, hi);
-  if (!v) die(v.status().message(), kExitUsage);
-  return v.value();
+  return flags::number(flag, text, lo, hi);
 }
 
 uint64_t size(const char* flag, const char* text) {
-  auto v = parse_size(text, flag);
-  if (!v) die(v.status().message(), kExitUsage);
-  return v.value();
+  return flags::size(flag, text);
 }
 
 int parse_flags(int argc, char** argv, const char* program, const char* usage,
-                const std::vector<Flag>& flags) {
+                const std::vector<Flag>& table) {
   set_program(program);
-  enum { kHelp = 1 };  // getopt_long's val for --help; flags[i] is kHelp + 1 + i
-  std::vector<option> longopts;
-  for (size_t i = 0; i < flags.size(); i++) {
-    longopts.push_back({flags[i].name, flags[i].takes_arg ? required_argument : no_argument,
-                        nullptr, static_cast<int>(kHelp + 1 + i)});
-  }
-  longopts.push_back({"help", no_argument, nullptr, kHelp});
-  longopts.push_back({nullptr, 0, nullptr, 0});
-  int c;
-  while ((c = getopt_long(argc, argv, "h", longopts.data(), nullptr)) != -1) {
-    if (c == 'h' || c == kHelp) {
-      fputs(usage, stdout);
-      exit(0);
-    }
-    if (c > kHelp && static_cast<size_t>(c - kHelp - 1) < flags.size()) {
-      flags[static_cast<size_t>(c - kHelp - 1)].set(optarg);
-      continue;
-    }
-    fputs(usage, stderr);
-    exit(kExitUsage);
-  }
-  return optind;
+  return flags::parse(argc, argv, {program, usage, kExitUsage, false}, table);
 }
 
 std::vector<Flag> node_flags(NodeFlags& f, bool with_status) {

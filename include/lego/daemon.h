@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "lego/fit.h"
+#include "lego/flags.h"
 
 namespace lego::daemon {
 
@@ -31,22 +32,19 @@ void set_program(const char* name);
 // "PROGRAM: msg" on stderr, then exit(code).
 [[noreturn]] void die(const std::string& msg, int code = kExitFailure);
 
-// A number in [lo, hi] or a size ("64M") given to `flag`; dies with kExitUsage if not.
+// A number in [lo, hi] or a size ("64M") given to `flag`; dies with kExitUsage if not
+// (lego/flags.h's parsers).
 long number(const char* flag, const char* text, long lo, long hi);
 uint64_t size(const char* flag, const char* text);
 
 // One long option: "--name" (with an argument when takes_arg), handed to `set`
-// (nullptr without an argument).
-struct Flag {
-  const char* name;
-  bool takes_arg;
-  std::function<void(const char* arg)> set;
-};
+// (nullptr without an argument): lego/flags.h's.
+using Flag = flags::Flag;
 
-// Parses argv's options with getopt_long: `flags`, and -h/--help, which prints `usage`
-// on stdout and exits 0. An unknown option or a missing argument prints `usage` on
-// stderr and exits kExitUsage. Returns the index of the first non-option argument
-// (options may follow operands, as getopt_long permutes).
+// lego/flags.h's parse() for a daemon: `flags`, and -h/--help, which prints `usage` on
+// stdout and exits 0. An unknown option or a missing argument prints `usage` on stderr
+// and exits kExitUsage. Returns the index of the first non-option argument (options may
+// follow operands, as getopt_long permutes). Sets the program's name (set_program).
 int parse_flags(int argc, char** argv, const char* program, const char* usage,
                 const std::vector<Flag>& flags);
 

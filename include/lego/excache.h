@@ -26,7 +26,7 @@
 // accessed by all threads concurrently. create() and the destructor must not race with
 // accesses to the region (destroy only after every thread has stopped touching it).
 // Hot paths (the miss, the eviction) allocate nothing and take no lock that program code
-// could hold: see the lock order at the top of runtime/fault.cc.
+// could hold: see the lock order at the top of runtime/excache/fault.cc.
 //
 // Errors: create() and discard() return a lego::Status/Result with an errno code
 // (EINVAL bad options or range, ENOSYS/EPERM userfaultfd unavailable or forbidden,
@@ -62,6 +62,8 @@
 namespace lego {
 
 inline constexpr size_t kExCacheLineBytes = 4096;
+// The smallest ExCache: ExCacheOptions::capacity_bytes of fewer lines is refused.
+inline constexpr size_t kExCacheMinLines = 16;
 
 // The backend writers' API: where lines live when they are not resident.
 //
@@ -201,7 +203,7 @@ struct ExCacheOptions {
     kClock,  // second chance for lines that faulted again after their fill (a write to a
              // clean line, or a second thread waiting on the fill). Without a kernel module
              // the accessed bit is invisible to us, so this is only an LRU approximation
-             // for write-after-read and shared lines; see runtime/evict_clock.cc.
+             // for write-after-read and shared lines; see runtime/excache/evict_clock.cc.
   };
 
   // Local memory: at most this many bytes (rounded down to 4 KiB, at least 16 lines) of the
@@ -258,41 +260,65 @@ struct ExCacheOptions {
   void (*on_fatal)(const char* message) = nullptr;
 };
 
-// Counters since create(). Each counts events, not states, except the gauges marked so.
+// Every ExCache counter, once: X(name, "what it counts"). This list makes the counter
+// fields of ExCacheStats, the runtime's per-thread counters, the "stats" report each
+// process of a run sends lego-run, and lego-run --stats (in this order). Each counts
+// events since create().
+#define LEGO_EXCACHE_COUNTERS(X)                                                           \
+  X(misses, "faults on a non-resident line that we served (fetch + zero)")                 \
+  X(fetches, "misses served by LineBackend::fetch")                                        \
+  X(zero_fills, "misses served locally: line never written back (no round trip)")          \
+  X(write_faults, "first writes to a clean resident line (it becomes dirty)")              \
+  X(evictions, "lines evicted (write_backs + clean_drops)")                                \
+  X(write_backs, "dirty lines written back to the backend")                                \
+  X(clean_drops, "clean lines dropped without a backend call")                             \
+  X(discarded_lines, "resident lines dropped by discard()")                                \
+  X(bytes_fetched, "bytes received from LineBackend::fetch")                               \
+  X(bytes_written, "bytes passed to LineBackend::write_back")                              \
+  X(module_calls, "lego_pcache ioctls (evictions, accessed-bit sweeps, MKCLEAN)")          \
+  X(accessed_spared, "kClock with the module: victims spared for their accessed bit")      \
+  X(redirtied, "module: lines stored to while being written back (written again)")         \
+  X(prefetches, "misses that also fetched lines ahead of a stream")                        \
+  X(prefetched_lines, "lines mapped ahead of a stream (not counted in misses)")            \
+  X(dirty_predictions, "load misses mapped dirty on the line's store history")             \
+  X(unfenced_batches, "eviction rounds that skipped write-protecting: no thread to store") \
+  X(eviction_batches, "eviction rounds (each one TLB-flushing zap)")                       \
+  X(waits, "faults that waited for a line another thread was filling or evicting")         \
+  X(spurious, "faults that found the line already served (raced a fill)")
+// The gauges: what holds now, not events.
+#define LEGO_EXCACHE_GAUGES(X)                            \
+  X(resident_lines, "lines resident or being filled now") \
+  X(capacity_lines, "the cap on resident_lines")
+
+// Counters since create() (LEGO_EXCACHE_COUNTERS), the gauges, and miss latencies.
 struct ExCacheStats {
   static constexpr size_t kLatencyBuckets = 40;
 
-  uint64_t misses = 0;             // faults on a non-resident line that we served (fetch + zero)
-  uint64_t fetches = 0;            // misses served by LineBackend::fetch
-  uint64_t zero_fills = 0;         // misses served locally: line never written back (no RTT)
-  uint64_t write_faults = 0;       // first write to a clean resident line (it becomes dirty)
-  uint64_t dirty_predictions = 0;  // load misses mapped writable+dirty on the line's history
-                                   // (each saves a write fault or costs a needless write-back)
-  uint64_t waits = 0;              // faults that found the line busy (being filled, evicted or
-                                   // un-protected by another thread) and waited for it
-  uint64_t spurious = 0;           // faults that found the line already served (raced a fill)
-  uint64_t evictions = 0;          // lines evicted (write_backs + clean_drops)
-  uint64_t eviction_batches = 0;   // eviction rounds (each one TLB-flushing madvise)
-  uint64_t write_backs = 0;        // dirty lines written back to the backend
-  uint64_t unfenced_batches = 0;   // eviction rounds that wrote dirty lines back without
-                                   // write-protecting them first: no other thread could store
-  uint64_t clean_drops = 0;        // clean lines dropped without a backend call
-  uint64_t discarded_lines = 0;    // resident lines dropped by discard()
-  uint64_t module_calls = 0;       // lego_pcache ioctls (evict and accessed-bit sweeps)
-  uint64_t accessed_spared = 0;    // kClock + module: victims spared for their accessed bit
-  uint64_t redirtied = 0;          // module: lines stored to while being written back (again)
-  uint64_t prefetches = 0;         // misses that also fetched lines ahead of a stream
-  uint64_t prefetched_lines = 0;   // lines mapped ahead of a stream (not counted in misses)
-  uint64_t bytes_fetched = 0;      // bytes received from LineBackend::fetch
-  uint64_t bytes_written = 0;      // bytes passed to LineBackend::write_back
-  uint64_t resident_lines = 0;     // gauge: lines resident or being filled now
-  uint64_t capacity_lines = 0;     // gauge: the cap on resident_lines
+#define LEGO_EXCACHE_FIELD(name, doc) uint64_t name = 0;
+  LEGO_EXCACHE_COUNTERS(LEGO_EXCACHE_FIELD)
+  LEGO_EXCACHE_GAUGES(LEGO_EXCACHE_FIELD)
+#undef LEGO_EXCACHE_FIELD
   // Miss service time (fault entry to line mapped, including any eviction the miss ran),
   // log2 histogram: bucket i counts misses taking [2^i, 2^(i+1)) ns (bucket 0: < 2 ns).
   std::array<uint64_t, kLatencyBuckets> miss_latency_log2_ns{};
   // Upper bounds of the buckets holding the 50th / 99th percentile miss (0 if no misses).
   uint64_t miss_p50_ns = 0;
   uint64_t miss_p99_ns = 0;
+};
+
+// The counters and gauges by name, in the list's order, for whoever prints them.
+struct ExCacheStatsField {
+  const char* name;
+  uint64_t ExCacheStats::*field;
+  const char* doc;
+  bool gauge;
+};
+inline constexpr ExCacheStatsField kExCacheStatsFields[] = {
+#define LEGO_EXCACHE_COUNTER_FIELD(name, doc) {#name, &ExCacheStats::name, doc, false},
+#define LEGO_EXCACHE_GAUGE_FIELD(name, doc) {#name, &ExCacheStats::name, doc, true},
+    LEGO_EXCACHE_COUNTERS(LEGO_EXCACHE_COUNTER_FIELD) LEGO_EXCACHE_GAUGES(LEGO_EXCACHE_GAUGE_FIELD)
+#undef LEGO_EXCACHE_COUNTER_FIELD
+#undef LEGO_EXCACHE_GAUGE_FIELD
 };
 
 class ExCache {
@@ -359,7 +385,7 @@ class ExCache {
   // with an atomic add of zero: it never changes the data, even under concurrent writers.
   static void prefault(void* addr, size_t len, bool for_write);
 
-  struct Impl;  // runtime/excache_impl.h
+  struct Impl;  // runtime/excache/excache_impl.h
 
  private:
   explicit ExCache(std::unique_ptr<Impl> impl);
@@ -369,7 +395,7 @@ class ExCache {
 // The runtime's own threads in a program's process (the backend's heartbeat, the fault
 // handler thread) call these from the thread itself, first thing and last thing. Such
 // threads never store to region memory, so an eviction that finds no thread in the process
-// but itself and these may skip fencing stores (runtime/evict.cc). A runtime thread that
+// but itself and these may skip fencing stores (runtime/excache/evict.cc). A runtime thread that
 // does not register only costs that saving. At most 16 at once; more are not recorded.
 void excache_service_thread_begin();
 void excache_service_thread_end();

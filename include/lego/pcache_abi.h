@@ -81,7 +81,7 @@
  * see "Dirty" below).
  *
  * This header compiles as kernel C, user-space C (C11) and C++. The runtime's
- * client is runtime/pcache_dev.h.
+ * client is runtime/excache/pcache_dev.h.
  */
 #ifndef LEGO_PCACHE_ABI_H
 #define LEGO_PCACHE_ABI_H

@@ -4,7 +4,6 @@
 //
 // By default the server side runs in another network namespace (a veth pair away), as
 // lego's nodes do; --loopback keeps everything in this namespace.
-#include <getopt.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -23,9 +22,10 @@
 #include <vector>
 
 #include "lego/fit.h"
+#include "lego/flags.h"
+#include "lego/netns.h"
 #include "lego/units.h"
 #include "libfit/bench/floors.h"
-#include "tests/netns/netns.h"
 
 using namespace lego;
 using Clock = std::chrono::steady_clock;
@@ -70,70 +70,39 @@ struct Options {
   exit(2);
 }
 
-long parse_number(const std::string& s, const char* what, long lo, long hi) {
-  auto v = parse_int(s, what, lo, hi);
-  if (!v) die(v.status().message());
-  return v.value();
-}
+constexpr const char* kProviders[] = {"tcp", "ofi_tcp", "shm", "verbs"};
 
 Options parse(int argc, char** argv) {
   Options o;
-  enum { kProviders = 1, kSizes, kIterations, kLoopback, kCsv, kServe, kConfig, kNode, kHelp };
-  static const option longopts[] = {{"providers", required_argument, nullptr, kProviders},
-                                    {"sizes", required_argument, nullptr, kSizes},
-                                    {"iterations", required_argument, nullptr, kIterations},
-                                    {"loopback", no_argument, nullptr, kLoopback},
-                                    {"csv", required_argument, nullptr, kCsv},
-                                    {"serve", no_argument, nullptr, kServe},
-                                    {"config", required_argument, nullptr, kConfig},
-                                    {"node", required_argument, nullptr, kNode},
-                                    {"help", no_argument, nullptr, kHelp},
-                                    {nullptr, 0, nullptr, 0}};
-  int c;
-  while ((c = getopt_long(argc, argv, "h", longopts, nullptr)) != -1) {
-    switch (c) {
-      case kProviders:
-        o.providers.clear();
-        for (auto& p : lego::split_list(optarg)) {
-          auto provider = fit::parse_provider(p);
-          if (!provider) die("unknown provider '" + p + "'");
-          o.providers.push_back(*provider);
-        }
-        break;
-      case kSizes:
-        o.sizes.clear();
-        for (auto& s : lego::split_list(optarg)) {
-          o.sizes.push_back(static_cast<size_t>(parse_number(s, "--sizes", 1, 128 * 1024)));
-        }
-        break;
-      case kIterations:
-        o.iterations = static_cast<int>(parse_number(optarg, "--iterations", 10, 100000000));
-        break;
-      case kLoopback:
-        o.loopback = true;
-        break;
-      case kCsv:
-        o.csv = optarg;
-        break;
-      case kServe:
-        o.serve = true;
-        break;
-      case kConfig:
-        o.config = optarg;
-        break;
-      case kNode:
-        o.node = static_cast<int>(parse_number(optarg, "--node", 0, 65535));
-        break;
-      case 'h':
-      case kHelp:
-        fputs(kUsage, stdout);
-        exit(0);
-      default:
-        fputs(kUsage, stderr);
-        exit(2);
-    }
-  }
-  if (optind < argc) die(std::string("unexpected argument '") + argv[optind] + "' (see --help)");
+  const std::vector<flags::Flag> table = {
+      {"providers", true,
+       [&](const char* a) {
+         o.providers.clear();
+         for (const std::string& p : flags::list("--providers", a, kProviders)) {
+           o.providers.push_back(*fit::parse_provider(p));
+         }
+       }},
+      {"sizes", true,
+       [&](const char* a) {
+         o.sizes.clear();
+         for (auto& s : lego::split_list(a)) {
+           o.sizes.push_back(
+               static_cast<size_t>(flags::number("--sizes", s.c_str(), 1, 128 * 1024)));
+         }
+       }},
+      {"iterations", true,
+       [&](const char* a) {
+         o.iterations = static_cast<int>(flags::number("--iterations", a, 10, 100000000));
+       }},
+      {"loopback", false, [&](const char*) { o.loopback = true; }},
+      {"csv", true, [&](const char* a) { o.csv = a; }},
+      {"serve", false, [&](const char*) { o.serve = true; }},
+      {"config", true, [&](const char* a) { o.config = a; }},
+      {"node", true,
+       [&](const char* a) { o.node = static_cast<int>(flags::number("--node", a, 0, 65535)); }},
+  };
+  const int first = flags::parse(argc, argv, {"fit-bench", kUsage, 2, false}, table);
+  if (first < argc) die(std::string("unexpected argument '") + argv[first] + "' (see --help)");
   if (o.serve && (o.config.empty() || o.node < 0)) die("--serve needs --config and --node");
   return o;
 }
@@ -172,7 +141,7 @@ struct Row {
 class EchoServer {
  public:
   ~EchoServer() { stop(); }
-  Status start(const std::string& config_path, int node, testing::Topology* topo, int host) {
+  Status start(const std::string& config_path, int node, const netns::Network* net, int host) {
     int in[2], out[2];
     if (pipe2(in, O_CLOEXEC) != 0 || pipe2(out, O_CLOEXEC) != 0) {
       return Status::from_errno(errno, "pipe");
@@ -182,11 +151,7 @@ class EchoServer {
     if (pid_ == 0) {
       dup2(in[0], 0);
       dup2(out[1], 1);
-      if (topo != nullptr) {
-        std::string path = "/var/run/netns/" + topo->name(host);
-        int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-        if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) _exit(126);
-      }
+      if (net != nullptr && !net->enter(host)) _exit(126);
       std::string node_s = std::to_string(node);
       execl("/proc/self/exe", "fit-bench", "--serve", "--config", config_path.c_str(), "--node",
             node_s.c_str(), nullptr);
@@ -271,17 +236,6 @@ Result<double> libfit_throughput(fit::Node& client, size_t size, int iterations)
   return iterations / s;
 }
 
-Status enter_namespace(const std::string& name) {
-  std::string path = "/var/run/netns/" + name;
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Status::from_errno(errno, "open " + path);
-  int r = setns(fd, CLONE_NEWNET);
-  int e = errno;
-  close(fd);
-  if (r != 0) return Status::from_errno(e, "setns into " + name);
-  return Status();
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -289,20 +243,24 @@ int main(int argc, char** argv) {
   if (o.serve) return serve(o);
   signal(SIGPIPE, SIG_IGN);
 
-  std::unique_ptr<testing::Topology> topo;
+  std::unique_ptr<netns::Network> topo;
   std::string client_addr = "127.0.0.1", server_addr = "127.0.0.1", server_ns;
   bool need_ns =
       !o.loopback && std::any_of(o.providers.begin(), o.providers.end(),
                                  [](fit::Provider p) { return p != fit::Provider::kShm; });
   if (need_ns) {
     if (geteuid() != 0) die("separate network namespaces need root (or use --loopback)");
-    auto t = testing::Topology::create(2, "fitb");
+    // Two namespaces on a bridge of their own, the client in the first: as lego's nodes.
+    const unsigned me = static_cast<unsigned>(getpid());
+    netns::NetworkSpec spec;
+    spec.namespaces = {"fitb-" + std::to_string(me) + "-0", "fitb-" + std::to_string(me) + "-1"};
+    auto t = netns::Network::create(spec);
     if (!t) die(t.status().message());
     topo = std::move(t.value());
     client_addr = topo->address(0);
     server_addr = topo->address(1);
     server_ns = topo->name(1);
-    Status st = enter_namespace(topo->name(0));
+    Status st = topo->enter(0);
     if (!st) die(st.message());
   }
 

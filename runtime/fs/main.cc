@@ -6,6 +6,7 @@
 
 #include "lego/daemon.h"
 #include "lego/fit.h"
+#include "lego/flags.h"
 #include "lego/storage_client.h"
 #include "lego/units.h"
 #include "runtime/fs/lego_fs.h"
@@ -52,13 +53,10 @@ int main(int argc, char** argv) {
       {"allow-other", false, [&](const char*) { options.allow_other = true; }},
       {"progress", true,
        [&](const char* a) {
-         if (strcmp(a, "blocking") == 0) {
-           progress = fit::Progress::kBlocking;
-         } else if (strcmp(a, "polling") == 0) {
-           progress = fit::Progress::kPolling;
-         } else {
-           daemon::die("--progress: blocking or polling", daemon::kExitUsage);
-         }
+         static constexpr const char* kProgress[] = {"blocking", "polling"};
+         progress = flags::choice("--progress", a, kProgress) == "polling"
+                        ? fit::Progress::kPolling
+                        : fit::Progress::kBlocking;
        }},
       {"ready-fd", true,
        [&](const char* a) { options.ready_fd = static_cast<int>(id("--ready-fd", a)); }},

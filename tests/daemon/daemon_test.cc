@@ -22,50 +22,14 @@
 
 #include "lego/daemon.h"
 #include "tests/libfit/cluster_fixture.h"
+#include "tests/support.h"
 
 using namespace lego;
+using lego::testing::drain;
+using lego::testing::in_child;
+using lego::testing::Outcome;
 
 namespace {
-
-struct Outcome {
-  int status = -1;  // exit status, or -1 if killed
-  std::string out, err;
-};
-
-std::string drain(int fd) {
-  std::string s;
-  char buf[4096];
-  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) s.append(buf, static_cast<size_t>(n));
-  close(fd);
-  return s;
-}
-
-// Runs fn in a child (which exits with fn's result if fn returns).
-Outcome in_child(const std::function<int()>& fn) {
-  int out[2], err[2];
-  REQUIRE(pipe(out) == 0);
-  REQUIRE(pipe(err) == 0);
-  pid_t pid = fork();
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    dup2(out[1], 1);
-    dup2(err[1], 2);
-    close(out[0]);
-    close(err[0]);
-    int rc = fn();
-    fflush(stdout);
-    _exit(rc);
-  }
-  close(out[1]);
-  close(err[1]);
-  Outcome o;
-  o.out = drain(out[0]);
-  o.err = drain(err[0]);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  o.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return o;
-}
 
 const char* kUsage = "usage: test-daemon [options]\n";
 

@@ -20,7 +20,6 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <getopt.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -44,6 +43,7 @@
 #include <vector>
 
 #include "lego/fit_wire.h"
+#include "lego/flags.h"
 #include "lego/memory_proto.h"
 #include "lego/storage_proto.h"
 #include "libfit/auth.h"
@@ -182,16 +182,6 @@ int64_t now_ms() {
 const char* errno_name(int e) {
   const char* n = strerrorname_np(e);
   return n != nullptr ? n : "E?";
-}
-
-long number(const char* flag, const char* text, long min, long max) {
-  char* end = nullptr;
-  errno = 0;
-  long v = strtol(text, &end, 10);
-  if (errno != 0 || end == text || *end != '\0' || v < min || v > max) {
-    die(kExitUsage, "%s: '%s' is not a number in %ld..%ld", flag, text, min, max);
-  }
-  return v;
 }
 
 // The cluster key from a key_file: 64 hex digits, surrounding white space allowed.
@@ -961,111 +951,66 @@ int run_flood(const Options& o) {
 
 Options parse(int argc, char** argv) {
   Options o;
-  enum {
-    kAttackOpt = 1000,
-    kAddress,
-    kPort,
-    kConnections,
-    kSeconds,
-    kCloseMs,
-    kCutoffMs,
-    kConnectMs,
-    kReconnectMs,
-    kOpcode,
-    kNodeId,
-    kPromise,
-    kKeyFile,
-    kVerbose,
-    kHelp,
+  auto ms = [](const char* flag, const char* a, long min) {
+    return static_cast<int>(lego::flags::number(flag, a, min, 3600000));
   };
-  static const option longopts[] = {
-      {"attack", required_argument, nullptr, kAttackOpt},
-      {"address", required_argument, nullptr, kAddress},
-      {"port", required_argument, nullptr, kPort},
-      {"connections", required_argument, nullptr, kConnections},
-      {"seconds", required_argument, nullptr, kSeconds},
-      {"close-ms", required_argument, nullptr, kCloseMs},
-      {"cutoff-ms", required_argument, nullptr, kCutoffMs},
-      {"connect-ms", required_argument, nullptr, kConnectMs},
-      {"reconnect-ms", required_argument, nullptr, kReconnectMs},
-      {"opcode", required_argument, nullptr, kOpcode},
-      {"node-id", required_argument, nullptr, kNodeId},
-      {"promise", required_argument, nullptr, kPromise},
-      {"key-file", required_argument, nullptr, kKeyFile},
-      {"verbose", no_argument, nullptr, kVerbose},
-      {"help", no_argument, nullptr, kHelp},
-      {nullptr, 0, nullptr, 0},
+  const std::vector<lego::flags::Flag> table = {
+      {"attack", true,
+       [&](const char* a) {
+         for (const AttackInfo& info : kAttacks) {
+           if (strcmp(a, info.name) == 0) o.attack = &info;
+         }
+         if (o.attack == nullptr) {
+           lego::flags::usage_error(std::string("--attack: '") + a +
+                                    "' is not an attack (see --help)");
+         }
+       }},
+      {"address", true, [&](const char* a) { o.address = a; }},
+      {"port", true,
+       [&](const char* a) {
+         o.port = static_cast<int>(lego::flags::number("--port", a, 1, 65535));
+       }},
+      {"connections", true,
+       [&](const char* a) {
+         o.connections = static_cast<int>(lego::flags::number("--connections", a, 1, 1000000));
+       }},
+      {"seconds", true,
+       [&](const char* a) {
+         char* end = nullptr;
+         o.seconds = strtod(a, &end);
+         if (end == a || *end != '\0' || o.seconds < 0 || o.seconds > 86400) {
+           lego::flags::usage_error(std::string("--seconds: '") + a +
+                                    "' is not a duration in seconds");
+         }
+       }},
+      {"close-ms", true, [&](const char* a) { o.close_ms = ms("--close-ms", a, 1); }},
+      {"cutoff-ms", true, [&](const char* a) { o.cutoff_ms = ms("--cutoff-ms", a, 1); }},
+      {"connect-ms", true, [&](const char* a) { o.connect_ms = ms("--connect-ms", a, 1); }},
+      {"reconnect-ms", true, [&](const char* a) { o.reconnect_ms = ms("--reconnect-ms", a, 0); }},
+      {"opcode", true,
+       [&](const char* a) {
+         if (strcmp(a, "memory-status") == 0) {
+           o.opcode = lego::mem::kStatus;
+         } else if (strcmp(a, "storage-status") == 0) {
+           o.opcode = lego::stor::kStatus;
+         } else {
+           o.opcode = static_cast<uint16_t>(lego::flags::number("--opcode", a, 0, 65535));
+         }
+       }},
+      {"node-id", true,
+       [&](const char* a) {
+         o.node_id = static_cast<uint32_t>(lego::flags::number("--node-id", a, 0, 65535));
+       }},
+      {"promise", true,
+       [&](const char* a) {
+         o.promise = static_cast<uint32_t>(lego::flags::number("--promise", a, 1, UINT32_MAX));
+       }},
+      {"key-file", true, [&](const char* a) { o.key_file = a; }},
+      {"verbose", false, [&](const char*) { o.verbose = true; }},
   };
-  int opt;
-  opterr = 0;
-  while ((opt = getopt_long(argc, argv, "", longopts, nullptr)) != -1) {
-    switch (opt) {
-      case kAttackOpt:
-        for (const AttackInfo& a : kAttacks) {
-          if (strcmp(optarg, a.name) == 0) o.attack = &a;
-        }
-        if (o.attack == nullptr) {
-          die(kExitUsage, "--attack: '%s' is not an attack (see --help)", optarg);
-        }
-        break;
-      case kAddress:
-        o.address = optarg;
-        break;
-      case kPort:
-        o.port = static_cast<int>(number("--port", optarg, 1, 65535));
-        break;
-      case kConnections:
-        o.connections = static_cast<int>(number("--connections", optarg, 1, 1000000));
-        break;
-      case kSeconds: {
-        char* end = nullptr;
-        o.seconds = strtod(optarg, &end);
-        if (end == optarg || *end != '\0' || o.seconds < 0 || o.seconds > 86400) {
-          die(kExitUsage, "--seconds: '%s' is not a duration in seconds", optarg);
-        }
-        break;
-      }
-      case kCloseMs:
-        o.close_ms = static_cast<int>(number("--close-ms", optarg, 1, 3600000));
-        break;
-      case kCutoffMs:
-        o.cutoff_ms = static_cast<int>(number("--cutoff-ms", optarg, 1, 3600000));
-        break;
-      case kConnectMs:
-        o.connect_ms = static_cast<int>(number("--connect-ms", optarg, 1, 3600000));
-        break;
-      case kReconnectMs:
-        o.reconnect_ms = static_cast<int>(number("--reconnect-ms", optarg, 0, 3600000));
-        break;
-      case kOpcode:
-        if (strcmp(optarg, "memory-status") == 0) {
-          o.opcode = lego::mem::kStatus;
-        } else if (strcmp(optarg, "storage-status") == 0) {
-          o.opcode = lego::stor::kStatus;
-        } else {
-          o.opcode = static_cast<uint16_t>(number("--opcode", optarg, 0, 65535));
-        }
-        break;
-      case kNodeId:
-        o.node_id = static_cast<uint32_t>(number("--node-id", optarg, 0, 65535));
-        break;
-      case kPromise:
-        o.promise = static_cast<uint32_t>(number("--promise", optarg, 1, UINT32_MAX));
-        break;
-      case kKeyFile:
-        o.key_file = optarg;
-        break;
-      case kVerbose:
-        o.verbose = true;
-        break;
-      case kHelp:
-        fputs(kUsage, stdout);
-        exit(kExitOk);
-      default:
-        die(kExitUsage, "unknown option '%s' (see --help)", argv[optind - 1]);
-    }
-  }
-  if (optind < argc) die(kExitUsage, "unexpected argument '%s' (see --help)", argv[optind]);
+  const int first =
+      lego::flags::parse(argc, argv, {"hostile_client", kUsage, kExitUsage, false}, table);
+  if (first < argc) die(kExitUsage, "unexpected argument '%s' (see --help)", argv[first]);
   if (o.attack == nullptr) die(kExitUsage, "--attack is required (see --help)");
   if (o.port == 0) die(kExitUsage, "--port is required (see --help)");
   if (o.connections == 0) o.connections = o.attack->connections;

@@ -256,14 +256,14 @@ find_soname() {
 if [[ "$RUNTIME" != 0 ]]; then
   log "packing lego's binaries and their libraries from $BIN"
   # All in /lego/bin: lego-run finds liblego_preload.so beside itself
-  # (runtime/lego_run.cc find_part), as in an installed layout.
+  # (runtime/launcher/process.cc find_part), as in an installed layout.
   for name in "${!LEGO_BINS[@]}"; do
     cp -L "$BIN/${LEGO_BINS[$name]}" "$R/lego/bin/$name"
     pack_deps "$BIN/${LEGO_BINS[$name]}"
   done
   # Loaded by name at run time, so ldd cannot see them: libfit dlopen()s
   # libfabric and libibverbs on first use (libfit/fabric_loader.cc), and
-  # lego-run LD_PRELOADs jemalloc from this fixed path (lego_run.cc
+  # lego-run LD_PRELOADs jemalloc from this fixed path (runtime/launcher/process.cc
   # jemalloc_path), whatever path ldd showed it under.
   for so in libfabric.so.1 libibverbs.so.1 libjemalloc.so.2; do
     path="$(find_soname "$so")" || die "$so missing (apt-get install libfabric1 libibverbs1 libjemalloc2)"

@@ -65,70 +65,19 @@ Result<std::string> run_command(const std::vector<std::string>& argv) {
 Result<std::unique_ptr<Topology>> Topology::create(int hosts, const std::string& prefix) {
   if (hosts < 1 || hosts > 200) return Status(EINVAL, "Topology: 1..200 hosts");
   static std::atomic<int> counter{0};
-  int serial = counter++;
-  pid_t pid = getpid();
-  std::unique_ptr<Topology> t(new Topology());
-  std::string tag = prefix + "-" + std::to_string(pid) + "-" + std::to_string(serial);
-  t->switch_ns_ = tag + "-sw";
-  // A /24 from 10.128.0.0/9 picked by pid and serial: distinct for concurrent tests.
-  unsigned net = (static_cast<unsigned>(pid) * 7 + static_cast<unsigned>(serial) * 131) % 32000;
-  std::string subnet =
-      "10." + std::to_string(128 + net / 250) + "." + std::to_string(net % 250) + ".";
-
-  auto ip = [](std::vector<std::string> args) {
-    args.insert(args.begin(), "ip");
-    return run_command(args);
-  };
-  auto in_ns = [](const std::string& ns, std::vector<std::string> args) {
-    std::vector<std::string> a{"ip", "-n", ns};
-    a.insert(a.end(), args.begin(), args.end());
-    return run_command(a);
-  };
-  // t's destructor removes whatever was made if a later step fails.
-  auto r = ip({"netns", "add", t->switch_ns_});
-  if (!r) return r.status();
-  if (!(r = in_ns(t->switch_ns_, {"link", "add", "br0", "type", "bridge"}))) return r.status();
-  if (!(r = in_ns(t->switch_ns_, {"link", "set", "br0", "up"}))) return r.status();
-  if (!(r = in_ns(t->switch_ns_, {"link", "set", "lo", "up"}))) return r.status();
-  for (int i = 0; i < hosts; i++) {
-    std::string ns = tag + "-" + std::to_string(i);
-    r = ip({"netns", "add", ns});
-    if (!r) return r.status();
-    t->names_.push_back(ns);
-    t->addresses_.push_back(subnet + std::to_string(i + 1));
-    // Made inside the switch namespace, then one end moved: the root namespace never
-    // sees either end. 64 KiB frames as on loopback (and as lego-run's own veth): a 4 KiB
-    // message crosses as one packet.
-    std::string port = "p" + std::to_string(i);
-    if (!(r = in_ns(t->switch_ns_, {"link", "add", port, "mtu", "65535", "type", "veth", "peer",
-                                    "name", "eth0", "mtu", "65535", "netns", ns}))) {
-      return r.status();
-    }
-    if (!(r = in_ns(t->switch_ns_, {"link", "set", port, "master", "br0"}))) return r.status();
-    if (!(r = in_ns(t->switch_ns_, {"link", "set", port, "up"}))) return r.status();
-    if (!(r = in_ns(ns, {"addr", "add", t->addresses_.back() + "/24", "dev", "eth0"}))) {
-      return r.status();
-    }
-    if (!(r = in_ns(ns, {"link", "set", "eth0", "up"}))) return r.status();
-    if (!(r = in_ns(ns, {"link", "set", "lo", "up"}))) return r.status();
-  }
-  return t;
-}
-
-Topology::~Topology() {
-  for (auto& ns : names_) (void)run_command({"ip", "netns", "del", ns});
-  if (!switch_ns_.empty()) (void)run_command({"ip", "netns", "del", switch_ns_});
+  const int serial = counter++;
+  const pid_t pid = getpid();
+  const std::string tag = prefix + "-" + std::to_string(pid) + "-" + std::to_string(serial);
+  netns::NetworkSpec spec;
+  for (int i = 0; i < hosts; i++) spec.namespaces.push_back(tag + "-" + std::to_string(i));
+  spec.switch_namespace = tag + "-sw";
+  auto network = netns::Network::create(spec);
+  if (!network) return network.status();
+  return std::unique_ptr<Topology>(new Topology(std::move(network.value())));
 }
 
 Status Topology::enter(int host) const {
-  std::string path = "/var/run/netns/" + names_.at(host);
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Status::from_errno(errno, "open " + path);
-  int r = setns(fd, CLONE_NEWNET);
-  int e = errno;
-  close(fd);
-  if (r != 0) return Status::from_errno(e, "setns into " + names_[host]);
-  return Status();
+  return network_->enter(host);
 }
 
 Result<pid_t> Topology::spawn(int host, const std::vector<std::string>& argv,
@@ -136,7 +85,7 @@ Result<pid_t> Topology::spawn(int host, const std::vector<std::string>& argv,
   if (argv.empty()) return Status(EINVAL, "spawn: empty argv");
   int report[2];
   if (pipe2(report, O_CLOEXEC) != 0) return Status::from_errno(errno, "pipe");
-  std::string path = "/var/run/netns/" + names_.at(host);
+  const std::string path = netns::namespace_path(name(host));
   pid_t pid = fork();
   if (pid < 0) return Status::from_errno(errno, "fork");
   if (pid == 0) {
@@ -162,7 +111,7 @@ Result<pid_t> Topology::spawn(int host, const std::vector<std::string>& argv,
   close(report[0]);
   if (n == sizeof(err)) {
     waitpid(pid, nullptr, 0);
-    return Status::from_errno(err, "spawn '" + join(argv) + "' in " + names_[host]);
+    return Status::from_errno(err, "spawn '" + join(argv) + "' in " + name(host));
   }
   return pid;
 }

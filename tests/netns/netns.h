@@ -1,9 +1,11 @@
-// Test topologies of network namespaces: lego's "remote" nodes on one machine.
+// Test topologies of network namespaces: lego's "remote" nodes on one machine, for tests.
 //
 // Topology::create(n, prefix) makes n host namespaces, each with an eth0 on one private
 // /24, joined by a bridge that lives in its own "switch" namespace (so the machine's
-// root namespace gets no new interfaces or routes). Names carry the creating pid, so
-// parallel tests never collide; the destructor removes everything.
+// root namespace gets no new interfaces or routes): a lego::netns::Network
+// (include/lego/netns.h) without the host, named for the test. Names carry the creating
+// pid, so parallel tests never collide; the destructor removes everything. Beside it,
+// what tests do in such namespaces: spawn a program in one, wait for it.
 //
 // Thread-safety: a Topology is not shared between threads while being created or
 // destroyed; name()/address() are const.
@@ -16,20 +18,19 @@
 #include <string>
 #include <vector>
 
+#include "lego/netns.h"
 #include "lego/status.h"
 
 namespace lego::testing {
 
 class Topology {
  public:
-  // Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN). Errors name the failing ip command and
-  // its stderr.
+  // Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN). Errors name the step that failed.
   static Result<std::unique_ptr<Topology>> create(int hosts, const std::string& prefix);
-  ~Topology();
 
-  int hosts() const { return static_cast<int>(names_.size()); }
-  const std::string& name(int host) const { return names_[host]; }         // netns name
-  const std::string& address(int host) const { return addresses_[host]; }  // eth0's IPv4
+  int hosts() const { return network_->size(); }
+  const std::string& name(int host) const { return network_->name(host); }        // netns name
+  const std::string& address(int host) const { return network_->address(host); }  // eth0's IPv4
 
   // Forks, enters host's namespace and execs argv (PATH searched). Exec failures are
   // reported here (through a close-on-exec pipe), not as a child exiting 127.
@@ -44,10 +45,8 @@ class Topology {
   static Result<int> wait_exit(pid_t pid, std::chrono::milliseconds timeout);
 
  private:
-  Topology() = default;
-  std::string switch_ns_;
-  std::vector<std::string> names_;
-  std::vector<std::string> addresses_;
+  explicit Topology(std::unique_ptr<netns::Network> network) : network_(std::move(network)) {}
+  std::unique_ptr<netns::Network> network_;
 };
 
 // Runs a command (no shell) and returns its stdout; errors carry its stderr.

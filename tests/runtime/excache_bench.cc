@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "lego/excache.h"
+#include "lego/flags.h"
 #include "tests/runtime/map_backend.h"
 
 namespace {
@@ -58,50 +59,57 @@ struct Flags {
   bool csv = false;
 };
 
-bool parse(int argc, char** argv, Flags* f) {
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    auto val = [&](const char* name) -> const char* {
-      size_t n = strlen(name);
-      return a.compare(0, n, name) == 0 ? a.c_str() + n : nullptr;
-    };
-    if (const char* v = val("--capacity-mb=")) {
-      f->capacity_mb = strtoul(v, nullptr, 10);
-    } else if (const char* v = val("--ratio=")) {
-      f->ratio = strtoul(v, nullptr, 10);
-    } else if (const char* v = val("--accesses=")) {
-      f->accesses = strtoul(v, nullptr, 10);
-    } else if (const char* v = val("--delivery=")) {
-      f->delivery = v;
-    } else if (const char* v = val("--policy=")) {
-      f->policy = v;
-    } else if (const char* v = val("--op=")) {
-      f->op = v;
-    } else if (const char* v = val("--threads=")) {
-      f->threads = strtoul(v, nullptr, 10);
-    } else if (const char* v = val("--predict-dirty=")) {
-      f->predict_dirty = strtoul(v, nullptr, 10) != 0;
-    } else if (const char* v = val("--write-pct=")) {
-      f->write_pct = atoi(v);
-    } else if (const char* v = val("--pattern=")) {
-      f->pattern = v;
-    } else if (const char* v = val("--pcache=")) {
-      f->pcache = v;
-    } else if (a == "--csv") {
-      f->csv = true;
-    } else {
-      fprintf(stderr, "usage: see the comment at the top of excache_bench.cc\n");
-      return false;
-    }
-  }
-  if (f->write_pct < 0) f->write_pct = f->op == "read" ? 0 : 100;
-  if (f->write_pct > 100 ||
-      (f->pattern != "uniform" && f->pattern != "zipf" && f->pattern != "hotset") ||
-      (f->pcache != "auto" && f->pcache != "on" && f->pcache != "off" && f->pcache != "both")) {
-    fprintf(stderr, "excache_bench: bad --write-pct, --pattern or --pcache\n");
-    return false;
-  }
-  return f->capacity_mb > 0 && f->ratio > 0 && f->threads > 0;
+const char* kUsage = R"(usage: excache_bench [--capacity-mb=64] [--ratio=4] [--accesses=200000]
+           [--delivery=both|sigbus|thread] [--policy=fifo|clock] [--op=rmw|read]
+           [--write-pct=N] [--pattern=uniform|zipf|hotset] [--threads=1]
+           [--predict-dirty=1] [--pcache=auto|on|off|both] [--csv]
+
+µs per random 4 KiB access over a region --ratio times the ExCache (--capacity-mb),
+against an in-process backend, for each delivery, beside the same loop on plain memory.
+--write-pct: percent of accesses that store (overrides --op: rmw = 100, read = 0).
+--pattern: uniform, zipf (Zipf 0.99 over scattered lines) or hotset (90% of accesses to
+half the ExCache's lines, 10% to any). --pcache: use lego_pcache.ko; both: without and
+with it, and their ratio. --csv: rows instead of a table.
+)";
+
+constexpr const char* kDeliveries[] = {"both", "sigbus", "thread"};
+constexpr const char* kPolicies[] = {"fifo", "clock"};
+constexpr const char* kOps[] = {"rmw", "read"};
+constexpr const char* kPatterns[] = {"uniform", "zipf", "hotset"};
+constexpr const char* kPcache[] = {"auto", "on", "off", "both"};
+
+Flags parse(int argc, char** argv) {
+  namespace flags = lego::flags;
+  Flags f;
+  auto count = [](const char* flag, const char* a, long hi) {
+    return static_cast<size_t>(flags::number(flag, a, 1, hi));
+  };
+  const std::vector<flags::Flag> table = {
+      {"capacity-mb", true,
+       [&](const char* a) { f.capacity_mb = count("--capacity-mb", a, 1 << 20); }},
+      {"ratio", true, [&](const char* a) { f.ratio = count("--ratio", a, 1024); }},
+      {"accesses", true,
+       [&](const char* a) { f.accesses = count("--accesses", a, 1000000000000); }},
+      {"delivery", true,
+       [&](const char* a) { f.delivery = flags::choice("--delivery", a, kDeliveries); }},
+      {"policy", true, [&](const char* a) { f.policy = flags::choice("--policy", a, kPolicies); }},
+      {"op", true, [&](const char* a) { f.op = flags::choice("--op", a, kOps); }},
+      {"threads", true, [&](const char* a) { f.threads = count("--threads", a, 1024); }},
+      {"predict-dirty", true,
+       [&](const char* a) { f.predict_dirty = flags::number("--predict-dirty", a, 0, 1) != 0; }},
+      {"write-pct", true,
+       [&](const char* a) {
+         f.write_pct = static_cast<int>(flags::number("--write-pct", a, 0, 100));
+       }},
+      {"pattern", true,
+       [&](const char* a) { f.pattern = flags::choice("--pattern", a, kPatterns); }},
+      {"pcache", true, [&](const char* a) { f.pcache = flags::choice("--pcache", a, kPcache); }},
+      {"csv", false, [&](const char*) { f.csv = true; }},
+  };
+  const int first = flags::parse(argc, argv, {"excache_bench", kUsage, 2, false}, table);
+  if (first < argc) flags::usage_error(std::string("unexpected argument '") + argv[first] + "'");
+  if (f.write_pct < 0) f.write_pct = f.op == "read" ? 0 : 100;
+  return f;
 }
 
 // Line indexes drawn from Zipf(0.99) by inverse CDF; rank r maps to a scattered line.
@@ -193,8 +201,7 @@ uint64_t percentile(const ExCacheStats& a, const ExCacheStats& b, double q) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Flags f;
-  if (!parse(argc, argv, &f)) return 2;
+  const Flags f = parse(argc, argv);
   const size_t capacity = f.capacity_mb << 20;
   const size_t bytes = capacity * f.ratio;
   const size_t total_accesses = f.accesses * f.threads;

@@ -1,7 +1,10 @@
 // Tests of the launch contract's formats (runtime/launch_contract.h): what lego-run and the
 // preloaded runtime write for each other parses back, malformed text is refused, and
 // process_gone tells a process that ended from one that runs (pid reuse, zombies, and a
-// zombie leader whose other threads still run).
+// zombie leader whose other threads still run). The settings lego-run exports are the
+// ones the runtime reads (unset ones give the contract's defaults, bad ones are refused
+// naming the variable), and the "stats" report carries every counter of the one list
+// (LEGO_EXCACHE_COUNTERS) and fits one pipe write.
 #include "runtime/launch_contract.h"
 
 #include <pthread.h>
@@ -12,6 +15,8 @@
 
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -141,6 +146,113 @@ TEST_CASE("process_gone: a zombie leader whose other thread still runs is alive"
   int status = 0;
   waitpid(child, &status, 0);  // returns once the last thread ended
   CHECK(launch::process_gone(child, start));
+}
+
+// The LEGO_* variables as the runtime finds them, cleared after each case.
+void clear_environment() {
+  for (const char* v :
+       {"LEGO_CONFIG", "LEGO_NODE", "LEGO_MEMORY_NODE", "LEGO_EXCACHE", "LEGO_REGION",
+        "LEGO_POLICY", "LEGO_PREFETCH", "LEGO_DELIVERY", "LEGO_PCACHE", "LEGO_RUN_DIR"}) {
+    unsetenv(v);
+  }
+}
+
+TEST_CASE("the settings lego-run exports are the ones the runtime reads") {
+  clear_environment();
+  CHECK_FALSE(launch::under_lego_run());
+  launch::Settings out;
+  out.config = "/etc/lego/cluster.toml";
+  out.node = 3;
+  out.memory_node = 9;
+  out.excache_bytes = 8 << 20;
+  out.policy = "clock";
+  out.prefetch_lines = 0;
+  out.delivery = "sigbus";
+  out.pcache = "off";
+  out.run_dir = "/tmp/lego-run-1";
+  launch::export_settings(out);
+  CHECK(launch::under_lego_run());
+  CHECK(launch::run_dir_from_environment() == "/tmp/lego-run-1");
+  auto in = launch::settings_from_environment();
+  REQUIRE(in.is_ok());
+  const launch::Settings& s = in.value();
+  CHECK((s.config == out.config && s.node == 3 && s.memory_node == 9 &&
+         s.excache_bytes == out.excache_bytes && s.policy == "clock" && s.prefetch_lines == 0 &&
+         s.delivery == "sigbus" && s.pcache == "off" && s.run_dir == out.run_dir));
+  CHECK(s.region_bytes == launch::kDefaultRegionBytes);
+  const ExCacheOptions o = launch::excache_options(s);
+  CHECK((o.capacity_bytes == out.excache_bytes && o.policy == ExCacheOptions::Policy::kClock &&
+         o.prefetch_lines == 0 && o.delivery == ExCacheOptions::Delivery::kSigbus &&
+         o.kernel_module == ExCacheOptions::KernelModule::kOff));
+  clear_environment();
+}
+
+TEST_CASE("unset settings are the contract's defaults, the ExCache's where it has them") {
+  clear_environment();
+  setenv("LEGO_CONFIG", "/c.toml", 1);
+  auto in = launch::settings_from_environment();
+  REQUIRE(in.is_ok());
+  const ExCacheOptions o = launch::excache_options(in.value());
+  CHECK(o.capacity_bytes == ExCacheOptions{}.capacity_bytes);
+  CHECK(o.prefetch_lines == ExCacheOptions{}.prefetch_lines);
+  CHECK(o.region_bytes == launch::kDefaultRegionBytes);
+  CHECK(o.policy == ExCacheOptions::Policy::kFifo);
+  CHECK(o.delivery == ExCacheOptions::Delivery::kHandlerThread);
+  CHECK(o.kernel_module == ExCacheOptions::KernelModule::kAuto);
+  clear_environment();
+}
+
+TEST_CASE("a setting out of the contract is refused, naming its variable") {
+  struct Case {
+    const char* name;
+    const char* value;
+  } cases[] = {{"LEGO_EXCACHE", "lots"}, {"LEGO_REGION", "1X"},  {"LEGO_PREFETCH", "32"},
+               {"LEGO_NODE", "70000"},   {"LEGO_POLICY", "lru"}, {"LEGO_DELIVERY", "thread"},
+               {"LEGO_PCACHE", "yes"}};
+  for (auto& c : cases) {
+    INFO(c.name << "=" << c.value);
+    clear_environment();
+    setenv("LEGO_CONFIG", "/c.toml", 1);
+    setenv(c.name, c.value, 1);
+    auto in = launch::settings_from_environment();
+    CHECK(in.status().code() == EINVAL);
+    CHECK(in.status().message().find(c.name) != std::string::npos);
+  }
+  clear_environment();
+}
+
+TEST_CASE("the stats report carries every counter and gauge, and fits one pipe write") {
+  ExCacheStats s;
+  uint64_t v = 1;
+  for (const ExCacheStatsField& f : kExCacheStatsFields) s.*f.field = v++;
+  // Every histogram bucket in use and large: the longest report there can be.
+  for (auto& b : s.miss_latency_log2_ns) b = ~uint64_t{0};
+  s.miss_p50_ns = 1024;
+  s.miss_p99_ns = 65536;
+  char buf[PIPE_BUF];
+  const int n = launch::format_stats_report(buf, sizeof buf, 4242, "python3", s, true);
+  REQUIRE(n > 0);
+  const std::string text(buf, static_cast<size_t>(n));
+  REQUIRE(text.rfind("stats pid 4242 program python3\n", 0) == 0);
+  REQUIRE(text.size() >= 4);
+  CHECK(text.substr(text.size() - 4) == "end\n");
+  // As lego-run reads it: the block between "stats " and "end".
+  const launch::StatsReport r = launch::parse_stats_report(text.substr(6, text.size() - 6 - 4));
+  CHECK(r.head == "pid 4242 program python3");
+  v = 1;
+  for (const ExCacheStatsField& f : kExCacheStatsFields) {
+    INFO(f.name);
+    CHECK(r.number(f.name) == v++);
+  }
+  CHECK(r.number("kernel_module") == 1);
+  CHECK(r.number("miss_p99_ns") == 65536);
+  CHECK(r.text("miss_histogram").rfind("0:18446744073709551615,1:", 0) == 0);
+  CHECK(r.number("no_such_key") == 0);
+  CHECK(launch::format_stats_report(buf, 100, 4242, "python3", s, true) == -1);
+  // No misses: the histogram is "-".
+  ExCacheStats none;
+  REQUIRE(launch::format_stats_report(buf, sizeof buf, 1, "true", none, false) > 0);
+  CHECK(std::string(buf).find("\nmiss_histogram -\nend\n") != std::string::npos);
 }
 
 }  // namespace

@@ -19,7 +19,7 @@
 #include "lego/memory_proto.h"
 #include "lego/retry.h"
 #include "libfit/fault_injection.h"
-#include "runtime/remote_backend.h"
+#include "runtime/preload/remote_backend.h"
 #include "tests/libfit/cluster_fixture.h"
 #include "tests/runtime/child_report.h"
 

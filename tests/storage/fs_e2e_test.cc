@@ -31,24 +31,16 @@
 #include "lego/fit.h"
 #include "tests/libfit/cluster_fixture.h"
 #include "tests/netns/netns.h"
+#include "tests/support.h"
 
 using namespace lego;
 using Clock = std::chrono::steady_clock;
+using lego::testing::runfile;
 
 namespace {
 
-std::string runfile(const std::string& rel) {
-  const char* srcdir = getenv("TEST_SRCDIR");
-  return (srcdir ? std::string(srcdir) + "/lego/" : std::string()) + rel;
-}
-
 std::string temp_dir(const std::string& tag) {
-  const char* tmp = getenv("TEST_TMPDIR");
-  std::string tmpl = std::string(tmp ? tmp : "/tmp") + "/fse2e-" + tag + "-XXXXXX";
-  std::vector<char> buf(tmpl.begin(), tmpl.end());
-  buf.push_back('\0');
-  REQUIRE(mkdtemp(buf.data()) != nullptr);
-  return buf.data();
+  return testing::temp_dir("fse2e-" + tag);
 }
 
 // This test process and its children get a mount namespace of their own, so the FUSE

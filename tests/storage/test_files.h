@@ -2,25 +2,18 @@
 // file's content read or written directly (beside the storage node, to check what it did).
 #pragma once
 
-#include <cstdlib>
 #include <fstream>
 #include <span>
 #include <sstream>
 #include <string>
-#include <vector>
 
-#include <catch2/catch.hpp>
+#include "tests/support.h"
 
 namespace lego::testing {
 
 // A new directory $TEST_TMPDIR/stor-<tag>-XXXXXX (or under /tmp).
 inline std::string make_temp_dir(const std::string& tag) {
-  const char* tmp = getenv("TEST_TMPDIR");
-  std::string tmpl = std::string(tmp ? tmp : "/tmp") + "/stor-" + tag + "-XXXXXX";
-  std::vector<char> buf(tmpl.begin(), tmpl.end());
-  buf.push_back('\0');
-  REQUIRE(mkdtemp(buf.data()) != nullptr);
-  return buf.data();
+  return temp_dir("stor-" + tag);
 }
 
 inline void write_file(const std::string& path, const std::string& text) {

@@ -1,8 +1,8 @@
-// runtime/evict_fifo.cc: FIFO eviction. The clock hand walks the frames in order and takes
+// runtime/excache/evict_fifo.cc: FIFO eviction. The clock hand walks the frames in order and takes
 // whatever it finds: lines leave roughly in the order they were filled (a frame freed by
 // discard() is refilled out of turn). Needs no access signal at all, which is why it is the
 // default: user space cannot see accesses to resident lines (see evict_clock.cc).
-#include "runtime/excache_impl.h"
+#include "runtime/excache/excache_impl.h"
 
 namespace lego::excache_internal {
 

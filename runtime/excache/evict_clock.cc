@@ -1,4 +1,4 @@
-// runtime/evict_clock.cc: CLOCK (second chance) eviction driven by re-faults.
+// runtime/excache/evict_clock.cc: CLOCK (second chance) eviction driven by re-faults.
 //
 // What is honestly achievable from user space: the CPU sets the PTE accessed bit on every
 // access, but without a kernel module nothing lets us read and clear it cheaply.
@@ -20,7 +20,7 @@
 // sweep_accessed_bits() reads and clears it for the frames ahead of the hand once per
 // eviction and sets the reference bit of those used since the previous sweep, so spare()
 // below then implements true second-chance CLOCK.
-#include "runtime/excache_impl.h"
+#include "runtime/excache/excache_impl.h"
 
 namespace lego::excache_internal {
 

@@ -1,4 +1,4 @@
-#include "runtime/remote_backend.h"
+#include "runtime/preload/remote_backend.h"
 
 #if defined(__x86_64__)
 #include <emmintrin.h>

@@ -1,4 +1,4 @@
-// runtime/pcache_dev.h: the ExCache's client of lego_pcache.ko (/dev/lego_pcache, kmod/).
+// runtime/excache/pcache_dev.h: the ExCache's client of lego_pcache.ko (/dev/lego_pcache, kmod/).
 // The ABI is include/lego/pcache_abi.h; this wraps its ioctls. Every call is one
 // ioctl on preallocated memory: async-signal-safe, so the evictor may run it inside the
 // SIGBUS handler.

@@ -1,11 +1,11 @@
-// runtime/stats.cc: ExCache counters. Each thread adds to one of 16 cache-line-aligned
+// runtime/excache/stats.cc: ExCache counters. Each thread adds to one of 16 cache-line-aligned
 // stripes chosen from its stack address (thread_local would be simpler but a dynamic TLS
 // access may allocate, which a SIGBUS handler must not); stats() sums the stripes.
 // The miss-latency histogram is a fixed array of log2(ns) buckets: no allocation, one
 // relaxed increment per miss.
 #include <time.h>
 
-#include "runtime/excache_impl.h"
+#include "runtime/excache/excache_impl.h"
 
 namespace lego {
 
@@ -26,7 +26,7 @@ Stats::Stripe& Stats::mine() {
 static_assert(sizeof(uint64_t) * 8 - 60 == 4, "16 stripes");
 
 void Stats::add(Counter c, uint64_t n) {
-  mine().counters[c].fetch_add(n, std::memory_order_relaxed);
+  mine().counters[static_cast<size_t>(c)].fetch_add(n, std::memory_order_relaxed);
 }
 
 void Stats::record_miss_ns(uint64_t ns) {
@@ -44,26 +44,9 @@ void Stats::snapshot(ExCacheStats* out) const {
       out->miss_latency_log2_ns[b] += s.latency[b].load(std::memory_order_relaxed);
     }
   }
-  out->misses = sum[kMisses];
-  out->fetches = sum[kFetches];
-  out->zero_fills = sum[kZeroFills];
-  out->write_faults = sum[kWriteFaults];
-  out->waits = sum[kWaits];
-  out->spurious = sum[kSpurious];
-  out->evictions = sum[kEvictions];
-  out->eviction_batches = sum[kEvictionBatches];
-  out->write_backs = sum[kWriteBacks];
-  out->unfenced_batches = sum[kUnfencedBatches];
-  out->clean_drops = sum[kCleanDrops];
-  out->discarded_lines = sum[kDiscardedLines];
-  out->bytes_fetched = sum[kBytesFetched];
-  out->bytes_written = sum[kBytesWritten];
-  out->dirty_predictions = sum[kDirtyPredictions];
-  out->module_calls = sum[kModuleCalls];
-  out->accessed_spared = sum[kAccessedSpared];
-  out->redirtied = sum[kRedirtied];
-  out->prefetches = sum[kPrefetches];
-  out->prefetched_lines = sum[kPrefetchedLines];
+#define LEGO_EXCACHE_SUM(name, doc) out->name = sum[static_cast<size_t>(Counter::name)];
+  LEGO_EXCACHE_COUNTERS(LEGO_EXCACHE_SUM)
+#undef LEGO_EXCACHE_SUM
 
   uint64_t total = 0;
   for (uint64_t n : out->miss_latency_log2_ns) total += n;

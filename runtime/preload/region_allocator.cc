@@ -1,4 +1,4 @@
-#include "runtime/region_allocator.h"
+#include "runtime/preload/region_allocator.h"
 
 #include <sys/mman.h>
 #include <sys/syscall.h>

@@ -1,7 +1,7 @@
 // liblego_preload.so: makes an unmodified program's anonymous memory live on a memory node.
 //
 // lego-run starts the program with LD_PRELOAD="liblego_preload.so libjemalloc.so.2" and
-// LEGO_* variables (see lego_run.cc). At load time this library:
+// LEGO_* variables (runtime/launch_contract.h). At load time this library:
 //   1. joins the cluster as a FIT client and opens an address space on the memory node
 //      (RemoteBackend), connecting every channel up front;
 //   2. creates the ExCache: a large userfaultfd-registered region of which at most
@@ -48,8 +48,8 @@
 #include "lego/fit.h"
 #include "lego/units.h"
 #include "runtime/launch_contract.h"
-#include "runtime/region_allocator.h"
-#include "runtime/remote_backend.h"
+#include "runtime/preload/region_allocator.h"
+#include "runtime/preload/remote_backend.h"
 
 namespace lego::runtime {
 namespace {
@@ -67,7 +67,7 @@ struct Runtime {
 
 Runtime* g_rt = nullptr;
 std::atomic<bool> g_active{false};  // redirecting allocations into the region
-// In a forked child: the region is served by the parent's ExCache (runtime/fork.cc), and
+// In a forked child: the region is served by the parent's ExCache (runtime/excache/fork.cc), and
 // nothing of the runtime may be used here (its threads are gone; its sockets and
 // userfaultfd belong to the parent). New memory is local; freeing region memory zeroes it.
 std::atomic<bool> g_forked_child{false};
@@ -294,41 +294,13 @@ void on_fatal(const char* message) {
   _exit(launch::kExitLegoError);
 }
 
-std::string env_or(const char* name, const char* fallback) {
-  const char* v = getenv(name);
-  return v != nullptr ? v : fallback;
-}
-
+// The counters at exit, to lego-run (--stats).
 void write_stats() {
-  ExCacheStats s = g_rt->cache->stats();
-  // "bucket:count,..." for the non-empty log2(ns) buckets.
-  char hist[512] = "";
-  size_t used = 0;
-  for (size_t b = 0; b < s.miss_latency_log2_ns.size() && used < sizeof(hist); ++b) {
-    if (s.miss_latency_log2_ns[b] == 0) continue;
-    int n = snprintf(hist + used, sizeof(hist) - used, "%s%zu:%lu", used ? "," : "", b,
-                     s.miss_latency_log2_ns[b]);
-    if (n < 0) break;
-    used += static_cast<size_t>(n);
-  }
-  if (used == 0) snprintf(hist, sizeof(hist), "-");
   char buf[3072];  // within PIPE_BUF: one write
-  snprintf(buf, sizeof(buf),
-           "stats pid %d program %s\n"
-           "hits n/a\n"
-           "misses %lu\nfetches %lu\nzero_fills %lu\nwrite_faults %lu\nevictions %lu\n"
-           "write_backs %lu\nclean_drops %lu\ndiscarded_lines %lu\nbytes_fetched %lu\n"
-           "bytes_written %lu\nresident_lines %lu\ncapacity_lines %lu\n"
-           "miss_p50_ns %lu\nmiss_p99_ns %lu\nkernel_module %d\nmodule_calls %lu\n"
-           "accessed_spared %lu\nredirtied %lu\nprefetches %lu\nprefetched_lines %lu\n"
-           "dirty_predictions %lu\nunfenced_batches %lu\nmiss_histogram %s\nend\n",
-           getpid(), g_rt->program.c_str(), s.misses, s.fetches, s.zero_fills, s.write_faults,
-           s.evictions, s.write_backs, s.clean_drops, s.discarded_lines, s.bytes_fetched,
-           s.bytes_written, s.resident_lines, s.capacity_lines, s.miss_p50_ns, s.miss_p99_ns,
-           g_rt->cache->uses_kernel_module() ? 1 : 0, s.module_calls, s.accessed_spared,
-           s.redirtied, s.prefetches, s.prefetched_lines, s.dirty_predictions, s.unfenced_batches,
-           hist);
-  report(buf, strlen(buf));
+  const int n =
+      launch::format_stats_report(buf, sizeof buf, getpid(), g_rt->program.c_str(),
+                                  g_rt->cache->stats(), g_rt->cache->uses_kernel_module());
+  if (n > 0) report(buf, static_cast<size_t>(n));
 }
 
 // The run directory (LEGO_RUN_DIR; empty: none) and this process's name in it: its pid
@@ -405,11 +377,11 @@ void close_earlier_images(fit::Node* node, uint64_t keep) {
 }
 
 __attribute__((constructor(102))) void lego_start() {
-  const char* config_path = getenv(launch::kEnvConfig);
-  if (config_path == nullptr) return;  // not under lego-run: a plain program
-  if (const char* dir = getenv(launch::kEnvRunDir); dir != nullptr && *dir != '\0') {
-    snprintf(g_run_dir, sizeof g_run_dir, "%s", dir);
-    snprintf(g_report_path, sizeof g_report_path, "%s/%s", dir, launch::kReportFifo);
+  if (!launch::under_lego_run()) return;  // a plain program
+  // First: where to report, should anything below fail.
+  if (const std::string dir = launch::run_dir_from_environment(); !dir.empty()) {
+    snprintf(g_run_dir, sizeof g_run_dir, "%s", dir.c_str());
+    snprintf(g_report_path, sizeof g_report_path, "%s/%s", dir.c_str(), launch::kReportFifo);
   }
   auto rt = std::make_unique<Runtime>();
   {
@@ -418,35 +390,18 @@ __attribute__((constructor(102))) void lego_start() {
     rt->program = n > 0 ? basename(exe) : "?";
     snprintf(g_program, sizeof g_program, "%s", rt->program.c_str());
   }
+  auto settings = launch::settings_from_environment();
+  if (!settings) fail(settings.status().message());
+  const launch::Settings& run = settings.value();
   g_pid = getpid();
   g_start_time = launch::process_info(g_pid).start;
-  auto config = fit::ClusterConfig::parse_file(config_path);
+  auto config = fit::ClusterConfig::parse_file(run.config);
   if (!config) fail(config.status().message());
-  fit::NodeId self = static_cast<fit::NodeId>(atoi(env_or(launch::kEnvNode, "0").c_str()));
-  fit::NodeId memory = static_cast<fit::NodeId>(atoi(env_or(launch::kEnvMemoryNode, "0").c_str()));
+  const fit::NodeId self = static_cast<fit::NodeId>(run.node);
+  const fit::NodeId memory = static_cast<fit::NodeId>(run.memory_node);
   g_memory_node = memory;
 
-  ExCacheOptions opt;
-  const std::string default_excache = std::to_string(launch::kDefaultExcacheBytes);
-  auto cap = parse_size(env_or(launch::kEnvExcache, default_excache.c_str()), launch::kEnvExcache);
-  if (!cap) fail(cap.status().message());
-  opt.capacity_bytes = cap.value();
-  const std::string default_region = std::to_string(launch::kDefaultRegionBytes);
-  auto region = parse_size(env_or(launch::kEnvRegion, default_region.c_str()), launch::kEnvRegion);
-  if (!region) fail(region.status().message());
-  opt.region_bytes = region.value();
-  std::string policy = env_or(launch::kEnvPolicy, launch::kDefaultPolicy);
-  opt.policy = policy == "clock" ? ExCacheOptions::Policy::kClock : ExCacheOptions::Policy::kFifo;
-  const std::string default_prefetch = std::to_string(launch::kDefaultPrefetchLines);
-  opt.prefetch_lines = static_cast<uint32_t>(
-      strtoul(env_or(launch::kEnvPrefetch, default_prefetch.c_str()).c_str(), nullptr, 10));
-  std::string delivery = env_or(launch::kEnvDelivery, launch::kDefaultDelivery);
-  opt.delivery = delivery == "sigbus" ? ExCacheOptions::Delivery::kSigbus
-                                      : ExCacheOptions::Delivery::kHandlerThread;
-  std::string module = env_or(launch::kEnvPcache, launch::kDefaultPcache);
-  opt.kernel_module = module == "on"    ? ExCacheOptions::KernelModule::kRequire
-                      : module == "off" ? ExCacheOptions::KernelModule::kOff
-                                        : ExCacheOptions::KernelModule::kAuto;
+  ExCacheOptions opt = launch::excache_options(run);
   opt.on_thread_start = use_local_arena;
   opt.on_fatal = on_fatal;
 
@@ -583,7 +538,7 @@ void* mremap(void* old, size_t old_len, size_t new_len, int flags, ...) {
 }
 
 // fork(): the parent's ExCache snapshots the heap on the memory node and serves the
-// child's region from it (runtime/fork.cc); the child stops using the runtime. Forks are
+// child's region from it (runtime/excache/fork.cc); the child stops using the runtime. Forks are
 // serialized: one snapshot is under way at a time. posix_spawn, vfork and system() do not
 // copy the address space and need none of this.
 pid_t fork() {

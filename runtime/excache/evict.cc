@@ -1,4 +1,4 @@
-// runtime/evict.cc: frames, victim selection, write-back, and discard().
+// runtime/excache/evict.cc: frames, victim selection, write-back, and discard().
 //
 // Frames bound residency: a miss needs a frame before it maps its line; when none is free
 // the missing thread (try-locking evict_lock) evicts a batch. Other missers meanwhile wait
@@ -49,8 +49,8 @@
 #include <algorithm>
 
 #include "lego/retry.h"
-#include "runtime/excache_impl.h"
-#include "runtime/pcache_dev.h"
+#include "runtime/excache/excache_impl.h"
+#include "runtime/excache/pcache_dev.h"
 
 namespace lego {
 
@@ -146,8 +146,8 @@ void ExCache::Impl::write_back_batch(size_t n, int tried) {
   if (const int64_t snap = fork_snapshot.load(std::memory_order_acquire); snap >= 0) {
     (void)backend->write_back_snapshot(static_cast<uint32_t>(snap), batch_span);
   }
-  stats.add(kWriteBacks, n);
-  stats.add(kBytesWritten, n * kLine);
+  stats.add(Counter::write_backs, n);
+  stats.add(Counter::bytes_written, n * kLine);
 }
 
 void ExCache::Impl::reap_write_back_locked() {
@@ -268,7 +268,7 @@ bool ExCache::Impl::evict_with_userfaultfd(size_t n) {
   for (size_t i = 0; i < n; ++i) any_dirty |= victims[i].dirty;
   const bool fence =
       !(any_dirty && options.delivery == ExCacheOptions::Delivery::kSigbus && alone_in_process());
-  if (!fence) stats.add(kUnfencedBatches);
+  if (!fence) stats.add(Counter::unfenced_batches);
   for (size_t i = 0; i < n;) {
     if (!victims[i].dirty) {
       ++i;
@@ -302,8 +302,8 @@ bool ExCache::Impl::evict_with_userfaultfd(size_t n) {
       started = st.is_ok();
     }
     if (started) {
-      stats.add(kWriteBacks, dirty);
-      stats.add(kBytesWritten, dirty * kLine);
+      stats.add(Counter::write_backs, dirty);
+      stats.add(Counter::bytes_written, dirty * kLine);
     } else {
       write_back_batch(dirty, st.is_ok() ? 0 : 1);
     }
@@ -363,7 +363,7 @@ bool ExCache::Impl::evict_with_module(size_t n) {
     const uint32_t flags = last ? LEGO_PCACHE_EVICT_DISCARD_DIRTY : 0;
     const int err = PcacheDevice::evict(pcache_fd, pc_lines.get(), static_cast<uint32_t>(nd), flags,
                                         evicted, dirty_bits);
-    stats.add(kModuleCalls);
+    stats.add(Counter::module_calls);
     if (err != 0) {
       // Refused before it changed anything (a VMA we cannot evict from: the program
       // mprotect()ed or mlock()ed part of the region): the userfaultfd path can.
@@ -388,7 +388,7 @@ bool ExCache::Impl::evict_with_module(size_t n) {
     }
     nd = m;
     if (nd == 0) break;
-    if (round > 0) stats.add(kRedirtied, nd);
+    if (round > 0) stats.add(Counter::redirtied, nd);
     for (size_t k = 0; k < nd; ++k) {
       write_backs[k] =
           LineBackend::WriteBack{pc_lines[k], base + (victims[pc_pending[k]].index << kLineShift)};
@@ -428,7 +428,7 @@ void ExCache::Impl::sweep_accessed_bits() {
   if (m == 0) return;
   const int err = PcacheDevice::ad(pcache_fd, pc_lines.get(), static_cast<uint32_t>(m),
                                    LEGO_PCACHE_AD_CLEAR_ACCESSED, accessed, nullptr);
-  stats.add(kModuleCalls);
+  stats.add(Counter::module_calls);
   if (err != 0) return;  // no signal this round: the hand treats the frames as FIFO would
   uint64_t used = 0;
   for (size_t k = 0; k < m; ++k) {
@@ -440,7 +440,7 @@ void ExCache::Impl::sweep_accessed_bits() {
       ++used;
     }
   }
-  stats.add(kAccessedSpared, used);
+  stats.add(Counter::accessed_spared, used);
 }
 
 bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
@@ -506,9 +506,9 @@ bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
     }
   }
   if (wb_count > 0) wb_pending.store(true, std::memory_order_release);
-  stats.add(kEvictions, n);
-  stats.add(kCleanDrops, n - dirty);
-  stats.add(kEvictionBatches);
+  stats.add(Counter::evictions, n);
+  stats.add(Counter::clean_drops, n - dirty);
+  stats.add(Counter::eviction_batches);
   return true;
 }
 
@@ -600,7 +600,7 @@ Status ExCache::Impl::discard(uint64_t addr, uint64_t len) {
         ++dropped;
       }
     }
-    stats.add(kDiscardedLines, dropped);
+    stats.add(Counter::discarded_lines, dropped);
   }
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
   return result.with_context("ExCache::discard");

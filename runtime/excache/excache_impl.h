@@ -1,4 +1,5 @@
-// ExCache internals shared by region.cc, fault.cc, evict*.cc and stats.cc. Not a public
+// ExCache internals shared by region.cc, fault.cc, prefetch.cc, evict*.cc, fork.cc and
+// stats.cc. Not a public
 // header: users include lego/excache.h.
 //
 // Data structures (all allocated in ExCache::create, none on the miss path):
@@ -68,7 +69,7 @@ enum LineKind : uint64_t {
   kDirty = 3,
   kEvicting = 4,
   kUnprotecting = 5,
-  // Claimed by a background prefetch (fault.cc) whose fetch is in flight: owned by its
+  // Claimed by a background prefetch (prefetch.cc) whose fetch is in flight: owned by its
   // prefetch buffer (kPrefetchSlotShift), not by a thread. Whoever needs the line first
   // completes that prefetch (waits for the reply, maps its lines), so no one waits for a
   // thread that may never come back.
@@ -179,31 +180,17 @@ extern const PolicyOps kFifoPolicyOps;
 extern const PolicyOps kClockPolicyOps;
 const PolicyOps* policy_ops(ExCacheOptions::Policy policy);
 
-// Counters, one set per stripe; a thread picks its stripe from its stack address (no TLS:
-// dynamic TLS is not async-signal-safe), so threads rarely share a cache line.
-enum Counter : size_t {
-  kMisses,
-  kFetches,
-  kZeroFills,
-  kWriteFaults,
-  kWaits,
-  kSpurious,
-  kEvictions,
-  kEvictionBatches,
-  kWriteBacks,
-  kUnfencedBatches,
-  kCleanDrops,
-  kDiscardedLines,
-  kBytesFetched,
-  kBytesWritten,
-  kDirtyPredictions,
-  kModuleCalls,
-  kAccessedSpared,
-  kRedirtied,
-  kPrefetches,
-  kPrefetchedLines,
-  kNumCounters,
+// Counters (LEGO_EXCACHE_COUNTERS in lego/excache.h), one set per stripe; a thread picks its
+// stripe from its stack address (no TLS: dynamic TLS is not async-signal-safe), so threads
+// rarely share a cache line.
+enum class Counter : size_t {
+#define LEGO_EXCACHE_ENUM(name, doc) name,
+  LEGO_EXCACHE_COUNTERS(LEGO_EXCACHE_ENUM)
+#undef LEGO_EXCACHE_ENUM
 };
+#define LEGO_EXCACHE_ONE(name, doc) +1
+inline constexpr size_t kNumCounters = 0 LEGO_EXCACHE_COUNTERS(LEGO_EXCACHE_ONE);
+#undef LEGO_EXCACHE_ONE
 
 class Stats {
  public:
@@ -223,6 +210,15 @@ class Stats {
 };
 
 uint64_t now_ns();
+
+// Dirty prediction for a load miss (ExCacheOptions::predict_dirty): whether to map the line
+// writable and dirty at once, and the history bits to keep. A store miss maps it dirty.
+// (fault.cc; prefetch.cc maps its windows by it too.)
+struct DirtyChoice {
+  bool dirty;
+  uint64_t persist;
+};
+DirtyChoice choose_dirty(uint64_t state, bool write, bool predict, Stats& stats);
 
 // Writes "lego excache[pid]: <what> (errno N) at 0x<addr>" to stderr and aborts.
 // Async-signal-safe.
@@ -334,7 +330,7 @@ struct ExCache::Impl {
   std::atomic<bool> stopping{false};
   int stop_fd = -1;  // eventfd that wakes the handler thread out of poll() to stop
 
-  // fault.cc: prefetch (ExCacheOptions::prefetch_lines). Stream detectors are hints,
+  // prefetch.cc (ExCacheOptions::prefetch_lines). Stream detectors are hints,
   // updated racily by design: a torn or stale read only makes a worse guess, because the
   // lines a prefetch maps are claimed by CAS like any miss's.
   struct Stream {
@@ -462,7 +458,7 @@ struct ExCache::Impl {
   void write_back_batch(size_t n, int tried = 0);
   void handle_event(const uffd_msg& msg);
   void fill(uint64_t index, uint64_t state, bool write, uint64_t start_ns);
-  // Prefetch: how many lines ahead of a miss at `index` to fetch, and on which stride
+  // prefetch.cc. How many lines ahead of a miss at `index` to fetch, and on which stride
   // (0: none); updates the stream detectors.
   size_t plan_prefetch(uint64_t index, int64_t* stride);
   // fill() with a prefetch window: claims what it can of `want` lines on `stride` after
@@ -479,7 +475,8 @@ struct ExCache::Impl {
   void claim_ahead(PrefetchBuffer& pb, uint64_t from, size_t want, excache_internal::LineKind kind);
   // Lists pb's backed lines in pb.fetch_addrs / fetch_slot (pb.m of them): the ones to fetch.
   void list_backed(PrefetchBuffer& pb);
-  // Fetches pb's listed lines (into the tail of pb.data) and spreads them to their slots.
+  // fault.cc. Fetches pb's listed lines (into the tail of pb.data) and spreads them to their
+  // slots.
   void fetch_claimed(PrefetchBuffer& pb);
   // Maps pb's lines and publishes them; releases pb.
   void map_claimed(PrefetchBuffer& pb, uint64_t start_ns);
@@ -487,9 +484,9 @@ struct ExCache::Impl {
   void start_background_prefetch(uint64_t from, int64_t stride, size_t want, bool write);
 
  public:
-  // Completes the background prefetch in buffer `slot` if it is still in flight (waits for
-  // its reply and maps its lines); with `go_on`, starts the stream's next window. Any
-  // thread may call it; false if the buffer held no background prefetch.
+  // prefetch.cc. Completes the background prefetch in buffer `slot` if it is still in flight (waits
+  // for its reply and maps its lines); with `go_on`, starts the stream's next window. Any thread
+  // may call it; false if the buffer held no background prefetch.
   bool complete_prefetch(uint32_t slot, bool go_on);
   // Completes every background prefetch (discard, fork, destruction).
   void complete_all_prefetches();

@@ -1,4 +1,4 @@
-// runtime/fork.cc: fork() of a process whose memory lives in an ExCache.
+// runtime/excache/fork.cc: fork() of a process whose memory lives in an ExCache.
 //
 // With UFFD_FEATURE_EVENT_FORK a forked child keeps the region registered, with a
 // userfaultfd of its own that the kernel hands to our handler thread (fork() blocks until
@@ -34,7 +34,7 @@
 #include <cstring>
 
 #include "lego/retry.h"
-#include "runtime/excache_impl.h"
+#include "runtime/excache/excache_impl.h"
 
 namespace lego {
 

@@ -1,4 +1,4 @@
-// runtime/region.cc: reserving the disaggregated region, registering it with userfaultfd,
+// runtime/excache/region.cc: reserving the disaggregated region, registering it with userfaultfd,
 // and ExCache's lifetime (create, destructor, accessors).
 //
 // The region is one MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE mapping registered with
@@ -22,8 +22,8 @@
 #include <cstdio>
 #include <string>
 
-#include "runtime/excache_impl.h"
-#include "runtime/pcache_dev.h"
+#include "runtime/excache/excache_impl.h"
+#include "runtime/excache/pcache_dev.h"
 
 namespace lego {
 
@@ -234,7 +234,7 @@ Result<std::unique_ptr<ExCache>> ExCache::create(const ExCacheOptions& options,
   impl->nlines = impl->size >> kLineShift;
   impl->capacity = options.capacity_bytes >> kLineShift;
   // Frame numbers live in 32 bits of the line word; line indexes in 63 bits of a frame word.
-  if (impl->capacity < 16 || impl->capacity > (uint64_t{1} << 31)) {
+  if (impl->capacity < kExCacheMinLines || impl->capacity > (uint64_t{1} << 31)) {
     return Status(EINVAL, "ExCache::create: capacity_bytes " +
                               std::to_string(options.capacity_bytes) +
                               " is not in [64 KiB, 8 TiB]");

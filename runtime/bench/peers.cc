@@ -1,0 +1,131 @@
+// Running lego-bench's workers under each system, and the zram peer's set-up
+// (runtime/bench/lego_bench.h).
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+
+#include "runtime/bench/lego_bench.h"
+
+namespace lego::bench {
+
+void die(const std::string& m) {
+  fprintf(stderr, "lego-bench: %s\n", m.c_str());
+  exit(2);
+}
+
+std::string self_path() {
+  char b[4096] = {};
+  ssize_t n = readlink("/proc/self/exe", b, sizeof(b) - 1);
+  return n > 0 ? std::string(b, n) : "lego-bench";
+}
+
+namespace {
+
+bool write_file(const std::string& path, const std::string& text) {
+  int fd = open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  bool ok = write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+  close(fd);
+  return ok;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+}  // namespace
+
+Outcome run(const std::vector<std::string>& argv, const std::string& cgroup_tasks,
+            const char* key) {
+  int out[2];
+  if (pipe2(out, O_CLOEXEC) != 0) return {false, false, 0, "pipe", ""};
+  pid_t pid = fork();
+  if (pid == 0) {
+    dup2(out[1], 1);
+    if (!cgroup_tasks.empty()) {
+      std::string me = std::to_string(getpid());
+      if (!write_file(cgroup_tasks, me)) _exit(120);
+    }
+    std::vector<char*> a;
+    for (auto& s : argv) a.push_back(const_cast<char*>(s.c_str()));
+    a.push_back(nullptr);
+    execv(a[0], a.data());
+    _exit(127);
+  }
+  close(out[1]);
+  std::string text;
+  char buf[512];
+  ssize_t n;
+  while ((n = read(out[0], buf, sizeof(buf))) > 0) text.append(buf, n);
+  close(out[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  Outcome o;
+  if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) {
+    o.oom = true;
+    o.error = "killed (OOM)";
+    return o;
+  }
+  o.text = text;
+  size_t at = key ? text.find(key) : 0;
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || at == std::string::npos) {
+    o.error = "exit status " +
+              std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+    return o;
+  }
+  o.ok = true;
+  if (key) o.us = strtod(text.c_str() + at + strlen(key), nullptr);
+  return o;
+}
+
+std::string ZramSwap::setup(uint64_t cap) {
+  std::string n = read_file("/sys/class/zram-control/hot_add");
+  if (n.empty()) return "no zram (modprobe zram?)";
+  dev_ = std::stoi(n);
+  std::string d = "/dev/zram" + std::to_string(dev_);
+  if (!write_file("/sys/block/zram" + std::to_string(dev_) + "/disksize", "4G")) {
+    return "cannot size " + d;
+  }
+  if (system(("mkswap " + d + " >/dev/null && swapon " + d).c_str()) != 0) {
+    return "mkswap/swapon " + d + " failed";
+  }
+  swapped_ = true;
+  cg_ = "/sys/fs/cgroup/memory/lego-bench-" + std::to_string(getpid());
+  if (mkdir(cg_.c_str(), 0755) != 0) return "cannot create " + cg_;
+  if (!write_file(cg_ + "/memory.limit_in_bytes", std::to_string(cap))) {
+    return "cannot cap " + cg_;
+  }
+  return "";
+}
+
+void ZramSwap::teardown() {
+  if (!cg_.empty()) rmdir(cg_.c_str());
+  cg_.clear();
+  if (swapped_) {
+    std::string d = "/dev/zram" + std::to_string(dev_);
+    (void)!system(("swapoff " + d).c_str());
+    swapped_ = false;
+  }
+  if (dev_ >= 0) write_file("/sys/class/zram-control/hot_remove", std::to_string(dev_));
+  dev_ = -1;
+}
+
+double peer_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const char* system) {
+  for (auto& q : rows) {
+    if (q.workload == r.workload && q.fraction == r.fraction && q.system == system && q.o.ok) {
+      return q.o.us;
+    }
+  }
+  return 0;
+}
+
+}  // namespace lego::bench
