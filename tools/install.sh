@@ -31,8 +31,11 @@ done
 src=${BUILD_WORKSPACE_DIRECTORY:-$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)}
 bin=${bin:-$src/bazel-bin}
 
-programs=(runtime/lego-run daemons/memory/lego-memd daemons/storage/lego-stord
-  runtime/fs/lego-fs runtime/bench/lego-bench libfit/bench/fit-bench)
+# Every daemon with a unit (daemons/PKG/NAME@.service) is installed with it.
+units=()
+for u in "$src"/daemons/*/lego-*@.service; do units+=("${u#"$src"/}"); done
+programs=(runtime/lego-run runtime/fs/lego-fs runtime/bench/lego-bench libfit/bench/fit-bench)
+for u in "${units[@]}"; do programs+=("${u%@.service}"); done
 for p in "${programs[@]}" runtime/liblego_preload.so; do
   [[ -r $bin/$p ]] || { echo "install.sh: $bin/$p missing: bazel build //... first" >&2; exit 1; }
 done
@@ -44,7 +47,7 @@ d=$destdir$prefix
 install -d "$d/bin" "$d/lib/lego" "$d/lib/systemd/system"
 for p in "${programs[@]}"; do install -m 755 "$bin/$p" "$d/bin/"; done
 install -m 755 "$bin/runtime/liblego_preload.so" "$d/lib/lego/"
-for u in daemons/memory/lego-memd@.service daemons/storage/lego-stord@.service; do
+for u in "${units[@]}"; do
   sed "s|/usr/local/bin/|$prefix/bin/|g" "$src/$u" >"$d/lib/systemd/system/${u##*/}"
   chmod 644 "$d/lib/systemd/system/${u##*/}"
 done
