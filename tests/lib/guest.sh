@@ -81,7 +81,9 @@ init=/lego-out/init.sh
 mode=$(cat /newroot/lego-out/mode)
 # This machine's own mounts and identity are not the guest's.
 : >/newroot/etc/fstab
-rm -f /newroot/etc/machine-id
+# A machine id of its own; not an empty one, which would make systemd apply every unit
+# preset of this machine (first boot), file by file over 9p.
+tr -d '-' </proc/sys/kernel/random/uuid >/newroot/etc/machine-id
 if [ "$mode" = systemd ]; then
   u=/newroot/etc/systemd/system
   cp /newroot/lego-out/lego-guest.service /newroot/lego-out/lego-guest.target "$u/"

@@ -251,7 +251,21 @@ stage_units() {
   # lego-run's storage client mounts node 3 only when memory is served too.
   systemctl start lego-memd@2.service && active lego-memd@2.service 30 || return 1
   unit_lifecycle lego-stord@3.service 3 serves_stord || return 1
-  systemctl stop lego-memd@2.service
+  # The unit's comment says the export must be in ReadWritePaths under ProtectSystem=strict:
+  # without it (a drop-in emptying it), no write through lego-stord succeeds.
+  local d=/run/systemd/system/lego-stord@3.service.d
+  mkdir -p "$d"
+  printf '[Service]\nReadWritePaths=\n' >"$d/no-rw.conf"
+  systemctl daemon-reload && systemctl start lego-stord@3.service && active lego-stord@3.service 30 ||
+    return 1
+  if serves_stord >/tmp/ro.out 2>&1; then
+    echo "lego-stord wrote its export without ReadWritePaths"
+    return 1
+  fi
+  echo "without ReadWritePaths: $(grep -m1 -iE 'read-only|EROFS|exited|error' /tmp/ro.out)"
+  rm -rf "$d"
+  systemctl stop lego-stord@3.service lego-memd@2.service
+  systemctl daemon-reload
 }
 
 run_stage install "tools/install.sh --prefix /usr/local, the cluster file" stage_install
