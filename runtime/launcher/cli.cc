@@ -189,6 +189,13 @@ void check_options(const Options& o) {
 
 void check_pcache(Options& o) {
   if (o.runtime.pcache == "off") return;
+  if (access(LEGO_PCACHE_DEVICE, R_OK | W_OK) != 0) {
+    if (o.runtime.pcache == "on") {
+      die(std::string("--pcache on: ") + LEGO_PCACHE_DEVICE + ": " + strerror(errno) +
+          " (load the module: modprobe lego_pcache, see kmod/README.md; or --pcache auto)");
+    }
+    return;  // auto, and no module (or not ours to use): the usual case, nothing to say
+  }
   uint32_t max_lines = 0;
   uint64_t features = 0;
   Result<int> fd = excache_internal::PcacheDevice::open_checked(&max_lines, &features);
@@ -196,20 +203,16 @@ void check_pcache(Options& o) {
     close(fd.value());
     return;
   }
-  const Status& st = fd.status();
-  // What the operator does about it.
-  const char* fix = st.code() == EPROTO || st.code() == EOPNOTSUPP
-                        ? "install the lego_pcache of this lego release (make -C kmod "
-                          "dkms-install; modprobe -r lego_pcache; modprobe lego_pcache)"
-                        : "load the module: modprobe lego_pcache, see kmod/README.md";
-  if (o.runtime.pcache == "on") {
-    die("--pcache on: " + st.to_string() + " (" + fix + "; or --pcache auto)");
-  }
-  if (st.code() == ENOENT) return;  // auto, and no module: the usual case, nothing to say
+  // The module is there but the runtime would not use it: another ABI, missing features,
+  // or not lego_pcache at all (its INFO ioctl failed).
+  const std::string why = fd.status().to_string() +
+                          " (install the lego_pcache of this lego release: make -C kmod "
+                          "dkms-install; modprobe -r lego_pcache; modprobe lego_pcache)";
+  if (o.runtime.pcache == "on") die("--pcache on: " + why);
   fprintf(stderr,
           "lego-run: warning: lego_pcache refused: %s; running without it, on the "
-          "userfaultfd path (%s)\n",
-          st.to_string().c_str(), fix);
+          "userfaultfd path\n",
+          why.c_str());
   o.runtime.pcache = "off";
 }
 

@@ -39,7 +39,7 @@ if [ $$ = 1 ]; then
 fi
 export PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 ip link set lo up
-echo "guest: $(uname -r), $(nproc) CPUs, PID 1 $(cat /proc/1/comm), stages: $STAGES"
+echo "guest: $(uname -r), $(nproc) CPUs, PID 1 $(cat /proc/1/comm), up $(cut -d" " -f1 /proc/uptime) s, stages: $STAGES"
 
 failed=""
 now() { cut -d' ' -f1 /proc/uptime; }

@@ -41,9 +41,10 @@ else
 fi
 bin=$root
 [ -x "$bin/daemons/memory/lego-memd" ] || bin=$root/bazel-bin
-tmp=${TEST_TMPDIR:-$(mktemp -d)}/unit_test.$$
+tmp=${TEST_TMPDIR:-${TMPDIR:-/tmp}}/unit_test.$$
 rm -rf "$tmp"
 mkdir -p "$tmp"
+trap 'rm -rf "$tmp"' EXIT
 
 # Installed as tools/install.sh installs them, under a staging tree whose prefix is the
 # tree itself, so that systemd-analyze finds ExecStart='s program.
