@@ -77,7 +77,8 @@ abi_module() {
   make -s -C "/usr/src/linux-headers-$LEGO_KVER" M="$WORK/out/abi99" LEGO_PCACHE_TEST_ABI_MAJOR=99 modules
 }
 if [[ $STAGES == *abi* ]]; then
-  check "a lego_pcache.ko that reports ABI 99 builds (LEGO_PCACHE_TEST_ABI_MAJOR)" abi_module
+  # Named for the stage, so that selecting the stage selects it.
+  check "guest abi: first, a lego_pcache.ko that reports ABI 99 builds here (LEGO_PCACHE_TEST_ABI_MAJOR)" abi_module
 fi
 
 if [[ -n $STAGES ]]; then
