@@ -1,14 +1,14 @@
 #!/bin/bash
 # Description: runs in the qemu guest of tests/ops/ops_guest_test.sh (tests/lib/guest.sh:
 # Debian's 6.1 kernel on this machine's root file system), as an operator would: lego
-# installed with tools/install.sh, lego_pcache with DKMS and modprobe, the daemons under
+# installed with daemons/install/install.sh, lego_pcache with DKMS and modprobe, the daemons under
 # systemd. Each stage prints "guest: stage NAME: start: WHAT", its output, then
 # "guest: stage NAME: ok (T s)" or "... FAIL rc=N (T s)"; the host script makes each a
 # check. Arguments (one a line in /lego-out/args): ROOT (the sources: kmod/, include/,
 # tools/), BIN (the built programs, bazel-bin's layout), STAGES (names separated by
 # spaces, in the order below), ABI_KO (lego_pcache.ko built to claim ABI major 99).
 # Stages (each needs the ones before it that it names):
-#   install     tools/install.sh --prefix /usr/local; /etc/lego/cluster.toml
+#   install     daemons/install/install.sh --prefix /usr/local; /etc/lego/cluster.toml
 #   dkms        make -C kmod dkms-install: dkms add, build, install for this kernel
 #   modprobe    modprobe lego_pcache (the DKMS build, from updates/dkms), its version
 #   pcache-run  lego-memd and lego-run --pcache on --stats lego_integrity: uses the module
@@ -78,7 +78,7 @@ PIN="taskset 1"
 INTEGRITY="4 1 1500"
 
 stage_install() {
-  must "tools/install.sh" "$ROOT/tools/install.sh" --prefix /usr/local --bin "$BIN" || return 1
+  must "daemons/install/install.sh" "$ROOT/daemons/install/install.sh" --prefix /usr/local --bin "$BIN" || return 1
   mkdir -p /etc/lego /srv/lego
   . "$ROOT/tests/lib/check.sh"
   cluster_toml "$CLUSTER" "key = \"$(random_key)\"" -- \
@@ -268,7 +268,7 @@ stage_units() {
   systemctl daemon-reload
 }
 
-run_stage install "tools/install.sh --prefix /usr/local, the cluster file" stage_install
+run_stage install "daemons/install/install.sh --prefix /usr/local, the cluster file" stage_install
 run_stage dkms "make -C kmod dkms-install (dkms add, build, install) for $KVER" stage_dkms
 run_stage modprobe "modprobe lego_pcache: DKMS's build, version 1.1" stage_modprobe
 run_stage pcache-run "lego-run --pcache on --stats lego_integrity against lego-memd; modprobe -r refused while in use" stage_pcache_run

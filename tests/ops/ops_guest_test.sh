@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Description: lego as an operator runs it, in a booted Debian 6.1 guest (qemu, TCG) with
 # a real userland (tests/lib/guest.sh: this machine's root shared read-only, an overlay
-# on it): tools/install.sh; lego_pcache.ko through DKMS (`make -C kmod dkms-install`),
+# on it): daemons/install/install.sh; lego_pcache.ko through DKMS (`make -C kmod dkms-install`),
 # modprobe, a lego-run that uses it, modprobe -r, an upgrade to another version; a
 # module of an unknown ABI refused by lego-run; and lego-memd@.service and
 # lego-stord@.service under systemd (start, serve a real client, journal, restart,
@@ -40,7 +40,7 @@ mkdir -p "$WORK/out"
 # The guest's stages, in order, each with its check and the stages it needs.
 STAGE_ORDER="install dkms modprobe pcache-run modprobe-r upgrade abi units"
 declare -A STAGE_CHECKS=(
-  [install]="guest install: tools/install.sh --prefix /usr/local"
+  [install]="guest install: daemons/install/install.sh --prefix /usr/local"
   [dkms]="guest dkms: make -C kmod dkms-install adds, builds and installs lego_pcache 1.1"
   [modprobe]="guest modprobe: modprobe lego_pcache loads DKMS's build"
   [pcache-run]="guest pcache-run: lego-run --pcache on uses the module; modprobe -r refused while in use"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Description: every daemon's systemd unit (daemons/*/NAME@.service), checked on this
 # machine without running systemd: `systemd-analyze verify` accepts it as installed
-# (tools/install.sh's copy, ExecStart= at the installed program); it carries each
+# (daemons/install/install.sh's copy, ExecStart= at the installed program); it carries each
 # hardening option of the table below; `systemd-analyze security` rates it at most
 # MAX_EXPOSURE (the score is printed: before hardening these units scored 8.9 and 9.1);
-# and tools/install.sh installs the program its ExecStart= names. Under systemd in a
+# and daemons/install/install.sh installs the program its ExecStart= names. Under systemd in a
 # booted guest the same units are started, used, killed and restarted by
 # tests/ops/ops_guest_test.sh (stage units).
 # usage: unit_test.sh [NAME-PART...]   (checks whose names contain one; see tests/lib)
@@ -46,10 +46,10 @@ rm -rf "$tmp"
 mkdir -p "$tmp"
 trap 'rm -rf "$tmp"' EXIT
 
-# Installed as tools/install.sh installs them, under a staging tree whose prefix is the
+# Installed as daemons/install/install.sh installs them, under a staging tree whose prefix is the
 # tree itself, so that systemd-analyze finds ExecStart='s program.
 install_all() {
-  "$root/tools/install.sh" --prefix "$tmp/prefix" --bin "$bin"
+  "$root/daemons/install/install.sh" --prefix "$tmp/prefix" --bin "$bin"
 }
 
 for entry in "${UNITS[@]}"; do
@@ -59,9 +59,9 @@ for entry in "${UNITS[@]}"; do
 
   verifies() {
     need install_all || return 1
-    [ -f "$installed" ] || { echo "tools/install.sh did not install $name@.service"; return 1; }
+    [ -f "$installed" ] || { echo "daemons/install/install.sh did not install $name@.service"; return 1; }
     grep -q "^ExecStart=$tmp/prefix/bin/$name " "$installed" || { grep ExecStart "$installed"; return 1; }
-    [ -x "$tmp/prefix/bin/$name" ] || { echo "tools/install.sh did not install bin/$name"; return 1; }
+    [ -x "$tmp/prefix/bin/$name" ] || { echo "daemons/install/install.sh did not install bin/$name"; return 1; }
     # An instance, as systemctl would load it (%i = 2).
     cp "$installed" "$tmp/$name@2.service"
     local out

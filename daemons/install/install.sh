@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs lego's programs, the runtime and the systemd units, as packaging would:
-#   bazel build //... && tools/install.sh [--prefix /usr/local] [--destdir DIR]
+#   bazel build //... && daemons/install/install.sh [--prefix /usr/local] [--destdir DIR]
 #   bazel run //:install -- --prefix=/usr/local            (the same, built first)
 # Layout (PREFIX default /usr/local):
 #   PREFIX/bin/{lego-run,lego-memd,lego-stord,lego-fs,lego-bench,fit-bench}
@@ -28,7 +28,7 @@ while (($#)); do
 done
 [[ $prefix == /* ]] || { echo "install.sh: --prefix $prefix: not an absolute path" >&2; exit 2; }
 # The checkout: `bazel run` sets BUILD_WORKSPACE_DIRECTORY (and has just built bazel-bin).
-src=${BUILD_WORKSPACE_DIRECTORY:-$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)}
+src=${BUILD_WORKSPACE_DIRECTORY:-$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)}
 bin=${bin:-$src/bazel-bin}
 
 # Every daemon with a unit (daemons/PKG/NAME@.service) is installed with it.
