@@ -30,33 +30,49 @@ same_run() {
 # row CSV PROGRAM SYSTEM: the CSV row of PROGRAM under SYSTEM at 25% local.
 row() { grep -E "^$2,0\.25,$3," "$1"; }
 
-check "all programs run under local and lego_shm (exit 0)" \
-  eval 'need same_run; [ "$same_rc" -eq 0 ]'
-check "CSV: the header and one ok row per program and system" eval '
+# Each check is a function: check runs it in this shell, so it says what failed and returns
+# 1 (an exit would end the whole script).
+all_ran() {
   need same_run
-  [ "$(head -1 "$tmp/same.csv")" = "program,local_fraction,system,seconds,ok,oom_killed" ] || exit 1
-  [ "$(wc -l <"$tmp/same.csv")" -eq 11 ] || { cat "$tmp/same.csv"; exit 1; }
+  [ "$same_rc" -eq 0 ] || { echo "exit status $same_rc"; return 1; }
+}
+csv_rows() {
+  need same_run
+  [ "$(head -1 "$tmp/same.csv")" = "program,local_fraction,system,seconds,ok,oom_killed" ] ||
+    { echo "bad header: $(head -1 "$tmp/same.csv")"; return 1; }
+  [ "$(wc -l <"$tmp/same.csv")" -eq 11 ] || { cat "$tmp/same.csv"; return 1; }
   for p in $programs; do
     for s in local lego_shm; do
-      row "$tmp/same.csv" "$p" "$s" | grep -qE ",[0-9]+\.[0-9]+,1,0$" || { echo "no ok row: $p $s"; cat "$tmp/same.csv"; exit 1; }
+      row "$tmp/same.csv" "$p" "$s" | grep -qE ",[0-9]+\.[0-9]+,1,0$" ||
+        { echo "no ok row: $p $s"; cat "$tmp/same.csv"; return 1; }
     done
-  done'
-check "each lego_shm run's output is local's (stress-ng: its own verify)" eval '
-  need same_run
-  for p in python sqlite sort redis; do
-    grep -E "^$p +25% .* lego_shm .* same " "$tmp/same.out" || { echo "not same: $p"; exit 1; }
   done
-  grep -E "^stress-ng +25% .* lego_shm .* verify ok " "$tmp/same.out" &&
-  ! grep -q "DIFFERS" "$tmp/same.out" "$tmp/same.err"'
-check "lego rows carry --stats misses and evictions" eval '
+}
+outputs_same() {
   need same_run
   for p in python sqlite sort redis; do
-    grep -E "^$p +25% .* lego_shm .* same +[1-9][0-9]* +[0-9]+$" "$tmp/same.out" || { echo "no misses: $p"; exit 1; }
-  done'
-check "redis rows have requests per second" eval '
+    grep -E "^$p +25% .* lego_shm .* same " "$tmp/same.out" || { echo "not same: $p"; return 1; }
+  done
+  grep -E "^stress-ng +25% .* lego_shm .* verify ok " "$tmp/same.out" || return 1
+  ! grep "DIFFERS" "$tmp/same.out" "$tmp/same.err"
+}
+stats_in_rows() {
+  need same_run
+  for p in python sqlite sort redis; do
+    grep -E "^$p +25% .* lego_shm .* same +[1-9][0-9]* +[0-9]+$" "$tmp/same.out" ||
+      { echo "no misses: $p"; return 1; }
+  done
+}
+redis_rps() {
   need same_run
   grep -E "^redis +25% .* local +[0-9.]+ +[1-9][0-9]* " "$tmp/same.out" &&
-  grep -E "^redis +25% .* lego_shm +[0-9.]+ +[1-9][0-9]* " "$tmp/same.out"'
+    grep -E "^redis +25% .* lego_shm +[0-9.]+ +[1-9][0-9]* " "$tmp/same.out"
+}
+check "all programs run under local and lego_shm (exit 0)" all_ran
+check "CSV: the header and one ok row per program and system" csv_rows
+check "each lego_shm run's output is local's (stress-ng: its own verify)" outputs_same
+check "lego rows carry --stats misses and evictions" stats_in_rows
+check "redis rows have requests per second" redis_rps
 
 corrupt_run() {
   "$BENCH" --only programs --program-size $size --systems local,lego_shm --fractions 0.25 \
@@ -65,19 +81,25 @@ corrupt_run() {
   corrupt_rc=$?
   cat "$tmp/corrupt.out"
 }
-check "a differing output is reported loudly, per program, and lego-bench exits 1" eval '
+differences_flagged() {
   need corrupt_run
-  [ "$corrupt_rc" -eq 1 ] || { echo "exit status $corrupt_rc"; exit 1; }
+  [ "$corrupt_rc" -eq 1 ] || { echo "exit status $corrupt_rc, expected 1"; return 1; }
   for p in python sqlite sort redis; do
-    grep -E "^$p +25% .* lego_shm .* DIFFERS! " "$tmp/corrupt.out" &&
-    grep -E "^!!! OUTPUT DIFFERS: $p under lego_shm at 25% local: .*local .* this run " "$tmp/corrupt.out" &&
-    grep -q "lego-bench: !!! $p under lego_shm at 25% local: OUTPUT DIFFERS FROM LOCAL" "$tmp/corrupt.err" &&
-    row "$tmp/corrupt.csv" "$p" lego_shm | grep -qE ",0,0$" || { echo "not flagged: $p"; exit 1; }
-  done'
+    grep -qE "^$p +25% .* lego_shm .* DIFFERS! " "$tmp/corrupt.out" &&
+      grep -qE "^!!! OUTPUT DIFFERS: $p under lego_shm at 25% local: line [0-9]+: local .* this run " "$tmp/corrupt.out" &&
+      grep -q "lego-bench: !!! $p under lego_shm at 25% local: OUTPUT DIFFERS FROM LOCAL" "$tmp/corrupt.err" &&
+      row "$tmp/corrupt.csv" "$p" lego_shm | grep -qE ",0,0$" ||
+      { echo "not flagged: $p"; return 1; }
+  done
+}
+check "a differing output is reported loudly, per program, and lego-bench exits 1" \
+  differences_flagged
 
-check "bad --programs, --program-size and --corrupt-output are refused" eval '
+bad_flags() {
   bad_flag 2 "nosuch" "$BENCH" --only programs --programs nosuch &&
-  bad_flag 2 "program-size" "$BENCH" --only programs --program-size 0 &&
-  bad_flag 2 "corrupt-output" "$BENCH" --only programs --corrupt-output mars'
+    bad_flag 2 "program-size" "$BENCH" --only programs --program-size 0 &&
+    bad_flag 2 "corrupt-output" "$BENCH" --only programs --corrupt-output mars
+}
+check "bad --programs, --program-size and --corrupt-output are refused" bad_flags
 
 check_summary
