@@ -42,7 +42,6 @@
 #include <sstream>
 #include <thread>
 
-#include "lego/units.h"
 #include "runtime/bench/lego_bench.h"
 
 namespace lego::bench {
@@ -58,6 +57,13 @@ using Clock = std::chrono::steady_clock;
 constexpr double kTimeoutSeconds = 900;
 // How much of a run's stdout is kept to show where it differs from local's.
 constexpr size_t kKeptOutput = 64 << 10;
+
+// "41.3M": caps are fractions of a measured peak, never round.
+std::string mib(uint64_t bytes) {
+  char b[32];
+  snprintf(b, sizeof b, "%.1fM", static_cast<double>(bytes) / (1 << 20));
+  return b;
+}
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
@@ -650,7 +656,7 @@ class Bench {
         };
         Row r = fresh();
         fprintf(stderr, "lego-bench: %s, %.0f%% local (cap %s of peak %s), %s...\n", p.c_str(),
-                f * 100, format_size(cap).c_str(), format_size(local.peak).c_str(), s.c_str());
+                f * 100, mib(cap).c_str(), mib(local.peak).c_str(), s.c_str());
         if (s == "zram_swap") {
           // An OOM kill is the kernel's verdict on that run: noted, and the run repeated
           // (fresh device and cgroup) up to --oom-retries times.
@@ -718,7 +724,7 @@ class Bench {
            "system", "seconds", "req/s", "vs local", "vs zram", "output", "misses", "evictions");
     for (auto& r : rows_) {
       printf("%-9s %4.0f%% %9s %-9s ", r.program.c_str(), r.fraction * 100,
-             r.cap ? format_size(r.cap).c_str() : "-", r.system.c_str());
+             r.cap ? mib(r.cap).c_str() : "-", r.system.c_str());
       if (!r.ok) {
         if (r.oom) {
           printf("OOM-killed (all %d runs; kept out of the means)\n", r.oom_kills);
