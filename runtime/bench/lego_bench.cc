@@ -113,7 +113,7 @@ measured in the same run (no memory node work, no copies of lego's own):
 "vs zram" is the floor's ratio to swap on zram, "lego/floor" lego's to the floor.
 
 Real programs (--only programs). Each runs under local first, alone in a memory cgroup
-whose anonymous memory is sampled every 20 ms: the peak sets each other run's cap,
+whose anonymous memory is sampled every 5 ms: the peak sets each other run's cap,
 fraction x peak (ExCache size for lego-run, cgroup limit for zram). Local's stdout is the
 reference: every other run's must be the same (a hash of all of it), and a difference is
 printed loudly and makes lego-bench exit 1; stress-ng, whose output is timing, is checked

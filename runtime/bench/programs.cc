@@ -2,7 +2,7 @@
 // zram_swap, lego_tcp and lego_shm (runtime/bench/lego_bench.h).
 //
 // Each program runs first under local, alone in an uncapped memory cgroup whose anonymous
-// memory (memory.stat's rss) is sampled every 20 ms: its peak sets the local-memory cap of
+// memory (memory.stat's rss) is sampled every 5 ms: its peak sets the local-memory cap of
 // every other run, cap = fraction x peak (the ExCache size for lego-run, the cgroup limit
 // for zram). The local run is also the reference output: every other run's stdout must
 // hash the same (stress-ng, whose output is timing, is checked by its own --verify).
@@ -189,7 +189,7 @@ class PeakSampler {
   void loop() {
     while (!done_) {
       peak_ = std::max(peak_.load(), cg_->stat("rss"));
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
   }
   const MemoryCgroup* cg_;
