@@ -69,6 +69,17 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
+// Ctrl-C or SIGTERM: the program running now is killed, no further run starts, and what
+// ran is printed; the temp directory, cgroups and zram device are removed on the way out.
+std::atomic<pid_t> g_running{0};
+std::atomic<bool> g_stop{false};
+
+void on_stop_signal(int) {
+  g_stop = true;
+  const pid_t p = g_running;
+  if (p > 0) kill(p, SIGKILL);
+}
+
 // Deterministic inputs: the same bytes in every run and on every host.
 uint64_t splitmix64(uint64_t& s) {
   uint64_t z = (s += 0x9e3779b97f4a7c15ull);
@@ -205,7 +216,10 @@ pid_t spawn(const std::vector<std::string>& argv, const Launch& launch, int out_
   std::vector<std::string> full = launch.prefix;
   full.insert(full.end(), argv.begin(), argv.end());
   const pid_t pid = fork();
-  if (pid != 0) return pid;
+  if (pid != 0) {
+    g_running = pid;
+    return pid;
+  }
   if (!launch.tasks.empty()) {
     const std::string me = std::to_string(getpid());
     const int fd = open(launch.tasks.c_str(), O_WRONLY);
@@ -264,13 +278,16 @@ int run_to_end(const std::vector<std::string>& argv, const Launch& launch,
       out->add(buf, static_cast<size_t>(n));
     }
     if (!timed_out && seconds_since(t0) > timeout) {
-      kill(pid, SIGKILL);
+      kill(pid, SIGKILL);  // lego-run's PROGRAM dies with it
       timed_out = true;
     }
+    // A worker the killed program forked may hold the pipe open: give up on it.
+    if (timed_out && seconds_since(t0) > timeout + 10) break;
   }
   close(p[0]);
   int status = 0;
   waitpid(pid, &status, 0);
+  g_running = 0;
   return timed_out ? -1 : status;
 }
 
@@ -384,10 +401,18 @@ class Bench {
     if (programs.empty()) programs.assign(std::begin(kProgramNames), std::end(kProgramNames));
     prepare(programs);
     const auto t0 = Clock::now();
-    for (auto& p : programs) run_program(p);
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigaction(SIGINT, &sa, nullptr);
+    sigaction(SIGTERM, &sa, nullptr);
+    for (auto& p : programs) {
+      if (!g_stop) run_program(p);
+    }
+    if (g_stop) fprintf(stderr, "lego-bench: interrupted: the table has the runs that ended\n");
     fprintf(stderr, "lego-bench: programs done in %.0f s\n", seconds_since(t0));
     print();
     if (!o_.csv.empty()) write_csv();
+    if (g_stop) return 130;
     return failures_ == 0 ? 0 : 1;
   }
 
@@ -506,6 +531,7 @@ class Bench {
     while (!up && seconds_since(up0) < 120) {
       int st = 0;
       if (waitpid(pid, &st, WNOHANG) == pid) {
+        g_running = 0;
         fail("redis-server ended before serving: " + status_text(st) + ": " + tail_of(err));
         read_stats(err, row);
         return;
@@ -576,6 +602,7 @@ class Bench {
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
+    g_running = 0;
     read_stats(err, row);
     if (row->error.empty() && !(WIFEXITED(st) && WEXITSTATUS(st) == 0)) {
       fail("redis-server: " + status_text(st) + ": " + tail_of(err));
@@ -644,7 +671,7 @@ class Bench {
         rows_.push_back(l);
       }
       for (auto& s : o_.systems) {
-        if (s == "local") continue;
+        if (s == "local" || g_stop) continue;
         // A fresh row per attempt (a killed zram run leaves nothing behind).
         auto fresh = [&] {
           Row r;
