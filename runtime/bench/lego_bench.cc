@@ -78,7 +78,7 @@ options:
   --programs LIST      with --only programs: python,sqlite,sort,stress-ng,redis (default:
                        all)
   --program-size F     with --only programs: scale every program's input by F (default 1:
-                       heaps of ~100-180 MiB, ~10-15 min for all; 0.05 for a quick check)
+                       heaps of ~90-165 MiB; 0.25: ~25-45 MiB; 0.05 for a quick check)
   --corrupt-output SYSTEM  for tests of lego-bench itself: the programs' runs under SYSTEM
                        get a slightly different input, so their output must be reported
                        as differing from local's
