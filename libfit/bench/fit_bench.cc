@@ -33,11 +33,16 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 constexpr uint16_t kEcho = 1;
+constexpr uint16_t kRegion = 2;  // replies the RemoteRegion of the server's exposed buffer
+constexpr size_t kRegionBytes = 1 << 20;
 
 const char* kUsage = R"(usage: fit-bench [options]
 
 Measures libfit round trips (64 B and 4 KiB) and throughput, and in the same run the
 floors for the same transport: libfabric's fi_pingpong and a busy-polled TCP socket.
+Beside each send_reply round trip, a one-sided read and a one-sided write of the same
+size into memory the server registered (Node::rma_read / rma_write), each waited for:
+what a data path would pay for one-sided access instead of a request.
 
 options:
   --providers LIST   comma-separated: tcp,ofi_tcp,shm,verbs (default: tcp,ofi_tcp,shm);
@@ -46,6 +51,9 @@ options:
   --iterations N     round trips per figure (default: 20000)
   --loopback         keep the server in this network namespace (default: a separate
                      namespace joined by veth; needs root)
+  --addresses C,S    the client at address C and the server at S, both in this network
+                     namespace: two NICs of this host, e.g. two soft-RoCE devices (rxe)
+                     on the two ends of a veth pair (rxe cannot move into a namespace)
   --csv FILE         also write rows: transport,size_bytes,system,rtt_us
   --help             this text
 
@@ -59,6 +67,7 @@ struct Options {
   std::vector<size_t> sizes{64, 4096};
   int iterations = 20000;
   bool loopback = false;
+  std::string client_address, server_address;  // --addresses
   std::string csv;
   bool serve = false;
   std::string config;
@@ -101,6 +110,13 @@ Options parse(int argc, char** argv) {
          o.iterations = static_cast<int>(flags::number("--iterations", a, 10, 100000000));
        }},
       {"loopback", false, [&](const char*) { o.loopback = true; }},
+      {"addresses", true,
+       [&](const char* a) {
+         auto v = lego::split_list(a);
+         if (v.size() != 2) die("--addresses takes CLIENT,SERVER (two IP addresses)");
+         o.client_address = v[0];
+         o.server_address = v[1];
+       }},
       {"csv", true, [&](const char* a) { o.csv = a; }},
       {"serve", false, [&](const char*) { o.serve = true; }},
       {"config", true, [&](const char* a) { o.config = a; }},
@@ -110,6 +126,7 @@ Options parse(int argc, char** argv) {
   const int first = flags::parse(argc, argv, {"fit-bench", kUsage, 2, false}, table);
   if (first < argc) die(std::string("unexpected argument '") + argv[first] + "' (see --help)");
   if (o.serve && (o.config.empty() || o.node < 0)) die("--serve needs --config and --node");
+  if (o.loopback && !o.client_address.empty()) die("--loopback and --addresses exclude each other");
   return o;
 }
 
@@ -125,8 +142,23 @@ int serve(const Options& o) {
                          memcpy(rep.data(), req.data(), n);
                          return n;
                        });
+  // One-sided ops land here; registered after start() (the serving domain's), named by
+  // kRegion, which is asked only after "ready".
+  static std::vector<std::byte> exposed(kRegionBytes);
+  static fit::RemoteRegion remote;
+  node.value()->handle(kRegion,
+                       [](const fit::RpcContext&, std::span<const std::byte>,
+                          std::span<std::byte> rep) -> Result<size_t> {
+                         if (rep.size() < sizeof(remote))
+                           return Status(EMSGSIZE, "reply too small");
+                         memcpy(rep.data(), &remote, sizeof(remote));
+                         return sizeof(remote);
+                       });
   Status st = node.value()->start();
   if (!st) die(st.message());
+  auto mr = node.value()->register_memory(exposed.data(), exposed.size(), true);
+  if (!mr) die(mr.status().message());
+  remote = mr->remote();
   printf("ready\n");
   fflush(stdout);
   // Serve until the parent closes our stdin (or kills us).
@@ -219,6 +251,29 @@ Result<double> libfit_rtt(fit::Node& client, size_t size, int iterations) {
   return median(batches);
 }
 
+// One-sided reads (or writes) of `size` bytes at spread offsets of the server's region,
+// each waited for: median of batches, as libfit_rtt.
+Result<double> rma_rtt(fit::Node& client, const fit::RemoteRegion& region, size_t size,
+                       int iterations, bool write) {
+  std::vector<std::byte> buf(size, std::byte{7});
+  const uint64_t span = region.length - size;
+  auto one = [&](int i) {
+    uint64_t at = (static_cast<uint64_t>(i) * 4096 * 7) % (span + 1);
+    return write ? client.rma_write(region, at, buf) : client.rma_read(region, at, buf);
+  };
+  int warmup = std::max(100, iterations / 10);
+  for (int i = 0; i < warmup; i++) LEGO_RETURN_IF_ERROR(one(i));
+  std::vector<double> batches;
+  int per_batch = std::max(10, iterations / 20);
+  for (int done = 0; done < iterations; done += per_batch) {
+    auto t0 = Clock::now();
+    for (int i = 0; i < per_batch; i++) LEGO_RETURN_IF_ERROR(one(done + i));
+    batches.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count() /
+                      per_batch);
+  }
+  return median(batches);
+}
+
 // Messages per second with max_outstanding() async calls in flight.
 Result<double> libfit_throughput(fit::Node& client, size_t size, int iterations) {
   constexpr int kDepth = fit::Node::max_outstanding();
@@ -250,9 +305,13 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
 
   std::string client_addr = "127.0.0.1", server_addr = "127.0.0.1", server_ns;
-  bool need_ns =
-      !o.loopback && std::any_of(o.providers.begin(), o.providers.end(),
-                                 [](fit::Provider p) { return p != fit::Provider::kShm; });
+  if (!o.client_address.empty()) {
+    client_addr = o.client_address;
+    server_addr = o.server_address;
+  }
+  bool need_ns = !o.loopback && o.client_address.empty() &&
+                 std::any_of(o.providers.begin(), o.providers.end(),
+                             [](fit::Provider p) { return p != fit::Provider::kShm; });
   if (need_ns) {
     if (geteuid() != 0) die("separate network namespaces need root (or use --loopback)");
     // Two namespaces on a bridge of their own, the client in the first: as lego's nodes.
@@ -302,10 +361,32 @@ int main(int argc, char** argv) {
     auto client = fit::Node::create(config, 1);
     if (!client) die(client.status().message());
     fprintf(stderr, "fit-bench: %s: measuring libfit...\n", provider.c_str());
+    // Every channel up front: connecting (for verbs: loading libfabric, registering the
+    // channel's buffers, the CM exchange) is not what a round trip costs, and under
+    // emulation takes longer than a call's timeout.
+    if (Status cst = client.value()->connect(2); !cst)
+      die("libfit " + provider + ": " + cst.message());
+    fit::RemoteRegion region;
+    {
+      std::vector<std::byte> reply(sizeof(region));
+      auto r = client.value()->send_reply(2, kRegion, {}, reply);
+      if (!r || r.value() != sizeof(region)) {
+        die("libfit " + provider + ": asking for the server's region: " +
+            (r ? std::string("short reply") : r.status().message()));
+      }
+      memcpy(&region, reply.data(), sizeof(region));
+    }
     for (size_t size : o.sizes) {
       auto rtt = libfit_rtt(*client.value(), size, o.iterations);
       if (!rtt) die("libfit " + provider + ": " + rtt.status().message());
       rows.push_back({provider, size, "libfit", rtt.value()});
+      for (bool write : {false, true}) {
+        auto r = rma_rtt(*client.value(), region, size, o.iterations, write);
+        if (!r)
+          die("libfit " + provider + (write ? " rma_write: " : " rma_read: ") +
+              r.status().message());
+        rows.push_back({provider, size, write ? "rma_write" : "rma_read", r.value()});
+      }
       auto tput = libfit_throughput(*client.value(), size, o.iterations);
       if (!tput) die("libfit " + provider + " throughput: " + tput.status().message());
       throughput[provider + "/" + std::to_string(size)] = tput.value();
@@ -315,6 +396,14 @@ int main(int argc, char** argv) {
     unlink(path.c_str());
 
     fprintf(stderr, "fit-bench: %s: measuring fi_pingpong...\n", provider.c_str());
+    // fi_pingpong's server listens on the first device of its provider unless told which:
+    // for verbs, the RDMA device on the server's address (the client's may come first).
+    std::string server_domain;
+    if (p == fit::Provider::kVerbs) {
+      auto dev = bench::rdma_device_of(server_addr);
+      if (!dev) die("fi_pingpong verbs: " + dev.status().message());
+      server_domain = dev.value();
+    }
     for (size_t size : o.sizes) {
       // libfabric's provider for this transport: libfit's own "tcp" is compared with
       // libfabric's tcp too.
@@ -323,7 +412,7 @@ int main(int argc, char** argv) {
                                                      : "tcp";
       auto fp = bench::fi_pingpong_rtt_us(ofi, shm ? "rdm" : "msg", size, o.iterations,
                                           shm ? "" : server_ns, shm ? "127.0.0.1" : server_addr,
-                                          static_cast<uint16_t>(port + 6));
+                                          static_cast<uint16_t>(port + 6), server_domain);
       if (!fp) die("fi_pingpong " + provider + ": " + fp.status().message());
       rows.push_back({provider, size, "fi_pingpong", fp.value()});
     }
@@ -338,17 +427,22 @@ int main(int argc, char** argv) {
     }
   }
 
-  printf("\nfit-bench: round trips, median µs (%s; %d iterations)\n",
-         g_network ? "server in another network namespace" : "loopback", o.iterations);
-  printf("%-6s %8s %12s %12s %12s %14s %12s\n", "xport", "bytes", "libfit", "fi_pingpong",
-         "tcp_busypoll", "libfit/best", "libfit Mmsg/s");
+  const std::string where = g_network                  ? "server in another network namespace"
+                            : o.client_address.empty() ? "loopback"
+                                                       : client_addr + " -> " + server_addr;
+  printf("\nfit-bench: round trips, median µs (%s; %d iterations); rma_*: one-sided, waited\n",
+         where.c_str(), o.iterations);
+  printf("%-7s %7s %10s %10s %10s %12s %12s %12s %13s\n", "xport", "bytes", "libfit", "rma_read",
+         "rma_write", "fi_pingpong", "tcp_busypoll", "libfit/best", "libfit Mmsg/s");
   for (const fit::Provider p : o.providers) {
     const std::string provider = fit::provider_name(p);
     for (size_t size : o.sizes) {
-      double lf = 0, fp = 0, tcp = 0;
+      double lf = 0, fp = 0, tcp = 0, rd = 0, wr = 0;
       for (auto& r : rows) {
         if (r.transport != provider || r.size != size) continue;
         if (r.system == "libfit") lf = r.rtt_us;
+        if (r.system == "rma_read") rd = r.rtt_us;
+        if (r.system == "rma_write") wr = r.rtt_us;
         if (r.system == "fi_pingpong") fp = r.rtt_us;
         if (r.system == "tcp_busypoll") tcp = r.rtt_us;
       }
@@ -356,8 +450,9 @@ int main(int argc, char** argv) {
       if (tcp > 0 && tcp < best) best = tcp;
       char tcp_s[32] = "-";
       if (tcp > 0) snprintf(tcp_s, sizeof(tcp_s), "%.2f", tcp);
-      printf("%-6s %8zu %12.2f %12.2f %12s %13.2fx %12.3f\n", provider.c_str(), size, lf, fp, tcp_s,
-             lf / best, throughput[provider + "/" + std::to_string(size)] / 1e6);
+      printf("%-7s %7zu %10.2f %10.2f %10.2f %12.2f %12s %11.2fx %13.3f\n", provider.c_str(), size,
+             lf, rd, wr, fp, tcp_s, lf / best,
+             throughput[provider + "/" + std::to_string(size)] / 1e6);
     }
   }
   if (!o.csv.empty()) {
