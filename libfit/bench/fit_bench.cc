@@ -34,15 +34,19 @@ namespace {
 
 constexpr uint16_t kEcho = 1;
 constexpr uint16_t kRegion = 2;  // replies the RemoteRegion of the server's exposed buffer
+constexpr uint16_t kGet = 3;     // uint64 offset, uint32 length: replies those region bytes
+constexpr uint16_t kPut = 4;     // uint64 offset, uint32 length, the bytes: stored there
 constexpr size_t kRegionBytes = 1 << 20;
 
 const char* kUsage = R"(usage: fit-bench [options]
 
 Measures libfit round trips (64 B and 4 KiB) and throughput, and in the same run the
 floors for the same transport: libfabric's fi_pingpong and a busy-polled TCP socket.
-Beside each send_reply round trip, a one-sided read and a one-sided write of the same
-size into memory the server registered (Node::rma_read / rma_write), each waited for:
-what a data path would pay for one-sided access instead of a request.
+Beside each send_reply round trip, the same bytes moved both ways into memory the server
+registered: by request (get: a small request answered with SIZE bytes the server copies
+from its region, as a memory node serves a fetch; put: SIZE bytes in a request the server
+copies in, as a write-back) and one-sided (Node::rma_read / rma_write), each waited for:
+what a data path would gain or lose with one-sided access.
 
 options:
   --providers LIST   comma-separated: tcp,ofi_tcp,shm,verbs (default: tcp,ofi_tcp,shm);
@@ -154,6 +158,33 @@ int serve(const Options& o) {
                          memcpy(rep.data(), &remote, sizeof(remote));
                          return sizeof(remote);
                        });
+  // A region access's offset and length, checked.
+  auto range = [](std::span<const std::byte> req, uint64_t* at, uint32_t* len) {
+    if (req.size() < 12) return false;
+    memcpy(at, req.data(), 8);
+    memcpy(len, req.data() + 8, 4);
+    return *at <= kRegionBytes && *len <= kRegionBytes - *at;
+  };
+  node.value()->handle(kGet,
+                       [range](const fit::RpcContext&, std::span<const std::byte> req,
+                               std::span<std::byte> rep) -> Result<size_t> {
+                         uint64_t at;
+                         uint32_t len;
+                         if (!range(req, &at, &len) || len > rep.size())
+                           return Status(EINVAL, "bad get");
+                         memcpy(rep.data(), exposed.data() + at, len);
+                         return size_t{len};
+                       });
+  node.value()->handle(kPut,
+                       [range](const fit::RpcContext&, std::span<const std::byte> req,
+                               std::span<std::byte>) -> Result<size_t> {
+                         uint64_t at;
+                         uint32_t len;
+                         if (!range(req, &at, &len) || req.size() != 12 + size_t{len})
+                           return Status(EINVAL, "bad put");
+                         memcpy(exposed.data() + at, req.data() + 12, len);
+                         return size_t{0};
+                       });
   Status st = node.value()->start();
   if (!st) die(st.message());
   auto mr = node.value()->register_memory(exposed.data(), exposed.size(), true);
@@ -229,38 +260,10 @@ double median(std::vector<double>& v) {
   return v[v.size() / 2];
 }
 
-Result<double> libfit_rtt(fit::Node& client, size_t size, int iterations) {
-  std::vector<std::byte> req(size, std::byte{7}), reply(size);
-  int warmup = std::max(100, iterations / 10);
-  for (int i = 0; i < warmup; i++) {
-    auto r = client.send_reply(2, kEcho, req, reply);
-    if (!r) return r.status();
-  }
-  // Median of batches: robust to the scheduling noise of a shared 2-core VM.
-  std::vector<double> batches;
-  int per_batch = std::max(10, iterations / 20);
-  for (int done = 0; done < iterations; done += per_batch) {
-    auto t0 = Clock::now();
-    for (int i = 0; i < per_batch; i++) {
-      auto r = client.send_reply(2, kEcho, req, reply);
-      if (!r) return r.status();
-    }
-    batches.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count() /
-                      per_batch);
-  }
-  return median(batches);
-}
-
-// One-sided reads (or writes) of `size` bytes at spread offsets of the server's region,
-// each waited for: median of batches, as libfit_rtt.
-Result<double> rma_rtt(fit::Node& client, const fit::RemoteRegion& region, size_t size,
-                       int iterations, bool write) {
-  std::vector<std::byte> buf(size, std::byte{7});
-  const uint64_t span = region.length - size;
-  auto one = [&](int i) {
-    uint64_t at = (static_cast<uint64_t>(i) * 4096 * 7) % (span + 1);
-    return write ? client.rma_write(region, at, buf) : client.rma_read(region, at, buf);
-  };
+// Median over batches of the mean time of `one(i)`, after a warm-up: robust to the
+// scheduling noise of a shared 2-core VM.
+template <typename F>
+Result<double> timed(int iterations, F&& one) {
   int warmup = std::max(100, iterations / 10);
   for (int i = 0; i < warmup; i++) LEGO_RETURN_IF_ERROR(one(i));
   std::vector<double> batches;
@@ -272,6 +275,45 @@ Result<double> rma_rtt(fit::Node& client, const fit::RemoteRegion& region, size_
                       per_batch);
   }
   return median(batches);
+}
+
+Status ok_or(const Result<size_t>& r) {
+  return r ? Status() : r.status();
+}
+
+Result<double> libfit_rtt(fit::Node& client, size_t size, int iterations) {
+  std::vector<std::byte> req(size, std::byte{7}), reply(size);
+  return timed(iterations, [&](int) { return ok_or(client.send_reply(2, kEcho, req, reply)); });
+}
+
+// Where the i-th access of `size` bytes lands in the server's region: spread over it.
+uint64_t spread(int i, size_t size) {
+  return (static_cast<uint64_t>(i) * 4096 * 7) % (kRegionBytes - size + 1);
+}
+
+// The same bytes moved two ways, each waited for. One-sided: rma_read / rma_write of the
+// server's region. As requests: kGet (a 12-byte request; the server copies `size` bytes
+// of its region into the reply, as a memory node serves a fetch) and kPut (the bytes in
+// the request, copied into the region; an empty reply, as a write-back).
+Result<double> move_rtt(fit::Node& client, const fit::RemoteRegion& region, size_t size,
+                        int iterations, bool write, bool one_sided) {
+  std::vector<std::byte> buf(size + 12, std::byte{7});
+  if (one_sided) {
+    std::span<std::byte> data(buf.data(), size);
+    return timed(iterations, [&](int i) {
+      return write ? client.rma_write(region, spread(i, size), data)
+                   : client.rma_read(region, spread(i, size), data);
+    });
+  }
+  return timed(iterations, [&](int i) {
+    uint64_t at = spread(i, size);
+    uint32_t len = static_cast<uint32_t>(size);
+    memcpy(buf.data(), &at, 8);
+    memcpy(buf.data() + 8, &len, 4);
+    if (write) return ok_or(client.send_reply(2, kPut, buf, {}));
+    return ok_or(
+        client.send_reply(2, kGet, std::span<const std::byte>(buf.data(), 12), {buf.data(), size}));
+  });
 }
 
 // Messages per second with max_outstanding() async calls in flight.
@@ -381,11 +423,13 @@ int main(int argc, char** argv) {
       if (!rtt) die("libfit " + provider + ": " + rtt.status().message());
       rows.push_back({provider, size, "libfit", rtt.value()});
       for (bool write : {false, true}) {
-        auto r = rma_rtt(*client.value(), region, size, o.iterations, write);
-        if (!r)
-          die("libfit " + provider + (write ? " rma_write: " : " rma_read: ") +
-              r.status().message());
-        rows.push_back({provider, size, write ? "rma_write" : "rma_read", r.value()});
+        for (bool one_sided : {false, true}) {
+          const char* what =
+              one_sided ? (write ? "rma_write" : "rma_read") : (write ? "put" : "get");
+          auto r = move_rtt(*client.value(), region, size, o.iterations, write, one_sided);
+          if (!r) die("libfit " + provider + " " + what + ": " + r.status().message());
+          rows.push_back({provider, size, what, r.value()});
+        }
       }
       auto tput = libfit_throughput(*client.value(), size, o.iterations);
       if (!tput) die("libfit " + provider + " throughput: " + tput.status().message());
@@ -430,29 +474,40 @@ int main(int argc, char** argv) {
   const std::string where = g_network                  ? "server in another network namespace"
                             : o.client_address.empty() ? "loopback"
                                                        : client_addr + " -> " + server_addr;
-  printf("\nfit-bench: round trips, median µs (%s; %d iterations); rma_*: one-sided, waited\n",
-         where.c_str(), o.iterations);
-  printf("%-7s %7s %10s %10s %10s %12s %12s %12s %13s\n", "xport", "bytes", "libfit", "rma_read",
-         "rma_write", "fi_pingpong", "tcp_busypoll", "libfit/best", "libfit Mmsg/s");
+  printf("\nfit-bench: round trips, median µs (%s; %d iterations)\n", where.c_str(), o.iterations);
+  printf(
+      "libfit: send_reply echo; get/put: SIZE bytes fetched by / sent in a request (the "
+      "server copies them out of / into its registered region); rma_read/rma_write: the "
+      "same bytes one-sided, each waited for\n");
+  printf("%-7s %7s %9s %11s %12s %9s %9s %9s %9s %10s %9s\n", "xport", "bytes", "libfit",
+         "fi_pingpong", "tcp_busypoll", "lf/best", "Mmsg/s", "get", "rma_read", "put", "rma_write");
   for (const fit::Provider p : o.providers) {
     const std::string provider = fit::provider_name(p);
     for (size_t size : o.sizes) {
-      double lf = 0, fp = 0, tcp = 0, rd = 0, wr = 0;
+      std::map<std::string, double> v;
       for (auto& r : rows) {
-        if (r.transport != provider || r.size != size) continue;
-        if (r.system == "libfit") lf = r.rtt_us;
-        if (r.system == "rma_read") rd = r.rtt_us;
-        if (r.system == "rma_write") wr = r.rtt_us;
-        if (r.system == "fi_pingpong") fp = r.rtt_us;
-        if (r.system == "tcp_busypoll") tcp = r.rtt_us;
+        if (r.transport == provider && r.size == size) v[r.system] = r.rtt_us;
       }
-      double best = fp;
-      if (tcp > 0 && tcp < best) best = tcp;
+      double best = v["fi_pingpong"];
+      if (v["tcp_busypoll"] > 0 && v["tcp_busypoll"] < best) best = v["tcp_busypoll"];
       char tcp_s[32] = "-";
-      if (tcp > 0) snprintf(tcp_s, sizeof(tcp_s), "%.2f", tcp);
-      printf("%-7s %7zu %10.2f %10.2f %10.2f %12.2f %12s %11.2fx %13.3f\n", provider.c_str(), size,
-             lf, rd, wr, fp, tcp_s, lf / best,
-             throughput[provider + "/" + std::to_string(size)] / 1e6);
+      if (v["tcp_busypoll"] > 0) snprintf(tcp_s, sizeof(tcp_s), "%.2f", v["tcp_busypoll"]);
+      printf("%-7s %7zu %9.2f %11.2f %12s %8.2fx %9.3f %9.2f %9.2f %10.2f %9.2f\n",
+             provider.c_str(), size, v["libfit"], v["fi_pingpong"], tcp_s, v["libfit"] / best,
+             throughput[provider + "/" + std::to_string(size)] / 1e6, v["get"], v["rma_read"],
+             v["put"], v["rma_write"]);
+    }
+  }
+  printf("one-sided vs request, same bytes (rma/request; below 1: one-sided is faster):\n");
+  for (const fit::Provider p : o.providers) {
+    const std::string provider = fit::provider_name(p);
+    for (size_t size : o.sizes) {
+      std::map<std::string, double> v;
+      for (auto& r : rows) {
+        if (r.transport == provider && r.size == size) v[r.system] = r.rtt_us;
+      }
+      printf("  %-7s %7zu  read %.2fx  write %.2fx\n", provider.c_str(), size,
+             v["rma_read"] / v["get"], v["rma_write"] / v["put"]);
     }
   }
   if (!o.csv.empty()) {

@@ -15,7 +15,7 @@
 #   rpc     tests/libfit:provider_e2e_test with LEGO_FIT_PROVIDERS=verbs between the two
 #           devices: send_reply sync (polling, blocking) and async, several channels, RMA
 #           reads and writes, a wrong RMA key, a wrong cluster key, a peer that dies
-#   bench   fit-bench --providers tcp,verbs --addresses 10.77.0.1,10.77.0.2: the table
+#   bench   fit-bench --providers tcp,verbs --addresses 10.77.0.1,10.77.0.2 --sizes 4096: the table
 #           (also in /lego-out/fit-bench.txt and .csv)
 #   memd    lego-memd with provider = "verbs", lego-run --config ... --stats lego_integrity
 #           against it (and a fork child's integrity)
@@ -111,7 +111,7 @@ stage_rpc() {
 }
 
 stage_bench() {
-  timeout 900 "$BIN/libfit/bench/fit-bench" --providers tcp,verbs --addresses $A,$B \
+  timeout 900 "$BIN/libfit/bench/fit-bench" --providers tcp,verbs --addresses $A,$B --sizes 4096 \
     --iterations "$ITERATIONS" --csv /lego-out/fit-bench.csv >/lego-out/fit-bench.txt
   local rc=$?
   cat /lego-out/fit-bench.txt
