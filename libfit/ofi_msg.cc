@@ -4,6 +4,7 @@
 // event queue) and spreads them over its threads' completion queues. Closing a connection
 // closes its endpoint, which the peer sees. Shared libfabric mechanics:
 // ofi_transport.h.
+#include <infiniband/verbs.h>
 #include <netinet/in.h>
 
 #include <algorithm>
@@ -22,6 +23,7 @@ class MsgConnection final : public OfiConnection {
   Status open(const NodeConfig& peer, ClientHost* host) override {
     host_ = host;
     peer_ = peer.id;
+    provider_ = peer.provider;
     auto info = ofi::get_info(peer.provider, peer.address, std::to_string(peer.port), false);
     if (!info) return info.status();
     fi_info* fi = info->get();
@@ -62,6 +64,27 @@ class MsgConnection final : public OfiConnection {
   }
 
  private:
+  Provider provider_ = Provider::kOfiTcp;
+
+  // An RC queue pair moves to the error state on a failed op (a remote access error
+  // included), and libfabric's tcp provider closes the connection.
+  bool rma_error_breaks_connection() const override { return true; }
+  // libfabric's verbs provider reports every failed work request as FI_EIO, with the
+  // verbs status in prov_errno: a remote access error is the peer refusing the key or
+  // range. (libfabric's tcp provider just closes the connection: FI_ECANCELED, EIO here.)
+  // libfabric's tcp provider completes a write once it is sent (transmit complete): a
+  // write the peer refuses would report success. Delivery complete waits for the peer
+  // to have placed it. (An RC write on verbs completes on the responder's ack already.)
+  uint64_t write_flags() const override {
+    return provider_ == Provider::kVerbs ? 0 : FI_DELIVERY_COMPLETE;
+  }
+  int rma_error_code(const fi_cq_err_entry& err) const override {
+    if (provider_ == Provider::kVerbs && err.prov_errno == IBV_WC_REM_ACCESS_ERR) {
+      return EACCES;
+    }
+    return OfiConnection::rma_error_code(err);
+  }
+
   // The connection's events say when the peer closed it.
   Status check_peer() override {
     fi_eq_cm_entry entry{};

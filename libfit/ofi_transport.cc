@@ -137,9 +137,16 @@ Status OfiConnection::poll(int wait_ms) {
     fi_cq_readerr(cq_.get(), &err, 0);
     if (err.op_context == &rma_ctx_.fi) {
       rma_done_ = true;
-      rma_status_ = Status(
-          err.err == FI_EACCES || err.err == EACCES ? EACCES : EIO,
-          ctx_.who + ": one-sided access to " + peer_name() + " failed: " + fi_strerror(err.err));
+      rma_status_ = Status(rma_error_code(err), ctx_.who + ": one-sided access to " + peer_name() +
+                                                    " failed: " + fi_strerror(err.err));
+      if (rma_error_breaks_connection()) {
+        // The connection died with the op (a queue pair in the error state; libfabric's
+        // tcp provider closes the socket over a key it does not hold): the next call must
+        // connect again rather than find out by failing too.
+        host_->fail(Status(ECONNRESET, ctx_.who + ": connection to " + peer_name() +
+                                           " closed by a failed one-sided op (" +
+                                           rma_status_.message() + ")"));
+      }
       return Status();
     }
     Status st(ECONNRESET,
@@ -175,8 +182,17 @@ Status OfiConnection::rma(bool write, uint64_t key, uint64_t addr, std::byte* lo
     uint64_t at = addr + done;
     ssize_t r;
     do {
-      r = write ? fi_write(ep_.get(), bufs_.rma(), n, bufs_.desc, dest_, at, key, &rma_ctx_.fi)
-                : fi_read(ep_.get(), bufs_.rma(), n, bufs_.desc, dest_, at, key, &rma_ctx_.fi);
+      if (write && write_flags() != 0) {
+        iovec iov{bufs_.rma(), n};
+        void* desc = bufs_.desc;
+        fi_rma_iov rma_iov{at, n, key};
+        fi_msg_rma msg{&iov, &desc, 1, dest_, &rma_iov, 1, &rma_ctx_.fi, 0};
+        r = fi_writemsg(ep_.get(), &msg, FI_COMPLETION | write_flags());
+      } else if (write) {
+        r = fi_write(ep_.get(), bufs_.rma(), n, bufs_.desc, dest_, at, key, &rma_ctx_.fi);
+      } else {
+        r = fi_read(ep_.get(), bufs_.rma(), n, bufs_.desc, dest_, at, key, &rma_ctx_.fi);
+      }
       if (r == -FI_EAGAIN) LEGO_RETURN_IF_ERROR(poll(0));
     } while (r == -FI_EAGAIN);
     if (r != 0) return ofi::error(r, ctx_.who + ": posting a one-sided op to " + peer_name());

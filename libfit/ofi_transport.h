@@ -64,6 +64,16 @@ class OfiConnection : public ClientConnection {
   // Called now and then while nothing arrives: an error (ECONNRESET) when the peer is
   // known to be gone (msg: the connection's events; rdm: its pid).
   virtual Status check_peer() = 0;
+  // Whether a one-sided op that completes in error leaves the connection unusable:
+  // connection-oriented endpoints (msg) go with it, rdm ones do not.
+  virtual bool rma_error_breaks_connection() const { return false; }
+  // The errno a failed one-sided op reports: EACCES when the peer refused the key or range
+  // (as far as the provider says), else EIO.
+  // Flags for one-sided writes beyond FI_COMPLETION (0: a plain fi_write).
+  virtual uint64_t write_flags() const { return 0; }
+  virtual int rma_error_code(const fi_cq_err_entry& err) const {
+    return err.err == FI_EACCES || err.err == EACCES ? EACCES : EIO;
+  }
   std::string peer_name() const { return "node " + std::to_string(peer_); }
 
   Context ctx_;

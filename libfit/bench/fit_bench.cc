@@ -33,11 +33,20 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 constexpr uint16_t kEcho = 1;
+constexpr uint16_t kRegion = 2;  // replies the RemoteRegion of the server's exposed buffer
+constexpr uint16_t kGet = 3;     // uint64 offset, uint32 length: replies those region bytes
+constexpr uint16_t kPut = 4;     // uint64 offset, uint32 length, the bytes: stored there
+constexpr size_t kRegionBytes = 1 << 20;
 
 const char* kUsage = R"(usage: fit-bench [options]
 
 Measures libfit round trips (64 B and 4 KiB) and throughput, and in the same run the
 floors for the same transport: libfabric's fi_pingpong and a busy-polled TCP socket.
+Beside each send_reply round trip, the same bytes moved both ways into memory the server
+registered: by request (get: a small request answered with SIZE bytes the server copies
+from its region, as a memory node serves a fetch; put: SIZE bytes in a request the server
+copies in, as a write-back) and one-sided (Node::rma_read / rma_write), each waited for:
+what a data path would gain or lose with one-sided access.
 
 options:
   --providers LIST   comma-separated: tcp,ofi_tcp,shm,verbs (default: tcp,ofi_tcp,shm);
@@ -46,6 +55,9 @@ options:
   --iterations N     round trips per figure (default: 20000)
   --loopback         keep the server in this network namespace (default: a separate
                      namespace joined by veth; needs root)
+  --addresses C,S    the client at address C and the server at S, both in this network
+                     namespace: two NICs of this host, e.g. two soft-RoCE devices (rxe)
+                     on the two ends of a veth pair (rxe cannot move into a namespace)
   --csv FILE         also write rows: transport,size_bytes,system,rtt_us
   --help             this text
 
@@ -59,6 +71,7 @@ struct Options {
   std::vector<size_t> sizes{64, 4096};
   int iterations = 20000;
   bool loopback = false;
+  std::string client_address, server_address;  // --addresses
   std::string csv;
   bool serve = false;
   std::string config;
@@ -101,6 +114,13 @@ Options parse(int argc, char** argv) {
          o.iterations = static_cast<int>(flags::number("--iterations", a, 10, 100000000));
        }},
       {"loopback", false, [&](const char*) { o.loopback = true; }},
+      {"addresses", true,
+       [&](const char* a) {
+         auto v = lego::split_list(a);
+         if (v.size() != 2) die("--addresses takes CLIENT,SERVER (two IP addresses)");
+         o.client_address = v[0];
+         o.server_address = v[1];
+       }},
       {"csv", true, [&](const char* a) { o.csv = a; }},
       {"serve", false, [&](const char*) { o.serve = true; }},
       {"config", true, [&](const char* a) { o.config = a; }},
@@ -110,6 +130,7 @@ Options parse(int argc, char** argv) {
   const int first = flags::parse(argc, argv, {"fit-bench", kUsage, 2, false}, table);
   if (first < argc) die(std::string("unexpected argument '") + argv[first] + "' (see --help)");
   if (o.serve && (o.config.empty() || o.node < 0)) die("--serve needs --config and --node");
+  if (o.loopback && !o.client_address.empty()) die("--loopback and --addresses exclude each other");
   return o;
 }
 
@@ -125,8 +146,50 @@ int serve(const Options& o) {
                          memcpy(rep.data(), req.data(), n);
                          return n;
                        });
+  // One-sided ops land here; registered after start() (the serving domain's), named by
+  // kRegion, which is asked only after "ready".
+  static std::vector<std::byte> exposed(kRegionBytes);
+  static fit::RemoteRegion remote;
+  node.value()->handle(kRegion,
+                       [](const fit::RpcContext&, std::span<const std::byte>,
+                          std::span<std::byte> rep) -> Result<size_t> {
+                         if (rep.size() < sizeof(remote))
+                           return Status(EMSGSIZE, "reply too small");
+                         memcpy(rep.data(), &remote, sizeof(remote));
+                         return sizeof(remote);
+                       });
+  // A region access's offset and length, checked.
+  auto range = [](std::span<const std::byte> req, uint64_t* at, uint32_t* len) {
+    if (req.size() < 12) return false;
+    memcpy(at, req.data(), 8);
+    memcpy(len, req.data() + 8, 4);
+    return *at <= kRegionBytes && *len <= kRegionBytes - *at;
+  };
+  node.value()->handle(kGet,
+                       [range](const fit::RpcContext&, std::span<const std::byte> req,
+                               std::span<std::byte> rep) -> Result<size_t> {
+                         uint64_t at;
+                         uint32_t len;
+                         if (!range(req, &at, &len) || len > rep.size())
+                           return Status(EINVAL, "bad get");
+                         memcpy(rep.data(), exposed.data() + at, len);
+                         return size_t{len};
+                       });
+  node.value()->handle(kPut,
+                       [range](const fit::RpcContext&, std::span<const std::byte> req,
+                               std::span<std::byte>) -> Result<size_t> {
+                         uint64_t at;
+                         uint32_t len;
+                         if (!range(req, &at, &len) || req.size() != 12 + size_t{len})
+                           return Status(EINVAL, "bad put");
+                         memcpy(exposed.data() + at, req.data() + 12, len);
+                         return size_t{0};
+                       });
   Status st = node.value()->start();
   if (!st) die(st.message());
+  auto mr = node.value()->register_memory(exposed.data(), exposed.size(), true);
+  if (!mr) die(mr.status().message());
+  remote = mr->remote();
   printf("ready\n");
   fflush(stdout);
   // Serve until the parent closes our stdin (or kills us).
@@ -197,26 +260,60 @@ double median(std::vector<double>& v) {
   return v[v.size() / 2];
 }
 
-Result<double> libfit_rtt(fit::Node& client, size_t size, int iterations) {
-  std::vector<std::byte> req(size, std::byte{7}), reply(size);
+// Median over batches of the mean time of `one(i)`, after a warm-up: robust to the
+// scheduling noise of a shared 2-core VM.
+template <typename F>
+Result<double> timed(int iterations, F&& one) {
   int warmup = std::max(100, iterations / 10);
-  for (int i = 0; i < warmup; i++) {
-    auto r = client.send_reply(2, kEcho, req, reply);
-    if (!r) return r.status();
-  }
-  // Median of batches: robust to the scheduling noise of a shared 2-core VM.
+  for (int i = 0; i < warmup; i++) LEGO_RETURN_IF_ERROR(one(i));
   std::vector<double> batches;
   int per_batch = std::max(10, iterations / 20);
   for (int done = 0; done < iterations; done += per_batch) {
     auto t0 = Clock::now();
-    for (int i = 0; i < per_batch; i++) {
-      auto r = client.send_reply(2, kEcho, req, reply);
-      if (!r) return r.status();
-    }
+    for (int i = 0; i < per_batch; i++) LEGO_RETURN_IF_ERROR(one(done + i));
     batches.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count() /
                       per_batch);
   }
   return median(batches);
+}
+
+Status ok_or(const Result<size_t>& r) {
+  return r ? Status() : r.status();
+}
+
+Result<double> libfit_rtt(fit::Node& client, size_t size, int iterations) {
+  std::vector<std::byte> req(size, std::byte{7}), reply(size);
+  return timed(iterations, [&](int) { return ok_or(client.send_reply(2, kEcho, req, reply)); });
+}
+
+// Where the i-th access of `size` bytes lands in the server's region: spread over it.
+uint64_t spread(int i, size_t size) {
+  return (static_cast<uint64_t>(i) * 4096 * 7) % (kRegionBytes - size + 1);
+}
+
+// The same bytes moved two ways, each waited for. One-sided: rma_read / rma_write of the
+// server's region. As requests: kGet (a 12-byte request; the server copies `size` bytes
+// of its region into the reply, as a memory node serves a fetch) and kPut (the bytes in
+// the request, copied into the region; an empty reply, as a write-back).
+Result<double> move_rtt(fit::Node& client, const fit::RemoteRegion& region, size_t size,
+                        int iterations, bool write, bool one_sided) {
+  std::vector<std::byte> buf(size + 12, std::byte{7});
+  if (one_sided) {
+    std::span<std::byte> data(buf.data(), size);
+    return timed(iterations, [&](int i) {
+      return write ? client.rma_write(region, spread(i, size), data)
+                   : client.rma_read(region, spread(i, size), data);
+    });
+  }
+  return timed(iterations, [&](int i) {
+    uint64_t at = spread(i, size);
+    uint32_t len = static_cast<uint32_t>(size);
+    memcpy(buf.data(), &at, 8);
+    memcpy(buf.data() + 8, &len, 4);
+    if (write) return ok_or(client.send_reply(2, kPut, buf, {}));
+    return ok_or(
+        client.send_reply(2, kGet, std::span<const std::byte>(buf.data(), 12), {buf.data(), size}));
+  });
 }
 
 // Messages per second with max_outstanding() async calls in flight.
@@ -250,9 +347,13 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
 
   std::string client_addr = "127.0.0.1", server_addr = "127.0.0.1", server_ns;
-  bool need_ns =
-      !o.loopback && std::any_of(o.providers.begin(), o.providers.end(),
-                                 [](fit::Provider p) { return p != fit::Provider::kShm; });
+  if (!o.client_address.empty()) {
+    client_addr = o.client_address;
+    server_addr = o.server_address;
+  }
+  bool need_ns = !o.loopback && o.client_address.empty() &&
+                 std::any_of(o.providers.begin(), o.providers.end(),
+                             [](fit::Provider p) { return p != fit::Provider::kShm; });
   if (need_ns) {
     if (geteuid() != 0) die("separate network namespaces need root (or use --loopback)");
     // Two namespaces on a bridge of their own, the client in the first: as lego's nodes.
@@ -279,6 +380,9 @@ int main(int argc, char** argv) {
     config.key.resize(32);
     for (auto& b : config.key) b = static_cast<uint8_t>(rand());
     config.origin = "fit-bench";
+    // A benchmark measures round trips, not timeouts: a call that waits seconds for a
+    // descheduled server (a busy host, an emulated guest) must not end the run.
+    config.timeout = std::chrono::milliseconds(30000);
     for (int id = 1; id <= 2; id++) {
       fit::NodeConfig n;
       n.id = static_cast<fit::NodeId>(id);
@@ -302,10 +406,34 @@ int main(int argc, char** argv) {
     auto client = fit::Node::create(config, 1);
     if (!client) die(client.status().message());
     fprintf(stderr, "fit-bench: %s: measuring libfit...\n", provider.c_str());
+    // Every channel up front: connecting (for verbs: loading libfabric, registering the
+    // channel's buffers, the CM exchange) is not what a round trip costs, and under
+    // emulation takes longer than a call's timeout.
+    if (Status cst = client.value()->connect(2); !cst)
+      die("libfit " + provider + ": " + cst.message());
+    fit::RemoteRegion region;
+    {
+      std::vector<std::byte> reply(sizeof(region));
+      auto r = client.value()->send_reply(2, kRegion, {}, reply);
+      if (!r || r.value() != sizeof(region)) {
+        die("libfit " + provider + ": asking for the server's region: " +
+            (r ? std::string("short reply") : r.status().message()));
+      }
+      memcpy(&region, reply.data(), sizeof(region));
+    }
     for (size_t size : o.sizes) {
       auto rtt = libfit_rtt(*client.value(), size, o.iterations);
       if (!rtt) die("libfit " + provider + ": " + rtt.status().message());
       rows.push_back({provider, size, "libfit", rtt.value()});
+      for (bool write : {false, true}) {
+        for (bool one_sided : {false, true}) {
+          const char* what =
+              one_sided ? (write ? "rma_write" : "rma_read") : (write ? "put" : "get");
+          auto r = move_rtt(*client.value(), region, size, o.iterations, write, one_sided);
+          if (!r) die("libfit " + provider + " " + what + ": " + r.status().message());
+          rows.push_back({provider, size, what, r.value()});
+        }
+      }
       auto tput = libfit_throughput(*client.value(), size, o.iterations);
       if (!tput) die("libfit " + provider + " throughput: " + tput.status().message());
       throughput[provider + "/" + std::to_string(size)] = tput.value();
@@ -315,6 +443,14 @@ int main(int argc, char** argv) {
     unlink(path.c_str());
 
     fprintf(stderr, "fit-bench: %s: measuring fi_pingpong...\n", provider.c_str());
+    // fi_pingpong's server listens on the first device of its provider unless told which:
+    // for verbs, the RDMA device on the server's address (the client's may come first).
+    std::string server_domain;
+    if (p == fit::Provider::kVerbs) {
+      auto dev = bench::rdma_device_of(server_addr);
+      if (!dev) die("fi_pingpong verbs: " + dev.status().message());
+      server_domain = dev.value();
+    }
     for (size_t size : o.sizes) {
       // libfabric's provider for this transport: libfit's own "tcp" is compared with
       // libfabric's tcp too.
@@ -323,7 +459,7 @@ int main(int argc, char** argv) {
                                                      : "tcp";
       auto fp = bench::fi_pingpong_rtt_us(ofi, shm ? "rdm" : "msg", size, o.iterations,
                                           shm ? "" : server_ns, shm ? "127.0.0.1" : server_addr,
-                                          static_cast<uint16_t>(port + 6));
+                                          static_cast<uint16_t>(port + 6), server_domain);
       if (!fp) die("fi_pingpong " + provider + ": " + fp.status().message());
       rows.push_back({provider, size, "fi_pingpong", fp.value()});
     }
@@ -338,26 +474,43 @@ int main(int argc, char** argv) {
     }
   }
 
-  printf("\nfit-bench: round trips, median µs (%s; %d iterations)\n",
-         g_network ? "server in another network namespace" : "loopback", o.iterations);
-  printf("%-6s %8s %12s %12s %12s %14s %12s\n", "xport", "bytes", "libfit", "fi_pingpong",
-         "tcp_busypoll", "libfit/best", "libfit Mmsg/s");
+  const std::string where = g_network                  ? "server in another network namespace"
+                            : o.client_address.empty() ? "loopback"
+                                                       : client_addr + " -> " + server_addr;
+  printf("\nfit-bench: round trips, median µs (%s; %d iterations)\n", where.c_str(), o.iterations);
+  printf(
+      "libfit: send_reply echo; get/put: SIZE bytes fetched by / sent in a request (the "
+      "server copies them out of / into its registered region); rma_read/rma_write: the "
+      "same bytes one-sided, each waited for\n");
+  printf("%-7s %7s %9s %11s %12s %9s %9s %9s %9s %10s %9s\n", "xport", "bytes", "libfit",
+         "fi_pingpong", "tcp_busypoll", "lf/best", "Mmsg/s", "get", "rma_read", "put", "rma_write");
   for (const fit::Provider p : o.providers) {
     const std::string provider = fit::provider_name(p);
     for (size_t size : o.sizes) {
-      double lf = 0, fp = 0, tcp = 0;
+      std::map<std::string, double> v;
       for (auto& r : rows) {
-        if (r.transport != provider || r.size != size) continue;
-        if (r.system == "libfit") lf = r.rtt_us;
-        if (r.system == "fi_pingpong") fp = r.rtt_us;
-        if (r.system == "tcp_busypoll") tcp = r.rtt_us;
+        if (r.transport == provider && r.size == size) v[r.system] = r.rtt_us;
       }
-      double best = fp;
-      if (tcp > 0 && tcp < best) best = tcp;
+      double best = v["fi_pingpong"];
+      if (v["tcp_busypoll"] > 0 && v["tcp_busypoll"] < best) best = v["tcp_busypoll"];
       char tcp_s[32] = "-";
-      if (tcp > 0) snprintf(tcp_s, sizeof(tcp_s), "%.2f", tcp);
-      printf("%-6s %8zu %12.2f %12.2f %12s %13.2fx %12.3f\n", provider.c_str(), size, lf, fp, tcp_s,
-             lf / best, throughput[provider + "/" + std::to_string(size)] / 1e6);
+      if (v["tcp_busypoll"] > 0) snprintf(tcp_s, sizeof(tcp_s), "%.2f", v["tcp_busypoll"]);
+      printf("%-7s %7zu %9.2f %11.2f %12s %8.2fx %9.3f %9.2f %9.2f %10.2f %9.2f\n",
+             provider.c_str(), size, v["libfit"], v["fi_pingpong"], tcp_s, v["libfit"] / best,
+             throughput[provider + "/" + std::to_string(size)] / 1e6, v["get"], v["rma_read"],
+             v["put"], v["rma_write"]);
+    }
+  }
+  printf("one-sided vs request, same bytes (rma/request; below 1: one-sided is faster):\n");
+  for (const fit::Provider p : o.providers) {
+    const std::string provider = fit::provider_name(p);
+    for (size_t size : o.sizes) {
+      std::map<std::string, double> v;
+      for (auto& r : rows) {
+        if (r.transport == provider && r.size == size) v[r.system] = r.rtt_us;
+      }
+      printf("  %-7s %7zu  read %.2fx  write %.2fx\n", provider.c_str(), size,
+             v["rma_read"] / v["get"], v["rma_write"] / v["put"]);
     }
   }
   if (!o.csv.empty()) {

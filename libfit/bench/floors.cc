@@ -1,7 +1,9 @@
 #include "libfit/bench/floors.h"
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <fcntl.h>
+#include <ifaddrs.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sched.h>
@@ -13,6 +15,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <fstream>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -202,7 +205,7 @@ Result<double> tcp_busypoll_stream_mb_s(const std::string& server_ns,
 Result<double> fi_pingpong_rtt_us(const std::string& provider, const std::string& endpoint,
                                   size_t message_bytes, int iterations,
                                   const std::string& server_ns, const std::string& server_addr,
-                                  uint16_t control_port) {
+                                  uint16_t control_port, const std::string& server_domain) {
   const char* binary = "/usr/bin/fi_pingpong";
   std::string size = std::to_string(message_bytes), iters = std::to_string(iterations);
   std::string port = std::to_string(control_port);
@@ -214,8 +217,14 @@ Result<double> fi_pingpong_rtt_us(const std::string& provider, const std::string
     dup2(devnull, 1);
     dup2(devnull, 2);
     if (!enter_ns(server_ns)) _exit(10);
-    execl(binary, "fi_pingpong", "-p", provider.c_str(), "-e", endpoint.c_str(), "-S", size.c_str(),
-          "-I", iters.c_str(), "-B", port.c_str(), nullptr);
+    if (server_domain.empty()) {
+      execl(binary, "fi_pingpong", "-p", provider.c_str(), "-e", endpoint.c_str(), "-S",
+            size.c_str(), "-I", iters.c_str(), "-B", port.c_str(), nullptr);
+    } else {
+      execl(binary, "fi_pingpong", "-p", provider.c_str(), "-e", endpoint.c_str(), "-S",
+            size.c_str(), "-I", iters.c_str(), "-B", port.c_str(), "-d", server_domain.c_str(),
+            nullptr);
+    }
     _exit(127);
   }
   auto deadline = Clock::now() + std::chrono::seconds(120);
@@ -263,6 +272,35 @@ Result<double> fi_pingpong_rtt_us(const std::string& provider, const std::string
   while (!last_output.empty() && last_output.back() == '\n') last_output.pop_back();
   return Status(EIO, "fi_pingpong -p " + provider + " -e " + endpoint + " to " + server_addr +
                          " failed: " + last_output);
+}
+
+Result<std::string> rdma_device_of(const std::string& address) {
+  // The interface that holds the address...
+  std::string netdev;
+  ifaddrs* all = nullptr;
+  if (getifaddrs(&all) != 0) return Status::from_errno(errno, "getifaddrs");
+  for (ifaddrs* a = all; a != nullptr; a = a->ifa_next) {
+    if (a->ifa_addr == nullptr || a->ifa_addr->sa_family != AF_INET) continue;
+    char text[INET_ADDRSTRLEN];
+    inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(a->ifa_addr)->sin_addr, text, sizeof(text));
+    if (address == text) netdev = a->ifa_name;
+  }
+  freeifaddrs(all);
+  if (netdev.empty()) return Status(ENODEV, "no interface of this host has address " + address);
+  // ... and the RDMA device on that interface (port 1's first GID's netdev).
+  DIR* d = opendir("/sys/class/infiniband");
+  if (d == nullptr) return Status::from_errno(errno, "/sys/class/infiniband");
+  std::string found;
+  while (dirent* e = readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream f(std::string("/sys/class/infiniband/") + e->d_name +
+                    "/ports/1/gid_attrs/ndevs/0");
+    std::string dev;
+    if (std::getline(f, dev) && dev == netdev) found = e->d_name;
+  }
+  closedir(d);
+  if (found.empty()) return Status(ENODEV, "no RDMA device on " + netdev + " (" + address + ")");
+  return found;
 }
 
 }  // namespace lego::bench

@@ -34,9 +34,14 @@ Result<double> tcp_busypoll_stream_mb_s(const std::string& server_ns,
 // Runs /usr/bin/fi_pingpong as server (in server_ns) and client. fi_pingpong reports
 // "usec/xfer" per one-way transfer (its byte total counts both directions), so the round
 // trip is twice that. Its figure is a mean over the whole run. Gives up after 120 s.
+// server_domain: the libfabric domain the server opens (-d; "" for the provider's first).
 Result<double> fi_pingpong_rtt_us(const std::string& provider, const std::string& endpoint,
                                   size_t message_bytes, int iterations,
                                   const std::string& server_ns, const std::string& server_addr,
-                                  uint16_t control_port);
+                                  uint16_t control_port, const std::string& server_domain = "");
+
+// The RDMA device (its name, e.g. "rxe1": libfabric's verbs domain) whose network
+// interface holds IPv4 address `address`, from /sys/class/infiniband; ENODEV if none.
+Result<std::string> rdma_device_of(const std::string& address);
 
 }  // namespace lego::bench
