@@ -24,6 +24,7 @@
 #include "lego/fit.h"
 #include "lego/flags.h"
 #include "lego/netns.h"
+#include "lego/progress.h"
 #include "lego/units.h"
 #include "libfit/bench/floors.h"
 
@@ -272,6 +273,12 @@ int main(int argc, char** argv) {
   std::vector<Row> rows;
   std::map<std::string, double> throughput;
   uint16_t port = static_cast<uint16_t>(20000 + getpid() % 20000);
+  // One step per provider, system and size: a line that updates on a terminal, plain
+  // lines in a log.
+  size_t steps = 0;
+  for (const fit::Provider p : o.providers)
+    steps += o.sizes.size() * (p == fit::Provider::kShm ? 2 : 3);
+  Progress progress("fit-bench", steps);
   for (const fit::Provider p : o.providers) {
     const std::string provider = fit::provider_name(p);
     bool shm = p == fit::Provider::kShm;
@@ -301,8 +308,8 @@ int main(int argc, char** argv) {
     if (!st) die(st.message());
     auto client = fit::Node::create(config, 1);
     if (!client) die(client.status().message());
-    fprintf(stderr, "fit-bench: %s: measuring libfit...\n", provider.c_str());
     for (size_t size : o.sizes) {
+      progress.step(provider + ": libfit, " + std::to_string(size) + " bytes");
       auto rtt = libfit_rtt(*client.value(), size, o.iterations);
       if (!rtt) die("libfit " + provider + ": " + rtt.status().message());
       rows.push_back({provider, size, "libfit", rtt.value()});
@@ -314,8 +321,8 @@ int main(int argc, char** argv) {
     server.stop();
     unlink(path.c_str());
 
-    fprintf(stderr, "fit-bench: %s: measuring fi_pingpong...\n", provider.c_str());
     for (size_t size : o.sizes) {
+      progress.step(provider + ": fi_pingpong, " + std::to_string(size) + " bytes");
       // libfabric's provider for this transport: libfit's own "tcp" is compared with
       // libfabric's tcp too.
       std::string ofi = p == fit::Provider::kShm     ? "shm"
@@ -328,8 +335,8 @@ int main(int argc, char** argv) {
       rows.push_back({provider, size, "fi_pingpong", fp.value()});
     }
     if (!shm) {
-      fprintf(stderr, "fit-bench: %s: measuring a busy-polled TCP socket...\n", provider.c_str());
       for (size_t size : o.sizes) {
+        progress.step(provider + ": busy-polled TCP socket, " + std::to_string(size) + " bytes");
         auto tcp = bench::tcp_busypoll_rtt_us(server_ns, server_addr,
                                               static_cast<uint16_t>(port + 5), size, o.iterations);
         if (!tcp) die("tcp busy-poll: " + tcp.status().message());
@@ -338,6 +345,7 @@ int main(int argc, char** argv) {
     }
   }
 
+  progress.finish();
   printf("\nfit-bench: round trips, median µs (%s; %d iterations)\n",
          g_network ? "server in another network namespace" : "loopback", o.iterations);
   printf("%-6s %8s %12s %12s %12s %14s %12s\n", "xport", "bytes", "libfit", "fi_pingpong",
