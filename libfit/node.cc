@@ -91,35 +91,10 @@ std::chrono::nanoseconds Node::server_stalled() const {
 }
 
 std::string stats_text(const FitStats& s) {
-  const std::pair<const char*, uint64_t> rows[] = {
-      {"calls_sent", s.calls_sent},
-      {"calls_failed", s.calls_failed},
-      {"calls_timed_out", s.calls_timed_out},
-      {"requests_served", s.requests_served},
-      {"requests_rejected", s.requests_rejected},
-      {"auth_failures", s.auth_failures},
-      {"bytes_sent", s.bytes_sent},
-      {"bytes_received", s.bytes_received},
-      {"rma_reads", s.rma_reads},
-      {"rma_writes", s.rma_writes},
-      {"connections_accepted", s.connections_accepted},
-      {"connections_authenticated", s.connections_authenticated},
-      {"connections_open", s.connections_open},
-      {"handshakes_pending", s.handshakes_pending},
-      {"closed_handshake_timeout", s.closed_handshake_timeout},
-      {"closed_handshake_cap", s.closed_handshake_cap},
-      {"closed_rejected", s.closed_rejected},
-      {"closed_stalled_reader", s.closed_stalled_reader},
-      {"accept_errors", s.accept_errors},
-      {"server_stalls", s.server_stalls},
-  };
   std::string out;
-  for (const auto& [name, value] : rows) {
-    out += name;
-    out += ' ';
-    out += std::to_string(value);
-    out += '\n';
-  }
+#define LEGO_FIT_LINE(name, type, doc) out += #name " " + std::to_string(s.name) + "\n";
+  LEGO_FIT_COUNTERS(LEGO_FIT_LINE)
+#undef LEGO_FIT_LINE
   return out;
 }
 

@@ -51,6 +51,11 @@
 //                       and removes their files, and closes the rest at the end. A process
 //                       that execs opens a new space under the same PID and START: the new
 //                       image closes the old one's.
+//   stats.PID.START     the live stats page of process PID (START as above): its ExCache
+//                       counters, published by a runtime thread every few hundred ms and
+//                       read by lego-stat (runtime/stats_page.h has the layout). Removed by
+//                       the process at exit; a reader removes the page of a process that is
+//                       gone.
 //   cluster.toml, *.log (lego-run's own: the private cluster's file and daemon logs)
 //
 // Thread-safety: the functions below are pure (process_info reads /proc) and callable
@@ -130,6 +135,7 @@ inline constexpr char kRunDirPrefix[] = "/tmp/lego-run-";
 inline constexpr char kRunFile[] = "run";
 inline constexpr char kReportFifo[] = "report";
 inline constexpr char kSpaceFilePrefix[] = "space.";
+inline constexpr char kStatsFilePrefix[] = "stats.";
 
 // "/tmp/lego-run-PID".
 std::string run_dir_for(pid_t lego_run_pid);

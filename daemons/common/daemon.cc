@@ -177,6 +177,8 @@ void signal_ready(int fd) {
 int run_node(int argc, char** argv, const NodeDaemon& d) {
   NodeFlags f;
   std::vector<Flag> flags = node_flags(f, true);
+  std::string metrics_address;
+  flags.push_back({"metrics", true, [&](const char* a) { metrics_address = a; }});
   flags.insert(flags.end(), d.flags.begin(), d.flags.end());
   const int first = parse_flags(argc, argv, d.program, d.usage, flags);
   fit::ClusterConfig config = load_node_config(argc, argv, first, f);
@@ -184,6 +186,11 @@ int run_node(int argc, char** argv, const NodeDaemon& d) {
   const std::string what = std::string(fit::role_name(d.role)) + " node";
   if (f.status) return print_status(config, id, f.as, d.status_opcode, what.c_str());
   const fit::NodeConfig& me = node_of_role(config, f.config, f.node, d.role);
+  if (!metrics_address.empty()) {
+    if (Status st = metrics::MetricsServer::check_address(metrics_address); !st) {
+      die(st.message(), kExitUsage);
+    }
+  }
 
   install_stop_handlers();
   // Every connection is a descriptor (and for lego-stord every open file of every
@@ -201,9 +208,35 @@ int run_node(int argc, char** argv, const NodeDaemon& d) {
           f.node, service.serving.empty() ? "" : " ", service.serving.c_str(), me.address.c_str(),
           me.port, fit::provider_name(me.provider), fit::progress_name(me.progress),
           service.details.c_str(), static_cast<unsigned long long>(fd_limit));
+  // Metrics on a thread of their own: a scraper never holds up a FIT server thread.
+  std::unique_ptr<metrics::MetricsServer> metrics_server;
+  if (!metrics_address.empty()) {
+    std::string prefix = d.program;  // "lego-memd" -> "lego_memd_"
+    for (char& c : prefix) c = c == '-' ? '_' : c;
+    prefix += "_";
+    const fit::Node* n = node.value().get();
+    auto render = [&service, n, prefix] {
+      metrics::Exposition e(prefix);
+      if (service.metrics) service.metrics(e);
+      e.set_prefix(prefix + "fit_");
+      const fit::FitStats s = n->stats();
+#define LEGO_FIT_METRIC(name, type, doc) e.add(#name, #type, doc, s.name);
+      LEGO_FIT_COUNTERS(LEGO_FIT_METRIC)
+#undef LEGO_FIT_METRIC
+      return e.text();
+    };
+    auto server = metrics::MetricsServer::start(metrics_address, render);
+    if (!server) {
+      die(server.status().message(), server.status().code() == EINVAL ? kExitUsage : kExitFailure);
+    }
+    metrics_server = std::move(server.value());
+    fprintf(stderr, "%s: node %ld metrics at http://%s/metrics (port %u)\n", d.program, f.node,
+            metrics_address.c_str(), metrics_server->port());
+  }
   signal_ready(f.ready_fd);
   run_until_stopped(kTickPeriod, service.tick);
   fprintf(stderr, "%s: node %ld stopping\n", d.program, f.node);
+  metrics_server.reset();
   node.value()->stop();
   return 0;
 }

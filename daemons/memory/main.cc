@@ -29,6 +29,9 @@ options:
                      (default 20000); time in which the node could not serve (stopped,
                      stuck) does not count
   --ready-fd FD      write "ready\n" to FD once serving (for supervisors and tests)
+  --metrics ADDR:PORT  serve its counters and FIT's in the Prometheus text format at
+                     http://ADDR:PORT/metrics (lego_memd_*), from a thread of its own;
+                     off by default. ADDR is an IPv4 address or [IPv6]; port 0 picks one
   --status           ask the running memory node --node for its state and counters,
                      FIT's included (connections, handshakes, peers cut off)
   --as ID            with --status: the node id to speak as (default: the first
@@ -63,6 +66,12 @@ int main(int argc, char** argv) {
         "",
         ", capacity " + format_size(options.capacity_bytes) + ", lease " +
             std::to_string(options.lease.count()) + " ms",
+        [memory](metrics::Exposition& e) {
+          const mem::MemoryNodeStats s = memory->stats();
+#define LEGO_MEMORY_NODE_METRIC(name, type, doc) e.add(#name, #type, doc, s.name);
+          LEGO_MEMORY_NODE_COUNTERS(LEGO_MEMORY_NODE_METRIC)
+#undef LEGO_MEMORY_NODE_METRIC
+        },
     };
   };
   return daemon::run_node(argc, argv, d);

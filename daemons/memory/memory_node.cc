@@ -476,19 +476,10 @@ MemoryNodeStats MemoryNode::stats() const {
 std::string MemoryNode::status_text() const {
   MemoryNodeStats s = stats();
   std::ostringstream o;
-  o << "spaces_open " << s.spaces_open << "\n"
-    << "spaces_opened " << s.spaces_opened << "\n"
-    << "spaces_expired " << s.spaces_expired << "\n"
-    << "lines_stored " << s.lines_stored << "\n"
-    << "lines_capacity " << s.lines_capacity << "\n"
-    << "bytes_stored " << s.lines_stored * kLineBytes << "\n"
-    << "bytes_reserved " << s.bytes_reserved << "\n"
-    << "fetches " << s.fetches << "\n"
-    << "fetch_zero " << s.fetch_zero << "\n"
-    << "write_backs " << s.write_backs << "\n"
-    << "zero_drops " << s.zero_drops << "\n"
-    << "released " << s.released << "\n"
-    << "refused " << s.refused << "\n";
+#define LEGO_MEMORY_NODE_LINE(name, type, doc) o << #name " " << s.name << "\n";
+  LEGO_MEMORY_NODE_COUNTERS(LEGO_MEMORY_NODE_LINE)
+#undef LEGO_MEMORY_NODE_LINE
+  o << "bytes_stored " << s.lines_stored * kLineBytes << "\n";
   if (impl_->node != nullptr) o << fit::stats_text(impl_->node->stats());
   impl_->spaces.for_each([&o](uint64_t id, Impl::Space& sp) {
     std::lock_guard<std::mutex> sg(sp.mu);

@@ -35,6 +35,9 @@ options:
                      of descriptors (its RLIMIT_NOFILE, raised to the hard limit at
                      start), programs' open() gets ENFILE
   --ready-fd FD      write "ready\n" to FD once serving (for supervisors and tests)
+  --metrics ADDR:PORT  serve its counters and FIT's in the Prometheus text format at
+                     http://ADDR:PORT/metrics (lego_stord_*), from a thread of its own;
+                     off by default. ADDR is an IPv4 address or [IPv6]; port 0 picks one
   --status           ask the running storage node --node for its state and counters,
                      FIT's included (connections, handshakes, peers cut off)
   --as ID            with --status: the node id to speak as (default: the first
@@ -73,6 +76,12 @@ int main(int argc, char** argv) {
         options.export_dir,
         ", lease " + std::to_string(options.lease.count()) + " ms, " +
             std::to_string(options.max_files) + " files per session",
+        [s](metrics::Exposition& e) {
+          const stor::StorageNodeStats st = s->stats();
+#define LEGO_STORAGE_NODE_METRIC(name, type, doc) e.add(#name, #type, doc, st.name);
+          LEGO_STORAGE_NODE_COUNTERS(LEGO_STORAGE_NODE_METRIC)
+#undef LEGO_STORAGE_NODE_METRIC
+        },
     };
   };
   return daemon::run_node(argc, argv, d);

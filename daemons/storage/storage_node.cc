@@ -797,12 +797,9 @@ std::string StorageNode::status_text() const {
     o << "  session " << id << ": node " << sess.owner << " pid " << sess.pid << " (" << sess.name
       << "), " << sess.files.size() << " open files\n";
   });
-  o << "sessions_open " << s.sessions_open << "\nsessions_opened " << s.sessions_opened
-    << "\nsessions_expired " << s.sessions_expired << "\nhandles_open " << s.handles_open
-    << "\nreads " << s.reads << "\nwrites " << s.writes << "\nbytes_read " << s.bytes_read
-    << "\nbytes_written " << s.bytes_written << "\nfsyncs " << s.fsyncs << "\nmetadata_ops "
-    << s.metadata_ops << "\nescapes " << s.escapes << "\nrefused " << s.refused
-    << "\nfiles_refused " << s.files_refused << "\n";
+#define LEGO_STORAGE_NODE_LINE(name, type, doc) o << #name " " << s.name << "\n";
+  LEGO_STORAGE_NODE_COUNTERS(LEGO_STORAGE_NODE_LINE)
+#undef LEGO_STORAGE_NODE_LINE
   if (impl_->node != nullptr) o << fit::stats_text(impl_->node->stats());
   return o.str();
 }

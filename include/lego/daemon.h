@@ -21,6 +21,7 @@
 
 #include "lego/fit.h"
 #include "lego/flags.h"
+#include "lego/metrics.h"
 
 namespace lego::daemon {
 
@@ -104,7 +105,8 @@ void signal_ready(int fd);
 //   flags (node_flags() and the daemon's own) -> the cluster file -> --status (asks the
 //   running node, prints its text, returns) -> the node must have the daemon's role ->
 //   stop handlers, RLIMIT_NOFILE raised -> the service started -> fit::Node created,
-//   served, started -> "PROGRAM: node N serving ..." on stderr -> --ready-fd -> the tick
+//   served, started -> "PROGRAM: node N serving ..." on stderr -> with --metrics
+//   ADDR:PORT, the Prometheus metrics server (lego/metrics.h) -> --ready-fd -> the tick
 //   every kTickPeriod until SIGTERM/SIGINT -> "PROGRAM: node N stopping" -> node stopped.
 // Every failure dies as the helpers above do (kExitUsage for flags, the cluster file, a
 // wrong role or what the service's start() says is a usage error).
@@ -120,6 +122,10 @@ struct Service {
   std::function<void()> tick;             // every kTickPeriod on the main thread (or empty)
   std::string serving;                    // what it serves, for "serving WHAT at ..." (or "")
   std::string details;  // the start line's tail before the descriptors: ", lease 20000 ms"
+  // Its counters for --metrics (lego/metrics.h): adds them to the exposition, whose
+  // prefix is "lego_<daemon>_"; run_node adds the FIT node's after them. Called on the
+  // metrics server's thread. Empty: FIT's counters only.
+  std::function<void(metrics::Exposition&)> metrics;
 };
 
 struct NodeDaemon {

@@ -194,32 +194,40 @@ using Handler = std::function<Result<size_t>(
     const RpcContext& ctx, std::span<const std::byte> request, std::span<std::byte> reply)>;
 
 // Counters of one node, summed over its threads. Names match `--stats` output.
+// Every FIT counter of a node, once: X(name, counter|gauge, "what it counts"). This list
+// makes FitStats, stats_text() (the daemons' --status) and the daemons' Prometheus
+// metrics (lego_<daemon>_fit_NAME), in this order.
+#define LEGO_FIT_COUNTERS(X)                                                                    \
+  X(calls_sent, counter, "send_reply calls that were posted")                                   \
+  X(calls_failed, counter, "send_reply calls that returned an error (any kind)")                \
+  X(calls_timed_out, counter, "send_reply calls that hit their timeout")                        \
+  X(requests_served, counter, "requests this node's handlers answered")                         \
+  X(requests_rejected, counter, "bad frames, unknown opcodes, unauthenticated senders")         \
+  X(auth_failures, counter, "peers that failed the key challenge")                              \
+  X(bytes_sent, counter, "payload bytes sent (requests and replies)")                           \
+  X(bytes_received, counter, "payload bytes received")                                          \
+  X(rma_reads, counter, "one-sided reads issued")                                               \
+  X(rma_writes, counter, "one-sided writes issued")                                             \
+  X(connections_accepted, counter,                                                              \
+    "connections this node served, accepted (tcp, ofi_tcp, verbs; shm: first hellos)")          \
+  X(connections_authenticated, counter, "accepted connections that proved the key")             \
+  X(connections_open, gauge, "connections open now, authenticated or not")                      \
+  X(handshakes_pending, gauge, "connections open now and not authenticated yet")                \
+  X(closed_handshake_timeout, counter, "closed: no proof within the handshake deadline")        \
+  X(closed_handshake_cap, counter,                                                              \
+    "closed: the oldest awaiting the handshake when a cap (per node, per source) was exceeded") \
+  X(closed_rejected, counter,                                                                   \
+    "closed after a rejection: wrong key, a frame before the handshake, a malformed frame")     \
+  X(closed_stalled_reader, counter, "closed: left its replies unread for timeout_ms")           \
+  X(accept_errors, counter,                                                                     \
+    "accept() failures (EMFILE, ENFILE, ENOBUFS...); the listener pauses briefly after each")   \
+  X(server_stalls, counter,                                                                     \
+    "times a server thread's loop did not turn for longer than kStallThreshold")
+
 struct FitStats {
-  uint64_t calls_sent = 0;         // send_reply calls that were posted
-  uint64_t calls_failed = 0;       // ... that returned an error (any kind)
-  uint64_t calls_timed_out = 0;    // ... that hit their timeout
-  uint64_t requests_served = 0;    // requests this node's handlers answered
-  uint64_t requests_rejected = 0;  // bad frames, unknown opcodes, unauthenticated senders
-  uint64_t auth_failures = 0;      // peers that failed the key challenge
-  uint64_t bytes_sent = 0;         // payload bytes sent (requests and replies)
-  uint64_t bytes_received = 0;     // payload bytes received
-  uint64_t rma_reads = 0;
-  uint64_t rma_writes = 0;
-  // Connections this node served (tcp, ofi_tcp, verbs; for shm, peers that said hello).
-  uint64_t connections_accepted = 0;       // accepted (shm: first hellos)
-  uint64_t connections_authenticated = 0;  // ... that proved the key (welcomed)
-  uint64_t connections_open = 0;           // open now, authenticated or not
-  uint64_t handshakes_pending = 0;         // open now and not authenticated yet
-  uint64_t closed_handshake_timeout = 0;   // closed: no proof within the handshake deadline
-  uint64_t closed_handshake_cap = 0;       // closed: the oldest awaiting the handshake when
-                                           // a cap (per node, per source) was exceeded
-  uint64_t closed_rejected = 0;            // closed after a rejection: wrong key, a frame
-                                           // before the handshake, a malformed frame
-  uint64_t closed_stalled_reader = 0;      // closed: left its replies unread for timeout_ms
-  uint64_t accept_errors = 0;              // accept() failures (EMFILE, ENFILE, ENOBUFS...);
-                                           // the listener pauses briefly after each
-  uint64_t server_stalls = 0;              // times a server thread's loop did not turn for
-                                           // longer than kStallThreshold (see server_stalled)
+#define LEGO_FIT_FIELD(name, type, doc) uint64_t name = 0;
+  LEGO_FIT_COUNTERS(LEGO_FIT_FIELD)
+#undef LEGO_FIT_FIELD
 };
 
 // FitStats as "name value" lines, one per field, in the order above: what the daemons'

@@ -29,19 +29,27 @@ struct MemoryNodeOptions {
   std::chrono::milliseconds lease{20000};
 };
 
+// Every memory-node counter, once: X(name, counter|gauge, "what it counts"). This list
+// makes MemoryNodeStats, --status's lines and the daemon's Prometheus metrics
+// (lego_memd_NAME, --metrics), in this order.
+#define LEGO_MEMORY_NODE_COUNTERS(X)                                                   \
+  X(spaces_open, gauge, "address spaces alive now")                                    \
+  X(spaces_opened, counter, "address spaces ever created")                             \
+  X(spaces_expired, counter, "address spaces freed because their lease ran out")       \
+  X(lines_stored, gauge, "lines held now")                                             \
+  X(lines_capacity, gauge, "lines the pool can hold")                                  \
+  X(bytes_reserved, gauge, "bytes promised to processes now (kReserve)")               \
+  X(fetches, counter, "lines asked for")                                               \
+  X(fetch_zero, counter, "lines asked for that were never stored (answered as zeros)") \
+  X(write_backs, counter, "lines written back")                                        \
+  X(zero_drops, counter, "written-back lines that were all zeros (freed)")             \
+  X(released, counter, "lines freed by kRelease")                                      \
+  X(refused, counter, "requests refused (bad handle, bad lengths, full)")
+
 struct MemoryNodeStats {
-  uint64_t spaces_open = 0;     // address spaces alive now
-  uint64_t spaces_opened = 0;   // ever created
-  uint64_t spaces_expired = 0;  // freed because their lease ran out
-  uint64_t lines_stored = 0;    // lines held now
-  uint64_t lines_capacity = 0;  // lines the pool can hold
-  uint64_t bytes_reserved = 0;  // promised to processes now (kReserve)
-  uint64_t fetches = 0;         // lines asked for
-  uint64_t fetch_zero = 0;      // ... that were never stored (answered as zeros)
-  uint64_t write_backs = 0;     // lines written back
-  uint64_t zero_drops = 0;      // written-back lines that were all zeros (freed)
-  uint64_t released = 0;        // lines freed by kRelease
-  uint64_t refused = 0;         // requests refused (bad handle, bad lengths, full)
+#define LEGO_MEMORY_NODE_FIELD(name, type, doc) uint64_t name = 0;
+  LEGO_MEMORY_NODE_COUNTERS(LEGO_MEMORY_NODE_FIELD)
+#undef LEGO_MEMORY_NODE_FIELD
 };
 
 class MemoryNode {

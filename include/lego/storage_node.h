@@ -36,20 +36,28 @@ struct StorageNodeOptions {
   uint32_t max_files = kMaxHandles;
 };
 
+// Every storage-node counter, once: X(name, counter|gauge, "what it counts"). This list
+// makes StorageNodeStats, --status's lines and the daemon's Prometheus metrics
+// (lego_stord_NAME, --metrics), in this order.
+#define LEGO_STORAGE_NODE_COUNTERS(X)                                        \
+  X(sessions_open, gauge, "sessions alive now")                              \
+  X(sessions_opened, counter, "sessions ever opened")                        \
+  X(sessions_expired, counter, "sessions freed because their lease ran out") \
+  X(handles_open, gauge, "open files now, all sessions")                     \
+  X(reads, counter, "kRead requests served")                                 \
+  X(writes, counter, "kWrite requests served")                               \
+  X(bytes_read, counter, "file bytes sent")                                  \
+  X(bytes_written, counter, "file bytes written")                            \
+  X(fsyncs, counter, "kFsync requests served")                               \
+  X(metadata_ops, counter, "stat, open, readdir, mkdir, rename, ... served") \
+  X(escapes, counter, "paths refused because they would leave the export")   \
+  X(refused, counter, "malformed requests, unknown sessions or handles")     \
+  X(files_refused, counter, "opens refused with ENFILE: --max-files or no fd left")
+
 struct StorageNodeStats {
-  uint64_t sessions_open = 0;     // sessions alive now
-  uint64_t sessions_opened = 0;   // ever opened
-  uint64_t sessions_expired = 0;  // freed because their lease ran out
-  uint64_t handles_open = 0;      // open files now, all sessions
-  uint64_t reads = 0;             // kRead requests served
-  uint64_t writes = 0;            // kWrite requests served
-  uint64_t bytes_read = 0;        // file bytes sent
-  uint64_t bytes_written = 0;     // file bytes written
-  uint64_t fsyncs = 0;            // kFsync requests served
-  uint64_t metadata_ops = 0;      // stat, open, readdir, mkdir, rename, ... served
-  uint64_t escapes = 0;           // paths refused because they would leave the export
-  uint64_t refused = 0;           // malformed requests, unknown sessions or handles
-  uint64_t files_refused = 0;     // opens refused with ENFILE: --max-files or no fd left
+#define LEGO_STORAGE_NODE_FIELD(name, type, doc) uint64_t name = 0;
+  LEGO_STORAGE_NODE_COUNTERS(LEGO_STORAGE_NODE_FIELD)
+#undef LEGO_STORAGE_NODE_FIELD
 };
 
 class StorageNode {

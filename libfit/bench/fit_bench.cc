@@ -24,6 +24,7 @@
 #include "lego/fit.h"
 #include "lego/flags.h"
 #include "lego/netns.h"
+#include "lego/progress.h"
 #include "lego/units.h"
 #include "libfit/bench/floors.h"
 
@@ -373,6 +374,12 @@ int main(int argc, char** argv) {
   std::vector<Row> rows;
   std::map<std::string, double> throughput;
   uint16_t port = static_cast<uint16_t>(20000 + getpid() % 20000);
+  // One step per provider, system and size: a line that updates on a terminal, plain
+  // lines in a log.
+  size_t steps = 0;
+  for (const fit::Provider p : o.providers)
+    steps += o.sizes.size() * (p == fit::Provider::kShm ? 2 : 3);
+  Progress progress("fit-bench", steps);
   for (const fit::Provider p : o.providers) {
     const std::string provider = fit::provider_name(p);
     bool shm = p == fit::Provider::kShm;
@@ -405,7 +412,6 @@ int main(int argc, char** argv) {
     if (!st) die(st.message());
     auto client = fit::Node::create(config, 1);
     if (!client) die(client.status().message());
-    fprintf(stderr, "fit-bench: %s: measuring libfit...\n", provider.c_str());
     // Every channel up front: connecting (for verbs: loading libfabric, registering the
     // channel's buffers, the CM exchange) is not what a round trip costs, and under
     // emulation takes longer than a call's timeout.
@@ -422,6 +428,7 @@ int main(int argc, char** argv) {
       memcpy(&region, reply.data(), sizeof(region));
     }
     for (size_t size : o.sizes) {
+      progress.step(provider + ": libfit, " + std::to_string(size) + " bytes");
       auto rtt = libfit_rtt(*client.value(), size, o.iterations);
       if (!rtt) die("libfit " + provider + ": " + rtt.status().message());
       rows.push_back({provider, size, "libfit", rtt.value()});
@@ -442,7 +449,6 @@ int main(int argc, char** argv) {
     server.stop();
     unlink(path.c_str());
 
-    fprintf(stderr, "fit-bench: %s: measuring fi_pingpong...\n", provider.c_str());
     // fi_pingpong's server listens on the first device of its provider unless told which:
     // for verbs, the RDMA device on the server's address (the client's may come first).
     std::string server_domain;
@@ -452,6 +458,7 @@ int main(int argc, char** argv) {
       server_domain = dev.value();
     }
     for (size_t size : o.sizes) {
+      progress.step(provider + ": fi_pingpong, " + std::to_string(size) + " bytes");
       // libfabric's provider for this transport: libfit's own "tcp" is compared with
       // libfabric's tcp too.
       std::string ofi = p == fit::Provider::kShm     ? "shm"
@@ -464,8 +471,8 @@ int main(int argc, char** argv) {
       rows.push_back({provider, size, "fi_pingpong", fp.value()});
     }
     if (!shm) {
-      fprintf(stderr, "fit-bench: %s: measuring a busy-polled TCP socket...\n", provider.c_str());
       for (size_t size : o.sizes) {
+        progress.step(provider + ": busy-polled TCP socket, " + std::to_string(size) + " bytes");
         auto tcp = bench::tcp_busypoll_rtt_us(server_ns, server_addr,
                                               static_cast<uint16_t>(port + 5), size, o.iterations);
         if (!tcp) die("tcp busy-poll: " + tcp.status().message());
@@ -474,6 +481,7 @@ int main(int argc, char** argv) {
     }
   }
 
+  progress.finish();
   const std::string where = g_network                  ? "server in another network namespace"
                             : o.client_address.empty() ? "loopback"
                                                        : client_addr + " -> " + server_addr;

@@ -102,10 +102,10 @@ void run_tcp_floor(const FileOptions& fo, std::vector<FileRow>& rows) {
 }  // namespace
 
 std::vector<FileRow> run_files(const FileOptions& fo, const std::string& self,
-                               const std::string& lego_run) {
+                               const std::string& lego_run, Progress& progress) {
   std::vector<FileRow> rows;
   for (auto& s : fo.systems) {
-    fprintf(stderr, "lego-bench: files (%s), %s...\n", join(fo.workloads).c_str(), s.c_str());
+    progress.step("files (" + join(fo.workloads) + "), " + s);
     if (s == "local" || s == "lego") {
       std::string tmpl = fo.dir + "/lego-bench-" + s + ".XXXXXX";
       if (mkdtemp(tmpl.data()) == nullptr) die("cannot create a directory under " + fo.dir);

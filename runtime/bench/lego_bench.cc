@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "lego/flags.h"
+#include "lego/progress.h"
 #include "lego/units.h"
 #include "runtime/bench/lego_bench.h"
 
@@ -226,13 +227,19 @@ int main(int argc, char** argv) {
 
   std::vector<MemoryRow> rows;
   if (only == "files") fractions.clear();
+  // One step per memory run and per file system: a line that updates on a terminal,
+  // plain lines in a log.
+  Progress progress("lego-bench", fractions.size() * workloads.size() * systems.size() +
+                                      (only != "memory" ? fo.systems.size() : 0));
   for (double f : fractions) {
     uint64_t heap = static_cast<uint64_t>(cap / f) & ~uint64_t{kPage - 1};
     for (auto& w : workloads) {
       std::vector<std::string> worker{self, "--worker", w, std::to_string(heap),
                                       std::to_string(accesses)};
       for (auto& s : systems) {
-        fprintf(stderr, "lego-bench: %s, %.0f%% local, %s...\n", w.c_str(), f * 100, s.c_str());
+        char label[160];
+        snprintf(label, sizeof label, "%s, %.0f%% local, %s", w.c_str(), f * 100, s.c_str());
+        progress.step(label);
         Outcome o;
         if (s == "local") {
           o = run(worker, "");
@@ -251,8 +258,7 @@ int main(int argc, char** argv) {
             }
             o.oom_kills = kills;
             if (!o.oom || kills == oom_retries) break;
-            fprintf(stderr, "lego-bench: %s, %.0f%% local, zram_swap: OOM-killed, running again\n",
-                    w.c_str(), f * 100);
+            progress.note(std::string(label) + ": OOM-killed, running again");
           }
           if (o.oom) o.oom_kills += 1;
         } else if (s == "lego_tcp" || s == "lego_shm") {
@@ -274,7 +280,8 @@ int main(int argc, char** argv) {
     }
   }
   std::vector<FileRow> file_rows;
-  if (only != "memory") file_rows = run_files(fo, self, lego_run);
+  if (only != "memory") file_rows = run_files(fo, self, lego_run, progress);
+  progress.finish();
   if (only != "files") {
     printf("\nlego-bench: µs per access, cap %s (ExCache = cgroup limit), %ld accesses per run\n",
            format_size(cap).c_str(), accesses);

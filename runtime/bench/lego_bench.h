@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "lego/progress.h"
+
 namespace lego::bench {
 
 constexpr size_t kPage = 4096;
@@ -119,7 +121,7 @@ struct FileRow {
 // Each file system of fo on fo's workloads: rows in order. `self` runs the workers,
 // `lego_run` the lego system.
 std::vector<FileRow> run_files(const FileOptions& fo, const std::string& self,
-                               const std::string& lego_run);
+                               const std::string& lego_run, Progress& progress);
 void print_files(const FileOptions& fo, const std::vector<FileRow>& rows);
 
 // ---- programs.cc

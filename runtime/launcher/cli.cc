@@ -50,6 +50,10 @@ options:
                        strided stream, in the same request (0..31, default 31; 0: off)
   --stats              print the ExCache counters when PROGRAM exits (and say so when no
                        process of the run had its memory on the memory node)
+  --syscalls           when the run ends, print PROGRAM's system calls and its
+                       descendants' like strace -c: per call the time spent in it, calls
+                       and errors, sorted by time (ptrace: each call costs two stops
+                       while on; nothing when off). Time includes the tracing's own cost
   --allow-local        run PROGRAM even when the runtime cannot be preloaded into it (a
                        statically linked, 32-bit or set-user-ID program): its memory is
                        then all local, and lego-run warns. Without it lego-run refuses
@@ -119,6 +123,7 @@ Options parse_command_line(int argc, char** argv) {
       {"pcache", true,
        [&](const char* a) { o.runtime.pcache = flags::choice("--pcache", a, kPcacheModes); }},
       {"stats", false, [&](const char*) { o.stats = true; }},
+      {"syscalls", false, [&](const char*) { o.syscalls = true; }},
       {"allow-local", false, [&](const char*) { o.allow_local = true; }},
       {"transport", true,
        [&](const char* a) {

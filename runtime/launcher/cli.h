@@ -21,6 +21,7 @@ struct Options {
   fit::Provider transport = PrivateClusterOptions{}.transport;
   uint64_t memory_capacity = PrivateClusterOptions{}.memory_capacity;
   bool stats = false;
+  bool syscalls = false;  // --syscalls: trace PROGRAM's system calls (syscalls.h)
   bool allow_local = false;
   std::string export_dir, mountpoint = "/lego";
   long storage_node = -1;

@@ -50,6 +50,7 @@
 #include "runtime/launcher/reports.h"
 #include "runtime/launcher/run_dir.h"
 #include "runtime/launcher/storage_mount.h"
+#include "runtime/launcher/syscalls.h"
 #include "runtime/launcher/userns.h"
 
 using namespace lego;
@@ -59,6 +60,8 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 volatile pid_t g_child = -1;
+// --syscalls: the tracer of PROGRAM and its descendants (syscalls.h), or null.
+std::unique_ptr<SyscallTracer> g_tracer;
 volatile sig_atomic_t g_early_signal = 0;  // a signal that came before the program ran
 void forward(int sig) {
   if (g_child > 0) {
@@ -199,6 +202,9 @@ pid_t run_program(const Options& o, const Settings& settings) {
     // closes the race with a lego-run that died before the prctl.
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != lego_run) _exit(kExitLegoError);
+    // --syscalls: stopped until lego-run's tracer thread has seized it, so that the
+    // exec and everything after it is traced.
+    if (o.syscalls) raise(SIGSTOP);
     std::vector<char*> a;
     for (auto& s : o.argv) a.push_back(const_cast<char*>(s.c_str()));
     a.push_back(nullptr);
@@ -208,6 +214,15 @@ pid_t run_program(const Options& o, const Settings& settings) {
     _exit(e == ENOENT ? kExitNotFound : kExitCannotExec);
   }
   close(exec_err[1]);
+  if (o.syscalls) {
+    std::string err;
+    g_tracer = SyscallTracer::start(child, &err);
+    if (!g_tracer) {
+      kill(child, SIGKILL);
+      waitpid(child, nullptr, 0);
+      die(err);
+    }
+  }
   int e = 0;
   if (read(exec_err[0], &e, sizeof(e)) == sizeof(e)) {
     waitpid(child, nullptr, 0);
@@ -237,7 +252,9 @@ Ending wait_for_run(pid_t child, const RunDir& run, SpaceRegistry& spaces, Repor
   sigaddset(&block, SIGCHLD);
   sigprocmask(SIG_BLOCK, &block, &before);
   wait_mask = before;
-  sigdelset(&wait_mask, SIGCHLD);
+  // Traced, every stop of every tracee raises SIGCHLD: the tick notices the program's end
+  // instead (within 100 ms) rather than waking lego-run for each system call.
+  if (g_tracer == nullptr) sigdelset(&wait_mask, SIGCHLD);
 
   Ending end;
   bool child_done = false;
@@ -253,7 +270,9 @@ Ending wait_for_run(pid_t child, const RunDir& run, SpaceRegistry& spaces, Repor
     const timespec tick{0, 100 * 1000 * 1000};
     ppoll(&p, 1, &tick, &wait_mask);
     drain();
-    if (!child_done && waitpid(child, &end.status, WNOHANG) == child) {
+    // Traced, the tracer thread reaps the program (a waitpid here would take its stops).
+    if (!child_done && (g_tracer ? g_tracer->program_ended(&end.status)
+                                 : waitpid(child, &end.status, WNOHANG) == child)) {
       child_done = true;
       done_at = Clock::now();
       next_reap = done_at;
@@ -388,6 +407,8 @@ int main(int argc, char** argv) {
               o.argv[0].c_str());
     }
   }
+
+  if (g_tracer) g_tracer->print(stderr);
 
   const bool lost = end.memory_died || !rep.lost().empty();
   files.stop();

@@ -31,6 +31,7 @@
 #include <link.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -43,6 +44,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 
 #include "lego/excache.h"
 #include "lego/fit.h"
@@ -50,6 +52,7 @@
 #include "runtime/launch_contract.h"
 #include "runtime/preload/region_allocator.h"
 #include "runtime/preload/remote_backend.h"
+#include "runtime/stats_page.h"
 
 namespace lego::runtime {
 namespace {
@@ -376,6 +379,39 @@ void close_earlier_images(fit::Node* node, uint64_t keep) {
   closedir(d);
 }
 
+// The live stats page (runtime/stats_page.h): this thread sums the ExCache's counters
+// into it every kPublishInterval, so the miss path pays nothing for lego-stat. Its page
+// is removed at exit (lego_stop).
+std::atomic<launch::StatsPublisher*> g_stats_page{nullptr};
+std::atomic<bool> g_stats_thread_ready{false};
+
+void start_stats_publisher(const std::string& memory_address) {
+  if (g_run_dir[0] == '\0') return;
+  std::thread([memory_address] {
+    unsigned a = g_rt->local_arena;
+    mallctl("thread.arena", nullptr, nullptr, &a, sizeof(a));
+    excache_service_thread_begin();
+    prctl(PR_SET_NAME, "lego-stats");
+    g_stats_thread_ready = true;
+    auto page = launch::StatsPublisher::create(g_run_dir, g_pid, g_start_time, g_program,
+                                               g_memory_node, memory_address);
+    if (!page) {
+      say("lego: %s: %s (lego-stat will not show it)\n", g_program,
+          page.status().message().c_str());
+      excache_service_thread_end();
+      return;
+    }
+    g_stats_page = page.value().release();  // lives as long as the process
+    for (;;) {
+      g_stats_page.load()->publish(g_rt->cache->stats(), g_rt->cache->uses_kernel_module());
+      std::this_thread::sleep_for(launch::kPublishInterval);
+    }
+  }).detach();
+  // Like the other runtime threads, it takes the local arena before the program's arenas
+  // get region hooks (see use_local_arena).
+  for (int i = 0; i < 1000 && !g_stats_thread_ready.load(); i++) usleep(1000);
+}
+
 __attribute__((constructor(102))) void lego_start() {
   if (!launch::under_lego_run()) return;  // a plain program
   // First: where to report, should anything below fail.
@@ -438,6 +474,13 @@ __attribute__((constructor(102))) void lego_start() {
   int expect = opt.delivery == ExCacheOptions::Delivery::kHandlerThread ? 2 : 1;
   for (int i = 0; i < 10000 && g_runtime_threads_ready.load() < expect; i++) usleep(1000);
   if (g_runtime_threads_ready.load() < expect) fail("the runtime's threads did not start");
+  {
+    std::string address;
+    for (const fit::NodeConfig& n : config.value().nodes) {
+      if (n.id == memory) address = n.address + ":" + std::to_string(n.port);
+    }
+    start_stats_publisher(address);
+  }
 
   // Every arena but ours now takes its memory from the region: the automatic ones and
   // any huge arena (lego-run sets oversize_threshold:0 so there is none).
@@ -459,6 +502,7 @@ __attribute__((destructor(101))) void lego_stop() {
   // The region stays mapped and the space open: libc still flushes stdio buffers (in the
   // region) after destructors. lego-run frees the space once the process is gone.
   write_stats();
+  if (launch::StatsPublisher* page = g_stats_page.load()) page->remove();
 }
 
 // A program's call on region memory (the ExCache's own madvise/munmap go to the kernel).

@@ -238,6 +238,7 @@ TEST_CASE("run_node: a service on its node, --status, --ready-fd, ticks, stop", 
           [ticks] { ++*ticks; },
           "things",
           ", greeting " + *greeting,
+          {},  // FIT's metrics only
       };
     };
     return daemon::run_node(static_cast<int>(args.size()), argv.data(), d);

@@ -2,6 +2,8 @@
 # fit-bench leaves nothing behind: the two network namespaces (and their bridge) it
 # makes for the client and the echo server are removed when it ends, whether the run
 # completed or failed half-way (a run that died on a floor's error used to leave them).
+# Its progress, written to a file (not a terminal, as in a CI log), is plain lines: one
+# per step, numbered, with no "\r" redrawing (include/lego/progress.h).
 # Needs root (network namespaces).
 set -u
 . "$(dirname "$0")/../lib/check.sh"
@@ -39,7 +41,17 @@ failed_run() {
   no_namespaces_of "$bench_pid"
 }
 
+plain_progress() {
+  run_bench || true
+  [ "$bench_status" -eq 0 ] || { cat "$check_dir_out"; return 1; }
+  # tcp at one size: libfit, fi_pingpong and the busy-polled socket, three steps.
+  grep -q "^fit-bench: \[1/3\] tcp: libfit, 64 bytes$" "$check_dir_out" || { cat "$check_dir_out"; return 1; }
+  grep -q "^fit-bench: \[3/3\] tcp: busy-polled TCP socket, 64 bytes$" "$check_dir_out" || return 1
+  ! grep -q $'\r' "$check_dir_out"
+}
+
 check "a completed run removes its network namespaces" completed_run
+check "progress in a log is plain numbered lines, never redrawn" plain_progress
 check "a run that fails half-way removes its network namespaces" failed_run
 rm -f "$check_dir_out"
 check_summary
