@@ -12,6 +12,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include "lego/startup_trace.h"
+
 namespace lego::daemon {
 namespace {
 
@@ -175,6 +177,7 @@ void signal_ready(int fd) {
 }
 
 int run_node(int argc, char** argv, const NodeDaemon& d) {
+  startup_mark("node: start");
   NodeFlags f;
   std::vector<Flag> flags = node_flags(f, true);
   flags.insert(flags.end(), d.flags.begin(), d.flags.end());
@@ -201,10 +204,13 @@ int run_node(int argc, char** argv, const NodeDaemon& d) {
           f.node, service.serving.empty() ? "" : " ", service.serving.c_str(), me.address.c_str(),
           me.port, fit::provider_name(me.provider), fit::progress_name(me.progress),
           service.details.c_str(), static_cast<unsigned long long>(fd_limit));
+  startup_mark("node: serving");
   signal_ready(f.ready_fd);
   run_until_stopped(kTickPeriod, service.tick);
+  startup_mark("node: stop requested");
   fprintf(stderr, "%s: node %ld stopping\n", d.program, f.node);
   node.value()->stop();
+  startup_mark("node: stopped");
   return 0;
 }
 
