@@ -257,6 +257,9 @@ Ending wait_for_run(pid_t child, const RunDir& run, SpaceRegistry& spaces, Repor
     if (!child_done && waitpid(child, &end.status, WNOHANG) == child) {
       startup_mark("lego-run: the program exited");
       child_done = true;
+      // A private memory node stops with the run: what is left of the run is its
+      // descendants' last moments, not worth a connection (over shm lego-run's first).
+      if (cluster != nullptr) spaces.stop_closing();
       done_at = Clock::now();
       next_reap = done_at;
     }
