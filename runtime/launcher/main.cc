@@ -94,7 +94,9 @@ std::unique_ptr<fit::Node> join_cluster(const fit::ClusterConfig& config,
         node.status().message());
   }
   if (probe) {
-    Status st = node.value()->connect(memory.id);
+    // One channel: the run's calls from here (closing spaces) are few, and over shm
+    // each channel costs a shared-memory region mapped and touched on both sides.
+    Status st = node.value()->connect_one(memory.id);
     if (!st) {
       const std::string who = "memory node " + std::to_string(memory.id) + " (" + memory.address +
                               ":" + std::to_string(memory.port) + ", " +
