@@ -9,6 +9,7 @@
 #include <cstring>
 #include <mutex>
 
+#include "lego/startup_trace.h"
 #include "libfit/auth.h"
 
 namespace lego::fit::ofi {
@@ -26,10 +27,12 @@ void restore_signals_taken_by_psm(const PsmSignals* before);
 
 namespace {
 
-// libfabric initialises every provider it was built with on first use, and some of them
-// (psm, psm2, ...) install signal handlers that turn SIGTERM into exit(1) -- in every
-// program lego-run starts. Only the providers FIT uses are loaded, unless the user chose
-// with FI_PROVIDER; the program's environment is left as it was.
+// libfabric initialises every provider it was built with on first use: Debian builds
+// them all into libfabric.so.1, and FI_PROVIDER does not stop an initialisation, it only
+// hides the other providers from fi_getinfo afterwards. (Each initialisation's cost, and
+// what fabric_loader.cc does about the costly ones, is at the top of that file.) libfit
+// sets FI_PROVIDER for the first fi_getinfo, unless the user chose, so that libfabric
+// registers only the providers FIT uses; the program's environment is left as it was.
 // libinfinipath (linked by libfabric for its psm provider) installs handlers for SIGINT,
 // SIGILL, SIGABRT, SIGBUS, SIGSEGV and SIGTERM from its constructor that turn them into
 // exit(1). A lego process must die of its signals as it would without lego, so handlers
@@ -92,6 +95,7 @@ void load_only_fit_providers() {
       setenv("FI_PROVIDER", "tcp,shm,verbs,ofi_rxm", 0);
       fi_info* all = nullptr;
       fi_getinfo(kApiVersion, nullptr, nullptr, 0, nullptr, &all);  // initialises libfabric
+      startup_mark("libfit: libfabric's providers initialised");
       if (all != nullptr) fi_freeinfo(all);
       unsetenv("FI_PROVIDER");
     }

@@ -255,6 +255,16 @@ Status Node::connect(NodeId peer) {
   return Status();
 }
 
+Status Node::connect_one(NodeId peer) {
+  std::unique_lock<std::mutex> lock;
+  auto ch = impl_->channel_for(peer, lock);
+  if (!ch) return ch.status();
+  if (!ch.value()->connected || !ch.value()->broken.is_ok()) {
+    return impl_->connect(*ch.value());
+  }
+  return Status();
+}
+
 Result<size_t> Node::send_reply(NodeId peer, uint16_t opcode, std::span<const std::byte> request,
                                 std::span<std::byte> reply, std::chrono::milliseconds timeout) {
   auto deadline = Clock::now() + (timeout.count() > 0 ? timeout : impl_->config.timeout);

@@ -12,6 +12,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include "lego/startup_trace.h"
+
 namespace lego::daemon {
 namespace {
 
@@ -175,6 +177,7 @@ void signal_ready(int fd) {
 }
 
 int run_node(int argc, char** argv, const NodeDaemon& d) {
+  startup_mark("node: start");
   NodeFlags f;
   std::vector<Flag> flags = node_flags(f, true);
   std::string metrics_address;
@@ -233,11 +236,14 @@ int run_node(int argc, char** argv, const NodeDaemon& d) {
     fprintf(stderr, "%s: node %ld metrics at http://%s/metrics (port %u)\n", d.program, f.node,
             metrics_address.c_str(), metrics_server->port());
   }
+  startup_mark("node: serving");
   signal_ready(f.ready_fd);
   run_until_stopped(kTickPeriod, service.tick);
+  startup_mark("node: stop requested");
   fprintf(stderr, "%s: node %ld stopping\n", d.program, f.node);
   metrics_server.reset();
   node.value()->stop();
+  startup_mark("node: stopped");
   return 0;
 }
 

@@ -257,6 +257,11 @@ class Node {
   // Opens (and authenticates) every channel to `peer` now rather than on first use, so
   // that later calls allocate nothing. Errors as send_reply.
   Status connect(NodeId peer);
+  // Opens (and authenticates) the channel the calling thread's calls to `peer` use, and
+  // no other: enough to learn that `peer` answers and takes the key, for a fraction of
+  // connect()'s cost (over shm each channel maps and touches its own shared memory).
+  // Errors as send_reply.
+  Status connect_one(NodeId peer);
 
   // Sends `request` to `peer`'s handler for `opcode` and waits for its reply, copied into
   // `reply`. Returns the reply's length. Connects (and authenticates) on first use.

@@ -28,9 +28,13 @@
 // Real programs (--only programs): python3, sqlite3, sort, stress-ng and redis-server,
 // unmodified, under local, zram_swap, lego_tcp and lego_shm (programs.cc).
 //
+// Start-up: /bin/true alone and under lego-run (embedded default over tcp and shm, and
+// --config against a running lego-memd over tcp and shm): median wall time, time added,
+// and where it goes, from the runs' LEGO_STARTUP_TRACE marks (startup.cc).
+//
 // The parts: workers.cc (the workloads), peers.cc (running them; zram), files.cc (the
-// file workloads), miss_floors.cc (the floors), programs.cc (the real programs); this
-// file has the flags and the memory table.
+// file workloads), miss_floors.cc (the floors), programs.cc (the real programs),
+// startup.cc (start-up); this file has the flags and the memory table.
 #include <unistd.h>
 
 #include <cstdio>
@@ -58,8 +62,8 @@ File workloads: each runs on local disk, through the lego mount, and as the bare
 transport floor; MB/s or µs per read, and the ratios lego/local and lego/floor.
 
 options:
-  --only KIND          memory, files or programs: run only that kind (default: memory
-                       and files; programs only when named)
+  --only KIND          memory, files, startup or programs: run only that kind
+                       (default: memory, files and startup; programs only when named)
   --cap SIZE           local memory: ExCache size and cgroup cap (default 64M)
   --fractions LIST     local fraction(s) of the heap (default 0.25,0.5: heap 4x and 2x cap)
   --workloads LIST     memory workloads: random,sequential,zipf,random_mt (default: all)
@@ -74,8 +78,10 @@ options:
   --rand-reads N       4 KiB reads at random aligned offsets (default 20000)
   --file-dir DIR       where the temp directories for local and for the storage node's
                        export are made (default /var/tmp: this host's disk)
+  --startup-runs N     runs of each start-up case (default 7; the median is shown)
   --csv FILE           rows: workload,local_fraction,threads,system,us_per_access; then
-                       file_workload,system,mb_per_s_or_us
+                       file_workload,system,mb_per_s_or_us; then
+                       startup_system,median_ms,added_ms
   --programs LIST      with --only programs: python,sqlite,sort,stress-ng,redis (default:
                        all)
   --program-size F     with --only programs: scale every program's input by F (default 1:
@@ -131,11 +137,19 @@ evictions; then the geometric mean over programs of lego vs zram per fraction (r
 OOM-killed under zram, failed, or with differing output kept out). --csv rows:
 program,local_fraction,system,seconds,ok,oom_killed.
 
+Start-up. /bin/true, each case once per round, rounds side by side: local (alone);
+lego_tcp and lego_shm (lego-run's embedded default: a private lego-memd started and
+stopped by the run); config_tcp and config_shm (lego-run --config against a lego-memd
+this program started before, as a user's cluster runs all along). The table gives the
+median wall time and what lego-run adds to local's; the next, where the time goes: the
+medians of the phases between the marks lego-run, its lego-memd and the runtime in
+/bin/true write to $LEGO_STARTUP_TRACE (include/lego/startup_trace.h).
+
 Needs root (zram, cgroups, network namespaces). lego-run is looked up beside this
 program (bazel-bin/runtime/lego-run) or through $LEGO_RUN.
 )";
 
-constexpr const char* kKinds[] = {"memory", "files", "programs"};
+constexpr const char* kKinds[] = {"memory", "files", "startup", "programs"};
 constexpr const char* kWorkloads[] = {"random", "sequential", "zipf", "random_mt"};
 constexpr const char* kSystems[] = {"local", "zram_swap", "lego_tcp", "lego_shm"};
 constexpr const char* kFileWorkloads[] = {"seq_write", "seq_read", "rand_read_4k"};
@@ -159,6 +173,7 @@ int main(int argc, char** argv) {
   long accesses = 200000;
   int oom_retries = 2;
   bool floors = true;
+  int startup_runs = 7;
   std::string csv, only;
   FileOptions fo;
   ProgramOptions po;
@@ -211,6 +226,10 @@ int main(int argc, char** argv) {
        }},
       {"corrupt-output", true,
        [&](const char* a) { po.corrupt = flags::choice("--corrupt-output", a, kSystems); }},
+      {"startup-runs", true,
+       [&](const char* a) {
+         startup_runs = static_cast<int>(flags::number("--startup-runs", a, 1, 1000));
+       }},
   };
   const int first = flags::parse(argc, argv, {"lego-bench", kUsage, 2, false}, table);
   if (first < argc) die(std::string("unexpected argument '") + argv[first] + "' (see --help)");
@@ -225,12 +244,15 @@ int main(int argc, char** argv) {
     return run_programs(po, lego_run);
   }
 
+  const bool memory = only.empty() || only == "memory";
+  const bool files = only.empty() || only == "files";
+  const bool startup = only.empty() || only == "startup";
   std::vector<MemoryRow> rows;
-  if (only == "files") fractions.clear();
+  if (!memory) fractions.clear();
   // One step per memory run and per file system: a line that updates on a terminal,
   // plain lines in a log.
   Progress progress("lego-bench", fractions.size() * workloads.size() * systems.size() +
-                                      (only != "memory" ? fo.systems.size() : 0));
+                                      (files ? fo.systems.size() : 0));
   for (double f : fractions) {
     uint64_t heap = static_cast<uint64_t>(cap / f) & ~uint64_t{kPage - 1};
     for (auto& w : workloads) {
@@ -280,9 +302,11 @@ int main(int argc, char** argv) {
     }
   }
   std::vector<FileRow> file_rows;
-  if (only != "memory") file_rows = run_files(fo, self, lego_run, progress);
+  if (files) file_rows = run_files(fo, self, lego_run, progress);
   progress.finish();
-  if (only != "files") {
+  std::vector<StartupRow> startup_rows;
+  if (startup) startup_rows = run_startup(lego_run, startup_runs);
+  if (memory) {
     printf("\nlego-bench: µs per access, cap %s (ExCache = cgroup limit), %ld accesses per run\n",
            format_size(cap).c_str(), accesses);
     printf("%-11s %6s %-10s %12s %10s %10s\n", "workload", "local", "system", "us/access",
@@ -307,12 +331,13 @@ int main(int argc, char** argv) {
       printf("\n");
     }
   }
-  if (only != "files" && floors) report_miss_floors(rows, cap);
-  if (only != "memory") print_files(fo, file_rows);
+  if (memory && floors) report_miss_floors(rows, cap);
+  if (files) print_files(fo, file_rows);
+  if (startup) print_startup(startup_rows);
   if (!csv.empty()) {
     FILE* f = fopen(csv.c_str(), "w");
     if (f == nullptr) die("cannot write " + csv);
-    if (only != "files") fprintf(f, "workload,local_fraction,threads,system,us_per_access\n");
+    if (memory) fprintf(f, "workload,local_fraction,threads,system,us_per_access\n");
     for (auto& r : rows) {
       if (r.o.ok) {
         fprintf(f, "%s,%.2f,%d,%s,%.4f\n", r.workload.c_str(), r.fraction, r.threads,
@@ -322,14 +347,30 @@ int main(int argc, char** argv) {
                 r.system.c_str(), r.o.oom ? "oom" : "failed");
       }
     }
-    if (only != "memory") {
-      if (only != "files") fprintf(f, "\n");  // a second table follows
+    if (files) {
+      if (memory) fprintf(f, "\n");  // a second table follows
       fprintf(f, "file_workload,system,mb_per_s_or_us\n");
       for (auto& r : file_rows) {
         if (r.ok) {
           fprintf(f, "%s,%s,%.4f\n", r.workload.c_str(), r.system.c_str(), r.figure);
         } else {
           fprintf(f, "%s,%s,failed\n", r.workload.c_str(), r.system.c_str());
+        }
+      }
+    }
+    if (startup) {
+      if (memory || files) fprintf(f, "\n");  // another table follows
+      fprintf(f, "startup_system,median_ms,added_ms\n");
+      double local = -1;
+      for (auto& r : startup_rows) {
+        if (r.system == "local") local = r.median_ms;
+      }
+      for (auto& r : startup_rows) {
+        if (r.runs == 0) {
+          fprintf(f, "%s,failed,\n", r.system.c_str());
+        } else {
+          fprintf(f, "%s,%.2f,%.2f\n", r.system.c_str(), r.median_ms,
+                  local > 0 ? r.median_ms - local : 0.0);
         }
       }
     }

@@ -147,4 +147,16 @@ int run_programs(const ProgramOptions& opts, const std::string& lego_run);
 // and zram's, measured now.
 void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap);
 
+// startup.cc: /bin/true alone, under lego-run's embedded default (tcp, shm) and with
+// --config (tcp, shm) against a memory node already running; `runs` rounds side by side.
+struct StartupRow {
+  std::string system;  // local, lego_tcp, lego_shm, config_tcp, config_shm
+  int runs = 0;        // successful runs (0: failed, see error)
+  double median_ms = -1;
+  std::vector<std::pair<std::string, double>> phases;  // median ms, LEGO_STARTUP_TRACE's
+  std::string error;
+};
+std::vector<StartupRow> run_startup(const std::string& lego_run, int runs);
+void print_startup(const std::vector<StartupRow>& rows);
+
 }  // namespace lego::bench

@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "lego/fit.h"
+#include "lego/startup_trace.h"
 #include "runtime/launch_contract.h"
 #include "runtime/launcher/cli.h"
 #include "runtime/launcher/die.h"
@@ -96,7 +97,9 @@ std::unique_ptr<fit::Node> join_cluster(const fit::ClusterConfig& config,
         node.status().message());
   }
   if (probe) {
-    Status st = node.value()->connect(memory.id);
+    // One channel: the run's calls from here (closing spaces) are few, and over shm
+    // each channel costs a shared-memory region mapped and touched on both sides.
+    Status st = node.value()->connect_one(memory.id);
     if (!st) {
       const std::string who = "memory node " + std::to_string(memory.id) + " (" + memory.address +
                               ":" + std::to_string(memory.port) + ", " +
@@ -273,7 +276,11 @@ Ending wait_for_run(pid_t child, const RunDir& run, SpaceRegistry& spaces, Repor
     // Traced, the tracer thread reaps the program (a waitpid here would take its stops).
     if (!child_done && (g_tracer ? g_tracer->program_ended(&end.status)
                                  : waitpid(child, &end.status, WNOHANG) == child)) {
+      startup_mark("lego-run: the program exited");
       child_done = true;
+      // A private memory node stops with the run: what is left of the run is its
+      // descendants' last moments, not worth a connection (over shm lego-run's first).
+      if (cluster != nullptr) spaces.stop_closing();
       done_at = Clock::now();
       next_reap = done_at;
     }
@@ -298,6 +305,7 @@ Ending wait_for_run(pid_t child, const RunDir& run, SpaceRegistry& spaces, Repor
 }  // namespace
 
 int main(int argc, char** argv) {
+  startup_mark("lego-run: start");
   Options o = parse_command_line(argc, argv);
   signal(SIGPIPE, SIG_IGN);
   // From here on a SIGTERM/SIGHUP is forwarded to the program, or, before it runs,
@@ -333,6 +341,7 @@ int main(int argc, char** argv) {
       if (!err.empty()) die(needs_root(err));
     }
     cluster = start_private_cluster(o, run.path());
+    startup_mark("lego-run: private cluster up");
     config = cluster->config();
     config_path = cluster->config_path();
     cluster_name = "the private cluster";
@@ -388,16 +397,19 @@ int main(int argc, char** argv) {
   settings.node = proc->id;
   settings.memory_node = memory->id;
   settings.run_dir = run.path();
+  startup_mark("lego-run: starting the program");
   const pid_t child = run_program(o, settings);
 
   SpaceRegistry spaces(run.path(), self.get());
   Reports rep;
   const Ending end = wait_for_run(child, run, spaces, rep, cluster.get());
+  startup_mark("lego-run: the program's run is over");
   remove_shm_regions();
 
   // Free what is left now rather than when the leases run out.
   if (!end.memory_died) spaces.reap(true);
   self.reset();
+  startup_mark("lego-run: spaces freed");
   if (o.stats) {
     for (auto& b : rep.stats()) print_stats(b);
     if (spaces.registered() == 0) {
@@ -416,12 +428,12 @@ int main(int argc, char** argv) {
     if (lost) cluster->show_logs();
     cluster->stop();
   }
+  startup_mark("lego-run: cluster stopped");
   run.remove();
   // The sweep is done long before in all but odd cases (a dead run's memory node that
   // does not answer); it is not worth keeping the user waiting more than a moment for.
-  for (int i = 0; sweep > 0 && i < 300 && waitpid(sweep, nullptr, WNOHANG) == 0; i++) {
-    usleep(10000);
-  }
+  (void)wait_exit(sweep, std::chrono::seconds(3));
+  startup_mark("lego-run: exit");
   if (lost) {
     fprintf(stderr, "lego-run: memory node %u (%s:%u, %s) was lost while %s ran%s%s\n", memory->id,
             memory->address.c_str(), memory->port, fit::provider_name(memory->provider),

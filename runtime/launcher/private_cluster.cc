@@ -8,6 +8,7 @@
 
 #include <cerrno>
 
+#include "lego/startup_trace.h"
 #include "runtime/launcher/process.h"
 
 namespace lego::launch {
@@ -44,6 +45,7 @@ Status PrivateCluster::launch(const PrivateClusterOptions& o) {
                                        private_namespace(o.id));
     }
     network_ = std::move(net.value());
+    startup_mark("lego-run: network namespace made");
     namespace_ = network_->name(0);
     proc_addr = network_->host_address();
     mem_addr = network_->address(0);

@@ -8,6 +8,7 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,10 @@ std::string jemalloc_path();
 // get ready (it is then killed and reaped; its log says why).
 pid_t start_daemon(const std::string& path, std::vector<std::string> args,
                    const std::string& log_path, const std::string& netns);
+
+// Waits up to `limit` for child `pid` to exit, woken the moment it does (a pidfd); reaps
+// it. True when it exited (or pid <= 0).
+bool wait_exit(pid_t pid, std::chrono::milliseconds limit);
 
 // SIGTERM, up to 3 s to exit, then SIGKILL; reaps it. Nothing for pid <= 0.
 void stop_process(pid_t pid);

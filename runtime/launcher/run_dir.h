@@ -53,6 +53,11 @@ class SpaceRegistry {
   // leaves the rest for `backoff` (it, or the lease, frees them later).
   void reap(bool all, std::chrono::milliseconds backoff = std::chrono::milliseconds(5000));
 
+  // From now on only removes files: the memory node is about to stop, and its spaces go
+  // with it (closing them first would cost the round trips, and over shm lego-run's
+  // first connection, for nothing).
+  void stop_closing() { node_ = nullptr; }
+
   // Registered processes found alive by the last reap(false).
   int live() const { return live_; }
   // Spaces ever seen registered (--stats says when there were none).

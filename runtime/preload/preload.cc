@@ -29,6 +29,7 @@
 #include <fcntl.h>
 #include <jemalloc/jemalloc.h>
 #include <link.h>
+#include <linux/futex.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -37,6 +38,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
+#include <climits>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
@@ -48,6 +51,7 @@
 
 #include "lego/excache.h"
 #include "lego/fit.h"
+#include "lego/startup_trace.h"
 #include "lego/units.h"
 #include "runtime/launch_contract.h"
 #include "runtime/preload/region_allocator.h"
@@ -255,12 +259,34 @@ extent_hooks_t g_region_hooks = {
 // must switch before the program's arenas get region hooks: switching takes jemalloc's
 // control lock, which the main thread holds while an arena it initialises faults on the
 // region, and only the handler thread can serve that fault.
+// The constructor sleeps on the counter (a futex) until they have: a 1 ms sleep-and-look
+// loop cost ~1 ms per process start, most of it asleep after the threads were ready.
 std::atomic<int> g_runtime_threads_ready{0};
+static_assert(sizeof(std::atomic<int>) == sizeof(int), "a futex is an int");
+int* runtime_threads_futex() {
+  return reinterpret_cast<int*>(&g_runtime_threads_ready);
+}
 void use_local_arena() {
   if (g_rt == nullptr) return;
   unsigned a = g_rt->local_arena;
   mallctl("thread.arena", nullptr, nullptr, &a, sizeof(a));
   g_runtime_threads_ready.fetch_add(1);
+  syscall(SYS_futex, runtime_threads_futex(), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+}
+
+// Waits until `expect` runtime threads switched arenas, at most `limit`.
+bool wait_for_runtime_threads(int expect, std::chrono::milliseconds limit) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    const int now = g_runtime_threads_ready.load();
+    if (now >= expect) return true;
+    const auto left = deadline - std::chrono::steady_clock::now();
+    if (left <= std::chrono::nanoseconds(0)) return false;
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
+    timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+    // Returns at once when the count changed since the load above (EAGAIN): no wake lost.
+    syscall(SYS_futex, runtime_threads_futex(), FUTEX_WAIT_PRIVATE, now, &ts, nullptr, 0);
+  }
 }
 
 // A miss could not be served: tell lego-run which memory node was lost (or, without
@@ -414,6 +440,7 @@ void start_stats_publisher(const std::string& memory_address) {
 
 __attribute__((constructor(102))) void lego_start() {
   if (!launch::under_lego_run()) return;  // a plain program
+  startup_mark("runtime: start");
   // First: where to report, should anything below fail.
   if (const std::string dir = launch::run_dir_from_environment(); !dir.empty()) {
     snprintf(g_run_dir, sizeof g_run_dir, "%s", dir.c_str());
@@ -453,8 +480,10 @@ __attribute__((constructor(102))) void lego_start() {
   auto node = fit::Node::create(config.value(), self);
   if (!node) fail(node.status().message());
   rt->node = std::move(node.value());
+  startup_mark("runtime: node created");
   auto backend = RemoteBackend::open(rt->node.get(), memory, rt->program, use_local_arena);
   if (!backend) fail(backend.status().message());
+  startup_mark("runtime: space opened");
   rt->backend = std::move(backend.value());
   // Registered before anything else can fail: a process that exits from here on has its
   // space freed by lego-run at once.
@@ -464,6 +493,7 @@ __attribute__((constructor(102))) void lego_start() {
   auto cache = ExCache::create(opt, rt->backend.get());
   if (!cache) fail(cache.status().message());
   rt->cache = std::move(cache.value());
+  startup_mark("runtime: excache created");
   Status st =
       rt->va.init(reinterpret_cast<uintptr_t>(rt->cache->region_base()), rt->cache->region_size());
   if (!st) fail(st.message());
@@ -472,8 +502,10 @@ __attribute__((constructor(102))) void lego_start() {
   rt.release();
 
   int expect = opt.delivery == ExCacheOptions::Delivery::kHandlerThread ? 2 : 1;
-  for (int i = 0; i < 10000 && g_runtime_threads_ready.load() < expect; i++) usleep(1000);
-  if (g_runtime_threads_ready.load() < expect) fail("the runtime's threads did not start");
+  if (!wait_for_runtime_threads(expect, std::chrono::seconds(10))) {
+    fail("the runtime's threads did not start");
+  }
+  startup_mark("runtime: threads ready");
   {
     std::string address;
     for (const fit::NodeConfig& n : config.value().nodes) {
@@ -495,10 +527,12 @@ __attribute__((constructor(102))) void lego_start() {
   }
   // Later mallocs by this thread go to the program's arenas.
   g_active = true;
+  startup_mark("runtime: ready");
 }
 
 __attribute__((destructor(101))) void lego_stop() {
   if (g_rt == nullptr || g_forked_child.load()) return;  // the parent reports
+  startup_mark("runtime: exit");
   // The region stays mapped and the space open: libc still flushes stdio buffers (in the
   // region) after destructors. lego-run frees the space once the process is gone.
   write_stats();

@@ -11,7 +11,8 @@
 # spaces freed as they exit; a relative --config after a cd; static programs refused; exit
 # 69 only for a lost memory node, 125 for lego-run's own failures with a message of their
 # own; flags and node roles checked; a kill -9 of lego-run kills the program and the next
-# lego-run removes what it left.
+# lego-run removes what it left. Start-up: the LEGO_STARTUP_TRACE marks, and no
+# connection by lego-run to its own memory node after the program.
 # usage: lego_run_test.sh [NAME-PART...]   (checks whose names contain one, with what they
 # need set up; tests/lib/check.sh, LEGO_TEST_FILTER too)
 set -uo pipefail
@@ -594,5 +595,40 @@ private_swept() {
 }
 check "the next lego-run removes what a killed one left, and a dead run's veth pair outside a namespace" \
   private_swept
+
+# 12. Start-up (issue 14): LEGO_STARTUP_TRACE shows a run's steps across its processes, in
+# order; with its own memory node lego-run opens no connection once the program is done
+# (closing the program's space there cost a libfabric load and a channel over shm; the
+# memory node stops and frees it anyway).
+startup_trace_run() {
+  startup_trace=$tmp/startup.trace
+  rm -f "$startup_trace"
+  LEGO_STARTUP_TRACE=$startup_trace "$LEGO_RUN" --excache 1M --transport shm -- true
+  startup_trace_rc=$?
+  sed 's/^/  /' "$startup_trace"
+}
+# in_order FILE WHAT...: each WHAT is the text of a line of FILE, after the one before it.
+in_order() {
+  local file=$1 last=0 n
+  shift
+  for what in "$@"; do
+    n=$(grep -n -m1 -- " $what\$" "$file" | cut -d: -f1)
+    [ -n "$n" ] && [ "$n" -gt "$last" ] || { echo "'$what' missing or out of order"; return 1; }
+    last=$n
+  done
+}
+check "start-up trace: lego-run, lego-memd and the runtime mark their steps in order" \
+  eval 'need startup_trace_run; [ "$startup_trace_rc" -eq 0 ] && in_order "$startup_trace" \
+    "lego-run: start" "node: serving" "lego-run: private cluster up" "runtime: start" \
+    "runtime: ready" "runtime: exit" "lego-run: the program exited" "node: stop requested" \
+    "lego-run: cluster stopped" "lego-run: exit"'
+no_late_connection() {
+  need startup_trace_run
+  local lego_run_pid
+  lego_run_pid=$(awk '$3 == "lego-run:" && $4 == "start" { print $2; exit }' "$startup_trace")
+  [ -n "$lego_run_pid" ] && ! grep -q "^[0-9]* $lego_run_pid libfit: " "$startup_trace"
+}
+check "start-up: with its own memory node, lego-run connects to it neither before nor after the program" \
+  no_late_connection
 
 check_summary

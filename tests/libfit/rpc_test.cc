@@ -157,6 +157,32 @@ TEST_CASE("a node without the cluster key is refused", "[rpc][auth]") {
   }
 }
 
+// lego-run --config checks the memory node with connect_one(): one channel, not all.
+TEST_CASE("connect_one opens one authenticated channel, connect all of them", "[rpc]") {
+  for (const char* provider : {"tcp", "shm"}) {
+    SECTION(provider) {
+      auto c = make_cluster(2, provider);
+      REQUIRE(c.channels_per_peer > 1);
+      auto p = make_pair(c);
+      REQUIRE(p.client->connect_one(2).is_ok());
+      CHECK(p.server->stats().connections_authenticated == 1);
+      REQUIRE(p.client->connect_one(2).is_ok());  // the same channel again
+      CHECK(p.server->stats().connections_authenticated == 1);
+      std::vector<std::byte> reply(16);
+      REQUIRE(p.client->send_reply(2, kEcho, as_bytes("x"), reply).is_ok());
+      CHECK(p.server->stats().connections_authenticated == 1);  // this thread's channel
+      REQUIRE(p.client->connect(2).is_ok());
+      CHECK(p.server->stats().connections_authenticated ==
+            static_cast<uint64_t>(c.channels_per_peer));
+      auto wrong = c;
+      wrong.key[0] ^= 1;
+      auto stranger = Node::create(wrong, 1);
+      REQUIRE(stranger.is_ok());
+      CHECK(stranger.value()->connect_one(2).code() == EACCES);
+    }
+  }
+}
+
 TEST_CASE("async calls complete out of order and in parallel", "[rpc]") {
   for (const char* provider : {"tcp", "ofi_tcp", "shm"}) {
     SECTION(provider) {
