@@ -25,6 +25,7 @@
 #include <cstdio>
 #include <cstring>
 #include <new>
+#include <optional>
 
 #include "lego/placement.h"
 #include "lego/retry.h"
@@ -145,7 +146,6 @@ struct ClusterBackend::Impl {
   fit::Node* node = nullptr;
   ClusterBackendOptions options;
   ClusterBackend::UsedFn used = nullptr;
-  ClusterBackend::SpaceObserver observer = nullptr;
   uint64_t process_key = 0;
   char loss_message[512] = {};
 
@@ -191,8 +191,8 @@ struct ClusterBackend::Impl {
   // --- node slots
 
   std::string describe(fit::NodeId id) const {
-    const fit::NodeConfig* n = node->config().find(id);
-    if (n == nullptr) return std::to_string(id);
+    const std::optional<fit::NodeConfig> n = node->peer(id);
+    if (!n) return std::to_string(id);
     return std::to_string(id) + " (" + n->address + ":" + std::to_string(n->port) + ", " +
            fit::provider_name(n->provider) + ")";
   }
@@ -252,7 +252,7 @@ struct ClusterBackend::Impl {
     n.lease_ms = rep.lease_ms;
     n.state.store(kOpen, std::memory_order_release);
     memory_nodes_used.fetch_add(1);
-    if (observer != nullptr) observer(id, rep.handle, true);
+    if (options.observer != nullptr) options.observer(id, rep.handle, true);
     return s;
   }
 
@@ -324,6 +324,7 @@ struct ClusterBackend::Impl {
     const fit::NodeId id = s >= 0 ? slots[s].id : 0;
     const int err = s >= 0 ? slots[s].lost_error.load() : 0;
     char node_text[160];
+    // The file's nodes only: a learned peer's lookup would allocate.
     const fit::NodeConfig* n = node->config().find(id);
     if (n != nullptr) {
       snprintf(node_text, sizeof node_text, "%u (%s:%u, %s)", id, n->address.c_str(), n->port,
@@ -658,11 +659,13 @@ struct ClusterBackend::Impl {
       mem::UsageReply u{};
       auto r = node->send_reply(id, mem::kUsage, {}, {reinterpret_cast<std::byte*>(&u), sizeof u});
       if (!r || r.value() != sizeof u) continue;  // unreachable: not a candidate now
-      cands.push_back({id, u.capacity_bytes, u.reserved_bytes});
+      cands.push_back(
+          {id, u.capacity_bytes > u.reserved_bytes ? u.capacity_bytes - u.reserved_bytes : 0});
     }
-    auto pick = placement::choose(cands, want, mem::kVRegionBytes, randombytes_random());
-    if (!pick) return pick.status();
-    return pick.value();
+    uint64_t seed = 0;
+    randombytes_buf(&seed, sizeof seed);
+    placement::Rng rng(seed);
+    return placement::choose(cands, want, mem::kVRegionBytes, exclude, rng);
   }
 
   // Asks the monitor for `want` nodes for vRegion v, waiting while it does not answer.
@@ -693,7 +696,7 @@ struct ClusterBackend::Impl {
         std::vector<fit::NodeId> ids;
         for (uint32_t i = 0; i < rep.count; i++) {
           const mon::NodeAddress& a = rep.nodes[i];
-          if (node->config().find(a.id) == nullptr) {
+          if (!node->peer(a.id)) {
             // A memory node that joined after our cluster file was written (hot-plug).
             fit::NodeConfig nc;
             nc.id = a.id;
@@ -750,6 +753,18 @@ struct ClusterBackend::Impl {
       return r.status().with_context("memory node " + describe(slots[s].id));
     }
     return Status();
+  }
+
+  // Where node `id` listens, for a copy's target (the source may not know it yet).
+  mem::NodeAddress address_of(fit::NodeId id) const {
+    mem::NodeAddress a{};
+    a.id = id;
+    if (const std::optional<fit::NodeConfig> n = node->peer(id)) {
+      a.port = n->port;
+      a.provider = static_cast<uint8_t>(n->provider);
+      strncpy(a.address, n->address.c_str(), sizeof a.address - 1);
+    }
+    return a;
   }
 
   std::vector<fit::NodeId> lost_nodes() const {
@@ -881,7 +896,7 @@ struct ClusterBackend::Impl {
     for (uint32_t k = 0; k < kMaxReplicas && !stop.load(); k++) {
       if (!joined.full(k) || !live(joined.slot[k])) continue;
       const int src = joined.slot[k];
-      mem::CopyRequest cr{slots[src].space, v, slots[y].id, 0, slots[y].space};
+      mem::CopyRequest cr{slots[src].space, v, slots[y].space, address_of(slots[y].id)};
       mem::CopyReply job{};
       auto r = node->send_reply(slots[src].id, mem::kCopyRange,
                                 {reinterpret_cast<const std::byte*>(&cr), sizeof cr},
@@ -1090,23 +1105,21 @@ ClusterBackend::~ClusterBackend() {
 
 Status ClusterBackend::set_region(uint64_t base, uint64_t bytes) {
   Impl& m = *impl_;
-  if (base % mem::kVRegionBytes != 0) {
-    return Status(EINVAL, "the region is not aligned to a vRegion (16 MiB)");
-  }
-  m.nvregions = (bytes + mem::kVRegionBytes - 1) / mem::kVRegionBytes;
+  if (m.map != nullptr) return Status(EINVAL, "the region is set already");
+  // vRegions count from the region's base rounded down to a vRegion (memory_proto.h: the
+  // base every request names is vRegion aligned); the first may start before the region.
+  const uint64_t origin = base & ~(mem::kVRegionBytes - 1);
+  m.nvregions = (base + bytes - origin + mem::kVRegionBytes - 1) / mem::kVRegionBytes;
   void* p = map_anonymous(m.nvregions * sizeof(uint64_t));
   if (p == nullptr) return Status::from_errno(errno, "mmap of the vRegion map");
   m.map = static_cast<std::atomic<uint64_t>*>(p);
   for (uint64_t v = 0; v < m.nvregions; v++) m.map[v].store(kEmptyEntry);
-  m.region_base = base;
+  m.region_base = origin;
   return Status();
 }
 
 void ClusterBackend::set_used_fn(UsedFn used) {
   impl_->used = used;
-}
-void ClusterBackend::set_space_observer(SpaceObserver observer) {
-  impl_->observer = observer;
 }
 const char* ClusterBackend::loss_message() const {
   return impl_->loss_message;
@@ -1277,7 +1290,8 @@ Status ClusterBackend::release(uint64_t addr, uint64_t length) {
     return Status(EINVAL, "release outside the region");
   }
   const int epoch = m.enter_epoch();
-  const uint64_t ver = m.version.fetch_add(1) + 1;
+  // Covers every write-back numbered up to it (memory_proto.h).
+  const uint64_t ver = m.version.load();
   Status first;
   // Per vRegion: to each of its live replicas (full and joining).
   for (uint64_t a = addr; a < addr + length;) {
@@ -1337,7 +1351,7 @@ Result<uint32_t> ClusterBackend::snapshot() {
     if (r && r.value() == sizeof rep) {
       n.snaps[id] = rep.handle;
       n.snap_valid[id].store(true, std::memory_order_release);
-      if (m.observer != nullptr) m.observer(n.id, rep.handle, true);
+      if (m.options.observer != nullptr) m.options.observer(n.id, rep.handle, true);
       continue;
     }
     if (!r && !m.again(s, r.status(), kAttempts, true) && !m.live(s)) continue;  // lost
@@ -1382,7 +1396,7 @@ Status ClusterBackend::release_snapshot(uint32_t id, uint64_t addr, uint64_t len
   if (id >= kMaxSnapshots || m.snap_state[id].load(std::memory_order_acquire) == 0) {
     return Status(ENOENT, "no snapshot " + std::to_string(id));
   }
-  const uint64_t ver = m.version.fetch_add(1) + 1;
+  const uint64_t ver = m.version.load();
   for (uint64_t a = addr; a < addr + length;) {
     const uint64_t v = m.vregion_of(a);
     const uint64_t end = std::min(addr + length, m.region_base + (v + 1) * mem::kVRegionBytes);
@@ -1413,7 +1427,7 @@ void ClusterBackend::drop_snapshot(uint32_t id) {
       (void)m.node->send_reply(n.id, mem::kClose,
                                {reinterpret_cast<const std::byte*>(&req), sizeof req}, {});
     }
-    if (m.observer != nullptr) m.observer(n.id, req.handle, false);
+    if (m.options.observer != nullptr) m.options.observer(n.id, req.handle, false);
   }
   m.snap_state[id].store(0, std::memory_order_release);
 }
@@ -1428,7 +1442,7 @@ void ClusterBackend::close() {
     mem::SpaceRequest req{n.space};
     auto r = m.node->send_reply(n.id, mem::kClose,
                                 {reinterpret_cast<const std::byte*>(&req), sizeof req}, {});
-    if (r && m.observer != nullptr) m.observer(n.id, n.space, false);
+    if (r && m.options.observer != nullptr) m.options.observer(n.id, n.space, false);
   }
 }
 

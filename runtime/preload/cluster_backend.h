@@ -83,6 +83,10 @@ struct ClusterBackendOptions {
   // (ENOMEM). Default 30 s (the cluster file's monitor_wait_ms).
   uint32_t monitor_wait_ms = 30000;
   std::string program;
+  // Told of every space opened or closed, from open() on (lego-run's registry:
+  // launch_contract.h). Runs on the calling thread; must allocate nothing and not call back
+  // into the backend.
+  void (*observer)(fit::NodeId node, const mem::SpaceHandle& space, bool opened) = nullptr;
   // Called first on each service thread (lego-run: the runtime's own jemalloc arena).
   void (*on_thread_start)() = nullptr;
 };
@@ -97,7 +101,7 @@ class ClusterBackend : public LineBackend {
   ~ClusterBackend() override;
 
   // The ExCache region [base, base + bytes): vRegion i is [base + i*16M, base + (i+1)*16M).
-  // Before any place(). EINVAL when base is not 16 MiB aligned or the region too large.
+  // Once, before any other call but close().
   Status set_region(uint64_t base, uint64_t bytes);
 
   Status fetch(uint64_t line_addr, std::span<std::byte, kExCacheLineBytes> out) override;
@@ -131,11 +135,6 @@ class ClusterBackend : public LineBackend {
 
   // Closes every space. Later calls fail.
   void close();
-
-  // Told of every space opened or closed (lego-run's registry: launch_contract.h). Runs on
-  // the calling thread; must allocate nothing and not call back into the backend.
-  using SpaceObserver = void (*)(fit::NodeId node, const mem::SpaceHandle& space, bool opened);
-  void set_space_observer(SpaceObserver observer);
 
   ClusterStats stats() const;
   // Service threads this backend started (lego-run waits for each to take its arena).

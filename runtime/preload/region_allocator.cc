@@ -29,8 +29,12 @@ Status RegionAllocator::init(uintptr_t base, size_t size, size_t max_ranges, siz
   ranges_[0] = {base_, base_ + size_};
   count_ = 1;
   if (vregion_bytes > 0) {
+    if ((vregion_bytes & (vregion_bytes - 1)) != 0) {
+      return Status(EINVAL, "the vRegion size is not a power of two");
+    }
     vregion_bytes_ = vregion_bytes;
-    vregion_count_ = (size_ + vregion_bytes - 1) / vregion_bytes;
+    origin_ = base_ & ~(vregion_bytes - 1);
+    vregion_count_ = (base_ + size_ - origin_ + vregion_bytes - 1) / vregion_bytes;
     void* u = reinterpret_cast<void*>(syscall(SYS_mmap, nullptr, vregion_count_ * sizeof(uint64_t),
                                               PROT_READ | PROT_WRITE,
                                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
@@ -42,8 +46,8 @@ Status RegionAllocator::init(uintptr_t base, size_t size, size_t max_ranges, siz
 
 void RegionAllocator::vregions(uintptr_t addr, size_t size, uint64_t* first, uint64_t* last) const {
   const size_t unit = vregion_bytes_ > 0 ? vregion_bytes_ : size_;
-  *first = (addr - base_) / unit;
-  *last = (addr + size - 1 - base_) / unit;
+  *first = (addr - origin_) / unit;
+  *last = (addr + size - 1 - origin_) / unit;
 }
 
 uint64_t RegionAllocator::vregion_bytes_used(uint64_t v) const {
@@ -54,8 +58,8 @@ uint64_t RegionAllocator::vregion_bytes_used(uint64_t v) const {
 void RegionAllocator::count(uintptr_t addr, uintptr_t end, int sign) {
   if (used_ == nullptr) return;
   for (uintptr_t a = addr; a < end;) {
-    const uint64_t v = (a - base_) / vregion_bytes_;
-    const uintptr_t stop = std::min<uintptr_t>(end, base_ + (v + 1) * vregion_bytes_);
+    const uint64_t v = (a - origin_) / vregion_bytes_;
+    const uintptr_t stop = std::min<uintptr_t>(end, origin_ + (v + 1) * vregion_bytes_);
     const uint64_t n = stop - a;
     const uint64_t now = used_[v].load(std::memory_order_relaxed);
     // A release of bytes never counted (a list-full leak below) must not wrap around.

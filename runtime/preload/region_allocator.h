@@ -20,7 +20,8 @@ namespace lego::runtime {
 class RegionAllocator {
  public:
   // Manages [base, base + size). max_ranges bounds the free list's fragmentation.
-  // vregion_bytes: the slice whose allocated bytes are counted (0: none counted).
+  // vregion_bytes: the slice whose allocated bytes are counted (0: none counted), a power of
+  // two; vRegion 0 starts at base rounded down to it.
   Status init(uintptr_t base, size_t size, size_t max_ranges = 1 << 18, size_t vregion_bytes = 0);
   ~RegionAllocator();
 
@@ -59,6 +60,7 @@ class RegionAllocator {
   size_t count_ = 0;
   size_t capacity_ = 0;
   size_t vregion_bytes_ = 0;
+  uintptr_t origin_ = 0;  // base_ rounded down to vregion_bytes_: where vRegion 0 starts
   uint64_t vregion_count_ = 0;
   std::atomic<uint64_t>* used_ = nullptr;  // vregion_count_ counters, mapped at init
   mutable std::atomic<bool> lock_{false};

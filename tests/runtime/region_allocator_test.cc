@@ -35,6 +35,18 @@ TEST_CASE("allocations count their bytes in every vRegion they touch") {
   CHECK(va.vregion_bytes_used(99) == 0);  // out of range
 }
 
+TEST_CASE("vRegions count from the base rounded down to a vRegion") {
+  RegionAllocator va;
+  REQUIRE(va.init(kBase + kUnit / 2, 4 * kUnit, 1024, kUnit).is_ok());
+  const uintptr_t a = va.allocate(kUnit, 4096);
+  REQUIRE(a == kBase + kUnit / 2);
+  CHECK(va.vregion_bytes_used(0) == kUnit / 2);
+  CHECK(va.vregion_bytes_used(1) == kUnit / 2);
+  uint64_t first = 0, last = 0;
+  va.vregions(a, kUnit, &first, &last);
+  CHECK((first == 0 && last == 1));
+}
+
 TEST_CASE("without a vRegion size nothing is counted") {
   RegionAllocator va;
   REQUIRE(va.init(kBase, 8 * kUnit).is_ok());
