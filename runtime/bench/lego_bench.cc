@@ -25,9 +25,15 @@
 //   tcp_floor  the transport alone: a busy-polled TCP stream of the same bytes between
 //              two network namespaces (MB/s), and a 4 KiB request/response round trip.
 //
+// Cluster rows (--only cluster): the random read-modify-write workload under lego-run's
+// private cluster of --memory-nodes N with --replicas R: its cost per access with R copies
+// against 1 (over tcp and shm), then failover_ms (a memory node SIGKILLed mid-run: from the
+// kill to the program's next completed access) and re-replication's speed (the runtime's
+// bytes_copied / copy_ms) with the program's slowdown meanwhile.
+//
 // The parts: workers.cc (the workloads), peers.cc (running them; zram), files.cc (the
-// file workloads), miss_floors.cc (the floors); this file has the flags and the memory
-// table.
+// file workloads), miss_floors.cc (the floors), cluster.cc (the cluster rows); this file
+// has the flags and the memory table.
 #include <unistd.h>
 
 #include <cstdio>
@@ -54,7 +60,8 @@ File workloads: each runs on local disk, through the lego mount, and as the bare
 transport floor; MB/s or µs per read, and the ratios lego/local and lego/floor.
 
 options:
-  --only KIND          memory or files: run only that kind (default: both)
+  --only KIND          memory, files or cluster: run only that kind (default: memory and
+                       files; the cluster rows run only when asked for)
   --cap SIZE           local memory: ExCache size and cgroup cap (default 64M)
   --fractions LIST     local fraction(s) of the heap (default 0.25,0.5: heap 4x and 2x cap)
   --workloads LIST     memory workloads: random,sequential,zipf,random_mt (default: all)
@@ -69,8 +76,15 @@ options:
   --rand-reads N       4 KiB reads at random aligned offsets (default 20000)
   --file-dir DIR       where the temp directories for local and for the storage node's
                        export are made (default /var/tmp: this host's disk)
+  --memory-nodes N     cluster rows: private memory nodes (default 3)
+  --replicas R         cluster rows: copies compared with 1 (default 2); with 2 or more a
+                       failover row too
+  --cluster-fraction F cluster rows: the random workload's local fraction (default 0.25)
   --csv FILE           rows: workload,local_fraction,threads,system,us_per_access; then
-                       file_workload,system,mb_per_s_or_us
+                       file_workload,system,mb_per_s_or_us; then (cluster) cluster_row,
+                       transport,local_fraction,memory_nodes,replicas,us_per_access,
+                       failover_ms,rereplication_mb_per_s,us_per_access_before_kill,
+                       us_per_access_after_kill
   --help               this text
 
 What the file workloads measure. One file of --file-size, written and read in 1 MiB
@@ -105,7 +119,7 @@ Needs root (zram, cgroups, network namespaces). lego-run is looked up beside thi
 program (bazel-bin/runtime/lego-run) or through $LEGO_RUN.
 )";
 
-constexpr const char* kKinds[] = {"memory", "files"};
+constexpr const char* kKinds[] = {"memory", "files", "cluster"};
 constexpr const char* kWorkloads[] = {"random", "sequential", "zipf", "random_mt"};
 constexpr const char* kSystems[] = {"local", "zram_swap", "lego_tcp", "lego_shm"};
 constexpr const char* kFileWorkloads[] = {"seq_write", "seq_read", "rand_read_4k"};
@@ -131,7 +145,24 @@ int main(int argc, char** argv) {
   bool floors = true;
   std::string csv, only;
   FileOptions fo;
+  ClusterOptions co;
   const std::vector<flags::Flag> table = {
+      {"memory-nodes", true,
+       [&](const char* a) {
+         co.memory_nodes = static_cast<int>(flags::number("--memory-nodes", a, 1, 16));
+       }},
+      {"replicas", true,
+       [&](const char* a) {
+         co.replicas = static_cast<uint32_t>(flags::number("--replicas", a, 1, 4));
+       }},
+      {"cluster-fraction", true,
+       [&](const char* a) {
+         char* end = nullptr;
+         co.fraction = strtod(a, &end);
+         if (end == a || *end != '\0' || !(co.fraction > 0 && co.fraction <= 1)) {
+           flags::usage_error(std::string("--cluster-fraction: '") + a + "' is not in (0, 1]");
+         }
+       }},
       {"cap", true, [&](const char* a) { cap = flags::size("--cap", a); }},
       {"fractions", true,
        [&](const char* a) {
@@ -178,8 +209,14 @@ int main(int argc, char** argv) {
   if (access(lego_run.c_str(), X_OK) != 0)
     die("cannot find lego-run at " + lego_run + " (set LEGO_RUN)");
 
+  if (co.replicas > static_cast<uint32_t>(co.memory_nodes)) {
+    die("--replicas " + std::to_string(co.replicas) + " needs --memory-nodes " +
+        std::to_string(co.replicas) + " or more");
+  }
+  co.cap = cap;
+  co.accesses = accesses;
   std::vector<MemoryRow> rows;
-  if (only == "files") fractions.clear();
+  if (only == "files" || only == "cluster") fractions.clear();
   for (double f : fractions) {
     uint64_t heap = static_cast<uint64_t>(cap / f) & ~uint64_t{kPage - 1};
     for (auto& w : workloads) {
@@ -228,8 +265,10 @@ int main(int argc, char** argv) {
     }
   }
   std::vector<FileRow> file_rows;
-  if (only != "memory") file_rows = run_files(fo, self, lego_run);
-  if (only != "files") {
+  if (only.empty() || only == "files") file_rows = run_files(fo, self, lego_run);
+  std::vector<ClusterRow> cluster_rows;
+  if (only == "cluster") cluster_rows = run_cluster(co, self, lego_run);
+  if (only.empty() || only == "memory") {
     printf("\nlego-bench: µs per access, cap %s (ExCache = cgroup limit), %ld accesses per run\n",
            format_size(cap).c_str(), accesses);
     printf("%-11s %6s %-10s %12s %10s %10s\n", "workload", "local", "system", "us/access",
@@ -254,12 +293,16 @@ int main(int argc, char** argv) {
       printf("\n");
     }
   }
-  if (only != "files" && floors) report_miss_floors(rows, cap);
-  if (only != "memory") print_files(fo, file_rows);
+  if ((only.empty() || only == "memory") && floors) report_miss_floors(rows, cap);
+  if (only.empty() || only == "files") print_files(fo, file_rows);
+  if (only == "cluster") print_cluster(co, cluster_rows);
   if (!csv.empty()) {
     FILE* f = fopen(csv.c_str(), "w");
     if (f == nullptr) die("cannot write " + csv);
-    if (only != "files") fprintf(f, "workload,local_fraction,threads,system,us_per_access\n");
+    if (only == "cluster") write_cluster_csv(f, co, cluster_rows);
+    if (only.empty() || only == "memory") {
+      fprintf(f, "workload,local_fraction,threads,system,us_per_access\n");
+    }
     for (auto& r : rows) {
       if (r.o.ok) {
         fprintf(f, "%s,%.2f,%d,%s,%.4f\n", r.workload.c_str(), r.fraction, r.threads,
@@ -269,8 +312,8 @@ int main(int argc, char** argv) {
                 r.system.c_str(), r.o.oom ? "oom" : "failed");
       }
     }
-    if (only != "memory") {
-      if (only != "files") fprintf(f, "\n");  // a second table follows
+    if (only.empty() || only == "files") {
+      if (only.empty()) fprintf(f, "\n");  // a second table follows
       fprintf(f, "file_workload,system,mb_per_s_or_us\n");
       for (auto& r : file_rows) {
         if (r.ok) {

@@ -24,6 +24,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <optional>
 
@@ -209,7 +210,9 @@ struct ClusterBackend::Impl {
 
   // Opens a space on memory node `id` (placer or repair thread, or open()): connects every
   // channel, kOpen. Returns the slot, or an error naming the node.
+  std::mutex open_mutex;  // one opener at a time (the miss path only reads slots)
   Result<int> open_node(fit::NodeId id) {
+    std::lock_guard<std::mutex> guard(open_mutex);
     if (int s = slot_of(id); s >= 0) {
       if (slots[s].state.load() == kLost) {
         return Status(EHOSTDOWN, "memory node " + describe(id) + " was lost by this process");
@@ -282,11 +285,14 @@ struct ClusterBackend::Impl {
         return false;
       case ErrorClass::kRetry:
         if (code == ETIMEDOUT) {
+          // Alone, the node is waited for by the ExCache's own retries, as before the
+          // cluster; with another copy, kAttempts timeouts in a row make it lost.
+          if (!others) return false;
           if (slots[s].timeouts.fetch_add(1) + 1 >= kAttempts) {
             mark_lost(s, code);
             return false;
           }
-          return others && attempt < kAttempts;
+          return attempt < kAttempts;
         }
         // A reset connection: libfit opens a new one on the next call; a second failure
         // means the node is gone (a SIGKILLed lego-memd refuses the reconnection).
@@ -315,6 +321,28 @@ struct ClusterBackend::Impl {
     return Entry::decode(map[v].load(std::memory_order_acquire));
   }
 
+  // "2 (10.1.2.3:18602, tcp)" into buf, from the cluster file (a learned peer's lookup
+  // would allocate). Async-signal-safe.
+  void node_text(fit::NodeId id, char* buf, size_t cap) const {
+    const fit::NodeConfig* n = node->config().find(id);
+    if (n != nullptr) {
+      snprintf(buf, cap, "%u (%s:%u, %s)", id, n->address.c_str(), n->port,
+               fit::provider_name(n->provider));
+    } else {
+      snprintf(buf, cap, "%u", id);
+    }
+  }
+
+  // A call to slot s failed with `code` and is given back to the ExCache (which retries
+  // what may pass, and otherwise ends the process): loss_message names the node, should
+  // the process end of it.
+  void note_failure(int s, int code) {
+    char text[160];
+    node_text(slots[s].id, text, sizeof text);
+    snprintf(loss_message, sizeof loss_message, "memory node %s failed: %s", text,
+             strerrorname_np(code) != nullptr ? strerrorname_np(code) : "error");
+  }
+
   // Records that vRegion v (with entry e) has no full copy left; returns EHOSTDOWN.
   Status lost_vregion(uint64_t v, const Entry& e) {
     int s = -1;
@@ -323,17 +351,10 @@ struct ClusterBackend::Impl {
     }
     const fit::NodeId id = s >= 0 ? slots[s].id : 0;
     const int err = s >= 0 ? slots[s].lost_error.load() : 0;
-    char node_text[160];
-    // The file's nodes only: a learned peer's lookup would allocate.
-    const fit::NodeConfig* n = node->config().find(id);
-    if (n != nullptr) {
-      snprintf(node_text, sizeof node_text, "%u (%s:%u, %s)", id, n->address.c_str(), n->port,
-               fit::provider_name(n->provider));
-    } else {
-      snprintf(node_text, sizeof node_text, "%u", id);
-    }
+    char text[160];
+    node_text(id, text, sizeof text);
     snprintf(loss_message, sizeof loss_message,
-             "memory node %s: vRegion %lu (%#lx) had its last copy there (%s)", node_text,
+             "memory node %s: vRegion %lu (%#lx) had its last copy there (%s)", text,
              static_cast<unsigned long>(v),
              static_cast<unsigned long>(region_base + v * mem::kVRegionBytes),
              err != 0 ? strerrorname_np(err) : "lost");
@@ -420,7 +441,10 @@ struct ClusterBackend::Impl {
         last = r.status();
         if (!again(s, last, attempt, others)) break;
       }
-      if (live(s)) return last;  // an answer, or a timeout the ExCache retries
+      if (live(s)) {  // an answer, or a timeout the ExCache retries
+        note_failure(s, last.code());
+        return last;
+      }
       failed_over = true;
     }
     return lost_vregion(vregion_of(addrs[0]), e);
@@ -560,6 +584,7 @@ struct ClusterBackend::Impl {
       replica_write_failures.fetch_add(1, std::memory_order_relaxed);
       return Status();
     }
+    note_failure(c.slot, r.status().code());
     return r.status();
   }
 
@@ -595,7 +620,10 @@ struct ClusterBackend::Impl {
           auto r = node->send_reply(slots[s].id, mem::kWriteBack, {c.buffer, c.length}, {});
           fin = r.status();
         }
-        if (!fin && live(s)) return fin;
+        if (!fin && live(s)) {
+          note_failure(s, fin.code());
+          return fin;
+        }
         continue;
       }
       c.started = true;
@@ -996,10 +1024,14 @@ struct ClusterBackend::Impl {
   // --- heartbeats
 
   void heartbeat_loop() {
-    uint32_t lease = 0;
-    for (int s = 0; s < nslots.load(); s++) lease = std::max(lease, slots[s].lease_ms);
-    auto period = std::chrono::milliseconds(std::max<uint32_t>(lease / 4, 50));
     while (!stop.load()) {
+      // The shortest lease of the spaces open now (more open as placements go on).
+      uint32_t lease = 0;
+      for (int s = 0; s < nslots.load(); s++) {
+        if (live(s) && (lease == 0 || slots[s].lease_ms < lease)) lease = slots[s].lease_ms;
+      }
+      const auto period =
+          std::chrono::milliseconds(lease == 0 ? 200 : std::max<uint32_t>(lease / 4, 50));
       auto wake = Clock::now() + period;
       while (!stop.load() && Clock::now() < wake) {
         std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -1068,7 +1100,9 @@ Result<std::unique_ptr<ClusterBackend>> ClusterBackend::open(fit::Node* node,
           m.describe(options.monitor).c_str(), st.message().c_str());
     }
   }
-  for (fit::NodeId id : options.memory_nodes) {
+  // With a monitor, spaces open as placements reach their nodes (the placer thread);
+  // without one, every node of the file is a candidate for every placement: opened now.
+  for (fit::NodeId id : options.monitor == 0 ? options.memory_nodes : std::vector<fit::NodeId>{}) {
     auto s = m.open_node(id);
     // Without a monitor every node of the file is a placement candidate; one that does not
     // answer now is left out (it is lost for this process), as long as enough answer.

@@ -73,9 +73,9 @@ inline constexpr ClusterStatsField kClusterStatsFields[] = {
 struct ClusterBackendOptions {
   // Copies of every vRegion (1..mon::kMaxReplicas). Default 1.
   uint32_t replicas = 1;
-  // The memory nodes to place on without a monitor; with one, the nodes to open a space on
-  // at start (later ones are learned from kPlace replies). Default: every memory node of
-  // the cluster file.
+  // The memory nodes to place on without a monitor (each gets a space at open()). With a
+  // monitor, spaces open as its placements reach nodes (nodes not in the cluster file are
+  // learned from its replies).
   std::vector<fit::NodeId> memory_nodes;
   // The monitor (0: none; the cluster file's, when it has one).
   fit::NodeId monitor = 0;
@@ -93,8 +93,8 @@ struct ClusterBackendOptions {
 
 class ClusterBackend : public LineBackend {
  public:
-  // Opens a space on each of options.memory_nodes (connecting every channel: later calls
-  // allocate nothing) and starts the service threads. The region is set later (set_region:
+  // Without a monitor, opens a space on each of options.memory_nodes (connecting every
+  // channel: later calls allocate nothing); starts the service threads. The region is set later (set_region:
   // the ExCache that owns it needs the backend first). Errors name the node.
   static Result<std::unique_ptr<ClusterBackend>> open(fit::Node* node,
                                                       const ClusterBackendOptions& options);
