@@ -863,8 +863,12 @@ struct ClusterBackend::Impl {
           if (want && !has) {
             Status st = place(v);
             if (!st) {
-              say("lego: %s: cannot place 16 MiB of memory (vRegion %lu): %s\n",
-                  options.program.c_str(), static_cast<unsigned long>(v), st.message().c_str());
+              // No room is malloc's ordinary failure (NULL, MemoryError): the program decides
+              // what to say. Anything else is news.
+              if (st.code() != ENOSPC && st.code() != ENOMEM) {
+                say("lego: %s: cannot place 16 MiB of memory (vRegion %lu): %s\n",
+                    options.program.c_str(), static_cast<unsigned long>(v), st.message().c_str());
+              }
               result = ENOMEM;
               break;
             }
