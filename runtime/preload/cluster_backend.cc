@@ -272,8 +272,10 @@ struct ClusterBackend::Impl {
 
   // After a call to slot s failed with st: whether to send it again to the same node.
   // Marks the node lost where the design says so (cluster_backend.h). `others`: another
-  // replica could serve instead (R = 1 leaves timeouts to the ExCache's retries, as before).
-  bool again(int s, const Status& st, int attempt, bool others) {
+  // replica could serve instead. `caller_retries`: the ExCache sends the call again itself
+  // (a fetch, a synchronous write-back); not so for the end of an asynchronous write-back,
+  // which it cannot repeat: that is resent here, kAttempts tries in all, as lego/retry.h says.
+  bool again(int s, const Status& st, int attempt, bool others, bool caller_retries = true) {
     const int code = st.code();
     switch (classify(code)) {
       case ErrorClass::kPeerGone:
@@ -284,20 +286,24 @@ struct ClusterBackend::Impl {
         if (code == EACCES) mark_lost(s, code);
         return false;
       case ErrorClass::kRetry:
+        if (!others) {
+          // Alone, the node is waited for as before the cluster: the ExCache's retries, or
+          // ours for what it cannot repeat. A reset is tried once more at once (libfit
+          // reconnects; a dead lego-memd then refuses: "peer gone").
+          if (!caller_retries) return attempt < kAttempts;
+          return code != ETIMEDOUT && attempt < 2;
+        }
         if (code == ETIMEDOUT) {
-          // Alone, the node is waited for by the ExCache's own retries, as before the
-          // cluster; with another copy, kAttempts timeouts in a row make it lost.
-          if (!others) return false;
+          // With another copy, kAttempts timeouts in a row make the node lost.
           if (slots[s].timeouts.fetch_add(1) + 1 >= kAttempts) {
             mark_lost(s, code);
             return false;
           }
           return attempt < kAttempts;
         }
-        // A reset connection: libfit opens a new one on the next call; a second failure
-        // means the node is gone (a SIGKILLed lego-memd refuses the reconnection).
+        // A reset connection failing again: the node is gone.
         if (attempt >= 2) {
-          if (others) mark_lost(s, code);
+          mark_lost(s, code);
           return false;
         }
         return true;
@@ -307,6 +313,12 @@ struct ClusterBackend::Impl {
   }
   void call_ok(int s) {
     if (slots[s].timeouts.load(std::memory_order_relaxed) != 0) slots[s].timeouts.store(0);
+  }
+
+  // Whether the process keeps more than one copy: then a node that fails is given up
+  // sooner, since another serves meanwhile.
+  bool replicated() const {
+    return options.replicas > 1;
   }
 
   // --- the map
@@ -565,7 +577,7 @@ struct ClusterBackend::Impl {
   Status finish(Call& c, bool others) {
     auto r = node->finish_call(&c.pending);
     const bool busy = c.pending.request_busy;
-    for (int attempt = 1; !r && again(c.slot, r.status(), attempt, others); attempt++) {
+    for (int attempt = 1; !r && again(c.slot, r.status(), attempt, others, false); attempt++) {
       r = node->send_reply(slots[c.slot].id, mem::kWriteBack, {c.buffer, c.length}, {});
     }
     if (busy) {
@@ -616,7 +628,7 @@ struct ClusterBackend::Impl {
       if (!st) {
         // Not in flight: send it now (a failed start is a try).
         Status fin = st;
-        for (int attempt = 1; !fin && again(s, fin, attempt, n > 1); attempt++) {
+        for (int attempt = 1; !fin && again(s, fin, attempt, replicated()); attempt++) {
           auto r = node->send_reply(slots[s].id, mem::kWriteBack, {c.buffer, c.length}, {});
           fin = r.status();
         }
@@ -637,7 +649,7 @@ struct ClusterBackend::Impl {
     for (int k = 0; k < j->ncalls; k++) {
       Call& c = j->calls[k];
       if (!c.started) continue;
-      Status st = finish(c, j->ncalls > 1);
+      Status st = finish(c, replicated());
       if (!st && first.is_ok()) first = st;
     }
     j->ncalls = 0;
@@ -777,7 +789,7 @@ struct ClusterBackend::Impl {
     auto r = node->send_reply(slots[s].id, opcode,
                               {reinterpret_cast<const std::byte*>(&req), sizeof req}, {});
     if (!r) {
-      (void)again(s, r.status(), kAttempts, true);
+      (void)again(s, r.status(), 1, replicated());  // judges the node; the caller retries
       return r.status().with_context("memory node " + describe(slots[s].id));
     }
     return Status();
@@ -934,7 +946,7 @@ struct ClusterBackend::Impl {
                                 {reinterpret_cast<const std::byte*>(&cr), sizeof cr},
                                 {reinterpret_cast<std::byte*>(&job), sizeof job});
       if (!r) {
-        (void)again(src, r.status(), kAttempts, true);
+        (void)again(src, r.status(), 1, true);
         continue;
       }
       for (;;) {
@@ -1044,10 +1056,18 @@ struct ClusterBackend::Impl {
       for (int s = 0; s < nslots.load(); s++) {
         if (!live(s)) continue;
         mem::SpaceRequest hb{slots[s].space};
-        for (int attempt = 1;; attempt++) {
+        // At most one resend (a reset connection): a node that does not answer must not
+        // hold up the other nodes' heartbeats past their leases.
+        for (int attempt = 1; attempt <= 2; attempt++) {
           auto r = node->send_reply(slots[s].id, mem::kHeartbeat,
                                     {reinterpret_cast<const std::byte*>(&hb), sizeof hb}, {});
-          if (r || !again(s, r.status(), attempt, true)) break;
+          if (r) {
+            call_ok(s);
+            break;
+          }
+          if (!again(s, r.status(), attempt, replicated()) || r.status().code() == ETIMEDOUT) {
+            break;
+          }
         }
         for (uint32_t i = 0; i < kMaxSnapshots && live(s); i++) {
           if (!slots[s].snap_valid[i].load(std::memory_order_acquire)) continue;
@@ -1336,6 +1356,10 @@ Status ClusterBackend::release(uint64_t addr, uint64_t length) {
     const uint64_t v = m.vregion_of(a);
     const uint64_t end = std::min(addr + length, m.region_base + (v + 1) * mem::kVRegionBytes);
     const Entry e = m.entry(v);
+    int live_replicas = 0;
+    for (uint32_t i = 0; e.placed && i < kMaxReplicas; i++) {
+      live_replicas += e.slot[i] != kNoSlot && m.live(e.slot[i]);
+    }
     for (uint32_t i = 0; e.placed && i < kMaxReplicas; i++) {
       const int s = e.slot[i];
       if (s == kNoSlot || !m.live(s)) continue;
@@ -1344,7 +1368,7 @@ Status ClusterBackend::release(uint64_t addr, uint64_t length) {
         auto r = m.node->send_reply(m.slots[s].id, mem::kRelease,
                                     {reinterpret_cast<const std::byte*>(&req), sizeof req}, {});
         if (r) break;
-        if (!m.again(s, r.status(), attempt, true)) {
+        if (!m.again(s, r.status(), attempt, live_replicas > 1)) {
           if (m.live(s) && first.is_ok()) first = r.status();
           break;
         }
@@ -1392,7 +1416,7 @@ Result<uint32_t> ClusterBackend::snapshot() {
       if (m.options.observer != nullptr) m.options.observer(n.id, rep.handle, true);
       continue;
     }
-    if (!r && !m.again(s, r.status(), kAttempts, true) && !m.live(s)) continue;  // lost
+    if (!r && !m.again(s, r.status(), 1, m.replicated()) && !m.live(s)) continue;  // lost
     drop_snapshot(id);
     if (!r) return r.status().with_context("memory node " + m.describe(n.id));
     return Status(EPROTO,
@@ -1445,7 +1469,7 @@ Status ClusterBackend::release_snapshot(uint32_t id, uint64_t addr, uint64_t len
       mem::ReleaseRequest req{m.slots[s].snaps[id], a, end - a, ver};
       auto r = m.node->send_reply(m.slots[s].id, mem::kRelease,
                                   {reinterpret_cast<const std::byte*>(&req), sizeof req}, {});
-      if (!r) (void)m.again(s, r.status(), kAttempts, true);
+      if (!r) (void)m.again(s, r.status(), 1, m.replicated());
     }
     a = end;
   }
