@@ -169,14 +169,16 @@ uintptr_t take(size_t size, size_t align) {
     if (p + over > a + size) syscall(SYS_munmap, a + size, p + over - (a + size));
     return a;
   }
-  if (!g_rt->backend->reserve(static_cast<int64_t>(size))) {
+  // The address first, then a promise for every vRegion it touches (memory_proto.h).
+  uintptr_t a = g_rt->va.allocate(size, align);
+  if (a == 0) {
     errno = ENOMEM;
     return 0;
   }
-  uintptr_t a = g_rt->va.allocate(size, align);
-  if (a == 0) {
-    (void)g_rt->backend->reserve(-static_cast<int64_t>(size));
+  if (!g_rt->backend->place_range(a, size)) {
+    g_rt->va.release(a, size);
     errno = ENOMEM;
+    return 0;
   }
   return a;
 }
@@ -192,8 +194,8 @@ void give(uintptr_t addr, size_t size) {
     return;
   }
   discard(addr, size);
+  g_rt->backend->unplace_range(addr, size);
   g_rt->va.release(addr, size);
-  (void)g_rt->backend->reserve(-static_cast<int64_t>(size));
 }
 
 // --- jemalloc extent hooks for the program's arenas: memory from the region.
@@ -430,6 +432,9 @@ __attribute__((constructor(102))) void lego_start() {
   rt->cache = std::move(cache.value());
   Status st =
       rt->va.init(reinterpret_cast<uintptr_t>(rt->cache->region_base()), rt->cache->region_size());
+  if (!st) fail(st.message());
+  st = rt->backend->set_region(reinterpret_cast<uintptr_t>(rt->cache->region_base()),
+                               rt->cache->region_size());
   if (!st) fail(st.message());
 
   dl_iterate_phdr(collect_internal, nullptr);
