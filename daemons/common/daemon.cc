@@ -201,9 +201,11 @@ int run_node(int argc, char** argv, const NodeDaemon& d) {
           f.node, service.serving.empty() ? "" : " ", service.serving.c_str(), me.address.c_str(),
           me.port, fit::provider_name(me.provider), fit::progress_name(me.progress),
           service.details.c_str(), static_cast<unsigned long long>(fd_limit));
+  if (service.started) service.started(*node.value());
   signal_ready(f.ready_fd);
   run_until_stopped(kTickPeriod, service.tick);
   fprintf(stderr, "%s: node %ld stopping\n", d.program, f.node);
+  if (service.stopping) service.stopping();
   node.value()->stop();
   return 0;
 }

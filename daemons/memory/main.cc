@@ -22,8 +22,10 @@ processor nodes, serving their line misses, write-backs and unmaps over FIT.
 options:
   --config FILE      the cluster file (TOML; see README.md)
   --node ID          this memory node's id in the cluster file
-  --capacity SIZE    most memory to hold for all processes (default 1G); a process
-                     whose write-back does not fit gets ENOMEM, the daemon stays up
+  --capacity SIZE    most memory to hold for all processes (default 1G, at least
+                     16M); promised in 16 MiB vRegions: a process's allocation that
+                     needs a vRegion more than is left fails (ENOMEM), the daemon
+                     stays up
   --lease-ms MS      free a process's memory when nothing was heard from it for this
                      long while this node was serving: its processor node is lost
                      (default 20000); time in which the node could not serve (stopped,
@@ -45,9 +47,11 @@ int main(int argc, char** argv) {
   daemon::NodeDaemon d{"lego-memd", kUsage, fit::Role::kMemory, mem::kStatus, {}, {}};
   d.flags.push_back({"capacity", true, [&](const char* a) {
                        uint64_t v = daemon::size("--capacity", a);
-                       if (v < mem::kLineBytes) {
-                         daemon::die("--capacity must hold at least one 4 KiB line",
-                                     daemon::kExitUsage);
+                       if (v < mem::kVRegionBytes) {
+                         daemon::die(
+                             "--capacity must hold at least one 16 MiB vRegion "
+                             "(memory is promised to processes in vRegions)",
+                             daemon::kExitUsage);
                        }
                        options.capacity_bytes = v;
                      }});
@@ -63,6 +67,8 @@ int main(int argc, char** argv) {
         "",
         ", capacity " + format_size(options.capacity_bytes) + ", lease " +
             std::to_string(options.lease.count()) + " ms",
+        nullptr,
+        [memory] { memory->stop(); },  // the copy worker ends before the node
     };
   };
   return daemon::run_node(argc, argv, d);

@@ -73,6 +73,8 @@ int main(int argc, char** argv) {
         options.export_dir,
         ", lease " + std::to_string(options.lease.count()) + " ms, " +
             std::to_string(options.max_files) + " files per session",
+        nullptr,
+        nullptr,
     };
   };
   return daemon::run_node(argc, argv, d);

@@ -104,8 +104,9 @@ void signal_ready(int fd);
 //   flags (node_flags() and the daemon's own) -> the cluster file -> --status (asks the
 //   running node, prints its text, returns) -> the node must have the daemon's role ->
 //   stop handlers, RLIMIT_NOFILE raised -> the service started -> fit::Node created,
-//   served, started -> "PROGRAM: node N serving ..." on stderr -> --ready-fd -> the tick
-//   every kTickPeriod until SIGTERM/SIGINT -> "PROGRAM: node N stopping" -> node stopped.
+//   served, started -> "PROGRAM: node N serving ..." on stderr -> Service::started ->
+//   --ready-fd -> the tick every kTickPeriod until SIGTERM/SIGINT -> "PROGRAM: node N
+//   stopping" -> Service::stopping -> node stopped.
 // Every failure dies as the helpers above do (kExitUsage for flags, the cluster file, a
 // wrong role or what the service's start() says is a usage error).
 
@@ -120,6 +121,12 @@ struct Service {
   std::function<void()> tick;             // every kTickPeriod on the main thread (or empty)
   std::string serving;                    // what it serves, for "serving WHAT at ..." (or "")
   std::string details;  // the start line's tail before the descriptors: ", lease 20000 ms"
+  // Optional. `started` runs once the node serves, before --ready-fd is signalled (a
+  // service that calls other nodes from threads of its own starts them here); `stopping`
+  // runs after a stop signal, before the node stops (those threads end here: they must
+  // not outlive the node).
+  std::function<void(fit::Node&)> started;
+  std::function<void()> stopping;
 };
 
 struct NodeDaemon {

@@ -3,6 +3,7 @@
 #if defined(__x86_64__)
 #include <emmintrin.h>
 #endif
+#include <sodium.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -27,6 +28,7 @@ Result<std::unique_ptr<RemoteBackend>> RemoteBackend::open(fit::Node* node, fit:
   mem::OpenRequest req{};
   req.version = mem::kProtoVersion;
   req.pid = static_cast<uint32_t>(getpid());
+  while (req.process_key == 0) randombytes_buf(&req.process_key, sizeof(req.process_key));
   strncpy(req.program, program.c_str(), sizeof(req.program) - 1);
   mem::OpenReply rep{};
   auto r =
@@ -98,6 +100,7 @@ RemoteBackend::~RemoteBackend() {
     }
     munmap(buffers_, buffer_bytes_ * kBuffers);
   }
+  if (allocated_ != nullptr) munmap(allocated_, vregions_ * sizeof(uint64_t));
 }
 
 std::string RemoteBackend::describe_memory_node() const {
@@ -287,11 +290,11 @@ static void copy_line_streaming(std::byte* dst, const std::byte* src) {
 
 // Encodes a write-back request of lines (at most mem::kMaxBatch) into buf; returns its length.
 // `streaming`: copy the lines with non-temporal stores (copy_line_streaming).
-static size_t encode_write_back(const mem::SpaceHandle& h,
+static size_t encode_write_back(const mem::SpaceHandle& h, uint64_t version,
                                 std::span<const LineBackend::WriteBack> lines, std::byte* buf,
                                 bool streaming) {
   const uint32_t n = static_cast<uint32_t>(lines.size());
-  mem::WriteBackRequest head{h, n, 0};
+  mem::WriteBackRequest head{h, n, 0, version, 0};
   memcpy(buf, &head, sizeof(head));
   std::byte* addrs = buf + sizeof(head);
   std::byte* data = addrs + n * sizeof(uint64_t);
@@ -316,7 +319,8 @@ Status RemoteBackend::write_back_in(const mem::SpaceHandle& h, std::span<const W
     const size_t n = std::min<size_t>(lines.size() - done, mem::kMaxBatch);
     std::byte* buf = acquire_buffer();
     // (Sent by copy: streamed stores would only make that copy read from memory.)
-    const size_t len = encode_write_back(h, lines.subspan(done, n), buf, /*streaming=*/false);
+    const size_t len = encode_write_back(h, next_version(), lines.subspan(done, n), buf,
+                                         /*streaming=*/false);
     auto r = node_->send_reply(memory_, mem::kWriteBack, {buf, len}, {});
     release_buffer(buf);
     if (!r) return r.status();
@@ -333,7 +337,7 @@ Status RemoteBackend::start_write_back(std::span<const WriteBack> lines, WriteBa
   ticket->buffer = nullptr;
   if (lines.empty() || lines.size() > mem::kMaxBatch) return write_back(lines);
   std::byte* buf = acquire_buffer();
-  const size_t len = encode_write_back(handle_, lines, buf, streaming_copies_);
+  const size_t len = encode_write_back(handle_, next_version(), lines, buf, streaming_copies_);
   auto* call = new (ticket->opaque) fit::Node::PendingCall();
   // The buffer is kept until finish anyway (for a resend): the transport may send from it.
   call->zero_copy = true;
@@ -374,17 +378,94 @@ Status RemoteBackend::release(uint64_t addr, uint64_t length) {
 }
 
 Status RemoteBackend::release_in(const mem::SpaceHandle& h, uint64_t addr, uint64_t length) {
-  mem::ReleaseRequest req{h, addr, length};
+  mem::ReleaseRequest req{h, addr, length, version_.load(std::memory_order_relaxed)};
   auto r = node_->send_reply(memory_, mem::kRelease,
                              {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, {});
   return r.status();
 }
 
-Status RemoteBackend::reserve(int64_t delta_bytes) {
-  mem::ReserveRequest req{handle_, delta_bytes};
-  auto r = node_->send_reply(memory_, mem::kReserve,
-                             {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, {});
-  return r.status();
+Status RemoteBackend::set_region(uint64_t base, uint64_t size) {
+  // vRegions are counted from the 16 MiB boundary at or below the region (the ExCache maps
+  // its region wherever mmap puts it): the first vRegion may lie partly before it.
+  size += base % mem::kVRegionBytes;
+  base -= base % mem::kVRegionBytes;
+  const uint64_t n = (size + mem::kVRegionBytes - 1) / mem::kVRegionBytes;
+  void* p = mmap(nullptr, n * sizeof(uint64_t), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                 -1, 0);
+  if (p == MAP_FAILED) return Status::from_errno(errno, "mmap of the vRegion table");
+  std::lock_guard<std::mutex> g(place_mu_);
+  region_base_ = base;
+  vregions_ = n;
+  allocated_ = static_cast<uint64_t*>(p);
+  return Status();
+}
+
+// No allocation on success or on a full node (memory_proto.h's PlaceReply): this runs in
+// jemalloc's extent hooks.
+Status RemoteBackend::send_place(uint16_t opcode, uint64_t vregion) {
+  mem::PlaceRequest req{handle_, vregion, region_base_, 0, 0};
+  mem::PlaceReply rep{};
+  const std::span<std::byte> out =
+      opcode == mem::kPlace ? std::span<std::byte>(reinterpret_cast<std::byte*>(&rep), sizeof(rep))
+                            : std::span<std::byte>();
+  auto r = node_->send_reply(memory_, opcode,
+                             {reinterpret_cast<const std::byte*>(&req), sizeof(req)}, out);
+  // A lost reply is harmless to resend: placing a placed vRegion (or unplacing an unplaced
+  // one) is a no-op.
+  for (int attempt = 1; !r && classify(r.status()) == ErrorClass::kRetry && attempt < kAttempts;
+       ++attempt) {
+    r = node_->send_reply(memory_, opcode, {reinterpret_cast<const std::byte*>(&req), sizeof(req)},
+                          out);
+  }
+  if (!r) return r.status();
+  if (opcode == mem::kPlace && (r.value() != sizeof(rep) || rep.error != 0)) {
+    return Status(rep.error != 0 ? rep.error : EPROTO, std::string());
+  }
+  return Status();
+}
+
+Status RemoteBackend::place_range(uint64_t addr, uint64_t size) {
+  std::lock_guard<std::mutex> g(place_mu_);
+  if (allocated_ == nullptr || addr < region_base_ ||
+      addr + size > region_base_ + vregions_ * mem::kVRegionBytes) {
+    return Status(EINVAL, std::string());  // (no message: no allocation here)
+  }
+  const uint64_t first = (addr - region_base_) / mem::kVRegionBytes;
+  const uint64_t last = (addr + size - 1 - region_base_) / mem::kVRegionBytes;
+  for (uint64_t i = first; i <= last; i++) {
+    if (allocated_[i] != 0) continue;
+    Status st = send_place(mem::kPlace, i);
+    if (!st) {
+      // Unplace what this call placed: nothing of the range stays counted.
+      for (uint64_t k = first; k < i; k++) {
+        if (allocated_[k] == 0) (void)send_place(mem::kUnplace, k);
+      }
+      return st;
+    }
+  }
+  for (uint64_t i = first; i <= last; i++) {
+    const uint64_t vs = region_base_ + i * mem::kVRegionBytes;
+    allocated_[i] += std::min(addr + size, vs + mem::kVRegionBytes) - std::max(addr, vs);
+  }
+  return Status();
+}
+
+void RemoteBackend::unplace_range(uint64_t addr, uint64_t size) {
+  std::lock_guard<std::mutex> g(place_mu_);
+  if (allocated_ == nullptr || size == 0 || addr < region_base_ ||
+      addr + size > region_base_ + vregions_ * mem::kVRegionBytes) {
+    return;
+  }
+  const uint64_t first = (addr - region_base_) / mem::kVRegionBytes;
+  const uint64_t last = (addr + size - 1 - region_base_) / mem::kVRegionBytes;
+  for (uint64_t i = first; i <= last; i++) {
+    const uint64_t vs = region_base_ + i * mem::kVRegionBytes;
+    const uint64_t part = std::min(addr + size, vs + mem::kVRegionBytes) - std::max(addr, vs);
+    allocated_[i] -= std::min(allocated_[i], part);
+    // A failed unplace leaves the promise on the memory node until the space is closed:
+    // never wrong, only wasteful.
+    if (allocated_[i] == 0) (void)send_place(mem::kUnplace, i);
+  }
 }
 
 Result<uint32_t> RemoteBackend::snapshot() {

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -20,6 +21,7 @@ class RemoteBackend : public LineBackend {
   // Opens an address space for this process on memory node `memory` through `node`
   // (which must stay alive), connects every channel, and starts a heartbeat thread
   // (which first calls on_thread_start, if given).
+  // The space carries a random process_key (memory_proto.h: groups a process's spaces).
   static Result<std::unique_ptr<RemoteBackend>> open(fit::Node* node, fit::NodeId memory,
                                                      const std::string& program,
                                                      void (*on_thread_start)() = nullptr);
@@ -47,9 +49,18 @@ class RemoteBackend : public LineBackend {
   void drop_snapshot(uint32_t id) override;
   static constexpr uint32_t kMaxSnapshots = 64;
 
-  // Asks the memory node to promise (delta > 0) or release (delta < 0) space for this
-  // process. ENOMEM when it cannot. No allocation; callable from jemalloc's hooks.
-  Status reserve(int64_t delta_bytes);
+  // The region whose vRegions place_range() places (the ExCache's). Once, before
+  // place_range(); vRegions start at the kVRegionBytes boundary at or below `base`.
+  Status set_region(uint64_t base, uint64_t size);
+  // Counts [addr, addr+size) (in the region) as allocated, placing on the memory node
+  // (kPlace) every vRegion it touches that holds nothing allocated yet. ENOMEM (nothing
+  // counted, nothing left placed) when the memory node cannot promise one. No allocation
+  // when it succeeds or the node is full (the Status then has no message); callable from
+  // jemalloc's hooks.
+  Status place_range(uint64_t addr, uint64_t size);
+  // Counts [addr, addr+size) as freed (its lines released already), unplacing (kUnplace)
+  // every vRegion left with nothing allocated.
+  void unplace_range(uint64_t addr, uint64_t size);
 
   // Frees the address space on the memory node. Later calls fail.
   Status close();
@@ -87,8 +98,19 @@ class RemoteBackend : public LineBackend {
   // Checks a fetch reply of `len` bytes for `n` lines at out - 8 and spreads its lines.
   Status unpack_fetch_reply(size_t len, size_t n, std::byte* out) const;
 
+  // The next write-back batch's version is ++version_; a release carries version_.
+  uint64_t next_version() { return version_.fetch_add(1, std::memory_order_relaxed) + 1; }
+  Status send_place(uint16_t opcode, uint64_t vregion);
+
   fit::Node* node_ = nullptr;
   fit::NodeId memory_ = 0;
+  std::atomic<uint64_t> version_{0};
+  // Bytes allocated per vRegion of the region (an mmap'd array: no allocation on the
+  // allocator's path); a vRegion with a non-zero count is placed. Guarded by place_mu_.
+  std::mutex place_mu_;
+  uint64_t region_base_ = 0;
+  uint64_t vregions_ = 0;
+  uint64_t* allocated_ = nullptr;
   mem::SpaceHandle handle_{};
   uint32_t lease_ms_ = 0;
   size_t buffer_bytes_ = 0;

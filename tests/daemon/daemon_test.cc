@@ -243,6 +243,8 @@ TEST_CASE("run_node: a service on its node, --status, --ready-fd, ticks, stop", 
           [ticks] { ++*ticks; },
           "things",
           ", greeting " + *greeting,
+          nullptr,
+          nullptr,
       };
     };
     return daemon::run_node(static_cast<int>(args.size()), argv.data(), d);

@@ -66,7 +66,10 @@ struct Rig {
     auto b = lego::runtime::RemoteBackend::open(client.get(), 2, "fault-test");
     if (!b) return b.status();
     backend = std::move(b.value());
-    return lego::Status();
+    // The tests' lines: the first vRegion (kA, kB) and each ExCache's region (make_cache),
+    // all of user space counted as the region.
+    LEGO_RETURN_IF_ERROR(backend->set_region(0, uint64_t{1} << 47));
+    return backend->place_range(0, lego::mem::kVRegionBytes);
   }
 };
 
@@ -270,6 +273,14 @@ std::unique_ptr<ExCache> make_cache(LineBackend* backend, void (*on_fatal)(const
   auto c = ExCache::create(o, backend);
   if (!c) {
     fprintf(stderr, "ExCache::create: %s\n", c.status().message().c_str());
+    abort();
+  }
+  // Its lines are written back only to placed vRegions (memory_proto.h).
+  auto* remote = static_cast<lego::runtime::RemoteBackend*>(backend);
+  lego::Status st = remote->place_range(reinterpret_cast<uint64_t>(c.value()->region_base()),
+                                        c.value()->region_size());
+  if (!st) {
+    fprintf(stderr, "place_range: %s\n", st.message().c_str());
     abort();
   }
   return std::move(c.value());
