@@ -784,13 +784,29 @@ struct ClusterBackend::Impl {
     return choose_local(want, exclude);
   }
 
+  // kPlace (or kUnplace) of vRegion v in slot s's space. A full node answers kPlace with
+  // PlaceReply::error ENOMEM (an answer, not a failed call: memory_proto.h).
   Status place_on(int s, uint64_t v, uint32_t flags, uint16_t opcode = mem::kPlace) {
     mem::PlaceRequest req{slots[s].space, v, region_base, flags, 0};
+    mem::PlaceReply rep{};
+    std::span<std::byte> out;
+    if (opcode == mem::kPlace) out = {reinterpret_cast<std::byte*>(&rep), sizeof rep};
     auto r = node->send_reply(slots[s].id, opcode,
-                              {reinterpret_cast<const std::byte*>(&req), sizeof req}, {});
+                              {reinterpret_cast<const std::byte*>(&req), sizeof req}, out);
     if (!r) {
       (void)again(s, r.status(), 1, replicated());  // judges the node; the caller retries
       return r.status().with_context("memory node " + describe(slots[s].id));
+    }
+    if (opcode != mem::kPlace) return Status();
+    if (r.value() != sizeof rep) {
+      return Status(EPROTO, "memory node " + describe(slots[s].id) + " answered kPlace with " +
+                                std::to_string(r.value()) + " bytes");
+    }
+    if (rep.error != 0) {
+      return Status(rep.error, "memory node " + describe(slots[s].id) +
+                                   " cannot promise another vRegion (" +
+                                   std::to_string(rep.reserved_bytes >> 20) + " of " +
+                                   std::to_string(rep.capacity_bytes >> 20) + " MiB promised)");
     }
     return Status();
   }
