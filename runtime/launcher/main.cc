@@ -268,8 +268,9 @@ Ending wait_for_run(pid_t child, const RunDir& run, SpaceRegistry& spaces, Repor
     }
     // One private memory node holds the only copy of everything; with several, only the
     // runtime knows whether a vRegion lost its last copy (its "lost" report says so).
-    if (cluster != nullptr && !end.memory_died && cluster->memory_nodes() == 1) {
-      end.memory_died = cluster->memory_exited() > 0;
+    if (cluster != nullptr && !end.memory_died) {
+      const int exited = cluster->memory_exited();  // reaps them either way
+      end.memory_died = cluster->memory_nodes() == 1 && exited > 0;
     }
     if (Clock::now() >= next_reap) {
       // A process's reports precede its end: read what a process found gone wrote.

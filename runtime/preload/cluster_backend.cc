@@ -45,22 +45,28 @@ constexpr int kJobs = 8;
 constexpr int kFetchJobs = 32;
 constexpr int kPlaceRequests = 64;
 
-// A vRegion map entry, one atomic word: replica i's node slot in byte i (kNoSlot: none),
+// A vRegion map entry, one atomic word: replica i's node slot + 1 in byte i (0: none),
 // bit 32 + i: replica i is JOINING (receives write-backs, is never read), bit 40: placed.
+// An unplaced vRegion's word is 0: the map needs no initialising (pages never touched stay
+// unmapped, however large the region).
 struct Entry {
   uint8_t slot[kMaxReplicas];
   uint8_t joining = 0;
   bool placed = false;
   static Entry decode(uint64_t w) {
     Entry e;
-    for (uint32_t i = 0; i < kMaxReplicas; i++) e.slot[i] = static_cast<uint8_t>(w >> (8 * i));
+    for (uint32_t i = 0; i < kMaxReplicas; i++) {
+      e.slot[i] = static_cast<uint8_t>(static_cast<uint8_t>(w >> (8 * i)) - 1);  // 0 -> kNoSlot
+    }
     e.joining = static_cast<uint8_t>((w >> 32) & 0xf);
     e.placed = (w >> 40) & 1;
     return e;
   }
   uint64_t encode() const {
     uint64_t w = 0;
-    for (uint32_t i = 0; i < kMaxReplicas; i++) w |= uint64_t{slot[i]} << (8 * i);
+    for (uint32_t i = 0; i < kMaxReplicas; i++) {
+      w |= uint64_t{static_cast<uint8_t>(slot[i] + 1)} << (8 * i);  // kNoSlot -> 0
+    }
     w |= uint64_t{joining & 0xfu} << 32;
     if (placed) w |= uint64_t{1} << 40;
     return w;
@@ -574,10 +580,11 @@ struct ClusterBackend::Impl {
   // Finishes one started call of a write-back: resends as again() allows. Not ok only for
   // an answer (EINVAL, ENOMEM) or a failure of the last replica; a node found lost is ok
   // here (check_kept decides whether its vRegions kept a copy).
-  Status finish(Call& c, bool others) {
+  Status finish(Call& c, bool others, bool caller_retries) {
     auto r = node->finish_call(&c.pending);
     const bool busy = c.pending.request_busy;
-    for (int attempt = 1; !r && again(c.slot, r.status(), attempt, others, false); attempt++) {
+    for (int attempt = 1; !r && again(c.slot, r.status(), attempt, others, caller_retries);
+         attempt++) {
       r = node->send_reply(slots[c.slot].id, mem::kWriteBack, {c.buffer, c.length}, {});
     }
     if (busy) {
@@ -626,16 +633,14 @@ struct ClusterBackend::Impl {
       Status st =
           node->start_call(&c.pending, slots[s].id, mem::kWriteBack, {c.buffer, c.length}, {});
       if (!st) {
-        // Not in flight: send it now (a failed start is a try).
-        Status fin = st;
-        for (int attempt = 1; !fin && again(s, fin, attempt, replicated()); attempt++) {
-          auto r = node->send_reply(slots[s].id, mem::kWriteBack, {c.buffer, c.length}, {});
-          fin = r.status();
+        // Nothing in flight for this node. Lost: the other replicas carry the lines;
+        // otherwise the caller writes the whole batch back again (a failed start is a try).
+        (void)again(s, st, 1, replicated());
+        if (live(s)) {
+          note_failure(s, st.code());
+          return st;
         }
-        if (!fin && live(s)) {
-          note_failure(s, fin.code());
-          return fin;
-        }
+        replica_write_failures.fetch_add(1, std::memory_order_relaxed);
         continue;
       }
       c.started = true;
@@ -644,12 +649,14 @@ struct ClusterBackend::Impl {
     return Status();
   }
 
-  Status finish_calls(WriteJob* j) {
+  // caller_retries: a synchronous write-back (the ExCache repeats it on a retry-class error);
+  // not the end of an asynchronous one.
+  Status finish_calls(WriteJob* j, bool caller_retries) {
     Status first;
     for (int k = 0; k < j->ncalls; k++) {
       Call& c = j->calls[k];
       if (!c.started) continue;
-      Status st = finish(c, replicated());
+      Status st = finish(c, replicated(), caller_retries);
       if (!st && first.is_ok()) first = st;
     }
     j->ncalls = 0;
@@ -674,11 +681,11 @@ struct ClusterBackend::Impl {
       Status st = start_calls(j, lines, m, snap, ts + done, now, ver);
       done += now;
       if (!st) {
-        (void)finish_calls(j);
+        (void)finish_calls(j, !leave_started);
         return st;
       }
       if (done < n || !leave_started) {
-        st = finish_calls(j);
+        st = finish_calls(j, !leave_started);
         if (!st) return st;
       }
     }
@@ -1186,8 +1193,7 @@ Status ClusterBackend::set_region(uint64_t base, uint64_t bytes) {
   m.nvregions = (base + bytes - origin + mem::kVRegionBytes - 1) / mem::kVRegionBytes;
   void* p = map_anonymous(m.nvregions * sizeof(uint64_t));
   if (p == nullptr) return Status::from_errno(errno, "mmap of the vRegion map");
-  m.map = static_cast<std::atomic<uint64_t>*>(p);
-  for (uint64_t v = 0; v < m.nvregions; v++) m.map[v].store(kEmptyEntry);
+  m.map = static_cast<std::atomic<uint64_t>*>(p);  // zero-filled: every vRegion unplaced
   m.region_base = origin;
   return Status();
 }
@@ -1307,9 +1313,18 @@ Status ClusterBackend::finish_fetch_batch(FetchTicket* ticket) {
     m.call_ok(s);
     return m.unpack(r.value(), ticket->count, ticket->out, s);
   }
-  // Failed: the synchronous path judges the node (again()) and fails over.
+  // Failed: a node found lost is read around at once; otherwise the ExCache retries (with
+  // fetch_batch, which fails over as well).
   const Status st = r.status();
-  if (classify(st) == ErrorClass::kAnswer || classify(st) == ErrorClass::kProtocol) return st;
+  const Entry e = m.entry(m.vregion_of(addrs[0]));
+  bool others = false;
+  for (uint32_t i = 0; i < kMaxReplicas; i++)
+    others |= e.full(i) && e.slot[i] != s && m.live(e.slot[i]);
+  (void)m.again(s, st, 1, others);
+  if (m.live(s)) {
+    m.note_failure(s, st.code());
+    return st;
+  }
   return m.fetch_lines({addrs, ticket->count}, ticket->out, -1);
 }
 
@@ -1350,7 +1365,7 @@ Status ClusterBackend::finish_write_back(WriteBackTicket* ticket) {
   auto* j = static_cast<WriteJob*>(ticket->buffer);
   if (j == nullptr) return Status();
   ticket->buffer = nullptr;
-  Status st = m.finish_calls(j);
+  Status st = m.finish_calls(j, /*caller_retries=*/false);
   if (st) st = m.check_kept(j->addrs, j->nlines, m.map);
   m.leave_epoch(j->epoch);
   j->busy.store(false, std::memory_order_release);
