@@ -777,10 +777,15 @@ struct MemoryNode::Impl {
     }
   }
 
-  // Sends one batch to the target, retried as lego/retry.h says.
+  // Sends one batch to the target, retried as lego/retry.h says (but not once the node is
+  // stopping: a stop waits for at most one call's timeout).
   Status send_batch(fit::NodeId target, const std::vector<std::byte>& buf) {
     Status st;
     for (int attempt = 0; attempt < kAttempts; attempt++) {
+      if (attempt > 0) {
+        std::lock_guard<std::mutex> g(jobs_mu);
+        if (stopping) break;
+      }
       auto r = node->send_reply(target, kWriteBack, buf, {});
       if (r) return Status();
       st = r.status();
