@@ -657,6 +657,7 @@ struct MemoryNode::Impl {
       memcpy(rep.data() + used, &e, sizeof(e));
       used += sizeof(e);
       for (auto* list : {&full, &copying}) {
+        if (list->empty()) continue;  // (data() may be null: no memcpy from it)
         memcpy(rep.data() + used, list->data(), list->size() * sizeof(uint64_t));
         used += list->size() * sizeof(uint64_t);
       }
@@ -852,11 +853,13 @@ struct MemoryNode::Impl {
       std::byte* p = buf.data();
       memcpy(p, &head, sizeof(head));
       p += sizeof(head);
-      memcpy(p, a.data(), a.size() * sizeof(uint64_t));
-      p += a.size() * sizeof(uint64_t);
-      memcpy(p, v.data(), v.size() * sizeof(uint64_t));
-      p += v.size() * sizeof(uint64_t);
-      memcpy(p, lines.data(), lines.size());
+      if (!a.empty()) {  // (an empty last batch: no memcpy from a null data())
+        memcpy(p, a.data(), a.size() * sizeof(uint64_t));
+        p += a.size() * sizeof(uint64_t);
+        memcpy(p, v.data(), v.size() * sizeof(uint64_t));
+        p += v.size() * sizeof(uint64_t);
+        memcpy(p, lines.data(), lines.size());
+      }
       Status st = send_batch(job->target_node, buf);
       if (!st) {
         fprintf(stderr,

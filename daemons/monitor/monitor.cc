@@ -315,10 +315,12 @@ struct Monitor::Impl {
         const size_t more = (size_t{sp.entry.vregion_count} + sp.entry.copying_count) * 8;
         if (off + more > n) return Status(EPROTO, "a truncated kListSpaces reply");
         sp.full.resize(sp.entry.vregion_count);
-        memcpy(sp.full.data(), rep.data() + off, sp.full.size() * 8);
+        if (!sp.full.empty()) memcpy(sp.full.data(), rep.data() + off, sp.full.size() * 8);
         off += sp.full.size() * 8;
         sp.copying.resize(sp.entry.copying_count);
-        memcpy(sp.copying.data(), rep.data() + off, sp.copying.size() * 8);
+        if (!sp.copying.empty()) {
+          memcpy(sp.copying.data(), rep.data() + off, sp.copying.size() * 8);
+        }
         off += sp.copying.size() * 8;
         out.push_back(std::move(sp));
       }
