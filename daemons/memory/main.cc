@@ -4,6 +4,7 @@
 #include <memory>
 #include <string>
 
+#include "daemons/memory/monitor_link.h"
 #include "lego/daemon.h"
 #include "lego/fit.h"
 #include "lego/memory_node.h"
@@ -32,10 +33,16 @@ options:
                      stuck) does not count
   --ready-fd FD      write "ready\n" to FD once serving (for supervisors and tests)
   --status           ask the running memory node --node for its state and counters,
-                     FIT's included (connections, handshakes, peers cut off)
+                     its monitor's state (registered, unreachable) and FIT's
+                     counters (connections, handshakes, peers cut off)
   --as ID            with --status: the node id to speak as (default: the first
                      processor node in the cluster file)
   --help             this text
+
+When the cluster file names a monitor (lego-mond), the node registers with it at
+start and heartbeats every heartbeat_ms: a monitor refusing this node's key, or
+another live lego-memd with the same --node, ends it with status 1; a monitor
+that does not answer is retried while the node serves.
 
 Stops cleanly on SIGTERM or SIGINT.
 )";
@@ -61,14 +68,30 @@ int main(int argc, char** argv) {
                      }});
   d.start = [&](const fit::NodeConfig&) {
     auto memory = std::make_shared<mem::MemoryNode>(options);
+    // With a monitor in the cluster file: registered and heartbeating once serving.
+    auto link = std::make_shared<std::unique_ptr<mem::MonitorLink>>();
     return daemon::Service{
-        [memory](fit::Node& node) { memory->serve(node); },
+        [memory, link](fit::Node& node) {
+          if (const fit::NodeConfig* m = node.config().first_of(fit::Role::kMonitor)) {
+            *link = std::make_unique<mem::MonitorLink>(memory.get(), *m);
+            mem::MonitorLink* l = link->get();
+            memory->set_status_extra([l] { return l->status_text(); });
+          } else {
+            memory->set_status_extra([] { return std::string("monitor none\n"); });
+          }
+          memory->serve(node);
+        },
         [memory] { memory->expire_idle(); },
         "",
         ", capacity " + format_size(options.capacity_bytes) + ", lease " +
             std::to_string(options.lease.count()) + " ms",
-        nullptr,
-        [memory] { memory->stop(); },  // the copy worker ends before the node
+        [link](fit::Node& node) {
+          if (*link) (*link)->start(node);
+        },
+        [memory, link] {
+          if (*link) (*link)->stop();
+          memory->stop();
+        },
     };
   };
   return daemon::run_node(argc, argv, d);

@@ -657,6 +657,7 @@ struct MemoryNode::Impl {
       memcpy(rep.data() + used, &e, sizeof(e));
       used += sizeof(e);
       for (auto* list : {&full, &copying}) {
+        if (list->empty()) continue;  // (data() may be null: no memcpy from it)
         memcpy(rep.data() + used, list->data(), list->size() * sizeof(uint64_t));
         used += list->size() * sizeof(uint64_t);
       }
@@ -777,10 +778,15 @@ struct MemoryNode::Impl {
     }
   }
 
-  // Sends one batch to the target, retried as lego/retry.h says.
+  // Sends one batch to the target, retried as lego/retry.h says (but not once the node is
+  // stopping: a stop waits for at most one call's timeout).
   Status send_batch(fit::NodeId target, const std::vector<std::byte>& buf) {
     Status st;
     for (int attempt = 0; attempt < kAttempts; attempt++) {
+      if (attempt > 0) {
+        std::lock_guard<std::mutex> g(jobs_mu);
+        if (stopping) break;
+      }
       auto r = node->send_reply(target, kWriteBack, buf, {});
       if (r) return Status();
       st = r.status();
@@ -847,11 +853,13 @@ struct MemoryNode::Impl {
       std::byte* p = buf.data();
       memcpy(p, &head, sizeof(head));
       p += sizeof(head);
-      memcpy(p, a.data(), a.size() * sizeof(uint64_t));
-      p += a.size() * sizeof(uint64_t);
-      memcpy(p, v.data(), v.size() * sizeof(uint64_t));
-      p += v.size() * sizeof(uint64_t);
-      memcpy(p, lines.data(), lines.size());
+      if (!a.empty()) {  // (an empty last batch: no memcpy from a null data())
+        memcpy(p, a.data(), a.size() * sizeof(uint64_t));
+        p += a.size() * sizeof(uint64_t);
+        memcpy(p, v.data(), v.size() * sizeof(uint64_t));
+        p += v.size() * sizeof(uint64_t);
+        memcpy(p, lines.data(), lines.size());
+      }
       Status st = send_batch(job->target_node, buf);
       if (!st) {
         fprintf(stderr,

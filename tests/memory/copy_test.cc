@@ -88,6 +88,7 @@ struct Rig {
     strcpy(r.program, "copy-test");
     std::vector<std::byte> rep(sizeof(OpenReply));
     auto res = call(n, kOpen, r, &rep);
+    INFO(res.status().message());
     REQUIRE(res.is_ok());
     OpenReply out;
     memcpy(&out, rep.data(), sizeof(out));
@@ -257,7 +258,9 @@ TEST_CASE("a copy racing write-backs, releases and zero lines ends with the newe
   uint64_t version = 0;
   for (uint64_t i = 0; i < kLines; i++) {
     model[line_addr(i)] = pattern(++version);
-    REQUIRE(rig.write(kS, s, line_addr(i), model[line_addr(i)], version).is_ok());
+    Status st = rig.write(kS, s, line_addr(i), model[line_addr(i)], version);
+    INFO(st.message());
+    REQUIRE(st.is_ok());
   }
   // Y joins: from now on the process sends everything to both.
   REQUIRE(rig.place(kY, y, 0, kPlaceIncomingCopy).is_ok());

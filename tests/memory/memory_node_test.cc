@@ -426,10 +426,10 @@ std::vector<Listed> list_all(Rig& rig, size_t rep_bytes, int* pages) {
       memcpy(&l.entry, rep.data() + off, sizeof(l.entry));
       off += sizeof(l.entry);
       l.full.resize(l.entry.vregion_count);
-      memcpy(l.full.data(), rep.data() + off, l.full.size() * 8);
+      if (!l.full.empty()) memcpy(l.full.data(), rep.data() + off, l.full.size() * 8);
       off += l.full.size() * 8;
       l.copying.resize(l.entry.copying_count);
-      memcpy(l.copying.data(), rep.data() + off, l.copying.size() * 8);
+      if (!l.copying.empty()) memcpy(l.copying.data(), rep.data() + off, l.copying.size() * 8);
       off += l.copying.size() * 8;
       out.push_back(l);
     }
