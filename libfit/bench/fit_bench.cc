@@ -65,8 +65,14 @@ struct Options {
   int node = -1;
 };
 
+// The client's and the server's network namespaces (none with --loopback or shm alone).
+// Here, not in main(), so that die() removes them too: a run that fails half-way (a
+// floor that timed out on a loaded host) left its namespaces behind.
+std::unique_ptr<netns::Network> g_network;
+
 [[noreturn]] void die(const std::string& msg) {
   fprintf(stderr, "fit-bench: %s\n", msg.c_str());
+  g_network.reset();
   exit(2);
 }
 
@@ -243,7 +249,6 @@ int main(int argc, char** argv) {
   if (o.serve) return serve(o);
   signal(SIGPIPE, SIG_IGN);
 
-  std::unique_ptr<netns::Network> topo;
   std::string client_addr = "127.0.0.1", server_addr = "127.0.0.1", server_ns;
   bool need_ns =
       !o.loopback && std::any_of(o.providers.begin(), o.providers.end(),
@@ -256,11 +261,11 @@ int main(int argc, char** argv) {
     spec.namespaces = {"fitb-" + std::to_string(me) + "-0", "fitb-" + std::to_string(me) + "-1"};
     auto t = netns::Network::create(spec);
     if (!t) die(t.status().message());
-    topo = std::move(t.value());
-    client_addr = topo->address(0);
-    server_addr = topo->address(1);
-    server_ns = topo->name(1);
-    Status st = topo->enter(0);
+    g_network = std::move(t.value());
+    client_addr = g_network->address(0);
+    server_addr = g_network->address(1);
+    server_ns = g_network->name(1);
+    Status st = g_network->enter(0);
     if (!st) die(st.message());
   }
 
@@ -292,7 +297,7 @@ int main(int argc, char** argv) {
       f << config.to_toml();
     }
     EchoServer server;
-    Status st = server.start(path, 2, shm ? nullptr : topo.get(), 1);
+    Status st = server.start(path, 2, shm ? nullptr : g_network.get(), 1);
     if (!st) die(st.message());
     auto client = fit::Node::create(config, 1);
     if (!client) die(client.status().message());
@@ -334,7 +339,7 @@ int main(int argc, char** argv) {
   }
 
   printf("\nfit-bench: round trips, median µs (%s; %d iterations)\n",
-         topo ? "server in another network namespace" : "loopback", o.iterations);
+         g_network ? "server in another network namespace" : "loopback", o.iterations);
   printf("%-6s %8s %12s %12s %12s %14s %12s\n", "xport", "bytes", "libfit", "fi_pingpong",
          "tcp_busypoll", "libfit/best", "libfit Mmsg/s");
   for (const fit::Provider p : o.providers) {
@@ -365,5 +370,6 @@ int main(int argc, char** argv) {
     fclose(f);
     printf("wrote %s\n", o.csv.c_str());
   }
+  g_network.reset();
   return 0;
 }

@@ -45,14 +45,9 @@ int parse(std::vector<std::string> args, daemon::NodeFlags* f = nullptr) {
                              daemon::node_flags(*f, true));
 }
 
-// Writes `c` to a fresh file under /tmp; returns its path (the caller unlinks it).
+// Writes `c` to a cluster file of this test's; returns its path (the caller unlinks it).
 std::string write_cluster_file(const fit::ClusterConfig& c) {
-  char path[] = "/tmp/daemon-test-XXXXXX";
-  int fd = mkstemp(path);
-  REQUIRE(fd >= 0);
-  close(fd);
-  std::ofstream(path) << c.to_toml();
-  return path;
+  return testing::write_cluster_file(c, "daemon-test");
 }
 
 }  // namespace

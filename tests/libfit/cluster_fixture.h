@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <mutex>
 #include <random>
 #include <string>
@@ -26,6 +27,16 @@ inline uint16_t test_port_base() {
   std::random_device rd;
   static const int base = 20000 + static_cast<int>((getpid() * 37 + rd()) % 10000);
   return static_cast<uint16_t>(base + (next += 8) % 2000);
+}
+
+// Writes `c` as a cluster file $TEST_TMPDIR/<tag>-<pid>.toml (or under /tmp) for the
+// daemons and peers a test starts; returns its path.
+inline std::string write_cluster_file(const fit::ClusterConfig& c, const std::string& tag) {
+  const char* tmp = getenv("TEST_TMPDIR");
+  std::string path =
+      std::string(tmp ? tmp : "/tmp") + "/" + tag + "-" + std::to_string(getpid()) + ".toml";
+  std::ofstream(path) << c.to_toml();
+  return path;
 }
 
 inline std::vector<uint8_t> random_key() {

@@ -22,6 +22,7 @@
 #include "tests/libfit/cluster_fixture.h"
 #include "tests/libfit/test_opcodes.h"
 #include "tests/netns/netns.h"
+#include "tests/support.h"
 
 using namespace lego;
 using namespace lego::fit;
@@ -30,19 +31,13 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
+// Bazel runs tests from the runfiles tree; the peer is a data dependency.
 std::string peer_binary() {
-  // Bazel runs tests from the runfiles tree; the peer is a data dependency.
-  const char* srcdir = getenv("TEST_SRCDIR");
-  std::string base = srcdir ? std::string(srcdir) + "/lego/" : "";
-  return base + "tests/libfit/fit_test_peer";
+  return lego::testing::runfile("tests/libfit/fit_test_peer");
 }
 
 std::string write_config(const ClusterConfig& c, const std::string& tag) {
-  const char* tmp = getenv("TEST_TMPDIR");
-  std::string path = std::string(tmp ? tmp : "/tmp") + "/fit-e2e-" + std::to_string(getpid()) +
-                     "-" + tag + ".toml";
-  std::ofstream(path) << c.to_toml();
-  return path;
+  return lego::testing::write_cluster_file(c, "fit-e2e-" + tag);
 }
 
 // A fit_test_peer process; killed on destruction.

@@ -28,6 +28,7 @@
 #include "tests/libfit/cluster_fixture.h"
 #include "tests/libfit/raw_peer.h"
 #include "tests/libfit/test_opcodes.h"
+#include "tests/support.h"
 
 using namespace lego;
 using namespace lego::fit;
@@ -413,17 +414,11 @@ TEST_CASE("a cap closes silent connections before a handshake under way from the
 namespace {
 
 std::string peer_binary() {
-  const char* srcdir = getenv("TEST_SRCDIR");
-  std::string base = srcdir ? std::string(srcdir) + "/lego/" : "";
-  return base + "tests/libfit/fit_test_peer";
+  return lego::testing::runfile("tests/libfit/fit_test_peer");
 }
 
 std::string write_config(const ClusterConfig& c, const std::string& tag) {
-  const char* tmp = getenv("TEST_TMPDIR");
-  std::string path = std::string(tmp ? tmp : "/tmp") + "/fit-hostile-" + std::to_string(getpid()) +
-                     "-" + tag + ".toml";
-  std::ofstream(path) << c.to_toml();
-  return path;
+  return lego::testing::write_cluster_file(c, "fit-hostile-" + tag);
 }
 
 // fit_test_peer serving node 2 in a child process (so its memory and CPU can be read),

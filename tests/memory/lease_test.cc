@@ -225,10 +225,7 @@ uint64_t status_value(fit::Node& n, const std::string& name) {
 
 TEST_CASE("lego-memd stopped for longer than the lease keeps the spaces in use", "[memd][lease]") {
   fit::ClusterConfig c = testing::make_cluster(2, "tcp");
-  const char* tmp = getenv("TEST_TMPDIR");
-  std::string path =
-      std::string(tmp ? tmp : "/tmp") + "/lease-test-" + std::to_string(getpid()) + ".toml";
-  std::ofstream(path) << c.to_toml();
+  const std::string path = testing::write_cluster_file(c, "lease-test");
   Memd memd(path, 1000);
   auto client = fit::Node::create(c, 1);
   REQUIRE(client.is_ok());

@@ -56,17 +56,7 @@ struct Rig {
     cluster.nodes[1].role = fit::Role::kStorage;
     cluster.nodes[1].server_threads = 2;
     options.export_dir = exp;
-    auto s = StorageNode::create(options);
-    INFO(s.status().message());
-    REQUIRE(s.is_ok());
-    storage = std::move(s.value());
-    auto sn = fit::Node::create(cluster, 2);
-    REQUIRE(sn.is_ok());
-    server = std::move(sn.value());
-    storage->serve(*server);
-    Status started = server->start();
-    INFO(started.to_string());
-    REQUIRE(started.is_ok());
+    testing::start_storage_node(cluster, 2, options, storage, server);
     auto cn = fit::Node::create(cluster, 1);
     REQUIRE(cn.is_ok());
     client_node = std::move(cn.value());
