@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -778,16 +779,23 @@ struct MemoryNode::Impl {
     }
   }
 
-  // Sends one batch to the target, retried as lego/retry.h says (but not once the node is
-  // stopping: a stop waits for at most one call's timeout).
+  // Sends one batch to the target, retried as lego/retry.h says, and gives up at once when
+  // the node is stopping: the call is asynchronous and its reply polled (backing off from
+  // 20 us to 2 ms, so a copy's pace is the target's, not the poll's), and a stop abandons
+  // it, so a silent target cannot hold up a stop for a call's timeout.
   Status send_batch(fit::NodeId target, const std::vector<std::byte>& buf) {
     Status st;
     for (int attempt = 0; attempt < kAttempts; attempt++) {
-      if (attempt > 0) {
-        std::lock_guard<std::mutex> g(jobs_mu);
-        if (stopping) break;
+      fit::RpcFuture call = node->send_reply_async(target, kWriteBack, buf, {});
+      auto pause = std::chrono::microseconds(20);
+      while (!call.ready()) {
+        std::unique_lock<std::mutex> g(jobs_mu);
+        if (jobs_cv.wait_for(g, pause, [&] { return stopping; })) {
+          return Status(ECANCELED, "the memory node is stopping");
+        }
+        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(2));
       }
-      auto r = node->send_reply(target, kWriteBack, buf, {});
+      auto r = call.wait();
       if (r) return Status();
       st = r.status();
       if (classify(st) != ErrorClass::kRetry) break;

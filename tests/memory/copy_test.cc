@@ -357,6 +357,33 @@ TEST_CASE("a copy whose target dies ends failed with its errno; the source keeps
   CHECK(got.value() == pattern(200));
 }
 
+TEST_CASE("a stop does not wait for a copy batch that a silent target never answers",
+          "[memd][copy]") {
+  Rig rig;
+  SpaceHandle s = rig.open(kS), y = rig.open(kY);
+  REQUIRE(rig.place(kS, s, 0).is_ok());
+  for (uint64_t i = 0; i < 64; i++) {
+    REQUIRE(rig.write(kS, s, line_addr(i), pattern(i), i + 1).is_ok());
+  }
+  REQUIRE(rig.place(kY, y, 0, kPlaceIncomingCopy).is_ok());
+  // Every batch S sends vanishes: Y is alive but silent, each call waits its whole timeout
+  // (the cluster's 3 s).
+  rig.plan->add(fault_on(Way::kSend, fit::wire::Kind::kRequest, Fault::kDrop, kWriteBack, -1));
+  auto job = rig.start_copy(s, 0, y, rig.address_of(kY));
+  REQUIRE(job.is_ok());
+  std::this_thread::sleep_for(200ms);  // the first batch is on its way
+  const auto t0 = std::chrono::steady_clock::now();
+  rig.at(kS).stop();
+  const auto took = std::chrono::steady_clock::now() - t0;
+  INFO("stop took " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                    << " ms");
+  CHECK(took < 1s);
+  auto end = rig.copy_status(s, job.value());
+  REQUIRE(end.is_ok());
+  CHECK(end.value().state == kCopyFailed);
+  CHECK(end.value().error == ECANCELED);
+}
+
 TEST_CASE("copies are checked, bounded, and their status is the source space's own",
           "[memd][copy]") {
   Rig rig;
