@@ -26,6 +26,9 @@ namespace lego::mon {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+// How many heartbeats a placement handed out but never seen in its node's promise counts
+// against the node's free capacity.
+constexpr int kPendingHeartbeats = 4;
 
 template <typename T>
 bool read_struct(std::span<const std::byte> in, T* out) {
@@ -193,15 +196,29 @@ struct Monitor::Impl {
                                   "declared the node lost): register again");
       }
       Rec& rec = it->second;
+      // Placements handed out that the node's own figure shows now: its promise grew by
+      // them (oldest first). Counting them until then, and never after, keeps a placement
+      // from counting twice: a cluster placing fast near full would otherwise refuse room it
+      // has. A growth that is not the monitor's doing (a fork's copy) takes some too: the
+      // node may then be thought emptier than it is until its next heartbeat, and refuses
+      // what it cannot promise (PlaceReply ENOMEM; the processor asks again).
+      uint64_t grew = h.usage.reserved_bytes > rec.usage.reserved_bytes
+                          ? h.usage.reserved_bytes - rec.usage.reserved_bytes
+                          : 0;
+      while (!rec.pending.empty() && grew >= rec.pending.front().second) {
+        grew -= rec.pending.front().second;
+        rec.pending.pop_front();
+      }
+      // One never placed (its processor died, or placed elsewhere) stops counting after a
+      // few heartbeats: a processor places right after the monitor's answer.
+      while (!rec.pending.empty() &&
+             now - rec.pending.front().first > kPendingHeartbeats * options.heartbeat) {
+        rec.pending.pop_front();
+      }
       rec.usage = h.usage;
       rec.last_heard = now;
       if (rec.state != kAlive) s.epoch++;
       rec.state = kAlive;
-      // What was handed out more than a heartbeat ago is in this usage by now: the processor
-      // places it on the node right after the monitor's answer.
-      while (!rec.pending.empty() && now - rec.pending.front().first > options.heartbeat) {
-        rec.pending.pop_front();
-      }
       if (h.usage.generation != rec.listed_generation) list = rec.want_list = true;
       s.heartbeats++;
     }
