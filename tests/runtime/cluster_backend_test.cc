@@ -15,6 +15,7 @@
 #include "lego/fit.h"
 #include "lego/memory_node.h"
 #include "lego/memory_proto.h"
+#include "libfit/fault_injection.h"
 #include "runtime/preload/cluster_backend.h"
 #include "tests/libfit/cluster_fixture.h"
 
@@ -44,7 +45,9 @@ struct Cluster {
   std::vector<std::unique_ptr<lego::fit::Node>> servers;
   std::unique_ptr<lego::fit::Node> client;
 
-  Cluster(int memory_nodes, size_t capacity) {
+  // `plan`: the memory nodes' own calls (their copy batches) go through it.
+  Cluster(int memory_nodes, size_t capacity,
+          std::shared_ptr<lego::testing::FaultPlan> plan = nullptr) {
     config = lego::testing::make_cluster(memory_nodes + 1, "tcp");
     config.timeout = std::chrono::milliseconds(2000);
     for (int i = 0; i < memory_nodes; i++) {
@@ -54,6 +57,7 @@ struct Cluster {
       auto s = lego::fit::Node::create(config, static_cast<lego::fit::NodeId>(i + 2));
       REQUIRE(s);
       servers.push_back(std::move(s.value()));
+      if (plan != nullptr) lego::testing::inject_faults(*servers.back(), plan);
       memory.back()->serve(*servers.back());
       REQUIRE(servers.back()->start());
     }
@@ -194,10 +198,19 @@ TEST_CASE("two replicas: a lost memory node is read around at once and copied ag
   CHECK(b->stats().bytes_copied > 0);
   check_all(*b, kVRegions, kLines, 2);
 
-  // A second node after re-replication: every vRegion still has a copy.
-  int second = victim == 0 ? 1 : 0;
+  // A second node after re-replication (one that holds copies: a node holding none would
+  // go unnoticed): every vRegion still has a copy.
+  int second = -1;
+  for (int i = 0; i < 4; i++) {
+    if (i != victim && (second < 0 || c.placed_on(i) > c.placed_on(second))) second = i;
+  }
+  REQUIRE(c.placed_on(second) > 0);
   c.stop(second);
   check_all(*b, kVRegions, kLines, 2);
+  // Every write-back goes to both replicas: this finds the node lost if no read did (a
+  // fetch reads the first replica only).
+  write_all(*b, kVRegions, kLines, 3);
+  check_all(*b, kVRegions, kLines, 3);
   CHECK(b->stats().nodes_lost == 2);
 }
 
@@ -215,6 +228,62 @@ TEST_CASE("two replicas on two nodes: a fetch whose node is gone is read from th
   check_all(*b, kVRegions, 2, 1);
   CHECK(b->stats().nodes_lost == 1);
   CHECK(b->stats().failovers >= 1);
+}
+
+TEST_CASE(
+    "a fork during a copy: the child reads a full replica's snapshot, never the joining one's",
+    "[cluster]") {
+  reset_used();
+  // The memory nodes' copy batches crawl (300 ms each): the fork comes while the joining
+  // replica holds a few of the vRegion's lines at most.
+  auto plan = std::make_shared<lego::testing::FaultPlan>();
+  auto slow = lego::testing::fault_on(lego::testing::Way::kSend, lego::fit::wire::Kind::kRequest,
+                                      lego::testing::Fault::kDelay, lego::mem::kWriteBack, -1);
+  slow.delay = std::chrono::milliseconds(300);
+  plan->add(slow);
+  Cluster c(3, 256u << 20, plan);
+  auto b = c.backend(2);
+  constexpr uint64_t kLines = 200;  // 7 copy batches
+  place(*b, 0, 0);
+  write_all(*b, 1, kLines, 1);
+  // The replica read first (the one whose fetch counter moves) goes; the node without a
+  // copy will be the joining one.
+  uint64_t before[3];
+  for (int i = 0; i < 3; i++) before[i] = c.memory[static_cast<size_t>(i)]->stats().fetches;
+  check_all(*b, 1, 1, 1);
+  int victim = -1, joiner = -1;
+  for (int i = 0; i < 3; i++) {
+    if (c.memory[static_cast<size_t>(i)]->stats().fetches > before[i]) victim = i;
+    if (c.placed_on(i) == 0) joiner = i;
+  }
+  REQUIRE(victim >= 0);
+  REQUIRE(joiner >= 0);
+  c.stop(victim);
+  check_all(*b, 1, kLines, 1);  // read around; the loss starts the repair
+  REQUIRE(wait_for([&] { return c.placed_on(joiner) == 1; }, 10));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  REQUIRE(b->stats().vregions_rereplicated == 0);  // still copying
+
+  auto snap = b->snapshot();
+  INFO(snap.status().message());
+  REQUIRE(snap);
+  write_all(*b, 1, kLines, 2);  // the parent moves on; the child must not see it
+  auto check_child = [&] {
+    for (uint64_t k = 0; k < kLines; k++) {
+      Line out;
+      lego::Status st = b->fetch_snapshot(snap.value(), line_addr(0, k),
+                                          std::span<std::byte, kLine>(out.data, kLine));
+      INFO("line " << k << ": " << st.message());
+      REQUIRE(st);
+      CHECK(out.tag() == 1000000 + k);
+    }
+  };
+  check_child();
+  // The copy ends; the child still reads what the parent had at the fork.
+  REQUIRE(wait_for([&] { return b->stats().vregions_rereplicated == 1; }, 20));
+  check_child();
+  check_all(*b, 1, kLines, 2);
+  b->drop_snapshot(snap.value());
 }
 
 TEST_CASE("one replica: losing its node is EHOSTDOWN naming the node", "[cluster]") {
