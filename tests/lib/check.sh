@@ -180,7 +180,7 @@ bad_flag() {
 # lego_bin_root: where lego's built programs are: the test's runfiles under Bazel, else
 # this checkout's bazel-bin (found from the script's own path, tests/PKG/SCRIPT).
 lego_bin_root() {
-  if [ -d "${TEST_SRCDIR:-}/lego" ]; then
+  if [ -n "${TEST_SRCDIR:-}" ] && [ -d "$TEST_SRCDIR/lego" ]; then
     echo "$TEST_SRCDIR/lego"
   else
     echo "$(cd "$(dirname "$0")/../.." && pwd)/bazel-bin"
