@@ -22,10 +22,24 @@ module_param(dev_mode, ushort, 0444);
 MODULE_PARM_DESC(dev_mode,
 		 "Permissions of /dev/lego_pcache (default 0600: root only). Every ioctl acts only on the caller's own memory, so 0666 is safe for the data; the cost is that any user may then trigger TLB-flush IPIs to the CPUs running its own process.");
 
+/*
+ * The ABI version this module reports. A test build may claim another major
+ * (make LEGO_PCACHE_TEST_ABI_MAJOR=N) to prove that the runtime refuses a
+ * module it does not know (tests/ops/guest_stages.sh, stage abi); nothing else
+ * changes, so such a module must never be shipped.
+ */
+#ifdef LEGO_PCACHE_TEST_ABI_MAJOR
+#define LEGO_REPORTED_ABI_MAJOR LEGO_PCACHE_TEST_ABI_MAJOR
+#else
+#define LEGO_REPORTED_ABI_MAJOR LEGO_PCACHE_ABI_MAJOR
+#endif
+#define LEGO_REPORTED_ABI_VERSION \
+	((LEGO_REPORTED_ABI_MAJOR << 16) | LEGO_PCACHE_ABI_MINOR)
+
 static long lego_ioctl_info(struct lego_pcache_info __user *uarg)
 {
 	struct lego_pcache_info info = {
-		.abi_version = LEGO_PCACHE_ABI_VERSION,
+		.abi_version = LEGO_REPORTED_ABI_VERSION,
 		.line_size = LEGO_PCACHE_LINE_SIZE,
 		.max_lines = lego_max_lines,
 		.features = LEGO_PCACHE_FEAT_AD | LEGO_PCACHE_FEAT_EVICT |
@@ -92,9 +106,9 @@ static int __init lego_pcache_init(void)
 		pr_err("lego_pcache: misc_register failed: %d\n", ret);
 		return ret;
 	}
-	pr_info("lego_pcache: ABI %u.%u, max_lines %u, /dev/%s\n",
-		LEGO_PCACHE_ABI_MAJOR, LEGO_PCACHE_ABI_MINOR, lego_max_lines,
-		lego_pcache_dev.name);
+	pr_info("lego_pcache %s: ABI %u.%u, max_lines %u, /dev/%s\n",
+		LEGO_PCACHE_VERSION, LEGO_REPORTED_ABI_MAJOR,
+		LEGO_PCACHE_ABI_MINOR, lego_max_lines, lego_pcache_dev.name);
 	return 0;
 }
 
@@ -109,4 +123,4 @@ module_exit(lego_pcache_exit);
 MODULE_LICENSE("GPL");
 MODULE_AUTHOR("lego authors");
 MODULE_DESCRIPTION("lego processor-node cache helper: batched accessed/dirty test-and-clear, race-free eviction and clean writable fills of the caller's 4 KiB lines");
-MODULE_VERSION("1.1");
+MODULE_VERSION(LEGO_PCACHE_VERSION);

@@ -31,9 +31,12 @@
 // kill to the program's next completed access) and re-replication's speed (the runtime's
 // bytes_copied / copy_ms) with the program's slowdown meanwhile.
 //
+// Real programs (--only programs): python3, sqlite3, sort, stress-ng and redis-server,
+// unmodified, under local, zram_swap, lego_tcp and lego_shm (programs.cc).
+//
 // The parts: workers.cc (the workloads), peers.cc (running them; zram), files.cc (the
-// file workloads), miss_floors.cc (the floors), cluster.cc (the cluster rows); this file
-// has the flags and the memory table.
+// file workloads), miss_floors.cc (the floors), cluster.cc (the cluster rows),
+// programs.cc (the real programs); this file has the flags and the memory table.
 #include <unistd.h>
 
 #include <cstdio>
@@ -60,8 +63,8 @@ File workloads: each runs on local disk, through the lego mount, and as the bare
 transport floor; MB/s or µs per read, and the ratios lego/local and lego/floor.
 
 options:
-  --only KIND          memory, files or cluster: run only that kind (default: memory and
-                       files; the cluster rows run only when asked for)
+  --only KIND          memory, files, cluster or programs: run only that kind (default:
+                       memory and files; cluster and programs only when named)
   --cap SIZE           local memory: ExCache size and cgroup cap (default 64M)
   --fractions LIST     local fraction(s) of the heap (default 0.25,0.5: heap 4x and 2x cap)
   --workloads LIST     memory workloads: random,sequential,zipf,random_mt (default: all)
@@ -85,6 +88,13 @@ options:
                        transport,local_fraction,memory_nodes,replicas,us_per_access,
                        failover_ms,rereplication_mb_per_s,us_per_access_before_kill,
                        us_per_access_after_kill
+  --programs LIST      with --only programs: python,sqlite,sort,stress-ng,redis (default:
+                       all)
+  --program-size F     with --only programs: scale every program's input by F (default 1:
+                       heaps of ~90-165 MiB; 0.25: ~25-45 MiB; 0.05 for a quick check)
+  --corrupt-output SYSTEM  for tests of lego-bench itself: the programs' runs under SYSTEM
+                       get a slightly different input, so their output must be reported
+                       as differing from local's
   --help               this text
 
 What the file workloads measure. One file of --file-size, written and read in 1 MiB
@@ -115,11 +125,29 @@ measured in the same run (no memory node work, no copies of lego's own):
   32-line fetch's round trip, shm half of fi_pingpong's 128 KiB round trip.
 "vs zram" is the floor's ratio to swap on zram, "lego/floor" lego's to the floor.
 
+Real programs (--only programs). Each runs under local first, alone in a memory cgroup
+whose anonymous memory is sampled every 5 ms: the peak sets each other run's cap,
+fraction x peak (ExCache size for lego-run, cgroup limit for zram). Local's stdout is the
+reference: every other run's must be the same (a hash of all of it), and a difference is
+printed loudly and makes lego-bench exit 1; stress-ng, whose output is timing, is checked
+by its own --verify. lego runs use lego-run's defaults (--delivery handler) and --stats:
+the table has their misses and evictions, summed over the run's processes.
+  python     /usr/bin/python3 builds a dict of 600k sha1 strings and a list of 1.2M ints
+  sqlite     sqlite3 :memory:, 200k rows of digests, two indexes, queries, integrity_check
+  sort       GNU sort --parallel=2 (multi-threaded) of 1.2M random lines
+  stress-ng  --vm 2 --vm-method all --verify: two forked workers over 160 MiB
+  redis      redis-server, 300k keys loaded by redis-cli --pipe, then redis-benchmark's
+             600k GETs of random keys (16 clients, pipeline 8); figure: that phase
+Printed: seconds, req/s (redis), ratios to local and zram, the output check, misses and
+evictions; then the geometric mean over programs of lego vs zram per fraction (runs
+OOM-killed under zram, failed, or with differing output kept out). --csv rows:
+program,local_fraction,system,seconds,ok,oom_killed.
+
 Needs root (zram, cgroups, network namespaces). lego-run is looked up beside this
 program (bazel-bin/runtime/lego-run) or through $LEGO_RUN.
 )";
 
-constexpr const char* kKinds[] = {"memory", "files", "cluster"};
+constexpr const char* kKinds[] = {"memory", "files", "cluster", "programs"};
 constexpr const char* kWorkloads[] = {"random", "sequential", "zipf", "random_mt"};
 constexpr const char* kSystems[] = {"local", "zram_swap", "lego_tcp", "lego_shm"};
 constexpr const char* kFileWorkloads[] = {"seq_write", "seq_read", "rand_read_4k"};
@@ -146,6 +174,7 @@ int main(int argc, char** argv) {
   std::string csv, only;
   FileOptions fo;
   ClusterOptions co;
+  ProgramOptions po;
   const std::vector<flags::Flag> table = {
       {"memory-nodes", true,
        [&](const char* a) {
@@ -199,15 +228,31 @@ int main(int argc, char** argv) {
          oom_retries = static_cast<int>(flags::number("--oom-retries", a, 0, 100));
        }},
       {"no-floors", false, [&](const char*) { floors = false; }},
+      {"programs", true,
+       [&](const char* a) { po.programs = flags::list("--programs", a, kProgramNames); }},
+      {"program-size", true,
+       [&](const char* a) {
+         char* end = nullptr;
+         po.size = strtod(a, &end);
+         if (end == a || *end != '\0' || !(po.size > 0 && po.size <= 100)) {
+           flags::usage_error(std::string("--program-size: '") + a + "' is not in (0, 100]");
+         }
+       }},
+      {"corrupt-output", true,
+       [&](const char* a) { po.corrupt = flags::choice("--corrupt-output", a, kSystems); }},
   };
   const int first = flags::parse(argc, argv, {"lego-bench", kUsage, 2, false}, table);
   if (first < argc) die(std::string("unexpected argument '") + argv[first] + "' (see --help)");
   if (geteuid() != 0) die("needs root (zram, cgroups, network namespaces)");
   std::string self = self_path();
-  std::string lego_run =
-      getenv("LEGO_RUN") ? getenv("LEGO_RUN") : self.substr(0, self.rfind('/')) + "/../lego-run";
-  if (access(lego_run.c_str(), X_OK) != 0)
-    die("cannot find lego-run at " + lego_run + " (set LEGO_RUN)");
+  const std::string lego_run = find_lego_run(self);
+  if (only == "programs") {
+    po.fractions = fractions;
+    po.systems = systems;
+    po.oom_retries = oom_retries;
+    po.csv = csv;
+    return run_programs(po, lego_run);
+  }
 
   if (co.replicas > static_cast<uint32_t>(co.memory_nodes)) {
     die("--replicas " + std::to_string(co.replicas) + " needs --memory-nodes " +

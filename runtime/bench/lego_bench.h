@@ -5,6 +5,7 @@
 //   files.cc        the file workloads' systems and table
 //   miss_floors.cc  what a miss cannot cost less than on this host
 //   cluster.cc      the cluster rows: replication's cost, failover, re-replication
+//   programs.cc     unmodified programs from Debian packages (--only programs)
 // Internal to lego-bench.
 #pragma once
 
@@ -51,19 +52,43 @@ std::string self_path();
 Outcome run(const std::vector<std::string>& argv, const std::string& cgroup_tasks,
             const char* key = "us_per_access ");
 
+// lego-run: $LEGO_RUN, else beside this program (bazel-bin/runtime/lego-run); dies when
+// it is not there.
+std::string find_lego_run(const std::string& self);
+
+// A memory cgroup (v1) of this run, /sys/fs/cgroup/memory/lego-bench-<pid>[-tag], removed
+// on destruction (it must be empty by then: every process that joined it has exited).
+class MemoryCgroup {
+ public:
+  ~MemoryCgroup() { remove(); }
+  // Creates it, capped at `cap` bytes unless cap is 0. "" or what failed.
+  std::string create(const std::string& tag, uint64_t cap);
+  // Its tasks file: a process writes its pid there to join.
+  std::string tasks() const { return path_ + "/tasks"; }
+  // A memory.stat field in bytes (e.g. "rss": anonymous memory), 0 when absent.
+  uint64_t stat(const char* key) const;
+  // How many processes the kernel's OOM killer killed in it (memory.oom_control).
+  int oom_kills() const;
+  void remove();
+
+ private:
+  std::string path_;
+};
+
 // A fresh zram swap device and a memory cgroup capped at `cap`, removed on destruction.
 class ZramSwap {
  public:
   ~ZramSwap() { teardown(); }
   // "" or what failed.
   std::string setup(uint64_t cap);
-  std::string tasks() const { return cg_ + "/tasks"; }
+  std::string tasks() const { return cg_.tasks(); }
+  const MemoryCgroup& cgroup() const { return cg_; }
   void teardown();
 
  private:
   int dev_ = -1;
   bool swapped_ = false;
-  std::string cg_;
+  MemoryCgroup cg_;
 };
 
 // One memory workload under one system.
@@ -127,6 +152,23 @@ std::vector<ClusterRow> run_cluster(const ClusterOptions& co, const std::string&
                                     const std::string& lego_run);
 void print_cluster(const ClusterOptions& co, const std::vector<ClusterRow>& rows);
 void write_cluster_csv(FILE* f, const ClusterOptions& co, const std::vector<ClusterRow>& rows);
+
+// ---- programs.cc
+
+struct ProgramOptions {
+  std::vector<std::string> programs;  // empty: all
+  std::vector<double> fractions{0.25, 0.5};
+  std::vector<std::string> systems{"local", "zram_swap", "lego_tcp", "lego_shm"};
+  double size = 1.0;  // scales every program's input (--program-size)
+  int oom_retries = 2;
+  std::string corrupt;  // for tests: this system's runs get a perturbed input
+  std::string csv;
+};
+// The programs' names, for --programs.
+extern const char* const kProgramNames[5];
+// Runs the real programs under each system and prints their table (and writes
+// opts.csv): 0, or 1 when a run failed or its output differed from local's.
+int run_programs(const ProgramOptions& opts, const std::string& lego_run);
 
 // ---- miss_floors.cc
 

@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -87,6 +88,52 @@ Outcome run(const std::vector<std::string>& argv, const std::string& cgroup_task
   return o;
 }
 
+std::string find_lego_run(const std::string& self) {
+  std::string lego_run =
+      getenv("LEGO_RUN") ? getenv("LEGO_RUN") : self.substr(0, self.rfind('/')) + "/../lego-run";
+  if (access(lego_run.c_str(), X_OK) != 0) {
+    die("cannot find lego-run at " + lego_run + " (set LEGO_RUN)");
+  }
+  return lego_run;
+}
+
+std::string MemoryCgroup::create(const std::string& tag, uint64_t cap) {
+  remove();
+  std::string p = "/sys/fs/cgroup/memory/lego-bench-" + std::to_string(getpid());
+  if (!tag.empty()) p += "-" + tag;
+  if (mkdir(p.c_str(), 0755) != 0) return "cannot create " + p + ": " + strerror(errno);
+  path_ = p;
+  if (cap != 0 && !write_file(path_ + "/memory.limit_in_bytes", std::to_string(cap))) {
+    return "cannot cap " + path_;
+  }
+  return "";
+}
+
+uint64_t MemoryCgroup::stat(const char* key) const {
+  std::ifstream in(path_ + "/memory.stat");
+  std::string k;
+  uint64_t v = 0;
+  while (in >> k >> v) {
+    if (k == key) return v;
+  }
+  return 0;
+}
+
+int MemoryCgroup::oom_kills() const {
+  std::ifstream in(path_ + "/memory.oom_control");
+  std::string k;
+  long v = 0;
+  while (in >> k >> v) {
+    if (k == "oom_kill") return static_cast<int>(v);
+  }
+  return 0;
+}
+
+void MemoryCgroup::remove() {
+  if (!path_.empty()) rmdir(path_.c_str());
+  path_.clear();
+}
+
 std::string ZramSwap::setup(uint64_t cap) {
   std::string n = read_file("/sys/class/zram-control/hot_add");
   if (n.empty()) return "no zram (modprobe zram?)";
@@ -99,17 +146,11 @@ std::string ZramSwap::setup(uint64_t cap) {
     return "mkswap/swapon " + d + " failed";
   }
   swapped_ = true;
-  cg_ = "/sys/fs/cgroup/memory/lego-bench-" + std::to_string(getpid());
-  if (mkdir(cg_.c_str(), 0755) != 0) return "cannot create " + cg_;
-  if (!write_file(cg_ + "/memory.limit_in_bytes", std::to_string(cap))) {
-    return "cannot cap " + cg_;
-  }
-  return "";
+  return cg_.create("", cap);
 }
 
 void ZramSwap::teardown() {
-  if (!cg_.empty()) rmdir(cg_.c_str());
-  cg_.clear();
+  cg_.remove();
   if (swapped_) {
     std::string d = "/dev/zram" + std::to_string(dev_);
     (void)!system(("swapoff " + d).c_str());

@@ -12,6 +12,8 @@
 
 #include "lego/flags.h"
 #include "lego/pcache_abi.h"
+#include "lego/status.h"
+#include "runtime/excache/pcache_dev.h"
 #include "runtime/launcher/die.h"
 #include "runtime/launcher/program_check.h"
 
@@ -49,7 +51,9 @@ options:
                        evicted memory may fail with EFAULT)
   --pcache M           lego_pcache.ko (kmod/): auto (default; use it when /dev/lego_pcache
                        exists), on (refuse to run without it) or off. It batches evictions
-                       and gives --policy clock the CPU's accessed bits.
+                       and gives --policy clock the CPU's accessed bits. A module of
+                       another ABI major version is refused: auto warns and runs without
+                       it, on fails.
   --prefetch N         lines fetched ahead of a miss that continues a sequential or
                        strided stream, in the same request (0..31, default 31; 0: off)
   --stats              print the ExCache counters when PROGRAM exits (and say so when no
@@ -212,10 +216,35 @@ void check_options(const Options& o) {
     die("--excache " + human_size(o.runtime.excache_bytes) + ": at most " +
         human_size(kDefaultRegionBytes) + " (the ExCache's virtual region)");
   }
-  if (o.runtime.pcache == "on" && access(LEGO_PCACHE_DEVICE, R_OK | W_OK) != 0) {
-    die(std::string("--pcache on: ") + LEGO_PCACHE_DEVICE + ": " + strerror(errno) +
-        " (load the module: modprobe lego_pcache, see kmod/README.md; or --pcache auto)");
+}
+
+void check_pcache(Options& o) {
+  if (o.runtime.pcache == "off") return;
+  if (access(LEGO_PCACHE_DEVICE, R_OK | W_OK) != 0) {
+    if (o.runtime.pcache == "on") {
+      die(std::string("--pcache on: ") + LEGO_PCACHE_DEVICE + ": " + strerror(errno) +
+          " (load the module: modprobe lego_pcache, see kmod/README.md; or --pcache auto)");
+    }
+    return;  // auto, and no module (or not ours to use): the usual case, nothing to say
   }
+  uint32_t max_lines = 0;
+  uint64_t features = 0;
+  Result<int> fd = excache_internal::PcacheDevice::open_checked(&max_lines, &features);
+  if (fd) {
+    close(fd.value());
+    return;
+  }
+  // The module is there but the runtime would not use it: another ABI, missing features,
+  // or not lego_pcache at all (its INFO ioctl failed).
+  const std::string why = fd.status().to_string() +
+                          " (install the lego_pcache of this lego release: make -C kmod "
+                          "dkms-install; modprobe -r lego_pcache; modprobe lego_pcache)";
+  if (o.runtime.pcache == "on") die("--pcache on: " + why);
+  fprintf(stderr,
+          "lego-run: warning: lego_pcache refused: %s; running without it, on the "
+          "userfaultfd path\n",
+          why.c_str());
+  o.runtime.pcache = "off";
 }
 
 void check_program(const Options& o) {

@@ -35,8 +35,15 @@ Options parse_command_line(int argc, char** argv);
 
 // What lego-run can check before anything starts: a value the runtime would refuse in
 // every process fails here, once, with the flag's name (the ExCache larger than this
-// host's memory or its region, --pcache on without the module).
+// host's memory or its region).
 void check_options(const Options& o);
+
+// --pcache: opens /dev/lego_pcache and checks its ABI as the runtime would. A module the
+// runtime would refuse (another ABI major, missing features) or no module at all fails
+// --pcache on here with the reason; under --pcache auto a refused module is reported
+// once on stderr and the run falls back to the userfaultfd-only path (o.runtime.pcache
+// becomes "off", so no process of the run opens the device again).
+void check_pcache(Options& o);
 
 // Refuses a PROGRAM the runtime cannot reach (program_check.h), unless --allow-local
 // (then warns once).

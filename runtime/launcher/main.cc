@@ -304,6 +304,7 @@ int main(int argc, char** argv) {
   // Before any namespace or thread: the sweeper must see the host as the user does.
   const pid_t sweep = sweeper();
   check_options(o);
+  check_pcache(o);
   check_program(o);
 
   RunDir run;

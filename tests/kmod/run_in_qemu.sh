@@ -178,7 +178,7 @@ mkdir -p "$WORK/kmod/include/lego" "$WORK/root"
 
 # 1. The module, built from a private copy (runfiles are read-only), laid out
 #    as DKMS lays it out: the ABI header under include/ beside the sources.
-cp -L "$ROOT"/kmod/*.c "$ROOT"/kmod/*.h "$ROOT"/kmod/Makefile "$WORK/kmod/"
+cp -L "$ROOT"/kmod/*.c "$ROOT"/kmod/*.h "$ROOT"/kmod/Makefile "$ROOT"/kmod/dkms.conf "$WORK/kmod/"
 cp -L "$ROOT/include/lego/pcache_abi.h" "$WORK/kmod/include/lego/"
 log "building lego_pcache.ko against $KDIR"
 build_module() {

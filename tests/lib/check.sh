@@ -180,6 +180,8 @@ bad_flag() {
 # lego_bin_root: where lego's built programs are: the test's runfiles under Bazel, else
 # this checkout's bazel-bin (found from the script's own path, tests/PKG/SCRIPT).
 lego_bin_root() {
+  # Run by hand TEST_SRCDIR is unset: a /lego that exists on the machine (lego-run's
+  # mount point) is not the runfiles.
   if [ -n "${TEST_SRCDIR:-}" ] && [ -d "$TEST_SRCDIR/lego" ]; then
     echo "$TEST_SRCDIR/lego"
   else

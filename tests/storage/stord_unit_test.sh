@@ -8,8 +8,10 @@ set -uo pipefail
 . "$(dirname "$0")/../lib/check.sh"
 check_init "$@"
 
-root=${TEST_SRCDIR:-}/lego
-[ -d "$root" ] || root=$(cd "$(dirname "$0")/../.." && pwd)
+# Under Bazel the runfiles; run by hand (no TEST_SRCDIR), this checkout: never a /lego
+# that happens to exist on the machine.
+root=${TEST_SRCDIR:+$TEST_SRCDIR/lego}
+[ -n "$root" ] && [ -d "$root" ] || root=$(cd "$(dirname "$0")/../.." && pwd)
 STORD=$root/daemons/storage/lego-stord
 [ -x "$STORD" ] || STORD=$root/bazel-bin/daemons/storage/lego-stord
 UNIT=$root/daemons/storage/lego-stord@.service

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# lego-bench --only programs, at a tiny size: every program (python3, sqlite3, sort with 2
+# threads, stress-ng's forked workers, redis-server driven by redis-benchmark) under local
+# and lego_shm. Guards the benchmark's behaviour, not its timings: one CSV row per program
+# and system with the documented columns, each lego row's output compared with local's
+# (stress-ng's own --verify) and the same, lego's --stats misses in the table; and the
+# output check itself: runs given a perturbed input (--corrupt-output) must be reported as
+# differing, loudly, with lego-bench exiting 1 and their CSV rows not ok.
+# usage: lego_bench_programs_test.sh [NAME-PART...]   (tests/lib/check.sh)
+set -uo pipefail
+. "$(dirname "$0")/../lib/check.sh"
+check_init "$@"
+
+root=$(lego_bin_root)
+BENCH=$root/runtime/bench/lego-bench
+export LEGO_RUN=$root/runtime/lego-run
+tmp=${TEST_TMPDIR:-$(mktemp -d)}
+programs="python sqlite sort stress-ng redis"
+# Tiny: each program's peak is a few MiB; the whole run takes ~30 s.
+size=0.03
+
+same_run() {
+  "$BENCH" --only programs --program-size $size --systems local,lego_shm --fractions 0.25 \
+    --csv "$tmp/same.csv" >"$tmp/same.out" 2>"$tmp/same.err"
+  same_rc=$?
+  cat "$tmp/same.out"
+  tail -5 "$tmp/same.err"
+}
+
+# row CSV PROGRAM SYSTEM: the CSV row of PROGRAM under SYSTEM at 25% local.
+row() { grep -E "^$2,0\.25,$3," "$1"; }
+
+# Each check is a function: check runs it in this shell, so it says what failed and returns
+# 1 (an exit would end the whole script).
+all_ran() {
+  need same_run
+  [ "$same_rc" -eq 0 ] || { echo "exit status $same_rc"; return 1; }
+}
+csv_rows() {
+  need same_run
+  [ "$(head -1 "$tmp/same.csv")" = "program,local_fraction,system,seconds,ok,oom_killed" ] ||
+    { echo "bad header: $(head -1 "$tmp/same.csv")"; return 1; }
+  [ "$(wc -l <"$tmp/same.csv")" -eq 11 ] || { cat "$tmp/same.csv"; return 1; }
+  for p in $programs; do
+    for s in local lego_shm; do
+      row "$tmp/same.csv" "$p" "$s" | grep -qE ",[0-9]+\.[0-9]+,1,0$" ||
+        { echo "no ok row: $p $s"; cat "$tmp/same.csv"; return 1; }
+    done
+  done
+}
+outputs_same() {
+  need same_run
+  for p in python sqlite sort redis; do
+    grep -E "^$p +25% .* lego_shm .* same " "$tmp/same.out" || { echo "not same: $p"; return 1; }
+  done
+  grep -E "^stress-ng +25% .* lego_shm .* verify ok " "$tmp/same.out" || return 1
+  ! grep "DIFFERS" "$tmp/same.out" "$tmp/same.err"
+}
+stats_in_rows() {
+  need same_run
+  for p in python sqlite sort redis; do
+    grep -E "^$p +25% .* lego_shm .* same +[1-9][0-9]* +[0-9]+$" "$tmp/same.out" ||
+      { echo "no misses: $p"; return 1; }
+  done
+}
+redis_rps() {
+  need same_run
+  grep -E "^redis +25% .* local +[0-9.]+ +[1-9][0-9]* " "$tmp/same.out" &&
+    grep -E "^redis +25% .* lego_shm +[0-9.]+ +[1-9][0-9]* " "$tmp/same.out"
+}
+check "all programs run under local and lego_shm (exit 0)" all_ran
+check "CSV: the header and one ok row per program and system" csv_rows
+check "each lego_shm run's output is local's (stress-ng: its own verify)" outputs_same
+check "lego rows carry --stats misses and evictions" stats_in_rows
+check "redis rows have requests per second" redis_rps
+
+corrupt_run() {
+  "$BENCH" --only programs --program-size $size --systems local,lego_shm --fractions 0.25 \
+    --programs python,sqlite,sort,redis --corrupt-output lego_shm \
+    --csv "$tmp/corrupt.csv" >"$tmp/corrupt.out" 2>"$tmp/corrupt.err"
+  corrupt_rc=$?
+  cat "$tmp/corrupt.out"
+}
+differences_flagged() {
+  need corrupt_run
+  [ "$corrupt_rc" -eq 1 ] || { echo "exit status $corrupt_rc, expected 1"; return 1; }
+  for p in python sqlite sort redis; do
+    grep -qE "^$p +25% .* lego_shm .* DIFFERS! " "$tmp/corrupt.out" &&
+      grep -qE "^!!! OUTPUT DIFFERS: $p under lego_shm at 25% local: line [0-9]+: local .* this run " "$tmp/corrupt.out" &&
+      grep -q "lego-bench: !!! $p under lego_shm at 25% local: OUTPUT DIFFERS FROM LOCAL" "$tmp/corrupt.err" &&
+      row "$tmp/corrupt.csv" "$p" lego_shm | grep -qE ",0,0$" ||
+      { echo "not flagged: $p"; return 1; }
+  done
+}
+check "a differing output is reported loudly, per program, and lego-bench exits 1" \
+  differences_flagged
+
+bad_flags() {
+  bad_flag 2 "nosuch" "$BENCH" --only programs --programs nosuch &&
+    bad_flag 2 "program-size" "$BENCH" --only programs --program-size 0 &&
+    bad_flag 2 "corrupt-output" "$BENCH" --only programs --corrupt-output mars
+}
+check "bad --programs, --program-size and --corrupt-output are refused" bad_flags
+
+check_summary
