@@ -282,8 +282,9 @@ Status read_key(const TableReader& cluster, const std::filesystem::path& base_di
 
 Status read_cluster(const TableReader& cluster, const std::filesystem::path& base_dir,
                     ClusterConfig& config) {
-  LEGO_RETURN_IF_ERROR(cluster.check_keys(
-      {"key", "key_file", "channels_per_peer", "timeout_ms", "max_message_bytes"}));
+  LEGO_RETURN_IF_ERROR(
+      cluster.check_keys({"key", "key_file", "channels_per_peer", "timeout_ms", "max_message_bytes",
+                          "replicas", "heartbeat_ms", "lost_after_ms", "monitor_wait_ms"}));
   LEGO_RETURN_IF_ERROR(read_key(cluster, base_dir, config.key));
 
   // Defaults are whatever fit.h initialises the fields to.
@@ -296,6 +297,26 @@ Status read_cluster(const TableReader& cluster, const std::filesystem::path& bas
   config.channels_per_peer = static_cast<int>(channels);
   config.timeout = std::chrono::milliseconds(timeout_ms);
   config.max_message_bytes = static_cast<size_t>(max_message);
+
+  int64_t replicas = config.replicas;
+  int64_t heartbeat_ms = config.heartbeat.count();
+  int64_t lost_after_ms = config.lost_after.count();
+  int64_t monitor_wait_ms = config.monitor_wait.count();
+  // 4: mon::kMaxReplicas, the most a placement names.
+  LEGO_RETURN_IF_ERROR(cluster.read_int("replicas", 1, 4, replicas));
+  LEGO_RETURN_IF_ERROR(cluster.read_int("heartbeat_ms", 10, 600 * 1000, heartbeat_ms));
+  LEGO_RETURN_IF_ERROR(cluster.read_int("lost_after_ms", 20, 3600 * 1000, lost_after_ms));
+  LEGO_RETURN_IF_ERROR(cluster.read_int("monitor_wait_ms", 0, 24 * 3600 * 1000, monitor_wait_ms));
+  if (lost_after_ms <= heartbeat_ms) {
+    return cluster.error(cluster.has("lost_after_ms") ? "lost_after_ms" : "heartbeat_ms",
+                         "lost_after_ms (" + std::to_string(lost_after_ms) +
+                             ") must be longer than heartbeat_ms (" + std::to_string(heartbeat_ms) +
+                             "): a node would be lost between two heartbeats");
+  }
+  config.replicas = static_cast<int>(replicas);
+  config.heartbeat = std::chrono::milliseconds(heartbeat_ms);
+  config.lost_after = std::chrono::milliseconds(lost_after_ms);
+  config.monitor_wait = std::chrono::milliseconds(monitor_wait_ms);
   return Status::ok();
 }
 
@@ -369,6 +390,14 @@ Status check_against_earlier(const TableReader& table, const NodeConfig& node,
                                        node_name(first) + " uses " +
                                        in_quotes(provider_name(first.provider)) +
                                        "; all nodes must use the same provider");
+  }
+  if (node.role == Role::kMonitor) {
+    for (const NodeConfig& other : earlier) {
+      if (other.role == Role::kMonitor) {
+        return table.error("role", "node " + std::to_string(node.id) + " is a second monitor (" +
+                                       node_name(other) + " is one); a cluster has at most one");
+      }
+    }
   }
   if (needs_port(node.provider)) {
     if (auto it = index.by_listen_on.find(listen_key(node)); it != index.by_listen_on.end()) {
@@ -536,6 +565,10 @@ std::string ClusterConfig::to_toml() const {
   out += "channels_per_peer = " + std::to_string(channels_per_peer) + "\n";
   out += "timeout_ms = " + std::to_string(timeout.count()) + "\n";
   out += "max_message_bytes = " + std::to_string(max_message_bytes) + "\n";
+  out += "replicas = " + std::to_string(replicas) + "\n";
+  out += "heartbeat_ms = " + std::to_string(heartbeat.count()) + "\n";
+  out += "lost_after_ms = " + std::to_string(lost_after.count()) + "\n";
+  out += "monitor_wait_ms = " + std::to_string(monitor_wait.count()) + "\n";
   for (const NodeConfig& node : nodes) {
     out += "\n[[node]]\n";
     out += "id = " + std::to_string(node.id) + "\n";

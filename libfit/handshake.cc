@@ -36,7 +36,7 @@ Status Node::Impl::connect(ClientChannel& ch) {
 }
 
 Status Node::Impl::connect_once(ClientChannel& ch) {
-  const NodeConfig* peer = config.find(ch.peer);
+  const NodeConfig* peer = find_peer(ch.peer);
   // Start from nothing: a broken channel's old connection (endpoint, buffers) goes away.
   ch.conn.reset();
   ch.broken = Status();

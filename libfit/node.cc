@@ -53,6 +53,54 @@ void Node::stop() {
   impl_->stop_server();
 }
 
+const NodeConfig* Node::Impl::find_peer(NodeId id) const {
+  if (const NodeConfig* n = config.find(id)) return n;
+  std::lock_guard<std::mutex> g(learned_mu);
+  for (const NodeConfig& n : learned) {
+    if (n.id == id) return &n;
+  }
+  return nullptr;
+}
+
+Status Node::add_peer(const NodeConfig& peer) {
+  const std::string name = "node " + std::to_string(peer.id);
+  if (peer.id == impl_->self.id) {
+    return Status(EEXIST, impl_->who() + ": cannot add " + name + " as a peer: it is this node");
+  }
+  if (peer.address.empty()) return Status(EINVAL, "cannot add " + name + ": no address");
+  if (peer.provider != Provider::kShm && peer.port == 0) {
+    return Status(EINVAL, "cannot add " + name + ": no port");
+  }
+  if (peer.provider != impl_->self.provider) {
+    return Status(EINVAL, "cannot add " + name + ": it speaks " + provider_name(peer.provider) +
+                              ", this cluster " + provider_name(impl_->self.provider));
+  }
+  auto same = [&](const NodeConfig& known) -> Status {
+    if (known.address == peer.address && known.port == peer.port &&
+        known.provider == peer.provider) {
+      return Status();
+    }
+    return Status(EEXIST, impl_->who() + ": " + name + " is known at " + known.address + ":" +
+                              std::to_string(known.port) + ", not at " + peer.address + ":" +
+                              std::to_string(peer.port) + " as now claimed");
+  };
+  if (const NodeConfig* n = impl_->config.find(peer.id)) return same(*n);
+  std::lock_guard<std::mutex> g(impl_->learned_mu);
+  for (const NodeConfig& n : impl_->learned) {
+    if (n.id == peer.id) return same(n);
+  }
+  NodeConfig added = peer;
+  added.line = 0;  // not from the file
+  impl_->learned.push_back(added);
+  return Status();
+}
+
+std::optional<NodeConfig> Node::peer(NodeId id) const {
+  const NodeConfig* n = impl_->find_peer(id);
+  if (n == nullptr) return std::nullopt;
+  return *n;
+}
+
 NodeId Node::id() const {
   return impl_->self.id;
 }

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <atomic>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -113,6 +114,14 @@ struct Node::Impl {
   int max_threads = 1;
   std::atomic<int> pace_count{0};
   std::atomic<int64_t> retired_stall_ns{0};  // stalls of threads a stop() ended
+
+  // Peers not in the cluster file (Node::add_peer): a deque, so that the NodeConfig a
+  // connection was opened with stays where it is. Only ever appended to.
+  mutable std::mutex learned_mu;
+  std::deque<NodeConfig> learned;  // guarded by learned_mu
+  // The cluster file's node `id`, else a learned one, else nullptr. The pointer stays valid
+  // for the node's life.
+  const NodeConfig* find_peer(NodeId id) const;
 
   // Client.
   std::mutex peers_mu;

@@ -17,9 +17,10 @@ Result<ClientChannel*> Node::Impl::channel_for(NodeId peer, std::unique_lock<std
     std::lock_guard<std::mutex> g(peers_mu);
     auto it = peers.find(peer);
     if (it == peers.end()) {
-      if (config.find(peer) == nullptr) {
+      if (find_peer(peer) == nullptr) {
         return Status(EHOSTUNREACH, who() + ": node " + std::to_string(peer) +
-                                        " is not in the cluster file " + config.origin);
+                                        " is not in the cluster file " + config.origin +
+                                        " (nor a peer learned since)");
       }
       auto& v = peers[peer];
       for (int i = 0; i < config.channels_per_peer; i++) {

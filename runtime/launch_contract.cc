@@ -25,6 +25,7 @@ namespace {
 constexpr char kEnvConfig[] = "LEGO_CONFIG";
 constexpr char kEnvNode[] = "LEGO_NODE";
 constexpr char kEnvMemoryNode[] = "LEGO_MEMORY_NODE";
+constexpr char kEnvReplicas[] = "LEGO_REPLICAS";
 constexpr char kEnvExcache[] = "LEGO_EXCACHE";
 constexpr char kEnvRegion[] = "LEGO_REGION";
 constexpr char kEnvPolicy[] = "LEGO_POLICY";
@@ -71,6 +72,7 @@ void export_settings(const Settings& s) {
   setenv(kEnvConfig, s.config.c_str(), 1);
   setenv(kEnvNode, std::to_string(s.node).c_str(), 1);
   setenv(kEnvMemoryNode, std::to_string(s.memory_node).c_str(), 1);
+  setenv(kEnvReplicas, std::to_string(s.replicas).c_str(), 1);
   setenv(kEnvExcache, std::to_string(s.excache_bytes).c_str(), 1);
   setenv(kEnvPolicy, s.policy.c_str(), 1);
   setenv(kEnvPrefetch, std::to_string(s.prefetch_lines).c_str(), 1);
@@ -92,11 +94,14 @@ Result<Settings> settings_from_environment() {
   Settings s;
   if (const char* v = getenv(kEnvConfig)) s.config = v;
   s.run_dir = run_dir_from_environment();
-  long node = 0, memory = 0;
+  long node = 0, memory = 0, replicas = 0;
   LEGO_RETURN_IF_ERROR(read_number(kEnvNode, 0, 65535, &node));
   LEGO_RETURN_IF_ERROR(read_number(kEnvMemoryNode, 0, 65535, &memory));
   s.node = static_cast<uint32_t>(node);
   s.memory_node = static_cast<uint32_t>(memory);
+  // mon::kMaxReplicas; the runtime says when the cluster has fewer memory nodes.
+  LEGO_RETURN_IF_ERROR(read_number(kEnvReplicas, 0, 4, &replicas));
+  s.replicas = static_cast<uint32_t>(replicas);
   LEGO_RETURN_IF_ERROR(read_size(kEnvExcache, &s.excache_bytes));
   LEGO_RETURN_IF_ERROR(read_size(kEnvRegion, &s.region_bytes));
   LEGO_RETURN_IF_ERROR(read_number(kEnvPrefetch, 0, kMaxPrefetchLines, &s.prefetch_lines));
@@ -222,7 +227,8 @@ bool parse_space_file_name(const char* name, pid_t* pid, uint64_t* start, uint64
 }
 
 int format_stats_report(char* buf, size_t cap, pid_t pid, const char* program,
-                        const ExCacheStats& stats, bool kernel_module) {
+                        const ExCacheStats& stats, bool kernel_module, const StatsValue* extra,
+                        size_t extra_count) {
   size_t used = 0;
   auto put = [&](const char* fmt, auto... args) {
     if (used >= cap) return;
@@ -242,7 +248,9 @@ int format_stats_report(char* buf, size_t cap, pid_t pid, const char* program,
     put("%s%zu:%" PRIu64, any ? "," : "", b, stats.miss_latency_log2_ns[b]);
     any = true;
   }
-  put("%s\nend\n", any ? "" : "-");
+  put("%s\n", any ? "" : "-");
+  for (size_t i = 0; i < extra_count; i++) put("%s %" PRIu64 "\n", extra[i].name, extra[i].value);
+  put("end\n");
   return used < cap ? static_cast<int>(used) : -1;
 }
 

@@ -10,7 +10,9 @@
 //                      every process that ran after a cd). Unset: not under lego-run, and
 //                      the preloaded library does nothing.
 //   LEGO_NODE          this processor node's id
-//   LEGO_MEMORY_NODE   the memory node holding the process's space
+//   LEGO_MEMORY_NODE   0: the process places its memory over every memory node of the
+//                      cluster file (or where its monitor says); N: on memory node N alone
+//   LEGO_REPLICAS      copies of each vRegion (0 or unset: the cluster file's `replicas`)
 //   LEGO_EXCACHE       local bytes for the ExCache (a size: "64M")
 //   LEGO_REGION        the ExCache region's virtual size (optional; kDefaultRegionBytes)
 //   LEGO_POLICY        fifo | clock
@@ -33,7 +35,9 @@
 //                                    the ExCache counters at exit (lego-run --stats):
 //                                    every one of LEGO_EXCACHE_COUNTERS and _GAUGES,
 //                                    and kernel_module, miss_p50_ns, miss_p99_ns and
-//                                    miss_histogram ("BUCKET:COUNT,..." or "-")
+//                                    miss_histogram ("BUCKET:COUNT,..." or "-"),
+//                                    then the backend's counters (LEGO_CLUSTER_COUNTERS:
+//                                    runtime/preload/cluster_backend.h)
 //                         "lost MESSAGE\n"   a miss could not be served: the memory node
 //                                            is lost; the process exits kExitMemoryLost
 //                         "error PID MESSAGE\n"  the runtime could not start in process
@@ -100,7 +104,8 @@ inline constexpr const char* kDefaultPcache = kPcacheModes[0];
 struct Settings {
   std::string config;  // LEGO_CONFIG, absolute
   uint32_t node = 0;
-  uint32_t memory_node = 0;
+  uint32_t memory_node = 0;  // 0: every memory node of the file
+  uint32_t replicas = 0;     // 0: the cluster file's
   uint64_t excache_bytes = kDefaultExcacheBytes;
   uint64_t region_bytes = kDefaultRegionBytes;
   std::string policy = kDefaultPolicy;
@@ -167,8 +172,14 @@ bool parse_space_file_name(const char* name, pid_t* pid, uint64_t* start, uint64
 
 // The "stats" report: the counters of process `pid` running `program` at exit, whole,
 // within PIPE_BUF (one write) into buf. Returns the length, or -1 when it does not fit.
+// `extra`: the backend's counters, by name, after the ExCache's.
+struct StatsValue {
+  const char* name;
+  uint64_t value;
+};
 int format_stats_report(char* buf, size_t cap, pid_t pid, const char* program,
-                        const ExCacheStats& stats, bool kernel_module);
+                        const ExCacheStats& stats, bool kernel_module,
+                        const StatsValue* extra = nullptr, size_t extra_count = 0);
 // A "stats" report as lego-run reads it: the first line's text after "stats " ("pid 12
 // program python3"), and each KEY VALUE line.
 struct StatsReport {

@@ -236,11 +236,13 @@ int run_node(int argc, char** argv, const NodeDaemon& d) {
     fprintf(stderr, "%s: node %ld metrics at http://%s/metrics (port %u)\n", d.program, f.node,
             metrics_address.c_str(), metrics_server->port());
   }
+  if (service.started) service.started(*node.value());
   startup_mark("node: serving");
   signal_ready(f.ready_fd);
   run_until_stopped(kTickPeriod, service.tick);
   startup_mark("node: stop requested");
   fprintf(stderr, "%s: node %ld stopping\n", d.program, f.node);
+  if (service.stopping) service.stopping();
   metrics_server.reset();
   node.value()->stop();
   startup_mark("node: stopped");

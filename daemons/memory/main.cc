@@ -4,6 +4,7 @@
 #include <memory>
 #include <string>
 
+#include "daemons/memory/monitor_link.h"
 #include "lego/daemon.h"
 #include "lego/fit.h"
 #include "lego/memory_node.h"
@@ -22,8 +23,10 @@ processor nodes, serving their line misses, write-backs and unmaps over FIT.
 options:
   --config FILE      the cluster file (TOML; see README.md)
   --node ID          this memory node's id in the cluster file
-  --capacity SIZE    most memory to hold for all processes (default 1G); a process
-                     whose write-back does not fit gets ENOMEM, the daemon stays up
+  --capacity SIZE    most memory to hold for all processes (default 1G, at least
+                     16M); promised in 16 MiB vRegions: a process's allocation that
+                     needs a vRegion more than is left fails (ENOMEM), the daemon
+                     stays up
   --lease-ms MS      free a process's memory when nothing was heard from it for this
                      long while this node was serving: its processor node is lost
                      (default 20000); time in which the node could not serve (stopped,
@@ -33,10 +36,16 @@ options:
                      http://ADDR:PORT/metrics (lego_memd_*), from a thread of its own;
                      off by default. ADDR is an IPv4 address or [IPv6]; port 0 picks one
   --status           ask the running memory node --node for its state and counters,
-                     FIT's included (connections, handshakes, peers cut off)
+                     its monitor's state (registered, unreachable) and FIT's
+                     counters (connections, handshakes, peers cut off)
   --as ID            with --status: the node id to speak as (default: the first
                      processor node in the cluster file)
   --help             this text
+
+When the cluster file names a monitor (lego-mond), the node registers with it at
+start and heartbeats every heartbeat_ms: a monitor refusing this node's key, or
+another live lego-memd with the same --node, ends it with status 1; a monitor
+that does not answer is retried while the node serves.
 
 Stops cleanly on SIGTERM or SIGINT.
 )";
@@ -48,9 +57,11 @@ int main(int argc, char** argv) {
   daemon::NodeDaemon d{"lego-memd", kUsage, fit::Role::kMemory, mem::kStatus, {}, {}};
   d.flags.push_back({"capacity", true, [&](const char* a) {
                        uint64_t v = daemon::size("--capacity", a);
-                       if (v < mem::kLineBytes) {
-                         daemon::die("--capacity must hold at least one 4 KiB line",
-                                     daemon::kExitUsage);
+                       if (v < mem::kVRegionBytes) {
+                         daemon::die(
+                             "--capacity must hold at least one 16 MiB vRegion "
+                             "(memory is promised to processes in vRegions)",
+                             daemon::kExitUsage);
                        }
                        options.capacity_bytes = v;
                      }});
@@ -60,8 +71,19 @@ int main(int argc, char** argv) {
                      }});
   d.start = [&](const fit::NodeConfig&) {
     auto memory = std::make_shared<mem::MemoryNode>(options);
+    // With a monitor in the cluster file: registered and heartbeating once serving.
+    auto link = std::make_shared<std::unique_ptr<mem::MonitorLink>>();
     return daemon::Service{
-        [memory](fit::Node& node) { memory->serve(node); },
+        [memory, link](fit::Node& node) {
+          if (const fit::NodeConfig* m = node.config().first_of(fit::Role::kMonitor)) {
+            *link = std::make_unique<mem::MonitorLink>(memory.get(), *m);
+            mem::MonitorLink* l = link->get();
+            memory->set_status_extra([l] { return l->status_text(); });
+          } else {
+            memory->set_status_extra([] { return std::string("monitor none\n"); });
+          }
+          memory->serve(node);
+        },
         [memory] { memory->expire_idle(); },
         "",
         ", capacity " + format_size(options.capacity_bytes) + ", lease " +
@@ -71,6 +93,13 @@ int main(int argc, char** argv) {
 #define LEGO_MEMORY_NODE_METRIC(name, type, doc) e.add(#name, #type, doc, s.name);
           LEGO_MEMORY_NODE_COUNTERS(LEGO_MEMORY_NODE_METRIC)
 #undef LEGO_MEMORY_NODE_METRIC
+        },
+        [link](fit::Node& node) {
+          if (*link) (*link)->start(node);
+        },
+        [memory, link] {
+          if (*link) (*link)->stop();
+          memory->stop();
         },
     };
   };

@@ -1,21 +1,30 @@
-// MemoryNode: address spaces of 4 KiB lines in a bounded pool, served over FIT.
+// MemoryNode: address spaces of 4 KiB lines in a bounded pool, promised in vRegions, served
+// over FIT; and the copy worker that pushes a vRegion to another memory node.
 //
-// Lock order: the spaces table's mutex, then Space::mu, then Impl::pool_mu. Requests of one space
-// serialize on its mu; different spaces proceed in parallel.
+// Lock order: the spaces table's mutex, then Space::mu, then Impl::pool_mu; Impl::jobs_mu is
+// never held with any of them. Requests of one space serialize on its mu; different spaces
+// proceed in parallel. The copy worker takes a space's mu only to read one batch.
 #include <sodium.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <map>
 #include <mutex>
 #include <sstream>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
 #include "lego/lease_table.h"
 #include "lego/memory_node.h"
+#include "lego/retry.h"
 
 namespace lego::mem {
 namespace {
@@ -34,42 +43,110 @@ bool read_struct(std::span<const std::byte> in, T* out) {
   return true;
 }
 
+uint64_t random_nonzero() {
+  uint64_t v = 0;
+  while (v == 0) randombytes_buf(&v, sizeof(v));
+  return v;
+}
+
+size_t versions_bytes(uint32_t lines) {
+  return std::max<size_t>(size_t{lines} * sizeof(uint64_t), 4096);
+}
+
+std::string mib(uint64_t bytes) {
+  return std::to_string(bytes >> 20) + " MiB";
+}
+
 }  // namespace
 
 struct MemoryNode::Impl {
+  // A placed vRegion of a space. While a copy of it is incoming (kPlaceIncomingCopy until
+  // the copy's last batch), `released` holds, per line, the version of the newest release
+  // that covered it (0: none), and all-zero write-backs are kept as lines: together they
+  // let a copied line be applied only when nothing newer happened here (memory_proto.h).
+  struct VRegion {
+    bool incoming = false;
+    std::vector<uint64_t> released;  // kLinesPerVRegion entries while incoming, else empty
+  };
+
   struct Space {
     std::mutex mu;
     fit::NodeId owner = 0;
     uint32_t pid = 0;
+    uint64_t process_key = 0;
     std::string program;
-    std::unordered_map<uint64_t, uint32_t> lines;  // line address -> pool slot. Guarded by mu.
-    uint64_t reserved = 0;                         // bytes promised to this space; guarded by mu
-    bool closed = false;                           // guarded by mu
+    // Guarded by mu from here on.
+    bool based = false;                            // region_base set (by the first kPlace)
+    uint64_t region_base = 0;                      // kVRegionBytes aligned
+    std::unordered_map<uint64_t, uint32_t> lines;  // line address -> pool slot
+    std::map<uint64_t, VRegion> placed;            // vRegion index -> state
+    bool closed = false;
+
+    // The vRegion index of line address `a`, or -1 when `a` is in no placed vRegion.
+    int64_t placed_vregion(uint64_t a) const {
+      if (!based || a < region_base) return -1;
+      uint64_t i = (a - region_base) / kVRegionBytes;
+      return placed.count(i) ? static_cast<int64_t>(i) : -1;
+    }
+    uint64_t vregion_start(uint64_t i) const { return region_base + i * kVRegionBytes; }
+  };
+
+  struct CopyJob {
+    uint64_t id = 0;
+    uint64_t source_space = 0;
+    uint8_t source_secret[16] = {};
+    uint64_t vregion = 0;
+    SpaceHandle target{};
+    fit::NodeId target_node = 0;
+    // Guarded by jobs_mu.
+    uint32_t state = kCopyRunning;
+    int error = 0;
+    std::string message;
+    uint64_t lines_copied = 0;
+    uint64_t lines_total = 0;
   };
 
   MemoryNodeOptions options;
-  const fit::Node* node = nullptr;  // set by serve(): its counters go into status_text()
+  uint64_t incarnation = 0;
+  fit::Node* node = nullptr;  // set by serve(): counters, and the copy worker's calls
   // The spaces by id and secret. Leases run on the FIT node's serving time: a space never
   // expires for time in which the server could not hear its process.
   LeaseTable<Space> spaces;
 
-  // The pool: capacity_bytes reserved up front, touched (and so resident) only as used.
+  // The pool: capacity_bytes reserved up front, touched (and so resident) only as used;
+  // versions: one per slot, the version of the line stored there (same treatment).
   std::byte* pool = nullptr;
+  uint64_t* versions = nullptr;
   uint32_t pool_lines = 0;
-  std::mutex pool_mu;
+  mutable std::mutex pool_mu;
   std::vector<uint32_t> free_slots;  // guarded by pool_mu
-  uint64_t reserved_total = 0;       // sum of the spaces' reservations; guarded by pool_mu
+  uint64_t reserved_total = 0;       // bytes of all placed vRegions; guarded by pool_mu
+  uint64_t placed_total = 0;         // placed vRegions; guarded by pool_mu
   uint32_t never_used = 0;           // slots [never_used, pool_lines) untouched; pool_mu
+
+  // Copy jobs: queued and running ones in `queue` (the worker takes the front), all known
+  // ones (for kCopyStatus) in `jobs`, the finished ones' ids in finish order in `finished`.
+  std::mutex jobs_mu;
+  std::condition_variable jobs_cv;
+  std::deque<std::shared_ptr<CopyJob>> queue;                   // guarded by jobs_mu
+  std::unordered_map<uint64_t, std::shared_ptr<CopyJob>> jobs;  // guarded by jobs_mu
+  std::deque<uint64_t> finished;                                // guarded by jobs_mu
+  uint64_t next_job = 1;                                        // guarded by jobs_mu
+  bool stopping = false;                                        // guarded by jobs_mu
+  std::thread worker;
 
   struct Counters {
     std::atomic<uint64_t> spaces_opened{0}, spaces_expired{0}, lines_stored{0}, fetches{0},
-        fetch_zero{0}, write_backs{0}, zero_drops{0}, released{0}, refused{0};
+        fetch_zero{0}, write_backs{0}, zero_drops{0}, released{0}, refused{0}, places{0},
+        unplaces{0}, zero_kept{0}, copies_started{0}, copies_done{0}, copies_failed{0},
+        copy_lines_sent{0}, copy_lines_applied{0}, copy_lines_skipped{0}, generation{0};
   } c;
 
   std::byte* slot(uint32_t s) const { return pool + size_t{s} * kLineBytes; }
 
-  bool alloc_slot(uint32_t* s) {
-    std::lock_guard<std::mutex> g(pool_mu);
+  // A slot for a new line. Cannot fail for a line of a placed vRegion: the pool holds
+  // capacity_bytes of lines and placements never promise more.
+  bool alloc_slot_locked(uint32_t* s) {
     if (!free_slots.empty()) {
       *s = free_slots.back();
       free_slots.pop_back();
@@ -84,19 +161,64 @@ struct MemoryNode::Impl {
 
   void free_slot_locked(uint32_t s) { free_slots.push_back(s); }
 
+  // Drops line `it` of `sp` (both locks held by the caller: sp.mu, pool_mu).
+  std::unordered_map<uint64_t, uint32_t>::iterator drop_line_locked(
+      Space& sp, std::unordered_map<uint64_t, uint32_t>::iterator it) {
+    free_slot_locked(it->second);
+    c.lines_stored--;
+    return sp.lines.erase(it);
+  }
+
+  // Stores `data` with `version` as line `a` of `sp` (sp.mu held). False when the pool is
+  // out of slots (which placements make impossible; kept as a check).
+  bool store_line(Space& sp, uint64_t a, const std::byte* data, uint64_t version) {
+    auto it = sp.lines.find(a);
+    if (it == sp.lines.end()) {
+      uint32_t s;
+      {
+        std::lock_guard<std::mutex> pg(pool_mu);
+        if (!alloc_slot_locked(&s)) return false;
+      }
+      it = sp.lines.emplace(a, s).first;
+      c.lines_stored++;
+    }
+    memcpy(slot(it->second), data, kLineBytes);
+    versions[it->second] = version;
+    return true;
+  }
+
   void free_lines(Space& sp) {
     std::lock_guard<std::mutex> g(pool_mu);
-    reserved_total -= sp.reserved;
-    sp.reserved = 0;
+    reserved_total -= sp.placed.size() * kVRegionBytes;
+    placed_total -= sp.placed.size();
+    sp.placed.clear();
     for (auto& [addr, s] : sp.lines) free_slot_locked(s);
     c.lines_stored -= sp.lines.size();
     sp.lines.clear();
+    c.generation++;
+  }
+
+  // Drops every line of vRegion i of sp (sp.mu held); with `only_zero`, only all-zero ones
+  // (the kept zero lines of a finished copy).
+  void drop_vregion_lines(Space& sp, uint64_t i, bool only_zero) {
+    std::lock_guard<std::mutex> pg(pool_mu);
+    const uint64_t start = sp.vregion_start(i);
+    for (uint64_t k = 0; k < kLinesPerVRegion; k++) {
+      auto it = sp.lines.find(start + k * kLineBytes);
+      if (it == sp.lines.end()) continue;
+      if (only_zero && !all_zero(slot(it->second))) continue;
+      drop_line_locked(sp, it);
+    }
+  }
+
+  Status refuse(int code, const std::string& msg) {
+    c.refused++;
+    return Status(code, msg);
   }
 
   // What a request naming no space of the asker's gets.
   Status unknown_space(const SpaceHandle& h, fit::NodeId from) {
-    c.refused++;
-    return Status(EACCES, "address space " + std::to_string(h.id) + " asked for by node " +
+    return refuse(EACCES, "address space " + std::to_string(h.id) + " asked for by node " +
                               std::to_string(from) +
                               " does not exist or belongs to another process");
   }
@@ -112,19 +234,19 @@ struct MemoryNode::Impl {
                       std::span<std::byte> rep) {
     OpenRequest r;
     if (!read_struct(req, &r) || req.size() != sizeof(r)) {
-      c.refused++;
-      return Status(EPROTO, "open: request of " + std::to_string(req.size()) + " bytes, expected " +
+      // A v1/v2 OpenRequest had the same size; its version field says which it is.
+      return refuse(EPROTO, "open: request of " + std::to_string(req.size()) + " bytes, expected " +
                                 std::to_string(sizeof(r)));
     }
     if (r.version != kProtoVersion) {
-      c.refused++;
-      return Status(EPROTONOSUPPORT, "open: memory protocol version " + std::to_string(r.version) +
+      return refuse(EPROTONOSUPPORT, "open: memory protocol version " + std::to_string(r.version) +
                                          ", this memory node speaks " +
                                          std::to_string(kProtoVersion));
     }
     auto sp = std::make_shared<Space>();
     sp->owner = ctx.from;
     sp->pid = r.pid;
+    sp->process_key = r.process_key;
     sp->program.assign(r.program, strnlen(r.program, sizeof(r.program)));
     return publish(sp, rep);
   }
@@ -135,6 +257,7 @@ struct MemoryNode::Impl {
     if (rep.size() < sizeof(out)) return Status(EMSGSIZE, "reply buffer too small for a handle");
     const auto key = spaces.add(sp);  // no bound: capacity bounds what the spaces hold
     c.spaces_opened++;
+    c.generation++;
     out.version = kProtoVersion;
     out.line_bytes = kLineBytes;
     out.handle.id = key->id;
@@ -147,10 +270,7 @@ struct MemoryNode::Impl {
 
   Result<size_t> close(const fit::RpcContext& ctx, std::span<const std::byte> req) {
     SpaceRequest r;
-    if (!read_struct(req, &r)) {
-      c.refused++;
-      return Status(EPROTO, "close: short request");
-    }
+    if (!read_struct(req, &r)) return refuse(EPROTO, "close: short request");
     std::shared_ptr<Space> sp = spaces.remove(r.handle.id, r.handle.secret);
     if (!sp) return unknown_space(r.handle, ctx.from);
     std::lock_guard<std::mutex> g(sp->mu);
@@ -164,8 +284,7 @@ struct MemoryNode::Impl {
     FetchRequest r;
     if (!read_struct(req, &r) || r.count == 0 || r.count > kMaxBatch ||
         req.size() != sizeof(r) + r.count * sizeof(uint64_t)) {
-      c.refused++;
-      return Status(EPROTO, "fetch: malformed request of " + std::to_string(req.size()) + " bytes");
+      return refuse(EPROTO, "fetch: malformed request of " + std::to_string(req.size()) + " bytes");
     }
     // One line: no header (memory_proto.h); more: a FetchReply, then the stored lines.
     const size_t head = fetch_reply_head_bytes(r.count);
@@ -183,8 +302,7 @@ struct MemoryNode::Impl {
       uint64_t a;
       memcpy(&a, addrs + i * sizeof(a), sizeof(a));
       if (a % kLineBytes != 0) {
-        c.refused++;
-        return Status(EINVAL, "fetch: address " + std::to_string(a) + " is not line aligned");
+        return refuse(EINVAL, "fetch: address " + std::to_string(a) + " is not line aligned");
       }
       auto it = sp.value()->lines.find(a);
       c.fetches++;
@@ -202,55 +320,106 @@ struct MemoryNode::Impl {
 
   Result<size_t> write_back(const fit::RpcContext& ctx, std::span<const std::byte> req) {
     WriteBackRequest r;
-    if (!read_struct(req, &r) || r.count == 0 || r.count > kMaxBatch ||
-        req.size() != sizeof(r) + r.count * (sizeof(uint64_t) + kLineBytes)) {
-      c.refused++;
-      return Status(EPROTO,
-                    "write-back: malformed request of " + std::to_string(req.size()) + " bytes");
+    if (!read_struct(req, &r)) return refuse(EPROTO, "write-back: short request");
+    const bool copy = (r.flags & kWriteBackCopy) != 0;
+    const bool last = (r.flags & kWriteBackCopyLast) != 0;
+    if ((r.flags & ~(kWriteBackCopy | kWriteBackCopyLast)) != 0 || (last && !copy) ||
+        r.count > kMaxBatch || (r.count == 0 && !last) ||
+        req.size() != write_back_request_bytes(r.count, r.flags)) {
+      return refuse(EPROTO, "write-back: malformed request of " + std::to_string(req.size()) +
+                                " bytes (count " + std::to_string(r.count) + ", flags " +
+                                std::to_string(r.flags) + ")");
     }
+    if (!copy && r.version == 0) return refuse(EPROTO, "write-back: version 0");
     auto sp = lookup(r.handle, ctx.from);
     if (!sp) return sp.status();
-    const std::byte* addrs = req.data() + sizeof(r);
-    const std::byte* data = addrs + r.count * sizeof(uint64_t);
     Space& s = *sp.value();
+    const std::byte* addrs = req.data() + sizeof(r);
+    const std::byte* vers = addrs + size_t{r.count} * sizeof(uint64_t);
+    const std::byte* data = vers + (copy ? size_t{r.count} * sizeof(uint64_t) : 0);
     std::lock_guard<std::mutex> g(s.mu);
+    // Every address is checked before any line is stored: a refused batch changes nothing.
     for (uint32_t i = 0; i < r.count; i++) {
       uint64_t a;
       memcpy(&a, addrs + i * sizeof(a), sizeof(a));
       if (a % kLineBytes != 0) {
-        c.refused++;
-        return Status(EINVAL, "write-back: address " + std::to_string(a) + " is not line aligned");
+        return refuse(EINVAL, "write-back: address " + std::to_string(a) + " is not line aligned");
+      }
+      const int64_t v = s.placed_vregion(a);
+      if (v < 0 || (copy && static_cast<uint64_t>(v) != r.vregion)) {
+        return refuse(EINVAL, "write-back: address " + std::to_string(a) +
+                                  (copy ? " is not in the vRegion being copied"
+                                        : " is in no vRegion placed here (kPlace first)") +
+                                  " (space " + std::to_string(r.handle.id) + ", pid " +
+                                  std::to_string(s.pid) + ")");
       }
     }
+    if (copy) return apply_copy(s, r, addrs, vers, data);
     for (uint32_t i = 0; i < r.count; i++) {
       uint64_t a;
       memcpy(&a, addrs + i * sizeof(a), sizeof(a));
       const std::byte* line = data + size_t{i} * kLineBytes;
       c.write_backs++;
-      auto it = s.lines.find(a);
       if (all_zero(line)) {
-        // Zero lines cost nothing to keep: forget them.
-        c.zero_drops++;
-        if (it != s.lines.end()) {
-          std::lock_guard<std::mutex> pg(pool_mu);
-          free_slot_locked(it->second);
-          s.lines.erase(it);
-          c.lines_stored--;
+        const VRegion& vr = s.placed.find(static_cast<uint64_t>(s.placed_vregion(a)))->second;
+        if (vr.incoming) {
+          // Kept while a copy is incoming: an older copied line must not bring it back.
+          c.zero_kept++;
+        } else {
+          // Zero lines cost nothing to keep: forget them.
+          c.zero_drops++;
+          auto it = s.lines.find(a);
+          if (it != s.lines.end()) {
+            std::lock_guard<std::mutex> pg(pool_mu);
+            drop_line_locked(s, it);
+          }
+          continue;
         }
+      }
+      if (!store_line(s, a, line, r.version)) {
+        return refuse(ENOMEM, "memory node is full: all " + std::to_string(pool_lines) +
+                                  " lines (" + mib(options.capacity_bytes) + ") are in use");
+      }
+    }
+    return size_t{0};
+  }
+
+  // A copy worker's batch (s.mu held, addresses checked): each line stored only when this
+  // node holds no newer version of it and no release at least as new covers it. A batch for
+  // a vRegion with no copy incoming (a retried last batch, a copy that came after the
+  // vRegion became a full replica some other way) is dropped: what is here is newer.
+  Result<size_t> apply_copy(Space& s, const WriteBackRequest& r, const std::byte* addrs,
+                            const std::byte* vers, const std::byte* data) {
+    VRegion& vr = s.placed.find(r.vregion)->second;
+    if (!vr.incoming) {
+      c.copy_lines_skipped += r.count;
+      return size_t{0};
+    }
+    const uint64_t start = s.vregion_start(r.vregion);
+    for (uint32_t i = 0; i < r.count; i++) {
+      uint64_t a, v;
+      memcpy(&a, addrs + i * sizeof(a), sizeof(a));
+      memcpy(&v, vers + i * sizeof(v), sizeof(v));
+      auto it = s.lines.find(a);
+      const bool newer_here = it != s.lines.end() && versions[it->second] >= v;
+      const bool released_since = vr.released[(a - start) / kLineBytes] >= v;
+      if (newer_here || released_since) {
+        c.copy_lines_skipped++;
         continue;
       }
-      if (it == s.lines.end()) {
-        uint32_t slot_index;
-        if (!alloc_slot(&slot_index)) {
-          c.refused++;
-          return Status(ENOMEM, "memory node is full: all " + std::to_string(pool_lines) +
-                                    " lines (" + std::to_string(options.capacity_bytes >> 20) +
-                                    " MiB) are in use");
-        }
-        it = s.lines.emplace(a, slot_index).first;
-        c.lines_stored++;
+      if (!store_line(s, a, data + size_t{i} * kLineBytes, v)) {
+        return refuse(
+            ENOMEM, "memory node is full: all " + std::to_string(pool_lines) + " lines are in use");
       }
-      memcpy(slot(it->second), line, kLineBytes);
+      c.copy_lines_applied++;
+    }
+    if ((r.flags & kWriteBackCopyLast) != 0) {
+      // The copy is whole: the kept zero lines and the releases have done their work.
+      drop_vregion_lines(s, r.vregion, /*only_zero=*/true);
+      vr.incoming = false;
+      vr.released.clear();
+      vr.released.shrink_to_fit();
+      c.generation++;
     }
     return size_t{0};
   }
@@ -259,76 +428,124 @@ struct MemoryNode::Impl {
     ReleaseRequest r;
     if (!read_struct(req, &r) || req.size() != sizeof(r) || r.addr % kLineBytes != 0 ||
         r.length % kLineBytes != 0 || r.addr + r.length < r.addr) {
-      c.refused++;
-      return Status(EINVAL, "release: malformed or unaligned range");
+      return refuse(EINVAL, "release: malformed or unaligned range");
     }
     auto sp = lookup(r.handle, ctx.from);
     if (!sp) return sp.status();
     Space& s = *sp.value();
     std::lock_guard<std::mutex> g(s.mu);
+    const uint64_t end = r.addr + r.length;
+    // Remembered for every incoming copy it covers (memory_proto.h).
+    for (auto& [i, vr] : s.placed) {
+      if (!vr.incoming) continue;
+      const uint64_t vs = s.vregion_start(i), ve = vs + kVRegionBytes;
+      const uint64_t from = std::max(vs, r.addr), to = std::min(ve, end);
+      for (uint64_t a = from; a < to; a += kLineBytes) {
+        uint64_t& rel = vr.released[(a - vs) / kLineBytes];
+        rel = std::max(rel, r.version);
+      }
+    }
     std::lock_guard<std::mutex> pg(pool_mu);
     uint64_t n = r.length / kLineBytes;
-    auto drop = [&](std::unordered_map<uint64_t, uint32_t>::iterator it) {
-      free_slot_locked(it->second);
-      c.lines_stored--;
-      c.released++;
-      return s.lines.erase(it);
-    };
     if (n <= s.lines.size()) {
-      for (uint64_t a = r.addr; a < r.addr + r.length; a += kLineBytes) {
+      for (uint64_t a = r.addr; a < end; a += kLineBytes) {
         auto it = s.lines.find(a);
-        if (it != s.lines.end()) drop(it);
+        if (it != s.lines.end()) {
+          drop_line_locked(s, it);
+          c.released++;
+        }
       }
     } else {
       // A huge range over a small space: walk the space instead.
       for (auto it = s.lines.begin(); it != s.lines.end();) {
-        if (it->first >= r.addr && it->first < r.addr + r.length)
-          it = drop(it);
-        else
+        if (it->first >= r.addr && it->first < end) {
+          it = drop_line_locked(s, it);
+          c.released++;
+        } else {
           ++it;
+        }
       }
     }
     return size_t{0};
   }
 
-  Result<size_t> reserve(const fit::RpcContext& ctx, std::span<const std::byte> req) {
-    ReserveRequest r;
-    if (!read_struct(req, &r) || req.size() != sizeof(r)) {
-      c.refused++;
-      return Status(EPROTO, "reserve: malformed request");
+  Result<size_t> place(const fit::RpcContext& ctx, std::span<const std::byte> req,
+                       std::span<std::byte> rep, bool unplace) {
+    PlaceRequest r;
+    const char* what = unplace ? "unplace" : "place";
+    if (!read_struct(req, &r) || req.size() != sizeof(r) || (r.flags & ~kPlaceIncomingCopy) != 0) {
+      return refuse(EPROTO, std::string(what) + ": malformed request");
+    }
+    if (r.region_base % kVRegionBytes != 0 || r.vregion >= kMaxVRegions ||
+        r.region_base + (r.vregion + 1) * kVRegionBytes < r.region_base) {
+      return refuse(EINVAL, std::string(what) + ": vRegion " + std::to_string(r.vregion) +
+                                " of a region at " + std::to_string(r.region_base) +
+                                " is not a vRegion (the base must be 16 MiB aligned)");
     }
     auto sp = lookup(r.handle, ctx.from);
     if (!sp) return sp.status();
     Space& s = *sp.value();
     std::lock_guard<std::mutex> g(s.mu);
-    std::lock_guard<std::mutex> pg(pool_mu);
-    if (r.delta_bytes < 0) {
-      uint64_t give = std::min<uint64_t>(s.reserved, static_cast<uint64_t>(-r.delta_bytes));
-      s.reserved -= give;
-      reserved_total -= give;
+    if (s.based && s.region_base != r.region_base) {
+      return refuse(EINVAL, std::string(what) + ": region base " + std::to_string(r.region_base) +
+                                " differs from the space's " + std::to_string(s.region_base));
+    }
+    if (unplace) {
+      auto it = s.placed.find(r.vregion);
+      if (it == s.placed.end()) return size_t{0};  // a retried call
+      drop_vregion_lines(s, r.vregion, /*only_zero=*/false);
+      s.placed.erase(it);
+      std::lock_guard<std::mutex> pg(pool_mu);
+      reserved_total -= kVRegionBytes;
+      placed_total--;
+      c.unplaces++;
+      c.generation++;
       return size_t{0};
     }
-    uint64_t want = static_cast<uint64_t>(r.delta_bytes);
-    if (want > options.capacity_bytes || reserved_total + want > options.capacity_bytes) {
-      c.refused++;
-      return Status(ENOMEM, "memory node is full: " + std::to_string(reserved_total >> 20) +
-                                " of " + std::to_string(options.capacity_bytes >> 20) +
-                                " MiB promised, " + std::to_string(want >> 10) +
-                                " KiB more asked for by pid " + std::to_string(s.pid));
+    if (rep.size() < sizeof(PlaceReply)) return Status(EMSGSIZE, "place: reply buffer too small");
+    PlaceReply out{0, 0, options.capacity_bytes, 0};
+    auto answer = [&] {
+      memcpy(rep.data(), &out, sizeof(out));
+      return sizeof(out);
+    };
+    if (s.placed.count(r.vregion)) {  // a retried call
+      std::lock_guard<std::mutex> pg(pool_mu);
+      out.reserved_bytes = reserved_total;
+      return answer();
     }
-    s.reserved += want;
-    reserved_total += want;
-    return size_t{0};
+    {
+      std::lock_guard<std::mutex> pg(pool_mu);
+      out.reserved_bytes = reserved_total;
+      if (reserved_total + kVRegionBytes > options.capacity_bytes) {
+        c.refused++;
+        out.error = ENOMEM;  // an answer, not an error frame (memory_proto.h)
+        return answer();
+      }
+      reserved_total += kVRegionBytes;
+      placed_total++;
+      out.reserved_bytes = reserved_total;
+    }
+    s.based = true;
+    s.region_base = r.region_base;
+    VRegion& vr = s.placed[r.vregion];
+    if (r.flags & kPlaceIncomingCopy) {
+      vr.incoming = true;
+      vr.released.assign(kLinesPerVRegion, 0);
+    }
+    c.places++;
+    c.generation++;
+    return answer();
   }
 
-  // A copy of a space for a forked child. Lines are copied, not shared: simple, and a
-  // child that execs soon (the common case) frees its copy when it is gone.
+  // A copy of a space for a forked child: lines (with their versions) and placements are
+  // copied, not shared: simple, and a child that execs soon (the common case) frees its
+  // copy when it is gone. A vRegion with a copy incoming stays so in the child (the child's
+  // copy is not a full replica either).
   Result<size_t> fork(const fit::RpcContext& ctx, std::span<const std::byte> req,
                       std::span<std::byte> rep) {
     SpaceRequest r;
     if (!read_struct(req, &r) || req.size() != sizeof(r)) {
-      c.refused++;
-      return Status(EPROTO, "fork: malformed request");
+      return refuse(EPROTO, "fork: malformed request");
     }
     // Checked before the copy is charged: publish() failing afterwards would leak it.
     if (rep.size() < sizeof(OpenReply)) return Status(EMSGSIZE, "fork: reply buffer too small");
@@ -340,30 +557,28 @@ struct MemoryNode::Impl {
     {
       std::lock_guard<std::mutex> g(parent.mu);
       child->pid = parent.pid;
+      child->process_key = parent.process_key;
       child->program = parent.program + " (fork)";
+      child->based = parent.based;
+      child->region_base = parent.region_base;
       std::lock_guard<std::mutex> pg(pool_mu);
-      // The copy needs the parent's promise (every line it may ever write back) again.
-      const uint64_t want = std::max<uint64_t>(parent.reserved, parent.lines.size() * kLineBytes);
-      const uint64_t free_slots_now = free_slots.size() + (pool_lines - never_used);
-      if (reserved_total + want > options.capacity_bytes || free_slots_now < parent.lines.size()) {
-        c.refused++;
-        return Status(ENOMEM, "memory node is full: cannot copy address space " +
-                                  std::to_string(r.handle.id) + " (" + std::to_string(want >> 20) +
-                                  " MiB) for a forked child");
+      // The copy needs the parent's promise (every vRegion it placed) again.
+      const uint64_t want = parent.placed.size() * kVRegionBytes;
+      if (reserved_total + want > options.capacity_bytes) {
+        return refuse(ENOMEM, "memory node is full: cannot copy address space " +
+                                  std::to_string(r.handle.id) + " (" + mib(want) +
+                                  " placed) for a forked child");
       }
-      child->reserved = want;
       reserved_total += want;
+      placed_total += parent.placed.size();
+      child->placed = parent.placed;
       child->lines.reserve(parent.lines.size());
-      for (auto& [addr, s] : parent.lines) {
-        uint32_t copy;
-        if (!free_slots.empty()) {
-          copy = free_slots.back();
-          free_slots.pop_back();
-        } else {
-          copy = never_used++;
-        }
-        memcpy(slot(copy), slot(s), kLineBytes);
-        child->lines.emplace(addr, copy);
+      for (auto& [addr, from] : parent.lines) {
+        uint32_t to = 0;
+        alloc_slot_locked(&to);  // cannot fail: the promise above covers it
+        memcpy(slot(to), slot(from), kLineBytes);
+        versions[to] = versions[from];
+        child->lines.emplace(addr, to);
       }
       c.lines_stored += child->lines.size();
     }
@@ -372,25 +587,343 @@ struct MemoryNode::Impl {
 
   Result<size_t> heartbeat(const fit::RpcContext& ctx, std::span<const std::byte> req) {
     SpaceRequest r;
-    if (!read_struct(req, &r)) {
-      c.refused++;
-      return Status(EPROTO, "heartbeat: short request");
-    }
+    if (!read_struct(req, &r)) return refuse(EPROTO, "heartbeat: short request");
     auto sp = lookup(r.handle, ctx.from);
     if (!sp) return sp.status();
     return size_t{0};
+  }
+
+  std::function<std::string()> status_extra;
+
+  Result<size_t> usage(std::span<std::byte> rep) {
+    if (rep.size() < sizeof(UsageReply)) return Status(EMSGSIZE, "usage: reply buffer too small");
+    UsageReply out = usage_now();
+    memcpy(rep.data(), &out, sizeof(out));
+    return sizeof(out);
+  }
+
+  UsageReply usage_now() const {
+    UsageReply out{};
+    out.capacity_bytes = options.capacity_bytes;
+    {
+      std::lock_guard<std::mutex> pg(pool_mu);
+      out.reserved_bytes = reserved_total;
+    }
+    out.stored_bytes = c.lines_stored.load() * kLineBytes;
+    out.incarnation = incarnation;
+    out.requests = node != nullptr ? node->stats().requests_served : 0;
+    out.generation = c.generation.load();
+    return out;
+  }
+
+  Result<size_t> list_spaces(std::span<const std::byte> req, std::span<std::byte> rep) {
+    ListSpacesRequest r;
+    if (!read_struct(req, &r) || req.size() != sizeof(r)) {
+      return refuse(EPROTO, "list spaces: malformed request");
+    }
+    if (r.max_reply_bytes != 0 && r.max_reply_bytes < rep.size()) {
+      rep = rep.first(r.max_reply_bytes);
+    }
+    if (rep.size() < sizeof(ListSpacesReply)) return Status(EMSGSIZE, "list spaces: no room");
+    // The spaces at or after the cursor, in id order (ids only grow).
+    std::vector<std::pair<uint64_t, std::shared_ptr<Space>>> all;
+    spaces.for_each_shared([&](uint64_t id, const std::shared_ptr<Space>& sp) {
+      if (id >= r.cursor) all.emplace_back(id, sp);
+    });
+    std::sort(all.begin(), all.end(),
+              [](const auto& a, const auto& b) { return a.first < b.first; });
+    ListSpacesReply out{};
+    size_t used = sizeof(out);
+    for (auto& [id, sp] : all) {
+      std::lock_guard<std::mutex> g(sp->mu);
+      if (sp->closed) continue;
+      const size_t need = sizeof(SpaceEntry) + sp->placed.size() * sizeof(uint64_t);
+      if (used + need > rep.size()) {
+        if (out.count == 0) return Status(EMSGSIZE, "list spaces: one entry does not fit");
+        out.next_cursor = id;
+        break;
+      }
+      SpaceEntry e{};
+      e.space_id = id;
+      e.process_key = sp->process_key;
+      e.owner_node = sp->owner;
+      e.pid = sp->pid;
+      memcpy(e.program, sp->program.data(), std::min(sp->program.size(), sizeof(e.program) - 1));
+      e.region_base = sp->region_base;
+      e.lines_stored = sp->lines.size();
+      std::vector<uint64_t> full, copying;
+      for (auto& [i, vr] : sp->placed) (vr.incoming ? copying : full).push_back(i);
+      e.vregion_count = static_cast<uint32_t>(full.size());
+      e.copying_count = static_cast<uint32_t>(copying.size());
+      memcpy(rep.data() + used, &e, sizeof(e));
+      used += sizeof(e);
+      for (auto* list : {&full, &copying}) {
+        if (list->empty()) continue;  // (data() may be null: no memcpy from it)
+        memcpy(rep.data() + used, list->data(), list->size() * sizeof(uint64_t));
+        used += list->size() * sizeof(uint64_t);
+      }
+      out.count++;
+    }
+    memcpy(rep.data(), &out, sizeof(out));
+    return used;
+  }
+
+  // ---- Copies (this node the source) ------------------------------------------------
+
+  Result<size_t> copy_range(const fit::RpcContext& ctx, std::span<const std::byte> req,
+                            std::span<std::byte> rep) {
+    CopyRequest r;
+    if (!read_struct(req, &r) || req.size() != sizeof(r)) {
+      return refuse(EPROTO, "copy: malformed request");
+    }
+    if (rep.size() < sizeof(CopyReply)) return Status(EMSGSIZE, "copy: reply buffer too small");
+    auto sp = lookup(r.source, ctx.from);
+    if (!sp) return sp.status();
+    {
+      std::lock_guard<std::mutex> g(sp.value()->mu);
+      auto it = sp.value()->placed.find(r.vregion);
+      if (it == sp.value()->placed.end() || it->second.incoming) {
+        return refuse(EINVAL, "copy: vRegion " + std::to_string(r.vregion) + " of space " +
+                                  std::to_string(r.source.id) + " is " +
+                                  (it == sp.value()->placed.end() ? "not placed here"
+                                                                  : "itself awaiting a copy"));
+      }
+    }
+    Status target = resolve_target(r.target_at);
+    if (!target) return refuse(target.code(), "copy: " + target.message());
+    auto job = std::make_shared<CopyJob>();
+    job->source_space = r.source.id;
+    memcpy(job->source_secret, r.source.secret, sizeof(job->source_secret));
+    job->vregion = r.vregion;
+    job->target = r.target;
+    job->target_node = r.target_at.id;
+    {
+      std::lock_guard<std::mutex> g(jobs_mu);
+      size_t running = 0;
+      for (auto& q : queue) running += q->state == kCopyRunning;
+      if (running >= kMaxCopyJobs) {
+        return refuse(EBUSY, "copy: " + std::to_string(kMaxCopyJobs) +
+                                 " copies are running on this memory node; ask again later");
+      }
+      if (stopping) return refuse(ESHUTDOWN, "copy: this memory node is stopping");
+      job->id = next_job++;
+      jobs.emplace(job->id, job);
+      queue.push_back(job);
+    }
+    jobs_cv.notify_one();
+    c.copies_started++;
+    c.generation++;
+    CopyReply out{job->id};
+    memcpy(rep.data(), &out, sizeof(out));
+    return sizeof(out);
+  }
+
+  // The copy's target must be reachable through our node: a node of the cluster file (named
+  // as there), or one the monitor told the processor of, added as a peer.
+  Status resolve_target(const NodeAddress& at) {
+    const size_t len = strnlen(at.address, sizeof(at.address));
+    if (len == 0 || len == sizeof(at.address)) {
+      return Status(EINVAL, "target node " + std::to_string(at.id) + " has no address");
+    }
+    fit::NodeConfig want;
+    want.id = at.id;
+    want.role = fit::Role::kMemory;
+    want.address.assign(at.address, len);
+    want.port = at.port;
+    if (at.provider > static_cast<uint8_t>(fit::Provider::kVerbs)) {
+      return Status(EINVAL, "target node " + std::to_string(at.id) + ": unknown provider " +
+                                std::to_string(at.provider));
+    }
+    want.provider = static_cast<fit::Provider>(at.provider);
+    if (at.id == node->id()) return Status(EINVAL, "the target is this memory node");
+    return node->add_peer(want);  // OK when it is known with this address already
+  }
+
+  Result<size_t> copy_status(std::span<const std::byte> req, std::span<std::byte> rep) {
+    CopyStatusRequest r;
+    if (!read_struct(req, &r) || req.size() != sizeof(r)) {
+      return refuse(EPROTO, "copy status: malformed request");
+    }
+    if (rep.size() < sizeof(CopyStatusReply)) return Status(EMSGSIZE, "copy status: no room");
+    CopyStatusReply out{};
+    {
+      std::lock_guard<std::mutex> g(jobs_mu);
+      auto it = jobs.find(r.job);
+      if (it == jobs.end() || it->second->source_space != r.source.id ||
+          !lease_secrets_equal(it->second->source_secret, r.source.secret)) {
+        return refuse(ENOENT, "copy status: no copy job " + std::to_string(r.job) +
+                                  " of this space (finished long ago, or never started)");
+      }
+      const CopyJob& j = *it->second;
+      out.state = j.state;
+      out.error = j.error;
+      out.lines_copied = j.lines_copied;
+      out.lines_total = j.lines_total;
+    }
+    memcpy(rep.data(), &out, sizeof(out));
+    return sizeof(out);
+  }
+
+  void finish_job(const std::shared_ptr<CopyJob>& job, int error, const std::string& why) {
+    std::lock_guard<std::mutex> g(jobs_mu);
+    job->state = error == 0 ? kCopyDone : kCopyFailed;
+    job->error = error;
+    job->message = why;
+    (error == 0 ? c.copies_done : c.copies_failed)++;
+    c.generation++;
+    queue.erase(std::find(queue.begin(), queue.end(), job));
+    finished.push_back(job->id);
+    while (finished.size() > kMaxCopyJobsKept) {
+      jobs.erase(finished.front());
+      finished.pop_front();
+    }
+  }
+
+  // Sends one batch to the target, retried as lego/retry.h says, and gives up at once when
+  // the node is stopping: the call is asynchronous and its reply polled (backing off from
+  // 20 us to 2 ms, so a copy's pace is the target's, not the poll's), and a stop abandons
+  // it, so a silent target cannot hold up a stop for a call's timeout.
+  Status send_batch(fit::NodeId target, const std::vector<std::byte>& buf) {
+    Status st;
+    for (int attempt = 0; attempt < kAttempts; attempt++) {
+      fit::RpcFuture call = node->send_reply_async(target, kWriteBack, buf, {});
+      auto pause = std::chrono::microseconds(20);
+      while (!call.ready()) {
+        std::unique_lock<std::mutex> g(jobs_mu);
+        if (jobs_cv.wait_for(g, pause, [&] { return stopping; })) {
+          return Status(ECANCELED, "the memory node is stopping");
+        }
+        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(2));
+      }
+      auto r = call.wait();
+      if (r) return Status();
+      st = r.status();
+      if (classify(st) != ErrorClass::kRetry) break;
+    }
+    return st;
+  }
+
+  // One job, on the worker thread: the vRegion's lines as they are now, in batches of
+  // kMaxBatch, each line read (with its version) under the space's lock just before its
+  // batch goes out; lines released meanwhile are skipped (the target got the release).
+  void run_job(const std::shared_ptr<CopyJob>& job) {
+    std::shared_ptr<Space> sp = spaces.find(job->source_space, job->source_secret);
+    if (!sp) return finish_job(job, ENOENT, "the source space was closed");
+    std::vector<uint64_t> addrs;
+    {
+      std::lock_guard<std::mutex> g(sp->mu);
+      if (sp->closed || !sp->placed.count(job->vregion)) {
+        return finish_job(job, ENOENT, "the source vRegion went away");
+      }
+      const uint64_t start = sp->vregion_start(job->vregion);
+      for (uint64_t k = 0; k < kLinesPerVRegion; k++) {
+        if (sp->lines.count(start + k * kLineBytes)) addrs.push_back(start + k * kLineBytes);
+      }
+    }
+    {
+      std::lock_guard<std::mutex> g(jobs_mu);
+      job->lines_total = addrs.size();
+    }
+    std::vector<std::byte> buf;
+    size_t done = 0;
+    do {
+      {
+        std::lock_guard<std::mutex> g(jobs_mu);
+        if (stopping) return finish_job(job, ECANCELED, "the memory node is stopping");
+      }
+      const size_t want = std::min<size_t>(addrs.size() - done, kMaxBatch);
+      const bool last = done + want == addrs.size();
+      WriteBackRequest head{};
+      head.handle = job->target;
+      head.flags = kWriteBackCopy | (last ? kWriteBackCopyLast : 0);
+      head.vregion = job->vregion;
+      std::vector<uint64_t> a, v;
+      std::vector<std::byte> lines;
+      {
+        std::lock_guard<std::mutex> g(sp->mu);
+        if (sp->closed || !sp->placed.count(job->vregion)) {
+          return finish_job(job, ENOENT, "the source vRegion went away mid-copy");
+        }
+        for (size_t k = done; k < done + want; k++) {
+          auto it = sp->lines.find(addrs[k]);
+          if (it == sp->lines.end()) continue;  // released since: the target knows
+          a.push_back(addrs[k]);
+          v.push_back(versions[it->second]);
+          lines.insert(lines.end(), slot(it->second), slot(it->second) + kLineBytes);
+        }
+      }
+      head.count = static_cast<uint32_t>(a.size());
+      if (head.count == 0 && !last) {
+        done += want;
+        continue;
+      }
+      buf.resize(write_back_request_bytes(head.count, head.flags));
+      std::byte* p = buf.data();
+      memcpy(p, &head, sizeof(head));
+      p += sizeof(head);
+      if (!a.empty()) {  // (an empty last batch: no memcpy from a null data())
+        memcpy(p, a.data(), a.size() * sizeof(uint64_t));
+        p += a.size() * sizeof(uint64_t);
+        memcpy(p, v.data(), v.size() * sizeof(uint64_t));
+        p += v.size() * sizeof(uint64_t);
+        memcpy(p, lines.data(), lines.size());
+      }
+      Status st = send_batch(job->target_node, buf);
+      if (!st) {
+        fprintf(stderr,
+                "lego-memd: copy %lu of vRegion %lu (pid %u) to memory node %u failed: %s\n",
+                static_cast<unsigned long>(job->id), static_cast<unsigned long>(job->vregion),
+                sp->pid, job->target_node, st.message().c_str());
+        return finish_job(job, st.code() != 0 ? st.code() : EIO, st.message());
+      }
+      c.copy_lines_sent += head.count;
+      done += want;
+      std::lock_guard<std::mutex> g(jobs_mu);
+      job->lines_copied += head.count;
+    } while (done < addrs.size());
+    finish_job(job, 0, "");
+  }
+
+  void worker_loop() {
+    for (;;) {
+      std::shared_ptr<CopyJob> job;
+      {
+        std::unique_lock<std::mutex> g(jobs_mu);
+        // The first job not finished; jobs run one at a time, in order.
+        jobs_cv.wait(g, [&] { return stopping || !queue.empty(); });
+        if (stopping) {
+          while (!queue.empty()) {
+            auto j = queue.front();
+            g.unlock();
+            finish_job(j, ECANCELED, "the memory node is stopping");
+            g.lock();
+          }
+          return;
+        }
+        job = queue.front();
+      }
+      run_job(job);
+    }
   }
 };
 
 MemoryNode::MemoryNode(MemoryNodeOptions options) : impl_(std::make_unique<Impl>()) {
   if (sodium_init() < 0) abort();
   impl_->options = options;
+  impl_->incarnation = random_nonzero();
   impl_->pool_lines = static_cast<uint32_t>(options.capacity_bytes / kLineBytes);
   void* p = mmap(nullptr, std::max<size_t>(options.capacity_bytes, kLineBytes),
                  PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (p == MAP_FAILED) {
-    impl_->pool_lines = 0;  // every write-back then fails with ENOMEM, clearly
+  void* v = mmap(nullptr, versions_bytes(impl_->pool_lines), PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED || v == MAP_FAILED) {
+    if (p != MAP_FAILED) munmap(p, std::max<size_t>(options.capacity_bytes, kLineBytes));
+    if (v != MAP_FAILED) munmap(v, versions_bytes(impl_->pool_lines));
+    // Nothing can be placed: every kPlace then fails with ENOMEM, clearly.
+    impl_->pool_lines = 0;
+    impl_->options.capacity_bytes = 0;
   } else {
+    impl_->versions = static_cast<uint64_t*>(v);
     impl_->pool = static_cast<std::byte*>(p);
     // No MADV_HUGEPAGE, though misses land on random slots and 4 KiB pages miss the TLB:
     // with THP defrag "madvise" (Debian's default) the first store to each new 2 MiB of the
@@ -401,15 +934,39 @@ MemoryNode::MemoryNode(MemoryNodeOptions options) : impl_(std::make_unique<Impl>
 }
 
 MemoryNode::~MemoryNode() {
+  stop();
   if (impl_->pool != nullptr) {
     munmap(impl_->pool, std::max<size_t>(impl_->options.capacity_bytes, kLineBytes));
+    munmap(impl_->versions, versions_bytes(impl_->pool_lines));
   }
+}
+
+void MemoryNode::stop() {
+  {
+    std::lock_guard<std::mutex> g(impl_->jobs_mu);
+    impl_->stopping = true;
+  }
+  impl_->jobs_cv.notify_all();
+  if (impl_->worker.joinable()) impl_->worker.join();
+}
+
+uint64_t MemoryNode::incarnation() const {
+  return impl_->incarnation;
+}
+
+UsageReply MemoryNode::usage() const {
+  return impl_->usage_now();
+}
+
+void MemoryNode::set_status_extra(std::function<std::string()> extra) {
+  impl_->status_extra = std::move(extra);
 }
 
 void MemoryNode::serve(fit::Node& node) {
   Impl* m = impl_.get();
   m->node = &node;
   m->spaces.follow(&node);
+  m->worker = std::thread([m] { m->worker_loop(); });
   node.handle(kOpen, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
                          std::span<std::byte> rep) { return m->open(ctx, req, rep); });
   node.handle(kClose, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
@@ -420,8 +977,18 @@ void MemoryNode::serve(fit::Node& node) {
                               std::span<std::byte>) { return m->write_back(ctx, req); });
   node.handle(kRelease, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
                             std::span<std::byte>) { return m->release(ctx, req); });
-  node.handle(kReserve, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
-                            std::span<std::byte>) { return m->reserve(ctx, req); });
+  node.handle(kPlace, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
+                          std::span<std::byte> rep) { return m->place(ctx, req, rep, false); });
+  node.handle(kUnplace, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
+                            std::span<std::byte> rep) { return m->place(ctx, req, rep, true); });
+  node.handle(kCopyRange, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
+                              std::span<std::byte> rep) { return m->copy_range(ctx, req, rep); });
+  node.handle(kCopyStatus, [m](const fit::RpcContext&, std::span<const std::byte> req,
+                               std::span<std::byte> rep) { return m->copy_status(req, rep); });
+  node.handle(kListSpaces, [m](const fit::RpcContext&, std::span<const std::byte> req,
+                               std::span<std::byte> rep) { return m->list_spaces(req, rep); });
+  node.handle(kUsage, [m](const fit::RpcContext&, std::span<const std::byte>,
+                          std::span<std::byte> rep) { return m->usage(rep); });
   node.handle(kFork, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
                          std::span<std::byte> rep) { return m->fork(ctx, req, rep); });
   node.handle(kHeartbeat, [m](const fit::RpcContext& ctx, std::span<const std::byte> req,
@@ -443,6 +1010,7 @@ size_t MemoryNode::expire_idle() {
     sp->closed = true;
     impl_->free_lines(*sp);
     impl_->c.spaces_expired++;
+    impl_->c.generation++;
     fprintf(stderr,
             "lego-memd: freed address space %lu of %s (pid %u on node %u): no request for %lld "
             "ms while this memory node was serving, its processor node is gone\n",
@@ -463,6 +1031,7 @@ MemoryNodeStats MemoryNode::stats() const {
   {
     std::lock_guard<std::mutex> g(impl_->pool_mu);
     s.bytes_reserved = impl_->reserved_total;
+    s.vregions_placed = impl_->placed_total;
   }
   s.fetches = c.fetches;
   s.fetch_zero = c.fetch_zero;
@@ -470,6 +1039,17 @@ MemoryNodeStats MemoryNode::stats() const {
   s.zero_drops = c.zero_drops;
   s.released = c.released;
   s.refused = c.refused;
+  s.places = c.places;
+  s.unplaces = c.unplaces;
+  s.zero_kept = c.zero_kept;
+  s.copies_started = c.copies_started;
+  s.copies_done = c.copies_done;
+  s.copies_failed = c.copies_failed;
+  s.copy_lines_sent = c.copy_lines_sent;
+  s.copy_lines_applied = c.copy_lines_applied;
+  s.copy_lines_skipped = c.copy_lines_skipped;
+  s.requests = impl_->node != nullptr ? impl_->node->stats().requests_served : 0;
+  s.generation = c.generation;
   return s;
 }
 
@@ -480,11 +1060,16 @@ std::string MemoryNode::status_text() const {
   LEGO_MEMORY_NODE_COUNTERS(LEGO_MEMORY_NODE_LINE)
 #undef LEGO_MEMORY_NODE_LINE
   o << "bytes_stored " << s.lines_stored * kLineBytes << "\n";
+  o << "incarnation " << impl_->incarnation << "\n";
+  if (impl_->status_extra) o << impl_->status_extra();
   if (impl_->node != nullptr) o << fit::stats_text(impl_->node->stats());
   impl_->spaces.for_each([&o](uint64_t id, Impl::Space& sp) {
     std::lock_guard<std::mutex> sg(sp.mu);
+    size_t copying = 0;
+    for (auto& [i, vr] : sp.placed) copying += vr.incoming;
     o << "space " << id << " node " << sp.owner << " pid " << sp.pid << " program "
-      << (sp.program.empty() ? "?" : sp.program) << " lines " << sp.lines.size() << "\n";
+      << (sp.program.empty() ? "?" : sp.program) << " lines " << sp.lines.size() << " vregions "
+      << sp.placed.size() << " copying " << copying << "\n";
   });
   return o.str();
 }

@@ -82,6 +82,8 @@ int main(int argc, char** argv) {
           LEGO_STORAGE_NODE_COUNTERS(LEGO_STORAGE_NODE_METRIC)
 #undef LEGO_STORAGE_NODE_METRIC
         },
+        nullptr,  // started: no threads of its own that call other nodes
+        nullptr,  // stopping
     };
   };
   return daemon::run_node(argc, argv, d);

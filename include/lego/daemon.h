@@ -106,8 +106,9 @@ void signal_ready(int fd);
 //   running node, prints its text, returns) -> the node must have the daemon's role ->
 //   stop handlers, RLIMIT_NOFILE raised -> the service started -> fit::Node created,
 //   served, started -> "PROGRAM: node N serving ..." on stderr -> with --metrics
-//   ADDR:PORT, the Prometheus metrics server (lego/metrics.h) -> --ready-fd -> the tick
-//   every kTickPeriod until SIGTERM/SIGINT -> "PROGRAM: node N stopping" -> node stopped.
+//   ADDR:PORT, the Prometheus metrics server (lego/metrics.h) -> Service::started ->
+//   --ready-fd -> the tick every kTickPeriod until SIGTERM/SIGINT -> "PROGRAM: node N
+//   stopping" -> Service::stopping -> node stopped.
 // Every failure dies as the helpers above do (kExitUsage for flags, the cluster file, a
 // wrong role or what the service's start() says is a usage error).
 
@@ -126,6 +127,12 @@ struct Service {
   // prefix is "lego_<daemon>_"; run_node adds the FIT node's after them. Called on the
   // metrics server's thread. Empty: FIT's counters only.
   std::function<void(metrics::Exposition&)> metrics;
+  // Optional. `started` runs once the node serves, before --ready-fd is signalled (a
+  // service that calls other nodes from threads of its own starts them here); `stopping`
+  // runs after a stop signal, before the node stops (those threads end here: they must
+  // not outlive the node).
+  std::function<void(fit::Node&)> started;
+  std::function<void()> stopping;
 };
 
 struct NodeDaemon {

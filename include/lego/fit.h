@@ -121,9 +121,18 @@ struct NodeConfig {
 //                                # cuts off a peer that leaves a reply unread this long
 //                                # and one not authenticated in min(this, 3 s)
 //   max_message_bytes = 139264   # default 136 KiB: largest request or reply payload
+//   replicas = 1                 # default 1: memory nodes holding each vRegion (1..4); with
+//                                # 2+ a process survives losing a memory node, each write-back
+//                                # costing a store on every replica
+//   heartbeat_ms = 500           # default 500: memory nodes' heartbeat to the monitor
+//   lost_after_ms = 3000         # default 3000: the monitor declares a memory node lost after
+//                                # this long unheard (> heartbeat_ms); shorter finds a dead
+//                                # node sooner, and mistakes a slow one for dead more often
+//   monitor_wait_ms = 30000      # default 30000: how long placing memory waits for a monitor
+//                                # that does not answer before the allocation fails
 //   [[node]]
 //   id = 1                       # unique, 0..65535
-//   role = "memory"              # processor | memory | storage | monitor
+//   role = "memory"              # processor | memory | storage | monitor (at most one)
 //   address = "10.77.0.2"
 //   port = 18601                 # required for tcp and verbs
 //   provider = "tcp"             # tcp (default) | ofi_tcp | shm | verbs
@@ -134,6 +143,10 @@ struct ClusterConfig {
   int channels_per_peer = 4;
   std::chrono::milliseconds timeout{5000};
   size_t max_message_bytes = 136 * 1024;
+  int replicas = 1;
+  std::chrono::milliseconds heartbeat{500};
+  std::chrono::milliseconds lost_after{3000};
+  std::chrono::milliseconds monitor_wait{30000};
   std::vector<NodeConfig> nodes;
   std::string origin;  // file name, for messages
 
@@ -262,6 +275,19 @@ class Node {
   // connect()'s cost (over shm each channel maps and touches its own shared memory).
   // Errors as send_reply.
   Status connect_one(NodeId peer);
+
+  // Makes `peer`, a node not in the cluster file (a memory node that joined later, learned
+  // from lego-mond), reachable by its id from now on. OK, changing nothing, when the node is
+  // already known with the same address, port and provider (the file's, or an earlier
+  // add_peer's). Errors: EEXIST when its id is this node's, or known with another address,
+  // port or provider (the file and earlier peers are never changed: a node cannot be
+  // redirected); EINVAL for an empty address, a missing port where the provider needs one,
+  // or a provider other than this cluster's. Thread-safe, any time (before or after
+  // start()); the peer is kept for the node's life.
+  Status add_peer(const NodeConfig& peer);
+  // The node `id` as this node reaches it: the cluster file's, or one added by add_peer.
+  // nullopt when neither knows it.
+  std::optional<NodeConfig> peer(NodeId id) const;
 
   // Sends `request` to `peer`'s handler for `opcode` and waits for its reply, copied into
   // `reply`. Returns the reply's length. Connects (and authenticates) on first use.

@@ -130,6 +130,13 @@ class LeaseTable {
     std::lock_guard<std::mutex> g(mu_);
     for (const auto& [id, e] : entries_) fn(id, *e.value);
   }
+  // Calls fn(id, const std::shared_ptr<T>&) for every object, with the table's mutex held:
+  // for a caller that keeps some of them to use after the table's lock is let go.
+  template <typename Fn>
+  void for_each_shared(Fn&& fn) const {
+    std::lock_guard<std::mutex> g(mu_);
+    for (const auto& [id, e] : entries_) fn(id, e.value);
+  }
 
  private:
   struct Entry {

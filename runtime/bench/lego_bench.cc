@@ -25,6 +25,12 @@
 //   tcp_floor  the transport alone: a busy-polled TCP stream of the same bytes between
 //              two network namespaces (MB/s), and a 4 KiB request/response round trip.
 //
+// Cluster rows (--only cluster): the random read-modify-write workload under lego-run's
+// private cluster of --memory-nodes N with --replicas R: its cost per access with R copies
+// against 1 (over tcp and shm), then failover_ms (a memory node SIGKILLed mid-run: from the
+// kill to the program's next completed access) and re-replication's speed (the runtime's
+// bytes_copied / copy_ms) with the program's slowdown meanwhile.
+//
 // Real programs (--only programs): python3, sqlite3, sort, stress-ng and redis-server,
 // unmodified, under local, zram_swap, lego_tcp and lego_shm (programs.cc).
 //
@@ -33,8 +39,9 @@
 // and where it goes, from the runs' LEGO_STARTUP_TRACE marks (startup.cc).
 //
 // The parts: workers.cc (the workloads), peers.cc (running them; zram), files.cc (the
-// file workloads), miss_floors.cc (the floors), programs.cc (the real programs),
-// startup.cc (start-up); this file has the flags and the memory table.
+// file workloads), miss_floors.cc (the floors), cluster.cc (the cluster rows),
+// programs.cc (the real programs), startup.cc (start-up); this file has the flags
+// and the memory table.
 #include <unistd.h>
 
 #include <cstdio>
@@ -62,8 +69,9 @@ File workloads: each runs on local disk, through the lego mount, and as the bare
 transport floor; MB/s or µs per read, and the ratios lego/local and lego/floor.
 
 options:
-  --only KIND          memory, files, startup or programs: run only that kind
-                       (default: memory, files and startup; programs only when named)
+  --only KIND          memory, files, startup, cluster or programs: run only that kind
+                       (default: memory, files and startup; cluster and programs only
+                       when named)
   --cap SIZE           local memory: ExCache size and cgroup cap (default 64M)
   --fractions LIST     local fraction(s) of the heap (default 0.25,0.5: heap 4x and 2x cap)
   --workloads LIST     memory workloads: random,sequential,zipf,random_mt (default: all)
@@ -79,9 +87,16 @@ options:
   --file-dir DIR       where the temp directories for local and for the storage node's
                        export are made (default /var/tmp: this host's disk)
   --startup-runs N     runs of each start-up case (default 7; the median is shown)
+  --memory-nodes N     cluster rows: private memory nodes (default 3)
+  --replicas R         cluster rows: copies compared with 1 (default 2); with 2 or more a
+                       failover row too
+  --cluster-fraction F cluster rows: the random workload's local fraction (default 0.25)
   --csv FILE           rows: workload,local_fraction,threads,system,us_per_access; then
                        file_workload,system,mb_per_s_or_us; then
-                       startup_system,median_ms,added_ms
+                       startup_system,median_ms,added_ms; then (cluster) cluster_row,
+                       transport,local_fraction,memory_nodes,replicas,us_per_access,
+                       failover_ms,rereplication_mb_per_s,us_per_access_before_kill,
+                       us_per_access_after_kill
   --programs LIST      with --only programs: python,sqlite,sort,stress-ng,redis (default:
                        all)
   --program-size F     with --only programs: scale every program's input by F (default 1:
@@ -149,7 +164,7 @@ Needs root (zram, cgroups, network namespaces). lego-run is looked up beside thi
 program (bazel-bin/runtime/lego-run) or through $LEGO_RUN.
 )";
 
-constexpr const char* kKinds[] = {"memory", "files", "startup", "programs"};
+constexpr const char* kKinds[] = {"memory", "files", "startup", "cluster", "programs"};
 constexpr const char* kWorkloads[] = {"random", "sequential", "zipf", "random_mt"};
 constexpr const char* kSystems[] = {"local", "zram_swap", "lego_tcp", "lego_shm"};
 constexpr const char* kFileWorkloads[] = {"seq_write", "seq_read", "rand_read_4k"};
@@ -176,8 +191,25 @@ int main(int argc, char** argv) {
   int startup_runs = 7;
   std::string csv, only;
   FileOptions fo;
+  ClusterOptions co;
   ProgramOptions po;
   const std::vector<flags::Flag> table = {
+      {"memory-nodes", true,
+       [&](const char* a) {
+         co.memory_nodes = static_cast<int>(flags::number("--memory-nodes", a, 1, 16));
+       }},
+      {"replicas", true,
+       [&](const char* a) {
+         co.replicas = static_cast<uint32_t>(flags::number("--replicas", a, 1, 4));
+       }},
+      {"cluster-fraction", true,
+       [&](const char* a) {
+         char* end = nullptr;
+         co.fraction = strtod(a, &end);
+         if (end == a || *end != '\0' || !(co.fraction > 0 && co.fraction <= 1)) {
+           flags::usage_error(std::string("--cluster-fraction: '") + a + "' is not in (0, 1]");
+         }
+       }},
       {"cap", true, [&](const char* a) { cap = flags::size("--cap", a); }},
       {"fractions", true,
        [&](const char* a) {
@@ -244,6 +276,12 @@ int main(int argc, char** argv) {
     return run_programs(po, lego_run);
   }
 
+  if (co.replicas > static_cast<uint32_t>(co.memory_nodes)) {
+    die("--replicas " + std::to_string(co.replicas) + " needs --memory-nodes " +
+        std::to_string(co.replicas) + " or more");
+  }
+  co.cap = cap;
+  co.accesses = accesses;
   const bool memory = only.empty() || only == "memory";
   const bool files = only.empty() || only == "files";
   const bool startup = only.empty() || only == "startup";
@@ -306,6 +344,8 @@ int main(int argc, char** argv) {
   progress.finish();
   std::vector<StartupRow> startup_rows;
   if (startup) startup_rows = run_startup(lego_run, startup_runs);
+  std::vector<ClusterRow> cluster_rows;
+  if (only == "cluster") cluster_rows = run_cluster(co, self, lego_run);
   if (memory) {
     printf("\nlego-bench: µs per access, cap %s (ExCache = cgroup limit), %ld accesses per run\n",
            format_size(cap).c_str(), accesses);
@@ -334,9 +374,11 @@ int main(int argc, char** argv) {
   if (memory && floors) report_miss_floors(rows, cap);
   if (files) print_files(fo, file_rows);
   if (startup) print_startup(startup_rows);
+  if (only == "cluster") print_cluster(co, cluster_rows);
   if (!csv.empty()) {
     FILE* f = fopen(csv.c_str(), "w");
     if (f == nullptr) die("cannot write " + csv);
+    if (only == "cluster") write_cluster_csv(f, co, cluster_rows);
     if (memory) fprintf(f, "workload,local_fraction,threads,system,us_per_access\n");
     for (auto& r : rows) {
       if (r.o.ok) {

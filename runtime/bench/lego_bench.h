@@ -4,12 +4,14 @@
 //   peers.cc        running a worker, and the zram peer's swap device and cgroup
 //   files.cc        the file workloads' systems and table
 //   miss_floors.cc  what a miss cannot cost less than on this host
+//   cluster.cc      the cluster rows: replication's cost, failover, re-replication
 //   programs.cc     unmodified programs from Debian packages (--only programs)
 // Internal to lego-bench.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -123,6 +125,35 @@ struct FileRow {
 std::vector<FileRow> run_files(const FileOptions& fo, const std::string& self,
                                const std::string& lego_run, Progress& progress);
 void print_files(const FileOptions& fo, const std::vector<FileRow>& rows);
+
+// ---- cluster.cc
+
+struct ClusterOptions {
+  int memory_nodes = 3;
+  uint32_t replicas = 2;
+  uint64_t cap = 64ull << 20;
+  double fraction = 0.25;  // the random workload's local fraction
+  long accesses = 200000;
+  std::vector<std::string> transports{"tcp", "shm"};
+};
+
+struct ClusterRow {
+  std::string what;  // "replication" or "failover"
+  std::string transport;
+  int memory_nodes = 0;
+  uint32_t replicas = 0;
+  Outcome o;
+  double failover_ms = -1;  // failover: SIGKILL to the end of the slowest access under way
+  double copied_mb = -1, copy_mb_s = -1;  // re-replication (the runtime's counters)
+  double before_us = 0, after_us = 0;     // µs/access 1 s before and 2 s after the kill
+};
+
+// Replication's cost (each transport with 1 and with co.replicas copies), then, with 2 or
+// more replicas, a run whose memory node is SIGKILLed mid-run.
+std::vector<ClusterRow> run_cluster(const ClusterOptions& co, const std::string& self,
+                                    const std::string& lego_run);
+void print_cluster(const ClusterOptions& co, const std::vector<ClusterRow>& rows);
+void write_cluster_csv(FILE* f, const ClusterOptions& co, const std::vector<ClusterRow>& rows);
 
 // ---- programs.cc
 

@@ -12,6 +12,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
+#include <iterator>
 #include <memory>
 #include <random>
 #include <thread>
@@ -42,6 +44,63 @@ class Zipf {
   std::vector<double> cdf_;
 };
 
+// Failover mode (LEGO_BENCH_FAILOVER=FILE, the random workload): lego-bench kills a memory
+// node while this runs and then writes the kill's CLOCK_MONOTONIC time (ns) into FILE. Kept
+// in static memory, not the heap: under lego-run the heap is on the memory nodes being
+// measured. Stalls: accesses that took over kStallNs, each (start, end).
+constexpr uint64_t kStallNs = 200 * 1000;
+constexpr size_t kMaxStalls = 1 << 16;
+struct Stall {
+  uint64_t start, end;
+};
+Stall g_stalls[kMaxStalls];
+size_t g_nstalls = 0;
+// Accesses completed in each 10 ms since the loop began (10 minutes).
+constexpr uint64_t kBucketNs = 10 * 1000 * 1000;
+uint32_t g_buckets[60000];
+
+uint64_t now_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return uint64_t(ts.tv_sec) * 1000000000 + uint64_t(ts.tv_nsec);
+}
+
+// After the loop: failover_ms (from the kill to the end of the slowest access that was
+// under way at the kill or began after it, within 10 s), and µs per access in the second
+// before the kill and in the 2 s after it (the program's slowdown while the lost copies
+// are made again).
+void report_failover(const char* file, uint64_t loop_start) {
+  uint64_t kill_ns = 0;
+  for (int i = 0; i < 1000 && kill_ns == 0; i++) {
+    FILE* f = fopen(file, "r");
+    if (f != nullptr) {
+      if (fscanf(f, "%lu", &kill_ns) != 1) kill_ns = 0;
+      fclose(f);
+    }
+    if (kill_ns == 0) usleep(10000);
+  }
+  if (kill_ns == 0) {
+    printf("failover_ms none (no kill time in %s)\n", file);
+    return;
+  }
+  uint64_t worst = 0;
+  for (size_t i = 0; i < g_nstalls; i++) {
+    const Stall& st = g_stalls[i];
+    if (st.end < kill_ns || st.start > kill_ns + 10000000000ull) continue;
+    worst = std::max(worst, st.end - std::max(st.start, kill_ns));
+  }
+  printf("failover_ms %.3f\n", double(worst) / 1e6);
+  auto rate = [&](uint64_t from, uint64_t to) {  // µs per access over [from, to)
+    uint64_t n = 0;
+    const uint64_t b0 = from > loop_start ? (from - loop_start) / kBucketNs : 0;
+    const uint64_t b1 = std::min<uint64_t>((to - loop_start) / kBucketNs, std::size(g_buckets));
+    for (uint64_t b = b0; b < b1; b++) n += g_buckets[b];
+    return n == 0 ? 0.0 : double((b1 - b0) * kBucketNs) / 1e3 / double(n);
+  };
+  printf("us_per_access_before_kill %.4f\nus_per_access_after_kill %.4f\n",
+         rate(kill_ns - 1000000000ull, kill_ns), rate(kill_ns, kill_ns + 2000000000ull));
+}
+
 }  // namespace
 
 int worker(const std::string& workload, size_t heap_bytes, long accesses) {
@@ -70,6 +129,28 @@ int worker(const std::string& workload, size_t heap_bytes, long accesses) {
       done += 2 * pages;
     }
     sink += acc;
+  } else if (const char* failover = getenv("LEGO_BENCH_FAILOVER");
+             failover != nullptr && workload == "random") {
+    // Tells lego-bench the loop runs (it kills a memory node now), then times every access.
+    if (FILE* f = fopen((std::string(failover) + ".running").c_str(), "w")) fclose(f);
+    std::mt19937_64 rng(7);
+    const uint64_t start = now_ns();
+    uint64_t prev = start;
+    for (long n = 0; n < accesses; n++) {
+      size_t page = rng() % pages;
+      heap[page * words_per_page + (n & 7)] += 1;
+      const uint64_t t = now_ns();
+      if (t - prev > kStallNs && g_nstalls < kMaxStalls) g_stalls[g_nstalls++] = {prev, t};
+      const uint64_t b = (t - start) / kBucketNs;
+      if (b < std::size(g_buckets)) g_buckets[b]++;
+      prev = t;
+    }
+    done = accesses;
+    const double us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+    printf("us_per_access %.4f\n", us / double(done));
+    report_failover(failover, start);
+    fflush(stdout);
+    return 0;
   } else {
     auto run = [&](int t) {
       std::mt19937_64 rng(7 + t);

@@ -33,7 +33,15 @@ options:
                        a wrong key or an unreachable node is reported before PROGRAM runs
   --node ID            this processor node's id in the cluster file (default: the first
                        processor node); it must be a processor node
-  --memory-node ID     the memory node to use (default: the first memory node)
+  --memory-node ID     keep all of PROGRAM's memory on this one memory node (default:
+                       spread over every memory node of the cluster file, in 16 MiB
+                       vRegions placed by its monitor, or by lego-run's runtime when the
+                       file has none)
+  --replicas R         copies of each vRegion, each on another memory node (1..4; default:
+                       the cluster file's `replicas`, else 1). Every write-back is stored on
+                       all R before it counts; when a memory node is lost the program goes
+                       on from another copy, and the lost copies are made again elsewhere.
+                       With 1, losing the memory node ends the run with 69
   --excache SIZE       local memory for PROGRAM's anonymous memory (default 64M; at least
                        64K, at most this host's memory and 64G)
   --policy P           eviction policy: fifo (default) or clock
@@ -59,7 +67,12 @@ options:
                        then all local, and lego-run warns. Without it lego-run refuses
   --transport T        without --config: tcp (default; the memory node runs in its own
                        network namespace when lego-run is root) or shm (same host)
-  --memory-capacity SIZE  without --config: the private memory node's capacity (default 8G)
+  --memory-nodes N     without --config: start N private memory nodes (1..16, default 1),
+                       each in its own network namespace on one bridge (as root, over
+                       tcp), and with N > 1 a monitor (lego-mond) that places memory
+                       over them. With --replicas 2 or more, killing any one of them does
+                       not disturb PROGRAM
+  --memory-capacity SIZE  without --config: each private memory node's capacity (default 8G)
   --export DIR         without --config: also start a private storage node (lego-stord)
                        serving DIR, mounted for PROGRAM at --mount
   --storage-node ID    with --config: the storage node to mount (default: the first
@@ -77,8 +90,9 @@ Each process's memory-node space is freed when the process ends (python's subpro
 children included). If lego-run is killed (kill -9), PROGRAM is killed with it; the next
 lego-run removes what was left (run directory, network namespace, spaces).
 
-exit status: PROGRAM's (69 included); 128+N if it died of signal N; 69 if the memory
-node was lost mid-run (with a message naming it); 125 if lego-run or the runtime failed
+exit status: PROGRAM's (69 included); 128+N if it died of signal N; 69 if a memory node
+was lost mid-run with the only copy of some of PROGRAM's memory (with a message naming
+it); 125 if lego-run or the runtime failed
 (bad flags or cluster file, memory node unreachable or refusing the key, ...); 126/127
 if PROGRAM cannot be run / is not found.
 )";
@@ -129,6 +143,15 @@ Options parse_command_line(int argc, char** argv) {
        [&](const char* a) {
          o.transport = *fit::parse_provider(flags::choice("--transport", a, kTransports));
        }},
+      {"memory-nodes", true,
+       [&](const char* a) {
+         o.memory_nodes =
+             static_cast<int>(flags::number("--memory-nodes", a, 1, kMaxPrivateMemoryNodes));
+       }},
+      {"replicas", true,
+       [&](const char* a) {
+         o.replicas = static_cast<uint32_t>(flags::number("--replicas", a, 1, 4));
+       }},
       {"memory-capacity", true,
        [&](const char* a) { o.memory_capacity = flags::size("--memory-capacity", a); }},
       {"export", true, [&](const char* a) { o.export_dir = a; }},
@@ -159,6 +182,14 @@ Options parse_command_line(int argc, char** argv) {
   if (!o.export_dir.empty() && !o.config.empty()) {
     die("--export starts a private storage node: it does not go with --config (whose "
         "storage node serves its own export)");
+  }
+  if (o.memory_nodes > 1 && !o.config.empty()) {
+    die("--memory-nodes starts private memory nodes: it does not go with --config (whose "
+        "memory nodes are the cluster's)");
+  }
+  if (o.config.empty() && o.replicas > static_cast<uint32_t>(o.memory_nodes)) {
+    die("--replicas " + std::to_string(o.replicas) + " needs at least as many memory nodes: " +
+        "give --memory-nodes " + std::to_string(o.replicas) + " or more");
   }
   if (!o.export_dir.empty()) {
     struct stat st;

@@ -20,6 +20,8 @@ struct Options {
   // Without --config: the private cluster's (private_cluster.h has the defaults).
   fit::Provider transport = PrivateClusterOptions{}.transport;
   uint64_t memory_capacity = PrivateClusterOptions{}.memory_capacity;
+  int memory_nodes = 1;   // --memory-nodes (private cluster)
+  uint32_t replicas = 0;  // --replicas; 0: the cluster file's (the private cluster: 1)
   bool stats = false;
   bool syscalls = false;  // --syscalls: trace PROGRAM's system calls (syscalls.h)
   bool allow_local = false;

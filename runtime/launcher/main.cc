@@ -143,6 +143,14 @@ std::unique_ptr<PrivateCluster> start_private_cluster(const Options& o, const st
   // only there.
   pc.isolate = o.transport == fit::Provider::kTcp && geteuid() == 0 && !in_user_namespace();
   pc.memory_capacity = o.memory_capacity;
+  pc.memory_nodes = o.memory_nodes;
+  pc.replicas = o.replicas != 0 ? o.replicas : 1;
+  if (o.memory_nodes > 1) {
+    pc.mond_path = find_part("LEGO_MOND", "daemons/monitor/lego-mond", "lego-mond");
+    if (pc.mond_path.empty() || access(pc.mond_path.c_str(), X_OK) != 0) {
+      die("cannot find lego-mond (set LEGO_MOND, or install it beside lego-run)");
+    }
+  }
   pc.export_dir = o.export_dir;
   pc.id = getpid();
   pc.memd_path = find_part("LEGO_MEMD", "daemons/memory/lego-memd", "lego-memd");
@@ -238,7 +246,7 @@ pid_t run_program(const Options& o, const Settings& settings) {
 // How the run ended, for the end of main.
 struct Ending {
   int status = 0;            // PROGRAM's wait status
-  bool memory_died = false;  // the private memory node died
+  bool memory_died = false;  // the private memory node died, and with it the only copy
 };
 
 // While PROGRAM runs: reads the reports, frees the spaces of processes that ended,
@@ -284,7 +292,12 @@ Ending wait_for_run(pid_t child, const RunDir& run, SpaceRegistry& spaces, Repor
       done_at = Clock::now();
       next_reap = done_at;
     }
-    if (cluster != nullptr && !end.memory_died) end.memory_died = cluster->memory_exited();
+    // One private memory node holds the only copy of everything; with several, only the
+    // runtime knows whether a vRegion lost its last copy (its "lost" report says so).
+    if (cluster != nullptr && !end.memory_died) {
+      const int exited = cluster->memory_exited();  // reaps them either way
+      end.memory_died = cluster->memory_nodes() == 1 && exited > 0;
+    }
     if (Clock::now() >= next_reap) {
       // A process's reports precede its end: read what a process found gone wrote.
       if (!end.memory_died) spaces.reap(false);
@@ -395,7 +408,10 @@ int main(int argc, char** argv) {
   Settings settings = o.runtime;
   settings.config = config_path;
   settings.node = proc->id;
-  settings.memory_node = memory->id;
+  // An explicit --memory-node keeps everything there; otherwise the runtime places over
+  // every memory node of the file.
+  settings.memory_node = o.memory_node >= 0 ? memory->id : 0;
+  settings.replicas = o.replicas;
   settings.run_dir = run.path();
   startup_mark("lego-run: starting the program");
   const pid_t child = run_program(o, settings);
@@ -434,6 +450,12 @@ int main(int argc, char** argv) {
   // does not answer); it is not worth keeping the user waiting more than a moment for.
   (void)wait_exit(sweep, std::chrono::seconds(3));
   startup_mark("lego-run: exit");
+  if (lost && !rep.lost().empty() && settings.memory_node == 0) {
+    // The runtime's report names the node and what was lost there.
+    fprintf(stderr, "lego-run: %s lost memory while it ran: %s\n", o.argv[0].c_str(),
+            rep.lost().c_str());
+    return kExitMemoryLost;
+  }
   if (lost) {
     fprintf(stderr, "lego-run: memory node %u (%s:%u, %s) was lost while %s ran%s%s\n", memory->id,
             memory->address.c_str(), memory->port, fit::provider_name(memory->provider),

@@ -13,6 +13,10 @@
 
 namespace lego::launch {
 
+fit::NodeId private_memory_node(int index) {
+  return index == 0 ? 2 : static_cast<fit::NodeId>(9 + index);
+}
+
 Result<std::unique_ptr<PrivateCluster>> PrivateCluster::start(const PrivateClusterOptions& o) {
   if (o.transport != fit::Provider::kTcp && o.transport != fit::Provider::kShm) {
     return Status(EINVAL, std::string("transport '") + fit::provider_name(o.transport) +
@@ -20,6 +24,18 @@ Result<std::unique_ptr<PrivateCluster>> PrivateCluster::start(const PrivateClust
   }
   if (access(o.memd_path.c_str(), X_OK) != 0) {
     return Status::from_errno(errno, "lego-memd at '" + o.memd_path + "'");
+  }
+  if (o.memory_nodes < 1 || o.memory_nodes > kMaxPrivateMemoryNodes) {
+    return Status(EINVAL, "memory nodes: 1 to " + std::to_string(kMaxPrivateMemoryNodes));
+  }
+  if (o.replicas < 1 || o.replicas > static_cast<uint32_t>(o.memory_nodes)) {
+    return Status(EINVAL, "replicas " + std::to_string(o.replicas) + " with " +
+                              std::to_string(o.memory_nodes) + " memory node" +
+                              (o.memory_nodes == 1 ? "" : "s") +
+                              ": each copy of a vRegion needs a memory node of its own");
+  }
+  if (o.memory_nodes > 1 && access(o.mond_path.c_str(), X_OK) != 0) {
+    return Status::from_errno(errno, "lego-mond at '" + o.mond_path + "'");
   }
   if (!o.export_dir.empty() && access(o.stord_path.c_str(), X_OK) != 0) {
     return Status::from_errno(errno, "lego-stord at '" + o.stord_path + "'");
@@ -36,8 +52,36 @@ Status PrivateCluster::launch(const PrivateClusterOptions& o) {
   config_.key.resize(32);
   randombytes_buf(config_.key.data(), config_.key.size());
   config_.origin = o.dir + "/cluster.toml";
-  std::string proc_addr = "127.0.0.1", mem_addr = "127.0.0.1";
-  if (o.transport == fit::Provider::kTcp && o.isolate) {
+  const int mems = o.memory_nodes;
+  const bool monitor = mems > 1;
+  // Each daemon's address and namespace: memory nodes 0..mems-1, then the monitor.
+  std::vector<std::string> addr(static_cast<size_t>(mems + 1), "127.0.0.1"), ns(addr.size());
+  std::string proc_addr = "127.0.0.1";
+  if (o.transport == fit::Provider::kTcp && o.isolate && mems > 1) {
+    // A bridge that every daemon's namespace and this one are attached to.
+    netns::NetworkSpec spec;
+    spec.namespaces.push_back(private_namespace(o.id));
+    for (int i = 1; i < mems; i++) {
+      spec.namespaces.push_back(private_namespace(o.id) + "-m" +
+                                std::to_string(private_memory_node(i)));
+    }
+    spec.namespaces.push_back(private_namespace(o.id) + "-mon");
+    spec.attach_host = true;
+    spec.host_link = private_link_name(o.id);
+    spec.subnet = private_subnet(o.id);
+    auto net = netns::Network::create(spec);
+    if (!net) {
+      return net.status().with_context("cannot set up the memory nodes' network namespaces " +
+                                       private_namespace(o.id) + "-*");
+    }
+    network_ = std::move(net.value());
+    namespace_ = network_->name(0);
+    proc_addr = network_->host_address();
+    for (int i = 0; i <= mems; i++) {
+      addr[static_cast<size_t>(i)] = network_->address(i);
+      ns[static_cast<size_t>(i)] = network_->name(i);
+    }
+  } else if (o.transport == fit::Provider::kTcp && o.isolate) {
     // A veth pair from this namespace to the daemons' own.
     auto net = private_link(private_namespace(o.id), private_link_name(o.id), private_subnet(o.id));
     if (!net) {
@@ -48,18 +92,32 @@ Status PrivateCluster::launch(const PrivateClusterOptions& o) {
     startup_mark("lego-run: network namespace made");
     namespace_ = network_->name(0);
     proc_addr = network_->host_address();
-    mem_addr = network_->address(0);
+    addr[0] = network_->address(0);
+    ns[0] = namespace_;
   }
   const uint16_t port = static_cast<uint16_t>(30000 + o.id % 20000);
-  const int nodes = o.export_dir.empty() ? 2 : 3;
-  for (int id = 1; id <= nodes; id++) {
+  // (id, role, address): the processor, the memory nodes, the storage node, the monitor.
+  struct Member {
+    fit::NodeId id;
+    fit::Role role;
+    std::string address;
+  };
+  std::vector<Member> members = {{1, fit::Role::kProcessor, proc_addr}};
+  for (int i = 0; i < mems; i++) {
+    members.push_back({private_memory_node(i), fit::Role::kMemory, addr[static_cast<size_t>(i)]});
+  }
+  if (!o.export_dir.empty()) members.push_back({3, fit::Role::kStorage, addr[0]});
+  if (monitor) {
+    members.push_back({kPrivateMonitorNode, fit::Role::kMonitor, addr[static_cast<size_t>(mems)]});
+  }
+  config_.replicas = o.replicas;
+  for (const Member& m : members) {
     fit::NodeConfig n;
-    n.id = static_cast<fit::NodeId>(id);
-    n.role = id == 1 ? fit::Role::kProcessor : id == 2 ? fit::Role::kMemory : fit::Role::kStorage;
+    n.id = m.id;
+    n.role = m.role;
     n.provider = o.transport;
-    n.address = o.transport == fit::Provider::kShm ? private_namespace(o.id)
-                                                   : (id == 1 ? proc_addr : mem_addr);
-    n.port = static_cast<uint16_t>(port + id);
+    n.address = o.transport == fit::Provider::kShm ? private_namespace(o.id) : m.address;
+    n.port = static_cast<uint16_t>(port + m.id);
     n.progress = fit::Progress::kPolling;
     n.server_threads = 1;
     if (n.role == fit::Role::kStorage) {
@@ -83,16 +141,31 @@ Status PrivateCluster::launch(const PrivateClusterOptions& o) {
     close(fd);
     if (!ok) return Status::from_errno(e, "cannot write " + config_path_);
   }
-  memd_log_ = o.dir + "/lego-memd.log";
-  memd_ = start_daemon(o.memd_path,
-                       {"lego-memd", "--config", config_path_, "--node", "2", "--capacity",
-                        std::to_string(o.memory_capacity)},
-                       memd_log_, namespace_);
-  if (memd_ < 0) {
-    show_logs();
-    return Status(EIO, "the private memory node did not start (its log is above)");
+  if (monitor) {
+    // First: the memory nodes register with it as they start.
+    mond_log_ = o.dir + "/lego-mond.log";
+    mond_ = start_daemon(
+        o.mond_path,
+        {"lego-mond", "--config", config_path_, "--node", std::to_string(kPrivateMonitorNode)},
+        mond_log_, ns[static_cast<size_t>(mems)]);
+    if (mond_ < 0) {
+      show_logs();
+      return Status(EIO, "the private monitor did not start (its log is above)");
+    }
   }
-  if (nodes == 3) {
+  for (int i = 0; i < mems; i++) {
+    const std::string id = std::to_string(private_memory_node(i));
+    memd_logs_.push_back(o.dir + "/lego-memd" + (i == 0 ? "" : "-" + id) + ".log");
+    memd_.push_back(start_daemon(o.memd_path,
+                                 {"lego-memd", "--config", config_path_, "--node", id, "--capacity",
+                                  std::to_string(o.memory_capacity)},
+                                 memd_logs_.back(), ns[static_cast<size_t>(i)]));
+    if (memd_.back() < 0) {
+      show_logs();
+      return Status(EIO, "private memory node " + id + " did not start (its log is above)");
+    }
+  }
+  if (!o.export_dir.empty()) {
     stord_log_ = o.dir + "/lego-stord.log";
     stord_ = start_daemon(
         o.stord_path,
@@ -106,16 +179,27 @@ Status PrivateCluster::launch(const PrivateClusterOptions& o) {
   return Status::ok();
 }
 
-bool PrivateCluster::memory_exited() {
-  if (memd_ > 0 && waitpid(memd_, nullptr, WNOHANG) == memd_) {
-    memd_ = -1;
-    memd_exited_ = true;
+int PrivateCluster::memory_exited() {
+  for (pid_t& p : memd_) {
+    if (p > 0 && waitpid(p, nullptr, WNOHANG) == p) {
+      p = -1;
+      memd_exited_++;
+    }
   }
   return memd_exited_;
 }
 
+std::string PrivateCluster::memory_namespace(int index) const {
+  if (network_ == nullptr) return "";
+  return network_->name(memd_.size() > 1 ? index : 0);
+}
+
 void PrivateCluster::show_logs() const {
-  if (!memd_log_.empty()) show_log(memd_log_, options_.who, "lego-memd");
+  for (size_t i = 0; i < memd_logs_.size(); i++) {
+    show_log(memd_logs_[i], options_.who,
+             i == 0 ? "lego-memd" : "lego-memd " + std::to_string(private_memory_node(int(i))));
+  }
+  if (!mond_log_.empty()) show_log(mond_log_, options_.who, "lego-mond");
   if (!stord_log_.empty()) show_log(stord_log_, options_.who, "lego-stord");
 }
 
@@ -124,8 +208,12 @@ void PrivateCluster::stop() {
   stord_ = -1;
   if (!stord_log_.empty()) unlink(stord_log_.c_str());
   stord_log_.clear();
-  stop_process(memd_);
-  memd_ = -1;
+  for (pid_t& p : memd_) {
+    stop_process(p);
+    p = -1;
+  }
+  stop_process(mond_);
+  mond_ = -1;
   // Deleting the namespace takes the veth pair with it: no link to remove here.
   network_.reset();
   namespace_.clear();

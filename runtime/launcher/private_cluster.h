@@ -3,9 +3,13 @@
 // A fresh key, a cluster file holding it (mode 0600, in the run directory), a private
 // lego-memd and, with an export, a lego-stord beside it. Over tcp as root the daemons run
 // in a network namespace of their own, joined to this one by a veth pair (private_link):
-// PROGRAM keeps its network, and the memory node is "remote". Everything is stopped and
-// removed by stop() (or the destructor); what a kill -9 of lego-run leaves is found by
-// its names (private_link.h) and swept by the next lego-run (runtime/launcher/run_dir.h).
+// PROGRAM keeps its network, and the memory node is "remote".
+// With memory_nodes N > 1 it is a cluster: N lego-memd and a lego-mond (the monitor that
+// places memory), over tcp as root each in a network namespace of its own, all on one
+// bridge that this namespace is attached to (netns::Network); the first memory node's
+// namespace is the one a single node would have, and holds lego-stord too. Everything is stopped
+// and removed by stop() (or the destructor); what a kill -9 of lego-run leaves is found by its
+// names (private_link.h) and swept by the next lego-run (runtime/launcher/run_dir.h).
 //
 // The tests start and stop private clusters through this library too.
 //
@@ -18,6 +22,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "lego/fit.h"
 #include "lego/netns.h"
@@ -34,21 +39,31 @@ struct PrivateClusterOptions {
   fit::Provider transport = fit::Provider::kTcp;
   // tcp only: the daemons in a network namespace of their own (needs root).
   bool isolate = false;
-  // The memory node's capacity (lego-memd --capacity).
+  // Each memory node's capacity (lego-memd --capacity).
   uint64_t memory_capacity = uint64_t{8} << 30;
+  // Memory nodes (1..kMaxPrivateMemoryNodes); with more than one, a monitor too.
+  int memory_nodes = 1;
+  // Copies of each vRegion, written into the cluster file (`replicas`).
+  uint32_t replicas = 1;
   // Not empty: a storage node too (node 3), serving this directory.
   std::string export_dir;
   // The daemons' executables (lego-stord only needed with export_dir).
-  std::string memd_path, stord_path;
+  std::string memd_path, stord_path, mond_path;  // lego-mond: with memory_nodes > 1
   // Names, addresses and ports derive from it (lego-run's pid).
   pid_t id = 0;
   // The prefix of lines of a daemon's log shown when it did not start ("lego-run").
   std::string who = "lego-run";
 };
 
+inline constexpr int kMaxPrivateMemoryNodes = 16;
+// Node ids: the processor 1, the memory nodes 2 and then 10, 11, ...; the storage node 3,
+// the monitor 9.
+inline constexpr fit::NodeId kPrivateMonitorNode = 9;
+fit::NodeId private_memory_node(int index);
+
 class PrivateCluster {
  public:
-  // Node 1 is the processor (this host), 2 the memory node, 3 the storage node. Errors
+  // Node 1 is the processor (this host), 2 the (first) memory node, 3 the storage node. Errors
   // name what failed; a daemon that did not start has its log shown on stderr first.
   // Nothing is left running on failure.
   static Result<std::unique_ptr<PrivateCluster>> start(const PrivateClusterOptions& options);
@@ -60,11 +75,16 @@ class PrivateCluster {
   const std::string& config_path() const { return config_path_; }
   // The network namespace the daemons run in ("" when they share this one).
   const std::string& network_namespace() const { return namespace_; }
-  pid_t memory_pid() const { return memd_; }
+  // The first memory node's lego-memd; memory node `index`'s (0..memory_nodes-1).
+  pid_t memory_pid(int index = 0) const { return memd_.at(static_cast<size_t>(index)); }
+  pid_t monitor_pid() const { return mond_; }
   pid_t storage_pid() const { return stord_; }
+  int memory_nodes() const { return static_cast<int>(memd_.size()); }
+  // Memory node `index`'s namespace ("" when it shares this one).
+  std::string memory_namespace(int index) const;
 
-  // True once lego-memd has exited by itself (it is then reaped). Does not wait.
-  bool memory_exited();
+  // How many lego-memd have exited by themselves so far (each is reaped). Does not wait.
+  int memory_exited();
   // The daemons' logs on stderr, each line "<who>: lego-memd: ...".
   void show_logs() const;
   // Stops the daemons (SIGTERM, then SIGKILL after 3 s), removes the network namespace
@@ -79,10 +99,12 @@ class PrivateCluster {
   Status launch(const PrivateClusterOptions& o);
   PrivateClusterOptions options_;
   fit::ClusterConfig config_;
-  std::string config_path_, memd_log_, stord_log_, namespace_;
+  std::string config_path_, stord_log_, mond_log_, namespace_;
+  std::vector<std::string> memd_logs_;
   std::unique_ptr<netns::Network> network_;
-  pid_t memd_ = -1, stord_ = -1;
-  bool memd_exited_ = false;
+  std::vector<pid_t> memd_;  // -1 once reaped
+  pid_t stord_ = -1, mond_ = -1;
+  int memd_exited_ = 0;
 };
 
 }  // namespace lego::launch

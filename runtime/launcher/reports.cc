@@ -58,6 +58,13 @@ void print_stats(const std::string& block) {
   fprintf(stderr, "  %-16s p50 < %.1f us, p99 < %.1f us\n", "miss_latency",
           static_cast<double>(r.number("miss_p50_ns")) / 1e3,
           static_cast<double>(r.number("miss_p99_ns")) / 1e3);
+  // The backend's counters (runtime/preload/cluster_backend.h): what the report has after
+  // the histogram, in its order.
+  bool backend = false;
+  for (const auto& [key, value] : r.values) {
+    if (backend) fprintf(stderr, "  %-22s %s\n", key.c_str(), value.c_str());
+    backend |= key == "miss_histogram";
+  }
   // The histogram, with each bucket's share of misses and (estimated at the bucket's
   // middle) of the time spent in misses: a rare slow kind of miss shows up here.
   std::vector<std::pair<unsigned, unsigned long long>> hist;

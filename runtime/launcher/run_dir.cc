@@ -113,7 +113,12 @@ void sweep_stale_runs() {
     // or was removed apart, is removed by its own name below.
     if (DIR* d = opendir("/var/run/netns")) {
       while (dirent* e = readdir(d)) {
-        const long pid = pid_in_name(e->d_name, kPrivateNamespacePrefix, "");
+        // "lego-run-PID", or a private cluster's other members "lego-run-PID-m10",
+        // "lego-run-PID-mon", "lego-run-PID-sw" (private_cluster.h).
+        std::string name = e->d_name;
+        const size_t dash = name.find('-', strlen(kPrivateNamespacePrefix));
+        if (dash != std::string::npos) name.resize(dash);
+        const long pid = pid_in_name(name.c_str(), kPrivateNamespacePrefix, "");
         if (pid > 0 && !pid_alive(pid)) (void)netns::delete_namespace(e->d_name);
       }
       closedir(d);

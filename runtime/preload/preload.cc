@@ -2,8 +2,9 @@
 //
 // lego-run starts the program with LD_PRELOAD="liblego_preload.so libjemalloc.so.2" and
 // LEGO_* variables (runtime/launch_contract.h). At load time this library:
-//   1. joins the cluster as a FIT client and opens an address space on the memory node
-//      (RemoteBackend), connecting every channel up front;
+//   1. joins the cluster as a FIT client and opens an address space on its memory nodes
+//      (ClusterBackend: placement of 16 MiB vRegions, replication, failover), connecting
+//      every channel up front;
 //   2. creates the ExCache: a large userfaultfd-registered region of which at most
 //      --excache bytes are resident;
 //   3. gives jemalloc's arenas extent hooks that carve their memory out of the region, so
@@ -54,8 +55,8 @@
 #include "lego/startup_trace.h"
 #include "lego/units.h"
 #include "runtime/launch_contract.h"
+#include "runtime/preload/cluster_backend.h"
 #include "runtime/preload/region_allocator.h"
-#include "runtime/preload/remote_backend.h"
 #include "runtime/stats_page.h"
 
 namespace lego::runtime {
@@ -65,7 +66,7 @@ constexpr uintptr_t kPage = 4096;
 
 struct Runtime {
   std::unique_ptr<fit::Node> node;
-  std::unique_ptr<RemoteBackend> backend;
+  std::unique_ptr<ClusterBackend> backend;
   std::unique_ptr<ExCache> cache;
   RegionAllocator va;
   unsigned local_arena = 0;
@@ -158,8 +159,9 @@ void discard(uintptr_t addr, size_t len) {
   if (!st) say("lego: discarding %zu bytes at %#lx: %s\n", len, addr, st.message().c_str());
 }
 
-// A range of the region with space promised on the memory node, or 0 (errno ENOMEM)
-// when the memory node is full or the region has no room: the allocation fails.
+// A range of the region whose vRegions are placed on memory nodes (which promise them
+// space), or 0 (errno ENOMEM) when no memory node can take them, the monitor did not
+// answer in time, or the region has no room: the allocation fails.
 uintptr_t take(size_t size, size_t align) {
   size = (size + kPage - 1) & ~(kPage - 1);
   if (g_forked_child.load(std::memory_order_relaxed)) {
@@ -176,19 +178,24 @@ uintptr_t take(size_t size, size_t align) {
     if (p + over > a + size) syscall(SYS_munmap, a + size, p + over - (a + size));
     return a;
   }
-  if (!g_rt->backend->reserve(static_cast<int64_t>(size))) {
+  uintptr_t a = g_rt->va.allocate(size, align);
+  if (a == 0) {
     errno = ENOMEM;
     return 0;
   }
-  uintptr_t a = g_rt->va.allocate(size, align);
-  if (a == 0) {
-    (void)g_rt->backend->reserve(-static_cast<int64_t>(size));
+  uint64_t first = 0, last = 0;
+  g_rt->va.vregions(a, size, &first, &last);
+  if (!g_rt->backend->sync_placement(first, last)) {
+    g_rt->va.release(a, size);
+    (void)g_rt->backend->sync_placement(first, last);  // unplaces what it placed
     errno = ENOMEM;
+    return 0;
   }
   return a;
 }
 
-// Frees a range taken with take(): its lines, its address space and its promise.
+// Frees a range taken with take(): its lines, its address space, and the placement of
+// every vRegion that holds no allocated byte any more.
 void give(uintptr_t addr, size_t size) {
   size = (size + kPage - 1) & ~(kPage - 1);
   if (g_forked_child.load(std::memory_order_relaxed)) {
@@ -200,7 +207,14 @@ void give(uintptr_t addr, size_t size) {
   }
   discard(addr, size);
   g_rt->va.release(addr, size);
-  (void)g_rt->backend->reserve(-static_cast<int64_t>(size));
+  uint64_t first = 0, last = 0;
+  g_rt->va.vregions(addr, size, &first, &last);
+  (void)g_rt->backend->sync_placement(first, last);
+}
+
+// Whether vRegion v holds allocated bytes (ClusterBackend: keep it placed).
+bool vregion_used(uint64_t v) {
+  return g_rt->va.vregion_bytes_used(v) > 0;
 }
 
 // --- jemalloc extent hooks for the program's arenas: memory from the region.
@@ -296,6 +310,12 @@ void on_fatal(const char* message) {
   char line[1024];
   size_t used = 0;
   append(line, sizeof line - 1, &used, "lost ");
+  // The backend names the node and the vRegion whose last copy went with it.
+  const char* loss = g_rt != nullptr && g_rt->backend ? g_rt->backend->loss_message() : "";
+  if (loss[0] != '\0') {
+    append(line, sizeof line - 1, &used, loss);
+    append(line, sizeof line - 1, &used, "; ");
+  }
   append(line, sizeof line - 1, &used, message);
   append(line, sizeof line, &used, "\n");
   if (!report(line, used)) {
@@ -303,6 +323,10 @@ void on_fatal(const char* message) {
     append(line, sizeof line - 1, &used, "lego: ");
     append(line, sizeof line - 1, &used, g_program);
     append(line, sizeof line - 1, &used, ": memory node lost: ");
+    if (loss[0] != '\0') {
+      append(line, sizeof line - 1, &used, loss);
+      append(line, sizeof line - 1, &used, "; ");
+    }
     append(line, sizeof line - 1, &used, message);
     append(line, sizeof line, &used, "\n");
     (void)!write(2, line, used);
@@ -325,10 +349,14 @@ void on_fatal(const char* message) {
 
 // The counters at exit, to lego-run (--stats).
 void write_stats() {
-  char buf[3072];  // within PIPE_BUF: one write
-  const int n =
-      launch::format_stats_report(buf, sizeof buf, getpid(), g_rt->program.c_str(),
-                                  g_rt->cache->stats(), g_rt->cache->uses_kernel_module());
+  char buf[3584];  // within PIPE_BUF: one write
+  const ClusterStats cs = g_rt->backend->stats();
+  launch::StatsValue extra[std::size(kClusterStatsFields)];
+  size_t k = 0;
+  for (const ClusterStatsField& f : kClusterStatsFields) extra[k++] = {f.name, cs.*f.field};
+  const int n = launch::format_stats_report(buf, sizeof buf, getpid(), g_rt->program.c_str(),
+                                            g_rt->cache->stats(), g_rt->cache->uses_kernel_module(),
+                                            extra, k);
   if (n > 0) report(buf, static_cast<size_t>(n));
 }
 
@@ -338,7 +366,11 @@ void write_stats() {
 char g_run_dir[4096];
 pid_t g_pid = 0;
 uint64_t g_start_time = 0;
-fit::NodeId g_memory_node = 0;
+
+// The file name's ID for space `id` on memory node `node`: space ids are per node.
+uint64_t space_file_id(fit::NodeId node, uint64_t id) {
+  return (uint64_t{node} << 48) | (id & ((uint64_t{1} << 48) - 1));
+}
 
 // "<run dir>/<prefix>space.PID.START.ID" into buf; false when it does not fit.
 bool space_path(char* buf, size_t cap, const char* prefix, uint64_t id) {
@@ -350,18 +382,19 @@ bool space_path(char* buf, size_t cap, const char* prefix, uint64_t id) {
 
 // Registers or unregisters a space of this process in the run directory, so that lego-run
 // frees it once the process is gone (launch_contract.h). The file appears whole (written
-// under a '.' name, then renamed). Allocates nothing (RemoteBackend::SpaceObserver).
-void registry_observer(const mem::SpaceHandle& h, bool opened) {
+// under a '.' name, then renamed). Allocates nothing (ClusterBackendOptions::observer).
+void registry_observer(fit::NodeId node, const mem::SpaceHandle& h, bool opened) {
   if (g_run_dir[0] == '\0') return;
   char path[4200], tmp[4200];
-  if (!space_path(path, sizeof path, "", h.id)) return;
+  const uint64_t id = space_file_id(node, h.id);
+  if (!space_path(path, sizeof path, "", id)) return;
   if (!opened) {
     unlink(path);
     return;
   }
   char line[128];
-  const int len = launch::format_space_line(line, sizeof line, g_memory_node, h);
-  if (len < 0 || !space_path(tmp, sizeof tmp, ".", h.id)) return;
+  const int len = launch::format_space_line(line, sizeof line, node, h);
+  if (len < 0 || !space_path(tmp, sizeof tmp, ".", id)) return;
   int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   bool ok = fd >= 0 && write(fd, line, static_cast<size_t>(len)) == len;
   const int err = errno;
@@ -376,15 +409,15 @@ void registry_observer(const mem::SpaceHandle& h, bool opened) {
 }
 
 // Frees the spaces an earlier image of this process registered (same pid and start time:
-// it exec'd, and nothing can use them any more), except `keep`.
-void close_earlier_images(fit::Node* node, uint64_t keep) {
+// it exec'd, and nothing can use them any more). Before this image opens its own.
+void close_earlier_images(fit::Node* node) {
   DIR* d = opendir(g_run_dir);
   if (d == nullptr) return;
   while (dirent* e = readdir(d)) {
     pid_t p = 0;
     uint64_t start = 0, id = 0;
     if (!launch::parse_space_file_name(e->d_name, &p, &start, &id) || p != g_pid ||
-        start != g_start_time || id == keep) {
+        start != g_start_time) {
       continue;
     }
     const std::string path = std::string(g_run_dir) + "/" + e->d_name;
@@ -410,6 +443,9 @@ void close_earlier_images(fit::Node* node, uint64_t keep) {
 // is removed at exit (lego_stop).
 std::atomic<launch::StatsPublisher*> g_stats_page{nullptr};
 std::atomic<bool> g_stats_thread_ready{false};
+// The memory node lego-stat names for this process: its only one, or the first of the
+// cluster's it may use.
+fit::NodeId g_memory_node = 0;
 
 void start_stats_publisher(const std::string& memory_address) {
   if (g_run_dir[0] == '\0') return;
@@ -438,6 +474,15 @@ void start_stats_publisher(const std::string& memory_address) {
   for (int i = 0; i < 1000 && !g_stats_thread_ready.load(); i++) usleep(1000);
 }
 
+// The cluster file's `replicas` (lego-run --replicas overrides it through LEGO_REPLICAS)
+// and `monitor_wait_ms`.
+uint32_t cluster_replicas(const fit::ClusterConfig& config) {
+  return static_cast<uint32_t>(config.replicas);
+}
+uint32_t cluster_monitor_wait_ms(const fit::ClusterConfig& config) {
+  return static_cast<uint32_t>(config.monitor_wait.count());
+}
+
 __attribute__((constructor(102))) void lego_start() {
   if (!launch::under_lego_run()) return;  // a plain program
   startup_mark("runtime: start");
@@ -461,8 +506,24 @@ __attribute__((constructor(102))) void lego_start() {
   auto config = fit::ClusterConfig::parse_file(run.config);
   if (!config) fail(config.status().message());
   const fit::NodeId self = static_cast<fit::NodeId>(run.node);
-  const fit::NodeId memory = static_cast<fit::NodeId>(run.memory_node);
-  g_memory_node = memory;
+  // Where this process's memory may go: one memory node (LEGO_MEMORY_NODE), or all of
+  // the file's (placed by its monitor, if it has one, or by this runtime).
+  ClusterBackendOptions bo;
+  bo.program = rt->program;
+  bo.observer = registry_observer;
+  bo.on_thread_start = use_local_arena;
+  bo.replicas = run.replicas != 0 ? run.replicas : cluster_replicas(config.value());
+  bo.monitor_wait_ms = cluster_monitor_wait_ms(config.value());
+  if (run.memory_node != 0) {
+    bo.memory_nodes = {static_cast<fit::NodeId>(run.memory_node)};
+  } else {
+    for (const fit::NodeConfig& n : config.value().nodes) {
+      if (n.role == fit::Role::kMemory) bo.memory_nodes.push_back(n.id);
+    }
+    if (const fit::NodeConfig* m = config.value().first_of(fit::Role::kMonitor)) {
+      bo.monitor = m->id;
+    }
+  }
 
   ExCacheOptions opt = launch::excache_options(run);
   opt.on_thread_start = use_local_arena;
@@ -481,35 +542,38 @@ __attribute__((constructor(102))) void lego_start() {
   if (!node) fail(node.status().message());
   rt->node = std::move(node.value());
   startup_mark("runtime: node created");
-  auto backend = RemoteBackend::open(rt->node.get(), memory, rt->program, use_local_arena);
+  close_earlier_images(rt->node.get());
+  // Each space is registered as it opens: a process that exits from here on has its
+  // spaces freed by lego-run at once.
+  auto backend = ClusterBackend::open(rt->node.get(), bo);
   if (!backend) fail(backend.status().message());
   startup_mark("runtime: space opened");
   rt->backend = std::move(backend.value());
-  // Registered before anything else can fail: a process that exits from here on has its
-  // space freed by lego-run at once.
-  registry_observer(rt->backend->handle(), true);
-  rt->backend->set_space_observer(registry_observer);
-  close_earlier_images(rt->node.get(), rt->backend->handle().id);
   auto cache = ExCache::create(opt, rt->backend.get());
   if (!cache) fail(cache.status().message());
   rt->cache = std::move(cache.value());
+  const auto base = reinterpret_cast<uintptr_t>(rt->cache->region_base());
   startup_mark("runtime: excache created");
-  Status st =
-      rt->va.init(reinterpret_cast<uintptr_t>(rt->cache->region_base()), rt->cache->region_size());
+  Status st = rt->backend->set_region(base, rt->cache->region_size());
   if (!st) fail(st.message());
+  st = rt->va.init(base, rt->cache->region_size(), size_t{1} << 18, mem::kVRegionBytes);
+  if (!st) fail(st.message());
+  rt->backend->set_used_fn(vregion_used);
 
   dl_iterate_phdr(collect_internal, nullptr);
   rt.release();
 
-  int expect = opt.delivery == ExCacheOptions::Delivery::kHandlerThread ? 2 : 1;
+  const int expect = ClusterBackend::kServiceThreads +
+                     (opt.delivery == ExCacheOptions::Delivery::kHandlerThread ? 1 : 0);
   if (!wait_for_runtime_threads(expect, std::chrono::seconds(10))) {
     fail("the runtime's threads did not start");
   }
   startup_mark("runtime: threads ready");
   {
+    g_memory_node = bo.memory_nodes.empty() ? 0 : bo.memory_nodes.front();
     std::string address;
     for (const fit::NodeConfig& n : config.value().nodes) {
-      if (n.id == memory) address = n.address + ":" + std::to_string(n.port);
+      if (n.id == g_memory_node) address = n.address + ":" + std::to_string(n.port);
     }
     start_stats_publisher(address);
   }

@@ -239,6 +239,8 @@ TEST_CASE("run_node: a service on its node, --status, --ready-fd, ticks, stop", 
           "things",
           ", greeting " + *greeting,
           {},  // FIT's metrics only
+          nullptr,
+          nullptr,
       };
     };
     return daemon::run_node(static_cast<int>(args.size()), argv.data(), d);

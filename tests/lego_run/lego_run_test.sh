@@ -368,7 +368,7 @@ check "lego-run --config missing.toml" bad_flag 125 "missing.toml" "$LEGO_RUN" -
 check "lego-run --no-such-flag" bad_flag 125 "no-such-flag" "$LEGO_RUN" --no-such-flag -- true
 check "lego-run --prefetch -1 names the flag and its range" \
   bad_flag 125 "^lego-run: --prefetch: '-1' is not a number in 0..31$" "$LEGO_RUN" --prefetch -1 -- true
-check "lego-memd --capacity 1" bad_flag 2 "at least one 4 KiB line" "$MEMD" --config x --node 1 --capacity 1
+check "lego-memd --capacity 1" bad_flag 2 "at least one 16 MiB vRegion" "$MEMD" --config x --node 1 --capacity 1
 check "lego-memd without --node" bad_flag 2 "required" "$MEMD" --config x
 check "lego-run --help" "$LEGO_RUN" --help
 check "lego-memd --help" "$MEMD" --help

@@ -77,6 +77,10 @@ key = "000102030405060708090A0B0C0D0E0F101112131415161718191a1b1c1d1e1f"
 channels_per_peer = 8
 timeout_ms = 250
 max_message_bytes = 65536
+replicas = 2
+heartbeat_ms = 100
+lost_after_ms = 700
+monitor_wait_ms = 9000
 
 # the processor
 [[node]]
@@ -121,6 +125,10 @@ TEST_CASE("a full cluster file parses field by field") {
   CHECK(c.channels_per_peer == 8);
   CHECK(c.timeout == std::chrono::milliseconds(250));
   CHECK(c.max_message_bytes == 65536);
+  CHECK(c.replicas == 2);
+  CHECK(c.heartbeat == std::chrono::milliseconds(100));
+  CHECK(c.lost_after == std::chrono::milliseconds(700));
+  CHECK(c.monitor_wait == std::chrono::milliseconds(9000));
   REQUIRE(c.nodes.size() == 4);
 
   const NodeConfig& p = c.nodes[0];
@@ -131,19 +139,19 @@ TEST_CASE("a full cluster file parses field by field") {
   CHECK(p.provider == Provider::kVerbs);
   CHECK(p.progress == Progress::kBlocking);
   CHECK(p.server_threads == 2);
-  CHECK(p.line == 8);
+  CHECK(p.line == 12);
 
   const NodeConfig& m = c.nodes[1];
   CHECK(m.id == 7);
   CHECK(m.role == Role::kMemory);
   CHECK(m.progress == Progress::kPolling);
   CHECK(m.server_threads == 1);
-  CHECK(m.line == 17);
+  CHECK(m.line == 21);
 
   CHECK(c.nodes[2].id == 65535);
   CHECK(c.nodes[2].role == Role::kStorage);
   CHECK(c.nodes[2].server_threads == 64);
-  CHECK(c.nodes[2].line == 24);
+  CHECK(c.nodes[2].line == 28);
   CHECK(c.nodes[3].id == 0);
   CHECK(c.nodes[3].port == 1);
 }
@@ -160,6 +168,11 @@ address = "lego-shm"
   CHECK(result->channels_per_peer == defaults.channels_per_peer);
   CHECK(result->timeout == std::chrono::milliseconds(5000));
   CHECK(result->max_message_bytes == 136 * 1024);
+  CHECK(result->replicas == 1);
+  CHECK(result->heartbeat == std::chrono::milliseconds(500));
+  CHECK(result->lost_after == std::chrono::milliseconds(3000));
+  CHECK(result->monitor_wait == std::chrono::milliseconds(30000));
+  CHECK(result->replicas == defaults.replicas);
   REQUIRE(result->nodes.size() == 1);
   const NodeConfig& n = result->nodes[0];
   CHECK(n.role == Role::kMonitor);
@@ -310,6 +323,23 @@ port = 70000
         "cluster.toml:3: cluster.max_message_bytes: 4095 is out of range 4096..16777216");
   CHECK(cluster_field("max_message_bytes = 16777217") ==
         "cluster.toml:3: cluster.max_message_bytes: 16777217 is out of range 4096..16777216");
+  CHECK(cluster_field("replicas = 0") ==
+        "cluster.toml:3: cluster.replicas: 0 is out of range 1..4");
+  CHECK(cluster_field("replicas = 5") ==
+        "cluster.toml:3: cluster.replicas: 5 is out of range 1..4");
+  CHECK(cluster_field("heartbeat_ms = 9") ==
+        "cluster.toml:3: cluster.heartbeat_ms: 9 is out of range 10..600000");
+  CHECK(cluster_field("lost_after_ms = 19") ==
+        "cluster.toml:3: cluster.lost_after_ms: 19 is out of range 20..3600000");
+  CHECK(cluster_field("monitor_wait_ms = -1") ==
+        "cluster.toml:3: cluster.monitor_wait_ms: -1 is out of range 0..86400000");
+  // A node would be lost between two heartbeats.
+  CHECK(cluster_field("lost_after_ms = 400") ==
+        "cluster.toml:3: cluster.lost_after_ms: lost_after_ms (400) must be longer than "
+        "heartbeat_ms (500): a node would be lost between two heartbeats");
+  CHECK(cluster_field("heartbeat_ms = 3000") ==
+        "cluster.toml:3: cluster.heartbeat_ms: lost_after_ms (3000) must be longer than "
+        "heartbeat_ms (3000): a node would be lost between two heartbeats");
 }
 
 TEST_CASE("unknown keys are errors") {
@@ -422,6 +452,13 @@ TEST_CASE("nodes must be consistent with each other") {
                           "address = \"10.0.0.2\"\nport = 18601\n"))
               .is_ok());
   }
+  SECTION("at most one monitor, naming both") {
+    CHECK(
+        error_of(with_node("[[node]]\nid = 2\nrole = \"monitor\"\naddress = \"b\"\nport = 1\n"
+                           "[[node]]\nid = 3\nrole = \"monitor\"\naddress = \"c\"\nport = 1\n")) ==
+        "cluster.toml:15: node.role: node 3 is a second monitor (node 2 (line 8) is one); a "
+        "cluster has at most one");
+  }
   SECTION("shm nodes may share an address label") {
     CHECK(parse(with_cluster("[[node]]\nid = 1\nrole = \"processor\"\naddress = \"h\"\n"
                              "provider = \"shm\"\n[[node]]\nid = 2\nrole = \"memory\"\n"
@@ -465,6 +502,10 @@ void check_same(const ClusterConfig& a, const ClusterConfig& b) {
   CHECK(a.channels_per_peer == b.channels_per_peer);
   CHECK(a.timeout == b.timeout);
   CHECK(a.max_message_bytes == b.max_message_bytes);
+  CHECK(a.replicas == b.replicas);
+  CHECK(a.heartbeat == b.heartbeat);
+  CHECK(a.lost_after == b.lost_after);
+  CHECK(a.monitor_wait == b.monitor_wait);
   REQUIRE(a.nodes.size() == b.nodes.size());
   for (size_t i = 0; i < a.nodes.size(); i++) {
     CHECK(a.nodes[i].id == b.nodes[i].id);

@@ -3,6 +3,7 @@
 // timeouts, wrong key) and one-sided reads and writes.
 #include <catch2/catch.hpp>
 
+#include <atomic>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -363,4 +364,71 @@ TEST_CASE("an idle polling tcp server does not spin, and answers when asked", "[
   REQUIRE(r.is_ok());
   CHECK(std::string(reinterpret_cast<char*>(out.data()), r.value()) == "again");
   CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(100));
+}
+
+// A node that joined the cluster later (a memory node learned from lego-mond) is reachable
+// once added with add_peer, from any thread; the cluster file's nodes cannot be redirected,
+// and a conflicting id is refused (issue 13).
+TEST_CASE("add_peer makes a node outside the cluster file reachable, and refuses conflicts",
+          "[rpc][add_peer]") {
+  for (const char* provider : {"tcp", "shm"}) {
+    SECTION(provider) {
+      // The file that the newcomer (node 3) and the server know; the client's lacks node 3.
+      ClusterConfig full = make_cluster(3, provider);
+      ClusterConfig partial = full;
+      partial.nodes.pop_back();
+      const NodeConfig newcomer_at = full.nodes[2];
+      auto newcomer = Node::create(full, 3);
+      REQUIRE(newcomer.is_ok());
+      install_handlers(*newcomer.value());
+      REQUIRE(newcomer.value()->start().is_ok());
+      auto client = Node::create(partial, 1);
+      REQUIRE(client.is_ok());
+      Node& c = *client.value();
+      std::vector<std::byte> reply(16);
+      auto before = c.send_reply(3, kEcho, as_bytes(std::string("hi")), reply);
+      CHECK(before.status().code() == EHOSTUNREACH);
+      CHECK_FALSE(c.peer(3).has_value());
+
+      // Added from several threads at once: all succeed, one peer results.
+      std::vector<std::thread> threads;
+      std::atomic<int> ok{0};
+      for (int i = 0; i < 4; i++) {
+        threads.emplace_back([&] { ok += c.add_peer(newcomer_at).is_ok(); });
+      }
+      for (auto& t : threads) t.join();
+      CHECK(ok == 4);
+      REQUIRE(c.peer(3).has_value());
+      CHECK(c.peer(3)->address == newcomer_at.address);
+      auto after = c.send_reply(3, kEcho, as_bytes(std::string("hi")), reply);
+      INFO(after.status().message());
+      REQUIRE(after.is_ok());
+      CHECK(after.value() == 2);
+
+      // Conflicts: another port for a learned node, another for a node of the file, this
+      // node's own id; a provider the cluster does not speak; no address.
+      NodeConfig moved = newcomer_at;
+      moved.port = static_cast<uint16_t>(moved.port + 100);
+      moved.address += "x";
+      Status st = c.add_peer(moved);
+      CHECK(st.code() == EEXIST);
+      CHECK_THAT(st.message(), Catch::Contains("node 3 is known at"));
+      NodeConfig file_node = partial.nodes[1];
+      file_node.address = "10.9.9.9";
+      CHECK(c.add_peer(file_node).code() == EEXIST);
+      CHECK(c.add_peer(partial.nodes[1]).is_ok());  // as in the file: fine
+      NodeConfig self = partial.nodes[0];
+      CHECK(c.add_peer(self).code() == EEXIST);
+      NodeConfig other = newcomer_at;
+      other.id = 9;
+      other.provider = std::string(provider) == "tcp" ? Provider::kShm : Provider::kTcp;
+      other.port = 1;
+      CHECK(c.add_peer(other).code() == EINVAL);
+      other.provider = newcomer_at.provider;
+      other.address.clear();
+      CHECK(c.add_peer(other).code() == EINVAL);
+      // The learned node still answers where it was.
+      REQUIRE(c.send_reply(3, kEcho, as_bytes(std::string("hi")), reply).is_ok());
+    }
+  }
 }

@@ -57,12 +57,17 @@ struct Process {
     REQUIRE(res.is_ok());
     OpenReply out;
     memcpy(&out, rep.data(), sizeof(out));
+    // The tests' lines are in vRegion 0 of a region at 0.
+    PlaceRequest place{out.handle, 0, 0, 0, 0};
+    std::vector<std::byte> placed(sizeof(PlaceReply));
+    REQUIRE(call(kPlace, place, placed).is_ok());
     return out.handle;
   }
   Status write(const SpaceHandle& h, uint64_t addr, const std::vector<std::byte>& line) {
     WriteBackRequest r{};
     r.handle = h;
     r.count = 1;
+    r.version = 1;
     std::vector<std::byte> tail(sizeof(addr) + kLineBytes), rep(8);
     memcpy(tail.data(), &addr, sizeof(addr));
     memcpy(tail.data() + sizeof(addr), line.data(), kLineBytes);

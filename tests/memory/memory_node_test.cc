@@ -1,6 +1,8 @@
-// The memory node's protocol over real FIT connections: lines round trip, never-written
-// lines read as zeros, one process cannot touch another's space, capacity gives ENOMEM
-// and the node keeps serving, malformed requests are refused, idle spaces expire.
+// The memory node's protocol (v3) over real FIT connections: lines round trip, never-written
+// lines read as zeros, one process cannot touch another's space, capacity is promised in
+// vRegions (ENOMEM, and the node keeps serving), lines only in placed vRegions, malformed
+// requests are refused, idle spaces expire, fork copies lines, versions and placements,
+// kUsage and kListSpaces report what is held. The copy rules are in copy_test.cc.
 #include <catch2/catch.hpp>
 
 #include <cstring>
@@ -37,10 +39,15 @@ struct Rig {
     return client->send_reply(2, op, req, rep);
   }
 
-  SpaceHandle open() {
+  ~Rig() { memory->stop(); }  // the copy worker calls through `server`: stopped first
+
+  // Opens a space and (unless told not to) places vRegion 0 of a region at 0, where the
+  // tests' lines are.
+  SpaceHandle open(bool place_first = true) {
     OpenRequest r{};
     r.version = kProtoVersion;
     r.pid = 42;
+    r.process_key = 0x1234;
     strcpy(r.program, "test");
     std::vector<std::byte> req(sizeof(r)), rep(sizeof(OpenReply));
     memcpy(req.data(), &r, sizeof(r));
@@ -49,14 +56,40 @@ struct Rig {
     OpenReply out;
     memcpy(&out, rep.data(), sizeof(out));
     REQUIRE(out.line_bytes == kLineBytes);
+    if (place_first) REQUIRE(place(out.handle, 0).is_ok());
     return out.handle;
   }
 
+  Status place(const SpaceHandle& h, uint64_t vregion, uint32_t flags = 0, uint64_t base = 0,
+               uint16_t op = kPlace) {
+    PlaceRequest r{h, vregion, base, flags, 0};
+    std::vector<std::byte> req(sizeof(r)), rep(sizeof(PlaceReply));
+    memcpy(req.data(), &r, sizeof(r));
+    auto res = call(op, req, rep);
+    if (!res) return res.status();
+    if (op == kUnplace) return Status();
+    REQUIRE(res.value() == sizeof(PlaceReply));
+    PlaceReply out;
+    memcpy(&out, rep.data(), sizeof(out));
+    if (out.error != 0) return Status(out.error, "placement refused");
+    return Status();
+  }
+
+  Status release(const SpaceHandle& h, uint64_t addr, uint64_t length, uint64_t version) {
+    ReleaseRequest rel{h, addr, length, version};
+    std::vector<std::byte> req(sizeof(rel)), rep(8);
+    memcpy(req.data(), &rel, sizeof(rel));
+    return call(kRelease, req, rep).status();
+  }
+
+  uint64_t next_version = 1;
+
   Result<size_t> write(const SpaceHandle& h, const std::vector<uint64_t>& addrs,
-                       const std::vector<std::vector<std::byte>>& lines) {
+                       const std::vector<std::vector<std::byte>>& lines, uint64_t version = 0) {
     WriteBackRequest r{};
     r.handle = h;
     r.count = static_cast<uint32_t>(addrs.size());
+    r.version = version != 0 ? version : next_version++;
     std::vector<std::byte> req(sizeof(r) + addrs.size() * (8 + kLineBytes));
     memcpy(req.data(), &r, sizeof(r));
     memcpy(req.data() + sizeof(r), addrs.data(), addrs.size() * 8);
@@ -150,29 +183,69 @@ TEST_CASE("one process cannot read or write another's space", "[memd][isolation]
   CHECK(theirs.value()[0] == std::vector<std::byte>(kLineBytes));
 }
 
-TEST_CASE("a full memory node answers ENOMEM and keeps serving", "[memd][capacity]") {
+TEST_CASE("lines are stored only in placed vRegions; unplacing drops them", "[memd][place]") {
+  Rig rig;
+  SpaceHandle h = rig.open(/*place_first=*/false);
+  // Nothing placed: a write-back is refused and stores nothing.
+  auto refused = rig.write(h, {0x1000}, {pattern(1)});
+  REQUIRE(refused.status().code() == EINVAL);
+  CHECK_THAT(refused.status().message(), Catch::Contains("kPlace first"));
+  REQUIRE(rig.place(h, 1).is_ok());
+  REQUIRE(rig.place(h, 1).is_ok());  // again: a no-op (a retried call)
+  CHECK(rig.memory->stats().bytes_reserved == kVRegionBytes);
+  const uint64_t in1 = kVRegionBytes + 0x3000;
+  // A batch with one line outside the placed vRegions stores none of them.
+  REQUIRE(rig.write(h, {in1, 0x1000}, {pattern(2), pattern(3)}).status().code() == EINVAL);
+  CHECK(rig.memory->stats().lines_stored == 0);
+  REQUIRE(rig.write(h, {in1}, {pattern(2)}).is_ok());
+  CHECK(rig.memory->stats().lines_stored == 1);
+  // Another region base for the same space is refused.
+  CHECK(rig.place(h, 2, 0, 64 * kVRegionBytes).code() == EINVAL);
+  // An unaligned base, an index past the end.
+  CHECK(rig.place(h, 2, 0, 4096).code() == EINVAL);
+  CHECK(rig.place(h, kMaxVRegions).code() == EINVAL);
+  REQUIRE(rig.place(h, 1, 0, 0, kUnplace).is_ok());
+  CHECK(rig.memory->stats().lines_stored == 0);
+  CHECK(rig.memory->stats().bytes_reserved == 0);
+  CHECK(rig.write(h, {in1}, {pattern(2)}).status().code() == EINVAL);
+  REQUIRE(rig.place(h, 1, 0, 0, kUnplace).is_ok());  // again: a no-op
+}
+
+TEST_CASE("a full memory node answers ENOMEM for a vRegion more and keeps serving",
+          "[memd][capacity]") {
   MemoryNodeOptions o;
-  o.capacity_bytes = 4 * kLineBytes;
+  o.capacity_bytes = 2 * kVRegionBytes + kVRegionBytes / 2;  // room for two vRegions
   Rig rig(o);
-  SpaceHandle h = rig.open();
-  REQUIRE(
-      rig.write(h, {0x0, 0x1000, 0x2000, 0x3000}, {pattern(1), pattern(2), pattern(3), pattern(4)})
-          .is_ok());
-  auto full = rig.write(h, {0x4000}, {pattern(5)});
-  REQUIRE(full.status().code() == ENOMEM);
-  CHECK_THAT(full.status().message(), Catch::Contains("full"));
-  // Overwriting an existing line needs no new space; releasing frees some.
-  REQUIRE(rig.write(h, {0x0}, {pattern(9)}).is_ok());
-  ReleaseRequest rel{h, 0x1000, 0x2000};
-  std::vector<std::byte> req(sizeof(rel)), rep(8);
-  memcpy(req.data(), &rel, sizeof(rel));
-  REQUIRE(rig.call(kRelease, req, rep).is_ok());
-  REQUIRE(rig.write(h, {0x4000}, {pattern(5)}).is_ok());
-  auto got = rig.fetch(h, {0x0, 0x1000, 0x4000});
-  REQUIRE(got.is_ok());
-  CHECK(got.value()[0] == pattern(9));
-  CHECK(got.value()[1] == std::vector<std::byte>(kLineBytes));
-  CHECK(got.value()[2] == pattern(5));
+  SpaceHandle a = rig.open(false);
+  SpaceHandle b = rig.open(false);
+  REQUIRE(rig.place(a, 0).is_ok());
+  REQUIRE(rig.place(b, 7).is_ok());
+  Status full = rig.place(a, 1);
+  REQUIRE(full.code() == ENOMEM);
+  CHECK(rig.memory->stats().refused == 1);
+  // Every line of a placed vRegion fits: the promise holds.
+  std::vector<uint64_t> addrs;
+  std::vector<std::vector<std::byte>> lines;
+  for (uint64_t i = 0; i < kMaxBatch; i++) {
+    addrs.push_back(i * kLineBytes);
+    lines.push_back(pattern(static_cast<uint8_t>(i)));
+  }
+  for (uint64_t k = 0; k < kLinesPerVRegion / kMaxBatch; k++) {
+    for (uint64_t i = 0; i < kMaxBatch; i++) addrs[i] = (k * kMaxBatch + i) * kLineBytes;
+    REQUIRE(rig.write(a, addrs, lines).is_ok());
+  }
+  CHECK(rig.memory->stats().lines_stored == kLinesPerVRegion);
+  // Unplacing gives the room back.
+  REQUIRE(rig.place(b, 7, 0, 0, kUnplace).is_ok());
+  REQUIRE(rig.place(a, 1).is_ok());
+  // Closing a space returns its promise.
+  SpaceRequest close{a};
+  std::vector<std::byte> req(sizeof(close)), rep(8);
+  memcpy(req.data(), &close, sizeof(close));
+  REQUIRE(rig.call(kClose, req, rep).is_ok());
+  CHECK(rig.memory->stats().bytes_reserved == 0);
+  CHECK(rig.memory->stats().lines_stored == 0);
+  CHECK(rig.fetch(b, {0x0}).is_ok());
 }
 
 TEST_CASE("malformed requests are refused with an errno", "[memd][hostile]") {
@@ -207,13 +280,35 @@ TEST_CASE("malformed requests are refused with an errno", "[memd][hostile]") {
     CHECK(rig.write(h, {0x1001}, {pattern(1)}).status().code() == EINVAL);
   }
   SECTION("write-back shorter than its count says") {
-    WriteBackRequest r{h, 2, 0};
+    WriteBackRequest r{h, 2, 0, 1, 0};
     std::vector<std::byte> req(sizeof(r) + 16 + kLineBytes);
     memcpy(req.data(), &r, sizeof(r));
     CHECK(rig.call(kWriteBack, req, rep).status().code() == EPROTO);
   }
+  SECTION("write-back with version 0, unknown flags, or a copy flag alone") {
+    CHECK(rig.write(h, {0x1000}, {pattern(1)}, 0).is_ok());  // the rig numbers it
+    WriteBackRequest r{h, 1, 0, 0, 0};
+    std::vector<std::byte> req(write_back_request_bytes(1, 0));
+    memcpy(req.data(), &r, sizeof(r));
+    CHECK(rig.call(kWriteBack, req, rep).status().code() == EPROTO);
+    r = {h, 1, 8, 1, 0};
+    memcpy(req.data(), &r, sizeof(r));
+    CHECK(rig.call(kWriteBack, req, rep).status().code() == EPROTO);
+    r = {h, 0, kWriteBackCopyLast, 1, 0};
+    std::vector<std::byte> empty(sizeof(r));
+    memcpy(empty.data(), &r, sizeof(r));
+    CHECK(rig.call(kWriteBack, empty, rep).status().code() == EPROTO);
+  }
+  SECTION("malformed place, copy, copy status, list") {
+    std::vector<std::byte> req(5);
+    CHECK(rig.call(kPlace, req, rep).status().code() == EPROTO);
+    CHECK(rig.call(kCopyRange, req, rep).status().code() == EPROTO);
+    CHECK(rig.call(kCopyStatus, req, rep).status().code() == EPROTO);
+    CHECK(rig.call(kListSpaces, req, rep).status().code() == EPROTO);
+    CHECK(rig.place(h, 3, 0x80).code() == EPROTO);  // unknown flag
+  }
   SECTION("release that wraps around") {
-    ReleaseRequest rel{h, ~uint64_t{0} & ~uint64_t{4095}, 0x2000};
+    ReleaseRequest rel{h, ~uint64_t{0} & ~uint64_t{4095}, 0x2000, 1};
     std::vector<std::byte> req(sizeof(rel));
     memcpy(req.data(), &rel, sizeof(rel));
     CHECK(rig.call(kRelease, req, rep).status().code() == EINVAL);
@@ -243,37 +338,9 @@ TEST_CASE("an idle space expires and a heartbeat keeps it", "[memd][lease]") {
   CHECK(rig.memory->stats().lines_stored == 0);
 }
 
-TEST_CASE("reservations are bounded by capacity and freed with the space", "[memd][capacity]") {
-  MemoryNodeOptions o;
-  o.capacity_bytes = 1 << 20;
-  Rig rig(o);
-  SpaceHandle a = rig.open();
-  SpaceHandle b = rig.open();
-  auto reserve = [&](const SpaceHandle& h, int64_t delta) {
-    ReserveRequest r{h, delta};
-    std::vector<std::byte> req(sizeof(r)), rep(8);
-    memcpy(req.data(), &r, sizeof(r));
-    return rig.call(kReserve, req, rep).status();
-  };
-  REQUIRE(reserve(a, 768 << 10).is_ok());
-  Status full = reserve(b, 512 << 10);
-  REQUIRE(full.code() == ENOMEM);
-  CHECK_THAT(full.message(), Catch::Contains("full"));
-  REQUIRE(reserve(b, 256 << 10).is_ok());
-  CHECK(rig.memory->stats().bytes_reserved == 1 << 20);
-  REQUIRE(reserve(a, -(512 << 10)).is_ok());
-  REQUIRE(reserve(b, 512 << 10).is_ok());
-  // Closing a space returns its promise.
-  SpaceRequest close{b};
-  std::vector<std::byte> req(sizeof(close)), rep(8);
-  memcpy(req.data(), &close, sizeof(close));
-  REQUIRE(rig.call(kClose, req, rep).is_ok());
-  CHECK(rig.memory->stats().bytes_reserved == 256 << 10);
-}
-
 TEST_CASE("fork copies a space; the copy and the original then diverge", "[memd][fork]") {
   MemoryNodeOptions opt;
-  opt.capacity_bytes = 64 * kLineBytes;
+  opt.capacity_bytes = 3 * kVRegionBytes;
   Rig rig(opt);
   SpaceHandle parent = rig.open();
   REQUIRE(rig.write(parent, {0x1000, 0x2000}, {pattern(1), pattern(2)}).is_ok());
@@ -312,11 +379,105 @@ TEST_CASE("fork copies a space; the copy and the original then diverge", "[memd]
   forged.secret[0] ^= 1;
   CHECK(fork(forged).status().code() == EACCES);
 
+  // The child has the parent's placements: it may write in vRegion 0, not elsewhere.
+  CHECK(rig.write(child.value(), {kVRegionBytes}, {pattern(3)}).status().code() == EINVAL);
+  CHECK(rig.memory->stats().bytes_reserved == 2 * kVRegionBytes);
+
   // The copy needs the parent's promise again: a node that cannot give it says ENOMEM.
-  ReserveRequest rr{parent, int64_t{40} * kLineBytes};
-  std::vector<std::byte> req(sizeof(rr)), rep(8);
-  memcpy(req.data(), &rr, sizeof(rr));
-  REQUIRE(rig.call(kReserve, req, rep).is_ok());
+  REQUIRE(rig.place(parent, 1).is_ok());
   CHECK(fork(parent).status().code() == ENOMEM);
   CHECK(rig.memory->stats().spaces_open == 2);
+}
+
+namespace {
+
+Result<UsageReply> usage(Rig& rig) {
+  std::vector<std::byte> req, rep(sizeof(UsageReply));
+  auto r = rig.call(kUsage, req, rep);
+  if (!r) return r.status();
+  REQUIRE(r.value() == sizeof(UsageReply));
+  UsageReply u;
+  memcpy(&u, rep.data(), sizeof(u));
+  return u;
+}
+
+struct Listed {
+  SpaceEntry entry;
+  std::vector<uint64_t> full, copying;
+};
+
+// Every space, read with kListSpaces in pages of a reply buffer of `rep_bytes`.
+std::vector<Listed> list_all(Rig& rig, size_t rep_bytes, int* pages) {
+  std::vector<Listed> out;
+  uint64_t cursor = 0;
+  *pages = 0;
+  do {
+    ListSpacesRequest r{cursor, static_cast<uint32_t>(rep_bytes), 0};
+    std::vector<std::byte> req(sizeof(r)), rep(rep_bytes);
+    memcpy(req.data(), &r, sizeof(r));
+    auto res = rig.call(kListSpaces, req, rep);
+    REQUIRE(res.is_ok());
+    (*pages)++;
+    ListSpacesReply head;
+    memcpy(&head, rep.data(), sizeof(head));
+    size_t off = sizeof(head);
+    for (uint32_t i = 0; i < head.count; i++) {
+      Listed l;
+      memcpy(&l.entry, rep.data() + off, sizeof(l.entry));
+      off += sizeof(l.entry);
+      l.full.resize(l.entry.vregion_count);
+      if (!l.full.empty()) memcpy(l.full.data(), rep.data() + off, l.full.size() * 8);
+      off += l.full.size() * 8;
+      l.copying.resize(l.entry.copying_count);
+      if (!l.copying.empty()) memcpy(l.copying.data(), rep.data() + off, l.copying.size() * 8);
+      off += l.copying.size() * 8;
+      out.push_back(l);
+    }
+    REQUIRE(off == res.value());
+    cursor = head.next_cursor;
+  } while (cursor != 0);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("kUsage and kListSpaces report what the node holds, paged", "[memd][report]") {
+  Rig rig;
+  auto u0 = usage(rig);
+  REQUIRE(u0.is_ok());
+  CHECK(u0.value().capacity_bytes == MemoryNodeOptions{}.capacity_bytes);
+  CHECK(u0.value().reserved_bytes == 0);
+  CHECK(u0.value().incarnation == rig.memory->incarnation());
+  CHECK(u0.value().incarnation != 0);
+  std::vector<SpaceHandle> spaces;
+  for (int i = 0; i < 5; i++) spaces.push_back(rig.open());
+  REQUIRE(rig.place(spaces[2], 9).is_ok());
+  REQUIRE(rig.place(spaces[2], 4, kPlaceIncomingCopy).is_ok());
+  REQUIRE(rig.write(spaces[2], {0x1000, 0x2000}, {pattern(1), pattern(2)}).is_ok());
+  auto u1 = usage(rig);
+  REQUIRE(u1.is_ok());
+  CHECK(u1.value().reserved_bytes == 7 * kVRegionBytes);
+  CHECK(u1.value().stored_bytes == 2 * kLineBytes);
+  CHECK(u1.value().generation != u0.value().generation);
+  // A reply with room for two entries at a time: three pages, each space once, in order.
+  int pages = 0;
+  auto all = list_all(rig, sizeof(ListSpacesReply) + 2 * (sizeof(SpaceEntry) + 16), &pages);
+  CHECK(pages == 3);
+  REQUIRE(all.size() == 5);
+  for (size_t i = 0; i < all.size(); i++) {
+    CHECK(all[i].entry.space_id == spaces[i].id);
+    CHECK(all[i].entry.process_key == 0x1234);
+    CHECK(all[i].entry.pid == 42);
+    CHECK(std::string(all[i].entry.program) == "test");
+    CHECK(all[i].entry.owner_node == 1);
+  }
+  CHECK(all[2].full == std::vector<uint64_t>{0, 9});
+  CHECK(all[2].copying == std::vector<uint64_t>{4});
+  CHECK(all[2].entry.lines_stored == 2);
+  CHECK(all[0].full == std::vector<uint64_t>{0});
+  // A reply too small for one entry.
+  ListSpacesRequest r{0, sizeof(ListSpacesReply) + 8, 0};
+  std::vector<std::byte> req(sizeof(r)), rep(sizeof(ListSpacesReply) + 8);
+  memcpy(req.data(), &r, sizeof(r));
+  CHECK(rig.call(kListSpaces, req, rep).status().code() == EMSGSIZE);
 }

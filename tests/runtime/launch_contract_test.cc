@@ -150,9 +150,9 @@ TEST_CASE("process_gone: a zombie leader whose other thread still runs is alive"
 
 // The LEGO_* variables as the runtime finds them, cleared after each case.
 void clear_environment() {
-  for (const char* v :
-       {"LEGO_CONFIG", "LEGO_NODE", "LEGO_MEMORY_NODE", "LEGO_EXCACHE", "LEGO_REGION",
-        "LEGO_POLICY", "LEGO_PREFETCH", "LEGO_DELIVERY", "LEGO_PCACHE", "LEGO_RUN_DIR"}) {
+  for (const char* v : {"LEGO_CONFIG", "LEGO_NODE", "LEGO_MEMORY_NODE", "LEGO_REPLICAS",
+                        "LEGO_EXCACHE", "LEGO_REGION", "LEGO_POLICY", "LEGO_PREFETCH",
+                        "LEGO_DELIVERY", "LEGO_PCACHE", "LEGO_RUN_DIR"}) {
     unsetenv(v);
   }
 }
@@ -164,6 +164,7 @@ TEST_CASE("the settings lego-run exports are the ones the runtime reads") {
   out.config = "/etc/lego/cluster.toml";
   out.node = 3;
   out.memory_node = 9;
+  out.replicas = 2;
   out.excache_bytes = 8 << 20;
   out.policy = "clock";
   out.prefetch_lines = 0;
@@ -176,7 +177,7 @@ TEST_CASE("the settings lego-run exports are the ones the runtime reads") {
   auto in = launch::settings_from_environment();
   REQUIRE(in.is_ok());
   const launch::Settings& s = in.value();
-  CHECK((s.config == out.config && s.node == 3 && s.memory_node == 9 &&
+  CHECK((s.config == out.config && s.node == 3 && s.memory_node == 9 && s.replicas == 2 &&
          s.excache_bytes == out.excache_bytes && s.policy == "clock" && s.prefetch_lines == 0 &&
          s.delivery == "sigbus" && s.pcache == "off" && s.run_dir == out.run_dir));
   CHECK(s.region_bytes == launch::kDefaultRegionBytes);
@@ -249,6 +250,14 @@ TEST_CASE("the stats report carries every counter and gauge, and fits one pipe w
   CHECK(r.text("miss_histogram").rfind("0:18446744073709551615,1:", 0) == 0);
   CHECK(r.number("no_such_key") == 0);
   CHECK(launch::format_stats_report(buf, 100, 4242, "python3", s, true) == -1);
+  // The backend's counters follow, by name.
+  const launch::StatsValue extra[] = {{"nodes_lost", 1}, {"failovers", 42}};
+  const int m = launch::format_stats_report(buf, sizeof buf, 7, "sqlite3", s, true, extra, 2);
+  REQUIRE(m > 0);
+  const std::string t2(buf, static_cast<size_t>(m));
+  const launch::StatsReport r2 = launch::parse_stats_report(t2.substr(6, t2.size() - 6 - 4));
+  CHECK(r2.number("nodes_lost") == 1);
+  CHECK(r2.number("failovers") == 42);
   // No misses: the histogram is "-".
   ExCacheStats none;
   REQUIRE(launch::format_stats_report(buf, sizeof buf, 1, "true", none, false) > 0);

@@ -1,4 +1,5 @@
-// Description: the runtime's RemoteBackend against a real MemoryNode (in this process,
+// Description: the runtime's ClusterBackend, on one memory node (N = 1, R = 1), against a
+// real MemoryNode (in this process,
 // over tcp) while libfit's fault injection (libfit/fault_injection.h) loses, delays,
 // duplicates and cuts its frames: fetches and write-backs, sync and async, are retried
 // as lego/retry.h says and every line holds what was last written; a memory node that
@@ -19,7 +20,7 @@
 #include "lego/memory_proto.h"
 #include "lego/retry.h"
 #include "libfit/fault_injection.h"
-#include "runtime/preload/remote_backend.h"
+#include "runtime/preload/cluster_backend.h"
 #include "tests/libfit/cluster_fixture.h"
 #include "tests/runtime/child_report.h"
 
@@ -47,7 +48,7 @@ struct Rig {
   std::unique_ptr<lego::mem::MemoryNode> memory;
   std::unique_ptr<lego::fit::Node> server, client;
   std::shared_ptr<FaultPlan> plan = std::make_shared<FaultPlan>();
-  std::unique_ptr<lego::runtime::RemoteBackend> backend;
+  std::unique_ptr<lego::runtime::ClusterBackend> backend;
 
   // Returns an error rather than REQUIRE: a forked child builds one too.
   lego::Status open() {
@@ -63,10 +64,17 @@ struct Rig {
     if (!c) return c.status();
     client = std::move(c.value());
     lego::testing::inject_faults(*client, plan);
-    auto b = lego::runtime::RemoteBackend::open(client.get(), 2, "fault-test");
+    lego::runtime::ClusterBackendOptions o;
+    o.memory_nodes = {2};
+    o.program = "fault-test";
+    auto b = lego::runtime::ClusterBackend::open(client.get(), o);
     if (!b) return b.status();
     backend = std::move(b.value());
-    return lego::Status();
+    // The tests' lines: the first vRegion (kA, kB) and each ExCache's region (make_cache),
+    // all of user space counted as the region, every vRegion of it in use.
+    LEGO_RETURN_IF_ERROR(backend->set_region(0, uint64_t{1} << 47));
+    backend->set_used_fn([](uint64_t) { return true; });
+    return backend->sync_placement(0, 0);
   }
 };
 
@@ -270,6 +278,15 @@ std::unique_ptr<ExCache> make_cache(LineBackend* backend, void (*on_fatal)(const
   auto c = ExCache::create(o, backend);
   if (!c) {
     fprintf(stderr, "ExCache::create: %s\n", c.status().message().c_str());
+    abort();
+  }
+  // Its lines are written back only to placed vRegions (memory_proto.h).
+  auto* cluster = static_cast<lego::runtime::ClusterBackend*>(backend);
+  const uint64_t base = reinterpret_cast<uint64_t>(c.value()->region_base());
+  const uint64_t vr = lego::mem::kVRegionBytes;
+  lego::Status st = cluster->sync_placement(base / vr, (base + c.value()->region_size() - 1) / vr);
+  if (!st) {
+    fprintf(stderr, "sync_placement: %s\n", st.message().c_str());
     abort();
   }
   return std::move(c.value());

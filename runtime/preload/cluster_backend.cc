@@ -1,0 +1,1542 @@
+// ClusterBackend (runtime/preload/cluster_backend.h).
+//
+// Lock order: none on the miss path (atomics only). The placer and repair threads change
+// vRegion map entries by compare-and-swap; node slots move FREE -> OPENING -> OPEN -> LOST
+// (or CLOSED), each step by one thread, published with release stores.
+//
+// Why a write-back can never be missed by a replica that joins (repair step 2 -> 3): every
+// write-back and release reads the map after entering the current epoch's in-flight count;
+// the repair thread publishes the joining replica, flips the epoch and waits for the old
+// epoch's count to drain before it asks a survivor to copy. So every write-back either saw
+// the joining replica (and was sent to it) or was stored on the survivor before the copy
+// started (and the copy carries it).
+#include "runtime/preload/cluster_backend.h"
+
+#include <linux/futex.h>
+#include <sodium.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <optional>
+
+#include "lego/placement.h"
+#include "lego/retry.h"
+
+namespace lego::runtime {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr size_t kLine = kExCacheLineBytes;
+constexpr int kMaxNodes = 64;
+constexpr uint8_t kNoSlot = 0xff;
+constexpr uint32_t kMaxReplicas = mon::kMaxReplicas;
+// Distinct memory nodes one write-back job sends to at once; more are sent in rounds.
+constexpr int kCallsPerJob = 16;
+constexpr int kJobs = 8;
+constexpr int kFetchJobs = 32;
+constexpr int kPlaceRequests = 64;
+
+// A vRegion map entry, one atomic word: replica i's node slot + 1 in byte i (0: none),
+// bit 32 + i: replica i is JOINING (receives write-backs, is never read), bit 40: placed.
+// An unplaced vRegion's word is 0: the map needs no initialising (pages never touched stay
+// unmapped, however large the region).
+struct Entry {
+  uint8_t slot[kMaxReplicas];
+  uint8_t joining = 0;
+  bool placed = false;
+  static Entry decode(uint64_t w) {
+    Entry e;
+    for (uint32_t i = 0; i < kMaxReplicas; i++) {
+      e.slot[i] = static_cast<uint8_t>(static_cast<uint8_t>(w >> (8 * i)) - 1);  // 0 -> kNoSlot
+    }
+    e.joining = static_cast<uint8_t>((w >> 32) & 0xf);
+    e.placed = (w >> 40) & 1;
+    return e;
+  }
+  uint64_t encode() const {
+    uint64_t w = 0;
+    for (uint32_t i = 0; i < kMaxReplicas; i++) {
+      w |= uint64_t{static_cast<uint8_t>(slot[i] + 1)} << (8 * i);  // kNoSlot -> 0
+    }
+    w |= uint64_t{joining & 0xfu} << 32;
+    if (placed) w |= uint64_t{1} << 40;
+    return w;
+  }
+  static Entry empty() {
+    Entry e;
+    memset(e.slot, kNoSlot, sizeof e.slot);
+    return e;
+  }
+  bool full(uint32_t i) const { return slot[i] != kNoSlot && !(joining & (1u << i)); }
+};
+// An unplaced vRegion's word.
+const uint64_t kEmptyEntry = Entry::empty().encode();
+
+enum SlotState : int { kFree = 0, kOpening, kOpen, kLost, kClosed };
+
+struct NodeSlot {
+  std::atomic<int> state{kFree};
+  fit::NodeId id = 0;
+  mem::SpaceHandle space{};
+  uint32_t lease_ms = 0;
+  std::atomic<int> timeouts{0};
+  std::atomic<int> lost_error{0};
+  bool reported = false;  // repair thread: kReportLost sent
+  // Snapshot spaces on this node (kFork), valid when snap_valid.
+  mem::SpaceHandle snaps[ClusterBackend::kMaxSnapshots] = {};
+  std::atomic<bool> snap_valid[ClusterBackend::kMaxSnapshots] = {};
+};
+
+// One started request of a write-back job.
+struct Call {
+  int slot = -1;
+  fit::Node::PendingCall pending;
+  std::byte* buffer = nullptr;
+  size_t length = 0;
+  bool started = false;
+};
+
+struct WriteJob {
+  std::atomic<bool> busy{false};
+  int epoch = 0;
+  int ncalls = 0;
+  Call calls[kCallsPerJob];
+  uint64_t addrs[mem::kMaxBatch];
+  size_t nlines = 0;
+};
+
+struct FetchJob {
+  std::atomic<bool> busy{false};
+  int slot = -1;
+  uint64_t addrs[LineBackend::kMaxFetchBatch];
+  fit::Node::PendingCall pending;
+};
+
+struct PlaceRequest {
+  std::atomic<uint32_t> state{0};  // 0 free, 1 filling, 2 posted, 3 done
+  uint64_t first = 0, last = 0;
+  int result = 0;
+};
+
+long futex(std::atomic<uint32_t>* word, int op, uint32_t val, const timespec* timeout) {
+  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, val, timeout, nullptr, 0);
+}
+
+void say(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void say(const char* fmt, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  if (n > 0) (void)!write(2, buf, std::min<size_t>(static_cast<size_t>(n), sizeof buf - 1));
+}
+
+void* map_anonymous(size_t bytes) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+
+}  // namespace
+
+struct ClusterBackend::Impl {
+  fit::Node* node = nullptr;
+  ClusterBackendOptions options;
+  ClusterBackend::UsedFn used = nullptr;
+  uint64_t process_key = 0;
+  char loss_message[512] = {};
+
+  NodeSlot slots[kMaxNodes];
+  std::atomic<int> nslots{0};
+
+  uint64_t region_base = 0;
+  uint64_t nvregions = 0;
+  std::atomic<uint64_t>* map = nullptr;  // nvregions words, mmap'd
+  // Snapshot maps: the map as it was at each snapshot (mmap'd at snapshot()).
+  uint64_t* snap_map[kMaxSnapshots] = {};
+  std::atomic<int> snap_state[kMaxSnapshots] = {};  // 0 free, 1 filling, 2 alive
+
+  std::atomic<uint64_t> version{0};
+  // Write-backs and releases in flight, by epoch parity (the file comment).
+  std::atomic<int> epoch{0};
+  std::atomic<int64_t> inflight[2] = {};
+
+  size_t buffer_bytes = 0;
+  WriteJob jobs[kJobs];
+  FetchJob fetch_jobs[kFetchJobs];
+
+  PlaceRequest place_requests[kPlaceRequests];
+  std::atomic<uint32_t> place_wake{0};
+  std::atomic<uint32_t> repair_wake{0};
+  std::atomic<uint32_t> lost_generation{0};
+
+  std::atomic<bool> stop{false};
+  std::thread heartbeat, placer, repairer;
+
+  // Counters: atomics (events are rare next to misses, except failovers).
+#define LEGO_CLUSTER_ATOMIC(name, doc) std::atomic<uint64_t> name{0};
+  LEGO_CLUSTER_COUNTERS(LEGO_CLUSTER_ATOMIC)
+#undef LEGO_CLUSTER_ATOMIC
+
+  ~Impl() {
+    if (map != nullptr) munmap(map, nvregions * sizeof(uint64_t));
+    for (auto* m : snap_map) {
+      if (m != nullptr) munmap(m, nvregions * sizeof(uint64_t));
+    }
+  }
+
+  // --- node slots
+
+  std::string describe(fit::NodeId id) const {
+    const std::optional<fit::NodeConfig> n = node->peer(id);
+    if (!n) return std::to_string(id);
+    return std::to_string(id) + " (" + n->address + ":" + std::to_string(n->port) + ", " +
+           fit::provider_name(n->provider) + ")";
+  }
+  int slot_of(fit::NodeId id) const {
+    const int n = nslots.load(std::memory_order_acquire);
+    for (int i = 0; i < n; i++) {
+      if (slots[i].id == id && slots[i].state.load(std::memory_order_acquire) != kFree) return i;
+    }
+    return -1;
+  }
+  bool live(int s) const {
+    return s >= 0 && s < kMaxNodes && slots[s].state.load(std::memory_order_acquire) == kOpen;
+  }
+
+  // Opens a space on memory node `id` (placer or repair thread, or open()): connects every
+  // channel, kOpen. Returns the slot, or an error naming the node.
+  std::mutex open_mutex;  // one opener at a time (the miss path only reads slots)
+  Result<int> open_node(fit::NodeId id) {
+    std::lock_guard<std::mutex> guard(open_mutex);
+    if (int s = slot_of(id); s >= 0) {
+      if (slots[s].state.load() == kLost) {
+        return Status(EHOSTDOWN, "memory node " + describe(id) + " was lost by this process");
+      }
+      return s;
+    }
+    const int s = nslots.load();
+    if (s >= kMaxNodes) {
+      return Status(ENOSPC, "more than " + std::to_string(kMaxNodes) + " memory nodes");
+    }
+    NodeSlot& n = slots[s];
+    n.id = id;
+    n.state.store(kOpening);
+    nslots.store(s + 1, std::memory_order_release);
+    Status st = node->connect(id);
+    if (!st) {
+      n.state.store(kLost);
+      return st.with_context("connecting to memory node " + describe(id));
+    }
+    mem::OpenRequest req{};
+    req.version = mem::kProtoVersion;
+    req.pid = static_cast<uint32_t>(getpid());
+    req.process_key = process_key;
+    strncpy(req.program, options.program.c_str(), sizeof(req.program) - 1);
+    mem::OpenReply rep{};
+    auto r =
+        node->send_reply(id, mem::kOpen, {reinterpret_cast<const std::byte*>(&req), sizeof(req)},
+                         {reinterpret_cast<std::byte*>(&rep), sizeof(rep)});
+    if (!r || r.value() != sizeof(rep) || rep.line_bytes != kLine) {
+      n.state.store(kLost);
+      if (!r) {
+        return r.status().with_context("opening an address space on memory node " + describe(id));
+      }
+      return Status(EPROTO, "memory node " + describe(id) +
+                                " answered open with an unexpected layout (protocol version " +
+                                std::to_string(rep.version) + ", this runtime speaks " +
+                                std::to_string(mem::kProtoVersion) + ")");
+    }
+    n.space = rep.handle;
+    n.lease_ms = rep.lease_ms;
+    n.state.store(kOpen, std::memory_order_release);
+    memory_nodes_used.fetch_add(1);
+    if (options.observer != nullptr) options.observer(id, rep.handle, true);
+    return s;
+  }
+
+  // Marks slot s lost (once) and wakes the repair thread. Async-signal-safe.
+  void mark_lost(int s, int error) {
+    int expected = kOpen;
+    if (!slots[s].state.compare_exchange_strong(expected, kLost)) return;
+    slots[s].lost_error.store(error);
+    nodes_lost.fetch_add(1);
+    lost_generation.fetch_add(1);
+    repair_wake.fetch_add(1);
+    futex(&repair_wake, FUTEX_WAKE_PRIVATE, 1, nullptr);
+  }
+
+  // After a call to slot s failed with st: whether to send it again to the same node.
+  // Marks the node lost where the design says so (cluster_backend.h). `others`: another
+  // replica could serve instead. `caller_retries`: the ExCache sends the call again itself
+  // (a fetch, a synchronous write-back); not so for the end of an asynchronous write-back,
+  // which it cannot repeat: that is resent here, kAttempts tries in all, as lego/retry.h says.
+  bool again(int s, const Status& st, int attempt, bool others, bool caller_retries = true) {
+    const int code = st.code();
+    switch (classify(code)) {
+      case ErrorClass::kPeerGone:
+        mark_lost(s, code);
+        return false;
+      case ErrorClass::kRefused:
+        // EACCES: the node no longer knows our space (it restarted empty).
+        if (code == EACCES) mark_lost(s, code);
+        return false;
+      case ErrorClass::kRetry:
+        if (!others) {
+          // Alone, the node is waited for as before the cluster: the ExCache's retries, or
+          // ours for what it cannot repeat. A reset is tried once more at once (libfit
+          // reconnects; a dead lego-memd then refuses: "peer gone").
+          if (!caller_retries) return attempt < kAttempts;
+          return code != ETIMEDOUT && attempt < 2;
+        }
+        if (code == ETIMEDOUT) {
+          // With another copy, kAttempts timeouts in a row make the node lost.
+          if (slots[s].timeouts.fetch_add(1) + 1 >= kAttempts) {
+            mark_lost(s, code);
+            return false;
+          }
+          return attempt < kAttempts;
+        }
+        // A reset connection failing again: the node is gone.
+        if (attempt >= 2) {
+          mark_lost(s, code);
+          return false;
+        }
+        return true;
+      default:
+        return false;
+    }
+  }
+  void call_ok(int s) {
+    if (slots[s].timeouts.load(std::memory_order_relaxed) != 0) slots[s].timeouts.store(0);
+  }
+
+  // Whether the process keeps more than one copy: then a node that fails is given up
+  // sooner, since another serves meanwhile.
+  bool replicated() const {
+    return options.replicas > 1;
+  }
+
+  // --- the map
+
+  uint64_t vregion_of(uint64_t addr) const {
+    return (addr - region_base) / mem::kVRegionBytes;
+  }
+  bool in_region(uint64_t addr) const {
+    return addr >= region_base && addr - region_base < nvregions * mem::kVRegionBytes;
+  }
+  Entry entry(uint64_t v) const {
+    return Entry::decode(map[v].load(std::memory_order_acquire));
+  }
+
+  // "2 (10.1.2.3:18602, tcp)" into buf, from the cluster file (a learned peer's lookup
+  // would allocate). Async-signal-safe.
+  void node_text(fit::NodeId id, char* buf, size_t cap) const {
+    const fit::NodeConfig* n = node->config().find(id);
+    if (n != nullptr) {
+      snprintf(buf, cap, "%u (%s:%u, %s)", id, n->address.c_str(), n->port,
+               fit::provider_name(n->provider));
+    } else {
+      snprintf(buf, cap, "%u", id);
+    }
+  }
+
+  // A call to slot s failed with `code` and is given back to the ExCache (which retries
+  // what may pass, and otherwise ends the process): loss_message names the node, should
+  // the process end of it.
+  void note_failure(int s, int code) {
+    char text[160];
+    node_text(slots[s].id, text, sizeof text);
+    snprintf(loss_message, sizeof loss_message, "memory node %s failed: %s", text,
+             strerrorname_np(code) != nullptr ? strerrorname_np(code) : "error");
+  }
+
+  // Records that vRegion v (with entry e) has no full copy left; returns EHOSTDOWN.
+  Status lost_vregion(uint64_t v, const Entry& e) {
+    int s = -1;
+    for (uint32_t i = 0; i < kMaxReplicas; i++) {
+      if (e.slot[i] != kNoSlot) s = e.slot[i];
+    }
+    const fit::NodeId id = s >= 0 ? slots[s].id : 0;
+    const int err = s >= 0 ? slots[s].lost_error.load() : 0;
+    char text[160];
+    node_text(id, text, sizeof text);
+    snprintf(loss_message, sizeof loss_message,
+             "memory node %s: vRegion %lu (%#lx) had its last copy there (%s)", text,
+             static_cast<unsigned long>(v),
+             static_cast<unsigned long>(region_base + v * mem::kVRegionBytes),
+             err != 0 ? strerrorname_np(err) : "lost");
+    return Status(EHOSTDOWN, loss_message);
+  }
+
+  // --- fetch
+
+  static size_t fetch_request(const mem::SpaceHandle& h, std::span<const uint64_t> addrs,
+                              std::byte* buf) {
+    mem::FetchRequest r{h, static_cast<uint32_t>(addrs.size()), 0};
+    memcpy(buf, &r, sizeof r);
+    memcpy(buf + sizeof r, addrs.data(), addrs.size() * sizeof(uint64_t));
+    return sizeof r + addrs.size() * sizeof(uint64_t);
+  }
+  static std::span<std::byte> reply_span(size_t n, std::byte* out) {
+    const size_t head = mem::fetch_reply_head_bytes(static_cast<uint32_t>(n));
+    return {out - head, head + n * kLine};
+  }
+  Status unpack(size_t len, size_t n, std::byte* out, int s) const {
+    if (n == 1) {
+      if (len == 0) {
+        memset(out, 0, kLine);
+      } else if (len != kLine) {
+        return Status(EPROTO, "fetch reply of " + std::to_string(len) +
+                                  " bytes for one line from memory node " + describe(slots[s].id));
+      }
+      return Status();
+    }
+    mem::FetchReply head;
+    memcpy(&head, out - sizeof head, sizeof head);
+    const size_t stored = static_cast<size_t>(__builtin_popcountll(head.stored_mask));
+    if (len != sizeof head + stored * kLine || (n < 64 && (head.stored_mask >> n) != 0)) {
+      return Status(EPROTO, "malformed fetch reply from memory node " + describe(slots[s].id));
+    }
+    if (stored == n) return Status();
+    size_t from = stored;
+    for (size_t i = n; i-- > 0;) {
+      std::byte* slot = out + i * kLine;
+      if (head.stored_mask & (uint64_t{1} << i)) {
+        --from;
+        if (from != i) memmove(slot, out + from * kLine, kLine);
+      } else {
+        memset(slot, 0, kLine);
+      }
+    }
+    return Status();
+  }
+
+  // Fetches lines (all in vRegion v, whose entry is `map_word`) from the first full live
+  // replica, failing over; `snap` >= 0 reads that snapshot's spaces.
+  Status fetch_run(uint64_t map_word, std::span<const uint64_t> addrs, std::byte* out, int snap) {
+    const Entry e = Entry::decode(map_word);
+    if (!e.placed) {
+      memset(out, 0, addrs.size() * kLine);  // never placed: never written
+      return Status();
+    }
+    alignas(8) std::byte req[sizeof(mem::FetchRequest) + kMaxFetchBatch * sizeof(uint64_t)];
+    bool failed_over = false;
+    Status last;
+    for (uint32_t i = 0; i < kMaxReplicas; i++) {
+      if (!e.full(i)) continue;
+      const int s = e.slot[i];
+      if (!live(s)) {
+        failed_over = true;
+        continue;
+      }
+      const mem::SpaceHandle* h = &slots[s].space;
+      if (snap >= 0) {
+        if (!slots[s].snap_valid[snap].load(std::memory_order_acquire)) continue;
+        h = &slots[s].snaps[snap];
+      }
+      const size_t len = fetch_request(*h, addrs, req);
+      bool others = false;
+      for (uint32_t j = i + 1; j < kMaxReplicas; j++) others |= e.full(j) && live(e.slot[j]);
+      for (int attempt = 1;; attempt++) {
+        auto r =
+            node->send_reply(slots[s].id, mem::kFetch, {req, len}, reply_span(addrs.size(), out));
+        if (r) {
+          call_ok(s);
+          if (failed_over) failovers.fetch_add(1, std::memory_order_relaxed);
+          return unpack(r.value(), addrs.size(), out, s);
+        }
+        last = r.status();
+        if (!again(s, last, attempt, others)) break;
+      }
+      if (live(s)) {  // an answer, or a timeout the ExCache retries
+        note_failure(s, last.code());
+        return last;
+      }
+      failed_over = true;
+    }
+    return lost_vregion(vregion_of(addrs[0]), e);
+  }
+
+  const std::atomic<uint64_t>* map_for(int snap) const {
+    return snap >= 0 ? reinterpret_cast<const std::atomic<uint64_t>*>(snap_map[snap]) : map;
+  }
+
+  // Splits addrs into runs of one vRegion; fetches the runs last first (a run's reply
+  // header lands in the 8 bytes before it: the previous run's line, fetched after).
+  Status fetch_lines(std::span<const uint64_t> addrs, std::byte* out, int snap) {
+    const std::atomic<uint64_t>* m = map_for(snap);
+    size_t end = addrs.size();
+    while (end > 0) {
+      for (size_t a = 0; a < end; a++) {
+        if (!in_region(addrs[a])) return Status(EINVAL, "fetch outside the region");
+      }
+      const uint64_t v = vregion_of(addrs[end - 1]);
+      size_t start = end - 1;
+      while (start > 0 && vregion_of(addrs[start - 1]) == v) start--;
+      Status st = fetch_run(m[v].load(std::memory_order_acquire), addrs.subspan(start, end - start),
+                            out + start * kLine, snap);
+      if (!st) return st;
+      end = start;
+    }
+    return Status();
+  }
+
+  // --- write-back
+
+  WriteJob* acquire_job() {
+    for (;;) {
+      for (auto& j : jobs) {
+        bool expected = false;
+        if (!j.busy.load(std::memory_order_relaxed) &&
+            j.busy.compare_exchange_strong(expected, true, std::memory_order_acquire)) {
+          return &j;
+        }
+      }
+      sched_yield();
+    }
+  }
+  int enter_epoch() {
+    for (;;) {
+      const int e = epoch.load();
+      inflight[e & 1].fetch_add(1);
+      if (epoch.load() == e) return e;
+      inflight[e & 1].fetch_sub(1);
+    }
+  }
+  void leave_epoch(int e) {
+    inflight[e & 1].fetch_sub(1);
+  }
+
+  // Encodes the lines of `lines` that slot s holds a replica of (per `m`) into buf.
+  size_t encode(std::span<const WriteBack> lines, const std::atomic<uint64_t>* m, int s,
+                const mem::SpaceHandle& h, uint64_t ver, std::byte* buf) const {
+    uint32_t n = 0;
+    uint64_t addrs[mem::kMaxBatch];
+    const std::byte* data[mem::kMaxBatch];
+    for (const WriteBack& wb : lines) {
+      const Entry e = Entry::decode(m[vregion_of(wb.addr)].load(std::memory_order_acquire));
+      if (!e.placed) continue;
+      for (uint32_t i = 0; i < kMaxReplicas; i++) {
+        if (e.slot[i] == s) {
+          addrs[n] = wb.addr;
+          data[n] = wb.data;
+          n++;
+          break;
+        }
+      }
+    }
+    if (n == 0) return 0;
+    mem::WriteBackRequest head{h, n, 0, ver, 0};
+    memcpy(buf, &head, sizeof head);
+    memcpy(buf + sizeof head, addrs, n * sizeof(uint64_t));
+    std::byte* d = buf + sizeof head + n * sizeof(uint64_t);
+    for (uint32_t i = 0; i < n; i++) memcpy(d + size_t{i} * kLine, data[i], kLine);
+    return sizeof head + n * (sizeof(uint64_t) + kLine);
+  }
+
+  // The distinct live slots that hold a replica (full or joining) of any of the lines.
+  int targets(std::span<const WriteBack> lines, const std::atomic<uint64_t>* m, int snap,
+              int* out) const {
+    int n = 0;
+    for (const WriteBack& wb : lines) {
+      const Entry e = Entry::decode(m[vregion_of(wb.addr)].load(std::memory_order_acquire));
+      if (!e.placed) continue;
+      for (uint32_t i = 0; i < kMaxReplicas; i++) {
+        const int s = e.slot[i];
+        if (s == kNoSlot || !live(s)) continue;
+        if (snap >= 0 && !slots[s].snap_valid[snap].load(std::memory_order_acquire)) continue;
+        bool seen = false;
+        for (int k = 0; k < n; k++) seen |= out[k] == s;
+        if (!seen && n < kMaxNodes) out[n++] = s;
+      }
+    }
+    return n;
+  }
+
+  // Every vRegion of the lines still has a full live replica; else the loss.
+  Status check_kept(const uint64_t* addrs, size_t n, const std::atomic<uint64_t>* m) {
+    for (size_t k = 0; k < n; k++) {
+      const uint64_t v = vregion_of(addrs[k]);
+      const Entry e = Entry::decode(m[v].load(std::memory_order_acquire));
+      if (!e.placed) continue;
+      bool kept = false;
+      for (uint32_t i = 0; i < kMaxReplicas; i++) kept |= e.full(i) && live(e.slot[i]);
+      if (!kept) return lost_vregion(v, e);
+    }
+    return Status();
+  }
+
+  // Finishes one started call of a write-back: resends as again() allows. Not ok only for
+  // an answer (EINVAL, ENOMEM) or a failure of the last replica; a node found lost is ok
+  // here (check_kept decides whether its vRegions kept a copy).
+  Status finish(Call& c, bool others, bool caller_retries) {
+    auto r = node->finish_call(&c.pending);
+    const bool busy = c.pending.request_busy;
+    for (int attempt = 1; !r && again(c.slot, r.status(), attempt, others, caller_retries);
+         attempt++) {
+      r = node->send_reply(slots[c.slot].id, mem::kWriteBack, {c.buffer, c.length}, {});
+    }
+    if (busy) {
+      // A zero-copy send may still read the buffer: leave it to the transport for good and
+      // take a fresh one (mmap is async-signal-safe).
+      void* p =
+          mmap(nullptr, buffer_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      c.buffer = p == MAP_FAILED ? nullptr : static_cast<std::byte*>(p);
+    }
+    c.started = false;
+    if (r) {
+      call_ok(c.slot);
+      return Status();
+    }
+    if (!live(c.slot)) {
+      replica_write_failures.fetch_add(1, std::memory_order_relaxed);
+      return Status();
+    }
+    note_failure(c.slot, r.status().code());
+    return r.status();
+  }
+
+  bool ensure_buffer(Call& c) {
+    if (c.buffer != nullptr) return true;
+    void* p =
+        mmap(nullptr, buffer_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return false;
+    c.buffer = static_cast<std::byte*>(p);
+    return true;
+  }
+
+  // Starts the job's requests to slots[first..n) (at most kCallsPerJob); the job's calls.
+  Status start_calls(WriteJob* j, std::span<const WriteBack> lines, const std::atomic<uint64_t>* m,
+                     int snap, const int* tslots, int n, uint64_t ver) {
+    j->ncalls = 0;
+    for (int k = 0; k < n; k++) {
+      Call& c = j->calls[j->ncalls];
+      if (!ensure_buffer(c)) return Status(ENOMEM, "no memory for a write-back buffer");
+      const int s = tslots[k];
+      const mem::SpaceHandle& h = snap >= 0 ? slots[s].snaps[snap] : slots[s].space;
+      c.length = encode(lines, m, s, h, ver, c.buffer);
+      if (c.length == 0) continue;
+      c.slot = s;
+      new (&c.pending) fit::Node::PendingCall();
+      c.pending.zero_copy = true;
+      Status st =
+          node->start_call(&c.pending, slots[s].id, mem::kWriteBack, {c.buffer, c.length}, {});
+      if (!st) {
+        // Nothing in flight for this node. Lost: the other replicas carry the lines;
+        // otherwise the caller writes the whole batch back again (a failed start is a try).
+        (void)again(s, st, 1, replicated());
+        if (live(s)) {
+          note_failure(s, st.code());
+          return st;
+        }
+        replica_write_failures.fetch_add(1, std::memory_order_relaxed);
+        continue;
+      }
+      c.started = true;
+      j->ncalls++;
+    }
+    return Status();
+  }
+
+  // caller_retries: a synchronous write-back (the ExCache repeats it on a retry-class error);
+  // not the end of an asynchronous one.
+  Status finish_calls(WriteJob* j, bool caller_retries) {
+    Status first;
+    for (int k = 0; k < j->ncalls; k++) {
+      Call& c = j->calls[k];
+      if (!c.started) continue;
+      Status st = finish(c, replicated(), caller_retries);
+      if (!st && first.is_ok()) first = st;
+    }
+    j->ncalls = 0;
+    return first;
+  }
+
+  // The whole write-back of `lines` to every live replica: started in rounds of
+  // kCallsPerJob nodes; the last round left in flight when `leave_started`.
+  Status write(std::span<const WriteBack> lines, int snap, WriteJob* j, bool leave_started) {
+    if (lines.size() > mem::kMaxBatch) return Status(EINVAL, "write-back of over 32 lines");
+    const std::atomic<uint64_t>* m = map_for(snap);
+    j->nlines = lines.size();
+    for (size_t k = 0; k < lines.size(); k++) {
+      if (!in_region(lines[k].addr)) return Status(EINVAL, "write-back outside the region");
+      j->addrs[k] = lines[k].addr;
+    }
+    const uint64_t ver = version.fetch_add(1, std::memory_order_relaxed) + 1;
+    int ts[kMaxNodes];
+    const int n = targets(lines, m, snap, ts);
+    for (int done = 0; done < n;) {
+      const int now = std::min(n - done, kCallsPerJob);
+      Status st = start_calls(j, lines, m, snap, ts + done, now, ver);
+      done += now;
+      if (!st) {
+        (void)finish_calls(j, !leave_started);
+        return st;
+      }
+      if (done < n || !leave_started) {
+        st = finish_calls(j, !leave_started);
+        if (!st) return st;
+      }
+    }
+    if (!leave_started) return check_kept(j->addrs, j->nlines, m);
+    return Status();
+  }
+
+  // --- placement (placer and repair threads: may allocate, may wait)
+
+  // Free capacity of each candidate (kUsage), for the local weighted choice.
+  Result<std::vector<fit::NodeId>> choose_local(uint32_t want,
+                                                const std::vector<fit::NodeId>& exclude) {
+    std::vector<placement::Candidate> cands;
+    for (fit::NodeId id : options.memory_nodes) {
+      if (std::find(exclude.begin(), exclude.end(), id) != exclude.end()) continue;
+      const int s = slot_of(id);
+      if (s >= 0 && !live(s)) continue;
+      mem::UsageReply u{};
+      auto r = node->send_reply(id, mem::kUsage, {}, {reinterpret_cast<std::byte*>(&u), sizeof u});
+      if (!r || r.value() != sizeof u) continue;  // unreachable: not a candidate now
+      cands.push_back(
+          {id, u.capacity_bytes > u.reserved_bytes ? u.capacity_bytes - u.reserved_bytes : 0});
+    }
+    uint64_t seed = 0;
+    randombytes_buf(&seed, sizeof seed);
+    placement::Rng rng(seed);
+    return placement::choose(cands, want, mem::kVRegionBytes, exclude, rng);
+  }
+
+  // Asks the monitor for `want` nodes for vRegion v, waiting while it does not answer.
+  Result<std::vector<fit::NodeId>> choose_monitor(uint64_t v, uint32_t want,
+                                                  const std::vector<fit::NodeId>& exclude) {
+    mon::PlaceRequest req{};
+    req.process_key = process_key;
+    req.owner_node = node->id();
+    req.pid = static_cast<uint32_t>(getpid());
+    req.vregion = v;
+    req.replicas = want;
+    for (fit::NodeId id : exclude) {
+      if (req.exclude_count < mon::kMaxExclude) req.exclude[req.exclude_count++] = id;
+    }
+    const auto start = Clock::now();
+    bool told = false, waited = false;
+    for (;;) {
+      mon::PlaceReply rep{};
+      auto r = node->send_reply(options.monitor, mon::kPlace,
+                                {reinterpret_cast<const std::byte*>(&req), sizeof req},
+                                {reinterpret_cast<std::byte*>(&rep), sizeof rep});
+      if (r) {
+        if (r.value() != sizeof rep || rep.count != want) {
+          return Status(EPROTO, "monitor " + describe(options.monitor) + " answered kPlace with " +
+                                    std::to_string(rep.count) + " nodes for " +
+                                    std::to_string(want));
+        }
+        std::vector<fit::NodeId> ids;
+        for (uint32_t i = 0; i < rep.count; i++) {
+          const mon::NodeAddress& a = rep.nodes[i];
+          if (!node->peer(a.id)) {
+            // A memory node that joined after our cluster file was written (hot-plug).
+            fit::NodeConfig nc;
+            nc.id = a.id;
+            nc.role = fit::Role::kMemory;
+            nc.address = std::string(a.address, strnlen(a.address, sizeof a.address));
+            nc.port = a.port;
+            nc.provider = static_cast<fit::Provider>(a.provider);
+            Status st = node->add_peer(nc);
+            if (!st) return st.with_context("learning memory node " + std::to_string(a.id));
+          }
+          ids.push_back(a.id);
+        }
+        if (told)
+          say("lego: %s: monitor node %s answers again\n", options.program.c_str(),
+              describe(options.monitor).c_str());
+        return ids;
+      }
+      if (!transport_failure(classify(r.status()))) {
+        return r.status().with_context("monitor " + describe(options.monitor));
+      }
+      if (!waited) {
+        monitor_waits.fetch_add(1);
+        waited = true;
+      }
+      const auto waited_ms =
+          std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count();
+      if (!told && waited_ms >= node->config().timeout.count()) {
+        say("lego: %s: monitor node %s does not answer (%s): placing memory waits for it\n",
+            options.program.c_str(), describe(options.monitor).c_str(),
+            r.status().message().c_str());
+        told = true;
+      }
+      if (waited_ms >= options.monitor_wait_ms) {
+        return Status(ENOMEM, "monitor node " + describe(options.monitor) + " did not answer for " +
+                                  std::to_string(options.monitor_wait_ms) +
+                                  " ms: no memory can be placed");
+      }
+      std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+  }
+
+  Result<std::vector<fit::NodeId>> choose(uint64_t v, uint32_t want,
+                                          const std::vector<fit::NodeId>& exclude) {
+    if (options.monitor != 0) return choose_monitor(v, want, exclude);
+    return choose_local(want, exclude);
+  }
+
+  // kPlace (or kUnplace) of vRegion v in slot s's space. A full node answers kPlace with
+  // PlaceReply::error ENOMEM (an answer, not a failed call: memory_proto.h).
+  Status place_on(int s, uint64_t v, uint32_t flags, uint16_t opcode = mem::kPlace) {
+    mem::PlaceRequest req{slots[s].space, v, region_base, flags, 0};
+    mem::PlaceReply rep{};
+    std::span<std::byte> out;
+    if (opcode == mem::kPlace) out = {reinterpret_cast<std::byte*>(&rep), sizeof rep};
+    auto r = node->send_reply(slots[s].id, opcode,
+                              {reinterpret_cast<const std::byte*>(&req), sizeof req}, out);
+    if (!r) {
+      (void)again(s, r.status(), 1, replicated());  // judges the node; the caller retries
+      return r.status().with_context("memory node " + describe(slots[s].id));
+    }
+    if (opcode != mem::kPlace) return Status();
+    if (r.value() != sizeof rep) {
+      return Status(EPROTO, "memory node " + describe(slots[s].id) + " answered kPlace with " +
+                                std::to_string(r.value()) + " bytes");
+    }
+    if (rep.error != 0) {
+      return Status(rep.error, "memory node " + describe(slots[s].id) +
+                                   " cannot promise another vRegion (" +
+                                   std::to_string(rep.reserved_bytes >> 20) + " of " +
+                                   std::to_string(rep.capacity_bytes >> 20) + " MiB promised)");
+    }
+    return Status();
+  }
+
+  // Where node `id` listens, for a copy's target (the source may not know it yet).
+  mem::NodeAddress address_of(fit::NodeId id) const {
+    mem::NodeAddress a{};
+    a.id = id;
+    if (const std::optional<fit::NodeConfig> n = node->peer(id)) {
+      a.port = n->port;
+      a.provider = static_cast<uint8_t>(n->provider);
+      strncpy(a.address, n->address.c_str(), sizeof a.address - 1);
+    }
+    return a;
+  }
+
+  std::vector<fit::NodeId> lost_nodes() const {
+    std::vector<fit::NodeId> ids;
+    for (int i = 0; i < nslots.load(); i++) {
+      if (slots[i].state.load() == kLost) ids.push_back(slots[i].id);
+    }
+    return ids;
+  }
+
+  // Places vRegion v on `replicas` nodes (placer thread).
+  Status place(uint64_t v) {
+    std::vector<fit::NodeId> exclude = lost_nodes();
+    Status last;
+    for (int round = 0; round < 8; round++) {
+      auto pick = choose(v, options.replicas, exclude);
+      if (!pick) return pick.status();
+      Entry e = Entry::empty();
+      uint32_t placed = 0;
+      for (fit::NodeId id : pick.value()) {
+        auto s = open_node(id);
+        if (s) last = place_on(s.value(), v, 0);
+        if (!s || !last) {
+          if (!s) last = s.status();
+          exclude.push_back(id);  // full now, or gone: choose again without it
+          break;
+        }
+        e.slot[placed++] = static_cast<uint8_t>(s.value());
+      }
+      if (placed == options.replicas) {
+        e.placed = true;
+        map[v].store(e.encode(), std::memory_order_release);
+        vregions_placed.fetch_add(1);
+        return Status();
+      }
+      for (uint32_t i = 0; i < placed; i++) (void)place_on(e.slot[i], v, 0, mem::kUnplace);
+    }
+    return last.is_ok() ? Status(ENOMEM, "no memory node can take another vRegion") : last;
+  }
+
+  void unplace(uint64_t v) {
+    for (;;) {
+      uint64_t w = map[v].load();
+      const Entry e = Entry::decode(w);
+      if (!e.placed) return;
+      if (!map[v].compare_exchange_strong(w, kEmptyEntry)) continue;
+      for (uint32_t i = 0; i < kMaxReplicas; i++) {
+        if (e.slot[i] != kNoSlot && live(e.slot[i])) {
+          (void)place_on(e.slot[i], v, 0, mem::kUnplace);
+        }
+      }
+      vregions_unplaced.fetch_add(1);
+      return;
+    }
+  }
+
+  void placer_loop() {
+    while (!stop.load()) {
+      const uint32_t seen = place_wake.load();
+      bool any = false;
+      for (auto& pr : place_requests) {
+        if (pr.state.load(std::memory_order_acquire) != 2) continue;
+        any = true;
+        int result = 0;
+        for (uint64_t v = pr.first; v <= pr.last && v < nvregions; v++) {
+          const bool want = used == nullptr || used(v);
+          const bool has = entry(v).placed;
+          if (want && !has) {
+            Status st = place(v);
+            if (!st) {
+              // No room is malloc's ordinary failure (NULL, MemoryError): the program decides
+              // what to say. Anything else is news.
+              if (st.code() != ENOSPC && st.code() != ENOMEM) {
+                say("lego: %s: cannot place 16 MiB of memory (vRegion %lu): %s\n",
+                    options.program.c_str(), static_cast<unsigned long>(v), st.message().c_str());
+              }
+              result = ENOMEM;
+              break;
+            }
+          } else if (!want && has) {
+            unplace(v);
+          }
+        }
+        pr.result = result;
+        pr.state.store(3, std::memory_order_release);
+        futex(&pr.state, FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr);
+      }
+      if (any) continue;
+      const timespec tick{0, 100 * 1000 * 1000};
+      futex(&place_wake, FUTEX_WAIT_PRIVATE, seen, &tick);
+    }
+  }
+
+  // --- repair
+
+  // Re-replicates vRegion v, whose replica i is on a lost node. False to try again later.
+  bool repair(uint64_t v, uint32_t i) {
+    const auto t0 = Clock::now();
+    uint64_t w = map[v].load();
+    Entry e = Entry::decode(w);
+    if (!e.placed || e.slot[i] == kNoSlot || live(e.slot[i])) return true;
+    bool any_full = false;
+    for (uint32_t k = 0; k < kMaxReplicas; k++) any_full |= e.full(k) && live(e.slot[k]);
+    if (!any_full) {
+      (void)lost_vregion(v, e);
+      return true;  // nothing to copy from; the next miss in it reports the loss
+    }
+    // 1. A replacement, excluding every node of the set and every lost one.
+    std::vector<fit::NodeId> exclude = lost_nodes();
+    for (uint32_t k = 0; k < kMaxReplicas; k++) {
+      if (e.slot[k] != kNoSlot) exclude.push_back(slots[e.slot[k]].id);
+    }
+    auto pick = choose(v, 1, exclude);
+    if (!pick) return false;
+    auto ys = open_node(pick.value()[0]);
+    if (!ys) return false;
+    const int y = ys.value();
+    if (!place_on(y, v, mem::kPlaceIncomingCopy)) return false;
+    // 2. Y joins: write-backs and releases of v go to it from now on.
+    Entry joined = e;
+    joined.slot[i] = static_cast<uint8_t>(y);
+    joined.joining |= static_cast<uint8_t>(1u << i);
+    if (!map[v].compare_exchange_strong(w, joined.encode())) {
+      (void)place_on(y, v, 0, mem::kUnplace);
+      return false;
+    }
+    // Every write-back that did not see Y has been stored before the copy starts.
+    const int old = epoch.fetch_add(1);
+    while (inflight[old & 1].load() != 0 && !stop.load()) {
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    // 3, 4. A survivor pushes its copy; poll it; another survivor if it dies.
+    for (uint32_t k = 0; k < kMaxReplicas && !stop.load(); k++) {
+      if (!joined.full(k) || !live(joined.slot[k])) continue;
+      const int src = joined.slot[k];
+      mem::CopyRequest cr{slots[src].space, v, slots[y].space, address_of(slots[y].id)};
+      mem::CopyReply job{};
+      auto r = node->send_reply(slots[src].id, mem::kCopyRange,
+                                {reinterpret_cast<const std::byte*>(&cr), sizeof cr},
+                                {reinterpret_cast<std::byte*>(&job), sizeof job});
+      if (!r) {
+        (void)again(src, r.status(), 1, true);
+        continue;
+      }
+      for (;;) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        mem::CopyStatusRequest sr{slots[src].space, job.job};
+        mem::CopyStatusReply st{};
+        auto q = node->send_reply(slots[src].id, mem::kCopyStatus,
+                                  {reinterpret_cast<const std::byte*>(&sr), sizeof sr},
+                                  {reinterpret_cast<std::byte*>(&st), sizeof st});
+        if (!q) {
+          if (again(src, q.status(), 1, true)) continue;
+          break;  // the source is gone: another survivor
+        }
+        if (st.state == 0) continue;
+        if (st.state == 2) {
+          say("lego: %s: copying vRegion %lu from memory node %s to %s failed: %s\n",
+              options.program.c_str(), static_cast<unsigned long>(v),
+              describe(slots[src].id).c_str(), describe(slots[y].id).c_str(), strerror(st.error));
+          break;
+        }
+        // Done: Y becomes full.
+        for (;;) {
+          uint64_t now = map[v].load();
+          Entry p = Entry::decode(now);
+          if (p.slot[i] != y) return true;  // unplaced meanwhile
+          p.joining &= static_cast<uint8_t>(~(1u << i));
+          if (map[v].compare_exchange_strong(now, p.encode())) break;
+        }
+        vregions_rereplicated.fetch_add(1);
+        bytes_copied.fetch_add(st.lines_copied * kLine);
+        copy_ms.fetch_add(static_cast<uint64_t>(
+            std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count()));
+        return true;
+      }
+      if (!live(y)) break;
+    }
+    // Not copied: Y leaves the set again (the lost replica's place stays for a later try).
+    for (;;) {
+      uint64_t now = map[v].load();
+      Entry p = Entry::decode(now);
+      if (p.slot[i] != y) break;
+      p.slot[i] = e.slot[i];
+      p.joining &= static_cast<uint8_t>(~(1u << i));
+      if (map[v].compare_exchange_strong(now, p.encode())) break;
+    }
+    if (live(y)) (void)place_on(y, v, 0, mem::kUnplace);
+    return false;
+  }
+
+  void report_lost() {
+    if (options.monitor == 0) return;
+    for (int s = 0; s < nslots.load(); s++) {
+      NodeSlot& n = slots[s];
+      if (n.state.load() != kLost || n.reported) continue;
+      mon::ReportLost rl{n.id, node->id(), n.lost_error.load(), 0};
+      auto r = node->send_reply(options.monitor, mon::kReportLost,
+                                {reinterpret_cast<const std::byte*>(&rl), sizeof rl}, {});
+      n.reported = r.is_ok();
+    }
+  }
+
+  void repair_loop() {
+    uint32_t done_generation = 0;
+    auto next_try = Clock::now();
+    while (!stop.load()) {
+      const uint32_t seen = repair_wake.load();
+      const uint32_t gen = lost_generation.load();
+      if (gen != done_generation && Clock::now() >= next_try) {
+        report_lost();
+        bool all = true;
+        for (uint64_t v = 0; v < nvregions && !stop.load(); v++) {
+          const Entry e = entry(v);
+          if (!e.placed) continue;
+          for (uint32_t i = 0; i < kMaxReplicas; i++) {
+            if (e.slot[i] == kNoSlot || live(e.slot[i])) continue;
+            all &= repair(v, i);
+          }
+        }
+        if (all) {
+          done_generation = gen;
+        } else {
+          next_try = Clock::now() + std::chrono::seconds(1);  // no replacement yet
+        }
+        continue;
+      }
+      const timespec tick{0, 200 * 1000 * 1000};
+      futex(&repair_wake, FUTEX_WAIT_PRIVATE, seen, &tick);
+    }
+  }
+
+  // --- heartbeats
+
+  void heartbeat_loop() {
+    while (!stop.load()) {
+      // The shortest lease of the spaces open now (more open as placements go on).
+      uint32_t lease = 0;
+      for (int s = 0; s < nslots.load(); s++) {
+        if (live(s) && (lease == 0 || slots[s].lease_ms < lease)) lease = slots[s].lease_ms;
+      }
+      const auto period =
+          std::chrono::milliseconds(lease == 0 ? 200 : std::max<uint32_t>(lease / 4, 50));
+      auto wake = Clock::now() + period;
+      while (!stop.load() && Clock::now() < wake) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      if (stop.load()) break;
+      for (int s = 0; s < nslots.load(); s++) {
+        if (!live(s)) continue;
+        mem::SpaceRequest hb{slots[s].space};
+        // At most one resend (a reset connection): a node that does not answer must not
+        // hold up the other nodes' heartbeats past their leases.
+        for (int attempt = 1; attempt <= 2; attempt++) {
+          auto r = node->send_reply(slots[s].id, mem::kHeartbeat,
+                                    {reinterpret_cast<const std::byte*>(&hb), sizeof hb}, {});
+          if (r) {
+            call_ok(s);
+            break;
+          }
+          if (!again(s, r.status(), attempt, replicated()) || r.status().code() == ETIMEDOUT) {
+            break;
+          }
+        }
+        for (uint32_t i = 0; i < kMaxSnapshots && live(s); i++) {
+          if (!slots[s].snap_valid[i].load(std::memory_order_acquire)) continue;
+          mem::SpaceRequest shb{slots[s].snaps[i]};
+          (void)node->send_reply(slots[s].id, mem::kHeartbeat,
+                                 {reinterpret_cast<const std::byte*>(&shb), sizeof shb}, {});
+        }
+      }
+    }
+  }
+
+  void service(void (Impl::*loop)()) {
+    excache_service_thread_begin();
+    if (options.on_thread_start != nullptr) options.on_thread_start();
+    (this->*loop)();
+    excache_service_thread_end();
+  }
+};
+
+ClusterBackend::ClusterBackend(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Result<std::unique_ptr<ClusterBackend>> ClusterBackend::open(fit::Node* node,
+                                                             const ClusterBackendOptions& options) {
+  if (options.replicas < 1 || options.replicas > kMaxReplicas) {
+    return Status(EINVAL, "replicas " + std::to_string(options.replicas) + ": 1 to " +
+                              std::to_string(kMaxReplicas));
+  }
+  if (options.memory_nodes.empty() && options.monitor == 0) {
+    return Status(EINVAL, "the cluster has no memory node");
+  }
+  if (options.monitor == 0 && options.memory_nodes.size() < options.replicas) {
+    return Status(EINVAL, "replicas " + std::to_string(options.replicas) + " but the cluster has " +
+                              std::to_string(options.memory_nodes.size()) + " memory node" +
+                              (options.memory_nodes.size() == 1 ? "" : "s"));
+  }
+  if (sodium_init() < 0) return Status(EIO, "libsodium failed to initialise");
+  auto impl = std::make_unique<Impl>();
+  Impl& m = *impl;
+  m.node = node;
+  m.options = options;
+  randombytes_buf(&m.process_key, sizeof m.process_key);
+  m.buffer_bytes = mem::write_back_request_bytes(mem::kMaxBatch, 0);
+  if (m.buffer_bytes > node->config().max_message_bytes) {
+    return Status(EMSGSIZE, "max_message_bytes " +
+                                std::to_string(node->config().max_message_bytes) +
+                                " cannot carry a batch of " + std::to_string(mem::kMaxBatch) +
+                                " lines; raise it to at least " + std::to_string(m.buffer_bytes));
+  }
+  if (options.monitor != 0) {
+    Status st = node->connect(options.monitor);
+    // A monitor down now only delays placements (they wait for it); say so once.
+    if (!st) {
+      say("lego: %s: monitor node %s: %s (placements wait for it)\n", options.program.c_str(),
+          m.describe(options.monitor).c_str(), st.message().c_str());
+    }
+  }
+  // With a monitor, spaces open as placements reach their nodes (the placer thread);
+  // without one, every node of the file is a candidate for every placement: opened now.
+  for (fit::NodeId id : options.monitor == 0 ? options.memory_nodes : std::vector<fit::NodeId>{}) {
+    auto s = m.open_node(id);
+    // Without a monitor every node of the file is a placement candidate; one that does not
+    // answer now is left out (it is lost for this process), as long as enough answer.
+    if (!s && options.memory_nodes.size() == 1) return s.status();
+    if (!s) say("lego: %s: %s\n", options.program.c_str(), s.status().message().c_str());
+  }
+  int open_nodes = 0;
+  for (int s = 0; s < m.nslots.load(); s++) open_nodes += m.live(s);
+  if (options.monitor == 0 && open_nodes < static_cast<int>(options.replicas)) {
+    return Status(EHOSTUNREACH, "only " + std::to_string(open_nodes) + " of the cluster's " +
+                                    std::to_string(options.memory_nodes.size()) +
+                                    " memory nodes answer: fewer than replicas " +
+                                    std::to_string(options.replicas));
+  }
+  std::unique_ptr<ClusterBackend> b(new ClusterBackend(std::move(impl)));
+  Impl* self = b->impl_.get();
+  self->heartbeat = std::thread([self] { self->service(&Impl::heartbeat_loop); });
+  self->placer = std::thread([self] { self->service(&Impl::placer_loop); });
+  self->repairer = std::thread([self] { self->service(&Impl::repair_loop); });
+  return b;
+}
+
+ClusterBackend::~ClusterBackend() {
+  Impl& m = *impl_;
+  m.stop = true;
+  m.place_wake.fetch_add(1);
+  futex(&m.place_wake, FUTEX_WAKE_PRIVATE, 1, nullptr);
+  m.repair_wake.fetch_add(1);
+  futex(&m.repair_wake, FUTEX_WAKE_PRIVATE, 1, nullptr);
+  for (std::thread* t : {&m.heartbeat, &m.placer, &m.repairer}) {
+    if (t->joinable()) t->join();
+  }
+}
+
+Status ClusterBackend::set_region(uint64_t base, uint64_t bytes) {
+  Impl& m = *impl_;
+  if (m.map != nullptr) return Status(EINVAL, "the region is set already");
+  // vRegions count from the region's base rounded down to a vRegion (memory_proto.h: the
+  // base every request names is vRegion aligned); the first may start before the region.
+  const uint64_t origin = base & ~(mem::kVRegionBytes - 1);
+  m.nvregions = (base + bytes - origin + mem::kVRegionBytes - 1) / mem::kVRegionBytes;
+  void* p = map_anonymous(m.nvregions * sizeof(uint64_t));
+  if (p == nullptr) return Status::from_errno(errno, "mmap of the vRegion map");
+  m.map = static_cast<std::atomic<uint64_t>*>(p);  // zero-filled: every vRegion unplaced
+  m.region_base = origin;
+  return Status();
+}
+
+void ClusterBackend::set_used_fn(UsedFn used) {
+  impl_->used = used;
+}
+const char* ClusterBackend::loss_message() const {
+  return impl_->loss_message;
+}
+uint64_t ClusterBackend::process_key() const {
+  return impl_->process_key;
+}
+
+ClusterStats ClusterBackend::stats() const {
+  ClusterStats s;
+#define LEGO_CLUSTER_READ(name, doc) s.name = impl_->name.load(std::memory_order_relaxed);
+  LEGO_CLUSTER_COUNTERS(LEGO_CLUSTER_READ)
+#undef LEGO_CLUSTER_READ
+  return s;
+}
+
+Status ClusterBackend::sync_placement(uint64_t first, uint64_t last) {
+  Impl& m = *impl_;
+  for (;;) {
+    for (auto& pr : m.place_requests) {
+      uint32_t expected = 0;
+      if (!pr.state.compare_exchange_strong(expected, 1)) continue;
+      pr.first = first;
+      pr.last = last;
+      pr.state.store(2, std::memory_order_release);
+      m.place_wake.fetch_add(1);
+      futex(&m.place_wake, FUTEX_WAKE_PRIVATE, 1, nullptr);
+      for (uint32_t s; (s = pr.state.load(std::memory_order_acquire)) != 3;) {
+        futex(&pr.state, FUTEX_WAIT_PRIVATE, s, nullptr);
+      }
+      const int result = pr.result;
+      pr.state.store(0, std::memory_order_release);
+      return result == 0 ? Status() : Status(result, "no memory node can take the allocation");
+    }
+    sched_yield();  // every request slot busy: 64 threads placing at once
+  }
+}
+
+Status ClusterBackend::fetch(uint64_t line_addr, std::span<std::byte, kExCacheLineBytes> out) {
+  const uint64_t a[1] = {line_addr};
+  return impl_->fetch_lines(a, out.data(), -1);
+}
+
+Status ClusterBackend::fetch_batch(std::span<const uint64_t> line_addrs, std::byte* out) {
+  static_assert(kMaxFetchBatch <= mem::kMaxBatch && kMaxFetchBatch <= 64);
+  static_assert(sizeof(mem::FetchReply) <= kFetchHeadroom);
+  if (line_addrs.empty()) return Status();
+  if (line_addrs.size() > kMaxFetchBatch) return Status(EINVAL, "fetch_batch of over 32 lines");
+  return impl_->fetch_lines(line_addrs, out, -1);
+}
+
+// Started only when every line is in one vRegion with a live full replica; otherwise
+// fetched whole in start (the ticket then says done).
+Status ClusterBackend::start_fetch_batch(std::span<const uint64_t> line_addrs, std::byte* out,
+                                         FetchTicket* ticket) {
+  Impl& m = *impl_;
+  const size_t n = line_addrs.size();
+  if (n == 0 || n > kMaxFetchBatch) return Status(EINVAL, "start_fetch_batch: 1 to 32 lines");
+  ticket->count = n;
+  ticket->out = out;
+  int job_index = -1;
+  memcpy(ticket->opaque, &job_index, sizeof job_index);
+  for (uint64_t a : line_addrs) {
+    if (!m.in_region(a)) return Status(EINVAL, "fetch outside the region");
+  }
+  const uint64_t v = m.vregion_of(line_addrs[0]);
+  const Entry e = m.entry(v);
+  int s = -1;
+  for (uint32_t i = 0; i < kMaxReplicas && s < 0; i++) {
+    if (e.full(i) && m.live(e.slot[i])) s = e.slot[i];
+  }
+  bool one_vregion = true;
+  for (uint64_t a : line_addrs) one_vregion &= m.vregion_of(a) == v;
+  if (!e.placed || s < 0 || !one_vregion) return m.fetch_lines(line_addrs, out, -1);
+  for (int k = 0; k < kFetchJobs; k++) {
+    FetchJob& j = m.fetch_jobs[k];
+    bool expected = false;
+    if (j.busy.load(std::memory_order_relaxed) ||
+        !j.busy.compare_exchange_strong(expected, true, std::memory_order_acquire)) {
+      continue;
+    }
+    j.slot = s;
+    memcpy(j.addrs, line_addrs.data(), n * sizeof(uint64_t));
+    alignas(8) std::byte req[sizeof(mem::FetchRequest) + kMaxFetchBatch * sizeof(uint64_t)];
+    const size_t len = Impl::fetch_request(m.slots[s].space, line_addrs, req);
+    new (&j.pending) fit::Node::PendingCall();
+    Status st = m.node->start_call(&j.pending, m.slots[s].id, mem::kFetch, {req, len},
+                                   Impl::reply_span(n, out));
+    if (!st) {
+      j.busy.store(false, std::memory_order_release);
+      return m.fetch_lines(line_addrs, out, -1);
+    }
+    memcpy(ticket->opaque, &k, sizeof k);
+    return Status();
+  }
+  return m.fetch_lines(line_addrs, out, -1);  // every job busy
+}
+
+Status ClusterBackend::finish_fetch_batch(FetchTicket* ticket) {
+  Impl& m = *impl_;
+  int k = -1;
+  memcpy(&k, ticket->opaque, sizeof k);
+  if (k < 0) return Status();  // fetched in start
+  FetchJob& j = m.fetch_jobs[k];
+  auto r = m.node->finish_call(&j.pending);
+  const int s = j.slot;
+  uint64_t addrs[kMaxFetchBatch];
+  memcpy(addrs, j.addrs, ticket->count * sizeof(uint64_t));
+  j.busy.store(false, std::memory_order_release);
+  if (r) {
+    m.call_ok(s);
+    return m.unpack(r.value(), ticket->count, ticket->out, s);
+  }
+  // Failed: a node found lost is read around at once; otherwise the ExCache retries (with
+  // fetch_batch, which fails over as well).
+  const Status st = r.status();
+  const Entry e = m.entry(m.vregion_of(addrs[0]));
+  bool others = false;
+  for (uint32_t i = 0; i < kMaxReplicas; i++)
+    others |= e.full(i) && e.slot[i] != s && m.live(e.slot[i]);
+  (void)m.again(s, st, 1, others);
+  if (m.live(s)) {
+    m.note_failure(s, st.code());
+    return st;
+  }
+  return m.fetch_lines({addrs, ticket->count}, ticket->out, -1);
+}
+
+Status ClusterBackend::write_back(std::span<const WriteBack> lines) {
+  Impl& m = *impl_;
+  size_t done = 0;
+  while (done < lines.size()) {
+    const size_t n = std::min<size_t>(lines.size() - done, mem::kMaxBatch);
+    WriteJob* j = m.acquire_job();
+    j->epoch = m.enter_epoch();
+    Status st = m.write(lines.subspan(done, n), -1, j, /*leave_started=*/false);
+    m.leave_epoch(j->epoch);
+    j->busy.store(false, std::memory_order_release);
+    if (!st) return st;
+    done += n;
+  }
+  return Status();
+}
+
+Status ClusterBackend::start_write_back(std::span<const WriteBack> lines, WriteBackTicket* ticket) {
+  Impl& m = *impl_;
+  ticket->buffer = nullptr;
+  if (lines.empty() || lines.size() > mem::kMaxBatch) return write_back(lines);
+  WriteJob* j = m.acquire_job();
+  j->epoch = m.enter_epoch();
+  Status st = m.write(lines, -1, j, /*leave_started=*/true);
+  if (!st) {
+    m.leave_epoch(j->epoch);
+    j->busy.store(false, std::memory_order_release);
+    return st;
+  }
+  ticket->buffer = j;
+  return Status();
+}
+
+Status ClusterBackend::finish_write_back(WriteBackTicket* ticket) {
+  Impl& m = *impl_;
+  auto* j = static_cast<WriteJob*>(ticket->buffer);
+  if (j == nullptr) return Status();
+  ticket->buffer = nullptr;
+  Status st = m.finish_calls(j, /*caller_retries=*/false);
+  if (st) st = m.check_kept(j->addrs, j->nlines, m.map);
+  m.leave_epoch(j->epoch);
+  j->busy.store(false, std::memory_order_release);
+  return st;
+}
+
+Status ClusterBackend::release(uint64_t addr, uint64_t length) {
+  Impl& m = *impl_;
+  if (length == 0) return Status();
+  if (!m.in_region(addr) || !m.in_region(addr + length - 1)) {
+    return Status(EINVAL, "release outside the region");
+  }
+  const int epoch = m.enter_epoch();
+  // Covers every write-back numbered up to it (memory_proto.h).
+  const uint64_t ver = m.version.load();
+  Status first;
+  // Per vRegion: to each of its live replicas (full and joining).
+  for (uint64_t a = addr; a < addr + length;) {
+    const uint64_t v = m.vregion_of(a);
+    const uint64_t end = std::min(addr + length, m.region_base + (v + 1) * mem::kVRegionBytes);
+    const Entry e = m.entry(v);
+    int live_replicas = 0;
+    for (uint32_t i = 0; e.placed && i < kMaxReplicas; i++) {
+      live_replicas += e.slot[i] != kNoSlot && m.live(e.slot[i]);
+    }
+    for (uint32_t i = 0; e.placed && i < kMaxReplicas; i++) {
+      const int s = e.slot[i];
+      if (s == kNoSlot || !m.live(s)) continue;
+      mem::ReleaseRequest req{m.slots[s].space, a, end - a, ver};
+      for (int attempt = 1;; attempt++) {
+        auto r = m.node->send_reply(m.slots[s].id, mem::kRelease,
+                                    {reinterpret_cast<const std::byte*>(&req), sizeof req}, {});
+        if (r) break;
+        if (!m.again(s, r.status(), attempt, live_replicas > 1)) {
+          if (m.live(s) && first.is_ok()) first = r.status();
+          break;
+        }
+      }
+    }
+    a = end;
+  }
+  m.leave_epoch(epoch);
+  return first;
+}
+
+Result<uint32_t> ClusterBackend::snapshot() {
+  Impl& m = *impl_;
+  uint32_t id = kMaxSnapshots;
+  for (uint32_t i = 0; i < kMaxSnapshots; i++) {
+    int expected = 0;
+    if (m.snap_state[i].compare_exchange_strong(expected, 1)) {
+      id = i;
+      break;
+    }
+  }
+  if (id == kMaxSnapshots) {
+    return Status(EAGAIN,
+                  "more than " + std::to_string(kMaxSnapshots) + " forked children alive at once");
+  }
+  if (m.snap_map[id] == nullptr) {
+    m.snap_map[id] = static_cast<uint64_t*>(map_anonymous(m.nvregions * sizeof(uint64_t)));
+    if (m.snap_map[id] == nullptr) {
+      m.snap_state[id].store(0);
+      return Status::from_errno(errno, "mmap of a snapshot's vRegion map");
+    }
+  }
+  for (uint64_t v = 0; v < m.nvregions; v++) m.snap_map[id][v] = m.map[v].load();
+  for (int s = 0; s < m.nslots.load(); s++) {
+    if (!m.live(s)) continue;
+    NodeSlot& n = m.slots[s];
+    mem::SpaceRequest req{n.space};
+    mem::OpenReply rep{};
+    auto r =
+        m.node->send_reply(n.id, mem::kFork, {reinterpret_cast<const std::byte*>(&req), sizeof req},
+                           {reinterpret_cast<std::byte*>(&rep), sizeof rep});
+    if (r && r.value() == sizeof rep) {
+      n.snaps[id] = rep.handle;
+      n.snap_valid[id].store(true, std::memory_order_release);
+      if (m.options.observer != nullptr) m.options.observer(n.id, rep.handle, true);
+      continue;
+    }
+    if (!r && !m.again(s, r.status(), 1, m.replicated()) && !m.live(s)) continue;  // lost
+    drop_snapshot(id);
+    if (!r) return r.status().with_context("memory node " + m.describe(n.id));
+    return Status(EPROTO,
+                  "memory node " + m.describe(n.id) + " answered fork with an unexpected layout");
+  }
+  m.snap_state[id].store(2, std::memory_order_release);
+  return id;
+}
+
+Status ClusterBackend::fetch_snapshot(uint32_t id, uint64_t line_addr,
+                                      std::span<std::byte, kExCacheLineBytes> out) {
+  Impl& m = *impl_;
+  if (id >= kMaxSnapshots || m.snap_state[id].load(std::memory_order_acquire) != 2) {
+    return Status(ENOENT, "no snapshot " + std::to_string(id));
+  }
+  const uint64_t a[1] = {line_addr};
+  return m.fetch_lines(a, out.data(), static_cast<int>(id));
+}
+
+Status ClusterBackend::write_back_snapshot(uint32_t id, std::span<const WriteBack> lines) {
+  Impl& m = *impl_;
+  if (id >= kMaxSnapshots || m.snap_state[id].load(std::memory_order_acquire) == 0) {
+    return Status(ENOENT, "no snapshot " + std::to_string(id));
+  }
+  size_t done = 0;
+  while (done < lines.size()) {
+    const size_t n = std::min<size_t>(lines.size() - done, mem::kMaxBatch);
+    WriteJob* j = m.acquire_job();
+    Status st = m.write(lines.subspan(done, n), static_cast<int>(id), j, false);
+    j->busy.store(false, std::memory_order_release);
+    if (!st) return st;
+    done += n;
+  }
+  return Status();
+}
+
+Status ClusterBackend::release_snapshot(uint32_t id, uint64_t addr, uint64_t length) {
+  Impl& m = *impl_;
+  if (id >= kMaxSnapshots || m.snap_state[id].load(std::memory_order_acquire) == 0) {
+    return Status(ENOENT, "no snapshot " + std::to_string(id));
+  }
+  const uint64_t ver = m.version.load();
+  for (uint64_t a = addr; a < addr + length;) {
+    const uint64_t v = m.vregion_of(a);
+    const uint64_t end = std::min(addr + length, m.region_base + (v + 1) * mem::kVRegionBytes);
+    const Entry e = Entry::decode(m.snap_map[id][v]);
+    for (uint32_t i = 0; e.placed && i < kMaxReplicas; i++) {
+      const int s = e.slot[i];
+      if (s == kNoSlot || !m.live(s) || !m.slots[s].snap_valid[id].load()) continue;
+      mem::ReleaseRequest req{m.slots[s].snaps[id], a, end - a, ver};
+      auto r = m.node->send_reply(m.slots[s].id, mem::kRelease,
+                                  {reinterpret_cast<const std::byte*>(&req), sizeof req}, {});
+      if (!r) (void)m.again(s, r.status(), 1, m.replicated());
+    }
+    a = end;
+  }
+  return Status();
+}
+
+void ClusterBackend::drop_snapshot(uint32_t id) {
+  Impl& m = *impl_;
+  if (id >= kMaxSnapshots || m.snap_state[id].load() == 0) return;
+  m.snap_state[id].store(1);  // no new users; the slot is reused after the closes
+  for (int s = 0; s < m.nslots.load(); s++) {
+    NodeSlot& n = m.slots[s];
+    if (!n.snap_valid[id].load()) continue;
+    n.snap_valid[id].store(false);
+    mem::SpaceRequest req{n.snaps[id]};
+    if (m.live(s)) {
+      (void)m.node->send_reply(n.id, mem::kClose,
+                               {reinterpret_cast<const std::byte*>(&req), sizeof req}, {});
+    }
+    if (m.options.observer != nullptr) m.options.observer(n.id, req.handle, false);
+  }
+  m.snap_state[id].store(0, std::memory_order_release);
+}
+
+void ClusterBackend::close() {
+  Impl& m = *impl_;
+  for (int s = 0; s < m.nslots.load(); s++) {
+    NodeSlot& n = m.slots[s];
+    const bool was_live = m.live(s);
+    n.state.store(kClosed);
+    if (!was_live) continue;
+    mem::SpaceRequest req{n.space};
+    auto r = m.node->send_reply(n.id, mem::kClose,
+                                {reinterpret_cast<const std::byte*>(&req), sizeof req}, {});
+    if (r && m.options.observer != nullptr) m.options.observer(n.id, n.space, false);
+  }
+}
+
+}  // namespace lego::runtime
