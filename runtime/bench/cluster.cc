@@ -239,6 +239,13 @@ std::vector<ClusterRow> run_cluster(const ClusterOptions& co, const std::string&
         row.replicas = r;
         row.run = k;
         row.o = run(lego(t, co.memory_nodes, r, false), "");
+        // Each figure as it comes: a run cut short (a busy host) still leaves what it measured.
+        if (row.o.ok) {
+          fprintf(stderr, "lego-bench:   %.3f us/access, cpu %.2f s user %.2f s system\n", row.o.us,
+                  row.o.cpu_user_s, row.o.cpu_sys_s);
+        } else {
+          fprintf(stderr, "lego-bench:   failed (%s)\n", row.o.error.c_str());
+        }
         rows.push_back(row);
         if (co.replicas == 1) break;
       }
@@ -253,6 +260,10 @@ std::vector<ClusterRow> run_cluster(const ClusterOptions& co, const std::string&
     row.memory_nodes = co.memory_nodes;
     row.replicas = co.replicas;
     failover_run(lego("tcp", co.memory_nodes, co.replicas, true), &row);
+    fprintf(stderr,
+            "lego-bench:   found lost %.1f ms, failover_ms %.1f, longest access %.1f ms after the "
+            "kill; re-replication %.1f MB in %.0f ms\n",
+            row.detect_ms, row.failover_ms, row.stall_ms, row.copied_mb, row.copy_wall_ms);
     rows.push_back(row);
   }
   return rows;
