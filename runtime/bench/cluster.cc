@@ -4,9 +4,12 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -69,8 +72,32 @@ double figure(const std::string& text, const std::string& key) {
   return at == std::string::npos ? -1 : strtod(text.c_str() + at + key.size() + 1, nullptr);
 }
 
+// ms from the kill to a runtime time counter (CLOCK_MONOTONIC ns in --stats), or -1 when
+// the runtime did not record it (0) or recorded it before the kill (not this kill's).
+double ms_after(double at_ns, double kill_ns) {
+  return at_ns > 0 && at_ns >= kill_ns ? (at_ns - kill_ns) / 1e6 : -1;
+}
+
+// The worker's failover record (workers.cc): µs per access over [from, to) ns, from its
+// accesses completed per 10 ms since loop_start; 0 when the window holds no whole bucket.
+double rate(const std::string& text, double loop_start, double from, double to) {
+  const size_t at = text.find("buckets");
+  if (at == std::string::npos || to <= from) return 0;
+  std::istringstream in(text.substr(at + 7, text.find('\n', at) - at - 7));
+  std::vector<uint64_t> buckets;
+  for (uint64_t n; in >> n;) buckets.push_back(n);
+  const double bucket_ns = 10e6;
+  const size_t b0 = from > loop_start ? size_t((from - loop_start) / bucket_ns) : 0;
+  const size_t b1 = std::min(buckets.size(), size_t((to - loop_start) / bucket_ns));
+  uint64_t n = 0;
+  for (size_t b = b0; b < b1; b++) n += buckets[b];
+  return n == 0 ? 0 : double(b1 - b0) * bucket_ns / 1e3 / double(n);
+}
+
 // lego-run ARGS with the worker in failover mode: a memory node SIGKILLed once the loop
-// runs. Fills the row's failover figures.
+// runs. Fills the row's failover figures. The kill's time is taken here, just before
+// kill(); every other time is recorded by the program (its accesses) or by the runtime
+// (--stats), all on CLOCK_MONOTONIC: how long lego-bench waits before killing changes none.
 void failover_run(const std::vector<std::string>& argv, ClusterRow* row) {
   char dir[] = "/tmp/lego-bench-failover.XXXXXX";
   if (mkdtemp(dir) == nullptr) die("mkdtemp");
@@ -90,24 +117,29 @@ void failover_run(const std::vector<std::string>& argv, ClusterRow* row) {
     _exit(127);
   }
   close(out[1]);
-  // The loop runs (the heap is filled and placed): kill a memory node half a second in.
+  // The loop runs (the heap is filled and placed): kill a memory node a second in, so that
+  // the second before the kill is the program's pace with every node up.
   for (int i = 0; i < 12000 && access((file + ".running").c_str(), F_OK) != 0; i++) {
     usleep(10000);
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  std::this_thread::sleep_for(std::chrono::milliseconds(1000));
   const pid_t memd = child_memd(pid);
+  uint64_t kill_ns = 0;
   if (memd > 0) {
-    const uint64_t t = now_ns();
+    kill_ns = now_ns();
     kill(memd, SIGKILL);
-    std::ofstream(file + ".tmp") << t << "\n";
+    std::ofstream(file + ".tmp") << kill_ns << "\n";
     rename((file + ".tmp").c_str(), file.c_str());
   }
   std::string text;
-  char buf[512];
+  char buf[4096];
   for (ssize_t n; (n = read(out[0], buf, sizeof buf)) > 0;) text.append(buf, size_t(n));
   close(out[0]);
   int status = 0;
-  waitpid(pid, &status, 0);
+  rusage ru{};
+  wait4(pid, &status, 0, &ru);
+  row->o.cpu_user_s = double(ru.ru_utime.tv_sec) + double(ru.ru_utime.tv_usec) / 1e6;
+  row->o.cpu_sys_s = double(ru.ru_stime.tv_sec) + double(ru.ru_stime.tv_usec) / 1e6;
   std::ifstream ef(err);
   std::stringstream es;
   es << ef.rdbuf();
@@ -121,17 +153,45 @@ void failover_run(const std::vector<std::string>& argv, ClusterRow* row) {
   } else {
     row->o.ok = true;
     row->o.us = figure(text, "us_per_access");
-    row->failover_ms = figure(text, "failover_ms");
-    row->before_us = figure(text, "us_per_access_before_kill");
-    row->after_us = figure(text, "us_per_access_after_kill");
-    const double bytes = stat_value(stats, "bytes_copied"), ms = stat_value(stats, "copy_ms");
+    const double k = double(kill_ns), loop_start = figure(text, "loop_start_ns");
+    if (figure(text, "kill_ns") != k)
+      fprintf(stderr, "lego-bench: the worker read another kill time\n");
+    row->stall_ms = figure(text, "stall_ms");
+    row->detect_ms = ms_after(stat_value(stats, "first_loss_ns"), k);
+    row->failover_ms = ms_after(stat_value(stats, "first_failover_ns"), k);
+    const double bytes = stat_value(stats, "bytes_copied");
+    const double c0 = stat_value(stats, "rereplication_start_ns");
+    const double c1 = stat_value(stats, "rereplication_end_ns");
     row->copied_mb = bytes / 1e6;
-    row->copy_mb_s = ms > 0 ? bytes / 1e6 / (ms / 1e3) : -1;
+    if (c0 > 0 && c1 > c0) {
+      row->copy_wall_ms = (c1 - c0) / 1e6;
+      row->copy_mb_s = bytes / 1e6 / ((c1 - c0) / 1e9);
+      row->during_us = rate(text, loop_start, c0, c1);
+    }
+    row->before_us = rate(text, loop_start, k - 1e9, k);
   }
   unlink((file + ".running").c_str());
   unlink(file.c_str());
   unlink(err.c_str());
   rmdir(dir);
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+}
+
+// The ratio R=r to R=1 of run `run` on `transport` (0: either failed).
+double pair_ratio(const std::vector<ClusterRow>& rows, const ClusterRow& r) {
+  double base = 0;
+  for (const ClusterRow& p : rows) {
+    if (p.what == "replication" && p.transport == r.transport && p.run == r.run &&
+        p.replicas == 1 && p.o.ok) {
+      base = p.o.us;
+    }
+  }
+  return base > 0 && r.o.ok ? r.o.us / base : 0;
 }
 
 }  // namespace
@@ -161,21 +221,34 @@ std::vector<ClusterRow> run_cluster(const ClusterOptions& co, const std::string&
     a.insert(a.end(), worker.begin(), worker.end());
     return a;
   };
-  // Replication's cost: the same run with 1 and with R copies, per transport.
+  // Replication's cost: the same run with 1 and with R copies, alternating, per transport.
+  const int total = int(co.transports.size()) * co.runs * (co.replicas == 1 ? 1 : 2);
+  int step = 0;
   for (const std::string& t : co.transports) {
-    for (uint32_t r : {uint32_t{1}, co.replicas}) {
-      fprintf(stderr,
-              "lego-bench: cluster, random, %.0f%% local, %s, %d memory nodes, %u "
-              "replica%s...\n",
-              co.fraction * 100, t.c_str(), co.memory_nodes, r, r == 1 ? "" : "s");
-      ClusterRow row;
-      row.what = "replication";
-      row.transport = t;
-      row.memory_nodes = co.memory_nodes;
-      row.replicas = r;
-      row.o = run(lego(t, co.memory_nodes, r, false), "");
-      rows.push_back(row);
-      if (co.replicas == 1) break;
+    for (int k = 1; k <= co.runs; k++) {
+      for (uint32_t r : {uint32_t{1}, co.replicas}) {
+        fprintf(stderr,
+                "lego-bench: [%d/%d] cluster, random, %.0f%% local, %s, %d memory nodes, %u "
+                "replica%s, run %d of %d...\n",
+                ++step, total, co.fraction * 100, t.c_str(), co.memory_nodes, r, r == 1 ? "" : "s",
+                k, co.runs);
+        ClusterRow row;
+        row.what = "replication";
+        row.transport = t;
+        row.memory_nodes = co.memory_nodes;
+        row.replicas = r;
+        row.run = k;
+        row.o = run(lego(t, co.memory_nodes, r, false), "");
+        // Each figure as it comes: a run cut short (a busy host) still leaves what it measured.
+        if (row.o.ok) {
+          fprintf(stderr, "lego-bench:   %.3f us/access, cpu %.2f s user %.2f s system\n", row.o.us,
+                  row.o.cpu_user_s, row.o.cpu_sys_s);
+        } else {
+          fprintf(stderr, "lego-bench:   failed (%s)\n", row.o.error.c_str());
+        }
+        rows.push_back(row);
+        if (co.replicas == 1) break;
+      }
     }
   }
   // Failover and re-replication: a memory node SIGKILLed mid-run (tcp: lego-run's default).
@@ -187,33 +260,49 @@ std::vector<ClusterRow> run_cluster(const ClusterOptions& co, const std::string&
     row.memory_nodes = co.memory_nodes;
     row.replicas = co.replicas;
     failover_run(lego("tcp", co.memory_nodes, co.replicas, true), &row);
+    fprintf(stderr,
+            "lego-bench:   found lost %.1f ms, failover_ms %.1f, longest access %.1f ms after the "
+            "kill; re-replication %.1f MB in %.0f ms\n",
+            row.detect_ms, row.failover_ms, row.stall_ms, row.copied_mb, row.copy_wall_ms);
     rows.push_back(row);
   }
   return rows;
 }
 
 void print_cluster(const ClusterOptions& co, const std::vector<ClusterRow>& rows) {
-  printf("\nlego-bench: the cluster, random read-modify-write, %.0f%% local (cap %s)\n",
-         co.fraction * 100, std::to_string(co.cap >> 20).append(" MiB").c_str());
-  printf("%-12s %-9s %6s %8s %12s %10s\n", "row", "transport", "nodes", "replicas", "us/access",
-         "vs R=1");
+  printf(
+      "\nlego-bench: the cluster, random read-modify-write, %.0f%% local (cap %s), %ld "
+      "accesses per run\n",
+      co.fraction * 100, std::to_string(co.cap >> 20).append(" MiB").c_str(), co.accesses);
+  // CPU: the whole run's (heap fill included), the program's, lego-run's and the private
+  // nodes' together, user and system: what replication costs this host beyond the time.
+  printf("%-12s %-9s %6s %8s %4s %12s %10s %9s %9s\n", "row", "transport", "nodes", "replicas",
+         "run", "us/access", "vs R=1", "cpu usr s", "cpu sys s");
   for (const ClusterRow& r : rows) {
     if (r.what != "replication") continue;
     if (!r.o.ok) {
-      printf("%-12s %-9s %6d %8u %12s  (%s)\n", r.what.c_str(), r.transport.c_str(), r.memory_nodes,
-             r.replicas, "failed", r.o.error.c_str());
+      printf("%-12s %-9s %6d %8u %4d %12s  (%s)\n", r.what.c_str(), r.transport.c_str(),
+             r.memory_nodes, r.replicas, r.run, "failed", r.o.error.c_str());
       continue;
     }
-    double base = 0;
-    for (const ClusterRow& p : rows) {
-      if (p.what == r.what && p.transport == r.transport && p.replicas == 1 && p.o.ok) {
-        base = p.o.us;
-      }
-    }
+    const double ratio = pair_ratio(rows, r);
     char vs[32] = "-";
-    if (base > 0) snprintf(vs, sizeof vs, "%.2fx", r.o.us / base);
-    printf("%-12s %-9s %6d %8u %12.3f %10s\n", r.what.c_str(), r.transport.c_str(), r.memory_nodes,
-           r.replicas, r.o.us, vs);
+    if (ratio > 0 && r.replicas > 1) snprintf(vs, sizeof vs, "%.2fx", ratio);
+    printf("%-12s %-9s %6d %8u %4d %12.3f %10s %9.2f %9.2f\n", r.what.c_str(), r.transport.c_str(),
+           r.memory_nodes, r.replicas, r.run, r.o.us, vs, r.o.cpu_user_s, r.o.cpu_sys_s);
+  }
+  for (const std::string& t : co.transports) {
+    std::vector<double> ratios;
+    for (const ClusterRow& r : rows) {
+      if (r.what == "replication" && r.transport == t && r.replicas > 1 && pair_ratio(rows, r) > 0)
+        ratios.push_back(pair_ratio(rows, r));
+    }
+    if (ratios.empty()) continue;
+    auto [lo, hi] = std::minmax_element(ratios.begin(), ratios.end());
+    printf(
+        "replication's cost over %s: R=%u/R=1 median %.2fx (%.2f-%.2fx over %zu runs; "
+        "target <= 1.15x)\n",
+        t.c_str(), co.replicas, median(ratios), *lo, *hi, ratios.size());
   }
   for (const ClusterRow& r : rows) {
     if (r.what != "failover") continue;
@@ -222,34 +311,42 @@ void print_cluster(const ClusterOptions& co, const std::vector<ClusterRow>& rows
       continue;
     }
     printf(
-        "failover (tcp, %d nodes, %u replicas): failover_ms %.1f (SIGKILL of a memory node "
-        "to the end of the slowest access under way)\n",
-        r.memory_nodes, r.replicas, r.failover_ms);
+        "failover (tcp, %d nodes, %u replicas), from the SIGKILL of a memory node:\n"
+        "  found lost after %.1f ms; failover_ms %.1f (the first miss that met the lost node "
+        "done by the others; target <= 1000); the program's longest access after the kill "
+        "%.1f ms\n",
+        r.memory_nodes, r.replicas, r.detect_ms, r.failover_ms, r.stall_ms);
     printf(
-        "re-replication: %.1f MB copied, %.1f MB/s while the program ran; the program's "
-        "us/access %.3f in the second before the kill, %.3f in the 2 s after (%.2fx)\n",
-        r.copied_mb, r.copy_mb_s, r.before_us, r.after_us,
-        r.before_us > 0 ? r.after_us / r.before_us : 0.0);
+        "re-replication: %.1f MB in %.0f ms, %.1f MB/s while the program ran; the program's "
+        "us/access %.3f in the second before the kill, %.3f while re-replicating (%.2fx)\n",
+        r.copied_mb, r.copy_wall_ms, r.copy_mb_s, r.before_us, r.during_us,
+        r.before_us > 0 && r.during_us > 0 ? r.during_us / r.before_us : 0.0);
   }
 }
 
 void write_cluster_csv(FILE* f, const ClusterOptions& co, const std::vector<ClusterRow>& rows) {
   fprintf(f,
-          "cluster_row,transport,local_fraction,memory_nodes,replicas,us_per_access,failover_ms,"
-          "rereplication_mb_per_s,us_per_access_before_kill,us_per_access_after_kill\n");
+          "cluster_row,transport,local_fraction,memory_nodes,replicas,run,us_per_access,"
+          "vs_replicas_1,detect_ms,failover_ms,stall_ms,rereplication_mb,rereplication_ms,"
+          "rereplication_mb_per_s,us_per_access_before_kill,us_per_access_during_rereplication,"
+          "cpu_user_s,cpu_sys_s\n");
   for (const ClusterRow& r : rows) {
+    fprintf(f, "%s,%s,%.2f,%d,%u,%d,", r.what.c_str(), r.transport.c_str(), co.fraction,
+            r.memory_nodes, r.replicas, r.run);
     if (!r.o.ok) {
-      fprintf(f, "%s,%s,%.2f,%d,%u,failed,,,,\n", r.what.c_str(), r.transport.c_str(), co.fraction,
-              r.memory_nodes, r.replicas);
+      fprintf(f, "failed,,,,,,,,,,,\n");
       continue;
     }
-    fprintf(f, "%s,%s,%.2f,%d,%u,%.4f", r.what.c_str(), r.transport.c_str(), co.fraction,
-            r.memory_nodes, r.replicas, r.o.us);
+    fprintf(f, "%.4f,", r.o.us);
     if (r.what == "failover") {
-      fprintf(f, ",%.3f,%.2f,%.4f,%.4f\n", r.failover_ms, r.copy_mb_s, r.before_us, r.after_us);
+      fprintf(f, ",%.3f,%.3f,%.3f,%.2f,%.1f,%.2f,%.4f,%.4f", r.detect_ms, r.failover_ms, r.stall_ms,
+              r.copied_mb, r.copy_wall_ms, r.copy_mb_s, r.before_us, r.during_us);
     } else {
-      fprintf(f, ",,,,\n");
+      const double ratio = r.replicas > 1 ? pair_ratio(rows, r) : 0;
+      if (ratio > 0) fprintf(f, "%.4f", ratio);
+      fprintf(f, ",,,,,,,,");
     }
+    fprintf(f, ",%.3f,%.3f\n", r.o.cpu_user_s, r.o.cpu_sys_s);
   }
 }
 

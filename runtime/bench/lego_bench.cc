@@ -27,9 +27,10 @@
 //
 // Cluster rows (--only cluster): the random read-modify-write workload under lego-run's
 // private cluster of --memory-nodes N with --replicas R: its cost per access with R copies
-// against 1 (over tcp and shm), then failover_ms (a memory node SIGKILLed mid-run: from the
-// kill to the program's next completed access) and re-replication's speed (the runtime's
-// bytes_copied / copy_ms) with the program's slowdown meanwhile.
+// against 1 (over tcp and shm, --cluster-runs pairs alternating), then failover_ms (a memory
+// node SIGKILLed mid-run: from the kill to the end of the first miss that met the lost node,
+// the runtime's own time of it) and re-replication's speed (the runtime's bytes_copied over
+// its first copy's start to its last one's end) with the program's pace meanwhile.
 //
 // Real programs (--only programs): python3, sqlite3, sort, stress-ng and redis-server,
 // unmodified, under local, zram_swap, lego_tcp and lego_shm (programs.cc).
@@ -91,12 +92,15 @@ options:
   --replicas R         cluster rows: copies compared with 1 (default 2); with 2 or more a
                        failover row too
   --cluster-fraction F cluster rows: the random workload's local fraction (default 0.25)
+  --cluster-runs N     cluster rows: runs of replication's cost, R=1 and R=R alternating,
+                       each pair's ratio and their median printed (default 3)
   --csv FILE           rows: workload,local_fraction,threads,system,us_per_access; then
                        file_workload,system,mb_per_s_or_us; then
                        startup_system,median_ms,added_ms; then (cluster) cluster_row,
-                       transport,local_fraction,memory_nodes,replicas,us_per_access,
-                       failover_ms,rereplication_mb_per_s,us_per_access_before_kill,
-                       us_per_access_after_kill
+                       transport,local_fraction,memory_nodes,replicas,run,us_per_access,
+                       vs_replicas_1,detect_ms,failover_ms,stall_ms,rereplication_mb,
+                       rereplication_ms,rereplication_mb_per_s,us_per_access_before_kill,
+                       us_per_access_during_rereplication
   --programs LIST      with --only programs: python,sqlite,sort,stress-ng,redis (default:
                        all)
   --program-size F     with --only programs: scale every program's input by F (default 1:
@@ -209,6 +213,10 @@ int main(int argc, char** argv) {
          if (end == a || *end != '\0' || !(co.fraction > 0 && co.fraction <= 1)) {
            flags::usage_error(std::string("--cluster-fraction: '") + a + "' is not in (0, 1]");
          }
+       }},
+      {"cluster-runs", true,
+       [&](const char* a) {
+         co.runs = static_cast<int>(flags::number("--cluster-runs", a, 1, 100));
        }},
       {"cap", true, [&](const char* a) { cap = flags::size("--cap", a); }},
       {"fractions", true,

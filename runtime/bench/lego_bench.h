@@ -45,6 +45,8 @@ struct Outcome {
   std::string error;
   std::string text;   // the program's stdout
   int oom_kills = 0;  // the zram peer's runs the kernel OOM-killed (all of them if oom)
+  // CPU seconds of the run and every descendant it waited for (wait4's rusage).
+  double cpu_user_s = 0, cpu_sys_s = 0;
 };
 
 // This program's path.
@@ -134,6 +136,7 @@ struct ClusterOptions {
   uint64_t cap = 64ull << 20;
   double fraction = 0.25;  // the random workload's local fraction
   long accesses = 200000;
+  int runs = 3;  // replication's cost: runs of each, R=1 and R=R alternating
   std::vector<std::string> transports{"tcp", "shm"};
 };
 
@@ -142,10 +145,16 @@ struct ClusterRow {
   std::string transport;
   int memory_nodes = 0;
   uint32_t replicas = 0;
+  int run = 0;  // replication: which of --cluster-runs (1-based)
   Outcome o;
-  double failover_ms = -1;  // failover: SIGKILL to the end of the slowest access under way
-  double copied_mb = -1, copy_mb_s = -1;  // re-replication (the runtime's counters)
-  double before_us = 0, after_us = 0;     // µs/access 1 s before and 2 s after the kill
+  // Failover, each from lego-bench's CLOCK_MONOTONIC time of the SIGKILL (-1: not seen):
+  double detect_ms = -1;    // the runtime found the node lost (first_loss_ns)
+  double failover_ms = -1;  // the first miss that met the lost node was done (first_failover_ns)
+  double stall_ms = -1;     // the program's longest access that ended after the kill
+  // Re-replication (the runtime's bytes_copied, and its first start and last end).
+  double copied_mb = -1, copy_wall_ms = -1, copy_mb_s = -1;
+  // The program's µs per access in the second before the kill, and while re-replication ran.
+  double before_us = 0, during_us = 0;
 };
 
 // Replication's cost (each transport with 1 and with co.replicas copies), then, with 2 or

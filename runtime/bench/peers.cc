@@ -2,6 +2,7 @@
 // (runtime/bench/lego_bench.h).
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -69,8 +70,13 @@ Outcome run(const std::vector<std::string>& argv, const std::string& cgroup_task
   while ((n = read(out[0], buf, sizeof(buf))) > 0) text.append(buf, n);
   close(out[0]);
   int status = 0;
-  waitpid(pid, &status, 0);
+  rusage ru{};
+  wait4(pid, &status, 0, &ru);
   Outcome o;
+  // The CPU the run took: its own and that of every descendant it waited for (under
+  // lego-run: the program, the private memory nodes and the monitor).
+  o.cpu_user_s = double(ru.ru_utime.tv_sec) + double(ru.ru_utime.tv_usec) / 1e6;
+  o.cpu_sys_s = double(ru.ru_stime.tv_sec) + double(ru.ru_stime.tv_usec) / 1e6;
   if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) {
     o.oom = true;
     o.error = "killed (OOM)";

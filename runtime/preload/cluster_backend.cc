@@ -109,6 +109,7 @@ struct WriteJob {
   std::atomic<bool> busy{false};
   int epoch = 0;
   int ncalls = 0;
+  bool replica_failed = false;  // a replica failed this write-back (it was marked lost)
   Call calls[kCallsPerJob];
   uint64_t addrs[mem::kMaxBatch];
   size_t nlines = 0;
@@ -195,6 +196,18 @@ struct ClusterBackend::Impl {
     }
   }
 
+  // CLOCK_MONOTONIC now, in ns (async-signal-safe: the miss path stamps events with it).
+  static uint64_t mono_ns() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return uint64_t(ts.tv_sec) * 1000000000 + uint64_t(ts.tv_nsec);
+  }
+  // Sets a time counter (first_loss_ns, ...) to now if it is still 0.
+  static void stamp_once(std::atomic<uint64_t>& at) {
+    uint64_t zero = 0;
+    if (at.load(std::memory_order_relaxed) == 0) at.compare_exchange_strong(zero, mono_ns());
+  }
+
   // --- node slots
 
   std::string describe(fit::NodeId id) const {
@@ -270,6 +283,7 @@ struct ClusterBackend::Impl {
     int expected = kOpen;
     if (!slots[s].state.compare_exchange_strong(expected, kLost)) return;
     slots[s].lost_error.store(error);
+    stamp_once(first_loss_ns);
     nodes_lost.fetch_add(1);
     lost_generation.fetch_add(1);
     repair_wake.fetch_add(1);
@@ -453,7 +467,10 @@ struct ClusterBackend::Impl {
             node->send_reply(slots[s].id, mem::kFetch, {req, len}, reply_span(addrs.size(), out));
         if (r) {
           call_ok(s);
-          if (failed_over) failovers.fetch_add(1, std::memory_order_relaxed);
+          if (failed_over) {
+            failovers.fetch_add(1, std::memory_order_relaxed);
+            stamp_once(first_failover_ns);
+          }
           return unpack(r.value(), addrs.size(), out, s);
         }
         last = r.status();
@@ -580,7 +597,7 @@ struct ClusterBackend::Impl {
   // Finishes one started call of a write-back: resends as again() allows. Not ok only for
   // an answer (EINVAL, ENOMEM) or a failure of the last replica; a node found lost is ok
   // here (check_kept decides whether its vRegions kept a copy).
-  Status finish(Call& c, bool others, bool caller_retries) {
+  Status finish(WriteJob* j, Call& c, bool others, bool caller_retries) {
     auto r = node->finish_call(&c.pending);
     const bool busy = c.pending.request_busy;
     for (int attempt = 1; !r && again(c.slot, r.status(), attempt, others, caller_retries);
@@ -601,6 +618,7 @@ struct ClusterBackend::Impl {
     }
     if (!live(c.slot)) {
       replica_write_failures.fetch_add(1, std::memory_order_relaxed);
+      j->replica_failed = true;
       return Status();
     }
     note_failure(c.slot, r.status().code());
@@ -641,6 +659,7 @@ struct ClusterBackend::Impl {
           return st;
         }
         replica_write_failures.fetch_add(1, std::memory_order_relaxed);
+        j->replica_failed = true;
         continue;
       }
       c.started = true;
@@ -656,7 +675,7 @@ struct ClusterBackend::Impl {
     for (int k = 0; k < j->ncalls; k++) {
       Call& c = j->calls[k];
       if (!c.started) continue;
-      Status st = finish(c, replicated(), caller_retries);
+      Status st = finish(j, c, replicated(), caller_retries);
       if (!st && first.is_ok()) first = st;
     }
     j->ncalls = 0;
@@ -674,6 +693,7 @@ struct ClusterBackend::Impl {
       j->addrs[k] = lines[k].addr;
     }
     const uint64_t ver = version.fetch_add(1, std::memory_order_relaxed) + 1;
+    j->replica_failed = false;
     int ts[kMaxNodes];
     const int n = targets(lines, m, snap, ts);
     for (int done = 0; done < n;) {
@@ -689,8 +709,16 @@ struct ClusterBackend::Impl {
         if (!st) return st;
       }
     }
-    if (!leave_started) return check_kept(j->addrs, j->nlines, m);
+    if (!leave_started) return kept(j, m);
     return Status();
+  }
+
+  // The end of a write-back: check_kept, and the first one done by the survivors of a
+  // lost replica stamps first_failover_ns.
+  Status kept(WriteJob* j, const std::atomic<uint64_t>* m) {
+    Status st = check_kept(j->addrs, j->nlines, m);
+    if (st && j->replica_failed) stamp_once(first_failover_ns);
+    return st;
   }
 
   // --- placement (placer and repair threads: may allocate, may wait)
@@ -926,6 +954,7 @@ struct ClusterBackend::Impl {
   // Re-replicates vRegion v, whose replica i is on a lost node. False to try again later.
   bool repair(uint64_t v, uint32_t i) {
     const auto t0 = Clock::now();
+    stamp_once(rereplication_start_ns);
     uint64_t w = map[v].load();
     Entry e = Entry::decode(w);
     if (!e.placed || e.slot[i] == kNoSlot || live(e.slot[i])) return true;
@@ -972,8 +1001,11 @@ struct ClusterBackend::Impl {
         (void)again(src, r.status(), 1, true);
         continue;
       }
-      for (;;) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      // Polled after 1 ms, then twice as long each time up to 100 ms: a vRegion with few
+      // lines stored copies in a few ms, and a fixed 100 ms poll made every copy (they run
+      // one after another) last at least that long. A status call is one small round trip.
+      for (int wait_ms = 1;; wait_ms = std::min(2 * wait_ms, 100)) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(wait_ms));
         mem::CopyStatusRequest sr{slots[src].space, job.job};
         mem::CopyStatusReply st{};
         auto q = node->send_reply(slots[src].id, mem::kCopyStatus,
@@ -999,6 +1031,7 @@ struct ClusterBackend::Impl {
           if (map[v].compare_exchange_strong(now, p.encode())) break;
         }
         vregions_rereplicated.fetch_add(1);
+        rereplication_end_ns.store(mono_ns());
         bytes_copied.fetch_add(st.lines_copied * kLine);
         copy_ms.fetch_add(static_cast<uint64_t>(
             std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count()));
@@ -1366,7 +1399,7 @@ Status ClusterBackend::finish_write_back(WriteBackTicket* ticket) {
   if (j == nullptr) return Status();
   ticket->buffer = nullptr;
   Status st = m.finish_calls(j, /*caller_retries=*/false);
-  if (st) st = m.check_kept(j->addrs, j->nlines, m.map);
+  if (st) st = m.kept(j, m.map);
   m.leave_epoch(j->epoch);
   j->busy.store(false, std::memory_order_release);
   return st;

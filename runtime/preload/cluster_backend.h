@@ -51,7 +51,12 @@ namespace lego::runtime {
   X(vregions_rereplicated, "vRegions given a new full replica after a loss")              \
   X(bytes_copied, "bytes copied between memory nodes by re-replication")                  \
   X(copy_ms, "milliseconds spent re-replicating (sum over vRegions)")                     \
-  X(monitor_waits, "placements that waited for an unreachable monitor")
+  X(monitor_waits, "placements that waited for an unreachable monitor")                   \
+  /* Times, CLOCK_MONOTONIC ns (0: not yet), for lego-bench's failover figures. */        \
+  X(first_loss_ns, "when this process first found a memory node lost")                    \
+  X(first_failover_ns, "when the first miss that met a lost node was done by the others") \
+  X(rereplication_start_ns, "when the first re-replication began")                        \
+  X(rereplication_end_ns, "when the last re-replication so far ended")
 
 struct ClusterStats {
 #define LEGO_CLUSTER_FIELD(name, doc) uint64_t name = 0;
@@ -94,8 +99,8 @@ struct ClusterBackendOptions {
 class ClusterBackend : public LineBackend {
  public:
   // Without a monitor, opens a space on each of options.memory_nodes (connecting every
-  // channel: later calls allocate nothing); starts the service threads. The region is set later (set_region:
-  // the ExCache that owns it needs the backend first). Errors name the node.
+  // channel: later calls allocate nothing); starts the service threads. The region is set later
+  // (set_region: the ExCache that owns it needs the backend first). Errors name the node.
   static Result<std::unique_ptr<ClusterBackend>> open(fit::Node* node,
                                                       const ClusterBackendOptions& options);
   ~ClusterBackend() override;

@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cstring>
+#include <ctime>
 #include <thread>
 #include <vector>
 
@@ -188,6 +189,13 @@ TEST_CASE("two replicas: a lost memory node is read around at once and copied ag
   for (int i = 1; i < 4; i++) victim = c.placed_on(i) > c.placed_on(victim) ? i : victim;
   const uint64_t lost = c.placed_on(victim);
   REQUIRE(lost > 0);
+  // The times lego-bench's failover row reads (CLOCK_MONOTONIC ns): none before a loss.
+  CHECK(b->stats().first_loss_ns == 0);
+  CHECK(b->stats().first_failover_ns == 0);
+  CHECK(b->stats().rereplication_start_ns == 0);
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  const uint64_t stopped_ns = uint64_t(ts.tv_sec) * 1000000000 + uint64_t(ts.tv_nsec);
   c.stop(victim);
   check_all(*b, kVRegions, kLines, 1);  // every line read from the other copy
   // Written while the copies are made again: nothing may be lost either. (Every write-back
@@ -196,6 +204,12 @@ TEST_CASE("two replicas: a lost memory node is read around at once and copied ag
   CHECK(b->stats().nodes_lost == 1);
   REQUIRE(wait_for([&] { return b->stats().vregions_rereplicated >= lost; }, 20));
   CHECK(b->stats().bytes_copied > 0);
+  // Found lost after the stop; the first miss around it done after that; the copies after.
+  const lego::runtime::ClusterStats t = b->stats();
+  CHECK(t.first_loss_ns >= stopped_ns);
+  CHECK(t.first_failover_ns >= t.first_loss_ns);
+  CHECK(t.rereplication_start_ns >= t.first_loss_ns);
+  CHECK(t.rereplication_end_ns > t.rereplication_start_ns);
   check_all(*b, kVRegions, kLines, 2);
 
   // A second node after re-replication (one that holds copies: a node holding none would
@@ -228,6 +242,9 @@ TEST_CASE("two replicas on two nodes: a fetch whose node is gone is read from th
   check_all(*b, kVRegions, 2, 1);
   CHECK(b->stats().nodes_lost == 1);
   CHECK(b->stats().failovers >= 1);
+  // Only fetches met the lost node: the fetch that went around it is the time.
+  CHECK(b->stats().first_failover_ns >= b->stats().first_loss_ns);
+  CHECK(b->stats().first_loss_ns > 0);
 }
 
 TEST_CASE(
