@@ -77,6 +77,11 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 out /newroot/lego-out 
 # A fresh /tmp, as at any boot (else systemd-tmpfiles empties this machine's /tmp into
 # the overlay, file by file).
 mount -t tmpfs -o mode=1777 tmp /newroot/tmp
+# Except the checkout the test runs from, when it lies under /tmp (CI clones there): the
+# runfiles' links point into it.
+while read -r p; do
+  mkdir -p "/newroot$p" && mount -o bind "/lower$p" "/newroot$p" || fail "bind $p"
+done </newroot/lego-out/keep
 init=/lego-out/init.sh
 mode=$(cat /newroot/lego-out/mode)
 # This machine's own mounts and identity are not the guest's.
@@ -108,6 +113,11 @@ guest_boot() {
   # Run from the share: the guest's /tmp is its own.
   cp "$init" "$out/init.sh" && chmod +x "$out/init.sh" || return 1
   : >"$out/args"
+  # The checkout this file is in (tests/lib/guest.sh; under Bazel, what its runfile links
+  # to): the guest's fresh /tmp would hide it if it is under /tmp.
+  local checkout
+  checkout=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)
+  case $checkout in /tmp/*) echo "$checkout" >"$out/keep" ;; *) : >"$out/keep" ;; esac
   local a
   for a in "$@"; do printf '%s\n' "$a" >>"$out/args"; done
   if [ "${GUEST_SYSTEMD:-0}" = 1 ]; then
