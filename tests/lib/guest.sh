@@ -160,3 +160,38 @@ EOF
   tr -d '\r' <"$out/serial.log" >"$out/serial.txt"
   return $rc
 }
+
+# The checks every guest test makes of a finished guest's serial log (OUT_DIR/serial.txt),
+# for check() (tests/lib/check.sh), e.g. check "..." guest_stage_ok "$LOG" dkms 60.
+# A stage reports "guest: stage NAME: start", then ": ok" or ": FAIL ...".
+
+# guest_stage_ok LOG STAGE LINES: the stage ended ok; else the last LINES lines of its
+# part of the log, and whether it ever started.
+guest_stage_ok() {
+  local log=$1 stage=$2 lines=$3
+  grep -q "^guest: stage $stage: ok" "$log" && return 0
+  awk -v s="guest: stage $stage: " 'index($0, s "start") == 1 { p = 1 } p { print } index($0, s "FAIL") == 1 { p = 0 }' "$log" | tail -n "$lines"
+  grep -q "^guest: stage $stage: start" "$log" || echo "the guest never started stage $stage"
+  return 1
+}
+
+# guest_kernel_log_clean LOG [IGNORE_ERE]: no BUG, WARNING, Oops, GPF, panic or call
+# trace in the guest kernel's log, but for lines matching IGNORE_ERE.
+guest_kernel_log_clean() {
+  local bad
+  bad=$(grep -nE 'BUG:|WARNING:|Oops|general protection|Kernel panic|Call Trace:' "$1")
+  [[ -n ${2:-} ]] && bad=$(grep -vE "$2" <<<"$bad")
+  [[ -z $bad ]] && return 0
+  echo "$bad"
+  return 1
+}
+
+# guest_finished LOG PREFIX QEMU_STATUS: the guest's init printed PREFIX_PASS or
+# PREFIX_FAIL, its last word; else the log's tail and whether qemu timed out (124).
+guest_finished() {
+  grep -qE "^$2_(PASS|FAIL)" "$1" && return 0
+  tail -n 40 "$1"
+  [[ $3 -eq 124 ]] && echo "guest timed out"
+  echo "the guest did not finish (no $2_PASS or $2_FAIL)"
+  return 1
+}

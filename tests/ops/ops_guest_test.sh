@@ -96,29 +96,9 @@ if [[ -n $STAGES ]]; then
   echo "ops_guest_test: qemu exited $qrc after $((SECONDS - t0)) s" >&2
   [[ -n ${TEST_UNDECLARED_OUTPUTS_DIR:-} ]] && cp "$WORK/out/serial.txt" "$TEST_UNDECLARED_OUTPUTS_DIR/" || true
   LOGF=$WORK/out/serial.txt
-  stage_ok() {
-    grep -q "^guest: stage $1: ok" "$LOGF" && return 0
-    awk -v s="guest: stage $1: " 'index($0, s "start") == 1 { p = 1 } p { print } index($0, s "FAIL") == 1 { p = 0 }' "$LOGF" | tail -n 60
-    grep -q "^guest: stage $1: start" "$LOGF" || echo "the guest never started stage $1"
-    return 1
-  }
-  for st in $STAGES; do check "${STAGE_CHECKS[$st]}" stage_ok "$st"; done
-  kernel_log_clean() {
-    local bad
-    bad=$(grep -nE 'BUG:|WARNING:|Oops|general protection|Kernel panic|Call Trace:' "$LOGF")
-    [[ -z $bad ]] && return 0
-    echo "$bad"
-    return 1
-  }
-  check "the guest's kernel log shows no BUG, WARNING or Oops" kernel_log_clean
-  guest_finished() {
-    grep -qE '^LEGO_OPS_(PASS|FAIL)' "$LOGF" && return 0
-    tail -n 40 "$LOGF"
-    [[ $qrc -eq 124 ]] && echo "guest timed out"
-    echo "the guest did not finish (no LEGO_OPS_PASS or LEGO_OPS_FAIL)"
-    return 1
-  }
-  check "the guest ran to its end" guest_finished
+  for st in $STAGES; do check "${STAGE_CHECKS[$st]}" guest_stage_ok "$LOGF" "$st" 60; done
+  check "the guest's kernel log shows no BUG, WARNING or Oops" guest_kernel_log_clean "$LOGF"
+  check "the guest ran to its end" guest_finished "$LOGF" LEGO_OPS "$qrc"
   grep -E '^guest: stage .*: (ok|FAIL)|^security |^guest: [0-9]' "$LOGF" >&2
 fi
 check_summary

@@ -76,30 +76,9 @@ if [[ -n $STAGES ]]; then
     cp "$WORK/out/serial.txt" "$WORK"/out/fit-bench.* "$TEST_UNDECLARED_OUTPUTS_DIR/" 2>/dev/null || true
   fi
   LOGF=$WORK/out/serial.txt
-  stage_ok() {
-    grep -q "^guest: stage $1: ok" "$LOGF" && return 0
-    awk -v s="guest: stage $1: " 'index($0, s "start") == 1 { p = 1 } p { print } index($0, s "FAIL") == 1 { p = 0 }' "$LOGF" | tail -n 80
-    grep -q "^guest: stage $1: start" "$LOGF" || echo "the guest never started stage $1"
-    return 1
-  }
-  for st in $STAGES; do check "${STAGE_CHECKS[$st]}" stage_ok "$st"; done
-  kernel_log_clean() {
-    local bad
-    bad=$(grep -nE 'BUG:|WARNING:|Oops|general protection|Kernel panic|Call Trace:' "$LOGF" |
-      grep -v 'Attempted to kill init')
-    [[ -z $bad ]] && return 0
-    echo "$bad"
-    return 1
-  }
-  check "the guest's kernel log shows no BUG, WARNING or Oops" kernel_log_clean
-  guest_finished() {
-    grep -qE '^LEGO_VERBS_(PASS|FAIL)' "$LOGF" && return 0
-    tail -n 40 "$LOGF"
-    [[ $qrc -eq 124 ]] && echo "guest timed out"
-    echo "the guest did not finish (no LEGO_VERBS_PASS or LEGO_VERBS_FAIL)"
-    return 1
-  }
-  check "the guest ran to its end" guest_finished
+  for st in $STAGES; do check "${STAGE_CHECKS[$st]}" guest_stage_ok "$LOGF" "$st" 80; done
+  check "the guest's kernel log shows no BUG, WARNING or Oops" guest_kernel_log_clean "$LOGF" 'Attempted to kill init'
+  check "the guest ran to its end" guest_finished "$LOGF" LEGO_VERBS "$qrc"
   grep -E '^guest: stage .*: (ok|FAIL)' "$LOGF" >&2
   [[ -s $WORK/out/fit-bench.txt ]] && cat "$WORK/out/fit-bench.txt" >&2
 fi
