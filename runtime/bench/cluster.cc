@@ -155,7 +155,7 @@ void failover_run(const std::vector<std::string>& argv, ClusterRow* row) {
     row->o.us = figure(text, "us_per_access");
     const double k = double(kill_ns), loop_start = figure(text, "loop_start_ns");
     if (figure(text, "kill_ns") != k)
-      fprintf(stderr, "lego-bench: the worker read another kill time\n");
+      fprintf(stderr, "lego-bench: the worker read another kill time: %s\n", text.c_str());
     row->stall_ms = figure(text, "stall_ms");
     row->detect_ms = ms_after(stat_value(stats, "first_loss_ns"), k);
     row->failover_ms = ms_after(stat_value(stats, "first_failover_ns"), k);
@@ -206,8 +206,6 @@ std::vector<ClusterRow> run_cluster(const ClusterOptions& co, const std::string&
     std::vector<std::string> a{lego_run,
                                "--excache",
                                std::to_string(co.cap),
-                               "--delivery",
-                               "sigbus",
                                "--transport",
                                transport,
                                "--memory-nodes",

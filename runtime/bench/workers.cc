@@ -72,16 +72,20 @@ uint64_t now_ns() {
 // within 10 s), and the accesses completed in each 10 ms of the loop.
 void report_failover(const char* file, uint64_t loop_start, uint64_t loop_end) {
   uint64_t kill_ns = 0;
+  int why = 0;
   for (int i = 0; i < 1000 && kill_ns == 0; i++) {
     FILE* f = fopen(file, "r");
     if (f != nullptr) {
       if (fscanf(f, "%lu", &kill_ns) != 1) kill_ns = 0;
       fclose(f);
+    } else {
+      why = errno;
     }
     if (kill_ns == 0) usleep(10000);
   }
   if (kill_ns == 0) {
-    printf("kill_ns none (no kill time in %s)\n", file);
+    printf("kill_ns none (no kill time in %s: %s)\n", file,
+           why ? strerror(why) : "no number in it");
     return;
   }
   uint64_t worst = 0;
