@@ -4,7 +4,9 @@
 // endpoint name and pid); a client channel is an endpoint of its own with the server in
 // its address vector. "Closing" a peer forgets its address and state; a peer whose
 // process is gone is noticed through its pid, both ways. After the handshake requests and
-// replies are compact frames (fit_wire.h). Shared libfabric mechanics: ofi_transport.h.
+// replies are compact frames (fit_wire.h). One-sided ops are requests served by the
+// owner's libfit (served_rma.h says why, not shm's own RMA). Shared libfabric mechanics:
+// ofi_transport.h.
 #include <sys/random.h>
 #include <unistd.h>
 
@@ -13,6 +15,7 @@
 #include <unordered_map>
 
 #include "libfit/ofi_transport.h"
+#include "libfit/served_rma.h"
 
 namespace lego::fit::transport {
 namespace ofi_common {
@@ -56,6 +59,9 @@ class RdmConnection final : public OfiConnection {
   void on_challenge(const wire::ChallengePayload& challenge) override {
     peer_pid_ = static_cast<pid_t>(challenge.pid);
   }
+  Status rma(bool write, uint64_t key, uint64_t addr, std::byte* local, size_t len) override {
+    return served_rma::call(ctx_, host_, write, key, addr, local, len);
+  }
 
  private:
   // A peer gone is a process gone.
@@ -82,6 +88,16 @@ class RdmServer final : public OfiServer {
   void close_server() override;
   void reject(Delivery& d, const Status& st, uint16_t opcode, uint64_t id) override;
   bool on_hello(Delivery& d, const wire::FrameHeader& h, const wire::HelloPayload* hello) override;
+  const Handler* internal_handler(uint16_t opcode) const override {
+    return regions_.handler(opcode);
+  }
+  Result<std::unique_ptr<Registration>> register_memory(void* data, size_t size, bool remote_write,
+                                                        RemoteRegion* remote) override {
+    if (!server_domain_) {
+      return Status(EINVAL, ctx_.who + ": start() the node before registering memory");
+    }
+    return regions_.add(data, size, remote_write, remote);
+  }
 
   // The domain client endpoints share with the server, once it listens; else null.
   ofi::Domain* domain() const { return server_domain_.get(); }
@@ -111,7 +127,8 @@ class RdmServer final : public OfiServer {
   // The slots are shared by all peers: which peer each receive's request came from is
   // found by address.
   std::unordered_map<fi_addr_t, std::unique_ptr<OfiPeer>> peers_;
-  OfiPeer any_;  // owner of the shared endpoint's contexts
+  OfiPeer any_;                         // owner of the shared endpoint's contexts
+  served_rma::Registry regions_{ctx_};  // what peers may read and write (one-sided ops)
   Clock::time_point last_reap_ = Clock::now();
 };
 
@@ -161,7 +178,8 @@ Status RdmConnection::open(const NodeConfig& peer, ClientHost* host) {
                   "cannot resolve the shm address of node " + std::to_string(peer.id));
   }
   const size_t max = ctx_.config->max_message_bytes;
-  LEGO_RETURN_IF_ERROR(register_slots(bufs_, *domain_, max, max, 2 * kWindow));
+  // No bounce buffer: one-sided ops are requests, received into the slots.
+  LEGO_RETURN_IF_ERROR(register_slots(bufs_, *domain_, max, 0, 2 * kWindow));
   return post_receives();
 }
 

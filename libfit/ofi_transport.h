@@ -47,7 +47,8 @@ Status register_slots(SlotBuffers& bufs, ofi::Domain& d, size_t max_payload, siz
 
 // A client connection on a libfabric endpoint with its own completion queue: kWindow
 // receives posted, sends from the slots (compact for rdm requests), one-sided ops through
-// the bounce buffer. Subclasses open the endpoint and say how a dead peer is noticed.
+// the bounce buffer (rdm serves them as requests instead: served_rma.h). Subclasses open
+// the endpoint and say how a dead peer is noticed.
 class OfiConnection : public ClientConnection {
  public:
   OfiConnection(const Context& ctx, bool compact) : ctx_(ctx), compact_(compact) {}

@@ -1,7 +1,7 @@
 // One-sided ops: memory registration (MemoryRegion) and rma_read / rma_write. The core
 // checks the range and holds a channel to the region's node; the provider moves the bytes
-// (libfabric: fi_read/fi_write through the channel's bounce buffer; tcp: requests served
-// by the owner's libfit server thread).
+// (verbs, ofi_tcp: fi_read/fi_write through the channel's bounce buffer; tcp and shm:
+// requests served by the owner's libfit server thread, served_rma.h).
 #include "libfit/node_impl.h"
 
 namespace lego::fit {

@@ -14,8 +14,6 @@
 #include <algorithm>
 #include <cstring>
 
-#include "libfit/auth.h"
-
 namespace lego::fit::transport {
 
 std::unique_ptr<Transport> make_tcp(const Context& ctx) {
@@ -239,20 +237,7 @@ Status TcpConnection::poll(int wait_ms) {
 
 // One-sided ops over sockets: requests served by the owner's libfit server thread.
 Status TcpConnection::rma(bool write, uint64_t key, uint64_t addr, std::byte* local, size_t len) {
-  size_t chunk = ctx_.config->max_message_bytes - sizeof(RmaRequest);
-  std::vector<std::byte> req(sizeof(RmaRequest) + (write ? std::min(len, chunk) : 0));
-  for (size_t done = 0; done < len;) {
-    size_t n = std::min(len - done, chunk);
-    RmaRequest r{key, addr + done, n};
-    memcpy(req.data(), &r, sizeof(r));
-    if (write) memcpy(req.data() + sizeof(r), local + done, n);
-    auto res = host_->call(write ? kRmaWrite : kRmaRead, {req.data(), sizeof(r) + (write ? n : 0)},
-                           {write ? nullptr : local + done, write ? 0 : n});
-    if (!res) return res.status();
-    if (!write && res.value() != n) return Status(EPROTO, ctx_.who + ": short one-sided read");
-    done += n;
-  }
-  return Status();
+  return served_rma::call(ctx_, host_, write, key, addr, local, len);
 }
 
 }  // namespace
@@ -260,12 +245,7 @@ Status TcpConnection::rma(bool write, uint64_t key, uint64_t addr, std::byte* lo
 // ---------------------------------------------------------------------------------------
 // The provider object
 
-TcpTransport::TcpTransport(const Context& ctx) : ctx_(ctx) {
-  rma_read_ = [this](const RpcContext&, std::span<const std::byte> req,
-                     std::span<std::byte> reply) { return serve_rma(false, req, reply); };
-  rma_write_ = [this](const RpcContext&, std::span<const std::byte> req,
-                      std::span<std::byte> reply) { return serve_rma(true, req, reply); };
-}
+TcpTransport::TcpTransport(const Context& ctx) : ctx_(ctx) {}
 
 std::unique_ptr<ClientConnection> TcpTransport::new_connection() {
   return std::make_unique<TcpConnection>(ctx_);
@@ -350,45 +330,8 @@ void TcpTransport::reject(Delivery& d0, const Status& st, uint16_t opcode, uint6
 }
 
 const Handler* TcpTransport::internal_handler(uint16_t opcode) const {
-  if (opcode == kRmaRead) return &rma_read_;
-  if (opcode == kRmaWrite) return &rma_write_;
-  return nullptr;
+  return regions_.handler(opcode);
 }
-
-Result<size_t> TcpTransport::serve_rma(bool write, std::span<const std::byte> req,
-                                       std::span<std::byte> reply) {
-  RmaRequest r;
-  if (req.size() < sizeof(r)) return Status(EPROTO, ctx_.who + ": short one-sided request");
-  memcpy(&r, req.data(), sizeof(r));
-  if ((write && req.size() != sizeof(r) + r.length) || (!write && r.length > reply.size())) {
-    return Status(EPROTO, ctx_.who + ": malformed one-sided request");
-  }
-  std::lock_guard<std::mutex> g(regions_mu_);
-  auto it = regions_.find(r.key);
-  auto base = it == regions_.end() ? 0 : reinterpret_cast<uint64_t>(it->second.data);
-  if (it == regions_.end() || r.addr < base || r.length > it->second.size ||
-      r.addr - base > it->second.size - r.length) {
-    return Status(EACCES, ctx_.who + ": no registered region holds that key and range");
-  }
-  if (write && !it->second.writable) return Status(EACCES, ctx_.who + ": the region is read-only");
-  std::byte* at = reinterpret_cast<std::byte*>(r.addr);
-  if (write) {
-    memcpy(at, req.data() + sizeof(r), r.length);
-    return size_t{0};
-  }
-  memcpy(reply.data(), at, r.length);
-  return static_cast<size_t>(r.length);
-}
-
-// A region in the registry, by key, until destroyed.
-struct Registered final : Registration {
-  TcpTransport* t = nullptr;
-  uint64_t key = 0;
-  ~Registered() override {
-    std::lock_guard<std::mutex> g(t->regions_mu_);
-    t->regions_.erase(key);
-  }
-};
 
 Result<std::unique_ptr<Registration>> TcpTransport::register_memory(void* data, size_t size,
                                                                     bool remote_write,
@@ -396,16 +339,7 @@ Result<std::unique_ptr<Registration>> TcpTransport::register_memory(void* data, 
   if (!listening_) {
     return Status(EINVAL, ctx_.who + ": start() the node before registering memory");
   }
-  auto reg = std::make_unique<Registered>();
-  reg->t = this;
-  reg->key = auth::random_u64();
-  {
-    std::lock_guard<std::mutex> g(regions_mu_);
-    regions_[reg->key] = {static_cast<std::byte*>(data), size, remote_write};
-  }
-  remote->key = reg->key;
-  remote->base = reinterpret_cast<uint64_t>(data);
-  return std::unique_ptr<Registration>(std::move(reg));
+  return regions_.add(data, size, remote_write, remote);
 }
 
 }  // namespace tcp

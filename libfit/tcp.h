@@ -20,19 +20,11 @@
 #include <unordered_map>
 #include <vector>
 
+#include "libfit/served_rma.h"
 #include "libfit/slot_buffers.h"
 #include "libfit/transport.h"
 
 namespace lego::fit::transport::tcp {
-
-// Internal opcodes of one-sided ops, served by libfit itself.
-inline constexpr uint16_t kRmaRead = 0xfffe;
-inline constexpr uint16_t kRmaWrite = 0xfffd;
-struct RmaRequest {
-  uint64_t key;
-  uint64_t addr;
-  uint64_t length;
-};
 
 // Frames served from one connection per turn of a server loop, and connections accepted
 // per turn: a flooding peer cannot monopolise the thread (epoll is level-triggered, so
@@ -172,23 +164,11 @@ class TcpTransport final : public Transport {
   Thread& next_owner() { return *threads_[next_owner_++ % threads_.size()]; }
 
  private:
-  friend struct Registered;
-  // Serves a one-sided op on a registered region.
-  Result<size_t> serve_rma(bool write, std::span<const std::byte> req, std::span<std::byte> reply);
-
   Context ctx_;
   std::vector<std::unique_ptr<Thread>> threads_;
   std::atomic<unsigned> next_owner_{0};
   bool listening_ = false;
-  Handler rma_read_, rma_write_;
-  // Regions peers may read and write, by key.
-  struct Region {
-    std::byte* data;
-    size_t size;
-    bool writable;
-  };
-  std::mutex regions_mu_;
-  std::unordered_map<uint64_t, Region> regions_;  // guarded by regions_mu_
+  served_rma::Registry regions_{ctx_};  // what peers may read and write (one-sided ops)
 };
 
 }  // namespace lego::fit::transport::tcp

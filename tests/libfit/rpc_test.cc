@@ -299,6 +299,70 @@ TEST_CASE("one-sided reads and writes reach registered memory", "[rma]") {
   }
 }
 
+// Guards the owner's check of one-sided ops: a key it never handed out, an address outside
+// the region the key names, or a write to a read-only region is refused (EACCES; ofi_tcp's
+// libfabric only closes the connection: EIO) and moves no byte, and the node goes on
+// working. Over shm, libfabric's fast RMA path copied with process_vm_readv/writev from the
+// initiator and never looked at the key: each of these succeeded (libfit/served_rma.h).
+TEST_CASE("one-sided ops with a forged key or range, or a read-only region, are refused",
+          "[rma][auth]") {
+  for (const char* provider : {"tcp", "ofi_tcp", "shm"}) {
+    SECTION(provider) {
+      const int refused = std::string(provider) == "ofi_tcp" ? EIO : EACCES;
+      auto p = make_pair(make_cluster(2, provider));
+      std::vector<std::byte> exposed(1 << 16, std::byte{0x11});
+      std::vector<std::byte> secret(4096, std::byte{0x22});  // 64 bytes registered read-only
+      auto mr = p.server->register_memory(exposed.data(), exposed.size(), true);
+      REQUIRE(mr.is_ok());
+      auto ro = p.server->register_memory(secret.data(), 64, false);
+      REQUIRE(ro.is_ok());
+      const RemoteRegion region = mr->remote();
+      std::vector<std::byte> buf(4096, std::byte{0xee});
+
+      RemoteRegion forged = region;
+      forged.key ^= 0x5a5a;
+      Status st = p.client->rma_read(forged, 0, buf);
+      INFO("forged key, read: " << st.message());
+      CHECK(st.code() == refused);
+      CHECK(buf[0] == std::byte{0xee});
+      st = p.client->rma_write(forged, 0, buf);
+      INFO("forged key, write: " << st.message());
+      CHECK(st.code() == refused);
+
+      // The right key, an address just past the region (its base moved by the caller):
+      // libfit's own range check on the caller's side passes, the owner's must refuse.
+      RemoteRegion shifted = region;
+      shifted.base += exposed.size();
+      if (std::string(provider) != "ofi_tcp") {  // its provider checks ranges in the MR
+        st = p.client->rma_read(shifted, 0, buf);
+        INFO("outside the region, read: " << st.message());
+        CHECK(st.code() == refused);
+        st = p.client->rma_write(shifted, 0, buf);
+        INFO("outside the region, write: " << st.message());
+        CHECK(st.code() == refused);
+        // A region registered read-only takes no write.
+        RemoteRegion readonly = ro->remote();
+        st = p.client->rma_write(readonly, 0, std::span<const std::byte>(buf).first(64));
+        INFO("read-only region, write: " << st.message());
+        CHECK(st.code() == refused);
+        for (std::byte b : std::span(secret).first(64)) REQUIRE(b == std::byte{0x22});
+      }
+      for (std::byte b : exposed) REQUIRE(b == std::byte{0x11});
+
+      // The right key still works, and so do calls.
+      std::vector<std::byte> got(4096);
+      st = p.client->rma_read(region, 0, got);
+      INFO(st.message());
+      REQUIRE(st.is_ok());
+      CHECK(got[4095] == std::byte{0x11});
+      std::vector<std::byte> reply(8);
+      auto r = p.client->send_reply(2, kEcho, as_bytes("after"), reply);
+      INFO(r.status().message());
+      CHECK(r.is_ok());
+    }
+  }
+}
+
 TEST_CASE("verbs is selectable and says clearly when there is no RDMA device", "[verbs]") {
   auto c = make_cluster(2, "verbs");
   auto server = Node::create(c, 2);
