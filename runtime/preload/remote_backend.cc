@@ -251,6 +251,10 @@ Status RemoteBackend::finish_fetch_batch(FetchTicket* ticket) {
   return unpack_fetch_reply(r.value(), ticket->count, ticket->out);
 }
 
+bool RemoteBackend::fetch_ready(FetchTicket* ticket) {
+  return node_->call_done(std::launder(reinterpret_cast<fit::Node::PendingCall*>(ticket->opaque)));
+}
+
 Status RemoteBackend::write_back(std::span<const WriteBack> lines) {
   return write_back_in(handle_, lines);
 }
