@@ -298,6 +298,7 @@ struct ExCacheOptions {
   X(unfenced_batches, "eviction rounds that skipped write-protecting: no thread to store") \
   X(eviction_batches, "eviction rounds (each one TLB-flushing zap)")                       \
   X(waits, "faults that waited for a line another thread was filling or evicting")         \
+  X(overlapped, "handler thread: misses whose fetch went out while another was in flight") \
   X(spurious, "faults that found the line already served (raced a fill)")
 // The gauges: what holds now, not events.
 #define LEGO_EXCACHE_GAUGES(X)                            \

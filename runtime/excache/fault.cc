@@ -562,7 +562,10 @@ void ExCache::Impl::handle_event(const uffd_msg& msg) {
       Fill& next = pipeline[(pipeline_head + pipeline_count) % kMaxPipeline];
       next.started = false;
       const bool served = serve_fault(addr, write, &next);
-      if (next.started) ++pipeline_count;  // its fetch is in flight: finish_oldest maps it
+      if (next.started) {
+        // Its fetch is in flight: finish_oldest maps it.
+        if (pipeline_count++ > 0) stats.add(Counter::overlapped);
+      }
       if (!served) {
         // Already served by someone else: that UFFDIO_COPY or WRITEPROTECT may have run
         // before this thread went to sleep, so wake it explicitly.
