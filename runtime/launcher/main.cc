@@ -198,8 +198,13 @@ pid_t run_program(const Options& o, const Settings& settings) {
     setenv("LD_PRELOAD", ld.c_str(), 1);
     export_settings(settings);
     // jemalloc would serve allocations above 8 MiB from a "huge" arena created later with
-    // default hooks, i.e. from local memory: keep every size in the hooked arenas.
-    std::string conf = "oversize_threshold:0";
+    // default hooks, i.e. from local memory: keep every size in the hooked arenas. And with
+    // retain (its default) each arena grows its address space geometrically, 2 MiB then 4,
+    // 8 ... 64 MiB and more, most of it never touched: every such range is placed on memory
+    // nodes, which promise it room, so a 60 MiB heap of 4 threads held 128 MiB of promises
+    // and a cluster filled at half its capacity. Without retain an arena asks for what it
+    // needs (freed extents are still kept for reuse: the hooks opt out of dalloc).
+    std::string conf = "oversize_threshold:0,retain:false";
     if (const char* old = getenv("MALLOC_CONF"); old != nullptr && *old) {
       conf = std::string(old) + "," + conf;
     }

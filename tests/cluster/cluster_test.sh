@@ -35,12 +35,12 @@ export LEGO_MEMD=$MEMD LEGO_MOND=$MOND
 
 # Daemons and namespaces a check made by hand, gone at exit whatever was selected.
 extra_pids=""
-extra_ns=""
 runner=""
 cleanup() {
   [ -n "$runner" ] && kill "$runner" 2>/dev/null # a check that failed half-way
   for p in $extra_pids; do kill -KILL "$p" 2>/dev/null; done
-  for n in $extra_ns; do ip netns del "$n" 2>/dev/null; done
+  # join_bridge runs in $(...): the namespaces it made are listed in a file.
+  [ -f "$tmp/extra_ns" ] && while read -r n; do ip netns del "$n" 2>/dev/null; done <"$tmp/extra_ns"
 }
 trap cleanup EXIT
 
@@ -55,19 +55,16 @@ start_run() {
   shift
   # The run of a check that failed half-way goes first (lego-run stops its cluster).
   if [ -n "$runner" ] && kill "$runner" 2>/dev/null; then wait "$runner" 2>/dev/null; fi
-  "$LEGO_RUN" "$@" >"$tmp/$name.out" 2>"$tmp/$name.err" &
+  # <&0: a background command of a script reads /dev/null unless told otherwise.
+  "$LEGO_RUN" "$@" <&0 >"$tmp/$name.out" 2>"$tmp/$name.err" &
   runner=$!
   run_dir=/tmp/lego-run-$runner
   killed=""
   wait_until 20 test -s "$run_dir/cluster.toml" || return 1
 }
-# memd_pid NODE: the run's lego-memd serving memory node NODE. lego-run starts them in node
-# order (2, 10, 11, ...); a killed one may linger as a zombie, so the order is taken over
-# every child lego-run started, as it started them.
+# memd_pid NODE: the run's lego-memd serving memory node NODE (its --node argument).
 memd_pid() {
-  local i
-  if [ "$1" -eq 2 ]; then i=1; else i=$(($1 - 8)); fi
-  pgrep -P "$runner" -x lego-memd | sort -n | sed -n "${i}p"
+  pgrep -P "$runner" -f "^lego-memd .*--node $1 "
 }
 mond_pid() { pgrep -P "$runner" -x lego-mond; }
 # kill_node NODE: SIGKILLs the run's memory node NODE.
@@ -132,7 +129,7 @@ join_bridge() {
     echo "no bridge in namespace $sw" >&2
     return 1
   }
-  ip netns add "$ns" && extra_ns="$extra_ns $ns" &&
+  ip netns add "$ns" && echo "$ns" >>"$tmp/extra_ns" &&
     ip -n "$sw" link add "ct$$$1" type veth peer name eth0 netns "$ns" &&
     ip -n "$sw" link set "ct$$$1" master "$br" up &&
     ip -n "$ns" addr add "$addr/24" dev eth0 && ip -n "$ns" link set eth0 up &&
@@ -202,6 +199,7 @@ sys.stdin.readline()
   }
   local up
   up=$(($(pgrep -P "$runner" -x lego-memd -r R,S,D | wc -l) + $(mond_pid | wc -l)))
+  [ "$up" -eq 4 ] || ps -o pid,stat,comm --ppid "$runner"
   echo done >&7
   finish_run full
   exec 7>&-
@@ -307,7 +305,7 @@ kill_one() {
   [ "$run_rc" -eq 0 ] && [ "$(stat nodes_lost "$tmp/$name.err")" -ge 1 ]
 }
 check "failover: lego-run --memory-nodes 3 --replicas 2, a lego-memd SIGKILLed: integrity intact" \
-  eval 'kill_one kill_int 4 "$INTEGRITY" 48 4 150000 && integrity_ok "$tmp/kill_int.out"'
+  eval 'kill_one kill_int 4 "$INTEGRITY" 48 4 40000 && integrity_ok "$tmp/kill_int.out"'
 check "failover: a memory node SIGKILLed mid-run (replicas 2): python3 intact" \
   eval 'kill_one kill_py 3 "$PYTHON" "$HERE/dict_list.py" &&
         [ "$(tail -1 "$tmp/kill_py.out")" = "python ok" ]'
@@ -329,7 +327,7 @@ all_copied() {
 # nothing lost.
 second_kill() {
   start_run second --memory-nodes 4 --replicas 2 --memory-capacity 256M --excache 8M \
-    --stats -- "$INTEGRITY" 48 4 400000 || return 1
+    --stats -- "$INTEGRITY" 48 4 100000 || return 1
   kill_busiest 4 || return 1
   wait_until 30 eval 'mond_status >"$tmp/second.status" 2>&1 && all_copied "$tmp/second.status"' ||
     {
@@ -366,7 +364,7 @@ check "failover: replicas 1, a killed memory node ends the run with 69 naming it
 # nodes' reports.
 monitor_kill() {
   start_run mon --memory-nodes 3 --replicas 2 --memory-capacity 256M --excache 8M \
-    -- "$INTEGRITY" 48 4 300000 || return 1
+    -- "$INTEGRITY" 48 4 60000 || return 1
   wait_until 20 eval 'mond_status >"$tmp/mon.before" 2>&1 && listed "$tmp/mon.before" 4 2' ||
     return 1
   kill -KILL "$(mond_pid)"
