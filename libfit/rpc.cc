@@ -311,6 +311,17 @@ Result<size_t> Node::finish_call(PendingCall* call) {
   return r;
 }
 
+bool Node::call_done(PendingCall* call) {
+  auto* ch = static_cast<ClientChannel*>(call->channel);
+  if (ch == nullptr) return true;  // finish_call reports it
+  std::unique_lock<std::mutex> lock(ch->mu, std::try_to_lock);
+  if (!lock.owns_lock()) return false;
+  auto& s = ch->slots[call->slot];
+  if (s.id != call->id || !s.in_use || s.done) return true;
+  if (!impl_->progress(*ch, 0).is_ok()) return true;  // broken: the slot failed with it
+  return s.done || Clock::now() > call->deadline;
+}
+
 struct RpcFuture::State {
   Node::Impl* node = nullptr;
   ClientChannel* ch = nullptr;

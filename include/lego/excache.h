@@ -18,7 +18,10 @@
 //                   interposer does this).
 //   kHandlerThread  one thread per ExCache polls the userfaultfd and serves misses while the
 //                   faulting thread sleeps in the kernel: slower (a cross-CPU hand-off per
-//                   miss) but kernel-mode faults work when the process may register them
+//                   miss). It is pipelined: it starts the fetches of every pending fault
+//                   (LineBackend::start_fetch_batch, up to 8 in flight) before it waits for
+//                   the oldest, so misses of different threads overlap in the backend.
+//                   Kernel-mode faults work when the process may register them
 //                   (root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1; see
 //                   ExCache::serves_kernel_faults()).
 //
@@ -115,7 +118,10 @@ class LineBackend {
   // fetch_batch in two halves, so that the fetch runs while the program works: start sends
   // the request and returns, finish waits for the reply and leaves `out` as fetch_batch
   // would. `ticket` is the caller's storage for the fetch in between. Every started fetch
-  // must be finished, from any thread; same calling context as fetch(). The default
+  // must be finished, from any thread; same calling context as fetch(). One thread may
+  // have several started at once (the handler thread's pipeline: up to 8, finished oldest
+  // first, with write-backs started and finished in between): a backend must let them be
+  // in flight together, not serialise them behind a lock held until finish. The default
   // fetches everything in start.
   struct FetchTicket {
     alignas(16) unsigned char opaque[64];
@@ -131,6 +137,14 @@ class LineBackend {
   virtual Status finish_fetch_batch(FetchTicket* ticket) {
     (void)ticket;
     return Status::ok();
+  }
+  // Whether finish_fetch_batch would return at once (the reply, or an error, is in).
+  // Polls without waiting; same calling context as fetch(). The handler thread asks it
+  // between reads of new faults, so that it starts their fetches while the oldest is on
+  // its way. The default (true) makes the handler wait for each oldest fetch in turn.
+  virtual bool fetch_ready(FetchTicket* ticket) {
+    (void)ticket;
+    return true;
   }
   // write_back in two halves, so that an eviction need not wait for the backend's answer:
   // start takes the lines (when it returns their memory may change or be unmapped: it was
@@ -284,6 +298,7 @@ struct ExCacheOptions {
   X(unfenced_batches, "eviction rounds that skipped write-protecting: no thread to store") \
   X(eviction_batches, "eviction rounds (each one TLB-flushing zap)")                       \
   X(waits, "faults that waited for a line another thread was filling or evicting")         \
+  X(overlapped, "handler thread: misses whose fetch went out while another was in flight") \
   X(spurious, "faults that found the line already served (raced a fill)")
 // The gauges: what holds now, not events.
 #define LEGO_EXCACHE_GAUGES(X)                            \

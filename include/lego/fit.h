@@ -325,6 +325,12 @@ class Node {
                     std::span<const std::byte> request, std::span<std::byte> reply,
                     std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
   Result<size_t> finish_call(PendingCall* call);
+  // Polls a started call's channel once, without waiting: true when finish_call would
+  // return at once (its reply or its error is in, or its deadline passed), false while
+  // the reply is on its way or another thread holds the channel (that thread's polling
+  // takes this reply in too). For a thread with several calls in flight that has other
+  // work meanwhile (ExCache's handler thread reading new faults). Costs one receive poll.
+  bool call_done(PendingCall* call);
 
   // Registers [data, data+size) for one-sided access by peers (remote_write: peers may
   // write too). Cost: pins the pages; a few µs per MiB.

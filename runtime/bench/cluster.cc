@@ -200,8 +200,8 @@ std::vector<ClusterRow> run_cluster(const ClusterOptions& co, const std::string&
                                     const std::string& lego_run) {
   std::vector<ClusterRow> rows;
   const uint64_t heap = static_cast<uint64_t>(double(co.cap) / co.fraction) & ~uint64_t{kPage - 1};
-  const std::vector<std::string> worker{self, "--worker", "random", std::to_string(heap),
-                                        std::to_string(co.accesses)};
+  const std::vector<std::string> worker{
+      self, "--worker", "random", std::to_string(heap), std::to_string(co.accesses), "1"};
   auto lego = [&](const std::string& transport, int nodes, uint32_t replicas, bool stats) {
     std::vector<std::string> a{lego_run,
                                "--excache",

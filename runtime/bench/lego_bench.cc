@@ -6,12 +6,16 @@
 //              capped at the ExCache size (docs/measurements.md's recipe; set up and torn
 //              down here);
 //   lego_tcp   lego-run, private memory node in another network namespace over tcp;
-//   lego_shm   lego-run, private memory node over shm on this host.
+//   lego_shm   lego-run, private memory node over shm on this host;
+// the lego systems once per fault delivery (lego-run --delivery: handler, the default, and
+// sigbus), side by side; random_mt once per thread count (--threads).
 // Heaps are filled with incompressible data (zeros flatter zram). A run the kernel
 // OOM-kills is reported as such, never averaged in; the zram peer is then run again, up to
 // --oom-retries times, and its row says how many of its runs were killed. Prints µs per
 // access and ratios to
-// local and to zram_swap; --csv writes workload,local_fraction,threads,system,us_per_access.
+// local and to zram_swap, then each lego row's handler/sigbus ratio and random_mt's
+// throughput per thread count with the CPU it took; --csv writes
+// workload,local_fraction,threads,system,delivery,us_per_access.
 // Then the miss floors: what random and sequential misses cannot cost less than here with
 // userfaultfd and the transport alone (fault_floor.h, libfit/bench/floors.h; --help).
 //
@@ -77,6 +81,9 @@ options:
   --fractions LIST     local fraction(s) of the heap (default 0.25,0.5: heap 4x and 2x cap)
   --workloads LIST     memory workloads: random,sequential,zipf,random_mt (default: all)
   --systems LIST       for memory: local,zram_swap,lego_tcp,lego_shm (default: all)
+  --deliveries LIST    lego-run --delivery for the lego systems: handler,sigbus (default:
+                       both, side by side)
+  --threads LIST       random_mt's thread counts (default 1,2,4)
   --accesses N         accesses per memory run (default 200000)
   --oom-retries N      run the zram peer again, up to N times, when the kernel OOM-kills
                        it (default 2); the table says how many of its runs were killed
@@ -94,7 +101,8 @@ options:
   --cluster-fraction F cluster rows: the random workload's local fraction (default 0.25)
   --cluster-runs N     cluster rows: runs of replication's cost, R=1 and R=R alternating,
                        each pair's ratio and their median printed (default 3)
-  --csv FILE           rows: workload,local_fraction,threads,system,us_per_access; then
+  --csv FILE           rows: workload,local_fraction,threads,system,delivery,
+                       us_per_access (delivery "-" outside lego); then
                        file_workload,system,mb_per_s_or_us; then
                        startup_system,median_ms,added_ms; then (cluster) cluster_row,
                        transport,local_fraction,memory_nodes,replicas,run,us_per_access,
@@ -164,6 +172,14 @@ median wall time and what lego-run adds to local's; the next, where the time goe
 medians of the phases between the marks lego-run, its lego-memd and the runtime in
 /bin/true write to $LEGO_STARTUP_TRACE (include/lego/startup_trace.h).
 
+Deliveries and threads. After the table: for each lego row, the handler delivery's µs per
+access over the sigbus delivery's (the misses are the same, so this is the ratio per
+miss); and for random_mt, accesses per second per thread count and their ratio to one
+thread, with the CPU the timed part took per access: the program in user mode and in the
+kernel (its threads and the runtime's: getrusage), and the memory node (lego-memd's
+/proc/PID/stat). Over random accesses at local fraction f, (1 - f) of accesses miss: CPU
+per miss is CPU per access / (1 - f).
+
 Needs root (zram, cgroups, network namespaces). lego-run is looked up beside this
 program (bazel-bin/runtime/lego-run) or through $LEGO_RUN.
 )";
@@ -171,6 +187,60 @@ program (bazel-bin/runtime/lego-run) or through $LEGO_RUN.
 constexpr const char* kKinds[] = {"memory", "files", "startup", "cluster", "programs"};
 constexpr const char* kWorkloads[] = {"random", "sequential", "zipf", "random_mt"};
 constexpr const char* kSystems[] = {"local", "zram_swap", "lego_tcp", "lego_shm"};
+constexpr const char* kDeliveries[] = {"handler", "sigbus"};
+
+// µs per access of r's lego system under delivery `d`, or 0.
+double delivery_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const char* d) {
+  for (auto& q : rows) {
+    if (q.workload == r.workload && q.fraction == r.fraction && q.threads == r.threads &&
+        q.system == r.system && q.delivery == d && q.o.ok) {
+      return q.o.us;
+    }
+  }
+  return 0;
+}
+
+// Each lego row's handler/sigbus ratio, then random_mt per thread count.
+void print_deliveries_and_threads(const std::vector<MemoryRow>& rows) {
+  bool header = false;
+  for (auto& r : rows) {
+    if (r.delivery != "handler" || !r.o.ok) continue;
+    const double sigbus = delivery_us(rows, r, "sigbus");
+    if (sigbus <= 0) continue;
+    if (!header) {
+      printf("\nhandler delivery over sigbus delivery (µs per access; the same misses):\n");
+      printf("%-11s %6s %7s %-10s %10s %10s %8s\n", "workload", "local", "threads", "system",
+             "handler", "sigbus", "ratio");
+      header = true;
+    }
+    printf("%-11s %5.0f%% %7d %-10s %10.3f %10.3f %7.2fx\n", r.workload.c_str(), r.fraction * 100,
+           r.threads, r.system.c_str(), r.o.us, sigbus, r.o.us / sigbus);
+  }
+  header = false;
+  for (auto& r : rows) {
+    if (r.workload != "random_mt" || !r.o.ok) continue;
+    if (!header) {
+      printf(
+          "\nrandom_mt: accesses per second by threads, and CPU µs per access of the timed "
+          "part\n(program user, program kernel, memory node; per miss: / (1 - local))\n");
+      printf("%6s %-17s %7s %12s %9s %9s %9s %9s\n", "local", "system", "threads", "accesses/s",
+             "vs 1", "user", "kernel", "memd");
+      header = true;
+    }
+    double one = 0;
+    for (auto& q : rows) {
+      if (q.workload == r.workload && q.fraction == r.fraction && q.system == r.system &&
+          q.delivery == r.delivery && q.threads == 1 && q.o.ok) {
+        one = q.o.us;
+      }
+    }
+    char vs[32] = "-", memd[32] = "-";
+    if (one > 0) snprintf(vs, sizeof vs, "%.2fx", one / r.o.us);
+    if (r.cpu_memd >= 0) snprintf(memd, sizeof memd, "%.3f", r.cpu_memd);
+    printf("%5.0f%% %-17s %7d %12.0f %9s %9.3f %9.3f %9s\n", r.fraction * 100,
+           system_label(r).c_str(), r.threads, 1e6 / r.o.us, vs, r.cpu_user, r.cpu_kernel, memd);
+  }
+}
 constexpr const char* kFileWorkloads[] = {"seq_write", "seq_read", "rand_read_4k"};
 constexpr const char* kFileSystems[] = {"local", "lego", "tcp_floor"};
 
@@ -178,8 +248,8 @@ constexpr const char* kFileSystems[] = {"local", "lego", "tcp_floor"};
 
 int main(int argc, char** argv) {
   if (argc >= 2 && strcmp(argv[1], "--worker") == 0) {
-    if (argc != 5) die("--worker WORKLOAD HEAP_BYTES ACCESSES");
-    return worker(argv[2], strtoull(argv[3], nullptr, 10), atol(argv[4]));
+    if (argc != 6) die("--worker WORKLOAD HEAP_BYTES ACCESSES THREADS");
+    return worker(argv[2], strtoull(argv[3], nullptr, 10), atol(argv[4]), atoi(argv[5]));
   }
   if (argc >= 2 && strcmp(argv[1], "--file-worker") == 0) {
     if (argc != 6) die("--file-worker DIR SIZE_BYTES RAND_READS WORKLOADS");
@@ -189,6 +259,8 @@ int main(int argc, char** argv) {
   std::vector<double> fractions{0.25, 0.5};
   std::vector<std::string> workloads(std::begin(kWorkloads), std::end(kWorkloads));
   std::vector<std::string> systems(std::begin(kSystems), std::end(kSystems));
+  std::vector<std::string> deliveries(std::begin(kDeliveries), std::end(kDeliveries));
+  std::vector<int> thread_counts{1, 2, 4};
   long accesses = 200000;
   int oom_retries = 2;
   bool floors = true;
@@ -234,6 +306,15 @@ int main(int argc, char** argv) {
       {"workloads", true,
        [&](const char* a) { workloads = flags::list("--workloads", a, kWorkloads); }},
       {"systems", true, [&](const char* a) { systems = flags::list("--systems", a, kSystems); }},
+      {"deliveries", true,
+       [&](const char* a) { deliveries = flags::list("--deliveries", a, kDeliveries); }},
+      {"threads", true,
+       [&](const char* a) {
+         thread_counts.clear();
+         for (auto& t : split_list(a)) {
+           thread_counts.push_back(static_cast<int>(flags::number("--threads", t.c_str(), 1, 64)));
+         }
+       }},
       {"accesses", true,
        [&](const char* a) { accesses = flags::number("--accesses", a, 1, 1000000000000); }},
       {"csv", true, [&](const char* a) { csv = a; }},
@@ -297,53 +378,76 @@ int main(int argc, char** argv) {
   if (!memory) fractions.clear();
   // One step per memory run and per file system: a line that updates on a terminal,
   // plain lines in a log.
-  Progress progress("lego-bench", fractions.size() * workloads.size() * systems.size() +
-                                      (files ? fo.systems.size() : 0));
+  size_t runs = 0;
+  for (auto& w : workloads) {
+    for (auto& s : systems) {
+      const bool lego = s == "lego_tcp" || s == "lego_shm";
+      runs += (w == "random_mt" ? thread_counts.size() : 1) * (lego ? deliveries.size() : 1);
+    }
+  }
+  Progress progress("lego-bench", fractions.size() * runs + (files ? fo.systems.size() : 0));
   for (double f : fractions) {
     uint64_t heap = static_cast<uint64_t>(cap / f) & ~uint64_t{kPage - 1};
     for (auto& w : workloads) {
-      std::vector<std::string> worker{self, "--worker", w, std::to_string(heap),
-                                      std::to_string(accesses)};
-      for (auto& s : systems) {
-        char label[160];
-        snprintf(label, sizeof label, "%s, %.0f%% local, %s", w.c_str(), f * 100, s.c_str());
-        progress.step(label);
-        Outcome o;
-        if (s == "local") {
-          o = run(worker, "");
-        } else if (s == "zram_swap") {
-          // An OOM kill is the kernel's verdict on that run, not a figure: say so, and try
-          // again (a fresh zram device and cgroup each time) so that the row can still
-          // compare.
-          for (int kills = 0;; ++kills) {
-            ZramSwap z;
-            std::string err = z.setup(cap);
-            if (!err.empty()) {
-              o = Outcome();
-              o.error = err;
-            } else {
-              o = run(worker, z.tasks());
+      for (int threads : w == "random_mt" ? thread_counts : std::vector<int>{1}) {
+        std::vector<std::string> worker{self,
+                                        "--worker",
+                                        w,
+                                        std::to_string(heap),
+                                        std::to_string(accesses),
+                                        std::to_string(threads)};
+        for (auto& s : systems) {
+          const bool lego = s == "lego_tcp" || s == "lego_shm";
+          for (const std::string& d : lego ? deliveries : std::vector<std::string>{""}) {
+            char label[160];
+            snprintf(label, sizeof label, "%s, %d thread%s, %.0f%% local, %s%s%s", w.c_str(),
+                     threads, threads > 1 ? "s" : "", f * 100, s.c_str(), d.empty() ? "" : "/",
+                     d.c_str());
+            progress.step(label);
+            Outcome o;
+            if (s == "local") {
+              o = run(worker, "");
+            } else if (s == "zram_swap") {
+              // An OOM kill is the kernel's verdict on that run, not a figure: say so, and try
+              // again (a fresh zram device and cgroup each time) so that the row can still
+              // compare.
+              for (int kills = 0;; ++kills) {
+                ZramSwap z;
+                std::string err = z.setup(cap);
+                if (!err.empty()) {
+                  o = Outcome();
+                  o.error = err;
+                } else {
+                  o = run(worker, z.tasks());
+                }
+                o.oom_kills = kills;
+                if (!o.oom || kills == oom_retries) break;
+                progress.note(std::string(label) + ": OOM-killed, running again");
+              }
+              if (o.oom) o.oom_kills += 1;
+            } else if (s == "lego_tcp" || s == "lego_shm") {
+              std::vector<std::string> a{lego_run,
+                                         "--excache",
+                                         std::to_string(cap),
+                                         "--delivery",
+                                         d,
+                                         "--transport",
+                                         s == "lego_tcp" ? "tcp" : "shm",
+                                         "--memory-capacity",
+                                         std::to_string(heap * 2 + (256 << 20)),
+                                         "--"};
+              a.insert(a.end(), worker.begin(), worker.end());
+              o = run(a, "");
             }
-            o.oom_kills = kills;
-            if (!o.oom || kills == oom_retries) break;
-            progress.note(std::string(label) + ": OOM-killed, running again");
+            MemoryRow row{w, s, f, threads, o, d};
+            if (const size_t at = o.text.find("cpu_us_per_access ");
+                o.ok && at != std::string::npos) {
+              sscanf(o.text.c_str() + at, "cpu_us_per_access %lf %lf %lf", &row.cpu_user,
+                     &row.cpu_kernel, &row.cpu_memd);
+            }
+            rows.push_back(row);
           }
-          if (o.oom) o.oom_kills += 1;
-        } else if (s == "lego_tcp" || s == "lego_shm") {
-          std::vector<std::string> a{lego_run,
-                                     "--excache",
-                                     std::to_string(cap),
-                                     "--delivery",
-                                     "sigbus",
-                                     "--transport",
-                                     s == "lego_tcp" ? "tcp" : "shm",
-                                     "--memory-capacity",
-                                     std::to_string(heap * 2 + (256 << 20)),
-                                     "--"};
-          a.insert(a.end(), worker.begin(), worker.end());
-          o = run(a, "");
         }
-        rows.push_back({w, s, f, w == "random_mt" ? 2 : 1, o});
       }
     }
   }
@@ -357,13 +461,13 @@ int main(int argc, char** argv) {
   if (memory) {
     printf("\nlego-bench: µs per access, cap %s (ExCache = cgroup limit), %ld accesses per run\n",
            format_size(cap).c_str(), accesses);
-    printf("%-11s %6s %-10s %12s %10s %10s\n", "workload", "local", "system", "us/access",
-           "vs local", "vs zram");
+    printf("%-11s %6s %7s %-17s %12s %10s %10s\n", "workload", "local", "threads", "system",
+           "us/access", "vs local", "vs zram");
     for (auto& r : rows) {
       const double local = peer_us(rows, r, "local"), zram = peer_us(rows, r, "zram_swap");
       if (!r.o.ok) {
-        printf("%-11s %5.0f%% %-10s %12s  (%s", r.workload.c_str(), r.fraction * 100,
-               r.system.c_str(), r.o.oom ? "OOM-killed" : "failed", r.o.error.c_str());
+        printf("%-11s %5.0f%% %7d %-17s %12s  (%s", r.workload.c_str(), r.fraction * 100, r.threads,
+               system_label(r).c_str(), r.o.oom ? "OOM-killed" : "failed", r.o.error.c_str());
         if (r.o.oom_kills > 1) printf("; all %d runs OOM-killed", r.o.oom_kills);
         printf(")\n");
         continue;
@@ -371,13 +475,14 @@ int main(int argc, char** argv) {
       char vl[32] = "-", vz[32] = "-";
       if (local > 0) snprintf(vl, sizeof vl, "%.1fx", r.o.us / local);
       if (zram > 0) snprintf(vz, sizeof vz, "%.2fx", r.o.us / zram);
-      printf("%-11s %5.0f%% %-10s %12.3f %10s %10s", r.workload.c_str(), r.fraction * 100,
-             r.system.c_str(), r.o.us, vl, vz);
+      printf("%-11s %5.0f%% %7d %-17s %12.3f %10s %10s", r.workload.c_str(), r.fraction * 100,
+             r.threads, system_label(r).c_str(), r.o.us, vl, vz);
       if (r.o.oom_kills > 0) {
         printf("  (after %d OOM-killed run%s)", r.o.oom_kills, r.o.oom_kills > 1 ? "s" : "");
       }
       printf("\n");
     }
+    print_deliveries_and_threads(rows);
   }
   if (memory && floors) report_miss_floors(rows, cap);
   if (files) print_files(fo, file_rows);
@@ -387,14 +492,15 @@ int main(int argc, char** argv) {
     FILE* f = fopen(csv.c_str(), "w");
     if (f == nullptr) die("cannot write " + csv);
     if (only == "cluster") write_cluster_csv(f, co, cluster_rows);
-    if (memory) fprintf(f, "workload,local_fraction,threads,system,us_per_access\n");
+    if (memory) fprintf(f, "workload,local_fraction,threads,system,delivery,us_per_access\n");
     for (auto& r : rows) {
+      const char* d = r.delivery.empty() ? "-" : r.delivery.c_str();
       if (r.o.ok) {
-        fprintf(f, "%s,%.2f,%d,%s,%.4f\n", r.workload.c_str(), r.fraction, r.threads,
-                r.system.c_str(), r.o.us);
+        fprintf(f, "%s,%.2f,%d,%s,%s,%.4f\n", r.workload.c_str(), r.fraction, r.threads,
+                r.system.c_str(), d, r.o.us);
       } else {
-        fprintf(f, "%s,%.2f,%d,%s,%s\n", r.workload.c_str(), r.fraction, r.threads,
-                r.system.c_str(), r.o.oom ? "oom" : "failed");
+        fprintf(f, "%s,%.2f,%d,%s,%s,%s\n", r.workload.c_str(), r.fraction, r.threads,
+                r.system.c_str(), d, r.o.oom ? "oom" : "failed");
       }
     }
     if (files) {

@@ -26,8 +26,10 @@ constexpr size_t kPage = 4096;
 
 // ---- workers.cc
 
-// Runs one memory workload in this process and prints "us_per_access <x>".
-int worker(const std::string& workload, size_t heap_bytes, long accesses);
+// Runs one memory workload in this process (random_mt with `threads` threads) and prints
+// "us_per_access <x>" and "cpu_us_per_access <program user> <program kernel> <memory
+// node>" (CPU of the timed part; the memory node's -1 when not under lego-run).
+int worker(const std::string& workload, size_t heap_bytes, long accesses, int threads);
 // 1 MiB: the file workloads' I/O size.
 constexpr size_t kFileChunk = 1 << 20;
 // Runs the file workloads in order on DIR/lego-bench.dat and prints "<workload> <figure>"
@@ -101,8 +103,15 @@ struct MemoryRow {
   double fraction;
   int threads;
   Outcome o;
+  std::string delivery;  // lego_*: lego-run --delivery (handler or sigbus); else empty
+  // CPU µs per access of the timed part: the program in user mode, in the kernel, and the
+  // memory node (-1: not measured).
+  double cpu_user = -1, cpu_kernel = -1, cpu_memd = -1;
 };
-// µs per access of `system` on r's workload and fraction, or 0 when it did not run or failed.
+// "lego_tcp/handler" for a lego row, else the system's name.
+std::string system_label(const MemoryRow& r);
+// µs per access of `system` on r's workload, fraction and threads, or 0 when it did not run
+// or failed.
 double peer_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const char* system);
 
 // ---- files.cc

@@ -131,7 +131,7 @@ void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
     line("shm round trip, fi_pingpong -p shm, 4096 B each way", f.shm_rtt);
     line("shm, a line's share of fi_pingpong's 128 KiB one way", f.shm_window_line);
   }
-  printf("%-11s %6s %-10s %16s %10s %11s\n", "workload", "local", "system", "floor us/access",
+  printf("%-11s %6s %-17s %16s %10s %11s\n", "workload", "local", "system", "floor us/access",
          "vs zram", "lego/floor");
   for (auto& r : rows) {
     if (!has_floor(r)) continue;
@@ -140,8 +140,8 @@ void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
     const double zram = peer_us(rows, r, "zram_swap");
     char vz[32] = "-";
     if (zram > 0) snprintf(vz, sizeof vz, "%.2fx", floor.value() / zram);
-    printf("%-11s %5.0f%% %-10s %16.3f %10s %10.2fx\n", r.workload.c_str(), r.fraction * 100,
-           r.system.c_str(), floor.value(), vz, r.o.us / floor.value());
+    printf("%-11s %5.0f%% %-17s %16.3f %10s %10.2fx\n", r.workload.c_str(), r.fraction * 100,
+           system_label(r).c_str(), floor.value(), vz, r.o.us / floor.value());
   }
 }
 

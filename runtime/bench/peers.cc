@@ -166,9 +166,14 @@ void ZramSwap::teardown() {
   dev_ = -1;
 }
 
+std::string system_label(const MemoryRow& r) {
+  return r.delivery.empty() ? r.system : r.system + "/" + r.delivery;
+}
+
 double peer_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const char* system) {
   for (auto& q : rows) {
-    if (q.workload == r.workload && q.fraction == r.fraction && q.system == system && q.o.ok) {
+    if (q.workload == r.workload && q.fraction == r.fraction && q.threads == r.threads &&
+        q.system == system && q.o.ok) {
       return q.o.us;
     }
   }

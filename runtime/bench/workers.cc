@@ -1,7 +1,9 @@
 // lego-bench's workloads (runtime/bench/lego_bench.h): the code that runs under each
 // system, in a child process (lego-bench --worker / --file-worker), so that every system
 // runs the same instructions.
+#include <dirent.h>
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -103,9 +105,59 @@ void report_failover(const char* file, uint64_t loop_start, uint64_t loop_end) {
   printf("\n");
 }
 
+// CPU seconds (user, system) of process `pid` from /proc/PID/stat, or {-1, -1}.
+std::pair<double, double> process_cpu(pid_t pid) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
+  FILE* f = fopen(path, "r");
+  if (f == nullptr) return {-1, -1};
+  char buf[1024] = {};
+  const size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = '\0';
+  const char* p = strrchr(buf, ')');  // comm may hold spaces; fields follow its ')'
+  unsigned long long utime = 0, stime = 0;
+  if (p == nullptr ||
+      sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &utime, &stime) != 2) {
+    return {-1, -1};
+  }
+  const double tick = static_cast<double>(sysconf(_SC_CLK_TCK));
+  return {utime / tick, stime / tick};
+}
+
+// The private memory node lego-run started for this run: the lego-memd whose parent is
+// ours (lego-run's), or 0 (not under lego-run).
+pid_t find_memory_node() {
+  const pid_t parent = getppid();
+  DIR* d = opendir("/proc");
+  if (d == nullptr) return 0;
+  pid_t found = 0;
+  while (dirent* e = readdir(d)) {
+    const pid_t pid = static_cast<pid_t>(atoi(e->d_name));
+    if (pid <= 0) continue;
+    char path[64], comm[64] = {};
+    snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
+    FILE* f = fopen(path, "r");
+    if (f == nullptr) continue;
+    int ppid = 0;
+    const bool ok = fscanf(f, "%*d (%63[^)]) %*c %d", comm, &ppid) == 2;
+    fclose(f);
+    if (ok && ppid == parent && strcmp(comm, "lego-memd") == 0) {
+      found = pid;
+      break;
+    }
+  }
+  closedir(d);
+  return found;
+}
+
+double seconds(const timeval& t) {
+  return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) / 1e6;
+}
+
 }  // namespace
 
-int worker(const std::string& workload, size_t heap_bytes, long accesses) {
+int worker(const std::string& workload, size_t heap_bytes, long accesses, int threads) {
   size_t pages = heap_bytes / kPage;
   auto* heap = static_cast<uint64_t*>(malloc(pages * kPage));
   if (heap == nullptr) {
@@ -118,8 +170,14 @@ int worker(const std::string& workload, size_t heap_bytes, long accesses) {
   const size_t words_per_page = kPage / 8;
   std::unique_ptr<Zipf> zipf;
   if (workload == "zipf") zipf = std::make_unique<Zipf>(pages, 0.99);
-  int threads = workload == "random_mt" ? 2 : 1;
+  if (workload != "random_mt") threads = 1;
   std::atomic<uint64_t> sink{0};
+  // CPU of the timed part: this process's (its threads and the runtime's, in user mode and
+  // in the kernel) and the memory node's.
+  const pid_t memd = find_memory_node();
+  const auto memd0 = memd > 0 ? process_cpu(memd) : std::pair<double, double>{-1, -1};
+  rusage ru0{};
+  getrusage(RUSAGE_SELF, &ru0);
   auto t0 = Clock::now();
   long done = 0;
   if (workload == "sequential") {
@@ -170,7 +228,19 @@ int worker(const std::string& workload, size_t heap_bytes, long accesses) {
     done = accesses / threads * threads;
   }
   double us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+  rusage ru1{};
+  getrusage(RUSAGE_SELF, &ru1);
+  const auto memd1 = memd > 0 ? process_cpu(memd) : std::pair<double, double>{-1, -1};
   printf("us_per_access %.4f\n", us / done);
+  // CPU µs per access: program user, program kernel, memory node (user + kernel; -1 if
+  // there is none).
+  const double per = 1e6 / static_cast<double>(done);
+  const double memd_s = memd0.first >= 0 && memd1.first >= 0
+                            ? (memd1.first + memd1.second) - (memd0.first + memd0.second)
+                            : -1.0 / per;
+  printf("cpu_us_per_access %.4f %.4f %.4f\n",
+         (seconds(ru1.ru_utime) - seconds(ru0.ru_utime)) * per,
+         (seconds(ru1.ru_stime) - seconds(ru0.ru_stime)) * per, memd_s * per);
   fflush(stdout);
   return sink == 1 ? 1 : 0;
 }

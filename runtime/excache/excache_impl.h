@@ -325,6 +325,34 @@ struct ExCache::Impl {
     return staging + buffer * kStagingStride + LineBackend::kFetchHeadroom;
   }
   std::atomic<uint64_t> staging_busy{0};
+  // One miss being filled: fill() runs one from start to end; the handler thread keeps up
+  // to kMaxPipeline of them with their fetches in flight at once (the pipeline below).
+  struct Fill {
+    uint64_t index = 0;
+    uint64_t state = 0;  // the line word when the miss claimed it (kFilling)
+    bool write = false;
+    uint64_t start_ns = 0;
+    uint32_t frame = 0;    // kNoFrame until acquired
+    size_t buffer = 0;     // staging buffer, kStagingBuffers if none
+    bool started = false;  // the backend fetch was started: finish_fill finishes it
+    Status first_try;      // the start's result when it failed (the first try)
+    LineBackend::FetchTicket ticket;
+  };
+  // Delivery::kHandlerThread: the handler thread's fills whose fetches are in flight, oldest
+  // first (a ring). The handler reads every pending fault, starts each one's fetch, and maps
+  // the oldest when its reply is in, then reads again: misses of different threads overlap
+  // on the network with one thread and no extra wake-ups. At most pipeline_max, so that
+  // (a) the frames they hold leave at least 3/4 of the cache to evict from, and (b) with
+  // a write-back and the background prefetches they fit libfit's 16 calls per channel.
+  // EXCLUSIVE: the handler thread.
+  static constexpr size_t kMaxPipeline = 8;
+  Fill pipeline[kMaxPipeline];
+  size_t pipeline_head = 0;
+  size_t pipeline_count = 0;
+  size_t pipeline_max = 1;
+  bool in_pipeline(uint64_t index) const;
+  // Maps the oldest fill in flight (waits for its reply).
+  void finish_oldest();
   pthread_t handler{};
   bool handler_running = false;
   std::atomic<bool> stopping{false};
@@ -421,7 +449,10 @@ struct ExCache::Impl {
   // Returns true when it mapped or un-protected the line (which wakes kernel waiters), false
   // when the fault was already served by someone else (kHandlerThread must then
   // UFFDIO_WAKE the faulting thread).
-  bool serve_fault(uint64_t addr, bool write);
+  // `pending` (the handler thread's pipeline only): a backend fetch may be left in flight
+  // there (pending->started) for finish_fill; a fault on a line the pipeline is filling
+  // returns true at once (that fill's UFFDIO_COPY wakes the thread).
+  bool serve_fault(uint64_t addr, bool write, Fill* pending = nullptr);
   Status start_handler_thread();
   void handler_loop();
 
@@ -458,6 +489,11 @@ struct ExCache::Impl {
   void write_back_batch(size_t n, int tried = 0);
   void handle_event(const uffd_msg& msg);
   void fill(uint64_t index, uint64_t state, bool write, uint64_t start_ns);
+  // fill() in two halves. begin_fill claims a frame and starts the fetch (`pipelined`:
+  // always start it, so that it can stay in flight); true when it already served the miss
+  // (a prefetch window). finish_fill waits for the fetch, maps the line and publishes it.
+  bool begin_fill(Fill& f, bool pipelined);
+  void finish_fill(Fill& f);
   // prefetch.cc. How many lines ahead of a miss at `index` to fetch, and on which stride
   // (0: none); updates the stream detectors.
   size_t plan_prefetch(uint64_t index, int64_t* stride);

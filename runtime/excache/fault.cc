@@ -11,6 +11,11 @@
 // Why nothing deadlocks:
 //   - A miss owns at most one line (kFilling or kUnprotecting) and, while owning it, waits
 //     only for a frame. Frames come back from the evictor or from fills completing.
+//     The handler thread's pipeline is the one owner of several lines: up to pipeline_max
+//     fills whose fetches are in flight, each holding its frame, while it takes a frame
+//     for the next or maps the oldest. It waits for nothing but frames and the backend,
+//     never for a line of its own (serve_fault's kFilling case asks in_pipeline), and
+//     pipeline_max <= capacity / 4 leaves the evictor most of the cache to take from.
 //   - The evictor never waits for a line: it takes victims by CAS from kClean/kDirty only
 //     and skips busy lines. Its own victims (kEvicting) complete without waiting on anyone
 //     (ioctl, LineBackend::start_write_back, madvise). Victims left kEvicting while their
@@ -247,7 +252,7 @@ void ExCache::Impl::staging_release(size_t buffer) {
 }
 static_assert(ExCache::Impl::kStagingBuffers == 64, "staging_busy is a 64-bit mask");
 
-bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
+bool ExCache::Impl::serve_fault(uint64_t addr, bool write, Fill* pending) {
   const uint64_t start = now_ns();
   const uint64_t index = line_index(addr);
   std::atomic<uint64_t>& word = lines[index];
@@ -259,7 +264,17 @@ bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
     switch (kind_of(s)) {
       case kAbsent:
         if (word.compare_exchange_weak(s, with_kind(s, kFilling), std::memory_order_acquire)) {
-          fill(index, s, write, start);
+          if (pending == nullptr) {
+            fill(index, s, write, start);
+            return true;
+          }
+          pending->index = index;
+          pending->state = s;
+          pending->write = write;
+          pending->start_ns = start;
+          if (!begin_fill(*pending, /*pipelined=*/true) && !pending->started) {
+            finish_fill(*pending);  // nothing in flight (a zero fill, a failed start)
+          }
           return true;
         }
         continue;
@@ -300,6 +315,13 @@ bool ExCache::Impl::serve_fault(uint64_t addr, bool write) {
         }
         [[fallthrough]];  // someone else is completing it: wait like for a fill
       case kFilling:
+        // The handler thread's own fill in flight (its pipeline): it must not wait for
+        // itself. That fill's UFFDIO_COPY wakes every thread waiting on the line.
+        if (pending != nullptr && in_pipeline(index)) {
+          stats.add(Counter::waits);
+          return true;
+        }
+        [[fallthrough]];
       case kEvicting:
       case kUnprotecting:
         // Another thread owns the line: wait for it. For kEvicting this is the rule that
@@ -370,36 +392,59 @@ void ExCache::Impl::map_lines(uint64_t index, const std::byte* src, size_t count
 }
 
 void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t start_ns) {
-  const uint64_t addr = line_addr(index);
-  const bool backed = (state & kBackedBit) != 0;
-  uint32_t frame = kNoFrame;
+  Fill f;
+  f.index = index;
+  f.state = state;
+  f.write = write;
+  f.start_ns = start_ns;
+  if (!begin_fill(f, /*pipelined=*/false)) finish_fill(f);
+}
+
+bool ExCache::Impl::begin_fill(Fill& f, bool pipelined) {
+  f.frame = kNoFrame;
+  f.buffer = kStagingBuffers;
+  f.started = false;
   if (prefetch_max > 0) {
     int64_t stride = 0;
-    const size_t want = plan_prefetch(index, &stride);
+    const size_t want = plan_prefetch(f.index, &stride);
     if (want > 0) {
-      frame = acquire_frame();
-      if (fill_with_prefetch(index, state, write, frame, want, stride, start_ns)) return;
+      f.frame = acquire_frame();
+      if (fill_with_prefetch(f.index, f.state, f.write, f.frame, want, stride, f.start_ns)) {
+        return true;
+      }
     }
   }
+  if ((f.state & kBackedBit) == 0) return false;  // a zero fill: no round trip
+  f.buffer = staging_acquire();
+  // A miss that must evict first sends its fetch, so that the memory node answers it
+  // while we evict (the round trip overlaps the batch's write-protects and zap); so does
+  // every pipelined miss, whose fetch then stays in flight while the handler goes on.
+  if (f.frame == kNoFrame && (pipelined || !pop_free(&f.frame))) {
+    const uint64_t one[1] = {line_addr(f.index)};
+    f.first_try = backend->start_fetch_batch(one, staging_line(f.buffer), &f.ticket);
+    f.started = f.first_try.is_ok();
+    if (!pop_free(&f.frame)) f.frame = acquire_frame();
+  }
+  return false;
+}
 
+void ExCache::Impl::finish_fill(Fill& f) {
+  const uint64_t index = f.index, state = f.state, start_ns = f.start_ns;
+  const bool write = f.write;
+  const uint64_t addr = line_addr(index);
+  const bool backed = (state & kBackedBit) != 0;
+  uint32_t frame = f.frame;
+  const size_t buffer = f.buffer;
   const std::byte* src = kZeroLine;
-  size_t buffer = kStagingBuffers;
   if (backed) {
-    buffer = staging_acquire();
     std::byte* out = staging_line(buffer);
     const uint64_t one[1] = {addr};
-    // A miss that must evict first sends its fetch, so that the memory node answers it
-    // while we evict (the round trip overlaps the batch's write-protects and zap).
-    LineBackend::FetchTicket ticket;
-    bool started = false;
-    Status st;  // every backend call is a try: a start, failed or not, is the first
-    if (frame == kNoFrame && !pop_free(&frame)) {
-      st = backend->start_fetch_batch(one, out, &ticket);
-      started = st.is_ok();
-      frame = acquire_frame();
-    }
-    if (started) {
-      st = backend->finish_fetch_batch(&ticket);
+    // Every backend call is a try: a start, failed or not, is the first.
+    Status st = std::move(f.first_try);
+    f.first_try = Status();
+    if (f.started) {
+      f.started = false;
+      st = backend->finish_fetch_batch(&f.ticket);
     } else if (st.is_ok()) {
       st = backend->fetch_batch(one, out);
     }
@@ -514,7 +559,14 @@ void ExCache::Impl::handle_event(const uffd_msg& msg) {
       const uint64_t addr = msg.arg.pagefault.address & ~uint64_t{kLine - 1};
       const uint64_t flags = msg.arg.pagefault.flags;
       const bool write = (flags & (UFFD_PAGEFAULT_FLAG_WRITE | UFFD_PAGEFAULT_FLAG_WP)) != 0;
-      if (!serve_fault(addr, write)) {
+      Fill& next = pipeline[(pipeline_head + pipeline_count) % kMaxPipeline];
+      next.started = false;
+      const bool served = serve_fault(addr, write, &next);
+      if (next.started) {
+        // Its fetch is in flight: finish_oldest maps it.
+        if (pipeline_count++ > 0) stats.add(Counter::overlapped);
+      }
+      if (!served) {
         // Already served by someone else: that UFFDIO_COPY or WRITEPROTECT may have run
         // before this thread went to sleep, so wake it explicitly.
         uffdio_range range = {.start = addr, .len = kLine};
@@ -523,12 +575,30 @@ void ExCache::Impl::handle_event(const uffd_msg& msg) {
       return;
     }
     case UFFD_EVENT_FORK:
+      // The parent waits in fork() until this is read. Our fills in flight are of lines
+      // the child does not have (absent at the fork): they need not end first.
       handle_fork_event(static_cast<int>(msg.arg.fork.ufd), -1);
       return;
     default:
       // We enable no other event features; anything else means the kernel and we disagree.
       fatal("unexpected userfaultfd event", EPROTO, msg.event);
   }
+}
+
+bool ExCache::Impl::in_pipeline(uint64_t index) const {
+  for (size_t i = 0; i < pipeline_count; ++i) {
+    if (pipeline[(pipeline_head + i) % kMaxPipeline].index == index) return true;
+  }
+  return false;
+}
+
+void ExCache::Impl::finish_oldest() {
+  Fill& f = pipeline[pipeline_head];
+  // Out of the ring before it is mapped: a fault on the line read from now on finds it
+  // resident (or, if evicted again, absent), never "in the pipeline".
+  pipeline_head = (pipeline_head + 1) % kMaxPipeline;
+  --pipeline_count;
+  finish_fill(f);
 }
 
 void ExCache::Impl::handler_loop() {
@@ -542,9 +612,19 @@ void ExCache::Impl::handler_loop() {
   uffd_msg msgs[16];
   uint64_t last_event = now_ns();
   while (!stopping.load(std::memory_order_acquire)) {
-    const ssize_t n = read(uffd, msgs, sizeof msgs);
-    if (n > 0) {
-      for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); ++i) handle_event(msgs[i]);
+    // Every pending fault the pipeline has room for: their fetches go out together.
+    const size_t room = std::min(pipeline_max - pipeline_count, std::size(msgs));
+    const ssize_t n = room > 0 ? read(uffd, msgs, room * sizeof(uffd_msg)) : 0;
+    if (n > 0 || pipeline_count > 0) {
+      for (size_t i = 0; n > 0 && i < static_cast<size_t>(n) / sizeof(uffd_msg); ++i) {
+        handle_event(msgs[i]);
+      }
+      // Then the oldest fill once its reply is in (or the pipeline is full); until then,
+      // read again: a fault that comes in meanwhile joins the ones in flight.
+      if (pipeline_count > 0 && (pipeline_count == pipeline_max ||
+                                 backend->fetch_ready(&pipeline[pipeline_head].ticket))) {
+        finish_oldest();
+      }
       last_event = now_ns();
       // Forked children are served between batches too: a parent whose threads fault
       // without pause must not starve them.
@@ -576,9 +656,11 @@ void ExCache::Impl::handler_loop() {
     }
     last_event = now_ns();  // woken by a fault: spin again for the ones that follow
   }
+  while (pipeline_count > 0) finish_oldest();  // no line is left kFilling
 }
 
 Status ExCache::Impl::start_handler_thread() {
+  pipeline_max = std::clamp<size_t>(capacity / 4, 1, kMaxPipeline);
   stop_fd = eventfd(0, EFD_CLOEXEC);
   if (stop_fd < 0) return Status::from_errno(errno, "eventfd for the handler thread");
   int err = pthread_create(

@@ -1361,6 +1361,15 @@ Status ClusterBackend::finish_fetch_batch(FetchTicket* ticket) {
   return m.fetch_lines({addrs, ticket->count}, ticket->out, -1);
 }
 
+// A fetch done in start (fetched whole, or failed) is ready; a started one when libfit says
+// its call is (one receive poll of its channel; false while another thread polls it).
+bool ClusterBackend::fetch_ready(FetchTicket* ticket) {
+  int k = -1;
+  memcpy(&k, ticket->opaque, sizeof k);
+  if (k < 0) return true;
+  return impl_->node->call_done(&impl_->fetch_jobs[k].pending);
+}
+
 Status ClusterBackend::write_back(std::span<const WriteBack> lines) {
   Impl& m = *impl_;
   size_t done = 0;

@@ -114,6 +114,7 @@ class ClusterBackend : public LineBackend {
   Status start_fetch_batch(std::span<const uint64_t> line_addrs, std::byte* out,
                            FetchTicket* ticket) override;
   Status finish_fetch_batch(FetchTicket* ticket) override;
+  bool fetch_ready(FetchTicket* ticket) override;
   Status write_back(std::span<const WriteBack> lines) override;
   Status start_write_back(std::span<const WriteBack> lines, WriteBackTicket* ticket) override;
   Status finish_write_back(WriteBackTicket* ticket) override;

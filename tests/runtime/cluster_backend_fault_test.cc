@@ -169,6 +169,49 @@ TEST_CASE("a fetch whose request or reply is lost times out; sent again it retur
   }
 }
 
+// The handler thread's pipeline (runtime/excache/fault.cc) keeps several fetches in flight
+// and maps each when fetch_ready says its reply is in: a backend whose fetch_ready said
+// "ready" at once would make it wait for every oldest fetch in turn.
+TEST_CASE(
+    "fetch_ready: false while a started fetch's reply is on its way, true once it is in; "
+    "two fetches in flight end in either order",
+    "[faults][memory]") {
+  Rig& r = rig();
+  REQUIRE(write_line(*r.backend, kA, Line(31)).is_ok());
+  REQUIRE(write_line(*r.backend, kB, Line(32)).is_ok());
+  // A's reply is held back; B's, sent after it, passes.
+  FaultRule slow = fault_on(Way::kReceive, Kind::kReply, Fault::kDelay, lego::mem::kFetch);
+  slow.delay = kTimeout / 2;
+  const size_t held = r.plan->add(slow);
+  alignas(64) std::byte buf_a[LineBackend::kFetchHeadroom + kLine];
+  alignas(64) std::byte buf_b[LineBackend::kFetchHeadroom + kLine];
+  std::byte* at_a = buf_a + LineBackend::kFetchHeadroom;
+  std::byte* at_b = buf_b + LineBackend::kFetchHeadroom;
+  const uint64_t a[1] = {kA}, b[1] = {kB};
+  LineBackend::FetchTicket ta, tb;
+  const auto t0 = Clock::now();
+  REQUIRE(r.backend->start_fetch_batch(a, at_a, &ta).is_ok());
+  REQUIRE(r.backend->start_fetch_batch(b, at_b, &tb).is_ok());
+  CHECK_FALSE(r.backend->fetch_ready(&ta));
+  // B's reply comes while A's is held: B is ready first and ends first.
+  while (!r.backend->fetch_ready(&tb) && Clock::now() - t0 < kTimeout * 4) {
+  }
+  REQUIRE(r.backend->fetch_ready(&tb));
+  if (Clock::now() - t0 < slow.delay / 2) CHECK_FALSE(r.backend->fetch_ready(&ta));
+  REQUIRE(r.backend->finish_fetch_batch(&tb).is_ok());
+  Line got;
+  memcpy(got.data, at_b, kLine);
+  CHECK(got.tag() == 32);
+  while (!r.backend->fetch_ready(&ta) && Clock::now() - t0 < kTimeout * 4) {
+  }
+  REQUIRE(r.backend->fetch_ready(&ta));
+  CHECK(Clock::now() - t0 >= slow.delay);  // not before the held reply was let through
+  REQUIRE(r.backend->finish_fetch_batch(&ta).is_ok());
+  memcpy(got.data, at_a, kLine);
+  CHECK(got.tag() == 31);
+  CHECK(r.plan->fired(held) == 1);
+}
+
 TEST_CASE(
     "an async write-back whose request or reply is lost is sent again by "
     "finish_write_back; the line holds what was written",
