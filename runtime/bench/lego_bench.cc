@@ -75,8 +75,14 @@ options:
                        when named)
   --cap SIZE           local memory: ExCache size and cgroup cap (default 64M)
   --fractions LIST     local fraction(s) of the heap (default 0.25,0.5: heap 4x and 2x cap)
-  --workloads LIST     memory workloads: random,sequential,zipf,random_mt (default: all)
+  --workloads LIST     memory workloads: random,sequential,zipf,hotset,random_mt (default:
+                       all). zipf: Zipf(0.99) over the heap's pages, hottest first;
+                       hotset: 90% of accesses to the first eighth of the heap, 10% to any
+                       page
   --systems LIST       for memory: local,zram_swap,lego_tcp,lego_shm (default: all)
+  --policies LIST      lego rows' eviction policies, each a row of its own (lego-run
+                       --policy): fifo,clock,refault (default fifo). Lego rows show misses
+                       per access (the loop's fetches, from --stats)
   --accesses N         accesses per memory run (default 200000)
   --oom-retries N      run the zram peer again, up to N times, when the kernel OOM-kills
                        it (default 2); the table says how many of its runs were killed
@@ -94,7 +100,8 @@ options:
   --cluster-fraction F cluster rows: the random workload's local fraction (default 0.25)
   --cluster-runs N     cluster rows: runs of replication's cost, R=1 and R=R alternating,
                        each pair's ratio and their median printed (default 3)
-  --csv FILE           rows: workload,local_fraction,threads,system,us_per_access; then
+  --csv FILE           rows: workload,local_fraction,threads,system,us_per_access,policy,
+                       misses_per_access; then
                        file_workload,system,mb_per_s_or_us; then
                        startup_system,median_ms,added_ms; then (cluster) cluster_row,
                        transport,local_fraction,memory_nodes,replicas,run,us_per_access,
@@ -169,7 +176,8 @@ program (bazel-bin/runtime/lego-run) or through $LEGO_RUN.
 )";
 
 constexpr const char* kKinds[] = {"memory", "files", "startup", "cluster", "programs"};
-constexpr const char* kWorkloads[] = {"random", "sequential", "zipf", "random_mt"};
+constexpr const char* kWorkloads[] = {"random", "sequential", "zipf", "hotset", "random_mt"};
+constexpr const char* kPolicies[] = {"fifo", "clock", "refault"};
 constexpr const char* kSystems[] = {"local", "zram_swap", "lego_tcp", "lego_shm"};
 constexpr const char* kFileWorkloads[] = {"seq_write", "seq_read", "rand_read_4k"};
 constexpr const char* kFileSystems[] = {"local", "lego", "tcp_floor"};
@@ -189,6 +197,7 @@ int main(int argc, char** argv) {
   std::vector<double> fractions{0.25, 0.5};
   std::vector<std::string> workloads(std::begin(kWorkloads), std::end(kWorkloads));
   std::vector<std::string> systems(std::begin(kSystems), std::end(kSystems));
+  std::vector<std::string> policies{"fifo"};
   long accesses = 200000;
   int oom_retries = 2;
   bool floors = true;
@@ -234,6 +243,8 @@ int main(int argc, char** argv) {
       {"workloads", true,
        [&](const char* a) { workloads = flags::list("--workloads", a, kWorkloads); }},
       {"systems", true, [&](const char* a) { systems = flags::list("--systems", a, kSystems); }},
+      {"policies", true,
+       [&](const char* a) { policies = flags::list("--policies", a, kPolicies); }},
       {"accesses", true,
        [&](const char* a) { accesses = flags::number("--accesses", a, 1, 1000000000000); }},
       {"csv", true, [&](const char* a) { csv = a; }},
@@ -297,7 +308,10 @@ int main(int argc, char** argv) {
   if (!memory) fractions.clear();
   // One step per memory run and per file system: a line that updates on a terminal,
   // plain lines in a log.
-  Progress progress("lego-bench", fractions.size() * workloads.size() * systems.size() +
+  size_t lego_systems = 0;
+  for (auto& s : systems) lego_systems += s == "lego_tcp" || s == "lego_shm";
+  Progress progress("lego-bench", fractions.size() * workloads.size() *
+                                          (systems.size() + lego_systems * (policies.size() - 1)) +
                                       (files ? fo.systems.size() : 0));
   for (double f : fractions) {
     uint64_t heap = static_cast<uint64_t>(cap / f) & ~uint64_t{kPage - 1};
@@ -330,20 +344,38 @@ int main(int argc, char** argv) {
           }
           if (o.oom) o.oom_kills += 1;
         } else if (s == "lego_tcp" || s == "lego_shm") {
-          std::vector<std::string> a{lego_run,
-                                     "--excache",
-                                     std::to_string(cap),
-                                     "--delivery",
-                                     "sigbus",
-                                     "--transport",
-                                     s == "lego_tcp" ? "tcp" : "shm",
-                                     "--memory-capacity",
-                                     std::to_string(heap * 2 + (256 << 20)),
-                                     "--"};
-          a.insert(a.end(), worker.begin(), worker.end());
-          o = run(a, "");
+          // One row per policy; fifo's keeps the plain name (the rows other tables compare).
+          for (size_t k = 0; k < policies.size(); k++) {
+            const std::string& pol = policies[k];
+            if (k > 0) progress.step(std::string(label) + ", " + pol);
+            std::vector<std::string> a{lego_run,
+                                       "--excache",
+                                       std::to_string(cap),
+                                       "--delivery",
+                                       "sigbus",
+                                       "--transport",
+                                       s == "lego_tcp" ? "tcp" : "shm",
+                                       "--memory-capacity",
+                                       std::to_string(heap * 2 + (256 << 20)),
+                                       "--policy",
+                                       pol,
+                                       "--stats",
+                                       "--"};
+            a.insert(a.end(), worker.begin(), worker.end());
+            MemoryRow row{w,
+                          pol == "fifo" ? s : s + "/" + pol,
+                          f,
+                          w == "random_mt" ? 2 : 1,
+                          run(a, "", "us_per_access ", /*keep_stderr=*/true),
+                          pol,
+                          -1};
+            const double fetches = stat_value(row.o.err, "fetches");
+            if (row.o.ok && fetches >= 0) row.misses_per_access = fetches / double(accesses);
+            rows.push_back(row);
+          }
+          continue;
         }
-        rows.push_back({w, s, f, w == "random_mt" ? 2 : 1, o});
+        rows.push_back({w, s, f, w == "random_mt" ? 2 : 1, o, "", -1});
       }
     }
   }
@@ -357,12 +389,12 @@ int main(int argc, char** argv) {
   if (memory) {
     printf("\nlego-bench: µs per access, cap %s (ExCache = cgroup limit), %ld accesses per run\n",
            format_size(cap).c_str(), accesses);
-    printf("%-11s %6s %-10s %12s %10s %10s\n", "workload", "local", "system", "us/access",
-           "vs local", "vs zram");
+    printf("%-11s %6s %-16s %12s %10s %10s %11s\n", "workload", "local", "system", "us/access",
+           "vs local", "vs zram", "misses/acc");
     for (auto& r : rows) {
       const double local = peer_us(rows, r, "local"), zram = peer_us(rows, r, "zram_swap");
       if (!r.o.ok) {
-        printf("%-11s %5.0f%% %-10s %12s  (%s", r.workload.c_str(), r.fraction * 100,
+        printf("%-11s %5.0f%% %-16s %12s  (%s", r.workload.c_str(), r.fraction * 100,
                r.system.c_str(), r.o.oom ? "OOM-killed" : "failed", r.o.error.c_str());
         if (r.o.oom_kills > 1) printf("; all %d runs OOM-killed", r.o.oom_kills);
         printf(")\n");
@@ -371,8 +403,10 @@ int main(int argc, char** argv) {
       char vl[32] = "-", vz[32] = "-";
       if (local > 0) snprintf(vl, sizeof vl, "%.1fx", r.o.us / local);
       if (zram > 0) snprintf(vz, sizeof vz, "%.2fx", r.o.us / zram);
-      printf("%-11s %5.0f%% %-10s %12.3f %10s %10s", r.workload.c_str(), r.fraction * 100,
-             r.system.c_str(), r.o.us, vl, vz);
+      char mpa[32] = "-";
+      if (r.misses_per_access >= 0) snprintf(mpa, sizeof mpa, "%.4f", r.misses_per_access);
+      printf("%-11s %5.0f%% %-16s %12.3f %10s %10s %11s", r.workload.c_str(), r.fraction * 100,
+             r.system.c_str(), r.o.us, vl, vz, mpa);
       if (r.o.oom_kills > 0) {
         printf("  (after %d OOM-killed run%s)", r.o.oom_kills, r.o.oom_kills > 1 ? "s" : "");
       }
@@ -387,11 +421,15 @@ int main(int argc, char** argv) {
     FILE* f = fopen(csv.c_str(), "w");
     if (f == nullptr) die("cannot write " + csv);
     if (only == "cluster") write_cluster_csv(f, co, cluster_rows);
-    if (memory) fprintf(f, "workload,local_fraction,threads,system,us_per_access\n");
+    if (memory) {
+      fprintf(f, "workload,local_fraction,threads,system,us_per_access,policy,misses_per_access\n");
+    }
     for (auto& r : rows) {
       if (r.o.ok) {
-        fprintf(f, "%s,%.2f,%d,%s,%.4f\n", r.workload.c_str(), r.fraction, r.threads,
-                r.system.c_str(), r.o.us);
+        fprintf(f, "%s,%.2f,%d,%s,%.4f,%s,", r.workload.c_str(), r.fraction, r.threads,
+                r.system.c_str(), r.o.us, r.policy.c_str());
+        if (r.misses_per_access >= 0) fprintf(f, "%.5f", r.misses_per_access);
+        fprintf(f, "\n");
       } else {
         fprintf(f, "%s,%.2f,%d,%s,%s\n", r.workload.c_str(), r.fraction, r.threads,
                 r.system.c_str(), r.o.oom ? "oom" : "failed");

@@ -455,7 +455,7 @@ void ExCache::Impl::fill(uint64_t index, uint64_t state, bool write, uint64_t st
                          (mkclean ? kMkcleanBit : 0),
                      std::memory_order_release);
   frames[frame].store(index + 1, std::memory_order_release);
-  policy->on_fill(frames[frame]);
+  policy->on_fill(frames[frame], refault(state));
   stats.record_miss_ns(now_ns() - start_ns);
 }
 
