@@ -1142,7 +1142,8 @@ struct ClusterBackend::Impl {
   }
   // The miss path's gate: returns once every open slot's channels are connected (at once,
   // after start-up). Allocates nothing; may wait for the heartbeat thread (~4 ms per node
-  // over shm, once per run).
+  // over shm, once per run). After quiesce() (the process is exiting) it returns at once:
+  // a call then connects a channel it takes itself, as a reconnect after a reset does.
   void await_channels() {
     for (;;) {
       const uint32_t pending = channels_pending.load(std::memory_order_acquire);
