@@ -115,7 +115,9 @@ ExCacheOptions excache_options(const Settings& s) {
   ExCacheOptions o;
   o.capacity_bytes = s.excache_bytes;
   o.region_bytes = s.region_bytes;
-  o.policy = s.policy == "clock" ? ExCacheOptions::Policy::kClock : ExCacheOptions::Policy::kFifo;
+  o.policy = s.policy == "clock"     ? ExCacheOptions::Policy::kClock
+             : s.policy == "refault" ? ExCacheOptions::Policy::kRefault
+                                     : ExCacheOptions::Policy::kFifo;
   o.prefetch_lines = static_cast<uint32_t>(s.prefetch_lines);
   o.delivery = s.delivery == "sigbus" ? ExCacheOptions::Delivery::kSigbus
                                       : ExCacheOptions::Delivery::kHandlerThread;

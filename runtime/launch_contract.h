@@ -93,7 +93,7 @@ inline constexpr long kMaxPrefetchLines = LineBackend::kMaxFetchBatch - 1;
 // The values LEGO_POLICY, LEGO_DELIVERY and LEGO_PCACHE take (lego-run's --policy,
 // --delivery, --pcache), the default first. The handler thread by default, unlike a bare
 // ExCache: it serves faults taken inside system calls, which any program may make.
-inline constexpr const char* kPolicies[] = {"fifo", "clock"};
+inline constexpr const char* kPolicies[] = {"fifo", "clock", "refault"};
 inline constexpr const char* kDeliveries[] = {"handler", "sigbus"};
 inline constexpr const char* kPcacheModes[] = {"auto", "on", "off"};
 inline constexpr const char* kDefaultPolicy = kPolicies[0];

@@ -55,18 +55,6 @@ pid_t child_memd(pid_t parent) {
   return found;
 }
 
-// "  NAME   VALUE" in lego-run --stats output: VALUE, or -1.
-double stat_value(const std::string& text, const std::string& name) {
-  std::istringstream in(text);
-  for (std::string line; std::getline(in, line);) {
-    std::istringstream l(line);
-    std::string k;
-    double v;
-    if (l >> k >> v && k == name) return v;
-  }
-  return -1;
-}
-
 double figure(const std::string& text, const std::string& key) {
   const size_t at = text.find(key + " ");
   return at == std::string::npos ? -1 : strtod(text.c_str() + at + key.size() + 1, nullptr);

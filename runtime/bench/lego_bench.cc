@@ -79,11 +79,17 @@ options:
                        when named)
   --cap SIZE           local memory: ExCache size and cgroup cap (default 64M)
   --fractions LIST     local fraction(s) of the heap (default 0.25,0.5: heap 4x and 2x cap)
-  --workloads LIST     memory workloads: random,sequential,zipf,random_mt (default: all)
+  --workloads LIST     memory workloads: random,sequential,zipf,hotset,random_mt (default:
+                       all). zipf: Zipf(0.99) over the heap's pages, hottest first;
+                       hotset: 90% of accesses to the first eighth of the heap, 10% to any
+                       page
   --systems LIST       for memory: local,zram_swap,lego_tcp,lego_shm (default: all)
   --deliveries LIST    lego-run --delivery for the lego systems: handler,sigbus (default:
                        both, side by side)
   --threads LIST       random_mt's thread counts (default 1,2,4)
+  --policies LIST      lego rows' eviction policies, each a row of its own (lego-run
+                       --policy): fifo,clock,refault (default fifo). Lego rows show misses
+                       per access (the loop's fetches, from --stats)
   --accesses N         accesses per memory run (default 200000)
   --oom-retries N      run the zram peer again, up to N times, when the kernel OOM-kills
                        it (default 2); the table says how many of its runs were killed
@@ -102,7 +108,8 @@ options:
   --cluster-runs N     cluster rows: runs of replication's cost, R=1 and R=R alternating,
                        each pair's ratio and their median printed (default 3)
   --csv FILE           rows: workload,local_fraction,threads,system,delivery,
-                       us_per_access (delivery "-" outside lego); then
+                       us_per_access,policy,misses_per_access (delivery and policy "-"
+                       outside lego); then
                        file_workload,system,mb_per_s_or_us; then
                        startup_system,median_ms,added_ms; then (cluster) cluster_row,
                        transport,local_fraction,memory_nodes,replicas,run,us_per_access,
@@ -185,7 +192,8 @@ program (bazel-bin/runtime/lego-run) or through $LEGO_RUN.
 )";
 
 constexpr const char* kKinds[] = {"memory", "files", "startup", "cluster", "programs"};
-constexpr const char* kWorkloads[] = {"random", "sequential", "zipf", "random_mt"};
+constexpr const char* kWorkloads[] = {"random", "sequential", "zipf", "hotset", "random_mt"};
+constexpr const char* kPolicies[] = {"fifo", "clock", "refault"};
 constexpr const char* kSystems[] = {"local", "zram_swap", "lego_tcp", "lego_shm"};
 constexpr const char* kDeliveries[] = {"handler", "sigbus"};
 
@@ -193,7 +201,7 @@ constexpr const char* kDeliveries[] = {"handler", "sigbus"};
 double delivery_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const char* d) {
   for (auto& q : rows) {
     if (q.workload == r.workload && q.fraction == r.fraction && q.threads == r.threads &&
-        q.system == r.system && q.delivery == d && q.o.ok) {
+        q.system == r.system && q.delivery == d && q.policy == r.policy && q.o.ok) {
       return q.o.us;
     }
   }
@@ -209,12 +217,14 @@ void print_deliveries_and_threads(const std::vector<MemoryRow>& rows) {
     if (sigbus <= 0) continue;
     if (!header) {
       printf("\nhandler delivery over sigbus delivery (µs per access; the same misses):\n");
-      printf("%-11s %6s %7s %-10s %10s %10s %8s\n", "workload", "local", "threads", "system",
+      printf("%-11s %6s %7s %-17s %10s %10s %8s\n", "workload", "local", "threads", "system",
              "handler", "sigbus", "ratio");
       header = true;
     }
-    printf("%-11s %5.0f%% %7d %-10s %10.3f %10.3f %7.2fx\n", r.workload.c_str(), r.fraction * 100,
-           r.threads, r.system.c_str(), r.o.us, sigbus, r.o.us / sigbus);
+    const std::string system =
+        r.policy.empty() || r.policy == "fifo" ? r.system : r.system + "/" + r.policy;
+    printf("%-11s %5.0f%% %7d %-17s %10.3f %10.3f %7.2fx\n", r.workload.c_str(), r.fraction * 100,
+           r.threads, system.c_str(), r.o.us, sigbus, r.o.us / sigbus);
   }
   header = false;
   for (auto& r : rows) {
@@ -223,21 +233,21 @@ void print_deliveries_and_threads(const std::vector<MemoryRow>& rows) {
       printf(
           "\nrandom_mt: accesses per second by threads, and CPU µs per access of the timed "
           "part\n(program user, program kernel, memory node; per miss: / (1 - local))\n");
-      printf("%6s %-17s %7s %12s %9s %9s %9s %9s\n", "local", "system", "threads", "accesses/s",
+      printf("%6s %-24s %7s %12s %9s %9s %9s %9s\n", "local", "system", "threads", "accesses/s",
              "vs 1", "user", "kernel", "memd");
       header = true;
     }
     double one = 0;
     for (auto& q : rows) {
       if (q.workload == r.workload && q.fraction == r.fraction && q.system == r.system &&
-          q.delivery == r.delivery && q.threads == 1 && q.o.ok) {
+          q.delivery == r.delivery && q.policy == r.policy && q.threads == 1 && q.o.ok) {
         one = q.o.us;
       }
     }
     char vs[32] = "-", memd[32] = "-";
     if (one > 0) snprintf(vs, sizeof vs, "%.2fx", one / r.o.us);
     if (r.cpu_memd >= 0) snprintf(memd, sizeof memd, "%.3f", r.cpu_memd);
-    printf("%5.0f%% %-17s %7d %12.0f %9s %9.3f %9.3f %9s\n", r.fraction * 100,
+    printf("%5.0f%% %-24s %7d %12.0f %9s %9.3f %9.3f %9s\n", r.fraction * 100,
            system_label(r).c_str(), r.threads, 1e6 / r.o.us, vs, r.cpu_user, r.cpu_kernel, memd);
   }
 }
@@ -261,6 +271,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> systems(std::begin(kSystems), std::end(kSystems));
   std::vector<std::string> deliveries(std::begin(kDeliveries), std::end(kDeliveries));
   std::vector<int> thread_counts{1, 2, 4};
+  std::vector<std::string> policies{"fifo"};
   long accesses = 200000;
   int oom_retries = 2;
   bool floors = true;
@@ -315,6 +326,8 @@ int main(int argc, char** argv) {
            thread_counts.push_back(static_cast<int>(flags::number("--threads", t.c_str(), 1, 64)));
          }
        }},
+      {"policies", true,
+       [&](const char* a) { policies = flags::list("--policies", a, kPolicies); }},
       {"accesses", true,
        [&](const char* a) { accesses = flags::number("--accesses", a, 1, 1000000000000); }},
       {"csv", true, [&](const char* a) { csv = a; }},
@@ -382,7 +395,8 @@ int main(int argc, char** argv) {
   for (auto& w : workloads) {
     for (auto& s : systems) {
       const bool lego = s == "lego_tcp" || s == "lego_shm";
-      runs += (w == "random_mt" ? thread_counts.size() : 1) * (lego ? deliveries.size() : 1);
+      runs += (w == "random_mt" ? thread_counts.size() : 1) *
+              (lego ? deliveries.size() * policies.size() : 1);
     }
   }
   Progress progress("lego-bench", fractions.size() * runs + (files ? fo.systems.size() : 0));
@@ -399,53 +413,64 @@ int main(int argc, char** argv) {
         for (auto& s : systems) {
           const bool lego = s == "lego_tcp" || s == "lego_shm";
           for (const std::string& d : lego ? deliveries : std::vector<std::string>{""}) {
-            char label[160];
-            snprintf(label, sizeof label, "%s, %d thread%s, %.0f%% local, %s%s%s", w.c_str(),
-                     threads, threads > 1 ? "s" : "", f * 100, s.c_str(), d.empty() ? "" : "/",
-                     d.c_str());
-            progress.step(label);
-            Outcome o;
-            if (s == "local") {
-              o = run(worker, "");
-            } else if (s == "zram_swap") {
-              // An OOM kill is the kernel's verdict on that run, not a figure: say so, and try
-              // again (a fresh zram device and cgroup each time) so that the row can still
-              // compare.
-              for (int kills = 0;; ++kills) {
-                ZramSwap z;
-                std::string err = z.setup(cap);
-                if (!err.empty()) {
-                  o = Outcome();
-                  o.error = err;
-                } else {
-                  o = run(worker, z.tasks());
+            for (const std::string& pol : lego ? policies : std::vector<std::string>{""}) {
+              char label[160];
+              snprintf(label, sizeof label, "%s, %d thread%s, %.0f%% local, %s%s%s%s%s", w.c_str(),
+                       threads, threads > 1 ? "s" : "", f * 100, s.c_str(), d.empty() ? "" : "/",
+                       d.c_str(), pol.empty() || pol == "fifo" ? "" : "/",
+                       pol == "fifo" ? "" : pol.c_str());
+              progress.step(label);
+              Outcome o;
+              if (s == "local") {
+                o = run(worker, "");
+              } else if (s == "zram_swap") {
+                // An OOM kill is the kernel's verdict on that run, not a figure: say so, and try
+                // again (a fresh zram device and cgroup each time) so that the row can still
+                // compare.
+                for (int kills = 0;; ++kills) {
+                  ZramSwap z;
+                  std::string err = z.setup(cap);
+                  if (!err.empty()) {
+                    o = Outcome();
+                    o.error = err;
+                  } else {
+                    o = run(worker, z.tasks());
+                  }
+                  o.oom_kills = kills;
+                  if (!o.oom || kills == oom_retries) break;
+                  progress.note(std::string(label) + ": OOM-killed, running again");
                 }
-                o.oom_kills = kills;
-                if (!o.oom || kills == oom_retries) break;
-                progress.note(std::string(label) + ": OOM-killed, running again");
+                if (o.oom) o.oom_kills += 1;
+              } else if (s == "lego_tcp" || s == "lego_shm") {
+                std::vector<std::string> a{lego_run,
+                                           "--excache",
+                                           std::to_string(cap),
+                                           "--delivery",
+                                           d,
+                                           "--transport",
+                                           s == "lego_tcp" ? "tcp" : "shm",
+                                           "--memory-capacity",
+                                           std::to_string(heap * 2 + (256 << 20)),
+                                           "--policy",
+                                           pol,
+                                           "--stats",
+                                           "--"};
+                a.insert(a.end(), worker.begin(), worker.end());
+                o = run(a, "", "us_per_access ", /*keep_stderr=*/true);
               }
-              if (o.oom) o.oom_kills += 1;
-            } else if (s == "lego_tcp" || s == "lego_shm") {
-              std::vector<std::string> a{lego_run,
-                                         "--excache",
-                                         std::to_string(cap),
-                                         "--delivery",
-                                         d,
-                                         "--transport",
-                                         s == "lego_tcp" ? "tcp" : "shm",
-                                         "--memory-capacity",
-                                         std::to_string(heap * 2 + (256 << 20)),
-                                         "--"};
-              a.insert(a.end(), worker.begin(), worker.end());
-              o = run(a, "");
+              MemoryRow row{w, s, f, threads, o, d, -1, -1, -1, pol, -1};
+              // After the heap's fill every line is backed: every miss of the loop is a fetch.
+              if (const double fetches = stat_value(o.err, "fetches");
+                  lego && o.ok && fetches >= 0) {
+                row.misses_per_access = fetches / double(accesses);
+              }
+              if (const size_t at = o.text.find("cpu_us_per_access ");
+                  o.ok && at != std::string::npos) {
+                sscanf(o.text.c_str() + at, "cpu_us_per_access %lf %lf %lf", &row.cpu_user,
+                       &row.cpu_kernel, &row.cpu_memd);
+              }
+              rows.push_back(row);
             }
-            MemoryRow row{w, s, f, threads, o, d};
-            if (const size_t at = o.text.find("cpu_us_per_access ");
-                o.ok && at != std::string::npos) {
-              sscanf(o.text.c_str() + at, "cpu_us_per_access %lf %lf %lf", &row.cpu_user,
-                     &row.cpu_kernel, &row.cpu_memd);
-            }
-            rows.push_back(row);
           }
         }
       }
@@ -461,12 +486,12 @@ int main(int argc, char** argv) {
   if (memory) {
     printf("\nlego-bench: µs per access, cap %s (ExCache = cgroup limit), %ld accesses per run\n",
            format_size(cap).c_str(), accesses);
-    printf("%-11s %6s %7s %-17s %12s %10s %10s\n", "workload", "local", "threads", "system",
-           "us/access", "vs local", "vs zram");
+    printf("%-11s %6s %7s %-24s %12s %10s %10s %11s\n", "workload", "local", "threads", "system",
+           "us/access", "vs local", "vs zram", "misses/acc");
     for (auto& r : rows) {
       const double local = peer_us(rows, r, "local"), zram = peer_us(rows, r, "zram_swap");
       if (!r.o.ok) {
-        printf("%-11s %5.0f%% %7d %-17s %12s  (%s", r.workload.c_str(), r.fraction * 100, r.threads,
+        printf("%-11s %5.0f%% %7d %-24s %12s  (%s", r.workload.c_str(), r.fraction * 100, r.threads,
                system_label(r).c_str(), r.o.oom ? "OOM-killed" : "failed", r.o.error.c_str());
         if (r.o.oom_kills > 1) printf("; all %d runs OOM-killed", r.o.oom_kills);
         printf(")\n");
@@ -475,8 +500,10 @@ int main(int argc, char** argv) {
       char vl[32] = "-", vz[32] = "-";
       if (local > 0) snprintf(vl, sizeof vl, "%.1fx", r.o.us / local);
       if (zram > 0) snprintf(vz, sizeof vz, "%.2fx", r.o.us / zram);
-      printf("%-11s %5.0f%% %7d %-17s %12.3f %10s %10s", r.workload.c_str(), r.fraction * 100,
-             r.threads, system_label(r).c_str(), r.o.us, vl, vz);
+      char mpa[32] = "-";
+      if (r.misses_per_access >= 0) snprintf(mpa, sizeof mpa, "%.4f", r.misses_per_access);
+      printf("%-11s %5.0f%% %7d %-24s %12.3f %10s %10s %11s", r.workload.c_str(), r.fraction * 100,
+             r.threads, system_label(r).c_str(), r.o.us, vl, vz, mpa);
       if (r.o.oom_kills > 0) {
         printf("  (after %d OOM-killed run%s)", r.o.oom_kills, r.o.oom_kills > 1 ? "s" : "");
       }
@@ -492,12 +519,18 @@ int main(int argc, char** argv) {
     FILE* f = fopen(csv.c_str(), "w");
     if (f == nullptr) die("cannot write " + csv);
     if (only == "cluster") write_cluster_csv(f, co, cluster_rows);
-    if (memory) fprintf(f, "workload,local_fraction,threads,system,delivery,us_per_access\n");
+    if (memory) {
+      fprintf(f,
+              "workload,local_fraction,threads,system,delivery,us_per_access,policy,"
+              "misses_per_access\n");
+    }
     for (auto& r : rows) {
       const char* d = r.delivery.empty() ? "-" : r.delivery.c_str();
       if (r.o.ok) {
-        fprintf(f, "%s,%.2f,%d,%s,%s,%.4f\n", r.workload.c_str(), r.fraction, r.threads,
-                r.system.c_str(), d, r.o.us);
+        fprintf(f, "%s,%.2f,%d,%s,%s,%.4f,%s,", r.workload.c_str(), r.fraction, r.threads,
+                r.system.c_str(), d, r.o.us, r.policy.empty() ? "-" : r.policy.c_str());
+        if (r.misses_per_access >= 0) fprintf(f, "%.5f", r.misses_per_access);
+        fprintf(f, "\n");
       } else {
         fprintf(f, "%s,%.2f,%d,%s,%s,%s\n", r.workload.c_str(), r.fraction, r.threads,
                 r.system.c_str(), d, r.o.oom ? "oom" : "failed");

@@ -46,6 +46,7 @@ struct Outcome {
   double us = 0;
   std::string error;
   std::string text;   // the program's stdout
+  std::string err;    // its stderr, when run() was asked to keep it
   int oom_kills = 0;  // the zram peer's runs the kernel OOM-killed (all of them if oom)
   // CPU seconds of the run and every descendant it waited for (wait4's rusage).
   double cpu_user_s = 0, cpu_sys_s = 0;
@@ -54,9 +55,13 @@ struct Outcome {
 // This program's path.
 std::string self_path();
 // Runs argv, optionally first joining a memory cgroup (its tasks file); parses
-// "us_per_access" unless `key` is null (then the caller parses o.text).
+// "us_per_access" unless `key` is null (then the caller parses o.text). `keep_stderr`:
+// the run's stderr goes to o.err instead of ours (lego-run --stats).
 Outcome run(const std::vector<std::string>& argv, const std::string& cgroup_tasks,
-            const char* key = "us_per_access ");
+            const char* key = "us_per_access ", bool keep_stderr = false);
+
+// "  NAME   VALUE" in lego-run --stats output: VALUE, or -1.
+double stat_value(const std::string& text, const std::string& name);
 
 // lego-run: $LEGO_RUN, else beside this program (bazel-bin/runtime/lego-run); dies when
 // it is not there.
@@ -107,8 +112,14 @@ struct MemoryRow {
   // CPU µs per access of the timed part: the program in user mode, in the kernel, and the
   // memory node (-1: not measured).
   double cpu_user = -1, cpu_kernel = -1, cpu_memd = -1;
+  // lego rows: the eviction policy (lego-run --policy) and the loop's misses per access
+  // (--stats fetches / accesses: after the heap's fill every line is backed, so every miss
+  // of the loop is a fetch); -1 elsewhere.
+  std::string policy;
+  double misses_per_access = -1;
 };
-// "lego_tcp/handler" for a lego row, else the system's name.
+// "lego_tcp/handler" for a lego row ("lego_tcp/handler/refault" beside another policy than
+// fifo), else the system's name.
 std::string system_label(const MemoryRow& r);
 // µs per access of `system` on r's workload, fraction and threads, or 0 when it did not run
 // or failed.

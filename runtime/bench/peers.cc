@@ -13,6 +13,7 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <sstream>
 
 #include "runtime/bench/lego_bench.h"
 
@@ -46,13 +47,25 @@ std::string read_file(const std::string& path) {
 
 }  // namespace
 
-Outcome run(const std::vector<std::string>& argv, const std::string& cgroup_tasks,
-            const char* key) {
+Outcome run(const std::vector<std::string>& argv, const std::string& cgroup_tasks, const char* key,
+            bool keep_stderr) {
   int out[2];
-  if (pipe2(out, O_CLOEXEC) != 0) return {false, false, 0, "pipe", ""};
+  if (pipe2(out, O_CLOEXEC) != 0) {
+    Outcome o;
+    o.error = "pipe";
+    return o;
+  }
+  // stderr to an unlinked temp file: read after the run, no second pipe to drain.
+  int err = -1;
+  if (keep_stderr) {
+    char tmpl[] = "/tmp/lego-bench-stderr-XXXXXX";
+    err = mkostemp(tmpl, O_CLOEXEC);
+    if (err >= 0) unlink(tmpl);
+  }
   pid_t pid = fork();
   if (pid == 0) {
     dup2(out[1], 1);
+    if (err >= 0) dup2(err, 2);
     if (!cgroup_tasks.empty()) {
       std::string me = std::to_string(getpid());
       if (!write_file(cgroup_tasks, me)) _exit(120);
@@ -73,6 +86,11 @@ Outcome run(const std::vector<std::string>& argv, const std::string& cgroup_task
   rusage ru{};
   wait4(pid, &status, 0, &ru);
   Outcome o;
+  if (err >= 0) {
+    lseek(err, 0, SEEK_SET);
+    while ((n = read(err, buf, sizeof(buf))) > 0) o.err.append(buf, n);
+    close(err);
+  }
   // The CPU the run took: its own and that of every descendant it waited for (under
   // lego-run: the program, the private memory nodes and the monitor).
   o.cpu_user_s = double(ru.ru_utime.tv_sec) + double(ru.ru_utime.tv_usec) / 1e6;
@@ -87,11 +105,28 @@ Outcome run(const std::vector<std::string>& argv, const std::string& cgroup_task
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || at == std::string::npos) {
     o.error = "exit status " +
               std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+    // Its own last word, when its stderr was kept.
+    if (const size_t end = o.err.find_last_not_of('\n'); end != std::string::npos) {
+      const size_t begin = o.err.rfind('\n', end);
+      o.error += ": " + o.err.substr(begin == std::string::npos ? 0 : begin + 1,
+                                     end - (begin == std::string::npos ? 0 : begin + 1) + 1);
+    }
     return o;
   }
   o.ok = true;
   if (key) o.us = strtod(text.c_str() + at + strlen(key), nullptr);
   return o;
+}
+
+double stat_value(const std::string& text, const std::string& name) {
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    std::istringstream l(line);
+    std::string k;
+    double v;
+    if (l >> k >> v && k == name) return v;
+  }
+  return -1;
 }
 
 std::string find_lego_run(const std::string& self) {
@@ -167,7 +202,9 @@ void ZramSwap::teardown() {
 }
 
 std::string system_label(const MemoryRow& r) {
-  return r.delivery.empty() ? r.system : r.system + "/" + r.delivery;
+  std::string label = r.delivery.empty() ? r.system : r.system + "/" + r.delivery;
+  if (!r.policy.empty() && r.policy != "fifo") label += "/" + r.policy;
+  return label;
 }
 
 double peer_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const char* system) {

@@ -2,7 +2,8 @@
 //
 // /bin/true, side by side in each round: alone (local), under lego-run with the embedded
 // default over tcp and over shm (a private lego-memd started and stopped by each run),
-// and with --config against an lego-memd already running (tcp, shm). The median wall time
+// with --config against an lego-memd already running (tcp, shm), and the embedded cluster
+// of --memory-nodes 3 (tcp, shm: three lego-memd and a lego-mond per run). The median wall time
 // of each, its difference from local, and where the time goes: every run is traced with
 // LEGO_STARTUP_TRACE (include/lego/startup_trace.h) and the medians of its phases shown.
 #include <fcntl.h>
@@ -152,6 +153,9 @@ std::vector<StartupRow> run_startup(const std::string& lego_run, int runs) {
       {"lego_shm", {lego_run, "--transport", "shm", "--", "/bin/true"}},
       {"config_tcp", {lego_run, "--config", clusters["tcp"]->config_path(), "--", "/bin/true"}},
       {"config_shm", {lego_run, "--config", clusters["shm"]->config_path(), "--", "/bin/true"}},
+      // The embedded cluster: three lego-memd and a lego-mond started and stopped per run.
+      {"nodes3_tcp", {lego_run, "--memory-nodes", "3", "--transport", "tcp", "--", "/bin/true"}},
+      {"nodes3_shm", {lego_run, "--memory-nodes", "3", "--transport", "shm", "--", "/bin/true"}},
   };
   std::vector<StartupRow> rows(systems.size());
   std::vector<std::vector<double>> wall(systems.size());

@@ -62,6 +62,8 @@ const PolicyOps* excache_internal::policy_ops(ExCacheOptions::Policy policy) {
       return &kFifoPolicyOps;
     case ExCacheOptions::Policy::kClock:
       return &kClockPolicyOps;
+    case ExCacheOptions::Policy::kRefault:
+      return &kRefaultPolicyOps;
   }
   return nullptr;
 }
@@ -158,7 +160,8 @@ void ExCache::Impl::reap_write_back_locked() {
   for (size_t i = 0; i < wb_count; ++i) {
     std::atomic<uint64_t>& word = lines[wb_lines[i]];
     const uint64_t s = word.load(std::memory_order_relaxed);
-    word.store(make_state(kAbsent, true, 0) | (s & kPersistMask), std::memory_order_release);
+    word.store(make_state(kAbsent, true, 0) | (s & (kPersistMask | kEvictLapMask)),
+               std::memory_order_release);
   }
   wb_count = 0;
   wb_pending.store(false, std::memory_order_release);
@@ -452,6 +455,7 @@ bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
   for (size_t scanned = 0; n < batch && scanned < max_scan; ++scanned) {
     const uint32_t f = static_cast<uint32_t>(hand);
     hand = hand + 1 == capacity ? 0 : hand + 1;
+    if (hand == 0) lap.fetch_add(1, std::memory_order_relaxed);
     ++hand_travel;
     const uint64_t id = frames[f].load(std::memory_order_acquire) & kFrameLineMask;
     if (id == 0) continue;  // free, or its fill has not published yet
@@ -480,6 +484,7 @@ bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
   // 5. Publish kAbsent (victims written back are now backed) and free the frames; keep one.
   // Victims whose write-back is in flight stay kEvicting, frameless, until it is reaped.
   size_t dirty = 0;
+  const uint64_t stamp = evict_stamp();
   for (size_t i = 0; i < n; ++i) {
     const Victim& v = victims[i];
     dirty += v.dirty;
@@ -494,10 +499,11 @@ bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
     }
     if (in_flight && v.dirty) {
       wb_lines[wb_count++] = v.index;
-      word.store(make_state(kEvicting, true, kNoFrame) | persist, std::memory_order_relaxed);
+      word.store(make_state(kEvicting, true, kNoFrame) | persist | stamp,
+                 std::memory_order_relaxed);
     } else {
       const bool backed = v.dirty || (s & kBackedBit) != 0;
-      word.store(make_state(kAbsent, backed, 0) | persist, std::memory_order_release);
+      word.store(make_state(kAbsent, backed, 0) | persist | stamp, std::memory_order_release);
     }
     if (i == 0) {
       *out = v.frame;

@@ -26,7 +26,7 @@ namespace lego::excache_internal {
 
 namespace {
 
-void clock_on_fill(std::atomic<uint64_t>&) {}
+void clock_on_fill(std::atomic<uint64_t>&, bool) {}
 
 void clock_on_refault(std::atomic<uint64_t>& frame) {
   frame.fetch_or(kFrameRefBit, std::memory_order_relaxed);

@@ -8,7 +8,7 @@ namespace lego::excache_internal {
 
 namespace {
 
-void fifo_on_fill(std::atomic<uint64_t>&) {}
+void fifo_on_fill(std::atomic<uint64_t>&, bool) {}
 void fifo_on_refault(std::atomic<uint64_t>&) {}
 bool fifo_spare(std::atomic<uint64_t>&) {
   return false;

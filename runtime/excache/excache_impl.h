@@ -95,6 +95,13 @@ inline constexpr int kPrefetchSlotShift = 8;
 inline constexpr uint64_t kPrefetchSlotMask = uint64_t{15} << kPrefetchSlotShift;
 // What survives a line's eviction (and is cleared by discard).
 inline constexpr uint64_t kPersistMask = kBackedBit | kWrittenHintBit | kPredictMask;
+// kAbsent (and kEvicting) lines: the clock hand's lap when the line was evicted (never 0;
+// 0: not evicted since its last discard or ever). A miss on a line evicted less than two
+// laps ago is a refault (Counter::refaults; the refault policy spares such lines once).
+// Bits 12..31: free in every kind (the frame field starts at 32).
+inline constexpr int kEvictLapShift = 12;
+inline constexpr uint64_t kEvictLapField = (uint64_t{1} << 20) - 1;
+inline constexpr uint64_t kEvictLapMask = kEvictLapField << kEvictLapShift;
 inline constexpr int kFrameShift = 32;
 // Frame field of a line discard() owns that had no frame (it was kAbsent).
 inline constexpr uint32_t kNoFrame = 0xffffffff;
@@ -168,8 +175,8 @@ class SpinLock {
 // (policy_ops); implementations in evict_fifo.cc and evict_clock.cc.
 struct PolicyOps {
   const char* name;
-  // A line was just mapped into `frame`.
-  void (*on_fill)(std::atomic<uint64_t>& frame);
+  // A line was just mapped into `frame`; `refault`: it was evicted less than ~2 laps ago.
+  void (*on_fill)(std::atomic<uint64_t>& frame, bool refault);
   // The resident line in `frame` faulted again (write to a clean line, or a thread waited
   // for it): the only access signal user space gets.
   void (*on_refault)(std::atomic<uint64_t>& frame);
@@ -178,6 +185,7 @@ struct PolicyOps {
 };
 extern const PolicyOps kFifoPolicyOps;
 extern const PolicyOps kClockPolicyOps;
+extern const PolicyOps kRefaultPolicyOps;
 const PolicyOps* policy_ops(ExCacheOptions::Policy policy);
 
 // Counters (LEGO_EXCACHE_COUNTERS in lego/excache.h), one set per stripe; a thread picks its
@@ -272,6 +280,24 @@ struct ExCache::Impl {
   excache_internal::SpinLock evict_lock;  // one evictor at a time; guards hand
   size_t hand = 0;                        // EXCLUSIVE: evict_lock
   uint64_t hand_travel = 0;               // frames the hand has passed; EXCLUSIVE: evict_lock
+  // Laps of the hand (kEvictLapMask): written by the evictor, read by fills.
+  std::atomic<uint64_t> lap{1};
+  // The stamp an eviction now leaves in the line word (kEvictLapMask).
+  uint64_t evict_stamp() const {
+    const uint64_t l = lap.load(std::memory_order_relaxed) & excache_internal::kEvictLapField;
+    return (l == 0 ? 1 : l) << excache_internal::kEvictLapShift;
+  }
+  // Whether a line whose word was `old` before this miss was evicted less than two laps
+  // ago (counted in Counter::refaults).
+  bool refault(uint64_t old) {
+    using namespace excache_internal;
+    const uint64_t at = (old & kEvictLapMask) >> kEvictLapShift;
+    if (at == 0) return false;
+    const uint64_t now = lap.load(std::memory_order_relaxed) & kEvictLapField;
+    if (((now - at) & kEvictLapField) > 1) return false;
+    stats.add(Counter::refaults);
+    return true;
+  }
   uint64_t swept_at_travel = 0;           // hand_travel at the last sweep; EXCLUSIVE: evict_lock
   excache_internal::SpinLock frame_lock;  // guards free_stack, free_top
   std::unique_ptr<uint32_t[]> free_stack;

@@ -500,7 +500,7 @@ void ExCache::Impl::finish_fill(Fill& f) {
                          (mkclean ? kMkcleanBit : 0),
                      std::memory_order_release);
   frames[frame].store(index + 1, std::memory_order_release);
-  policy->on_fill(frames[frame]);
+  policy->on_fill(frames[frame], refault(state));
   stats.record_miss_ns(now_ns() - start_ns);
 }
 

@@ -178,7 +178,7 @@ void ExCache::Impl::map_claimed(PrefetchBuffer& pb, uint64_t start_ns) {
                                  choice[k].persist | (mkclean[k] ? kMkcleanBit : 0),
                              std::memory_order_release);
     frames[pb.frame[k]].store(pb.index[k] + 1, std::memory_order_release);
-    policy->on_fill(frames[pb.frame[k]]);
+    policy->on_fill(frames[pb.frame[k]], refault(pb.state[k]));
   }
   if (start_ns != 0) stats.record_miss_ns(now_ns() - start_ns);
   release_prefetch_buffer(pb);

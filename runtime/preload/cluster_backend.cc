@@ -91,6 +91,8 @@ struct NodeSlot {
   std::atomic<int> timeouts{0};
   std::atomic<int> lost_error{0};
   bool reported = false;  // repair thread: kReportLost sent
+  // All of the node's channels are connected (open_node connects one: "Lazy channels").
+  std::atomic<bool> channels_ready{false};
   // Snapshot spaces on this node (kFork), valid when snap_valid.
   mem::SpaceHandle snaps[ClusterBackend::kMaxSnapshots] = {};
   std::atomic<bool> snap_valid[ClusterBackend::kMaxSnapshots] = {};
@@ -184,6 +186,21 @@ struct ClusterBackend::Impl {
   std::atomic<bool> stop{false};
   std::thread heartbeat, placer, repairer;
 
+  // Lazy channels. A space opens over one channel (Node::connect_one: over shm each channel
+  // maps and touches a region of its own, ~4 ms, and a program such as /bin/true never
+  // needs a second one). The heartbeat thread connects the node's other channels:
+  // kConnectDelay after open() (a program that has ended by then never pays for them), or
+  // at once when a slot is opened later or a call that must not connect (the miss path:
+  // it may run in a SIGBUS handler or inside jemalloc's hooks, where connecting, which
+  // allocates, is not allowed) waits for them in await_channels(). libfit's channel_for
+  // prefers a connected channel, so the other threads share the first one meanwhile.
+  static constexpr auto kConnectDelay = std::chrono::milliseconds(50);
+  std::atomic<uint32_t> channels_pending{0};  // open slots not channels_ready (a futex)
+  std::atomic<uint32_t> connect_wake{0};      // the heartbeat thread's futex
+  std::atomic<bool> connect_now{false};       // a caller waits in await_channels()
+  std::atomic<bool> connecting{false};        // the heartbeat thread is inside connect()
+  std::atomic<bool> exiting{false};           // quiesce(): no more connections
+
   // Counters: atomics (events are rare next to misses, except failovers).
 #define LEGO_CLUSTER_ATOMIC(name, doc) std::atomic<uint64_t> name{0};
   LEGO_CLUSTER_COUNTERS(LEGO_CLUSTER_ATOMIC)
@@ -244,9 +261,11 @@ struct ClusterBackend::Impl {
     }
     NodeSlot& n = slots[s];
     n.id = id;
+    n.channels_ready.store(true);  // false (and counted in channels_pending) once open
     n.state.store(kOpening);
     nslots.store(s + 1, std::memory_order_release);
-    Status st = node->connect(id);
+    // One channel now (the rest later: "Lazy channels").
+    Status st = node->connect_one(id);
     if (!st) {
       n.state.store(kLost);
       return st.with_context("connecting to memory node " + describe(id));
@@ -272,6 +291,8 @@ struct ClusterBackend::Impl {
     }
     n.space = rep.handle;
     n.lease_ms = rep.lease_ms;
+    n.channels_ready.store(false);
+    channels_pending.fetch_add(1);
     n.state.store(kOpen, std::memory_order_release);
     memory_nodes_used.fetch_add(1);
     if (options.observer != nullptr) options.observer(id, rep.handle, true);
@@ -1095,8 +1116,65 @@ struct ClusterBackend::Impl {
 
   // --- heartbeats
 
+  // Connects the other channels of every open slot not channels_ready (the heartbeat
+  // thread). A channel that fails to connect is left to the first call that takes it,
+  // which connects it again and reports the error as any call would (a node lost meanwhile
+  // is found so). Stops early for quiesce().
+  void connect_rest() {
+    for (int s = 0; s < nslots.load() && channels_pending.load() != 0; s++) {
+      NodeSlot& n = slots[s];
+      if (n.channels_ready.load()) continue;
+      const int state = n.state.load(std::memory_order_acquire);
+      if (state == kOpening) continue;  // counted, not yet open: the next round
+      if (state == kOpen) {
+        connecting.store(true);
+        if (exiting.load()) {
+          connecting.store(false);
+          return;
+        }
+        (void)node->connect(n.id);
+        connecting.store(false);
+      }
+      n.channels_ready.store(true);  // connected, or lost or closed since
+      channels_pending.fetch_sub(1);
+      futex(&channels_pending, FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr);
+    }
+  }
+  // The miss path's gate: returns once every open slot's channels are connected (at once,
+  // after start-up). Allocates nothing; may wait for the heartbeat thread (~4 ms per node
+  // over shm, once per run). After quiesce() (the process is exiting) it returns at once:
+  // a call then connects a channel it takes itself, as a reconnect after a reset does.
+  void await_channels() {
+    for (;;) {
+      const uint32_t pending = channels_pending.load(std::memory_order_acquire);
+      if (pending == 0 || exiting.load(std::memory_order_relaxed)) return;
+      if (!connect_now.load(std::memory_order_relaxed)) {
+        connect_now.store(true);
+        connect_wake.fetch_add(1);
+        futex(&connect_wake, FUTEX_WAKE_PRIVATE, 1, nullptr);
+      }
+      const timespec ts{0, 10 * 1000 * 1000};
+      futex(&channels_pending, FUTEX_WAIT_PRIVATE, pending, &ts);
+    }
+  }
+  // Sleeps `ms` on connect_wake (or until stop, or a caller needs the channels).
+  void nap(std::chrono::milliseconds ms) {
+    const uint32_t seen = connect_wake.load();
+    if (stop.load() || connect_now.load()) return;
+    const timespec ts{static_cast<time_t>(ms.count() / 1000),
+                      static_cast<long>(ms.count() % 1000) * 1000000};
+    futex(&connect_wake, FUTEX_WAIT_PRIVATE, seen, &ts);
+  }
+
   void heartbeat_loop() {
+    // Start-up's deferred channels: kConnectDelay after open(), or sooner when needed.
+    const auto connect_at = Clock::now() + kConnectDelay;
+    while (!stop.load() && !connect_now.load() && Clock::now() < connect_at) {
+      nap(std::chrono::duration_cast<std::chrono::milliseconds>(connect_at - Clock::now()) +
+          std::chrono::milliseconds(1));
+    }
     while (!stop.load()) {
+      connect_rest();
       // The shortest lease of the spaces open now (more open as placements go on).
       uint32_t lease = 0;
       for (int s = 0; s < nslots.load(); s++) {
@@ -1106,7 +1184,10 @@ struct ClusterBackend::Impl {
           std::chrono::milliseconds(lease == 0 ? 200 : std::max<uint32_t>(lease / 4, 50));
       auto wake = Clock::now() + period;
       while (!stop.load() && Clock::now() < wake) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        nap(std::chrono::milliseconds(20));
+        // Slots opened since (placements) get their other channels at once.
+        if (channels_pending.load() != 0) connect_rest();
+        connect_now.store(false);
       }
       if (stop.load()) break;
       for (int s = 0; s < nslots.load(); s++) {
@@ -1173,7 +1254,8 @@ Result<std::unique_ptr<ClusterBackend>> ClusterBackend::open(fit::Node* node,
                                 " lines; raise it to at least " + std::to_string(m.buffer_bytes));
   }
   if (options.monitor != 0) {
-    Status st = node->connect(options.monitor);
+    // One channel: only the placer and repair threads call the monitor.
+    Status st = node->connect_one(options.monitor);
     // A monitor down now only delays placements (they wait for it); say so once.
     if (!st) {
       say("lego: %s: monitor node %s: %s (placements wait for it)\n", options.program.c_str(),
@@ -1205,9 +1287,17 @@ Result<std::unique_ptr<ClusterBackend>> ClusterBackend::open(fit::Node* node,
   return b;
 }
 
+void ClusterBackend::quiesce() {
+  Impl& m = *impl_;
+  m.exiting.store(true);
+  while (m.connecting.load()) usleep(100);
+}
+
 ClusterBackend::~ClusterBackend() {
   Impl& m = *impl_;
   m.stop = true;
+  m.connect_wake.fetch_add(1);
+  futex(&m.connect_wake, FUTEX_WAKE_PRIVATE, 1, nullptr);
   m.place_wake.fetch_add(1);
   futex(&m.place_wake, FUTEX_WAKE_PRIVATE, 1, nullptr);
   m.repair_wake.fetch_add(1);
@@ -1272,11 +1362,13 @@ Status ClusterBackend::sync_placement(uint64_t first, uint64_t last) {
 }
 
 Status ClusterBackend::fetch(uint64_t line_addr, std::span<std::byte, kExCacheLineBytes> out) {
+  impl_->await_channels();
   const uint64_t a[1] = {line_addr};
   return impl_->fetch_lines(a, out.data(), -1);
 }
 
 Status ClusterBackend::fetch_batch(std::span<const uint64_t> line_addrs, std::byte* out) {
+  impl_->await_channels();
   static_assert(kMaxFetchBatch <= mem::kMaxBatch && kMaxFetchBatch <= 64);
   static_assert(sizeof(mem::FetchReply) <= kFetchHeadroom);
   if (line_addrs.empty()) return Status();
@@ -1288,6 +1380,7 @@ Status ClusterBackend::fetch_batch(std::span<const uint64_t> line_addrs, std::by
 // fetched whole in start (the ticket then says done).
 Status ClusterBackend::start_fetch_batch(std::span<const uint64_t> line_addrs, std::byte* out,
                                          FetchTicket* ticket) {
+  impl_->await_channels();
   Impl& m = *impl_;
   const size_t n = line_addrs.size();
   if (n == 0 || n > kMaxFetchBatch) return Status(EINVAL, "start_fetch_batch: 1 to 32 lines");
@@ -1371,6 +1464,7 @@ bool ClusterBackend::fetch_ready(FetchTicket* ticket) {
 }
 
 Status ClusterBackend::write_back(std::span<const WriteBack> lines) {
+  impl_->await_channels();
   Impl& m = *impl_;
   size_t done = 0;
   while (done < lines.size()) {
@@ -1387,6 +1481,7 @@ Status ClusterBackend::write_back(std::span<const WriteBack> lines) {
 }
 
 Status ClusterBackend::start_write_back(std::span<const WriteBack> lines, WriteBackTicket* ticket) {
+  impl_->await_channels();
   Impl& m = *impl_;
   ticket->buffer = nullptr;
   if (lines.empty() || lines.size() > mem::kMaxBatch) return write_back(lines);
@@ -1415,6 +1510,7 @@ Status ClusterBackend::finish_write_back(WriteBackTicket* ticket) {
 }
 
 Status ClusterBackend::release(uint64_t addr, uint64_t length) {
+  impl_->await_channels();
   Impl& m = *impl_;
   if (length == 0) return Status();
   if (!m.in_region(addr) || !m.in_region(addr + length - 1)) {
@@ -1454,6 +1550,7 @@ Status ClusterBackend::release(uint64_t addr, uint64_t length) {
 }
 
 Result<uint32_t> ClusterBackend::snapshot() {
+  impl_->await_channels();
   Impl& m = *impl_;
   uint32_t id = kMaxSnapshots;
   for (uint32_t i = 0; i < kMaxSnapshots; i++) {
@@ -1501,6 +1598,7 @@ Result<uint32_t> ClusterBackend::snapshot() {
 
 Status ClusterBackend::fetch_snapshot(uint32_t id, uint64_t line_addr,
                                       std::span<std::byte, kExCacheLineBytes> out) {
+  impl_->await_channels();
   Impl& m = *impl_;
   if (id >= kMaxSnapshots || m.snap_state[id].load(std::memory_order_acquire) != 2) {
     return Status(ENOENT, "no snapshot " + std::to_string(id));
@@ -1510,6 +1608,7 @@ Status ClusterBackend::fetch_snapshot(uint32_t id, uint64_t line_addr,
 }
 
 Status ClusterBackend::write_back_snapshot(uint32_t id, std::span<const WriteBack> lines) {
+  impl_->await_channels();
   Impl& m = *impl_;
   if (id >= kMaxSnapshots || m.snap_state[id].load(std::memory_order_acquire) == 0) {
     return Status(ENOENT, "no snapshot " + std::to_string(id));
@@ -1527,6 +1626,7 @@ Status ClusterBackend::write_back_snapshot(uint32_t id, std::span<const WriteBac
 }
 
 Status ClusterBackend::release_snapshot(uint32_t id, uint64_t addr, uint64_t length) {
+  impl_->await_channels();
   Impl& m = *impl_;
   if (id >= kMaxSnapshots || m.snap_state[id].load(std::memory_order_acquire) == 0) {
     return Status(ENOENT, "no snapshot " + std::to_string(id));

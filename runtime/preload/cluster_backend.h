@@ -98,12 +98,20 @@ struct ClusterBackendOptions {
 
 class ClusterBackend : public LineBackend {
  public:
-  // Without a monitor, opens a space on each of options.memory_nodes (connecting every
-  // channel: later calls allocate nothing); starts the service threads. The region is set later
+  // Without a monitor, opens a space on each of options.memory_nodes (connecting one
+  // channel; the heartbeat thread connects the others soon after, and the miss path's
+  // calls wait for that rather than connect: they allocate nothing); starts the service
+  // threads. The region is set later
   // (set_region: the ExCache that owns it needs the backend first). Errors name the node.
   static Result<std::unique_ptr<ClusterBackend>> open(fit::Node* node,
                                                       const ClusterBackendOptions& options);
   ~ClusterBackend() override;
+
+  // Before the process's exit runs library destructors (libfabric's among them): returns
+  // once no deferred channel connection (cluster_backend.cc, "Lazy channels") is under
+  // way, and starts none after. Calls still work (a channel not yet connected is
+  // connected by the call that takes it). Waits at most one channel's connection.
+  void quiesce();
 
   // The ExCache region [base, base + bytes): vRegion i is [base + i*16M, base + (i+1)*16M).
   // Once, before any other call but close().

@@ -597,6 +597,8 @@ __attribute__((constructor(102))) void lego_start() {
 __attribute__((destructor(101))) void lego_stop() {
   if (g_rt == nullptr || g_forked_child.load()) return;  // the parent reports
   startup_mark("runtime: exit");
+  // No channel connection under way while libfabric's destructor runs.
+  g_rt->backend->quiesce();
   // The region stays mapped and the space open: libc still flushes stdio buffers (in the
   // region) after destructors. lego-run frees the space once the process is gone.
   write_stats();

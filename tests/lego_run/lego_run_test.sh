@@ -363,7 +363,7 @@ check "a live lego-run's namespace is kept" eval 'need sweep_namespaces; [ "$kep
 #     documented) or 2 (lego-memd); --help exits 0.
 check "lego-run --excache abc" bad_flag 125 "not a size" "$LEGO_RUN" --excache abc -- true
 check "lego-run with no program" bad_flag 125 "no PROGRAM" "$LEGO_RUN" --excache 1M
-check "lego-run --policy lru" bad_flag 125 "fifo or clock" "$LEGO_RUN" --policy lru -- true
+check "lego-run --policy lru" bad_flag 125 "fifo, clock or refault" "$LEGO_RUN" --policy lru -- true
 check "lego-run --config missing.toml" bad_flag 125 "missing.toml" "$LEGO_RUN" --config "$tmp/missing.toml" -- true
 check "lego-run --no-such-flag" bad_flag 125 "no-such-flag" "$LEGO_RUN" --no-such-flag -- true
 check "lego-run --prefetch -1 names the flag and its range" \

@@ -303,6 +303,28 @@ TEST_CASE(
   b->drop_snapshot(snap.value());
 }
 
+// Guards start-up's lazy channels (cluster_backend.cc): open() connects one channel per
+// memory node, not channels_per_peer; placements share it; the miss path's first call waits
+// for the others (connected by the heartbeat thread) instead of connecting one itself.
+TEST_CASE("open connects one channel per node; the miss path waits for the rest", "[cluster]") {
+  reset_used();
+  Cluster c(2, 256 << 20);
+  auto b = c.backend(2);
+  const auto authenticated = [&](int i) {
+    return c.servers[static_cast<size_t>(i)]->stats().connections_authenticated;
+  };
+  CHECK(authenticated(0) == 1);
+  CHECK(authenticated(1) == 1);
+  place(*b, 0, 1);
+  CHECK(authenticated(0) == 1);
+  CHECK(authenticated(1) == 1);
+  write_all(*b, 2, 4, 1);
+  const uint64_t all = static_cast<uint64_t>(c.config.channels_per_peer);
+  CHECK(authenticated(0) == all);
+  CHECK(authenticated(1) == all);
+  check_all(*b, 2, 4, 1);
+}
+
 TEST_CASE("one replica: losing its node is EHOSTDOWN naming the node", "[cluster]") {
   reset_used();
   Cluster c(2, 256u << 20);

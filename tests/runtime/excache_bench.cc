@@ -60,7 +60,7 @@ struct Flags {
 };
 
 const char* kUsage = R"(usage: excache_bench [--capacity-mb=64] [--ratio=4] [--accesses=200000]
-           [--delivery=both|sigbus|thread] [--policy=fifo|clock] [--op=rmw|read]
+           [--delivery=both|sigbus|thread] [--policy=fifo|clock|refault] [--op=rmw|read]
            [--write-pct=N] [--pattern=uniform|zipf|hotset] [--threads=1]
            [--predict-dirty=1] [--pcache=auto|on|off|both] [--csv]
 
@@ -73,7 +73,7 @@ with it, and their ratio. --csv: rows instead of a table.
 )";
 
 constexpr const char* kDeliveries[] = {"both", "sigbus", "thread"};
-constexpr const char* kPolicies[] = {"fifo", "clock"};
+constexpr const char* kPolicies[] = {"fifo", "clock", "refault"};
 constexpr const char* kOps[] = {"rmw", "read"};
 constexpr const char* kPatterns[] = {"uniform", "zipf", "hotset"};
 constexpr const char* kPcache[] = {"auto", "on", "off", "both"};
@@ -235,8 +235,9 @@ int main(int argc, char** argv) {
     options.delivery = std::string(name) == "sigbus" ? ExCacheOptions::Delivery::kSigbus
                                                      : ExCacheOptions::Delivery::kHandlerThread;
     options.predict_dirty = f.predict_dirty;
-    options.policy =
-        f.policy == "clock" ? ExCacheOptions::Policy::kClock : ExCacheOptions::Policy::kFifo;
+    options.policy = f.policy == "clock"     ? ExCacheOptions::Policy::kClock
+                     : f.policy == "refault" ? ExCacheOptions::Policy::kRefault
+                                             : ExCacheOptions::Policy::kFifo;
     options.kernel_module = pcache == "on"    ? ExCacheOptions::KernelModule::kRequire
                             : pcache == "off" ? ExCacheOptions::KernelModule::kOff
                                               : ExCacheOptions::KernelModule::kAuto;

@@ -661,6 +661,43 @@ TEST_CASE("clock spares a line written after its fill; fifo does not", "[excache
   CHECK(refetched == (mode.policy == Policy::kClock ? 0u : 1u));
 }
 
+// Guards --policy refault (evict_refault.cc): a line missed again within a lap of its
+// eviction is spared by the next lap, so a line read once per half lap, among a stream
+// of cold misses, misses about every other lap instead of every lap as under FIFO.
+TEST_CASE("refault spares a line that comes back soon; fifo evicts it every lap", "[excache]") {
+  const Mode& base_mode = GENERATE(from_range(test_modes()));
+  if (base_mode.policy != Policy::kFifo) return;  // one run per delivery, both policies
+  for (Policy policy : {Policy::kFifo, Policy::kRefault}) {
+    Mode mode = base_mode;
+    mode.policy = policy;
+    Fixture f(mode, 64, 8, /*predict_dirty=*/false, /*prefetch=*/false);
+    INFO(mode.name << (policy == Policy::kRefault ? " as refault" : ""));
+    const size_t cap = f.cache->capacity_lines();
+    for (size_t i = 0; i < f.lines; ++i) f.line(i)[1] = static_cast<char>(i);  // all backed
+    constexpr size_t kHot = 0;
+    uint64_t hot_misses = 0;
+    size_t bad = 0;
+    const size_t laps = 16;
+    for (size_t step = 0; step < laps * cap; ++step) {
+      const size_t cold = 1 + step % (f.lines - 1);
+      bad += f.line(cold)[1] != static_cast<char>(cold);
+      if (step % (cap / 2) != 0) continue;
+      const uint64_t before = f.cache->stats().misses;
+      bad += f.line(kHot)[1] != static_cast<char>(kHot);
+      if (step >= 2 * cap) hot_misses += f.cache->stats().misses - before;  // after warm-up
+    }
+    INFO(stats_text(f.cache->stats()));
+    INFO("hot line misses " << hot_misses << " in " << laps - 2 << " laps");
+    CHECK(bad == 0);
+    if (policy == Policy::kFifo) {
+      CHECK(hot_misses >= laps - 4);
+    } else {
+      CHECK(hot_misses <= (laps - 2) * 6 / 10);
+      CHECK(f.cache->stats().refaults >= hot_misses);
+    }
+  }
+}
+
 // lego_pcache.ko (kmod/). The host kernel cannot load modules, so the cases that need it
 // run in the qemu guest (//tests/kmod:pcache_qemu_test runs this whole suite there with
 // and without the module); here they check the fallback.
