@@ -38,6 +38,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -446,6 +447,26 @@ std::atomic<launch::StatsPublisher*> g_stats_page{nullptr};
 // cluster's it may use.
 fit::NodeId g_memory_node = 0;
 
+// The page's view of where the memory is: every memory node, the re-replication.
+launch::ClusterSample cluster_sample() {
+  const ClusterBackend::PlacementView pv = g_rt->backend->placement_view();
+  const ClusterStats cs = g_rt->backend->stats();
+  launch::ClusterSample c;
+  c.replicas = pv.replicas;
+  c.vregions_placed = pv.vregions_placed;
+  c.vregions_degraded = pv.vregions_degraded;
+  c.vregions_rereplicated = cs.vregions_rereplicated;
+  c.bytes_copied = cs.bytes_copied;
+  c.rereplication_start_ns = cs.rereplication_start_ns;
+  c.node_count = static_cast<uint32_t>(pv.nodes.size());
+  for (const ClusterBackend::NodeView& n : pv.nodes) {
+    c.nodes.push_back({n.id, n.lost, n.vregions, n.copying, n.address});
+  }
+  std::sort(c.nodes.begin(), c.nodes.end(),
+            [](const auto& a, const auto& b) { return a.id < b.id; });
+  return c;
+}
+
 void start_stats_publisher(const std::string& memory_address) {
   if (g_run_dir[0] == '\0') return;
   const int before = g_runtime_threads_ready.load();
@@ -463,7 +484,8 @@ void start_stats_publisher(const std::string& memory_address) {
     }
     g_stats_page = page.value().release();  // lives as long as the process
     for (;;) {
-      g_stats_page.load()->publish(g_rt->cache->stats(), g_rt->cache->uses_kernel_module());
+      g_stats_page.load()->publish(g_rt->cache->stats(), g_rt->cache->uses_kernel_module(),
+                                   cluster_sample());
       std::this_thread::sleep_for(launch::kPublishInterval);
     }
   }).detach();
