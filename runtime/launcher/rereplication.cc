@@ -11,12 +11,16 @@ namespace lego::launch {
 
 namespace {
 
-// "memory node 2 (10.1.2.3:18602)" / "memory nodes 2 (...), 5 (...)": the lost ones.
-std::string lost_nodes(const ClusterSample& c) {
+// "memory node 2 (10.1.2.3:18602)" / "memory nodes 2 (...), 5 (...)": the lost ones not
+// named before (all of them when every one was), which are then added to `named`.
+std::string lost_nodes(const ClusterSample& c, std::set<uint32_t>* named) {
+  bool any_new = false;
+  for (const auto& node : c.nodes) any_new |= node.lost && named->count(node.id) == 0;
   std::string o;
   int n = 0;
   for (const auto& node : c.nodes) {
-    if (!node.lost) continue;
+    if (!node.lost || (any_new && named->count(node.id))) continue;
+    named->insert(node.id);
     o += (n++ ? ", " : "") + std::to_string(node.id);
     if (!node.address.empty()) o += " (" + node.address + ")";
   }
@@ -50,7 +54,7 @@ void RereplicationWatch::poll() {
     const std::pair<pid_t, uint64_t> key{s.pid, s.start};
     present.insert(key);
     Seen& seen =
-        seen_.try_emplace(key, Seen{c.vregions_rereplicated, c.bytes_copied}).first->second;
+        seen_.try_emplace(key, Seen{c.vregions_rereplicated, c.bytes_copied, {}}).first->second;
     auto it = tracks_.find(key);
     if (it == tracks_.end()) {
       if (c.vregions_degraded == 0 && c.vregions_rereplicated == seen.rereplicated) continue;
@@ -63,7 +67,7 @@ void RereplicationWatch::poll() {
       progress_->step(
           s.program + " (pid " + std::to_string(s.pid) + "): re-replicating " +
           std::to_string(c.vregions_degraded + c.vregions_rereplicated - seen.rereplicated) +
-          " vRegions after losing " + lost_nodes(c));
+          " vRegions after losing " + lost_nodes(c, &seen.lost));
       it = tracks_.emplace(key, std::move(t)).first;
     }
     Track& t = it->second;
@@ -80,7 +84,8 @@ void RereplicationWatch::poll() {
              c.replicas, mib_text(c.bytes_copied - t.at_start.bytes).c_str(), secs);
     progress_->finish();
     progress_->note(line);
-    seen = Seen{c.vregions_rereplicated, c.bytes_copied};
+    seen.rereplicated = c.vregions_rereplicated;
+    seen.bytes = c.bytes_copied;
     tracks_.erase(it);
   }
   // A process that ended while its memory was being copied: nothing more to say of it

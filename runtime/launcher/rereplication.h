@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <utility>
 
@@ -42,6 +43,7 @@ class RereplicationWatch {
   // re-replication that began and ended between two looks still shows as their growth.
   struct Seen {
     uint64_t rereplicated = 0, bytes = 0;
+    std::set<uint32_t> lost;  // memory nodes already named in a line
   };
   struct Track {
     std::string program;
