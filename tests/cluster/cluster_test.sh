@@ -351,6 +351,12 @@ second_kill() {
     return 1
   }
   grep "lego-mond: .*memory node $first" "$run_dir/lego-mond.log"
+  # And its counters: the copies' placements, and the vRegions seen back at 2 copies.
+  mond_status >"$tmp/second.counters" 2>&1
+  grep -E '^(replacements|vregions_rereplicated|vregions_lost) ' "$tmp/second.counters"
+  grep -qE '^replacements [1-9]' "$tmp/second.counters" &&
+    grep -qE '^vregions_rereplicated [1-9]' "$tmp/second.counters" &&
+    grep -qx 'vregions_lost 0' "$tmp/second.counters" || return 1
   kill_busiest 1 || return 1
   finish_run second
   # Nor on lego-run's stderr: a line when it began, one when every vRegion had 2 copies again.
