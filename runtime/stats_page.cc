@@ -103,6 +103,20 @@ bool read_page(const std::string& path, StatsSample* out, std::string* problem) 
           latency_percentile_ns(copy.latency, ExCacheStats::kLatencyBuckets, 500);
       out->stats.miss_p99_ns =
           latency_percentile_ns(copy.latency, ExCacheStats::kLatencyBuckets, 990);
+      ClusterSample& c = out->cluster;
+      c.replicas = copy.replicas;
+      c.node_count = copy.node_count;
+      c.vregions_placed = copy.vregions_placed;
+      c.vregions_degraded = copy.vregions_degraded;
+      c.vregions_rereplicated = copy.vregions_rereplicated;
+      c.bytes_copied = copy.bytes_copied;
+      c.rereplication_start_ns = copy.rereplication_start_ns;
+      const size_t n = std::min<size_t>(copy.node_count, kStatsPageNodes);
+      for (size_t i = 0; i < n; ++i) {
+        const StatsPageNode& pn = copy.nodes[i];
+        c.nodes.push_back({pn.id, pn.lost != 0, pn.vregions, pn.copying,
+                           field_text(pn.address, sizeof pn.address)});
+      }
     }
   }
   munmap(m, kPageBytes);
@@ -189,7 +203,8 @@ StatsPublisher::~StatsPublisher() {
   munmap(page_, kPageBytes);
 }
 
-void StatsPublisher::publish(const ExCacheStats& stats, bool kernel_module) {
+void StatsPublisher::publish(const ExCacheStats& stats, bool kernel_module,
+                             const ClusterSample& cluster) {
   const uint64_t seq = page_->seq.load(std::memory_order_relaxed);
   page_->seq.store(seq + 1, std::memory_order_relaxed);
   std::atomic_thread_fence(std::memory_order_release);
@@ -200,6 +215,23 @@ void StatsPublisher::publish(const ExCacheStats& stats, bool kernel_module) {
   }
   for (size_t b = 0; b < ExCacheStats::kLatencyBuckets; ++b) {
     page_->latency[b] = stats.miss_latency_log2_ns[b];
+  }
+  page_->replicas = cluster.replicas;
+  page_->node_count = cluster.node_count;
+  page_->vregions_placed = cluster.vregions_placed;
+  page_->vregions_degraded = cluster.vregions_degraded;
+  page_->vregions_rereplicated = cluster.vregions_rereplicated;
+  page_->bytes_copied = cluster.bytes_copied;
+  page_->rereplication_start_ns = cluster.rereplication_start_ns;
+  const size_t n = std::min(cluster.nodes.size(), kStatsPageNodes);
+  for (size_t i = 0; i < n; ++i) {
+    const ClusterSample::Node& cn = cluster.nodes[i];
+    StatsPageNode& pn = page_->nodes[i];
+    pn.id = cn.id;
+    pn.lost = cn.lost ? 1 : 0;
+    pn.vregions = cn.vregions;
+    pn.copying = cn.copying;
+    copy_text(pn.address, sizeof pn.address, cn.address);
   }
   page_->seq.store(seq + 2, std::memory_order_release);
 }
@@ -222,7 +254,7 @@ uint64_t latency_percentile_ns(const uint64_t* buckets, size_t n, uint64_t per_m
 }
 
 std::vector<StatsSample> read_stats_pages(std::vector<std::string>* problems,
-                                          const std::string& tmp_dir) {
+                                          const std::string& tmp_dir, const std::string& run_dir) {
   std::vector<StatsSample> out;
   const char* run_base = strrchr(kRunDirPrefix, '/') + 1;  // "lego-run-"
   DIR* d = opendir(tmp_dir.c_str());
@@ -230,6 +262,7 @@ std::vector<StatsSample> read_stats_pages(std::vector<std::string>* problems,
   while (dirent* e = readdir(d)) {
     if (strncmp(e->d_name, run_base, strlen(run_base)) != 0) continue;
     const std::string dir = tmp_dir + "/" + e->d_name;
+    if (!run_dir.empty() && dir != run_dir) continue;
     DIR* r = opendir(dir.c_str());
     if (r == nullptr) continue;  // not ours to read, or a log file
     while (dirent* f = readdir(r)) {

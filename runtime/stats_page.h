@@ -1,6 +1,8 @@
-// The live stats page: each process of a run publishes its ExCache counters in a small
-// shared file that lego-stat reads while the process runs (the "stats" report of
-// launch_contract.h comes only at exit).
+// The live stats page: each process of a run publishes its ExCache counters, and where its
+// memory is (every memory node it uses, lost or not, with the vRegions each holds; its
+// replicas; its re-replication), in a small shared file that lego-stat, and lego-run for its
+// re-replication lines (runtime/launcher/rereplication.h), read while the process runs (the
+// "stats" report of launch_contract.h comes only at exit).
 //
 // The page is the file "stats.PID.START" in the run directory (launch::kStatsFilePrefix;
 // PID and START as in the space files: pid reuse cannot fool a reader), one 4 KiB page,
@@ -37,10 +39,41 @@
 namespace lego::launch {
 
 inline constexpr uint32_t kStatsPageMagic = 0x5453474c;  // "LGST"
-inline constexpr uint32_t kStatsPageVersion = 1;
+// 2: the memory nodes of the process (all of them, not only the first) and its placement.
+inline constexpr uint32_t kStatsPageVersion = 2;
 // How often a process's counters reach its page: a reader's rates are this precise.
 inline constexpr std::chrono::milliseconds kPublishInterval{250};
 inline constexpr size_t kStatsPageFields = std::size(kExCacheStatsFields);
+// Memory nodes a page names (a process may use more: node_count says how many).
+inline constexpr size_t kStatsPageNodes = 16;
+
+// One memory node of the process, as its runtime sees it.
+struct StatsPageNode {
+  uint32_t id;
+  uint32_t lost;      // 1: the process found it lost (it is never used again)
+  uint32_t vregions;  // vRegions with a full copy there
+  uint32_t copying;   // vRegions being copied there (re-replication)
+  char address[48];   // address:port, NUL-terminated
+};
+static_assert(sizeof(StatsPageNode) == 64);
+
+// Where the process's memory is: its memory nodes and its re-replication (cluster_backend.h).
+struct ClusterSample {
+  struct Node {
+    uint32_t id = 0;
+    bool lost = false;
+    uint32_t vregions = 0, copying = 0;
+    std::string address;
+  };
+  uint32_t replicas = 0;                // copies of every vRegion
+  uint64_t vregions_placed = 0;         // placed now
+  uint64_t vregions_degraded = 0;       // placed now with a copy on a lost node: to re-replicate
+  uint64_t vregions_rereplicated = 0;   // given a new copy after a loss, since the start
+  uint64_t bytes_copied = 0;            // by re-replication, since the start
+  uint64_t rereplication_start_ns = 0;  // CLOCK_MONOTONIC of the first one (0: none)
+  uint32_t node_count = 0;              // all of them; `nodes` holds at most kStatsPageNodes
+  std::vector<Node> nodes;              // by id
+};
 
 struct StatsPage {
   uint32_t magic;
@@ -59,6 +92,15 @@ struct StatsPage {
   uint64_t published_ns;      // CLOCK_MONOTONIC of the last publish (0: never)
   uint64_t values[kStatsPageFields];                // kExCacheStatsFields order
   uint64_t latency[ExCacheStats::kLatencyBuckets];  // miss_latency_log2_ns
+  // Version 2: ClusterSample's fields, under the same sequence lock.
+  uint32_t replicas;
+  uint32_t node_count;
+  uint64_t vregions_placed;
+  uint64_t vregions_degraded;
+  uint64_t vregions_rereplicated;
+  uint64_t bytes_copied;
+  uint64_t rereplication_start_ns;
+  StatsPageNode nodes[kStatsPageNodes];
 };
 static_assert(sizeof(StatsPage) <= 4096, "one page");
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared between processes");
@@ -80,8 +122,9 @@ class StatsPublisher {
                                                         uint32_t memory_node,
                                                         const std::string& memory_address);
   ~StatsPublisher();  // unmaps; the file stays unless remove() was called
-  // Copies `stats` into the page. No allocation, no syscall but clock_gettime (vDSO).
-  void publish(const ExCacheStats& stats, bool kernel_module);
+  // Copies `stats` and `cluster` into the page. No allocation, no syscall but
+  // clock_gettime (vDSO).
+  void publish(const ExCacheStats& stats, bool kernel_module, const ClusterSample& cluster);
   // Removes the page's name: the process is ending.
   void remove();
 
@@ -102,14 +145,17 @@ struct StatsSample {
   bool kernel_module = false;
   uint64_t published_ns = 0;  // CLOCK_MONOTONIC
   ExCacheStats stats;         // p50/p99 recomputed from the histogram
+  ClusterSample cluster;      // every memory node, replicas, re-replication
 };
 
 // Every live page under `tmp_dir`'s run directories (launch::kRunDirPrefix's folder,
-// "/tmp" by default): one sample per process, by pid. Pages of processes that are gone
+// "/tmp" by default), or only under `run_dir` when not empty (lego-run, its own run's):
+// one sample per process, by pid. Pages of processes that are gone
 // are removed (when this process may) and skipped; a page of another layout is skipped
 // and named in *problems (when not null), as is a page that cannot be read.
 std::vector<StatsSample> read_stats_pages(std::vector<std::string>* problems = nullptr,
-                                          const std::string& tmp_dir = "/tmp");
+                                          const std::string& tmp_dir = "/tmp",
+                                          const std::string& run_dir = "");
 
 // The bucket upper bound holding the `per_mille`th miss of a log2 latency histogram (0
 // when empty): ExCacheStats's own percentile rule, for a histogram of differences.

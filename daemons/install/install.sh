@@ -3,11 +3,12 @@
 #   bazel build //... && daemons/install/install.sh [--prefix /usr/local] [--destdir DIR]
 #   bazel run //:install -- --prefix=/usr/local            (the same, built first)
 # Layout (PREFIX default /usr/local):
-#   PREFIX/bin/{lego-run,lego-memd,lego-stord,lego-fs,lego-bench,fit-bench}
+#   PREFIX/bin/{lego-run,lego-stat,lego-memd,lego-mond,lego-stord,lego-fs,lego-bench,fit-bench}
 #   PREFIX/lib/lego/liblego_preload.so     (lego-run looks there: runtime/launcher/process.cc)
 #   PREFIX/lib/systemd/system/lego-*@.service   (ExecStart= pointing at PREFIX/bin)
 # The units read /etc/lego/cluster.toml and /etc/default/lego-*; see each unit's header.
-# Then: systemctl daemon-reload && systemctl enable --now lego-memd@2
+# Then: systemctl daemon-reload && systemctl enable --now lego-memd@2 (and lego-mond@ID,
+# lego-stord@ID on their nodes).
 # --destdir DIR installs under DIR (a package's staging tree) with paths still for PREFIX.
 # Where the built programs are: --bin DIR (default: bazel-bin of this checkout, or the
 # runfiles under `bazel run`).
@@ -34,7 +35,7 @@ bin=${bin:-$src/bazel-bin}
 # Every daemon with a unit (daemons/PKG/NAME@.service) is installed with it.
 units=()
 for u in "$src"/daemons/*/lego-*@.service; do units+=("${u#"$src"/}"); done
-programs=(runtime/lego-run runtime/fs/lego-fs runtime/bench/lego-bench libfit/bench/fit-bench)
+programs=(runtime/lego-run runtime/lego-stat runtime/fs/lego-fs runtime/bench/lego-bench libfit/bench/fit-bench)
 for u in "${units[@]}"; do programs+=("${u%@.service}"); done
 for p in "${programs[@]}" runtime/liblego_preload.so; do
   [[ -r $bin/$p ]] || { echo "install.sh: $bin/$p missing: bazel build //... first" >&2; exit 1; }

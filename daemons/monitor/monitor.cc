@@ -20,6 +20,7 @@
 
 #include "lego/memory_proto.h"
 #include "lego/placement.h"
+#include "lego/progress.h"
 #include "lego/retry.h"
 
 namespace lego::mon {
@@ -63,6 +64,18 @@ std::string hex16(uint64_t v) {
 }  // namespace
 
 struct Monitor::Impl {
+  // (process key, vRegion): one vRegion of one process, wherever its copies are.
+  using VKey = std::pair<uint64_t, uint64_t>;
+  // The re-replication that follows one memory node's loss, as the monitor sees it in the
+  // other nodes' listings: each vRegion that had a copy there and others elsewhere, with
+  // the number of full copies it had; done when it has them again or is gone.
+  struct Repair {
+    fit::NodeId lost = 0;
+    Clock::time_point since;
+    std::map<VKey, uint32_t> want;  // not yet back at its copies
+    uint64_t total = 0, restored = 0, gone = 0;
+    std::unique_ptr<Progress> progress;
+  };
   struct Space {
     mem::SpaceEntry entry;
     std::vector<uint64_t> full, copying;
@@ -94,7 +107,16 @@ struct Monitor::Impl {
   std::unique_ptr<placement::Rng> rng;  // guarded by mu
   MonitorStats s;                       // guarded by mu
   std::condition_variable cv;           // the lister's
-  bool stopping = false;                // guarded by mu
+  std::vector<Repair> repairs;          // guarded by mu
+  uint64_t listing_seq = 0;             // bumped when a listing is stored; guarded by mu
+  uint64_t repairs_seen_seq = 0;        // listing_seq the repairs were last checked at
+  // Each process's copies per vRegion, from its placements (kPlace's replicas; a
+  // re-replication asks for 1 and changes nothing): how many copies a vRegion that lost
+  // one must get back to. A restarted monitor learns it at the process's next placement;
+  // until then the copies a vRegion was listed with stand for it. (count, last placed);
+  // dropped a while after the process is no longer listed. Guarded by mu.
+  std::map<uint64_t, std::pair<uint32_t, Clock::time_point>> process_replicas;
+  bool stopping = false;  // guarded by mu
   std::thread lister;
 
   Status refuse(int code, const std::string& msg) { return Status(code, msg); }
@@ -255,8 +277,12 @@ struct Monitor::Impl {
                                               " memory node(s) lost or suspect not counted"
                                         : ""));
       }
-      out.count = r.replicas;
       const auto now = Clock::now();
+      auto& pr = process_replicas[r.process_key];
+      pr.first = std::max(pr.first, r.replicas);
+      pr.second = now;
+      if (holds_vregion(r.process_key, r.vregion)) s.replacements++;
+      out.count = r.replicas;
       for (size_t i = 0; i < chosen.value().size(); i++) {
         Rec& rec = nodes[chosen.value()[i]];
         rec.pending.emplace_back(now, mem::kVRegionBytes);
@@ -363,12 +389,141 @@ struct Monitor::Impl {
     }
   }
 
+  // Whether a node not lost lists vRegion `v` of process `key` (full or being copied in).
+  // Caller holds mu.
+  bool holds_vregion(uint64_t key, uint64_t v) const {
+    for (auto& [id, rec] : nodes) {
+      if (rec.state == kLost) continue;
+      for (auto& sp : rec.spaces) {
+        if (sp.entry.process_key != key) continue;
+        if (std::find(sp.full.begin(), sp.full.end(), v) != sp.full.end()) return true;
+        if (std::find(sp.copying.begin(), sp.copying.end(), v) != sp.copying.end()) return true;
+      }
+    }
+    return false;
+  }
+
+  // Full copies of every (process, vRegion) on the nodes not lost, as last listed. Caller
+  // holds mu.
+  std::map<VKey, uint32_t> full_copies() const {
+    std::map<VKey, uint32_t> n;
+    for (auto& [id, rec] : nodes) {
+      if (rec.state == kLost) continue;
+      for (auto& sp : rec.spaces) {
+        for (uint64_t v : sp.full) n[{sp.entry.process_key, v}]++;
+      }
+    }
+    return n;
+  }
+
+  // Caller holds mu.
   void declare_lost(fit::NodeId id, Rec& rec, const std::string& why) {
+    // What it held, counted before it stops counting: a vRegion with no other full copy
+    // is lost with it; the others are re-replicated by their processes' runtimes.
+    const std::map<VKey, uint32_t> before = full_copies();
     rec.state = kLost;
     s.nodes_lost++;
     s.epoch++;
     fprintf(stderr, "lego-mond: memory node %u at %s lost: %s\n", id, address_of(rec.where).c_str(),
             why.c_str());
+    Repair r;
+    r.lost = id;
+    r.since = Clock::now();
+    uint64_t only = 0;
+    std::set<uint64_t> procs_only, procs_more;
+    std::string example;
+    for (auto& sp : rec.spaces) {
+      for (uint64_t v : sp.full) {
+        auto it = before.find({sp.entry.process_key, v});
+        const uint32_t copies = it == before.end() ? 1 : it->second;
+        if (copies <= 1) {
+          only++;
+          procs_only.insert(sp.entry.process_key);
+          if (example.empty()) {
+            example =
+                "pid " + std::to_string(sp.entry.pid) + " of node " +
+                std::to_string(sp.entry.owner_node) + ", " +
+                std::string(sp.entry.program, strnlen(sp.entry.program, sizeof(sp.entry.program)));
+          }
+        } else {
+          // The listing of a copy made before this loss was declared would count twice:
+          // the process's own replica count, when known, is the goal.
+          auto pr = process_replicas.find(sp.entry.process_key);
+          r.want[{sp.entry.process_key, v}] =
+              pr != process_replicas.end() ? std::min(pr->second.first, copies) : copies;
+          procs_more.insert(sp.entry.process_key);
+        }
+      }
+    }
+    rec.pending.clear();
+    if (only > 0) {
+      s.vregions_lost += only;
+      fprintf(stderr,
+              "lego-mond: memory node %u held the only copy of %llu vRegion(s) of %zu "
+              "process(es) (%s%s), as last listed: lost with it\n",
+              id, static_cast<unsigned long long>(only), procs_only.size(), example.c_str(),
+              procs_only.size() > 1 ? ", ..." : "");
+    }
+    if (r.want.empty()) return;
+    r.total = r.want.size();
+    r.progress = std::make_unique<Progress>("lego-mond", 1);
+    r.progress->step("re-replication after losing memory node " + std::to_string(id) + ": " +
+                     std::to_string(r.total) + " vRegion(s) of " +
+                     std::to_string(procs_more.size()) +
+                     " process(es) had a copy there; their runtimes copy them to other nodes");
+    repairs.push_back(std::move(r));
+    repairs_seen_seq = listing_seq - 1;  // check at the next tick
+  }
+
+  // Follows the re-replications under way in the listings; logs their progress and end.
+  // Caller holds mu.
+  void follow_repairs() {
+    if (repairs_seen_seq == listing_seq) return;
+    repairs_seen_seq = listing_seq;
+    std::set<uint64_t> live_procs;
+    for (auto& [id, rec] : nodes) {
+      if (rec.state == kLost) continue;
+      for (auto& sp : rec.spaces) live_procs.insert(sp.entry.process_key);
+    }
+    const auto t = Clock::now();
+    for (auto it = process_replicas.begin(); it != process_replicas.end();) {
+      const bool stale = live_procs.count(it->first) == 0 &&
+                         t - it->second.second > 2 * kPendingHeartbeats * options.heartbeat;
+      it = stale ? process_replicas.erase(it) : std::next(it);
+    }
+    if (repairs.empty()) return;
+    const std::map<VKey, uint32_t> now = full_copies();
+    for (auto it = repairs.begin(); it != repairs.end();) {
+      Repair& r = *it;
+      for (auto w = r.want.begin(); w != r.want.end();) {
+        auto c = now.find(w->first);
+        if (c != now.end() && c->second >= w->second) {
+          r.restored++;
+          s.vregions_rereplicated++;
+          w = r.want.erase(w);
+        } else if (c == now.end() && live_procs.count(w->first.first) == 0) {
+          r.gone++;  // its process ended (or lost every copy): nothing left to copy
+          w = r.want.erase(w);
+        } else {
+          ++w;
+        }
+      }
+      r.progress->update(r.restored + r.gone, r.total);
+      if (!r.want.empty()) {
+        ++it;
+        continue;
+      }
+      r.progress->finish();
+      const double secs = std::chrono::duration<double>(Clock::now() - r.since).count();
+      char line[256];
+      snprintf(line, sizeof line,
+               "re-replication after losing memory node %u done: %llu vRegion(s) back at their "
+               "copies, %llu gone with their process, in %.1f s",
+               r.lost, static_cast<unsigned long long>(r.restored),
+               static_cast<unsigned long long>(r.gone), secs);
+      r.progress->note(line);
+      it = repairs.erase(it);
+    }
   }
 
   void lister_loop() {
@@ -394,6 +549,7 @@ struct Monitor::Impl {
           continue;
         }
         s.listings++;
+        listing_seq++;
         it->second.spaces = std::move(spaces).value();
         it->second.listed_generation = generation;
         it->second.want_list = it->second.usage.generation != generation;
@@ -457,11 +613,44 @@ void Monitor::tick() {
     const auto ago = std::chrono::duration_cast<std::chrono::milliseconds>(now - rec.last_heard);
     impl_->declare_lost(id, rec, "not heard for " + std::to_string(ago.count()) + " ms");
   }
+  impl_->follow_repairs();
 }
 
 MonitorStats Monitor::stats() const {
   std::lock_guard<std::mutex> g(impl_->mu);
   return impl_->s;
+}
+
+MonitorGauges Monitor::gauges() const {
+  std::lock_guard<std::mutex> g(impl_->mu);
+  MonitorGauges out;
+  std::set<uint64_t> procs;
+  std::set<Impl::VKey> vregions;
+  for (auto& [id, rec] : impl_->nodes) {
+    switch (rec.state) {
+      case kAlive:
+        out.nodes_alive++;
+        out.capacity_bytes += rec.usage.capacity_bytes;
+        out.reserved_bytes += rec.usage.reserved_bytes;
+        out.stored_bytes += rec.usage.stored_bytes;
+        break;
+      case kSuspect:
+        out.nodes_suspect++;
+        break;
+      default:
+        out.nodes_declared_lost++;
+        continue;
+    }
+    for (auto& sp : rec.spaces) {
+      procs.insert(sp.entry.process_key);
+      for (uint64_t v : sp.full) vregions.insert({sp.entry.process_key, v});
+      out.vregions_copying += sp.copying.size();
+    }
+  }
+  out.processes = procs.size();
+  out.vregions = vregions.size();
+  for (auto& r : impl_->repairs) out.vregions_degraded += r.want.size();
+  return out;
 }
 
 std::string Monitor::status_text() const {
@@ -507,18 +696,9 @@ std::string Monitor::status_text() const {
       o << "\n";
     }
   }
-  const MonitorStats& s = impl_->s;
-  o << "registrations " << s.registrations << "\n"
-    << "refused_live_id " << s.refused_live_id << "\n"
-    << "heartbeats " << s.heartbeats << "\n"
-    << "unknown_heartbeats " << s.unknown_heartbeats << "\n"
-    << "nodes_lost " << s.nodes_lost << "\n"
-    << "lost_reports " << s.lost_reports << "\n"
-    << "placements " << s.placements << "\n"
-    << "placements_refused " << s.placements_refused << "\n"
-    << "listings " << s.listings << "\n"
-    << "listing_errors " << s.listing_errors << "\n"
-    << "epoch " << s.epoch << "\n";
+  for (const MonitorStatsField& f : kMonitorStatsFields) {
+    o << f.name << " " << impl_->s.*(f.field) << "\n";
+  }
   if (impl_->node != nullptr) o << fit::stats_text(impl_->node->stats());
   return o.str();
 }

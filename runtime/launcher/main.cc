@@ -49,6 +49,7 @@
 #include "runtime/launcher/private_cluster.h"
 #include "runtime/launcher/process.h"
 #include "runtime/launcher/reports.h"
+#include "runtime/launcher/rereplication.h"
 #include "runtime/launcher/run_dir.h"
 #include "runtime/launcher/storage_mount.h"
 #include "runtime/launcher/syscalls.h"
@@ -274,6 +275,11 @@ Ending wait_for_run(pid_t child, const RunDir& run, SpaceRegistry& spaces, Repor
 
   Ending end;
   bool child_done = false;
+  // Re-replication's progress (rereplication.h), in a run with more than one memory node.
+  std::unique_ptr<launch::RereplicationWatch> rereplication;
+  if (cluster == nullptr || cluster->memory_nodes() > 1) {
+    rereplication = std::make_unique<launch::RereplicationWatch>(run.path());
+  }
   Clock::time_point next_reap = Clock::now(), done_at{};
   char buf[4096];
   auto drain = [&] {
@@ -286,6 +292,7 @@ Ending wait_for_run(pid_t child, const RunDir& run, SpaceRegistry& spaces, Repor
     const timespec tick{0, 100 * 1000 * 1000};
     ppoll(&p, 1, &tick, &wait_mask);
     drain();
+    if (rereplication) rereplication->poll();
     // Traced, the tracer thread reaps the program (a waitpid here would take its stops).
     if (!child_done && (g_tracer ? g_tracer->program_ended(&end.status)
                                  : waitpid(child, &end.status, WNOHANG) == child)) {

@@ -1331,6 +1331,44 @@ uint64_t ClusterBackend::process_key() const {
   return impl_->process_key;
 }
 
+ClusterBackend::PlacementView ClusterBackend::placement_view() const {
+  const Impl& m = *impl_;
+  PlacementView pv;
+  pv.replicas = m.options.replicas;
+  const int n = m.nslots.load(std::memory_order_acquire);
+  pv.nodes.resize(static_cast<size_t>(n));
+  for (int s = 0; s < n; s++) {
+    NodeView& nv = pv.nodes[static_cast<size_t>(s)];
+    nv.id = m.slots[s].id;
+    nv.lost = m.slots[s].state.load(std::memory_order_acquire) == kLost;
+    if (const std::optional<fit::NodeConfig> c = m.node->peer(nv.id)) {
+      nv.address = c->address + ":" + std::to_string(c->port);
+    }
+  }
+  for (uint64_t v = 0; m.map != nullptr && v < m.nvregions; v++) {
+    const Entry e = m.entry(v);
+    if (!e.placed) continue;
+    pv.vregions_placed++;
+    bool short_of_copies = false, any_full = false;
+    for (uint32_t i = 0; i < kMaxReplicas; i++) {
+      if (e.slot[i] == kNoSlot || e.slot[i] >= n) continue;
+      NodeView& nv = pv.nodes[e.slot[i]];
+      if (!m.live(e.slot[i])) {
+        short_of_copies = true;
+      } else if (e.full(i)) {
+        nv.vregions++;
+        any_full = true;
+      } else {
+        nv.copying++;
+        short_of_copies = true;  // its new copy is not whole yet
+      }
+    }
+    // One with no full copy left is lost, not waiting for a copy (the repair gave it up).
+    pv.vregions_degraded += short_of_copies && any_full;
+  }
+  return pv;
+}
+
 ClusterStats ClusterBackend::stats() const {
   ClusterStats s;
 #define LEGO_CLUSTER_READ(name, doc) s.name = impl_->name.load(std::memory_order_relaxed);

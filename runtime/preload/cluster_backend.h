@@ -151,6 +151,24 @@ class ClusterBackend : public LineBackend {
   void close();
 
   ClusterStats stats() const;
+  // Where this process's memory is now, for lego-stat and lego-run's re-replication
+  // progress (the stats thread, every 250 ms): each memory node it opened a space on, lost
+  // or not, with the vRegions that have a full copy there and those being copied there; and
+  // the placed vRegions with a copy on a lost node (re-replication still to do). One pass of
+  // atomic loads over the vRegion map; allocates (the nodes' addresses): not for the miss
+  // path.
+  struct NodeView {
+    fit::NodeId id = 0;
+    bool lost = false;
+    uint32_t vregions = 0, copying = 0;
+    std::string address;  // "address:port"
+  };
+  struct PlacementView {
+    uint32_t replicas = 0;
+    uint64_t vregions_placed = 0, vregions_degraded = 0;
+    std::vector<NodeView> nodes;  // by slot: in the order the process opened them
+  };
+  PlacementView placement_view() const;
   // Service threads this backend started (lego-run waits for each to take its arena).
   static constexpr int kServiceThreads = 3;
   // The last vRegion loss, "vRegion 3 (0x7f..): its last copy was on memory node 2

@@ -38,6 +38,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -442,19 +443,37 @@ void close_earlier_images(fit::Node* node) {
 // into it every kPublishInterval, so the miss path pays nothing for lego-stat. Its page
 // is removed at exit (lego_stop).
 std::atomic<launch::StatsPublisher*> g_stats_page{nullptr};
-std::atomic<bool> g_stats_thread_ready{false};
 // The memory node lego-stat names for this process: its only one, or the first of the
 // cluster's it may use.
 fit::NodeId g_memory_node = 0;
 
+// The page's view of where the memory is: every memory node, the re-replication.
+launch::ClusterSample cluster_sample() {
+  const ClusterBackend::PlacementView pv = g_rt->backend->placement_view();
+  const ClusterStats cs = g_rt->backend->stats();
+  launch::ClusterSample c;
+  c.replicas = pv.replicas;
+  c.vregions_placed = pv.vregions_placed;
+  c.vregions_degraded = pv.vregions_degraded;
+  c.vregions_rereplicated = cs.vregions_rereplicated;
+  c.bytes_copied = cs.bytes_copied;
+  c.rereplication_start_ns = cs.rereplication_start_ns;
+  c.node_count = static_cast<uint32_t>(pv.nodes.size());
+  for (const ClusterBackend::NodeView& n : pv.nodes) {
+    c.nodes.push_back({n.id, n.lost, n.vregions, n.copying, n.address});
+  }
+  std::sort(c.nodes.begin(), c.nodes.end(),
+            [](const auto& a, const auto& b) { return a.id < b.id; });
+  return c;
+}
+
 void start_stats_publisher(const std::string& memory_address) {
   if (g_run_dir[0] == '\0') return;
+  const int before = g_runtime_threads_ready.load();
   std::thread([memory_address] {
-    unsigned a = g_rt->local_arena;
-    mallctl("thread.arena", nullptr, nullptr, &a, sizeof(a));
+    use_local_arena();
     excache_service_thread_begin();
     prctl(PR_SET_NAME, "lego-stats");
-    g_stats_thread_ready = true;
     auto page = launch::StatsPublisher::create(g_run_dir, g_pid, g_start_time, g_program,
                                                g_memory_node, memory_address);
     if (!page) {
@@ -465,13 +484,17 @@ void start_stats_publisher(const std::string& memory_address) {
     }
     g_stats_page = page.value().release();  // lives as long as the process
     for (;;) {
-      g_stats_page.load()->publish(g_rt->cache->stats(), g_rt->cache->uses_kernel_module());
+      g_stats_page.load()->publish(g_rt->cache->stats(), g_rt->cache->uses_kernel_module(),
+                                   cluster_sample());
       std::this_thread::sleep_for(launch::kPublishInterval);
     }
   }).detach();
   // Like the other runtime threads, it takes the local arena before the program's arenas
-  // get region hooks (see use_local_arena).
-  for (int i = 0; i < 1000 && !g_stats_thread_ready.load(); i++) usleep(1000);
+  // get region hooks (see use_local_arena): a futex wait, no polling.
+  if (!wait_for_runtime_threads(before + 1, std::chrono::seconds(1))) {
+    say("lego: %s: the stats thread did not start within 1 s (lego-stat may not show it)\n",
+        g_program);
+  }
 }
 
 // The cluster file's `replicas` (lego-run --replicas overrides it through LEGO_REPLICAS)

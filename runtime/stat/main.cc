@@ -26,7 +26,10 @@ const char* kUsage = R"(usage: lego-stat [options]
 
 A live view of the lego processes on this node (those run under lego-run): for each,
 its ExCache use (resident / capacity), misses, fetches and write-backs per second, the
-miss latency percentiles of the interval, and the memory node holding its memory.
+miss latency percentiles of the interval, and the memory nodes holding its memory:
+each with the vRegions (16 MiB) it holds a copy of, "lost" for one the process lost,
+"+N" for copies coming in; R is the copies of each vRegion (--replicas), and
+"re-replicating N" the vRegions still short of a copy after a loss.
 Refreshes every --interval until interrupted; on a terminal the screen is redrawn,
 elsewhere each refresh is a plain table.
 
@@ -124,6 +127,27 @@ std::string rate_text(bool have, double v) {
   return b;
 }
 
+// "2:12 3:12 4:lost 5:3+2": each memory node with the vRegions it holds ("+N": being
+// copied in; "lost": the process lost it).
+std::string nodes_text(const launch::ClusterSample& c) {
+  std::string o;
+  for (const auto& n : c.nodes) {
+    if (!o.empty()) o += " ";
+    o += std::to_string(n.id) + ":";
+    if (n.lost) {
+      o += "lost";
+      continue;
+    }
+    o += std::to_string(n.vregions);
+    if (n.copying) o += "+" + std::to_string(n.copying);
+  }
+  if (c.node_count > c.nodes.size()) {
+    o += " (+" + std::to_string(c.node_count - c.nodes.size()) + " more)";
+  }
+  if (c.vregions_degraded) o += " re-replicating " + std::to_string(c.vregions_degraded);
+  return o.empty() ? "-" : o;
+}
+
 std::string mib(uint64_t lines) {
   char b[32];
   snprintf(b, sizeof b, "%.1f", static_cast<double>(lines * kExCacheLineBytes) / (1 << 20));
@@ -135,20 +159,20 @@ void print_table(const std::vector<Row>& rows, const std::vector<std::string>& p
   time_t t = time(nullptr);
   strftime(when, sizeof when, "%H:%M:%S", localtime(&t));
   printf("lego-stat %s: %zu lego process%s\n", when, rows.size(), rows.size() == 1 ? "" : "es");
-  printf("%7s %-16s %19s %5s %9s %7s %7s %9s %9s  %s\n", "PID", "PROGRAM", "EXCACHE MiB", "USE%",
-         "MISS/s", "P50", "P99", "FETCH/s", "WBACK/s", "MEMORY NODE");
+  printf("%7s %-16s %19s %5s %9s %7s %7s %9s %9s %2s  %s\n", "PID", "PROGRAM", "EXCACHE MiB",
+         "USE%", "MISS/s", "P50", "P99", "FETCH/s", "WBACK/s", "R", "MEMORY NODES (vRegions)");
   for (const Row& r : rows) {
     const ExCacheStats& s = r.now.stats;
     const std::string use = mib(s.resident_lines) + "/" + mib(s.capacity_lines);
     const double pct = s.capacity_lines ? 100.0 * static_cast<double>(s.resident_lines) /
                                               static_cast<double>(s.capacity_lines)
                                         : 0;
-    printf("%7d %-16.16s %19s %4.0f%% %9s %7s %7s %9s %9s  %u (%s)\n", r.now.pid,
+    printf("%7d %-16.16s %19s %4.0f%% %9s %7s %7s %9s %9s %2u  %s\n", r.now.pid,
            r.now.program.c_str(), use.c_str(), pct, rate_text(r.have_rates, r.misses_s).c_str(),
            latency_text(r.p50_ns).c_str(), latency_text(r.p99_ns).c_str(),
            rate_text(r.have_rates, r.fetches_s).c_str(),
-           rate_text(r.have_rates, r.write_backs_s).c_str(), r.now.memory_node,
-           r.now.memory_address.c_str());
+           rate_text(r.have_rates, r.write_backs_s).c_str(), r.now.cluster.replicas,
+           nodes_text(r.now.cluster).c_str());
   }
   for (const std::string& p : problems) printf("lego-stat: %s\n", p.c_str());
 }
@@ -181,6 +205,20 @@ std::string json_ns(bool have, uint64_t ns) {
   return have && ns > 0 ? std::to_string(ns) : "null";
 }
 
+// [{"id":2,"address":"10.1.2.3:18602","state":"open","vregions":12,"copying":0},...]
+std::string nodes_json(const launch::ClusterSample& c) {
+  std::string o = "[";
+  for (size_t i = 0; i < c.nodes.size(); ++i) {
+    const auto& n = c.nodes[i];
+    if (i) o += ",";
+    o += "{\"id\":" + std::to_string(n.id) + ",\"address\":" + json_string(n.address) +
+         ",\"state\":\"" + (n.lost ? "lost" : "open") +
+         "\",\"vregions\":" + std::to_string(n.vregions) +
+         ",\"copying\":" + std::to_string(n.copying) + "}";
+  }
+  return o + "]";
+}
+
 void print_json(const std::vector<Row>& rows, const std::vector<std::string>& problems,
                 double interval) {
   std::string o = "{\"interval_s\":" + json_rate(true, interval) + ",\"processes\":[";
@@ -191,6 +229,12 @@ void print_json(const std::vector<Row>& rows, const std::vector<std::string>& pr
     o += "{\"pid\":" + std::to_string(r.now.pid) + ",\"program\":" + json_string(r.now.program) +
          ",\"memory_node\":" + std::to_string(r.now.memory_node) +
          ",\"memory_address\":" + json_string(r.now.memory_address) +
+         ",\"replicas\":" + std::to_string(r.now.cluster.replicas) +
+         ",\"memory_nodes\":" + nodes_json(r.now.cluster) +
+         ",\"vregions_placed\":" + std::to_string(r.now.cluster.vregions_placed) +
+         ",\"vregions_degraded\":" + std::to_string(r.now.cluster.vregions_degraded) +
+         ",\"vregions_rereplicated\":" + std::to_string(r.now.cluster.vregions_rereplicated) +
+         ",\"bytes_rereplicated\":" + std::to_string(r.now.cluster.bytes_copied) +
          ",\"kernel_module\":" + (r.now.kernel_module ? "true" : "false") +
          ",\"resident_bytes\":" + std::to_string(s.resident_lines * kExCacheLineBytes) +
          ",\"capacity_bytes\":" + std::to_string(s.capacity_lines * kExCacheLineBytes) +

@@ -7,7 +7,8 @@
 # Guards: a heap larger than any one memory node (threads, and fork); a memory node
 # SIGKILLed mid-run with replicas 2 disturbs neither the integrity program nor python3 nor
 # sqlite3 (every word right, exit 0, the runtime's counters show the loss); a second node
-# killed once the monitor shows every vRegion back at two full copies still loses nothing;
+# killed once the monitor shows every vRegion back at two full copies still loses nothing,
+# and that re-replication was shown on lego-run's stderr and in the monitor's log;
 # with replicas 1 the loss is exit 69 naming the node; the monitor killed mid-run does not
 # disturb the program, and a restarted monitor shows the same placements; a memory node
 # started later (absent from the program's cluster file) receives new placements; the whole
@@ -339,11 +340,31 @@ second_kill() {
     return 1
   }
   vregions "$tmp/second.status"
+  # The re-replication was not silent: the monitor's log followed it to its end.
+  local first=${killed# }
+  wait_until 10 grep -q "re-replication after losing memory node $first done" \
+    "$run_dir/lego-mond.log" || {
+    echo "lego-mond's log:"
+    cat "$run_dir/lego-mond.log"
+    return 1
+  }
+  grep "lego-mond: .*memory node $first" "$run_dir/lego-mond.log"
+  # And its counters: the copies' placements, and the vRegions seen back at 2 copies.
+  mond_status >"$tmp/second.counters" 2>&1
+  grep -E '^(replacements|vregions_rereplicated|vregions_lost) ' "$tmp/second.counters"
+  grep -qE '^replacements [1-9]' "$tmp/second.counters" &&
+    grep -qE '^vregions_rereplicated [1-9]' "$tmp/second.counters" &&
+    grep -qx 'vregions_lost 0' "$tmp/second.counters" || return 1
   kill_busiest 1 || return 1
   finish_run second
+  # Nor on lego-run's stderr: a line when it began, one when every vRegion had 2 copies again.
+  grep -E "^lego-run: .*(re-replicating|copies again)" "$tmp/second.err"
   [ "$run_rc" -eq 0 ] && integrity_ok "$tmp/second.out" &&
     [ "$(stat nodes_lost "$tmp/second.err")" -ge 2 ] &&
-    [ "$(stat vregions_rereplicated "$tmp/second.err")" -ge 1 ]
+    [ "$(stat vregions_rereplicated "$tmp/second.err")" -ge 1 ] &&
+    grep -qE "^lego-run: .*re-replicating [0-9]+ vRegions after losing memory node $first " \
+      "$tmp/second.err" &&
+    grep -qE "^lego-run: .*: [0-9]+ vRegions have 2 copies again" "$tmp/second.err"
 }
 check "failover: a second memory node killed after re-replication, still no loss" second_kill
 

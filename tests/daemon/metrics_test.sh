@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The daemons' Prometheus metrics (--metrics ADDR:PORT, include/lego/metrics.h). Guards:
-# lego-memd and lego-stord answer GET /metrics with their own counters and FIT's, named
-# lego_<daemon>_<counter> with HELP (the counter's comment) and TYPE lines; the values
-# move with the work (a program run against the memory node, --status calls); other
+# lego-memd, lego-stord and lego-mond answer GET /metrics with their own counters and
+# FIT's, named lego_<daemon>_<counter> with HELP (the counter's comment) and TYPE lines; the
+# values move with the work (a program run against the memory node, --status calls, a
+# memory node registering with the monitor, heartbeating, then lost: the monitor's nodes by
+# state and its counters follow); other
 # paths and methods are refused; a hostile scraper -- dozens of slow-loris connections,
 # a request of megabytes -- neither stalls the scrape of an honest one nor bloats the
 # daemon; a malformed address is a usage error. Ports from the pid, loopback only.
@@ -12,11 +14,12 @@ check_init "$@"
 
 root=$(lego_bin_root)
 MEMD=$root/daemons/memory/lego-memd
+MOND=$root/daemons/monitor/lego-mond
 STORD=$root/daemons/storage/lego-stord
 LEGO_RUN=$root/runtime/lego-run
 tmp=${TEST_TMPDIR:-/tmp}/metrics-test.$$
 mkdir -p "$tmp/export"
-port=$((20000 + $$ % 9000 * 4))
+port=$((20000 + $$ % 5000 * 8))
 memd_metrics=127.0.0.1:$((port + 3))
 stord_metrics=127.0.0.1:$((port + 4))
 pids=""
@@ -141,6 +144,68 @@ PY
   [ $(((t1 - t0) / 1000000)) -lt 4000 ] && [ $((rss1 - rss0)) -lt 2048 ]
 }
 
+# A cluster of its own: monitor 5 (with --metrics) and memory node 6, short timings.
+mond_metrics=127.0.0.1:$((port + 5))
+mond_daemons() {
+  cluster_toml "$tmp/mon.toml" "key = \"$(random_key)\"" "heartbeat_ms = 100" \
+    "lost_after_ms = 800" -- "1 processor 127.0.0.1 $port" \
+    "5 monitor 127.0.0.1 $((port + 6)) blocking" "6 memory 127.0.0.1 $((port + 7)) blocking"
+  "$MOND" --config "$tmp/mon.toml" --node 5 --metrics "$mond_metrics" --ready-fd 3 \
+    3>"$tmp/mond.ready" 2>"$tmp/mond.err" &
+  mond=$!
+  pids="$pids $mond"
+  wait_ready "$tmp/mond.ready" "$mond" || { cat "$tmp/mond.err"; return 1; }
+  "$MEMD" --config "$tmp/mon.toml" --node 6 --capacity 64M --ready-fd 3 3>"$tmp/memd6.ready" \
+    2>"$tmp/memd6.err" &
+  memd6=$!
+  pids="$pids $memd6"
+  wait_ready "$tmp/memd6.ready" "$memd6" || { cat "$tmp/memd6.err"; return 1; }
+}
+
+mond_exposition() {
+  need mond_daemons || return 1
+  wait_until 10 eval '[ "$(value "$mond_metrics" lego_mond_nodes_alive)" = 1 ]' || {
+    scrape "$mond_metrics" | grep -v '^#'
+    cat "$tmp/mond.err"
+    return 1
+  }
+  scrape "$mond_metrics" >"$tmp/mond.prom" || return 1
+  grep -E '^lego_mond_(registrations|heartbeats|nodes_alive|capacity_bytes|placements|nodes_lost) ' \
+    "$tmp/mond.prom"
+  grep -qx "# HELP lego_mond_registrations kRegister accepted" "$tmp/mond.prom" || return 1
+  grep -qx "# TYPE lego_mond_heartbeats counter" "$tmp/mond.prom" || return 1
+  grep -qx "# TYPE lego_mond_nodes_alive gauge" "$tmp/mond.prom" || return 1
+  grep -qx "# TYPE lego_mond_vregions_degraded gauge" "$tmp/mond.prom" || return 1
+  grep -qx "# TYPE lego_mond_vregions_rereplicated counter" "$tmp/mond.prom" || return 1
+  grep -qx "lego_mond_registrations 1" "$tmp/mond.prom" || return 1
+  grep -qx "lego_mond_capacity_bytes $((64 << 20))" "$tmp/mond.prom" || return 1
+  grep -q "^# HELP lego_mond_fit_requests_served " "$tmp/mond.prom" || return 1
+  awk '/^# TYPE/ {t[$3]=1} /^# HELP/ {h[$3]=1}
+       !/^#/ { if (!t[$1] || !h[$1] || $2 !~ /^[0-9]+$/) { print "bad: " $0; bad=1 } }
+       END { exit bad }' "$tmp/mond.prom"
+}
+
+# Heartbeats count up; the memory node killed, the monitor declares it lost (800 ms):
+# nodes_alive 1 -> 0, nodes_declared_lost 0 -> 1, the nodes_lost counter 0 -> 1.
+mond_values_move() {
+  need mond_daemons || return 1
+  local hb0 hb1
+  hb0=$(value "$mond_metrics" lego_mond_heartbeats)
+  sleep 0.5
+  hb1=$(value "$mond_metrics" lego_mond_heartbeats)
+  echo "heartbeats $hb0 -> $hb1"
+  [ "$hb1" -gt "$hb0" ] || return 1
+  kill -KILL "$memd6"
+  wait_until 10 eval '[ "$(value "$mond_metrics" lego_mond_nodes_declared_lost)" = 1 ]' || {
+    scrape "$mond_metrics" | grep -E '^lego_mond_nodes'
+    return 1
+  }
+  scrape "$mond_metrics" | grep -E '^lego_mond_nodes'
+  [ "$(value "$mond_metrics" lego_mond_nodes_alive)" = 0 ] &&
+    [ "$(value "$mond_metrics" lego_mond_nodes_lost)" = 1 ] &&
+    grep -q "lego-mond: memory node 6 at 127.0.0.1:$((port + 7)) lost" "$tmp/mond.err"
+}
+
 bad_address() {
   cluster_toml "$tmp/bad.toml" "key = \"$(random_key)\"" -- "7 memory 127.0.0.1 $((port + 1))"
   bad_flag 2 "is not ADDRESS:PORT" "$MEMD" --config "$tmp/bad.toml" --node 7 --metrics localhost
@@ -149,6 +214,9 @@ bad_address() {
 check "lego-memd's /metrics: its counters and FIT's, each with HELP and TYPE" memd_exposition
 check "lego-memd's counters move with a program run against it" memd_values_move
 check "lego-stord's /metrics, moving with --status calls" stord_exposition
+check "lego-mond's /metrics: its counters, its nodes by state and FIT's, each with HELP and TYPE" \
+  mond_exposition
+check "lego-mond's counters and gauges follow heartbeats and a memory node's loss" mond_values_move
 check "other paths, methods and non-HTTP are refused" refusals
 check "hostile scrapers do not stall an honest one or bloat the daemon" hostile_scrapers
 check "a malformed --metrics address is a usage error" bad_address

@@ -52,6 +52,9 @@ LIB="$(dirname "$0")/../lib/check.sh"
 # A failed stage shows this many lines of its output (the lib shows 8 by default).
 LEGO_TEST_TAIL=${LEGO_TEST_TAIL:-60}
 . "$LIB"
+# The host-side checks of a guest's serial log (guest_stage_ok, guest_kernel_log_clean,
+# guest_finished); this test builds its own initramfs rather than booting guest_boot's.
+. "$(dirname "$0")/../lib/guest.sh"
 check_init
 
 log() { echo "run_in_qemu: $*" >&2; }
@@ -538,40 +541,17 @@ host_cpu_ratios() {
 # checks say what failed: no more exits on a failed command.
 set +e
 tr -d '\r' <"$LOGF" >"$LOGF.txt"
-# stage_ok STAGE: the guest said "guest: stage STAGE: ok"; else the stage's output.
-stage_ok() {
-  grep -q "^guest: stage $1: ok" "$LOGF.txt" && return 0
-  awk -v s="guest: stage $1: " 'index($0, s "start") == 1 { p = 1 } p { print } index($0, s "FAIL") == 1 { p = 0 }' \
-    "$LOGF.txt" | tail -n 60
-  grep -q "^guest: stage $1: start" "$LOGF.txt" || echo "the guest never started stage $1"
-  return 1
-}
 for st in $STAGE_ORDER; do
   case $st in
     a) [[ $STAGES == *a* ]] || continue ;;
     memd | c-insmod) [[ $RUNTIME != 0 ]] || continue ;;
     *) [[ $RUNTIME != 0 && $STAGES == *"${st:0:1}"* ]] || continue ;;
   esac
-  check "${STAGE_CHECKS[$st]}" stage_ok "$st"
+  check "${STAGE_CHECKS[$st]}" guest_stage_ok "$LOGF.txt" "$st" 60
 done
-kernel_log_clean() {
-  local bad
-  bad="$(grep -nE 'BUG:|WARNING:|Oops|general protection|Kernel panic|Call Trace:|list_(add|del) corruption|Poison overwritten|Redzone' "$LOGF.txt")"
-  [[ -z "$bad" ]] && return 0
-  tail -n 80 "$LOGF.txt"
-  echo "the kernel log shows trouble:"
-  echo "$bad"
-  return 1
-}
-check "the guest's kernel log shows no BUG, WARNING, Oops or corruption" kernel_log_clean
-guest_finished() {
-  grep -qE '^LEGO_KMOD_(PASS|FAIL)' "$LOGF.txt" && return 0
-  tail -n 80 "$LOGF.txt"
-  [[ $qrc -eq 124 ]] && echo "guest timed out after $QEMU_TIMEOUT s"
-  echo "the guest did not finish (no LEGO_KMOD_PASS or LEGO_KMOD_FAIL in the serial log)"
-  return 1
-}
-check "the guest ran to its end" guest_finished
+# tests/lib/guest.sh's scan, which knows slub_debug's reports (corruption, poison, red zones).
+check "the guest's kernel log shows no BUG, WARNING, Oops or corruption" guest_kernel_log_clean "$LOGF.txt"
+check "the guest ran to its end" guest_finished "$LOGF.txt" LEGO_KMOD "$qrc"
 summary() {
   grep -E '^(ok|FAIL) |^  [0-9]+ evictions|pcache_test:|^guest: (stage|bench|stats)|lego_pcache|^integrity |^  (kernel_module|misses|evictions|write_backs) |^All tests passed|^test cases' "$LOGF.txt" >&2 || true
 }

@@ -16,8 +16,9 @@
 # run by systemd (the guest's PID 1) as the service lego-guest.service, the only unit
 # of the target the guest boots (lego-guest.target: sysinit, journald, udev, nothing
 # else of this machine's units). Its arguments come through a file (/lego-out/args),
-# its output goes to the serial console. Either way INIT should end with
-# `guest_poweroff` (in guest_init.sh) or the guest runs until GUEST_TIMEOUT.
+# its output goes to the serial console. INIT sources tests/lib/guest_init.sh (the guest
+# side: the PID-1 mounts, run_stage and the stage lines the checks below read) and ends
+# with its `guest_poweroff`, or the guest runs until GUEST_TIMEOUT.
 # guest_boot returns qemu's status (124 on timeout); the serial log is OUT_DIR/serial.log
 # (carriage returns removed: OUT_DIR/serial.txt).
 #
@@ -176,10 +177,11 @@ guest_stage_ok() {
 }
 
 # guest_kernel_log_clean LOG [IGNORE_ERE]: no BUG, WARNING, Oops, GPF, panic or call
-# trace in the guest kernel's log, but for lines matching IGNORE_ERE.
+# trace in the guest kernel's log, nor what slub_debug and page poisoning report (a list
+# corruption, a poison overwritten, a red zone), but for lines matching IGNORE_ERE.
 guest_kernel_log_clean() {
   local bad
-  bad=$(grep -nE 'BUG:|WARNING:|Oops|general protection|Kernel panic|Call Trace:' "$1")
+  bad=$(grep -nE 'BUG:|WARNING:|Oops|general protection|Kernel panic|Call Trace:|list_(add|del) corruption|Poison overwritten|Redzone' "$1")
   [[ -n ${2:-} ]] && bad=$(grep -vE "$2" <<<"$bad")
   [[ -z $bad ]] && return 0
   echo "$bad"

@@ -3,9 +3,10 @@
 # a real userland (tests/lib/guest.sh: this machine's root shared read-only, an overlay
 # on it): daemons/install/install.sh; lego_pcache.ko through DKMS (`make -C kmod dkms-install`),
 # modprobe, a lego-run that uses it, modprobe -r, an upgrade to another version; a
-# module of an unknown ABI refused by lego-run; and lego-memd@.service and
-# lego-stord@.service under systemd (start, serve a real client, journal, restart,
-# SIGKILL then Restart=, stop). The guest's stages are tests/ops/guest_stages.sh; each is
+# module of an unknown ABI refused by lego-run; and lego-memd@.service,
+# lego-stord@.service and lego-mond@.service under systemd (start, serve a real client --
+# for the monitor, a lego-memd@ that registers with it --, journal, restart, SIGKILL then
+# Restart=, stop). The guest's stages are tests/ops/guest_stages.sh; each is
 # a check here ("guest dkms: ...") and the guest's kernel log must show no BUG, WARNING
 # or Oops.
 #
@@ -47,7 +48,7 @@ declare -A STAGE_CHECKS=(
   [modprobe-r]="guest modprobe-r: modprobe -r lego_pcache"
   [upgrade]="guest upgrade: dkms-install of 1.2, modprobe loads 1.2 and lego-run uses it"
   [abi]="guest abi: a module of ABI 99 is refused: auto warns and falls back, on fails"
-  [units]="guest units: lego-memd@2 and lego-stord@3 under systemd: start, serve, journal, restart, SIGKILL, stop"
+  [units]="guest units: lego-memd@2, lego-stord@3 and lego-mond@9 under systemd: start, serve, journal, restart, SIGKILL, stop"
 )
 declare -A STAGE_NEEDS=(
   [install]="" [dkms]="install" [modprobe]="install dkms" [pcache-run]="install dkms modprobe"
@@ -62,8 +63,8 @@ STAGES=""
 for st in $STAGE_ORDER; do [[ $want == *" $st "* ]] && STAGES+="$st "; done
 STAGES=${STAGES% }
 
-for p in runtime/lego-run runtime/liblego_preload.so daemons/memory/lego-memd \
-  daemons/storage/lego-stord tests/lego_run/lego_integrity; do
+for p in runtime/lego-run runtime/lego-stat runtime/liblego_preload.so daemons/memory/lego-memd \
+  daemons/monitor/lego-mond daemons/storage/lego-stord tests/lego_run/lego_integrity; do
   [[ -n $STAGES && ! -r $BIN/$p ]] && { echo "ops_guest_test: $BIN/$p missing: bazel build it" >&2; exit 1; }
 done
 

@@ -16,6 +16,7 @@ check_init "$@"
 # more line here (and its unit and program in this test's data in BUILD.bazel).
 UNITS=(
   "daemons/memory lego-memd"
+  "daemons/monitor lego-mond"
   "daemons/storage lego-stord"
 )
 # What every unit must say; a unit that needs an exception says why in its comments and

@@ -5,7 +5,11 @@
 # ExCache use within its capacity and its memory node named; its page is gone once it
 # exits; a page left by a process that is gone (kill -9) is removed as stale; a page of
 # another layout is refused, not misread; the table is plain without a terminal; --help
-# and bad flags. Needs root (lego-run's private memory node in a network namespace).
+# and bad flags. A process on several memory nodes (lego-run --memory-nodes 3 --replicas 2)
+# shows every one of them with the vRegions it holds, in the table and the JSON; one of
+# them SIGKILLed, it shows as lost and the re-replication as it happens, and lego-run's
+# stderr says so (a line when it began, one when every vRegion had 2 copies again).
+# Needs root (lego-run's private memory nodes in network namespaces).
 set -u
 . "$(dirname "$0")/../lib/check.sh"
 check_init "$@"
@@ -13,6 +17,7 @@ check_init "$@"
 root=$(lego_bin_root)
 stat_bin="$root/runtime/lego-stat"
 lego_run="$root/runtime/lego-run"
+export LEGO_MOND=$root/daemons/monitor/lego-mond LEGO_MEMD=$root/daemons/memory/lego-memd
 work=${TEST_TMPDIR:-/tmp}/lego-stat-test.$$
 mkdir -p "$work"
 
@@ -129,6 +134,71 @@ help_and_bad_flags() {
   "$stat_bin" --bogus 2>/dev/null; [ $? -eq 2 ]
 }
 
+# A python program over 40 MiB (3 vRegions, each on 2 of the 3 memory nodes), touching it
+# at random until $work/stop2 appears (at most 120 s).
+start_cluster_workload() {
+  cat >"$work/workload2.py" <<PY
+import os, random, time
+a = [bytearray(4096) for _ in range(10000)]
+open("$work/pid2", "w").write(str(os.getpid()))
+t = time.time()
+while not os.path.exists("$work/stop2") and time.time() - t < 120:
+    for _ in range(200):
+        b = a[random.randrange(10000)]
+        b[0] = (b[0] + 1) % 256
+PY
+  "$lego_run" --memory-nodes 3 --replicas 2 --memory-capacity 128M --excache 1M -- \
+    /usr/bin/python3 "$work/workload2.py" >"$work/run2.out" 2>"$work/run2.err" &
+  run2_pid=$!
+  prog2_pid=""
+  for _ in $(seq 1 300); do
+    prog2_pid=$(cat "$work/pid2" 2>/dev/null)
+    [ -n "$prog2_pid" ] && ls /tmp/lego-run-"$run2_pid"/stats."$prog2_pid".* >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  cat "$work/run2.err"
+  return 1
+}
+
+every_memory_node() {
+  need start_cluster_workload || return 1
+  "$stat_bin" --once --json --interval 0.3 --pid "$prog2_pid" >"$work/c.json" || return 1
+  "$stat_bin" --once --interval 0.3 --pid "$prog2_pid" >"$work/c.table" || return 1
+  cat "$work/c.json" "$work/c.table"
+  [ "$(json_get "$work/c.json" 'p["replicas"]')" = 2 ] || return 1
+  [ "$(json_get "$work/c.json" 'p["vregions_placed"] >= 3')" = True ] || return 1
+  # Every vRegion twice, on distinct nodes, each named with its address.
+  [ "$(json_get "$work/c.json" 'len(p["memory_nodes"]) >= 2 and all(":" in n["address"] and n["state"] == "open" for n in p["memory_nodes"])')" = True ] || return 1
+  [ "$(json_get "$work/c.json" 'sum(n["vregions"] for n in p["memory_nodes"]) == 2 * p["vregions_placed"]')" = True ] || return 1
+  # The table: R 2, then each node with its vRegions ("2:3 10:2 11:1").
+  grep -qE "^ *$prog2_pid python3[.0-9]* .* 2  ([0-9]+:[0-9]+ ?){2,}$" "$work/c.table"
+}
+
+rereplication_shown() {
+  need start_cluster_workload || return 1
+  "$stat_bin" --once --json --interval 0.1 --pid "$prog2_pid" >"$work/d.json" || return 1
+  local victim i memd
+  victim=$(json_get "$work/d.json" 'max(p["memory_nodes"], key=lambda n: n["vregions"])["id"]')
+  # lego-run starts the memory nodes in node order (2, 10, 11).
+  if [ "$victim" -eq 2 ]; then i=1; else i=$((victim - 8)); fi
+  memd=$(pgrep -P "$run2_pid" -x lego-memd | sort -n | sed -n "${i}p")
+  [ -n "$memd" ] || { echo "no lego-memd for node $victim"; return 1; }
+  kill -KILL "$memd"
+  echo "killed memory node $victim (pid $memd)"
+  wait_until 60 eval '"$stat_bin" --once --json --interval 0.1 --pid "$prog2_pid" >"$work/e.json" &&
+    [ "$(json_get "$work/e.json" "[n[\"state\"] for n in p[\"memory_nodes\"] if n[\"id\"] == $victim] == [\"lost\"] and p[\"vregions_degraded\"] == 0 and p[\"vregions_rereplicated\"] >= 1")" = True ]' || {
+    cat "$work/e.json" "$work/run2.err"
+    return 1
+  }
+  cat "$work/e.json"
+  "$stat_bin" --once --interval 0.1 --pid "$prog2_pid" | tail -n 1
+  touch "$work/stop2"
+  wait "$run2_pid" || { cat "$work/run2.err"; return 1; }
+  grep -E "^lego-run: " "$work/run2.err"
+  grep -qE "^lego-run: .*python3[.0-9]* \(pid $prog2_pid\): re-replicating [0-9]+ vRegions after losing memory node $victim \(" "$work/run2.err" &&
+    grep -qE "^lego-run: python3[.0-9]* \(pid $prog2_pid\): [1-9][0-9]* vRegions have 2 copies again" "$work/run2.err"
+}
+
 check "a lego-run program under lego-run starts publishing its page" start_workload
 check "lego-stat --once --json shows the program's counters moving" counters_move
 check "without a terminal the table is plain" plain_table
@@ -136,6 +206,10 @@ check "the page is removed when the program exits" page_gone_at_exit
 check "a page whose process is gone is removed as stale" stale_page_removed
 check "a page of another layout is refused, not misread" other_layout_refused
 check "--help and bad flags" help_and_bad_flags
-touch "$work/stop"
+check "a process on 3 memory nodes with 2 copies: every node, its vRegions, in JSON and the table" \
+  every_memory_node
+check "a memory node killed: lost in lego-stat, re-replication shown there and on lego-run's stderr" \
+  rereplication_shown
+touch "$work/stop" "$work/stop2"
 rm -rf "$work"
 check_summary

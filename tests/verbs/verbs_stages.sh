@@ -28,52 +28,13 @@ STAGES=$(sed -n 4p /lego-out/args)
 ITERATIONS=$(sed -n 5p /lego-out/args)
 . "$ROOT/tests/lib/check.sh"
 
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs -o mode=755 run /run
-mkdir -p /dev/pts /dev/shm
-mount -t devpts devpts /dev/pts
-mount -t tmpfs tmpfs /dev/shm
-ln -s /proc/self/fd /dev/fd
+. "$ROOT/tests/lib/guest_init.sh"
+guest_mount_basics
 export PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 ip link set lo up
 echo "guest: $(uname -r), $(nproc) CPUs, up $(cut -d" " -f1 /proc/uptime) s, stages: $STAGES"
-
-failed=""
-now() { cut -d' ' -f1 /proc/uptime; }
-end() {
-  local t
-  t=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
-  if [ "$2" = 0 ]; then
-    echo "guest: stage $1: ok ($t s)"
-  else
-    echo "guest: stage $1: FAIL rc=$2 ($t s)"
-    failed="$failed $1"
-  fi
-}
-# run_stage NAME WHAT FUNC: FUNC's output, its status the stage's. A stage after a
-# failed rxe stage is not run (it would only fail for the same reason).
-run_stage() {
-  case " $STAGES " in *" $1 "*) ;; *) return 0 ;; esac
-  t0=$(now)
-  echo "guest: stage $1: start: $2"
-  case " $failed " in *" rxe "*)
-    echo "guest: soft-RoCE did not come up"
-    end "$1" 1
-    return
-    ;;
-  esac
-  "$3"
-  end "$1" $?
-}
-must() {
-  local what=$1
-  shift
-  "$@" && return 0
-  echo "guest: failed: $what ($*)"
-  return 1
-}
+# A stage after a failed rxe stage is not run (it would only fail for the same reason).
+GUEST_STAGE_GATES=rxe
 
 A=10.77.0.1
 B=10.77.0.2
@@ -150,9 +111,4 @@ run_stage rpc "provider_e2e_test over verbs ($A -> $B)" stage_rpc
 run_stage bench "fit-bench --providers tcp,verbs --addresses $A,$B" stage_bench
 run_stage memd "lego-memd over verbs; lego-run --config ... lego_integrity" stage_memd
 [ -z "$memd" ] || kill "$memd"
-
-dmesg | grep -E 'rdma_rxe|BUG|WARNING|Oops|general protection|Call Trace' | tail -n 20 || true
-if [ -z "$failed" ]; then echo "LEGO_VERBS_PASS"; else echo "LEGO_VERBS_FAIL stages:$failed"; fi
-sync
-echo o >/proc/sysrq-trigger
-sleep 30
+guest_poweroff LEGO_VERBS rdma_rxe
