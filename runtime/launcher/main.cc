@@ -30,6 +30,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -60,6 +61,15 @@ using namespace lego::launch;
 using Clock = std::chrono::steady_clock;
 
 namespace {
+
+// Whether this process (and so the program, which runs with its credentials) may register
+// kernel-mode userfaults: root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1.
+bool kernel_faults_allowed() {
+  const int fd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  if (fd < 0) return false;
+  close(fd);
+  return true;
+}
 
 volatile pid_t g_child = -1;
 // --syscalls: the tracer of PROGRAM and its descendants (syscalls.h), or null.
@@ -205,7 +215,14 @@ pid_t run_program(const Options& o, const Settings& settings) {
     // nodes, which promise it room, so a 60 MiB heap of 4 threads held 128 MiB of promises
     // and a cluster filled at half its capacity. Without retain an arena asks for what it
     // needs (freed extents are still kept for reuse: the hooks opt out of dalloc).
-    std::string conf = "oversize_threshold:0,retain:false";
+    // Only where the program's kernel-mode faults on the region are served, though: without
+    // root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1 a system call that writes into a
+    // heap line not resident fails with EFAULT (excache.h), and without retain an
+    // unprivileged `cat` read into a fresh buffer did (tests/storage's user runs); with it
+    // they ran. Serving those faults without privilege (prefaulting the buffers of system
+    // calls) is what would lift this.
+    std::string conf = "oversize_threshold:0";
+    if (kernel_faults_allowed()) conf += ",retain:false";
     if (const char* old = getenv("MALLOC_CONF"); old != nullptr && *old) {
       conf = std::string(old) + "," + conf;
     }

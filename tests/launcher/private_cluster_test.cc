@@ -139,7 +139,7 @@ TEST_CASE("a memory node that cannot start is an error naming it, and nothing is
   auto c = launch::PrivateCluster::start(o);
   INFO(c.status().message());
   CHECK(c.status().code() == EIO);
-  CHECK(c.status().message().find("private memory node did not start") != std::string::npos);
+  CHECK(c.status().message().find("private memory node 2 did not start") != std::string::npos);
   CHECK_FALSE(exists(netns::namespace_path(launch::private_namespace(getpid()))));
   CHECK(gone_soon("/sys/class/net/" + launch::private_link_name(getpid())));
   o = options(dir, "tcp");
