@@ -32,19 +32,19 @@ void clock_on_refault(std::atomic<uint64_t>& frame) {
   frame.fetch_or(kFrameRefBit, std::memory_order_relaxed);
 }
 
-bool clock_spare(std::atomic<uint64_t>& frame) {
+}  // namespace
+
+bool spare_if_referenced(std::atomic<uint64_t>& frame) {
   if ((frame.load(std::memory_order_relaxed) & kFrameRefBit) == 0) return false;
   frame.fetch_and(~kFrameRefBit, std::memory_order_relaxed);
   return true;
 }
 
-}  // namespace
-
 const PolicyOps kClockPolicyOps = {
     .name = "clock",
     .on_fill = clock_on_fill,
     .on_refault = clock_on_refault,
-    .spare = clock_spare,
+    .spare = spare_if_referenced,
 };
 
 }  // namespace lego::excache_internal

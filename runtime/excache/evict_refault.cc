@@ -27,19 +27,13 @@ void refault_on_fill(std::atomic<uint64_t>& frame, bool refault) {
 
 void refault_on_refault(std::atomic<uint64_t>&) {}
 
-bool refault_spare(std::atomic<uint64_t>& frame) {
-  if ((frame.load(std::memory_order_relaxed) & kFrameRefBit) == 0) return false;
-  frame.fetch_and(~kFrameRefBit, std::memory_order_relaxed);
-  return true;
-}
-
 }  // namespace
 
 const PolicyOps kRefaultPolicyOps = {
     .name = "refault",
     .on_fill = refault_on_fill,
     .on_refault = refault_on_refault,
-    .spare = refault_spare,
+    .spare = spare_if_referenced,
 };
 
 }  // namespace lego::excache_internal

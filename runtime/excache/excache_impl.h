@@ -183,6 +183,9 @@ struct PolicyOps {
   // The hand reached `frame`: true to spare it this round (and age it), false to evict.
   bool (*spare)(std::atomic<uint64_t>& frame);
 };
+// Second chance, shared by clock and refault: a frame whose reference bit is set loses it
+// and is spared this round.
+bool spare_if_referenced(std::atomic<uint64_t>& frame);
 extern const PolicyOps kFifoPolicyOps;
 extern const PolicyOps kClockPolicyOps;
 extern const PolicyOps kRefaultPolicyOps;
