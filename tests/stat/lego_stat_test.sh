@@ -34,6 +34,17 @@ PY
 
 # A python program with a 1 MiB ExCache over ~16 MiB of heap, touching it at random
 # until $work/stop appears (at most 60 s): its misses go on while lego-stat looks.
+# stats_page_up RUN-PID PID-FILE: waits up to 30 s for the program whose pid PID-FILE holds
+# to publish its stats page in lego-run RUN-PID's run directory; prints that pid.
+stats_page_up() {
+  local p
+  for _ in $(seq 1 300); do
+    p=$(cat "$2" 2>/dev/null)
+    [ -n "$p" ] && ls /tmp/lego-run-"$1"/stats."$p".* >/dev/null 2>&1 && echo "$p" && return 0
+    sleep 0.1
+  done
+  return 1
+}
 start_workload() {
   cat >"$work/workload.py" <<PY
 import os, random, time
@@ -49,12 +60,7 @@ PY
   "$lego_run" --excache 1M -- /usr/bin/python3 "$work/workload.py" >"$work/run.out" 2>&1 &
   run_pid=$!
   # The page appears once PROGRAM's runtime has started.
-  prog_pid=""
-  for _ in $(seq 1 300); do
-    prog_pid=$(cat "$work/pid" 2>/dev/null)
-    [ -n "$prog_pid" ] && ls /tmp/lego-run-"$run_pid"/stats."$prog_pid".* >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
+  prog_pid=$(stats_page_up "$run_pid" "$work/pid") && return 0
   cat "$work/run.out"
   ls -l /tmp/lego-run-"$run_pid"/
   return 1
@@ -150,12 +156,7 @@ PY
   "$lego_run" --memory-nodes 3 --replicas 2 --memory-capacity 128M --excache 1M -- \
     /usr/bin/python3 "$work/workload2.py" >"$work/run2.out" 2>"$work/run2.err" &
   run2_pid=$!
-  prog2_pid=""
-  for _ in $(seq 1 300); do
-    prog2_pid=$(cat "$work/pid2" 2>/dev/null)
-    [ -n "$prog2_pid" ] && ls /tmp/lego-run-"$run2_pid"/stats."$prog2_pid".* >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
+  prog2_pid=$(stats_page_up "$run2_pid" "$work/pid2") && return 0
   cat "$work/run2.err"
   return 1
 }
