@@ -130,6 +130,8 @@ Status PrivateCluster::launch(const PrivateClusterOptions& o) {
     n.server_threads = 1;
     // The monitor answers heartbeats and placements, none of them on a miss's path.
     if (n.role == fit::Role::kMonitor) n.progress = fit::Progress::kBlocking;
+    // The processor's threads wait for their own replies: they spin, as with one node.
+    if (n.role == fit::Role::kProcessor) n.progress = fit::Progress::kPolling;
     if (n.role == fit::Role::kStorage) {
       // File requests wait for system calls and the disk, and a FUSE request already
       // costs kernel crossings and wake-ups: a spinning server saves little and takes
