@@ -91,6 +91,37 @@ ExCache::Impl* find_region(uint64_t addr) {
   return nullptr;
 }
 
+// "lego excache[PID]: WHAT (LABEL NUM) at 0xADDR\n" into buf; returns its length.
+// Formatted by hand: snprintf is not async-signal-safe, and this runs in signal handlers.
+size_t format_event(char* buf, size_t size, const char* what, const char* label, int num,
+                    uint64_t addr) {
+  size_t n = 0;
+  auto put = [&](const char* s) {
+    while (*s != '\0' && n < size - 1) buf[n++] = *s++;
+  };
+  auto put_num = [&](uint64_t v, unsigned radix) {
+    char digits[24];
+    size_t d = 0;
+    do {
+      digits[d++] = "0123456789abcdef"[v % radix];
+      v /= radix;
+    } while (v != 0);
+    while (d > 0 && n < size - 1) buf[n++] = digits[--d];
+  };
+  put("lego excache[");
+  put_num(static_cast<uint64_t>(getpid()), 10);
+  put("]: ");
+  put(what);
+  put(" (");
+  put(label);
+  put(" ");
+  put_num(static_cast<uint64_t>(num), 10);
+  put(") at 0x");
+  put_num(addr, 16);
+  put("\n");
+  return n;
+}
+
 // A SIGBUS that is not a miss in one of our regions: hand it to whoever had SIGBUS before.
 void chain(int sig, siginfo_t* info, void* context) {
   if (g_previous.sa_flags & SA_SIGINFO) {
@@ -102,6 +133,14 @@ void chain(int sig, siginfo_t* info, void* context) {
     // Reinstate the default action. A fault then recurs on return and kills the process
     // with the right address and core; a signal sent by kill() is re-raised (it stays
     // pending until we return, as SIGBUS is blocked in here).
+    // A fault that kills the program says so first: otherwise it dies of SIGBUS (exit 135)
+    // with no word of where (a stray access beside a region would pass for a lost miss).
+    if (info->si_code > 0) {
+      char buf[160];
+      const size_t n = format_event(buf, sizeof buf, "SIGBUS that is not a lego miss", "si_code",
+                                    info->si_code, reinterpret_cast<uint64_t>(info->si_addr));
+      (void)!write(STDERR_FILENO, buf, n);
+    }
     struct sigaction dfl = {};
     dfl.sa_handler = SIG_DFL;
     sigemptyset(&dfl.sa_mask);
@@ -137,30 +176,8 @@ void on_sigbus(int sig, siginfo_t* info, void* context) {
 }  // namespace
 
 void excache_internal::fatal(const char* what, int err, uint64_t addr) {
-  // Formatted by hand: snprintf is not async-signal-safe.
   char buf[256];
-  size_t n = 0;
-  auto put = [&](const char* s) {
-    while (*s != '\0' && n < sizeof buf - 1) buf[n++] = *s++;
-  };
-  auto put_num = [&](uint64_t v, unsigned radix) {
-    char digits[24];
-    size_t d = 0;
-    do {
-      digits[d++] = "0123456789abcdef"[v % radix];
-      v /= radix;
-    } while (v != 0);
-    while (d > 0 && n < sizeof buf - 1) buf[n++] = digits[--d];
-  };
-  put("lego excache[");
-  put_num(static_cast<uint64_t>(getpid()), 10);
-  put("]: ");
-  put(what);
-  put(" (errno ");
-  put_num(static_cast<uint64_t>(err), 10);
-  put(") at 0x");
-  put_num(addr, 16);
-  put("\n");
+  const size_t n = format_event(buf, sizeof buf, what, "errno", err, addr);
   (void)!write(STDERR_FILENO, buf, n);
   if (auto hook = fatal_hook.load(std::memory_order_relaxed); hook != nullptr) {
     buf[n > 0 ? n - 1 : 0] = '\0';  // without the newline

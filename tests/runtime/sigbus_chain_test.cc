@@ -13,6 +13,7 @@
 #include <catch2/catch.hpp>
 #include <cstdlib>
 #include <functional>
+#include <string>
 
 #include "lego/excache.h"
 #include "tests/runtime/map_backend.h"
@@ -94,7 +95,13 @@ TEST_CASE("foreign SIGBUS goes to the previously installed handler", "[excache][
 }
 
 TEST_CASE("foreign SIGBUS with no previous handler kills the process", "[excache][sigbus]") {
-  int status = in_child([] {
+  // The child's stderr, to see it say why it dies.
+  char log_path[] = "/tmp/excache_sigbus_log_XXXXXX";
+  const int log_fd = mkstemp(log_path);
+  REQUIRE(log_fd >= 0);
+  unlink(log_path);
+  int status = in_child([log_fd] {
+    dup2(log_fd, STDERR_FILENO);
     lego::testing::MapBackend backend(512);
     auto cache = make_cache(&backend);
     static_cast<char*>(cache->region_base())[0] = 1;
@@ -108,5 +115,11 @@ TEST_CASE("foreign SIGBUS with no previous handler kills the process", "[excache
 #else
   CHECK(WIFSIGNALED(status));
   CHECK(WTERMSIG(status) == SIGBUS);
+  // Not a silent death: the message names the address that was not a miss.
+  char log[512] = {};
+  CHECK(pread(log_fd, log, sizeof log - 1, 0) > 0);
+  CHECK(std::string(log).find("SIGBUS that is not a lego miss (si_code 2) at 0x") !=
+        std::string::npos);
 #endif
+  close(log_fd);
 }
