@@ -6,10 +6,12 @@
 // process is gone is noticed through its pid, both ways. After the handshake requests and
 // replies are compact frames (fit_wire.h). One-sided ops are requests served by the
 // owner's libfit (served_rma.h says why, not shm's own RMA). Shared libfabric mechanics:
-// ofi_transport.h.
+// ofi_transport.h. An idle server thread sleeps until a client rings its doorbell
+// (doorbell.h).
 #include <sys/random.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
@@ -117,8 +119,11 @@ class RdmServer final : public OfiServer {
       last_reap_ = now;
     }
   }
+  Doorbell* doorbell(OfiThread&) override { return bell_.get(); }
   void reap_dead_peers(OfiThread& t);
   void enforce_caps();
+
+  std::unique_ptr<Doorbell> bell_;  // clients ring it after each send (doorbell.h); or null
 
   // Thread 0's (the only thread): the endpoint, its slots, and the peers by address.
   ofi::Fid<fid_av> av_;
@@ -177,6 +182,7 @@ Status RdmConnection::open(const NodeConfig& peer, ClientHost* host) {
     return Status(EHOSTUNREACH,
                   "cannot resolve the shm address of node " + std::to_string(peer.id));
   }
+  bell_ = Doorbell::open(peer.address);  // none: the server's sleeps are bounded anyway
   const size_t max = ctx_.config->max_message_bytes;
   // No bounce buffer: one-sided ops are requests, received into the slots.
   LEGO_RETURN_IF_ERROR(register_slots(bufs_, *domain_, max, 0, 2 * kWindow));
@@ -204,12 +210,21 @@ Result<int> RdmServer::listen(ServerHost* host) {
   any_.init_contexts();
   for (int i = 0; i < kWindow; i++) post_recv(t0, any_, i);
   last_reap_ = Clock::now();
+  // Without a bell the thread naps between polls when idle, as it did before bells.
+  auto bell = Doorbell::create(self.address);
+  if (bell) {
+    bell_ = std::move(bell.value());
+  } else {
+    fprintf(stderr, "lego-fit: %s: %s; idle polling naps instead\n", ctx_.who.c_str(),
+            bell.status().message().c_str());
+  }
   return 1;
 }
 
 // The peers first, then the endpoint's slots, the endpoint and the address vector, then
 // the thread's completion queue.
 void RdmServer::close_server() {
+  bell_.reset();
   peers_.clear();
   bufs_.reset();
   ep_.reset();

@@ -108,6 +108,7 @@ Status OfiConnection::send(int slot, Kind kind, uint16_t opcode, std::span<const
     LEGO_RETURN_IF_ERROR(poll(0));
   }
   *in_flight = true;
+  if (bell_) bell_->ring();
   return Status();
 }
 
@@ -277,6 +278,7 @@ void OfiServer::send(Delivery& d0, Kind kind, uint16_t opcode, uint32_t length, 
                         : fi_send(conn.ep, buf, kHeader + length, conn.bufs->desc, d.to, &c.fi);
     if (r == 0) {
       ctx_.counters->bytes_sent.fetch_add(length, std::memory_order_relaxed);
+      d.thread->sends_in_flight++;
       return;
     }
     if (r != -FI_EAGAIN) {
@@ -312,6 +314,7 @@ void OfiServer::serve(OfiThread& t, OfiPeer& conn, int slot, const fi_cq_data_en
 void OfiServer::handle_completion(OfiThread& t, const fi_cq_data_entry& e, fi_addr_t src) {
   auto* c = static_cast<OpCtx*>(e.op_context);
   auto* conn = static_cast<OfiPeer*>(c->owner);
+  if (c->type == OpType::kSend && t.sends_in_flight > 0) t.sends_in_flight--;
   if (conn->dead && !rdm_) return;  // reaped soon; nothing to do for it
   if (c->type == OpType::kRecv) {
     serve(t, *conn, c->index, e, src);
@@ -324,6 +327,26 @@ void OfiServer::handle_completion(OfiThread& t, const fi_cq_data_entry& e, fi_ad
   }
 }
 
+// With a doorbell, an idle thread sleeps until a client rings: in blocking mode after
+// kBellSpinNs without work, in polling mode after kServerSpinNs (polling's budget). The
+// round that arms polls once more; the next empty round sleeps. Without one, or while a
+// reply is still moving, it naps as before.
+bool OfiServer::idle_round(OfiThread& t, IdlePoll& idle) {
+  Doorbell* bell = doorbell(t);
+  const bool blocking = ctx_.blocking;
+  if (bell == nullptr || t.sends_in_flight > 0) {
+    if (bell != nullptr && bell->armed()) bell->disarm();
+    nap_if_needed(blocking, t.waitable, idle, kServerSpinNs);
+    return false;
+  }
+  if (bell->armed()) {
+    bell->wait(kBlockingSliceMs);
+    return true;
+  }
+  if (idle.should_sleep(blocking ? kBellSpinNs : kServerSpinNs)) bell->arm();
+  return false;
+}
+
 void OfiServer::run(int thread) {
   OfiThread& t = *threads_[thread];
   fi_cq_data_entry e[16];
@@ -333,6 +356,7 @@ void OfiServer::run(int thread) {
   IdlePoll idle;
   const bool blocking = ctx_.blocking;
   while (!host_->stopping()) {
+    bool slept = false;
     ssize_t n =
         read_cq(t.cq.get(), e, 16, blocking && t.waitable, kBlockingSliceMs, rdm_ ? src : nullptr);
     if (n == -FI_EAVAIL) {
@@ -342,20 +366,23 @@ void OfiServer::run(int thread) {
       // that vanished (rdm); mark it so its slot is not reused blindly.
       if (err.op_context != nullptr) {
         auto* c = static_cast<OpCtx*>(err.op_context);
+        if (c->type == OpType::kSend && t.sends_in_flight > 0) t.sends_in_flight--;
         on_failed_op(t, *static_cast<OfiPeer*>(c->owner), c->index);
       }
     } else if (n > 0) {
+      if (Doorbell* bell = doorbell(t); bell != nullptr && bell->armed()) bell->disarm();
       for (ssize_t k = 0; k < n; k++) handle_completion(t, e[k], rdm_ ? src[k] : FI_ADDR_UNSPEC);
       idle.busy();
     } else {
-      nap_if_needed(blocking, t.waitable, idle, kServerSpinNs);
+      slept = idle_round(t, idle);
     }
     // Connection events and reaping every 256 rounds or 5 ms, busy or not: a loaded
     // server must still accept new clients.
     // The clock is read every 16 rounds (as costly as a poll): a busy loop needs no more.
     // A blocking round may have waited kBlockingSliceMs: read it every round then, so the
     // pace (server_stalled) sees the loop turn.
-    if ((++spins & 15) != 0 && n <= 0 && !blocking) continue;
+    // So is a round that slept on the doorbell.
+    if ((++spins & 15) != 0 && n <= 0 && !blocking && !slept) continue;
     t.now_ns = host_->turn(thread);
     auto now = Clock::now();
     if ((spins & 255) == 0 || now - last_events > std::chrono::milliseconds(kBlockingSliceMs)) {

@@ -18,6 +18,7 @@
 #include <mutex>
 #include <vector>
 
+#include "libfit/doorbell.h"
 #include "libfit/ofi.h"
 #include "libfit/slot_buffers.h"
 #include "libfit/transport.h"
@@ -96,6 +97,7 @@ class OfiConnection : public ClientConnection {
   Status rma_status_;
   uint64_t polls_ = 0;
   IdlePoll idle_;
+  std::unique_ptr<Doorbell> bell_;  // rdm (shm): the server's, rung after each send; or null
 
  private:
   const bool compact_;  // requests travel as compact frames (rdm)
@@ -120,6 +122,9 @@ struct OfiPeer : Peer {
 struct OfiThread {
   int index = 0;
   int64_t now_ns = 0;  // this turn's clock
+  // Replies posted whose completion has not come back: while any is, the thread does not
+  // sleep on its doorbell (a large reply moves only as both ends make progress).
+  uint32_t sends_in_flight = 0;
   ofi::Fid<fid_cq> cq;
   bool waitable = false;
   // msg: connections whose CQ is this thread's. Guarded by mu (the EQ thread adds).
@@ -166,6 +171,8 @@ class OfiServer : public Transport {
   virtual void on_failed_op(OfiThread& t, OfiPeer& conn, int index) = 0;
   // Every 256 turns or 5 ms, busy or not: connection events, closing, deadlines.
   virtual void housekeeping(OfiThread& t, Clock::time_point now) = 0;
+  // The bell clients ring to wake thread `t` (rdm: shm has no wait object), or null.
+  virtual Doorbell* doorbell(OfiThread& /*t*/) { return nullptr; }
 
   Context ctx_;
   ServerHost* host_ = nullptr;
@@ -174,6 +181,8 @@ class OfiServer : public Transport {
 
  private:
   void serve(OfiThread& t, OfiPeer& conn, int slot, const fi_cq_data_entry& e, fi_addr_t src);
+  // After a poll that found nothing; true when it slept on the doorbell.
+  bool idle_round(OfiThread& t, IdlePoll& idle);
 
   const bool rdm_;  // completions carry their source; replies travel as compact frames
 };

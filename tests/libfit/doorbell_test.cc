@@ -1,0 +1,117 @@
+// The shm doorbell (libfit/doorbell.h): a sleeping server wakes on a ring, not on its
+// timeout; a ring with nobody asleep costs no wake; a client finds no bell where there is
+// none or where the file is not a bell; a server replaces a stale bell and removes its own.
+#include "libfit/doorbell.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <string>
+#include <thread>
+
+using lego::fit::transport::Doorbell;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+std::string unique_address(const char* what) {
+  return std::string("doorbell-test/") + what + "/" + std::to_string(getpid());
+}
+
+bool exists(const std::string& path) {
+  struct stat st {};
+  return stat(path.c_str(), &st) == 0;
+}
+
+}  // namespace
+
+TEST_CASE("a sleeping server wakes on a ring, long before its timeout", "[doorbell]") {
+  const std::string address = unique_address("wake");
+  auto server = Doorbell::create(address);
+  REQUIRE(server.is_ok());
+  auto client = Doorbell::open(address);
+  REQUIRE(client != nullptr);
+
+  Doorbell& bell = *server.value();
+  bell.arm();
+  std::thread ringer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    client->ring();
+  });
+  const auto start = Clock::now();
+  bell.wait(/*timeout_ms=*/20'000);
+  const auto slept = Clock::now() - start;
+  ringer.join();
+  CHECK_FALSE(bell.armed());
+  // Woken by the ring (~20 ms), not by the timeout (20 s); generous for a loaded host.
+  CHECK(slept < std::chrono::seconds(10));
+}
+
+TEST_CASE("a ring between arm() and wait() is not lost", "[doorbell]") {
+  const std::string address = unique_address("early");
+  auto server = Doorbell::create(address);
+  REQUIRE(server.is_ok());
+  auto client = Doorbell::open(address);
+  REQUIRE(client != nullptr);
+  Doorbell& bell = *server.value();
+  bell.arm();
+  client->ring();  // as if the request landed just after the server's last poll
+  const auto start = Clock::now();
+  bell.wait(/*timeout_ms=*/20'000);
+  CHECK(Clock::now() - start < std::chrono::seconds(10));
+}
+
+TEST_CASE("without a ring the server sleeps out its timeout", "[doorbell]") {
+  const std::string address = unique_address("timeout");
+  auto server = Doorbell::create(address);
+  REQUIRE(server.is_ok());
+  auto client = Doorbell::open(address);
+  REQUIRE(client != nullptr);
+  Doorbell& bell = *server.value();
+  client->ring();  // nobody asleep: no effect on a later sleep
+  bell.arm();
+  const auto start = Clock::now();
+  bell.wait(/*timeout_ms=*/200);
+  CHECK(Clock::now() - start >= std::chrono::milliseconds(150));
+  bell.arm();
+  bell.disarm();  // work came after all: the next ring wakes nobody
+  CHECK_FALSE(bell.armed());
+}
+
+TEST_CASE("a client finds no bell where none is, or where the file is not one", "[doorbell]") {
+  CHECK(Doorbell::open(unique_address("none")) == nullptr);
+
+  const std::string address = unique_address("short");
+  const std::string path = Doorbell::path_for(address);
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
+  REQUIRE(fd >= 0);
+  close(fd);  // an empty file: mapping it and ringing would fault
+  CHECK(Doorbell::open(address) == nullptr);
+  unlink(path.c_str());
+}
+
+TEST_CASE("a server replaces a stale bell and removes its own", "[doorbell]") {
+  const std::string address = unique_address("stale");
+  const std::string path = Doorbell::path_for(address);
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
+  REQUIRE(fd >= 0);
+  close(fd);  // left by a server that died
+  {
+    auto server = Doorbell::create(address);
+    REQUIRE(server.is_ok());
+    CHECK(Doorbell::open(address) != nullptr);
+  }
+  CHECK_FALSE(exists(path));
+}
+
+TEST_CASE("addresses with any characters get distinct, valid names", "[doorbell]") {
+  const std::string a = Doorbell::path_for("node/a b");
+  const std::string b = Doorbell::path_for("node/a_b");
+  CHECK(a != b);
+  CHECK(a.rfind("/dev/shm/", 0) == 0);
+  CHECK(a.find('/', 9) == std::string::npos);
+  CHECK(a.find(' ') == std::string::npos);
+}
