@@ -29,7 +29,7 @@ void* map_bell(int fd) {
 
 }  // namespace
 
-std::string Doorbell::path_for(const std::string& address) {
+std::string Doorbell::path_for(const std::string& address, uint16_t port) {
   // The address may hold any character: keep a readable prefix and tell addresses apart
   // by their FNV-1a hash.
   std::string readable;
@@ -43,7 +43,7 @@ std::string Doorbell::path_for(const std::string& address) {
   for (unsigned char c : address) h = (h ^ c) * 0x100000001b3ull;
   char hash[20];
   snprintf(hash, sizeof hash, "%016llx", static_cast<unsigned long long>(h));
-  return "/dev/shm/lego-fit-bell-" + readable + "-" + hash;
+  return "/dev/shm/lego-fit-bell-" + readable + "-" + std::to_string(port) + "-" + hash;
 }
 
 Doorbell::Doorbell(Word* word, std::string path, bool owner)
@@ -54,8 +54,8 @@ Doorbell::~Doorbell() {
   if (owner_) unlink(path_.c_str());
 }
 
-Result<std::unique_ptr<Doorbell>> Doorbell::create(const std::string& address) {
-  std::string path = path_for(address);
+Result<std::unique_ptr<Doorbell>> Doorbell::create(const std::string& address, uint16_t port) {
+  std::string path = path_for(address, port);
   // A bell left by a server that died: its clients hold the old inode, ours is new (they
   // reopen it when they reconnect).
   unlink(path.c_str());
@@ -72,8 +72,8 @@ Result<std::unique_ptr<Doorbell>> Doorbell::create(const std::string& address) {
   return std::unique_ptr<Doorbell>(new Doorbell(static_cast<Word*>(p), std::move(path), true));
 }
 
-std::unique_ptr<Doorbell> Doorbell::open(const std::string& address) {
-  std::string path = path_for(address);
+std::unique_ptr<Doorbell> Doorbell::open(const std::string& address, uint16_t port) {
+  std::string path = path_for(address, port);
   const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
   if (fd < 0) return nullptr;
   // A file that is not a server's bell (too short: mapping it would fault) is not used.

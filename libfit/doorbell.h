@@ -18,8 +18,8 @@
 // A client's send lands either before the server's last poll (which then finds it) or
 // after the server set sleeping (and the client sees it and rings). The file is the
 // server's (mode 0600: shm itself only connects processes of one user); it is named after
-// the server's shm address, which names its endpoint too, so clients find it without a
-// wire change. A client that cannot open it (none: an older server) rings nothing; the
+// the server's shm address and port, which name its endpoint too, so clients find it
+// without a wire change. A client that cannot open it (none: an older server) rings nothing; the
 // server's sleep is bounded by its timeout anyway.
 #pragma once
 
@@ -38,13 +38,14 @@ class Doorbell {
   Doorbell(const Doorbell&) = delete;
   Doorbell& operator=(const Doorbell&) = delete;
 
-  // The server's bell for shm address `address`: created (a stale one of a server that
-  // died is replaced) and removed from /dev/shm when destroyed.
-  static Result<std::unique_ptr<Doorbell>> create(const std::string& address);
-  // A client's handle on the bell of the server at `address`; null when there is none.
-  static std::unique_ptr<Doorbell> open(const std::string& address);
-  // The /dev/shm path of `address`'s bell.
-  static std::string path_for(const std::string& address);
+  // The server's bell for shm address `address` and `port` (nodes of one host may share
+  // an address): created (a stale one of a server that died is replaced) and removed from
+  // /dev/shm when destroyed.
+  static Result<std::unique_ptr<Doorbell>> create(const std::string& address, uint16_t port);
+  // A client's handle on the bell of the server there; null when there is none.
+  static std::unique_ptr<Doorbell> open(const std::string& address, uint16_t port);
+  // The /dev/shm path of that server's bell.
+  static std::string path_for(const std::string& address, uint16_t port);
 
   // Client: call after each send is posted.
   void ring();

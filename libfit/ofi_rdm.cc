@@ -182,7 +182,7 @@ Status RdmConnection::open(const NodeConfig& peer, ClientHost* host) {
     return Status(EHOSTUNREACH,
                   "cannot resolve the shm address of node " + std::to_string(peer.id));
   }
-  bell_ = Doorbell::open(peer.address);  // none: the server's sleeps are bounded anyway
+  bell_ = Doorbell::open(peer.address, peer.port);  // none: the server's sleeps are bounded anyway
   const size_t max = ctx_.config->max_message_bytes;
   // No bounce buffer: one-sided ops are requests, received into the slots.
   LEGO_RETURN_IF_ERROR(register_slots(bufs_, *domain_, max, 0, 2 * kWindow));
@@ -211,7 +211,7 @@ Result<int> RdmServer::listen(ServerHost* host) {
   for (int i = 0; i < kWindow; i++) post_recv(t0, any_, i);
   last_reap_ = Clock::now();
   // Without a bell the thread naps between polls when idle, as it did before bells.
-  auto bell = Doorbell::create(self.address);
+  auto bell = Doorbell::create(self.address, self.port);
   if (bell) {
     bell_ = std::move(bell.value());
   } else {

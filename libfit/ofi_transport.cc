@@ -327,8 +327,8 @@ void OfiServer::handle_completion(OfiThread& t, const fi_cq_data_entry& e, fi_ad
   }
 }
 
-// With a doorbell, an idle thread sleeps until a client rings: in blocking mode after
-// kBellSpinNs without work, in polling mode after kServerSpinNs (polling's budget). The
+// With a doorbell, an idle thread sleeps until a client rings: in blocking mode at once
+// (where it napped), in polling mode once idle for kServerSpinNs (polling's budget). The
 // round that arms polls once more; the next empty round sleeps. Without one, or while a
 // reply is still moving, it naps as before.
 bool OfiServer::idle_round(OfiThread& t, IdlePoll& idle) {
@@ -343,7 +343,7 @@ bool OfiServer::idle_round(OfiThread& t, IdlePoll& idle) {
     bell->wait(kBlockingSliceMs);
     return true;
   }
-  if (idle.should_sleep(blocking ? kBellSpinNs : kServerSpinNs)) bell->arm();
+  if (blocking || idle.should_sleep(kServerSpinNs)) bell->arm();
   return false;
 }
 

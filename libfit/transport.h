@@ -351,10 +351,6 @@ inline constexpr uint64_t kSpinNs = 20'000'000;
 // A server thread sleeps sooner: an idle memory node otherwise burns most of a vCPU that
 // a file-only run (lego-fs, lego-stord) needs (measured ~75%).
 inline constexpr uint64_t kServerSpinNs = 2'000'000;
-// A blocking server thread with a doorbell (shm) spins this long after its last work
-// before it sleeps: a burst's next request, or the next piece of a large message, comes
-// within microseconds, and waking costs more than that.
-inline constexpr uint64_t kBellSpinNs = 50'000;
 
 // Called after each poll that found nothing. Blocking mode without a wait object naps;
 // polling mode spins, then naps once idle past `budget_ns` (IdlePoll).

@@ -30,9 +30,9 @@ bool exists(const std::string& path) {
 
 TEST_CASE("a sleeping server wakes on a ring, long before its timeout", "[doorbell]") {
   const std::string address = unique_address("wake");
-  auto server = Doorbell::create(address);
+  auto server = Doorbell::create(address, 7);
   REQUIRE(server.is_ok());
-  auto client = Doorbell::open(address);
+  auto client = Doorbell::open(address, 7);
   REQUIRE(client != nullptr);
 
   Doorbell& bell = *server.value();
@@ -52,9 +52,9 @@ TEST_CASE("a sleeping server wakes on a ring, long before its timeout", "[doorbe
 
 TEST_CASE("a ring between arm() and wait() is not lost", "[doorbell]") {
   const std::string address = unique_address("early");
-  auto server = Doorbell::create(address);
+  auto server = Doorbell::create(address, 7);
   REQUIRE(server.is_ok());
-  auto client = Doorbell::open(address);
+  auto client = Doorbell::open(address, 7);
   REQUIRE(client != nullptr);
   Doorbell& bell = *server.value();
   bell.arm();
@@ -66,9 +66,9 @@ TEST_CASE("a ring between arm() and wait() is not lost", "[doorbell]") {
 
 TEST_CASE("without a ring the server sleeps out its timeout", "[doorbell]") {
   const std::string address = unique_address("timeout");
-  auto server = Doorbell::create(address);
+  auto server = Doorbell::create(address, 7);
   REQUIRE(server.is_ok());
-  auto client = Doorbell::open(address);
+  auto client = Doorbell::open(address, 7);
   REQUIRE(client != nullptr);
   Doorbell& bell = *server.value();
   client->ring();  // nobody asleep: no effect on a later sleep
@@ -82,35 +82,37 @@ TEST_CASE("without a ring the server sleeps out its timeout", "[doorbell]") {
 }
 
 TEST_CASE("a client finds no bell where none is, or where the file is not one", "[doorbell]") {
-  CHECK(Doorbell::open(unique_address("none")) == nullptr);
+  CHECK(Doorbell::open(unique_address("none"), 7) == nullptr);
 
   const std::string address = unique_address("short");
-  const std::string path = Doorbell::path_for(address);
+  const std::string path = Doorbell::path_for(address, 7);
   const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
   REQUIRE(fd >= 0);
   close(fd);  // an empty file: mapping it and ringing would fault
-  CHECK(Doorbell::open(address) == nullptr);
+  CHECK(Doorbell::open(address, 7) == nullptr);
   unlink(path.c_str());
 }
 
 TEST_CASE("a server replaces a stale bell and removes its own", "[doorbell]") {
   const std::string address = unique_address("stale");
-  const std::string path = Doorbell::path_for(address);
+  const std::string path = Doorbell::path_for(address, 7);
   const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
   REQUIRE(fd >= 0);
   close(fd);  // left by a server that died
   {
-    auto server = Doorbell::create(address);
+    auto server = Doorbell::create(address, 7);
     REQUIRE(server.is_ok());
-    CHECK(Doorbell::open(address) != nullptr);
+    CHECK(Doorbell::open(address, 7) != nullptr);
   }
   CHECK_FALSE(exists(path));
 }
 
-TEST_CASE("addresses with any characters get distinct, valid names", "[doorbell]") {
-  const std::string a = Doorbell::path_for("node/a b");
-  const std::string b = Doorbell::path_for("node/a_b");
+TEST_CASE("addresses with any characters, and ports, get distinct, valid names", "[doorbell]") {
+  const std::string a = Doorbell::path_for("node/a b", 7);
+  const std::string b = Doorbell::path_for("node/a_b", 7);
   CHECK(a != b);
+  // Nodes of one host may share an address: the port tells their bells apart.
+  CHECK(Doorbell::path_for("node", 7) != Doorbell::path_for("node", 8));
   CHECK(a.rfind("/dev/shm/", 0) == 0);
   CHECK(a.find('/', 9) == std::string::npos);
   CHECK(a.find(' ') == std::string::npos);
