@@ -79,13 +79,17 @@ Result<size_t> Registry::serve(bool write, std::span<const std::byte> req,
 Status call(const Context& ctx, ClientHost* host, bool write, uint64_t key, uint64_t addr,
             std::byte* local, size_t len) {
   const size_t chunk = ctx.config->max_message_bytes - sizeof(RmaRequest);
-  std::vector<std::byte> req(sizeof(RmaRequest) + (write ? std::min(len, chunk) : 0));
+  // A read's request is the header alone, on the stack: reads allocate nothing, so the
+  // runtime's miss path (which must not: lego/excache.h) can make them (lego-run --rma on).
+  alignas(8) std::byte head[sizeof(RmaRequest)];
+  std::vector<std::byte> wbuf(write ? sizeof(RmaRequest) + std::min(len, chunk) : 0);
+  std::byte* req = write ? wbuf.data() : head;
   for (size_t done = 0; done < len;) {
     size_t n = std::min(len - done, chunk);
     RmaRequest r{key, addr + done, n};
-    memcpy(req.data(), &r, sizeof(r));
-    if (write) memcpy(req.data() + sizeof(r), local + done, n);
-    auto res = host->call(write ? kRmaWrite : kRmaRead, {req.data(), sizeof(r) + (write ? n : 0)},
+    memcpy(req, &r, sizeof(r));
+    if (write) memcpy(req + sizeof(r), local + done, n);
+    auto res = host->call(write ? kRmaWrite : kRmaRead, {req, sizeof(r) + (write ? n : 0)},
                           {write ? nullptr : local + done, write ? 0 : n});
     if (!res) return res.status();
     if (!write && res.value() != n) return Status(EPROTO, ctx.who + ": short one-sided read");

@@ -19,6 +19,7 @@
 //   LEGO_PREFETCH      0..kMaxPrefetchLines
 //   LEGO_DELIVERY      handler | sigbus
 //   LEGO_PCACHE        auto | on | off
+//   LEGO_RMA           auto | on | off: fetch lines by one-sided reads (auto: on verbs)
 //   LEGO_RUN_DIR       the run directory (below)
 //
 // The run directory, /tmp/lego-run-<lego-run's pid>/, mode 0700, owned by the user that
@@ -96,6 +97,9 @@ inline constexpr long kMaxPrefetchLines = LineBackend::kMaxFetchBatch - 1;
 inline constexpr const char* kPolicies[] = {"fifo", "clock", "refault"};
 inline constexpr const char* kDeliveries[] = {"handler", "sigbus"};
 inline constexpr const char* kPcacheModes[] = {"auto", "on", "off"};
+// LEGO_RMA (lego-run --rma), the default first.
+inline constexpr const char* kRmaModes[] = {"auto", "on", "off"};
+inline constexpr const char* kDefaultRma = kRmaModes[0];
 inline constexpr const char* kDefaultPolicy = kPolicies[0];
 inline constexpr const char* kDefaultDelivery = kDeliveries[0];
 inline constexpr const char* kDefaultPcache = kPcacheModes[0];
@@ -112,6 +116,7 @@ struct Settings {
   long prefetch_lines = kDefaultPrefetchLines;
   std::string delivery = kDefaultDelivery;
   std::string pcache = kDefaultPcache;
+  std::string rma = kDefaultRma;
   std::string run_dir;  // "" when there is none
 };
 // In PROGRAM's child, before exec: sets the variables (all but LEGO_REGION, which is

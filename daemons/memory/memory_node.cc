@@ -1,6 +1,12 @@
 // MemoryNode: address spaces of 4 KiB lines in a bounded pool, promised in vRegions, served
 // over FIT; and the copy worker that pushes a vRegion to another memory node.
 //
+// The pool is cut into blocks of one vRegion each (16 MiB); a placed vRegion owns one block
+// for as long as it is placed, line k at byte k * 4 KiB of it, so a processor granted the
+// block's key (kPlaceRma) finds any line without asking (docs/rma.md). Invariant: a slot
+// whose line is not stored holds zeros (a freed line is zeroed), so a one-sided read of a
+// line never written reads zeros as kFetch answers.
+//
 // Lock order: the spaces table's mutex, then Space::mu, then Impl::pool_mu; Impl::jobs_mu is
 // never held with any of them. Requests of one space serialize on its mu; different spaces
 // proceed in parallel. The copy worker takes a space's mu only to read one batch.
@@ -65,8 +71,12 @@ struct MemoryNode::Impl {
   // that covered it (0: none), and all-zero write-backs are kept as lines: together they
   // let a copied line be applied only when nothing newer happened here (memory_proto.h).
   struct VRegion {
+    uint32_t block = 0;  // the pool block holding its lines
     bool incoming = false;
     std::vector<uint64_t> released;  // kLinesPerVRegion entries while incoming, else empty
+    // The block's registration for one-sided reads (kPlaceRma), or null. Dropping it
+    // revokes the key: done before the block's lines are zeroed and the block reused.
+    std::unique_ptr<fit::MemoryRegion> rma;
   };
 
   struct Space {
@@ -78,7 +88,8 @@ struct MemoryNode::Impl {
     // Guarded by mu from here on.
     bool based = false;                            // region_base set (by the first kPlace)
     uint64_t region_base = 0;                      // kVRegionBytes aligned
-    std::unordered_map<uint64_t, uint32_t> lines;  // line address -> pool slot
+    std::unordered_map<uint64_t, uint32_t> lines;  // line address -> pool slot (fixed by
+                                                   // its vRegion's block)
     std::map<uint64_t, VRegion> placed;            // vRegion index -> state
     bool closed = false;
 
@@ -109,20 +120,24 @@ struct MemoryNode::Impl {
   MemoryNodeOptions options;
   uint64_t incarnation = 0;
   fit::Node* node = nullptr;  // set by serve(): counters, and the copy worker's calls
+  // Set by stop(): no more registrations (they must all be gone before `node` is).
+  std::atomic<bool> grants_closed{false};
   // The spaces by id and secret. Leases run on the FIT node's serving time: a space never
   // expires for time in which the server could not hear its process.
   LeaseTable<Space> spaces;
 
-  // The pool: capacity_bytes reserved up front, touched (and so resident) only as used;
-  // versions: one per slot, the version of the line stored there (same treatment).
+  // The pool: capacity_bytes reserved up front, touched (and so resident) only as used, in
+  // blocks of one vRegion; versions: one per slot, the version of the line stored there
+  // (same treatment). Placements never promise more vRegions than there are blocks.
   std::byte* pool = nullptr;
   uint64_t* versions = nullptr;
-  uint32_t pool_lines = 0;
+  uint32_t pool_lines = 0;   // pool_blocks * kLinesPerVRegion
+  uint32_t pool_blocks = 0;  // capacity_bytes / kVRegionBytes
   mutable std::mutex pool_mu;
-  std::vector<uint32_t> free_slots;  // guarded by pool_mu
-  uint64_t reserved_total = 0;       // bytes of all placed vRegions; guarded by pool_mu
-  uint64_t placed_total = 0;         // placed vRegions; guarded by pool_mu
-  uint32_t never_used = 0;           // slots [never_used, pool_lines) untouched; pool_mu
+  std::vector<uint32_t> free_blocks;  // guarded by pool_mu
+  uint64_t reserved_total = 0;        // bytes of all placed vRegions; guarded by pool_mu
+  uint64_t placed_total = 0;          // placed vRegions; guarded by pool_mu
+  uint32_t never_used = 0;            // blocks [never_used, pool_blocks) untouched; pool_mu
 
   // Copy jobs: queued and running ones in `queue` (the worker takes the front), all known
   // ones (for kCopyStatus) in `jobs`, the finished ones' ids in finish order in `finished`.
@@ -139,69 +154,98 @@ struct MemoryNode::Impl {
     std::atomic<uint64_t> spaces_opened{0}, spaces_expired{0}, lines_stored{0}, fetches{0},
         fetch_zero{0}, write_backs{0}, zero_drops{0}, released{0}, refused{0}, places{0},
         unplaces{0}, zero_kept{0}, copies_started{0}, copies_done{0}, copies_failed{0},
-        copy_lines_sent{0}, copy_lines_applied{0}, copy_lines_skipped{0}, generation{0};
+        copy_lines_sent{0}, copy_lines_applied{0}, copy_lines_skipped{0}, rma_grants{0},
+        rma_grant_failures{0}, rma_revoked{0}, generation{0};
   } c;
 
   std::byte* slot(uint32_t s) const { return pool + size_t{s} * kLineBytes; }
+  std::byte* block(uint32_t b) const { return pool + size_t{b} * kVRegionBytes; }
 
-  // A slot for a new line. Cannot fail for a line of a placed vRegion: the pool holds
-  // capacity_bytes of lines and placements never promise more.
-  bool alloc_slot_locked(uint32_t* s) {
-    if (!free_slots.empty()) {
-      *s = free_slots.back();
-      free_slots.pop_back();
+  // A block for a newly placed vRegion (pool_mu held). Cannot fail once the placement's
+  // promise was counted: placements never promise more vRegions than there are blocks.
+  bool alloc_block_locked(uint32_t* b) {
+    if (!free_blocks.empty()) {
+      *b = free_blocks.back();
+      free_blocks.pop_back();
       return true;
     }
-    if (never_used < pool_lines) {
-      *s = never_used++;
+    if (never_used < pool_blocks) {
+      *b = never_used++;
       return true;
     }
     return false;
   }
 
-  void free_slot_locked(uint32_t s) { free_slots.push_back(s); }
-
-  // Drops line `it` of `sp` (both locks held by the caller: sp.mu, pool_mu).
+  // Drops line `it` of `sp` (sp.mu held): its slot is zeroed (the pool's invariant).
   std::unordered_map<uint64_t, uint32_t>::iterator drop_line_locked(
       Space& sp, std::unordered_map<uint64_t, uint32_t>::iterator it) {
-    free_slot_locked(it->second);
+    memset(slot(it->second), 0, kLineBytes);
     c.lines_stored--;
     return sp.lines.erase(it);
   }
 
-  // Stores `data` with `version` as line `a` of `sp` (sp.mu held). False when the pool is
-  // out of slots (which placements make impossible; kept as a check).
-  bool store_line(Space& sp, uint64_t a, const std::byte* data, uint64_t version) {
+  // The slot of line `a` of vRegion `vr` (placed at its block) of `sp`.
+  static uint32_t slot_of(const Space& sp, const VRegion& vr, uint64_t a) {
+    const uint64_t k = (a - sp.region_base) % kVRegionBytes / kLineBytes;
+    return static_cast<uint32_t>(vr.block * kLinesPerVRegion + k);
+  }
+
+  // Stores `data` with `version` as line `a` of `sp` (sp.mu held; `a` in a placed vRegion).
+  void store_line(Space& sp, uint64_t a, const std::byte* data, uint64_t version) {
     auto it = sp.lines.find(a);
     if (it == sp.lines.end()) {
-      uint32_t s;
-      {
-        std::lock_guard<std::mutex> pg(pool_mu);
-        if (!alloc_slot_locked(&s)) return false;
-      }
-      it = sp.lines.emplace(a, s).first;
+      const VRegion& vr = sp.placed.find(static_cast<uint64_t>(sp.placed_vregion(a)))->second;
+      it = sp.lines.emplace(a, slot_of(sp, vr, a)).first;
       c.lines_stored++;
     }
     memcpy(slot(it->second), data, kLineBytes);
     versions[it->second] = version;
-    return true;
+  }
+
+  // Ends vRegion `vr`'s grant, if any: from here on a one-sided read with its key fails.
+  void revoke(VRegion& vr) {
+    if (!vr.rma) return;
+    vr.rma.reset();
+    c.rma_revoked++;
   }
 
   void free_lines(Space& sp) {
+    // Keys first: no one-sided read may see a block being zeroed or reused.
+    for (auto& [i, vr] : sp.placed) revoke(vr);
+    for (auto it = sp.lines.begin(); it != sp.lines.end();) it = drop_line_locked(sp, it);
     std::lock_guard<std::mutex> g(pool_mu);
     reserved_total -= sp.placed.size() * kVRegionBytes;
     placed_total -= sp.placed.size();
+    for (auto& [i, vr] : sp.placed) free_blocks.push_back(vr.block);
     sp.placed.clear();
-    for (auto& [addr, s] : sp.lines) free_slot_locked(s);
-    c.lines_stored -= sp.lines.size();
-    sp.lines.clear();
     c.generation++;
+  }
+
+  // Registers vRegion `vr`'s block for one-sided reads, once (sp.mu held); fills `out`'s
+  // grant. A failed registration leaves the vRegion served by requests only.
+  void grant(const Space& sp, VRegion& vr, uint64_t i, PlaceReply* out) {
+    if (!vr.rma && node != nullptr && !grants_closed.load()) {
+      auto r = node->register_memory(block(vr.block), kVRegionBytes, /*remote_write=*/false);
+      if (!r) {
+        c.rma_grant_failures++;
+        fprintf(stderr,
+                "lego-memd: vRegion %lu of pid %u served by requests only: registering its "
+                "block for one-sided reads failed: %s\n",
+                static_cast<unsigned long>(i), sp.pid, r.status().message().c_str());
+        return;
+      }
+      vr.rma = std::make_unique<fit::MemoryRegion>(std::move(r.value()));
+      c.rma_grants++;
+    }
+    if (!vr.rma) return;
+    out->rma_granted = 1;
+    out->rma_key = vr.rma->remote().key;
+    out->rma_base = vr.rma->remote().base;
   }
 
   // Drops every line of vRegion i of sp (sp.mu held); with `only_zero`, only all-zero ones
   // (the kept zero lines of a finished copy).
   void drop_vregion_lines(Space& sp, uint64_t i, bool only_zero) {
-    std::lock_guard<std::mutex> pg(pool_mu);
     const uint64_t start = sp.vregion_start(i);
     for (uint64_t k = 0; k < kLinesPerVRegion; k++) {
       auto it = sp.lines.find(start + k * kLineBytes);
@@ -369,17 +413,11 @@ struct MemoryNode::Impl {
           // Zero lines cost nothing to keep: forget them.
           c.zero_drops++;
           auto it = s.lines.find(a);
-          if (it != s.lines.end()) {
-            std::lock_guard<std::mutex> pg(pool_mu);
-            drop_line_locked(s, it);
-          }
+          if (it != s.lines.end()) drop_line_locked(s, it);
           continue;
         }
       }
-      if (!store_line(s, a, line, r.version)) {
-        return refuse(ENOMEM, "memory node is full: all " + std::to_string(pool_lines) +
-                                  " lines (" + mib(options.capacity_bytes) + ") are in use");
-      }
+      store_line(s, a, line, r.version);
     }
     return size_t{0};
   }
@@ -407,10 +445,7 @@ struct MemoryNode::Impl {
         c.copy_lines_skipped++;
         continue;
       }
-      if (!store_line(s, a, data + size_t{i} * kLineBytes, v)) {
-        return refuse(
-            ENOMEM, "memory node is full: all " + std::to_string(pool_lines) + " lines are in use");
-      }
+      store_line(s, a, data + size_t{i} * kLineBytes, v);
       c.copy_lines_applied++;
     }
     if ((r.flags & kWriteBackCopyLast) != 0) {
@@ -445,7 +480,6 @@ struct MemoryNode::Impl {
         rel = std::max(rel, r.version);
       }
     }
-    std::lock_guard<std::mutex> pg(pool_mu);
     uint64_t n = r.length / kLineBytes;
     if (n <= s.lines.size()) {
       for (uint64_t a = r.addr; a < end; a += kLineBytes) {
@@ -473,7 +507,8 @@ struct MemoryNode::Impl {
                        std::span<std::byte> rep, bool unplace) {
     PlaceRequest r;
     const char* what = unplace ? "unplace" : "place";
-    if (!read_struct(req, &r) || req.size() != sizeof(r) || (r.flags & ~kPlaceIncomingCopy) != 0) {
+    if (!read_struct(req, &r) || req.size() != sizeof(r) ||
+        (r.flags & ~(kPlaceIncomingCopy | kPlaceRma)) != 0) {
       return refuse(EPROTO, std::string(what) + ": malformed request");
     }
     if (r.region_base % kVRegionBytes != 0 || r.vregion >= kMaxVRegions ||
@@ -493,9 +528,12 @@ struct MemoryNode::Impl {
     if (unplace) {
       auto it = s.placed.find(r.vregion);
       if (it == s.placed.end()) return size_t{0};  // a retried call
+      revoke(it->second);  // before its lines are zeroed and its block reused
       drop_vregion_lines(s, r.vregion, /*only_zero=*/false);
+      const uint32_t b = it->second.block;
       s.placed.erase(it);
       std::lock_guard<std::mutex> pg(pool_mu);
+      free_blocks.push_back(b);
       reserved_total -= kVRegionBytes;
       placed_total--;
       c.unplaces++;
@@ -503,20 +541,23 @@ struct MemoryNode::Impl {
       return size_t{0};
     }
     if (rep.size() < sizeof(PlaceReply)) return Status(EMSGSIZE, "place: reply buffer too small");
-    PlaceReply out{0, 0, options.capacity_bytes, 0};
+    PlaceReply out{};
+    out.capacity_bytes = options.capacity_bytes;
     auto answer = [&] {
       memcpy(rep.data(), &out, sizeof(out));
       return sizeof(out);
     };
-    if (s.placed.count(r.vregion)) {  // a retried call
+    if (auto it = s.placed.find(r.vregion); it != s.placed.end()) {  // a retried call
+      if (r.flags & kPlaceRma) grant(s, it->second, r.vregion, &out);
       std::lock_guard<std::mutex> pg(pool_mu);
       out.reserved_bytes = reserved_total;
       return answer();
     }
+    uint32_t b = 0;
     {
       std::lock_guard<std::mutex> pg(pool_mu);
       out.reserved_bytes = reserved_total;
-      if (reserved_total + kVRegionBytes > options.capacity_bytes) {
+      if (reserved_total + kVRegionBytes > options.capacity_bytes || !alloc_block_locked(&b)) {
         c.refused++;
         out.error = ENOMEM;  // an answer, not an error frame (memory_proto.h)
         return answer();
@@ -528,10 +569,12 @@ struct MemoryNode::Impl {
     s.based = true;
     s.region_base = r.region_base;
     VRegion& vr = s.placed[r.vregion];
+    vr.block = b;
     if (r.flags & kPlaceIncomingCopy) {
       vr.incoming = true;
       vr.released.assign(kLinesPerVRegion, 0);
     }
+    if (r.flags & kPlaceRma) grant(s, vr, r.vregion, &out);
     c.places++;
     c.generation++;
     return answer();
@@ -540,7 +583,8 @@ struct MemoryNode::Impl {
   // A copy of a space for a forked child: lines (with their versions) and placements are
   // copied, not shared: simple, and a child that execs soon (the common case) frees its
   // copy when it is gone. A vRegion with a copy incoming stays so in the child (the child's
-  // copy is not a full replica either).
+  // copy is not a full replica either). The copy has blocks of its own and no grants: a
+  // snapshot is read by kFetch.
   Result<size_t> fork(const fit::RpcContext& ctx, std::span<const std::byte> req,
                       std::span<std::byte> rep) {
     SpaceRequest r;
@@ -564,18 +608,25 @@ struct MemoryNode::Impl {
       std::lock_guard<std::mutex> pg(pool_mu);
       // The copy needs the parent's promise (every vRegion it placed) again.
       const uint64_t want = parent.placed.size() * kVRegionBytes;
-      if (reserved_total + want > options.capacity_bytes) {
+      if (reserved_total + want > options.capacity_bytes ||
+          free_blocks.size() + (pool_blocks - never_used) < parent.placed.size()) {
         return refuse(ENOMEM, "memory node is full: cannot copy address space " +
                                   std::to_string(r.handle.id) + " (" + mib(want) +
                                   " placed) for a forked child");
       }
       reserved_total += want;
       placed_total += parent.placed.size();
-      child->placed = parent.placed;
+      for (auto& [i, from] : parent.placed) {
+        VRegion& vr = child->placed[i];
+        alloc_block_locked(&vr.block);  // cannot fail: checked above
+        vr.incoming = from.incoming;
+        vr.released = from.released;
+      }
       child->lines.reserve(parent.lines.size());
       for (auto& [addr, from] : parent.lines) {
-        uint32_t to = 0;
-        alloc_slot_locked(&to);  // cannot fail: the promise above covers it
+        const VRegion& vr =
+            child->placed.find(static_cast<uint64_t>(child->placed_vregion(addr)))->second;
+        const uint32_t to = slot_of(*child, vr, addr);
         memcpy(slot(to), slot(from), kLineBytes);
         versions[to] = versions[from];
         child->lines.emplace(addr, to);
@@ -911,7 +962,8 @@ MemoryNode::MemoryNode(MemoryNodeOptions options) : impl_(std::make_unique<Impl>
   if (sodium_init() < 0) abort();
   impl_->options = options;
   impl_->incarnation = random_nonzero();
-  impl_->pool_lines = static_cast<uint32_t>(options.capacity_bytes / kLineBytes);
+  impl_->pool_blocks = static_cast<uint32_t>(options.capacity_bytes / kVRegionBytes);
+  impl_->pool_lines = static_cast<uint32_t>(impl_->pool_blocks * kLinesPerVRegion);
   void* p = mmap(nullptr, std::max<size_t>(options.capacity_bytes, kLineBytes),
                  PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   void* v = mmap(nullptr, versions_bytes(impl_->pool_lines), PROT_READ | PROT_WRITE,
@@ -921,6 +973,7 @@ MemoryNode::MemoryNode(MemoryNodeOptions options) : impl_(std::make_unique<Impl>
     if (v != MAP_FAILED) munmap(v, versions_bytes(impl_->pool_lines));
     // Nothing can be placed: every kPlace then fails with ENOMEM, clearly.
     impl_->pool_lines = 0;
+    impl_->pool_blocks = 0;
     impl_->options.capacity_bytes = 0;
   } else {
     impl_->versions = static_cast<uint64_t*>(v);
@@ -948,6 +1001,12 @@ void MemoryNode::stop() {
   }
   impl_->jobs_cv.notify_all();
   if (impl_->worker.joinable()) impl_->worker.join();
+  // Registrations belong to the FIT node, which may go before this MemoryNode does.
+  impl_->grants_closed = true;
+  impl_->spaces.for_each([this](uint64_t, Impl::Space& sp) {
+    std::lock_guard<std::mutex> g(sp.mu);
+    for (auto& [i, vr] : sp.placed) impl_->revoke(vr);
+  });
 }
 
 uint64_t MemoryNode::incarnation() const {
@@ -1048,6 +1107,9 @@ MemoryNodeStats MemoryNode::stats() const {
   s.copy_lines_sent = c.copy_lines_sent;
   s.copy_lines_applied = c.copy_lines_applied;
   s.copy_lines_skipped = c.copy_lines_skipped;
+  s.rma_grants = c.rma_grants;
+  s.rma_grant_failures = c.rma_grant_failures;
+  s.rma_revoked = c.rma_revoked;
   s.requests = impl_->node != nullptr ? impl_->node->stats().requests_served : 0;
   s.generation = c.generation;
   return s;

@@ -61,6 +61,9 @@ struct MemoryNodeOptions {
   X(copy_lines_sent, counter, "lines this node's copy worker sent")                           \
   X(copy_lines_applied, counter, "copied lines this node received and stored")                \
   X(copy_lines_skipped, counter, "copied lines dropped: a newer version or release was here") \
+  X(rma_grants, counter, "vRegion blocks registered for one-sided reads (kPlaceRma)")         \
+  X(rma_grant_failures, counter, "kPlaceRma registrations that failed (served by kFetch)")    \
+  X(rma_revoked, counter, "grants ended (kUnplace, kClose, lease expiry): their key refused") \
   X(requests, counter, "requests served (kUsage's load)")                                     \
   X(generation, gauge, "changes with spaces, placements and copy states")
 

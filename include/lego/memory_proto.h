@@ -26,6 +26,16 @@
 // (except in a vRegion with an incoming copy: see below). Every stored line keeps the version
 // of the write-back that stored it.
 //
+// One-sided reads (since v4): a placed vRegion owns a fixed block of the memory node's pool,
+// kVRegionBytes long, line k of the vRegion at byte k * kLineBytes of the block; a line never
+// stored (or freed since) reads as zeros there. A kPlace with kPlaceRma registers the block
+// for one-sided reads (never writes) and answers its key and base in the PlaceReply: the
+// processor may then read lines with fit::Node::rma_read instead of kFetch (docs/rma.md).
+// The key dies with the space's hold on the vRegion (kUnplace, kClose, the lease running
+// out): a read with it fails from then on (EACCES on tcp, shm and verbs). Write-backs,
+// releases, copies and forks stay requests: only they keep versions, replicas and
+// snapshots consistent.
+//
 // Versions: a process numbers its write-back batches 1, 2, ... (the same batch to every replica
 // carries the same number); a release carries the number of the last batch sent before it, so
 // it covers every write-back numbered up to it and none after.
@@ -48,10 +58,11 @@
 
 namespace lego::mem {
 
+// Version 4: fixed pool blocks per vRegion and kPlaceRma's grant for one-sided reads.
 // Version 3: vRegions and kPlace (replacing v2's byte-delta kReserve), process_key in kOpen,
 // versioned write-backs and releases, copies between memory nodes, kListSpaces and kUsage.
 // A one-line fetch reply has no FetchReply header (since v2).
-inline constexpr uint32_t kProtoVersion = 3;
+inline constexpr uint32_t kProtoVersion = 4;
 inline constexpr size_t kLineBytes = 4096;
 // Lines per batched fetch or write-back: 32 x 4 KiB plus headers fits FIT's default
 // 136 KiB max_message_bytes.
@@ -181,6 +192,9 @@ static_assert(sizeof(ReleaseRequest) == 48);
 
 // PlaceRequest.flags
 inline constexpr uint32_t kPlaceIncomingCopy = 1;  // a copy of this vRegion will arrive
+// Grant one-sided reads of the vRegion's block (PlaceReply's rma fields). A retried kPlace
+// with it answers the same grant; one on a vRegion placed without it registers the block then.
+inline constexpr uint32_t kPlaceRma = 2;
 struct PlaceRequest {
   SpaceHandle handle;
   uint64_t vregion;      // index: the vRegion [region_base + i*kVRegionBytes, +kVRegionBytes)
@@ -197,11 +211,15 @@ static_assert(sizeof(PlaceRequest) == 48);
 // handles are still error frames.
 struct PlaceReply {
   int32_t error;  // 0: placed; ENOMEM: the node cannot promise another vRegion
-  uint32_t reserved;
+  // kPlaceRma: 1 when the block is registered for one-sided reads (rma_key, rma_base valid);
+  // 0 when the node could not register it (the processor reads by kFetch then).
+  uint32_t rma_granted;
   uint64_t capacity_bytes;  // the node's, and what it has promised (after this request)
   uint64_t reserved_bytes;
+  uint64_t rma_key;   // fit::RemoteRegion::key of the vRegion's block
+  uint64_t rma_base;  // fit::RemoteRegion::base: line k of the vRegion is at base + k * 4 KiB
 };
-static_assert(sizeof(PlaceReply) == 24);
+static_assert(sizeof(PlaceReply) == 40);
 
 // At most this many copy jobs run on one memory node at once; finished jobs are remembered
 // (for kCopyStatus) until kMaxCopyJobsKept have finished after them.

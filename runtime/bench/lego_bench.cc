@@ -7,8 +7,12 @@
 //              down here);
 //   lego_tcp   lego-run, private memory node in another network namespace over tcp;
 //   lego_shm   lego-run, private memory node over shm on this host;
+//   lego_config  lego-run --config FILE against the memory nodes of an existing cluster
+//              (only when named, with --config: how the verbs guest test runs it);
 // the lego systems once per fault delivery (lego-run --delivery: handler, the default, and
-// sigbus), side by side; random_mt once per thread count (--threads).
+// sigbus), side by side, and once per --rma mode (one-sided reads against requests: each
+// lego row with --rma on beside its --rma off twin, docs/rma.md); random_mt once per thread
+// count (--threads).
 // Heaps are filled with incompressible data (zeros flatter zram). A run the kernel
 // OOM-kills is reported as such, never averaged in; the zram peer is then run again, up to
 // --oom-retries times, and its row says how many of its runs were killed. Prints µs per
@@ -49,6 +53,8 @@
 // and the memory table.
 #include <unistd.h>
 
+#include <algorithm>
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -83,7 +89,14 @@ options:
                        all). zipf: Zipf(0.99) over the heap's pages, hottest first;
                        hotset: 90% of accesses to the first eighth of the heap, 10% to any
                        page
-  --systems LIST       for memory: local,zram_swap,lego_tcp,lego_shm (default: all)
+  --systems LIST       for memory: local,zram_swap,lego_tcp,lego_shm (default: all), and
+                       lego_config (only when named: lego-run --config FILE)
+  --config FILE        the cluster file lego_config runs against (lego-run --config): its
+                       memory nodes must be running and hold the heap
+  --rma LIST           lego-run --rma for the lego rows, each a row of its own: auto,on,off
+                       (default auto). With on and off both, a table of one-sided reads
+                       against requests follows: µs per access, accesses/s, the median
+                       miss's latency bucket, and the share of lines fetched one-sided
   --deliveries LIST    lego-run --delivery for the lego systems: handler,sigbus (default:
                        both, side by side)
   --threads LIST       random_mt's thread counts (default 1,2,4)
@@ -108,8 +121,8 @@ options:
   --cluster-runs N     cluster rows: runs of replication's cost, R=1 and R=R alternating,
                        each pair's ratio and their median printed (default 3)
   --csv FILE           rows: workload,local_fraction,threads,system,delivery,
-                       us_per_access,policy,misses_per_access (delivery and policy "-"
-                       outside lego); then
+                       us_per_access,policy,misses_per_access,rma (delivery, policy and
+                       rma "-" outside lego); then
                        file_workload,system,mb_per_s_or_us; then
                        startup_system,median_ms,added_ms; then (cluster) cluster_row,
                        transport,local_fraction,memory_nodes,replicas,run,us_per_access,
@@ -194,7 +207,11 @@ program (bazel-bin/runtime/lego-run) or through $LEGO_RUN.
 constexpr const char* kKinds[] = {"memory", "files", "startup", "cluster", "programs"};
 constexpr const char* kWorkloads[] = {"random", "sequential", "zipf", "hotset", "random_mt"};
 constexpr const char* kPolicies[] = {"fifo", "clock", "refault"};
-constexpr const char* kSystems[] = {"local", "zram_swap", "lego_tcp", "lego_shm"};
+constexpr const char* kSystems[] = {"local", "zram_swap", "lego_tcp", "lego_shm", "lego_config"};
+constexpr const char* kRmaModes[] = {"auto", "on", "off"};
+bool is_lego(const std::string& s) {
+  return s == "lego_tcp" || s == "lego_shm" || s == "lego_config";
+}
 constexpr const char* kDeliveries[] = {"handler", "sigbus"};
 
 // µs per access of r's lego system under delivery `d`, or 0.
@@ -206,6 +223,44 @@ double delivery_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const
     }
   }
   return 0;
+}
+
+// Each lego row with --rma on beside its --rma off twin.
+void print_rma(const std::vector<MemoryRow>& rows) {
+  bool header = false;
+  for (auto& on : rows) {
+    if (on.rma != "on" || !on.o.ok) continue;
+    for (auto& off : rows) {
+      if (off.rma != "off" || !off.o.ok || off.workload != on.workload ||
+          off.fraction != on.fraction || off.threads != on.threads || off.system != on.system ||
+          off.delivery != on.delivery || off.policy != on.policy) {
+        continue;
+      }
+      if (!header) {
+        printf(
+            "\none-sided reads (--rma on) against requests (--rma off): µs per access, "
+            "accesses/s,\nthe median miss's latency bucket (< µs) and the lines fetched "
+            "one-sided per fetch\n");
+        printf("%-11s %6s %7s %-24s %9s %9s %7s %11s %11s %8s %8s %7s\n", "workload", "local",
+               "threads", "system", "off us", "on us", "on/off", "off acc/s", "on acc/s", "off p50",
+               "on p50", "rma/f");
+        header = true;
+      }
+      MemoryRow base = off;
+      base.rma = "";
+      char p_off[32] = "-", p_on[32] = "-", share[32] = "-";
+      if (off.miss_p50_us >= 0) snprintf(p_off, sizeof p_off, "%.1f", off.miss_p50_us);
+      if (on.miss_p50_us >= 0) snprintf(p_on, sizeof p_on, "%.1f", on.miss_p50_us);
+      const double fetches = on.misses_per_access * double(on.accesses);
+      if (on.rma_lines >= 0 && fetches > 0) {
+        snprintf(share, sizeof share, "%.2f", on.rma_lines / fetches);
+      }
+      printf("%-11s %5.0f%% %7d %-24s %9.3f %9.3f %6.2fx %11.0f %11.0f %8s %8s %7s\n",
+             on.workload.c_str(), on.fraction * 100, on.threads, system_label(base).c_str(),
+             off.o.us, on.o.us, on.o.us / off.o.us, 1e6 / off.o.us * on.threads,
+             1e6 / on.o.us * on.threads, p_off, p_on, share);
+    }
+  }
 }
 
 // Each lego row's handler/sigbus ratio, then random_mt per thread count.
@@ -272,6 +327,9 @@ int main(int argc, char** argv) {
   std::vector<std::string> deliveries(std::begin(kDeliveries), std::end(kDeliveries));
   std::vector<int> thread_counts{1, 2, 4};
   std::vector<std::string> policies{"fifo"};
+  std::vector<std::string> rmas{"auto"};
+  std::string config;
+  bool systems_given = false;
   long accesses = 200000;
   int oom_retries = 2;
   bool floors = true;
@@ -316,7 +374,13 @@ int main(int argc, char** argv) {
        }},
       {"workloads", true,
        [&](const char* a) { workloads = flags::list("--workloads", a, kWorkloads); }},
-      {"systems", true, [&](const char* a) { systems = flags::list("--systems", a, kSystems); }},
+      {"systems", true,
+       [&](const char* a) {
+         systems = flags::list("--systems", a, kSystems);
+         systems_given = true;
+       }},
+      {"rma", true, [&](const char* a) { rmas = flags::list("--rma", a, kRmaModes); }},
+      {"config", true, [&](const char* a) { config = a; }},
       {"deliveries", true,
        [&](const char* a) { deliveries = flags::list("--deliveries", a, kDeliveries); }},
       {"threads", true,
@@ -368,6 +432,12 @@ int main(int argc, char** argv) {
   const int first = flags::parse(argc, argv, {"lego-bench", kUsage, 2, false}, table);
   if (first < argc) die(std::string("unexpected argument '") + argv[first] + "' (see --help)");
   if (geteuid() != 0) die("needs root (zram, cgroups, network namespaces)");
+  if (!systems_given) systems.pop_back();  // lego_config only when named
+  const bool has_config_system =
+      std::find(systems.begin(), systems.end(), "lego_config") != systems.end();
+  if (has_config_system && config.empty()) die("--systems lego_config needs --config FILE");
+  if (!config.empty() && !has_config_system) die("--config is for --systems lego_config");
+  if (has_config_system && only == "programs") die("--only programs has no lego_config system");
   std::string self = self_path();
   const std::string lego_run = find_lego_run(self);
   if (only == "programs") {
@@ -394,9 +464,9 @@ int main(int argc, char** argv) {
   size_t runs = 0;
   for (auto& w : workloads) {
     for (auto& s : systems) {
-      const bool lego = s == "lego_tcp" || s == "lego_shm";
+      const bool lego = is_lego(s);
       runs += (w == "random_mt" ? thread_counts.size() : 1) *
-              (lego ? deliveries.size() * policies.size() : 1);
+              (lego ? deliveries.size() * policies.size() * rmas.size() : 1);
     }
   }
   Progress progress("lego-bench", fractions.size() * runs + (files ? fo.systems.size() : 0));
@@ -411,65 +481,85 @@ int main(int argc, char** argv) {
                                         std::to_string(accesses),
                                         std::to_string(threads)};
         for (auto& s : systems) {
-          const bool lego = s == "lego_tcp" || s == "lego_shm";
+          const bool lego = is_lego(s);
           for (const std::string& d : lego ? deliveries : std::vector<std::string>{""}) {
             for (const std::string& pol : lego ? policies : std::vector<std::string>{""}) {
-              char label[160];
-              snprintf(label, sizeof label, "%s, %d thread%s, %.0f%% local, %s%s%s%s%s", w.c_str(),
-                       threads, threads > 1 ? "s" : "", f * 100, s.c_str(), d.empty() ? "" : "/",
-                       d.c_str(), pol.empty() || pol == "fifo" ? "" : "/",
-                       pol == "fifo" ? "" : pol.c_str());
-              progress.step(label);
-              Outcome o;
-              if (s == "local") {
-                o = run(worker, "");
-              } else if (s == "zram_swap") {
-                // An OOM kill is the kernel's verdict on that run, not a figure: say so, and try
-                // again (a fresh zram device and cgroup each time) so that the row can still
-                // compare.
-                for (int kills = 0;; ++kills) {
-                  ZramSwap z;
-                  std::string err = z.setup(cap);
-                  if (!err.empty()) {
-                    o = Outcome();
-                    o.error = err;
-                  } else {
-                    o = run(worker, z.tasks());
+              for (const std::string& rma : lego ? rmas : std::vector<std::string>{""}) {
+                char label[200];
+                snprintf(label, sizeof label, "%s, %d thread%s, %.0f%% local, %s%s%s%s%s%s%s",
+                         w.c_str(), threads, threads > 1 ? "s" : "", f * 100, s.c_str(),
+                         d.empty() ? "" : "/", d.c_str(), pol.empty() || pol == "fifo" ? "" : "/",
+                         pol == "fifo" ? "" : pol.c_str(),
+                         rma.empty() || rma == "auto" ? "" : "/rma_",
+                         rma == "auto" ? "" : rma.c_str());
+                progress.step(label);
+                Outcome o;
+                if (s == "local") {
+                  o = run(worker, "");
+                } else if (s == "zram_swap") {
+                  // An OOM kill is the kernel's verdict on that run, not a figure: say so, and try
+                  // again (a fresh zram device and cgroup each time) so that the row can still
+                  // compare.
+                  for (int kills = 0;; ++kills) {
+                    ZramSwap z;
+                    std::string err = z.setup(cap);
+                    if (!err.empty()) {
+                      o = Outcome();
+                      o.error = err;
+                    } else {
+                      o = run(worker, z.tasks());
+                    }
+                    o.oom_kills = kills;
+                    if (!o.oom || kills == oom_retries) break;
+                    progress.note(std::string(label) + ": OOM-killed, running again");
                   }
-                  o.oom_kills = kills;
-                  if (!o.oom || kills == oom_retries) break;
-                  progress.note(std::string(label) + ": OOM-killed, running again");
+                  if (o.oom) o.oom_kills += 1;
+                } else if (s == "lego_tcp" || s == "lego_shm") {
+                  std::vector<std::string> a{lego_run,
+                                             "--excache",
+                                             std::to_string(cap),
+                                             "--delivery",
+                                             d,
+                                             "--transport",
+                                             s == "lego_tcp" ? "tcp" : "shm",
+                                             "--memory-capacity",
+                                             std::to_string(heap * 2 + (256 << 20)),
+                                             "--policy",
+                                             pol,
+                                             "--stats",
+                                             "--"};
+                  a.insert(a.end() - 1, {"--rma", rma});
+                  a.insert(a.end(), worker.begin(), worker.end());
+                  o = run(a, "", "us_per_access ", /*keep_stderr=*/true);
+                } else if (s == "lego_config") {
+                  std::vector<std::string> a{
+                      lego_run,     "--config", config,     "--excache", std::to_string(cap),
+                      "--delivery", d,          "--policy", pol,         "--rma",
+                      rma,          "--stats",  "--"};
+                  a.insert(a.end(), worker.begin(), worker.end());
+                  o = run(a, "", "us_per_access ", /*keep_stderr=*/true);
                 }
-                if (o.oom) o.oom_kills += 1;
-              } else if (s == "lego_tcp" || s == "lego_shm") {
-                std::vector<std::string> a{lego_run,
-                                           "--excache",
-                                           std::to_string(cap),
-                                           "--delivery",
-                                           d,
-                                           "--transport",
-                                           s == "lego_tcp" ? "tcp" : "shm",
-                                           "--memory-capacity",
-                                           std::to_string(heap * 2 + (256 << 20)),
-                                           "--policy",
-                                           pol,
-                                           "--stats",
-                                           "--"};
-                a.insert(a.end(), worker.begin(), worker.end());
-                o = run(a, "", "us_per_access ", /*keep_stderr=*/true);
+                MemoryRow row{w, s, f, threads, o, d, -1, -1, -1, pol, -1, rma, -1, -1};
+                row.accesses = accesses;
+                if (lego && o.ok) {
+                  row.rma_lines = stat_value(o.err, "rma_lines");
+                  if (const size_t at = o.err.find("miss_latency     p50 < ");
+                      at != std::string::npos) {
+                    sscanf(o.err.c_str() + at, "miss_latency     p50 < %lf", &row.miss_p50_us);
+                  }
+                }
+                // After the heap's fill every line is backed: every miss of the loop is a fetch.
+                if (const double fetches = stat_value(o.err, "fetches");
+                    lego && o.ok && fetches >= 0) {
+                  row.misses_per_access = fetches / double(accesses);
+                }
+                if (const size_t at = o.text.find("cpu_us_per_access ");
+                    o.ok && at != std::string::npos) {
+                  sscanf(o.text.c_str() + at, "cpu_us_per_access %lf %lf %lf", &row.cpu_user,
+                         &row.cpu_kernel, &row.cpu_memd);
+                }
+                rows.push_back(row);
               }
-              MemoryRow row{w, s, f, threads, o, d, -1, -1, -1, pol, -1};
-              // After the heap's fill every line is backed: every miss of the loop is a fetch.
-              if (const double fetches = stat_value(o.err, "fetches");
-                  lego && o.ok && fetches >= 0) {
-                row.misses_per_access = fetches / double(accesses);
-              }
-              if (const size_t at = o.text.find("cpu_us_per_access ");
-                  o.ok && at != std::string::npos) {
-                sscanf(o.text.c_str() + at, "cpu_us_per_access %lf %lf %lf", &row.cpu_user,
-                       &row.cpu_kernel, &row.cpu_memd);
-              }
-              rows.push_back(row);
             }
           }
         }
@@ -510,6 +600,7 @@ int main(int argc, char** argv) {
       printf("\n");
     }
     print_deliveries_and_threads(rows);
+    print_rma(rows);
   }
   if (memory && floors) report_miss_floors(rows, cap);
   if (files) print_files(fo, file_rows);
@@ -522,7 +613,7 @@ int main(int argc, char** argv) {
     if (memory) {
       fprintf(f,
               "workload,local_fraction,threads,system,delivery,us_per_access,policy,"
-              "misses_per_access\n");
+              "misses_per_access,rma\n");
     }
     for (auto& r : rows) {
       const char* d = r.delivery.empty() ? "-" : r.delivery.c_str();
@@ -530,7 +621,7 @@ int main(int argc, char** argv) {
         fprintf(f, "%s,%.2f,%d,%s,%s,%.4f,%s,", r.workload.c_str(), r.fraction, r.threads,
                 r.system.c_str(), d, r.o.us, r.policy.empty() ? "-" : r.policy.c_str());
         if (r.misses_per_access >= 0) fprintf(f, "%.5f", r.misses_per_access);
-        fprintf(f, "\n");
+        fprintf(f, ",%s\n", r.rma.empty() ? "-" : r.rma.c_str());
       } else {
         fprintf(f, "%s,%.2f,%d,%s,%s,%s\n", r.workload.c_str(), r.fraction, r.threads,
                 r.system.c_str(), d, r.o.oom ? "oom" : "failed");

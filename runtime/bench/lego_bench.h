@@ -117,9 +117,15 @@ struct MemoryRow {
   // of the loop is a fetch); -1 elsewhere.
   std::string policy;
   double misses_per_access = -1;
+  // lego rows: lego-run --rma (auto, on, off), the median miss latency's bucket bound (µs,
+  // from --stats' miss_latency p50) and the lines fetched one-sided (--stats rma_lines).
+  std::string rma;
+  double miss_p50_us = -1;
+  double rma_lines = -1;
+  long accesses = 0;  // the run's --accesses
 };
 // "lego_tcp/handler" for a lego row ("lego_tcp/handler/refault" beside another policy than
-// fifo), else the system's name.
+// fifo, ".../rma_on" or ".../rma_off" for a row with --rma on or off), else the system's name.
 std::string system_label(const MemoryRow& r);
 // µs per access of `system` on r's workload, fraction and threads, or 0 when it did not run
 // or failed.

@@ -204,6 +204,7 @@ void ZramSwap::teardown() {
 std::string system_label(const MemoryRow& r) {
   std::string label = r.delivery.empty() ? r.system : r.system + "/" + r.delivery;
   if (!r.policy.empty() && r.policy != "fifo") label += "/" + r.policy;
+  if (!r.rma.empty() && r.rma != "auto") label += "/rma_" + r.rma;
   return label;
 }
 

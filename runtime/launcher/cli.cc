@@ -57,6 +57,11 @@ options:
                        and gives --policy clock the CPU's accessed bits. A module of
                        another ABI major version is refused: auto warns and runs without
                        it, on fails.
+  --rma M              how lines are fetched from the memory nodes: auto (default; one-sided
+                       reads on verbs, requests elsewhere), on (one-sided reads on any
+                       provider: on tcp and shm they are requests served by libfit, for
+                       A/B runs) or off (requests). Write-backs are requests either way
+                       (docs/rma.md)
   --prefetch N         lines fetched ahead of a miss that continues a sequential or
                        strided stream, in the same request (0..31, default 31; 0: off)
   --stats              print the ExCache counters when PROGRAM exits (and say so when no
@@ -137,6 +142,7 @@ Options parse_command_line(int argc, char** argv) {
        [&](const char* a) { o.runtime.policy = flags::choice("--policy", a, kPolicies); }},
       {"delivery", true,
        [&](const char* a) { o.runtime.delivery = flags::choice("--delivery", a, kDeliveries); }},
+      {"rma", true, [&](const char* a) { o.runtime.rma = flags::choice("--rma", a, kRmaModes); }},
       {"pcache", true,
        [&](const char* a) { o.runtime.pcache = flags::choice("--pcache", a, kPcacheModes); }},
       {"stats", false, [&](const char*) { o.stats = true; }},

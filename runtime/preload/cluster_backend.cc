@@ -124,6 +124,16 @@ struct FetchJob {
   fit::Node::PendingCall pending;
 };
 
+// A memory node's grant of one-sided reads of one replica of a vRegion (kPlaceRma), read by
+// the miss path without a lock: `tag` is the node slot + 1 the grant belongs to (0: none),
+// cleared before key and base change and set after (release), and read before and after
+// them (a seqlock: a reader that sees it change, or sees another slot, asks by kFetch).
+struct Grant {
+  std::atomic<uint32_t> tag{0};
+  std::atomic<uint64_t> key{0};
+  std::atomic<uint64_t> base{0};
+};
+
 struct PlaceRequest {
   std::atomic<uint32_t> state{0};  // 0 free, 1 filling, 2 posted, 3 done
   uint64_t first = 0, last = 0;
@@ -165,6 +175,9 @@ struct ClusterBackend::Impl {
   uint64_t region_base = 0;
   uint64_t nvregions = 0;
   std::atomic<uint64_t>* map = nullptr;  // nvregions words, mmap'd
+  // nvregions * kMaxReplicas grants (replica i of vRegion v at v * kMaxReplicas + i), mmap'd
+  // (zero: none) when options.rma; else null.
+  Grant* grants = nullptr;
   // Snapshot maps: the map as it was at each snapshot (mmap'd at snapshot()).
   uint64_t* snap_map[kMaxSnapshots] = {};
   std::atomic<int> snap_state[kMaxSnapshots] = {};  // 0 free, 1 filling, 2 alive
@@ -208,6 +221,7 @@ struct ClusterBackend::Impl {
 
   ~Impl() {
     if (map != nullptr) munmap(map, nvregions * sizeof(uint64_t));
+    if (grants != nullptr) munmap(grants, nvregions * kMaxReplicas * sizeof(Grant));
     for (auto* m : snap_map) {
       if (m != nullptr) munmap(m, nvregions * sizeof(uint64_t));
     }
@@ -480,6 +494,13 @@ struct ClusterBackend::Impl {
         if (!slots[s].snap_valid[snap].load(std::memory_order_acquire)) continue;
         h = &slots[s].snaps[snap];
       }
+      if (snap < 0 && rma_fetch(v_of(addrs), i, s, addrs, out)) {
+        if (failed_over) {
+          failovers.fetch_add(1, std::memory_order_relaxed);
+          stamp_once(first_failover_ns);
+        }
+        return Status();
+      }
       const size_t len = fetch_request(*h, addrs, req);
       bool others = false;
       for (uint32_t j = i + 1; j < kMaxReplicas; j++) others |= e.full(j) && live(e.slot[j]);
@@ -504,6 +525,59 @@ struct ClusterBackend::Impl {
       failed_over = true;
     }
     return lost_vregion(vregion_of(addrs[0]), e);
+  }
+
+  uint64_t v_of(std::span<const uint64_t> addrs) const {
+    return vregion_of(addrs[0]);
+  }
+
+  // The grant of replica i of vRegion v if it belongs to node slot s; false when there is
+  // none (or it changed while read).
+  bool grant_of(uint64_t v, uint32_t i, int s, fit::RemoteRegion* out) const {
+    if (grants == nullptr) return false;
+    const Grant& g = grants[v * kMaxReplicas + i];
+    const uint32_t tag = g.tag.load(std::memory_order_acquire);
+    if (tag != static_cast<uint32_t>(s) + 1) return false;
+    out->node = slots[s].id;
+    out->key = g.key.load(std::memory_order_relaxed);
+    out->base = g.base.load(std::memory_order_relaxed);
+    out->length = mem::kVRegionBytes;
+    std::atomic_thread_fence(std::memory_order_acquire);
+    return g.tag.load(std::memory_order_relaxed) == tag;
+  }
+  // Placer and repair threads: replica i of vRegion v on slot s has `rep`'s grant (or none).
+  void set_grant(uint64_t v, uint32_t i, int s, const mem::PlaceReply& rep) {
+    if (grants == nullptr) return;
+    Grant& g = grants[v * kMaxReplicas + i];
+    g.tag.store(0, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release);
+    if (rep.rma_granted == 0) return;
+    g.key.store(rep.rma_key, std::memory_order_relaxed);
+    g.base.store(rep.rma_base, std::memory_order_relaxed);
+    g.tag.store(static_cast<uint32_t>(s) + 1, std::memory_order_release);
+  }
+
+  // Reads `addrs` (all in vRegion v) from replica i on slot s one-sided, each run of
+  // consecutive lines in one rma_read (a vRegion's lines lie in order in the memory node's
+  // block: memory_proto.h). False, with nothing decided, when there is no grant or a read
+  // failed: the caller then asks by kFetch, whose answer (or error) is the one that counts
+  // (a key revoked by kUnplace or a lost lease fails here; kFetch then says why).
+  bool rma_fetch(uint64_t v, uint32_t i, int s, std::span<const uint64_t> addrs, std::byte* out) {
+    fit::RemoteRegion r;
+    if (!grant_of(v, i, s, &r)) return false;
+    const uint64_t vstart = region_base + v * mem::kVRegionBytes;
+    for (size_t k = 0; k < addrs.size();) {
+      size_t n = 1;
+      while (k + n < addrs.size() && addrs[k + n] == addrs[k] + n * kLine) n++;
+      Status st = node->rma_read(r, addrs[k] - vstart, {out + k * kLine, n * kLine});
+      if (!st) {
+        rma_fallbacks.fetch_add(1, std::memory_order_relaxed);
+        return false;
+      }
+      k += n;
+    }
+    rma_lines.fetch_add(addrs.size(), std::memory_order_relaxed);
+    return true;
   }
 
   const std::atomic<uint64_t>* map_for(int snap) const {
@@ -842,7 +916,9 @@ struct ClusterBackend::Impl {
 
   // kPlace (or kUnplace) of vRegion v in slot s's space. A full node answers kPlace with
   // PlaceReply::error ENOMEM (an answer, not a failed call: memory_proto.h).
-  Status place_on(int s, uint64_t v, uint32_t flags, uint16_t opcode = mem::kPlace) {
+  Status place_on(int s, uint64_t v, uint32_t flags, uint16_t opcode = mem::kPlace,
+                  mem::PlaceReply* granted = nullptr) {
+    if (opcode == mem::kPlace && grants != nullptr) flags |= mem::kPlaceRma;
     mem::PlaceRequest req{slots[s].space, v, region_base, flags, 0};
     mem::PlaceReply rep{};
     std::span<std::byte> out;
@@ -864,6 +940,7 @@ struct ClusterBackend::Impl {
                                    std::to_string(rep.reserved_bytes >> 20) + " of " +
                                    std::to_string(rep.capacity_bytes >> 20) + " MiB promised)");
     }
+    if (granted != nullptr) *granted = rep;
     return Status();
   }
 
@@ -898,7 +975,9 @@ struct ClusterBackend::Impl {
       uint32_t placed = 0;
       for (fit::NodeId id : pick.value()) {
         auto s = open_node(id);
-        if (s) last = place_on(s.value(), v, 0);
+        mem::PlaceReply granted{};
+        if (s) last = place_on(s.value(), v, 0, mem::kPlace, &granted);
+        if (s && last) set_grant(v, placed, s.value(), granted);
         if (!s || !last) {
           if (!s) last = s.status();
           exclude.push_back(id);  // full now, or gone: choose again without it
@@ -995,7 +1074,11 @@ struct ClusterBackend::Impl {
     auto ys = open_node(pick.value()[0]);
     if (!ys) return false;
     const int y = ys.value();
-    if (!place_on(y, v, mem::kPlaceIncomingCopy)) return false;
+    mem::PlaceReply granted{};
+    if (!place_on(y, v, mem::kPlaceIncomingCopy, mem::kPlace, &granted)) return false;
+    // Replica i is never read while joining; its grant is tagged with y, so the old
+    // replica's is not used either way.
+    set_grant(v, i, y, granted);
     // 2. Y joins: write-backs and releases of v go to it from now on.
     Entry joined = e;
     joined.slot[i] = static_cast<uint8_t>(y);
@@ -1317,6 +1400,11 @@ Status ClusterBackend::set_region(uint64_t base, uint64_t bytes) {
   void* p = map_anonymous(m.nvregions * sizeof(uint64_t));
   if (p == nullptr) return Status::from_errno(errno, "mmap of the vRegion map");
   m.map = static_cast<std::atomic<uint64_t>*>(p);  // zero-filled: every vRegion unplaced
+  if (m.options.rma) {
+    void* g = map_anonymous(m.nvregions * kMaxReplicas * sizeof(Grant));
+    if (g == nullptr) return Status::from_errno(errno, "mmap of the one-sided read grants");
+    m.grants = static_cast<Grant*>(g);  // zero-filled: no grants
+  }
   m.region_base = origin;
   return Status();
 }
@@ -1432,12 +1520,24 @@ Status ClusterBackend::start_fetch_batch(std::span<const uint64_t> line_addrs, s
   const uint64_t v = m.vregion_of(line_addrs[0]);
   const Entry e = m.entry(v);
   int s = -1;
+  uint32_t replica = 0;
   for (uint32_t i = 0; i < kMaxReplicas && s < 0; i++) {
-    if (e.full(i) && m.live(e.slot[i])) s = e.slot[i];
+    if (e.full(i) && m.live(e.slot[i])) {
+      s = e.slot[i];
+      replica = i;
+    }
   }
   bool one_vregion = true;
   for (uint64_t a : line_addrs) one_vregion &= m.vregion_of(a) == v;
   if (!e.placed || s < 0 || !one_vregion) return m.fetch_lines(line_addrs, out, -1);
+  // A one-line miss of a granted vRegion is read one-sided at once (libfit's rma_read waits
+  // for its completion). A window of several lines stays a pipelined kFetch: the ExCache
+  // starts the next prefetch window and lets the program work through this one meanwhile,
+  // an overlap a waited-for read would lose. (In the verbs guest the sequential A/B was
+  // within its noise both ways, docs/rma.md; random misses gained in every run.)
+  if (fit::RemoteRegion r; n == 1 && m.grant_of(v, replica, s, &r)) {
+    return m.fetch_lines(line_addrs, out, -1);
+  }
   for (int k = 0; k < kFetchJobs; k++) {
     FetchJob& j = m.fetch_jobs[k];
     bool expected = false;

@@ -52,6 +52,8 @@ namespace lego::runtime {
   X(bytes_copied, "bytes copied between memory nodes by re-replication")                  \
   X(copy_ms, "milliseconds spent re-replicating (sum over vRegions)")                     \
   X(monitor_waits, "placements that waited for an unreachable monitor")                   \
+  X(rma_lines, "lines fetched by one-sided reads (--rma)")                                \
+  X(rma_fallbacks, "one-sided reads that failed and were asked for by kFetch instead")    \
   /* Times, CLOCK_MONOTONIC ns (0: not yet), for lego-bench's failover figures. */        \
   X(first_loss_ns, "when this process first found a memory node lost")                    \
   X(first_failover_ns, "when the first miss that met a lost node was done by the others") \
@@ -88,6 +90,12 @@ struct ClusterBackendOptions {
   // (ENOMEM). Default 30 s (the cluster file's monitor_wait_ms).
   uint32_t monitor_wait_ms = 30000;
   std::string program;
+  // Fetch lines by one-sided reads of the memory nodes' pool blocks (kPlaceRma) instead of
+  // kFetch where a node grants them; write-backs, releases and snapshots stay requests
+  // (docs/rma.md). Pays on verbs (the NIC reads, the memory node's CPU is not involved);
+  // elsewhere the read is a request by another name. Default off (lego-run --rma auto turns
+  // it on for verbs).
+  bool rma = false;
   // Told of every space opened or closed, from open() on (lego-run's registry:
   // launch_contract.h). Runs on the calling thread; must allocate nothing and not call back
   // into the backend.

@@ -68,6 +68,29 @@ sigbus_clock() {
 }
 check "integrity with --delivery sigbus --policy clock" sigbus_clock
 
+# 2a. One-sided reads (--rma on; docs/rma.md) over tcp and shm, with 2 replicas: lines
+#     come from the memory nodes' granted blocks by rma_read, and the data stays intact.
+rma_on() {
+  local out t=$1
+  out=$("$LEGO_RUN" --excache 8M --transport "$t" --memory-nodes 2 --replicas 2 --rma on --stats \
+    -- "$INTEGRITY" 48 2 40000 2>"$tmp/rma-$t.err")
+  echo "exit status $?: $out"
+  grep -E 'rma_|fetches ' "$tmp/rma-$t.err"
+  integrity_ok "$out" && grep -Eq '^ *rma_lines +[1-9]' "$tmp/rma-$t.err" &&
+    grep -Eq '^ *rma_fallbacks +0$' "$tmp/rma-$t.err"
+}
+check "integrity with --rma on over tcp, 2 replicas: lines read one-sided" rma_on tcp
+check "integrity with --rma on over shm, 2 replicas: lines read one-sided" rma_on shm
+# --rma auto (the default) reads by requests on tcp: one-sided reads pay on verbs only.
+rma_auto_tcp() {
+  local out
+  out=$("$LEGO_RUN" --excache 8M --stats -- "$INTEGRITY" 16 1 10000 2>"$tmp/rma-auto.err")
+  echo "exit status $?: $out"
+  grep -E 'rma_' "$tmp/rma-auto.err"
+  integrity_ok "$out" && grep -Eq '^ *rma_lines +0$' "$tmp/rma-auto.err"
+}
+check "--rma auto fetches by requests over tcp" rma_auto_tcp
+
 # 2b. The memory node over shm on this host.
 over_shm() {
   local out
@@ -364,6 +387,7 @@ check "a live lego-run's namespace is kept" eval 'need sweep_namespaces; [ "$kep
 check "lego-run --excache abc" bad_flag 125 "not a size" "$LEGO_RUN" --excache abc -- true
 check "lego-run with no program" bad_flag 125 "no PROGRAM" "$LEGO_RUN" --excache 1M
 check "lego-run --policy lru" bad_flag 125 "fifo, clock or refault" "$LEGO_RUN" --policy lru -- true
+check "lego-run --rma always" bad_flag 125 "auto, on or off" "$LEGO_RUN" --rma always -- true
 check "lego-run --config missing.toml" bad_flag 125 "missing.toml" "$LEGO_RUN" --config "$tmp/missing.toml" -- true
 check "lego-run --no-such-flag" bad_flag 125 "no-such-flag" "$LEGO_RUN" --no-such-flag -- true
 check "lego-run --prefetch -1 names the flag and its range" \

@@ -1,8 +1,9 @@
-// The memory node's protocol (v3) over real FIT connections: lines round trip, never-written
+// The memory node's protocol (v4) over real FIT connections: lines round trip, never-written
 // lines read as zeros, one process cannot touch another's space, capacity is promised in
 // vRegions (ENOMEM, and the node keeps serving), lines only in placed vRegions, malformed
 // requests are refused, idle spaces expire, fork copies lines, versions and placements,
-// kUsage and kListSpaces report what is held. The copy rules are in copy_test.cc.
+// kUsage and kListSpaces report what is held, one-sided reads of granted vRegion blocks. The
+// copy rules are in copy_test.cc.
 #include <catch2/catch.hpp>
 
 #include <cstring>
@@ -22,8 +23,8 @@ struct Rig {
   std::unique_ptr<MemoryNode> memory;
   std::unique_ptr<fit::Node> server, client;
 
-  explicit Rig(MemoryNodeOptions options = {}) {
-    auto c = testing::make_cluster(2, "tcp");
+  explicit Rig(MemoryNodeOptions options = {}, const char* provider = "tcp") {
+    auto c = testing::make_cluster(2, provider);
     memory = std::make_unique<MemoryNode>(options);
     auto s = fit::Node::create(c, 2);
     REQUIRE(s.is_ok());
@@ -73,6 +74,30 @@ struct Rig {
     memcpy(&out, rep.data(), sizeof(out));
     if (out.error != 0) return Status(out.error, "placement refused");
     return Status();
+  }
+
+  // kPlace with kPlaceRma: the grant as a RemoteRegion of the vRegion's block.
+  Result<fit::RemoteRegion> place_rma(const SpaceHandle& h, uint64_t vregion) {
+    PlaceRequest r{h, vregion, 0, kPlaceRma, 0};
+    std::vector<std::byte> req(sizeof(r)), rep(sizeof(PlaceReply));
+    memcpy(req.data(), &r, sizeof(r));
+    auto res = call(kPlace, req, rep);
+    if (!res) return res.status();
+    REQUIRE(res.value() == sizeof(PlaceReply));
+    PlaceReply out;
+    memcpy(&out, rep.data(), sizeof(out));
+    if (out.error != 0) return Status(out.error, "placement refused");
+    if (out.rma_granted != 1) return Status(ENOTSUP, "no grant");
+    return fit::RemoteRegion{2, out.rma_key, out.rma_base, kVRegionBytes};
+  }
+
+  // Reads `lines` lines from line `first` of a granted block, one-sided.
+  Result<std::vector<std::byte>> rma_read(const fit::RemoteRegion& g, uint64_t first,
+                                          size_t lines) {
+    std::vector<std::byte> out(lines * kLineBytes);
+    Status st = client->rma_read(g, first * kLineBytes, out);
+    if (!st) return st;
+    return out;
   }
 
   Status release(const SpaceHandle& h, uint64_t addr, uint64_t length, uint64_t version) {
@@ -480,4 +505,150 @@ TEST_CASE("kUsage and kListSpaces report what the node holds, paged", "[memd][re
   std::vector<std::byte> req(sizeof(r)), rep(sizeof(ListSpacesReply) + 8);
   memcpy(req.data(), &r, sizeof(r));
   CHECK(rig.call(kListSpaces, req, rep).status().code() == EMSGSIZE);
+}
+
+// One-sided reads (memory_proto.h v4, docs/rma.md): a vRegion's lines lie at fixed places of
+// the block kPlaceRma granted, zeros where nothing is stored; the key is read-only and dies
+// with the placement. Over tcp and shm (served by the memory node's libfit, which checks the
+// key); the verbs guest test runs the same path through the NIC.
+TEST_CASE("kPlaceRma grants one-sided reads of a vRegion's lines, zeros where none is stored",
+          "[memd][rma]") {
+  const char* provider = GENERATE("tcp", "shm");
+  CAPTURE(provider);
+  Rig rig({}, provider);
+  SpaceHandle h = rig.open(/*place_first=*/false);
+  auto g = rig.place_rma(h, 0);
+  REQUIRE(g.is_ok());
+  REQUIRE(rig.write(h, {0x0, 0x5000}, {pattern(1), pattern(2)}).is_ok());
+  auto got = rig.rma_read(g.value(), 0, 8);
+  REQUIRE(got.is_ok());
+  const std::vector<std::byte> zero(kLineBytes);
+  for (size_t k = 0; k < 8; k++) {
+    std::vector<std::byte> line(got.value().begin() + k * kLineBytes,
+                                got.value().begin() + (k + 1) * kLineBytes);
+    CHECK(line == (k == 0 ? pattern(1) : k == 5 ? pattern(2) : zero));
+  }
+  // A zero write-back and a release free their lines: their slots read zeros again.
+  REQUIRE(rig.write(h, {0x0}, {zero}).is_ok());
+  REQUIRE(rig.release(h, 0x5000, kLineBytes, rig.next_version++).is_ok());
+  got = rig.rma_read(g.value(), 0, 8);
+  REQUIRE(got.is_ok());
+  CHECK(got.value() == std::vector<std::byte>(8 * kLineBytes));
+  // A retried kPlaceRma answers the same grant.
+  auto again = rig.place_rma(h, 0);
+  REQUIRE(again.is_ok());
+  CHECK(again.value().key == g.value().key);
+  CHECK(again.value().base == g.value().base);
+  // The last line of the block is the vRegion's last line.
+  REQUIRE(rig.write(h, {kVRegionBytes - kLineBytes}, {pattern(3)}).is_ok());
+  got = rig.rma_read(g.value(), kLinesPerVRegion - 1, 1);
+  REQUIRE(got.is_ok());
+  CHECK(got.value() == pattern(3));
+  CHECK(rig.memory->stats().rma_grants == 1);
+}
+
+TEST_CASE("a one-sided write, a forged key and a read outside the block are refused",
+          "[memd][rma][hostile]") {
+  const char* provider = GENERATE("tcp", "shm");
+  CAPTURE(provider);
+  Rig rig({}, provider);
+  SpaceHandle h = rig.open(/*place_first=*/false);
+  auto g = rig.place_rma(h, 0);
+  REQUIRE(g.is_ok());
+  REQUIRE(rig.write(h, {0x0}, {pattern(1)}).is_ok());
+  // The grant is for reads: a write with the right key changes nothing.
+  const auto evil = pattern(9);
+  CHECK(rig.client->rma_write(g.value(), 0, evil).code() == EACCES);
+  // A forged key reads nothing.
+  fit::RemoteRegion forged = g.value();
+  forged.key ^= 0x5a5a;
+  std::vector<std::byte> buf(kLineBytes);
+  CHECK(rig.client->rma_read(forged, 0, buf).code() == EACCES);
+  // A region claimed past the block (the next block: another vRegion's, maybe another
+  // process's) is refused by the owner, whatever the initiator claims.
+  fit::RemoteRegion past = g.value();
+  past.base += kVRegionBytes;
+  CHECK(rig.client->rma_read(past, 0, buf).code() == EACCES);
+  // The memory node lost nothing and serves on.
+  auto got = rig.fetch(h, {0x0});
+  REQUIRE(got.is_ok());
+  CHECK(got.value()[0] == pattern(1));
+  auto read = rig.rma_read(g.value(), 0, 1);
+  REQUIRE(read.is_ok());
+  CHECK(read.value() == pattern(1));
+}
+
+TEST_CASE("a grant dies with its placement: kUnplace, kClose and an expired lease revoke the key",
+          "[memd][rma][lease]") {
+  MemoryNodeOptions o;
+  o.lease = std::chrono::milliseconds(300);
+  Rig rig(o);
+  std::vector<std::byte> buf(kLineBytes);
+  SpaceHandle h = rig.open(/*place_first=*/false);
+  auto g = rig.place_rma(h, 0);
+  REQUIRE(g.is_ok());
+  REQUIRE(rig.write(h, {0x0}, {pattern(1)}).is_ok());
+  REQUIRE(rig.client->rma_read(g.value(), 0, buf).is_ok());
+
+  SECTION("kUnplace") {
+    REQUIRE(rig.place(h, 0, 0, 0, kUnplace).is_ok());
+    CHECK(rig.client->rma_read(g.value(), 0, buf).code() == EACCES);
+    // Placed again: a new grant, the old key still dead, and no old line comes back.
+    auto g2 = rig.place_rma(h, 0);
+    REQUIRE(g2.is_ok());
+    CHECK(rig.client->rma_read(g.value(), 0, buf).code() == EACCES);
+    REQUIRE(rig.client->rma_read(g2.value(), 0, buf).is_ok());
+    CHECK(buf == std::vector<std::byte>(kLineBytes));
+  }
+  SECTION("kClose") {
+    SpaceRequest r{h};
+    std::vector<std::byte> req(sizeof(r)), rep(8);
+    memcpy(req.data(), &r, sizeof(r));
+    REQUIRE(rig.call(kClose, req, rep).is_ok());
+    CHECK(rig.client->rma_read(g.value(), 0, buf).code() == EACCES);
+  }
+  SECTION("the lease runs out") {
+    for (int i = 0; i < 6; i++) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      rig.memory->expire_idle();
+    }
+    REQUIRE(rig.memory->stats().spaces_expired == 1);
+    CHECK(rig.client->rma_read(g.value(), 0, buf).code() == EACCES);
+  }
+  CHECK(rig.memory->stats().rma_revoked == 1);
+  // Another process's vRegion, given the freed block, is not readable with the old key.
+  SpaceHandle other = rig.open(/*place_first=*/false);
+  auto g3 = rig.place_rma(other, 0);
+  REQUIRE(g3.is_ok());
+  REQUIRE(rig.write(other, {0x0}, {pattern(7)}).is_ok());
+  CHECK(rig.client->rma_read(g.value(), 0, buf).code() == EACCES);
+}
+
+TEST_CASE("a forked copy has blocks of its own: the parent's grant reads the parent's lines",
+          "[memd][rma][fork]") {
+  Rig rig;
+  SpaceHandle h = rig.open(/*place_first=*/false);
+  auto g = rig.place_rma(h, 0);
+  REQUIRE(g.is_ok());
+  REQUIRE(rig.write(h, {0x3000}, {pattern(1)}).is_ok());
+  SpaceRequest r{h};
+  std::vector<std::byte> req(sizeof(r)), rep(sizeof(OpenReply));
+  memcpy(req.data(), &r, sizeof(r));
+  REQUIRE(rig.call(kFork, req, rep).is_ok());
+  OpenReply child;
+  memcpy(&child, rep.data(), sizeof(child));
+  REQUIRE(rig.write(child.handle, {0x3000}, {pattern(2)}).is_ok());
+  auto got = rig.rma_read(g.value(), 3, 1);
+  REQUIRE(got.is_ok());
+  CHECK(got.value() == pattern(1));
+  auto c = rig.fetch(child.handle, {0x3000});
+  REQUIRE(c.is_ok());
+  CHECK(c.value()[0] == pattern(2));
+  // The child's own grant, asked for: another block.
+  auto gc = rig.place_rma(child.handle, 0);
+  REQUIRE(gc.is_ok());
+  CHECK(gc.value().base != g.value().base);
+  got = rig.rma_read(gc.value(), 3, 1);
+  REQUIRE(got.is_ok());
+  CHECK(got.value() == pattern(2));
 }

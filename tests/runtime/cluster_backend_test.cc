@@ -76,9 +76,11 @@ struct Cluster {
     servers[static_cast<size_t>(index)]->stop();
     memory[static_cast<size_t>(index)].reset();
   }
-  std::unique_ptr<ClusterBackend> backend(uint32_t replicas) {
+  // rma: fetch by one-sided reads of the granted blocks (lego-run --rma on).
+  std::unique_ptr<ClusterBackend> backend(uint32_t replicas, bool rma = false) {
     ClusterBackendOptions o;
     o.replicas = replicas;
+    o.rma = rma;
     for (const auto& n : config.nodes) {
       if (n.role == lego::fit::Role::kMemory) o.memory_nodes.push_back(n.id);
     }
@@ -172,9 +174,13 @@ void reset_used() {
 }  // namespace
 
 TEST_CASE("two replicas: a lost memory node is read around at once and copied again", "[cluster]") {
+  // With one-sided reads too: a read from the stopped node fails, is asked for by kFetch,
+  // which finds the node lost, and the other replica is read; the new replicas get grants.
+  const bool rma = GENERATE(false, true);
+  CAPTURE(rma);
   reset_used();
   Cluster c(4, 256u << 20);
-  auto b = c.backend(2);
+  auto b = c.backend(2, rma);
   constexpr uint64_t kVRegions = 6, kLines = 40;
   place(*b, 0, kVRegions - 1);
   // Every vRegion on two distinct nodes: 12 placements over 4 nodes.
@@ -226,13 +232,20 @@ TEST_CASE("two replicas: a lost memory node is read around at once and copied ag
   write_all(*b, kVRegions, kLines, 3);
   check_all(*b, kVRegions, kLines, 3);
   CHECK(b->stats().nodes_lost == 2);
+  if (rma) {
+    CHECK(b->stats().rma_lines > 0);
+  } else {
+    CHECK(b->stats().rma_lines == 0);
+  }
 }
 
 TEST_CASE("two replicas on two nodes: a fetch whose node is gone is read from the other",
           "[cluster]") {
+  const bool rma = GENERATE(false, true);
+  CAPTURE(rma);
   reset_used();
   Cluster c(2, 512u << 20);
-  auto b = c.backend(2);
+  auto b = c.backend(2, rma);
   // 16 vRegions, each on both nodes: node 2 is the first replica (the one read) of some of
   // them unless 16 draws all put it second (2^-16).
   constexpr uint64_t kVRegions = 16;
@@ -245,6 +258,11 @@ TEST_CASE("two replicas on two nodes: a fetch whose node is gone is read from th
   // Only fetches met the lost node: the fetch that went around it is the time.
   CHECK(b->stats().first_failover_ns >= b->stats().first_loss_ns);
   CHECK(b->stats().first_loss_ns > 0);
+  // One-sided: every line came from a grant (the lost node's reads fell back to kFetch).
+  if (rma) {
+    CHECK(b->stats().rma_lines == kVRegions * 2);
+    CHECK(b->stats().rma_fallbacks >= 1);
+  }
 }
 
 TEST_CASE(

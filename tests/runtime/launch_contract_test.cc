@@ -152,7 +152,7 @@ TEST_CASE("process_gone: a zombie leader whose other thread still runs is alive"
 void clear_environment() {
   for (const char* v : {"LEGO_CONFIG", "LEGO_NODE", "LEGO_MEMORY_NODE", "LEGO_REPLICAS",
                         "LEGO_EXCACHE", "LEGO_REGION", "LEGO_POLICY", "LEGO_PREFETCH",
-                        "LEGO_DELIVERY", "LEGO_PCACHE", "LEGO_RUN_DIR"}) {
+                        "LEGO_DELIVERY", "LEGO_PCACHE", "LEGO_RMA", "LEGO_RUN_DIR"}) {
     unsetenv(v);
   }
 }
@@ -170,6 +170,7 @@ TEST_CASE("the settings lego-run exports are the ones the runtime reads") {
   out.prefetch_lines = 0;
   out.delivery = "sigbus";
   out.pcache = "off";
+  out.rma = "on";
   out.run_dir = "/tmp/lego-run-1";
   launch::export_settings(out);
   CHECK(launch::under_lego_run());
@@ -179,7 +180,7 @@ TEST_CASE("the settings lego-run exports are the ones the runtime reads") {
   const launch::Settings& s = in.value();
   CHECK((s.config == out.config && s.node == 3 && s.memory_node == 9 && s.replicas == 2 &&
          s.excache_bytes == out.excache_bytes && s.policy == "clock" && s.prefetch_lines == 0 &&
-         s.delivery == "sigbus" && s.pcache == "off" && s.run_dir == out.run_dir));
+         s.delivery == "sigbus" && s.pcache == "off" && s.rma == "on" && s.run_dir == out.run_dir));
   CHECK(s.region_bytes == launch::kDefaultRegionBytes);
   const ExCacheOptions o = launch::excache_options(s);
   CHECK((o.capacity_bytes == out.excache_bytes && o.policy == ExCacheOptions::Policy::kClock &&
@@ -200,6 +201,7 @@ TEST_CASE("unset settings are the contract's defaults, the ExCache's where it ha
   CHECK(o.policy == ExCacheOptions::Policy::kFifo);
   CHECK(o.delivery == ExCacheOptions::Delivery::kHandlerThread);
   CHECK(o.kernel_module == ExCacheOptions::KernelModule::kAuto);
+  CHECK(in.value().rma == "auto");
   clear_environment();
 }
 
@@ -209,7 +211,7 @@ TEST_CASE("a setting out of the contract is refused, naming its variable") {
     const char* value;
   } cases[] = {{"LEGO_EXCACHE", "lots"}, {"LEGO_REGION", "1X"},  {"LEGO_PREFETCH", "32"},
                {"LEGO_NODE", "70000"},   {"LEGO_POLICY", "lru"}, {"LEGO_DELIVERY", "thread"},
-               {"LEGO_PCACHE", "yes"}};
+               {"LEGO_PCACHE", "yes"},   {"LEGO_RMA", "always"}};
   for (auto& c : cases) {
     INFO(c.name << "=" << c.value);
     clear_environment();

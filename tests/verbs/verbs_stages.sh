@@ -7,7 +7,7 @@
 # makes each a check. Arguments (one a line in /lego-out/args): ROOT (the sources: tests/lib),
 # BIN (the built programs, bazel-bin's layout), SRCDIR (TEST_SRCDIR for provider_e2e_test: a runfiles root holding
 # lego/tests/libfit/fit_test_peer), STAGES (names separated by spaces, in the order below),
-# ITERATIONS (fit-bench's).
+# ITERATIONS (fit-bench's), RMA_ACCESSES (lego-bench's --accesses in the rma stage).
 # Stages (each after rxe needs it):
 #   rxe     modules rdma_rxe and veth; a veth pair, one address on each end; an rxe device
 #           on each end (rxe0 on lgv0 10.77.0.1, rxe1 on lgv1 10.77.0.2); libfabric's verbs
@@ -19,6 +19,11 @@
 #           (also in /lego-out/fit-bench.txt and .csv)
 #   memd    lego-memd with provider = "verbs", lego-run --config ... --stats lego_integrity
 #           against it (and a fork child's integrity)
+#   rma     one-sided reads over verbs (docs/rma.md): a lego-memd of its own; lego-run
+#           --config (--rma auto) lego_integrity must fetch its lines with rma_read (the
+#           runtime's rma_lines, memd's rma_grants) and stay intact; then lego-bench
+#           --systems lego_config --rma off,on: requests against one-sided reads, side by
+#           side in this guest (the table in /lego-out/rma-bench.txt and .csv)
 set -u
 exec </dev/null 2>&1
 ROOT=$(sed -n 1p /lego-out/args)
@@ -26,6 +31,7 @@ BIN=$(sed -n 2p /lego-out/args)
 SRCDIR=$(sed -n 3p /lego-out/args)
 STAGES=$(sed -n 4p /lego-out/args)
 ITERATIONS=$(sed -n 5p /lego-out/args)
+RMA_ACCESSES=$(sed -n 6p /lego-out/args)
 . "$ROOT/tests/lib/check.sh"
 
 . "$ROOT/tests/lib/guest_init.sh"
@@ -106,9 +112,48 @@ stage_memd() {
   grep -q 'requests_served [1-9]' /tmp/status.txt || { cat /tmp/status.txt; return 1; }
 }
 
+rma_memd=""
+stage_rma() {
+  local cluster=/tmp/verbs-rma.toml
+  cluster_toml $cluster "key = \"$(random_key)\"" "timeout_ms = 30000" -- \
+    "1 processor $A 18811 polling" "2 memory $B 18812 polling"
+  sed -i '/^port = /a provider = "verbs"' $cluster
+  rm -f /tmp/rma-memd.ready
+  "$BIN/daemons/memory/lego-memd" --config $cluster --node 2 --capacity 256M --ready-fd 3 \
+    3>/tmp/rma-memd.ready 2>/tmp/rma-memd.log &
+  rma_memd=$!
+  wait_ready /tmp/rma-memd.ready "$rma_memd" 120 || { echo "lego-memd did not start"; cat /tmp/rma-memd.log; return 1; }
+  # --rma auto (the default) must read one-sided over verbs, and the program's data be intact.
+  local rc
+  timeout 600 "$BIN/runtime/lego-run" --config $cluster --storage-node none --excache 2M --stats -- \
+    "$BIN/tests/lego_run/lego_integrity" 4 1 1500 >/tmp/rma-run.out 2>/tmp/rma-run.err
+  rc=$?
+  cat /tmp/rma-run.out
+  grep -E 'misses|fetches |rma_|miss_latency' /tmp/rma-run.err | head -n 20
+  [ "$rc" = 0 ] || { echo "lego-run exited $rc"; tail -n 30 /tmp/rma-run.err; cat /tmp/rma-memd.log; return 1; }
+  grep -q '^integrity ok' /tmp/rma-run.out || return 1
+  grep -Eq '^ *rma_lines +[1-9]' /tmp/rma-run.err || { echo "no line was read one-sided"; return 1; }
+  grep -Eq '^ *rma_fallbacks +0$' /tmp/rma-run.err || { echo "one-sided reads failed"; return 1; }
+  "$BIN/daemons/memory/lego-memd" --status --config $cluster --node 2 >/tmp/rma-status.txt 2>&1
+  grep -E 'rma_|requests_served' /tmp/rma-status.txt
+  grep -q '^rma_grants [1-9]' /tmp/rma-status.txt || { cat /tmp/rma-status.txt; return 1; }
+  # The A/B: the same runs with requests and with one-sided reads, side by side. Small:
+  # under emulation each costs ~1 min.
+  LEGO_RUN=$BIN/runtime/lego-run timeout 1200 "$BIN/runtime/bench/lego-bench" --only memory \
+    --systems lego_config --config $cluster --workloads random,sequential --fractions 0.5 \
+    --cap 2M --accesses "$RMA_ACCESSES" --deliveries handler --rma off,on --no-floors \
+    --csv /lego-out/rma-bench.csv >/lego-out/rma-bench.txt 2>/tmp/rma-bench.err
+  rc=$?
+  cat /lego-out/rma-bench.txt
+  [ "$rc" = 0 ] || { echo "lego-bench exited $rc"; tail -n 20 /tmp/rma-bench.err; return 1; }
+  grep -q 'one-sided reads (--rma on) against requests' /lego-out/rma-bench.txt
+}
+
 run_stage rxe "soft-RoCE: rxe0 on lgv0 $A, rxe1 on lgv1 $B" stage_rxe
 run_stage rpc "provider_e2e_test over verbs ($A -> $B)" stage_rpc
 run_stage bench "fit-bench --providers tcp,verbs --addresses $A,$B" stage_bench
 run_stage memd "lego-memd over verbs; lego-run --config ... lego_integrity" stage_memd
 [ -z "$memd" ] || kill "$memd"
+run_stage rma "one-sided reads over verbs: lego_integrity, lego-bench --rma off,on" stage_rma
+[ -z "$rma_memd" ] || kill "$rma_memd"
 guest_poweroff LEGO_VERBS rdma_rxe
