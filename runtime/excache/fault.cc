@@ -612,9 +612,9 @@ namespace {
 // flight it is often the memory node that must run to answer them, or another program
 // thread. With nothing else runnable here, sched_yield returns at once, a syscall like the
 // read() of the userfaultfd around it. Measured (docs/measurements.md, "Misses with the
-// handler delivery"): random 25% under lego-run over shm and tcp on 2 vCPUs under load,
-// 3-20x fewer µs per access than pausing, and the program's kernel CPU per access 4-10x
-// less.
+// handler delivery"): random 25% under lego-run over shm and tcp on 2 loaded vCPUs, 4-7x
+// fewer µs per access than pausing and 5-26x less of the program's kernel CPU per access
+// (more with libfit's pollers yielding often too).
 void yield_cpu() {
   sched_yield();
 }
