@@ -35,8 +35,9 @@ uint64_t monotonic_ns() {
 }
 
 bool IdlePoll::should_sleep(uint64_t budget_ns) {
-  if ((++empty & 63) != 0) return false;
-  if ((empty & 1023) == 0) sched_yield();
+  ++empty;
+  if ((empty & 15) == 0) sched_yield();
+  if ((empty & 63) != 0) return false;
   const uint64_t now = monotonic_ns();
   if (idle_since_ns == 0) {
     idle_since_ns = now;

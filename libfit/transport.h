@@ -330,7 +330,10 @@ void log_peer_trouble(const std::string& line);
 uint64_t monotonic_ns();
 
 // Polling mode's back-off, per poller. A poller spins while a reply (or, for a server,
-// the next request) may come soon, yielding the CPU every 1024 empty polls. One that has
+// the next request) may come soon, yielding the CPU every 16 empty polls (when more
+// pollers than vCPUs are runnable -- a program's threads, the ExCache's handler and a
+// memory node on 2 vCPUs -- a poller whose reply is in then waits ~16 polls of another,
+// not 1024, for its turn; alone, a yield is a cheap syscall). One that has
 // found nothing for kSpinNs sleeps in the kernel until work arrives (poll/epoll on
 // sockets, short naps on queues without wait objects), so an idle node costs no CPU. The
 // budget is long on purpose: on these VMs a thread that sleeps while the other vCPU is

@@ -240,9 +240,10 @@ struct ExCacheOptions {
   // madvise. Default 32; clamped to [1, capacity/8]. Larger batches amortise more but
   // evict more lines than one miss needs.
   size_t evict_batch_lines = 32;
-  // kHandlerThread only: how long the handler busy-polls the userfaultfd after the last
-  // event before sleeping in poll(). Default 50 µs (busy-polling halves miss latency but
-  // burns a CPU while it spins); 0 = always sleep.
+  // kHandlerThread only: how long the handler polls the userfaultfd after the last event
+  // before sleeping in poll(). Default 50 µs (polling halves miss latency but takes CPU
+  // while it spins; it yields between polls, so a thread that needs this CPU gets it);
+  // 0 = always sleep.
   uint32_t handler_spin_us = 50;
   // Dirty prediction. Learning that a line is dirty costs a write-protect fault (~5 µs) on
   // its first store after a load miss: in a read-modify-write workload that doubles the
