@@ -155,7 +155,9 @@ measured in the same run (no memory node work, no copies of lego's own):
 
 Real programs (--only programs). Each runs under local first, alone in a memory cgroup
 whose anonymous memory is sampled every 5 ms: the peak sets each other run's cap,
-fraction x peak (ExCache size for lego-run, cgroup limit for zram). Local's stdout is the
+fraction x peak: the ExCache size for lego-run; for zram the cgroup limit, plus the
+program's peak page cache and kernel memory under local (the cgroup charges them, the
+ExCache does not hold them: the same anonymous budget for both). Local's stdout is the
 reference: every other run's must be the same (a hash of all of it), and a difference is
 printed loudly and makes lego-bench exit 1; stress-ng, whose output is timing, is checked
 by its own --verify. lego runs use lego-run's defaults (--delivery handler) and --stats:

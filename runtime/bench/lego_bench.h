@@ -78,6 +78,9 @@ class MemoryCgroup {
   std::string tasks() const { return path_ + "/tasks"; }
   // A memory.stat field in bytes (e.g. "rss": anonymous memory), 0 when absent.
   uint64_t stat(const char* key) const;
+  // Kernel memory charged to it now (memory.kmem.usage_in_bytes: page tables, slab,
+  // kernel stacks, socket buffers), 0 when unreadable.
+  uint64_t kernel_bytes() const;
   // How many processes the kernel's OOM killer killed in it (memory.oom_control).
   int oom_kills() const;
   void remove();
