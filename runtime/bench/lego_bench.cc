@@ -88,8 +88,10 @@ options:
                        both, side by side)
   --threads LIST       random_mt's thread counts (default 1,2,4)
   --policies LIST      lego rows' eviction policies, each a row of its own (lego-run
-                       --policy): fifo,clock,refault (default fifo). Lego rows show misses
-                       per access (the loop's fetches, from --stats)
+                       --policy): fifo,clock,refault (memory: default fifo; programs:
+                       default one row under lego-run's default, refault; given, rows
+                       such as lego_shm/fifo). Memory rows show misses per access (the
+                       loop's fetches, from --stats)
   --accesses N         accesses per memory run (default 200000)
   --oom-retries N      run the zram peer again, up to N times, when the kernel OOM-kills
                        it (default 2); the table says how many of its runs were killed
@@ -329,7 +331,10 @@ int main(int argc, char** argv) {
          }
        }},
       {"policies", true,
-       [&](const char* a) { policies = flags::list("--policies", a, kPolicies); }},
+       [&](const char* a) {
+         policies = flags::list("--policies", a, kPolicies);
+         po.policies = policies;
+       }},
       {"accesses", true,
        [&](const char* a) { accesses = flags::number("--accesses", a, 1, 1000000000000); }},
       {"csv", true, [&](const char* a) { csv = a; }},

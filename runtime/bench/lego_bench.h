@@ -193,6 +193,8 @@ struct ProgramOptions {
   std::vector<std::string> programs;  // empty: all
   std::vector<double> fractions{0.25, 0.5};
   std::vector<std::string> systems{"local", "zram_swap", "lego_tcp", "lego_shm"};
+  // Each lego system once per policy ("lego_shm/fifo"); empty: once, lego-run's default.
+  std::vector<std::string> policies;
   double size = 1.0;  // scales every program's input (--program-size)
   int oom_retries = 2;
   std::string corrupt;  // for tests: this system's runs get a perturbed input

@@ -12,11 +12,12 @@
 // can still OOM-kill the zram peer: at 25-36% of sort's peak the kernel killed it in the
 // swap-in charge (do_swap_page -> mem_cgroup_swapin_charge_folio) with every resident page
 // referenced and the cgroup charging no page cache and ~0.2 MiB of kernel memory
-// (docs/measurements.md); such rows are marked and kept out of the means. The local run is also the
-// reference output: every other run's stdout must hash the same (stress-ng, whose output is timing,
-// is checked by its own --verify). lego runs use lego-run's defaults (delivery handler, policy
-// fifo, prefetch) plus --stats, whose misses and evictions (summed over the run's processes) go
-// into the table.
+// (docs/measurements.md); such rows are marked and kept out of the means. The local run
+// is also the reference output: every other run's stdout must hash the same (stress-ng,
+// whose output is timing, is checked by its own --verify). lego runs use lego-run's
+// defaults (delivery handler, policy refault, prefetch) plus --stats, whose misses and
+// evictions (summed over the run's processes) go into the table; with --policies, each
+// lego system is a row per policy ("lego_shm/fifo"), run with --policy.
 //
 // The programs (kProgramNames), at --program-size 1:
 //   python     /usr/bin/python3 builds a dict of 600k sha1 strings and a list of 1.2M ints,
@@ -407,6 +408,15 @@ class Bench {
  public:
   Bench(const ProgramOptions& o, std::string lego_run)
       : o_(o), sizes_(o.size), lego_run_(std::move(lego_run)) {
+    // With --policies each lego system is a row per policy, "lego_shm/fifo"; without, one
+    // row under lego-run's default policy.
+    for (auto& s : o_.systems) {
+      if (base_system(s) == s && s.rfind("lego_", 0) == 0 && !o_.policies.empty()) {
+        for (auto& pol : o_.policies) systems_.push_back(s + "/" + pol);
+      } else {
+        systems_.push_back(s);
+      }
+    }
     dir_ = "/tmp/lego-bench-programs-" + std::to_string(getpid());
     if (mkdir(dir_.c_str(), 0755) != 0) die("cannot create " + dir_ + ": " + strerror(errno));
   }
@@ -482,16 +492,25 @@ class Bench {
     return {};  // redis: run_server()
   }
 
+  // "lego_shm/fifo" -> "lego_shm"; the policy after the slash, or "" for lego-run's default.
+  static std::string base_system(const std::string& system) {
+    return system.substr(0, system.find('/'));
+  }
+  static std::string policy_of(const std::string& system) {
+    const size_t slash = system.find('/');
+    return slash == std::string::npos ? "" : system.substr(slash + 1);
+  }
+
   Launch launch_for(const std::string& system, uint64_t cap) const {
     Launch l;
-    if (system == "lego_tcp" || system == "lego_shm") {
-      l.prefix = {lego_run_,
-                  "--excache",
-                  std::to_string(cap),
-                  "--transport",
-                  system == "lego_tcp" ? "tcp" : "shm",
-                  "--stats",
-                  "--"};
+    const std::string base = base_system(system);
+    if (base == "lego_tcp" || base == "lego_shm") {
+      l.prefix = {lego_run_, "--excache", std::to_string(cap), "--transport",
+                  base == "lego_tcp" ? "tcp" : "shm"};
+      if (const std::string pol = policy_of(system); !pol.empty()) {
+        l.prefix.insert(l.prefix.end(), {"--policy", pol});
+      }
+      l.prefix.insert(l.prefix.end(), {"--stats", "--"});
     }
     return l;
   }
@@ -501,8 +520,8 @@ class Bench {
     const std::string err = path("stderr");
     unlink(err.c_str());
     const auto t0 = Clock::now();
-    const int status =
-        run_to_end(argv_of(p, o_.corrupt == row->system), l, err, timeout(), &row->out);
+    const int status = run_to_end(argv_of(p, o_.corrupt == base_system(row->system)), l, err,
+                                  timeout(), &row->out);
     row->seconds = seconds_since(t0);
     read_stats(err, row);
     if (status == -1) {
@@ -568,7 +587,7 @@ class Bench {
       if (st != 0)
         fail("loading with redis-cli --pipe: " + status_text(st) + ": " + text.substr(0, 160));
     }
-    if (row->error.empty() && o_.corrupt == row->system) {
+    if (row->error.empty() && o_.corrupt == base_system(row->system)) {
       std::string t;
       run_tool({"redis-cli", "-p", ps, "SET", "key:perturbed", "x"}, "", &t);
     }
@@ -692,7 +711,7 @@ class Bench {
       if (std::find(o_.systems.begin(), o_.systems.end(), "local") != o_.systems.end()) {
         rows_.push_back(l);
       }
-      for (auto& s : o_.systems) {
+      for (auto& s : systems_) {
         if (s == "local" || g_stop) continue;
         // A fresh row per attempt (a killed zram run leaves nothing behind).
         auto fresh = [&] {
@@ -771,12 +790,15 @@ class Bench {
         "\nlego-bench: real programs; cap = local fraction x the program's peak anonymous "
         "memory under local\n(the ExCache size for lego; for zram the memory cgroup's limit, "
         "plus the program's peak page cache\nand kernel memory under local, which the cgroup "
-        "charges and the ExCache does not hold);\nlego-run's defaults (delivery handler)\n");
-    printf("%-9s %5s %9s %-9s %9s %10s %9s %8s %-10s %9s %9s\n", "program", "local", "cap",
+        "charges and the ExCache does not hold);\nlego-run's defaults (delivery handler, policy "
+        "refault) unless --policies\n");
+    int w = 9;  // the system column: "lego_shm/refault" with --policies
+    for (auto& sys : systems_) w = std::max(w, static_cast<int>(sys.size()));
+    printf("%-9s %5s %9s %-*s %9s %10s %9s %8s %-10s %9s %9s\n", "program", "local", "cap", w,
            "system", "seconds", "req/s", "vs local", "vs zram", "output", "misses", "evictions");
     for (auto& r : rows_) {
-      printf("%-9s %4.0f%% %9s %-9s ", r.program.c_str(), r.fraction * 100,
-             r.cap ? mib(r.cap).c_str() : "-", r.system.c_str());
+      printf("%-9s %4.0f%% %9s %-*s ", r.program.c_str(), r.fraction * 100,
+             r.cap ? mib(r.cap).c_str() : "-", w, r.system.c_str());
       if (!r.ok) {
         if (r.oom) {
           printf("OOM-killed (all %d runs; kept out of the means)\n", r.oom_kills);
@@ -812,7 +834,9 @@ class Bench {
     const bool have_zram =
         std::find(o_.systems.begin(), o_.systems.end(), "zram_swap") != o_.systems.end();
     for (double f : have_zram ? o_.fractions : std::vector<double>{}) {
-      for (const char* sys : {"lego_shm", "lego_tcp"}) {
+      for (const std::string& system : systems_) {
+        if (system.rfind("lego_", 0) != 0) continue;
+        const char* sys = system.c_str();
         double log_sum = 0;
         int n = 0;
         std::string out;
@@ -836,7 +860,7 @@ class Bench {
         if (!out.empty())
           printf("; kept out (failed, OOM-killed or output differs):%s", out.c_str());
         if (f == 0.25)
-          printf("  [target %s]", std::string(sys) == "lego_shm" ? "<= 1.0x" : "<= 1.5x");
+          printf("  [target %s]", base_system(sys) == "lego_shm" ? "<= 1.0x" : "<= 1.5x");
         printf("\n");
       }
     }
@@ -863,6 +887,7 @@ class Bench {
   const ProgramOptions& o_;
   Sizes sizes_;
   std::string lego_run_, dir_;
+  std::vector<std::string> systems_;  // o_.systems, a lego system once per policy
   std::vector<Row> rows_;
   // Each program's charges under local, which set the caps.
   struct Peaks {
