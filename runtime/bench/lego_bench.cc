@@ -101,8 +101,10 @@ options:
                        both, side by side)
   --threads LIST       random_mt's thread counts (default 1,2,4)
   --policies LIST      lego rows' eviction policies, each a row of its own (lego-run
-                       --policy): fifo,clock,refault (default fifo). Lego rows show misses
-                       per access (the loop's fetches, from --stats)
+                       --policy): fifo,clock,refault (memory: default fifo; programs:
+                       default one row under lego-run's default, refault; given, rows
+                       such as lego_shm/fifo). Memory rows show misses per access (the
+                       loop's fetches, from --stats)
   --accesses N         accesses per memory run (default 200000)
   --oom-retries N      run the zram peer again, up to N times, when the kernel OOM-kills
                        it (default 2); the table says how many of its runs were killed
@@ -168,7 +170,9 @@ measured in the same run (no memory node work, no copies of lego's own):
 
 Real programs (--only programs). Each runs under local first, alone in a memory cgroup
 whose anonymous memory is sampled every 5 ms: the peak sets each other run's cap,
-fraction x peak (ExCache size for lego-run, cgroup limit for zram). Local's stdout is the
+fraction x peak: the ExCache size for lego-run; for zram the cgroup limit, plus the
+program's peak page cache and kernel memory under local (the cgroup charges them, the
+ExCache does not hold them: the same anonymous budget for both). Local's stdout is the
 reference: every other run's must be the same (a hash of all of it), and a difference is
 printed loudly and makes lego-bench exit 1; stress-ng, whose output is timing, is checked
 by its own --verify. lego runs use lego-run's defaults (--delivery handler) and --stats:
@@ -391,7 +395,10 @@ int main(int argc, char** argv) {
          }
        }},
       {"policies", true,
-       [&](const char* a) { policies = flags::list("--policies", a, kPolicies); }},
+       [&](const char* a) {
+         policies = flags::list("--policies", a, kPolicies);
+         po.policies = policies;
+       }},
       {"accesses", true,
        [&](const char* a) { accesses = flags::number("--accesses", a, 1, 1000000000000); }},
       {"csv", true, [&](const char* a) { csv = a; }},

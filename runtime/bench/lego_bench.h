@@ -78,6 +78,9 @@ class MemoryCgroup {
   std::string tasks() const { return path_ + "/tasks"; }
   // A memory.stat field in bytes (e.g. "rss": anonymous memory), 0 when absent.
   uint64_t stat(const char* key) const;
+  // Kernel memory charged to it now (memory.kmem.usage_in_bytes: page tables, slab,
+  // kernel stacks, socket buffers), 0 when unreadable.
+  uint64_t kernel_bytes() const;
   // How many processes the kernel's OOM killer killed in it (memory.oom_control).
   int oom_kills() const;
   void remove();
@@ -196,6 +199,8 @@ struct ProgramOptions {
   std::vector<std::string> programs;  // empty: all
   std::vector<double> fractions{0.25, 0.5};
   std::vector<std::string> systems{"local", "zram_swap", "lego_tcp", "lego_shm"};
+  // Each lego system once per policy ("lego_shm/fifo"); empty: once, lego-run's default.
+  std::vector<std::string> policies;
   double size = 1.0;  // scales every program's input (--program-size)
   int oom_retries = 2;
   std::string corrupt;  // for tests: this system's runs get a perturbed input

@@ -160,6 +160,12 @@ uint64_t MemoryCgroup::stat(const char* key) const {
   return 0;
 }
 
+uint64_t MemoryCgroup::kernel_bytes() const {
+  std::ifstream in(path_ + "/memory.kmem.usage_in_bytes");
+  uint64_t v = 0;
+  return in >> v ? v : 0;
+}
+
 int MemoryCgroup::oom_kills() const {
   std::ifstream in(path_ + "/memory.oom_control");
   std::string k;

@@ -1,13 +1,23 @@
 // lego-bench --only programs: unmodified programs from Debian packages under local,
 // zram_swap, lego_tcp and lego_shm (runtime/bench/lego_bench.h).
 //
-// Each program runs first under local, alone in an uncapped memory cgroup whose anonymous
-// memory (memory.stat's rss) is sampled every 5 ms: its peak sets the local-memory cap of
-// every other run, cap = fraction x peak (the ExCache size for lego-run, the cgroup limit
-// for zram). The local run is also the reference output: every other run's stdout must
-// hash the same (stress-ng, whose output is timing, is checked by its own --verify).
-// lego runs use lego-run's defaults (delivery handler, policy fifo, prefetch) plus --stats,
-// whose misses and evictions (summed over the run's processes) go into the table.
+// Each program runs first under local, alone in an uncapped memory cgroup whose charges
+// are sampled every 5 ms: the peak of its anonymous memory (memory.stat's rss) sets the
+// local-memory cap of every other run, cap = fraction x peak anonymous. That is the ExCache
+// size for lego-run, which holds the program's anonymous memory and nothing else. zram's
+// cgroup also charges the program's page cache (memory.stat's cache: files it writes, such
+// as sqlite's temp files) and kernel memory (memory.kmem.usage_in_bytes: page tables, slab,
+// socket buffers), which lego leaves uncapped; so the zram peer's limit is the same cap plus
+// the peak of those charges under local (the same anonymous budget for both). What remains
+// can still OOM-kill the zram peer: at 25-36% of sort's peak the kernel killed it in the
+// swap-in charge (do_swap_page -> mem_cgroup_swapin_charge_folio) with every resident page
+// referenced and the cgroup charging no page cache and ~0.2 MiB of kernel memory
+// (docs/measurements.md); such rows are marked and kept out of the means. The local run
+// is also the reference output: every other run's stdout must hash the same (stress-ng,
+// whose output is timing, is checked by its own --verify). lego runs use lego-run's
+// defaults (delivery handler, policy refault, prefetch) plus --stats, whose misses and
+// evictions (summed over the run's processes) go into the table; with --policies, each
+// lego system is a row per policy ("lego_shm/fifo"), run with --policy.
 //
 // The programs (kProgramNames), at --program-size 1:
 //   python     /usr/bin/python3 builds a dict of 600k sha1 strings and a list of 1.2M ints,
@@ -184,7 +194,10 @@ struct Launch {
   std::string tasks;
 };
 
-// Samples a cgroup's anonymous memory while a run lasts; max() is its peak.
+// Samples a cgroup's charges while a run lasts: its anonymous memory (memory.stat's rss)
+// and what else the cgroup charges (page cache -- memory.stat's cache: files the program
+// writes, sqlite's temp files -- and kernel memory: page tables, slab, socket buffers).
+// stop() returns the peak anonymous memory, other_peak() the other charges' peak.
 class PeakSampler {
  public:
   explicit PeakSampler(const MemoryCgroup* cg) : cg_(cg) {
@@ -196,17 +209,19 @@ class PeakSampler {
     if (thread_.joinable()) thread_.join();
     return peak_;
   }
+  uint64_t other_peak() const { return other_peak_; }
 
  private:
   void loop() {
     while (!done_) {
       peak_ = std::max(peak_.load(), cg_->stat("rss"));
+      other_peak_ = std::max(other_peak_.load(), cg_->stat("cache") + cg_->kernel_bytes());
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
   }
   const MemoryCgroup* cg_;
   std::atomic<bool> done_{false};
-  std::atomic<uint64_t> peak_{0};
+  std::atomic<uint64_t> peak_{0}, other_peak_{0};
   std::thread thread_;
 };
 
@@ -335,7 +350,8 @@ struct Row {
   int oom_kills = 0;                 // zram runs the kernel OOM-killed (all of them when oom)
   std::string error, difference;
   Output out;
-  uint64_t peak = 0;  // local: peak anonymous memory
+  uint64_t peak = 0;   // local: peak anonymous memory
+  uint64_t other = 0;  // local: peak of the cgroup's other charges (page cache + kernel)
 };
 
 // lego-run's --stats: misses and evictions summed over the blocks (one per process).
@@ -392,6 +408,15 @@ class Bench {
  public:
   Bench(const ProgramOptions& o, std::string lego_run)
       : o_(o), sizes_(o.size), lego_run_(std::move(lego_run)) {
+    // With --policies each lego system is a row per policy, "lego_shm/fifo"; without, one
+    // row under lego-run's default policy.
+    for (auto& s : o_.systems) {
+      if (base_system(s) == s && s.rfind("lego_", 0) == 0 && !o_.policies.empty()) {
+        for (auto& pol : o_.policies) systems_.push_back(s + "/" + pol);
+      } else {
+        systems_.push_back(s);
+      }
+    }
     dir_ = "/tmp/lego-bench-programs-" + std::to_string(getpid());
     if (mkdir(dir_.c_str(), 0755) != 0) die("cannot create " + dir_ + ": " + strerror(errno));
   }
@@ -467,16 +492,25 @@ class Bench {
     return {};  // redis: run_server()
   }
 
+  // "lego_shm/fifo" -> "lego_shm"; the policy after the slash, or "" for lego-run's default.
+  static std::string base_system(const std::string& system) {
+    return system.substr(0, system.find('/'));
+  }
+  static std::string policy_of(const std::string& system) {
+    const size_t slash = system.find('/');
+    return slash == std::string::npos ? "" : system.substr(slash + 1);
+  }
+
   Launch launch_for(const std::string& system, uint64_t cap) const {
     Launch l;
-    if (system == "lego_tcp" || system == "lego_shm") {
-      l.prefix = {lego_run_,
-                  "--excache",
-                  std::to_string(cap),
-                  "--transport",
-                  system == "lego_tcp" ? "tcp" : "shm",
-                  "--stats",
-                  "--"};
+    const std::string base = base_system(system);
+    if (base == "lego_tcp" || base == "lego_shm") {
+      l.prefix = {lego_run_, "--excache", std::to_string(cap), "--transport",
+                  base == "lego_tcp" ? "tcp" : "shm"};
+      if (const std::string pol = policy_of(system); !pol.empty()) {
+        l.prefix.insert(l.prefix.end(), {"--policy", pol});
+      }
+      l.prefix.insert(l.prefix.end(), {"--stats", "--"});
     }
     return l;
   }
@@ -486,8 +520,8 @@ class Bench {
     const std::string err = path("stderr");
     unlink(err.c_str());
     const auto t0 = Clock::now();
-    const int status =
-        run_to_end(argv_of(p, o_.corrupt == row->system), l, err, timeout(), &row->out);
+    const int status = run_to_end(argv_of(p, o_.corrupt == base_system(row->system)), l, err,
+                                  timeout(), &row->out);
     row->seconds = seconds_since(t0);
     read_stats(err, row);
     if (status == -1) {
@@ -553,7 +587,7 @@ class Bench {
       if (st != 0)
         fail("loading with redis-cli --pipe: " + status_text(st) + ": " + text.substr(0, 160));
     }
-    if (row->error.empty() && o_.corrupt == row->system) {
+    if (row->error.empty() && o_.corrupt == base_system(row->system)) {
       std::string t;
       run_tool({"redis-cli", "-p", ps, "SET", "key:perturbed", "x"}, "", &t);
     }
@@ -650,7 +684,9 @@ class Bench {
       PeakSampler sampler(&cg);
       run_once(p, l, &local);
       local.peak = sampler.stop();
+      local.other = sampler.other_peak();
     }
+    if (local.ok) peaks_.push_back({p, local.peak, local.other});
     progress(local);
     if (!local.ok) {
       failures_++;
@@ -665,13 +701,17 @@ class Bench {
       const uint64_t cap =
           std::max<uint64_t>(64 << 10, static_cast<uint64_t>(f * static_cast<double>(local.peak)) &
                                            ~uint64_t{kPage - 1});
+      // zram's cgroup also charges the program's page cache and kernel memory, which
+      // lego's ExCache does not hold (it caps anonymous lines only): the same anonymous
+      // budget for both is the ExCache size plus those charges' peak under local.
+      const uint64_t zram_cap = cap + ((local.other + kPage - 1) & ~uint64_t{kPage - 1});
       Row l = local;
       l.fraction = f;
       l.cap = cap;
       if (std::find(o_.systems.begin(), o_.systems.end(), "local") != o_.systems.end()) {
         rows_.push_back(l);
       }
-      for (auto& s : o_.systems) {
+      for (auto& s : systems_) {
         if (s == "local" || g_stop) continue;
         // A fresh row per attempt (a killed zram run leaves nothing behind).
         auto fresh = [&] {
@@ -679,19 +719,21 @@ class Bench {
           r.program = p;
           r.system = s;
           r.fraction = f;
-          r.cap = cap;
+          r.cap = s == "zram_swap" ? zram_cap : cap;
           return r;
         };
         Row r = fresh();
-        fprintf(stderr, "lego-bench: %s, %.0f%% local (cap %s of peak %s), %s...\n", p.c_str(),
-                f * 100, mib(cap).c_str(), mib(local.peak).c_str(), s.c_str());
+        fprintf(stderr, "lego-bench: %s, %.0f%% local (cap %s of peak %s%s), %s...\n", p.c_str(),
+                f * 100, mib(r.cap).c_str(), mib(local.peak).c_str(),
+                s == "zram_swap" ? (" + " + mib(local.other) + " not anonymous").c_str() : "",
+                s.c_str());
         if (s == "zram_swap") {
           // An OOM kill is the kernel's verdict on that run: noted, and the run repeated
           // (fresh device and cgroup) up to --oom-retries times.
           for (int kills = 0;; ++kills) {
             ZramSwap z;
             r = fresh();
-            const std::string e = z.setup(cap);
+            const std::string e = z.setup(zram_cap);
             if (!e.empty()) {
               r.error = e;
               break;
@@ -746,13 +788,17 @@ class Bench {
   void print() const {
     printf(
         "\nlego-bench: real programs; cap = local fraction x the program's peak anonymous "
-        "memory under local\n(the ExCache size for lego, the memory cgroup's limit for "
-        "zram); lego-run's defaults (delivery handler)\n");
-    printf("%-9s %5s %9s %-9s %9s %10s %9s %8s %-10s %9s %9s\n", "program", "local", "cap",
+        "memory under local\n(the ExCache size for lego; for zram the memory cgroup's limit, "
+        "plus the program's peak page cache\nand kernel memory under local, which the cgroup "
+        "charges and the ExCache does not hold);\nlego-run's defaults (delivery handler, policy "
+        "refault) unless --policies\n");
+    int w = 9;  // the system column: "lego_shm/refault" with --policies
+    for (auto& sys : systems_) w = std::max(w, static_cast<int>(sys.size()));
+    printf("%-9s %5s %9s %-*s %9s %10s %9s %8s %-10s %9s %9s\n", "program", "local", "cap", w,
            "system", "seconds", "req/s", "vs local", "vs zram", "output", "misses", "evictions");
     for (auto& r : rows_) {
-      printf("%-9s %4.0f%% %9s %-9s ", r.program.c_str(), r.fraction * 100,
-             r.cap ? mib(r.cap).c_str() : "-", r.system.c_str());
+      printf("%-9s %4.0f%% %9s %-*s ", r.program.c_str(), r.fraction * 100,
+             r.cap ? mib(r.cap).c_str() : "-", w, r.system.c_str());
       if (!r.ok) {
         if (r.oom) {
           printf("OOM-killed (all %d runs; kept out of the means)\n", r.oom_kills);
@@ -780,11 +826,17 @@ class Bench {
     printf(
         "(redis: seconds = GETs / req/s, redis-benchmark's GET phase; ratios are of "
         "seconds: > 1 is slower)\n");
+    for (auto& pk : peaks_) {
+      printf("%s under local: peak anonymous %s, peak page cache + kernel memory %s\n",
+             pk.program.c_str(), mib(pk.anonymous).c_str(), mib(pk.other).c_str());
+    }
     // The targets: at 25% local, lego over shm at most 1.0x zram, over tcp at most 1.5x.
     const bool have_zram =
         std::find(o_.systems.begin(), o_.systems.end(), "zram_swap") != o_.systems.end();
     for (double f : have_zram ? o_.fractions : std::vector<double>{}) {
-      for (const char* sys : {"lego_shm", "lego_tcp"}) {
+      for (const std::string& system : systems_) {
+        if (system.rfind("lego_", 0) != 0) continue;
+        const char* sys = system.c_str();
         double log_sum = 0;
         int n = 0;
         std::string out;
@@ -808,7 +860,7 @@ class Bench {
         if (!out.empty())
           printf("; kept out (failed, OOM-killed or output differs):%s", out.c_str());
         if (f == 0.25)
-          printf("  [target %s]", std::string(sys) == "lego_shm" ? "<= 1.0x" : "<= 1.5x");
+          printf("  [target %s]", base_system(sys) == "lego_shm" ? "<= 1.0x" : "<= 1.5x");
         printf("\n");
       }
     }
@@ -835,7 +887,14 @@ class Bench {
   const ProgramOptions& o_;
   Sizes sizes_;
   std::string lego_run_, dir_;
+  std::vector<std::string> systems_;  // o_.systems, a lego system once per policy
   std::vector<Row> rows_;
+  // Each program's charges under local, which set the caps.
+  struct Peaks {
+    std::string program;
+    uint64_t anonymous, other;
+  };
+  std::vector<Peaks> peaks_;
   int failures_ = 0;
   int runs_ = 0;
 };

@@ -44,10 +44,10 @@ options:
                        With 1, losing the memory node ends the run with 69
   --excache SIZE       local memory for PROGRAM's anonymous memory (default 64M; at least
                        64K, at most this host's memory and 64G)
-  --policy P           eviction policy: fifo (default), clock (second chance for lines
-                       written after a read or shared by threads) or refault (second
-                       chance for lines missed again soon after their eviction: fewer
-                       misses under skewed access)
+  --policy P           eviction policy: refault (default; second chance for lines
+                       missed again soon after their eviction: fewer misses where
+                       lines are re-used), fifo (evict in fill order) or clock (second
+                       chance for lines written after a read or shared by threads)
   --delivery D         how faults reach the runtime: handler (default; a runtime thread
                        serves them, system calls on evicted memory work) or sigbus (the
                        faulting thread serves itself: faster; system calls that touch

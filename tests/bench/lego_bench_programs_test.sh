@@ -5,7 +5,8 @@
 # and system with the documented columns, each lego row's output compared with local's
 # (stress-ng's own --verify) and the same, lego's --stats misses in the table; and the
 # output check itself: runs given a perturbed input (--corrupt-output) must be reported as
-# differing, loudly, with lego-bench exiting 1 and their CSV rows not ok.
+# differing, loudly, with lego-bench exiting 1 and their CSV rows not ok; and the zram
+# peer's cap: the ExCache's plus the page cache and kernel memory its cgroup also charges.
 # usage: lego_bench_programs_test.sh [NAME-PART...]   (tests/lib/check.sh)
 set -uo pipefail
 . "$(dirname "$0")/../lib/check.sh"
@@ -94,6 +95,37 @@ differences_flagged() {
 }
 check "a differing output is reported loudly, per program, and lego-bench exits 1" \
   differences_flagged
+
+# The zram peer's limit: the ExCache's cap plus what else its cgroup charges (page cache and
+# kernel memory, measured under local), so that both have the same anonymous budget.
+zram_run() {
+  "$BENCH" --only programs --program-size $size --systems local,zram_swap,lego_shm \
+    --fractions 0.25 --programs python,sqlite --oom-retries 0 >"$tmp/zram.out" 2>"$tmp/zram.err"
+  zram_rc=$?
+  cat "$tmp/zram.out"
+}
+# mib "12.3M" -> 12.3
+mib() { echo "${1%M}"; }
+zram_cap_adds_other_charges() {
+  need zram_run
+  for p in python sqlite; do
+    local other lego zram
+    other=$(sed -nE "s/^$p under local: peak anonymous [0-9.]+M, peak page cache \+ kernel memory ([0-9.]+)M$/\1/p" "$tmp/zram.out")
+    lego=$(awk -v p="$p" '$1 == p && $4 == "lego_shm" {print $3}' "$tmp/zram.out")
+    zram=$(awk -v p="$p" '$1 == p && $4 == "zram_swap" {print $3}' "$tmp/zram.out")
+    [ -n "$other" ] && [ -n "$lego" ] && [ -n "$zram" ] ||
+      { echo "$p: no peaks line or cap (other '$other' lego '$lego' zram '$zram')"; return 1; }
+    # Each figure is rounded to 0.1M on its own: allow 0.15M either way.
+    awk -v o="$other" -v l="$(mib "$lego")" -v z="$(mib "$zram")" \
+      'BEGIN { d = z - l - o; exit !(d > -0.15 && d < 0.15) }' ||
+      { echo "$p: zram cap $zram is not lego's $lego + $other"; return 1; }
+  done
+  # python's interpreter alone has page tables and slab: a non-zero charge.
+  awk '$1 == "python" && $4 == "zram_swap" {z = $3} $1 == "python" && $4 == "lego_shm" {l = $3}
+       END { exit !(z + 0 > l + 0) }' "$tmp/zram.out" || { echo "python: zram cap not above lego's"; return 1; }
+}
+check "the zram peer's cap is the ExCache's plus the program's page cache and kernel memory" \
+  zram_cap_adds_other_charges
 
 bad_flags() {
   bad_flag 2 "nosuch" "$BENCH" --only programs --programs nosuch &&

@@ -198,7 +198,8 @@ TEST_CASE("unset settings are the contract's defaults, the ExCache's where it ha
   CHECK(o.capacity_bytes == ExCacheOptions{}.capacity_bytes);
   CHECK(o.prefetch_lines == ExCacheOptions{}.prefetch_lines);
   CHECK(o.region_bytes == launch::kDefaultRegionBytes);
-  CHECK(o.policy == ExCacheOptions::Policy::kFifo);
+  // lego-run's own choices: refault (fewer misses in real programs) and the handler.
+  CHECK(o.policy == ExCacheOptions::Policy::kRefault);
   CHECK(o.delivery == ExCacheOptions::Delivery::kHandlerThread);
   CHECK(o.kernel_module == ExCacheOptions::KernelModule::kAuto);
   CHECK(in.value().rma == "auto");
