@@ -43,7 +43,9 @@ options:
                        on from another copy, and the lost copies are made again elsewhere.
                        With 1, losing the memory node ends the run with 69
   --excache SIZE       local memory for PROGRAM's anonymous memory (default 64M; at least
-                       64K, at most this host's memory and 64G)
+                       64K, at most this host's memory and 64G). Per process: a forked
+                       child is a lego process of its own with an ExCache of this size
+                       (as LegoOS gives each process its own pcache)
   --policy P           eviction policy: fifo (default), clock (second chance for lines
                        written after a read or shared by threads) or refault (second
                        chance for lines missed again soon after their eviction: fewer
@@ -60,7 +62,9 @@ options:
   --prefetch N         lines fetched ahead of a miss that continues a sequential or
                        strided stream, in the same request (0..31, default 31; 0: off)
   --stats              print the ExCache counters when PROGRAM exits (and say so when no
-                       process of the run had its memory on the memory node)
+                       process of the run had its memory on the memory node): one block
+                       per process of the run that had its own (PROGRAM, forked
+                       children), then with several a table of them and their sum
   --syscalls           when the run ends, print PROGRAM's system calls and its
                        descendants' like strace -c: per call the time spent in it, calls
                        and errors, sorted by time (ptrace: each call costs two stops

@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <iterator>
 #include <sstream>
 #include <utility>
 
@@ -89,6 +90,30 @@ void print_stats(const std::string& block) {
             100.0 * static_cast<double>(n) / static_cast<double>(total),
             100.0 * static_cast<double>(n) * 1.5 * static_cast<double>(1ull << b) / total_ns);
   }
+}
+
+void print_stats_summary(const std::vector<std::string>& blocks) {
+  if (blocks.size() < 2) return;
+  static const char* const kColumns[] = {"misses",    "fetches",     "zero_fills",
+                                         "evictions", "write_backs", "resident_lines"};
+  fprintf(stderr, "lego-run: %zu processes, each with an ExCache of its own\n", blocks.size());
+  fprintf(stderr, "  %-28s", "process");
+  for (const char* c : kColumns) fprintf(stderr, " %14s", c);
+  fprintf(stderr, "\n");
+  unsigned long long sum[std::size(kColumns)] = {};
+  for (const std::string& b : blocks) {
+    const StatsReport r = parse_stats_report(b);
+    fprintf(stderr, "  %-28s", r.head.c_str());
+    for (size_t i = 0; i < std::size(kColumns); i++) {
+      const auto v = static_cast<unsigned long long>(r.number(kColumns[i]));
+      sum[i] += v;
+      fprintf(stderr, " %14llu", v);
+    }
+    fprintf(stderr, "\n");
+  }
+  fprintf(stderr, "  %-28s", "all");
+  for (unsigned long long v : sum) fprintf(stderr, " %14llu", v);
+  fprintf(stderr, "\n");
 }
 
 }  // namespace lego::launch

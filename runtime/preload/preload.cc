@@ -777,8 +777,16 @@ bool adopt_in_child(int sock) {
   return true;
 }
 
+// Whether this process reports its counters at its end: a lego process of its own (not a
+// forked child its parent serves, nor a vfork child sharing its parent's memory), once.
+std::atomic<bool> g_reported{false};
+bool reports_at_exit() {
+  return g_rt != nullptr && !g_forked_child.load() && getpid() == g_pid &&
+         !g_reported.exchange(true);
+}
+
 __attribute__((destructor(101))) void lego_stop() {
-  if (g_rt == nullptr || g_forked_child.load()) return;  // the parent reports
+  if (!reports_at_exit()) return;
   startup_mark("runtime: exit");
   // No channel connection under way while libfabric's destructor runs.
   g_rt->backend->quiesce();
@@ -786,6 +794,18 @@ __attribute__((destructor(101))) void lego_stop() {
   // region) after destructors. lego-run frees the space once the process is gone.
   write_stats();
   if (launch::StatsPublisher* page = g_stats_page.load()) page->remove();
+}
+
+// _exit() (a forked worker's usual end: stress-ng's, a shell's subshells') runs no
+// destructor: the counters are reported here. exit() reaches the kernel through libc's own
+// _exit, not this one.
+[[noreturn]] void exit_now(int status) {
+  if (reports_at_exit()) {
+    write_stats();
+    if (launch::StatsPublisher* page = g_stats_page.load()) page->remove();
+  }
+  syscall(SYS_exit_group, status);
+  __builtin_unreachable();
 }
 
 // A program's call on region memory (the ExCache's own madvise/munmap go to the kernel).
@@ -905,6 +925,13 @@ pid_t fork() {
   if (sv[0] >= 0) close(sv[0]);
   errno = saved;
   return pid;
+}
+
+void _exit(int status) {
+  lego::runtime::exit_now(status);
+}
+void _Exit(int status) {
+  lego::runtime::exit_now(status);
 }
 
 int madvise(void* addr, size_t len, int advice) {
