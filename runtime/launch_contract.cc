@@ -32,6 +32,7 @@ constexpr char kEnvPolicy[] = "LEGO_POLICY";
 constexpr char kEnvPrefetch[] = "LEGO_PREFETCH";
 constexpr char kEnvDelivery[] = "LEGO_DELIVERY";
 constexpr char kEnvPcache[] = "LEGO_PCACHE";
+constexpr char kEnvFork[] = "LEGO_FORK_CHILDREN";
 constexpr char kEnvRunDir[] = "LEGO_RUN_DIR";
 
 // Reads variable `name` into *out when set; EINVAL names it when its value is bad.
@@ -78,6 +79,7 @@ void export_settings(const Settings& s) {
   setenv(kEnvPrefetch, std::to_string(s.prefetch_lines).c_str(), 1);
   setenv(kEnvDelivery, s.delivery.c_str(), 1);
   setenv(kEnvPcache, s.pcache.c_str(), 1);
+  setenv(kEnvFork, s.fork_children.c_str(), 1);
   setenv(kEnvRunDir, s.run_dir.c_str(), 1);
 }
 
@@ -108,6 +110,7 @@ Result<Settings> settings_from_environment() {
   LEGO_RETURN_IF_ERROR(read_choice(kEnvPolicy, kPolicies, &s.policy));
   LEGO_RETURN_IF_ERROR(read_choice(kEnvDelivery, kDeliveries, &s.delivery));
   LEGO_RETURN_IF_ERROR(read_choice(kEnvPcache, kPcacheModes, &s.pcache));
+  LEGO_RETURN_IF_ERROR(read_choice(kEnvFork, kForkModes, &s.fork_children));
   return s;
 }
 

@@ -19,6 +19,7 @@
 //   LEGO_PREFETCH      0..kMaxPrefetchLines
 //   LEGO_DELIVERY      handler | sigbus
 //   LEGO_PCACHE        auto | on | off
+//   LEGO_FORK_CHILDREN own | parent (lego-run --fork-children)
 //   LEGO_RUN_DIR       the run directory (below)
 //
 // The run directory, /tmp/lego-run-<lego-run's pid>/, mode 0700, owned by the user that
@@ -99,6 +100,12 @@ inline constexpr const char* kPcacheModes[] = {"auto", "on", "off"};
 inline constexpr const char* kDefaultPolicy = kPolicies[0];
 inline constexpr const char* kDefaultDelivery = kDeliveries[0];
 inline constexpr const char* kDefaultPcache = kPcacheModes[0];
+// --fork-children: "own" (default), a forked child becomes a lego process of its own with
+// its own ExCache (runtime/excache/fork.cc, "Adoption"); "parent", it stays served by its
+// parent's ExCache from the fork snapshot (cheaper for children that exec at once; their
+// new memory is local and not bounded).
+inline constexpr const char* kForkModes[] = {"own", "parent"};
+inline constexpr const char* kDefaultFork = kForkModes[0];
 
 // What lego-run tells the runtime in every process of the run (the LEGO_* variables).
 struct Settings {
@@ -112,6 +119,7 @@ struct Settings {
   long prefetch_lines = kDefaultPrefetchLines;
   std::string delivery = kDefaultDelivery;
   std::string pcache = kDefaultPcache;
+  std::string fork_children = kDefaultFork;
   std::string run_dir;  // "" when there is none
 };
 // In PROGRAM's child, before exec: sets the variables (all but LEGO_REGION, which is

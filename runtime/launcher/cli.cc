@@ -61,6 +61,11 @@ options:
                        it, on fails.
   --prefetch N         lines fetched ahead of a miss that continues a sequential or
                        strided stream, in the same request (0..31, default 31; 0: off)
+  --fork-children M    own (default): a forked child becomes a lego process of its own:
+                       its memory, old and new, on the memory nodes behind an ExCache of
+                       its own (--excache bytes), its counters its own. parent: it stays
+                       served by its parent's ExCache from a copy taken at the fork, and
+                       its new memory is local (cheaper for children that exec at once)
   --stats              print the ExCache counters when PROGRAM exits (and say so when no
                        process of the run had its memory on the memory node): one block
                        per process of the run that had its own (PROGRAM, forked
@@ -143,6 +148,10 @@ Options parse_command_line(int argc, char** argv) {
        [&](const char* a) { o.runtime.delivery = flags::choice("--delivery", a, kDeliveries); }},
       {"pcache", true,
        [&](const char* a) { o.runtime.pcache = flags::choice("--pcache", a, kPcacheModes); }},
+      {"fork-children", true,
+       [&](const char* a) {
+         o.runtime.fork_children = flags::choice("--fork-children", a, kForkModes);
+       }},
       {"stats", false, [&](const char*) { o.stats = true; }},
       {"syscalls", false, [&](const char*) { o.syscalls = true; }},
       {"allow-local", false, [&](const char*) { o.allow_local = true; }},

@@ -79,6 +79,7 @@ struct Runtime {
   fit::NodeId self = 0;
   ClusterBackendOptions backend_options;
   std::string memory_address;  // the stats page's
+  bool children_adopt = true;  // lego-run --fork-children own
 };
 
 Runtime* g_rt = nullptr;
@@ -558,6 +559,7 @@ __attribute__((constructor(102))) void lego_start() {
 
   rt->self = self;
   rt->backend_options = bo;
+  rt->children_adopt = run.fork_children == "own";
 
   ExCacheOptions opt = launch::excache_options(run);
   opt.on_thread_start = use_local_arena;
@@ -898,7 +900,9 @@ pid_t fork() {
   // The child's userfaultfd goes to it over this pair (adopt_in_child); without one the
   // child is served by this process, as it is until it adopts.
   int sv[2] = {-1, -1};
-  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) sv[0] = sv[1] = -1;
+  if (g_rt->children_adopt && socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) {
+    sv[0] = sv[1] = -1;
+  }
   lego::Status st = g_rt->cache->prepare_fork();
   if (!st) {
     for (int fd : sv) {
