@@ -710,6 +710,7 @@ bool adopt_in_child(int sock) {
   }
   int uffd = -1;
   memcpy(&uffd, CMSG_DATA(c), sizeof uffd);
+  startup_mark("runtime: child: userfaultfd received");
 
   // This thread allocates from the runtime's arena meanwhile (as runtime threads do).
   // Its thread cache holds objects of the program's arenas (region memory, which nobody
@@ -737,6 +738,7 @@ bool adopt_in_child(int sock) {
     close(uffd);
     return give_up(node.status().message());
   }
+  startup_mark("runtime: child: node created");
   const int before = g_runtime_threads_ready.load();
   auto backend = ClusterBackend::adopt_snapshot(*g_rt->backend, h.snapshot, node.value().get(),
                                                 g_rt->backend_options);
@@ -753,12 +755,14 @@ bool adopt_in_child(int sock) {
   g_pid = getpid();
   g_start_time = launch::process_info(g_pid).start;
 
+  startup_mark("runtime: child: spaces adopted");
   auto cache =
       ExCache::adopt_fork(*g_rt->cache, uffd, h.slot, backend.value().get(), used_ranges());
   if (!cache) {
     if (cache.status().code() == ENOTRECOVERABLE) fail(cache.status().message());
     return give_up(cache.status().message());
   }
+  startup_mark("runtime: child: excache adopted");
   if (!wait_for_runtime_threads(before + ClusterBackend::kServiceThreads + 1,
                                 std::chrono::seconds(10))) {
     fail("the forked child's runtime threads did not start");
@@ -776,6 +780,7 @@ bool adopt_in_child(int sock) {
   start_stats_publisher(g_rt->memory_address);
   g_forked_child.store(false);
   program_arena_again();
+  startup_mark("runtime: child: ready");
   return true;
 }
 
