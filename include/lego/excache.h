@@ -44,8 +44,9 @@
 // (then UFFD_FEATURE_EVENT_FORK is on) and the backend has snapshots: call prepare_fork()
 // just before fork() and finish_fork() in the parent after it (lego-run's interposer does).
 // The child's region is then served by the PARENT's handler thread from a snapshot taken at
-// the fork: lines it touches become local to it and are never evicted (a child that execs
-// soon, the common case, touches few). The child must not call this ExCache. Otherwise the
+// the fork, and lines it touches are never evicted, until the child adopts: adopt_fork()
+// gives it an ExCache of its own over the same region, with the snapshot as its memory
+// (runtime/excache/fork.cc). The child must not call the inherited ExCache. Otherwise the
 // region is MADV_DONTFORK: a forked child that touches it gets SIGSEGV.
 // Unsupported:
 // munmap/mremap/madvise of region memory other than through discard() (the interposer
@@ -411,12 +412,14 @@ class ExCache {
   // child's userfaultfd received from the parent (take_fork_uffd), owned from now on;
   // `slot`: its slot there. Asks the parent's handler thread to stop serving it, then
   // takes the lines the child has resident (mincore over `ranges`, every range of the
-  // region that may hold a line) as its own, evicting any beyond capacity. Must be
-  // called by the child's only thread, before it touches region memory that may not be
-  // resident... except that touches are safe (the parent serves them) until the parent
-  // answers. EBUSY: the parent refused (the snapshot is shared with another child): the
-  // child stays served by its parent. Other errors: the same, or, once the parent has let
-  // go (Status code ENOTRECOVERABLE), the child cannot go on.
+  // region that may hold a line) as its own, evicting any beyond capacity. Must be called
+  // by the child's only thread, which must not touch the region meanwhile unless the line
+  // is resident (the parent serves the region until it lets go, the new handler thread
+  // only once this returns: allocate from memory outside the region). Costs a handler
+  // thread, a few syscalls per range and ~capacity/256 bytes. EBUSY: the parent refused
+  // (the snapshot is shared with another child), EINVAL: nothing to adopt; then, and for
+  // other errors but ENOTRECOVERABLE, the child stays served by its parent. With
+  // ENOTRECOVERABLE the parent has let go and the child cannot go on.
   struct Range {
     uint64_t start;
     uint64_t length;

@@ -1,9 +1,16 @@
 // runtime/excache/fork.cc: fork() of a process whose memory lives in an ExCache.
 //
-// With UFFD_FEATURE_EVENT_FORK a forked child keeps the region registered, with a
-// userfaultfd of its own that the kernel hands to our handler thread (fork() blocks until
-// the thread has read the event). The child's resident lines are the copies fork() made;
-// its other lines must read as the parent's did at the fork, so:
+// A forked child is a lego process of its own, as LegoOS's fork gives each process its own
+// pcache: its memory (what it inherited and what it allocates) lives on the memory nodes
+// behind an ExCache of its own (the same capacity: --excache is per process), served by its
+// own handler thread, evicted by it, and counted in its own counters. It gets there in two
+// phases.
+//
+// Phase 1, served by the parent (from fork() until the child adopts; for good with
+// lego-run --fork-children parent). With UFFD_FEATURE_EVENT_FORK the child keeps the region
+// registered, with a userfaultfd of its own that the kernel hands to our handler thread
+// (fork() blocks until the thread has read the event). The child's resident lines are the
+// copies fork() made; its other lines must read as the parent's did at the fork, so:
 //   1. prepare_fork (parent, just before fork()): holding evict_lock, so that no eviction is
 //      half done, take a backend snapshot (the memory node copies the space) and publish
 //      its id in fork_snapshot.
@@ -16,14 +23,40 @@
 //   3. The handler thread reads the fork event: it takes the child's userfaultfd into its
 //      table with the snapshot, and clears fork_snapshot.
 //   4. From then on it serves the child's misses from the snapshot with UFFDIO_COPY on the
-//      child's userfaultfd, and un-protects on its write-protect faults. Child lines are
-//      never evicted (the parent cannot zap another process's pages): a child that execs
-//      soon, the common case, touches few; a long-lived child's touched memory becomes
-//      local to it. A child's own forks (grandchildren) arrive on the child's userfaultfd
-//      and share its snapshot: the child never evicts, so its absent lines still are the
-//      snapshot's.
+//      child's userfaultfd, and un-protects on its write-protect faults. It never evicts a
+//      child's line (it cannot zap another process's pages). A child's own forks
+//      (grandchildren) arrive on the child's userfaultfd and share its snapshot.
 //   5. A child is gone when its pidfd says it exited or its userfaultfd answers ESRCH (it
 //      exec'd or exited); its slot is freed and the snapshot dropped with its last user.
+//
+// Phase 2, adoption (the child's own ExCache::adopt_fork, run by lego-run's interposer in
+// the child right after fork() returns there, in its only thread):
+//   a. The parent sends the child a duplicate of its userfaultfd (take_fork_uffd) over a
+//      socket pair made for the fork, with its slot and the snapshot id.
+//   b. The child opens fresh libfit channels (nothing of libfabric's may be shared across
+//      fork) and takes the snapshot's spaces as its own memory (ClusterBackend::
+//      adopt_snapshot: they are full spaces, with the parent's placements, each with its
+//      own lease, which the child's heartbeats keep from now on); they are registered in
+//      the run directory under the child's pid, the parent's registration of them removed.
+//   c. Its handler thread starts and waits at a gate without reading the userfaultfd (its
+//      start touches the region: jemalloc sets the thread up; the parent serves that).
+//   d. It asks the parent's handler thread to let go: a handover page shared by fork
+//      (MAP_SHARED), one state word per child slot, and an eventfd that wakes the handler.
+//      The handler, between two of its own faults (so no fault of the child is being
+//      served by it), closes its copy of the child's userfaultfd and forgets the snapshot
+//      without freeing it (LineBackend::disown_snapshot); faults it had not read stay
+//      queued for the child. It refuses while the snapshot is shared (a grandchild forked
+//      before the child adopted): the child then stays in phase 1.
+//   e. The child takes the lines its page tables hold as its own (adopt_lines: mincore over
+//      every vRegion with allocated bytes; the inherited line words are only a hint, since
+//      fork() copied them while the parent's threads were changing them), evicts those
+//      beyond its capacity, and opens the gate: its handler thread serves it from then on.
+// The child's counters start at zero; lego-run --stats prints each process's, and their
+// sum. Its spaces are freed when it ends (lego-run's registry) or when it execs (the new
+// image closes its earlier image's). The cost is the child's: fresh channels (a connection
+// per memory node), three backend threads and a handler thread, ~1.5 ms on an idle VM
+// (docs/measurements.md); a child that execs at once pays it for nothing, which
+// --fork-children parent avoids.
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
