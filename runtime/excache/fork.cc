@@ -592,6 +592,17 @@ Result<std::unique_ptr<ExCache>> ExCache::adopt_fork(ExCache& inherited, int uff
     keep();
     return Status(EINVAL, "fork handover slot " + std::to_string(slot) + " is not ours");
   }
+  // The process whose handler thread holds our userfaultfd is the one that forked us (the
+  // cache's owner). If it has ended (a daemon's parent exits at once; a zombie counts) it
+  // serves no one any more, and the region is ours without an answer.
+  int owner = -1;
+  if (getppid() == p.owner_pid) {
+    owner = static_cast<int>(syscall(SYS_pidfd_open, p.owner_pid, 0));
+    if (getppid() != p.owner_pid && owner >= 0) {  // it ended while we opened it
+      close(owner);
+      owner = -1;
+    }
+  }
   p.handover->requests.fetch_add(1, std::memory_order_release);
   const uint64_t one = 1;
   (void)!write(p.handover_fd, &one, sizeof one);
@@ -599,21 +610,33 @@ Result<std::unique_ptr<ExCache>> ExCache::adopt_fork(ExCache& inherited, int uff
     const uint32_t now = state.load(std::memory_order_acquire);
     if (now == Impl::kAdopted) break;
     if (now == Impl::kRefused) {
+      if (owner >= 0) close(owner);
       keep();
       return Status(EBUSY, "the parent still shares the fork snapshot");
     }
-    const timespec tick{0, 100 * 1000 * 1000};
+    if (owner < 0) break;
+    pollfd gone{.fd = owner, .events = POLLIN, .revents = 0};
+    if (poll(&gone, 1, 0) > 0) break;
+    const timespec tick{0, 20 * 1000 * 1000};
     syscall(SYS_futex, reinterpret_cast<uint32_t*>(&state), FUTEX_WAIT, Impl::kRequested, &tick,
             nullptr, 0);
-    // A parent that is gone serves no one any more: the region is ours.
-    if (kill(p.owner_pid, 0) != 0 && errno == ESRCH) break;
   }
+  if (owner >= 0) close(owner);
 
   // Point of no return: nobody else serves this region now.
   if (Status st = raw->adopt_lines(p, ranges); !st) {
     return Status(ENOTRECOVERABLE, "adopting the forked child's lines: " + st.message());
   }
   open_gate();
+  // The parent's descriptors this process inherited (its userfaultfd, its other children's,
+  // its threads' eventfds): nothing here uses them, and holding them would keep them alive.
+  for (int fd : {p.uffd, p.stop_fd, p.handover_fd, p.pidfd, p.task_dir, p.pcache_fd}) {
+    if (fd >= 0) close(fd);
+  }
+  for (const Impl::Child& c : p.children) {
+    if (c.uffd >= 0) close(c.uffd);
+    if (const int pidfd = c.pidfd.load(); pidfd >= 0) close(pidfd);
+  }
   return cache;
 }
 

@@ -746,6 +746,14 @@ bool adopt_in_child(int sock) {
     close(uffd);
     return give_up(backend.status().message());
   }
+  // Its service threads take the local arena now, while the parent still serves the
+  // region (a thread's first allocation may touch it): between the parent letting go and
+  // our handler thread starting nobody would, and adopting may wait for the heartbeat
+  // thread's channels.
+  if (!wait_for_runtime_threads(before + ClusterBackend::kServiceThreads,
+                                std::chrono::seconds(30))) {
+    fail("the forked child's memory-node threads did not start within 30 s");
+  }
   // The snapshot's spaces are registered under this process now (adopt_snapshot told the
   // registry): the parent's registration of them goes, so that lego-run does not free them
   // when the parent ends.
@@ -764,8 +772,8 @@ bool adopt_in_child(int sock) {
   }
   startup_mark("runtime: child: excache adopted");
   if (!wait_for_runtime_threads(before + ClusterBackend::kServiceThreads + 1,
-                                std::chrono::seconds(10))) {
-    fail("the forked child's runtime threads did not start");
+                                std::chrono::seconds(30))) {
+    fail("the forked child's fault handler thread did not start within 30 s");
   }
   // The parent's objects stay as they are in this process's memory, never used or
   // destroyed: their threads, channels and descriptors are the parent's.
