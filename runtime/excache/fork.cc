@@ -54,9 +54,9 @@
 // The child's counters start at zero; lego-run --stats prints each process's, and their
 // sum. Its spaces are freed when it ends (lego-run's registry) or when it execs (the new
 // image closes its earlier image's). The cost is the child's: fresh channels (a connection
-// per memory node), three backend threads and a handler thread, ~1.5 ms at best, ~6 ms of CPU per fork+exec on a loaded VM
-// (docs/measurements.md); a child that execs at once pays it for nothing, which
-// --fork-children parent avoids.
+// per memory node), three backend threads and a handler thread, ~1.5 ms at best and ~6 ms
+// of CPU per fork+exec on a loaded VM (docs/measurements.md); a child that execs at once
+// pays it for nothing, which --fork-children parent avoids.
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
