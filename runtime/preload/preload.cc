@@ -814,10 +814,32 @@ __attribute__((destructor(101))) void lego_stop() {
 // _exit() (a forked worker's usual end: stress-ng's, a shell's subshells') runs no
 // destructor: the counters are reported here. exit() reaches the kernel through libc's own
 // _exit, not this one.
+// A process alone with the runtime's threads (a forked worker, the common case) also
+// closes its spaces here: no code of it runs after this, and its parent's next fork()
+// finds the memory nodes' capacity free again at once rather than after lego-run's sweep.
+// With other program threads still running (they could fault on the region until
+// exit_group stops them) the spaces are left to lego-run's sweep as at any exit.
+bool alone_with_runtime_threads() {
+  char buf[512];
+  const int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return false;
+  buf[n] = '\0';
+  const char* p = strrchr(buf, ')');  // after the command name, which may hold spaces
+  long threads = 0;
+  for (int field = 2; p != nullptr && field < 20; field++) p = strchr(p + 1, ' ');
+  if (p != nullptr) threads = strtol(p + 1, nullptr, 10);
+  // This thread, the backend's service threads, the handler thread and the stats thread.
+  return threads > 0 && threads <= 1 + ClusterBackend::kServiceThreads + 2;
+}
+
 [[noreturn]] void exit_now(int status) {
   if (reports_at_exit()) {
     write_stats();
     if (launch::StatsPublisher* page = g_stats_page.load()) page->remove();
+    if (alone_with_runtime_threads()) g_rt->backend->close();
   }
   syscall(SYS_exit_group, status);
   __builtin_unreachable();
