@@ -33,6 +33,7 @@ constexpr char kEnvPrefetch[] = "LEGO_PREFETCH";
 constexpr char kEnvDelivery[] = "LEGO_DELIVERY";
 constexpr char kEnvPcache[] = "LEGO_PCACHE";
 constexpr char kEnvRma[] = "LEGO_RMA";
+constexpr char kEnvFork[] = "LEGO_FORK_CHILDREN";
 constexpr char kEnvRunDir[] = "LEGO_RUN_DIR";
 
 // Reads variable `name` into *out when set; EINVAL names it when its value is bad.
@@ -80,6 +81,7 @@ void export_settings(const Settings& s) {
   setenv(kEnvDelivery, s.delivery.c_str(), 1);
   setenv(kEnvPcache, s.pcache.c_str(), 1);
   setenv(kEnvRma, s.rma.c_str(), 1);
+  setenv(kEnvFork, s.fork_children.c_str(), 1);
   setenv(kEnvRunDir, s.run_dir.c_str(), 1);
 }
 
@@ -111,6 +113,7 @@ Result<Settings> settings_from_environment() {
   LEGO_RETURN_IF_ERROR(read_choice(kEnvDelivery, kDeliveries, &s.delivery));
   LEGO_RETURN_IF_ERROR(read_choice(kEnvPcache, kPcacheModes, &s.pcache));
   LEGO_RETURN_IF_ERROR(read_choice(kEnvRma, kRmaModes, &s.rma));
+  LEGO_RETURN_IF_ERROR(read_choice(kEnvFork, kForkModes, &s.fork_children));
   return s;
 }
 

@@ -20,6 +20,7 @@
 //   LEGO_DELIVERY      handler | sigbus
 //   LEGO_PCACHE        auto | on | off
 //   LEGO_RMA           auto | on | off: fetch lines by one-sided reads (auto: on verbs)
+//   LEGO_FORK_CHILDREN own | parent (lego-run --fork-children)
 //   LEGO_RUN_DIR       the run directory (below)
 //
 // The run directory, /tmp/lego-run-<lego-run's pid>/, mode 0700, owned by the user that
@@ -107,6 +108,12 @@ inline constexpr const char* kDefaultRma = kRmaModes[0];
 inline constexpr const char* kDefaultPolicy = kPolicies[2];
 inline constexpr const char* kDefaultDelivery = kDeliveries[0];
 inline constexpr const char* kDefaultPcache = kPcacheModes[0];
+// --fork-children: "own" (default), a forked child becomes a lego process of its own with
+// its own ExCache (runtime/excache/fork.cc, "Adoption"); "parent", it stays served by its
+// parent's ExCache from the fork snapshot (cheaper for children that exec at once; their
+// new memory is local and not bounded).
+inline constexpr const char* kForkModes[] = {"own", "parent"};
+inline constexpr const char* kDefaultFork = kForkModes[0];
 
 // What lego-run tells the runtime in every process of the run (the LEGO_* variables).
 struct Settings {
@@ -121,6 +128,7 @@ struct Settings {
   std::string delivery = kDefaultDelivery;
   std::string pcache = kDefaultPcache;
   std::string rma = kDefaultRma;
+  std::string fork_children = kDefaultFork;
   std::string run_dir;  // "" when there is none
 };
 // In PROGRAM's child, before exec: sets the variables (all but LEGO_REGION, which is

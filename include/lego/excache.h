@@ -44,8 +44,9 @@
 // (then UFFD_FEATURE_EVENT_FORK is on) and the backend has snapshots: call prepare_fork()
 // just before fork() and finish_fork() in the parent after it (lego-run's interposer does).
 // The child's region is then served by the PARENT's handler thread from a snapshot taken at
-// the fork: lines it touches become local to it and are never evicted (a child that execs
-// soon, the common case, touches few). The child must not call this ExCache. Otherwise the
+// the fork, and lines it touches are never evicted, until the child adopts: adopt_fork()
+// gives it an ExCache of its own over the same region, with the snapshot as its memory
+// (runtime/excache/fork.cc). The child must not call the inherited ExCache. Otherwise the
 // region is MADV_DONTFORK: a forked child that touches it gets SIGSEGV.
 // Unsupported:
 // munmap/mremap/madvise of region memory other than through discard() (the interposer
@@ -204,6 +205,10 @@ class LineBackend {
   }
   // The snapshot is no longer needed (its children are gone). Program or handler context.
   virtual void drop_snapshot(uint32_t id) { (void)id; }
+  // The forked child that was served from snapshot `id` adopted it as its own memory
+  // (ExCache::adopt_fork): forget it here without freeing it. Handler context. The default
+  // does nothing (a backend whose snapshots a child cannot reach never sees an adoption).
+  virtual void disown_snapshot(uint32_t id) { (void)id; }
 };
 
 struct ExCacheOptions {
@@ -394,6 +399,35 @@ class ExCache {
   void finish_fork(pid_t child);
   // Children whose regions this cache still serves (gauge, for tests and stats).
   size_t forked_children() const;
+
+  // Adoption: a forked child becomes a process of its own (runtime/excache/fork.cc).
+  // In the parent, after finish_fork(): a duplicate of the newest child's userfaultfd (the
+  // caller sends it to the child and closes it), its slot and its snapshot id; -1 when
+  // there is none (no fork event was filed). Each child's is taken once.
+  int take_fork_uffd(int* slot, uint32_t* snapshot);
+  // In the forked child, with `inherited` the child's copy of its parent's ExCache (never
+  // used or destroyed afterwards: its thread and descriptors are the parent's): builds
+  // this process's own ExCache over the same region, served by its own handler thread
+  // from `backend` (the child's own, holding the snapshot as its memory), with
+  // inherited.options() (so the same capacity: --excache is per process). `uffd`: the
+  // child's userfaultfd received from the parent (take_fork_uffd), owned from now on;
+  // `slot`: its slot there. Asks the parent's handler thread to stop serving it, then
+  // takes the lines the child has resident (mincore over `ranges`, every range of the
+  // region that may hold a line) as its own, evicting any beyond capacity. Must be called
+  // by the child's only thread, which must not touch the region meanwhile unless the line
+  // is resident (the parent serves the region until it lets go, the new handler thread
+  // only once this returns: allocate from memory outside the region). Costs a handler
+  // thread, a few syscalls per range and ~capacity/256 bytes. EBUSY: the parent refused
+  // (the snapshot is shared with another child), EINVAL: nothing to adopt; then, and for
+  // other errors but ENOTRECOVERABLE, the child stays served by its parent. With
+  // ENOTRECOVERABLE the parent has let go and the child cannot go on.
+  struct Range {
+    uint64_t start;
+    uint64_t length;
+  };
+  static Result<std::unique_ptr<ExCache>> adopt_fork(ExCache& inherited, int uffd, int slot,
+                                                     LineBackend* backend,
+                                                     std::span<const Range> ranges);
 
   // The ExCache whose region contains `addr`, or nullptr. Async-signal-safe: for a SIGBUS
   // dispatcher that is not ours (e.g. a runtime that owns SIGBUS and forwards to us).

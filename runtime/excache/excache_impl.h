@@ -443,7 +443,28 @@ struct ExCache::Impl {
     uint32_t snapshot = 0;
   };
   static constexpr size_t kMaxChildren = 64;
-  Child children[kMaxChildren];      // EXCLUSIVE: the handler thread (pidfd: finish_fork)
+  Child children[kMaxChildren];  // EXCLUSIVE: the handler thread (pidfd: finish_fork)
+  // Adoption (fork.cc): a page shared with every forked child (MAP_SHARED survives fork),
+  // through which a child asks the handler thread to let go of its userfaultfd.
+  enum HandoverState : uint32_t { kServing = 0, kRequested, kAdopted, kRefused };
+  struct HandoverPage {
+    std::atomic<uint32_t> requests;             // bumped by each request (the handler compares)
+    std::atomic<uint32_t> state[kMaxChildren];  // a futex per child slot (shared)
+  };
+  HandoverPage* handover = nullptr;  // mmap'd when fork_events
+  int handover_fd = -1;              // eventfd a child writes to wake the handler thread
+  uint32_t handover_seen = 0;        // EXCLUSIVE: the handler thread
+  // A duplicate of the newest child's userfaultfd for take_fork_uffd, and its slot.
+  std::atomic<int> pending_fork_uffd{-1};
+  std::atomic<int> pending_fork_slot{-1};
+  void check_handovers();  // the handler thread
+  // An adopting child's handler thread starts before the handover (its start may fault
+  // on the region, which the parent serves until then) and waits at this gate, without
+  // reading the userfaultfd, until adopt_fork opens it (0). `gate_waiting`: it got there.
+  std::atomic<uint32_t> start_gate{0};
+  std::atomic<uint32_t> gate_waiting{0};
+  // Takes the resident lines of a forked child as this (adopting) cache's (fork.cc).
+  Status adopt_lines(const ExCache::Impl& parent, std::span<const ExCache::Range> ranges);
   std::atomic<size_t> nchildren{0};  // gauge
   uint64_t last_reclaim_ns = 0;      // EXCLUSIVE: the handler thread
   void handle_fork_event(int child_uffd, int parent_slot);
@@ -467,8 +488,12 @@ struct ExCache::Impl {
   }
   bool contains(uint64_t addr) const { return addr - reinterpret_cast<uint64_t>(base) < size; }
 
-  // region.cc
+  // region.cc. setup: options and every structure but the region's (create, adopt_fork).
+  Status setup(const ExCacheOptions& opts, LineBackend* line_backend);
   Status init_region();
+  // The buffers and descriptors of this process (staging, prefetch, pidfd, task_dir, the
+  // handover page): after init_region, or in an adopting child.
+  Status init_buffers();
   // Opens /dev/lego_pcache per ExCacheOptions::kernel_module.
   Status open_kernel_module();
   // Write-protects (wp = true) or un-protects [addr, addr + len); returns 0 or errno.

@@ -43,11 +43,13 @@
 // pthread_create, so the path is kept shallow: ~300 bytes of our frames plus the backend's
 // (the 4 KiB fetch buffer comes from a preallocated pool, not the stack). Thread stacks must
 // never live in the region (the interposer keeps MAP_STACK / MAP_GROWSDOWN out).
+#include <linux/futex.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -644,6 +646,14 @@ void ExCache::Impl::handler_loop() {
   sigset_t all;
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, nullptr);
+  // An adopting child's (fork.cc): until the parent let go and the lines are adopted.
+  gate_waiting.store(1, std::memory_order_release);
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&gate_waiting), FUTEX_WAKE_PRIVATE, 1, nullptr,
+          nullptr, 0);
+  while (start_gate.load(std::memory_order_acquire) != 0) {
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&start_gate), FUTEX_WAIT_PRIVATE, 1, nullptr,
+            nullptr, 0);
+  }
 
   const uint64_t spin_ns = uint64_t{options.handler_spin_us} * 1000;
   uffd_msg msgs[16];
@@ -671,6 +681,7 @@ void ExCache::Impl::handler_loop() {
       // without pause must not starve them.
       if (nchildren.load(std::memory_order_relaxed) > 0) {
         poll_children();
+        check_handovers();
         reclaim_children(false);  // at most every 100 ms
       }
       continue;
@@ -680,6 +691,7 @@ void ExCache::Impl::handler_loop() {
     if (nchildren.load(std::memory_order_relaxed) > 0) {
       // Forked children's faults (fork.cc), then whether any of them is gone.
       poll_children();
+      check_handovers();
       reclaim_children(false);
     }
     // Poll for a while after each event, yielding between polls (a miss is ~15 µs instead
@@ -689,12 +701,19 @@ void ExCache::Impl::handler_loop() {
       yield_cpu();
       continue;
     }
-    pollfd fds[2 + kMaxChildren] = {{.fd = uffd, .events = POLLIN, .revents = 0},
-                                    {.fd = stop_fd, .events = POLLIN, .revents = 0}};
-    const int nfds = 2 + child_fds(fds + 2, kMaxChildren);
+    // The handover eventfd: a forked child asking to adopt (fork.cc).
+    pollfd fds[3 + kMaxChildren] = {{.fd = uffd, .events = POLLIN, .revents = 0},
+                                    {.fd = stop_fd, .events = POLLIN, .revents = 0},
+                                    {.fd = handover_fd, .events = POLLIN, .revents = 0}};
+    const int nfds = 3 + child_fds(fds + 3, kMaxChildren);
     // With children, wake up now and then to notice the ones that are gone.
-    if (poll(fds, nfds, nfds > 2 ? 100 : -1) < 0 && errno != EINTR) {
+    if (poll(fds, nfds, nfds > 3 ? 100 : -1) < 0 && errno != EINTR) {
       fatal("poll(userfaultfd) failed", errno, 0);
+    }
+    if (fds[2].revents & POLLIN) {
+      uint64_t drained;
+      (void)!read(handover_fd, &drained, sizeof drained);
+      check_handovers();
     }
     last_event = now_ns();  // woken by a fault: spin again for the ones that follow
   }
@@ -705,6 +724,11 @@ Status ExCache::Impl::start_handler_thread() {
   pipeline_max = std::clamp<size_t>(capacity / 4, 1, kMaxPipeline);
   stop_fd = eventfd(0, EFD_CLOEXEC);
   if (stop_fd < 0) return Status::from_errno(errno, "eventfd for the handler thread");
+  if (handover != nullptr) {
+    // Inherited by forked children, which write to it to ask for their userfaultfd.
+    handover_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (handover_fd < 0) return Status::from_errno(errno, "eventfd for fork handovers");
+  }
   int err = pthread_create(
       &handler, nullptr,
       [](void* self) -> void* {

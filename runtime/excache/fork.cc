@@ -1,9 +1,16 @@
 // runtime/excache/fork.cc: fork() of a process whose memory lives in an ExCache.
 //
-// With UFFD_FEATURE_EVENT_FORK a forked child keeps the region registered, with a
-// userfaultfd of its own that the kernel hands to our handler thread (fork() blocks until
-// the thread has read the event). The child's resident lines are the copies fork() made;
-// its other lines must read as the parent's did at the fork, so:
+// A forked child is a lego process of its own, as LegoOS's fork gives each process its own
+// pcache: its memory (what it inherited and what it allocates) lives on the memory nodes
+// behind an ExCache of its own (the same capacity: --excache is per process), served by its
+// own handler thread, evicted by it, and counted in its own counters. It gets there in two
+// phases.
+//
+// Phase 1, served by the parent (from fork() until the child adopts; for good with
+// lego-run --fork-children parent). With UFFD_FEATURE_EVENT_FORK the child keeps the region
+// registered, with a userfaultfd of its own that the kernel hands to our handler thread
+// (fork() blocks until the thread has read the event). The child's resident lines are the
+// copies fork() made; its other lines must read as the parent's did at the fork, so:
 //   1. prepare_fork (parent, just before fork()): holding evict_lock, so that no eviction is
 //      half done, take a backend snapshot (the memory node copies the space) and publish
 //      its id in fork_snapshot.
@@ -16,22 +23,54 @@
 //   3. The handler thread reads the fork event: it takes the child's userfaultfd into its
 //      table with the snapshot, and clears fork_snapshot.
 //   4. From then on it serves the child's misses from the snapshot with UFFDIO_COPY on the
-//      child's userfaultfd, and un-protects on its write-protect faults. Child lines are
-//      never evicted (the parent cannot zap another process's pages): a child that execs
-//      soon, the common case, touches few; a long-lived child's touched memory becomes
-//      local to it. A child's own forks (grandchildren) arrive on the child's userfaultfd
-//      and share its snapshot: the child never evicts, so its absent lines still are the
-//      snapshot's.
+//      child's userfaultfd, and un-protects on its write-protect faults. It never evicts a
+//      child's line (it cannot zap another process's pages). A child's own forks
+//      (grandchildren) arrive on the child's userfaultfd and share its snapshot.
 //   5. A child is gone when its pidfd says it exited or its userfaultfd answers ESRCH (it
 //      exec'd or exited); its slot is freed and the snapshot dropped with its last user.
+//
+// Phase 2, adoption (the child's own ExCache::adopt_fork, run by lego-run's interposer in
+// the child right after fork() returns there, in its only thread):
+//   a. The parent sends the child a duplicate of its userfaultfd (take_fork_uffd) over a
+//      socket pair made for the fork, with its slot and the snapshot id.
+//   b. The child opens fresh libfit channels (nothing of libfabric's may be shared across
+//      fork) and takes the snapshot's spaces as its own memory (ClusterBackend::
+//      adopt_snapshot: they are full spaces, with the parent's placements, each with its
+//      own lease, which the child's heartbeats keep from now on); they are registered in
+//      the run directory under the child's pid, the parent's registration of them removed.
+//   c. Its handler thread starts and waits at a gate without reading the userfaultfd (its
+//      start touches the region: jemalloc sets the thread up; the parent serves that).
+//   d. It asks the parent's handler thread to let go: a handover page shared by fork
+//      (MAP_SHARED), one state word per child slot, and an eventfd that wakes the handler.
+//      The handler, between two of its own faults (so no fault of the child is being
+//      served by it), closes its copy of the child's userfaultfd and forgets the snapshot
+//      without freeing it (LineBackend::disown_snapshot); faults it had not read stay
+//      queued for the child. It refuses while the snapshot is shared (a grandchild forked
+//      before the child adopted): the child then stays in phase 1.
+//   e. The child takes the lines its page tables hold as its own (adopt_lines: mincore over
+//      every vRegion with allocated bytes; the inherited line words are only a hint, since
+//      fork() copied them while the parent's threads were changing them), evicts those
+//      beyond its capacity, and opens the gate: its handler thread serves it from then on.
+// The child's counters start at zero; lego-run --stats prints each process's, and their
+// sum. Its spaces are freed when it ends (lego-run's registry) or when it execs (the new
+// image closes its earlier image's). The cost is the child's: fresh channels (a connection
+// per memory node), three backend threads and a handler thread, ~1.5 ms at best and ~6 ms
+// of CPU per fork+exec on a loaded VM (docs/measurements.md); a child that execs at once
+// pays it for nothing, which --fork-children parent avoids.
+#include <fcntl.h>
+#include <linux/futex.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <climits>
 #include <cstdio>
 #include <cstring>
+#include <vector>
 
 #include "lego/retry.h"
 #include "runtime/excache/excache_impl.h"
@@ -147,6 +186,14 @@ void ExCache::Impl::handle_fork_event(int child_uffd, int parent_slot) {
   children[slot].pidfd.store(-1, std::memory_order_relaxed);
   children[slot].snapshot = snapshot;
   nchildren.fetch_add(1, std::memory_order_relaxed);
+  if (parent_slot < 0 && handover != nullptr) {
+    // The child may adopt: take_fork_uffd hands it this duplicate (a grandchild of an
+    // un-adopted child is not offered one: it shares that child's snapshot).
+    handover->state[slot].store(kServing, std::memory_order_release);
+    pending_fork_slot.store(static_cast<int>(slot), std::memory_order_relaxed);
+    const int dup = fcntl(child_uffd, F_DUPFD_CLOEXEC, 0);
+    if (int old = pending_fork_uffd.exchange(dup, std::memory_order_acq_rel); old >= 0) close(old);
+  }
   if (parent_slot < 0) {
     last_child_slot.store(static_cast<int>(slot), std::memory_order_release);
     fork_snapshot.store(-1, std::memory_order_release);  // evictions stop writing into it
@@ -315,6 +362,282 @@ void ExCache::Impl::reclaim_children(bool force) {
     }
     if (gone) release_child(i);
   }
+}
+
+int ExCache::take_fork_uffd(int* slot, uint32_t* snapshot) {
+  Impl& m = *impl_;
+  const int fd = m.pending_fork_uffd.exchange(-1, std::memory_order_acq_rel);
+  if (fd < 0) return -1;
+  *slot = m.pending_fork_slot.load(std::memory_order_relaxed);
+  const int64_t snap = m.last_fork_snapshot.load(std::memory_order_relaxed);
+  *snapshot = snap < 0 ? 0 : static_cast<uint32_t>(snap);
+  return fd;
+}
+
+// The handler thread: children that asked to adopt (see "Adoption" above). Cheap when none
+// did: one load of the shared page.
+void ExCache::Impl::check_handovers() {
+  if (handover == nullptr) return;
+  const uint32_t requests = handover->requests.load(std::memory_order_acquire);
+  if (requests == handover_seen) return;
+  handover_seen = requests;
+  for (size_t i = 0; i < kMaxChildren; ++i) {
+    std::atomic<uint32_t>& state = handover->state[i];
+    if (state.load(std::memory_order_acquire) != kRequested) continue;
+    Child& c = children[i];
+    // A snapshot still shared (a grandchild of this child forked before it adopted, or a
+    // fork under way) must stay as it is: the child would write into it.
+    bool shared = c.uffd < 0 || fork_snapshot.load() == static_cast<int64_t>(c.snapshot);
+    for (size_t j = 0; j < kMaxChildren; ++j) {
+      shared |= j != i && children[j].uffd >= 0 && children[j].snapshot == c.snapshot;
+    }
+    if (shared) {
+      state.store(kRefused, std::memory_order_release);
+    } else {
+      // No fault of the child is being served here now (this thread serves them), and the
+      // ones it has not read stay queued for the child's own handler thread.
+      close(c.uffd);
+      c.uffd = -1;
+      if (const int pidfd = c.pidfd.exchange(-1); pidfd >= 0) close(pidfd);
+      nchildren.fetch_sub(1, std::memory_order_relaxed);
+      backend->disown_snapshot(c.snapshot);
+      state.store(kAdopted, std::memory_order_release);
+    }
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&state), FUTEX_WAKE, INT_MAX, nullptr, nullptr,
+            0);
+  }
+}
+
+namespace {
+
+bool stable_clean(uint64_t state) {
+  return kind_of(state) == kClean && (state & kMkcleanBit) == 0;
+}
+
+}  // namespace
+
+// In the adopting child, before its handler thread starts (nothing else runs here that
+// could fault on the region, and the parent no longer serves it): which lines are resident
+// is what the page tables say, not what the inherited line words say (fork() copied those
+// words while the parent's threads were changing them, and the parent served the child
+// some lines since). mincore() over the ranges tells. A resident line stays clean only
+// when its inherited word says a settled kClean (then its PTE is still write-protected:
+// fork keeps uffd-wp bits where EVENT_FORK is on, and its contents are the snapshot's);
+// every other resident line is taken as dirty and un-protected (it may differ from the
+// snapshot). A line the word calls resident or busy that is not resident reads the
+// snapshot (its backed bit is set: a line being evicted at the fork was written into it).
+Status ExCache::Impl::adopt_lines(const ExCache::Impl& parent,
+                                  std::span<const ExCache::Range> ranges) {
+  // Lines the parent had frames for outside every range are not in use: forget them.
+  for (size_t f = 0; f < parent.capacity; ++f) {
+    const uint64_t w = parent.frames[f].load(std::memory_order_relaxed) & kFrameLineMask;
+    if (w == 0 || w - 1 >= nlines) continue;
+    const uint64_t addr = line_addr(w - 1);
+    bool inside = false;
+    for (const ExCache::Range& r : ranges) inside |= addr - r.start < r.length;
+    if (inside) continue;
+    const uint64_t old = lines[w - 1].load(std::memory_order_relaxed);
+    if (kind_of(old) != kAbsent) lines[w - 1].store((old & kPersistMask) | kBackedBit);
+  }
+  std::vector<unsigned char> present;
+  std::vector<uint64_t> over;  // resident lines beyond capacity
+  size_t used = 0;
+  for (const ExCache::Range& r : ranges) {
+    if (!contains(r.start) || r.length == 0 || !contains(r.start + r.length - 1)) {
+      return Status(EINVAL, "adopting a range outside the region");
+    }
+    const size_t n = r.length >> kLineShift;
+    present.assign(n, 0);
+    if (mincore(reinterpret_cast<void*>(r.start), n << kLineShift, present.data()) != 0) {
+      return Status::from_errno(errno, "mincore of the region");
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const uint64_t index = line_index(r.start) + i;
+      const uint64_t old = lines[index].load(std::memory_order_relaxed);
+      const uint64_t persist = old & kPersistMask;
+      if ((present[i] & 1) == 0) {
+        if (kind_of(old) != kAbsent) lines[index].store(persist | kBackedBit);
+        continue;
+      }
+      if (used == capacity) {
+        over.push_back(index);
+        continue;
+      }
+      const bool clean = stable_clean(old);
+      if (!clean && kind_of(old) != kDirty) {
+        if (int err = write_protect(line_addr(index), kLine, false); err != 0 && err != ENOENT) {
+          return Status::from_errno(err, "un-protecting an adopted line");
+        }
+      }
+      const uint32_t frame = static_cast<uint32_t>(used++);
+      frames[frame].store(index + 1, std::memory_order_relaxed);
+      lines[index].store(make_state(clean ? kClean : kDirty, false, frame) | persist,
+                         std::memory_order_relaxed);
+    }
+  }
+  // Frames [used, capacity) stay free; the free stack pops the lowest first.
+  free_top = 0;
+  for (size_t i = capacity; i > used; --i) free_stack[free_top++] = static_cast<uint32_t>(i - 1);
+  resident.store(used, std::memory_order_relaxed);
+  // Beyond capacity (the parent's resident lines plus the ones it served the child since):
+  // written back (dirty ones, to the snapshot that is ours now) and dropped.
+  for (size_t k = 0; k < over.size();) {
+    size_t n = 0, nz = 0;
+    for (; k < over.size() && n < batch; ++k) {
+      const uint64_t index = over[k];
+      const uint64_t old = lines[index].load(std::memory_order_relaxed);
+      if (!stable_clean(old)) write_backs[n++] = {line_addr(index), base + (index << kLineShift)};
+      zap_iov[nz++] = iovec{base + (index << kLineShift), kLine};
+      lines[index].store((old & kPersistMask) | (stable_clean(old) ? 0 : kBackedBit));
+    }
+    if (n > 0) {
+      Status st;
+      for (int attempt = 1;; ++attempt) {
+        st = backend->write_back({write_backs.get(), n});
+        if (st.is_ok() || !transient(st.code()) || attempt >= kAttempts) break;
+      }
+      if (!st.is_ok()) return st.with_context("writing back an adopted line");
+      stats.add(Counter::write_backs, n);
+      stats.add(Counter::bytes_written, n * kLine);
+    }
+    for (size_t i = 0; i < nz; ++i) {
+      if (madvise(zap_iov[i].iov_base, kLine, MADV_DONTNEED) != 0) {
+        return Status::from_errno(errno, "dropping an adopted line");
+      }
+    }
+    stats.add(Counter::evictions, nz);
+    stats.add(Counter::clean_drops, nz - n);
+  }
+  return Status::ok();
+}
+
+Result<std::unique_ptr<ExCache>> ExCache::adopt_fork(ExCache& inherited, int uffd, int slot,
+                                                     LineBackend* backend,
+                                                     std::span<const Range> ranges) {
+  const Impl& p = *inherited.impl_;
+  if (p.handover == nullptr || slot < 0 || static_cast<size_t>(slot) >= Impl::kMaxChildren) {
+    close(uffd);
+    return Status(EINVAL, "nothing to adopt: the parent's cache has no fork handover");
+  }
+  auto impl = std::make_unique<Impl>();
+  Impl& m = *impl;
+  // Until the parent lets go, a failure leaves the region, its line words and the
+  // userfaultfd as they are (the parent keeps serving the child).
+  auto keep_region = [&m] {
+    m.base = nullptr;
+    m.lines = nullptr;
+    m.uffd = -1;
+  };
+  if (Status st = m.setup(p.options, backend); !st) {
+    close(uffd);
+    return st;
+  }
+  m.base = p.base;
+  m.size = p.size;
+  m.nlines = p.nlines;
+  m.lines = p.lines;  // the child's copy; fixed up by adopt_lines
+  m.lines_bytes = p.lines_bytes;
+  m.uffd = uffd;
+  m.kernel_faults = p.kernel_faults;
+  m.fork_events = p.fork_events;
+  if (Status st = m.init_buffers(); !st) {
+    keep_region();
+    close(uffd);
+    return st.with_context("adopting the forked child's cache");
+  }
+  if (Status st = m.open_kernel_module(); !st) {
+    keep_region();
+    close(uffd);
+    return st.with_context("adopting the forked child's cache");
+  }
+
+  // Our handler thread starts now and waits at its gate: its start may touch the region
+  // (jemalloc's per-thread set-up), which the parent still serves.
+  if (p.options.on_fatal != nullptr) excache_internal::fatal_hook.store(p.options.on_fatal);
+  m.start_gate.store(1);
+  Impl* raw = impl.get();
+  std::unique_ptr<ExCache> cache(new ExCache(std::move(impl)));
+  raw->owner = cache.get();
+  auto open_gate = [raw] {
+    raw->start_gate.store(0, std::memory_order_release);
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&raw->start_gate), FUTEX_WAKE_PRIVATE, 1,
+            nullptr, nullptr, 0);
+  };
+  auto keep = [&] {
+    // The thread goes (it never read the userfaultfd); the region stays the parent's to serve.
+    raw->stopping.store(true);
+    open_gate();
+    raw->base = nullptr;
+    raw->lines = nullptr;
+    raw->uffd = -1;
+    close(uffd);
+  };
+  if (Status st = raw->start_handler_thread(); !st) {
+    raw->handler_running = false;
+    raw->base = nullptr;
+    raw->lines = nullptr;
+    raw->uffd = -1;
+    close(uffd);
+    return st.with_context("adopting the forked child's cache");
+  }
+  while (raw->gate_waiting.load(std::memory_order_acquire) == 0) {
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&raw->gate_waiting), FUTEX_WAIT_PRIVATE, 0,
+            nullptr, nullptr, 0);
+  }
+
+  // Ask the parent's handler thread to let go of our userfaultfd.
+  std::atomic<uint32_t>& state = p.handover->state[slot];
+  uint32_t expected = Impl::kServing;
+  if (!state.compare_exchange_strong(expected, Impl::kRequested)) {
+    keep();
+    return Status(EINVAL, "fork handover slot " + std::to_string(slot) + " is not ours");
+  }
+  // The process whose handler thread holds our userfaultfd is the one that forked us (the
+  // cache's owner). If it has ended (a daemon's parent exits at once; a zombie counts) it
+  // serves no one any more, and the region is ours without an answer.
+  int owner = -1;
+  if (getppid() == p.owner_pid) {
+    owner = static_cast<int>(syscall(SYS_pidfd_open, p.owner_pid, 0));
+    if (getppid() != p.owner_pid && owner >= 0) {  // it ended while we opened it
+      close(owner);
+      owner = -1;
+    }
+  }
+  p.handover->requests.fetch_add(1, std::memory_order_release);
+  const uint64_t one = 1;
+  (void)!write(p.handover_fd, &one, sizeof one);
+  for (;;) {
+    const uint32_t now = state.load(std::memory_order_acquire);
+    if (now == Impl::kAdopted) break;
+    if (now == Impl::kRefused) {
+      if (owner >= 0) close(owner);
+      keep();
+      return Status(EBUSY, "the parent still shares the fork snapshot");
+    }
+    if (owner < 0) break;
+    pollfd gone{.fd = owner, .events = POLLIN, .revents = 0};
+    if (poll(&gone, 1, 0) > 0) break;
+    const timespec tick{0, 20 * 1000 * 1000};
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&state), FUTEX_WAIT, Impl::kRequested, &tick,
+            nullptr, 0);
+  }
+  if (owner >= 0) close(owner);
+
+  // Point of no return: nobody else serves this region now.
+  if (Status st = raw->adopt_lines(p, ranges); !st) {
+    return Status(ENOTRECOVERABLE, "adopting the forked child's lines: " + st.message());
+  }
+  open_gate();
+  // The parent's descriptors this process inherited (its userfaultfd, its other children's,
+  // its threads' eventfds): nothing here uses them, and holding them would keep them alive.
+  for (int fd : {p.uffd, p.stop_fd, p.handover_fd, p.pidfd, p.task_dir, p.pcache_fd}) {
+    if (fd >= 0) close(fd);
+  }
+  for (const Impl::Child& c : p.children) {
+    if (c.uffd >= 0) close(c.uffd);
+    if (const int pidfd = c.pidfd.load(); pidfd >= 0) close(pidfd);
+  }
+  return cache;
 }
 
 }  // namespace lego

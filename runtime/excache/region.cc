@@ -131,7 +131,10 @@ Status ExCache::Impl::init_region() {
   void* l = map_anon(lines_bytes);  // zero = kAbsent, not backed
   if (l == nullptr) return Status::from_errno(errno, "mmap line states");
   lines = static_cast<std::atomic<uint64_t>*>(l);
+  return init_buffers();
+}
 
+Status ExCache::Impl::init_buffers() {
   void* s = map_anon(kStagingBuffers * kStagingStride);
   if (s == nullptr) return Status::from_errno(errno, "mmap staging buffers");
   staging = static_cast<std::byte*>(s);
@@ -156,6 +159,14 @@ Status ExCache::Impl::init_region() {
   }
   owner_pid = getpid();
   task_dir = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fork_events) {
+    // Shared with the children to come (fork.cc, "Adoption"); a child that adopts makes
+    // its own for its children.
+    void* h = mmap(nullptr, sizeof(HandoverPage), PROT_READ | PROT_WRITE,
+                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (h == MAP_FAILED) return Status::from_errno(errno, "mmap of the fork handover page");
+    handover = static_cast<HandoverPage*>(h);
+  }
   return Status::ok();
 }
 
@@ -212,6 +223,9 @@ ExCache::Impl::~Impl() {
     if (int pidfd = c.pidfd.load(); pidfd >= 0) close(pidfd);
   }
   if (stop_fd >= 0) close(stop_fd);
+  if (handover_fd >= 0) close(handover_fd);
+  if (int fd = pending_fork_uffd.exchange(-1); fd >= 0) close(fd);
+  if (handover != nullptr) munmap(handover, sizeof(HandoverPage));
   if (pidfd >= 0) close(pidfd);
   if (task_dir >= 0) close(task_dir);
   if (pcache_fd >= 0) close(pcache_fd);
@@ -226,46 +240,8 @@ ExCache::Impl::~Impl() {
 
 Result<std::unique_ptr<ExCache>> ExCache::create(const ExCacheOptions& options,
                                                  LineBackend* backend) {
-  if (backend == nullptr) return Status(EINVAL, "ExCache::create: no backend");
   auto impl = std::make_unique<Impl>();
-  impl->options = options;
-  impl->backend = backend;
-  impl->size = (options.region_bytes + kLine - 1) & ~(kLine - 1);
-  impl->nlines = impl->size >> kLineShift;
-  impl->capacity = options.capacity_bytes >> kLineShift;
-  // Frame numbers live in 32 bits of the line word; line indexes in 63 bits of a frame word.
-  if (impl->capacity < kExCacheMinLines || impl->capacity > (uint64_t{1} << 31)) {
-    return Status(EINVAL, "ExCache::create: capacity_bytes " +
-                              std::to_string(options.capacity_bytes) +
-                              " is not in [64 KiB, 8 TiB]");
-  }
-  if (impl->size < options.capacity_bytes) {
-    return Status(EINVAL, "ExCache::create: capacity_bytes " +
-                              std::to_string(options.capacity_bytes) +
-                              " is larger than the region (region_bytes " +
-                              std::to_string(options.region_bytes) + ")");
-  }
-  if (impl->nlines >= (uint64_t{1} << 47)) {
-    return Status(EINVAL, "ExCache::create: region_bytes " + std::to_string(options.region_bytes) +
-                              " is 2^59 or more");
-  }
-  impl->batch = std::clamp<size_t>(std::min(options.evict_batch_lines, Impl::kMaxBatch), 1,
-                                   impl->capacity / 8);
-  impl->victims = std::make_unique<Impl::Victim[]>(impl->batch);
-  impl->write_backs = std::make_unique<LineBackend::WriteBack[]>(impl->batch);
-  impl->zap_iov = std::make_unique<iovec[]>(impl->batch);
-  impl->wb_lines = std::make_unique<uint64_t[]>(impl->batch);
-  impl->policy = policy_ops(options.policy);
-  if (impl->policy == nullptr) return Status(EINVAL, "ExCache::create: unknown policy");
-
-  impl->frames = std::make_unique<Impl::Frames[]>(impl->capacity);
-  impl->free_stack = std::make_unique<uint32_t[]>(impl->capacity);
-  // Hand out low frames first (the stack pops from the top).
-  for (size_t i = 0; i < impl->capacity; ++i) {
-    impl->free_stack[i] = static_cast<uint32_t>(impl->capacity - 1 - i);
-  }
-  impl->free_top = impl->capacity;
-
+  if (Status st = impl->setup(options, backend); !st) return st;
   if (Status st = impl->init_region(); !st) return st.with_context("ExCache::create");
   if (Status st = impl->open_kernel_module(); !st) return st.with_context("ExCache::create");
 
@@ -279,6 +255,47 @@ Result<std::unique_ptr<ExCache>> ExCache::create(const ExCacheOptions& options,
     if (Status st = raw->start_handler_thread(); !st) return st.with_context("ExCache::create");
   }
   return cache;
+}
+
+Status ExCache::Impl::setup(const ExCacheOptions& opts, LineBackend* line_backend) {
+  if (line_backend == nullptr) return Status(EINVAL, "ExCache::create: no backend");
+  options = opts;
+  backend = line_backend;
+  size = (options.region_bytes + kLine - 1) & ~(kLine - 1);
+  nlines = size >> kLineShift;
+  capacity = options.capacity_bytes >> kLineShift;
+  // Frame numbers live in 32 bits of the line word; line indexes in 63 bits of a frame word.
+  if (capacity < kExCacheMinLines || capacity > (uint64_t{1} << 31)) {
+    return Status(EINVAL, "ExCache::create: capacity_bytes " +
+                              std::to_string(options.capacity_bytes) +
+                              " is not in [64 KiB, 8 TiB]");
+  }
+  if (size < options.capacity_bytes) {
+    return Status(EINVAL, "ExCache::create: capacity_bytes " +
+                              std::to_string(options.capacity_bytes) +
+                              " is larger than the region (region_bytes " +
+                              std::to_string(options.region_bytes) + ")");
+  }
+  if (nlines >= (uint64_t{1} << 47)) {
+    return Status(EINVAL, "ExCache::create: region_bytes " + std::to_string(options.region_bytes) +
+                              " is 2^59 or more");
+  }
+  batch = std::clamp<size_t>(std::min(options.evict_batch_lines, kMaxBatch), 1, capacity / 8);
+  victims = std::make_unique<Impl::Victim[]>(batch);
+  write_backs = std::make_unique<LineBackend::WriteBack[]>(batch);
+  zap_iov = std::make_unique<iovec[]>(batch);
+  wb_lines = std::make_unique<uint64_t[]>(batch);
+  policy = policy_ops(options.policy);
+  if (policy == nullptr) return Status(EINVAL, "ExCache::create: unknown policy");
+
+  frames = std::make_unique<Impl::Frames[]>(capacity);
+  free_stack = std::make_unique<uint32_t[]>(capacity);
+  // Hand out low frames first (the stack pops from the top).
+  for (size_t i = 0; i < capacity; ++i) {
+    free_stack[i] = static_cast<uint32_t>(capacity - 1 - i);
+  }
+  free_top = capacity;
+  return Status::ok();
 }
 
 ExCache::ExCache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}

@@ -43,7 +43,9 @@ options:
                        on from another copy, and the lost copies are made again elsewhere.
                        With 1, losing the memory node ends the run with 69
   --excache SIZE       local memory for PROGRAM's anonymous memory (default 64M; at least
-                       64K, at most this host's memory and 64G)
+                       64K, at most this host's memory and 64G). Per process: a forked
+                       child is a lego process of its own with an ExCache of this size
+                       (as LegoOS gives each process its own pcache)
   --policy P           eviction policy: refault (default; second chance for lines
                        missed again soon after their eviction: fewer misses where
                        lines are re-used), fifo (evict in fill order) or clock (second
@@ -64,8 +66,15 @@ options:
                        (docs/rma.md)
   --prefetch N         lines fetched ahead of a miss that continues a sequential or
                        strided stream, in the same request (0..31, default 31; 0: off)
+  --fork-children M    own (default): a forked child becomes a lego process of its own:
+                       its memory, old and new, on the memory nodes behind an ExCache of
+                       its own (--excache bytes), its counters its own. parent: it stays
+                       served by its parent's ExCache from a copy taken at the fork, and
+                       its new memory is local (cheaper for children that exec at once)
   --stats              print the ExCache counters when PROGRAM exits (and say so when no
-                       process of the run had its memory on the memory node)
+                       process of the run had its memory on the memory node): one block
+                       per process of the run that had its own (PROGRAM, forked
+                       children), then with several a table of them and their sum
   --syscalls           when the run ends, print PROGRAM's system calls and its
                        descendants' like strace -c: per call the time spent in it, calls
                        and errors, sorted by time (ptrace: each call costs two stops
@@ -145,6 +154,10 @@ Options parse_command_line(int argc, char** argv) {
       {"rma", true, [&](const char* a) { o.runtime.rma = flags::choice("--rma", a, kRmaModes); }},
       {"pcache", true,
        [&](const char* a) { o.runtime.pcache = flags::choice("--pcache", a, kPcacheModes); }},
+      {"fork-children", true,
+       [&](const char* a) {
+         o.runtime.fork_children = flags::choice("--fork-children", a, kForkModes);
+       }},
       {"stats", false, [&](const char*) { o.stats = true; }},
       {"syscalls", false, [&](const char*) { o.syscalls = true; }},
       {"allow-local", false, [&](const char*) { o.allow_local = true; }},

@@ -457,6 +457,7 @@ int main(int argc, char** argv) {
   startup_mark("lego-run: spaces freed");
   if (o.stats) {
     for (auto& b : rep.stats()) print_stats(b);
+    print_stats_summary(rep.stats());
     if (spaces.registered() == 0) {
       fprintf(stderr,
               "lego-run: no process of this run had its memory on the memory node: %s's "

@@ -1,8 +1,10 @@
 // The run's reports and --stats (runtime/launcher/reports.h).
 #include "runtime/launcher/reports.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <iterator>
 #include <sstream>
 #include <utility>
 
@@ -89,6 +91,35 @@ void print_stats(const std::string& block) {
             100.0 * static_cast<double>(n) / static_cast<double>(total),
             100.0 * static_cast<double>(n) * 1.5 * static_cast<double>(1ull << b) / total_ns);
   }
+}
+
+void print_stats_summary(const std::vector<std::string>& blocks) {
+  if (blocks.size() < 2) return;
+  static const char* const kColumns[] = {"misses",    "fetches",     "zero_fills",
+                                         "evictions", "write_backs", "resident_lines"};
+  std::vector<StatsReport> reports;
+  int width = 7;  // "process"
+  for (const std::string& b : blocks) {
+    reports.push_back(parse_stats_report(b));
+    width = std::max(width, static_cast<int>(reports.back().head.size()));
+  }
+  fprintf(stderr, "lego-run: %zu processes, each with an ExCache of its own\n", blocks.size());
+  fprintf(stderr, "  %-*s", width, "process");
+  for (const char* c : kColumns) fprintf(stderr, " %14s", c);
+  fprintf(stderr, "\n");
+  unsigned long long sum[std::size(kColumns)] = {};
+  for (const StatsReport& r : reports) {
+    fprintf(stderr, "  %-*s", width, r.head.c_str());
+    for (size_t i = 0; i < std::size(kColumns); i++) {
+      const auto v = static_cast<unsigned long long>(r.number(kColumns[i]));
+      sum[i] += v;
+      fprintf(stderr, " %14llu", v);
+    }
+    fprintf(stderr, "\n");
+  }
+  fprintf(stderr, "  %-*s", width, "all");
+  for (unsigned long long v : sum) fprintf(stderr, " %14llu", v);
+  fprintf(stderr, "\n");
 }
 
 }  // namespace lego::launch

@@ -38,5 +38,9 @@ class Reports {
 // LEGO_EXCACHE_COUNTERS / _GAUGES by name, then bytes moved, miss-latency percentiles
 // and the histogram with each bucket's share of misses and of the time spent in misses.
 void print_stats(const std::string& block);
+// After the blocks, when more than one process reported (PROGRAM and its forked children,
+// each a lego process with an ExCache of its own: runtime/excache/fork.cc): one line per
+// process with its main counters, and their sum.
+void print_stats_summary(const std::vector<std::string>& blocks);
 
 }  // namespace lego::launch

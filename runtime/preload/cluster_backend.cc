@@ -1805,6 +1805,88 @@ void ClusterBackend::drop_snapshot(uint32_t id) {
   m.snap_state[id].store(0, std::memory_order_release);
 }
 
+void ClusterBackend::disown_snapshot(uint32_t id) {
+  Impl& m = *impl_;
+  if (id >= kMaxSnapshots || m.snap_state[id].load() == 0) return;
+  m.snap_state[id].store(1);
+  for (int s = 0; s < m.nslots.load(); s++) {
+    NodeSlot& n = m.slots[s];
+    if (!n.snap_valid[id].load()) continue;
+    n.snap_valid[id].store(false);  // no more heartbeats from here: the child sends its own
+    if (m.options.observer != nullptr) m.options.observer(n.id, n.snaps[id], false);
+  }
+  m.snap_state[id].store(0, std::memory_order_release);
+}
+
+Result<std::unique_ptr<ClusterBackend>> ClusterBackend::adopt_snapshot(
+    const ClusterBackend& parent, uint32_t id, fit::Node* node,
+    const ClusterBackendOptions& options) {
+  const Impl& p = *parent.impl_;
+  if (id >= kMaxSnapshots || p.snap_state[id].load() != 2 || p.snap_map[id] == nullptr) {
+    return Status(ENOENT, "no snapshot " + std::to_string(id) + " to adopt");
+  }
+  auto impl = std::make_unique<Impl>();
+  Impl& m = *impl;
+  m.node = node;
+  m.options = options;
+  m.used = p.used;
+  randombytes_buf(&m.process_key, sizeof m.process_key);
+  m.buffer_bytes = p.buffer_bytes;
+  // The parent numbered its write-backs with its counter, and went on numbering them while
+  // the fork was under way (some went into the snapshot): stay far above all of them.
+  m.version.store(p.version.load() + (uint64_t{1} << 40));
+  m.region_base = p.region_base;
+  m.nvregions = p.nvregions;
+  void* map = map_anonymous(m.nvregions * sizeof(uint64_t));
+  if (map == nullptr) return Status::from_errno(errno, "mmap of the vRegion map");
+  m.map = static_cast<std::atomic<uint64_t>*>(map);
+  for (uint64_t v = 0; v < m.nvregions; v++) m.map[v].store(p.snap_map[id][v]);
+  // The same slots at the same indices (the map names them by index).
+  const int nslots = p.nslots.load();
+  for (int s = 0; s < nslots; s++) {
+    const NodeSlot& from = p.slots[s];
+    NodeSlot& n = m.slots[s];
+    n.id = from.id;
+    n.lease_ms = from.lease_ms;
+    n.channels_ready.store(true);
+    n.state.store(kLost);
+    n.reported = from.reported;  // the parent told the monitor of the nodes it lost
+    if (from.state.load() != kOpen || !from.snap_valid[id].load()) continue;
+    n.space = from.snaps[id];
+    Status st = node->connect_one(n.id);
+    if (!st) {
+      // The parent's snapshot space there is unreachable from here: with replicas, the
+      // others serve (and the repair thread copies); alone, the child cannot start.
+      say("lego: %s: memory node %s: %s (lost for the forked child)\n", options.program.c_str(),
+          m.describe(n.id).c_str(), st.message().c_str());
+      continue;
+    }
+    n.channels_ready.store(false);
+    m.channels_pending.fetch_add(1);
+    n.state.store(kOpen, std::memory_order_release);
+    m.memory_nodes_used.fetch_add(1);
+    if (options.observer != nullptr) options.observer(n.id, n.space, true);
+  }
+  m.nslots.store(nslots, std::memory_order_release);
+  int open_nodes = 0;
+  for (int s = 0; s < nslots; s++) open_nodes += m.live(s);
+  if (open_nodes == 0) return Status(EHOSTUNREACH, "no memory node of the snapshot answers");
+  if (options.monitor != 0) {
+    if (Status st = node->connect_one(options.monitor); !st) {
+      say("lego: %s: monitor node %s: %s (placements wait for it)\n", options.program.c_str(),
+          m.describe(options.monitor).c_str(), st.message().c_str());
+    }
+  }
+  // A vRegion with a copy on a node lost for the child is re-replicated by its repair thread.
+  m.lost_generation.fetch_add(1);
+  std::unique_ptr<ClusterBackend> b(new ClusterBackend(std::move(impl)));
+  Impl* self = b->impl_.get();
+  self->heartbeat = std::thread([self] { self->service(&Impl::heartbeat_loop); });
+  self->placer = std::thread([self] { self->service(&Impl::placer_loop); });
+  self->repairer = std::thread([self] { self->service(&Impl::repair_loop); });
+  return b;
+}
+
 void ClusterBackend::close() {
   Impl& m = *impl_;
   for (int s = 0; s < m.nslots.load(); s++) {

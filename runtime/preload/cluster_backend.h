@@ -145,7 +145,23 @@ class ClusterBackend : public LineBackend {
   Status write_back_snapshot(uint32_t id, std::span<const WriteBack> lines) override;
   Status release_snapshot(uint32_t id, uint64_t addr, uint64_t length) override;
   void drop_snapshot(uint32_t id) override;
+  // The parent's side of a child's adoption (below): forgets snapshot `id` without closing
+  // its spaces (the child owns them now); the observer is told they closed here.
+  void disown_snapshot(uint32_t id) override;
   static constexpr uint32_t kMaxSnapshots = 64;
+
+  // In a forked child (runtime/excache/fork.cc, "Adoption"): a backend of the child's own
+  // whose spaces are snapshot `id` of `parent` (the child's copy of its parent's backend,
+  // which is never used or destroyed here: its channels and threads are the parent's).
+  // Talks through `node` (the child's own, fresh libfit channels), starts its own service
+  // threads, reads the vRegion map as it was at the snapshot, numbers its write-backs
+  // above every version the parent could have used, and tells options.observer (the
+  // child's registry) of each space. A node the parent had no snapshot space on (opened
+  // after the snapshot) is lost for the child. The region is set (no set_region).
+  // Program context. Errors name the node.
+  static Result<std::unique_ptr<ClusterBackend>> adopt_snapshot(
+      const ClusterBackend& parent, uint32_t id, fit::Node* node,
+      const ClusterBackendOptions& options);
 
   // Makes vRegions [first, last] placed if `used(v)` says they hold allocated bytes, and
   // unplaced (kUnplace on every replica) if not; waits for the placer thread. ENOMEM when a

@@ -34,6 +34,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -50,6 +51,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "lego/excache.h"
 #include "lego/fit.h"
@@ -72,12 +74,19 @@ struct Runtime {
   RegionAllocator va;
   unsigned local_arena = 0;
   std::string program;
+  // What a forked child needs to become a process of its own (adopt_in_child).
+  std::unique_ptr<fit::ClusterConfig> config;
+  fit::NodeId self = 0;
+  ClusterBackendOptions backend_options;
+  std::string memory_address;  // the stats page's
+  bool children_adopt = true;  // lego-run --fork-children own
 };
 
 Runtime* g_rt = nullptr;
 std::atomic<bool> g_active{false};  // redirecting allocations into the region
-// In a forked child: the region is served by the parent's ExCache (runtime/excache/fork.cc), and
-// nothing of the runtime may be used here (its threads are gone; its sockets and
+// In a forked child that has not become a process of its own (adopt_in_child failed or
+// was refused): the region is served by the parent's ExCache (runtime/excache/fork.cc),
+// and nothing of the runtime may be used here (its threads are gone; its sockets and
 // userfaultfd belong to the parent). New memory is local; freeing region memory zeroes it.
 std::atomic<bool> g_forked_child{false};
 
@@ -552,6 +561,10 @@ __attribute__((constructor(102))) void lego_start() {
     }
   }
 
+  rt->self = self;
+  rt->backend_options = bo;
+  rt->children_adopt = run.fork_children == "own";
+
   ExCacheOptions opt = launch::excache_options(run);
   opt.on_thread_start = use_local_arena;
   opt.on_fatal = on_fatal;
@@ -588,6 +601,7 @@ __attribute__((constructor(102))) void lego_start() {
   rt->backend->set_used_fn(vregion_used);
 
   dl_iterate_phdr(collect_internal, nullptr);
+  rt->config = std::make_unique<fit::ClusterConfig>(config.value());
   rt.release();
 
   const int expect = ClusterBackend::kServiceThreads +
@@ -602,6 +616,7 @@ __attribute__((constructor(102))) void lego_start() {
     for (const fit::NodeConfig& n : config.value().nodes) {
       if (n.id == g_memory_node) address = n.address + ":" + std::to_string(n.port);
     }
+    g_rt->memory_address = address;
     start_stats_publisher(address);
   }
 
@@ -621,8 +636,176 @@ __attribute__((constructor(102))) void lego_start() {
   startup_mark("runtime: ready");
 }
 
+// fork(): the parent sends the child its userfaultfd (ExCache::take_fork_uffd) over a
+// socket pair made for the fork, with the slot and snapshot the child adopts.
+struct ForkHandover {
+  int32_t slot;
+  uint32_t snapshot;
+};
+
+void send_fork_uffd(int sock) {
+  ForkHandover h{};
+  const int fd = g_rt->cache->take_fork_uffd(&h.slot, &h.snapshot);
+  if (fd < 0) return;  // closing the socket tells the child: stay served by the parent
+  iovec iov{&h, sizeof h};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int));
+  memcpy(CMSG_DATA(c), &fd, sizeof fd);
+  if (sendmsg(sock, &msg, MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof h)) {
+    say("lego: %s: fork(): cannot hand the child its memory (%s): its parent serves it\n",
+        g_program, strerror(errno));
+  }
+  close(fd);
+}
+
+// The regions of the region allocator that may hold resident lines: every vRegion with
+// allocated bytes (ExCache::adopt_fork scans them).
+std::vector<ExCache::Range> used_ranges() {
+  std::vector<ExCache::Range> ranges;
+  const auto base = reinterpret_cast<uint64_t>(g_rt->cache->region_base());
+  const uint64_t end = base + g_rt->cache->region_size();
+  const uint64_t origin = base & ~(mem::kVRegionBytes - 1);
+  for (uint64_t v = 0; origin + v * mem::kVRegionBytes < end; v++) {
+    if (g_rt->va.vregion_bytes_used(v) == 0) continue;
+    const uint64_t from = std::max(base, origin + v * mem::kVRegionBytes);
+    const uint64_t to = std::min(end, origin + (v + 1) * mem::kVRegionBytes);
+    if (!ranges.empty() && ranges.back().start + ranges.back().length == from) {
+      ranges.back().length += to - from;
+    } else {
+      ranges.push_back({from, to - from});
+    }
+  }
+  return ranges;
+}
+
+// The forked child becomes a lego process of its own (runtime/excache/fork.cc,
+// "Adoption"), as LegoOS gives each process its own pcache: fresh libfit channels (nothing
+// of libfabric's may be shared across fork), the fork snapshot as its own memory on the
+// memory nodes, its own ExCache of --excache bytes with its own handler thread, its own
+// counters (reported at its exit) and stats page. Runs in the child's only thread, right
+// after fork(). False: it stays served by its parent (as before adoption existed), and
+// says why.
+bool adopt_in_child(int sock) {
+  ForkHandover h{};
+  iovec iov{&h, sizeof h};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  const timeval wait{10, 0};  // the parent sends right after fork() returns there
+  setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof wait);
+  ssize_t n;
+  do {
+    n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+  } while (n < 0 && errno == EINTR);
+  const cmsghdr* c = n == static_cast<ssize_t>(sizeof h) ? CMSG_FIRSTHDR(&msg) : nullptr;
+  if (c == nullptr || c->cmsg_type != SCM_RIGHTS || c->cmsg_len != CMSG_LEN(sizeof(int))) {
+    return false;  // the parent had nothing to hand over (it said why, if it is an error)
+  }
+  int uffd = -1;
+  memcpy(&uffd, CMSG_DATA(c), sizeof uffd);
+  startup_mark("runtime: child: userfaultfd received");
+
+  // This thread allocates from the runtime's arena meanwhile (as runtime threads do).
+  // Its thread cache holds objects of the program's arenas (region memory, which nobody
+  // serves between the parent letting go and our handler thread starting): flushed.
+  unsigned program_arena = 0, local = g_rt->local_arena;
+  size_t sz = sizeof program_arena;
+  mallctl("thread.arena", &program_arena, &sz, &local, sizeof local);
+  mallctl("thread.tcache.flush", nullptr, nullptr, nullptr, 0);
+  auto program_arena_again = [&] {
+    mallctl("thread.tcache.flush", nullptr, nullptr, nullptr, 0);
+    mallctl("thread.arena", nullptr, nullptr, &program_arena, sizeof program_arena);
+  };
+  auto give_up = [&](const std::string& why) {
+    say("lego: %s: forked child %d: %s; its parent serves its memory\n", g_program,
+        static_cast<int>(getpid()), why.c_str());
+    program_arena_again();
+    return false;
+  };
+  const pid_t parent_pid = g_pid;
+  const uint64_t parent_start = g_start_time;
+  g_pid = getpid();
+  g_start_time = launch::process_info(g_pid).start;
+  auto node = fit::Node::create(*g_rt->config, g_rt->self);
+  if (!node) {
+    close(uffd);
+    return give_up(node.status().message());
+  }
+  startup_mark("runtime: child: node created");
+  const int before = g_runtime_threads_ready.load();
+  auto backend = ClusterBackend::adopt_snapshot(*g_rt->backend, h.snapshot, node.value().get(),
+                                                g_rt->backend_options);
+  if (!backend) {
+    close(uffd);
+    return give_up(backend.status().message());
+  }
+  // Its service threads take the local arena now, while the parent still serves the
+  // region (a thread's first allocation may touch it): between the parent letting go and
+  // our handler thread starting nobody would, and adopting may wait for the heartbeat
+  // thread's channels.
+  if (!wait_for_runtime_threads(before + ClusterBackend::kServiceThreads,
+                                std::chrono::seconds(30))) {
+    fail("the forked child's memory-node threads did not start within 30 s");
+  }
+  // The snapshot's spaces are registered under this process now (adopt_snapshot told the
+  // registry): the parent's registration of them goes, so that lego-run does not free them
+  // when the parent ends.
+  g_pid = parent_pid;
+  g_start_time = parent_start;
+  g_rt->backend->disown_snapshot(h.snapshot);  // this process's copy of the parent's
+  g_pid = getpid();
+  g_start_time = launch::process_info(g_pid).start;
+
+  startup_mark("runtime: child: spaces adopted");
+  auto cache =
+      ExCache::adopt_fork(*g_rt->cache, uffd, h.slot, backend.value().get(), used_ranges());
+  if (!cache) {
+    if (cache.status().code() == ENOTRECOVERABLE) fail(cache.status().message());
+    return give_up(cache.status().message());
+  }
+  startup_mark("runtime: child: excache adopted");
+  if (!wait_for_runtime_threads(before + ClusterBackend::kServiceThreads + 1,
+                                std::chrono::seconds(30))) {
+    fail("the forked child's fault handler thread did not start within 30 s");
+  }
+  // The parent's objects stay as they are in this process's memory, never used or
+  // destroyed: their threads, channels and descriptors are the parent's.
+  (void)g_rt->node.release();
+  (void)g_rt->backend.release();
+  (void)g_rt->cache.release();
+  g_rt->node = std::move(node.value());
+  g_rt->backend = std::move(backend.value());
+  g_rt->cache = std::move(cache.value());
+  g_rt->backend->set_used_fn(vregion_used);
+  g_stats_page.store(nullptr);
+  start_stats_publisher(g_rt->memory_address);
+  g_forked_child.store(false);
+  program_arena_again();
+  startup_mark("runtime: child: ready");
+  return true;
+}
+
+// Whether this process reports its counters at its end: a lego process of its own (not a
+// forked child its parent serves, nor a vfork child sharing its parent's memory), once.
+std::atomic<bool> g_reported{false};
+bool reports_at_exit() {
+  return g_rt != nullptr && !g_forked_child.load() && getpid() == g_pid &&
+         !g_reported.exchange(true);
+}
+
 __attribute__((destructor(101))) void lego_stop() {
-  if (g_rt == nullptr || g_forked_child.load()) return;  // the parent reports
+  if (!reports_at_exit()) return;
   startup_mark("runtime: exit");
   // No channel connection under way while libfabric's destructor runs.
   g_rt->backend->quiesce();
@@ -630,6 +813,40 @@ __attribute__((destructor(101))) void lego_stop() {
   // region) after destructors. lego-run frees the space once the process is gone.
   write_stats();
   if (launch::StatsPublisher* page = g_stats_page.load()) page->remove();
+}
+
+// _exit() (a forked worker's usual end: stress-ng's, a shell's subshells') runs no
+// destructor: the counters are reported here. exit() reaches the kernel through libc's own
+// _exit, not this one.
+// A process alone with the runtime's threads (a forked worker, the common case) also
+// closes its spaces here: no code of it runs after this, and its parent's next fork()
+// finds the memory nodes' capacity free again at once rather than after lego-run's sweep.
+// With other program threads still running (they could fault on the region until
+// exit_group stops them) the spaces are left to lego-run's sweep as at any exit.
+bool alone_with_runtime_threads() {
+  char buf[512];
+  const int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return false;
+  buf[n] = '\0';
+  const char* p = strrchr(buf, ')');  // after the command name, which may hold spaces
+  long threads = 0;
+  for (int field = 2; p != nullptr && field < 20; field++) p = strchr(p + 1, ' ');
+  if (p != nullptr) threads = strtol(p + 1, nullptr, 10);
+  // This thread, the backend's service threads, the handler thread and the stats thread.
+  return threads > 0 && threads <= 1 + ClusterBackend::kServiceThreads + 2;
+}
+
+[[noreturn]] void exit_now(int status) {
+  if (reports_at_exit()) {
+    write_stats();
+    if (launch::StatsPublisher* page = g_stats_page.load()) page->remove();
+    if (alone_with_runtime_threads()) g_rt->backend->close();
+  }
+  syscall(SYS_exit_group, status);
+  __builtin_unreachable();
 }
 
 // A program's call on region memory (the ExCache's own madvise/munmap go to the kernel).
@@ -719,8 +936,17 @@ pid_t fork() {
   }
   static std::mutex fork_mutex;
   std::lock_guard<std::mutex> guard(fork_mutex);
+  // The child's userfaultfd goes to it over this pair (adopt_in_child); without one the
+  // child is served by this process, as it is until it adopts.
+  int sv[2] = {-1, -1};
+  if (g_rt->children_adopt && socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) {
+    sv[0] = sv[1] = -1;
+  }
   lego::Status st = g_rt->cache->prepare_fork();
   if (!st) {
+    for (int fd : sv) {
+      if (fd >= 0) close(fd);
+    }
     lego::runtime::say("lego: fork() failed: %s\n", st.message().c_str());
     errno = st.code() == EOPNOTSUPP ? ENOSYS : st.code();
     return -1;
@@ -728,12 +954,27 @@ pid_t fork() {
   const pid_t pid = real_fork();
   if (pid == 0) {
     lego::runtime::g_forked_child.store(true);
+    if (sv[0] >= 0) close(sv[0]);
+    if (sv[1] >= 0) {
+      lego::runtime::adopt_in_child(sv[1]);
+      close(sv[1]);
+    }
     return 0;
   }
   const int saved = errno;
+  if (sv[1] >= 0) close(sv[1]);
   g_rt->cache->finish_fork(pid);
+  if (pid > 0 && sv[0] >= 0) lego::runtime::send_fork_uffd(sv[0]);
+  if (sv[0] >= 0) close(sv[0]);
   errno = saved;
   return pid;
+}
+
+void _exit(int status) {
+  lego::runtime::exit_now(status);
+}
+void _Exit(int status) {
+  lego::runtime::exit_now(status);
 }
 
 int madvise(void* addr, size_t len, int advice) {

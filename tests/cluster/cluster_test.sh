@@ -165,9 +165,12 @@ check "placement: 1P-3M+monitor, integrity over a heap larger than any one memor
 # heap (3 vRegions, 144 MiB three times) is more than any one node holds, and a node given
 # two of them has room for their copies (with 64 MiB nodes, two on one node were too many:
 # it failed once in eight). Three on one node would still not fit; placement weighted by
-# free capacity makes that a few in a hundred.
+# free capacity makes that a few in a hundred. A forked child is a lego process of its own
+# (runtime/excache/fork.cc): what it allocates is placed too (new vRegions in its adopted
+# space), and a grandchild's fork copies the child's space: with 112 MiB nodes a node was
+# full for a fork once in four; 160 MiB (10 vRegions) leaves room for that.
 big_fork() {
-  "$LEGO_RUN" --memory-nodes 3 --replicas 1 --memory-capacity 112M --excache 8M --stats \
+  "$LEGO_RUN" --memory-nodes 3 --replicas 1 --memory-capacity 160M --excache 8M --stats \
     -- "$FORK_INTEGRITY" 40 3 >"$tmp/bigfork.out" 2>"$tmp/bigfork.err"
   local rc=$?
   tail -3 "$tmp/bigfork.out"
