@@ -936,6 +936,32 @@ pid_t handler_tid() {
   return found;
 }
 
+// Whether this kernel's sched_yield() gives the CPU to another runnable thread of the same
+// CPU (the caller is confined to one CPU): a yield loop and a computing thread, ~100 ms.
+// EEVDF kernels (6.6 on; this host's) do; CFS kernels (Debian 12's 6.1, in the qemu guest)
+// do not: there a thread that yields in a loop still gets its fair share (measured: the
+// handler 151 ms to the computing thread's 152 ms).
+bool yield_gives_cpu() {
+  std::atomic<bool> stop{false};
+  std::atomic<pid_t> worker_tid{0};
+  std::thread worker([&] {
+    worker_tid = gettid();
+    volatile uint64_t sink = 0;
+    while (!stop.load(std::memory_order_relaxed)) sink = sink + 1;
+  });
+  while (worker_tid.load() == 0) std::this_thread::yield();
+  const pid_t me = gettid();
+  const uint64_t mine_before = thread_cpu_ns(me);
+  const uint64_t worker_before = thread_cpu_ns(worker_tid);
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+  while (std::chrono::steady_clock::now() < until) sched_yield();
+  const uint64_t mine = thread_cpu_ns(me) - mine_before;
+  const uint64_t theirs = thread_cpu_ns(worker_tid) - worker_before;
+  stop = true;
+  worker.join();
+  return mine * 4 < theirs;
+}
+
 }  // namespace
 
 TEST_CASE("the handler thread gives its CPU to a program thread while it polls", "[excache]") {
@@ -961,6 +987,13 @@ TEST_CASE("the handler thread gives its CPU to a program thread while it polls",
   }
   // Before the cache: its handler thread inherits the affinity.
   REQUIRE(sched_setaffinity(0, sizeof one, &one) == 0);
+  if (!yield_gives_cpu()) {
+    // Nothing to check: yielding cannot give the CPU away here (the handler then keeps its
+    // fair share, as it did spinning; docs/measurements.md).
+    WARN("this kernel's sched_yield() keeps a fair share for the yielding thread: skipped");
+    REQUIRE(sched_setaffinity(0, sizeof old_cpus, &old_cpus) == 0);
+    return;
+  }
   {
     constexpr size_t kCapacity = 64;
     RoundTripBackend backend(kCapacity * 4 + 64);
