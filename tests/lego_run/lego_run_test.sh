@@ -119,6 +119,22 @@ shm_leaked() {  # a region of a lego process that is gone (other tests' may be l
   return 1
 }
 check "no shm regions left by the run's processes" eval 'need shm_exec_run; ! shm_leaked'
+# A killed private shm node leaves its doorbell; the next lego-run removes it once the
+# lego-run that started the node is gone (its pid is in the name), and no other.
+stale_bell_swept() {
+  local dead live=/dev/shm/lego-fit-bell-lego-run-$$-40001-0000000000000000
+  true & dead=$!; wait $dead
+  local stale=/dev/shm/lego-fit-bell-lego-run-$dead-40001-0000000000000000
+  : >"$stale"; : >"$live"
+  "$LEGO_RUN" --excache 8M -- true
+  local gone=0 kept=0
+  [ -e "$stale" ] || gone=1
+  [ -e "$live" ] && kept=1
+  rm -f "$stale" "$live"
+  echo "stale removed: $gone, live kept: $kept"
+  [ $gone = 1 ] && [ $kept = 1 ]
+}
+check "a killed private node's shm doorbell is swept after its lego-run" stale_bell_swept
 # A program that closes every inherited descriptor (a daemon): lego-run waits for it without
 # spinning.
 idles() {
