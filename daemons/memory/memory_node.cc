@@ -256,16 +256,24 @@ struct MemoryNode::Impl {
     out->rma_base = vr.rma->remote().base;
   }
 
-  // Drops every line of vRegion i of sp (sp.mu held); with `only_zero`, only all-zero ones
-  // (the kept zero lines of a finished copy).
-  void drop_vregion_lines(Space& sp, uint64_t i, bool only_zero) {
+  // Drops the all-zero lines of vRegion i of sp (sp.mu held): the kept zero lines of a
+  // finished copy.
+  void drop_zero_lines(Space& sp, uint64_t i) {
     const uint64_t start = sp.vregion_start(i);
     for (uint64_t k = 0; k < kLinesPerVRegion; k++) {
       auto it = sp.lines.find(start + k * kLineBytes);
-      if (it == sp.lines.end()) continue;
-      if (only_zero && !all_zero(slot(it->second))) continue;
-      drop_line_locked(sp, it);
+      if (it != sp.lines.end() && all_zero(slot(it->second))) drop_line_locked(sp, it);
     }
+  }
+
+  // Forgets every line of vRegion i of sp and zeroes its block whole (sp.mu held; the
+  // vRegion is being unplaced, its key revoked): no line is zeroed on its own first.
+  void clear_vregion(Space& sp, uint64_t i, const VRegion& vr) {
+    const uint64_t start = sp.vregion_start(i);
+    for (uint64_t k = 0; k < kLinesPerVRegion; k++) {
+      if (sp.lines.erase(start + k * kLineBytes) != 0) c.lines_stored--;
+    }
+    zero_block(vr.block);
   }
 
   Status refuse(int code, const std::string& msg) {
@@ -463,7 +471,7 @@ struct MemoryNode::Impl {
     }
     if ((r.flags & kWriteBackCopyLast) != 0) {
       // The copy is whole: the kept zero lines and the releases have done their work.
-      drop_vregion_lines(s, r.vregion, /*only_zero=*/true);
+      drop_zero_lines(s, r.vregion);
       vr.incoming = false;
       vr.released.clear();
       vr.released.shrink_to_fit();
@@ -542,9 +550,8 @@ struct MemoryNode::Impl {
       auto it = s.placed.find(r.vregion);
       if (it == s.placed.end()) return size_t{0};  // a retried call
       revoke(it->second);  // before its lines are zeroed and its block reused
-      drop_vregion_lines(s, r.vregion, /*only_zero=*/false);
+      clear_vregion(s, r.vregion, it->second);
       const uint32_t b = it->second.block;
-      zero_block(b);
       s.placed.erase(it);
       std::lock_guard<std::mutex> pg(pool_mu);
       free_blocks.push_back(b);
