@@ -9,6 +9,7 @@
 
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <memory>
 #include <string>
 #include <thread>
 
@@ -21,6 +22,19 @@ std::string unique_address(const char* what) {
   return std::string("doorbell-test/") + what + "/" + std::to_string(getpid());
 }
 
+// A server's bell at a test-unique address and a client's handle on it.
+struct BellPair {
+  std::unique_ptr<Doorbell> server, client;
+};
+BellPair open_pair(const char* what) {
+  const std::string address = unique_address(what);
+  auto server = Doorbell::create(address, 7);
+  REQUIRE(server.is_ok());
+  auto client = Doorbell::open(address, 7);
+  REQUIRE(client != nullptr);
+  return {std::move(server.value()), std::move(client)};
+}
+
 bool exists(const std::string& path) {
   struct stat st {};
   return stat(path.c_str(), &st) == 0;
@@ -29,13 +43,9 @@ bool exists(const std::string& path) {
 }  // namespace
 
 TEST_CASE("a sleeping server wakes on a ring, long before its timeout", "[doorbell]") {
-  const std::string address = unique_address("wake");
-  auto server = Doorbell::create(address, 7);
-  REQUIRE(server.is_ok());
-  auto client = Doorbell::open(address, 7);
-  REQUIRE(client != nullptr);
+  auto [server, client] = open_pair("wake");
 
-  Doorbell& bell = *server.value();
+  Doorbell& bell = *server;
   bell.arm();
   std::thread ringer([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -51,12 +61,8 @@ TEST_CASE("a sleeping server wakes on a ring, long before its timeout", "[doorbe
 }
 
 TEST_CASE("a ring between arm() and wait() is not lost", "[doorbell]") {
-  const std::string address = unique_address("early");
-  auto server = Doorbell::create(address, 7);
-  REQUIRE(server.is_ok());
-  auto client = Doorbell::open(address, 7);
-  REQUIRE(client != nullptr);
-  Doorbell& bell = *server.value();
+  auto [server, client] = open_pair("early");
+  Doorbell& bell = *server;
   bell.arm();
   client->ring();  // as if the request landed just after the server's last poll
   const auto start = Clock::now();
@@ -65,12 +71,8 @@ TEST_CASE("a ring between arm() and wait() is not lost", "[doorbell]") {
 }
 
 TEST_CASE("without a ring the server sleeps out its timeout", "[doorbell]") {
-  const std::string address = unique_address("timeout");
-  auto server = Doorbell::create(address, 7);
-  REQUIRE(server.is_ok());
-  auto client = Doorbell::open(address, 7);
-  REQUIRE(client != nullptr);
-  Doorbell& bell = *server.value();
+  auto [server, client] = open_pair("timeout");
+  Doorbell& bell = *server;
   client->ring();  // nobody asleep: no effect on a later sleep
   bell.arm();
   const auto start = Clock::now();

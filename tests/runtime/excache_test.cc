@@ -941,25 +941,38 @@ pid_t handler_tid() {
 // EEVDF kernels (6.6 on; this host's) do; CFS kernels (Debian 12's 6.1, in the qemu guest)
 // do not: there a thread that yields in a loop still gets its fair share (measured: the
 // handler 151 ms to the computing thread's 152 ms).
+// A thread that computes until destroyed; cpu_ns() is the CPU it has used so far.
+class ComputingThread {
+ public:
+  ComputingThread()
+      : thread_([this] {
+          tid_ = gettid();
+          volatile uint64_t sink = 0;
+          while (!stop_.load(std::memory_order_relaxed)) sink = sink + 1;
+        }) {
+    while (tid_.load() == 0) std::this_thread::yield();
+  }
+  ~ComputingThread() {
+    stop_ = true;
+    thread_.join();
+  }
+  uint64_t cpu_ns() const { return thread_cpu_ns(tid_); }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::atomic<pid_t> tid_{0};
+  std::thread thread_;
+};
+
 bool yield_gives_cpu() {
-  std::atomic<bool> stop{false};
-  std::atomic<pid_t> worker_tid{0};
-  std::thread worker([&] {
-    worker_tid = gettid();
-    volatile uint64_t sink = 0;
-    while (!stop.load(std::memory_order_relaxed)) sink = sink + 1;
-  });
-  while (worker_tid.load() == 0) std::this_thread::yield();
+  ComputingThread worker;
   const pid_t me = gettid();
   const uint64_t mine_before = thread_cpu_ns(me);
-  const uint64_t worker_before = thread_cpu_ns(worker_tid);
+  const uint64_t worker_before = worker.cpu_ns();
   const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
   while (std::chrono::steady_clock::now() < until) sched_yield();
   const uint64_t mine = thread_cpu_ns(me) - mine_before;
-  const uint64_t theirs = thread_cpu_ns(worker_tid) - worker_before;
-  stop = true;
-  worker.join();
-  return mine * 4 < theirs;
+  return mine * 4 < worker.cpu_ns() - worker_before;
 }
 
 }  // namespace
@@ -1012,16 +1025,9 @@ TEST_CASE("the handler thread gives its CPU to a program thread while it polls",
     const pid_t handler = handler_tid();
     REQUIRE(handler != 0);
 
-    std::atomic<bool> stop{false};
-    std::atomic<pid_t> worker_tid{0};
-    std::thread worker([&] {
-      worker_tid = gettid();
-      volatile uint64_t sink = 0;
-      while (!stop.load(std::memory_order_relaxed)) sink = sink + 1;
-    });
-    while (worker_tid.load() == 0) std::this_thread::yield();
+    auto worker = std::make_unique<ComputingThread>();
     const uint64_t handler_before = thread_cpu_ns(handler);
-    const uint64_t worker_before = thread_cpu_ns(worker_tid);
+    const uint64_t worker_before = worker->cpu_ns();
     const auto t0 = std::chrono::steady_clock::now();
     size_t wrong = 0;
     if (in_flight) {
@@ -1037,9 +1043,8 @@ TEST_CASE("the handler thread gives its CPU to a program thread while it polls",
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const double handler_ms = (thread_cpu_ns(handler) - handler_before) / 1e6;
-    const double worker_ms = (thread_cpu_ns(worker_tid) - worker_before) / 1e6;
-    stop = true;
-    worker.join();
+    const double worker_ms = (worker->cpu_ns() - worker_before) / 1e6;
+    worker.reset();
     INFO("in " << seconds << " s the handler ran " << handler_ms << " ms, the computing thread "
                << worker_ms << " ms");
     CHECK(wrong == 0);
