@@ -1362,12 +1362,7 @@ Result<std::unique_ptr<ClusterBackend>> ClusterBackend::open(fit::Node* node,
                                     " memory nodes answer: fewer than replicas " +
                                     std::to_string(options.replicas));
   }
-  std::unique_ptr<ClusterBackend> b(new ClusterBackend(std::move(impl)));
-  Impl* self = b->impl_.get();
-  self->heartbeat = std::thread([self] { self->service(&Impl::heartbeat_loop); });
-  self->placer = std::thread([self] { self->service(&Impl::placer_loop); });
-  self->repairer = std::thread([self] { self->service(&Impl::repair_loop); });
-  return b;
+  return start(std::move(impl));
 }
 
 void ClusterBackend::quiesce() {
@@ -1879,6 +1874,10 @@ Result<std::unique_ptr<ClusterBackend>> ClusterBackend::adopt_snapshot(
   }
   // A vRegion with a copy on a node lost for the child is re-replicated by its repair thread.
   m.lost_generation.fetch_add(1);
+  return start(std::move(impl));
+}
+
+std::unique_ptr<ClusterBackend> ClusterBackend::start(std::unique_ptr<Impl> impl) {
   std::unique_ptr<ClusterBackend> b(new ClusterBackend(std::move(impl)));
   Impl* self = b->impl_.get();
   self->heartbeat = std::thread([self] { self->service(&Impl::heartbeat_loop); });

@@ -204,6 +204,9 @@ class ClusterBackend : public LineBackend {
 
  private:
   explicit ClusterBackend(std::unique_ptr<Impl> impl);
+  // The backend over `impl`, its heartbeat, placer and repair threads started (open and
+  // adopt_snapshot end here).
+  static std::unique_ptr<ClusterBackend> start(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
 
