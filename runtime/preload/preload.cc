@@ -643,23 +643,35 @@ struct ForkHandover {
   uint32_t snapshot;
 };
 
-void send_fork_uffd(int sock) {
+// One ForkHandover and one file descriptor, as a message for sendmsg/recvmsg. Not
+// copyable: msg points into the object.
+struct HandoverMessage {
   ForkHandover h{};
-  const int fd = g_rt->cache->take_fork_uffd(&h.slot, &h.snapshot);
-  if (fd < 0) return;  // closing the socket tells the child: stay served by the parent
   iovec iov{&h, sizeof h};
   alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
   msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control;
-  msg.msg_controllen = sizeof control;
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+
+  HandoverMessage() {
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+  }
+  HandoverMessage(const HandoverMessage&) = delete;
+  HandoverMessage& operator=(const HandoverMessage&) = delete;
+};
+
+void send_fork_uffd(int sock) {
+  HandoverMessage m;
+  ForkHandover& h = m.h;
+  const int fd = g_rt->cache->take_fork_uffd(&h.slot, &h.snapshot);
+  if (fd < 0) return;  // closing the socket tells the child: stay served by the parent
+  cmsghdr* c = CMSG_FIRSTHDR(&m.msg);
   c->cmsg_level = SOL_SOCKET;
   c->cmsg_type = SCM_RIGHTS;
   c->cmsg_len = CMSG_LEN(sizeof(int));
   memcpy(CMSG_DATA(c), &fd, sizeof fd);
-  if (sendmsg(sock, &msg, MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof h)) {
+  if (sendmsg(sock, &m.msg, MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof h)) {
     say("lego: %s: fork(): cannot hand the child its memory (%s): its parent serves it\n",
         g_program, strerror(errno));
   }
@@ -694,21 +706,15 @@ std::vector<ExCache::Range> used_ranges() {
 // after fork(). False: it stays served by its parent (as before adoption existed), and
 // says why.
 bool adopt_in_child(int sock) {
-  ForkHandover h{};
-  iovec iov{&h, sizeof h};
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control;
-  msg.msg_controllen = sizeof control;
+  HandoverMessage m;
+  const ForkHandover& h = m.h;
   const timeval wait{10, 0};  // the parent sends right after fork() returns there
   setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof wait);
   ssize_t n;
   do {
-    n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    n = recvmsg(sock, &m.msg, MSG_CMSG_CLOEXEC);
   } while (n < 0 && errno == EINTR);
-  const cmsghdr* c = n == static_cast<ssize_t>(sizeof h) ? CMSG_FIRSTHDR(&msg) : nullptr;
+  const cmsghdr* c = n == static_cast<ssize_t>(sizeof h) ? CMSG_FIRSTHDR(&m.msg) : nullptr;
   if (c == nullptr || c->cmsg_type != SCM_RIGHTS || c->cmsg_len != CMSG_LEN(sizeof(int))) {
     return false;  // the parent had nothing to hand over (it said why, if it is an error)
   }
