@@ -8,11 +8,13 @@
 #include <netinet/tcp.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <fstream>
@@ -163,6 +165,164 @@ Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::stri
   }
   std::sort(batches.begin(), batches.end());
   return batches[batches.size() / 2];
+}
+
+Result<double> tcp_concurrent_round_trips_per_s(const std::string& server_ns,
+                                                const std::string& server_addr, uint16_t port,
+                                                size_t request_bytes, size_t reply_bytes,
+                                                int clients, int round_trips, bool spin) {
+  if (clients < 1 || request_bytes == 0 || reply_bytes == 0) {
+    return Status(EINVAL, "tcp floor: no client or an empty message");
+  }
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  if (inet_pton(AF_INET, server_addr.c_str(), &addr.sin_addr) != 1) {
+    return Status(EINVAL, "tcp floor: '" + server_addr + "' is not an IPv4 address");
+  }
+  int ready[2];
+  if (pipe2(ready, O_CLOEXEC) != 0) return Status::from_errno(errno, "pipe");
+  Child server;
+  server.pid = fork();
+  if (server.pid < 0) return Status::from_errno(errno, "fork");
+  if (server.pid == 0) {
+    // One thread serving every connection until all of them closed.
+    close(ready[0]);
+    if (!enter_ns(server_ns)) _exit(10);
+    int ls = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(ls, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+        listen(ls, clients) != 0) {
+      _exit(11);
+    }
+    (void)!write(ready[1], "r", 1);
+    struct Conn {
+      int fd;
+      size_t have = 0;
+    };
+    std::vector<Conn> conns;
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    for (int i = 0; i < clients; i++) {
+      int s = accept(ls, nullptr, nullptr);
+      if (s < 0) _exit(12);
+      setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+      conns.push_back({s});
+    }
+    for (size_t i = 0; i < conns.size(); i++) {
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.u64 = i;
+      epoll_ctl(ep, EPOLL_CTL_ADD, conns[i].fd, &ev);
+    }
+    std::vector<char> in(request_bytes), out(reply_bytes, 'y');
+    size_t open_conns = conns.size();
+    // Reads what conn i has; answers a complete request. False once it closed.
+    auto serve = [&](Conn& c) {
+      for (;;) {
+        ssize_t r = recv(c.fd, in.data() + c.have, request_bytes - c.have, MSG_DONTWAIT);
+        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+          return false;
+        }
+        if (r < 0) return true;
+        c.have += static_cast<size_t>(r);
+        if (c.have == request_bytes) {
+          c.have = 0;
+          if (!spin_io(c.fd, out.data(), reply_bytes, true)) return false;
+        }
+      }
+    };
+    while (open_conns > 0) {
+      if (spin) {
+        for (Conn& c : conns) {
+          if (c.fd >= 0 && !serve(c)) {
+            close(c.fd);
+            c.fd = -1;
+            open_conns--;
+          }
+        }
+        continue;
+      }
+      epoll_event evs[16];
+      int n = epoll_wait(ep, evs, 16, -1);
+      for (int k = 0; k < n; k++) {
+        Conn& c = conns[evs[k].data.u64];
+        if (c.fd >= 0 && !serve(c)) {
+          epoll_ctl(ep, EPOLL_CTL_DEL, c.fd, nullptr);
+          close(c.fd);
+          c.fd = -1;
+          open_conns--;
+        }
+      }
+    }
+    _exit(0);
+  }
+  close(ready[1]);
+  char c;
+  ssize_t got = read(ready[0], &c, 1);
+  close(ready[0]);
+  if (got != 1) {
+    return Status(EIO, "tcp floor: the server could not listen on " + server_addr + ":" +
+                           std::to_string(port) + (server_ns.empty() ? "" : " in " + server_ns));
+  }
+  std::vector<int> fds;
+  for (int i = 0; i < clients; i++) {
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (connect(s, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      Status st = Status::from_errno(
+          errno, "tcp floor: connect to " + server_addr + ":" + std::to_string(port));
+      close(s);
+      for (int fd : fds) close(fd);
+      return st;
+    }
+    int one = 1;
+    setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    fds.push_back(s);
+  }
+  // A blocking exchange: the kernel wakes the waiting side (what "block" measures).
+  auto block_io = [](int fd, char* buf, size_t n, bool send_side) {
+    size_t done = 0;
+    while (done < n) {
+      ssize_t r = send_side ? send(fd, buf + done, n - done, MSG_NOSIGNAL)
+                            : recv(fd, buf + done, n - done, 0);
+      if (r > 0) {
+        done += static_cast<size_t>(r);
+      } else if (r == 0 || errno != EINTR) {
+        return false;
+      }
+    }
+    return true;
+  };
+  std::atomic<int> warm{0};
+  std::atomic<bool> go{false}, failed{false};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < clients; i++) {
+    threads.emplace_back([&, fd = fds[i]] {
+      std::vector<char> buf(std::max(request_bytes, reply_bytes), 'x');
+      auto io = [&](size_t n, bool send_side) {
+        return spin ? spin_io(fd, buf.data(), n, send_side)
+                    : block_io(fd, buf.data(), n, send_side);
+      };
+      auto trips = [&](int n) {
+        for (int k = 0; k < n; k++) {
+          if (!io(request_bytes, true) || !io(reply_bytes, false)) return false;
+        }
+        return true;
+      };
+      bool ok = trips(std::max(100, round_trips / 10));
+      warm.fetch_add(1);
+      while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
+      if (!ok || !trips(round_trips)) failed.store(true);
+    });
+  }
+  while (warm.load() < clients) std::this_thread::yield();
+  const auto t0 = Clock::now();
+  go.store(true, std::memory_order_release);
+  for (auto& t : threads) t.join();
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  for (int fd : fds) close(fd);
+  if (failed.load()) return Status(ECONNRESET, "tcp floor: the server went away");
+  return double(clients) * round_trips / seconds;
 }
 
 Result<double> tcp_busypoll_stream_mb_s(const std::string& server_ns,

@@ -24,6 +24,18 @@ Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::stri
                                    uint16_t port, size_t request_bytes, size_t reply_bytes,
                                    int iterations);
 
+// Round trips per second of `clients` threads, each with one connection and one request
+// of request_bytes in flight at a time (answered by reply_bytes), against one server
+// thread that serves every connection, as lego-memd's one server thread serves the
+// processor's channels. spin: both sides busy-poll (MSG_DONTWAIT loops); else both block
+// (the server in epoll_wait, the clients in recv). What that many threads each waiting on a
+// round trip can do at best over this host's TCP, with both ends on its CPUs: lego-bench's
+// floor for random_mt's threads. Each client makes `round_trips` after a warm-up.
+Result<double> tcp_concurrent_round_trips_per_s(const std::string& server_ns,
+                                                const std::string& server_addr, uint16_t port,
+                                                size_t request_bytes, size_t reply_bytes,
+                                                int clients, int round_trips, bool spin);
+
 // One-way throughput in MB/s (10^6 bytes/s) of a busy-polled TCP stream of total_bytes,
 // sent in chunk_bytes pieces: client -> server, or server -> client when server_sends.
 Result<double> tcp_busypoll_stream_mb_s(const std::string& server_ns,

@@ -167,6 +167,11 @@ measured in the same run (no memory node work, no copies of lego's own):
   its share of moving a window (in for both passes, out for the written half): tcp a
   32-line fetch's round trip, shm half of fi_pingpong's 128 KiB round trip.
 "vs zram" is the floor's ratio to swap on zram, "lego/floor" lego's to the floor.
+  random_mt over tcp: for each thread count, that many client threads each making the
+  fetch's exchange with one in flight, against one server thread serving them all (as
+  lego-memd's), over the same veth link, both sides busy-polling and both blocking: round
+  trips per second and each one's ratio to its 1-thread figure, beside lego_tcp's. With
+  both ends on this host's CPUs, that ratio bounds what more threads can gain.
 
 Real programs (--only programs). Each runs under local first, alone in a memory cgroup
 whose anonymous memory is sampled every 5 ms: the peak sets each other run's cap,

@@ -3,7 +3,10 @@
 // measured in the same run (--help says what each part is).
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <string>
+#include <vector>
 
 #include "lego/status.h"
 #include "libfit/bench/floors.h"
@@ -30,6 +33,14 @@ struct MissFloors {
   // A line's share of moving a 32-line window (round trip of a window fetch / 32).
   Result<double> tcp_window_line = Status(ENODATA, "not measured");
   Result<double> shm_window_line = Status(ENODATA, "not measured");
+  // random_mt's threads over tcp: round trips per second of that many client threads
+  // against one server thread, both sides busy-polling and both blocking.
+  struct Concurrent {
+    int threads = 0;
+    Result<double> spin = Status(ENODATA, "not measured");
+    Result<double> block = Status(ENODATA, "not measured");
+  };
+  std::vector<Concurrent> tcp_threads;
 };
 
 Result<double> per_window_line(Result<double> rtt) {
@@ -37,7 +48,8 @@ Result<double> per_window_line(Result<double> rtt) {
   return rtt.value() / kWindowLines;
 }
 
-MissFloors measure_miss_floors(uint64_t cap, bool tcp, bool shm) {
+MissFloors measure_miss_floors(uint64_t cap, bool tcp, bool shm,
+                               const std::vector<int>& tcp_threads) {
   MissFloors f;
   fprintf(stderr, "lego-bench: miss floors: userfaultfd fault...\n");
   f.fault = measure_fault_floor(cap / kPage, 5);
@@ -56,6 +68,18 @@ MissFloors measure_miss_floors(uint64_t cap, bool tcp, bool shm) {
       f.tcp_window_line =
           per_window_line(tcp_busypoll_rtt_us(ns, remote, static_cast<uint16_t>(port + 2),
                                               kWindowRequestBytes, kWindowReplyBytes, 2000));
+      uint16_t next_port = static_cast<uint16_t>(port + 4);
+      for (int t : tcp_threads) {
+        fprintf(stderr, "lego-bench: miss floors: tcp round trips, %d thread%s...\n", t,
+                t > 1 ? "s" : "");
+        MissFloors::Concurrent c;
+        c.threads = t;
+        c.spin = tcp_concurrent_round_trips_per_s(ns, remote, next_port++, kFetchRequestBytes,
+                                                  kFetchReplyBytes, t, 20000, true);
+        c.block = tcp_concurrent_round_trips_per_s(ns, remote, next_port++, kFetchRequestBytes,
+                                                   kFetchReplyBytes, t, 20000, false);
+        f.tcp_threads.push_back(std::move(c));
+      }
     } else {
       f.tcp_rtt = f.tcp_window_line = link.status();
     }
@@ -96,17 +120,73 @@ bool has_floor(const MemoryRow& r) {
          (r.system == "lego_tcp" || r.system == "lego_shm");
 }
 
+// random_mt's scaling over tcp beside the transport's own: what that many threads, each
+// waiting on one round trip at a time, do over this host's TCP against one server thread,
+// with both ends on the same CPUs (as lego-run's memory node is here). lego's ratio to its
+// 1-thread row cannot be expected above the better of the two floors' ratios.
+void print_thread_floors(const std::vector<MemoryRow>& rows, const MissFloors& f) {
+  if (f.tcp_threads.empty()) return;
+  double spin1 = 0, block1 = 0;
+  for (auto& c : f.tcp_threads) {
+    if (c.threads == 1 && c.spin) spin1 = c.spin.value();
+    if (c.threads == 1 && c.block) block1 = c.block.value();
+  }
+  printf(
+      "\nrandom_mt over tcp against the transport's own scaling: round trips/s of THREADS "
+      "clients\n(72 B / 4128 B, one in flight each) against one server thread, both "
+      "busy-polling (spin)\nor both blocking (block), and lego_tcp's accesses/s, each vs its "
+      "own 1-thread figure\n");
+  printf("%7s %12s %7s %12s %7s   %s\n", "threads", "spin rt/s", "vs 1", "block rt/s", "vs 1",
+         "lego_tcp vs 1");
+  for (auto& c : f.tcp_threads) {
+    char s[32] = "-", sv[32] = "-", b[32] = "-", bv[32] = "-";
+    if (c.spin) snprintf(s, sizeof s, "%.0f", c.spin.value());
+    if (c.spin && spin1 > 0) snprintf(sv, sizeof sv, "%.2fx", c.spin.value() / spin1);
+    if (c.block) snprintf(b, sizeof b, "%.0f", c.block.value());
+    if (c.block && block1 > 0) snprintf(bv, sizeof bv, "%.2fx", c.block.value() / block1);
+    std::string lego;
+    for (auto& r : rows) {
+      if (r.workload != "random_mt" || r.system != "lego_tcp" || r.threads != c.threads ||
+          !r.o.ok) {
+        continue;
+      }
+      for (auto& q : rows) {
+        if (q.workload == r.workload && q.fraction == r.fraction && q.system == r.system &&
+            q.delivery == r.delivery && q.policy == r.policy && q.rma == r.rma && q.threads == 1 &&
+            q.o.ok) {
+          char one[96];
+          snprintf(one, sizeof one, "%s%s %.2fx", lego.empty() ? "" : ", ", system_label(r).c_str(),
+                   q.o.us / r.o.us);
+          lego += one;
+        }
+      }
+    }
+    printf("%7d %12s %7s %12s %7s   %s\n", c.threads, s, sv, b, bv,
+           lego.empty() ? "-" : lego.c_str());
+    if (!c.spin) printf("        spin: %s\n", c.spin.status().message().c_str());
+    if (!c.block) printf("        block: %s\n", c.block.status().message().c_str());
+  }
+}
+
 }  // namespace
 
 void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
   bool tcp = false, shm = false;
+  std::vector<int> tcp_threads;  // random_mt's thread counts run over tcp
   for (auto& r : rows) {
+    if (r.workload == "random_mt" && r.system == "lego_tcp" && r.o.ok &&
+        std::find(tcp_threads.begin(), tcp_threads.end(), r.threads) == tcp_threads.end()) {
+      tcp_threads.push_back(r.threads);
+    }
     if (!has_floor(r)) continue;
     tcp |= r.system == "lego_tcp";
     shm |= r.system == "lego_shm";
   }
+  std::sort(tcp_threads.begin(), tcp_threads.end());
+  if (!tcp_threads.empty() && tcp_threads.front() != 1) tcp_threads.insert(tcp_threads.begin(), 1);
+  if (!tcp_threads.empty()) tcp = true;
   if (!tcp && !shm) return;
-  const MissFloors f = measure_miss_floors(cap, tcp, shm);
+  const MissFloors f = measure_miss_floors(cap, tcp, shm, tcp_threads);
   printf("\nMiss floors on this host (see --help):\n");
   auto line = [](const char* what, const Result<double>& v) {
     if (v) {
@@ -143,6 +223,7 @@ void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
     printf("%-11s %5.0f%% %-17s %16.3f %10s %10.2fx\n", r.workload.c_str(), r.fraction * 100,
            system_label(r).c_str(), floor.value(), vz, r.o.us / floor.value());
   }
+  print_thread_floors(rows, f);
 }
 
 }  // namespace lego::bench
