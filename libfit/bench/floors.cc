@@ -77,33 +77,37 @@ struct TcpPair {
   }
 };
 
-template <typename Serve>
-Status connect_pair(TcpPair& pair, const std::string& server_ns, const std::string& server_addr,
-                    uint16_t port, Serve serve) {
+Result<sockaddr_in> ipv4(const std::string& server_addr, uint16_t port) {
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(port);
   if (inet_pton(AF_INET, server_addr.c_str(), &addr.sin_addr) != 1) {
     return Status(EINVAL, "tcp floor: '" + server_addr + "' is not an IPv4 address");
   }
+  return addr;
+}
+
+// Forks the server into `child` (in server_ns when not empty), listening on addr with
+// `backlog`; `serve(listening socket)` runs there. Returns once it listens.
+template <typename Serve>
+Status start_server(Child& child, const std::string& server_ns, const sockaddr_in& addr,
+                    int backlog, Serve serve) {
   int ready[2];
   if (pipe2(ready, O_CLOEXEC) != 0) return Status::from_errno(errno, "pipe");
-  pair.child.pid = fork();
-  if (pair.child.pid < 0) return Status::from_errno(errno, "fork");
-  if (pair.child.pid == 0) {
+  child.pid = fork();
+  if (child.pid < 0) return Status::from_errno(errno, "fork");
+  if (child.pid == 0) {
     close(ready[0]);
     if (!enter_ns(server_ns)) _exit(10);
     int ls = socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
     setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(ls, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(ls, 1) != 0) {
+    if (bind(ls, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0 ||
+        listen(ls, backlog) != 0) {
       _exit(11);
     }
     (void)!write(ready[1], "r", 1);
-    int s = accept(ls, nullptr, nullptr);
-    if (s < 0) _exit(12);
-    setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    serve(s);
+    serve(ls);
     _exit(0);
   }
   close(ready[1]);
@@ -111,16 +115,49 @@ Status connect_pair(TcpPair& pair, const std::string& server_ns, const std::stri
   ssize_t got = read(ready[0], &c, 1);
   close(ready[0]);
   if (got != 1) {
-    return Status(EIO, "tcp floor: the server could not listen on " + server_addr + ":" +
-                           std::to_string(port) + (server_ns.empty() ? "" : " in " + server_ns));
+    char where[INET_ADDRSTRLEN] = "?";
+    inet_ntop(AF_INET, &addr.sin_addr, where, sizeof where);
+    return Status(EIO, "tcp floor: the server could not listen on " + std::string(where) + ":" +
+                           std::to_string(ntohs(addr.sin_port)) +
+                           (server_ns.empty() ? "" : " in " + server_ns));
   }
-  pair.fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (connect(pair.fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    return Status::from_errno(errno,
-                              "tcp floor: connect to " + server_addr + ":" + std::to_string(port));
-  }
+  return Status();
+}
+
+// A server's accepted connection or a client's connected one: no Nagle delay.
+int no_delay(int fd) {
   int one = 1;
-  setsockopt(pair.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  return fd;
+}
+
+Result<int> connect_to(const sockaddr_in& addr) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return Status::from_errno(errno, "socket");
+  if (connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
+    const int err = errno;
+    close(fd);
+    char where[INET_ADDRSTRLEN] = "?";
+    inet_ntop(AF_INET, &addr.sin_addr, where, sizeof where);
+    return Status::from_errno(err, "tcp floor: connect to " + std::string(where) + ":" +
+                                       std::to_string(ntohs(addr.sin_port)));
+  }
+  return no_delay(fd);
+}
+
+template <typename Serve>
+Status connect_pair(TcpPair& pair, const std::string& server_ns, const std::string& server_addr,
+                    uint16_t port, Serve serve) {
+  auto addr = ipv4(server_addr, port);
+  if (!addr) return addr.status();
+  LEGO_RETURN_IF_ERROR(start_server(pair.child, server_ns, addr.value(), 1, [&](int ls) {
+    int s = accept(ls, nullptr, nullptr);
+    if (s < 0) _exit(12);
+    serve(no_delay(s));
+  }));
+  auto fd = connect_to(addr.value());
+  if (!fd) return fd.status();
+  pair.fd = fd.value();
   return Status();
 }
 
@@ -174,29 +211,11 @@ Result<double> tcp_concurrent_round_trips_per_s(const std::string& server_ns,
   if (clients < 1 || request_bytes == 0 || reply_bytes == 0) {
     return Status(EINVAL, "tcp floor: no client or an empty message");
   }
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  if (inet_pton(AF_INET, server_addr.c_str(), &addr.sin_addr) != 1) {
-    return Status(EINVAL, "tcp floor: '" + server_addr + "' is not an IPv4 address");
-  }
-  int ready[2];
-  if (pipe2(ready, O_CLOEXEC) != 0) return Status::from_errno(errno, "pipe");
+  auto addr = ipv4(server_addr, port);
+  if (!addr) return addr.status();
   Child server;
-  server.pid = fork();
-  if (server.pid < 0) return Status::from_errno(errno, "fork");
-  if (server.pid == 0) {
-    // One thread serving every connection until all of them closed.
-    close(ready[0]);
-    if (!enter_ns(server_ns)) _exit(10);
-    int ls = socket(AF_INET, SOCK_STREAM, 0);
-    int one = 1;
-    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(ls, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-        listen(ls, clients) != 0) {
-      _exit(11);
-    }
-    (void)!write(ready[1], "r", 1);
+  // One thread serving every connection until all of them closed.
+  Status started = start_server(server, server_ns, addr.value(), clients, [&](int ls) {
     struct Conn {
       int fd;
       size_t have = 0;
@@ -206,8 +225,7 @@ Result<double> tcp_concurrent_round_trips_per_s(const std::string& server_ns,
     for (int i = 0; i < clients; i++) {
       int s = accept(ls, nullptr, nullptr);
       if (s < 0) _exit(12);
-      setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-      conns.push_back({s});
+      conns.push_back({no_delay(s)});
     }
     for (size_t i = 0; i < conns.size(); i++) {
       epoll_event ev{};
@@ -217,7 +235,7 @@ Result<double> tcp_concurrent_round_trips_per_s(const std::string& server_ns,
     }
     std::vector<char> in(request_bytes), out(reply_bytes, 'y');
     size_t open_conns = conns.size();
-    // Reads what conn i has; answers a complete request. False once it closed.
+    // Reads what c has; answers each complete request. False once it closed.
     auto serve = [&](Conn& c) {
       for (;;) {
         ssize_t r = recv(c.fd, in.data() + c.have, request_bytes - c.have, MSG_DONTWAIT);
@@ -255,29 +273,16 @@ Result<double> tcp_concurrent_round_trips_per_s(const std::string& server_ns,
         }
       }
     }
-    _exit(0);
-  }
-  close(ready[1]);
-  char c;
-  ssize_t got = read(ready[0], &c, 1);
-  close(ready[0]);
-  if (got != 1) {
-    return Status(EIO, "tcp floor: the server could not listen on " + server_addr + ":" +
-                           std::to_string(port) + (server_ns.empty() ? "" : " in " + server_ns));
-  }
+  });
+  if (!started) return started;
   std::vector<int> fds;
   for (int i = 0; i < clients; i++) {
-    int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (connect(s, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-      Status st = Status::from_errno(
-          errno, "tcp floor: connect to " + server_addr + ":" + std::to_string(port));
-      close(s);
-      for (int fd : fds) close(fd);
-      return st;
+    auto fd = connect_to(addr.value());
+    if (!fd) {
+      for (int open_fd : fds) close(open_fd);
+      return fd.status();
     }
-    int one = 1;
-    setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    fds.push_back(s);
+    fds.push_back(fd.value());
   }
   // A blocking exchange: the kernel wakes the waiting side (what "block" measures).
   auto block_io = [](int fd, char* buf, size_t n, bool send_side) {
