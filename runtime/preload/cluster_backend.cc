@@ -30,6 +30,7 @@
 
 #include "lego/placement.h"
 #include "lego/retry.h"
+#include "runtime/preload/rma_chooser.h"
 
 namespace lego::runtime {
 namespace {
@@ -96,6 +97,8 @@ struct NodeSlot {
   // Snapshot spaces on this node (kFork), valid when snap_valid.
   mem::SpaceHandle snaps[ClusterBackend::kMaxSnapshots] = {};
   std::atomic<bool> snap_valid[ClusterBackend::kMaxSnapshots] = {};
+  // --rma auto: how long one-line fetches from this node took each way lately.
+  RmaChooser chooser;
 };
 
 // One started request of a write-back job.
@@ -120,6 +123,12 @@ struct WriteJob {
 struct FetchJob {
   std::atomic<bool> busy{false};
   int slot = -1;
+  // --rma auto: a one-line kFetch chosen over a one-sided read, timed from its start to the
+  // first fetch_ready() that sees its reply in (or its finish, if no poll saw it first): the
+  // handler thread evicts while the fetch is in flight, and that overlap is the request's,
+  // not time it waited. Touched by the ticket's thread only.
+  bool timed = false, probe = false;
+  uint64_t start_ns = 0;
   uint64_t addrs[LineBackend::kMaxFetchBatch];
   fit::Node::PendingCall pending;
 };
@@ -494,13 +503,25 @@ struct ClusterBackend::Impl {
         if (!slots[s].snap_valid[snap].load(std::memory_order_acquire)) continue;
         h = &slots[s].snaps[snap];
       }
-      if (snap < 0 && rma_fetch(v_of(addrs), i, s, addrs, out)) {
-        if (failed_over) {
-          failovers.fetch_add(1, std::memory_order_relaxed);
-          stamp_once(first_failover_ns);
+      // One-sided where there is a grant (and, under --rma auto, where it has been the
+      // faster way); else, or when the read fails, by kFetch.
+      fit::RemoteRegion region;
+      RmaChooser::Choice way{RmaChooser::kRequest, false};
+      const bool granted = snap < 0 && grant_of(v_of(addrs), i, s, &region);
+      if (granted) way = choose(s, addrs.size());
+      const bool timed = granted && options.rma_adaptive && addrs.size() == 1;
+      if (way.path == RmaChooser::kOneSided) {
+        const uint64_t t0 = mono_ns();
+        if (rma_fetch(region, v_of(addrs), addrs, out)) {
+          if (timed) slots[s].chooser.record(RmaChooser::kOneSided, mono_ns() - t0, way.probe);
+          if (failed_over) {
+            failovers.fetch_add(1, std::memory_order_relaxed);
+            stamp_once(first_failover_ns);
+          }
+          return Status();
         }
-        return Status();
       }
+      const uint64_t t0 = mono_ns();
       const size_t len = fetch_request(*h, addrs, req);
       bool others = false;
       for (uint32_t j = i + 1; j < kMaxReplicas; j++) others |= e.full(j) && live(e.slot[j]);
@@ -509,6 +530,9 @@ struct ClusterBackend::Impl {
             node->send_reply(slots[s].id, mem::kFetch, {req, len}, reply_span(addrs.size(), out));
         if (r) {
           call_ok(s);
+          if (timed && way.path == RmaChooser::kRequest) {
+            slots[s].chooser.record(RmaChooser::kRequest, mono_ns() - t0, way.probe);
+          }
           if (failed_over) {
             failovers.fetch_add(1, std::memory_order_relaxed);
             stamp_once(first_failover_ns);
@@ -557,14 +581,27 @@ struct ClusterBackend::Impl {
     g.tag.store(static_cast<uint32_t>(s) + 1, std::memory_order_release);
   }
 
-  // Reads `addrs` (all in vRegion v) from replica i on slot s one-sided, each run of
-  // consecutive lines in one rma_read (a vRegion's lines lie in order in the memory node's
-  // block: memory_proto.h). False, with nothing decided, when there is no grant or a read
-  // failed: the caller then asks by kFetch, whose answer (or error) is the one that counts
-  // (a key revoked by kUnplace or a lost lease fails here; kFetch then says why).
-  bool rma_fetch(uint64_t v, uint32_t i, int s, std::span<const uint64_t> addrs, std::byte* out) {
-    fit::RemoteRegion r;
-    if (!grant_of(v, i, s, &r)) return false;
+  // Which way a fetch of n lines of a granted vRegion from slot s goes: one-sided, unless
+  // --rma auto's figures for the node say requests (one-line fetches are timed and now and
+  // then sent the other way; windows follow the figures). Counts the requests and probes.
+  RmaChooser::Choice choose(int s, size_t n) {
+    if (!options.rma_adaptive) return {RmaChooser::kOneSided, false};
+    RmaChooser& c = slots[s].chooser;
+    const RmaChooser::Choice way = n == 1 ? c.choose() : RmaChooser::Choice{c.favoured(), false};
+    if (way.probe) rma_probes.fetch_add(1, std::memory_order_relaxed);
+    if (n == 1 && way.path == RmaChooser::kRequest) {
+      rma_requests.fetch_add(1, std::memory_order_relaxed);
+    }
+    return way;
+  }
+
+  // Reads `addrs` (all in vRegion v) through grant `r` one-sided, each run of consecutive
+  // lines in one rma_read (a vRegion's lines lie in order in the memory node's block:
+  // memory_proto.h). False, with nothing decided, when a read failed: the caller then asks
+  // by kFetch, whose answer (or error) is the one that counts (a key revoked by kUnplace or
+  // a lost lease fails here; kFetch then says why).
+  bool rma_fetch(const fit::RemoteRegion& r, uint64_t v, std::span<const uint64_t> addrs,
+                 std::byte* out) {
     const uint64_t vstart = region_base + v * mem::kVRegionBytes;
     for (size_t k = 0; k < addrs.size();) {
       size_t n = 1;
@@ -1457,6 +1494,11 @@ ClusterStats ClusterBackend::stats() const {
 #define LEGO_CLUSTER_READ(name, doc) s.name = impl_->name.load(std::memory_order_relaxed);
   LEGO_CLUSTER_COUNTERS(LEGO_CLUSTER_READ)
 #undef LEGO_CLUSTER_READ
+  if (impl_->options.rma_adaptive && impl_->nslots.load(std::memory_order_acquire) > 0) {
+    const RmaChooser& c = impl_->slots[0].chooser;
+    s.rma_request_ns = c.estimate_ns(RmaChooser::kRequest);
+    s.rma_one_sided_ns = c.estimate_ns(RmaChooser::kOneSided);
+  }
   return s;
 }
 
@@ -1526,12 +1568,25 @@ Status ClusterBackend::start_fetch_batch(std::span<const uint64_t> line_addrs, s
   for (uint64_t a : line_addrs) one_vregion &= m.vregion_of(a) == v;
   if (!e.placed || s < 0 || !one_vregion) return m.fetch_lines(line_addrs, out, -1);
   // A one-line miss of a granted vRegion is read one-sided at once (libfit's rma_read waits
-  // for its completion). A window of several lines stays a pipelined kFetch: the ExCache
-  // starts the next prefetch window and lets the program work through this one meanwhile,
-  // an overlap a waited-for read would lose. (In the verbs guest the sequential A/B was
-  // within its noise both ways, docs/rma.md; random misses gained in every run.)
+  // for its completion), unless --rma auto has found requests faster from this node. A
+  // window of several lines stays a pipelined kFetch: the ExCache starts the next prefetch
+  // window and lets the program work through this one meanwhile, an overlap a waited-for
+  // read would lose. (In the verbs guest the sequential A/B was within its noise both ways,
+  // docs/rma.md.)
+  RmaChooser::Choice way{RmaChooser::kOneSided, false};
+  bool timed = false;
   if (fit::RemoteRegion r; n == 1 && m.grant_of(v, replica, s, &r)) {
-    return m.fetch_lines(line_addrs, out, -1);
+    if (!m.options.rma_adaptive) return m.fetch_lines(line_addrs, out, -1);
+    way = m.choose(s, 1);
+    timed = true;
+    if (way.path == RmaChooser::kOneSided) {
+      const uint64_t t0 = Impl::mono_ns();
+      if (m.rma_fetch(r, v, line_addrs, out)) {
+        m.slots[s].chooser.record(RmaChooser::kOneSided, Impl::mono_ns() - t0, way.probe);
+        return Status();
+      }
+      timed = false;  // failed (counted): asked for by kFetch below, not timed
+    }
   }
   for (int k = 0; k < kFetchJobs; k++) {
     FetchJob& j = m.fetch_jobs[k];
@@ -1541,6 +1596,9 @@ Status ClusterBackend::start_fetch_batch(std::span<const uint64_t> line_addrs, s
       continue;
     }
     j.slot = s;
+    j.timed = timed;
+    j.probe = way.probe;
+    j.start_ns = timed ? Impl::mono_ns() : 0;
     memcpy(j.addrs, line_addrs.data(), n * sizeof(uint64_t));
     alignas(8) std::byte req[sizeof(mem::FetchRequest) + kMaxFetchBatch * sizeof(uint64_t)];
     const size_t len = Impl::fetch_request(m.slots[s].space, line_addrs, req);
@@ -1565,11 +1623,14 @@ Status ClusterBackend::finish_fetch_batch(FetchTicket* ticket) {
   FetchJob& j = m.fetch_jobs[k];
   auto r = m.node->finish_call(&j.pending);
   const int s = j.slot;
+  const bool timed = j.timed, probe = j.probe;
+  const uint64_t start_ns = j.start_ns;
   uint64_t addrs[kMaxFetchBatch];
   memcpy(addrs, j.addrs, ticket->count * sizeof(uint64_t));
   j.busy.store(false, std::memory_order_release);
   if (r) {
     m.call_ok(s);
+    if (timed) m.slots[s].chooser.record(RmaChooser::kRequest, Impl::mono_ns() - start_ns, probe);
     return m.unpack(r.value(), ticket->count, ticket->out, s);
   }
   // Failed: a node found lost is read around at once; otherwise the ExCache retries (with
@@ -1593,7 +1654,14 @@ bool ClusterBackend::fetch_ready(FetchTicket* ticket) {
   int k = -1;
   memcpy(&k, ticket->opaque, sizeof k);
   if (k < 0) return true;
-  return impl_->node->call_done(&impl_->fetch_jobs[k].pending);
+  FetchJob& j = impl_->fetch_jobs[k];
+  if (!impl_->node->call_done(&j.pending)) return false;
+  if (j.timed) {  // the reply is in: that is the request's time (it may still fail)
+    j.timed = false;
+    impl_->slots[j.slot].chooser.record(RmaChooser::kRequest, Impl::mono_ns() - j.start_ns,
+                                        j.probe);
+  }
+  return true;
 }
 
 Status ClusterBackend::write_back(std::span<const WriteBack> lines) {

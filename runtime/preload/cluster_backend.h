@@ -54,6 +54,11 @@ namespace lego::runtime {
   X(monitor_waits, "placements that waited for an unreachable monitor")                   \
   X(rma_lines, "lines fetched by one-sided reads (--rma)")                                \
   X(rma_fallbacks, "one-sided reads that failed and were asked for by kFetch instead")    \
+  X(rma_requests, "one-line fetches of a granted vRegion --rma auto sent as kFetch")      \
+  X(rma_probes, "one-line fetches --rma auto sent the way it did not favour, to time it") \
+  /* Gauges: the first memory node's averages (rma_chooser.h; 0: not measured). */        \
+  X(rma_request_ns, "--rma auto: average one-line kFetch from the first memory node, ns") \
+  X(rma_one_sided_ns, "--rma auto: average one-line rma_read from it, ns")                \
   /* Times, CLOCK_MONOTONIC ns (0: not yet), for lego-bench's failover figures. */        \
   X(first_loss_ns, "when this process first found a memory node lost")                    \
   X(first_failover_ns, "when the first miss that met a lost node was done by the others") \
@@ -96,6 +101,13 @@ struct ClusterBackendOptions {
   // elsewhere the read is a request by another name. Default off (lego-run --rma auto turns
   // it on for verbs).
   bool rma = false;
+  // With rma: choose per memory node, for each one-line miss, the way that has been
+  // faster lately (rma_chooser.h: one-sided reads cost more than requests while the memory
+  // node's CPU is free, far less while it is busy), trying the other one fetch in 64.
+  // Windows of several lines follow the choice unmeasured. Default off: rma alone reads
+  // one-sided wherever it can (lego-run --rma on); lego-run --rma auto sets both on
+  // verbs.
+  bool rma_adaptive = false;
   // Told of every space opened or closed, from open() on (lego-run's registry:
   // launch_contract.h). Runs on the calling thread; must allocate nothing and not call back
   // into the backend.

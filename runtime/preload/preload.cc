@@ -546,10 +546,13 @@ __attribute__((constructor(102))) void lego_start() {
   bo.on_thread_start = use_local_arena;
   bo.replicas = run.replicas != 0 ? run.replicas : cluster_replicas(config.value());
   bo.monitor_wait_ms = cluster_monitor_wait_ms(config.value());
-  // One-sided reads pay where the NIC moves the bytes (verbs); on tcp and shm they are
-  // requests by another name (docs/rma.md).
-  bo.rma = run.rma == "on" || (run.rma == "auto" && !config.value().nodes.empty() &&
-                               config.value().nodes.front().provider == fit::Provider::kVerbs);
+  // One-sided reads can pay only where the NIC moves the bytes (verbs); on tcp and shm they
+  // are requests by another name (docs/rma.md). Even on verbs they pay only while the
+  // memory node's CPU is busy: auto chooses per node and miss by measured latency.
+  const bool verbs = !config.value().nodes.empty() &&
+                     config.value().nodes.front().provider == fit::Provider::kVerbs;
+  bo.rma = run.rma == "on" || (run.rma == "auto" && verbs);
+  bo.rma_adaptive = run.rma == "auto" && verbs;
   if (run.memory_node != 0) {
     bo.memory_nodes = {static_cast<fit::NodeId>(run.memory_node)};
   } else {

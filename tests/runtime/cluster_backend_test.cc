@@ -76,11 +76,14 @@ struct Cluster {
     servers[static_cast<size_t>(index)]->stop();
     memory[static_cast<size_t>(index)].reset();
   }
-  // rma: fetch by one-sided reads of the granted blocks (lego-run --rma on).
-  std::unique_ptr<ClusterBackend> backend(uint32_t replicas, bool rma = false) {
+  // rma: fetch by one-sided reads of the granted blocks (lego-run --rma on); adaptive:
+  // where they have been faster (lego-run --rma auto on verbs).
+  std::unique_ptr<ClusterBackend> backend(uint32_t replicas, bool rma = false,
+                                          bool adaptive = false) {
     ClusterBackendOptions o;
     o.replicas = replicas;
-    o.rma = rma;
+    o.rma = rma || adaptive;
+    o.rma_adaptive = adaptive;
     for (const auto& n : config.nodes) {
       if (n.role == lego::fit::Role::kMemory) o.memory_nodes.push_back(n.id);
     }
@@ -262,6 +265,69 @@ TEST_CASE("two replicas on two nodes: a fetch whose node is gone is read from th
   if (rma) {
     CHECK(b->stats().rma_lines == kVRegions * 2);
     CHECK(b->stats().rma_fallbacks >= 1);
+  }
+}
+
+TEST_CASE("rma auto: one-line misses go the way that has been faster from the memory node",
+          "[cluster][rma]") {
+  // The processor's sent requests of one kind are held 3 ms each (libfit's fault injection
+  // on the real transport): kFetch, so requests are slower and one-sided reads must win, or
+  // one-sided reads (served by libfit over tcp as requests of their own opcode), so they
+  // are slower and kFetch must win. Both miss paths are driven: the handler thread's
+  // (start_fetch_batch, fetch_ready, finish_fetch_batch) and the synchronous one (fetch,
+  // as the sigbus delivery's). Every line must read what was written either way.
+  const bool slow_requests = GENERATE(true, false);
+  CAPTURE(slow_requests);
+  reset_used();
+  Cluster c(1, 256u << 20);
+  auto plan = std::make_shared<lego::testing::FaultPlan>();
+  lego::testing::inject_faults(*c.client, plan);
+  auto b = c.backend(1, false, /*adaptive=*/true);
+  constexpr uint64_t kLines = 64, kRounds = 3;
+  place(*b, 0, 0);
+  write_all(*b, 1, kLines, 1);
+  auto slow = lego::testing::fault_on(
+      lego::testing::Way::kSend, lego::fit::wire::Kind::kRequest, lego::testing::Fault::kDelay,
+      slow_requests ? uint16_t{lego::mem::kFetch} : uint16_t{0xfffe} /* libfit's kRmaRead */, -1);
+  slow.delay = std::chrono::milliseconds(3);
+  const size_t rule = plan->add(slow);
+  uint64_t n = 0;
+  for (uint64_t round = 0; round < kRounds; round++) {
+    for (uint64_t k = 0; k < kLines; k++, n++) {
+      Line out;
+      const uint64_t addr[1] = {line_addr(0, (k * 7 + round) % kLines)};
+      lego::Status st;
+      if (n % 2 == 0) {
+        LineBackend::FetchTicket t;
+        st = b->start_fetch_batch(addr, out.data, &t);
+        if (st) {
+          while (!b->fetch_ready(&t)) {
+          }
+          st = b->finish_fetch_batch(&t);
+        }
+      } else {
+        st = b->fetch(addr[0], std::span<std::byte, kLine>(out.data, kLine));
+      }
+      INFO("fetch " << n << ": " << st.message());
+      REQUIRE(st);
+      CHECK(out.tag() == 1000000 + (k * 7 + round) % kLines);
+    }
+  }
+  const lego::runtime::ClusterStats s = b->stats();
+  INFO("rma_lines " << s.rma_lines << ", rma_requests " << s.rma_requests << ", rma_probes "
+                    << s.rma_probes << ", averages: request " << s.rma_request_ns
+                    << " ns, one-sided " << s.rma_one_sided_ns << " ns");
+  CHECK(plan->fired(rule) > 0);
+  CHECK(s.rma_fallbacks == 0);
+  CHECK(s.rma_lines + s.rma_requests == n);  // every miss had a grant, and went one way
+  CHECK(s.rma_probes >= n / 64);             // the way not favoured is measured again
+  // The slow way: its first measurement and the probes (1 in 64), no more.
+  const uint64_t slow_way = slow_requests ? s.rma_requests : s.rma_lines;
+  CHECK(slow_way <= n / 64 + 3);
+  if (slow_requests) {
+    CHECK(s.rma_request_ns > s.rma_one_sided_ns);
+  } else {
+    CHECK(s.rma_one_sided_ns > s.rma_request_ns);
   }
 }
 
