@@ -94,9 +94,16 @@ options:
   --config FILE        the cluster file lego_config runs against (lego-run --config): its
                        memory nodes must be running and hold the heap
   --rma LIST           lego-run --rma for the lego rows, each a row of its own: auto,on,off
-                       (default auto). With on and off both, a table of one-sided reads
-                       against requests follows: µs per access, accesses/s, the median
-                       miss's latency bucket, and the share of lines fetched one-sided
+                       (default auto). With off and another, a table of the modes side
+                       by side follows: µs per access, the ratio to off, the median
+                       miss's latency bucket, and the share of fetches read one-sided
+  --memd-busy LIST     with --systems lego_config: run the lego_config rows again with N
+                       other processor clients loading its memory nodes, for each N
+                       (default 0: the node serves the row alone; e.g. 0,2). Each client
+                       is lego-run --config --rma off of the random workload over an 8
+                       MiB heap with a 1 MiB ExCache (nearly every access a fetch and a
+                       write-back), started a second before the row's --rma modes and
+                       stopped after them. The --rma table then has a line per load
   --deliveries LIST    lego-run --delivery for the lego systems: handler,sigbus (default:
                        both, side by side)
   --threads LIST       random_mt's thread counts (default 1,2,4)
@@ -234,41 +241,71 @@ double delivery_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const
   return 0;
 }
 
-// Each lego row with --rma on beside its --rma off twin.
+// The --rma modes of each lego row side by side (off, on, auto), per memory-node load
+// (--memd-busy): µs per access and the ratio to off, the median miss's bucket, and the
+// share of fetches read one-sided. Printed when off and another mode ran.
 void print_rma(const std::vector<MemoryRow>& rows) {
   bool header = false;
-  for (auto& on : rows) {
-    if (on.rma != "on" || !on.o.ok) continue;
-    for (auto& off : rows) {
-      if (off.rma != "off" || !off.o.ok || off.workload != on.workload ||
-          off.fraction != on.fraction || off.threads != on.threads || off.system != on.system ||
-          off.delivery != on.delivery || off.policy != on.policy) {
+  for (auto& off : rows) {
+    if (off.rma != "off") continue;
+    const MemoryRow* mode[2] = {nullptr, nullptr};  // on, auto
+    for (auto& q : rows) {
+      if (q.workload != off.workload || q.fraction != off.fraction || q.threads != off.threads ||
+          q.system != off.system || q.delivery != off.delivery || q.policy != off.policy ||
+          q.busy != off.busy) {
         continue;
       }
-      if (!header) {
-        printf(
-            "\none-sided reads (--rma on) against requests (--rma off): µs per access, "
-            "accesses/s,\nthe median miss's latency bucket (< µs) and the lines fetched "
-            "one-sided per fetch\n");
-        printf("%-11s %6s %7s %-24s %9s %9s %7s %11s %11s %8s %8s %7s\n", "workload", "local",
-               "threads", "system", "off us", "on us", "on/off", "off acc/s", "on acc/s", "off p50",
-               "on p50", "rma/f");
-        header = true;
-      }
-      MemoryRow base = off;
-      base.rma = "";
-      char p_off[32] = "-", p_on[32] = "-", share[32] = "-";
-      if (off.miss_p50_us >= 0) snprintf(p_off, sizeof p_off, "%.1f", off.miss_p50_us);
-      if (on.miss_p50_us >= 0) snprintf(p_on, sizeof p_on, "%.1f", on.miss_p50_us);
-      const double fetches = on.misses_per_access * double(on.accesses);
-      if (on.rma_lines >= 0 && fetches > 0) {
-        snprintf(share, sizeof share, "%.2f", on.rma_lines / fetches);
-      }
-      printf("%-11s %5.0f%% %7d %-24s %9.3f %9.3f %6.2fx %11.0f %11.0f %8s %8s %7s\n",
-             on.workload.c_str(), on.fraction * 100, on.threads, system_label(base).c_str(),
-             off.o.us, on.o.us, on.o.us / off.o.us, 1e6 / off.o.us * on.threads,
-             1e6 / on.o.us * on.threads, p_off, p_on, share);
+      if (q.rma == "on") mode[0] = &q;
+      if (q.rma == "auto") mode[1] = &q;
     }
+    if (mode[0] == nullptr && mode[1] == nullptr) continue;
+    if (!header) {
+      printf(
+          "\nrequests (--rma off), one-sided reads (--rma on) and the measured choice (--rma "
+          "auto),\nwith the memory node serving this run alone (memd idle) or N other processor "
+          "clients\n(busy N, --memd-busy): µs per access, the ratio to off, the median miss's "
+          "latency\nbucket (< µs) and the share of fetches read one-sided (rma/f)\n");
+      printf("%-11s %6s %-17s %-7s %9s %9s %9s %7s %8s %8s %8s %8s %8s %10s\n", "workload", "local",
+             "system", "memd", "off us", "on us", "auto us", "on/off", "auto/off", "off p50",
+             "on p50", "auto p50", "on rma/f", "auto rma/f");
+      header = true;
+    }
+    MemoryRow base = off;
+    base.rma = "";
+    base.busy = 0;  // its own column
+    char memd[16] = "idle";
+    if (off.busy > 0) snprintf(memd, sizeof memd, "busy %d", off.busy);
+    char us[3][32], ratio[2][32], p50[3][32], share[2][32];
+    const MemoryRow* all[3] = {&off, mode[0], mode[1]};
+    for (int i = 0; i < 3; i++) {
+      const MemoryRow* r = all[i];
+      snprintf(us[i], sizeof us[i], "-");
+      snprintf(p50[i], sizeof p50[i], "-");
+      if (r == nullptr) continue;
+      if (!r->o.ok) {
+        snprintf(us[i], sizeof us[i], "failed");
+        continue;
+      }
+      snprintf(us[i], sizeof us[i], "%.3f", r->o.us);
+      if (r->miss_p50_us >= 0) snprintf(p50[i], sizeof p50[i], "%.1f", r->miss_p50_us);
+      if (i == 0) continue;
+      snprintf(ratio[i - 1], sizeof ratio[i - 1], "-");
+      snprintf(share[i - 1], sizeof share[i - 1], "-");
+      if (off.o.ok) snprintf(ratio[i - 1], sizeof ratio[i - 1], "%.2fx", r->o.us / off.o.us);
+      const double fetches = r->misses_per_access * double(r->accesses);
+      if (r->rma_lines >= 0 && fetches > 0) {
+        snprintf(share[i - 1], sizeof share[i - 1], "%.2f", r->rma_lines / fetches);
+      }
+    }
+    for (int i = 0; i < 2; i++) {
+      if (all[i + 1] == nullptr || !all[i + 1]->o.ok) {
+        snprintf(ratio[i], sizeof ratio[i], "-");
+        snprintf(share[i], sizeof share[i], "-");
+      }
+    }
+    printf("%-11s %5.0f%% %-17s %-7s %9s %9s %9s %7s %8s %8s %8s %8s %8s %10s\n",
+           off.workload.c_str(), off.fraction * 100, system_label(base).c_str(), memd, us[0], us[1],
+           us[2], ratio[0], ratio[1], p50[0], p50[1], p50[2], share[0], share[1]);
   }
 }
 
@@ -276,7 +313,7 @@ void print_rma(const std::vector<MemoryRow>& rows) {
 void print_deliveries_and_threads(const std::vector<MemoryRow>& rows) {
   bool header = false;
   for (auto& r : rows) {
-    if (r.delivery != "handler" || !r.o.ok) continue;
+    if (r.delivery != "handler" || !r.o.ok || r.busy > 0) continue;
     const double sigbus = delivery_us(rows, r, "sigbus");
     if (sigbus <= 0) continue;
     if (!header) {
@@ -337,6 +374,7 @@ int main(int argc, char** argv) {
   std::vector<int> thread_counts{1, 2, 4};
   std::vector<std::string> policies{"fifo"};
   std::vector<std::string> rmas{"auto"};
+  std::vector<int> memd_busy{0};
   std::string config;
   bool systems_given = false;
   long accesses = 200000;
@@ -389,6 +427,13 @@ int main(int argc, char** argv) {
          systems_given = true;
        }},
       {"rma", true, [&](const char* a) { rmas = flags::list("--rma", a, kRmaModes); }},
+      {"memd-busy", true,
+       [&](const char* a) {
+         memd_busy.clear();
+         for (auto& n : split_list(a)) {
+           memd_busy.push_back(static_cast<int>(flags::number("--memd-busy", n.c_str(), 0, 16)));
+         }
+       }},
       {"config", true, [&](const char* a) { config = a; }},
       {"deliveries", true,
        [&](const char* a) { deliveries = flags::list("--deliveries", a, kDeliveries); }},
@@ -450,6 +495,10 @@ int main(int argc, char** argv) {
   if (has_config_system && config.empty()) die("--systems lego_config needs --config FILE");
   if (!config.empty() && !has_config_system) die("--config is for --systems lego_config");
   if (has_config_system && only == "programs") die("--only programs has no lego_config system");
+  if (std::any_of(memd_busy.begin(), memd_busy.end(), [](int n) { return n > 0; }) &&
+      !has_config_system) {
+    die("--memd-busy needs --systems lego_config: the busy clients share its memory nodes");
+  }
   std::string self = self_path();
   const std::string lego_run = find_lego_run(self);
   if (only == "programs") {
@@ -478,7 +527,8 @@ int main(int argc, char** argv) {
     for (auto& s : systems) {
       const bool lego = is_lego(s);
       runs += (w == "random_mt" ? thread_counts.size() : 1) *
-              (lego ? deliveries.size() * policies.size() * rmas.size() : 1);
+              (lego ? deliveries.size() * policies.size() * rmas.size() : 1) *
+              (s == "lego_config" ? memd_busy.size() : 1);
     }
   }
   Progress progress("lego-bench", fractions.size() * runs + (files ? fo.systems.size() : 0));
@@ -496,81 +546,96 @@ int main(int argc, char** argv) {
           const bool lego = is_lego(s);
           for (const std::string& d : lego ? deliveries : std::vector<std::string>{""}) {
             for (const std::string& pol : lego ? policies : std::vector<std::string>{""}) {
-              for (const std::string& rma : lego ? rmas : std::vector<std::string>{""}) {
-                char label[200];
-                snprintf(label, sizeof label, "%s, %d thread%s, %.0f%% local, %s%s%s%s%s%s%s",
-                         w.c_str(), threads, threads > 1 ? "s" : "", f * 100, s.c_str(),
-                         d.empty() ? "" : "/", d.c_str(), pol.empty() || pol == "fifo" ? "" : "/",
-                         pol == "fifo" ? "" : pol.c_str(),
-                         rma.empty() || rma == "auto" ? "" : "/rma_",
-                         rma == "auto" ? "" : rma.c_str());
-                progress.step(label);
-                Outcome o;
-                if (s == "local") {
-                  o = run(worker, "");
-                } else if (s == "zram_swap") {
-                  // An OOM kill is the kernel's verdict on that run, not a figure: say so, and try
-                  // again (a fresh zram device and cgroup each time) so that the row can still
-                  // compare.
-                  for (int kills = 0;; ++kills) {
-                    ZramSwap z;
-                    std::string err = z.setup(cap);
-                    if (!err.empty()) {
-                      o = Outcome();
-                      o.error = err;
-                    } else {
-                      o = run(worker, z.tasks());
+              for (int busy : s == "lego_config" ? memd_busy : std::vector<int>{0}) {
+                // The --rma modes of one load side by side, under the same busy clients.
+                BusyClients clients;
+                std::string busy_error;
+                if (busy > 0) busy_error = clients.start(busy, lego_run, config, self);
+                const size_t group = rows.size();
+                for (const std::string& rma : lego ? rmas : std::vector<std::string>{""}) {
+                  char label[200];
+                  snprintf(label, sizeof label, "%s, %d thread%s, %.0f%% local, %s%s%s%s%s%s%s%s",
+                           w.c_str(), threads, threads > 1 ? "s" : "", f * 100, s.c_str(),
+                           d.empty() ? "" : "/", d.c_str(), pol.empty() || pol == "fifo" ? "" : "/",
+                           pol == "fifo" ? "" : pol.c_str(),
+                           rma.empty() || rma == "auto" ? "" : "/rma_",
+                           rma == "auto" ? "" : rma.c_str(),
+                           busy > 0 ? (", memd busy " + std::to_string(busy)).c_str() : "");
+                  progress.step(label);
+                  Outcome o;
+                  if (s == "local") {
+                    o = run(worker, "");
+                  } else if (s == "zram_swap") {
+                    // An OOM kill is the kernel's verdict on that run, not a figure: say so, and
+                    // try again (a fresh zram device and cgroup each time) so that the row can
+                    // still compare.
+                    for (int kills = 0;; ++kills) {
+                      ZramSwap z;
+                      std::string err = z.setup(cap);
+                      if (!err.empty()) {
+                        o = Outcome();
+                        o.error = err;
+                      } else {
+                        o = run(worker, z.tasks());
+                      }
+                      o.oom_kills = kills;
+                      if (!o.oom || kills == oom_retries) break;
+                      progress.note(std::string(label) + ": OOM-killed, running again");
                     }
-                    o.oom_kills = kills;
-                    if (!o.oom || kills == oom_retries) break;
-                    progress.note(std::string(label) + ": OOM-killed, running again");
+                    if (o.oom) o.oom_kills += 1;
+                  } else if (s == "lego_tcp" || s == "lego_shm") {
+                    std::vector<std::string> a{lego_run,
+                                               "--excache",
+                                               std::to_string(cap),
+                                               "--delivery",
+                                               d,
+                                               "--transport",
+                                               s == "lego_tcp" ? "tcp" : "shm",
+                                               "--memory-capacity",
+                                               std::to_string(heap * 2 + (256 << 20)),
+                                               "--policy",
+                                               pol,
+                                               "--stats",
+                                               "--"};
+                    a.insert(a.end() - 1, {"--rma", rma});
+                    a.insert(a.end(), worker.begin(), worker.end());
+                    o = run(a, "", "us_per_access ", /*keep_stderr=*/true);
+                  } else if (s == "lego_config") {
+                    std::vector<std::string> a{
+                        lego_run,     "--config", config,     "--excache", std::to_string(cap),
+                        "--delivery", d,          "--policy", pol,         "--rma",
+                        rma,          "--stats",  "--"};
+                    a.insert(a.end(), worker.begin(), worker.end());
+                    o = run(a, "", "us_per_access ", /*keep_stderr=*/true);
                   }
-                  if (o.oom) o.oom_kills += 1;
-                } else if (s == "lego_tcp" || s == "lego_shm") {
-                  std::vector<std::string> a{lego_run,
-                                             "--excache",
-                                             std::to_string(cap),
-                                             "--delivery",
-                                             d,
-                                             "--transport",
-                                             s == "lego_tcp" ? "tcp" : "shm",
-                                             "--memory-capacity",
-                                             std::to_string(heap * 2 + (256 << 20)),
-                                             "--policy",
-                                             pol,
-                                             "--stats",
-                                             "--"};
-                  a.insert(a.end() - 1, {"--rma", rma});
-                  a.insert(a.end(), worker.begin(), worker.end());
-                  o = run(a, "", "us_per_access ", /*keep_stderr=*/true);
-                } else if (s == "lego_config") {
-                  std::vector<std::string> a{
-                      lego_run,     "--config", config,     "--excache", std::to_string(cap),
-                      "--delivery", d,          "--policy", pol,         "--rma",
-                      rma,          "--stats",  "--"};
-                  a.insert(a.end(), worker.begin(), worker.end());
-                  o = run(a, "", "us_per_access ", /*keep_stderr=*/true);
-                }
-                MemoryRow row{w, s, f, threads, o, d, -1, -1, -1, pol, -1, rma, -1, -1};
-                row.accesses = accesses;
-                if (lego && o.ok) {
-                  row.rma_lines = stat_value(o.err, "rma_lines");
-                  if (const size_t at = o.err.find("miss_latency     p50 < ");
-                      at != std::string::npos) {
-                    sscanf(o.err.c_str() + at, "miss_latency     p50 < %lf", &row.miss_p50_us);
+                  MemoryRow row{w, s, f, threads, o, d, -1, -1, -1, pol, -1, rma, -1, -1};
+                  row.accesses = accesses;
+                  row.busy = busy;
+                  if (lego && o.ok) {
+                    row.rma_lines = stat_value(o.err, "rma_lines");
+                    if (const size_t at = o.err.find("miss_latency     p50 < ");
+                        at != std::string::npos) {
+                      sscanf(o.err.c_str() + at, "miss_latency     p50 < %lf", &row.miss_p50_us);
+                    }
                   }
+                  // After the heap's fill every line is backed: every miss of the loop is a fetch.
+                  if (const double fetches = stat_value(o.err, "fetches");
+                      lego && o.ok && fetches >= 0) {
+                    row.misses_per_access = fetches / double(accesses);
+                  }
+                  if (const size_t at = o.text.find("cpu_us_per_access ");
+                      o.ok && at != std::string::npos) {
+                    sscanf(o.text.c_str() + at, "cpu_us_per_access %lf %lf %lf", &row.cpu_user,
+                           &row.cpu_kernel, &row.cpu_memd);
+                  }
+                  rows.push_back(row);
                 }
-                // After the heap's fill every line is backed: every miss of the loop is a fetch.
-                if (const double fetches = stat_value(o.err, "fetches");
-                    lego && o.ok && fetches >= 0) {
-                  row.misses_per_access = fetches / double(accesses);
+                // A client that died left the memory node less busy than the rows say.
+                if (busy_error.empty() && busy > 0) busy_error = clients.stop();
+                for (size_t i = group; i < rows.size() && !busy_error.empty(); i++) {
+                  rows[i].o.ok = false;
+                  rows[i].o.error = busy_error;
                 }
-                if (const size_t at = o.text.find("cpu_us_per_access ");
-                    o.ok && at != std::string::npos) {
-                  sscanf(o.text.c_str() + at, "cpu_us_per_access %lf %lf %lf", &row.cpu_user,
-                         &row.cpu_kernel, &row.cpu_memd);
-                }
-                rows.push_back(row);
               }
             }
           }

@@ -9,6 +9,7 @@
 // Internal to lego-bench.
 #pragma once
 
+#include <sys/types.h>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -126,13 +127,43 @@ struct MemoryRow {
   double miss_p50_us = -1;
   double rma_lines = -1;
   long accesses = 0;  // the run's --accesses
+  // lego_config rows: other processor clients loading the memory node meanwhile
+  // (--memd-busy; 0: the node served this run alone).
+  int busy = 0;
 };
 // "lego_tcp/handler" for a lego row ("lego_tcp/handler/refault" beside another policy than
-// fifo, ".../rma_on" or ".../rma_off" for a row with --rma on or off), else the system's name.
+// fifo, ".../rma_on" or ".../rma_off" for a row with --rma on or off, ".../busy2" under
+// --memd-busy 2), else the system's name.
 std::string system_label(const MemoryRow& r);
 // µs per access of `system` on r's workload, fraction and threads, or 0 when it did not run
 // or failed.
 double peer_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const char* system);
+
+// ---- memd_busy.cc
+
+// N processor clients loading the memory nodes of a cluster file while rows are measured
+// (--memd-busy): each a lego-run --config --rma off of this program's random worker with a
+// 1 MiB ExCache over an 8 MiB heap (7 accesses in 8 a fetch and a write-back), run until
+// stopped. Stopped (SIGTERM, waited for) on destruction.
+class BusyClients {
+ public:
+  ~BusyClients() { stop(); }
+  // Starts n clients and gives them a second to join and fill their heaps. "" or what
+  // failed (a client that exited already: its status and last stderr line).
+  std::string start(int n, const std::string& lego_run, const std::string& config,
+                    const std::string& self);
+  // "" while every client runs; else which one exited, and why.
+  std::string check();
+  // Stops them all; what check() said first (a client that died before its stop).
+  std::string stop();
+
+ private:
+  struct Client {
+    pid_t pid;
+    int err;  // its stderr: an unlinked temp file
+  };
+  std::vector<Client> clients_;
+};
 
 // ---- files.cc
 

@@ -211,6 +211,7 @@ std::string system_label(const MemoryRow& r) {
   std::string label = r.delivery.empty() ? r.system : r.system + "/" + r.delivery;
   if (!r.policy.empty() && r.policy != "fifo") label += "/" + r.policy;
   if (!r.rma.empty() && r.rma != "auto") label += "/rma_" + r.rma;
+  if (r.busy > 0) label += "/busy" + std::to_string(r.busy);
   return label;
 }
 
