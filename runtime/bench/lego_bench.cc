@@ -102,8 +102,8 @@ options:
                        (default 0: the node serves the row alone; e.g. 0,2). Each client
                        is lego-run --config --rma off of the random workload over an 8
                        MiB heap with a 1 MiB ExCache (nearly every access a fetch and a
-                       write-back), started a second before the row's --rma modes and
-                       stopped after them. The --rma table then has a line per load
+                       write-back), started before the row's --rma modes (each
+                       client's heap filled) and stopped after them. The --rma table then has a line per load
   --deliveries LIST    lego-run --delivery for the lego systems: handler,sigbus (default:
                        both, side by side)
   --threads LIST       random_mt's thread counts (default 1,2,4)

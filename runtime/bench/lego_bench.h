@@ -148,8 +148,9 @@ double peer_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const cha
 class BusyClients {
  public:
   ~BusyClients() { stop(); }
-  // Starts n clients and gives them a second to join and fill their heaps. "" or what
-  // failed (a client that exited already: its status and last stderr line).
+  // Starts n clients and waits until each has filled its heap (its worker creates the file
+  // $LEGO_BENCH_READY names), at most 120 s. "" or what failed (a client that exited: its
+  // status and last stderr line).
   std::string start(int n, const std::string& lego_run, const std::string& config,
                     const std::string& self);
   // "" while every client runs; else which one exited, and why.

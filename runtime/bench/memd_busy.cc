@@ -24,9 +24,13 @@ constexpr uint64_t kClientCache = 1ull << 20;
 constexpr uint64_t kClientHeap = 8ull << 20;
 // Accesses no client reaches before it is stopped.
 constexpr long kClientAccesses = 1000000000000;
-// Time for the clients' lego-run to join and their workers to fill their heaps before the
-// measured run starts (which spends about as long starting and filling its own).
-constexpr auto kSettle = std::chrono::milliseconds(1000);
+// How long the clients may take to start and fill their heaps (lego-run's start-up under
+// emulation takes seconds; a client that needs more is reported).
+constexpr auto kStartTimeout = std::chrono::seconds(120);
+
+std::string ready_path(int i) {
+  return "/tmp/lego-bench-busy-" + std::to_string(getpid()) + "-" + std::to_string(i) + ".ready";
+}
 
 }  // namespace
 
@@ -52,12 +56,15 @@ std::string BusyClients::start(int n, const std::string& lego_run, const std::st
                                         std::to_string(kClientHeap),
                                         std::to_string(kClientAccesses),
                                         "1"};
+    const std::string ready = ready_path(i);  // this process's pid, not the child's
+    unlink(ready.c_str());
     const pid_t pid = fork();
     if (pid < 0) {
       close(err);
       return std::string("fork of a busy client: ") + strerror(errno);
     }
     if (pid == 0) {
+      setenv("LEGO_BENCH_READY", ready.c_str(), 1);
       const int null = open("/dev/null", O_WRONLY);
       if (null >= 0) dup2(null, 1);
       dup2(err, 2);
@@ -69,8 +76,21 @@ std::string BusyClients::start(int n, const std::string& lego_run, const std::st
     }
     clients_.push_back({pid, err});
   }
-  std::this_thread::sleep_for(kSettle);
-  return check();
+  // Every client in its loop (its heap filled) before the rows are measured: the load is
+  // then the same for each --rma mode.
+  const auto end = std::chrono::steady_clock::now() + kStartTimeout;
+  for (int i = 0; i < n; i++) {
+    while (access(ready_path(i).c_str(), F_OK) != 0) {
+      if (std::string st = check(); !st.empty()) return st;
+      if (std::chrono::steady_clock::now() > end) {
+        return "busy client " + std::to_string(i + 1) + " did not fill its heap within " +
+               std::to_string(kStartTimeout.count()) + " s";
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    unlink(ready_path(i).c_str());
+  }
+  return "";
 }
 
 std::string BusyClients::check() {

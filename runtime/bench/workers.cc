@@ -167,6 +167,10 @@ int worker(const std::string& workload, size_t heap_bytes, long accesses, int th
   // Incompressible fill.
   std::mt19937_64 fill(42);
   for (size_t i = 0; i < pages * kPage / 8; i++) heap[i] = fill();
+  // A busy client (memd_busy.cc) tells lego-bench its heap is filled: its loop starts.
+  if (const char* ready = getenv("LEGO_BENCH_READY")) {
+    if (FILE* f = fopen(ready, "w")) fclose(f);
+  }
   const size_t words_per_page = kPage / 8;
   std::unique_ptr<Zipf> zipf;
   if (workload == "zipf") zipf = std::make_unique<Zipf>(pages, 0.99);

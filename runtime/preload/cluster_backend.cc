@@ -123,15 +123,23 @@ struct WriteJob {
 struct FetchJob {
   std::atomic<bool> busy{false};
   int slot = -1;
-  // --rma auto: a one-line kFetch chosen over a one-sided read, timed from its start to the
-  // first fetch_ready() that sees its reply in (or its finish, if no poll saw it first): the
-  // handler thread evicts while the fetch is in flight, and that overlap is the request's,
-  // not time it waited. Touched by the ticket's thread only.
-  bool timed = false, probe = false;
-  uint64_t start_ns = 0;
   uint64_t addrs[LineBackend::kMaxFetchBatch];
   fit::Node::PendingCall pending;
 };
+
+// --rma auto's timing of a one-line miss started by start_fetch_batch, kept in its ticket
+// (FetchTicket::opaque, after the fetch job's index) by the ticket's thread. Either way is
+// timed from the start to the first fetch_ready() that finds it done (or its finish, if no
+// poll came first): what the ExCache's handler thread waits for. Between the two the
+// handler evicts for the miss: a request's round trip overlaps that work, a one-sided read
+// (waited for in start) does not, and a fair choice counts both alike.
+struct TicketTiming {
+  uint64_t start_ns = 0;
+  int32_t slot = -1;
+  uint8_t path = 0, probe = 0, timed = 0, pad = 0;
+};
+constexpr size_t kTicketTimingAt = 8;
+static_assert(kTicketTimingAt + sizeof(TicketTiming) <= sizeof(LineBackend::FetchTicket::opaque));
 
 // A memory node's grant of one-sided reads of one replica of a vRegion (kPlaceRma), read by
 // the miss path without a lock: `tag` is the node slot + 1 the grant belongs to (0: none),
@@ -1573,19 +1581,18 @@ Status ClusterBackend::start_fetch_batch(std::span<const uint64_t> line_addrs, s
   // window and lets the program work through this one meanwhile, an overlap a waited-for
   // read would lose. (In the verbs guest the sequential A/B was within its noise both ways,
   // docs/rma.md.)
-  RmaChooser::Choice way{RmaChooser::kOneSided, false};
-  bool timed = false;
+  TicketTiming timing;
+  memcpy(ticket->opaque + kTicketTimingAt, &timing, sizeof timing);  // not timed
   if (fit::RemoteRegion r; n == 1 && m.grant_of(v, replica, s, &r)) {
     if (!m.options.rma_adaptive) return m.fetch_lines(line_addrs, out, -1);
-    way = m.choose(s, 1);
-    timed = true;
+    const RmaChooser::Choice way = m.choose(s, 1);
+    timing = {Impl::mono_ns(), s, static_cast<uint8_t>(way.path), way.probe, 1, 0};
     if (way.path == RmaChooser::kOneSided) {
-      const uint64_t t0 = Impl::mono_ns();
       if (m.rma_fetch(r, v, line_addrs, out)) {
-        m.slots[s].chooser.record(RmaChooser::kOneSided, Impl::mono_ns() - t0, way.probe);
+        memcpy(ticket->opaque + kTicketTimingAt, &timing, sizeof timing);
         return Status();
       }
-      timed = false;  // failed (counted): asked for by kFetch below, not timed
+      timing.timed = 0;  // failed (counted): asked for by kFetch below, not timed
     }
   }
   for (int k = 0; k < kFetchJobs; k++) {
@@ -1596,9 +1603,6 @@ Status ClusterBackend::start_fetch_batch(std::span<const uint64_t> line_addrs, s
       continue;
     }
     j.slot = s;
-    j.timed = timed;
-    j.probe = way.probe;
-    j.start_ns = timed ? Impl::mono_ns() : 0;
     memcpy(j.addrs, line_addrs.data(), n * sizeof(uint64_t));
     alignas(8) std::byte req[sizeof(mem::FetchRequest) + kMaxFetchBatch * sizeof(uint64_t)];
     const size_t len = Impl::fetch_request(m.slots[s].space, line_addrs, req);
@@ -1610,27 +1614,40 @@ Status ClusterBackend::start_fetch_batch(std::span<const uint64_t> line_addrs, s
       return m.fetch_lines(line_addrs, out, -1);
     }
     memcpy(ticket->opaque, &k, sizeof k);
+    memcpy(ticket->opaque + kTicketTimingAt, &timing, sizeof timing);
     return Status();
   }
   return m.fetch_lines(line_addrs, out, -1);  // every job busy
+}
+
+// --rma auto: the ticket's one-line miss is done (its time is taken once).
+static void note_fetch_done(ClusterBackend::Impl& m, LineBackend::FetchTicket* ticket) {
+  TicketTiming t;
+  memcpy(&t, ticket->opaque + kTicketTimingAt, sizeof t);
+  if (!t.timed) return;
+  m.slots[t.slot].chooser.record(static_cast<RmaChooser::Path>(t.path),
+                                 ClusterBackend::Impl::mono_ns() - t.start_ns, t.probe != 0);
+  t.timed = 0;
+  memcpy(ticket->opaque + kTicketTimingAt, &t, sizeof t);
 }
 
 Status ClusterBackend::finish_fetch_batch(FetchTicket* ticket) {
   Impl& m = *impl_;
   int k = -1;
   memcpy(&k, ticket->opaque, sizeof k);
-  if (k < 0) return Status();  // fetched in start
+  if (k < 0) {  // fetched in start
+    note_fetch_done(m, ticket);
+    return Status();
+  }
   FetchJob& j = m.fetch_jobs[k];
   auto r = m.node->finish_call(&j.pending);
   const int s = j.slot;
-  const bool timed = j.timed, probe = j.probe;
-  const uint64_t start_ns = j.start_ns;
   uint64_t addrs[kMaxFetchBatch];
   memcpy(addrs, j.addrs, ticket->count * sizeof(uint64_t));
   j.busy.store(false, std::memory_order_release);
   if (r) {
     m.call_ok(s);
-    if (timed) m.slots[s].chooser.record(RmaChooser::kRequest, Impl::mono_ns() - start_ns, probe);
+    note_fetch_done(m, ticket);
     return m.unpack(r.value(), ticket->count, ticket->out, s);
   }
   // Failed: a node found lost is read around at once; otherwise the ExCache retries (with
@@ -1653,14 +1670,8 @@ Status ClusterBackend::finish_fetch_batch(FetchTicket* ticket) {
 bool ClusterBackend::fetch_ready(FetchTicket* ticket) {
   int k = -1;
   memcpy(&k, ticket->opaque, sizeof k);
-  if (k < 0) return true;
-  FetchJob& j = impl_->fetch_jobs[k];
-  if (!impl_->node->call_done(&j.pending)) return false;
-  if (j.timed) {  // the reply is in: that is the request's time (it may still fail)
-    j.timed = false;
-    impl_->slots[j.slot].chooser.record(RmaChooser::kRequest, Impl::mono_ns() - j.start_ns,
-                                        j.probe);
-  }
+  if (k >= 0 && !impl_->node->call_done(&impl_->fetch_jobs[k].pending)) return false;
+  note_fetch_done(*impl_, ticket);  // its reply (rarely an error) is in: the time it took
   return true;
 }
 

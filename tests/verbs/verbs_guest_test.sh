@@ -8,9 +8,10 @@
 # host), bench (fit-bench --providers tcp,verbs in the guest: the table is printed here
 # and kept as an undeclared output), memd (lego-memd with provider = "verbs", lego-run
 # --config ... lego_integrity against it), rma (one-sided reads over verbs: lego_integrity
-# with --rma auto reading its lines by rma_read, then lego-bench --systems lego_config --rma
-# off,on, requests against one-sided reads side by side; the table is printed here and kept
-# as an undeclared output). The guest's kernel log must show no BUG,
+# with --rma auto timing both ways, rma_read and kFetch, then lego-bench --systems
+# lego_config --rma off,on,auto --memd-busy 0,2, requests, one-sided reads and auto's
+# choice side by side with the memory node idle and busy; the table is printed here and
+# kept as an undeclared output). The guest's kernel log must show no BUG,
 # WARNING or Oops. Under emulation a verbs round trip costs ~200 µs: this proves
 # correctness, not speed.
 #
@@ -54,7 +55,7 @@ declare -A STAGE_CHECKS=(
   [rpc]="guest rpc: provider_e2e_test over verbs between two processes (sync, async, channels, RMA, wrong keys, a peer that dies)"
   [bench]="guest bench: fit-bench --providers tcp,verbs in the same guest"
   [memd]="guest memd: lego-memd with provider verbs serves lego-run --config ... lego_integrity"
-  [rma]="guest rma: one-sided reads over verbs keep lego_integrity intact; lego-bench --rma off,on side by side"
+  [rma]="guest rma: one-sided reads over verbs keep lego_integrity intact; lego-bench --rma off,on,auto --memd-busy 0,2 side by side"
 )
 want=" "
 for st in $STAGE_ORDER; do

@@ -20,10 +20,12 @@
 #   memd    lego-memd with provider = "verbs", lego-run --config ... --stats lego_integrity
 #           against it (and a fork child's integrity)
 #   rma     one-sided reads over verbs (docs/rma.md): a lego-memd of its own; lego-run
-#           --config (--rma auto) lego_integrity must fetch its lines with rma_read (the
-#           runtime's rma_lines, memd's rma_grants) and stay intact; then lego-bench
-#           --systems lego_config --rma off,on: requests against one-sided reads, side by
-#           side in this guest (the table in /lego-out/rma-bench.txt and .csv)
+#           --config (--rma auto) lego_integrity must time both ways (lines fetched with
+#           rma_read and probes: the runtime's rma_lines, rma_probes; memd's rma_grants)
+#           and stay intact; then lego-bench --systems lego_config --rma off,on,auto
+#           --memd-busy 0,2: requests, one-sided reads and auto's choice side by side in this
+#           guest, with the memory node idle and with two other clients loading it (the
+#           table in /lego-out/rma-bench.txt and .csv)
 set -u
 exec </dev/null 2>&1
 ROOT=$(sed -n 1p /lego-out/args)
@@ -123,7 +125,8 @@ stage_rma() {
     3>/tmp/rma-memd.ready 2>/tmp/rma-memd.log &
   rma_memd=$!
   wait_ready /tmp/rma-memd.ready "$rma_memd" 120 || { echo "lego-memd did not start"; cat /tmp/rma-memd.log; return 1; }
-  # --rma auto (the default) must read one-sided over verbs, and the program's data be intact.
+  # --rma auto (the default) must time both ways over verbs (each is measured first, then the
+  # one not in use 1 fetch in 64: rma_lines and rma_probes), and the program's data be intact.
   local rc
   timeout 600 "$BIN/runtime/lego-run" --config $cluster --storage-node none --excache 2M --stats -- \
     "$BIN/tests/lego_run/lego_integrity" 4 1 1500 >/tmp/rma-run.out 2>/tmp/rma-run.err
@@ -133,20 +136,28 @@ stage_rma() {
   [ "$rc" = 0 ] || { echo "lego-run exited $rc"; tail -n 30 /tmp/rma-run.err; cat /tmp/rma-memd.log; return 1; }
   grep -q '^integrity ok' /tmp/rma-run.out || return 1
   grep -Eq '^ *rma_lines +[1-9]' /tmp/rma-run.err || { echo "no line was read one-sided"; return 1; }
+  grep -Eq '^ *rma_probes +[1-9]' /tmp/rma-run.err || { echo "--rma auto probed neither way"; return 1; }
   grep -Eq '^ *rma_fallbacks +0$' /tmp/rma-run.err || { echo "one-sided reads failed"; return 1; }
   "$BIN/daemons/memory/lego-memd" --status --config $cluster --node 2 >/tmp/rma-status.txt 2>&1
   grep -E 'rma_|requests_served' /tmp/rma-status.txt
   grep -q '^rma_grants [1-9]' /tmp/rma-status.txt || { cat /tmp/rma-status.txt; return 1; }
-  # The A/B: the same runs with requests and with one-sided reads, side by side. Small:
-  # under emulation each costs ~1 min.
+  # The A/B: the same random runs with requests, one-sided reads and auto's choice, side by
+  # side, with the memory node serving them alone and with two other clients loading it.
+  # Random only: its misses are one line each, the ones auto chooses for (a sequential run's
+  # are prefetch windows, pipelined requests in every mode). Small: under emulation each
+  # run costs ~10-20 s.
   LEGO_RUN=$BIN/runtime/lego-run timeout 1200 "$BIN/runtime/bench/lego-bench" --only memory \
-    --systems lego_config --config $cluster --workloads random,sequential --fractions 0.5 \
-    --cap 2M --accesses "$RMA_ACCESSES" --deliveries handler --rma off,on --no-floors \
-    --csv /lego-out/rma-bench.csv >/lego-out/rma-bench.txt 2>/tmp/rma-bench.err
+    --systems lego_config --config $cluster --workloads random --fractions 0.5 \
+    --cap 2M --accesses "$RMA_ACCESSES" --deliveries handler --rma off,on,auto \
+    --memd-busy 0,2 --no-floors --csv /lego-out/rma-bench.csv >/lego-out/rma-bench.txt \
+    2>/tmp/rma-bench.err
   rc=$?
   cat /lego-out/rma-bench.txt
   [ "$rc" = 0 ] || { echo "lego-bench exited $rc"; tail -n 20 /tmp/rma-bench.err; return 1; }
-  grep -q 'one-sided reads (--rma on) against requests' /lego-out/rma-bench.txt
+  grep -q 'requests (--rma off), one-sided reads (--rma on) and the measured choice' \
+    /lego-out/rma-bench.txt || return 1
+  # Every run of the table ran (a busy client that died fails its rows).
+  ! grep -Eq ' failed' /lego-out/rma-bench.txt || { tail -n 20 /tmp/rma-bench.err; return 1; }
 }
 
 run_stage rxe "soft-RoCE: rxe0 on lgv0 $A, rxe1 on lgv1 $B" stage_rxe
@@ -154,6 +165,6 @@ run_stage rpc "provider_e2e_test over verbs ($A -> $B)" stage_rpc
 run_stage bench "fit-bench --providers tcp,verbs --addresses $A,$B" stage_bench
 run_stage memd "lego-memd over verbs; lego-run --config ... lego_integrity" stage_memd
 [ -z "$memd" ] || kill "$memd"
-run_stage rma "one-sided reads over verbs: lego_integrity, lego-bench --rma off,on" stage_rma
+run_stage rma "one-sided reads over verbs: lego_integrity, lego-bench --rma off,on,auto --memd-busy 0,2" stage_rma
 [ -z "$rma_memd" ] || kill "$rma_memd"
 guest_poweroff LEGO_VERBS rdma_rxe
