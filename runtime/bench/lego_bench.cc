@@ -264,10 +264,11 @@ void print_rma(const std::vector<MemoryRow>& rows) {
           "\nrequests (--rma off), one-sided reads (--rma on) and the measured choice (--rma "
           "auto),\nwith the memory node serving this run alone (memd idle) or N other processor "
           "clients\n(busy N, --memd-busy): µs per access, the ratio to off, the median miss's "
-          "latency\nbucket (< µs) and the share of fetches read one-sided (rma/f)\n");
-      printf("%-11s %6s %-17s %-7s %9s %9s %9s %7s %8s %8s %8s %8s %8s %10s\n", "workload", "local",
-             "system", "memd", "off us", "on us", "auto us", "on/off", "auto/off", "off p50",
-             "on p50", "auto p50", "on rma/f", "auto rma/f");
+          "latency\nbucket (< µs), the share of fetches read one-sided (rma/f), and auto's "
+          "last averages\nof a one-line fetch by request and one-sided (µs)\n");
+      printf("%-11s %6s %-17s %-7s %9s %9s %9s %7s %8s %8s %8s %8s %8s %10s %8s %8s\n", "workload",
+             "local", "system", "memd", "off us", "on us", "auto us", "on/off", "auto/off",
+             "off p50", "on p50", "auto p50", "on rma/f", "auto rma/f", "avg req", "avg rma");
       header = true;
     }
     MemoryRow base = off;
@@ -303,9 +304,16 @@ void print_rma(const std::vector<MemoryRow>& rows) {
         snprintf(share[i], sizeof share[i], "-");
       }
     }
-    printf("%-11s %5.0f%% %-17s %-7s %9s %9s %9s %7s %8s %8s %8s %8s %8s %10s\n",
+    char avg[2][32] = {"-", "-"};
+    if (mode[1] != nullptr && mode[1]->o.ok && mode[1]->auto_request_us > 0) {
+      snprintf(avg[0], sizeof avg[0], "%.1f", mode[1]->auto_request_us);
+    }
+    if (mode[1] != nullptr && mode[1]->o.ok && mode[1]->auto_one_sided_us > 0) {
+      snprintf(avg[1], sizeof avg[1], "%.1f", mode[1]->auto_one_sided_us);
+    }
+    printf("%-11s %5.0f%% %-17s %-7s %9s %9s %9s %7s %8s %8s %8s %8s %8s %10s %8s %8s\n",
            off.workload.c_str(), off.fraction * 100, system_label(base).c_str(), memd, us[0], us[1],
-           us[2], ratio[0], ratio[1], p50[0], p50[1], p50[2], share[0], share[1]);
+           us[2], ratio[0], ratio[1], p50[0], p50[1], p50[2], share[0], share[1], avg[0], avg[1]);
   }
 }
 
@@ -613,6 +621,12 @@ int main(int argc, char** argv) {
                   row.busy = busy;
                   if (lego && o.ok) {
                     row.rma_lines = stat_value(o.err, "rma_lines");
+                    if (const double ns = stat_value(o.err, "rma_request_ns"); ns > 0) {
+                      row.auto_request_us = ns / 1000;
+                    }
+                    if (const double ns = stat_value(o.err, "rma_one_sided_ns"); ns > 0) {
+                      row.auto_one_sided_us = ns / 1000;
+                    }
                     if (const size_t at = o.err.find("miss_latency     p50 < ");
                         at != std::string::npos) {
                       sscanf(o.err.c_str() + at, "miss_latency     p50 < %lf", &row.miss_p50_us);

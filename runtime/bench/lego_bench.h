@@ -126,6 +126,9 @@ struct MemoryRow {
   std::string rma;
   double miss_p50_us = -1;
   double rma_lines = -1;
+  // --rma auto rows: its last averages of a one-line fetch from the first memory node, by
+  // request and one-sided (--stats rma_request_ns, rma_one_sided_ns; µs, -1: none).
+  double auto_request_us = -1, auto_one_sided_us = -1;
   long accesses = 0;  // the run's --accesses
   // lego_config rows: other processor clients loading the memory node meanwhile
   // (--memd-busy; 0: the node served this run alone).
