@@ -94,9 +94,12 @@ options:
   --config FILE        the cluster file lego_config runs against (lego-run --config): its
                        memory nodes must be running and hold the heap
   --rma LIST           lego-run --rma for the lego rows, each a row of its own: auto,on,off
-                       (default auto). With off and another, a table of the modes side
-                       by side follows: µs per access, the ratio to off, the median
-                       miss's latency bucket, and the share of fetches read one-sided
+                       (default auto); a mode listed again runs again, in turn with the
+                       others (off,on,auto,off,on,auto: two rounds). With off and
+                       another, a table of the modes side by side follows: the median µs
+                       per access of each mode's runs, the ratio to off, the median miss's
+                       latency bucket, the share of fetches read one-sided, and auto's
+                       averages
   --memd-busy LIST     with --systems lego_config: run the lego_config rows again with N
                        other processor clients loading its memory nodes, for each N
                        (default 0: the node serves the row alone; e.g. 0,2). Each client
@@ -241,79 +244,96 @@ double delivery_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const
   return 0;
 }
 
+bool same_rma_group(const MemoryRow& a, const MemoryRow& b) {
+  return a.workload == b.workload && a.fraction == b.fraction && a.threads == b.threads &&
+         a.system == b.system && a.delivery == b.delivery && a.policy == b.policy &&
+         a.busy == b.busy;
+}
+
+// Of `rma`'s rows in r's group (a mode listed more than once in --rma runs that often,
+// alternating with the others), the one whose µs per access is the median (the lower middle
+// of an even count); *runs counts them all, *failed those that failed. Null when none ran.
+const MemoryRow* median_rma_row(const std::vector<MemoryRow>& rows, const MemoryRow& r,
+                                const char* rma, int* runs, int* failed) {
+  std::vector<const MemoryRow*> ok;
+  *runs = *failed = 0;
+  for (auto& q : rows) {
+    if (q.rma != rma || !same_rma_group(q, r)) continue;
+    ++*runs;
+    if (q.o.ok) {
+      ok.push_back(&q);
+    } else {
+      ++*failed;
+    }
+  }
+  if (ok.empty()) return nullptr;
+  std::sort(ok.begin(), ok.end(), [](auto* a, auto* b) { return a->o.us < b->o.us; });
+  return ok[(ok.size() - 1) / 2];
+}
+
 // The --rma modes of each lego row side by side (off, on, auto), per memory-node load
-// (--memd-busy): µs per access and the ratio to off, the median miss's bucket, and the
-// share of fetches read one-sided. Printed when off and another mode ran.
+// (--memd-busy): µs per access (the median of a mode's runs) and the ratio to off, the
+// median miss's bucket, and the share of fetches read one-sided. Printed when off and
+// another mode ran.
 void print_rma(const std::vector<MemoryRow>& rows) {
   bool header = false;
-  for (auto& off : rows) {
-    if (off.rma != "off") continue;
-    const MemoryRow* mode[2] = {nullptr, nullptr};  // on, auto
-    for (auto& q : rows) {
-      if (q.workload != off.workload || q.fraction != off.fraction || q.threads != off.threads ||
-          q.system != off.system || q.delivery != off.delivery || q.policy != off.policy ||
-          q.busy != off.busy) {
-        continue;
-      }
-      if (q.rma == "on") mode[0] = &q;
-      if (q.rma == "auto") mode[1] = &q;
-    }
-    if (mode[0] == nullptr && mode[1] == nullptr) continue;
+  for (size_t k = 0; k < rows.size(); k++) {
+    const MemoryRow& first = rows[k];
+    if (first.rma != "off") continue;
+    bool seen = false;  // an earlier run of the group printed it
+    for (size_t j = 0; j < k; j++) seen |= rows[j].rma == "off" && same_rma_group(rows[j], first);
+    if (seen) continue;
+    int runs[3], failed[3];
+    const MemoryRow* median[3];
+    const char* names[3] = {"off", "on", "auto"};
+    for (int i = 0; i < 3; i++)
+      median[i] = median_rma_row(rows, first, names[i], &runs[i], &failed[i]);
+    if (runs[1] == 0 && runs[2] == 0) continue;
     if (!header) {
       printf(
           "\nrequests (--rma off), one-sided reads (--rma on) and the measured choice (--rma "
           "auto),\nwith the memory node serving this run alone (memd idle) or N other processor "
-          "clients\n(busy N, --memd-busy): µs per access, the ratio to off, the median miss's "
-          "latency\nbucket (< µs), the share of fetches read one-sided (rma/f), and auto's "
-          "last averages\nof a one-line fetch by request and one-sided (µs)\n");
-      printf("%-11s %6s %-17s %-7s %9s %9s %9s %7s %8s %8s %8s %8s %8s %10s %8s %8s\n", "workload",
-             "local", "system", "memd", "off us", "on us", "auto us", "on/off", "auto/off",
-             "off p50", "on p50", "auto p50", "on rma/f", "auto rma/f", "avg req", "avg rma");
+          "clients\n(busy N, --memd-busy): µs per access (the median of each mode's runs; * some "
+          "failed), the\nratio to off, the median miss's latency bucket (< µs), the share of "
+          "fetches read one-sided\n(rma/f), and auto's last averages of a one-line fetch by "
+          "request and one-sided (µs)\n");
+      printf("%-11s %6s %-17s %-7s %4s %9s %9s %9s %7s %8s %8s %8s %8s %8s %10s %8s %8s\n",
+             "workload", "local", "system", "memd", "runs", "off us", "on us", "auto us", "on/off",
+             "auto/off", "off p50", "on p50", "auto p50", "on rma/f", "auto rma/f", "avg req",
+             "avg rma");
       header = true;
     }
-    MemoryRow base = off;
+    MemoryRow base = first;
     base.rma = "";
     base.busy = 0;  // its own column
     char memd[16] = "idle";
-    if (off.busy > 0) snprintf(memd, sizeof memd, "busy %d", off.busy);
-    char us[3][32], ratio[2][32], p50[3][32], share[2][32];
-    const MemoryRow* all[3] = {&off, mode[0], mode[1]};
+    if (first.busy > 0) snprintf(memd, sizeof memd, "busy %d", first.busy);
+    char us[3][32], ratio[3][32], p50[3][32], share[3][32], avg[2][32] = {"-", "-"};
     for (int i = 0; i < 3; i++) {
-      const MemoryRow* r = all[i];
-      snprintf(us[i], sizeof us[i], "-");
+      const MemoryRow* r = median[i];
+      snprintf(us[i], sizeof us[i], runs[i] == 0 ? "-" : "failed");
+      snprintf(ratio[i], sizeof ratio[i], "-");
       snprintf(p50[i], sizeof p50[i], "-");
+      snprintf(share[i], sizeof share[i], "-");
       if (r == nullptr) continue;
-      if (!r->o.ok) {
-        snprintf(us[i], sizeof us[i], "failed");
-        continue;
+      snprintf(us[i], sizeof us[i], "%.3f%s", r->o.us, failed[i] > 0 ? "*" : "");
+      if (median[0] != nullptr) {
+        snprintf(ratio[i], sizeof ratio[i], "%.2fx", r->o.us / median[0]->o.us);
       }
-      snprintf(us[i], sizeof us[i], "%.3f", r->o.us);
       if (r->miss_p50_us >= 0) snprintf(p50[i], sizeof p50[i], "%.1f", r->miss_p50_us);
-      if (i == 0) continue;
-      snprintf(ratio[i - 1], sizeof ratio[i - 1], "-");
-      snprintf(share[i - 1], sizeof share[i - 1], "-");
-      if (off.o.ok) snprintf(ratio[i - 1], sizeof ratio[i - 1], "%.2fx", r->o.us / off.o.us);
       const double fetches = r->misses_per_access * double(r->accesses);
       if (r->rma_lines >= 0 && fetches > 0) {
-        snprintf(share[i - 1], sizeof share[i - 1], "%.2f", r->rma_lines / fetches);
+        snprintf(share[i], sizeof share[i], "%.2f", r->rma_lines / fetches);
       }
     }
-    for (int i = 0; i < 2; i++) {
-      if (all[i + 1] == nullptr || !all[i + 1]->o.ok) {
-        snprintf(ratio[i], sizeof ratio[i], "-");
-        snprintf(share[i], sizeof share[i], "-");
-      }
+    if (const MemoryRow* a = median[2]; a != nullptr) {
+      if (a->auto_request_us > 0) snprintf(avg[0], sizeof avg[0], "%.1f", a->auto_request_us);
+      if (a->auto_one_sided_us > 0) snprintf(avg[1], sizeof avg[1], "%.1f", a->auto_one_sided_us);
     }
-    char avg[2][32] = {"-", "-"};
-    if (mode[1] != nullptr && mode[1]->o.ok && mode[1]->auto_request_us > 0) {
-      snprintf(avg[0], sizeof avg[0], "%.1f", mode[1]->auto_request_us);
-    }
-    if (mode[1] != nullptr && mode[1]->o.ok && mode[1]->auto_one_sided_us > 0) {
-      snprintf(avg[1], sizeof avg[1], "%.1f", mode[1]->auto_one_sided_us);
-    }
-    printf("%-11s %5.0f%% %-17s %-7s %9s %9s %9s %7s %8s %8s %8s %8s %8s %10s %8s %8s\n",
-           off.workload.c_str(), off.fraction * 100, system_label(base).c_str(), memd, us[0], us[1],
-           us[2], ratio[0], ratio[1], p50[0], p50[1], p50[2], share[0], share[1], avg[0], avg[1]);
+    printf("%-11s %5.0f%% %-17s %-7s %4d %9s %9s %9s %7s %8s %8s %8s %8s %8s %10s %8s %8s\n",
+           first.workload.c_str(), first.fraction * 100, system_label(base).c_str(), memd,
+           std::max({runs[0], runs[1], runs[2]}), us[0], us[1], us[2], ratio[1], ratio[2], p50[0],
+           p50[1], p50[2], share[1], share[2], avg[0], avg[1]);
   }
 }
 
