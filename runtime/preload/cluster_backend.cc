@@ -136,7 +136,7 @@ struct FetchJob {
 struct TicketTiming {
   uint64_t start_ns = 0;
   int32_t slot = -1;
-  uint8_t path = 0, probe = 0, timed = 0, pad = 0;
+  uint8_t path = 0, kind = 0, timed = 0, pad = 0;
 };
 constexpr size_t kTicketTimingAt = 8;
 static_assert(kTicketTimingAt + sizeof(TicketTiming) <= sizeof(LineBackend::FetchTicket::opaque));
@@ -514,14 +514,14 @@ struct ClusterBackend::Impl {
       // One-sided where there is a grant (and, under --rma auto, where it has been the
       // faster way); else, or when the read fails, by kFetch.
       fit::RemoteRegion region;
-      RmaChooser::Choice way{RmaChooser::kRequest, false};
+      RmaChooser::Choice way{RmaChooser::kRequest, RmaChooser::kFavoured};
       const bool granted = snap < 0 && grant_of(v_of(addrs), i, s, &region);
       if (granted) way = choose(s, addrs.size());
       const bool timed = granted && options.rma_adaptive && addrs.size() == 1;
       if (way.path == RmaChooser::kOneSided) {
         const uint64_t t0 = mono_ns();
         if (rma_fetch(region, v_of(addrs), addrs, out)) {
-          if (timed) slots[s].chooser.record(RmaChooser::kOneSided, mono_ns() - t0, way.probe);
+          if (timed) slots[s].chooser.record(RmaChooser::kOneSided, mono_ns() - t0, way.kind);
           if (failed_over) {
             failovers.fetch_add(1, std::memory_order_relaxed);
             stamp_once(first_failover_ns);
@@ -539,7 +539,7 @@ struct ClusterBackend::Impl {
         if (r) {
           call_ok(s);
           if (timed && way.path == RmaChooser::kRequest) {
-            slots[s].chooser.record(RmaChooser::kRequest, mono_ns() - t0, way.probe);
+            slots[s].chooser.record(RmaChooser::kRequest, mono_ns() - t0, way.kind);
           }
           if (failed_over) {
             failovers.fetch_add(1, std::memory_order_relaxed);
@@ -593,10 +593,11 @@ struct ClusterBackend::Impl {
   // --rma auto's figures for the node say requests (one-line fetches are timed and now and
   // then sent the other way; windows follow the figures). Counts the requests and probes.
   RmaChooser::Choice choose(int s, size_t n) {
-    if (!options.rma_adaptive) return {RmaChooser::kOneSided, false};
+    if (!options.rma_adaptive) return {RmaChooser::kOneSided, RmaChooser::kFavoured};
     RmaChooser& c = slots[s].chooser;
-    const RmaChooser::Choice way = n == 1 ? c.choose() : RmaChooser::Choice{c.favoured(), false};
-    if (way.probe) rma_probes.fetch_add(1, std::memory_order_relaxed);
+    const RmaChooser::Choice way =
+        n == 1 ? c.choose() : RmaChooser::Choice{c.favoured(), RmaChooser::kFavoured};
+    if (way.probe()) rma_probes.fetch_add(1, std::memory_order_relaxed);
     if (n == 1 && way.path == RmaChooser::kRequest) {
       rma_requests.fetch_add(1, std::memory_order_relaxed);
     }
@@ -1586,7 +1587,7 @@ Status ClusterBackend::start_fetch_batch(std::span<const uint64_t> line_addrs, s
   if (fit::RemoteRegion r; n == 1 && m.grant_of(v, replica, s, &r)) {
     if (!m.options.rma_adaptive) return m.fetch_lines(line_addrs, out, -1);
     const RmaChooser::Choice way = m.choose(s, 1);
-    timing = {Impl::mono_ns(), s, static_cast<uint8_t>(way.path), way.probe, 1, 0};
+    timing = {Impl::mono_ns(), s, static_cast<uint8_t>(way.path), way.kind, 1, 0};
     if (way.path == RmaChooser::kOneSided) {
       if (m.rma_fetch(r, v, line_addrs, out)) {
         memcpy(ticket->opaque + kTicketTimingAt, &timing, sizeof timing);
@@ -1626,7 +1627,8 @@ static void note_fetch_done(ClusterBackend::Impl& m, LineBackend::FetchTicket* t
   memcpy(&t, ticket->opaque + kTicketTimingAt, sizeof t);
   if (!t.timed) return;
   m.slots[t.slot].chooser.record(static_cast<RmaChooser::Path>(t.path),
-                                 ClusterBackend::Impl::mono_ns() - t.start_ns, t.probe != 0);
+                                 ClusterBackend::Impl::mono_ns() - t.start_ns,
+                                 static_cast<RmaChooser::Kind>(t.kind));
   t.timed = 0;
   memcpy(ticket->opaque + kTicketTimingAt, &t, sizeof t);
 }
