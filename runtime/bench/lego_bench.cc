@@ -97,9 +97,9 @@ options:
                        (default auto); a mode listed again runs again, in turn with the
                        others (off,on,auto,off,on,auto: two rounds). With off and
                        another, a table of the modes side by side follows: the median µs
-                       per access of each mode's runs, the ratio to off, the median miss's
-                       latency bucket, the share of fetches read one-sided, and auto's
-                       averages
+                       per access of each mode's runs, the median of each round's ratio to
+                       off, the median miss's latency bucket, the share of fetches read
+                       one-sided, and auto's averages
   --memd-busy LIST     with --systems lego_config: run the lego_config rows again with N
                        other processor clients loading its memory nodes, for each N
                        (default 0: the node serves the row alone; e.g. 0,2). Each client
@@ -271,10 +271,31 @@ const MemoryRow* median_rma_row(const std::vector<MemoryRow>& rows, const Memory
   return ok[(ok.size() - 1) / 2];
 }
 
+// The median over rounds of `rma`'s µs per access over off's in the same round (the k-th
+// run of each, side by side in time), or 0 when no round has both.
+double median_paired_ratio(const std::vector<MemoryRow>& rows, const MemoryRow& r,
+                           const char* rma) {
+  std::vector<const MemoryRow*> off, mode;
+  for (auto& q : rows) {
+    if (!same_rma_group(q, r)) continue;
+    if (q.rma == "off") off.push_back(&q);
+    if (q.rma == rma) mode.push_back(&q);
+  }
+  std::vector<double> ratios;
+  for (size_t k = 0; k < off.size() && k < mode.size(); k++) {
+    if (off[k]->o.ok && mode[k]->o.ok) ratios.push_back(mode[k]->o.us / off[k]->o.us);
+  }
+  if (ratios.empty()) return 0;
+  std::sort(ratios.begin(), ratios.end());
+  const size_t n = ratios.size();
+  return n % 2 == 1 ? ratios[n / 2] : (ratios[n / 2 - 1] + ratios[n / 2]) / 2;
+}
+
 // The --rma modes of each lego row side by side (off, on, auto), per memory-node load
-// (--memd-busy): µs per access (the median of a mode's runs) and the ratio to off, the
-// median miss's bucket, and the share of fetches read one-sided. Printed when off and
-// another mode ran.
+// (--memd-busy): µs per access (the median of a mode's runs), the median over rounds of
+// each round's ratio to off (a load that changes between rounds moves both sides of a
+// round's ratio alike), the median miss's bucket, and the share of fetches read one-sided.
+// Printed when off and another mode ran.
 void print_rma(const std::vector<MemoryRow>& rows) {
   bool header = false;
   for (size_t k = 0; k < rows.size(); k++) {
@@ -294,9 +315,9 @@ void print_rma(const std::vector<MemoryRow>& rows) {
           "\nrequests (--rma off), one-sided reads (--rma on) and the measured choice (--rma "
           "auto),\nwith the memory node serving this run alone (memd idle) or N other processor "
           "clients\n(busy N, --memd-busy): µs per access (the median of each mode's runs; * some "
-          "failed), the\nratio to off, the median miss's latency bucket (< µs), the share of "
-          "fetches read one-sided\n(rma/f), and auto's last averages of a one-line fetch by "
-          "request and one-sided (µs)\n");
+          "failed), the\nmedian of the rounds' ratios to off, the median miss's latency bucket "
+          "(< µs), the share of\nfetches read one-sided (rma/f), and auto's last averages of a "
+          "one-line fetch by request\nand one-sided (µs)\n");
       printf("%-11s %6s %-17s %-7s %4s %9s %9s %9s %7s %8s %8s %8s %8s %8s %10s %8s %8s\n",
              "workload", "local", "system", "memd", "runs", "off us", "on us", "auto us", "on/off",
              "auto/off", "off p50", "on p50", "auto p50", "on rma/f", "auto rma/f", "avg req",
@@ -317,8 +338,8 @@ void print_rma(const std::vector<MemoryRow>& rows) {
       snprintf(share[i], sizeof share[i], "-");
       if (r == nullptr) continue;
       snprintf(us[i], sizeof us[i], "%.3f%s", r->o.us, failed[i] > 0 ? "*" : "");
-      if (median[0] != nullptr) {
-        snprintf(ratio[i], sizeof ratio[i], "%.2fx", r->o.us / median[0]->o.us);
+      if (const double x = median_paired_ratio(rows, first, names[i]); x > 0) {
+        snprintf(ratio[i], sizeof ratio[i], "%.2fx", x);
       }
       if (r->miss_p50_us >= 0) snprintf(p50[i], sizeof p50[i], "%.1f", r->miss_p50_us);
       const double fetches = r->misses_per_access * double(r->accesses);
