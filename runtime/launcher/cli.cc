@@ -59,11 +59,14 @@ options:
                        and gives --policy clock the CPU's accessed bits. A module of
                        another ABI major version is refused: auto warns and runs without
                        it, on fails.
-  --rma M              how lines are fetched from the memory nodes: auto (default; one-sided
-                       reads on verbs, requests elsewhere), on (one-sided reads on any
-                       provider: on tcp and shm they are requests served by libfit, for
-                       A/B runs) or off (requests). Write-backs are requests either way
-                       (docs/rma.md)
+  --rma M              how lines are fetched from the memory nodes: auto (default; on verbs,
+                       each one-line miss goes the way, one-sided read or request, that
+                       has been faster lately from its memory node, the other tried 1
+                       miss in 64: one-sided reads pay while the node's CPU is busy, not
+                       while it is idle; requests on other providers), on (one-sided
+                       reads on any provider: on tcp and shm they are requests served by
+                       libfit, for A/B runs) or off (requests). Write-backs are requests
+                       either way (docs/rma.md)
   --prefetch N         lines fetched ahead of a miss that continues a sequential or
                        strided stream, in the same request (0..31, default 31; 0: off)
   --fork-children M    own (default): a forked child becomes a lego process of its own:
