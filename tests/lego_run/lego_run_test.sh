@@ -82,15 +82,22 @@ rma_on() {
 }
 check "integrity with --rma on over tcp, 2 replicas: lines read one-sided" rma_on tcp
 check "integrity with --rma on over shm, 2 replicas: lines read one-sided" rma_on shm
-# --rma auto (the default) reads by requests on tcp: one-sided reads pay on verbs only.
-rma_auto_tcp() {
-  local out
-  out=$("$LEGO_RUN" --excache 8M --stats -- "$INTEGRITY" 16 1 10000 2>"$tmp/rma-auto.err")
+# --rma auto (the default) is --rma off on tcp and shm: one-sided reads pay on verbs only,
+# so no grant is asked for, no line read one-sided, and the chooser neither probes nor
+# times (its counters and averages stay 0).
+rma_auto_off() {
+  local out t=$1 c
+  out=$("$LEGO_RUN" --excache 8M --transport "$t" --stats -- "$INTEGRITY" 16 1 10000 \
+    2>"$tmp/rma-auto-$t.err")
   echo "exit status $?: $out"
-  grep -E 'rma_' "$tmp/rma-auto.err"
-  integrity_ok "$out" && grep -Eq '^ *rma_lines +0$' "$tmp/rma-auto.err"
+  grep -E 'rma_' "$tmp/rma-auto-$t.err"
+  integrity_ok "$out" || return 1
+  for c in rma_lines rma_fallbacks rma_requests rma_probes rma_request_ns rma_one_sided_ns; do
+    grep -Eq "^ *$c +0\$" "$tmp/rma-auto-$t.err" || { echo "$c is not 0"; return 1; }
+  done
 }
-check "--rma auto fetches by requests over tcp" rma_auto_tcp
+check "--rma auto over tcp is --rma off: requests, nothing timed" rma_auto_off tcp
+check "--rma auto over shm is --rma off: requests, nothing timed" rma_auto_off shm
 
 # 2b. The memory node over shm on this host.
 over_shm() {
