@@ -133,8 +133,9 @@ options:
   --cluster-runs N     cluster rows: runs of replication's cost, R=1 and R=R alternating,
                        each pair's ratio and their median printed (default 3)
   --csv FILE           rows: workload,local_fraction,threads,system,delivery,
-                       us_per_access,policy,misses_per_access,rma (delivery, policy and
-                       rma "-" outside lego); then
+                       us_per_access,policy,misses_per_access,rma,memd_busy (delivery,
+                       policy and rma "-" outside lego; us_per_access "failed" or "oom"
+                       for a run that gave no figure); then
                        file_workload,system,mb_per_s_or_us; then
                        startup_system,median_ms,added_ms; then (cluster) cluster_row,
                        transport,local_fraction,memory_nodes,replicas,run,us_per_access,
@@ -745,19 +746,21 @@ int main(int argc, char** argv) {
     if (memory) {
       fprintf(f,
               "workload,local_fraction,threads,system,delivery,us_per_access,policy,"
-              "misses_per_access,rma\n");
+              "misses_per_access,rma,memd_busy\n");
     }
     for (auto& r : rows) {
       const char* d = r.delivery.empty() ? "-" : r.delivery.c_str();
+      fprintf(f, "%s,%.2f,%d,%s,%s,", r.workload.c_str(), r.fraction, r.threads, r.system.c_str(),
+              d);
       if (r.o.ok) {
-        fprintf(f, "%s,%.2f,%d,%s,%s,%.4f,%s,", r.workload.c_str(), r.fraction, r.threads,
-                r.system.c_str(), d, r.o.us, r.policy.empty() ? "-" : r.policy.c_str());
-        if (r.misses_per_access >= 0) fprintf(f, "%.5f", r.misses_per_access);
-        fprintf(f, ",%s\n", r.rma.empty() ? "-" : r.rma.c_str());
+        fprintf(f, "%.4f", r.o.us);
       } else {
-        fprintf(f, "%s,%.2f,%d,%s,%s,%s\n", r.workload.c_str(), r.fraction, r.threads,
-                r.system.c_str(), d, r.o.oom ? "oom" : "failed");
+        fprintf(f, "%s", r.o.oom ? "oom" : "failed");
       }
+      fprintf(f, ",%s,", r.policy.empty() ? "-" : r.policy.c_str());
+      if (r.o.ok && r.misses_per_access >= 0) fprintf(f, "%.5f", r.misses_per_access);
+      // The load is a column of its own: a busy row is otherwise the idle row's twin.
+      fprintf(f, ",%s,%d\n", r.rma.empty() ? "-" : r.rma.c_str(), r.busy);
     }
     if (files) {
       if (memory) fprintf(f, "\n");  // a second table follows
