@@ -271,6 +271,29 @@ Status Node::connect_one(NodeId peer) {
   return Status();
 }
 
+void Node::drain(std::chrono::milliseconds timeout) {
+  const auto deadline = Clock::now() + (timeout.count() > 0 ? timeout : impl_->config.timeout);
+  std::vector<ClientChannel*> chans;
+  {
+    std::lock_guard<std::mutex> g(impl_->peers_mu);
+    for (auto& [peer, v] : impl_->peers) {
+      for (auto& ch : v) chans.push_back(ch.get());
+    }
+  }
+  for (ClientChannel* ch : chans) {
+    std::lock_guard<std::mutex> g(ch->mu);
+    auto answered = [ch] {
+      for (const auto& s : ch->slots) {
+        if (s.in_use && !s.done && !s.abandoned) return false;
+      }
+      return true;
+    };
+    while (ch->connected && ch->broken.is_ok() && !answered() && Clock::now() < deadline) {
+      (void)impl_->progress(*ch, transport::kBlockingSliceMs);
+    }
+  }
+}
+
 Result<size_t> Node::send_reply(NodeId peer, uint16_t opcode, std::span<const std::byte> request,
                                 std::span<std::byte> reply, std::chrono::milliseconds timeout) {
   auto deadline = Clock::now() + (timeout.count() > 0 ? timeout : impl_->config.timeout);

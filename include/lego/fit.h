@@ -276,6 +276,15 @@ class Node {
   // Errors as send_reply.
   Status connect_one(NodeId peer);
 
+  // Takes in the reply to every call in flight on this node's channels (started by any
+  // thread and not yet answered), for up to `timeout` (0: the cluster's), and returns once
+  // none is left; a channel that fails meanwhile has its calls fail as usual. For a process
+  // about to end: over shm a reply its receiver never takes stalls the peer (libfabric
+  // 1.17's shm completes each send of over 4 KiB only once the receiver has copied it, and
+  // a server's sends in order: one reply to a process gone holds back every later one, to
+  // every client). Calls started meanwhile are taken in too. Costs a poll per channel.
+  void drain(std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
+
   // Makes `peer`, a node not in the cluster file (a memory node that joined later, learned
   // from lego-mond), reachable by its id from now on. OK, changing nothing, when the node is
   // already known with the same address, port and provider (the file's, or an earlier

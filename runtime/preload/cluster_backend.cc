@@ -1415,6 +1415,11 @@ void ClusterBackend::quiesce() {
   Impl& m = *impl_;
   m.exiting.store(true);
   while (m.connecting.load()) usleep(100);
+  // Replies still on their way (the ExCache's prefetch windows in flight) are taken in
+  // before the process ends: over shm, a memory node's reply that nobody takes stalls that
+  // node for every other process (fit::Node::drain) — a forked child's end would leave its
+  // parent and siblings unanswered. Over tcp this returns as soon as the replies are in.
+  m.node->drain();
 }
 
 ClusterBackend::~ClusterBackend() {
@@ -1596,6 +1601,9 @@ Status ClusterBackend::start_fetch_batch(std::span<const uint64_t> line_addrs, s
       timing.timed = 0;  // failed (counted): asked for by kFetch below, not timed
     }
   }
+  // After quiesce() no call is left in flight: the process may end before anyone would
+  // take its reply (quiesce() says why that matters).
+  if (m.exiting.load(std::memory_order_relaxed)) return m.fetch_lines(line_addrs, out, -1);
   for (int k = 0; k < kFetchJobs; k++) {
     FetchJob& j = m.fetch_jobs[k];
     bool expected = false;

@@ -127,10 +127,13 @@ class ClusterBackend : public LineBackend {
                                                       const ClusterBackendOptions& options);
   ~ClusterBackend() override;
 
-  // Before the process's exit runs library destructors (libfabric's among them): returns
-  // once no deferred channel connection (cluster_backend.cc, "Lazy channels") is under
-  // way, and starts none after. Calls still work (a channel not yet connected is
-  // connected by the call that takes it). Waits at most one channel's connection.
+  // Before the process ends (its exit runs library destructors, libfabric's among them;
+  // _exit): returns once no deferred channel connection (cluster_backend.cc, "Lazy
+  // channels") is under way and no call is in flight (fit::Node::drain: over shm a reply
+  // the process never takes stalls the memory node for every other process), and starts
+  // neither after: fetches are then waited for where they start. Calls still work (a
+  // channel not yet connected is connected by the call that takes it). Waits at most one
+  // channel's connection and the replies in flight (the cluster's timeout at most).
   void quiesce();
 
   // The ExCache region [base, base + bytes): vRegion i is [base + i*16M, base + (i+1)*16M).

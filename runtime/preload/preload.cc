@@ -850,6 +850,7 @@ bool alone_with_runtime_threads() {
 
 [[noreturn]] void exit_now(int status) {
   if (reports_at_exit()) {
+    g_rt->backend->quiesce();  // no reply left in flight (quiesce says why)
     write_stats();
     if (launch::StatsPublisher* page = g_stats_page.load()) page->remove();
     if (alone_with_runtime_threads()) g_rt->backend->close();
