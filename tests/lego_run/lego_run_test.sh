@@ -7,7 +7,7 @@
 # pass through; a memory node killed mid-run ends the program with exit status 69 and a
 # message naming the node; a cluster file with lego-memd started by hand works; fork()
 # gives children (and grandchildren) the heap as it was at the fork, and shell pipelines and
-# python's os.fork work; forked children are lego processes with an ExCache of their own
+# python's os.fork work (fork integrity and stress-ng over shm too); forked children are lego processes with an ExCache of their own
 # (stress-ng's vm workers verify, evict and report; a child's resident set is bounded). Defects an adversarial probe found (section 11): subprocess children's
 # spaces freed as they exit; a relative --config after a cd; static programs refused; exit
 # 69 only for a lost memory node, 125 for lego-run's own failures with a message of their
@@ -165,6 +165,18 @@ fork_integrity() {
   [ "${out%fork integrity ok}" != "$out" ]
 }
 check "fork integrity (children and grandchildren, racing evictions)" fork_integrity
+# The same over shm, where each forked child adopts over channels of its own. Before, the
+# first child or grandchild to end with a prefetch reply in flight stalled lego-memd's shm
+# endpoint for every process (libfabric 1.17's shm completes a large send only once its
+# receiver copied it, in order): the children's and the parent's fetches timed out (exit 69)
+# or the run hung. The children miss all along (a 32 MiB heap over a 4 MiB ExCache).
+fork_integrity_shm() {
+  local out
+  out=$(timeout 120 "$LEGO_RUN" --transport shm --excache 4M -- "$FORK_INTEGRITY" "$@" 2>&1)
+  echo "$out"
+  [ "${out%fork integrity ok}" != "$out" ]
+}
+check "fork integrity over shm (32 MiB heap, 4 forks)" fork_integrity_shm 32 4
 pipelines() {
   local out
   out=$("$LEGO_RUN" --excache 1M -- bash -c \
@@ -218,6 +230,16 @@ stress_ng_children() {
 }
 check "stress-ng --vm 2 --verify: the forked workers evict, within their own ExCache" \
   stress_ng_children
+# Over shm too: workers that end (stress-ng's _exit) leave no reply in flight behind.
+stress_ng_shm() {
+  local out rc
+  out=$(timeout 120 "$LEGO_RUN" --transport shm --excache 32M --stats -- stress-ng --vm 2 \
+    --vm-bytes 64M --vm-method all --verify -t 8s 2>&1)
+  rc=$?
+  grep -E "stress-ng:|processes, each|^  (process|pid|all) " <<<"$out"
+  [ "$rc" -eq 0 ] && grep -q "successful run completed" <<<"$out" && ! grep -q "failed\|error" <<<"$out"
+}
+check "stress-ng --vm 2 --verify over shm" stress_ng_shm
 # A child's resident set is bounded by its own ExCache: it allocates and rewrites 96 MiB
 # (8 MiB ExCache) while its memory is sampled from /proc. Before, its new memory was all
 # local (VmRSS over 96 MiB).
