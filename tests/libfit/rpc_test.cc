@@ -249,6 +249,35 @@ TEST_CASE("zero-copy calls send from the caller's buffer and say when it is free
   }
 }
 
+// What a process about to end relies on (ClusterBackend::quiesce): drain() returns only
+// once the reply to every call in flight is in, so none is left for the peer to deliver to
+// a process gone (over shm that stalled the server for every client: a large reply
+// completes only when its receiver has copied it, and the server's replies in order).
+TEST_CASE("drain takes in the replies of calls in flight, large ones too", "[rpc]") {
+  for (const char* provider : {"tcp", "shm"}) {
+    SECTION(provider) {
+      auto p = make_pair(make_cluster(2, provider));
+      std::vector<std::byte> request(100000, std::byte{0x5a}), reply(100000);
+      std::vector<std::byte> slow_reply(8);
+      Node::PendingCall slow, large;
+      REQUIRE(p.client->start_call(&slow, 2, kSlow, {}, slow_reply).is_ok());
+      REQUIRE(p.client->start_call(&large, 2, kEcho, request, reply).is_ok());
+      const auto t0 = std::chrono::steady_clock::now();
+      p.client->drain();
+      // The slow call's handler sleeps 400 ms: drain waited for it.
+      CHECK(std::chrono::steady_clock::now() - t0 > std::chrono::milliseconds(300));
+      CHECK(p.client->call_done(&slow));
+      CHECK(p.client->call_done(&large));
+      auto r = p.client->finish_call(&large);
+      INFO(r.status().message());
+      REQUIRE(r.is_ok());
+      CHECK(r.value() == request.size());
+      CHECK(reply == request);
+      CHECK(p.client->finish_call(&slow).is_ok());
+    }
+  }
+}
+
 TEST_CASE("many threads share a peer's channels", "[rpc]") {
   auto p = make_pair(make_cluster(2, "tcp", Progress::kBlocking));
   std::vector<std::thread> threads;
