@@ -421,11 +421,18 @@ bool stable_clean(uint64_t state) {
 // is what the page tables say, not what the inherited line words say (fork() copied those
 // words while the parent's threads were changing them, and the parent served the child
 // some lines since). mincore() over the ranges tells. A resident line stays clean only
-// when its inherited word says a settled kClean (then its PTE is still write-protected:
-// fork keeps uffd-wp bits where EVENT_FORK is on, and its contents are the snapshot's);
-// every other resident line is taken as dirty and un-protected (it may differ from the
-// snapshot). A line the word calls resident or busy that is not resident reads the
-// snapshot (its backed bit is set: a line being evicted at the fork was written into it).
+// when its inherited word says a settled kClean and its PTE is still write-protected
+// (/proc/self/pagemap's uffd-wp bit: fork keeps uffd-wp bits where EVENT_FORK is on, and
+// then its contents are the snapshot's). The word alone is not enough: between fork() and
+// adoption the parent's handler served the child's stores to such lines by un-protecting
+// them (serve_child), which the child's copy of the word never saw -- jemalloc's
+// postfork_child re-initialising its mutexes is such a store. Taken as clean, those lines
+// were later dropped without a write-back and read back from the snapshot, where a mutex
+// could be locked (the snapshot takes evictions until the fork: jemalloc's prefork had
+// locked them): the child's next fork() hung in jemalloc's prefork. Every other resident
+// line is taken as dirty and un-protected (it may differ from the snapshot). A line the word calls
+// resident or busy that is not resident reads the snapshot (its backed bit is set: a line being
+// evicted at the fork was written into it).
 Status ExCache::Impl::adopt_lines(const ExCache::Impl& parent,
                                   std::span<const ExCache::Range> ranges) {
   // Lines the parent had frames for outside every range are not in use: forget them.
@@ -440,8 +447,18 @@ Status ExCache::Impl::adopt_lines(const ExCache::Impl& parent,
     if (kind_of(old) != kAbsent) lines[w - 1].store((old & kPersistMask) | kBackedBit);
   }
   std::vector<unsigned char> present;
+  std::vector<uint64_t> pte;   // /proc/self/pagemap entries of the range's lines
   std::vector<uint64_t> over;  // resident lines beyond capacity
   size_t used = 0;
+  // Without pagemap (or its uffd-wp bit) every resident line is taken as dirty: a write-back
+  // too many, never a store lost.
+  const int pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  struct ClosePagemap {
+    int fd;
+    ~ClosePagemap() {
+      if (fd >= 0) close(fd);
+    }
+  } close_pagemap{pagemap};
   for (const ExCache::Range& r : ranges) {
     if (!contains(r.start) || r.length == 0 || !contains(r.start + r.length - 1)) {
       return Status(EINVAL, "adopting a range outside the region");
@@ -450,6 +467,12 @@ Status ExCache::Impl::adopt_lines(const ExCache::Impl& parent,
     present.assign(n, 0);
     if (mincore(reinterpret_cast<void*>(r.start), n << kLineShift, present.data()) != 0) {
       return Status::from_errno(errno, "mincore of the region");
+    }
+    pte.assign(n, 0);  // uffd-wp clear: dirty, unless pagemap says otherwise
+    if (pagemap >= 0) {
+      const size_t bytes = n * sizeof(uint64_t);
+      const off_t at = static_cast<off_t>((r.start >> kLineShift) * sizeof(uint64_t));
+      if (pread(pagemap, pte.data(), bytes, at) != static_cast<ssize_t>(bytes)) pte.assign(n, 0);
     }
     for (size_t i = 0; i < n; ++i) {
       const uint64_t index = line_index(r.start) + i;
@@ -463,7 +486,8 @@ Status ExCache::Impl::adopt_lines(const ExCache::Impl& parent,
         over.push_back(index);
         continue;
       }
-      const bool clean = stable_clean(old);
+      constexpr uint64_t kPagemapUffdWp = uint64_t{1} << 57;  // PM_UFFD_WP
+      const bool clean = stable_clean(old) && (pte[i] & kPagemapUffdWp) != 0;
       if (!clean && kind_of(old) != kDirty) {
         if (int err = write_protect(line_addr(index), kLine, false); err != 0 && err != ENOENT) {
           return Status::from_errno(err, "un-protecting an adopted line");
