@@ -388,13 +388,7 @@ void print_deliveries_and_threads(const std::vector<MemoryRow>& rows) {
              "vs 1", "user", "kernel", "memd");
       header = true;
     }
-    double one = 0;
-    for (auto& q : rows) {
-      if (q.workload == r.workload && q.fraction == r.fraction && q.system == r.system &&
-          q.delivery == r.delivery && q.policy == r.policy && q.threads == 1 && q.o.ok) {
-        one = q.o.us;
-      }
-    }
+    const double one = one_thread_us(rows, r);
     char vs[32] = "-", memd[32] = "-";
     if (one > 0) snprintf(vs, sizeof vs, "%.2fx", one / r.o.us);
     if (r.cpu_memd >= 0) snprintf(memd, sizeof memd, "%.3f", r.cpu_memd);

@@ -141,6 +141,10 @@ std::string system_label(const MemoryRow& r);
 // µs per access of `system` on r's workload, fraction and threads, or 0 when it did not run
 // or failed.
 double peer_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const char* system);
+// µs per access of r's configuration (system, delivery, policy, --rma, --memd-busy) on its
+// workload and fraction at one thread, or 0 when it did not run or failed: the base of
+// random_mt's "vs 1" figures.
+double one_thread_us(const std::vector<MemoryRow>& rows, const MemoryRow& r);
 
 // ---- memd_busy.cc
 

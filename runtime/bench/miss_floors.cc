@@ -150,16 +150,12 @@ void print_thread_floors(const std::vector<MemoryRow>& rows, const MissFloors& f
           !r.o.ok) {
         continue;
       }
-      for (auto& q : rows) {
-        if (q.workload == r.workload && q.fraction == r.fraction && q.system == r.system &&
-            q.delivery == r.delivery && q.policy == r.policy && q.rma == r.rma && q.threads == 1 &&
-            q.o.ok) {
-          char one[96];
-          snprintf(one, sizeof one, "%s%s %.2fx", lego.empty() ? "" : ", ", system_label(r).c_str(),
-                   q.o.us / r.o.us);
-          lego += one;
-        }
-      }
+      const double one = one_thread_us(rows, r);
+      if (one <= 0) continue;
+      char vs1[96];
+      snprintf(vs1, sizeof vs1, "%s%s %.2fx", lego.empty() ? "" : ", ", system_label(r).c_str(),
+               one / r.o.us);
+      lego += vs1;
     }
     printf("%7d %12s %7s %12s %7s   %s\n", c.threads, s, sv, b, bv,
            lego.empty() ? "-" : lego.c_str());

@@ -225,4 +225,15 @@ double peer_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const cha
   return 0;
 }
 
+double one_thread_us(const std::vector<MemoryRow>& rows, const MemoryRow& r) {
+  for (auto& q : rows) {
+    if (q.workload == r.workload && q.fraction == r.fraction && q.system == r.system &&
+        q.delivery == r.delivery && q.policy == r.policy && q.rma == r.rma && q.busy == r.busy &&
+        q.threads == 1 && q.o.ok) {
+      return q.o.us;
+    }
+  }
+  return 0;
+}
+
 }  // namespace lego::bench
