@@ -518,14 +518,19 @@ struct ClusterBackend::Impl {
       const bool granted = snap < 0 && grant_of(v_of(addrs), i, s, &region);
       if (granted) way = choose(s, addrs.size());
       const bool timed = granted && options.rma_adaptive && addrs.size() == 1;
+      // Served `path` way from t0 on: its time for --rma auto (when it is the way chosen),
+      // and a failover counted.
+      auto served = [&](RmaChooser::Path path, uint64_t t0) {
+        if (timed && way.path == path) slots[s].chooser.record(path, mono_ns() - t0, way.kind);
+        if (failed_over) {
+          failovers.fetch_add(1, std::memory_order_relaxed);
+          stamp_once(first_failover_ns);
+        }
+      };
       if (way.path == RmaChooser::kOneSided) {
         const uint64_t t0 = mono_ns();
         if (rma_fetch(region, v_of(addrs), addrs, out)) {
-          if (timed) slots[s].chooser.record(RmaChooser::kOneSided, mono_ns() - t0, way.kind);
-          if (failed_over) {
-            failovers.fetch_add(1, std::memory_order_relaxed);
-            stamp_once(first_failover_ns);
-          }
+          served(RmaChooser::kOneSided, t0);
           return Status();
         }
       }
@@ -538,13 +543,7 @@ struct ClusterBackend::Impl {
             node->send_reply(slots[s].id, mem::kFetch, {req, len}, reply_span(addrs.size(), out));
         if (r) {
           call_ok(s);
-          if (timed && way.path == RmaChooser::kRequest) {
-            slots[s].chooser.record(RmaChooser::kRequest, mono_ns() - t0, way.kind);
-          }
-          if (failed_over) {
-            failovers.fetch_add(1, std::memory_order_relaxed);
-            stamp_once(first_failover_ns);
-          }
+          served(RmaChooser::kRequest, t0);
           return unpack(r.value(), addrs.size(), out, s);
         }
         last = r.status();
