@@ -414,6 +414,22 @@ bool stable_clean(uint64_t state) {
   return kind_of(state) == kClean && (state & kMkcleanBit) == 0;
 }
 
+// A /proc/self/pagemap entry's bit for a PTE that is uffd write-protected (PM_UFFD_WP).
+constexpr uint64_t kPagemapUffdWp = uint64_t{1} << 57;
+
+// The pagemap entries of the n lines from addr into `entries`; all zero (no page reads as
+// write-protected, so each is taken as dirty: a write-back too many, never a store lost)
+// where pagemap cannot be read.
+void read_pagemap(uint64_t addr, size_t n, std::vector<uint64_t>& entries) {
+  entries.assign(n, 0);
+  const int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  const size_t bytes = n * sizeof(uint64_t);
+  const off_t at = static_cast<off_t>((addr >> kLineShift) * sizeof(uint64_t));
+  if (pread(fd, entries.data(), bytes, at) != static_cast<ssize_t>(bytes)) entries.assign(n, 0);
+  close(fd);
+}
+
 }  // namespace
 
 // In the adopting child, before its handler thread starts (nothing else runs here that
@@ -430,9 +446,9 @@ bool stable_clean(uint64_t state) {
 // were later dropped without a write-back and read back from the snapshot, where a mutex
 // could be locked (the snapshot takes evictions until the fork: jemalloc's prefork had
 // locked them): the child's next fork() hung in jemalloc's prefork. Every other resident
-// line is taken as dirty and un-protected (it may differ from the snapshot). A line the word calls
-// resident or busy that is not resident reads the snapshot (its backed bit is set: a line being
-// evicted at the fork was written into it).
+// line is taken as dirty and un-protected (it may differ from the snapshot). A line the
+// word calls resident or busy that is not resident reads the snapshot (its backed bit is
+// set: a line being evicted at the fork was written into it).
 Status ExCache::Impl::adopt_lines(const ExCache::Impl& parent,
                                   std::span<const ExCache::Range> ranges) {
   // Lines the parent had frames for outside every range are not in use: forget them.
@@ -450,15 +466,6 @@ Status ExCache::Impl::adopt_lines(const ExCache::Impl& parent,
   std::vector<uint64_t> pte;   // /proc/self/pagemap entries of the range's lines
   std::vector<uint64_t> over;  // resident lines beyond capacity
   size_t used = 0;
-  // Without pagemap (or its uffd-wp bit) every resident line is taken as dirty: a write-back
-  // too many, never a store lost.
-  const int pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-  struct ClosePagemap {
-    int fd;
-    ~ClosePagemap() {
-      if (fd >= 0) close(fd);
-    }
-  } close_pagemap{pagemap};
   for (const ExCache::Range& r : ranges) {
     if (!contains(r.start) || r.length == 0 || !contains(r.start + r.length - 1)) {
       return Status(EINVAL, "adopting a range outside the region");
@@ -468,12 +475,7 @@ Status ExCache::Impl::adopt_lines(const ExCache::Impl& parent,
     if (mincore(reinterpret_cast<void*>(r.start), n << kLineShift, present.data()) != 0) {
       return Status::from_errno(errno, "mincore of the region");
     }
-    pte.assign(n, 0);  // uffd-wp clear: dirty, unless pagemap says otherwise
-    if (pagemap >= 0) {
-      const size_t bytes = n * sizeof(uint64_t);
-      const off_t at = static_cast<off_t>((r.start >> kLineShift) * sizeof(uint64_t));
-      if (pread(pagemap, pte.data(), bytes, at) != static_cast<ssize_t>(bytes)) pte.assign(n, 0);
-    }
+    read_pagemap(r.start, n, pte);
     for (size_t i = 0; i < n; ++i) {
       const uint64_t index = line_index(r.start) + i;
       const uint64_t old = lines[index].load(std::memory_order_relaxed);
@@ -486,7 +488,6 @@ Status ExCache::Impl::adopt_lines(const ExCache::Impl& parent,
         over.push_back(index);
         continue;
       }
-      constexpr uint64_t kPagemapUffdWp = uint64_t{1} << 57;  // PM_UFFD_WP
       const bool clean = stable_clean(old) && (pte[i] & kPagemapUffdWp) != 0;
       if (!clean && kind_of(old) != kDirty) {
         if (int err = write_protect(line_addr(index), kLine, false); err != 0 && err != ENOENT) {
