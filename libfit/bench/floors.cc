@@ -87,6 +87,13 @@ Result<sockaddr_in> ipv4(const std::string& server_addr, uint16_t port) {
   return addr;
 }
 
+// "ADDRESS:PORT" of addr, for errors.
+std::string endpoint(const sockaddr_in& addr) {
+  char where[INET_ADDRSTRLEN] = "?";
+  inet_ntop(AF_INET, &addr.sin_addr, where, sizeof where);
+  return std::string(where) + ":" + std::to_string(ntohs(addr.sin_port));
+}
+
 // Forks the server into `child` (in server_ns when not empty), listening on addr with
 // `backlog`; `serve(listening socket)` runs there. Returns once it listens.
 template <typename Serve>
@@ -115,10 +122,7 @@ Status start_server(Child& child, const std::string& server_ns, const sockaddr_i
   ssize_t got = read(ready[0], &c, 1);
   close(ready[0]);
   if (got != 1) {
-    char where[INET_ADDRSTRLEN] = "?";
-    inet_ntop(AF_INET, &addr.sin_addr, where, sizeof where);
-    return Status(EIO, "tcp floor: the server could not listen on " + std::string(where) + ":" +
-                           std::to_string(ntohs(addr.sin_port)) +
+    return Status(EIO, "tcp floor: the server could not listen on " + endpoint(addr) +
                            (server_ns.empty() ? "" : " in " + server_ns));
   }
   return Status();
@@ -137,10 +141,7 @@ Result<int> connect_to(const sockaddr_in& addr) {
   if (connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
     const int err = errno;
     close(fd);
-    char where[INET_ADDRSTRLEN] = "?";
-    inet_ntop(AF_INET, &addr.sin_addr, where, sizeof where);
-    return Status::from_errno(err, "tcp floor: connect to " + std::string(where) + ":" +
-                                       std::to_string(ntohs(addr.sin_port)));
+    return Status::from_errno(err, "tcp floor: connect to " + endpoint(addr));
   }
   return no_delay(fd);
 }
@@ -250,28 +251,22 @@ Result<double> tcp_concurrent_round_trips_per_s(const std::string& server_ns,
         }
       }
     };
+    // Serves c if still open; closes it (which also takes it out of the epoll set) once
+    // its client closed.
+    auto serve_or_close = [&](Conn& c) {
+      if (c.fd < 0 || serve(c)) return;
+      close(c.fd);
+      c.fd = -1;
+      open_conns--;
+    };
     while (open_conns > 0) {
       if (spin) {
-        for (Conn& c : conns) {
-          if (c.fd >= 0 && !serve(c)) {
-            close(c.fd);
-            c.fd = -1;
-            open_conns--;
-          }
-        }
+        for (Conn& c : conns) serve_or_close(c);
         continue;
       }
       epoll_event evs[16];
       int n = epoll_wait(ep, evs, 16, -1);
-      for (int k = 0; k < n; k++) {
-        Conn& c = conns[evs[k].data.u64];
-        if (c.fd >= 0 && !serve(c)) {
-          epoll_ctl(ep, EPOLL_CTL_DEL, c.fd, nullptr);
-          close(c.fd);
-          c.fd = -1;
-          open_conns--;
-        }
-      }
+      for (int k = 0; k < n; k++) serve_or_close(conns[evs[k].data.u64]);
     }
   });
   if (!started) return started;
