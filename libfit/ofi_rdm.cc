@@ -8,12 +8,14 @@
 // owner's libfit (served_rma.h says why, not shm's own RMA). Shared libfabric mechanics:
 // ofi_transport.h. An idle server thread sleeps until a client rings its doorbell
 // (doorbell.h).
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <string_view>
 #include <unordered_map>
 
 #include "libfit/ofi_transport.h"
@@ -121,6 +123,7 @@ class RdmServer final : public OfiServer {
   }
   Doorbell* doorbell(OfiThread&) override { return bell_.get(); }
   void reap_dead_peers(OfiThread& t);
+  static void remove_region_of_gone(const OfiPeer& p);
   void enforce_caps();
 
   std::unique_ptr<Doorbell> bell_;  // clients ring it after each send (doorbell.h); or null
@@ -260,6 +263,8 @@ bool RdmServer::on_hello(Delivery& d0, const wire::FrameHeader& h,
   }
   auto& p = peers_[addr];
   p = std::make_unique<OfiPeer>();
+  p->region.assign(reinterpret_cast<const char*>(hello->name),
+                   strnlen(reinterpret_cast<const char*>(hello->name), hello->name_length));
   p->ep = ep_.get();
   p->addr = addr;
   p->bufs = bufs_.get();
@@ -287,6 +292,18 @@ void RdmServer::enforce_caps() {
   }
 }
 
+// A client's endpoint region in /dev/shm is unlinked by libfabric when the endpoint
+// closes; one killed (SIGKILL) leaves it, 16 MiB or more of shared memory that nothing
+// else removes. Once its process is gone the server does: only a name our clients use
+// (shm_source_name: "lego-<its pid>-..."), so a hello cannot name another file.
+void RdmServer::remove_region_of_gone(const OfiPeer& p) {
+  std::string_view name = p.region;
+  if (name.starts_with("fi_shm://")) name.remove_prefix(strlen("fi_shm://"));
+  const std::string ours = "lego-" + std::to_string(p.pid) + "-";
+  if (p.pid <= 0 || !name.starts_with(ours) || name.find('/') != std::string_view::npos) return;
+  shm_unlink(std::string(name).c_str());  // ENOENT: it closed its endpoint after all
+}
+
 void RdmServer::reap_dead_peers(OfiThread& t) {
   const int64_t deadline = host_->handshake_deadline_ns();
   for (auto it = peers_.begin(); it != peers_.end();) {
@@ -296,7 +313,9 @@ void RdmServer::reap_dead_peers(OfiThread& t) {
       host_->count_close(CloseWhy::kHandshakeTimeout);
       p.dead = true;
     }
-    if (p.dead || pid_gone(p.pid)) {
+    const bool gone = pid_gone(p.pid);
+    if (gone) remove_region_of_gone(p);
+    if (p.dead || gone) {
       fi_addr_t a = it->first;
       fi_av_remove(av_.get(), &a, 1, 0);
       it = peers_.erase(it);

@@ -3,6 +3,9 @@
 // loop.
 #include "libfit/ofi_transport.h"
 
+#include <sched.h>
+
+#include <algorithm>
 #include <cstring>
 
 namespace lego::fit::transport::ofi_common {
@@ -122,7 +125,13 @@ Status OfiConnection::poll(int wait_ms) {
       auto* c = static_cast<OpCtx*>(e[k].op_context);
       if (c->type == OpType::kRecv) {
         const bool compact = compact_ && (e[k].flags & FI_REMOTE_CQ_DATA) != 0;
-        host_->on_frame(RawFrame{{bufs_.slot(kWindow + c->index), e[k].len}, compact, e[k].data});
+        std::span<const std::byte> bytes{bufs_.slot(kWindow + c->index), e[k].len};
+        if (compact && (wire::is_compact_part(e[k].data) || !parts_.empty())) {
+          Status st = take_part(bytes, e[k].data);
+          if (!st) host_->fail(st);
+        } else {
+          host_->on_frame(RawFrame{bytes, compact, e[k].data});
+        }
         Status st = post_recv(c->index);
         if (!st) host_->fail(st);
       } else if (c->type == OpType::kSend) {
@@ -168,6 +177,34 @@ Status OfiConnection::poll(int wait_ms) {
       host_->fail(st);
       return st;
     }
+  }
+  return Status();
+}
+
+// A part of a compact reply sent in parts (fit_wire.h), or the last one: the parts are
+// joined, and the whole handed on with the last part's CQ data. A channel has one sender
+// and shm keeps its order, so the parts of one reply arrive back to back.
+Status OfiConnection::take_part(std::span<const std::byte> bytes, uint64_t data) {
+  const bool last = !wire::is_compact_part(data);
+  if (!parts_.empty() && wire::compact_part_data(data) != parts_data_) {
+    parts_.clear();
+    return Status(EPROTO, ctx_.who + ": " + peer_name() +
+                              " sent a compact frame amid the parts of another reply");
+  }
+  const size_t max = ctx_.config->max_message_bytes;
+  if (parts_.size() + bytes.size() > max) {
+    parts_.clear();
+    return Status(EMSGSIZE, ctx_.who + ": a reply in parts from " + peer_name() +
+                                " exceeds the limit of " + std::to_string(max) + " bytes");
+  }
+  if (parts_.empty()) {
+    parts_.reserve(max);
+    parts_data_ = wire::compact_part_data(data);
+  }
+  parts_.insert(parts_.end(), bytes.begin(), bytes.end());
+  if (last) {
+    host_->on_frame(RawFrame{parts_, true, data});
+    parts_.clear();
   }
   return Status();
 }
@@ -272,6 +309,10 @@ void OfiServer::send(Delivery& d0, Kind kind, uint16_t opcode, uint32_t length, 
     wire::encode_header({buf, kHeader}, kind, opcode, length, status, id, ctx_.self->id);
   }
   OpCtx& c = conn.send_ctx[d.slot];
+  if (compact && length > server_domain_->info->tx_attr->inject_size) {
+    send_in_parts(d, buf + kHeader, length, wire::compact_data(kind, opcode, id));
+    return;
+  }
   for (;;) {
     ssize_t r = compact ? fi_senddata(conn.ep, buf + kHeader, length, conn.bufs->desc,
                                       wire::compact_data(kind, opcode, id), d.to, &c.fi)
@@ -291,6 +332,52 @@ void OfiServer::send(Delivery& d0, Kind kind, uint16_t opcode, uint32_t length, 
     ssize_t n = read_cq(d.thread->cq.get(), e, 8, false, 0);
     for (ssize_t k = 0; k < n; k++) handle_completion(*d.thread, e[k], FI_ADDR_NOTAVAIL);
   }
+}
+
+// A compact reply over the inject size, in parts within it (fit_wire.h says why): all but
+// the last injected (no completion; the buffer is ours again on return), the last sent
+// with the slot's context, which frees the slot pair as any reply's does. Every part
+// completes at once, whatever becomes of the receiver. The parts of one reply go out
+// back to back: nothing else is served meanwhile, so no other reply to the same client
+// can come between them.
+//
+// A client's queue holds every part of its kWindow replies, so only a client that stopped
+// taking them in (stopped, or hostile) makes a part wait: after kPartWait it is
+// forgotten, and its receive slot posted again, rather than stall the others.
+void OfiServer::send_in_parts(OfiDelivery& d, const std::byte* payload, uint32_t length,
+                              uint64_t data) {
+  OfiPeer& conn = *d.conn;
+  const size_t part = server_domain_->info->tx_attr->inject_size;
+  Clock::time_point waiting_since{};  // of the part that found the queue full; or epoch
+  size_t off = 0;
+  while (off < length) {
+    const size_t n = std::min<size_t>(part, length - off);
+    const bool last = off + n == length;
+    void* from = const_cast<std::byte*>(payload + off);
+    ssize_t r =
+        last ? fi_senddata(conn.ep, from, n, conn.bufs->desc, data, d.to, &conn.send_ctx[d.slot].fi)
+             : fi_injectdata(conn.ep, from, n, wire::compact_part_data(data), d.to);
+    if (r == 0) {
+      off += n;
+      waiting_since = {};
+      continue;
+    }
+    const auto now = Clock::now();
+    if (r == -FI_EAGAIN && waiting_since == Clock::time_point{}) waiting_since = now;
+    if (r != -FI_EAGAIN || now - waiting_since > kPartWait) {
+      fprintf(stderr,
+              "lego-fit: %s: a client (pid %d) is not taking in its replies (%s); "
+              "forgetting it\n",
+              ctx_.who.c_str(), d.peer ? static_cast<int>(d.peer->pid) : 0,
+              r == -FI_EAGAIN ? "its queue stayed full" : fi_strerror(static_cast<int>(-r)));
+      if (d.peer != nullptr) d.peer->dead = true;
+      post_recv(*d.thread, conn, d.slot);
+      return;
+    }
+    sched_yield();
+  }
+  ctx_.counters->bytes_sent.fetch_add(length, std::memory_order_relaxed);
+  d.thread->sends_in_flight++;
 }
 
 void OfiServer::serve(OfiThread& t, OfiPeer& conn, int slot, const fi_cq_data_entry& e,

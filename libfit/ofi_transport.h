@@ -8,7 +8,8 @@
 // has its own completion queue, polled by the calling thread; each server thread its own.
 //
 // Compact frames (rdm, after the handshake): requests and replies carry their header in
-// the 64-bit CQ data (fit_wire.h), so a 4 KiB payload stays within shm's inject size.
+// the 64-bit CQ data (fit_wire.h), so a 4 KiB payload stays within shm's inject size; a
+// larger reply travels in parts within it (OfiServer::send_in_parts).
 //
 // Threads: a server thread's connections are guarded by its mu (the msg event-queue
 // thread adds them and marks them closed); otherwise a thread's state is its own. Never
@@ -100,7 +101,12 @@ class OfiConnection : public ClientConnection {
   std::unique_ptr<Doorbell> bell_;  // rdm (shm): the server's, rung after each send; or null
 
  private:
+  Status take_part(std::span<const std::byte> bytes, uint64_t data);
+
   const bool compact_;  // requests travel as compact frames (rdm)
+  // A compact reply arriving in parts (fit_wire.h): the parts so far, and their CQ data.
+  std::vector<std::byte> parts_;
+  uint64_t parts_data_ = 0;
 };
 
 // One accepted connection (msg) or one rdm peer's state.
@@ -108,6 +114,7 @@ struct OfiPeer : Peer {
   fid_ep* ep = nullptr;  // msg: owned (closed by the server thread); rdm: shared endpoint
   ofi::Fid<fid_ep> owned_ep;
   fi_addr_t addr = FI_ADDR_UNSPEC;  // rdm: the client's address
+  std::string region;               // rdm: the client's endpoint name, from its hello
   SlotBuffers* bufs = nullptr;      // msg: own_bufs; rdm: the shared endpoint's
   std::unique_ptr<SlotBuffers> own_bufs;
   OpCtx send_ctx[kWindow];
@@ -181,6 +188,9 @@ class OfiServer : public Transport {
 
  private:
   void serve(OfiThread& t, OfiPeer& conn, int slot, const fi_cq_data_entry& e, fi_addr_t src);
+  void send_in_parts(OfiDelivery& d, const std::byte* payload, uint32_t length, uint64_t data);
+  // How long one part of a reply may wait for room in its client's queue.
+  static constexpr std::chrono::milliseconds kPartWait{2};
   // After a poll that found nothing; true when it slept on the doorbell.
   bool idle_round(OfiThread& t, IdlePoll& idle);
 

@@ -49,6 +49,12 @@
 // 64-bit remote CQ data (compact_data()). A 4 KiB payload then stays within the shm
 // provider's 4096-byte inject protocol instead of falling to cross-memory attach (one
 // syscall per message, ~4 µs here). decode_compact() checks it like decode_frame().
+// A compact reply over the inject size travels in parts of at most that size, each with
+// the reply's CQ data; every part but the last carries kCompactPartMarker instead of
+// kCompactMarker, and the receiver joins them. Why: shm completes a send over its inject
+// size only once the receiver has copied it, and a sender's completions in order, so a
+// large reply to a client that died (SIGKILL) would hold back every later completion of
+// the server, for every client, for good. Parts within the inject size complete at once.
 //
 // Compatibility: a peer that sees another version answers kError(EPROTONOSUPPORT) if it
 // can and closes; version 1 peers never guess at other versions' layouts.
@@ -148,7 +154,15 @@ const char* kind_name(uint8_t kind);
 // The CQ data of a compact frame: [63..32] request_id low bits, [31..16] opcode,
 // [15..8] kind, [7..0] kCompactMarker.
 inline constexpr uint8_t kCompactMarker = 0xC1;
+inline constexpr uint8_t kCompactPartMarker = 0xC2;  // a part of a compact frame; more follow
 uint64_t compact_data(Kind kind, uint16_t opcode, uint64_t request_id);
+// The CQ data of a part of the compact frame whose CQ data is `data`, and back.
+inline constexpr uint64_t compact_part_data(uint64_t data) {
+  return (data & ~uint64_t{0xff}) | kCompactPartMarker;
+}
+inline constexpr bool is_compact_part(uint64_t data) {
+  return (data & 0xff) == kCompactPartMarker;
+}
 // Rebuilds the header of a compact frame (request_id holds only its low 32 bits).
 // EPROTO for a bad marker or a kind other than request/reply; EMSGSIZE above max_payload.
 Result<FrameView> decode_compact(uint64_t data, std::span<const std::byte> payload,

@@ -1,6 +1,9 @@
 // RPC and RMA between two Nodes in one process, for each provider and progress mode:
 // round trips, async calls, errors (unknown opcode, handler errors, oversize messages,
 // timeouts, wrong key) and one-sided reads and writes.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <catch2/catch.hpp>
 
 #include <atomic>
@@ -276,6 +279,103 @@ TEST_CASE("drain takes in the replies of calls in flight, large ones too", "[rpc
       CHECK(p.client->finish_call(&slow).is_ok());
     }
   }
+}
+
+namespace {
+
+// A forked client that starts a full window of calls with 100 KB replies, waits for its
+// go, and is killed: after the first reply came in (`after_reply`: the others are then
+// on their way), or at once. Its exit code says where it failed instead.
+[[noreturn]] void killed_client(const ClusterConfig& c, int go, bool after_reply) {
+  char b;
+  if (read(go, &b, 1) != 1) _exit(10);
+  auto n = Node::create(c, 1);
+  if (!n.is_ok()) _exit(11);
+  static std::vector<std::byte> request(100000, std::byte{0x33});
+  static std::vector<std::byte> replies[Node::max_outstanding()];
+  static Node::PendingCall calls[Node::max_outstanding()];
+  for (int i = 0; i < Node::max_outstanding(); i++) {
+    replies[i].resize(request.size());
+    if (!n.value()->start_call(&calls[i], 2, kEcho, request, replies[i]).is_ok()) _exit(12);
+  }
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (after_reply && !n.value()->call_done(&calls[0])) {
+    if (std::chrono::steady_clock::now() > give_up) _exit(13);
+  }
+  raise(SIGKILL);
+  _exit(14);
+}
+
+}  // namespace
+
+// Over shm a reply over the 4 KiB inject size used to complete only once its receiver had
+// copied it, and the server's completions come in order: one client killed with such
+// replies in flight held back every later reply, to every client, until the server
+// restarted. Replies now travel in parts within the inject size (fit_wire.h).
+TEST_CASE("a client killed with large replies in flight does not stall an shm server",
+          "[rpc][hostile]") {
+  const ClusterConfig c = make_cluster(2, "shm");
+  // The clients to be killed are forked before this process has a node or a thread.
+  struct Victim {
+    pid_t pid;
+    int go;
+  };
+  std::vector<Victim> victims;
+  for (bool after_reply : {true, false, true}) {
+    int fds[2];
+    REQUIRE(pipe(fds) == 0);
+    pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      close(fds[1]);
+      killed_client(c, fds[0], after_reply);
+    }
+    close(fds[0]);
+    victims.push_back({pid, fds[1]});
+  }
+  auto p = make_pair(c);
+  std::vector<std::byte> request(100000), reply(100000);
+  for (size_t i = 0; i < request.size(); i++) request[i] = std::byte(i * 13);
+  REQUIRE(p.client->send_reply(2, kEcho, request, reply).is_ok());
+  for (Victim& v : victims) {
+    REQUIRE(write(v.go, "g", 1) == 1);
+    close(v.go);
+    int status = 0;
+    REQUIRE(waitpid(v.pid, &status, 0) == v.pid);
+    INFO("the killed client's exit status: " << status);
+    REQUIRE(WIFSIGNALED(status));
+    // Every call of an honest client still goes through, within the cluster's timeout.
+    for (int i = 0; i < 20; i++) {
+      std::fill(reply.begin(), reply.end(), std::byte{0});
+      auto r = p.client->send_reply(2, kEcho, request, reply);
+      INFO("call " << i << ": " << r.status().message());
+      REQUIRE(r.is_ok());
+      REQUIRE(r.value() == request.size());
+      REQUIRE(reply == request);
+    }
+  }
+  // What the killed clients' endpoints left in /dev/shm goes once the server notices
+  // (it looks every 500 ms).
+  auto left_by_victims = [&] {
+    std::vector<std::string> left;
+    DIR* d = opendir("/dev/shm");
+    REQUIRE(d != nullptr);
+    while (dirent* e = readdir(d)) {
+      for (const Victim& v : victims) {
+        if (std::string(e->d_name).starts_with("lego-" + std::to_string(v.pid) + "-")) {
+          left.push_back(e->d_name);
+        }
+      }
+    }
+    closedir(d);
+    return left;
+  };
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  while (!left_by_victims().empty() && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  INFO("left in /dev/shm: " << (left_by_victims().empty() ? "" : left_by_victims()[0]));
+  CHECK(left_by_victims().empty());
 }
 
 TEST_CASE("many threads share a peer's channels", "[rpc]") {
