@@ -141,6 +141,14 @@ struct TicketTiming {
 constexpr size_t kTicketTimingAt = 8;
 static_assert(kTicketTimingAt + sizeof(TicketTiming) <= sizeof(LineBackend::FetchTicket::opaque));
 
+// --rma auto's way for a one-line fetch from slot `slot`, chosen (and counted) by
+// start_fetch_batch before it fell back to fetch_lines; `timed`: the fetch is to be timed.
+struct Chosen {
+  int slot = -1;
+  RmaChooser::Choice way{RmaChooser::kRequest, RmaChooser::kFavoured};
+  bool timed = false;
+};
+
 // A memory node's grant of one-sided reads of one replica of a vRegion (kPlaceRma), read by
 // the miss path without a lock: `tag` is the node slot + 1 the grant belongs to (0: none),
 // cleared before key and base change and set after (release), and read before and after
@@ -490,7 +498,8 @@ struct ClusterBackend::Impl {
 
   // Fetches lines (all in vRegion v, whose entry is `map_word`) from the first full live
   // replica, failing over; `snap` >= 0 reads that snapshot's spaces.
-  Status fetch_run(uint64_t map_word, std::span<const uint64_t> addrs, std::byte* out, int snap) {
+  Status fetch_run(uint64_t map_word, std::span<const uint64_t> addrs, std::byte* out, int snap,
+                   const Chosen* chosen = nullptr) {
     const Entry e = Entry::decode(map_word);
     if (!e.placed) {
       memset(out, 0, addrs.size() * kLine);  // never placed: never written
@@ -516,8 +525,10 @@ struct ClusterBackend::Impl {
       fit::RemoteRegion region;
       RmaChooser::Choice way{RmaChooser::kRequest, RmaChooser::kFavoured};
       const bool granted = snap < 0 && grant_of(v_of(addrs), i, s, &region);
-      if (granted) way = choose(s, addrs.size());
-      const bool timed = granted && options.rma_adaptive && addrs.size() == 1;
+      const bool was_chosen = chosen != nullptr && chosen->slot == s;
+      if (granted) way = was_chosen ? chosen->way : choose(s, addrs.size());
+      const bool timed =
+          granted && options.rma_adaptive && addrs.size() == 1 && (!was_chosen || chosen->timed);
       // Served `path` way from t0 on: its time for --rma auto (when it is the way chosen),
       // and a failover counted.
       auto served = [&](RmaChooser::Path path, uint64_t t0) {
@@ -631,7 +642,10 @@ struct ClusterBackend::Impl {
 
   // Splits addrs into runs of one vRegion; fetches the runs last first (a run's reply
   // header lands in the 8 bytes before it: the previous run's line, fetched after).
-  Status fetch_lines(std::span<const uint64_t> addrs, std::byte* out, int snap) {
+  // `chosen`: --rma auto's way for a one-line fetch, already chosen (and counted) by its
+  // caller for that slot; else each run chooses its own.
+  Status fetch_lines(std::span<const uint64_t> addrs, std::byte* out, int snap,
+                     const Chosen* chosen = nullptr) {
     const std::atomic<uint64_t>* m = map_for(snap);
     size_t end = addrs.size();
     while (end > 0) {
@@ -642,7 +656,7 @@ struct ClusterBackend::Impl {
       size_t start = end - 1;
       while (start > 0 && vregion_of(addrs[start - 1]) == v) start--;
       Status st = fetch_run(m[v].load(std::memory_order_acquire), addrs.subspan(start, end - start),
-                            out + start * kLine, snap);
+                            out + start * kLine, snap, chosen);
       if (!st) return st;
       end = start;
     }
@@ -1588,21 +1602,30 @@ Status ClusterBackend::start_fetch_batch(std::span<const uint64_t> line_addrs, s
   // docs/rma.md.)
   TicketTiming timing;
   memcpy(ticket->opaque + kTicketTimingAt, &timing, sizeof timing);  // not timed
+  // Once auto has chosen (and counted) this fetch, a fallback to fetch_lines goes the way
+  // chosen instead of choosing again.
+  Chosen chosen;
+  const Chosen* fallback_way = nullptr;
   if (fit::RemoteRegion r; n == 1 && m.grant_of(v, replica, s, &r)) {
     if (!m.options.rma_adaptive) return m.fetch_lines(line_addrs, out, -1);
     const RmaChooser::Choice way = m.choose(s, 1);
     timing = {Impl::mono_ns(), s, static_cast<uint8_t>(way.path), way.kind, 1, 0};
+    chosen = {s, way, true};
+    fallback_way = &chosen;
     if (way.path == RmaChooser::kOneSided) {
       if (m.rma_fetch(r, v, line_addrs, out)) {
         memcpy(ticket->opaque + kTicketTimingAt, &timing, sizeof timing);
         return Status();
       }
       timing.timed = 0;  // failed (counted): asked for by kFetch below, not timed
+      chosen = {s, {RmaChooser::kRequest, way.kind}, false};
     }
   }
   // After quiesce() no call is left in flight: the process may end before anyone would
   // take its reply (quiesce() says why that matters).
-  if (m.exiting.load(std::memory_order_relaxed)) return m.fetch_lines(line_addrs, out, -1);
+  if (m.exiting.load(std::memory_order_relaxed)) {
+    return m.fetch_lines(line_addrs, out, -1, fallback_way);
+  }
   for (int k = 0; k < kFetchJobs; k++) {
     FetchJob& j = m.fetch_jobs[k];
     bool expected = false;
@@ -1619,13 +1642,13 @@ Status ClusterBackend::start_fetch_batch(std::span<const uint64_t> line_addrs, s
                                    Impl::reply_span(n, out));
     if (!st) {
       j.busy.store(false, std::memory_order_release);
-      return m.fetch_lines(line_addrs, out, -1);
+      return m.fetch_lines(line_addrs, out, -1, fallback_way);
     }
     memcpy(ticket->opaque, &k, sizeof k);
     memcpy(ticket->opaque + kTicketTimingAt, &timing, sizeof timing);
     return Status();
   }
-  return m.fetch_lines(line_addrs, out, -1);  // every job busy
+  return m.fetch_lines(line_addrs, out, -1, fallback_way);  // every job busy
 }
 
 // --rma auto: the ticket's one-line miss is done (its time is taken once).
