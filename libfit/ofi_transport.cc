@@ -64,6 +64,8 @@ Status OfiConnection::post_receives() {
     recv_ctx_[i] = OpCtx{{}, this, OpType::kRecv, static_cast<uint16_t>(i)};
   }
   rma_ctx_ = OpCtx{{}, this, OpType::kRma, 0};
+  // Pages are touched only by replies that come in parts.
+  if (compact_) LEGO_RETURN_IF_ERROR(parts_.init(ctx_.config->max_message_bytes));
   for (int i = 0; i < kWindow; i++) LEGO_RETURN_IF_ERROR(post_recv(i));
   return Status();
 }
@@ -126,7 +128,7 @@ Status OfiConnection::poll(int wait_ms) {
       if (c->type == OpType::kRecv) {
         const bool compact = compact_ && (e[k].flags & FI_REMOTE_CQ_DATA) != 0;
         std::span<const std::byte> bytes{bufs_.slot(kWindow + c->index), e[k].len};
-        if (compact && (wire::is_compact_part(e[k].data) || !parts_.empty())) {
+        if (compact && (wire::is_compact_part(e[k].data) || parts_len_ > 0)) {
           Status st = take_part(bytes, e[k].data);
           if (!st) host_->fail(st);
         } else {
@@ -186,25 +188,22 @@ Status OfiConnection::poll(int wait_ms) {
 // and shm keeps its order, so the parts of one reply arrive back to back.
 Status OfiConnection::take_part(std::span<const std::byte> bytes, uint64_t data) {
   const bool last = !wire::is_compact_part(data);
-  if (!parts_.empty() && wire::compact_part_data(data) != parts_data_) {
-    parts_.clear();
+  if (parts_len_ > 0 && wire::compact_part_data(data) != parts_data_) {
+    parts_len_ = 0;
     return Status(EPROTO, ctx_.who + ": " + peer_name() +
                               " sent a compact frame amid the parts of another reply");
   }
-  const size_t max = ctx_.config->max_message_bytes;
-  if (parts_.size() + bytes.size() > max) {
-    parts_.clear();
+  if (parts_len_ + bytes.size() > parts_.size) {
+    parts_len_ = 0;
     return Status(EMSGSIZE, ctx_.who + ": a reply in parts from " + peer_name() +
-                                " exceeds the limit of " + std::to_string(max) + " bytes");
+                                " exceeds the limit of " + std::to_string(parts_.size) + " bytes");
   }
-  if (parts_.empty()) {
-    parts_.reserve(max);
-    parts_data_ = wire::compact_part_data(data);
-  }
-  parts_.insert(parts_.end(), bytes.begin(), bytes.end());
+  if (parts_len_ == 0) parts_data_ = wire::compact_part_data(data);
+  if (!bytes.empty()) memcpy(parts_.base + parts_len_, bytes.data(), bytes.size());
+  parts_len_ += bytes.size();
   if (last) {
-    host_->on_frame(RawFrame{parts_, true, data});
-    parts_.clear();
+    host_->on_frame(RawFrame{{parts_.base, parts_len_}, true, data});
+    parts_len_ = 0;
   }
   return Status();
 }

@@ -104,8 +104,10 @@ class OfiConnection : public ClientConnection {
   Status take_part(std::span<const std::byte> bytes, uint64_t data);
 
   const bool compact_;  // requests travel as compact frames (rdm)
-  // A compact reply arriving in parts (fit_wire.h): the parts so far, and their CQ data.
-  std::vector<std::byte> parts_;
+  // A compact reply arriving in parts (fit_wire.h): the parts so far (parts_len_ bytes of
+  // parts_, mapped when the connection opens), and their CQ data.
+  AnonBuffer parts_;
+  size_t parts_len_ = 0;
   uint64_t parts_data_ = 0;
 };
 

@@ -44,4 +44,26 @@ struct SlotBuffers {
   std::byte* rma() const { return base + total - rma_bytes; }
 };
 
+// A buffer of its own anonymous mapping, for what a provider fills while serving a call:
+// calls are made from signal handlers (the ExCache's SIGBUS delivery), where malloc may
+// not be, and must not hand out memory of the region being served.
+struct AnonBuffer {
+  std::byte* base = nullptr;
+  size_t size = 0;
+
+  AnonBuffer() = default;
+  AnonBuffer(const AnonBuffer&) = delete;
+  AnonBuffer& operator=(const AnonBuffer&) = delete;
+  ~AnonBuffer() {
+    if (base != nullptr) munmap(base, size);
+  }
+  Status init(size_t bytes) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return Status::from_errno(errno, "mmap of a FIT buffer");
+    base = static_cast<std::byte*>(p);
+    size = bytes;
+    return Status();
+  }
+};
+
 }  // namespace lego::fit::transport
