@@ -303,19 +303,14 @@ void OfiServer::send(Delivery& d0, Kind kind, uint16_t opcode, uint32_t length, 
   auto& d = static_cast<OfiDelivery&>(d0);
   OfiPeer& conn = *d.conn;
   std::byte* buf = conn.bufs->slot(d.slot);
-  bool compact = rdm_ && kind == Kind::kReply;
-  if (!compact) {
-    wire::encode_header({buf, kHeader}, kind, opcode, length, status, id, ctx_.self->id);
-  }
-  OpCtx& c = conn.send_ctx[d.slot];
-  if (compact && length > server_domain_->info->tx_attr->inject_size) {
+  if (rdm_ && kind == Kind::kReply) {  // compact
     send_in_parts(d, buf + kHeader, length, wire::compact_data(kind, opcode, id));
     return;
   }
+  wire::encode_header({buf, kHeader}, kind, opcode, length, status, id, ctx_.self->id);
+  OpCtx& c = conn.send_ctx[d.slot];
   for (;;) {
-    ssize_t r = compact ? fi_senddata(conn.ep, buf + kHeader, length, conn.bufs->desc,
-                                      wire::compact_data(kind, opcode, id), d.to, &c.fi)
-                        : fi_send(conn.ep, buf, kHeader + length, conn.bufs->desc, d.to, &c.fi);
+    ssize_t r = fi_send(conn.ep, buf, kHeader + length, conn.bufs->desc, d.to, &c.fi);
     if (r == 0) {
       ctx_.counters->bytes_sent.fetch_add(length, std::memory_order_relaxed);
       d.thread->sends_in_flight++;
@@ -333,23 +328,26 @@ void OfiServer::send(Delivery& d0, Kind kind, uint16_t opcode, uint32_t length, 
   }
 }
 
-// A compact reply over the inject size, in parts within it (fit_wire.h says why): all but
-// the last injected (no completion; the buffer is ours again on return), the last sent
-// with the slot's context, which frees the slot pair as any reply's does. Every part
-// completes at once, whatever becomes of the receiver. The parts of one reply go out
-// back to back: nothing else is served meanwhile, so no other reply to the same client
+// A compact reply (rdm: shm), in parts within the inject size (fit_wire.h says why; most
+// replies, a line and less, are one part): all but the last injected (no completion; the buffer is
+// ours again on return), the last sent with the slot's context, which frees the slot pair as any
+// reply's does. Every part completes at once, whatever becomes of the receiver. The parts of one
+// reply go out back to back: nothing else is served meanwhile, so no other reply to the same client
 // can come between them.
 //
 // A client's queue holds every part of its kWindow replies, so only a client that stopped
 // taking them in (stopped, or hostile) makes a part wait: after kPartWait it is
-// forgotten, and its receive slot posted again, rather than stall the others.
+// forgotten, and its receive slot posted again, rather than stall the others. (Its own
+// completions cannot free room in a client's queue: they are not read meanwhile, so no
+// request is served amid a reply's parts either.)
 void OfiServer::send_in_parts(OfiDelivery& d, const std::byte* payload, uint32_t length,
                               uint64_t data) {
   OfiPeer& conn = *d.conn;
-  const size_t part = server_domain_->info->tx_attr->inject_size;
+  const size_t inject = server_domain_->info->tx_attr->inject_size;
+  const size_t part = inject > 0 ? inject : length;
   Clock::time_point waiting_since{};  // of the part that found the queue full; or epoch
   size_t off = 0;
-  while (off < length) {
+  for (;;) {  // a reply of 0 bytes is one (last) part too
     const size_t n = std::min<size_t>(part, length - off);
     const bool last = off + n == length;
     void* from = const_cast<std::byte*>(payload + off);
@@ -357,6 +355,7 @@ void OfiServer::send_in_parts(OfiDelivery& d, const std::byte* payload, uint32_t
         last ? fi_senddata(conn.ep, from, n, conn.bufs->desc, data, d.to, &conn.send_ctx[d.slot].fi)
              : fi_injectdata(conn.ep, from, n, wire::compact_part_data(data), d.to);
     if (r == 0) {
+      if (last) break;
       off += n;
       waiting_since = {};
       continue;
