@@ -236,6 +236,15 @@ void remove_shm_regions() {
       if (kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) unlinkat(dirfd(d), e->d_name, 0);
       continue;
     }
+    // A private shm node's own region (16 MiB), named after its address and port
+    // "lego-run-<lego-run's pid>:<port>": libfabric removes it when the node closes, not
+    // when it is killed with its lego-run.
+    unsigned long port = 0;
+    if (sscanf(e->d_name, "lego-run-%lu:%lu%n", &pid, &port, &used) == 2 &&
+        e->d_name[used] == '\0' && pid != 0) {
+      if (kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) unlinkat(dirfd(d), e->d_name, 0);
+      continue;
+    }
     if (sscanf(e->d_name, "lego-%lu-%8[0-9a-f]:%lu:%lu%n", &pid, nonce, &uid, &ep, &used) != 4 ||
         e->d_name[used] != '\0' || pid == 0) {
       continue;

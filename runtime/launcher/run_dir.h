@@ -77,8 +77,9 @@ class SpaceRegistry {
 // and libfabric unlinks them when an endpoint is closed. The runtime never closes its node
 // (a program's exit just ends the process), so such regions of processes that are gone
 // are removed here: the run's own, and any earlier runs killed before they could clean up
-// left behind. So are the doorbells of private clusters' shm nodes that were killed
-// ("lego-fit-bell-lego-run-<pid>-...", libfit/doorbell.h) once their lego-run is gone.
+// left behind. So are the doorbells and regions of private clusters' shm nodes that were
+// killed ("lego-fit-bell-lego-run-<pid>-...", libfit/doorbell.h; "lego-run-<pid>:<port>")
+// once their lego-run is gone.
 void remove_shm_regions();
 
 // Leftovers of lego-runs that were killed (kill -9 leaves no chance to clean up), found

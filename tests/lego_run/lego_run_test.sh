@@ -137,22 +137,25 @@ shm_leaked() {  # a region of a lego process that is gone (other tests' may be l
   return 1
 }
 check "no shm regions left by the run's processes" eval 'need shm_exec_run; ! shm_leaked'
-# A killed private shm node leaves its doorbell; the next lego-run removes it once the
-# lego-run that started the node is gone (its pid is in the name), and no other.
+# A killed private shm node leaves its doorbell and its region; the next lego-run removes
+# them once the lego-run that started the node is gone (its pid is in the name), and no
+# other.
 stale_bell_swept() {
   local dead live=/dev/shm/lego-fit-bell-lego-run-$$-40001-0000000000000000
   true & dead=$!; wait $dead
   local stale=/dev/shm/lego-fit-bell-lego-run-$dead-40001-0000000000000000
-  : >"$stale"; : >"$live"
+  local stale_region=/dev/shm/lego-run-$dead:40001 live_region=/dev/shm/lego-run-$$:40001
+  : >"$stale"; : >"$live"; : >"$stale_region"; : >"$live_region"
   "$LEGO_RUN" --excache 8M -- true
   local gone=0 kept=0
-  [ -e "$stale" ] || gone=1
-  [ -e "$live" ] && kept=1
-  rm -f "$stale" "$live"
+  [ -e "$stale" ] || [ -e "$stale_region" ] || gone=1
+  [ -e "$live" ] && [ -e "$live_region" ] && kept=1
+  rm -f "$stale" "$live" "$stale_region" "$live_region"
   echo "stale removed: $gone, live kept: $kept"
   [ $gone = 1 ] && [ $kept = 1 ]
 }
-check "a killed private node's shm doorbell is swept after its lego-run" stale_bell_swept
+check "a killed private node's shm doorbell and region are swept after its lego-run" \
+  stale_bell_swept
 # A program that closes every inherited descriptor (a daemon): lego-run waits for it without
 # spinning.
 idles() {
