@@ -174,7 +174,7 @@ check "lego-run idles while the program runs with its descriptors closed" idles
 # parent's writer threads keep evicting; a 32 MiB heap over a 4 MiB ExCache.
 fork_integrity() {
   local out
-  out=$("$LEGO_RUN" --excache 4M -- "$FORK_INTEGRITY" 32 4 2>&1)
+  out=$(timeout 120 "$LEGO_RUN" --excache 4M -- "$FORK_INTEGRITY" 32 4 2>&1)
   echo "$out"
   [ "${out%fork integrity ok}" != "$out" ]
 }
