@@ -467,7 +467,15 @@ stall_run() {  # stall_run SECONDS: the program's exit status in $stall_rc
   "$LEGO_RUN" --config "$tmp/stall.toml" --excache 4M -- "$INTEGRITY" 32 2 100000 \
     >"$tmp/stall.out" 2>"$tmp/stall.err" &
   r=$!
-  sleep 1.5
+  # Stall it once the program runs against it (20 ticks of CPU), not during lego-run's
+  # start, which a loaded host can stretch past the whole stall.
+  local p="" i
+  for i in $(seq 1 300); do
+    p=$(pgrep -n -f -- "^$INTEGRITY 32 2 100000")
+    [ -n "$p" ] && [ "$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)" -ge 20 ] &&
+      break
+    sleep 0.1
+  done
   kill -STOP $m
   sleep "$1"
   kill -CONT $m
