@@ -148,10 +148,16 @@ Status ExCache::Impl::init_buffers() {
 
   // process_madvise(MADV_DONTNEED) on ourselves (Linux >= 6.13) zaps a whole eviction batch
   // with one TLB flush (measured 0.6 µs per line vs 1.6 µs for one madvise per line). Probe
-  // it on a line that is not mapped (a no-op); fall back to madvise per run if refused.
+  // it on a staging line, mapped just above and never touched yet (a no-op); fall back to
+  // madvise per run if refused. Not on the region: a forked child adopting its cache
+  // (fork.cc) gets here with the region live, and the probe zapped its line 0, which it
+  // then read back from the fork snapshot: its own stores since fork() were lost (jemalloc's
+  // postfork_child re-initialising its base mutex there), and when the parent had evicted
+  // that line into the snapshot during the fork, the child got it with the mutexes its
+  // parent's prefork handler held, and its own next fork() waited on one forever.
   pidfd = static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0));
   if (pidfd >= 0) {
-    iovec probe{base, kLine};
+    iovec probe{staging, kLine};
     if (syscall(SYS_process_madvise, pidfd, &probe, 1, MADV_DONTNEED, 0) != long{kLine}) {
       close(pidfd);
       pidfd = -1;
