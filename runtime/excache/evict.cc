@@ -450,9 +450,13 @@ bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
   reap_write_back_locked();  // one write-back in flight at most; the last one is done by now
   if (pcache_fd >= 0 && policy == &kClockPolicyOps) sweep_accessed_bits();
   // 1. Take victims. Two laps at most: CLOCK may have to clear every reference bit first.
+  // (Test only: a fork under way keeps a place for line 0, see test_fork_evict_line0.)
+  const bool take_line0 =
+      test_fork_evict_line0 && batch > 1 && fork_snapshot.load(std::memory_order_acquire) >= 0;
+  const size_t want = take_line0 ? batch - 1 : batch;
   size_t n = 0;
   const size_t max_scan = 2 * capacity + batch;
-  for (size_t scanned = 0; n < batch && scanned < max_scan; ++scanned) {
+  for (size_t scanned = 0; n < want && scanned < max_scan; ++scanned) {
     const uint32_t f = static_cast<uint32_t>(hand);
     hand = hand + 1 == capacity ? 0 : hand + 1;
     if (hand == 0) lap.fetch_add(1, std::memory_order_relaxed);
@@ -468,6 +472,17 @@ bool ExCache::Impl::evict_batch_locked(uint32_t* out) {
       continue;  // became busy (a first store is un-protecting it): leave it
     }
     victims[n++] = Victim{id - 1, f, kind == kDirty, kind == kClean && (s & kMkcleanBit) != 0};
+  }
+  if (take_line0) {
+    // Taken like the hand takes a line (a busy one, or one already a victim, is left).
+    std::atomic<uint64_t>& word = lines[0];
+    uint64_t s = word.load(std::memory_order_acquire);
+    const LineKind kind = kind_of(s);
+    if ((kind == kClean || kind == kDirty) &&
+        word.compare_exchange_strong(s, with_kind(s, kEvicting), std::memory_order_acquire)) {
+      victims[n++] =
+          Victim{0, frame_of(s), kind == kDirty, kind == kClean && (s & kMkcleanBit) != 0};
+    }
   }
   if (n == 0) return false;
 

@@ -427,6 +427,13 @@ struct ExCache::Impl {
   };
   PrefetchBuffer* prefetch_buffers = nullptr;  // kPrefetchBuffers of them, mmap'd
 
+  // Test only: LEGO_TEST_FORK_EVICT_LINE0=1 in the environment (read once, at setup) makes
+  // every eviction batch taken while a fork is under way also evict line 0 if it is
+  // resident, so that the fork snapshot gets the region's first line as the forking thread
+  // has it then (under lego-run: jemalloc's base with the mutexes its prefork handler
+  // locked). tests/lego_run uses it to check that a child sees its memory as of the clone.
+  // Unset, it costs one test of this flag per eviction batch.
+  bool test_fork_evict_line0 = false;
   // fork.cc: fork() support (UFFD_FEATURE_EVENT_FORK). While a fork is under way
   // (prepare_fork until the handler thread reads the fork event) evictions and discards
   // also write into / release in the snapshot the child will be served from.

@@ -20,6 +20,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "runtime/excache/excache_impl.h"
@@ -267,6 +269,8 @@ Status ExCache::Impl::setup(const ExCacheOptions& opts, LineBackend* line_backen
   if (line_backend == nullptr) return Status(EINVAL, "ExCache::create: no backend");
   options = opts;
   backend = line_backend;
+  const char* test_knob = getenv("LEGO_TEST_FORK_EVICT_LINE0");  // test only (excache_impl.h)
+  test_fork_evict_line0 = test_knob != nullptr && strcmp(test_knob, "1") == 0;
   size = (options.region_bytes + kLine - 1) & ~(kLine - 1);
   nlines = size >> kLineShift;
   capacity = options.capacity_bytes >> kLineShift;

@@ -6,7 +6,8 @@
 # within the ExCache (read from /proc/PID/smaps); exit status, stdin/stdout and signals
 # pass through; a memory node killed mid-run ends the program with exit status 69 and a
 # message naming the node; a cluster file with lego-memd started by hand works; fork()
-# gives children (and grandchildren) the heap as it was at the fork, and shell pipelines and
+# gives children (and grandchildren) the heap as it was at the fork (also when the parent
+# evicts the lines its prefork handlers wrote during the fork), and shell pipelines and
 # python's os.fork work (fork integrity and stress-ng over shm too); forked children are lego processes with an ExCache of their own
 # (stress-ng's vm workers verify, evict and report; a child's resident set is bounded). Defects an adversarial probe found (section 11): subprocess children's
 # spaces freed as they exit; a relative --config after a cd; static programs refused; exit
@@ -191,6 +192,22 @@ fork_integrity_shm() {
   [ "${out%fork integrity ok}" != "$out" ]
 }
 check "fork integrity over shm (32 MiB heap, 4 forks)" fork_integrity_shm 32 4
+# A child sees its memory as of the clone, postfork_child's stores included. Before, a child
+# adopting its cache zapped its line 0 (jemalloc's base, re-initialised by postfork_child)
+# and read it back from the fork snapshot; LEGO_TEST_FORK_EVICT_LINE0 (test only, see
+# runtime/excache/excache_impl.h) makes every eviction during a fork put line 0 into the
+# snapshot, as the parent had it then, with the mutexes its prefork handler locked: every
+# child's own fork() then hung in jemalloc's prefork (3 of 3 runs, each killed at 60 s).
+fork_line0_in_snapshot() {
+  local out
+  out=$(LEGO_TEST_FORK_EVICT_LINE0=1 timeout 60 "$LEGO_RUN" "$@" --excache 4M -- \
+    "$FORK_INTEGRITY" 32 4 2>&1)
+  echo "$out"
+  [ "${out%fork integrity ok}" != "$out" ]
+}
+check "fork integrity with line 0 evicted into every fork's snapshot (tcp)" fork_line0_in_snapshot
+check "fork integrity with line 0 evicted into every fork's snapshot (shm)" \
+  fork_line0_in_snapshot --transport shm
 pipelines() {
   local out
   out=$("$LEGO_RUN" --excache 1M -- bash -c \
