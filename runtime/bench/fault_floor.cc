@@ -2,7 +2,11 @@
 
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -11,6 +15,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -20,6 +25,8 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include "lego/excache.h"
 
 namespace lego::bench {
 namespace {
@@ -41,6 +48,12 @@ enum ChildExit : int {
   kZap,
   kWrongContent,
   kPipe,
+  kHandlerApi,
+  kHandlerEvent,
+  kHandlerCopy,
+  kHandlerWait,
+  kHandlerThread,
+  kPin,
 };
 
 const char* describe(int code) {
@@ -63,6 +76,18 @@ const char* describe(int code) {
       return "a line read back with the wrong content after its fault";
     case kPipe:
       return "could not report to the parent";
+    case kHandlerApi:
+      return "the handler delivery's userfaultfd (no SIGBUS, kernel faults too) was refused";
+    case kHandlerEvent:
+      return "the handler thread read an event other than a missing-page fault in the region";
+    case kHandlerCopy:
+      return "UFFDIO_COPY in the handler thread failed";
+    case kHandlerWait:
+      return "the handler thread's read() or poll() of the userfaultfd failed";
+    case kHandlerThread:
+      return "pthread_create of the handler thread failed";
+    case kPin:
+      return "could not pin the faulting and handler threads to one CPU";
     default:
       return "unexpected exit";
   }
@@ -121,6 +146,169 @@ bool line_ok(const uint64_t* heap, size_t i) {
   return line[0] == g_source[0] + 1 && memcmp(line + 1, g_source + 1, kLine - 8) == 0;
 }
 
+// Maps the region (lines of 4 KiB, into g_base/g_bytes) and registers it with `uffd` as lego
+// registers its ExCache: missing + write-protect.
+uint64_t* map_registered(int uffd, size_t lines) {
+  g_bytes = lines * kLine;
+  void* p = mmap(nullptr, g_bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) _exit(kMap);
+  g_base = reinterpret_cast<uintptr_t>(p);
+  uffdio_register reg{};
+  reg.range = {.start = g_base, .len = g_bytes};
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP;
+  if (ioctl(uffd, UFFDIO_REGISTER, &reg) != 0) _exit(kRegister);
+  return static_cast<uint64_t*>(p);
+}
+
+// One read-modify-write instruction per line in `order`, so the miss is a store fault, as
+// the random workload's `+= 1` is.
+void touch_all(uint64_t* heap, const std::vector<size_t>& order) {
+  for (size_t i : order) __atomic_fetch_add(&heap[i * kWords], 1, __ATOMIC_RELAXED);
+}
+
+// `rounds` times: zap every line in random batches of 32, then store to every line in
+// another random order (each store a miss), and check each line's content. The medians of
+// the per-line means into *fault_us and *zap_us.
+void random_rounds(uint64_t* heap, size_t lines, int rounds, std::vector<size_t>& order,
+                   std::mt19937_64& rng, int pidfd, double* fault_us, double* zap_us) {
+  std::vector<double> faults, zaps;
+  for (int r = 0; r < rounds; r++) {
+    std::shuffle(order.begin(), order.end(), rng);
+    auto t0 = Clock::now();
+    for (size_t i = 0; i < lines; i += kZapBatch) {
+      if (!zap(pidfd, order, i, std::min(kZapBatch, lines - i))) _exit(kZap);
+    }
+    auto t1 = Clock::now();
+    std::shuffle(order.begin(), order.end(), rng);
+    touch_all(heap, order);
+    auto t2 = Clock::now();
+    zaps.push_back(us_each(t0, t1, lines));
+    faults.push_back(us_each(t1, t2, lines));
+    // Each line was just mapped from the source and stored to once.
+    for (size_t i = 0; i < lines; i++) {
+      if (!line_ok(heap, i)) _exit(kWrongContent);
+    }
+  }
+  *fault_us = median(faults);
+  *zap_us = median(zaps);
+}
+
+uint64_t now_ns() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+          .count());
+}
+
+// One fault read by the handler thread: a missing-page fault in the region (a store: it is
+// mapped writable, as lego maps a store miss), served with UFFDIO_COPY of one line, which
+// wakes the faulting thread.
+void serve(int uffd, const uffd_msg& msg) {
+  if (msg.event != UFFD_EVENT_PAGEFAULT || (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)) {
+    _exit(kHandlerEvent);
+  }
+  const uintptr_t addr = msg.arg.pagefault.address & ~uintptr_t{kLine - 1};
+  if (addr < g_base || addr >= g_base + g_bytes) _exit(kHandlerEvent);
+  uffdio_copy copy{};
+  copy.dst = addr;
+  copy.src = reinterpret_cast<uintptr_t>(g_source);
+  copy.len = kLine;
+  copy.mode = 0;
+  // EAGAIN: the address space changed meanwhile (nothing was copied of one line): again.
+  while (ioctl(uffd, UFFDIO_COPY, &copy) != 0) {
+    if (errno != EAGAIN) _exit(kHandlerCopy);
+  }
+}
+
+// The handler thread, polling as lego's does when no fetch is in flight
+// (runtime/excache/fault.cc, ExCache::Impl::handler_loop): a non-blocking read() of up to 16
+// faults, each served at once; between empty reads a sched_yield() for as long as lego's
+// default handler_spin_us after the last fault, then a sleep in poll() on the userfaultfd
+// and the stop eventfd. Program signals stay on the faulting thread.
+struct Handler {
+  int uffd = -1;
+  int stop_fd = -1;
+  std::atomic<bool> stopping{false};
+};
+
+void handler_loop(const Handler& h) {
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, nullptr);
+  const uint64_t spin_ns = uint64_t{ExCacheOptions{}.handler_spin_us} * 1000;
+  uffd_msg msgs[16];
+  uint64_t last_event = now_ns();
+  while (!h.stopping.load(std::memory_order_acquire)) {
+    const ssize_t n = read(h.uffd, msgs, sizeof msgs);
+    if (n > 0) {
+      for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); ++i) serve(h.uffd, msgs[i]);
+      last_event = now_ns();
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno != EAGAIN) _exit(kHandlerWait);
+    if (now_ns() - last_event < spin_ns) {
+      sched_yield();
+      continue;
+    }
+    pollfd fds[2] = {{.fd = h.uffd, .events = POLLIN, .revents = 0},
+                     {.fd = h.stop_fd, .events = POLLIN, .revents = 0}};
+    if (poll(fds, 2, -1) < 0 && errno != EINTR) _exit(kHandlerWait);
+    last_event = now_ns();
+  }
+}
+
+// The random store misses again, delivered as lego-run's default --delivery handler delivers
+// them: a userfaultfd without UFFD_FEATURE_SIGBUS (non-blocking, kernel-mode faults too, as
+// lego opens it), a fresh region, and a handler thread serving each fault. same_cpu: both
+// threads pinned to the CPU this one runs on. The median µs per miss.
+double handler_fault_us(size_t lines, int rounds, std::vector<size_t>& order, std::mt19937_64& rng,
+                        int pidfd, bool same_cpu) {
+  const int uffd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  if (uffd < 0) _exit(kNoUffd);
+  uffdio_api api{.api = UFFD_API, .features = UFFD_FEATURE_PAGEFAULT_FLAG_WP, .ioctls = 0};
+  if (ioctl(uffd, UFFDIO_API, &api) != 0) _exit(kHandlerApi);
+  uint64_t* heap = map_registered(uffd, lines);
+  cpu_set_t before;
+  if (sched_getaffinity(0, sizeof before, &before) != 0) _exit(kPin);
+  if (same_cpu) {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    const int cpu = sched_getcpu();
+    if (cpu < 0) _exit(kPin);
+    CPU_SET(cpu, &one);
+    // Set before the thread starts: it inherits it.
+    if (sched_setaffinity(0, sizeof one, &one) != 0) _exit(kPin);
+  }
+  Handler h;
+  h.uffd = uffd;
+  h.stop_fd = eventfd(0, EFD_CLOEXEC);
+  if (h.stop_fd < 0) _exit(kHandlerWait);
+  pthread_t handler;
+  if (pthread_create(
+          &handler, nullptr,
+          [](void* arg) -> void* {
+            handler_loop(*static_cast<const Handler*>(arg));
+            return nullptr;
+          },
+          &h) != 0) {
+    _exit(kHandlerThread);
+  }
+  std::shuffle(order.begin(), order.end(), rng);
+  touch_all(heap, order);  // first faults: untimed
+  double fault_us = 0, zap_us = 0;
+  random_rounds(heap, lines, rounds, order, rng, pidfd, &fault_us, &zap_us);
+  h.stopping.store(true, std::memory_order_release);
+  const uint64_t one = 1;
+  if (write(h.stop_fd, &one, sizeof one) != sizeof one) _exit(kHandlerWait);
+  pthread_join(handler, nullptr);
+  if (same_cpu && sched_setaffinity(0, sizeof before, &before) != 0) _exit(kPin);
+  close(h.stop_fd);
+  munmap(heap, g_bytes);
+  close(uffd);
+  return fault_us;
+}
+
 [[noreturn]] void child(int out, size_t lines, int rounds, std::vector<size_t>& order) {
   std::mt19937_64 rng(1234);
   for (size_t i = 0; i < kWords; i++) g_source[i] = rng();
@@ -131,15 +319,7 @@ bool line_ok(const uint64_t* heap, size_t i) {
                  .features = UFFD_FEATURE_SIGBUS | UFFD_FEATURE_PAGEFAULT_FLAG_WP,
                  .ioctls = 0};
   if (ioctl(g_uffd, UFFDIO_API, &api) != 0) _exit(kApi);
-  g_bytes = lines * kLine;
-  void* p = mmap(nullptr, g_bytes, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (p == MAP_FAILED) _exit(kMap);
-  g_base = reinterpret_cast<uintptr_t>(p);
-  uffdio_register reg{};
-  reg.range = {.start = g_base, .len = g_bytes};
-  reg.mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP;
-  if (ioctl(g_uffd, UFFDIO_REGISTER, &reg) != 0) _exit(kRegister);
+  uint64_t* heap = map_registered(g_uffd, lines);
   struct sigaction sa = {};
   sa.sa_sigaction = on_sigbus;
   sa.sa_flags = SA_SIGINFO;
@@ -147,31 +327,9 @@ bool line_ok(const uint64_t* heap, size_t i) {
   sigaction(SIGBUS, &sa, nullptr);
   const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0));
 
-  auto* heap = static_cast<uint64_t*>(p);
-  auto touch_all = [&] {
-    // One read-modify-write instruction per line, so the miss is a store fault, as the
-    // random workload's `+= 1` is.
-    for (size_t i : order) __atomic_fetch_add(&heap[i * kWords], 1, __ATOMIC_RELAXED);
-  };
-  touch_all();  // first faults: untimed
-  std::vector<double> fault_us, zap_us;
-  for (int r = 0; r < rounds; r++) {
-    std::shuffle(order.begin(), order.end(), rng);
-    auto t0 = Clock::now();
-    for (size_t i = 0; i < lines; i += kZapBatch) {
-      if (!zap(pidfd, order, i, std::min(kZapBatch, lines - i))) _exit(kZap);
-    }
-    auto t1 = Clock::now();
-    std::shuffle(order.begin(), order.end(), rng);
-    touch_all();
-    auto t2 = Clock::now();
-    zap_us.push_back(us_each(t0, t1, lines));
-    fault_us.push_back(us_each(t1, t2, lines));
-    // Each line was just mapped from the source and stored to once.
-    for (size_t i = 0; i < lines; i++) {
-      if (!line_ok(heap, i)) _exit(kWrongContent);
-    }
-  }
+  touch_all(heap, order);  // first faults: untimed
+  double fault_us = 0, zap_us = 0;
+  random_rounds(heap, lines, rounds, order, rng, pidfd, &fault_us, &zap_us);
 
   // Windows: each fault maps kZapBatch lines with one UFFDIO_COPY, as a prefetch does, and
   // a scan stores to every line in order; eviction drops whole windows with one madvise.
@@ -196,9 +354,13 @@ bool line_ok(const uint64_t* heap, size_t i) {
       if (!line_ok(heap, i)) _exit(kWrongContent);
     }
   }
-  char text[128];
-  int n = snprintf(text, sizeof text, "%.4f %.4f %.4f %.4f\n", median(fault_us), median(zap_us),
-                   median(window_fault_us), median(window_zap_us));
+  // The SIGBUS region is done with: the handler delivery's rounds map a fresh one each.
+  munmap(heap, g_bytes);
+  const double handler_us = handler_fault_us(lines, rounds, order, rng, pidfd, false);
+  const double same_cpu_us = handler_fault_us(lines, rounds, order, rng, pidfd, true);
+  char text[192];
+  int n = snprintf(text, sizeof text, "%.4f %.4f %.4f %.4f %.4f %.4f\n", fault_us, zap_us,
+                   median(window_fault_us), median(window_zap_us), handler_us, same_cpu_us);
   _exit(write(out, text, static_cast<size_t>(n)) == n ? kOk : kPipe);
 }
 
@@ -246,8 +408,8 @@ Result<FaultFloor> measure_fault_floor(size_t lines, int rounds) {
     return Status(EIO, std::string("fault floor: ") + describe(WEXITSTATUS(status)));
   }
   FaultFloor f;
-  if (sscanf(text.c_str(), "%lf %lf %lf %lf", &f.fault_us, &f.zap_us, &f.window_fault_us,
-             &f.window_zap_us) != 4) {
+  if (sscanf(text.c_str(), "%lf %lf %lf %lf %lf %lf", &f.fault_us, &f.zap_us, &f.window_fault_us,
+             &f.window_zap_us, &f.handler_fault_us, &f.handler_fault_same_cpu_us) != 6) {
     return Status(EIO, "fault floor: unreadable report '" + text + "'");
   }
   return f;

@@ -10,6 +10,18 @@
 //             workload does.
 //   zap_us    a resident line's share of dropping 32 scattered lines with one
 //             process_madvise(MADV_DONTNEED), as an eviction batch does.
+// The same random store misses delivered as lego-run's default (--delivery handler) delivers
+// them, on a fresh region registered the same way with a userfaultfd without SIGBUS:
+//   handler_fault_us           the fault, the faulting thread's sleep, a handler thread that
+//                              polls the userfaultfd as lego's does (non-blocking read(),
+//                              sched_yield() between empty reads for ExCacheOptions'
+//                              default handler_spin_us after the last fault, then poll())
+//                              reading it and mapping the line with UFFDIO_COPY, the wake-up,
+//                              and the store retried; the threads wherever the scheduler
+//                              puts them, as lego's are;
+//   handler_fault_same_cpu_us  the same with both threads pinned to one CPU (no cross-CPU
+//                              wake-up: what pinning the handler beside the program could
+//                              save).
 // and, for a sequential scan (lines stored to in address order):
 //   window_fault_us  a line's share of a store fault whose handler maps the 32 lines
 //                    around it with one UFFDIO_COPY, as a prefetch window is mapped;
@@ -28,6 +40,8 @@ struct FaultFloor {
   double zap_us = 0;
   double window_fault_us = 0;
   double window_zap_us = 0;
+  double handler_fault_us = 0;
+  double handler_fault_same_cpu_us = 0;
 };
 
 // lines: the region's size in 4 KiB lines (at least 64); rounds: at least 1. The child
