@@ -178,6 +178,15 @@ measured in the same run (no memory node work, no copies of lego's own):
   its share of moving a window (in for both passes, out for the written half): tcp a
   32-line fetch's round trip, shm half of fi_pingpong's 128 KiB round trip.
 "vs zram" is the floor's ratio to swap on zram, "lego/floor" lego's to the floor.
+  random, handler delivery: the same store misses on a fresh region whose userfaultfd has
+  no SIGBUS, each served by a handler thread that polls it as lego's does (non-blocking
+  read(), sched_yield() between empty reads for its default 50 µs after the last fault,
+  then poll()) and maps the line with UFFDIO_COPY, waking the faulting thread; and again
+  with both threads pinned to one CPU. For each random lego row under the sigbus
+  delivery, a line "handler/sigbus floor ratio": (lego's sigbus µs per miss + the handler fault's µs
+  over the SIGBUS fault's) / lego's sigbus µs per miss, the ratio a handler costing
+  nothing beyond its delivery would reach (pinned: with the pinned figure), beside
+  lego's own handler/sigbus, per miss (each row's µs per access / its misses per access).
   random_mt over tcp: for each thread count, that many client threads each making the
   fetch's exchange with one in flight, against one server thread serving them all (as
   lego-memd's), over the same veth link, both sides busy-polling and both blocking: round
@@ -233,17 +242,6 @@ bool is_lego(const std::string& s) {
   return s == "lego_tcp" || s == "lego_shm" || s == "lego_config";
 }
 constexpr const char* kDeliveries[] = {"handler", "sigbus"};
-
-// µs per access of r's lego system under delivery `d`, or 0.
-double delivery_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const char* d) {
-  for (auto& q : rows) {
-    if (q.workload == r.workload && q.fraction == r.fraction && q.threads == r.threads &&
-        q.system == r.system && q.delivery == d && q.policy == r.policy && q.o.ok) {
-      return q.o.us;
-    }
-  }
-  return 0;
-}
 
 bool same_rma_group(const MemoryRow& a, const MemoryRow& b) {
   return a.workload == b.workload && a.fraction == b.fraction && a.threads == b.threads &&
@@ -364,8 +362,9 @@ void print_deliveries_and_threads(const std::vector<MemoryRow>& rows) {
   bool header = false;
   for (auto& r : rows) {
     if (r.delivery != "handler" || !r.o.ok || r.busy > 0) continue;
-    const double sigbus = delivery_us(rows, r, "sigbus");
-    if (sigbus <= 0) continue;
+    const MemoryRow* twin = delivery_twin(rows, r, "sigbus");
+    if (twin == nullptr) continue;
+    const double sigbus = twin->o.us;
     if (!header) {
       printf("\nhandler delivery over sigbus delivery (µs per access; the same misses):\n");
       printf("%-11s %6s %7s %-17s %10s %10s %8s\n", "workload", "local", "threads", "system",

@@ -164,6 +164,44 @@ void print_thread_floors(const std::vector<MemoryRow>& rows, const MissFloors& f
   }
 }
 
+// The random workload's handler delivery against its sigbus delivery, per miss (µs per
+// access / the row's misses per access, --stats fetches: the hits' few ns counted in), beside
+// the same ratio at the floor. What a handler thread adds to a miss at the floor, the handler
+// fault floor less the SIGBUS one, is added to lego's own sigbus miss: the ratio lego's
+// handler delivery would reach if its handler cost nothing beyond the delivery itself.
+void print_handler_floor(const std::vector<MemoryRow>& rows, const FaultFloor& f) {
+  bool header = false;
+  for (auto& s : rows) {
+    if (s.workload != "random" || s.delivery != "sigbus" || !has_floor(s) || s.busy > 0 ||
+        s.misses_per_access <= 0) {
+      continue;
+    }
+    if (!header) {
+      printf(
+          "\nrandom, the handler delivery over the sigbus delivery per miss (µs per access / "
+          "misses per\naccess): lego's measured, and the floor's: (lego's sigbus µs per miss + "
+          "%.2f µs, what the\nhandler fault floor adds to the SIGBUS one) / lego's sigbus µs per "
+          "miss; pinned: with\nthe pinned handler's %.2f µs instead\n",
+          f.handler_fault_us - f.fault_us, f.handler_fault_same_cpu_us - f.fault_us);
+      header = true;
+    }
+    const double sigbus = s.o.us / s.misses_per_access;
+    const double floor = (sigbus + f.handler_fault_us - f.fault_us) / sigbus;
+    const double pinned = (sigbus + f.handler_fault_same_cpu_us - f.fault_us) / sigbus;
+    char lego[96] = "-";
+    if (const MemoryRow* h = delivery_twin(rows, s, "handler");
+        h != nullptr && h->misses_per_access > 0) {
+      const double handler = h->o.us / h->misses_per_access;
+      snprintf(lego, sizeof lego, "%.2fx (µs per miss: sigbus %.2f, handler %.2f)",
+               handler / sigbus, sigbus, handler);
+    }
+    MemoryRow base = s;
+    base.delivery = "";  // the label names the system; both deliveries are on the line
+    printf("  %s %.0f%% %s: handler/sigbus floor ratio %.2fx (pinned %.2fx), lego's %s\n",
+           s.workload.c_str(), s.fraction * 100, system_label(base).c_str(), floor, pinned, lego);
+  }
+}
+
 }  // namespace
 
 void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
@@ -196,6 +234,10 @@ void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
     return f.fault.value().*field;
   };
   line("userfaultfd store miss (fault, SIGBUS, UFFDIO_COPY, return)", part(&FaultFloor::fault_us));
+  line("the same, a handler thread serving it (lego-run's default)",
+       part(&FaultFloor::handler_fault_us));
+  line("the same, the handler pinned to the faulting thread's CPU",
+       part(&FaultFloor::handler_fault_same_cpu_us));
   line("a line's share of a 32-line MADV_DONTNEED zap", part(&FaultFloor::zap_us));
   line("a line's share of a fault mapping a 32-line window", part(&FaultFloor::window_fault_us));
   line("a line's share of one madvise zapping a 32-line window", part(&FaultFloor::window_zap_us));
@@ -219,6 +261,7 @@ void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
     printf("%-11s %5.0f%% %-17s %16.3f %10s %10.2fx\n", r.workload.c_str(), r.fraction * 100,
            system_label(r).c_str(), floor.value(), vz, r.o.us / floor.value());
   }
+  if (f.fault) print_handler_floor(rows, f.fault.value());
   print_thread_floors(rows, f);
 }
 

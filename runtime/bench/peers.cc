@@ -236,4 +236,16 @@ double one_thread_us(const std::vector<MemoryRow>& rows, const MemoryRow& r) {
   return 0;
 }
 
+const MemoryRow* delivery_twin(const std::vector<MemoryRow>& rows, const MemoryRow& r,
+                               const std::string& d) {
+  for (auto& q : rows) {
+    if (q.workload == r.workload && q.fraction == r.fraction && q.threads == r.threads &&
+        q.system == r.system && q.delivery == d && q.policy == r.policy && q.rma == r.rma &&
+        q.busy == r.busy && q.o.ok) {
+      return &q;
+    }
+  }
+  return nullptr;
+}
+
 }  // namespace lego::bench

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# lego-bench's miss floors beside a tiny memory run: random at 25% local under lego_tcp and
+# lego_shm with both deliveries, 1 MiB ExCache. Guards what the floors print, not their
+# timings: the handler delivery's fault floor beside the SIGBUS one (free and pinned), and
+# per transport the line "handler/sigbus floor ratio" with lego's own handler/sigbus per
+# miss, each figure on it following from the others printed (the table's µs per access and
+# misses per access, the fault floors).
+# usage: lego_bench_floors_test.sh [NAME-PART...]   (tests/lib/check.sh)
+set -uo pipefail
+. "$(dirname "$0")/../lib/check.sh"
+check_init "$@"
+
+root=$(lego_bin_root)
+BENCH=$root/runtime/bench/lego-bench
+export LEGO_RUN=$root/runtime/lego-run
+tmp=${TEST_TMPDIR:-$(mktemp -d)}
+
+tiny_run() {
+  "$BENCH" --only memory --workloads random --fractions 0.25 --systems lego_tcp,lego_shm \
+    --cap 1M --accesses 2000 >"$tmp/floors.out" 2>"$tmp/floors.err"
+  run_rc=$?
+  cat "$tmp/floors.out"
+  tail -5 "$tmp/floors.err"
+}
+
+# floor_us LABEL: the µs of the miss floors' line that starts with LABEL.
+floor_us() {
+  awk -v l="$1" 'index($0, "  " l) == 1 && $NF == "us" {print $(NF - 1)}' "$tmp/floors.out"
+}
+
+all_ran() {
+  need tiny_run
+  [ "$run_rc" -eq 0 ] || { echo "exit status $run_rc"; return 1; }
+  for s in lego_tcp lego_shm; do
+    for d in handler sigbus; do
+      grep -qE "^random +25% +1 $s/$d +[0-9.]+ " "$tmp/floors.out" ||
+        { echo "no row: $s/$d"; return 1; }
+    done
+  done
+}
+handler_fault_floors() {
+  need tiny_run
+  local sigbus handler pinned
+  sigbus=$(floor_us "userfaultfd store miss (fault, SIGBUS, UFFDIO_COPY, return)")
+  handler=$(floor_us "the same, a handler thread serving it (lego-run's default)")
+  pinned=$(floor_us "the same, the handler pinned to the faulting thread's CPU")
+  echo "sigbus '$sigbus' handler '$handler' pinned '$pinned'"
+  awk -v s="$sigbus" -v h="$handler" -v p="$pinned" 'BEGIN { exit !(s > 0 && h > 0 && p > 0) }'
+}
+# Each transport's line: its lego ratio is the table's per-miss ratio, and its floor ratio
+# is (lego's sigbus µs per miss + handler fault floor - SIGBUS fault floor) / the former.
+ratio_lines() {
+  need tiny_run
+  local sf hf pf s line
+  sf=$(floor_us "userfaultfd store miss (fault, SIGBUS, UFFDIO_COPY, return)")
+  hf=$(floor_us "the same, a handler thread serving it (lego-run's default)")
+  pf=$(floor_us "the same, the handler pinned to the faulting thread's CPU")
+  for s in lego_tcp lego_shm; do
+    line=$(grep -E "^  random 25% $s: handler/sigbus floor ratio [0-9.]+x \(pinned [0-9.]+x\), lego's [0-9.]+x \(µs per miss: sigbus [0-9.]+, handler [0-9.]+\)$" "$tmp/floors.out") ||
+      { echo "no handler/sigbus floor ratio line for $s"; return 1; }
+    echo "$line"
+    awk -v line="$line" -v sf="$sf" -v hf="$hf" -v pf="$pf" -v s="$s" '
+      $1 == "random" && $4 == s "/sigbus" { su = $5; sm = $8 }
+      $1 == "random" && $4 == s "/handler" { hu = $5; hm = $8 }
+      END {
+        n = split(line, w, /[ x(),:]+/)
+        for (i = 1; i <= n; i++) {
+          if (w[i] == "ratio") floor = w[i + 1]
+          if (w[i] == "pinned") pinned = w[i + 1]
+          if (w[i] == "lego'"'"'s") lego = w[i + 1]
+          if (w[i] == "sigbus" && w[i - 1] == "miss") sig = w[i + 1]
+          if (w[i] == "handler" && w[i + 1] ~ /^[0-9.]+$/) han = w[i + 1]
+        }
+        bad = 0
+        if (su <= 0 || sm <= 0 || hu <= 0 || hm <= 0) { print "no table rows for " s; exit 1 }
+        d = sig - su / sm; if (d < 0) d = -d
+        if (d > 0.01 * sig + 0.01) { print "sigbus per miss " sig " is not " su " / " sm; bad = 1 }
+        d = han - hu / hm; if (d < 0) d = -d
+        if (d > 0.01 * han + 0.01) { print "handler per miss " han " is not " hu " / " hm; bad = 1 }
+        d = lego - han / sig; if (d < 0) d = -d
+        if (d > 0.011) { print "lego ratio " lego " is not " han " / " sig; bad = 1 }
+        d = floor - (sig + hf - sf) / sig; if (d < 0) d = -d
+        if (d > 0.011 + 0.011 / sig) { print "floor ratio " floor " is not (" sig " + " hf " - " sf ") / " sig; bad = 1 }
+        d = pinned - (sig + pf - sf) / sig; if (d < 0) d = -d
+        if (d > 0.011 + 0.011 / sig) { print "pinned ratio " pinned " is not (" sig " + " pf " - " sf ") / " sig; bad = 1 }
+        exit bad
+      }' "$tmp/floors.out" || return 1
+  done
+}
+check "random under lego_tcp and lego_shm with both deliveries (exit 0)" all_ran
+check "the miss floors have the handler delivery's fault, free and pinned" handler_fault_floors
+check "per transport, a handler/sigbus floor ratio line beside lego's, per miss" ratio_lines
+
+check_summary
