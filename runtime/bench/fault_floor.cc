@@ -123,12 +123,13 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-// Drops lines[from, from + n) with one process_madvise, or one madvise per line where the
-// kernel refuses MADV_DONTNEED through process_madvise (before Linux 6.13), as lego does.
-bool zap(int pidfd, const std::vector<size_t>& order, size_t from, size_t n) {
+// Drops the lines order[from, from + n) of the region at `base` with one process_madvise, or
+// one madvise per line where the kernel refuses MADV_DONTNEED through process_madvise
+// (before Linux 6.13), as lego does.
+bool zap(int pidfd, uintptr_t base, const std::vector<size_t>& order, size_t from, size_t n) {
   iovec iov[kZapBatch];
   for (size_t k = 0; k < n; k++) {
-    iov[k] = {reinterpret_cast<void*>(g_base + order[from + k] * kLine), kLine};
+    iov[k] = {reinterpret_cast<void*>(base + order[from + k] * kLine), kLine};
   }
   if (pidfd >= 0 && syscall(SYS_process_madvise, pidfd, iov, n, MADV_DONTNEED, 0) ==
                         static_cast<long>(n * kLine)) {
@@ -146,16 +147,14 @@ bool line_ok(const uint64_t* heap, size_t i) {
   return line[0] == g_source[0] + 1 && memcmp(line + 1, g_source + 1, kLine - 8) == 0;
 }
 
-// Maps the region (lines of 4 KiB, into g_base/g_bytes) and registers it with `uffd` as lego
-// registers its ExCache: missing + write-protect.
+// Maps a region of `lines` 4 KiB lines and registers it with `uffd` as lego registers its
+// ExCache: missing + write-protect.
 uint64_t* map_registered(int uffd, size_t lines) {
-  g_bytes = lines * kLine;
-  void* p = mmap(nullptr, g_bytes, PROT_READ | PROT_WRITE,
+  void* p = mmap(nullptr, lines * kLine, PROT_READ | PROT_WRITE,
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) _exit(kMap);
-  g_base = reinterpret_cast<uintptr_t>(p);
   uffdio_register reg{};
-  reg.range = {.start = g_base, .len = g_bytes};
+  reg.range = {.start = reinterpret_cast<uintptr_t>(p), .len = lines * kLine};
   reg.mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP;
   if (ioctl(uffd, UFFDIO_REGISTER, &reg) != 0) _exit(kRegister);
   return static_cast<uint64_t*>(p);
@@ -167,31 +166,28 @@ void touch_all(uint64_t* heap, const std::vector<size_t>& order) {
   for (size_t i : order) __atomic_fetch_add(&heap[i * kWords], 1, __ATOMIC_RELAXED);
 }
 
-// `rounds` times: zap every line in random batches of 32, then store to every line in
-// another random order (each store a miss), and check each line's content. The medians of
-// the per-line means into *fault_us and *zap_us.
-void random_rounds(uint64_t* heap, size_t lines, int rounds, std::vector<size_t>& order,
-                   std::mt19937_64& rng, int pidfd, double* fault_us, double* zap_us) {
-  std::vector<double> faults, zaps;
-  for (int r = 0; r < rounds; r++) {
-    std::shuffle(order.begin(), order.end(), rng);
-    auto t0 = Clock::now();
-    for (size_t i = 0; i < lines; i += kZapBatch) {
-      if (!zap(pidfd, order, i, std::min(kZapBatch, lines - i))) _exit(kZap);
-    }
-    auto t1 = Clock::now();
-    std::shuffle(order.begin(), order.end(), rng);
-    touch_all(heap, order);
-    auto t2 = Clock::now();
-    zaps.push_back(us_each(t0, t1, lines));
-    faults.push_back(us_each(t1, t2, lines));
-    // Each line was just mapped from the source and stored to once.
-    for (size_t i = 0; i < lines; i++) {
-      if (!line_ok(heap, i)) _exit(kWrongContent);
+// One round: zap every line of `heap` in random batches of 32, then store to every line in
+// another random order (each store a miss), and check each line's content. The mean µs per
+// line of the zaps and of the misses are added to *zaps and *faults.
+void random_round(uint64_t* heap, size_t lines, std::vector<size_t>& order, std::mt19937_64& rng,
+                  int pidfd, std::vector<double>* faults, std::vector<double>* zaps) {
+  std::shuffle(order.begin(), order.end(), rng);
+  auto t0 = Clock::now();
+  for (size_t i = 0; i < lines; i += kZapBatch) {
+    if (!zap(pidfd, reinterpret_cast<uintptr_t>(heap), order, i, std::min(kZapBatch, lines - i))) {
+      _exit(kZap);
     }
   }
-  *fault_us = median(faults);
-  *zap_us = median(zaps);
+  auto t1 = Clock::now();
+  std::shuffle(order.begin(), order.end(), rng);
+  touch_all(heap, order);
+  auto t2 = Clock::now();
+  zaps->push_back(us_each(t0, t1, lines));
+  faults->push_back(us_each(t1, t2, lines));
+  // Each line was just mapped from the source and stored to once.
+  for (size_t i = 0; i < lines; i++) {
+    if (!line_ok(heap, i)) _exit(kWrongContent);
+  }
 }
 
 uint64_t now_ns() {
@@ -200,22 +196,35 @@ uint64_t now_ns() {
           .count());
 }
 
+// A region served as lego-run's default --delivery handler serves its ExCache: a
+// userfaultfd without UFFD_FEATURE_SIGBUS (non-blocking, kernel-mode faults too, as lego
+// opens it) and a handler thread reading it.
+struct HandlerRegion {
+  int uffd = -1;
+  int stop_fd = -1;
+  uint64_t* heap = nullptr;
+  size_t bytes = 0;
+  pthread_t thread{};
+  std::atomic<bool> stopping{false};
+};
+
 // One fault read by the handler thread: a missing-page fault in the region (a store: it is
 // mapped writable, as lego maps a store miss), served with UFFDIO_COPY of one line, which
 // wakes the faulting thread.
-void serve(int uffd, const uffd_msg& msg) {
+void serve(const HandlerRegion& h, const uffd_msg& msg) {
   if (msg.event != UFFD_EVENT_PAGEFAULT || (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)) {
     _exit(kHandlerEvent);
   }
+  const auto base = reinterpret_cast<uintptr_t>(h.heap);
   const uintptr_t addr = msg.arg.pagefault.address & ~uintptr_t{kLine - 1};
-  if (addr < g_base || addr >= g_base + g_bytes) _exit(kHandlerEvent);
+  if (addr < base || addr >= base + h.bytes) _exit(kHandlerEvent);
   uffdio_copy copy{};
   copy.dst = addr;
   copy.src = reinterpret_cast<uintptr_t>(g_source);
   copy.len = kLine;
   copy.mode = 0;
   // EAGAIN: the address space changed meanwhile (nothing was copied of one line): again.
-  while (ioctl(uffd, UFFDIO_COPY, &copy) != 0) {
+  while (ioctl(h.uffd, UFFDIO_COPY, &copy) != 0) {
     if (errno != EAGAIN) _exit(kHandlerCopy);
   }
 }
@@ -225,13 +234,7 @@ void serve(int uffd, const uffd_msg& msg) {
 // faults, each served at once; between empty reads a sched_yield() for as long as lego's
 // default handler_spin_us after the last fault, then a sleep in poll() on the userfaultfd
 // and the stop eventfd. Program signals stay on the faulting thread.
-struct Handler {
-  int uffd = -1;
-  int stop_fd = -1;
-  std::atomic<bool> stopping{false};
-};
-
-void handler_loop(const Handler& h) {
+void handler_loop(const HandlerRegion& h) {
   sigset_t all;
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, nullptr);
@@ -241,7 +244,7 @@ void handler_loop(const Handler& h) {
   while (!h.stopping.load(std::memory_order_acquire)) {
     const ssize_t n = read(h.uffd, msgs, sizeof msgs);
     if (n > 0) {
-      for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); ++i) serve(h.uffd, msgs[i]);
+      for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); ++i) serve(h, msgs[i]);
       last_event = now_ns();
       continue;
     }
@@ -258,55 +261,57 @@ void handler_loop(const Handler& h) {
   }
 }
 
-// The random store misses again, delivered as lego-run's default --delivery handler delivers
-// them: a userfaultfd without UFFD_FEATURE_SIGBUS (non-blocking, kernel-mode faults too, as
-// lego opens it), a fresh region, and a handler thread serving each fault. same_cpu: both
-// threads pinned to the CPU this one runs on. The median µs per miss.
-double handler_fault_us(size_t lines, int rounds, std::vector<size_t>& order, std::mt19937_64& rng,
-                        int pidfd, bool same_cpu) {
-  const int uffd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
-  if (uffd < 0) _exit(kNoUffd);
+// Sets up h (lines of 4 KiB) and starts its handler thread, on CPU `cpu` alone (>= 0) or
+// wherever the scheduler puts it (-1), as lego's is.
+void start_handler(HandlerRegion* h, size_t lines, int cpu) {
+  h->uffd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  if (h->uffd < 0) _exit(kNoUffd);
   uffdio_api api{.api = UFFD_API, .features = UFFD_FEATURE_PAGEFAULT_FLAG_WP, .ioctls = 0};
-  if (ioctl(uffd, UFFDIO_API, &api) != 0) _exit(kHandlerApi);
-  uint64_t* heap = map_registered(uffd, lines);
-  cpu_set_t before;
-  if (sched_getaffinity(0, sizeof before, &before) != 0) _exit(kPin);
-  if (same_cpu) {
+  if (ioctl(h->uffd, UFFDIO_API, &api) != 0) _exit(kHandlerApi);
+  h->heap = map_registered(h->uffd, lines);
+  h->bytes = lines * kLine;
+  h->stop_fd = eventfd(0, EFD_CLOEXEC);
+  if (h->stop_fd < 0) _exit(kHandlerWait);
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  if (cpu >= 0) {
     cpu_set_t one;
     CPU_ZERO(&one);
-    const int cpu = sched_getcpu();
-    if (cpu < 0) _exit(kPin);
     CPU_SET(cpu, &one);
-    // Set before the thread starts: it inherits it.
-    if (sched_setaffinity(0, sizeof one, &one) != 0) _exit(kPin);
+    if (pthread_attr_setaffinity_np(&attr, sizeof one, &one) != 0) _exit(kPin);
   }
-  Handler h;
-  h.uffd = uffd;
-  h.stop_fd = eventfd(0, EFD_CLOEXEC);
-  if (h.stop_fd < 0) _exit(kHandlerWait);
-  pthread_t handler;
   if (pthread_create(
-          &handler, nullptr,
+          &h->thread, &attr,
           [](void* arg) -> void* {
-            handler_loop(*static_cast<const Handler*>(arg));
+            handler_loop(*static_cast<const HandlerRegion*>(arg));
             return nullptr;
           },
-          &h) != 0) {
+          h) != 0) {
     _exit(kHandlerThread);
   }
-  std::shuffle(order.begin(), order.end(), rng);
-  touch_all(heap, order);  // first faults: untimed
-  double fault_us = 0, zap_us = 0;
-  random_rounds(heap, lines, rounds, order, rng, pidfd, &fault_us, &zap_us);
-  h.stopping.store(true, std::memory_order_release);
+  pthread_attr_destroy(&attr);
+}
+
+void stop_handler(HandlerRegion* h) {
+  h->stopping.store(true, std::memory_order_release);
   const uint64_t one = 1;
-  if (write(h.stop_fd, &one, sizeof one) != sizeof one) _exit(kHandlerWait);
-  pthread_join(handler, nullptr);
-  if (same_cpu && sched_setaffinity(0, sizeof before, &before) != 0) _exit(kPin);
-  close(h.stop_fd);
-  munmap(heap, g_bytes);
-  close(uffd);
-  return fault_us;
+  if (write(h->stop_fd, &one, sizeof one) != sizeof one) _exit(kHandlerWait);
+  pthread_join(h->thread, nullptr);
+  close(h->stop_fd);
+  munmap(h->heap, h->bytes);
+  close(h->uffd);
+}
+
+// Runs `f` with this thread on CPU `cpu` alone, then back on the CPUs it had.
+template <typename F>
+void on_cpu(int cpu, F f) {
+  cpu_set_t before, one;
+  if (sched_getaffinity(0, sizeof before, &before) != 0) _exit(kPin);
+  CPU_ZERO(&one);
+  CPU_SET(cpu, &one);
+  if (sched_setaffinity(0, sizeof one, &one) != 0) _exit(kPin);
+  f();
+  if (sched_setaffinity(0, sizeof before, &before) != 0) _exit(kPin);
 }
 
 [[noreturn]] void child(int out, size_t lines, int rounds, std::vector<size_t>& order) {
@@ -320,16 +325,37 @@ double handler_fault_us(size_t lines, int rounds, std::vector<size_t>& order, st
                  .ioctls = 0};
   if (ioctl(g_uffd, UFFDIO_API, &api) != 0) _exit(kApi);
   uint64_t* heap = map_registered(g_uffd, lines);
+  g_base = reinterpret_cast<uintptr_t>(heap);
+  g_bytes = lines * kLine;
   struct sigaction sa = {};
   sa.sa_sigaction = on_sigbus;
   sa.sa_flags = SA_SIGINFO;
   sigfillset(&sa.sa_mask);
   sigaction(SIGBUS, &sa, nullptr);
   const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0));
+  // The handler delivery's regions: one whose handler runs wherever the scheduler puts it,
+  // and one whose handler is pinned to the CPU this thread is pinned to for its rounds.
+  const int cpu = sched_getcpu();
+  if (cpu < 0) _exit(kPin);
+  HandlerRegion free_handler, pinned_handler;
+  start_handler(&free_handler, lines, -1);
+  start_handler(&pinned_handler, lines, cpu);
 
-  touch_all(heap, order);  // first faults: untimed
-  double fault_us = 0, zap_us = 0;
-  random_rounds(heap, lines, rounds, order, rng, pidfd, &fault_us, &zap_us);
+  // First faults untimed; then the deliveries' rounds in turn, so that a change of the
+  // host's load meanwhile moves all three alike.
+  touch_all(heap, order);
+  touch_all(free_handler.heap, order);
+  on_cpu(cpu, [&] { touch_all(pinned_handler.heap, order); });
+  std::vector<double> fault_us, zap_us, handler_us, pinned_us, unused;
+  for (int r = 0; r < rounds; r++) {
+    random_round(heap, lines, order, rng, pidfd, &fault_us, &zap_us);
+    random_round(free_handler.heap, lines, order, rng, pidfd, &handler_us, &unused);
+    on_cpu(cpu, [&] {
+      random_round(pinned_handler.heap, lines, order, rng, pidfd, &pinned_us, &unused);
+    });
+  }
+  stop_handler(&free_handler);
+  stop_handler(&pinned_handler);
 
   // Windows: each fault maps kZapBatch lines with one UFFDIO_COPY, as a prefetch does, and
   // a scan stores to every line in order; eviction drops whole windows with one madvise.
@@ -354,13 +380,10 @@ double handler_fault_us(size_t lines, int rounds, std::vector<size_t>& order, st
       if (!line_ok(heap, i)) _exit(kWrongContent);
     }
   }
-  // The SIGBUS region is done with: the handler delivery's rounds map a fresh one each.
-  munmap(heap, g_bytes);
-  const double handler_us = handler_fault_us(lines, rounds, order, rng, pidfd, false);
-  const double same_cpu_us = handler_fault_us(lines, rounds, order, rng, pidfd, true);
   char text[192];
-  int n = snprintf(text, sizeof text, "%.4f %.4f %.4f %.4f %.4f %.4f\n", fault_us, zap_us,
-                   median(window_fault_us), median(window_zap_us), handler_us, same_cpu_us);
+  int n = snprintf(text, sizeof text, "%.4f %.4f %.4f %.4f %.4f %.4f\n", median(fault_us),
+                   median(zap_us), median(window_fault_us), median(window_zap_us),
+                   median(handler_us), median(pinned_us));
   _exit(write(out, text, static_cast<size_t>(n)) == n ? kOk : kPipe);
 }
 

@@ -11,14 +11,14 @@
 //   zap_us    a resident line's share of dropping 32 scattered lines with one
 //             process_madvise(MADV_DONTNEED), as an eviction batch does.
 // The same random store misses delivered as lego-run's default (--delivery handler) delivers
-// them, on a fresh region registered the same way with a userfaultfd without SIGBUS:
-//   handler_fault_us           the fault, the faulting thread's sleep, a handler thread that
-//                              polls the userfaultfd as lego's does (non-blocking read(),
-//                              sched_yield() between empty reads for ExCacheOptions'
-//                              default handler_spin_us after the last fault, then poll())
-//                              reading it and mapping the line with UFFDIO_COPY, the wake-up,
-//                              and the store retried; the threads wherever the scheduler
-//                              puts them, as lego's are;
+// them, on regions of their own registered the same way with a userfaultfd without SIGBUS:
+//   handler_fault_us           the fault, the faulting thread's sleep, a handler thread
+//                              reading the fault and mapping the line with UFFDIO_COPY, the
+//                              wake-up, and the store retried. The handler polls the
+//                              userfaultfd as lego's does: non-blocking read(), sched_yield()
+//                              between empty reads for ExCacheOptions' default
+//                              handler_spin_us after the last fault, then poll(). The
+//                              threads run wherever the scheduler puts them, as lego's do;
 //   handler_fault_same_cpu_us  the same with both threads pinned to one CPU (no cross-CPU
 //                              wake-up: what pinning the handler beside the program could
 //                              save).
@@ -26,7 +26,9 @@
 //   window_fault_us  a line's share of a store fault whose handler maps the 32 lines
 //                    around it with one UFFDIO_COPY, as a prefetch window is mapped;
 //   window_zap_us    a line's share of dropping 32 contiguous lines with one madvise.
-// Each figure is the median over rounds of the mean per line.
+// Each figure is the median over rounds of the mean per line. The random misses' rounds of
+// the three deliveries (SIGBUS, handler, pinned handler) run in turn, so that a change in the
+// host's load moves them alike: their differences are what the handler delivery adds.
 #pragma once
 
 #include <cstddef>

@@ -179,9 +179,9 @@ void print_handler_floor(const std::vector<MemoryRow>& rows, const FaultFloor& f
     if (!header) {
       printf(
           "\nrandom, the handler delivery over the sigbus delivery per miss (µs per access / "
-          "misses per\naccess): lego's measured, and the floor's: (lego's sigbus µs per miss + "
-          "%.2f µs, what the\nhandler fault floor adds to the SIGBUS one) / lego's sigbus µs per "
-          "miss; pinned: with\nthe pinned handler's %.2f µs instead\n",
+          "misses per\naccess): lego's measured, and the floor's: (lego's sigbus µs per miss "
+          "%+.2f µs, what the\nhandler fault floor adds to the SIGBUS one) / lego's sigbus µs per "
+          "miss; pinned: with\nthe pinned handler's %+.2f µs instead\n",
           f.handler_fault_us - f.fault_us, f.handler_fault_same_cpu_us - f.fault_us);
       header = true;
     }
