@@ -178,13 +178,14 @@ measured in the same run (no memory node work, no copies of lego's own):
   its share of moving a window (in for both passes, out for the written half): tcp a
   32-line fetch's round trip, shm half of fi_pingpong's 128 KiB round trip.
 "vs zram" is the floor's ratio to swap on zram, "lego/floor" lego's to the floor.
-  random, handler delivery: the same store misses on a fresh region whose userfaultfd has
-  no SIGBUS, each served by a handler thread that polls it as lego's does (non-blocking
-  read(), sched_yield() between empty reads for its default 50 µs after the last fault,
-  then poll()) and maps the line with UFFDIO_COPY, waking the faulting thread; and again
-  with both threads pinned to one CPU. For each random lego row under the sigbus
-  delivery, a line "handler/sigbus floor ratio": (lego's sigbus µs per miss + the handler fault's µs
-  over the SIGBUS fault's) / lego's sigbus µs per miss, the ratio a handler costing
+  random, handler delivery: the same store misses on a region of their own whose
+  userfaultfd has no SIGBUS, each served by a handler thread that polls it as lego's
+  does (non-blocking read(), sched_yield() between empty reads for its default 50 µs
+  after the last fault, then poll()) and maps the line with UFFDIO_COPY, waking the
+  faulting thread; and again with both threads pinned to one CPU. The three
+  deliveries' rounds run in turn. For each random lego row under the sigbus delivery, a
+  line "handler/sigbus floor ratio": (lego's sigbus µs per miss + the handler fault's
+  µs over the SIGBUS fault's) / lego's sigbus µs per miss, what a handler costing
   nothing beyond its delivery would reach (pinned: with the pinned figure), beside
   lego's own handler/sigbus, per miss (each row's µs per access / its misses per access).
   random_mt over tcp: for each thread count, that many client threads each making the
