@@ -188,6 +188,9 @@ measured in the same run (no memory node work, no copies of lego's own):
   µs over the SIGBUS fault's) / lego's sigbus µs per miss, what a handler costing
   nothing beyond its delivery would reach (pinned: with the pinned figure), beside
   lego's own handler/sigbus, per miss (each row's µs per access / its misses per access).
+  The free figure depends on where the scheduler puts the two threads (here often on
+  two CPUs: a cross-CPU wake-up per miss) and lego's handler can beat it; the pinned
+  one is the lower (docs/measurements.md).
   random_mt over tcp: for each thread count, that many client threads each making the
   fetch's exchange with one in flight, against one server thread serving them all (as
   lego-memd's), over the same veth link, both sides busy-polling and both blocking: round
