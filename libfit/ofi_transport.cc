@@ -65,7 +65,7 @@ Status OfiConnection::post_receives() {
   }
   rma_ctx_ = OpCtx{{}, this, OpType::kRma, 0};
   // Pages are touched only by replies that come in parts.
-  if (compact_) LEGO_RETURN_IF_ERROR(parts_.init(ctx_.config->max_message_bytes));
+  if (compact_) LEGO_RETURN_IF_ERROR(parts_.map(ctx_.config->max_message_bytes));
   for (int i = 0; i < kWindow; i++) LEGO_RETURN_IF_ERROR(post_recv(i));
   return Status();
 }
@@ -199,10 +199,10 @@ Status OfiConnection::take_part(std::span<const std::byte> bytes, uint64_t data)
                                 " exceeds the limit of " + std::to_string(parts_.size) + " bytes");
   }
   if (parts_len_ == 0) parts_data_ = wire::compact_part_data(data);
-  if (!bytes.empty()) memcpy(parts_.base + parts_len_, bytes.data(), bytes.size());
+  if (!bytes.empty()) memcpy(parts_.data + parts_len_, bytes.data(), bytes.size());
   parts_len_ += bytes.size();
   if (last) {
-    host_->on_frame(RawFrame{{parts_.base, parts_len_}, true, data});
+    host_->on_frame(RawFrame{{parts_.data, parts_len_}, true, data});
     parts_len_ = 0;
   }
   return Status();

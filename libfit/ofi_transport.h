@@ -106,7 +106,7 @@ class OfiConnection : public ClientConnection {
   const bool compact_;  // requests travel as compact frames (rdm)
   // A compact reply arriving in parts (fit_wire.h): the parts so far (parts_len_ bytes of
   // parts_, mapped when the connection opens), and their CQ data.
-  AnonBuffer parts_;
+  MappedBytes parts_;
   size_t parts_len_ = 0;
   uint64_t parts_data_ = 0;
 };

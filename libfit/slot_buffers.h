@@ -44,23 +44,31 @@ struct SlotBuffers {
   std::byte* rma() const { return base + total - rma_bytes; }
 };
 
-// A buffer of its own anonymous mapping, for what a provider fills while serving a call:
-// calls are made from signal handlers (the ExCache's SIGBUS delivery), where malloc may
-// not be, and must not hand out memory of the region being served.
-struct AnonBuffer {
-  std::byte* base = nullptr;
+// Bytes in an anonymous mapping, returned to the kernel (munmap) when destroyed. Used
+// rather than malloc for buffers a connection keeps: glibc keeps large freed blocks in its
+// heap once its dynamic mmap threshold has risen (it does after the first such block is
+// freed), so a daemon that served thousands of connections would stay at its peak size;
+// and what a client fills while serving a call may be filled in a signal handler (the
+// ExCache's SIGBUS delivery), where malloc may not be called and would hand out memory of
+// the very region being served. The pages are touched, and so resident, only as used.
+struct MappedBytes {
+  std::byte* data = nullptr;
   size_t size = 0;
 
-  AnonBuffer() = default;
-  AnonBuffer(const AnonBuffer&) = delete;
-  AnonBuffer& operator=(const AnonBuffer&) = delete;
-  ~AnonBuffer() {
-    if (base != nullptr) munmap(base, size);
+  MappedBytes() = default;
+  MappedBytes(const MappedBytes&) = delete;
+  MappedBytes& operator=(const MappedBytes&) = delete;
+  ~MappedBytes() { reset(); }
+  void reset() {
+    if (data != nullptr) munmap(data, size);
+    data = nullptr;
+    size = 0;
   }
-  Status init(size_t bytes) {
+  Status map(size_t bytes) {
+    reset();
     void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return Status::from_errno(errno, "mmap of a FIT buffer");
-    base = static_cast<std::byte*>(p);
+    data = static_cast<std::byte*>(p);
     size = bytes;
     return Status();
   }

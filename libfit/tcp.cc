@@ -25,21 +25,6 @@ namespace tcp {
 using wire::FrameHeader;
 using wire::Kind;
 
-void MappedBytes::reset() {
-  if (data != nullptr) munmap(data, size);
-  data = nullptr;
-  size = 0;
-}
-
-Status MappedBytes::map(size_t bytes) {
-  reset();
-  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return Status::from_errno(errno, "mmap of a FIT stream buffer");
-  data = static_cast<std::byte*>(p);
-  size = bytes;
-  return Status();
-}
-
 ssize_t recv_some(int fd, StreamBuffer& in) {
   if (in.head > 0) {
     memmove(in.data, in.data + in.head, in.len - in.head);

@@ -39,23 +39,6 @@ inline constexpr int64_t kAcceptPauseNs = 100'000'000;
 inline constexpr size_t kHandshakeSlotPayload = 448;
 static_assert(kHandshakeSlotPayload >= wire::kMaxHandshakePayload);
 
-// Bytes in an anonymous mapping, returned to the kernel (munmap) when destroyed. The
-// per-connection buffers use it rather than malloc: glibc keeps large freed blocks in its
-// heap once its dynamic mmap threshold has risen (it does after the first such block is
-// freed), so a daemon that served thousands of connections would stay at its peak size.
-// The pages are touched, and so resident, only as used.
-struct MappedBytes {
-  std::byte* data = nullptr;
-  size_t size = 0;
-
-  MappedBytes() = default;
-  MappedBytes(const MappedBytes&) = delete;
-  MappedBytes& operator=(const MappedBytes&) = delete;
-  ~MappedBytes() { reset(); }
-  void reset();
-  Status map(size_t bytes);
-};
-
 // A stream: bytes received but not yet framed, in [head, len) of storage owned elsewhere.
 // Frames are served where they lie and consumed by moving head; the unframed rest moves
 // to the front only before the next read (once per read, not once per frame: a peer

@@ -109,7 +109,7 @@ over_shm() {
 }
 check "integrity with --transport shm" over_shm
 # The sigbus delivery over shm: its fetches run in a SIGBUS handler, so a prefetch window's
-# reply, which comes in parts over shm, must be joined without malloc (libfit's AnonBuffer:
+# reply, which comes in parts over shm, must be joined without malloc (libfit's MappedBytes:
 # with a std::vector the program died of SIGBUS).
 over_shm_sigbus() {
   local out
