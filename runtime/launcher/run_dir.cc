@@ -233,7 +233,7 @@ void remove_shm_regions() {
     // address "lego-run-<lego-run's pid>": its server removes it, unless it was killed.
     if (sscanf(e->d_name, "lego-fit-bell-lego-run-%lu-%n", &pid, &used) == 1 && used > 0 &&
         pid != 0) {
-      if (kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) unlinkat(dirfd(d), e->d_name, 0);
+      if (!pid_alive(static_cast<long>(pid))) unlinkat(dirfd(d), e->d_name, 0);
       continue;
     }
     // A private shm node's own region (16 MiB), named after its address and port
@@ -242,14 +242,14 @@ void remove_shm_regions() {
     unsigned long port = 0;
     if (sscanf(e->d_name, "lego-run-%lu:%lu%n", &pid, &port, &used) == 2 &&
         e->d_name[used] == '\0' && pid != 0) {
-      if (kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) unlinkat(dirfd(d), e->d_name, 0);
+      if (!pid_alive(static_cast<long>(pid))) unlinkat(dirfd(d), e->d_name, 0);
       continue;
     }
     if (sscanf(e->d_name, "lego-%lu-%8[0-9a-f]:%lu:%lu%n", &pid, nonce, &uid, &ep, &used) != 4 ||
         e->d_name[used] != '\0' || pid == 0) {
       continue;
     }
-    if (kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // still running
+    if (pid_alive(static_cast<long>(pid))) continue;  // still running
     unlinkat(dirfd(d), e->d_name, 0);
   }
   closedir(d);
