@@ -382,6 +382,17 @@ struct ExCache::Impl {
   bool in_pipeline(uint64_t index) const;
   // Maps the oldest fill in flight (waits for its reply).
   void finish_oldest();
+  // The handler's wait for a lone fetch's reply: polls it without system calls for up to
+  // kReplySpinNs, true once it is in (fault.cc, "Waiting for a reply"). Off for the next
+  // reply_spin_off fills after a wait that ran out, or a fault of another thread than the
+  // last fault's (last_fault_tid) or one that overlapped another's fetch.
+  // EXCLUSIVE: the handler thread.
+  static constexpr uint64_t kReplySpinNs = 10'000;
+  static constexpr uint32_t kReplySpinOffAfterTimeout = 64;
+  static constexpr uint32_t kReplySpinOffAfterOverlap = 256;
+  uint32_t reply_spin_off = 0;
+  uint32_t last_fault_tid = 0;
+  bool await_reply_briefly();
   pthread_t handler{};
   bool handler_running = false;
   std::atomic<bool> stopping{false};

@@ -56,8 +56,10 @@ void* map_anon(size_t bytes) {
 
 Status ExCache::Impl::init_region() {
   const bool sigbus = options.delivery == ExCacheOptions::Delivery::kSigbus;
-  // The features we need; everything else (WP_ASYNC, MOVE, ...) stays off.
-  uint64_t wanted = UFFD_FEATURE_PAGEFAULT_FLAG_WP | (sigbus ? UFFD_FEATURE_SIGBUS : 0);
+  // The features we need; everything else (WP_ASYNC, MOVE, ...) stays off. THREAD_ID: the
+  // handler tells one thread's faults from several threads' (await_reply_briefly).
+  uint64_t wanted =
+      UFFD_FEATURE_PAGEFAULT_FLAG_WP | (sigbus ? UFFD_FEATURE_SIGBUS : UFFD_FEATURE_THREAD_ID);
 
   // kSigbus never serves kernel-mode faults (they return EFAULT either way), so ask only for
   // user-mode ones: that needs no privilege. kHandlerThread wants kernel-mode faults too,
