@@ -208,6 +208,8 @@ class LineBackend {
   // The forked child that was served from snapshot `id` adopted it as its own memory
   // (ExCache::adopt_fork): forget it here without freeing it. Handler context. The default
   // does nothing (a backend whose snapshots a child cannot reach never sees an adoption).
+  // No write_back_snapshot or release_snapshot of `id` is in flight then, and none starts
+  // after (the id may be handed out again by a later snapshot()).
   virtual void disown_snapshot(uint32_t id) { (void)id; }
 };
 
@@ -391,13 +393,14 @@ class ExCache {
   ExCacheStats stats() const;
   // True when fork() can be supported (see the header comment).
   bool supports_fork() const;
-  // Call right before fork(): stops discards and takes a backend snapshot that the child
-  // will be served from; evictions until the fork also write into it. ENOSYS when
-  // !supports_fork(), or the backend's error (ENOMEM: no room for the copy). On success
-  // finish_fork() must follow, in the parent, whatever fork() returned.
+  // Call right before fork(): takes a backend snapshot that the child will be served from;
+  // evictions and discards until the fork also write into / release in it (discards are
+  // not stopped: see runtime/excache/fork.cc). ENOSYS when !supports_fork(), or the
+  // backend's error (ENOMEM: no room for the copy). On success finish_fork() must follow,
+  // in the parent, whatever fork() returned.
   Status prepare_fork();
   // In the parent after fork(): `child` is fork()'s result (-1 if it failed). Returns once
-  // the handler thread has taken the child's userfaultfd; resumes discards.
+  // the handler thread has taken the child's userfaultfd.
   void finish_fork(pid_t child);
   // Children whose regions this cache still serves (gauge, for tests and stats).
   size_t forked_children() const;

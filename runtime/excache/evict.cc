@@ -144,10 +144,13 @@ void ExCache::Impl::write_back_batch(size_t n, int tried) {
   }
   if (!st.is_ok()) fatal("LineBackend::write_back failed", st.code(), write_backs[0].addr);
   // A fork under way: the child may find these lines absent and read the snapshot
-  // (fork.cc). An error only means the child is gone already.
-  if (const int64_t snap = fork_snapshot.load(std::memory_order_acquire); snap >= 0) {
+  // (fork.cc). An error only means the child is gone already. Counted in snapshot_writers
+  // (excache_impl.h): the child must not adopt the snapshot before this write has landed.
+  begin_snapshot_write();
+  if (const int64_t snap = fork_snapshot.load(std::memory_order_seq_cst); snap >= 0) {
     (void)backend->write_back_snapshot(static_cast<uint32_t>(snap), batch_span);
   }
+  end_snapshot_write();
   stats.add(Counter::write_backs, n);
   stats.add(Counter::bytes_written, n * kLine);
 }
@@ -559,6 +562,10 @@ Status ExCache::Impl::discard(uint64_t addr, uint64_t len) {
   constexpr uint64_t kChunk = 512;  // lines owned at once: 2 MiB per madvise/release
   while (i < end) {
     const uint64_t first = i;
+    // Counted until this chunk's releases are done (a wait for a busy line included: it
+    // only delays an adoption): it may release in a fork snapshot, which no child may adopt
+    // before (fork.cc, "Adoption" d).
+    begin_snapshot_write();
     const uint64_t generation = fork_generation.load(std::memory_order_seq_cst);
     bool any_resident = false, any_backed = false;
     Backoff backoff;
@@ -589,7 +596,10 @@ Status ExCache::Impl::discard(uint64_t addr, uint64_t len) {
       any_backed |= (s & kBackedBit) != 0;
       ++i;
     }
-    if (i == first) continue;
+    if (i == first) {
+      end_snapshot_write();
+      continue;
+    }
 
     const uint64_t chunk_addr = line_addr(first);
     const uint64_t chunk_len = (i - first) << kLineShift;
@@ -611,6 +621,7 @@ Status ExCache::Impl::discard(uint64_t addr, uint64_t len) {
       if (snap >= 0)
         (void)backend->release_snapshot(static_cast<uint32_t>(snap), chunk_addr, chunk_len);
     }
+    end_snapshot_write();
     uint64_t dropped = 0;
     for (uint64_t j = first; j < i; ++j) {
       const uint32_t frame = frame_of(lines[j].load(std::memory_order_relaxed));

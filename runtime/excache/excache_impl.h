@@ -454,6 +454,17 @@ struct ExCache::Impl {
   std::atomic<int64_t> last_fork_snapshot{-1};
   std::atomic<uint64_t> fork_events_seen{0};  // fork events read from uffd
   std::atomic<int> last_child_slot{-1};       // slot of the newest child of this process
+  // Evictions (write_back_batch) and discard chunks under way that may write into or
+  // release in a fork snapshot: counted from before they look for one (fork_snapshot, and
+  // a discard's fork_generation) until their backend call has returned. The handler thread
+  // lets no child adopt its snapshot while any is counted (check_handovers): a write or a
+  // release landing after the adoption would overwrite or drop the child's own lines.
+  std::atomic<uint32_t> snapshot_writers{0};
+  // The handler thread left an adoption request unanswered because of snapshot_writers; the
+  // last writer to end wakes it (handover_fd).
+  std::atomic<bool> handover_deferred{false};
+  void begin_snapshot_write() { snapshot_writers.fetch_add(1, std::memory_order_seq_cst); }
+  void end_snapshot_write();
   // A forked process whose region the handler thread serves from a snapshot.
   struct Child {
     int uffd = -1;  // -1: slot free

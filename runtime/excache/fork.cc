@@ -19,7 +19,8 @@
 //      fork() copied the page tables is absent in the child, which then reads the snapshot.
 //      (Evictions and discards whose zap comes after the copy leave the child a present
 //      page, so writing the snapshot for them is harmless.) A discard checks the fork
-//      generation after its release, because it does not hold evict_lock.
+//      generation after its release, because it does not hold evict_lock: a chunk that
+//      began before prepare_fork also releases in the snapshot, even after step 3.
 //   3. The handler thread reads the fork event: it takes the child's userfaultfd into its
 //      table with the snapshot, and clears fork_snapshot.
 //   4. From then on it serves the child's misses from the snapshot with UFFDIO_COPY on the
@@ -46,7 +47,15 @@
 //      served by it), closes its copy of the child's userfaultfd and forgets the snapshot
 //      without freeing it (LineBackend::disown_snapshot); faults it had not read stay
 //      queued for the child. It refuses while the snapshot is shared (a grandchild forked
-//      before the child adopted): the child then stays in phase 1.
+//      before the child adopted): the child then stays in phase 1. It does not answer yet
+//      while an eviction or a discard chunk that may still write into or release in the
+//      snapshot (step 2) is under way (snapshot_writers in excache_impl.h): the backend
+//      checks that a snapshot is alive before it sends, so a disown between the two would
+//      let the request land in what is by then the child's memory, overwriting or
+//      dropping the lines the child wrote back since (a discard's release from a thread
+//      descheduled there did drop them: tests/lego_run, LEGO_TEST_SNAPSHOT_RELEASE_DELAY_MS).
+//      No lock is taken for this (the writers may fault and need this thread): it only
+//      defers, and never waits on them.
 //   e. The child takes the lines its page tables hold as its own (adopt_lines: mincore over
 //      every vRegion with allocated bytes; the inherited line words are only a hint, since
 //      fork() copied them while the parent's threads were changing them), evicts those
@@ -196,7 +205,9 @@ void ExCache::Impl::handle_fork_event(int child_uffd, int parent_slot) {
   }
   if (parent_slot < 0) {
     last_child_slot.store(static_cast<int>(slot), std::memory_order_release);
-    fork_snapshot.store(-1, std::memory_order_release);  // evictions stop writing into it
+    // Evictions and discards stop writing into it. seq_cst: check_handovers relies on it
+    // (snapshot_writers).
+    fork_snapshot.store(-1, std::memory_order_seq_cst);
     fork_events_seen.fetch_add(1, std::memory_order_release);
   }
 }
@@ -374,13 +385,25 @@ int ExCache::take_fork_uffd(int* slot, uint32_t* snapshot) {
   return fd;
 }
 
+// An eviction or a discard chunk counted in snapshot_writers is done; the last one wakes
+// the handler thread if it deferred an adoption. Async-signal-safe (write(2)): evictions
+// may run in a SIGBUS handler.
+void ExCache::Impl::end_snapshot_write() {
+  if (snapshot_writers.fetch_sub(1, std::memory_order_seq_cst) == 1 &&
+      handover_deferred.load(std::memory_order_seq_cst) && handover_fd >= 0) {
+    const uint64_t one = 1;
+    (void)!write(handover_fd, &one, sizeof one);  // check_handovers deferred an answer
+  }
+}
+
 // The handler thread: children that asked to adopt (see "Adoption" above). Cheap when none
 // did: one load of the shared page.
 void ExCache::Impl::check_handovers() {
   if (handover == nullptr) return;
   const uint32_t requests = handover->requests.load(std::memory_order_acquire);
-  if (requests == handover_seen) return;
+  if (requests == handover_seen && !handover_deferred.load(std::memory_order_relaxed)) return;
   handover_seen = requests;
+  bool deferred = false;
   for (size_t i = 0; i < kMaxChildren; ++i) {
     std::atomic<uint32_t>& state = handover->state[i];
     if (state.load(std::memory_order_acquire) != kRequested) continue;
@@ -394,6 +417,20 @@ void ExCache::Impl::check_handovers() {
     if (shared) {
       state.store(kRefused, std::memory_order_release);
     } else {
+      // An eviction or a discard chunk that found this snapshot (fork_snapshot, or a
+      // discard's fork_generation) before we read the fork event may not have written
+      // into or released in it yet (in ClusterBackend, between its check that the snapshot
+      // is alive and its request reaching the memory node): landing after the adoption, it
+      // would overwrite or drop the child's own lines. Answer once none is under way; the
+      // last one to end wakes us (end_snapshot_write). One counted after this load finds
+      // fork_snapshot cleared (handle_fork_event) and the generation of this fork
+      // (prepare_fork bumped it before the event): it never picks this snapshot (both
+      // sides are seq_cst), only a later fork's (which may reuse the id once it is free).
+      handover_deferred.store(true, std::memory_order_seq_cst);
+      if (snapshot_writers.load(std::memory_order_seq_cst) != 0) {
+        deferred = true;
+        continue;  // still kRequested: the child waits
+      }
       // No fault of the child is being served here now (this thread serves them), and the
       // ones it has not read stay queued for the child's own handler thread.
       close(c.uffd);
@@ -406,6 +443,7 @@ void ExCache::Impl::check_handovers() {
     syscall(SYS_futex, reinterpret_cast<uint32_t*>(&state), FUTEX_WAKE, INT_MAX, nullptr, nullptr,
             0);
   }
+  handover_deferred.store(deferred, std::memory_order_seq_cst);
 }
 
 namespace {

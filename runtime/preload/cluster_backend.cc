@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <new>
@@ -206,6 +207,13 @@ struct ClusterBackend::Impl {
   // Snapshot maps: the map as it was at each snapshot (mmap'd at snapshot()).
   uint64_t* snap_map[kMaxSnapshots] = {};
   std::atomic<int> snap_state[kMaxSnapshots] = {};  // 0 free, 1 filling, 2 alive
+  // Test only: LEGO_TEST_SNAPSHOT_RELEASE_DELAY_MS=N in the environment (read once, when
+  // the backend starts) makes release_snapshot sleep N ms after finding the snapshot alive
+  // on a node, before sending that node its release, as a thread descheduled there would.
+  // tests/lego_run uses it to check that a parent's discard during a fork cannot release
+  // lines a child wrote after adopting the snapshot (runtime/excache/fork.cc, "Adoption"
+  // d). Unset (0), it costs one test per release sent into a snapshot.
+  int test_release_delay_ms = 0;
 
   std::atomic<uint64_t> version{0};
   // Write-backs and releases in flight, by epoch parity (the file comment).
@@ -1883,6 +1891,9 @@ Status ClusterBackend::release_snapshot(uint32_t id, uint64_t addr, uint64_t len
     for (uint32_t i = 0; e.placed && i < kMaxReplicas; i++) {
       const int s = e.slot[i];
       if (s == kNoSlot || !m.live(s) || !m.slots[s].snap_valid[id].load()) continue;
+      if (m.test_release_delay_ms > 0) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(m.test_release_delay_ms));
+      }
       mem::ReleaseRequest req{m.slots[s].snaps[id], a, end - a, ver};
       auto r = m.node->send_reply(m.slots[s].id, mem::kRelease,
                                   {reinterpret_cast<const std::byte*>(&req), sizeof req}, {});
@@ -1991,6 +2002,9 @@ Result<std::unique_ptr<ClusterBackend>> ClusterBackend::adopt_snapshot(
 std::unique_ptr<ClusterBackend> ClusterBackend::start(std::unique_ptr<Impl> impl) {
   std::unique_ptr<ClusterBackend> b(new ClusterBackend(std::move(impl)));
   Impl* self = b->impl_.get();
+  if (const char* knob = getenv("LEGO_TEST_SNAPSHOT_RELEASE_DELAY_MS")) {  // test only (Impl)
+    self->test_release_delay_ms = atoi(knob);
+  }
   self->heartbeat = std::thread([self] { self->service(&Impl::heartbeat_loop); });
   self->placer = std::thread([self] { self->service(&Impl::placer_loop); });
   self->repairer = std::thread([self] { self->service(&Impl::repair_loop); });
