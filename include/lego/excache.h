@@ -313,7 +313,7 @@ struct ExCacheOptions {
   X(waits, "faults that waited for a line another thread was filling or evicting")         \
   X(overlapped, "handler thread: misses whose fetch went out while another was in flight") \
   X(reply_polls, "handler thread: waits for a lone fetch's reply without system calls")    \
-  X(reply_poll_timeouts, "reply_polls that ran out (then none for the next 64 misses)")    \
+  X(reply_poll_timeouts, "reply_polls that ran out (two in a row: none for 64 misses)")    \
   X(spurious, "faults that found the line already served (raced a fill)")                  \
   X(refaults, "misses on a line evicted less than ~1-2 laps of the clock hand before")
 // The gauges: what holds now, not events.

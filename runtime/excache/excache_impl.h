@@ -361,10 +361,11 @@ struct ExCache::Impl {
     uint64_t state = 0;  // the line word when the miss claimed it (kFilling)
     bool write = false;
     uint64_t start_ns = 0;
-    uint32_t frame = 0;    // kNoFrame until acquired
-    size_t buffer = 0;     // staging buffer, kStagingBuffers if none
-    bool started = false;  // the backend fetch was started: finish_fill finishes it
-    Status first_try;      // the start's result when it failed (the first try)
+    uint32_t frame = 0;         // kNoFrame until acquired
+    size_t buffer = 0;          // staging buffer, kStagingBuffers if none
+    bool started = false;       // the backend fetch was started: finish_fill finishes it
+    bool reply_polled = false;  // the handler polled for its reply (await_reply_briefly)
+    Status first_try;           // the start's result when it failed (the first try)
     LineBackend::FetchTicket ticket;
   };
   // Delivery::kHandlerThread: the handler thread's fills whose fetches are in flight, oldest
@@ -384,13 +385,14 @@ struct ExCache::Impl {
   void finish_oldest();
   // The handler's wait for a lone fetch's reply: polls it without system calls for up to
   // kReplySpinNs, true once it is in (fault.cc, "Waiting for a reply"). Off for the next
-  // reply_spin_off fills after a wait that ran out, or a fault of another thread than the
-  // last fault's (last_fault_tid) or one that overlapped another's fetch.
-  // EXCLUSIVE: the handler thread.
+  // reply_spin_off fills after a second wait in a row that ran out (reply_spin_timeouts_in_row),
+  // or a fault of another thread than the last fault's (last_fault_tid) or one that
+  // overlapped another's fetch. EXCLUSIVE: the handler thread.
   static constexpr uint64_t kReplySpinNs = 10'000;
   static constexpr uint32_t kReplySpinOffAfterTimeout = 64;
   static constexpr uint32_t kReplySpinOffAfterOverlap = 256;
   uint32_t reply_spin_off = 0;
+  uint32_t reply_spin_timeouts_in_row = 0;
   uint32_t last_fault_tid = 0;
   bool await_reply_briefly();
   pthread_t handler{};

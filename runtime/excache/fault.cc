@@ -588,6 +588,7 @@ void ExCache::Impl::handle_event(const uffd_msg& msg) {
       }
       Fill& next = pipeline[(pipeline_head + pipeline_count) % kMaxPipeline];
       next.started = false;
+      next.reply_polled = false;
       const bool served = serve_fault(addr, write, &next);
       if (next.started) {
         // Its fetch is in flight: finish_oldest maps it.
@@ -659,19 +660,26 @@ void yield_cpu() {
 // sleep -- has nothing else to run, so polling the reply alone answers the miss sooner.
 // Measured (docs/measurements.md, "Waiting for a reply"): random 25% over shm, per run
 // handler/sigbus median 1.39x against 1.61x, ten runs each in turn. The spin is bounded,
-// and turned off for a while when it ran out (a slow transport, or the memory node
-// waiting for this very CPU: on a small host its poller may share it) or when several
-// threads fault (a spin for one would hold up the others' faults and their fetches).
+// and turned off for a while when it ran out twice in a row (a slow transport, or the
+// memory node waiting for this very CPU: on a small host its poller may share it) or when
+// several threads fault (a spin for one would hold up the others' faults and fetches).
 bool ExCache::Impl::await_reply_briefly() {
-  if (reply_spin_off > 0 || pipeline_count != 1) return false;
+  Fill& f = pipeline[pipeline_head];
+  if (reply_spin_off > 0 || pipeline_count != 1 || f.reply_polled) return false;
+  f.reply_polled = true;  // once per fetch: a reply that is late stays late
   stats.add(Counter::reply_polls);
   const uint64_t until = now_ns() + kReplySpinNs;
   do {
     cpu_relax();
-    if (backend->fetch_ready(&pipeline[pipeline_head].ticket)) return true;
+    if (backend->fetch_ready(&f.ticket)) {
+      reply_spin_timeouts_in_row = 0;
+      return true;
+    }
   } while (now_ns() < until);
   stats.add(Counter::reply_poll_timeouts);
-  reply_spin_off = kReplySpinOffAfterTimeout;
+  // One slow reply is the round trip's tail (over shm ~1 in 8 on a quiet host); two in a
+  // row, the transport or the memory node's CPU.
+  if (++reply_spin_timeouts_in_row >= 2) reply_spin_off = kReplySpinOffAfterTimeout;
   return false;
 }
 
