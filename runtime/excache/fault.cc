@@ -658,8 +658,8 @@ void yield_cpu() {
 // one thread faulting, nothing else can arrive meanwhile and the faulting thread's CPU --
 // usually this one: the scheduler wakes the handler where the fault put its thread to
 // sleep -- has nothing else to run, so polling the reply alone answers the miss sooner.
-// Measured (docs/measurements.md, "Waiting for a reply"): random 25% over shm, per run
-// handler/sigbus median 1.39x against 1.61x, ten runs each in turn. The spin is bounded,
+// Measured (docs/measurements.md, "Waiting for a reply"): random 25% over shm, ~1 µs less
+// per access (handler/sigbus per run, median of twelve: 1.45x against 1.58x). It is bounded,
 // and turned off for a while when it ran out twice in a row (a slow transport, or the
 // memory node waiting for this very CPU: on a small host its poller may share it) or when
 // several threads fault (a spin for one would hold up the others' faults and fetches).

@@ -936,11 +936,11 @@ TEST_CASE("the handler polls a lone fetch's reply, but not for a slow one or sev
           "[excache]") {
   // Issue 14: between a fetch's start and its reply the handler's loop reads the
   // userfaultfd and yields, two system calls a turn, and sees the reply late. With one
-  // thread faulting it now polls the reply alone for up to 10 us (random 25% over shm:
-  // handler/sigbus 1.39x against 1.61x). A reply that does not come in that time (a slow
-  // transport, a memory node waiting for this CPU) turns the polling off for 64 misses;
-  // faults of several threads turn it off too, as a poll for one would hold up the
-  // others' faults.
+  // thread faulting it now polls the reply alone, once per fetch, for up to 10 us (random
+  // 25% over shm: handler/sigbus 1.45x against 1.58x). Two replies in a row that do not
+  // come in that time (a slow transport, a memory node waiting for this CPU) turn the
+  // polling off for 64 misses; faults of several threads turn it off too, as a poll for
+  // one would hold up the others' faults.
   constexpr size_t kCapacity = 64;
   RoundTripBackend backend(kCapacity * 8 + 64);
   ExCacheOptions options;
