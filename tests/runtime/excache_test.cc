@@ -857,6 +857,22 @@ class RoundTripBackend : public MapBackend {
   }
 };
 
+// An ExCache of `capacity` lines over a region of `region` lines of `backend`, prefetch
+// off, with every line of the region written once (its index in its first word): the
+// first ones are evicted and written back, so their next misses are fetched.
+std::unique_ptr<ExCache> written_cache(RoundTripBackend& backend, size_t capacity, size_t region,
+                                       ExCacheOptions options) {
+  options.prefetch_lines = 0;
+  options.capacity_bytes = capacity * kLine;
+  options.region_bytes = region * kLine;
+  auto created = ExCache::create(options, &backend);
+  REQUIRE(created.is_ok());
+  std::unique_ptr<ExCache> cache = std::move(created).value();
+  auto* base = static_cast<char*>(cache->region_base());
+  for (size_t i = 0; i < cache->region_size() / kLine; ++i) memcpy(base + i * kLine, &i, sizeof i);
+  return cache;
+}
+
 uint64_t process_cpu_ticks() {
   std::ifstream stat("/proc/self/stat");
   std::string text;
@@ -886,20 +902,12 @@ TEST_CASE("misses of different threads overlap, on disjoint and on shared lines"
   constexpr size_t kCapacity = 64;
   RoundTripBackend backend(kCapacity * 4 + 64);
   ExCacheOptions options;
-  options.prefetch_lines = 0;
-  options.capacity_bytes = kCapacity * kLine;
-  options.region_bytes = kCapacity * 4 * kLine;  // small: the guest (tests/kmod) runs it too
   options.delivery = mode.delivery;
   options.policy = mode.policy;
-  auto created = ExCache::create(options, &backend);
-  REQUIRE(created.is_ok());
-  ExCache& cache = *created.value();
+  // A small region: the guest (tests/kmod) runs this too.
+  const auto owned = written_cache(backend, kCapacity, kCapacity * 4, options);
+  ExCache& cache = *owned;
   auto* base = static_cast<char*>(cache.region_base());
-  const size_t lines = cache.region_size() / kLine;
-
-  // Every line written once: the first ones are evicted and written back, so their next
-  // misses are fetched.
-  for (size_t i = 0; i < lines; ++i) memcpy(base + i * kLine, &i, sizeof i);
   const size_t distinct = shared ? threads / 2 : threads;
   const uint64_t fetches_before = cache.stats().fetches;
   backend.max_open.store(0);
@@ -944,17 +952,12 @@ TEST_CASE("the handler polls a lone fetch's reply, but not for a slow one or sev
   constexpr size_t kCapacity = 64;
   RoundTripBackend backend(kCapacity * 8 + 64);
   ExCacheOptions options;
-  options.prefetch_lines = 0;
-  options.capacity_bytes = kCapacity * kLine;
-  options.region_bytes = kCapacity * 8 * kLine;
   options.delivery = ExCacheOptions::Delivery::kHandlerThread;
-  auto created = ExCache::create(options, &backend);
-  REQUIRE(created.is_ok());
-  ExCache& cache = *created.value();
+  // Misses fetch: the cache holds 1/8 of the lines written.
+  const auto owned = written_cache(backend, kCapacity, kCapacity * 8, options);
+  ExCache& cache = *owned;
   auto* base = static_cast<char*>(cache.region_base());
   const size_t lines = cache.region_size() / kLine;
-  // Every line written once, so that later misses fetch it (the cache holds 1/8 of them).
-  for (size_t i = 0; i < lines; ++i) memcpy(base + i * kLine, &i, sizeof i);
   size_t wrong = 0;
   auto read_lines = [&](size_t first, size_t count, size_t step) {
     for (size_t k = 0; k < count; ++k) {
@@ -1142,17 +1145,11 @@ TEST_CASE("the handler thread gives its CPU to a program thread while it polls",
     constexpr size_t kCapacity = 64;
     RoundTripBackend backend(kCapacity * 4 + 64);
     ExCacheOptions options;
-    options.prefetch_lines = 0;
-    options.capacity_bytes = kCapacity * kLine;
-    options.region_bytes = kCapacity * 4 * kLine;
     options.delivery = Delivery::kHandlerThread;
     options.handler_spin_us = in_flight ? 50 : 2'000'000;
-    auto created = ExCache::create(options, &backend);
-    REQUIRE(created.is_ok());
-    ExCache& cache = *created.value();
+    const auto owned = written_cache(backend, kCapacity, kCapacity * 4, options);
+    ExCache& cache = *owned;
     auto* base = static_cast<char*>(cache.region_base());
-    const size_t lines = cache.region_size() / kLine;
-    for (size_t i = 0; i < lines; ++i) memcpy(base + i * kLine, &i, sizeof i);  // 30 ms each
     const pid_t handler = handler_tid();
     REQUIRE(handler != 0);
 
