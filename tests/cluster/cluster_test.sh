@@ -168,15 +168,24 @@ check "placement: 1P-3M+monitor, integrity over a heap larger than any one memor
 # free capacity makes that a few in a hundred. A forked child is a lego process of its own
 # (runtime/excache/fork.cc): what it allocates is placed too (new vRegions in its adopted
 # space), and a grandchild's fork copies the child's space: with 112 MiB nodes a node was
-# full for a fork once in four; 160 MiB (10 vRegions) leaves room for that.
+# full for a fork once in four; 160 MiB (10 vRegions) leaves room for that. But then one
+# node can hold all three, and the weighted choice put them all on one node in 1 of 14
+# runs (a CI run failed on it): such a run still has to pass integrity, and is run again
+# (at most three runs) for one whose heap spans nodes.
 big_fork() {
-  "$LEGO_RUN" --memory-nodes 3 --replicas 1 --memory-capacity 160M --excache 8M --stats \
-    -- "$FORK_INTEGRITY" 40 3 >"$tmp/bigfork.out" 2>"$tmp/bigfork.err"
-  local rc=$?
-  tail -3 "$tmp/bigfork.out"
-  tail -3 "$tmp/bigfork.err"
-  [ "$rc" -eq 0 ] && integrity_ok "$tmp/bigfork.out" &&
-    [ "$(stat memory_nodes_used "$tmp/bigfork.err")" -ge 2 ]
+  local attempt rc used
+  for attempt in 1 2 3; do
+    "$LEGO_RUN" --memory-nodes 3 --replicas 1 --memory-capacity 160M --excache 8M --stats \
+      -- "$FORK_INTEGRITY" 40 3 >"$tmp/bigfork.out" 2>"$tmp/bigfork.err"
+    rc=$?
+    tail -3 "$tmp/bigfork.out"
+    tail -3 "$tmp/bigfork.err"
+    [ "$rc" -eq 0 ] && integrity_ok "$tmp/bigfork.out" || return 1
+    used=$(stat memory_nodes_used "$tmp/bigfork.err")
+    [ "$used" -ge 2 ] && return 0
+    echo "run $attempt: the heap landed on $used memory node(s); again"
+  done
+  return 1
 }
 check "placement: 1P-3M+monitor, fork integrity over memory nodes none of which holds it all" \
   big_fork
