@@ -677,8 +677,8 @@ bool ExCache::Impl::await_reply_briefly() {
     }
   } while (now_ns() < until);
   stats.add(Counter::reply_poll_timeouts);
-  // One slow reply is the round trip's tail (over shm ~1 in 8 on a quiet host); two in a
-  // row, the transport or the memory node's CPU.
+  // One slow reply is the round trip's tail (over shm 1.6% of the polls ran out on a quiet
+  // host); two in a row, the transport or the memory node's CPU.
   if (++reply_spin_timeouts_in_row >= 2) reply_spin_off = kReplySpinOffAfterTimeout;
   return false;
 }
