@@ -47,8 +47,10 @@ inline std::vector<uint8_t> random_key() {
 }
 
 // shm nodes are named "lego-test-<this pid>:<port>" (make_cluster), and libfabric unlinks a
-// node's region in /dev/shm when the node closes. A node a test kills (SIGKILL, in a forked
-// child) cannot: what is left under this process's name goes when this process exits.
+// node's region in /dev/shm when the node closes, as libfit does its doorbell
+// ("lego-fit-bell-lego-test-<this pid>-<port>-...", libfit/doorbell.cc). A node a test
+// kills (SIGKILL, in a forked child) cannot: what is left under this process's name goes
+// when this process exits.
 inline void remove_test_shm_regions_at_exit() {
   static std::once_flag once;
   static pid_t owner = 0;
@@ -56,12 +58,16 @@ inline void remove_test_shm_regions_at_exit() {
     owner = getpid();
     atexit([] {
       if (getpid() != owner) return;  // a forked child: the names are its parent's
-      char prefix[48];
-      snprintf(prefix, sizeof prefix, "lego-test-%d:", static_cast<int>(owner));
+      char region[48], bell[64];
+      snprintf(region, sizeof region, "lego-test-%d:", static_cast<int>(owner));
+      snprintf(bell, sizeof bell, "lego-fit-bell-lego-test-%d-", static_cast<int>(owner));
       DIR* d = opendir("/dev/shm");
       if (d == nullptr) return;
       while (dirent* e = readdir(d)) {
-        if (strncmp(e->d_name, prefix, strlen(prefix)) == 0) unlinkat(dirfd(d), e->d_name, 0);
+        if (strncmp(e->d_name, region, strlen(region)) == 0 ||
+            strncmp(e->d_name, bell, strlen(bell)) == 0) {
+          unlinkat(dirfd(d), e->d_name, 0);
+        }
       }
       closedir(d);
     });
