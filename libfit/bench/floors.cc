@@ -52,13 +52,28 @@ bool spin_io(int fd, char* buf, size_t n, bool send_side) {
   return true;
 }
 
-// Reaps the child when it goes out of scope, killing it if it still runs.
+// An shm endpoint libfabric names itself (fi_pingpong's) lives in /dev/shm as
+// "<pid>:<n>:<n>", 16 MiB, and is unlinked only when the process closes it: one killed
+// leaves it behind. Removes what `pid` left.
+void remove_shm_regions_of(pid_t pid) {
+  const std::string prefix = std::to_string(pid) + ":";
+  DIR* d = opendir("/dev/shm");
+  if (d == nullptr) return;
+  while (dirent* e = readdir(d)) {
+    if (strncmp(e->d_name, prefix.c_str(), prefix.size()) == 0) unlinkat(dirfd(d), e->d_name, 0);
+  }
+  closedir(d);
+}
+
+// Reaps the child when it goes out of scope, killing it if it still runs (and removing
+// the shm regions a killed fi_pingpong leaves).
 struct Child {
   pid_t pid = -1;
   ~Child() {
     if (pid > 0) {
       kill(pid, SIGKILL);
       waitpid(pid, nullptr, 0);
+      remove_shm_regions_of(pid);
     }
   }
 };
