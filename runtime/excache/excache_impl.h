@@ -386,11 +386,11 @@ struct ExCache::Impl {
   // The handler's wait for a lone fetch's reply: polls it without system calls for up to
   // kReplySpinNs, true once it is in (fault.cc, "Waiting for a reply"). Off for the next
   // reply_spin_off fills after a second wait in a row that ran out (reply_spin_timeouts_in_row),
-  // or a fault of another thread than the last fault's (last_fault_tid) or one that
-  // overlapped another's fetch. EXCLUSIVE: the handler thread.
+  // or a fault of another thread than the last fault's (last_fault_tid). EXCLUSIVE: the
+  // handler thread.
   static constexpr uint64_t kReplySpinNs = 10'000;
   static constexpr uint32_t kReplySpinOffAfterTimeout = 64;
-  static constexpr uint32_t kReplySpinOffAfterOverlap = 256;
+  static constexpr uint32_t kReplySpinOffAfterOtherThread = 256;
   uint32_t reply_spin_off = 0;
   uint32_t reply_spin_timeouts_in_row = 0;
   uint32_t last_fault_tid = 0;

@@ -580,10 +580,11 @@ void ExCache::Impl::handle_event(const uffd_msg& msg) {
       const uint64_t flags = msg.arg.pagefault.flags;
       const bool write = (flags & (UFFD_PAGEFAULT_FLAG_WRITE | UFFD_PAGEFAULT_FLAG_WP)) != 0;
       // Faults of several threads: a spin for one's reply would hold up the others' faults,
-      // still unread (await_reply_briefly).
+      // still unread (await_reply_briefly). This also covers misses that overlap: a thread
+      // waits in one fault at a time, so a second fill in flight is another thread's.
       const uint32_t tid = msg.arg.pagefault.feat.ptid;
       if (tid != last_fault_tid) {
-        if (last_fault_tid != 0) reply_spin_off = kReplySpinOffAfterOverlap;
+        if (last_fault_tid != 0) reply_spin_off = kReplySpinOffAfterOtherThread;
         last_fault_tid = tid;
       }
       Fill& next = pipeline[(pipeline_head + pipeline_count) % kMaxPipeline];
@@ -592,10 +593,7 @@ void ExCache::Impl::handle_event(const uffd_msg& msg) {
       const bool served = serve_fault(addr, write, &next);
       if (next.started) {
         // Its fetch is in flight: finish_oldest maps it.
-        if (pipeline_count++ > 0) {
-          stats.add(Counter::overlapped);
-          reply_spin_off = kReplySpinOffAfterOverlap;  // as above
-        }
+        if (pipeline_count++ > 0) stats.add(Counter::overlapped);
       }
       if (!served) {
         // Already served by someone else: that UFFDIO_COPY or WRITEPROTECT may have run
