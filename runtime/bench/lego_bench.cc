@@ -118,7 +118,8 @@ options:
   --accesses N         accesses per memory run (default 200000)
   --oom-retries N      run the zram peer again, up to N times, when the kernel OOM-kills
                        it (default 2); the table says how many of its runs were killed
-  --no-floors          skip the miss floors printed after the memory table (below)
+  --no-floors          skip the miss floors printed after the memory table and the real
+                       programs' floors (below)
   --file-workloads LIST  seq_write,seq_read,rand_read_4k (default: all)
   --file-systems LIST  local,lego,tcp_floor (default: all)
   --file-size SIZE     the file's size (default 1G; e.g. 256M)
@@ -216,6 +217,15 @@ Printed: seconds, req/s (redis), ratios to local and zram, the output check, mis
 evictions; then the geometric mean over programs of lego vs zram per fraction (runs
 OOM-killed under zram, failed, or with differing output kept out). --csv rows:
 program,local_fraction,system,seconds,ok,oom_killed.
+Then each lego run's floor (not with --no-floors), from figures measured after the runs
+(the miss floors above): local's seconds, plus for each of the run's misses a store miss
+served by a handler thread pinned to the faulting thread's CPU (the default delivery's
+cheapest hand-off here) and the transport's one-line round trip, plus for each eviction a
+line's share of a 32-line zap: what the run cannot cost less than with userfaultfd on
+this host, however fast lego's own code. It leaves out the write-backs, prefetched lines,
+zero fills and first-store faults, so it is low. Printed per run beside lego's seconds,
+its ratio to zram and lego's to it, and the floors' geometric mean vs zram per fraction
+over the programs lego's mean has. redis has none (its seconds are its GET phase's).
 
 Start-up. /bin/true, each case once per round, rounds side by side: local (alone);
 lego_tcp and lego_shm (lego-run's embedded default: a private lego-memd started and
@@ -553,6 +563,7 @@ int main(int argc, char** argv) {
     po.systems = systems;
     po.oom_retries = oom_retries;
     po.csv = csv;
+    po.floors = floors;
     return run_programs(po, lego_run);
   }
 

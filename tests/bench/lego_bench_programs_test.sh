@@ -75,9 +75,32 @@ check "each lego_shm run's output is local's (stress-ng: its own verify)" output
 check "lego rows carry --stats misses and evictions" stats_in_rows
 check "redis rows have requests per second" redis_rps
 
+# The floors table: one row per lego_shm run but redis's, whose floor is local's seconds plus
+# a positive cost of its misses and evictions, and is below lego's own seconds (a floor lego
+# beat would not be one); its last column is lego's seconds over the floor.
+floors_per_run() {
+  need same_run
+  grep -qE "^Floors: what each lego run cannot cost less than on this host" "$tmp/same.out" ||
+    { echo "no floors table"; return 1; }
+  for p in python sqlite sort stress-ng; do
+    local local_s fl
+    local_s=$(awk -v p="$p" '$1 == p && $4 == "local" {print $5}' "$tmp/same.out")
+    fl=$(awk -v p="$p" '$1 == p && $3 == "lego_shm" && NF == 9' "$tmp/same.out")
+    [ -n "$local_s" ] && [ -n "$fl" ] || { echo "$p: no local seconds or floors row"; return 1; }
+    # (The seconds are printed to 0.01: the ratio may be off by what that rounding allows.)
+    echo "$fl" | awk -v l="$local_s" '{ s = $6; f = $7; r = $9; sub(/x$/, "", r)
+      tol = s / f * (0.005 / s + 0.005 / f) + 0.006; d = r - s / f; if (d < 0) d = -d
+      exit !($4 > 0 && f > l && f <= s && d <= tol) }' ||
+      { echo "$p: bad floors row (local $local_s s): $fl"; return 1; }
+  done
+  ! awk '$1 == "redis" && $3 == "lego_shm"' "$tmp/same.out" | grep -q . &&
+    grep -q "^(redis has none" "$tmp/same.out"
+}
+check "each lego run but redis's has a floor between local's seconds and its own" floors_per_run
+
 corrupt_run() {
   "$BENCH" --only programs --program-size $size --systems local,lego_shm --fractions 0.25 \
-    --programs python,sqlite,sort,redis --corrupt-output lego_shm \
+    --programs python,sqlite,sort,redis --corrupt-output lego_shm --no-floors \
     --csv "$tmp/corrupt.csv" >"$tmp/corrupt.out" 2>"$tmp/corrupt.err"
   corrupt_rc=$?
   cat "$tmp/corrupt.out"
@@ -95,12 +118,17 @@ differences_flagged() {
 }
 check "a differing output is reported loudly, per program, and lego-bench exits 1" \
   differences_flagged
+no_floors() {
+  need corrupt_run
+  ! grep -q "^Floors:" "$tmp/corrupt.out"
+}
+check "--no-floors leaves the floors out" no_floors
 
 # The zram peer's limit: the ExCache's cap plus what else its cgroup charges (page cache and
 # kernel memory, measured under local), so that both have the same anonymous budget.
 zram_run() {
   "$BENCH" --only programs --program-size $size --systems local,zram_swap,lego_shm \
-    --fractions 0.25 --programs python,sqlite --oom-retries 0 >"$tmp/zram.out" 2>"$tmp/zram.err"
+    --fractions 0.25 --programs python,sqlite --oom-retries 0 --no-floors >"$tmp/zram.out" 2>"$tmp/zram.err"
   zram_rc=$?
   cat "$tmp/zram.out"
 }
