@@ -198,9 +198,11 @@ measured in the same run (no memory node work, no copies of lego's own):
   trips per second and each one's ratio to its 1-thread figure, beside lego_tcp's. With
   both ends on this host's CPUs, that ratio bounds what more threads can gain.
 
-Real programs (--only programs). Each runs under local first, alone in a memory cgroup
-whose anonymous memory is sampled every 5 ms: the peak sets each other run's cap,
-fraction x peak: the ExCache size for lego-run; for zram the cgroup limit, plus the
+Real programs (--only programs). Each runs under local first: once to bring the files it
+reads into the page cache (a cgroup is charged for the page cache its tasks bring in, so
+the peers, which run after it, are not), then alone in a memory cgroup whose anonymous
+memory is sampled every 5 ms: the peak sets each other run's cap, fraction x peak: the
+ExCache size for lego-run; for zram the cgroup limit, plus the
 program's peak page cache and kernel memory under local (the cgroup charges them, the
 ExCache does not hold them: the same anonymous budget for both). Local's stdout is the
 reference: every other run's must be the same (a hash of all of it), and a difference is
