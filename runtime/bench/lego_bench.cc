@@ -212,7 +212,9 @@ the table has their misses and evictions, summed over the run's processes.
   python     /usr/bin/python3 builds a dict of 600k sha1 strings and a list of 1.2M ints
   sqlite     sqlite3 :memory:, 200k rows of digests, two indexes, queries, integrity_check
   sort       GNU sort --parallel=2 (multi-threaded) of 1.2M random lines
-  stress-ng  --vm 2 --vm-method all --verify: two forked workers over 160 MiB
+  stress-ng  --vm 2 --vm-method all --verify: two forked workers over 160 MiB; under lego
+             each gets an ExCache of half the cap (the cap column shows one's): lego-run's
+             ExCache is per process, the zram peer's cgroup caps both workers together
   redis      redis-server, 300k keys loaded by redis-cli --pipe, then redis-benchmark's
              600k GETs of random keys (16 clients, pipeline 8); figure: that phase
 Printed: seconds, req/s (redis), ratios to local and zram, the output check, misses and

@@ -56,6 +56,9 @@
 
 namespace lego::bench {
 
+// stress-ng's forked workers, which hold its memory between them.
+constexpr int kStressWorkers = 2;
+
 const char* const kProgramNames[5] = {"python", "sqlite", "sort", "stress-ng", "redis"};
 
 namespace {
@@ -484,7 +487,7 @@ class Bench {
     if (p == "stress-ng") {
       return {"/usr/bin/stress-ng",
               "--vm",
-              "2",
+              std::to_string(kStressWorkers),
               "--vm-bytes",
               std::to_string(sizes_.stress_bytes_mib) + "M",
               "--vm-method",
@@ -506,6 +509,15 @@ class Bench {
   static std::string policy_of(const std::string& system) {
     const size_t slash = system.find('/');
     return slash == std::string::npos ? "" : system.substr(slash + 1);
+  }
+
+  // lego-run's --excache for a program at `cap`. The ExCache is per process (a forked child
+  // is a lego process with one of its own, as LegoOS gives each process its pcache), while
+  // the zram peer's cgroup caps all the program's processes together: stress-ng's workers
+  // each get their share of the cap, so that both peers hold the same memory locally.
+  static uint64_t lego_cap(const std::string& p, uint64_t cap) {
+    if (p != "stress-ng") return cap;
+    return std::max<uint64_t>(64 << 10, (cap / kStressWorkers) & ~uint64_t{kPage - 1});
   }
 
   Launch launch_for(const std::string& system, uint64_t cap) const {
@@ -737,12 +749,13 @@ class Bench {
           r.program = p;
           r.system = s;
           r.fraction = f;
-          r.cap = s == "zram_swap" ? zram_cap : cap;
+          r.cap = s == "zram_swap" ? zram_cap : lego_cap(p, cap);
           return r;
         };
         Row r = fresh();
-        fprintf(stderr, "lego-bench: %s, %.0f%% local (cap %s of peak %s%s), %s...\n", p.c_str(),
-                f * 100, mib(r.cap).c_str(), mib(local.peak).c_str(),
+        fprintf(stderr, "lego-bench: %s, %.0f%% local (cap %s%s of peak %s%s), %s...\n", p.c_str(),
+                f * 100, mib(r.cap).c_str(), r.cap != cap && s != "zram_swap" ? " per worker" : "",
+                mib(local.peak).c_str(),
                 s == "zram_swap" ? (" + " + mib(local.other) + " not anonymous").c_str() : "",
                 s.c_str());
         if (s == "zram_swap") {
@@ -767,7 +780,7 @@ class Bench {
           }
           if (r.oom) r.ok = false;
         } else {
-          run_once(p, launch_for(s, cap), &r);
+          run_once(p, launch_for(s, lego_cap(p, cap)), &r);
         }
         if (r.ok && p != "stress-ng") {
           r.compared = true;

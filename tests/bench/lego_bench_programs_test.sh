@@ -75,6 +75,20 @@ check "each lego_shm run's output is local's (stress-ng: its own verify)" output
 check "lego rows carry --stats misses and evictions" stats_in_rows
 check "redis rows have requests per second" redis_rps
 
+# stress-ng's memory is in its two forked workers, each a lego process with an ExCache of its
+# own: each gets half the cap (the local row's), so that lego holds no more locally than the
+# zram peer's cgroup, which caps both together.
+stress_cap_per_worker() {
+  need same_run
+  local whole each
+  whole=$(awk '$1 == "stress-ng" && $4 == "local" {print $3}' "$tmp/same.out")
+  each=$(awk '$1 == "stress-ng" && $4 == "lego_shm" {print $3}' "$tmp/same.out")
+  [ -n "$whole" ] && [ -n "$each" ] || { echo "no caps ('$whole' '$each')"; return 1; }
+  awk -v w="${whole%M}" -v e="${each%M}" 'BEGIN { d = w / 2 - e; exit !(d > -0.1 && d < 0.1) }' ||
+    { echo "stress-ng: lego cap $each is not half of $whole"; return 1; }
+}
+check "stress-ng's workers each get half the cap under lego" stress_cap_per_worker
+
 # The floors table: one row per lego_shm run but redis's, whose floor is local's seconds plus
 # a positive cost of its misses and evictions, and is below lego's own seconds (a floor lego
 # beat would not be one); its last column is lego's seconds over the floor.
