@@ -118,7 +118,8 @@ options:
   --accesses N         accesses per memory run (default 200000)
   --oom-retries N      run the zram peer again, up to N times, when the kernel OOM-kills
                        it (default 2); the table says how many of its runs were killed
-  --no-floors          skip the miss floors printed after the memory table (below)
+  --no-floors          skip the miss floors printed after the memory table and the real
+                       programs' floors (below)
   --file-workloads LIST  seq_write,seq_read,rand_read_4k (default: all)
   --file-systems LIST  local,lego,tcp_floor (default: all)
   --file-size SIZE     the file's size (default 1G; e.g. 256M)
@@ -197,9 +198,11 @@ measured in the same run (no memory node work, no copies of lego's own):
   trips per second and each one's ratio to its 1-thread figure, beside lego_tcp's. With
   both ends on this host's CPUs, that ratio bounds what more threads can gain.
 
-Real programs (--only programs). Each runs under local first, alone in a memory cgroup
-whose anonymous memory is sampled every 5 ms: the peak sets each other run's cap,
-fraction x peak: the ExCache size for lego-run; for zram the cgroup limit, plus the
+Real programs (--only programs). Each runs under local first: once to bring the files it
+reads into the page cache (a cgroup is charged for the page cache its tasks bring in, so
+the peers, which run after it, are not), then alone in a memory cgroup whose anonymous
+memory is sampled every 5 ms: the peak sets each other run's cap, fraction x peak: the
+ExCache size for lego-run; for zram the cgroup limit, plus the
 program's peak page cache and kernel memory under local (the cgroup charges them, the
 ExCache does not hold them: the same anonymous budget for both). Local's stdout is the
 reference: every other run's must be the same (a hash of all of it), and a difference is
@@ -209,13 +212,24 @@ the table has their misses and evictions, summed over the run's processes.
   python     /usr/bin/python3 builds a dict of 600k sha1 strings and a list of 1.2M ints
   sqlite     sqlite3 :memory:, 200k rows of digests, two indexes, queries, integrity_check
   sort       GNU sort --parallel=2 (multi-threaded) of 1.2M random lines
-  stress-ng  --vm 2 --vm-method all --verify: two forked workers over 160 MiB
+  stress-ng  --vm 2 --vm-method all --verify: two forked workers over 160 MiB; under lego
+             each gets an ExCache of half the cap (the cap column shows one's): lego-run's
+             ExCache is per process, the zram peer's cgroup caps both workers together
   redis      redis-server, 300k keys loaded by redis-cli --pipe, then redis-benchmark's
              600k GETs of random keys (16 clients, pipeline 8); figure: that phase
 Printed: seconds, req/s (redis), ratios to local and zram, the output check, misses and
 evictions; then the geometric mean over programs of lego vs zram per fraction (runs
 OOM-killed under zram, failed, or with differing output kept out). --csv rows:
 program,local_fraction,system,seconds,ok,oom_killed.
+Then each lego run's floor (not with --no-floors), from figures measured after the runs
+(the miss floors above): local's seconds, plus for each of the run's misses a store miss
+served by a handler thread pinned to the faulting thread's CPU (the default delivery's
+cheapest hand-off here) and the transport's one-line round trip, plus for each eviction a
+line's share of a 32-line zap: what the run cannot cost less than with userfaultfd on
+this host, however fast lego's own code. It leaves out the write-backs, prefetched lines,
+zero fills and first-store faults, so it is low. Printed per run beside lego's seconds,
+its ratio to zram and lego's to it, and the floors' geometric mean vs zram per fraction
+over the programs lego's mean has. redis has none (its seconds are its GET phase's).
 
 Start-up. /bin/true, each case once per round, rounds side by side: local (alone);
 lego_tcp and lego_shm (lego-run's embedded default: a private lego-memd started and
@@ -553,6 +567,7 @@ int main(int argc, char** argv) {
     po.systems = systems;
     po.oom_retries = oom_retries;
     po.csv = csv;
+    po.floors = floors;
     return run_programs(po, lego_run);
   }
 

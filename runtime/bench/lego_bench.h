@@ -10,6 +10,7 @@
 #pragma once
 
 #include <sys/types.h>
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "lego/progress.h"
+#include "lego/status.h"
 
 namespace lego::bench {
 
@@ -248,6 +250,7 @@ struct ProgramOptions {
   int oom_retries = 2;
   std::string corrupt;  // for tests: this system's runs get a perturbed input
   std::string csv;
+  bool floors = true;  // print each lego run's floor (measure_program_floors) after the table
 };
 // The programs' names, for --programs.
 extern const char* const kProgramNames[5];
@@ -260,6 +263,19 @@ int run_programs(const ProgramOptions& opts, const std::string& lego_run);
 // For each random or sequential row lego ran: the floor per access beside lego's figure
 // and zram's, measured now.
 void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap);
+
+// What a real program's run under lego cannot cost less than on this host (--help: "Real
+// programs"), measured now: per miss, the store miss a handler thread pinned to the
+// faulting thread's CPU serves (the default delivery's cheapest hand-off: fault, read,
+// UFFDIO_COPY, wake-up) plus the transport's one-line round trip; per eviction, a line's
+// share of a 32-line zap.
+struct ProgramFloors {
+  Result<double> handler_miss_us = Status(ENODATA, "not measured");
+  Result<double> zap_us = Status(ENODATA, "not measured");
+  Result<double> tcp_rtt_us = Status(ENODATA, "not measured");
+  Result<double> shm_rtt_us = Status(ENODATA, "not measured");
+};
+ProgramFloors measure_program_floors(bool tcp, bool shm);
 
 // startup.cc: /bin/true alone, under lego-run's embedded default (tcp, shm) and with
 // --config (tcp, shm) against a memory node already running; `runs` rounds side by side.

@@ -265,4 +265,20 @@ void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
   print_thread_floors(rows, f);
 }
 
+ProgramFloors measure_program_floors(bool tcp, bool shm) {
+  // The fault floor's region: as many lines as a 32 MiB ExCache (the size matters little:
+  // the floor maps and zaps lines it owns alone).
+  const MissFloors f = measure_miss_floors(uint64_t{32} << 20, tcp, shm, {});
+  ProgramFloors p;
+  if (f.fault) {
+    p.handler_miss_us = f.fault->handler_fault_same_cpu_us;
+    p.zap_us = f.fault->zap_us;
+  } else {
+    p.handler_miss_us = p.zap_us = f.fault.status();
+  }
+  p.tcp_rtt_us = f.tcp_rtt;
+  p.shm_rtt_us = f.shm_rtt;
+  return p;
+}
+
 }  // namespace lego::bench
