@@ -753,8 +753,8 @@ void ExCache::Impl::handler_loop() {
     // it has just woken, which makes the scheduler move one of them to the other CPU. Then
     // each fault and each fill wakes the other across CPUs.
     // Measured (docs/measurements.md, "Sleeping between one thread's faults"): random 25%,
-    // one thread, over shm, µs per access 14.8 against 16.1 (handler/sigbus 1.35x against
-    // 1.46x); python3 at 25% 3.16 s against 3.50 s.
+    // one thread, medians of 8 alternating lego-bench runs: handler/sigbus over shm 1.36x
+    // against 1.60x, over tcp 1.22x against 1.39x; python3 at 25% over shm 3.33 s against 3.85.
     if (several_threads_faults > 0 && now_ns() - last_event < spin_ns) {
       yield_cpu();
       continue;

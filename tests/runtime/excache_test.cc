@@ -1049,7 +1049,7 @@ TEST_CASE("the handler sleeps between one thread's faults, and polls between sev
   // Issue 14: a handler that polls the userfaultfd after serving a fault is runnable beside
   // the thread it has just woken, and the scheduler moves one of them to another CPU: each
   // fault and fill then wakes across CPUs. With one thread faulting it now sleeps at once
-  // (random 25% over shm: 14.8 against 16.1 µs per access). While several threads fault it
+  // (random 25% over shm: 15.5 against 16.7 µs per access). While several threads fault it
   // polls as before, so that the next thread's fault needs no wake-up. A poll of 100 ms
   // here: only the rule can make the handler sleep between the faults below.
   constexpr size_t kCapacity = 64;
