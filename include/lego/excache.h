@@ -247,10 +247,11 @@ struct ExCacheOptions {
   // madvise. Default 32; clamped to [1, capacity/8]. Larger batches amortise more but
   // evict more lines than one miss needs.
   size_t evict_batch_lines = 32;
-  // kHandlerThread only: how long the handler polls the userfaultfd after the last event
-  // before sleeping in poll(). Default 50 µs (polling halves miss latency but takes CPU
-  // while it spins; it yields between polls, so a thread that needs this CPU gets it);
-  // 0 = always sleep.
+  // kHandlerThread only: while several threads fault, how long the handler polls the
+  // userfaultfd after the last event before sleeping in poll(). Default 50 µs (another
+  // thread's fault is then served without a wake-up; the handler yields between polls, so
+  // a thread that needs this CPU gets it); 0 = always sleep. With one thread faulting the
+  // handler sleeps at once: its polling would only compete with that thread (fault.cc).
   uint32_t handler_spin_us = 50;
   // Dirty prediction. Learning that a line is dirty costs a write-protect fault (~5 µs) on
   // its first store after a load miss: in a read-modify-write workload that doubles the
@@ -314,6 +315,7 @@ struct ExCacheOptions {
   X(overlapped, "handler thread: misses whose fetch went out while another was in flight") \
   X(reply_polls, "handler thread: waits for a lone fetch's reply without system calls")    \
   X(reply_poll_timeouts, "reply_polls that ran out (two in a row: none for 64 misses)")    \
+  X(handler_sleeps, "handler thread: sleeps in poll() for the next fault")                 \
   X(spurious, "faults that found the line already served (raced a fill)")                  \
   X(refaults, "misses on a line evicted less than ~1-2 laps of the clock hand before")
 // The gauges: what holds now, not events.

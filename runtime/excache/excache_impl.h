@@ -384,17 +384,23 @@ struct ExCache::Impl {
   // Maps the oldest fill in flight (waits for its reply).
   void finish_oldest();
   // The handler's wait for a lone fetch's reply: polls it without system calls for up to
-  // kReplySpinNs, true once it is in (fault.cc, "Waiting for a reply"). Off for the next
-  // reply_spin_off fills after a second wait in a row that ran out (reply_spin_timeouts_in_row),
+  // kReplyPollNs, true once it is in (fault.cc, "Waiting for a reply"). Off for the next
+  // reply_poll_off fills after a second wait in a row that ran out (reply_poll_timeouts_in_row),
   // or a fault of another thread than the last fault's (last_fault_tid). EXCLUSIVE: the
   // handler thread.
-  static constexpr uint64_t kReplySpinNs = 10'000;
-  static constexpr uint32_t kReplySpinOffAfterTimeout = 64;
-  static constexpr uint32_t kReplySpinOffAfterOtherThread = 256;
-  uint32_t reply_spin_off = 0;
-  uint32_t reply_spin_timeouts_in_row = 0;
+  static constexpr uint64_t kReplyPollNs = 10'000;
+  static constexpr uint32_t kReplyPollOffAfterTimeout = 64;
+  static constexpr uint32_t kReplyPollOffAfterOtherThread = 256;
+  uint32_t reply_poll_off = 0;
+  uint32_t reply_poll_timeouts_in_row = 0;
   uint32_t last_fault_tid = 0;
   bool await_reply_briefly();
+  // The handler's poll of the userfaultfd after an event (options.handler_spin_us) runs only
+  // while several threads fault: for the next kSpinAfterOtherThread faults after one of
+  // another thread than the last. With one thread faulting the handler sleeps as soon as it
+  // has served it (fault.cc, handler_loop). EXCLUSIVE: the handler thread.
+  static constexpr uint32_t kSpinAfterOtherThread = 256;
+  uint32_t several_threads_faults = 0;
   pthread_t handler{};
   bool handler_running = false;
   std::atomic<bool> stopping{false};

@@ -582,10 +582,16 @@ void ExCache::Impl::handle_event(const uffd_msg& msg) {
       // Faults of several threads: a spin for one's reply would hold up the others' faults,
       // still unread (await_reply_briefly). This also covers misses that overlap: a thread
       // waits in one fault at a time, so a second fill in flight is another thread's.
+      // The same rule keeps the handler polling for faults between them (handler_loop).
       const uint32_t tid = msg.arg.pagefault.feat.ptid;
       if (tid != last_fault_tid) {
-        if (last_fault_tid != 0) reply_spin_off = kReplySpinOffAfterOtherThread;
+        if (last_fault_tid != 0) {
+          reply_poll_off = kReplyPollOffAfterOtherThread;
+          several_threads_faults = kSpinAfterOtherThread;
+        }
         last_fault_tid = tid;
+      } else if (several_threads_faults > 0) {
+        --several_threads_faults;
       }
       Fill& next = pipeline[(pipeline_head + pipeline_count) % kMaxPipeline];
       next.started = false;
@@ -622,7 +628,7 @@ bool ExCache::Impl::in_pipeline(uint64_t index) const {
 }
 
 void ExCache::Impl::finish_oldest() {
-  if (reply_spin_off > 0) --reply_spin_off;
+  if (reply_poll_off > 0) --reply_poll_off;
   Fill& f = pipeline[pipeline_head];
   // Out of the ring before it is mapped: a fault on the line read from now on finds it
   // resident (or, if evicted again, absent), never "in the pipeline".
@@ -663,21 +669,21 @@ void yield_cpu() {
 // several threads fault (a spin for one would hold up the others' faults and fetches).
 bool ExCache::Impl::await_reply_briefly() {
   Fill& f = pipeline[pipeline_head];
-  if (reply_spin_off > 0 || pipeline_count != 1 || f.reply_polled) return false;
+  if (reply_poll_off > 0 || pipeline_count != 1 || f.reply_polled) return false;
   f.reply_polled = true;  // once per fetch: a reply that is late stays late
   stats.add(Counter::reply_polls);
-  const uint64_t until = now_ns() + kReplySpinNs;
+  const uint64_t until = now_ns() + kReplyPollNs;
   do {
     cpu_relax();
     if (backend->fetch_ready(&f.ticket)) {
-      reply_spin_timeouts_in_row = 0;
+      reply_poll_timeouts_in_row = 0;
       return true;
     }
   } while (now_ns() < until);
   stats.add(Counter::reply_poll_timeouts);
   // One slow reply is the round trip's tail (over shm 1.6% of the polls ran out on a quiet
   // host); two in a row, the transport or the memory node's CPU.
-  if (++reply_spin_timeouts_in_row >= 2) reply_spin_off = kReplySpinOffAfterTimeout;
+  if (++reply_poll_timeouts_in_row >= 2) reply_poll_off = kReplyPollOffAfterTimeout;
   return false;
 }
 
@@ -739,13 +745,21 @@ void ExCache::Impl::handler_loop() {
       check_handovers();
       reclaim_children(false);
     }
-    // Poll for a while after each event, yielding between polls (a miss is ~15 µs instead
-    // of ~40 µs when the handler is awake), then sleep until the next fault or the stop
-    // request.
-    if (now_ns() - last_event < spin_ns) {
+    // While several threads fault, poll for a while after each event, yielding between
+    // polls: another thread's fault is then served without waking the handler. With one
+    // thread faulting, sleep at once until the next fault or the stop request. That
+    // thread sleeps in the kernel while its fault is served, so the wake-up is on this CPU,
+    // where it has just gone to sleep. A handler that polls on is runnable beside the thread
+    // it has just woken, which makes the scheduler move one of them to the other CPU. Then
+    // each fault and each fill wakes the other across CPUs.
+    // Measured (docs/measurements.md, "Sleeping between one thread's faults"): random 25%,
+    // one thread, medians of 8 alternating lego-bench runs: handler/sigbus over shm 1.36x
+    // against 1.60x, over tcp 1.22x against 1.39x; python3 at 25% over shm 3.33 s against 3.85.
+    if (several_threads_faults > 0 && now_ns() - last_event < spin_ns) {
       yield_cpu();
       continue;
     }
+    stats.add(Counter::handler_sleeps);
     // The handover eventfd: a forked child asking to adopt (fork.cc).
     pollfd fds[3 + kMaxChildren] = {{.fd = uffd, .events = POLLIN, .revents = 0},
                                     {.fd = stop_fd, .events = POLLIN, .revents = 0},
