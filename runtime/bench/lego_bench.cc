@@ -225,11 +225,13 @@ Then each lego run's floor (not with --no-floors), from figures measured after t
 (the miss floors above): local's seconds, plus for each of the run's misses a store miss
 served by a handler thread pinned to the faulting thread's CPU (the default delivery's
 cheapest hand-off here) and the transport's one-line round trip, plus for each eviction a
-line's share of a 32-line zap: what the run cannot cost less than with userfaultfd on
-this host, however fast lego's own code. It leaves out the write-backs, prefetched lines,
-zero fills and first-store faults, so it is low. Printed per run beside lego's seconds,
-its ratio to zram and lego's to it, and the floors' geometric mean vs zram per fraction
-over the programs lego's mean has. redis has none (its seconds are its GET phase's).
+line's share of a 32-line zap (the misses and evictions of sort's 2 threads and of
+stress-ng's 2 workers may overlap: theirs divided by 2): what the run cannot cost less
+than with userfaultfd on this host, however fast lego's own code. It leaves out the
+write-backs, prefetched lines, zero fills and first-store faults, so it is low. Printed
+per run beside lego's seconds, its ratio to zram and lego's to it, and the floors'
+geometric mean vs zram per fraction over the programs lego's mean has. redis has none
+(its seconds are its GET phase's).
 
 Start-up. /bin/true, each case once per round, rounds side by side: local (alone);
 lego_tcp and lego_shm (lego-run's embedded default: a private lego-memd started and
