@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -940,6 +941,36 @@ TEST_CASE("misses of different threads overlap, on disjoint and on shared lines"
   if (distinct >= 2) CHECK(backend.max_open.load() >= 2);
 }
 
+namespace {
+
+// Two threads faulting in turn, never together: each calls read_line 101 times, on lines
+// first + t * 211 + 2k; the first read of each warms up, then `between` runs (the caller
+// takes its stats) and thread 0 and thread 1 alternate.
+void fault_in_turns(size_t first, size_t lines, const std::function<void(size_t)>& read_line,
+                    const std::function<void()>& between) {
+  // Which thread faults next: 0, 1 for the warm-up; 2 once both have warmed up; then 3 is
+  // thread 0's turn and 4 thread 1's.
+  std::atomic<int> turn{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < 2; ++t) {
+    pool.emplace_back([&, t] {
+      const size_t mine = first + static_cast<size_t>(t) * 211;
+      for (size_t k = 0; k <= 100; ++k) {
+        const int my_turn = k == 0 ? t : 3 + t;
+        while (turn.load() != my_turn) std::this_thread::yield();
+        read_line((mine + k * 2) % lines);
+        turn.store(k == 0 ? t + 1 : 3 + (1 - t));
+      }
+    });
+  }
+  while (turn.load() != 2) std::this_thread::yield();
+  between();
+  turn.store(3);
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace
+
 TEST_CASE("the handler polls a lone fetch's reply, but not for a slow one or several threads",
           "[excache]") {
   // Issue 14: between a fetch's start and its reply the handler's loop reads the
@@ -1012,30 +1043,16 @@ TEST_CASE("the handler polls a lone fetch's reply, but not for a slow one or sev
   // this is the thread rule alone: a poll while one thread's fetch is in flight would hold
   // up the other's fault whenever they do come together.
   backend.round_trip_ns = 0;
-  std::atomic<int> turn{0};  // which thread faults next; 2: both have warmed up
   std::atomic<size_t> wrong_mt{0};
   ExCacheStats mt_before;
-  std::vector<std::thread> pool;
-  for (int t = 0; t < 2; ++t) {
-    pool.emplace_back([&, t] {
-      const size_t first = 100 + static_cast<size_t>(t) * 211;
-      // Round 0 warms up (turn 0: thread 0, 1: thread 1, 2: the main thread takes the
-      // stats); then turn 3 is thread 0's and 4 thread 1's, in turn.
-      for (size_t k = 0; k <= 100; ++k) {
-        const int my_turn = k == 0 ? t : 3 + t;
-        while (turn.load() != my_turn) std::this_thread::yield();
-        const size_t i = (first + k * 2) % lines;
+  fault_in_turns(
+      100, lines,
+      [&](size_t i) {
         size_t v = 0;
         memcpy(&v, base + i * kLine, sizeof v);
         if (v != i) wrong_mt.fetch_add(1);
-        turn.store(k == 0 ? t + 1 : 3 + (1 - t));
-      }
-    });
-  }
-  while (turn.load() != 2) std::this_thread::yield();
-  mt_before = cache.stats();
-  turn.store(3);
-  for (auto& th : pool) th.join();
+      },
+      [&] { mt_before = cache.stats(); });
   s = cache.stats();
   INFO("two threads: " << stats_text(s));
   CHECK(s.fetches - mt_before.fetches >= 100);
@@ -1086,23 +1103,7 @@ TEST_CASE("the handler sleeps between one thread's faults, and polls between sev
 
   // Two threads faulting in turn (as in the reply poll's case above): no sleep between
   // their faults, each well within the 100 ms poll (allow a few for a descheduled thread).
-  std::atomic<int> turn{0};  // 0, 1: warm-up faults; 2: the main thread takes the stats
-  std::vector<std::thread> pool;
-  for (int t = 0; t < 2; ++t) {
-    pool.emplace_back([&, t] {
-      const size_t first = 200 + static_cast<size_t>(t) * 211;
-      for (size_t k = 0; k <= 100; ++k) {
-        const int my_turn = k == 0 ? t : 3 + t;
-        while (turn.load() != my_turn) std::this_thread::yield();
-        read_line((first + k * 2) % lines);
-        turn.store(k == 0 ? t + 1 : 3 + (1 - t));
-      }
-    });
-  }
-  while (turn.load() != 2) std::this_thread::yield();
-  before = cache.stats();
-  turn.store(3);
-  for (auto& th : pool) th.join();
+  fault_in_turns(200, lines, read_line, [&] { before = cache.stats(); });
   s = cache.stats();
   INFO("two threads: " << stats_text(s));
   CHECK(s.misses - before.misses >= 100);
