@@ -10,14 +10,20 @@
 //             workload does.
 //   zap_us    a resident line's share of dropping 32 scattered lines with one
 //             process_madvise(MADV_DONTNEED), as an eviction batch does.
+//   fence_us  write-protecting one resident, dirty line with UFFDIO_WRITEPROTECT (lines in
+//             random order): what an eviction pays per dirty victim to fence out stores
+//             before it copies the victim out. The handler delivery always pays it; the
+//             sigbus delivery skips it while the process has one thread (runtime/excache/
+//             evict.cc, "Evicting without a fence").
 // The same random store misses delivered as lego-run's default (--delivery handler) delivers
 // them, on regions of their own registered the same way with a userfaultfd without SIGBUS:
 //   handler_fault_us           the fault, the faulting thread's sleep, a handler thread
 //                              reading the fault and mapping the line with UFFDIO_COPY, the
 //                              wake-up, and the store retried. The handler polls the
-//                              userfaultfd as lego's does: non-blocking read(), sched_yield()
-//                              between empty reads for ExCacheOptions' default
-//                              handler_spin_us after the last fault, then poll(). The
+//                              userfaultfd as lego's does while several threads fault:
+//                              non-blocking read(), sched_yield() between empty reads for
+//                              ExCacheOptions' default handler_spin_us after the last
+//                              fault, then poll(). The
 //                              threads run wherever the scheduler puts them, as lego's do
 //                              (on a 2-vCPU VM often on two CPUs, a cross-CPU wake-up per
 //                              miss; it varies from run to run);
@@ -46,6 +52,7 @@ struct FaultFloor {
   double window_zap_us = 0;
   double handler_fault_us = 0;
   double handler_fault_same_cpu_us = 0;
+  double fence_us = 0;
 };
 
 // lines: the region's size in 4 KiB lines (at least 64); rounds: at least 1. The child

@@ -181,14 +181,18 @@ measured in the same run (no memory node work, no copies of lego's own):
 "vs zram" is the floor's ratio to swap on zram, "lego/floor" lego's to the floor.
   random, handler delivery: the same store misses on a region of their own whose
   userfaultfd has no SIGBUS, each served by a handler thread that polls it as lego's
-  does (non-blocking read(), sched_yield() between empty reads for its default 50 µs
-  after the last fault, then poll()) and maps the line with UFFDIO_COPY, waking the
-  faulting thread; and again with both threads pinned to one CPU. The three
-  deliveries' rounds run in turn. For each random lego row under the sigbus delivery, a
-  line "handler/sigbus floor ratio": (lego's sigbus µs per miss + the handler fault's
-  µs over the SIGBUS fault's) / lego's sigbus µs per miss, what a handler costing
-  nothing beyond its delivery would reach (pinned: with the pinned figure), beside
-  lego's own handler/sigbus, per miss (each row's µs per access / its misses per access).
+  does while several threads fault (non-blocking read(), sched_yield() between empty
+  reads for 50 µs after the last fault, then poll()) and maps the line with UFFDIO_COPY,
+  waking the faulting thread; and again with both threads pinned to one CPU. The three
+  deliveries' rounds run in turn. And the fence: one
+  UFFDIO_WRITEPROTECT of a resident dirty line, which an eviction under the handler
+  delivery pays per dirty victim (the sigbus delivery skips it while the program has one
+  thread). For each random lego row under the sigbus delivery, a line "handler/sigbus
+  floor ratio": (lego's sigbus µs per miss + the handler fault's µs over the SIGBUS
+  fault's + the fence, as each miss evicts a dirty line) / lego's sigbus µs per miss,
+  what a handler costing nothing beyond its delivery would reach (pinned: with the
+  pinned figure), beside lego's own handler/sigbus, per miss (each row's µs per access /
+  its misses per access).
   The free figure depends on where the scheduler puts the two threads (here often on
   two CPUs: a cross-CPU wake-up per miss) and lego's handler can beat it; the pinned
   one is the lower (docs/measurements.md).

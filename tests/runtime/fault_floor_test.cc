@@ -1,6 +1,7 @@
 // lego-bench's fault floor: the measurement runs a real userfaultfd miss path in a child and
 // checks every line it maps (content after each fault), delivered by SIGBUS and by a
-// handler thread (free and pinned beside the faulting thread); here it must succeed.
+// handler thread (free and pinned beside the faulting thread), and times the handler
+// delivery's fence (write-protecting resident lines); here it must succeed.
 #include "runtime/bench/fault_floor.h"
 
 #include <catch2/catch.hpp>
@@ -14,6 +15,7 @@ TEST_CASE("the fault floor maps every line with the right content and reports it
   CHECK(floor.value().window_zap_us > 0);
   CHECK(floor.value().handler_fault_us > 0);
   CHECK(floor.value().handler_fault_same_cpu_us > 0);
+  CHECK(floor.value().fence_us > 0);
 }
 
 TEST_CASE("the fault floor refuses sizes it cannot batch") {
