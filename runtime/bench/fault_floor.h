@@ -23,8 +23,8 @@
 //                              userfaultfd as lego's does while several threads fault:
 //                              non-blocking read(), sched_yield() between empty reads for
 //                              ExCacheOptions' default handler_spin_us after the last
-//                              fault, then poll(). The
-//                              threads run wherever the scheduler puts them, as lego's do
+//                              fault, then poll(). The threads run wherever the scheduler
+//                              puts them, as lego's do
 //                              (on a 2-vCPU VM often on two CPUs, a cross-CPU wake-up per
 //                              miss; it varies from run to run);
 //   handler_fault_same_cpu_us  the same with both threads pinned to one CPU (no cross-CPU

@@ -48,7 +48,8 @@ Result<double> per_window_line(Result<double> rtt) {
   return rtt.value() / kWindowLines;
 }
 
-MissFloors measure_miss_floors(uint64_t cap, bool tcp, bool shm,
+// `windows`: also a 32-line window's round trips (the sequential workload's floor).
+MissFloors measure_miss_floors(uint64_t cap, bool tcp, bool shm, bool windows,
                                const std::vector<int>& tcp_threads) {
   MissFloors f;
   fprintf(stderr, "lego-bench: miss floors: userfaultfd fault...\n");
@@ -65,9 +66,11 @@ MissFloors measure_miss_floors(uint64_t cap, bool tcp, bool shm,
       const std::string ns = link.value()->name(0), remote = link.value()->address(0);
       f.tcp_rtt =
           tcp_busypoll_rtt_us(ns, remote, port, kFetchRequestBytes, kFetchReplyBytes, 20000);
-      f.tcp_window_line =
-          per_window_line(tcp_busypoll_rtt_us(ns, remote, static_cast<uint16_t>(port + 2),
-                                              kWindowRequestBytes, kWindowReplyBytes, 2000));
+      if (windows) {
+        f.tcp_window_line =
+            per_window_line(tcp_busypoll_rtt_us(ns, remote, static_cast<uint16_t>(port + 2),
+                                                kWindowRequestBytes, kWindowReplyBytes, 2000));
+      }
       uint16_t next_port = static_cast<uint16_t>(port + 4);
       for (int t : tcp_threads) {
         fprintf(stderr, "lego-bench: miss floors: tcp round trips, %d thread%s...\n", t,
@@ -88,10 +91,12 @@ MissFloors measure_miss_floors(uint64_t cap, bool tcp, bool shm,
     fprintf(stderr, "lego-bench: miss floors: shm round trip...\n");
     f.shm_rtt = fi_pingpong_rtt_us("shm", "rdm", kPage, 20000, "", "127.0.0.1",
                                    static_cast<uint16_t>(port + 1));
-    // fi_pingpong sends the same size both ways: half its round trip is one window's way.
-    auto window = fi_pingpong_rtt_us("shm", "rdm", kWindowLines * kPage, 2000, "", "127.0.0.1",
-                                     static_cast<uint16_t>(port + 3));
-    f.shm_window_line = window ? Result<double>(window.value() / 2 / kWindowLines) : window;
+    if (windows) {
+      // fi_pingpong sends the same size both ways: half its round trip is one window's way.
+      auto window = fi_pingpong_rtt_us("shm", "rdm", kWindowLines * kPage, 2000, "", "127.0.0.1",
+                                       static_cast<uint16_t>(port + 3));
+      f.shm_window_line = window ? Result<double>(window.value() / 2 / kWindowLines) : window;
+    }
   }
   return f;
 }
@@ -223,7 +228,7 @@ void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
   if (!tcp_threads.empty() && tcp_threads.front() != 1) tcp_threads.insert(tcp_threads.begin(), 1);
   if (!tcp_threads.empty()) tcp = true;
   if (!tcp && !shm) return;
-  const MissFloors f = measure_miss_floors(cap, tcp, shm, tcp_threads);
+  const MissFloors f = measure_miss_floors(cap, tcp, shm, /*windows=*/true, tcp_threads);
   printf("\nMiss floors on this host (see --help):\n");
   auto line = [](const char* what, const Result<double>& v) {
     if (v) {
@@ -272,8 +277,9 @@ void report_miss_floors(const std::vector<MemoryRow>& rows, uint64_t cap) {
 
 ProgramFloors measure_program_floors(bool tcp, bool shm) {
   // The fault floor's region: as many lines as a 32 MiB ExCache (the size matters little:
-  // the floor maps and zaps lines it owns alone).
-  const MissFloors f = measure_miss_floors(uint64_t{32} << 20, tcp, shm, {});
+  // the floor maps and zaps lines it owns alone). A program's floor counts misses one line
+  // each: no window round trips.
+  const MissFloors f = measure_miss_floors(uint64_t{32} << 20, tcp, shm, /*windows=*/false, {});
   ProgramFloors p;
   if (f.fault) {
     p.handler_miss_us = f.fault->handler_fault_same_cpu_us;

@@ -700,8 +700,8 @@ class Bench {
       // is charged for the page cache its tasks bring in, not for pages already cached. The
       // peers after this run find them cached too, so the charge measured below is what
       // every run's cgroup gets (files written, kernel memory). Without it the measure
-      // depended on what an earlier run had left cached (python's: 9.3 MiB cold, 0.3 MiB
-      // warm), and the zram peer's limit with it.
+      // depended on what an earlier run had left cached (python's: 13.4 MiB after
+      // drop_caches, 0.3 MiB warm), and the zram peer's limit with it.
       fprintf(stderr, "lego-bench: %s, local (bringing its files into the page cache)...\n",
               p.c_str());
       Row warm_up;
