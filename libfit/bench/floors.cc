@@ -9,6 +9,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -220,107 +221,189 @@ Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::stri
   return batches[batches.size() / 2];
 }
 
-Result<double> tcp_concurrent_round_trips_per_s(const std::string& server_ns,
-                                                const std::string& server_addr, uint16_t port,
-                                                size_t request_bytes, size_t reply_bytes,
-                                                int clients, int round_trips, bool spin) {
+const char* wait_name(Wait wait) {
+  switch (wait) {
+    case Wait::kSpin:
+      return "spin";
+    case Wait::kYield:
+      return "yield";
+    case Wait::kBlock:
+      return "block";
+  }
+  return "?";
+}
+
+namespace {
+
+// Sends or receives exactly n bytes, waiting as `wait` says.
+bool wait_io(int fd, char* buf, size_t n, bool send_side, Wait wait) {
+  const int flags = wait == Wait::kBlock ? 0 : MSG_DONTWAIT;
+  size_t done = 0;
+  while (done < n) {
+    ssize_t r = send_side ? send(fd, buf + done, n - done, flags | MSG_NOSIGNAL)
+                          : recv(fd, buf + done, n - done, flags);
+    if (r > 0) {
+      done += static_cast<size_t>(r);
+    } else if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+      return false;
+    } else if (wait == Wait::kYield && errno != EINTR) {
+      sched_yield();
+    }
+  }
+  return true;
+}
+
+// The server's loop: one thread serving every connection until all of them closed.
+[[noreturn]] void serve_round_trips(int ls, size_t request_bytes, size_t reply_bytes, int clients,
+                                    Wait wait) {
+  struct Conn {
+    int fd;
+    size_t have = 0;
+  };
+  std::vector<Conn> conns;
+  int ep = epoll_create1(EPOLL_CLOEXEC);
+  for (int i = 0; i < clients; i++) {
+    int s = accept(ls, nullptr, nullptr);
+    if (s < 0) _exit(12);
+    conns.push_back({no_delay(s)});
+  }
+  for (size_t i = 0; i < conns.size(); i++) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = i;
+    epoll_ctl(ep, EPOLL_CTL_ADD, conns[i].fd, &ev);
+  }
+  std::vector<char> in(request_bytes), out(reply_bytes, 'y');
+  size_t open_conns = conns.size();
+  bool answered = false;  // in this pass over the connections
+  // Reads what c has; answers each complete request. False once it closed.
+  auto serve = [&](Conn& c) {
+    for (;;) {
+      ssize_t r = recv(c.fd, in.data() + c.have, request_bytes - c.have, MSG_DONTWAIT);
+      if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+        return false;
+      }
+      if (r < 0) return true;
+      c.have += static_cast<size_t>(r);
+      if (c.have == request_bytes) {
+        c.have = 0;
+        answered = true;
+        if (!wait_io(c.fd, out.data(), reply_bytes, true, wait)) return false;
+      }
+    }
+  };
+  // Serves c if still open; closes it (which also takes it out of the epoll set) once
+  // its client closed.
+  auto serve_or_close = [&](Conn& c) {
+    if (c.fd < 0 || serve(c)) return;
+    close(c.fd);
+    c.fd = -1;
+    open_conns--;
+  };
+  while (open_conns > 0) {
+    if (wait != Wait::kBlock) {
+      answered = false;
+      for (Conn& c : conns) serve_or_close(c);
+      if (!answered && wait == Wait::kYield) sched_yield();
+      continue;
+    }
+    epoll_event evs[16];
+    int n = epoll_wait(ep, evs, 16, -1);
+    for (int k = 0; k < n; k++) serve_or_close(conns[evs[k].data.u64]);
+  }
+  _exit(0);
+}
+
+}  // namespace
+
+Result<std::unique_ptr<RoundTripServer>> RoundTripServer::start(const std::string& server_ns,
+                                                                const std::string& server_addr,
+                                                                uint16_t port, size_t request_bytes,
+                                                                size_t reply_bytes, int clients,
+                                                                Wait wait) {
   if (clients < 1 || request_bytes == 0 || reply_bytes == 0) {
     return Status(EINVAL, "tcp floor: no client or an empty message");
   }
   auto addr = ipv4(server_addr, port);
   if (!addr) return addr.status();
-  Child server;
-  // One thread serving every connection until all of them closed.
-  Status started = start_server(server, server_ns, addr.value(), clients, [&](int ls) {
-    struct Conn {
-      int fd;
-      size_t have = 0;
-    };
-    std::vector<Conn> conns;
-    int ep = epoll_create1(EPOLL_CLOEXEC);
-    for (int i = 0; i < clients; i++) {
-      int s = accept(ls, nullptr, nullptr);
-      if (s < 0) _exit(12);
-      conns.push_back({no_delay(s)});
-    }
-    for (size_t i = 0; i < conns.size(); i++) {
-      epoll_event ev{};
-      ev.events = EPOLLIN;
-      ev.data.u64 = i;
-      epoll_ctl(ep, EPOLL_CTL_ADD, conns[i].fd, &ev);
-    }
-    std::vector<char> in(request_bytes), out(reply_bytes, 'y');
-    size_t open_conns = conns.size();
-    // Reads what c has; answers each complete request. False once it closed.
-    auto serve = [&](Conn& c) {
-      for (;;) {
-        ssize_t r = recv(c.fd, in.data() + c.have, request_bytes - c.have, MSG_DONTWAIT);
-        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-          return false;
-        }
-        if (r < 0) return true;
-        c.have += static_cast<size_t>(r);
-        if (c.have == request_bytes) {
-          c.have = 0;
-          if (!spin_io(c.fd, out.data(), reply_bytes, true)) return false;
-        }
+  Child child;
+  LEGO_RETURN_IF_ERROR(start_server(child, server_ns, addr.value(), clients, [&](int ls) {
+    serve_round_trips(ls, request_bytes, reply_bytes, clients, wait);
+  }));
+  std::unique_ptr<RoundTripServer> server(new RoundTripServer());
+  server->pid_ = child.pid;
+  child.pid = -1;  // the server reaps it from now on
+  const auto* raw = reinterpret_cast<const uint8_t*>(&addr.value());
+  server->addr_.assign(raw, raw + sizeof(sockaddr_in));
+  server->request_bytes_ = request_bytes;
+  server->reply_bytes_ = reply_bytes;
+  return server;
+}
+
+RoundTripServer::~RoundTripServer() {
+  Child reap;  // kills and reaps it if it still runs
+  reap.pid = pid_;
+}
+
+Result<int> RoundTripServer::connect() const {
+  sockaddr_in addr;
+  memcpy(&addr, addr_.data(), sizeof addr);
+  return connect_to(addr);
+}
+
+Result<double> RoundTripServer::cpu_seconds_after_exit(int timeout_ms) {
+  if (pid_ <= 0) return Status(ECHILD, "tcp floor: the server was already reaped");
+  const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    int status = 0;
+    rusage usage{};
+    const pid_t got = wait4(pid_, &status, WNOHANG, &usage);
+    if (got == pid_) {
+      pid_ = -1;
+      if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        return Status(EIO, "tcp floor: the server failed (status " + std::to_string(status) + ")");
       }
-    };
-    // Serves c if still open; closes it (which also takes it out of the epoll set) once
-    // its client closed.
-    auto serve_or_close = [&](Conn& c) {
-      if (c.fd < 0 || serve(c)) return;
-      close(c.fd);
-      c.fd = -1;
-      open_conns--;
-    };
-    while (open_conns > 0) {
-      if (spin) {
-        for (Conn& c : conns) serve_or_close(c);
-        continue;
-      }
-      epoll_event evs[16];
-      int n = epoll_wait(ep, evs, 16, -1);
-      for (int k = 0; k < n; k++) serve_or_close(conns[evs[k].data.u64]);
+      auto secs = [](const timeval& tv) { return tv.tv_sec + tv.tv_usec / 1e6; };
+      return secs(usage.ru_utime) + secs(usage.ru_stime);
     }
-  });
-  if (!started) return started;
+    if (got < 0 && errno != EINTR) return Status::from_errno(errno, "tcp floor: wait4");
+    if (Clock::now() > deadline) {
+      return Status(ETIMEDOUT, "tcp floor: the server did not exit within " +
+                                   std::to_string(timeout_ms) + " ms of its clients closing");
+    }
+    usleep(1000);
+  }
+}
+
+bool round_trip(int fd, char* buf, size_t request_bytes, size_t reply_bytes, Wait wait) {
+  return wait_io(fd, buf, request_bytes, true, wait) && wait_io(fd, buf, reply_bytes, false, wait);
+}
+
+Result<double> tcp_concurrent_round_trips_per_s(const std::string& server_ns,
+                                                const std::string& server_addr, uint16_t port,
+                                                size_t request_bytes, size_t reply_bytes,
+                                                int clients, int round_trips, Wait wait) {
+  auto server = RoundTripServer::start(server_ns, server_addr, port, request_bytes, reply_bytes,
+                                       clients, wait);
+  if (!server) return server.status();
   std::vector<int> fds;
   for (int i = 0; i < clients; i++) {
-    auto fd = connect_to(addr.value());
+    auto fd = server.value()->connect();
     if (!fd) {
       for (int open_fd : fds) close(open_fd);
       return fd.status();
     }
     fds.push_back(fd.value());
   }
-  // A blocking exchange: the kernel wakes the waiting side (what "block" measures).
-  auto block_io = [](int fd, char* buf, size_t n, bool send_side) {
-    size_t done = 0;
-    while (done < n) {
-      ssize_t r = send_side ? send(fd, buf + done, n - done, MSG_NOSIGNAL)
-                            : recv(fd, buf + done, n - done, 0);
-      if (r > 0) {
-        done += static_cast<size_t>(r);
-      } else if (r == 0 || errno != EINTR) {
-        return false;
-      }
-    }
-    return true;
-  };
   std::atomic<int> warm{0};
   std::atomic<bool> go{false}, failed{false};
   std::vector<std::thread> threads;
   for (int i = 0; i < clients; i++) {
     threads.emplace_back([&, fd = fds[i]] {
       std::vector<char> buf(std::max(request_bytes, reply_bytes), 'x');
-      auto io = [&](size_t n, bool send_side) {
-        return spin ? spin_io(fd, buf.data(), n, send_side)
-                    : block_io(fd, buf.data(), n, send_side);
-      };
       auto trips = [&](int n) {
         for (int k = 0; k < n; k++) {
-          if (!io(request_bytes, true) || !io(reply_bytes, false)) return false;
+          if (!round_trip(fd, buf.data(), request_bytes, reply_bytes, wait)) return false;
         }
         return true;
       };

@@ -7,9 +7,13 @@
 // in the calling thread's namespace. Children are always reaped, on every path.
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "lego/status.h"
 
@@ -24,17 +28,57 @@ Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::stri
                                    uint16_t port, size_t request_bytes, size_t reply_bytes,
                                    int iterations);
 
+// How a floor's two ends wait for the other's bytes: busy-polling (MSG_DONTWAIT loops),
+// busy-polling with a sched_yield() after each empty poll (so that a thread with work can
+// run on a CPU the poller holds, as lego's pollers yield), or blocking (the server in
+// epoll_wait, a client in recv).
+enum class Wait { kSpin, kYield, kBlock };
+const char* wait_name(Wait wait);  // "spin", "yield", "block"
+
+// One server thread answering every request of request_bytes from `clients` connections with
+// reply_bytes (all 'y'), as lego-memd's one server thread serves the processor's channels.
+// It runs in a forked child, in server_ns when not empty, and accepts exactly `clients`
+// connections before it serves; it exits once all of them closed.
+class RoundTripServer {
+ public:
+  static Result<std::unique_ptr<RoundTripServer>> start(const std::string& server_ns,
+                                                        const std::string& server_addr,
+                                                        uint16_t port, size_t request_bytes,
+                                                        size_t reply_bytes, int clients, Wait wait);
+  ~RoundTripServer();  // kills and reaps the server if it still runs
+  RoundTripServer(const RoundTripServer&) = delete;
+  RoundTripServer& operator=(const RoundTripServer&) = delete;
+
+  // A new connection to the server (TCP_NODELAY); the caller closes it.
+  Result<int> connect() const;
+  // Waits for the server to exit (after its clients closed) and returns the CPU seconds
+  // (user + system) it used; ETIMEDOUT if it has not exited within timeout_ms.
+  Result<double> cpu_seconds_after_exit(int timeout_ms);
+
+  size_t request_bytes() const { return request_bytes_; }
+  size_t reply_bytes() const { return reply_bytes_; }
+
+ private:
+  RoundTripServer() = default;
+  pid_t pid_ = -1;
+  std::vector<uint8_t> addr_;  // the sockaddr_in it listens on
+  size_t request_bytes_ = 0, reply_bytes_ = 0;
+};
+
+// One round trip on fd: sends request_bytes of buf, receives reply_bytes into buf (at least
+// max(request_bytes, reply_bytes) long), waiting as `wait` says. No allocation and only
+// system calls: a SIGBUS handler may call it. False if the connection failed or closed.
+bool round_trip(int fd, char* buf, size_t request_bytes, size_t reply_bytes, Wait wait);
+
 // Round trips per second of `clients` threads, each with one connection and one request
-// of request_bytes in flight at a time (answered by reply_bytes), against one server
-// thread that serves every connection, as lego-memd's one server thread serves the
-// processor's channels. spin: both sides busy-poll (MSG_DONTWAIT loops); else both block
-// (the server in epoll_wait, the clients in recv). What that many threads each waiting on a
-// round trip can do at best over this host's TCP, with both ends on its CPUs: lego-bench's
+// of request_bytes in flight at a time (answered by reply_bytes), against one
+// RoundTripServer, both ends waiting as `wait` says. What that many threads each waiting on
+// a round trip can do at best over this host's TCP, with both ends on its CPUs: lego-bench's
 // floor for random_mt's threads. Each client makes `round_trips` after a warm-up.
 Result<double> tcp_concurrent_round_trips_per_s(const std::string& server_ns,
                                                 const std::string& server_addr, uint16_t port,
                                                 size_t request_bytes, size_t reply_bytes,
-                                                int clients, int round_trips, bool spin);
+                                                int clients, int round_trips, Wait wait);
 
 // One-way throughput in MB/s (10^6 bytes/s) of a busy-polled TCP stream of total_bytes,
 // sent in chunk_bytes pieces: client -> server, or server -> client when server_sends.

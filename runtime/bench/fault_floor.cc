@@ -9,6 +9,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -24,6 +25,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "lego/excache.h"
@@ -55,6 +57,9 @@ enum ChildExit : int {
   kHandlerThread,
   kPin,
   kFence,
+  kConnect,
+  kRoundTrip,
+  kThread,
 };
 
 const char* describe(int code) {
@@ -91,6 +96,12 @@ const char* describe(int code) {
       return "could not pin the faulting and handler threads to one CPU";
     case kFence:
       return "UFFDIO_WRITEPROTECT of a resident line failed";
+    case kConnect:
+      return "a thread could not connect to the round-trip server";
+    case kRoundTrip:
+      return "a round trip in the SIGBUS handler failed (the server went away)";
+    case kThread:
+      return "could not start a faulting thread";
     default:
       return "unexpected exit";
   }
@@ -460,6 +471,167 @@ Result<FaultFloor> measure_fault_floor(size_t lines, int rounds) {
              &f.handler_fault_same_cpu_us, &f.fence_us) != 7) {
     return Status(EIO, "fault floor: unreadable report '" + text + "'");
   }
+  return f;
+}
+
+namespace {
+
+// The threaded floor's child (measure_threaded_miss_floor): each thread's connection and
+// reply buffer, for the SIGBUS handler; the server's message sizes and how to wait.
+thread_local int t_fd = -1;
+thread_local char* t_reply = nullptr;
+size_t g_request_bytes = 0, g_reply_bytes = 0;
+Wait g_wait = Wait::kSpin;
+constexpr size_t kLinesPerThread = 2048;
+
+void on_sigbus_round_trip(int, siginfo_t* info, void*) {
+  const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
+  if (info->si_code != BUS_ADRERR || addr < g_base || addr >= g_base + g_bytes) _exit(kStrayFault);
+  if (!round_trip(t_fd, t_reply, g_request_bytes, g_reply_bytes, g_wait)) _exit(kRoundTrip);
+  uffdio_copy copy{};
+  copy.dst = addr & ~uintptr_t{kLine - 1};
+  copy.src = reinterpret_cast<uintptr_t>(t_reply + g_reply_bytes - kLine);
+  copy.len = kLine;
+  copy.mode = 0;
+  if (ioctl(g_uffd, UFFDIO_COPY, &copy) != 0) _exit(kCopy);
+}
+
+// One thread of the child: `misses` store misses on its slice (lines in random order), the
+// 32 lines of each batch checked and then dropped.
+void miss_on_slice(uint64_t* slice, int pidfd, std::mt19937_64& rng, std::vector<size_t>& order,
+                   size_t& next, int misses) {
+  // The server's reply is all 'y': a mapped line holds that, with word 0 stored to once.
+  uint64_t y;
+  memset(&y, 'y', sizeof y);
+  for (int m = 0; m < misses; m++) {
+    __atomic_fetch_add(&slice[order[next] * kWords], 1, __ATOMIC_RELAXED);
+    if (++next % kZapBatch != 0) continue;
+    for (size_t k = next - kZapBatch; k < next; k++) {
+      const uint64_t* line = &slice[order[k] * kWords];
+      if (line[0] != y + 1 || line[kWords - 1] != y) _exit(kWrongContent);
+    }
+    if (!zap(pidfd, reinterpret_cast<uintptr_t>(slice), order, next - kZapBatch, kZapBatch)) {
+      _exit(kZap);
+    }
+    if (next == order.size()) {  // every line dropped: a new order
+      std::shuffle(order.begin(), order.end(), rng);
+      next = 0;
+    }
+  }
+}
+
+[[noreturn]] void threaded_child(int out, const RoundTripServer& server, int threads,
+                                 int misses_per_thread) {
+  g_uffd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | UFFD_USER_MODE_ONLY));
+  if (g_uffd < 0) _exit(kNoUffd);
+  uffdio_api api{.api = UFFD_API,
+                 .features = UFFD_FEATURE_SIGBUS | UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+                 .ioctls = 0};
+  if (ioctl(g_uffd, UFFDIO_API, &api) != 0) _exit(kApi);
+  const size_t lines = kLinesPerThread * static_cast<size_t>(threads);
+  uint64_t* heap = map_registered(g_uffd, lines);
+  g_base = reinterpret_cast<uintptr_t>(heap);
+  g_bytes = lines * kLine;
+  struct sigaction sa = {};
+  sa.sa_sigaction = on_sigbus_round_trip;
+  sa.sa_flags = SA_SIGINFO;
+  sigfillset(&sa.sa_mask);
+  sigaction(SIGBUS, &sa, nullptr);
+  const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0));
+  const auto life0 = Clock::now();
+  std::atomic<int> warm{0};
+  std::atomic<bool> go{false};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; t++) {
+    try {
+      workers.emplace_back([&, t] {
+        auto fd = server.connect();
+        if (!fd) _exit(kConnect);
+        t_fd = fd.value();
+        std::vector<char> reply(std::max(g_request_bytes, g_reply_bytes), 'x');
+        t_reply = reply.data();
+        uint64_t* slice = heap + static_cast<size_t>(t) * kLinesPerThread * kWords;
+        std::mt19937_64 rng(1234 + static_cast<uint64_t>(t));
+        std::vector<size_t> order(kLinesPerThread);
+        std::iota(order.begin(), order.end(), size_t{0});
+        std::shuffle(order.begin(), order.end(), rng);
+        size_t next = 0;
+        miss_on_slice(slice, pidfd, rng, order, next, std::max(64, misses_per_thread / 10));
+        warm.fetch_add(1);
+        while (!go.load(std::memory_order_acquire)) sched_yield();
+        miss_on_slice(slice, pidfd, rng, order, next, misses_per_thread);
+        close(t_fd);
+      });
+    } catch (...) {
+      _exit(kThread);
+    }
+  }
+  while (warm.load() < threads) sched_yield();
+  const auto t0 = Clock::now();
+  go.store(true, std::memory_order_release);
+  for (auto& w : workers) w.join();
+  const auto t1 = Clock::now();
+  const double timed = std::chrono::duration<double>(t1 - t0).count();
+  const double life = std::chrono::duration<double>(t1 - life0).count();
+  char text[96];
+  int n = snprintf(text, sizeof text, "%.3f %.6f\n",
+                   static_cast<double>(threads) * misses_per_thread / timed, life);
+  _exit(write(out, text, static_cast<size_t>(n)) == n ? kOk : kPipe);
+}
+
+}  // namespace
+
+Result<ThreadedMissFloor> measure_threaded_miss_floor(RoundTripServer& server, int threads,
+                                                      int misses_per_thread, Wait wait) {
+  if (threads < 1 || misses_per_thread < 1 || server.reply_bytes() < kLine) {
+    return Status(EINVAL,
+                  "threaded miss floor: needs a thread, a miss, and a reply of at least 4 KiB");
+  }
+  g_request_bytes = server.request_bytes();
+  g_reply_bytes = server.reply_bytes();
+  g_wait = wait;
+  int pipefd[2];
+  if (pipe2(pipefd, O_CLOEXEC) != 0) return Status::from_errno(errno, "threaded miss floor: pipe");
+  pid_t pid = fork();
+  if (pid < 0) {
+    int err = errno;
+    close(pipefd[0]);
+    close(pipefd[1]);
+    return Status::from_errno(err, "threaded miss floor: fork");
+  }
+  if (pid == 0) {
+    close(pipefd[0]);
+    threaded_child(pipefd[1], server, threads, misses_per_thread);
+  }
+  close(pipefd[1]);
+  std::string text;
+  char buf[128];
+  for (ssize_t n; (n = read(pipefd[0], buf, sizeof buf)) != 0;) {
+    if (n > 0)
+      text.append(buf, static_cast<size_t>(n));
+    else if (errno != EINTR)
+      break;
+  }
+  close(pipefd[0]);
+  int status = 0;
+  rusage usage{};
+  while (wait4(pid, &status, 0, &usage) < 0 && errno == EINTR) {
+  }
+  const std::string what = "threaded miss floor (" + std::to_string(threads) + " thread" +
+                           (threads > 1 ? "s" : "") + ", " + wait_name(wait) + "): ";
+  if (WIFSIGNALED(status)) {
+    return Status(EIO, what + "the measuring child died of signal " + strsignal(WTERMSIG(status)));
+  }
+  if (WEXITSTATUS(status) != kOk) return Status(EIO, what + describe(WEXITSTATUS(status)));
+  ThreadedMissFloor f;
+  double life = 0;
+  if (sscanf(text.c_str(), "%lf %lf", &f.misses_per_s, &life) != 2 || life <= 0) {
+    return Status(EIO, what + "unreadable report '" + text + "'");
+  }
+  auto server_cpu = server.cpu_seconds_after_exit(10000);
+  if (!server_cpu) return Status(server_cpu.status().code(), what + server_cpu.status().message());
+  auto secs = [](const timeval& tv) { return static_cast<double>(tv.tv_sec) + tv.tv_usec / 1e6; };
+  f.cpus_busy = (secs(usage.ru_utime) + secs(usage.ru_stime) + server_cpu.value()) / life;
   return f;
 }
 

@@ -199,8 +199,16 @@ measured in the same run (no memory node work, no copies of lego's own):
   random_mt over tcp: for each thread count, that many client threads each making the
   fetch's exchange with one in flight, against one server thread serving them all (as
   lego-memd's), over the same veth link, both sides busy-polling and both blocking: round
-  trips per second and each one's ratio to its 1-thread figure, beside lego_tcp's. With
-  both ends on this host's CPUs, that ratio bounds what more threads can gain.
+  trips per second and each one's ratio to its 1-thread figure, beside lego_tcp's.
+  And random_mt's miss floor by threads: that many threads, each storing to missing lines
+  of its own in one userfaultfd region (SIGBUS delivery), each miss one such round trip on
+  the thread's own connection and a UFFDIO_COPY of the reply, a 32-line zap per 32
+  misses; both ends waiting by spinning, spinning with sched_yield, or blocking. Printed:
+  misses per second each way, the best of the three, its ratio to the best at 1 thread,
+  the CPUs it kept busy, beside lego_tcp's misses per second; then, per thread count, the
+  floor's best over lego_tcp's own 1-thread misses per second: the most that many
+  threads could give lego here. With both ends on this host's CPUs, the floor's ratio is
+  what more threads can gain at best (docs/measurements.md).
 
 Real programs (--only programs). Each runs under local first: once to bring the files it
 reads into the page cache (a cgroup is charged for the page cache its tasks bring in, so

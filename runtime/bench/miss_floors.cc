@@ -35,10 +35,13 @@ struct MissFloors {
   Result<double> shm_window_line = Status(ENODATA, "not measured");
   // random_mt's threads over tcp: round trips per second of that many client threads
   // against one server thread, both sides busy-polling and both blocking.
+  // And the miss floor at that many threads (measure_threaded_miss_floor), each way of
+  // waiting.
   struct Concurrent {
     int threads = 0;
     Result<double> spin = Status(ENODATA, "not measured");
     Result<double> block = Status(ENODATA, "not measured");
+    std::vector<std::pair<Wait, Result<ThreadedMissFloor>>> misses;
   };
   std::vector<Concurrent> tcp_threads;
 };
@@ -78,9 +81,19 @@ MissFloors measure_miss_floors(uint64_t cap, bool tcp, bool shm, bool windows,
         MissFloors::Concurrent c;
         c.threads = t;
         c.spin = tcp_concurrent_round_trips_per_s(ns, remote, next_port++, kFetchRequestBytes,
-                                                  kFetchReplyBytes, t, 20000, true);
+                                                  kFetchReplyBytes, t, 20000, Wait::kSpin);
         c.block = tcp_concurrent_round_trips_per_s(ns, remote, next_port++, kFetchRequestBytes,
-                                                   kFetchReplyBytes, t, 20000, false);
+                                                   kFetchReplyBytes, t, 20000, Wait::kBlock);
+        fprintf(stderr,
+                "lego-bench: miss floors: misses with a tcp round trip each, %d thread%s...\n", t,
+                t > 1 ? "s" : "");
+        for (Wait wait : {Wait::kSpin, Wait::kYield, Wait::kBlock}) {
+          auto server = RoundTripServer::start(ns, remote, next_port++, kFetchRequestBytes,
+                                               kFetchReplyBytes, t, wait);
+          c.misses.emplace_back(
+              wait, server ? measure_threaded_miss_floor(*server.value(), t, 20000 / t, wait)
+                           : Result<ThreadedMissFloor>(server.status()));
+        }
         f.tcp_threads.push_back(std::move(c));
       }
     } else {
@@ -125,6 +138,97 @@ bool has_floor(const MemoryRow& r) {
          (r.system == "lego_tcp" || r.system == "lego_shm");
 }
 
+// The best of the miss floor's ways of waiting at one thread count (nullptr if none
+// measured).
+const ThreadedMissFloor* best_miss_floor(const MissFloors::Concurrent& c, Wait* how) {
+  const ThreadedMissFloor* best = nullptr;
+  for (auto& [wait, m] : c.misses) {
+    if (m && (best == nullptr || m->misses_per_s > best->misses_per_s)) {
+      best = &m.value();
+      *how = wait;
+    }
+  }
+  return best;
+}
+
+// random_mt's miss floor by threads over tcp (measure_threaded_miss_floor) beside lego_tcp's
+// misses per second: what more threads can gain on this host when each miss needs a round
+// trip and the memory node's end runs on the same two vCPUs.
+void print_threaded_miss_floor(const std::vector<MemoryRow>& rows, const MissFloors& f) {
+  double best1 = 0;
+  for (auto& c : f.tcp_threads) {
+    Wait how;
+    if (const ThreadedMissFloor* b = best_miss_floor(c, &how); b != nullptr && c.threads == 1) {
+      best1 = b->misses_per_s;
+    }
+  }
+  printf(
+      "\nrandom_mt's miss floor over tcp: misses/s of THREADS threads, each storing to missing "
+      "lines of\nits own (SIGBUS delivery) with one round trip (72 B / 4128 B) per miss on its "
+      "own connection\nto one server thread over the same veth link, and a 32-line zap per 32 "
+      "misses; both ends\nspinning, spinning with sched_yield, or blocking; the best of the "
+      "three against the best at\n1 thread, the CPUs the best kept busy (of %ld), and "
+      "lego_tcp's misses/s (accesses/s x misses\nper access), each delivery against its own "
+      "1-thread figure\n",
+      sysconf(_SC_NPROCESSORS_ONLN));
+  printf("%7s %9s %9s %9s %9s %6s %5s   %s\n", "threads", "spin/s", "yield/s", "block/s", "best/s",
+         "vs 1", "CPUs", "lego_tcp misses/s, vs 1");
+  for (auto& c : f.tcp_threads) {
+    char rate[3][32] = {"-", "-", "-"};
+    for (auto& [wait, m] : c.misses) {
+      if (m) snprintf(rate[static_cast<int>(wait)], sizeof rate[0], "%.0f", m->misses_per_s);
+    }
+    Wait how = Wait::kSpin;
+    const ThreadedMissFloor* best = best_miss_floor(c, &how);
+    char b[32] = "-", bv[32] = "-", cpus[32] = "-";
+    if (best != nullptr) {
+      snprintf(b, sizeof b, "%.0f", best->misses_per_s);
+      if (best1 > 0) snprintf(bv, sizeof bv, "%.2fx", best->misses_per_s / best1);
+      snprintf(cpus, sizeof cpus, "%.2f", best->cpus_busy);
+    }
+    std::string lego;
+    for (auto& r : rows) {
+      if (r.workload != "random_mt" || r.system != "lego_tcp" || r.threads != c.threads ||
+          !r.o.ok || r.misses_per_access <= 0) {
+        continue;
+      }
+      const double one = one_thread_us(rows, r);
+      char each[96];
+      snprintf(each, sizeof each, "%s%s %.0f", lego.empty() ? "" : ", ", r.delivery.c_str(),
+               1e6 / r.o.us * r.misses_per_access);
+      lego += each;
+      if (one > 0) {
+        snprintf(each, sizeof each, " %.2fx", one / r.o.us);
+        lego += each;
+      }
+    }
+    printf("%7d %9s %9s %9s %9s %6s %5s   %s\n", c.threads, rate[0], rate[1], rate[2], b, bv, cpus,
+           lego.empty() ? "-" : lego.c_str());
+    for (auto& [wait, m] : c.misses) {
+      if (!m) printf("        %s: %s\n", wait_name(wait), m.status().message().c_str());
+    }
+  }
+  // The most more threads could give lego here: the floor's best at N threads over lego's
+  // own misses/s at 1 (lego's N-thread misses cannot outrun the floor's).
+  for (auto& r1 : rows) {
+    if (r1.workload != "random_mt" || r1.system != "lego_tcp" || r1.threads != 1 || !r1.o.ok ||
+        r1.misses_per_access <= 0) {
+      continue;
+    }
+    const double lego1 = 1e6 / r1.o.us * r1.misses_per_access;
+    for (auto& c : f.tcp_threads) {
+      Wait how = Wait::kSpin;
+      const ThreadedMissFloor* best = best_miss_floor(c, &how);
+      if (c.threads == 1 || best == nullptr) continue;
+      printf(
+          "  %d threads: the floor's best (%s, %.0f misses/s) is %.2fx lego_tcp/%s's 1-thread "
+          "%.0f: the\n  most %d threads could give it on this host\n",
+          c.threads, wait_name(how), best->misses_per_s, best->misses_per_s / lego1,
+          r1.delivery.c_str(), lego1, c.threads);
+    }
+  }
+}
+
 // random_mt's scaling over tcp beside the transport's own: what that many threads, each
 // waiting on one round trip at a time, do over this host's TCP against one server thread,
 // with both ends on the same CPUs (as lego-run's memory node is here). lego's ratio to its
@@ -167,6 +271,7 @@ void print_thread_floors(const std::vector<MemoryRow>& rows, const MissFloors& f
     if (!c.spin) printf("        spin: %s\n", c.spin.status().message().c_str());
     if (!c.block) printf("        block: %s\n", c.block.status().message().c_str());
   }
+  print_threaded_miss_floor(rows, f);
 }
 
 // The random workload's handler delivery against its sigbus delivery, per miss (µs per

@@ -6,6 +6,9 @@
 # per transport the line "handler/sigbus floor ratio" with lego's own handler/sigbus per
 # miss, each figure on it following from the others printed (the table's µs per access and
 # misses per access, the fault floors).
+# And random_mt's miss floor by threads over tcp, at 1 and 2 threads: the best of its three
+# ways of waiting, and the line bounding lego_tcp's gain from a second thread, each figure
+# following from the others printed.
 # usage: lego_bench_floors_test.sh [NAME-PART...]   (tests/lib/check.sh)
 set -uo pipefail
 . "$(dirname "$0")/../lib/check.sh"
@@ -92,8 +95,57 @@ ratio_lines() {
       }' "$tmp/floors.out" || return 1
   done
 }
+# random_mt at 1 and 2 threads under lego_tcp, for its miss floor by threads.
+mt_run() {
+  "$BENCH" --only memory --workloads random_mt --fractions 0.25 --systems lego_tcp \
+    --threads 1,2 --cap 1M --accesses 2000 >"$tmp/mt.out" 2>"$tmp/mt.err"
+  mt_rc=$?
+  sed -n "/miss floor over tcp/,\$p" "$tmp/mt.out"
+  tail -5 "$tmp/mt.err"
+}
+# Each thread count's row: three rates, the best of them, its ratio to the best at 1 thread,
+# the CPUs kept busy; then per thread count above 1 the line bounding lego's gain, whose
+# figures follow from the table's (lego's misses/s at 1 thread: 1e6 / µs per access x
+# misses per access).
+miss_floor_by_threads() {
+  need mt_run
+  [ "$mt_rc" -eq 0 ] || { echo "exit status $mt_rc"; return 1; }
+  awk -v cpus="$(nproc)" '
+    /miss floor over tcp/ { table = 1 }
+    $1 == "random_mt" && $4 == "lego_tcp/handler" && $3 == 1 { lego1 = 1e6 / $5 * $8 }
+    table && $1 ~ /^[12]$/ && $2 ~ /^[0-9]+$/ && NF >= 7 {
+      t = $1; best = $2; if ($3 > best) best = $3; if ($4 > best) best = $4
+      if ($5 != best) { print "threads " t ": best " $5 " is not the max of " $2 ", " $3 ", " $4; bad = 1 }
+      b[t] = best; v[t] = $6; c[t] = $7
+    }
+    /threads: the floor.s best .* lego_tcp\/handler.s 1-thread/ {
+      n = split($0, w, /[ (),:]+/)
+      for (i = 1; i <= n; i++) {
+        if (w[i] == "misses/s") f = w[i - 1]
+        if (w[i] == "is") r = w[i + 1]
+        if (w[i] == "1-thread") l = w[i + 1]
+      }
+      sub(/x$/, "", r); got_line = 1
+    }
+    END {
+      if (!(1 in b) || !(2 in b)) { print "no rows for 1 and 2 threads"; exit 1 }
+      if (v[1] != "1.00x") { print "1 thread vs 1 is " v[1]; bad = 1 }
+      want = b[2] / b[1]; sub(/x$/, "", v[2]); d = v[2] - want; if (d < 0) d = -d
+      if (d > 0.006) { print "2 threads vs 1 " v[2] " is not " b[2] " / " b[1]; bad = 1 }
+      for (t = 1; t <= 2; t++) if (!(c[t] > 0 && c[t] <= cpus + 0.3)) { print "CPUs busy " c[t] " at " t; bad = 1 }
+      if (!got_line) { print "no line bounding lego_tcp at 2 threads"; exit 1 }
+      if (f != b[2]) { print "the line names " f " misses/s, the table " b[2]; bad = 1 }
+      d = l - lego1; if (d < 0) d = -d
+      if (lego1 <= 0 || d > 0.01 * lego1 + 1) { print "lego 1-thread " l " is not " lego1; bad = 1 }
+      d = r - f / l; if (d < 0) d = -d
+      if (d > 0.006) { print "ratio " r " is not " f " / " l; bad = 1 }
+      exit bad
+    }' "$tmp/mt.out"
+}
+
 check "random under lego_tcp and lego_shm with both deliveries (exit 0)" all_ran
 check "the miss floors have the handler delivery's fault, free and pinned, and its fence" handler_fault_floors
 check "per transport, a handler/sigbus floor ratio line beside lego's, per miss" ratio_lines
+check "random_mt's miss floor by threads: the best way of waiting, and what it leaves lego" miss_floor_by_threads
 
 check_summary

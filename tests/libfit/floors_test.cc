@@ -3,6 +3,9 @@
 // Never their timings.
 #include <unistd.h>
 
+#include <algorithm>
+#include <vector>
+
 #include <catch2/catch.hpp>
 
 #include "libfit/bench/floors.h"
@@ -15,14 +18,16 @@ uint16_t test_port(int k) {
 
 }  // namespace
 
-TEST_CASE("concurrent round trips: each client thread gets its answers, busy-polling or blocking",
+using lego::bench::Wait;
+
+TEST_CASE("concurrent round trips: each client thread gets its answers, whichever way it waits",
           "[floors]") {
   int k = 0;
-  for (bool spin : {true, false}) {
+  for (Wait wait : {Wait::kSpin, Wait::kYield, Wait::kBlock}) {
     for (int clients : {1, 2, 3}) {
       auto rate = lego::bench::tcp_concurrent_round_trips_per_s("", "127.0.0.1", test_port(k++), 72,
-                                                                4128, clients, 300, spin);
-      INFO("clients " << clients << (spin ? " spin" : " block"));
+                                                                4128, clients, 300, wait);
+      INFO("clients " << clients << " " << lego::bench::wait_name(wait));
       REQUIRE(rate.is_ok());
       CHECK(rate.value() > 0);
     }
@@ -31,12 +36,12 @@ TEST_CASE("concurrent round trips: each client thread gets its answers, busy-pol
 
 TEST_CASE("concurrent round trips: bad arguments are refused with a reason", "[floors]") {
   auto bad_addr = lego::bench::tcp_concurrent_round_trips_per_s("", "not-an-address", test_port(10),
-                                                                72, 4128, 1, 10, true);
+                                                                72, 4128, 1, 10, Wait::kSpin);
   REQUIRE_FALSE(bad_addr.is_ok());
   CHECK(bad_addr.status().code() == EINVAL);
   CHECK_THAT(bad_addr.status().message(), Catch::Contains("not-an-address"));
   auto none = lego::bench::tcp_concurrent_round_trips_per_s("", "127.0.0.1", test_port(11), 72,
-                                                            4128, 0, 10, false);
+                                                            4128, 0, 10, Wait::kBlock);
   REQUIRE_FALSE(none.is_ok());
   CHECK(none.status().code() == EINVAL);
 }
@@ -44,8 +49,35 @@ TEST_CASE("concurrent round trips: bad arguments are refused with a reason", "[f
 TEST_CASE("concurrent round trips: a server that cannot listen is an error, not a hang",
           "[floors]") {
   // The server's namespace does not exist: its child cannot enter it and says nothing.
-  auto r = lego::bench::tcp_concurrent_round_trips_per_s("lego-no-such-netns-floors", "127.0.0.1",
-                                                         test_port(12), 72, 4128, 2, 10, true);
+  auto r = lego::bench::tcp_concurrent_round_trips_per_s(
+      "lego-no-such-netns-floors", "127.0.0.1", test_port(12), 72, 4128, 2, 10, Wait::kSpin);
   REQUIRE_FALSE(r.is_ok());
   CHECK_THAT(r.status().message(), Catch::Contains("could not listen"));
+}
+
+TEST_CASE("a round-trip server answers each client's requests with its reply, then exits",
+          "[floors]") {
+  for (Wait wait : {Wait::kSpin, Wait::kYield, Wait::kBlock}) {
+    INFO(lego::bench::wait_name(wait));
+    auto server = lego::bench::RoundTripServer::start(
+        "", "127.0.0.1", test_port(20 + static_cast<int>(wait)), 72, 4128, 2, wait);
+    REQUIRE(server.is_ok());
+    auto a = server.value()->connect();
+    auto b = server.value()->connect();
+    REQUIRE(a.is_ok());
+    REQUIRE(b.is_ok());
+    std::vector<char> buf(4128, 'x');
+    for (int i = 0; i < 50; i++) {
+      buf.assign(4128, 'x');
+      REQUIRE(lego::bench::round_trip(i % 2 ? a.value() : b.value(), buf.data(), 72, 4128, wait));
+      CHECK(std::count(buf.begin(), buf.end(), 'y') == 4128);
+    }
+    close(a.value());
+    close(b.value());
+    auto cpu = server.value()->cpu_seconds_after_exit(5000);
+    REQUIRE(cpu.is_ok());
+    CHECK(cpu.value() >= 0);
+    // Reaped once: asking again is an error, not a hang.
+    CHECK_FALSE(server.value()->cpu_seconds_after_exit(10).is_ok());
+  }
 }

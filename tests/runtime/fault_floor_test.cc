@@ -4,6 +4,8 @@
 // delivery's fence (write-protecting resident lines); here it must succeed.
 #include "runtime/bench/fault_floor.h"
 
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 
 TEST_CASE("the fault floor maps every line with the right content and reports its cost") {
@@ -22,4 +24,33 @@ TEST_CASE("the fault floor refuses sizes it cannot batch") {
   auto floor = lego::bench::measure_fault_floor(10, 1);
   REQUIRE_FALSE(floor.is_ok());
   CHECK(floor.status().message().find("at least 64 lines") != std::string::npos);
+}
+
+TEST_CASE("the threaded miss floor makes a round trip per miss on each thread's connection") {
+  using lego::bench::Wait;
+  int k = 0;
+  for (Wait wait : {Wait::kSpin, Wait::kYield, Wait::kBlock}) {
+    for (int threads : {1, 2}) {
+      INFO(lego::bench::wait_name(wait) << ", " << threads << " threads");
+      const auto port = static_cast<uint16_t>(30000 + (getpid() * 7 + k++) % 20000);
+      auto server =
+          lego::bench::RoundTripServer::start("", "127.0.0.1", port, 72, 4128, threads, wait);
+      REQUIRE(server.is_ok());
+      auto floor = lego::bench::measure_threaded_miss_floor(*server.value(), threads, 500, wait);
+      REQUIRE(floor.is_ok());
+      CHECK(floor.value().misses_per_s > 0);
+      CHECK(floor.value().cpus_busy > 0);
+    }
+  }
+}
+
+TEST_CASE("the threaded miss floor refuses a reply too short to map a line") {
+  auto server = lego::bench::RoundTripServer::start(
+      "", "127.0.0.1", static_cast<uint16_t>(30000 + (getpid() * 7 + 9) % 20000), 72, 72, 1,
+      lego::bench::Wait::kSpin);
+  REQUIRE(server.is_ok());
+  auto floor =
+      lego::bench::measure_threaded_miss_floor(*server.value(), 1, 100, lego::bench::Wait::kSpin);
+  REQUIRE_FALSE(floor.is_ok());
+  CHECK(floor.status().message().find("at least 4 KiB") != std::string::npos);
 }
