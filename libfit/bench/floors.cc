@@ -9,6 +9,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -111,36 +112,47 @@ std::string endpoint(const sockaddr_in& addr) {
 }
 
 // Forks the server into `child` (in server_ns when not empty), listening on addr with
-// `backlog`; `serve(listening socket)` runs there. Returns once it listens.
+// `backlog`; `serve(listening socket)` runs there. Returns once it listens. A port of 0 is
+// any free one: addr gets the port the server bound. The server dies with its parent, so
+// that a lego-bench killed before its clients connected leaves no server waiting in accept.
 template <typename Serve>
-Status start_server(Child& child, const std::string& server_ns, const sockaddr_in& addr,
-                    int backlog, Serve serve) {
+Status start_server(Child& child, const std::string& server_ns, sockaddr_in& addr, int backlog,
+                    Serve serve) {
   int ready[2];
   if (pipe2(ready, O_CLOEXEC) != 0) return Status::from_errno(errno, "pipe");
+  const pid_t parent = getpid();
   child.pid = fork();
   if (child.pid < 0) return Status::from_errno(errno, "fork");
   if (child.pid == 0) {
     close(ready[0]);
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(13);  // the parent died before the line above
     if (!enter_ns(server_ns)) _exit(10);
     int ls = socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
     setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    sockaddr_in bound{};
+    socklen_t len = sizeof bound;
     if (bind(ls, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0 ||
-        listen(ls, backlog) != 0) {
+        listen(ls, backlog) != 0 ||
+        getsockname(ls, reinterpret_cast<sockaddr*>(&bound), &len) != 0) {
       _exit(11);
     }
-    (void)!write(ready[1], "r", 1);
+    (void)!write(ready[1], &bound.sin_port, sizeof bound.sin_port);
     serve(ls);
     _exit(0);
   }
   close(ready[1]);
-  char c;
-  ssize_t got = read(ready[0], &c, 1);
+  in_port_t port = 0;
+  ssize_t got;
+  while ((got = read(ready[0], &port, sizeof port)) < 0 && errno == EINTR) {
+  }
   close(ready[0]);
-  if (got != 1) {
+  if (got != sizeof port) {
     return Status(EIO, "tcp floor: the server could not listen on " + endpoint(addr) +
                            (server_ns.empty() ? "" : " in " + server_ns));
   }
+  addr.sin_port = port;
   return Status();
 }
 
@@ -253,15 +265,21 @@ bool wait_io(int fd, char* buf, size_t n, bool send_side, Wait wait) {
   return true;
 }
 
-// The server's loop: one thread serving every connection until all of them closed.
-[[noreturn]] void serve_round_trips(int ls, size_t request_bytes, size_t reply_bytes, int clients,
-                                    Wait wait) {
+// The server's exit codes beyond 0 (start_server's 10, 11, 13 and accept's 12).
+constexpr int kServerNoEpoll = 14;
+constexpr int kServerReport = 15;
+
+// The server's loop: one thread serving every connection until all of them closed, then
+// the number of requests it answered written to `report` (8 bytes).
+[[noreturn]] void serve_round_trips(int ls, int report, size_t request_bytes, size_t reply_bytes,
+                                    int clients, Wait wait) {
   struct Conn {
     int fd;
     size_t have = 0;
   };
   std::vector<Conn> conns;
   int ep = epoll_create1(EPOLL_CLOEXEC);
+  if (ep < 0) _exit(kServerNoEpoll);
   for (int i = 0; i < clients; i++) {
     int s = accept(ls, nullptr, nullptr);
     if (s < 0) _exit(12);
@@ -271,8 +289,9 @@ bool wait_io(int fd, char* buf, size_t n, bool send_side, Wait wait) {
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.u64 = i;
-    epoll_ctl(ep, EPOLL_CTL_ADD, conns[i].fd, &ev);
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, conns[i].fd, &ev) != 0) _exit(kServerNoEpoll);
   }
+  uint64_t requests = 0;
   std::vector<char> in(request_bytes), out(reply_bytes, 'y');
   size_t open_conns = conns.size();
   bool answered = false;  // in this pass over the connections
@@ -288,6 +307,7 @@ bool wait_io(int fd, char* buf, size_t n, bool send_side, Wait wait) {
       if (c.have == request_bytes) {
         c.have = 0;
         answered = true;
+        requests++;
         if (!wait_io(c.fd, out.data(), reply_bytes, true, wait)) return false;
       }
     }
@@ -309,9 +329,31 @@ bool wait_io(int fd, char* buf, size_t n, bool send_side, Wait wait) {
     }
     epoll_event evs[16];
     int n = epoll_wait(ep, evs, 16, -1);
+    if (n < 0 && errno != EINTR) _exit(kServerNoEpoll);
     for (int k = 0; k < n; k++) serve_or_close(conns[evs[k].data.u64]);
   }
-  _exit(0);
+  _exit(write(report, &requests, sizeof requests) == sizeof requests ? 0 : kServerReport);
+}
+
+// What a server's exit status says, for errors.
+std::string describe_server_exit(int status) {
+  if (WIFSIGNALED(status)) return std::string("killed by ") + strsignal(WTERMSIG(status));
+  switch (WEXITSTATUS(status)) {
+    case 10:
+      return "could not enter its network namespace";
+    case 11:
+      return "could not listen";
+    case 12:
+      return "accept failed";
+    case 13:
+      return "its parent died";
+    case kServerNoEpoll:
+      return "epoll failed";
+    case kServerReport:
+      return "could not report its answers";
+    default:
+      return "exit status " + std::to_string(WEXITSTATUS(status));
+  }
 }
 
 }  // namespace
@@ -326,13 +368,22 @@ Result<std::unique_ptr<RoundTripServer>> RoundTripServer::start(const std::strin
   }
   auto addr = ipv4(server_addr, port);
   if (!addr) return addr.status();
+  int report[2];
+  if (pipe2(report, O_CLOEXEC) != 0) return Status::from_errno(errno, "tcp floor: pipe");
   Child child;
-  LEGO_RETURN_IF_ERROR(start_server(child, server_ns, addr.value(), clients, [&](int ls) {
-    serve_round_trips(ls, request_bytes, reply_bytes, clients, wait);
-  }));
+  Status started = start_server(child, server_ns, addr.value(), clients, [&](int ls) {
+    close(report[0]);
+    serve_round_trips(ls, report[1], request_bytes, reply_bytes, clients, wait);
+  });
+  close(report[1]);
+  if (!started) {
+    close(report[0]);
+    return started;
+  }
   std::unique_ptr<RoundTripServer> server(new RoundTripServer());
   server->pid_ = child.pid;
   child.pid = -1;  // the server reaps it from now on
+  server->report_fd_ = report[0];
   const auto* raw = reinterpret_cast<const uint8_t*>(&addr.value());
   server->addr_.assign(raw, raw + sizeof(sockaddr_in));
   server->request_bytes_ = request_bytes;
@@ -341,8 +392,11 @@ Result<std::unique_ptr<RoundTripServer>> RoundTripServer::start(const std::strin
 }
 
 RoundTripServer::~RoundTripServer() {
-  Child reap;  // kills and reaps it if it still runs
-  reap.pid = pid_;
+  if (report_fd_ >= 0) close(report_fd_);
+  if (pid_ > 0) {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
 }
 
 Result<int> RoundTripServer::connect() const {
@@ -351,7 +405,7 @@ Result<int> RoundTripServer::connect() const {
   return connect_to(addr);
 }
 
-Result<double> RoundTripServer::cpu_seconds_after_exit(int timeout_ms) {
+Result<RoundTripServer::Exit> RoundTripServer::wait_exit(int timeout_ms) {
   if (pid_ <= 0) return Status(ECHILD, "tcp floor: the server was already reaped");
   const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
   for (;;) {
@@ -361,10 +415,16 @@ Result<double> RoundTripServer::cpu_seconds_after_exit(int timeout_ms) {
     if (got == pid_) {
       pid_ = -1;
       if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-        return Status(EIO, "tcp floor: the server failed (status " + std::to_string(status) + ")");
+        return Status(EIO, "tcp floor: the server failed: " + describe_server_exit(status));
       }
+      Exit e;
+      ssize_t n;
+      while ((n = read(report_fd_, &e.requests, sizeof e.requests)) < 0 && errno == EINTR) {
+      }
+      if (n != sizeof e.requests) return Status(EIO, "tcp floor: the server's report is missing");
       auto secs = [](const timeval& tv) { return tv.tv_sec + tv.tv_usec / 1e6; };
-      return secs(usage.ru_utime) + secs(usage.ru_stime);
+      e.cpu_seconds = secs(usage.ru_utime) + secs(usage.ru_stime);
+      return e;
     }
     if (got < 0 && errno != EINTR) return Status::from_errno(errno, "tcp floor: wait4");
     if (Clock::now() > deadline) {
@@ -373,6 +433,12 @@ Result<double> RoundTripServer::cpu_seconds_after_exit(int timeout_ms) {
     }
     usleep(1000);
   }
+}
+
+uint16_t RoundTripServer::port() const {
+  sockaddr_in addr;
+  memcpy(&addr, addr_.data(), sizeof addr);
+  return ntohs(addr.sin_port);
 }
 
 bool round_trip(int fd, char* buf, size_t request_bytes, size_t reply_bytes, Wait wait) {

@@ -38,7 +38,8 @@ const char* wait_name(Wait wait);  // "spin", "yield", "block"
 // One server thread answering every request of request_bytes from `clients` connections with
 // reply_bytes (all 'y'), as lego-memd's one server thread serves the processor's channels.
 // It runs in a forked child, in server_ns when not empty, and accepts exactly `clients`
-// connections before it serves; it exits once all of them closed.
+// connections before it serves; it exits once all of them closed, and dies with the process
+// that started it. Port 0 picks a free port (port() says which).
 class RoundTripServer {
  public:
   static Result<std::unique_ptr<RoundTripServer>> start(const std::string& server_ns,
@@ -51,9 +52,16 @@ class RoundTripServer {
 
   // A new connection to the server (TCP_NODELAY); the caller closes it.
   Result<int> connect() const;
-  // Waits for the server to exit (after its clients closed) and returns the CPU seconds
-  // (user + system) it used; ETIMEDOUT if it has not exited within timeout_ms.
-  Result<double> cpu_seconds_after_exit(int timeout_ms);
+  uint16_t port() const;
+
+  // What the server did, read once it exited (after its clients closed).
+  struct Exit {
+    double cpu_seconds = 0;  // user + system
+    uint64_t requests = 0;   // requests it answered, over all connections
+  };
+  // Waits for the server to exit; ETIMEDOUT if it has not within timeout_ms, EIO if it
+  // failed (with what it said), ECHILD if it was already reaped.
+  Result<Exit> wait_exit(int timeout_ms);
 
   size_t request_bytes() const { return request_bytes_; }
   size_t reply_bytes() const { return reply_bytes_; }
@@ -61,13 +69,15 @@ class RoundTripServer {
  private:
   RoundTripServer() = default;
   pid_t pid_ = -1;
+  int report_fd_ = -1;         // where the server writes Exit::requests before it exits
   std::vector<uint8_t> addr_;  // the sockaddr_in it listens on
   size_t request_bytes_ = 0, reply_bytes_ = 0;
 };
 
 // One round trip on fd: sends request_bytes of buf, receives reply_bytes into buf (at least
 // max(request_bytes, reply_bytes) long), waiting as `wait` says. No allocation and only
-// system calls: a SIGBUS handler may call it. False if the connection failed or closed.
+// system calls: a SIGBUS handler may call it (and must save errno around it, which it
+// sets). False if the connection failed or closed.
 bool round_trip(int fd, char* buf, size_t request_bytes, size_t reply_bytes, Wait wait);
 
 // Round trips per second of `clients` threads, each with one connection and one request

@@ -123,8 +123,13 @@ void on_sigbus(int, siginfo_t* info, void*) {
   copy.dst = g_base + (addr - g_base) / window * window;
   copy.src = reinterpret_cast<uintptr_t>(g_source);
   copy.len = window;
-  copy.mode = 0;  // writable: the fault was a store, as lego maps a store miss
-  if (ioctl(g_uffd, UFFDIO_COPY, &copy) != 0) _exit(kCopy);
+  copy.mode = 0;                  // writable: the fault was a store, as lego maps a store miss
+  const int saved_errno = errno;  // the interrupted code's
+  // EAGAIN: the address space changed meanwhile (nothing was copied): again.
+  while (ioctl(g_uffd, UFFDIO_COPY, &copy) != 0) {
+    if (errno != EAGAIN) _exit(kCopy);
+  }
+  errno = saved_errno;
 }
 
 // Mean µs per item of `n` items done between t0 and t1.
@@ -478,13 +483,21 @@ namespace {
 
 // The threaded floor's child (measure_threaded_miss_floor): each thread's connection and
 // reply buffer, for the SIGBUS handler; the server's message sizes and how to wait.
-thread_local int t_fd = -1;
-thread_local char* t_reply = nullptr;
+// initial-exec: a signal handler must not reach its thread's variables through
+// __tls_get_addr, which may allocate (in a shared object, as a test binary may link this).
+__attribute__((tls_model("initial-exec"))) thread_local int t_fd = -1;
+__attribute__((tls_model("initial-exec"))) thread_local char* t_reply = nullptr;
 size_t g_request_bytes = 0, g_reply_bytes = 0;
 Wait g_wait = Wait::kSpin;
 constexpr size_t kLinesPerThread = 2048;
 
+// Each thread's untimed misses before the timed ones.
+int warm_up_misses(int misses_per_thread) {
+  return std::max(64, misses_per_thread / 10);
+}
+
 void on_sigbus_round_trip(int, siginfo_t* info, void*) {
+  const int saved_errno = errno;  // the interrupted code's
   const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
   if (info->si_code != BUS_ADRERR || addr < g_base || addr >= g_base + g_bytes) _exit(kStrayFault);
   if (!round_trip(t_fd, t_reply, g_request_bytes, g_reply_bytes, g_wait)) _exit(kRoundTrip);
@@ -493,7 +506,11 @@ void on_sigbus_round_trip(int, siginfo_t* info, void*) {
   copy.src = reinterpret_cast<uintptr_t>(t_reply + g_reply_bytes - kLine);
   copy.len = kLine;
   copy.mode = 0;
-  if (ioctl(g_uffd, UFFDIO_COPY, &copy) != 0) _exit(kCopy);
+  // EAGAIN: the address space changed meanwhile (nothing of the line was copied): again.
+  while (ioctl(g_uffd, UFFDIO_COPY, &copy) != 0) {
+    if (errno != EAGAIN) _exit(kCopy);
+  }
+  errno = saved_errno;
 }
 
 // One thread of the child: `misses` store misses on its slice (lines in random order), the
@@ -556,7 +573,7 @@ void miss_on_slice(uint64_t* slice, int pidfd, std::mt19937_64& rng, std::vector
         std::iota(order.begin(), order.end(), size_t{0});
         std::shuffle(order.begin(), order.end(), rng);
         size_t next = 0;
-        miss_on_slice(slice, pidfd, rng, order, next, std::max(64, misses_per_thread / 10));
+        miss_on_slice(slice, pidfd, rng, order, next, warm_up_misses(misses_per_thread));
         warm.fetch_add(1);
         while (!go.load(std::memory_order_acquire)) sched_yield();
         miss_on_slice(slice, pidfd, rng, order, next, misses_per_thread);
@@ -628,10 +645,19 @@ Result<ThreadedMissFloor> measure_threaded_miss_floor(RoundTripServer& server, i
   if (sscanf(text.c_str(), "%lf %lf", &f.misses_per_s, &life) != 2 || life <= 0) {
     return Status(EIO, what + "unreadable report '" + text + "'");
   }
-  auto server_cpu = server.cpu_seconds_after_exit(10000);
-  if (!server_cpu) return Status(server_cpu.status().code(), what + server_cpu.status().message());
+  auto server_exit = server.wait_exit(10000);
+  if (!server_exit) {
+    return Status(server_exit.status().code(), what + server_exit.status().message());
+  }
+  // One round trip per miss, each answered: else the floor timed something else.
+  const uint64_t misses =
+      uint64_t(threads) * uint64_t(misses_per_thread + warm_up_misses(misses_per_thread));
+  if (server_exit->requests != misses) {
+    return Status(EIO, what + "the server answered " + std::to_string(server_exit->requests) +
+                           " requests for " + std::to_string(misses) + " misses");
+  }
   auto secs = [](const timeval& tv) { return static_cast<double>(tv.tv_sec) + tv.tv_usec / 1e6; };
-  f.cpus_busy = (secs(usage.ru_utime) + secs(usage.ru_stime) + server_cpu.value()) / life;
+  f.cpus_busy = (secs(usage.ru_utime) + secs(usage.ru_stime) + server_exit->cpu_seconds) / life;
   return f;
 }
 

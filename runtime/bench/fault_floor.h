@@ -60,22 +60,24 @@ struct FaultFloor {
 // checks every line's content after its fault and fails the measurement if one is wrong.
 Result<FaultFloor> measure_fault_floor(size_t lines, int rounds);
 
-// random_mt's miss floor by threads: what `threads` threads, each missing on lines of its own
-// at random, can do at best with one round trip per miss. Measured in a forked child: one
-// userfaultfd region registered as above (SIGBUS delivery, the cheapest per miss), a slice
-// of 2048 lines per thread. Each thread stores to its lines in random order; each store
-// misses, and the SIGBUS handler, on the faulting thread, makes one round trip
-// (`server`'s request and reply) on the thread's own connection, waiting as `wait` says,
-// and maps the reply's last 4 KiB with UFFDIO_COPY; after every 32 misses the thread drops
-// those 32 lines with one process_madvise, as an eviction batch does. No write-backs, no
-// fence, no bookkeeping: lego's misses cannot cost less. Each thread makes
-// misses_per_thread timed misses after a warm-up of a tenth as many; every line's first and
-// last word are checked before it is dropped.
+// random_mt's miss floor by threads: the best this host did, of the ways tried, at `threads`
+// threads each missing on lines of its own with one round trip per miss. Measured in a
+// forked child: one userfaultfd region registered as above (SIGBUS delivery, the cheapest
+// per miss), a slice of 2048 lines per thread. Each thread stores to its lines in random
+// order; each store misses, and the SIGBUS handler, on the faulting thread, makes one round
+// trip (`server`'s request and reply) on the thread's own connection, waiting as `wait`
+// says, and maps the reply's last 4 KiB with UFFDIO_COPY; after every 32 misses the thread
+// drops those 32 lines with one process_madvise, as an eviction batch does. No write-backs,
+// no fence, no bookkeeping. Each thread makes misses_per_thread timed misses after a
+// warm-up of a tenth as many (at least 64); every line's first and last word are checked
+// before it is dropped, and the server must have answered exactly one request per miss.
 //   misses_per_s  misses of all threads per second of the timed part;
 //   cpus_busy     the child's and the server's CPU time over the child's wall time (set-up
 //                 and warm-up included): how many CPUs the floor kept busy.
 // `server` must have been started for exactly `threads` clients, with a reply of at least
-// 4 KiB; it exits once the child did, and its CPU time is read then.
+// 4 KiB; it exits once the child did, and what it did is read then. Call it from a
+// single-threaded process, never from two threads at once: the child is forked, allocates
+// and starts threads, and the message sizes reach its SIGBUS handler through globals.
 struct ThreadedMissFloor {
   double misses_per_s = 0;
   double cpus_busy = 0;

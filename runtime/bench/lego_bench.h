@@ -147,6 +147,8 @@ double peer_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const cha
 // workload and fraction at one thread, or 0 when it did not run or failed: the base of
 // random_mt's "vs 1" figures.
 double one_thread_us(const std::vector<MemoryRow>& rows, const MemoryRow& r);
+// That row itself (nullptr when it did not run or failed).
+const MemoryRow* one_thread_row(const std::vector<MemoryRow>& rows, const MemoryRow& r);
 // r's twin under lego-run --delivery `d` (the same workload, fraction, threads, system,
 // policy, --rma and --memd-busy), or null when it did not run or failed.
 const MemoryRow* delivery_twin(const std::vector<MemoryRow>& rows, const MemoryRow& r,

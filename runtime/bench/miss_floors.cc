@@ -157,7 +157,7 @@ const ThreadedMissFloor* best_miss_floor(const MissFloors::Concurrent& c, Wait* 
 void print_threaded_miss_floor(const std::vector<MemoryRow>& rows, const MissFloors& f) {
   double best1 = 0;
   for (auto& c : f.tcp_threads) {
-    Wait how;
+    Wait how = Wait::kSpin;
     if (const ThreadedMissFloor* b = best_miss_floor(c, &how); b != nullptr && c.threads == 1) {
       best1 = b->misses_per_s;
     }
@@ -168,15 +168,17 @@ void print_threaded_miss_floor(const std::vector<MemoryRow>& rows, const MissFlo
       "own connection\nto one server thread over the same veth link, and a 32-line zap per 32 "
       "misses; both ends\nspinning, spinning with sched_yield, or blocking; the best of the "
       "three against the best at\n1 thread, the CPUs the best kept busy (of %ld), and "
-      "lego_tcp's misses/s (accesses/s x misses\nper access), each delivery against its own "
-      "1-thread figure\n",
+      "lego_tcp's misses/s (accesses/s x misses\nper access), each against its own 1-thread "
+      "misses/s\n",
       sysconf(_SC_NPROCESSORS_ONLN));
   printf("%7s %9s %9s %9s %9s %6s %5s   %s\n", "threads", "spin/s", "yield/s", "block/s", "best/s",
          "vs 1", "CPUs", "lego_tcp misses/s, vs 1");
   for (auto& c : f.tcp_threads) {
-    char rate[3][32] = {"-", "-", "-"};
+    char spin[32] = "-", yield[32] = "-", block[32] = "-";
     for (auto& [wait, m] : c.misses) {
-      if (m) snprintf(rate[static_cast<int>(wait)], sizeof rate[0], "%.0f", m->misses_per_s);
+      if (!m) continue;
+      char* column = wait == Wait::kSpin ? spin : wait == Wait::kYield ? yield : block;
+      snprintf(column, sizeof spin, "%.0f", m->misses_per_s);
     }
     Wait how = Wait::kSpin;
     const ThreadedMissFloor* best = best_miss_floor(c, &how);
@@ -192,17 +194,18 @@ void print_threaded_miss_floor(const std::vector<MemoryRow>& rows, const MissFlo
           !r.o.ok || r.misses_per_access <= 0) {
         continue;
       }
-      const double one = one_thread_us(rows, r);
-      char each[96];
-      snprintf(each, sizeof each, "%s%s %.0f", lego.empty() ? "" : ", ", r.delivery.c_str(),
-               1e6 / r.o.us * r.misses_per_access);
+      const double misses = 1e6 / r.o.us * r.misses_per_access;
+      char each[128];
+      snprintf(each, sizeof each, "%s%s %.0f", lego.empty() ? "" : ", ", system_label(r).c_str(),
+               misses);
       lego += each;
-      if (one > 0) {
-        snprintf(each, sizeof each, " %.2fx", one / r.o.us);
+      if (const MemoryRow* one = one_thread_row(rows, r);
+          one != nullptr && one->misses_per_access > 0) {
+        snprintf(each, sizeof each, " %.2fx", misses / (1e6 / one->o.us * one->misses_per_access));
         lego += each;
       }
     }
-    printf("%7d %9s %9s %9s %9s %6s %5s   %s\n", c.threads, rate[0], rate[1], rate[2], b, bv, cpus,
+    printf("%7d %9s %9s %9s %9s %6s %5s   %s\n", c.threads, spin, yield, block, b, bv, cpus,
            lego.empty() ? "-" : lego.c_str());
     for (auto& [wait, m] : c.misses) {
       if (!m) printf("        %s: %s\n", wait_name(wait), m.status().message().c_str());
@@ -221,10 +224,10 @@ void print_threaded_miss_floor(const std::vector<MemoryRow>& rows, const MissFlo
       const ThreadedMissFloor* best = best_miss_floor(c, &how);
       if (c.threads == 1 || best == nullptr) continue;
       printf(
-          "  %d threads: the floor's best (%s, %.0f misses/s) is %.2fx lego_tcp/%s's 1-thread "
-          "%.0f: the\n  most %d threads could give it on this host\n",
+          "  %d threads: the floor's best (%s, %.0f misses/s) is %.2fx %s's 1-thread %.0f: "
+          "the most\n  %d threads could give it here if it ran at the floor itself\n",
           c.threads, wait_name(how), best->misses_per_s, best->misses_per_s / lego1,
-          r1.delivery.c_str(), lego1, c.threads);
+          system_label(r1).c_str(), lego1, c.threads);
     }
   }
 }

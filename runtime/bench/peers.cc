@@ -225,15 +225,20 @@ double peer_us(const std::vector<MemoryRow>& rows, const MemoryRow& r, const cha
   return 0;
 }
 
-double one_thread_us(const std::vector<MemoryRow>& rows, const MemoryRow& r) {
+const MemoryRow* one_thread_row(const std::vector<MemoryRow>& rows, const MemoryRow& r) {
   for (auto& q : rows) {
     if (q.workload == r.workload && q.fraction == r.fraction && q.system == r.system &&
         q.delivery == r.delivery && q.policy == r.policy && q.rma == r.rma && q.busy == r.busy &&
         q.threads == 1 && q.o.ok) {
-      return q.o.us;
+      return &q;
     }
   }
-  return 0;
+  return nullptr;
+}
+
+double one_thread_us(const std::vector<MemoryRow>& rows, const MemoryRow& r) {
+  const MemoryRow* one = one_thread_row(rows, r);
+  return one != nullptr ? one->o.us : 0;
 }
 
 const MemoryRow* delivery_twin(const std::vector<MemoryRow>& rows, const MemoryRow& r,
