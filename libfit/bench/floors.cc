@@ -39,16 +39,20 @@ bool enter_ns(const std::string& ns) {
   return ok;
 }
 
-// Sends or receives exactly n bytes, spinning on EAGAIN (the point of the floor).
-bool spin_io(int fd, char* buf, size_t n, bool send_side) {
+// Sends or receives exactly n bytes, waiting as `wait` says (the floors' own clients and
+// servers: spinning on EAGAIN unless told otherwise is the point of a floor).
+bool wait_io(int fd, char* buf, size_t n, bool send_side, Wait wait) {
+  const int flags = wait == Wait::kBlock ? 0 : MSG_DONTWAIT;
   size_t done = 0;
   while (done < n) {
-    ssize_t r = send_side ? send(fd, buf + done, n - done, MSG_DONTWAIT | MSG_NOSIGNAL)
-                          : recv(fd, buf + done, n - done, MSG_DONTWAIT);
+    ssize_t r = send_side ? send(fd, buf + done, n - done, flags | MSG_NOSIGNAL)
+                          : recv(fd, buf + done, n - done, flags);
     if (r > 0) {
       done += static_cast<size_t>(r);
     } else if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
       return false;
+    } else if (wait == Wait::kYield && errno != EINTR) {
+      sched_yield();
     }
   }
   return true;
@@ -205,16 +209,16 @@ Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::stri
   // The server: one connection, answer each request until it closes.
   Status st = connect_pair(pair, server_ns, server_addr, port, [=](int s) {
     std::vector<char> buf(std::max(request_bytes, reply_bytes));
-    while (spin_io(s, buf.data(), request_bytes, false) &&
-           spin_io(s, buf.data(), reply_bytes, true)) {
+    while (wait_io(s, buf.data(), request_bytes, false, Wait::kSpin) &&
+           wait_io(s, buf.data(), reply_bytes, true, Wait::kSpin)) {
     }
   });
   if (!st) return st;
   int s = pair.fd;
   std::vector<char> buf(std::max(request_bytes, reply_bytes), 'x');
   auto round_trip = [&] {
-    return spin_io(s, buf.data(), request_bytes, true) &&
-           spin_io(s, buf.data(), reply_bytes, false);
+    return wait_io(s, buf.data(), request_bytes, true, Wait::kSpin) &&
+           wait_io(s, buf.data(), reply_bytes, false, Wait::kSpin);
   };
   for (int i = 0; i < std::max(100, iterations / 10); i++) {
     if (!round_trip()) return Status(ECONNRESET, "tcp floor: the server went away");
@@ -246,24 +250,6 @@ const char* wait_name(Wait wait) {
 }
 
 namespace {
-
-// Sends or receives exactly n bytes, waiting as `wait` says.
-bool wait_io(int fd, char* buf, size_t n, bool send_side, Wait wait) {
-  const int flags = wait == Wait::kBlock ? 0 : MSG_DONTWAIT;
-  size_t done = 0;
-  while (done < n) {
-    ssize_t r = send_side ? send(fd, buf + done, n - done, flags | MSG_NOSIGNAL)
-                          : recv(fd, buf + done, n - done, flags);
-    if (r > 0) {
-      done += static_cast<size_t>(r);
-    } else if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-      return false;
-    } else if (wait == Wait::kYield && errno != EINTR) {
-      sched_yield();
-    }
-  }
-  return true;
-}
 
 // The server's exit codes beyond 0 (start_server's 10, 11, 13 and accept's 12).
 constexpr int kServerNoEpoll = 14;
@@ -500,7 +486,7 @@ Result<double> tcp_busypoll_stream_mb_s(const std::string& server_ns,
     std::vector<char> buf(chunk_bytes, 'x');
     for (uint64_t done = 0; done < total_bytes;) {
       size_t n = static_cast<size_t>(std::min<uint64_t>(chunk_bytes, total_bytes - done));
-      if (!spin_io(s, buf.data(), n, sending)) return false;
+      if (!wait_io(s, buf.data(), n, sending, Wait::kSpin)) return false;
       done += n;
     }
     return true;
@@ -509,19 +495,19 @@ Result<double> tcp_busypoll_stream_mb_s(const std::string& server_ns,
   Status st = connect_pair(pair, server_ns, server_addr, port, [&](int s) {
     char go = 0;
     if (server_sends) {
-      if (spin_io(s, &go, 1, false)) pump(s, true);
-      spin_io(s, &go, 1, false);  // the client's "all here"
+      if (wait_io(s, &go, 1, false, Wait::kSpin)) pump(s, true);
+      wait_io(s, &go, 1, false, Wait::kSpin);  // the client's "all here"
     } else if (pump(s, false)) {
-      spin_io(s, &go, 1, true);
+      wait_io(s, &go, 1, true, Wait::kSpin);
     }
   });
   if (!st) return st;
   char go = 'g';
   auto t0 = Clock::now();
-  bool ok = server_sends ? spin_io(pair.fd, &go, 1, true) && pump(pair.fd, false)
-                         : pump(pair.fd, true) && spin_io(pair.fd, &go, 1, false);
+  bool ok = server_sends ? wait_io(pair.fd, &go, 1, true, Wait::kSpin) && pump(pair.fd, false)
+                         : pump(pair.fd, true) && wait_io(pair.fd, &go, 1, false, Wait::kSpin);
   double s = std::chrono::duration<double>(Clock::now() - t0).count();
-  if (server_sends && ok) spin_io(pair.fd, &go, 1, true);
+  if (server_sends && ok) wait_io(pair.fd, &go, 1, true, Wait::kSpin);
   if (!ok) return Status(ECONNRESET, "tcp floor: the other end went away mid-stream");
   return static_cast<double>(total_bytes) / 1e6 / s;
 }

@@ -179,6 +179,27 @@ uint64_t* map_registered(int uffd, size_t lines) {
   return static_cast<uint64_t*>(p);
 }
 
+// The SIGBUS delivery's region, as lego's sigbus delivery sets it up: g_uffd (user-mode
+// faults only, SIGBUS + write-protect), `lines` lines mapped and registered (g_base,
+// g_bytes), and `on_fault` as the SIGBUS handler (all signals blocked while it runs).
+uint64_t* map_sigbus_region(size_t lines, void (*on_fault)(int, siginfo_t*, void*)) {
+  g_uffd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | UFFD_USER_MODE_ONLY));
+  if (g_uffd < 0) _exit(kNoUffd);
+  uffdio_api api{.api = UFFD_API,
+                 .features = UFFD_FEATURE_SIGBUS | UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+                 .ioctls = 0};
+  if (ioctl(g_uffd, UFFDIO_API, &api) != 0) _exit(kApi);
+  uint64_t* heap = map_registered(g_uffd, lines);
+  g_base = reinterpret_cast<uintptr_t>(heap);
+  g_bytes = lines * kLine;
+  struct sigaction sa = {};
+  sa.sa_sigaction = on_fault;
+  sa.sa_flags = SA_SIGINFO;
+  sigfillset(&sa.sa_mask);
+  sigaction(SIGBUS, &sa, nullptr);
+  return heap;
+}
+
 // One read-modify-write instruction per line in `order`, so the miss is a store fault, as
 // the random workload's `+= 1` is.
 void touch_all(uint64_t* heap, const std::vector<size_t>& order) {
@@ -357,20 +378,7 @@ void on_cpu(int cpu, F f) {
   std::mt19937_64 rng(1234);
   for (size_t i = 0; i < kWords; i++) g_source[i] = rng();
   for (size_t l = 1; l < kZapBatch; l++) memcpy(g_source + l * kWords, g_source, kLine);
-  g_uffd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | UFFD_USER_MODE_ONLY));
-  if (g_uffd < 0) _exit(kNoUffd);
-  uffdio_api api{.api = UFFD_API,
-                 .features = UFFD_FEATURE_SIGBUS | UFFD_FEATURE_PAGEFAULT_FLAG_WP,
-                 .ioctls = 0};
-  if (ioctl(g_uffd, UFFDIO_API, &api) != 0) _exit(kApi);
-  uint64_t* heap = map_registered(g_uffd, lines);
-  g_base = reinterpret_cast<uintptr_t>(heap);
-  g_bytes = lines * kLine;
-  struct sigaction sa = {};
-  sa.sa_sigaction = on_sigbus;
-  sa.sa_flags = SA_SIGINFO;
-  sigfillset(&sa.sa_mask);
-  sigaction(SIGBUS, &sa, nullptr);
+  uint64_t* heap = map_sigbus_region(lines, on_sigbus);
   const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0));
   // The handler delivery's regions: one whose handler runs wherever the scheduler puts it,
   // and one whose handler is pinned to the CPU this thread is pinned to for its rounds.
@@ -429,6 +437,55 @@ void on_cpu(int cpu, F f) {
 
 }  // namespace
 
+namespace {
+
+// What a measuring child wrote, and the CPU time it used.
+struct ChildReport {
+  std::string text;
+  rusage usage{};
+};
+
+// Forks a child that runs body(the write end of a pipe), which writes its report there and
+// _exits with a ChildExit code; reads the report until the child exits, and reaps it.
+// Errors start with `what`.
+template <typename Body>
+Result<ChildReport> run_measuring_child(const std::string& what, Body body) {
+  int pipefd[2];
+  if (pipe2(pipefd, O_CLOEXEC) != 0) return Status::from_errno(errno, what + "pipe");
+  pid_t pid = fork();
+  if (pid < 0) {
+    int err = errno;
+    close(pipefd[0]);
+    close(pipefd[1]);
+    return Status::from_errno(err, what + "fork");
+  }
+  if (pid == 0) {
+    close(pipefd[0]);
+    body(pipefd[1]);
+    _exit(kPipe);  // body returned without a report
+  }
+  close(pipefd[1]);
+  ChildReport report;
+  char buf[128];
+  for (ssize_t n; (n = read(pipefd[0], buf, sizeof buf)) != 0;) {
+    if (n > 0)
+      report.text.append(buf, static_cast<size_t>(n));
+    else if (errno != EINTR)
+      break;
+  }
+  close(pipefd[0]);
+  int status = 0;
+  while (wait4(pid, &status, 0, &report.usage) < 0 && errno == EINTR) {
+  }
+  if (WIFSIGNALED(status)) {
+    return Status(EIO, what + "the measuring child died of signal " + strsignal(WTERMSIG(status)));
+  }
+  if (WEXITSTATUS(status) != kOk) return Status(EIO, what + describe(WEXITSTATUS(status)));
+  return report;
+}
+
+}  // namespace
+
 Result<FaultFloor> measure_fault_floor(size_t lines, int rounds) {
   if (lines < 2 * kZapBatch || rounds < 1) {
     return Status(EINVAL, "fault floor: needs at least 64 lines and 1 round");
@@ -437,39 +494,10 @@ Result<FaultFloor> measure_fault_floor(size_t lines, int rounds) {
   // allocate.)
   std::vector<size_t> order(lines);
   std::iota(order.begin(), order.end(), size_t{0});
-  int pipefd[2];
-  if (pipe2(pipefd, O_CLOEXEC) != 0) return Status::from_errno(errno, "fault floor: pipe");
-  pid_t pid = fork();
-  if (pid < 0) {
-    int err = errno;
-    close(pipefd[0]);
-    close(pipefd[1]);
-    return Status::from_errno(err, "fault floor: fork");
-  }
-  if (pid == 0) {
-    close(pipefd[0]);
-    child(pipefd[1], lines, rounds, order);
-  }
-  close(pipefd[1]);
-  std::string text;
-  char buf[128];
-  for (ssize_t n; (n = read(pipefd[0], buf, sizeof buf)) != 0;) {
-    if (n > 0)
-      text.append(buf, static_cast<size_t>(n));
-    else if (errno != EINTR)
-      break;
-  }
-  close(pipefd[0]);
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  if (WIFSIGNALED(status)) {
-    return Status(EIO, std::string("fault floor: the measuring child died of signal ") +
-                           strsignal(WTERMSIG(status)));
-  }
-  if (WEXITSTATUS(status) != kOk) {
-    return Status(EIO, std::string("fault floor: ") + describe(WEXITSTATUS(status)));
-  }
+  auto report =
+      run_measuring_child("fault floor: ", [&](int out) { child(out, lines, rounds, order); });
+  if (!report) return report.status();
+  const std::string& text = report->text;
   FaultFloor f;
   if (sscanf(text.c_str(), "%lf %lf %lf %lf %lf %lf %lf", &f.fault_us, &f.zap_us,
              &f.window_fault_us, &f.window_zap_us, &f.handler_fault_us,
@@ -539,21 +567,8 @@ void miss_on_slice(uint64_t* slice, int pidfd, std::mt19937_64& rng, std::vector
 
 [[noreturn]] void threaded_child(int out, const RoundTripServer& server, int threads,
                                  int misses_per_thread) {
-  g_uffd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | UFFD_USER_MODE_ONLY));
-  if (g_uffd < 0) _exit(kNoUffd);
-  uffdio_api api{.api = UFFD_API,
-                 .features = UFFD_FEATURE_SIGBUS | UFFD_FEATURE_PAGEFAULT_FLAG_WP,
-                 .ioctls = 0};
-  if (ioctl(g_uffd, UFFDIO_API, &api) != 0) _exit(kApi);
-  const size_t lines = kLinesPerThread * static_cast<size_t>(threads);
-  uint64_t* heap = map_registered(g_uffd, lines);
-  g_base = reinterpret_cast<uintptr_t>(heap);
-  g_bytes = lines * kLine;
-  struct sigaction sa = {};
-  sa.sa_sigaction = on_sigbus_round_trip;
-  sa.sa_flags = SA_SIGINFO;
-  sigfillset(&sa.sa_mask);
-  sigaction(SIGBUS, &sa, nullptr);
+  uint64_t* heap =
+      map_sigbus_region(kLinesPerThread * static_cast<size_t>(threads), on_sigbus_round_trip);
   const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0));
   const auto life0 = Clock::now();
   std::atomic<int> warm{0};
@@ -607,39 +622,13 @@ Result<ThreadedMissFloor> measure_threaded_miss_floor(RoundTripServer& server, i
   g_request_bytes = server.request_bytes();
   g_reply_bytes = server.reply_bytes();
   g_wait = wait;
-  int pipefd[2];
-  if (pipe2(pipefd, O_CLOEXEC) != 0) return Status::from_errno(errno, "threaded miss floor: pipe");
-  pid_t pid = fork();
-  if (pid < 0) {
-    int err = errno;
-    close(pipefd[0]);
-    close(pipefd[1]);
-    return Status::from_errno(err, "threaded miss floor: fork");
-  }
-  if (pid == 0) {
-    close(pipefd[0]);
-    threaded_child(pipefd[1], server, threads, misses_per_thread);
-  }
-  close(pipefd[1]);
-  std::string text;
-  char buf[128];
-  for (ssize_t n; (n = read(pipefd[0], buf, sizeof buf)) != 0;) {
-    if (n > 0)
-      text.append(buf, static_cast<size_t>(n));
-    else if (errno != EINTR)
-      break;
-  }
-  close(pipefd[0]);
-  int status = 0;
-  rusage usage{};
-  while (wait4(pid, &status, 0, &usage) < 0 && errno == EINTR) {
-  }
   const std::string what = "threaded miss floor (" + std::to_string(threads) + " thread" +
                            (threads > 1 ? "s" : "") + ", " + wait_name(wait) + "): ";
-  if (WIFSIGNALED(status)) {
-    return Status(EIO, what + "the measuring child died of signal " + strsignal(WTERMSIG(status)));
-  }
-  if (WEXITSTATUS(status) != kOk) return Status(EIO, what + describe(WEXITSTATUS(status)));
+  auto report = run_measuring_child(
+      what, [&](int out) { threaded_child(out, server, threads, misses_per_thread); });
+  if (!report) return report.status();
+  const std::string& text = report->text;
+  const rusage& usage = report->usage;
   ThreadedMissFloor f;
   double life = 0;
   if (sscanf(text.c_str(), "%lf %lf", &f.misses_per_s, &life) != 2 || life <= 0) {
