@@ -214,21 +214,19 @@ Result<double> tcp_busypoll_rtt_us(const std::string& server_ns, const std::stri
     }
   });
   if (!st) return st;
-  int s = pair.fd;
   std::vector<char> buf(std::max(request_bytes, reply_bytes), 'x');
-  auto round_trip = [&] {
-    return wait_io(s, buf.data(), request_bytes, true, Wait::kSpin) &&
-           wait_io(s, buf.data(), reply_bytes, false, Wait::kSpin);
+  auto one_trip = [&] {
+    return round_trip(pair.fd, buf.data(), request_bytes, reply_bytes, Wait::kSpin);
   };
   for (int i = 0; i < std::max(100, iterations / 10); i++) {
-    if (!round_trip()) return Status(ECONNRESET, "tcp floor: the server went away");
+    if (!one_trip()) return Status(ECONNRESET, "tcp floor: the server went away");
   }
   std::vector<double> batches;
   int per_batch = std::max(10, iterations / 20);
   for (int done = 0; done < iterations; done += per_batch) {
     auto t0 = Clock::now();
     for (int i = 0; i < per_batch; i++) {
-      if (!round_trip()) return Status(ECONNRESET, "tcp floor: the server went away");
+      if (!one_trip()) return Status(ECONNRESET, "tcp floor: the server went away");
     }
     batches.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count() /
                       per_batch);
@@ -280,7 +278,6 @@ constexpr int kServerReport = 15;
   uint64_t requests = 0;
   std::vector<char> in(request_bytes), out(reply_bytes, 'y');
   size_t open_conns = conns.size();
-  bool answered = false;  // in this pass over the connections
   // Reads what c has; answers each complete request. False once it closed.
   auto serve = [&](Conn& c) {
     for (;;) {
@@ -292,7 +289,6 @@ constexpr int kServerReport = 15;
       c.have += static_cast<size_t>(r);
       if (c.have == request_bytes) {
         c.have = 0;
-        answered = true;
         requests++;
         if (!wait_io(c.fd, out.data(), reply_bytes, true, wait)) return false;
       }
@@ -308,9 +304,9 @@ constexpr int kServerReport = 15;
   };
   while (open_conns > 0) {
     if (wait != Wait::kBlock) {
-      answered = false;
+      const uint64_t before = requests;
       for (Conn& c : conns) serve_or_close(c);
-      if (!answered && wait == Wait::kYield) sched_yield();
+      if (requests == before && wait == Wait::kYield) sched_yield();  // a pass with none
       continue;
     }
     epoll_event evs[16];
@@ -370,8 +366,7 @@ Result<std::unique_ptr<RoundTripServer>> RoundTripServer::start(const std::strin
   server->pid_ = child.pid;
   child.pid = -1;  // the server reaps it from now on
   server->report_fd_ = report[0];
-  const auto* raw = reinterpret_cast<const uint8_t*>(&addr.value());
-  server->addr_.assign(raw, raw + sizeof(sockaddr_in));
+  server->addr_ = addr.value();
   server->request_bytes_ = request_bytes;
   server->reply_bytes_ = reply_bytes;
   return server;
@@ -386,9 +381,7 @@ RoundTripServer::~RoundTripServer() {
 }
 
 Result<int> RoundTripServer::connect() const {
-  sockaddr_in addr;
-  memcpy(&addr, addr_.data(), sizeof addr);
-  return connect_to(addr);
+  return connect_to(addr_);
 }
 
 Result<RoundTripServer::Exit> RoundTripServer::wait_exit(int timeout_ms) {
@@ -408,8 +401,7 @@ Result<RoundTripServer::Exit> RoundTripServer::wait_exit(int timeout_ms) {
       while ((n = read(report_fd_, &e.requests, sizeof e.requests)) < 0 && errno == EINTR) {
       }
       if (n != sizeof e.requests) return Status(EIO, "tcp floor: the server's report is missing");
-      auto secs = [](const timeval& tv) { return tv.tv_sec + tv.tv_usec / 1e6; };
-      e.cpu_seconds = secs(usage.ru_utime) + secs(usage.ru_stime);
+      e.cpu_seconds = cpu_seconds(usage);
       return e;
     }
     if (got < 0 && errno != EINTR) return Status::from_errno(errno, "tcp floor: wait4");
@@ -422,9 +414,12 @@ Result<RoundTripServer::Exit> RoundTripServer::wait_exit(int timeout_ms) {
 }
 
 uint16_t RoundTripServer::port() const {
-  sockaddr_in addr;
-  memcpy(&addr, addr_.data(), sizeof addr);
-  return ntohs(addr.sin_port);
+  return ntohs(addr_.sin_port);
+}
+
+double cpu_seconds(const rusage& usage) {
+  auto secs = [](const timeval& tv) { return static_cast<double>(tv.tv_sec) + tv.tv_usec / 1e6; };
+  return secs(usage.ru_utime) + secs(usage.ru_stime);
 }
 
 bool round_trip(int fd, char* buf, size_t request_bytes, size_t reply_bytes, Wait wait) {

@@ -7,13 +7,14 @@
 // in the calling thread's namespace. Children are always reaped, on every path.
 #pragma once
 
+#include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/types.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
-#include <vector>
 
 #include "lego/status.h"
 
@@ -69,10 +70,13 @@ class RoundTripServer {
  private:
   RoundTripServer() = default;
   pid_t pid_ = -1;
-  int report_fd_ = -1;         // where the server writes Exit::requests before it exits
-  std::vector<uint8_t> addr_;  // the sockaddr_in it listens on
+  int report_fd_ = -1;  // where the server writes Exit::requests before it exits
+  sockaddr_in addr_{};  // where it listens
   size_t request_bytes_ = 0, reply_bytes_ = 0;
 };
+
+// The CPU time, user + system, in seconds, of a getrusage() or wait4() report.
+double cpu_seconds(const rusage& usage);
 
 // One round trip on fd: sends request_bytes of buf, receives reply_bytes into buf (at least
 // max(request_bytes, reply_bytes) long), waiting as `wait` says. No allocation and only

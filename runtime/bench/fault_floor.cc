@@ -115,20 +115,34 @@ uintptr_t g_base = 0;
 size_t g_bytes = 0;
 size_t g_window = 1;  // lines one fault maps: 1, or kZapBatch (a prefetch window)
 
-void on_sigbus(int, siginfo_t* info, void*) {
+// The address of a SIGBUS that a missing line of the region (g_base, g_bytes) raised; any
+// other SIGBUS ends the child.
+uintptr_t region_fault_address(const siginfo_t* info) {
   const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
   if (info->si_code != BUS_ADRERR || addr < g_base || addr >= g_base + g_bytes) _exit(kStrayFault);
-  const uintptr_t window = g_window * kLine;
+  return addr;
+}
+
+// Maps len bytes at dst from src with UFFDIO_COPY, writable (the faults are stores, as lego
+// maps a store miss), which wakes the faulting thread; ends the child with `code` if it
+// fails. Only system calls: a SIGBUS handler may call it.
+void copy_or_exit(int uffd, uintptr_t dst, const void* src, size_t len, int code) {
   uffdio_copy copy{};
-  copy.dst = g_base + (addr - g_base) / window * window;
-  copy.src = reinterpret_cast<uintptr_t>(g_source);
-  copy.len = window;
-  copy.mode = 0;                  // writable: the fault was a store, as lego maps a store miss
-  const int saved_errno = errno;  // the interrupted code's
+  copy.dst = dst;
+  copy.src = reinterpret_cast<uintptr_t>(src);
+  copy.len = len;
+  copy.mode = 0;
   // EAGAIN: the address space changed meanwhile (nothing was copied): again.
-  while (ioctl(g_uffd, UFFDIO_COPY, &copy) != 0) {
-    if (errno != EAGAIN) _exit(kCopy);
+  while (ioctl(uffd, UFFDIO_COPY, &copy) != 0) {
+    if (errno != EAGAIN) _exit(code);
   }
+}
+
+void on_sigbus(int, siginfo_t* info, void*) {
+  const int saved_errno = errno;  // the interrupted code's
+  const uintptr_t addr = region_fault_address(info);
+  const uintptr_t window = g_window * kLine;
+  copy_or_exit(g_uffd, g_base + (addr - g_base) / window * window, g_source, window, kCopy);
   errno = saved_errno;
 }
 
@@ -275,15 +289,7 @@ void serve(const HandlerRegion& h, const uffd_msg& msg) {
   const auto base = reinterpret_cast<uintptr_t>(h.heap);
   const uintptr_t addr = msg.arg.pagefault.address & ~uintptr_t{kLine - 1};
   if (addr < base || addr >= base + h.bytes) _exit(kHandlerEvent);
-  uffdio_copy copy{};
-  copy.dst = addr;
-  copy.src = reinterpret_cast<uintptr_t>(g_source);
-  copy.len = kLine;
-  copy.mode = 0;
-  // EAGAIN: the address space changed meanwhile (nothing was copied of one line): again.
-  while (ioctl(h.uffd, UFFDIO_COPY, &copy) != 0) {
-    if (errno != EAGAIN) _exit(kHandlerCopy);
-  }
+  copy_or_exit(h.uffd, addr, g_source, kLine, kHandlerCopy);
 }
 
 // The handler thread, polling as lego's does while several threads fault and no fetch is
@@ -435,10 +441,6 @@ void on_cpu(int cpu, F f) {
   _exit(write(out, text, static_cast<size_t>(n)) == n ? kOk : kPipe);
 }
 
-}  // namespace
-
-namespace {
-
 // What a measuring child wrote, and the CPU time it used.
 struct ChildReport {
   std::string text;
@@ -526,18 +528,9 @@ int warm_up_misses(int misses_per_thread) {
 
 void on_sigbus_round_trip(int, siginfo_t* info, void*) {
   const int saved_errno = errno;  // the interrupted code's
-  const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
-  if (info->si_code != BUS_ADRERR || addr < g_base || addr >= g_base + g_bytes) _exit(kStrayFault);
+  const uintptr_t addr = region_fault_address(info);
   if (!round_trip(t_fd, t_reply, g_request_bytes, g_reply_bytes, g_wait)) _exit(kRoundTrip);
-  uffdio_copy copy{};
-  copy.dst = addr & ~uintptr_t{kLine - 1};
-  copy.src = reinterpret_cast<uintptr_t>(t_reply + g_reply_bytes - kLine);
-  copy.len = kLine;
-  copy.mode = 0;
-  // EAGAIN: the address space changed meanwhile (nothing of the line was copied): again.
-  while (ioctl(g_uffd, UFFDIO_COPY, &copy) != 0) {
-    if (errno != EAGAIN) _exit(kCopy);
-  }
+  copy_or_exit(g_uffd, addr & ~uintptr_t{kLine - 1}, t_reply + g_reply_bytes - kLine, kLine, kCopy);
   errno = saved_errno;
 }
 
@@ -645,8 +638,7 @@ Result<ThreadedMissFloor> measure_threaded_miss_floor(RoundTripServer& server, i
     return Status(EIO, what + "the server answered " + std::to_string(server_exit->requests) +
                            " requests for " + std::to_string(misses) + " misses");
   }
-  auto secs = [](const timeval& tv) { return static_cast<double>(tv.tv_sec) + tv.tv_usec / 1e6; };
-  f.cpus_busy = (secs(usage.ru_utime) + secs(usage.ru_stime) + server_exit->cpu_seconds) / life;
+  f.cpus_busy = (cpu_seconds(usage) + server_exit->cpu_seconds) / life;
   return f;
 }
 

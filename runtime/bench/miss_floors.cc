@@ -151,6 +151,11 @@ const ThreadedMissFloor* best_miss_floor(const MissFloors::Concurrent& c, Wait* 
   return best;
 }
 
+// A lego row's misses per second: accesses per second x misses per access.
+double lego_misses_per_s(const MemoryRow& r) {
+  return 1e6 / r.o.us * r.misses_per_access;
+}
+
 // random_mt's miss floor by threads over tcp (measure_threaded_miss_floor) beside lego_tcp's
 // misses per second: what more threads can gain on this host when each miss needs a round
 // trip and the memory node's end runs on the same two vCPUs.
@@ -194,14 +199,14 @@ void print_threaded_miss_floor(const std::vector<MemoryRow>& rows, const MissFlo
           !r.o.ok || r.misses_per_access <= 0) {
         continue;
       }
-      const double misses = 1e6 / r.o.us * r.misses_per_access;
+      const double misses = lego_misses_per_s(r);
       char each[128];
       snprintf(each, sizeof each, "%s%s %.0f", lego.empty() ? "" : ", ", system_label(r).c_str(),
                misses);
       lego += each;
       if (const MemoryRow* one = one_thread_row(rows, r);
           one != nullptr && one->misses_per_access > 0) {
-        snprintf(each, sizeof each, " %.2fx", misses / (1e6 / one->o.us * one->misses_per_access));
+        snprintf(each, sizeof each, " %.2fx", misses / lego_misses_per_s(*one));
         lego += each;
       }
     }
@@ -218,7 +223,7 @@ void print_threaded_miss_floor(const std::vector<MemoryRow>& rows, const MissFlo
         r1.misses_per_access <= 0) {
       continue;
     }
-    const double lego1 = 1e6 / r1.o.us * r1.misses_per_access;
+    const double lego1 = lego_misses_per_s(r1);
     for (auto& c : f.tcp_threads) {
       Wait how = Wait::kSpin;
       const ThreadedMissFloor* best = best_miss_floor(c, &how);

@@ -853,10 +853,10 @@ class Bench {
         "\nFloors: what each lego run cannot cost less than on this host (see --help): local's "
         "seconds\n+ misses x (a store miss served by a handler pinned to the faulting thread's "
         "CPU, %s,\n+ the round trip: tcp %s, shm %s) + evictions x a line's share of a 32-line "
-        "zap, %s;\nsort's and stress-ng's divided by 2, the threads or processes whose misses "
-        "may overlap\n",
+        "zap, %s;\nsort's divided by %d and stress-ng's by %d, the threads or processes whose "
+        "misses may overlap\n",
         part(f.handler_miss_us).c_str(), part(f.tcp_rtt_us).c_str(), part(f.shm_rtt_us).c_str(),
-        part(f.zap_us).c_str());
+        part(f.zap_us).c_str(), kSortThreads, kStressWorkers);
     int w = 9;
     for (auto& sys : systems_) w = std::max(w, static_cast<int>(sys.size()));
     printf("%-9s %5s %-*s %9s %9s %9s %9s %13s %10s\n", "program", "local", w, "system", "misses",
