@@ -423,7 +423,14 @@ double cpu_seconds(const rusage& usage) {
 }
 
 bool round_trip(int fd, char* buf, size_t request_bytes, size_t reply_bytes, Wait wait) {
-  return wait_io(fd, buf, request_bytes, true, wait) && wait_io(fd, buf, reply_bytes, false, wait);
+  return round_trip(fd, buf, request_bytes, buf, reply_bytes, wait);
+}
+
+bool round_trip(int fd, const char* request, size_t request_bytes, char* reply, size_t reply_bytes,
+                Wait wait) {
+  // wait_io's send side only reads its buffer.
+  return wait_io(fd, const_cast<char*>(request), request_bytes, true, wait) &&
+         wait_io(fd, reply, reply_bytes, false, wait);
 }
 
 Result<double> tcp_concurrent_round_trips_per_s(const std::string& server_ns,

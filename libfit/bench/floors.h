@@ -83,6 +83,10 @@ double cpu_seconds(const rusage& usage);
 // system calls: a SIGBUS handler may call it (and must save errno around it, which it
 // sets). False if the connection failed or closed.
 bool round_trip(int fd, char* buf, size_t request_bytes, size_t reply_bytes, Wait wait);
+// The same with the request in a buffer of its own: sends request_bytes of `request`,
+// receives reply_bytes into `reply` (no copy of the request into the reply's buffer).
+bool round_trip(int fd, const char* request, size_t request_bytes, char* reply, size_t reply_bytes,
+                Wait wait);
 
 // Round trips per second of `clients` threads, each with one connection and one request
 // of request_bytes in flight at a time (answered by reply_bytes), against one

@@ -511,13 +511,18 @@ Result<FaultFloor> measure_fault_floor(size_t lines, int rounds) {
 
 namespace {
 
-// The threaded floor's child (measure_threaded_miss_floor): each thread's connection and
-// reply buffer, for the SIGBUS handler; the server's message sizes and how to wait.
+// The threaded floor's child (measure_threaded_miss_floor): each thread's connection, its
+// kZapBatch request buffers (a miss sends the next one: with victims, each holds a line the
+// thread dropped in its last batch) and reply buffer, and its miss count, for the SIGBUS
+// handler; the server's message sizes, whether requests carry victims, and how to wait.
 // initial-exec: a signal handler must not reach its thread's variables through
 // __tls_get_addr, which may allocate (in a shared object, as a test binary may link this).
 __attribute__((tls_model("initial-exec"))) thread_local int t_fd = -1;
+__attribute__((tls_model("initial-exec"))) thread_local char* t_requests = nullptr;
 __attribute__((tls_model("initial-exec"))) thread_local char* t_reply = nullptr;
+__attribute__((tls_model("initial-exec"))) thread_local size_t t_misses = 0;
 size_t g_request_bytes = 0, g_reply_bytes = 0;
+bool g_victims = false;
 Wait g_wait = Wait::kSpin;
 constexpr size_t kLinesPerThread = 2048;
 
@@ -529,13 +534,17 @@ int warm_up_misses(int misses_per_thread) {
 void on_sigbus_round_trip(int, siginfo_t* info, void*) {
   const int saved_errno = errno;  // the interrupted code's
   const uintptr_t addr = region_fault_address(info);
-  if (!round_trip(t_fd, t_reply, g_request_bytes, g_reply_bytes, g_wait)) _exit(kRoundTrip);
+  const char* request = t_requests + (t_misses++ % kZapBatch) * g_request_bytes;
+  if (!round_trip(t_fd, request, g_request_bytes, t_reply, g_reply_bytes, g_wait)) {
+    _exit(kRoundTrip);
+  }
   copy_or_exit(g_uffd, addr & ~uintptr_t{kLine - 1}, t_reply + g_reply_bytes - kLine, kLine, kCopy);
   errno = saved_errno;
 }
 
 // One thread of the child: `misses` store misses on its slice (lines in random order), the
-// 32 lines of each batch checked and then dropped.
+// 32 lines of each batch checked, copied into the next batch's requests when they carry
+// victims (the dirty lines a full cache writes back), and then dropped.
 void miss_on_slice(uint64_t* slice, int pidfd, std::mt19937_64& rng, std::vector<size_t>& order,
                    size_t& next, int misses) {
   // The server's reply is all 'y': a mapped line holds that, with word 0 stored to once.
@@ -547,6 +556,10 @@ void miss_on_slice(uint64_t* slice, int pidfd, std::mt19937_64& rng, std::vector
     for (size_t k = next - kZapBatch; k < next; k++) {
       const uint64_t* line = &slice[order[k] * kWords];
       if (line[0] != y + 1 || line[kWords - 1] != y) _exit(kWrongContent);
+      if (g_victims) {
+        char* victim = t_requests + (k % kZapBatch + 1) * g_request_bytes - kLine;
+        memcpy(victim, line, kLine);
+      }
     }
     if (!zap(pidfd, reinterpret_cast<uintptr_t>(slice), order, next - kZapBatch, kZapBatch)) {
       _exit(kZap);
@@ -573,7 +586,8 @@ void miss_on_slice(uint64_t* slice, int pidfd, std::mt19937_64& rng, std::vector
         auto fd = server.connect();
         if (!fd) _exit(kConnect);
         t_fd = fd.value();
-        std::vector<char> reply(std::max(g_request_bytes, g_reply_bytes), 'x');
+        std::vector<char> requests(kZapBatch * g_request_bytes, 'x'), reply(g_reply_bytes);
+        t_requests = requests.data();
         t_reply = reply.data();
         uint64_t* slice = heap + static_cast<size_t>(t) * kLinesPerThread * kWords;
         std::mt19937_64 rng(1234 + static_cast<uint64_t>(t));
@@ -614,9 +628,11 @@ Result<ThreadedMissFloor> measure_threaded_miss_floor(RoundTripServer& server, i
   }
   g_request_bytes = server.request_bytes();
   g_reply_bytes = server.reply_bytes();
+  g_victims = g_request_bytes >= kLine;
   g_wait = wait;
   const std::string what = "threaded miss floor (" + std::to_string(threads) + " thread" +
-                           (threads > 1 ? "s" : "") + ", " + wait_name(wait) + "): ";
+                           (threads > 1 ? "s" : "") + (g_victims ? ", victims" : "") + ", " +
+                           wait_name(wait) + "): ";
   auto report = run_measuring_child(
       what, [&](int out) { threaded_child(out, server, threads, misses_per_thread); });
   if (!report) return report.status();

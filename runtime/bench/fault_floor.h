@@ -67,8 +67,12 @@ Result<FaultFloor> measure_fault_floor(size_t lines, int rounds);
 // order; each store misses, and the SIGBUS handler, on the faulting thread, makes one round
 // trip (`server`'s request and reply) on the thread's own connection, waiting as `wait`
 // says, and maps the reply's last 4 KiB with UFFDIO_COPY; after every 32 misses the thread
-// drops those 32 lines with one process_madvise, as an eviction batch does. No write-backs,
-// no fence, no bookkeeping. Each thread makes misses_per_thread timed misses after a
+// drops those 32 lines with one process_madvise, as an eviction batch does. With a request
+// of 4 KiB or more, each request's last 4 KiB carries a victim: just before a batch is
+// dropped, its 32 lines are copied into the thread's next 32 requests, so each miss writes
+// back one dirty line, as a random miss into a full cache of stored-to lines must (the
+// write-back rides the fetch: no message of its own). Else no write-backs. Never a fence,
+// never bookkeeping. Each thread makes misses_per_thread timed misses after a
 // warm-up of a tenth as many (at least 64); every line's first and last word are checked
 // before it is dropped, and the server must have answered exactly one request per miss.
 //   misses_per_s  misses of all threads per second of the timed part;

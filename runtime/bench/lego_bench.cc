@@ -208,7 +208,9 @@ measured in the same run (no memory node work, no copies of lego's own):
   the CPUs it kept busy, beside lego_tcp's misses per second; then, per thread count, the
   floor's best over lego_tcp's own 1-thread misses per second: the most that many
   threads could give lego here. With both ends on this host's CPUs, the floor's ratio is
-  what more threads can gain at best (docs/measurements.md).
+  what more threads can gain at best (docs/measurements.md). Then the same floor with
+  write-backs: each request also carries the 4 KiB of a line the thread dropped in its
+  last batch, the dirty victim each of random_mt's misses evicts (4168 B / 4128 B).
 
 Real programs (--only programs). Each runs under local first: once to bring the files it
 reads into the page cache (a cgroup is charged for the page cache its tasks bring in, so

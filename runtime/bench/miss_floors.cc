@@ -25,6 +25,9 @@ constexpr size_t kFetchReplyBytes = 32 + kPage;
 constexpr size_t kWindowLines = 32;
 constexpr size_t kWindowRequestBytes = 32 + 32 + 8 * kWindowLines;
 constexpr size_t kWindowReplyBytes = 32 + 8 + kWindowLines * kPage;
+// A fetch whose request also carries the dirty victim the miss evicts (4 KiB): the least a
+// random miss into a full cache of stored-to lines moves over the wire.
+constexpr size_t kFetchWithVictimRequestBytes = kFetchRequestBytes + kPage;
 
 struct MissFloors {
   Result<FaultFloor> fault = Status(ENODATA, "not measured");
@@ -36,12 +39,14 @@ struct MissFloors {
   // random_mt's threads over tcp: round trips per second of that many client threads
   // against one server thread, both sides busy-polling and both blocking.
   // And the miss floor at that many threads (measure_threaded_miss_floor), each way of
-  // waiting.
+  // waiting: the fetch alone, and with the victim's write-back riding each fetch.
+  using ByWait = std::vector<std::pair<Wait, Result<ThreadedMissFloor>>>;
   struct Concurrent {
     int threads = 0;
     Result<double> spin = Status(ENODATA, "not measured");
     Result<double> block = Status(ENODATA, "not measured");
-    std::vector<std::pair<Wait, Result<ThreadedMissFloor>>> misses;
+    ByWait misses;
+    ByWait misses_with_victims;
   };
   std::vector<Concurrent> tcp_threads;
 };
@@ -85,14 +90,18 @@ MissFloors measure_miss_floors(uint64_t cap, bool tcp, bool shm, bool windows,
         c.block = tcp_concurrent_round_trips_per_s(ns, remote, next_port++, kFetchRequestBytes,
                                                    kFetchReplyBytes, t, 20000, Wait::kBlock);
         fprintf(stderr,
-                "lego-bench: miss floors: misses with a tcp round trip each, %d thread%s...\n", t,
-                t > 1 ? "s" : "");
-        for (Wait wait : {Wait::kSpin, Wait::kYield, Wait::kBlock}) {
-          auto server = RoundTripServer::start(ns, remote, next_port++, kFetchRequestBytes,
-                                               kFetchReplyBytes, t, wait);
-          c.misses.emplace_back(
-              wait, server ? measure_threaded_miss_floor(*server.value(), t, 20000 / t, wait)
-                           : Result<ThreadedMissFloor>(server.status()));
+                "lego-bench: miss floors: misses with a tcp round trip each, with and without "
+                "write-backs, %d thread%s...\n",
+                t, t > 1 ? "s" : "");
+        for (size_t request : {kFetchRequestBytes, kFetchWithVictimRequestBytes}) {
+          auto& by_wait = request == kFetchRequestBytes ? c.misses : c.misses_with_victims;
+          for (Wait wait : {Wait::kSpin, Wait::kYield, Wait::kBlock}) {
+            auto server =
+                RoundTripServer::start(ns, remote, next_port++, request, kFetchReplyBytes, t, wait);
+            by_wait.emplace_back(
+                wait, server ? measure_threaded_miss_floor(*server.value(), t, 20000 / t, wait)
+                             : Result<ThreadedMissFloor>(server.status()));
+          }
         }
         f.tcp_threads.push_back(std::move(c));
       }
@@ -140,9 +149,9 @@ bool has_floor(const MemoryRow& r) {
 
 // The best of the miss floor's ways of waiting at one thread count (nullptr if none
 // measured).
-const ThreadedMissFloor* best_miss_floor(const MissFloors::Concurrent& c, Wait* how) {
+const ThreadedMissFloor* best_miss_floor(const MissFloors::ByWait& by_wait, Wait* how) {
   const ThreadedMissFloor* best = nullptr;
-  for (auto& [wait, m] : c.misses) {
+  for (auto& [wait, m] : by_wait) {
     if (m && (best == nullptr || m->misses_per_s > best->misses_per_s)) {
       best = &m.value();
       *how = wait;
@@ -158,35 +167,51 @@ double lego_misses_per_s(const MemoryRow& r) {
 
 // random_mt's miss floor by threads over tcp (measure_threaded_miss_floor) beside lego_tcp's
 // misses per second: what more threads can gain on this host when each miss needs a round
-// trip and the memory node's end runs on the same two vCPUs.
-void print_threaded_miss_floor(const std::vector<MemoryRow>& rows, const MissFloors& f) {
+// trip and the memory node's end runs on the same two vCPUs. `victims`: the floor whose
+// fetches also carry the dirty line each miss evicts (random_mt stores to every line it
+// touches, so each of lego's misses writes one back).
+void print_threaded_miss_floor(const std::vector<MemoryRow>& rows, const MissFloors& f,
+                               bool victims) {
+  auto by_wait = [victims](const MissFloors::Concurrent& c) -> const MissFloors::ByWait& {
+    return victims ? c.misses_with_victims : c.misses;
+  };
   double best1 = 0;
   for (auto& c : f.tcp_threads) {
     Wait how = Wait::kSpin;
-    if (const ThreadedMissFloor* b = best_miss_floor(c, &how); b != nullptr && c.threads == 1) {
+    if (const ThreadedMissFloor* b = best_miss_floor(by_wait(c), &how);
+        b != nullptr && c.threads == 1) {
       best1 = b->misses_per_s;
     }
   }
-  printf(
-      "\nrandom_mt's miss floor over tcp: misses/s of THREADS threads, each storing to missing "
-      "lines of\nits own (SIGBUS delivery) with one round trip (72 B / 4128 B) per miss on its "
-      "own connection\nto one server thread over the same veth link, and a 32-line zap per 32 "
-      "misses; both ends\nspinning, spinning with sched_yield, or blocking; the best of the "
-      "three against the best at\n1 thread, the CPUs the best kept busy (of %ld), and "
-      "lego_tcp's misses/s (accesses/s x misses\nper access), each against its own 1-thread "
-      "misses/s\n",
-      sysconf(_SC_NPROCESSORS_ONLN));
+  if (!victims) {
+    printf(
+        "\nrandom_mt's miss floor over tcp: misses/s of THREADS threads, each storing to "
+        "missing lines of\nits own (SIGBUS delivery) with one round trip (72 B / 4128 B) per "
+        "miss on its own connection\nto one server thread over the same veth link, and a "
+        "32-line zap per 32 misses; both ends\nspinning, spinning with sched_yield, or "
+        "blocking; the best of the three against the best at\n1 thread, the CPUs the best kept "
+        "busy (of %ld), and lego_tcp's misses/s (accesses/s x misses\nper access), each against "
+        "its own 1-thread misses/s\n",
+        sysconf(_SC_NPROCESSORS_ONLN));
+  } else {
+    printf(
+        "\nrandom_mt's miss floor over tcp with write-backs: the same, each request also "
+        "carrying the\n4 KiB of a line the thread dropped in its last batch (%zu B / %zu B): "
+        "the dirty victim each\nmiss of random_mt evicts, written back on the fetch's own "
+        "round trip\n",
+        kFetchWithVictimRequestBytes, kFetchReplyBytes);
+  }
   printf("%7s %9s %9s %9s %9s %6s %5s   %s\n", "threads", "spin/s", "yield/s", "block/s", "best/s",
          "vs 1", "CPUs", "lego_tcp misses/s, vs 1");
   for (auto& c : f.tcp_threads) {
     char spin[32] = "-", yield[32] = "-", block[32] = "-";
-    for (auto& [wait, m] : c.misses) {
+    for (auto& [wait, m] : by_wait(c)) {
       if (!m) continue;
       char* column = wait == Wait::kSpin ? spin : wait == Wait::kYield ? yield : block;
       snprintf(column, sizeof spin, "%.0f", m->misses_per_s);
     }
     Wait how = Wait::kSpin;
-    const ThreadedMissFloor* best = best_miss_floor(c, &how);
+    const ThreadedMissFloor* best = best_miss_floor(by_wait(c), &how);
     char b[32] = "-", bv[32] = "-", cpus[32] = "-";
     if (best != nullptr) {
       snprintf(b, sizeof b, "%.0f", best->misses_per_s);
@@ -212,7 +237,7 @@ void print_threaded_miss_floor(const std::vector<MemoryRow>& rows, const MissFlo
     }
     printf("%7d %9s %9s %9s %9s %6s %5s   %s\n", c.threads, spin, yield, block, b, bv, cpus,
            lego.empty() ? "-" : lego.c_str());
-    for (auto& [wait, m] : c.misses) {
+    for (auto& [wait, m] : by_wait(c)) {
       if (!m) printf("        %s: %s\n", wait_name(wait), m.status().message().c_str());
     }
   }
@@ -226,13 +251,13 @@ void print_threaded_miss_floor(const std::vector<MemoryRow>& rows, const MissFlo
     const double lego1 = lego_misses_per_s(r1);
     for (auto& c : f.tcp_threads) {
       Wait how = Wait::kSpin;
-      const ThreadedMissFloor* best = best_miss_floor(c, &how);
+      const ThreadedMissFloor* best = best_miss_floor(by_wait(c), &how);
       if (c.threads == 1 || best == nullptr) continue;
       printf(
-          "  %d threads: the floor's best (%s, %.0f misses/s) is %.2fx %s's 1-thread %.0f: "
+          "  %d threads: the floor's best%s (%s, %.0f misses/s) is %.2fx %s's 1-thread %.0f: "
           "the most\n  %d threads could give it here if it ran at the floor itself\n",
-          c.threads, wait_name(how), best->misses_per_s, best->misses_per_s / lego1,
-          system_label(r1).c_str(), lego1, c.threads);
+          c.threads, victims ? " with write-backs" : "", wait_name(how), best->misses_per_s,
+          best->misses_per_s / lego1, system_label(r1).c_str(), lego1, c.threads);
     }
   }
 }
@@ -279,7 +304,8 @@ void print_thread_floors(const std::vector<MemoryRow>& rows, const MissFloors& f
     if (!c.spin) printf("        spin: %s\n", c.spin.status().message().c_str());
     if (!c.block) printf("        block: %s\n", c.block.status().message().c_str());
   }
-  print_threaded_miss_floor(rows, f);
+  print_threaded_miss_floor(rows, f, false);
+  print_threaded_miss_floor(rows, f, true);
 }
 
 // The random workload's handler delivery against its sigbus delivery, per miss (µs per

@@ -42,6 +42,22 @@ TEST_CASE("the threaded miss floor makes a round trip per miss on each thread's 
   }
 }
 
+// With requests of 4 KiB or more each miss also writes back a dropped line: the server must
+// still have received exactly one (longer) request per miss, or the floor fails.
+TEST_CASE("the threaded miss floor carries a victim line in each request when asked") {
+  using lego::bench::Wait;
+  for (int threads : {1, 2}) {
+    INFO(threads << " threads");
+    auto server = lego::bench::RoundTripServer::start("", "127.0.0.1", 0, 72 + 4096, 4128, threads,
+                                                      Wait::kYield);
+    REQUIRE(server.is_ok());
+    auto floor =
+        lego::bench::measure_threaded_miss_floor(*server.value(), threads, 500, Wait::kYield);
+    REQUIRE(floor.is_ok());
+    CHECK(floor.value().misses_per_s > 0);
+  }
+}
+
 TEST_CASE("the threaded miss floor refuses a reply too short to map a line") {
   auto server =
       lego::bench::RoundTripServer::start("", "127.0.0.1", 0, 72, 72, 1, lego::bench::Wait::kSpin);
