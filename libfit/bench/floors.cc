@@ -71,16 +71,19 @@ void remove_shm_regions_of(pid_t pid) {
   closedir(d);
 }
 
-// Reaps the child when it goes out of scope, killing it if it still runs (and removing
-// the shm regions a killed fi_pingpong leaves).
+// Kills and reaps a child that may still run, and removes the shm regions it left if it
+// was a killed fi_pingpong.
+void kill_and_reap(pid_t pid) {
+  kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);
+  remove_shm_regions_of(pid);
+}
+
+// Reaps the child when it goes out of scope, killing it if it still runs.
 struct Child {
   pid_t pid = -1;
   ~Child() {
-    if (pid > 0) {
-      kill(pid, SIGKILL);
-      waitpid(pid, nullptr, 0);
-      remove_shm_regions_of(pid);
-    }
+    if (pid > 0) kill_and_reap(pid);
   }
 };
 
@@ -374,10 +377,7 @@ Result<std::unique_ptr<RoundTripServer>> RoundTripServer::start(const std::strin
 
 RoundTripServer::~RoundTripServer() {
   if (report_fd_ >= 0) close(report_fd_);
-  if (pid_ > 0) {
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-  }
+  if (pid_ > 0) kill_and_reap(pid_);
 }
 
 Result<int> RoundTripServer::connect() const {
